@@ -10,7 +10,9 @@
 pub mod compression;
 pub mod layout;
 pub mod op;
+pub mod writer;
 
 pub use compression::{Compression, CompressionAlgorithm, CompressionError};
 pub use layout::{LayoutError, COW_MAGIC};
 pub use op::{CowOp, CowVersion, OpKind};
+pub use writer::{CowWriter, WriteError, WriterOptions};
