@@ -8,4 +8,6 @@
 //! The `ota-tools` binary is a thin command-line front end over these modules.
 #![forbid(unsafe_code)]
 
+pub mod apply;
+pub mod inspect;
 pub mod progress;
