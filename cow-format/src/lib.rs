@@ -10,6 +10,8 @@
 #![forbid(unsafe_code)]
 
 pub mod compression;
+#[doc(hidden)]
+pub mod fuzz_harness;
 pub mod layout;
 pub mod merge_state;
 pub mod op;
