@@ -326,3 +326,24 @@ fn fuzz_harness_over_seed_mutations() {
         fuzz_harness::run(&f);
     }
 }
+
+/// The checked-in fuzz seed corpus (`fuzz/corpus/seed/`) is exactly what the
+/// hand assembler produces. Regenerate with `COW_REGEN_SEEDS=1 cargo test -p
+/// cow-format --test robustness seed_corpus_is_checked_in`.
+#[test]
+fn seed_corpus_is_checked_in() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/seed");
+    let regen = std::env::var_os("COW_REGEN_SEEDS").is_some();
+    if regen {
+        std::fs::create_dir_all(&dir).unwrap();
+    }
+    for (name, file) in seed_corpus() {
+        let path = dir.join(&name);
+        if regen {
+            std::fs::write(&path, &file).unwrap();
+        }
+        let on_disk = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(on_disk, file, "{} is stale", path.display());
+        fuzz_harness::run(&on_disk);
+    }
+}
