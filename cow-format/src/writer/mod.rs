@@ -454,6 +454,13 @@ impl CowWriter {
                 end
             }
             Format::V3(l) => {
+                // A file without payloads would end inside the op area; extend
+                // it to the data area so that file size = data offset + payload
+                // bytes always holds (the added range is a sparse hole).
+                let data_offset = l.data_offset();
+                if self.sink.high_water() < data_offset && self.sink.is_regular_file()? {
+                    self.sink.set_len(data_offset)?;
+                }
                 l.commit(&mut self.sink)?;
                 op_records = l.op_count();
                 self.sink.high_water()

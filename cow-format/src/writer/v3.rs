@@ -46,6 +46,11 @@ impl V3Layout {
         self.header.op_count
     }
 
+    /// Start of the data area.
+    pub(crate) fn data_offset(&self) -> u64 {
+        self.regions.data_offset
+    }
+
     /// File offset where the next payload goes.
     pub(crate) fn next_data_pos(&self) -> u64 {
         self.next_data_pos
