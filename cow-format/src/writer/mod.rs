@@ -22,6 +22,7 @@
 //! Layout rules, stored-raw rules and the chunking policy are documented in
 //! the submodules and in `cow-format/WRITER.md`.
 
+mod blocks;
 mod error;
 mod options;
 mod prepared;
@@ -41,6 +42,7 @@ pub use error::WriteError;
 pub use options::{WriterOptions, DEFAULT_COMPRESSION_FACTOR};
 pub use prepared::{prepare_replace, prepare_xor, PreparedOp};
 
+use blocks::{BlockSet, PendingSequence};
 use prepared::PreparedFormat;
 use sink::Sink;
 use v2::V2Stream;
@@ -87,6 +89,8 @@ pub struct CowWriter {
     data_ops: u64,
     payload_bytes: u64,
     blocks: u64,
+    written: BlockSet,
+    sequence: PendingSequence,
 }
 
 fn check_block(new_block: u64, count: u64) -> Result<(), WriteError> {
@@ -147,6 +151,8 @@ impl CowWriter {
             data_ops: 0,
             payload_bytes: 0,
             blocks: 0,
+            written: BlockSet::default(),
+            sequence: PendingSequence::default(),
         })
     }
 
@@ -183,6 +189,18 @@ impl CowWriter {
             }
         }
         r
+    }
+
+    /// Fail if any of `[new_block, new_block + count)` already has an op
+    /// (unless duplicates are allowed).
+    fn check_unwritten(&self, new_block: u64, count: u64) -> Result<(), WriteError> {
+        if self.opts.allow_duplicate_blocks {
+            return Ok(());
+        }
+        match self.written.first_overlap(new_block, count) {
+            Some(b) => Err(WriteError::DuplicateBlock { new_block: b }),
+            None => Ok(()),
+        }
     }
 
     /// Fail if the v3 op area cannot take `n` more records.
@@ -264,6 +282,10 @@ impl CowWriter {
             }
         }
         self.sequence_allowed = false;
+        self.sequence.op_added(new_block);
+        if !self.opts.allow_duplicate_blocks {
+            self.written.insert(new_block, 1u64 << shift);
+        }
         self.data_ops += 1;
         self.payload_bytes += payload.len() as u64;
         self.blocks += 1u64 << shift;
@@ -307,6 +329,7 @@ impl CowWriter {
                 }
                 Format::V3(l) => l.set_sequence(sink, merge_order)?,
             }
+            w.sequence = PendingSequence::new(merge_order);
             w.sequence_allowed = false;
             Ok(())
         })
@@ -333,6 +356,7 @@ impl CowWriter {
                     source_value: old_block,
                 });
             }
+            w.check_unwritten(new_block, num_blocks)?;
             w.reserve(num_blocks)?;
             for i in 0..num_blocks {
                 w.write_data_op(OpKind::Copy, new_block + i, old_block + i, 0, 0, &[])?;
@@ -345,6 +369,7 @@ impl CowWriter {
     pub fn add_zero(&mut self, new_block: u64, num_blocks: u64) -> Result<(), WriteError> {
         self.guarded(|w| {
             check_block(new_block, num_blocks)?;
+            w.check_unwritten(new_block, num_blocks)?;
             w.reserve(num_blocks)?;
             for i in 0..num_blocks {
                 w.write_data_op(OpKind::Zero, new_block + i, 0, 0, 0, &[])?;
@@ -387,6 +412,8 @@ impl CowWriter {
                     new_block: op.first_block,
                 });
             }
+            let blocks: u64 = op.records.iter().map(|r| 1u64 << r.shift).sum();
+            w.check_unwritten(op.first_block, blocks)?;
             w.reserve(op.op_count())?;
             for r in &op.records {
                 let payload = op
@@ -441,6 +468,9 @@ impl CowWriter {
     pub fn finalize(mut self) -> Result<WriteSummary, WriteError> {
         if self.poisoned {
             return Err(WriteError::Poisoned);
+        }
+        if let Some(block) = self.sequence.first_missing() {
+            return Err(WriteError::SequenceWithoutOp { block });
         }
         let op_records;
         let file_size = match &mut self.format {

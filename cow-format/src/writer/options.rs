@@ -35,6 +35,10 @@ pub struct WriterOptions {
     /// Initial `num_merge_ops` header value (0 in production; AOSP's test
     /// files use other values).
     pub num_merge_ops: u64,
+    /// Accept several ops for the same new block (AOSP's writer does; its
+    /// merge then applies the first op only). Off by default: a second op
+    /// for a block is refused with `WriteError::DuplicateBlock`.
+    pub allow_duplicate_blocks: bool,
 }
 
 impl Default for WriterOptions {
@@ -48,6 +52,7 @@ impl Default for WriterOptions {
             scratch: true,
             op_count_max: None,
             num_merge_ops: 0,
+            allow_duplicate_blocks: false,
         }
     }
 }

@@ -141,6 +141,7 @@ fn v2_sequence_is_split_at_two_blocks_of_entries() {
     });
     let order: Vec<u32> = (0..2049).collect();
     w.add_sequence(&order).unwrap();
+    w.add_zero(0, 2049).unwrap();
     w.finalize().unwrap();
     let bytes = contents(&file);
     let op = |off: usize| CowOpV2::decode(bytes[off..off + 20].try_into().unwrap());
@@ -273,4 +274,52 @@ fn parallel_preparation_gives_identical_files() {
         w2.finalize().unwrap();
         assert_eq!(contents(&f1), contents(&f2));
     }
+}
+
+#[test]
+fn one_op_per_block_unless_allowed() {
+    let (_f, mut w) = new_writer(WriterOptions {
+        compression_factor: 16384,
+        ..v3(100)
+    });
+    w.add_replace(10, &[1u8; 4 * 4096]).unwrap();
+    assert!(matches!(
+        w.add_zero(8, 3),
+        Err(WriteError::DuplicateBlock { new_block: 10 })
+    ));
+    assert!(matches!(
+        w.add_copy(13, 0),
+        Err(WriteError::DuplicateBlock { new_block: 13 })
+    ));
+    assert!(matches!(
+        w.add_xor(12, &[0u8; 4096], 0),
+        Err(WriteError::DuplicateBlock { new_block: 12 })
+    ));
+    // Nothing was written by the refused calls.
+    assert_eq!(w.op_records(), 1);
+    w.add_zero(8, 2).unwrap();
+    w.add_copy(14, 0).unwrap();
+    w.finalize().unwrap();
+
+    // AOSP's duplicate example (fact sheet §6.2) can still be written on purpose.
+    let (_f, mut w) = new_writer(WriterOptions {
+        allow_duplicate_blocks: true,
+        ..v3(100)
+    });
+    w.add_zero(7, 1).unwrap();
+    w.add_replace(7, &[1u8; 4096]).unwrap();
+    w.add_copy(3, 9).unwrap();
+    w.add_copy(3, 10).unwrap();
+    assert_eq!(w.finalize().unwrap().data_ops, 4);
+}
+
+#[test]
+fn sequence_entries_need_an_op_by_finalize() {
+    let (_f, mut w) = new_writer(v3(10));
+    w.add_sequence(&[3, 1]).unwrap();
+    w.add_copy(1, 3).unwrap();
+    assert!(matches!(
+        w.finalize(),
+        Err(WriteError::SequenceWithoutOp { block: 3 })
+    ));
 }
