@@ -335,3 +335,117 @@ proptest! {
         }
     }
 }
+
+/// Write up to label 2 and some ops after it, then "crash" (drop without
+/// finalize). The reader recovers the labels; appending at label 1 discards
+/// everything after it and continues.
+fn torn_then_append(opts: WriterOptions, with_sequence: bool) -> Result<(), String> {
+    let source = bytes(0xC0FFEE, SOURCE_BLOCKS as usize * BS, false);
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    let mut w = CowWriter::create(tmp.reopen().unwrap(), opts).unwrap();
+    if with_sequence {
+        w.add_sequence(&[2, 1, 0, 60]).unwrap();
+    }
+    let a = bytes(11, 5 * BS, true);
+    w.add_copy_range(0, 10, 3).unwrap();
+    w.add_replace(3, &a).unwrap();
+    w.add_label(1).unwrap();
+    let ops_at_1 = CowReader::open_at_label(File::open(tmp.path()).unwrap(), 1)
+        .map(|r| r.ops().len())
+        .ok();
+    w.add_zero(20, 4).unwrap();
+    w.add_xor(30, &bytes(12, 2 * BS, true), 7).unwrap();
+    w.add_label(2).unwrap();
+    w.add_replace(40, &bytes(13, 3 * BS, false)).unwrap();
+    drop(w);
+
+    if !with_sequence {
+        let at1 = ops_at_1.ok_or("open at label 1 failed")?;
+        let r = CowReader::open_at_label(File::open(tmp.path()).unwrap(), 2)
+            .map_err(|e| format!("open at label 2: {e}"))?;
+        if r.ops().len() != at1 + 6 {
+            return Err(format!(
+                "label 2 sees {} ops, want {}",
+                r.ops().len(),
+                at1 + 6
+            ));
+        }
+        if opts.version == CowVersion::V2
+            && CowReader::open(File::open(tmp.path()).unwrap()).is_ok()
+        {
+            return Err("a v2 file without footer opened without a label".into());
+        }
+    }
+
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(tmp.path())
+        .unwrap();
+    let mut append_opts = opts;
+    if opts.version == CowVersion::V3 {
+        append_opts.op_count_max = None;
+    }
+    let mut w = CowWriter::open_for_append(file, append_opts, 1).map_err(|e| e.to_string())?;
+    // The blocks before the label are still claimed.
+    if !matches!(
+        w.add_zero(4, 1),
+        Err(cow_format::WriteError::DuplicateBlock { new_block: 4 })
+    ) {
+        return Err("block 4 not known as written after append".into());
+    }
+    let c = bytes(14, 2 * BS, true);
+    w.add_replace(50, &c).unwrap();
+    w.add_copy(60, 11).unwrap();
+    w.add_zero(20, 1).unwrap();
+    w.add_label(3).unwrap();
+    w.finalize().map_err(|e| e.to_string())?;
+
+    let r = CowReader::open(File::open(tmp.path()).unwrap()).map_err(|e| format!("open: {e}"))?;
+    let mut want: Vec<(u64, Vec<u8>)> = Vec::new();
+    for i in 0..3 {
+        let o = (10 + i) * BS;
+        want.push((i as u64, source[o..o + BS].to_vec()));
+    }
+    for i in 0..5 {
+        want.push((3 + i as u64, a[i * BS..(i + 1) * BS].to_vec()));
+    }
+    for i in 0..2 {
+        want.push((50 + i as u64, c[i * BS..(i + 1) * BS].to_vec()));
+    }
+    want.push((60, source[11 * BS..12 * BS].to_vec()));
+    want.push((20, vec![0; BS]));
+    let mut out = vec![0u8; BS];
+    for (block, content) in &want {
+        r.read_block(*block, &source, &mut out)
+            .map_err(|e| format!("block {block}: {e}"))?;
+        if &out != content {
+            return Err(format!("block {block} differs after append"));
+        }
+    }
+    for gone in [21u64, 30, 31, 40] {
+        if r.find_op(gone).is_some() {
+            return Err(format!(
+                "block {gone} written after label 1 survived the append"
+            ));
+        }
+    }
+    if with_sequence && r.sequence() != [2, 1, 0, 60] {
+        return Err(format!("sequence {:?}", r.sequence()));
+    }
+    Ok(())
+}
+
+#[test]
+fn torn_files_recover_and_append_continues() {
+    for opts in option_sets() {
+        for with_sequence in [false, true] {
+            if with_sequence && opts.version == CowVersion::V2 && opts.cluster_ops == 0 {
+                continue;
+            }
+            if let Err(e) = torn_then_append(opts, with_sequence) {
+                panic!("{opts:?} sequence={with_sequence}: {e}");
+            }
+        }
+    }
+}

@@ -106,6 +106,20 @@ pub enum WriteError {
         /// First target block of the prepared op.
         new_block: u64,
     },
+    /// The file to append to does not fit the options or is not well formed.
+    #[error("cannot append at byte {offset}: {reason}")]
+    NotAppendable {
+        /// Byte offset of the problem (0 for option mismatches).
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The label to append at is not in the file.
+    #[error("label {label} not found in the file to append to")]
+    AppendLabelNotFound {
+        /// The label asked for.
+        label: u64,
+    },
     /// Compressing a payload failed.
     #[error("compressing data for new block {new_block}: {source}")]
     Compression {

@@ -22,6 +22,7 @@
 //! Layout rules, stored-raw rules and the chunking policy are documented in
 //! the submodules and in `cow-format/WRITER.md`.
 
+mod append;
 mod blocks;
 mod error;
 mod options;
@@ -153,6 +154,58 @@ impl CowWriter {
             blocks: 0,
             written: BlockSet::default(),
             sequence: PendingSequence::default(),
+        })
+    }
+
+    /// Reopen a COW file written with `opts` at `label` and continue
+    /// writing after it (AOSP's append mode, for resuming an interrupted
+    /// write). `file` must be open for reading and writing. Ops after the
+    /// label are discarded: v2 overwrites them, v3 forgets them (the next
+    /// commit rewrites `op_count`). For v3, `op_count_max: None` takes the
+    /// file's capacity. Options that shape the layout (version, block size,
+    /// clustering, scratch, compression, factor) must match the file.
+    pub fn open_for_append(
+        file: File,
+        opts: WriterOptions,
+        label: u64,
+    ) -> Result<Self, WriteError> {
+        let mut check = opts;
+        if check.version == CowVersion::V3 && check.op_count_max.is_none() {
+            check.op_count_max = Some(0);
+        }
+        check.validate()?;
+        let resumed = append::resume(&file, &opts, label)?;
+        let mut opts = opts;
+        let mut sink = Sink::new(file);
+        sink.note_existing()?;
+        let format = match (resumed.v2, resumed.v3) {
+            (Some(mut stream), _) => {
+                stream.close_cluster_if_full(&mut sink)?;
+                Format::V2(stream)
+            }
+            (None, Some(layout)) => {
+                opts.op_count_max = Some(layout.header().op_count_max);
+                Format::V3(layout)
+            }
+            (None, None) => {
+                return Err(WriteError::NotAppendable {
+                    offset: 0,
+                    reason: "no writer state rebuilt".into(),
+                })
+            }
+        };
+        sink.flush()?;
+        Ok(Self {
+            opts,
+            sink,
+            format,
+            sequence_allowed: false,
+            poisoned: false,
+            data_ops: resumed.data_ops,
+            payload_bytes: resumed.payload_bytes,
+            blocks: resumed.blocks,
+            written: resumed.written,
+            sequence: resumed.sequence,
         })
     }
 
