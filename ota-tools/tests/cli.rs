@@ -587,3 +587,47 @@ fn aosp_cow_v2_inspect_and_apply() {
     assert_eq!(got.len(), SOURCE_BLOCKS * BS);
     assert!(got[..] == want[..SOURCE_BLOCKS * BS]);
 }
+
+#[test]
+fn apply_far_block_leaves_a_sparse_hole() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (src, cow, out) = paths(dir.path());
+    let source = source_image();
+    fs::write(&src, &source).unwrap();
+    // Junk in an existing output must not survive in the hole.
+    fs::write(&out, vec![0xAAu8; 200 * BS]).unwrap();
+    let far = 2_000_000u64; // ~8 GB image
+    let data = block_bytes(77, false);
+    let mut w =
+        CowWriter::create(fs::File::create(&cow).unwrap(), WriterOptions::default()).unwrap();
+    w.add_replace(far, &data).unwrap();
+    w.finalize().unwrap();
+    let o = run(&[
+        "apply",
+        "--source",
+        s(&src),
+        "--cow",
+        s(&cow),
+        "--output",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let meta = fs::metadata(&out).unwrap();
+    assert_eq!(meta.len(), (far + 1) * BS as u64);
+    // Allocated space is far below the apparent size.
+    assert!(
+        meta.blocks() * 512 < 64 << 20,
+        "{} bytes allocated",
+        meta.blocks() * 512
+    );
+    let f = fs::File::open(&out).unwrap();
+    let mut buf = vec![0u8; BS];
+    use std::os::unix::fs::FileExt;
+    f.read_exact_at(&mut buf, far * BS as u64).unwrap();
+    assert!(buf == data);
+    f.read_exact_at(&mut buf, 100 * BS as u64).unwrap();
+    assert!(buf.iter().all(|b| *b == 0), "old output bytes survived");
+    f.read_exact_at(&mut buf, 3 * BS as u64).unwrap();
+    assert!(buf[..] == source[3 * BS..4 * BS]);
+}
