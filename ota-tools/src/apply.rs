@@ -8,6 +8,8 @@
 //!   4 MiB chunks: the chunk is read from the source (zeros past its end),
 //!   the blocks that ops produce are overlaid (decompression spread over the
 //!   available cores), and the chunk is written with one positioned write.
+//!   A regular output file is truncated to a hole first, and untouched
+//!   chunks past the source's end are skipped.
 //! * **In place** (output is the same file as the source: same device and
 //!   inode, or the same block device): ops are applied one by one in merge
 //!   order, exactly as a device merge does, so each op reads the image as
