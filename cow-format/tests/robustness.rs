@@ -347,3 +347,10 @@ fn seed_corpus_is_checked_in() {
         fuzz_harness::run(&on_disk);
     }
 }
+
+#[test]
+fn reader_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<CowReader>();
+    check::<CowReader<Vec<u8>>>();
+}
