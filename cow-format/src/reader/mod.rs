@@ -8,6 +8,8 @@
 
 mod error;
 mod index;
+#[allow(unsafe_code)]
+mod mapped;
 mod merge;
 mod parse_v2;
 mod parse_v3;
@@ -17,6 +19,7 @@ use std::cell::RefCell;
 use std::fs::File;
 
 pub use error::ReadError;
+pub use mapped::MappedFile;
 pub use merge::{MergeOrder, MergeOrderOptions, OtherOpsOrder};
 pub use storage::{CowStorage, SourceImage};
 
@@ -228,6 +231,20 @@ impl CowReader<File> {
     /// (v2: up to the first LABEL op with that value; v3: the resume point).
     pub fn open_at_label(file: File, label: u64) -> Result<Self, ReadError> {
         Self::from_storage_at_label(file, label)
+    }
+}
+
+impl CowReader<MappedFile> {
+    /// Like [`CowReader::open`], but reads through a memory mapping
+    /// ([`MappedFile`]): no syscall per read. If the file shrinks while
+    /// mapped, reads fail with an I/O error instead of crashing.
+    pub fn open_mapped(file: File) -> Result<Self, ReadError> {
+        Self::from_storage(MappedFile::new(file).map_err(ReadError::Size)?)
+    }
+
+    /// Like [`CowReader::open_at_label`], through a memory mapping.
+    pub fn open_mapped_at_label(file: File, label: u64) -> Result<Self, ReadError> {
+        Self::from_storage_at_label(MappedFile::new(file).map_err(ReadError::Size)?, label)
     }
 }
 
