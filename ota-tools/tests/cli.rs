@@ -631,3 +631,26 @@ fn apply_far_block_leaves_a_sparse_hole() {
     f.read_exact_at(&mut buf, 3 * BS as u64).unwrap();
     assert!(buf[..] == source[3 * BS..4 * BS]);
 }
+
+#[test]
+fn inspect_a_torn_file_at_a_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let cow = dir.path().join("torn.cow");
+    let mut w =
+        CowWriter::create(fs::File::create(&cow).unwrap(), WriterOptions::default()).unwrap();
+    w.add_copy(0, 1).unwrap();
+    w.add_label(5).unwrap();
+    w.add_zero(1, 3).unwrap();
+    drop(w); // no footer
+    let o = run(&["inspect", s(&cow)]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("footer"), "{}", stderr(&o));
+    let o = run(&["inspect", "--json", "--label", "5", s(&cow)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["ops"].as_array().unwrap().len(), 1);
+    assert_eq!(v["summary"]["last_label"], 5);
+    let o = run(&["inspect", "--label", "6", s(&cow)]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("label 6 not found"), "{}", stderr(&o));
+}
