@@ -251,6 +251,15 @@ pub fn apply(opts: &ApplyOptions) -> Result<ApplyReport, ApplyError> {
             what: "end of the highest new block",
         })?;
 
+    // Size everything before touching the output.
+    let source_ro = File::open(&opts.source).map_err(open_err("source image", &opts.source))?;
+    let source_size = byte_size(&source_ro, "source image", &opts.source)?;
+    let size = match opts.size {
+        Some(s) if s < needed => return Err(ApplyError::SizeTooSmall { size: s, needed }),
+        Some(s) => s,
+        None => source_size.max(needed),
+    };
+
     let output = if in_place {
         OpenOptions::new()
             .read(true)
@@ -271,13 +280,7 @@ pub fn apply(opts: &ApplyOptions) -> Result<ApplyReport, ApplyError> {
             .try_clone()
             .map_err(open_err("source image", &opts.source))?
     } else {
-        File::open(&opts.source).map_err(open_err("source image", &opts.source))?
-    };
-    let source_size = byte_size(&source, "source image", &opts.source)?;
-    let size = match opts.size {
-        Some(s) if s < needed => return Err(ApplyError::SizeTooSmall { size: s, needed }),
-        Some(s) => s,
-        None => source_size.max(needed),
+        source_ro
     };
 
     let out_type = output
