@@ -216,6 +216,21 @@ fn apply_over_an_existing_larger_image_and_with_size() {
         "{}",
         stderr(&o)
     );
+    // A refused run does not create the output.
+    let fresh = dir.path().join("fresh.img");
+    let o = run(&[
+        "apply",
+        "--source",
+        s(&src),
+        "--cow",
+        s(&cow),
+        "--output",
+        s(&fresh),
+        "--size",
+        "4096",
+    ]);
+    assert!(!o.status.success());
+    assert!(!fresh.exists());
 }
 
 #[test]
