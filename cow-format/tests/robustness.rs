@@ -457,3 +457,33 @@ fn cow_v2_cut_in_header_or_scratch_is_an_error() {
         );
     }
 }
+
+/// A brotli payload declaring a huge window must not make the decoder
+/// allocate it: windows above 22 bits are refused, and a hostile 22-bit
+/// multi-metablock stream stays within the 4 MiB window.
+#[test]
+fn brotli_window_allocation_is_bounded() {
+    let data = pseudo_random(3, 6 << 20);
+    let mut out = vec![0u8; 4096];
+    for (lgwin, ok) in [(24, false), (22, true)] {
+        let params = brotli::enc::BrotliEncoderParams {
+            quality: 1,
+            lgwin,
+            ..Default::default()
+        };
+        let mut c = Vec::new();
+        brotli::BrotliCompress(&mut &data[..], &mut c, &params).unwrap();
+        let big = largest_alloc(|| {
+            let r = cow_format::compression::decompress(
+                cow_format::CompressionAlgorithm::Brotli,
+                &c,
+                &mut out,
+            );
+            assert_eq!(r.is_ok(), ok, "lgwin {lgwin}");
+        });
+        assert!(
+            big <= (4 << 20) + 4096,
+            "lgwin {lgwin}: largest allocation {big}"
+        );
+    }
+}
