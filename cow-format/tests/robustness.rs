@@ -304,6 +304,19 @@ fn file_shrinking_under_a_mapped_reader_is_an_error_not_sigbus() {
     tmp.set_len(4096).unwrap();
     let e = r.read_block(7, &src, &mut out).unwrap_err();
     assert!(matches!(e, ReadError::Io { .. }), "{e}");
+
+    // Torn v2 file through the mapping, recovered at a label.
+    let file = cow_v2();
+    let mut torn = tempfile::tempfile().unwrap();
+    torn.write_all(&file[..0x20218E]).unwrap();
+    assert!(matches!(
+        CowReader::open_mapped(torn.try_clone().unwrap()),
+        Err(ReadError::NoFooter)
+    ));
+    let r = CowReader::open_mapped_at_label(torn, 2).unwrap();
+    assert_eq!(r.ops().len(), 13);
+    r.read_block(2, &src, &mut out).unwrap();
+    assert_eq!(out, test_text(4096));
 }
 
 /// The fuzz harness over the seed corpus plus 20,000 deterministic mutations
