@@ -213,12 +213,20 @@ impl TableEntry {
 
     /// A dm-user entry: `<start> <len> user <start> <len> <control name>`.
     pub fn dm_user(start: u64, length: u64, control_name: &str) -> Self {
-        Self::new(start, length, "user", &format!("{start} {length} {control_name}"))
+        Self::new(
+            start,
+            length,
+            "user",
+            &format!("{start} {length} {control_name}"),
+        )
     }
 
     /// The `dmsetup table`-style line.
     pub fn to_line(&self) -> String {
-        format!("{} {} {} {}", self.start, self.length, self.target_type, self.params)
+        format!(
+            "{} {} {} {}",
+            self.start, self.length, self.target_type, self.params
+        )
     }
 }
 
@@ -331,10 +339,22 @@ impl DmIoctl {
         for (i, v) in self.version.iter().enumerate() {
             put(offset_of!(DmIoctl, version) + 4 * i, &v.to_ne_bytes());
         }
-        put(offset_of!(DmIoctl, data_size), &self.data_size.to_ne_bytes());
-        put(offset_of!(DmIoctl, data_start), &self.data_start.to_ne_bytes());
-        put(offset_of!(DmIoctl, target_count), &self.target_count.to_ne_bytes());
-        put(offset_of!(DmIoctl, open_count), &self.open_count.to_ne_bytes());
+        put(
+            offset_of!(DmIoctl, data_size),
+            &self.data_size.to_ne_bytes(),
+        );
+        put(
+            offset_of!(DmIoctl, data_start),
+            &self.data_start.to_ne_bytes(),
+        );
+        put(
+            offset_of!(DmIoctl, target_count),
+            &self.target_count.to_ne_bytes(),
+        );
+        put(
+            offset_of!(DmIoctl, open_count),
+            &self.open_count.to_ne_bytes(),
+        );
         put(offset_of!(DmIoctl, flags), &self.flags.to_ne_bytes());
         put(offset_of!(DmIoctl, event_nr), &self.event_nr.to_ne_bytes());
         put(offset_of!(DmIoctl, dev), &self.dev.to_ne_bytes());
@@ -359,7 +379,8 @@ impl DmIoctl {
         io.flags = read_u32(buf, offset_of!(DmIoctl, flags))?;
         io.event_nr = read_u32(buf, offset_of!(DmIoctl, event_nr))?;
         io.dev = read_u64(buf, offset_of!(DmIoctl, dev))?;
-        io.name.copy_from_slice(buf.get(offset_of!(DmIoctl, name)..offset_of!(DmIoctl, uuid))?);
+        io.name
+            .copy_from_slice(buf.get(offset_of!(DmIoctl, name)..offset_of!(DmIoctl, uuid))?);
         io.uuid
             .copy_from_slice(buf.get(offset_of!(DmIoctl, uuid)..offset_of!(DmIoctl, data))?);
         Some(io)
@@ -417,7 +438,9 @@ pub fn decode_table(data: &[u8], count: u32) -> Result<Vec<TableEntry>, (usize, 
     let mut at = 0usize;
     for _ in 0..count {
         let spec_end = at.checked_add(SPEC_LEN).ok_or((at, "offset overflow"))?;
-        let spec = data.get(at..spec_end).ok_or((at, "target spec past end of reply"))?;
+        let spec = data
+            .get(at..spec_end)
+            .ok_or((at, "target spec past end of reply"))?;
         let start = read_u64(spec, 0).ok_or((at, "short spec"))?;
         let length = read_u64(spec, 8).ok_or((at, "short spec"))?;
         let next = read_u32(spec, 20).ok_or((at, "short spec"))? as usize;
@@ -478,7 +501,11 @@ impl DmControl {
         let name = get_cstr(&header.name);
         let mut size = HEADER_LEN
             .checked_add(payload.len())
-            .ok_or_else(|| DmError::ReplyTooLarge { cmd, name: name.clone(), max: MAX_BUFFER })?
+            .ok_or_else(|| DmError::ReplyTooLarge {
+                cmd,
+                name: name.clone(),
+                max: MAX_BUFFER,
+            })?
             .max(INITIAL_BUFFER);
         loop {
             let data_size = u32::try_from(size).map_err(|_| DmError::ReplyTooLarge {
@@ -503,9 +530,8 @@ impl DmControl {
             // size`; the kernel copies at most `data_size` bytes in and out of
             // it and does not keep the pointer after the call returns. The fd
             // is owned by `self.file` and open for the whole call.
-            let rc = unsafe {
-                nix::libc::ioctl(self.file.as_raw_fd(), request as _, buf.as_mut_ptr())
-            };
+            let rc =
+                unsafe { nix::libc::ioctl(self.file.as_raw_fd(), request as _, buf.as_mut_ptr()) };
             if rc < 0 {
                 return Err(DmError::Ioctl {
                     cmd,
@@ -553,11 +579,12 @@ impl DmControl {
     /// Load `entries` as the inactive table of `name`.
     pub fn load_table(&self, name: &str, entries: &[TableEntry]) -> Result<DeviceInfo, DmError> {
         let mut header = DmIoctl::new(name)?;
-        header.target_count = u32::try_from(entries.len()).map_err(|_| DmError::InvalidArgument {
-            what: "table",
-            value: name.to_string(),
-            why: "too many targets",
-        })?;
+        header.target_count =
+            u32::try_from(entries.len()).map_err(|_| DmError::InvalidArgument {
+                what: "table",
+                value: name.to_string(),
+                why: "too many targets",
+            })?;
         let payload = encode_table(entries)?;
         let (reply, _) = self.run(DmCommand::TableLoad, header, &payload)?;
         Ok(reply.info())
@@ -681,9 +708,10 @@ mod tests {
     fn request_codes_match_the_c_macros() {
         // _IOWR(0xfd, 0, struct dm_ioctl) == 0xc138fd00
         let code = nix::request_code_readwrite!(DM_IOCTL_TYPE, 0u8, 312usize);
-        assert_eq!(code as u64, 0xc138_fd00);
-        let code = nix::request_code_readwrite!(DM_IOCTL_TYPE, DmCommand::TableLoad as u8, 312usize);
-        assert_eq!(code as u64, 0xc138_fd09);
+        assert_eq!(u64::from(code as u32), 0xc138_fd00);
+        let code =
+            nix::request_code_readwrite!(DM_IOCTL_TYPE, DmCommand::TableLoad as u8, 312usize);
+        assert_eq!(u64::from(code as u32), 0xc138_fd09);
     }
 
     #[test]

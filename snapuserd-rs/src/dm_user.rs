@@ -116,22 +116,46 @@ pub const ABI_CONSTANTS: &[(&str, u64)] = &[
     ("DM_USER_REQ_MAP_ZONE_FINISH", DM_USER_REQ_MAP_ZONE_FINISH),
     ("DM_USER_REQ_MAP_ZONE_APPEND", DM_USER_REQ_MAP_ZONE_APPEND),
     ("DM_USER_REQ_MAP_ZONE_RESET", DM_USER_REQ_MAP_ZONE_RESET),
-    ("DM_USER_REQ_MAP_ZONE_RESET_ALL", DM_USER_REQ_MAP_ZONE_RESET_ALL),
-    ("DM_USER_REQ_MAP_FLAG_FAILFAST_DEV", DM_USER_REQ_MAP_FLAG_FAILFAST_DEV),
-    ("DM_USER_REQ_MAP_FLAG_FAILFAST_TRANSPORT", DM_USER_REQ_MAP_FLAG_FAILFAST_TRANSPORT),
-    ("DM_USER_REQ_MAP_FLAG_FAILFAST_DRIVER", DM_USER_REQ_MAP_FLAG_FAILFAST_DRIVER),
+    (
+        "DM_USER_REQ_MAP_ZONE_RESET_ALL",
+        DM_USER_REQ_MAP_ZONE_RESET_ALL,
+    ),
+    (
+        "DM_USER_REQ_MAP_FLAG_FAILFAST_DEV",
+        DM_USER_REQ_MAP_FLAG_FAILFAST_DEV,
+    ),
+    (
+        "DM_USER_REQ_MAP_FLAG_FAILFAST_TRANSPORT",
+        DM_USER_REQ_MAP_FLAG_FAILFAST_TRANSPORT,
+    ),
+    (
+        "DM_USER_REQ_MAP_FLAG_FAILFAST_DRIVER",
+        DM_USER_REQ_MAP_FLAG_FAILFAST_DRIVER,
+    ),
     ("DM_USER_REQ_MAP_FLAG_SYNC", DM_USER_REQ_MAP_FLAG_SYNC),
     ("DM_USER_REQ_MAP_FLAG_META", DM_USER_REQ_MAP_FLAG_META),
     ("DM_USER_REQ_MAP_FLAG_PRIO", DM_USER_REQ_MAP_FLAG_PRIO),
     ("DM_USER_REQ_MAP_FLAG_NOMERGE", DM_USER_REQ_MAP_FLAG_NOMERGE),
     ("DM_USER_REQ_MAP_FLAG_IDLE", DM_USER_REQ_MAP_FLAG_IDLE),
-    ("DM_USER_REQ_MAP_FLAG_INTEGRITY", DM_USER_REQ_MAP_FLAG_INTEGRITY),
+    (
+        "DM_USER_REQ_MAP_FLAG_INTEGRITY",
+        DM_USER_REQ_MAP_FLAG_INTEGRITY,
+    ),
     ("DM_USER_REQ_MAP_FLAG_FUA", DM_USER_REQ_MAP_FLAG_FUA),
-    ("DM_USER_REQ_MAP_FLAG_PREFLUSH", DM_USER_REQ_MAP_FLAG_PREFLUSH),
+    (
+        "DM_USER_REQ_MAP_FLAG_PREFLUSH",
+        DM_USER_REQ_MAP_FLAG_PREFLUSH,
+    ),
     ("DM_USER_REQ_MAP_FLAG_RAHEAD", DM_USER_REQ_MAP_FLAG_RAHEAD),
-    ("DM_USER_REQ_MAP_FLAG_BACKGROUND", DM_USER_REQ_MAP_FLAG_BACKGROUND),
+    (
+        "DM_USER_REQ_MAP_FLAG_BACKGROUND",
+        DM_USER_REQ_MAP_FLAG_BACKGROUND,
+    ),
     ("DM_USER_REQ_MAP_FLAG_NOWAIT", DM_USER_REQ_MAP_FLAG_NOWAIT),
-    ("DM_USER_REQ_MAP_FLAG_CGROUP_PUNT", DM_USER_REQ_MAP_FLAG_CGROUP_PUNT),
+    (
+        "DM_USER_REQ_MAP_FLAG_CGROUP_PUNT",
+        DM_USER_REQ_MAP_FLAG_CGROUP_PUNT,
+    ),
     ("DM_USER_REQ_MAP_FLAG_NOUNMAP", DM_USER_REQ_MAP_FLAG_NOUNMAP),
     ("DM_USER_REQ_MAP_FLAG_HIPRI", DM_USER_REQ_MAP_FLAG_HIPRI),
     ("DM_USER_REQ_MAP_FLAG_DRV", DM_USER_REQ_MAP_FLAG_DRV),
@@ -375,11 +399,14 @@ impl Channel {
                 Ok(n) => got = got.saturating_add(n),
                 Err(e) => match Errno::from_raw(e.raw_os_error().unwrap_or(0)) {
                     Errno::ENOTBLK => return Err(ChannelError::TargetGone),
-                    Errno::EINTR if got == 0 && allow_interrupt => {
-                        return Ok(false)
-                    }
+                    Errno::EINTR if got == 0 && allow_interrupt => return Ok(false),
                     Errno::EINTR | Errno::EAGAIN => continue,
-                    _ => return Err(ChannelError::Io { op: "read", source: e }),
+                    _ => {
+                        return Err(ChannelError::Io {
+                            op: "read",
+                            source: e,
+                        })
+                    }
                 },
             }
         }
@@ -439,7 +466,8 @@ impl Channel {
         while sent < total {
             let result = if sent < header.len() {
                 let h = header.get(sent..).unwrap_or_default();
-                self.file.write_vectored(&[IoSlice::new(h), IoSlice::new(data)])
+                self.file
+                    .write_vectored(&[IoSlice::new(h), IoSlice::new(data)])
             } else {
                 let d = data.get(sent - header.len()..).unwrap_or_default();
                 self.file.write(d)
@@ -456,7 +484,12 @@ impl Channel {
                     Errno::ENOTBLK => return Err(ChannelError::TargetGone),
                     Errno::EINVAL => return Err(ChannelError::Rejected { seq }),
                     Errno::EINTR | Errno::EAGAIN => continue,
-                    _ => return Err(ChannelError::Io { op: "write", source: e }),
+                    _ => {
+                        return Err(ChannelError::Io {
+                            op: "write",
+                            source: e,
+                        })
+                    }
                 },
             }
         }
@@ -468,11 +501,14 @@ impl Channel {
     pub fn poll(&self, timeout: Duration) -> Result<Readiness, ChannelError> {
         let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         let mut fds = [PollFd::new(self.file.as_fd(), PollFlags::POLLIN)];
-        let n = nix::poll::poll(&mut fds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX))
-            .map_err(|e| ChannelError::Io {
-                op: "poll",
-                source: e.into(),
-            })?;
+        let n = nix::poll::poll(
+            &mut fds,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+        )
+        .map_err(|e| ChannelError::Io {
+            op: "poll",
+            source: e.into(),
+        })?;
         if n == 0 {
             return Ok(Readiness::TimedOut);
         }
@@ -526,7 +562,10 @@ mod tests {
 
     #[test]
     fn constants_match_the_uapi_header() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../kernel/include/uapi/linux/dm-user.h");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../kernel/include/uapi/linux/dm-user.h"
+        );
         let text = std::fs::read_to_string(path)
             .unwrap_or_else(|e| panic!("the ABI header {path} must exist: {e}"));
         let defines = parse_c_defines(&text);
@@ -545,7 +584,10 @@ mod tests {
                 );
             }
         }
-        assert!(text.contains("struct dm_user_message"), "header lacks struct dm_user_message");
+        assert!(
+            text.contains("struct dm_user_message"),
+            "header lacks struct dm_user_message"
+        );
     }
 
     #[test]
@@ -636,7 +678,11 @@ mod tests {
         peer.write_all(&h.to_bytes()).unwrap();
         let mut payload = Vec::new();
         match chan.receive(&mut payload) {
-            Err(ChannelError::PayloadTooLarge { seq: 9, len, max: 1024 }) => assert_eq!(len, u64::MAX),
+            Err(ChannelError::PayloadTooLarge {
+                seq: 9,
+                len,
+                max: 1024,
+            }) => assert_eq!(len, u64::MAX),
             other => panic!("unexpected {other:?}"),
         }
         assert_eq!(payload.capacity(), 0);
@@ -678,15 +724,24 @@ mod tests {
     #[test]
     fn poll_reports_readable_and_timeout() {
         let (chan, mut peer) = pair();
-        assert_eq!(chan.poll(Duration::from_millis(10)).unwrap(), Readiness::TimedOut);
+        assert_eq!(
+            chan.poll(Duration::from_millis(10)).unwrap(),
+            Readiness::TimedOut
+        );
         peer.write_all(&[0u8; 1]).unwrap();
-        assert_eq!(chan.poll(Duration::from_millis(1000)).unwrap(), Readiness::Readable);
+        assert_eq!(
+            chan.poll(Duration::from_millis(1000)).unwrap(),
+            Readiness::Readable
+        );
     }
 
     #[test]
     fn open_times_out_on_missing_node() {
-        let err = Channel::open_path(Path::new("/nonexistent/dm-user/x"), Duration::from_millis(20))
-            .unwrap_err();
+        let err = Channel::open_path(
+            Path::new("/nonexistent/dm-user/x"),
+            Duration::from_millis(20),
+        )
+        .unwrap_err();
         assert!(matches!(err, ChannelError::NodeTimeout { .. }), "{err:?}");
     }
 }
