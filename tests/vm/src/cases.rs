@@ -936,8 +936,7 @@ fn many_channels_race() -> TestResult {
                 let mut p = Vec::new();
                 match chan.receive(&mut p) {
                     Ok(Received::Request(h)) => {
-                        let (code, data) = disk.handle(&h, &p);
-                        match chan.respond(&h, code, &data) {
+                        match disk.respond_to(&mut chan, &h, &p) {
                             Ok(()) => {}
                             Err(ChannelError::TargetGone) => return Ok(()),
                             Err(e) => return Err(e.to_string()),
@@ -1045,7 +1044,7 @@ fn handoff() -> TestResult {
     let size = 16 * MIB;
     let disk = RamDisk::new(size as usize);
     disk.data
-        .lock()
+        .write()
         .unwrap()
         .copy_from_slice(&pattern(19, 0, size as usize));
     let mut dev = UserDevice::create("vt-ho", "vt-ho-c1", size)?;

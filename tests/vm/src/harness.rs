@@ -138,18 +138,19 @@ impl AlignedBuf {
     }
 }
 
-/// Deterministic pattern: each 8-byte word encodes (seed, absolute offset).
+/// Deterministic pattern: each aligned 8-byte word encodes (seed, its absolute offset).
 pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len);
-    let mut pos = offset;
-    while out.len() < len {
-        let word = (pos / 8).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed.rotate_left(17);
-        let bytes = word.to_le_bytes();
-        let skip = (pos % 8) as usize;
-        let take = (8 - skip).min(len - out.len());
-        out.extend_from_slice(&bytes[skip..skip + take]);
-        pos += take as u64;
+    let word =
+        |w: u64| (w.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed.rotate_left(17)).to_le_bytes();
+    let first = offset / 8;
+    let last = (offset + len as u64).div_ceil(8);
+    let mut out = Vec::with_capacity(((last - first) * 8) as usize);
+    for w in first..last {
+        out.extend_from_slice(&word(w));
     }
+    let skip = (offset % 8) as usize;
+    out.drain(..skip);
+    out.truncate(len);
     out
 }
 

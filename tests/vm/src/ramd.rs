@@ -1,7 +1,7 @@
 //! A RAM-backed block device served over dm-user channels.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -34,7 +34,7 @@ pub struct Stats {
 #[derive(Debug)]
 pub struct RamDisk {
     /// Contents.
-    pub data: Mutex<Vec<u8>>,
+    pub data: RwLock<Vec<u8>>,
     /// Counters.
     pub stats: Stats,
 }
@@ -43,58 +43,65 @@ impl RamDisk {
     /// A zero-filled disk of `size` bytes.
     pub fn new(size: usize) -> Arc<Self> {
         Arc::new(Self {
-            data: Mutex::new(vec![0; size]),
+            data: RwLock::new(vec![0; size]),
             stats: Stats::default(),
         })
     }
 
     /// Copy of `len` bytes at `off`.
     pub fn snapshot(&self, off: usize, len: usize) -> Vec<u8> {
-        let d = self.data.lock().unwrap();
+        let d = self.data.read().unwrap();
         d[off..off + len].to_vec()
     }
 
-    /// Serve one request: returns (response code, READ data).
-    pub fn handle(&self, h: &MessageHeader, payload: &[u8]) -> (u64, Vec<u8>) {
+    /// Serve one request on `chan`: decide the outcome first, then send the
+    /// response header exactly once (READ data straight from the store, no copy).
+    pub fn respond_to(
+        &self,
+        chan: &mut Channel,
+        h: &MessageHeader,
+        payload: &[u8],
+    ) -> Result<(), ChannelError> {
         let s = &self.stats;
         s.max_len.fetch_max(h.len, Ordering::Relaxed);
         if h.is_flush() {
             s.flushes.fetch_add(1, Ordering::Relaxed);
-            return (DM_USER_RESP_SUCCESS, Vec::new());
+            return chan.respond(h, DM_USER_RESP_SUCCESS, &[]);
         }
-        let mut data = self.data.lock().unwrap();
+        let len = self.data.read().unwrap().len();
         let range = h
             .byte_offset()
             .and_then(|off| usize::try_from(off).ok())
             .and_then(|off| Some(off..off.checked_add(usize::try_from(h.len).ok()?)?))
-            .filter(|r| r.end <= data.len());
+            .filter(|r| r.end <= len);
         let Some(range) = range else {
             s.rejected.fetch_add(1, Ordering::Relaxed);
-            return (DM_USER_RESP_ERROR, Vec::new());
+            return chan.respond(h, DM_USER_RESP_ERROR, &[]);
         };
         match h.msg_type {
             DM_USER_REQ_MAP_READ => {
                 s.reads.fetch_add(1, Ordering::Relaxed);
-                (DM_USER_RESP_SUCCESS, data[range].to_vec())
+                let data = self.data.read().unwrap();
+                chan.respond(h, DM_USER_RESP_SUCCESS, &data[range])
             }
             DM_USER_REQ_MAP_WRITE => {
                 if payload.len() != range.len() {
                     s.rejected.fetch_add(1, Ordering::Relaxed);
-                    return (DM_USER_RESP_ERROR, Vec::new());
+                    return chan.respond(h, DM_USER_RESP_ERROR, &[]);
                 }
                 s.writes.fetch_add(1, Ordering::Relaxed);
-                data[range].copy_from_slice(payload);
-                (DM_USER_RESP_SUCCESS, Vec::new())
+                self.data.write().unwrap()[range].copy_from_slice(payload);
+                chan.respond(h, DM_USER_RESP_SUCCESS, &[])
             }
             DM_USER_REQ_MAP_DISCARD | DM_USER_REQ_MAP_WRITE_ZEROES => {
                 s.discards.fetch_add(1, Ordering::Relaxed);
                 s.discarded_bytes.fetch_add(h.len, Ordering::Relaxed);
-                data[range].fill(0);
-                (DM_USER_RESP_SUCCESS, Vec::new())
+                self.data.write().unwrap()[range].fill(0);
+                chan.respond(h, DM_USER_RESP_SUCCESS, &[])
             }
             _ => {
                 s.rejected.fetch_add(1, Ordering::Relaxed);
-                (DM_USER_RESP_UNSUPPORTED, Vec::new())
+                chan.respond(h, DM_USER_RESP_UNSUPPORTED, &[])
             }
         }
     }
@@ -114,14 +121,11 @@ pub fn serve(mut chan: Channel, disk: &RamDisk) -> ServeEnd {
     let mut payload = Vec::new();
     loop {
         match chan.receive(&mut payload) {
-            Ok(Received::Request(h)) => {
-                let (code, data) = disk.handle(&h, &payload);
-                match chan.respond(&h, code, &data) {
-                    Ok(()) => {}
-                    Err(ChannelError::TargetGone) => return ServeEnd::TargetGone,
-                    Err(e) => return ServeEnd::Error(e),
-                }
-            }
+            Ok(Received::Request(h)) => match disk.respond_to(&mut chan, &h, &payload) {
+                Ok(()) => {}
+                Err(ChannelError::TargetGone) => return ServeEnd::TargetGone,
+                Err(e) => return ServeEnd::Error(e),
+            },
             Ok(Received::TargetGone) => return ServeEnd::TargetGone,
             Err(ChannelError::Interrupted) => continue,
             Err(e) => return ServeEnd::Error(e),
