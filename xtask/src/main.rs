@@ -2,7 +2,7 @@
 //!
 //! * `cargo xtask vm-test [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--timeout SECS]`
 //!   builds dm-user for each kernel, the guest programs, an initramfs, boots qemu (TCG) and
-//!   reports one line per test and kernel.
+//!   reports one line per test and kernel. `--disk` attaches raw images as virtio disks.
 //! * `cargo xtask vm-bench [--kernel ...]` runs only the dm-user vs loop benchmark.
 //! * `cargo xtask kernel-check` runs `kernel/scripts/check-style.sh`.
 
@@ -26,7 +26,7 @@ use initramfs::InitramfsSpec;
 use report::TestResult;
 use vm::VmSpec;
 
-const USAGE: &str = "cargo xtask <vm-test|vm-bench|kernel-check> [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--timeout SECS]";
+const USAGE: &str = "cargo xtask <vm-test|vm-bench|kernel-check> [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--timeout SECS] [--disk RAW.img]...";
 
 /// Parsed command-line options.
 #[derive(Debug, Default)]
@@ -36,6 +36,7 @@ struct Options {
     keep: bool,
     bench: bool,
     timeout: Option<u64>,
+    disks: Vec<PathBuf>,
 }
 
 fn parse_options(args: &[String]) -> Result<Options> {
@@ -57,6 +58,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
                         .map_err(|_| XtaskError::Usage(format!("bad --timeout {v}")))?,
                 );
             }
+            "--disk" => o.disks.push(PathBuf::from(value("--disk")?)),
             "--keep" => o.keep = true,
             "--bench" => o.bench = true,
             other => {
@@ -174,7 +176,7 @@ fn vm_test(opts: &Options, run_tests: bool) -> Result<()> {
         let spec = VmSpec {
             label: series.label().into(),
             kernel: kernel.clone(),
-            disks: Vec::new(),
+            disks: opts.disks.clone(),
             initramfs: InitramfsSpec {
                 modules: initramfs::BASE_MODULES
                     .iter()

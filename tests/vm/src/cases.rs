@@ -335,7 +335,17 @@ fn discard() -> TestResult {
     nix::ioctl_write_ptr_bad!(blkdiscard, nix::request_code_none!(0x12, 119), [u64; 2]);
     // SAFETY: BLKDISCARD reads two u64 (start, length) from the pointer, which
     // points at a live local array of exactly that type; the fd is open.
-    unsafe { blkdiscard(std::os::fd::AsRawFd::as_raw_fd(&f), &range) }.ctx("BLKDISCARD")?;
+    unsafe { blkdiscard(std::os::fd::AsRawFd::as_raw_fd(&f), &range) }.map_err(|e| {
+        let limit = std::fs::read_to_string(format!(
+            "/sys/block/{}/queue/discard_max_bytes",
+            dev.path.file_name().and_then(|n| n.to_str()).unwrap_or("?")
+        ))
+        .unwrap_or_default();
+        format!(
+            "BLKDISCARD: {e} (queue/discard_max_bytes = {}: the target does not advertise discard limits)",
+            limit.trim()
+        )
+    })?;
     let n = d.disk.stats.discards.load(Ordering::Relaxed);
     let bytes = d.disk.stats.discarded_bytes.load(Ordering::Relaxed);
     check(n >= 1, "no DISCARD request reached the daemon")?;

@@ -210,3 +210,31 @@ pub fn set_param(name: &str, value: &str) -> Result<String, String> {
     std::fs::write(&p, value).ctx(&format!("write {}", p.display()))?;
     Ok(old.trim().to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_is_position_dependent_and_consistent() {
+        let whole = pattern(9, 0, 10_000);
+        for (off, len) in [(0usize, 1usize), (3, 17), (4095, 4098), (8, 8), (9991, 9)] {
+            assert_eq!(
+                pattern(9, off as u64, len),
+                whole[off..off + len],
+                "{off}+{len}"
+            );
+        }
+        assert_ne!(pattern(9, 0, 64), pattern(10, 0, 64));
+        assert_ne!(whole[0..8], whole[8..16]);
+    }
+
+    #[test]
+    fn aligned_buffers_are_aligned() {
+        for len in [1usize, 512, 4096, 1 << 20] {
+            let b = AlignedBuf::new(len);
+            assert_eq!(b.as_ref().as_ptr() as usize % 4096, 0);
+            assert_eq!(b.as_ref().len(), len);
+        }
+    }
+}
