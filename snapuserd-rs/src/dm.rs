@@ -499,6 +499,10 @@ impl DmControl {
         payload: &[u8],
     ) -> Result<(DmIoctl, Vec<u8>), DmError> {
         let name = get_cstr(&header.name);
+        log::debug!(
+            "device-mapper {cmd:?} on {name:?} ({} payload bytes)",
+            payload.len()
+        );
         let mut size = HEADER_LEN
             .checked_add(payload.len())
             .ok_or_else(|| DmError::ReplyTooLarge {

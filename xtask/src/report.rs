@@ -10,8 +10,11 @@ pub const BAD_MARKERS: &[&str] = &[
     "BUG:",
     "Oops",
     "KASAN",
+    "UBSAN",
     "general protection",
     "Call Trace",
+    "Kernel panic",
+    "blocked for more than",
 ];
 
 /// Verdict for one test on one kernel.

@@ -162,6 +162,15 @@ fn dm_control() -> TestResult {
     check(s.suspended(), "not suspended after suspend")?;
     let r = dm.resume("vt-ctl").ctx("resume again")?;
     check(!r.suspended(), "still suspended after resume")?;
+    // DM_DEV_WAIT with a stale event number returns at once with the current one.
+    let w = bounded("DM_DEV_WAIT", HANG, move || {
+        DmControl::open().and_then(|dm| dm.wait_event("vt-ctl", r.event_nr.wrapping_add(1)))
+    })?
+    .ctx("DM_DEV_WAIT")?;
+    check(
+        w.name == "vt-ctl",
+        format!("DM_DEV_WAIT answered for {:?}", w.name),
+    )?;
     let path = dm.ensure_node(&info).ctx("node")?;
     let f = std::fs::File::open(&path).ctx("open dm node")?;
     let r = read_at(&f, 4096, 0);
@@ -1052,13 +1061,15 @@ fn poll() -> TestResult {
 
 fn handoff() -> TestResult {
     let size = 16 * MIB;
-    let disk = RamDisk::new(size as usize);
-    disk.data
-        .write()
-        .unwrap()
-        .copy_from_slice(&pattern(19, 0, size as usize));
+    // Two stores with the same contents, so we can tell which daemon served what.
+    let contents = pattern(19, 0, size as usize);
+    let disk1 = RamDisk::new(size as usize);
+    disk1.data.write().unwrap().copy_from_slice(&contents);
+    let disk2 = RamDisk::new(size as usize);
+    disk2.data.write().unwrap().copy_from_slice(&contents);
+    drop(contents);
     let mut dev = UserDevice::create("vt-ho", "vt-ho-c1", size)?;
-    let d1 = Daemon::start("vt-ho-c1", disk.clone(), 2).ctx("daemon 1")?;
+    let d1 = Daemon::start("vt-ho-c1", disk1.clone(), 2).ctx("daemon 1")?;
     let stop = Arc::new(AtomicBool::new(false));
     let reads = Arc::new(AtomicU64::new(0));
     let reader = {
@@ -1095,7 +1106,7 @@ fn handoff() -> TestResult {
     let dm = DmControl::open().ctx("control")?;
     dm.load_table("vt-ho", &[TableEntry::dm_user(0, size / 512, "vt-ho-c2")])
         .ctx("load inactive table")?;
-    let d2 = Daemon::start("vt-ho-c2", disk.clone(), 2).ctx("daemon 2 on the new node")?;
+    let d2 = Daemon::start("vt-ho-c2", disk2.clone(), 2).ctx("daemon 2 on the new node")?;
     let during = wait_reads(20);
     dm.suspend("vt-ho", false).ctx("suspend")?;
     dm.resume("vt-ho").ctx("resume")?;
@@ -1108,6 +1119,12 @@ fn handoff() -> TestResult {
         before >= 50 && during >= 20 && after >= 50,
         format!("reads before/during/after: {before}/{during}/{after}"),
     )?;
+    let served1 = disk1.stats.reads.load(Ordering::Relaxed);
+    let served2 = disk2.stats.reads.load(Ordering::Relaxed);
+    check(
+        served1 > 0 && served2 > 0,
+        format!("daemon 1 served {served1}, daemon 2 served {served2}"),
+    )?;
     let table = dm.table("vt-ho").ctx("table")?;
     check(
         table
@@ -1118,7 +1135,7 @@ fn handoff() -> TestResult {
     dev.remove()?;
     bounded("daemon 2 exits", HANG, move || d2.join())??;
     Ok(format!(
-        "{} verified reads, 0 errors, across c1 -> c2 handoff",
+        "{} verified reads, 0 errors, across c1 -> c2 handoff (daemon 1 served {served1}, daemon 2 {served2})",
         reads.load(Ordering::Relaxed)
     ))
 }
