@@ -74,6 +74,14 @@ pub const CASES: &[Case] = &[
         run: no_daemon_timeout,
     },
     Case {
+        name: "late-daemon",
+        run: late_daemon,
+    },
+    Case {
+        name: "multi-target",
+        run: multi_target,
+    },
+    Case {
         name: "malformed-short-header",
         run: malformed_short_header,
     },
@@ -592,9 +600,17 @@ fn daemon_killed() -> TestResult {
         await_read("new read", &rx2)?,
     )?;
     let second = t2.elapsed();
-    drop(dev);
+    // A daemon that opens the node later serves new I/O again.
+    let d = Daemon::start(&dev.control, RamDisk::new(4 * MIB as usize), 1).ctx("restart daemon")?;
+    let rx3 = async_read(&dev.path, 8192, 4096);
+    let got = await_read("read after a new daemon attached", &rx3)?.ctx("read after restart")?;
+    check(
+        got.iter().all(|&b| b == 0),
+        "restarted RAM daemon returned non-zero data",
+    )?;
+    finish(dev, d)?;
     Ok(format!(
-        "in-flight read failed EIO {first:.0?} after kill; new read failed EIO in {second:.0?}"
+        "in-flight read failed EIO {first:.0?} after kill; new read failed EIO in {second:.0?}; a new daemon served again"
     ))
 }
 
@@ -674,6 +690,109 @@ fn no_daemon_timeout() -> TestResult {
         Ok(format!("EIO after {took:.0?} (timeout 500 ms)"))
     })();
     set_param("dm_user_daemon_timeout_msec", &old)?;
+    result
+}
+
+/// I/O issued before any daemon exists waits for one (within the timeout) instead of failing.
+fn late_daemon() -> TestResult {
+    let old = set_param("dm_user_daemon_timeout_msec", "4000")?;
+    let result = (|| {
+        let dev = UserDevice::create("vt-late", "vt-late-c", 4 * MIB)?;
+        let rx = async_read(&dev.path, 4096, 4096);
+        std::thread::sleep(Duration::from_millis(300));
+        check(
+            rx.try_recv().is_err(),
+            "read completed with no daemon attached",
+        )?;
+        let disk = RamDisk::new(4 * MIB as usize);
+        disk.data
+            .write()
+            .unwrap()
+            .copy_from_slice(&pattern(23, 0, 4 * MIB as usize));
+        let d = Daemon::start(&dev.control, disk, 1).ctx("late daemon")?;
+        let got = await_read("queued read", &rx)?.ctx("queued read")?;
+        same(
+            "queued read served by the late daemon",
+            &got,
+            &pattern(23, 4096, 4096),
+        )?;
+        finish(dev, d)?;
+        Ok("read queued 300 ms without a daemon, then served".to_string())
+    })();
+    set_param("dm_user_daemon_timeout_msec", &old)?;
+    result
+}
+
+/// Two `user` targets in one table, each with its own daemon: DM splits a bio
+/// that crosses the boundary and each half reaches the right daemon.
+fn multi_target() -> TestResult {
+    let half = 4 * MIB;
+    let dm = DmControl::open().ctx("control")?;
+    let name = "vt-mt";
+    dm.create(name, None).ctx("create")?;
+    let mut dev_guard = None;
+    let result = (|| {
+        dm.load_table(
+            name,
+            &[
+                TableEntry::dm_user(0, half / 512, "vt-mt-c1"),
+                TableEntry::new(
+                    half / 512,
+                    half / 512,
+                    "user",
+                    &format!("{} {} vt-mt-c2", half / 512, half / 512),
+                ),
+            ],
+        )
+        .ctx("load two-target table")?;
+        let info = dm.resume(name).ctx("resume")?;
+        let path = dm.ensure_node(&info).ctx("node")?;
+        dev_guard = Some(path.clone());
+        // Stores cover the whole device so either sector convention can be served and detected.
+        let d1 = Daemon::start("vt-mt-c1", RamDisk::new(2 * half as usize), 1).ctx("daemon 1")?;
+        let d2 = Daemon::start("vt-mt-c2", RamDisk::new(2 * half as usize), 1).ctx("daemon 2")?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags_direct()
+            .open(&path)
+            .ctx("open")?;
+        let off = half - 65536;
+        let data = pattern(24, off, 131072);
+        write_at(&f, AlignedBuf::from(&data).as_ref(), off)?;
+        same(
+            "read across the boundary",
+            &read_at(&f, 131072, off)?,
+            &data,
+        )?;
+        same(
+            "first half in daemon 1",
+            &d1.disk.snapshot(off as usize, 65536),
+            &data[..65536],
+        )?;
+        let relative = d2.disk.snapshot(0, 65536) == data[65536..];
+        let absolute = d2.disk.snapshot(half as usize, 65536) == data[65536..];
+        check(
+            relative || absolute,
+            "second half of the write is not in daemon 2",
+        )?;
+        drop(f);
+        dm.remove(name).ctx("remove")?;
+        dev_guard = None;
+        bounded("daemon 1 exit", HANG, move || d1.join())??;
+        bounded("daemon 2 exit", HANG, move || d2.join())??;
+        Ok(format!(
+            "boundary-crossing write split between daemons; sectors are {}",
+            if relative {
+                "target-relative"
+            } else {
+                "absolute (device)"
+            }
+        ))
+    })();
+    if result.is_err() || dev_guard.is_some() {
+        let _ = dm.remove(name);
+    }
     result
 }
 
