@@ -221,6 +221,37 @@ impl TableEntry {
         )
     }
 
+    /// A `linear` entry mapping onto `device` (`major:minor` or a path) at `offset` sectors.
+    pub fn linear(start: u64, length: u64, device: &str, offset: u64) -> Self {
+        Self::new(start, length, "linear", &format!("{device} {offset}"))
+    }
+
+    /// A persistent `snapshot` entry: `<origin> <cow> P <chunk sectors>`.
+    pub fn snapshot(start: u64, length: u64, origin: &str, cow: &str, chunk_sectors: u32) -> Self {
+        Self::new(
+            start,
+            length,
+            "snapshot",
+            &format!("{origin} {cow} P {chunk_sectors}"),
+        )
+    }
+
+    /// A `snapshot-merge` entry: `<origin> <cow> P <chunk sectors>`.
+    pub fn snapshot_merge(
+        start: u64,
+        length: u64,
+        origin: &str,
+        cow: &str,
+        chunk_sectors: u32,
+    ) -> Self {
+        Self::new(
+            start,
+            length,
+            "snapshot-merge",
+            &format!("{origin} {cow} P {chunk_sectors}"),
+        )
+    }
+
     /// The `dmsetup table`-style line.
     pub fn to_line(&self) -> String {
         format!(
@@ -263,6 +294,54 @@ impl DeviceInfo {
     /// The devtmpfs node `/dev/dm-<minor>`.
     pub fn dev_path(&self) -> PathBuf {
         PathBuf::from(format!("/dev/dm-{}", self.minor))
+    }
+}
+
+/// Status of a `snapshot` or `snapshot-merge` target, as dm-snapshot reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotStatus {
+    /// `<allocated>/<total> <metadata>`, all in sectors.
+    Active {
+        /// Sectors allocated in the COW device (data and metadata).
+        allocated: u64,
+        /// Size of the COW device in sectors.
+        total: u64,
+        /// Sectors used by metadata; a merge is done when `allocated == metadata`.
+        metadata: u64,
+    },
+    /// The snapshot was invalidated.
+    Invalid,
+    /// A merge stopped on an error.
+    MergeFailed,
+    /// The COW device filled up.
+    Overflow,
+}
+
+impl SnapshotStatus {
+    /// Parse a status line; `None` if it is not one of dm-snapshot's forms.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.trim() {
+            "Invalid" => return Some(Self::Invalid),
+            "Merge failed" => return Some(Self::MergeFailed),
+            "Overflow" => return Some(Self::Overflow),
+            _ => {}
+        }
+        let mut words = text.split_whitespace();
+        let (fraction, meta) = (words.next()?, words.next()?);
+        if words.next().is_some() {
+            return None;
+        }
+        let (allocated, total) = fraction.split_once('/')?;
+        Some(Self::Active {
+            allocated: allocated.parse().ok()?,
+            total: total.parse().ok()?,
+            metadata: meta.parse().ok()?,
+        })
+    }
+
+    /// True when a snapshot-merge has nothing left to merge.
+    pub fn merge_complete(&self) -> bool {
+        matches!(self, Self::Active { allocated, metadata, .. } if allocated == metadata)
     }
 }
 
@@ -763,6 +842,61 @@ mod tests {
         assert_eq!(bytes.len() % 8, 0);
         assert_eq!(bytes.len(), 56 + 48);
         assert!(encode_table(&[TableEntry::new(0, 1, "a-very-long-target-type", "")]).is_err());
+    }
+
+    #[test]
+    fn snapshot_table_lines() {
+        assert_eq!(
+            TableEntry::snapshot(0, 2048, "253:1", "253:2", 8).to_line(),
+            "0 2048 snapshot 253:1 253:2 P 8"
+        );
+        assert_eq!(
+            TableEntry::snapshot_merge(0, 2048, "/dev/vda", "/dev/dm-3", 8).to_line(),
+            "0 2048 snapshot-merge /dev/vda /dev/dm-3 P 8"
+        );
+        assert_eq!(
+            TableEntry::linear(8, 16, "7:0", 32).to_line(),
+            "8 16 linear 7:0 32"
+        );
+    }
+
+    #[test]
+    fn snapshot_status_parsing() {
+        let s = SnapshotStatus::parse("16/2048 16").unwrap();
+        assert_eq!(
+            s,
+            SnapshotStatus::Active {
+                allocated: 16,
+                total: 2048,
+                metadata: 16
+            }
+        );
+        assert!(s.merge_complete());
+        assert!(!SnapshotStatus::parse("24/2048 16")
+            .unwrap()
+            .merge_complete());
+        assert_eq!(
+            SnapshotStatus::parse("Invalid"),
+            Some(SnapshotStatus::Invalid)
+        );
+        assert_eq!(
+            SnapshotStatus::parse("Merge failed"),
+            Some(SnapshotStatus::MergeFailed)
+        );
+        assert_eq!(
+            SnapshotStatus::parse("Overflow"),
+            Some(SnapshotStatus::Overflow)
+        );
+        for bad in [
+            "",
+            "16/2048",
+            "16 2048 16",
+            "x/2048 16",
+            "16/2048 16 9",
+            "99999999999999999999/1 1",
+        ] {
+            assert_eq!(SnapshotStatus::parse(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use snapuserd::dm::{DmControl, TableEntry};
+use snapuserd::dm::{DmControl, SnapshotStatus, TableEntry};
 use snapuserd::dm_user::{
     Channel, ChannelError, MessageHeader, Readiness, Received, DM_USER_REQ_MAP_READ,
     DM_USER_RESP_ERROR, DM_USER_RESP_SUCCESS, HEADER_SIZE,
@@ -120,6 +120,10 @@ pub const CASES: &[Case] = &[
     Case {
         name: "handoff",
         run: handoff,
+    },
+    Case {
+        name: "snapshot-merge-stack",
+        run: snapshot_merge_stack,
     },
     Case {
         name: "rmmod",
@@ -1257,6 +1261,118 @@ fn handoff() -> TestResult {
         "{} verified reads, 0 errors, across c1 -> c2 handoff (daemon 1 served {served1}, daemon 2 {served2})",
         reads.load(Ordering::Relaxed)
     ))
+}
+
+/// dm-snapshot (persistent, 4 KiB chunks) with both origin and COW on dm-user
+/// RAM devices, then snapshot-merge back into the origin: the stack the
+/// snapshot daemon will serve.
+fn snapshot_merge_stack() -> TestResult {
+    let size = 8 * MIB;
+    let base_contents = pattern(25, 0, size as usize);
+    let base_disk = RamDisk::new(size as usize);
+    base_disk
+        .data
+        .write()
+        .unwrap()
+        .copy_from_slice(&base_contents);
+    let base = UserDevice::create("vt-sn-base", "vt-sn-base-c", size)?;
+    let db = Daemon::start(&base.control, base_disk.clone(), 2).ctx("base daemon")?;
+    let cow = UserDevice::create("vt-sn-cow", "vt-sn-cow-c", size)?;
+    let dc = Daemon::start(&cow.control, RamDisk::new(size as usize), 2).ctx("cow daemon")?;
+    let dm = DmControl::open().ctx("control")?;
+    let devno = |name: &str| dm.info(name).map(|i| format!("{}:{}", i.major, i.minor));
+    let (bdev, cdev) = (
+        devno(&base.name).ctx("base info")?,
+        devno(&cow.name).ctx("cow info")?,
+    );
+    let result = (|| {
+        let info = dm
+            .create_device(
+                "vt-sn",
+                &[TableEntry::snapshot(0, size / 512, &bdev, &cdev, 8)],
+            )
+            .ctx("create snapshot")?;
+        let snap = dm.ensure_node(&info).ctx("snapshot node")?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags_direct()
+            .open(&snap)
+            .ctx("open snapshot")?;
+        same(
+            "snapshot reads the origin",
+            &read_at(&f, 65536, MIB)?,
+            &base_contents[MIB as usize..MIB as usize + 65536],
+        )?;
+        let new = pattern(26, 2 * MIB, 65536);
+        write_at(&f, AlignedBuf::from(&new).as_ref(), 2 * MIB)?;
+        f.sync_all().ctx("fsync snapshot")?;
+        same(
+            "snapshot reads its write",
+            &read_at(&f, 65536, 2 * MIB)?,
+            &new,
+        )?;
+        same(
+            "origin untouched by the snapshot write",
+            &base_disk.snapshot(2 * MIB as usize, 65536),
+            &base_contents[2 * MIB as usize..2 * MIB as usize + 65536],
+        )?;
+        drop(f);
+        let st = dm.status("vt-sn").ctx("snapshot status")?;
+        let parsed = st.first().and_then(|t| SnapshotStatus::parse(&t.params));
+        let Some(SnapshotStatus::Active {
+            allocated,
+            metadata,
+            ..
+        }) = parsed
+        else {
+            return Err(format!("snapshot status {st:?}"));
+        };
+        check(
+            allocated > metadata,
+            format!("status {allocated} allocated / {metadata} metadata after a write"),
+        )?;
+        dm.remove("vt-sn").ctx("remove snapshot")?;
+        // Merge the persistent exceptions back into the origin.
+        dm.create_device(
+            "vt-sn-m",
+            &[TableEntry::snapshot_merge(0, size / 512, &bdev, &cdev, 8)],
+        )
+        .ctx("create snapshot-merge")?;
+        let t = Instant::now();
+        let done = loop {
+            let st = dm.status("vt-sn-m").ctx("merge status")?;
+            let parsed = st.first().and_then(|t| SnapshotStatus::parse(&t.params));
+            match parsed {
+                Some(s) if s.merge_complete() => break s,
+                Some(SnapshotStatus::Active { .. }) if t.elapsed() < HANG => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                other => return Err(format!("merge did not complete: {other:?} ({st:?})")),
+            }
+        };
+        dm.remove("vt-sn-m").ctx("remove merge device")?;
+        same(
+            "origin after merge",
+            &base_disk.snapshot(2 * MIB as usize, 65536),
+            &new,
+        )?;
+        same(
+            "rest of origin after merge",
+            &base_disk.snapshot(0, 2 * MIB as usize),
+            &base_contents[..2 * MIB as usize],
+        )?;
+        Ok(format!(
+            "snapshot status {allocated}/{metadata}, merged in {:.0?} ({done:?})",
+            t.elapsed()
+        ))
+    })();
+    let _ = dm.remove("vt-sn");
+    let _ = dm.remove("vt-sn-m");
+    let r2 = finish(base, db).and_then(|_| finish(cow, dc));
+    let detail = result?;
+    r2?;
+    Ok(detail)
 }
 
 fn rmmod() -> TestResult {
