@@ -123,9 +123,17 @@ pub fn ensure_packages(pkgs: &[&str]) -> Result<()> {
     cmd::run(&mut c)
 }
 
-/// Host tools the harness uses.
+/// Host tools the harness uses (emulator, guest userspace, module and static-binary toolchain).
 pub fn ensure_host_tools() -> Result<()> {
-    ensure_packages(&["qemu-system-x86", "busybox-static", "cpio", "xz-utils"])
+    ensure_packages(&[
+        "qemu-system-x86",
+        "busybox-static",
+        "cpio",
+        "xz-utils",
+        "make",
+        "gcc",
+        "libc6-dev",
+    ])
 }
 
 /// Compare two Debian-style version-ish strings by numeric runs (like `sort -V`).

@@ -1378,8 +1378,24 @@ fn snapshot_merge_stack() -> TestResult {
 fn rmmod() -> TestResult {
     use std::ffi::CString;
     let name = CString::new("dm_user").ctx("name")?;
+    let busy = |what: &str| -> Result<(), String> {
+        match nix::kmod::delete_module(&name, nix::kmod::DeleteModuleFlags::O_NONBLOCK) {
+            Err(nix::errno::Errno::EBUSY) | Err(nix::errno::Errno::EAGAIN) => Ok(()),
+            other => Err(format!(
+                "rmmod while {what}: expected EBUSY/EAGAIN, got {other:?}"
+            )),
+        }
+    };
+    // While a table uses the target, and while a channel fd is still open
+    // after the device is gone, the module must refuse to go away.
+    let mut dev = UserDevice::create("vt-rm", "vt-rm-c", MIB)?;
+    let chan = Channel::open(&dev.control, Duration::from_secs(5)).ctx("open channel")?;
+    busy("a device exists")?;
+    dev.remove()?;
+    busy("a channel fd is open")?;
+    drop(chan);
     nix::kmod::delete_module(&name, nix::kmod::DeleteModuleFlags::O_NONBLOCK)
-        .ctx("delete_module(dm_user)")?;
+        .ctx("delete_module(dm_user) after all devices and channels are gone")?;
     check(
         !std::path::Path::new("/sys/module/dm_user").exists(),
         "/sys/module/dm_user still present",
@@ -1392,7 +1408,7 @@ fn rmmod() -> TestResult {
         std::path::Path::new("/sys/module/dm_user").exists(),
         "module not back after finit_module",
     )?;
-    Ok("removed after all devices were gone, and re-inserted".into())
+    Ok("refused while a device / an open channel existed; removed after; re-inserted".into())
 }
 
 /// Helper process: read one request, report GOT, never answer (to be killed).
