@@ -54,6 +54,10 @@ pub const CASES: &[Case] = &[
         run: discard,
     },
     Case {
+        name: "ext4-fs",
+        run: ext4_fs,
+    },
+    Case {
         name: "multi-channel-threads",
         run: multi_channel_threads,
     },
@@ -387,6 +391,70 @@ fn discard() -> TestResult {
     drop(f);
     finish(dev, d)?;
     Ok(format!("{n} discard request(s), {bytes} bytes"))
+}
+
+fn sh(cmd: &str) -> Result<(), String> {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().ctx(cmd)?;
+    check(
+        out.status.success(),
+        format!(
+            "`{cmd}` failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A real file system on dm-user: mke2fs, mount with the ext4 driver, write
+/// and fsync files, remount, verify. Exercises the flag mix a file system sends.
+fn ext4_fs() -> TestResult {
+    let size = 32 * MIB;
+    let (dev, d) = dev_with_daemon("fs", size, 2)?;
+    let node = dev.path.display().to_string();
+    let mnt = "/tmp/vt-fs";
+    std::fs::create_dir_all(mnt).ctx("mkdir mount point")?;
+    let result: Result<usize, String> = (|| {
+        sh(&format!(
+            "mke2fs -q {node} >/dev/null 2>&1 || mke2fs {node}"
+        ))?;
+        sh(&format!("mount -t ext4 {node} {mnt}"))?;
+        let files: Vec<(String, Vec<u8>)> = (0..40u64)
+            .map(|i| {
+                (
+                    format!("{mnt}/f{i}"),
+                    pattern(30 + i, i * 977, (i as usize * 7919) % 300_000 + 1),
+                )
+            })
+            .collect();
+        for (path, data) in &files {
+            let mut f = std::fs::File::create(path).ctx(path)?;
+            f.write_all(data).ctx(path)?;
+            f.sync_all().ctx(path)?;
+        }
+        sh(&format!("umount {mnt}"))?;
+        sh(&format!("mount -t ext4 {node} {mnt}"))?;
+        for (path, data) in &files {
+            same(path, &std::fs::read(path).ctx(path)?, data)?;
+        }
+        sh(&format!("umount {mnt}"))?;
+        Ok(files.len())
+    })();
+    if result.is_err() {
+        let _ = sh(&format!("umount {mnt}"));
+    }
+    let n = result?;
+    let flags = d.disk.stats.flags_seen.load(Ordering::Relaxed);
+    let flushes = d.disk.stats.flushes.load(Ordering::Relaxed);
+    finish(dev, d)?;
+    check(
+        flushes >= n as u64,
+        format!("{flushes} flushes for {n} fsync'ed files"),
+    )?;
+    check(
+        flags & !0x7ffff == 0,
+        format!("flag bits outside the stable encoding: {flags:#x}"),
+    )?;
+    Ok(format!("{n} files written, fsync'ed, remounted and verified; {flushes} flushes; flags seen {flags:#x}"))
 }
 
 fn multi_channel_threads() -> TestResult {

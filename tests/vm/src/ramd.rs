@@ -28,6 +28,8 @@ pub struct Stats {
     pub rejected: AtomicU64,
     /// Largest request seen, bytes.
     pub max_len: AtomicU64,
+    /// Union of the flag bits of every request.
+    pub flags_seen: AtomicU64,
 }
 
 /// The backing store shared by all channels of one device.
@@ -64,6 +66,7 @@ impl RamDisk {
     ) -> Result<(), ChannelError> {
         let s = &self.stats;
         s.max_len.fetch_max(h.len, Ordering::Relaxed);
+        s.flags_seen.fetch_or(h.flags, Ordering::Relaxed);
         if h.is_flush() {
             s.flushes.fetch_add(1, Ordering::Relaxed);
             return chan.respond(h, DM_USER_RESP_SUCCESS, &[]);
