@@ -305,19 +305,25 @@ static ssize_t channel_read_locked(struct dm_user_channel *c,
 				   struct iov_iter *to)
 {
 	struct dm_user_msg *m = c->reading;
+	struct dm_user_message hdr;
 	size_t n;
 
-	if (c->read_pos < sizeof(m->hdr))
-		n = copy_to_iter((u8 *)&m->hdr + c->read_pos,
-				 sizeof(m->hdr) - c->read_pos, to);
-	else
+	/*
+	 * The header lives in the bio's slab object, which hardened usercopy
+	 * rightly refuses to copy to userspace: go through the stack.
+	 */
+	if (c->read_pos < sizeof(hdr)) {
+		hdr = m->hdr;
+		n = copy_to_iter((u8 *)&hdr + c->read_pos,
+				 sizeof(hdr) - c->read_pos, to);
+		c->read_pos += n;
+	} else {
 		n = msg_copy_to_user(m, to);
+	}
 	if (!n)
 		return -EFAULT;
 
-	if (c->read_pos < sizeof(m->hdr))
-		c->read_pos += n;
-	if (c->read_pos == sizeof(m->hdr) && !msg_out_left(m)) {
+	if (c->read_pos == sizeof(hdr) && !msg_out_left(m)) {
 		list_add_tail(&m->list, &c->awaiting);
 		c->reading = NULL;
 	}
@@ -697,6 +703,27 @@ static void dm_user_status(struct dm_target *ti, status_type_t type,
 		DMEMIT("%s", t->args);
 }
 
+/*
+ * With no underlying device nothing would advertise discard support, so
+ * the queue would refuse discards before they reach map().
+ */
+static void dm_user_io_hints(struct dm_target *ti, struct queue_limits *limits)
+{
+	limits->max_hw_discard_sectors = UINT_MAX >> SECTOR_SHIFT;
+	limits->max_discard_sectors = UINT_MAX >> SECTOR_SHIFT;
+	limits->discard_granularity = SECTOR_SIZE;
+}
+
+/*
+ * There are no underlying devices.  Some kernels (6.1) only call io_hints
+ * for targets that have this method, so it is there and finds nothing.
+ */
+static int dm_user_iterate_devices(struct dm_target *ti,
+				   iterate_devices_callout_fn fn, void *data)
+{
+	return 0;
+}
+
 static struct target_type dm_user_target_type = {
 	.name = "user",
 	.version = {1, 1, 0},
@@ -706,6 +733,8 @@ static struct target_type dm_user_target_type = {
 	.dtr = dm_user_dtr,
 	.map = dm_user_map,
 	.status = dm_user_status,
+	.io_hints = dm_user_io_hints,
+	.iterate_devices = dm_user_iterate_devices,
 };
 
 static int __init dm_user_init(void)
