@@ -95,6 +95,7 @@ impl VmSpec {
         let mut reader = std::fs::File::open(&log_path).map_err(io_err("open", &log_path))?;
         let mut log = Vec::new();
         let mut printed = 0usize;
+        let progress = spinner(&self.label);
         let end = loop {
             let exited = child
                 .try_wait()
@@ -103,7 +104,14 @@ impl VmSpec {
             reader
                 .read_to_end(&mut log)
                 .map_err(io_err("read", &log_path))?;
-            printed = echo_result_lines(&log, printed, &self.label);
+            printed = echo_result_lines(&log, printed, &self.label, progress.as_ref());
+            if let Some(p) = &progress {
+                p.set_message(format!(
+                    "[{}] guest running, {:.0?}",
+                    self.label,
+                    start.elapsed()
+                ));
+            }
             if exited {
                 break BootEnd::Exited;
             }
@@ -117,7 +125,10 @@ impl VmSpec {
         reader
             .read_to_end(&mut log)
             .map_err(io_err("read", &log_path))?;
-        echo_result_lines(&log, printed, &self.label);
+        echo_result_lines(&log, printed, &self.label, progress.as_ref());
+        if let Some(p) = progress {
+            p.finish_and_clear();
+        }
         Ok(VmRun {
             log_path,
             log: String::from_utf8_lossy(&log).into_owned(),
@@ -127,8 +138,25 @@ impl VmSpec {
     }
 }
 
+/// A spinner on stderr, only when stderr is a terminal.
+fn spinner(label: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let p = indicatif::ProgressBar::new_spinner();
+    p.enable_steady_tick(Duration::from_millis(200));
+    p.set_message(format!("[{label}] booting"));
+    Some(p)
+}
+
 /// Print complete `VMTEST`/`VMBENCH` lines past byte `from`; return the new position.
-fn echo_result_lines(log: &[u8], from: usize, label: &str) -> usize {
+fn echo_result_lines(
+    log: &[u8],
+    from: usize,
+    label: &str,
+    progress: Option<&indicatif::ProgressBar>,
+) -> usize {
     let Some(rest) = log.get(from..) else {
         return from;
     };
@@ -142,7 +170,10 @@ fn echo_result_lines(log: &[u8], from: usize, label: &str) -> usize {
             || line.starts_with("VMBENCH ")
             || line.starts_with("VMINFO ")
         {
-            eprintln!("[{label}] {line}");
+            match progress {
+                Some(p) => p.println(format!("[{label}] {line}")),
+                None => eprintln!("[{label}] {line}"),
+            }
         }
     }
     from + last_nl + 1
