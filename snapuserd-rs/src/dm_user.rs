@@ -196,6 +196,9 @@ pub enum ChannelError {
     /// A signal interrupted a read before any byte of a new message arrived.
     #[error("read interrupted by a signal")]
     Interrupted,
+    /// Non-blocking channel with no message waiting (`EAGAIN`); poll and retry.
+    #[error("no message waiting (EAGAIN)")]
+    WouldBlock,
     /// The peer closed the stream (only on non-dm-user transports used in tests).
     #[error("end of stream after {got} of {want} bytes")]
     UnexpectedEof {
@@ -369,6 +372,37 @@ impl Channel {
         Self::from_file(File::from(fd))
     }
 
+    /// Switch the channel between blocking and non-blocking (`O_NONBLOCK`) mode.
+    /// In non-blocking mode [`Channel::receive`] returns [`ChannelError::WouldBlock`]
+    /// when no message waits; use [`Channel::poll`] (or epoll on the fd) to wait.
+    pub fn set_nonblocking(&self, nonblocking: bool) -> Result<(), ChannelError> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let io = |e: Errno| ChannelError::Io {
+            op: "fcntl",
+            source: e.into(),
+        };
+        let flags = OFlag::from_bits_truncate(fcntl(&self.file, FcntlArg::F_GETFL).map_err(io)?);
+        let flags = if nonblocking {
+            flags | OFlag::O_NONBLOCK
+        } else {
+            flags & !OFlag::O_NONBLOCK
+        };
+        fcntl(&self.file, FcntlArg::F_SETFL(flags)).map_err(io)?;
+        Ok(())
+    }
+
+    /// Block until the fd reports `events` (or an error/hang-up, which the next call surfaces).
+    fn wait_for(&self, events: PollFlags) -> Result<(), ChannelError> {
+        let mut fds = [PollFd::new(self.file.as_fd(), events)];
+        match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(Errno::EINTR) => Ok(()),
+            Err(e) => Err(ChannelError::Io {
+                op: "poll",
+                source: e.into(),
+            }),
+        }
+    }
+
     /// Change the largest WRITE payload this channel accepts.
     pub fn set_max_payload(&mut self, max: usize) {
         self.max_payload = max;
@@ -400,7 +434,12 @@ impl Channel {
                 Err(e) => match Errno::from_raw(e.raw_os_error().unwrap_or(0)) {
                     Errno::ENOTBLK => return Err(ChannelError::TargetGone),
                     Errno::EINTR if got == 0 && allow_interrupt => return Ok(false),
-                    Errno::EINTR | Errno::EAGAIN => continue,
+                    Errno::EAGAIN if got == 0 && allow_interrupt => {
+                        return Err(ChannelError::WouldBlock)
+                    }
+                    Errno::EINTR => continue,
+                    // Mid-message on a non-blocking fd: wait for the rest.
+                    Errno::EAGAIN => self.wait_for(PollFlags::POLLIN)?,
                     _ => {
                         return Err(ChannelError::Io {
                             op: "read",
@@ -417,7 +456,8 @@ impl Channel {
     /// read into `payload` (resized); for every other type `payload` is cleared.
     ///
     /// A signal arriving while waiting for a new request yields
-    /// [`ChannelError::Interrupted`]; one arriving mid-message is retried.
+    /// [`ChannelError::Interrupted`]; one arriving mid-message is retried. On a
+    /// non-blocking channel with nothing waiting it yields [`ChannelError::WouldBlock`].
     pub fn receive(&mut self, payload: &mut Vec<u8>) -> Result<Received, ChannelError> {
         let mut raw = [0u8; HEADER_SIZE];
         match self.read_exact_framed(&mut raw, true) {
@@ -483,7 +523,8 @@ impl Channel {
                 Err(e) => match Errno::from_raw(e.raw_os_error().unwrap_or(0)) {
                     Errno::ENOTBLK => return Err(ChannelError::TargetGone),
                     Errno::EINVAL => return Err(ChannelError::Rejected { seq }),
-                    Errno::EINTR | Errno::EAGAIN => continue,
+                    Errno::EINTR => continue,
+                    Errno::EAGAIN => self.wait_for(PollFlags::POLLOUT)?,
                     _ => {
                         return Err(ChannelError::Io {
                             op: "write",
@@ -733,6 +774,33 @@ mod tests {
             chan.poll(Duration::from_millis(1000)).unwrap(),
             Readiness::Readable
         );
+    }
+
+    #[test]
+    fn nonblocking_receive_would_block_then_reads() {
+        let (mut chan, mut peer) = pair();
+        chan.set_nonblocking(true).unwrap();
+        let mut payload = Vec::new();
+        assert!(matches!(
+            chan.receive(&mut payload),
+            Err(ChannelError::WouldBlock)
+        ));
+        let h = MessageHeader {
+            seq: 5,
+            msg_type: DM_USER_REQ_MAP_WRITE,
+            len: 3,
+            ..Default::default()
+        };
+        // Header now, payload a little later: the mid-message EAGAIN must wait, not fail.
+        peer.write_all(&h.to_bytes()).unwrap();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            peer.write_all(b"xyz").unwrap();
+            peer
+        });
+        assert_eq!(chan.receive(&mut payload).unwrap(), Received::Request(h));
+        assert_eq!(payload, b"xyz");
+        drop(writer.join().unwrap());
     }
 
     #[test]

@@ -115,10 +115,39 @@ fn test_fragment(opts: &Options, run_tests: bool) -> String {
     s
 }
 
+/// Hold an exclusive lock on `build/vm-test.lock` so that concurrent runs in the
+/// same tree (colleagues sharing a worktree) queue up instead of overwriting each
+/// other's module build, initramfs and logs.
+fn lock_build_dir(build_root: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    let path = build_root.join("vm-test.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(error::io_err("open", &path))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((file, _)) => {
+            eprintln!(
+                "xtask: another vm-test run holds {}; waiting for it",
+                path.display()
+            );
+            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| XtaskError::Io {
+                op: "lock",
+                path,
+                source: e.into(),
+            })
+        }
+    }
+}
+
 fn vm_test(opts: &Options, run_tests: bool) -> Result<()> {
     let repo = repo_root();
     let build_root = repo.join("build");
     std::fs::create_dir_all(&build_root).map_err(error::io_err("create", &build_root))?;
+    let _lock = lock_build_dir(&build_root)?;
     deps::ensure_host_tools()?;
     let bins = guest::build(&repo, &build_root, &guest_binaries())?;
     let vmtest = bins

@@ -122,6 +122,10 @@ pub const CASES: &[Case] = &[
         run: poll,
     },
     Case {
+        name: "nonblocking",
+        run: nonblocking,
+    },
+    Case {
         name: "handoff",
         run: handoff,
     },
@@ -1248,6 +1252,42 @@ fn poll() -> TestResult {
     )?;
     drop(chan);
     Ok("idle: timeout; request: POLLIN; removed: POLLHUP".into())
+}
+
+/// O_NONBLOCK channel: EAGAIN when idle, poll-driven receive, ENOTBLK after removal.
+fn nonblocking() -> TestResult {
+    let mut dev = UserDevice::create("vt-nb", "vt-nb-c", 4 * MIB)?;
+    let mut chan = Channel::open(&dev.control, Duration::from_secs(5)).ctx("open")?;
+    chan.set_nonblocking(true).ctx("O_NONBLOCK")?;
+    let mut p = Vec::new();
+    let idle = chan.receive(&mut p);
+    check(
+        matches!(idle, Err(ChannelError::WouldBlock)),
+        format!("idle non-blocking read: {idle:?}"),
+    )?;
+    let rx = async_read(&dev.path, 12288, 4096);
+    let ready = chan.poll(HANG).ctx("poll")?;
+    check(
+        ready == Readiness::Readable,
+        format!("poll with a request pending: {ready:?}"),
+    )?;
+    let h = match chan.receive(&mut p) {
+        Ok(Received::Request(h)) => h,
+        other => return Err(format!("non-blocking receive after POLLIN: {other:?}")),
+    };
+    answer_read(&mut chan, &h, 27)?;
+    same(
+        "non-blocking served read",
+        &await_read("read", &rx)?.ctx("read")?,
+        &pattern(27, 12288, 4096),
+    )?;
+    dev.remove()?;
+    let gone = chan.receive(&mut p);
+    check(
+        matches!(gone, Ok(Received::TargetGone)),
+        format!("after removal: {gone:?}"),
+    )?;
+    Ok("EAGAIN when idle; POLLIN then receive; ENOTBLK after removal".into())
 }
 
 fn handoff() -> TestResult {
