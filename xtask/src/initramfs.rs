@@ -164,6 +164,7 @@ pub fn init_script(module_names: &[String], extra_names: &[String], fragment: &s
              else echo \"VMTEST insmod-{m} FAIL insmod returned $?\"; fi\n"
         ));
     }
+    s.push_str("echo \"VMINFO disks: $(ls /dev/vd* 2>/dev/null | tr '\\n' ' ')\"\n");
     s.push_str(fragment);
     s.push_str("\necho VMDONE\nsync\npoweroff -f\n");
     s

@@ -771,7 +771,8 @@ fn no_daemon_timeout() -> TestResult {
 
 /// I/O issued before any daemon exists waits for one (within the timeout) instead of failing.
 fn late_daemon() -> TestResult {
-    let old = set_param("dm_user_daemon_timeout_msec", "4000")?;
+    // Generous, so a loaded host cannot make the queued read time out first.
+    let old = set_param("dm_user_daemon_timeout_msec", "10000")?;
     let result = (|| {
         let dev = UserDevice::create("vt-late", "vt-late-c", 4 * MIB)?;
         let rx = async_read(&dev.path, 4096, 4096);
