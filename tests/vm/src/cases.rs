@@ -86,6 +86,10 @@ pub const CASES: &[Case] = &[
         run: multi_target,
     },
     Case {
+        name: "read-framing",
+        run: read_framing,
+    },
+    Case {
         name: "malformed-short-header",
         run: malformed_short_header,
     },
@@ -871,6 +875,88 @@ fn multi_target() -> TestResult {
         let _ = dm.remove(name);
     }
     result
+}
+
+/// ABI framing on the raw fd: one read() returns header bytes or payload bytes,
+/// never both; arbitrary short reads keep their position.
+fn read_framing() -> TestResult {
+    use std::io::Read;
+    let dev = UserDevice::create("vt-rf", "vt-rf-c", 4 * MIB)?;
+    let chan = Channel::open(&dev.control, Duration::from_secs(5)).ctx("open")?;
+    let data = pattern(28, 65536, 8192);
+    let writer = {
+        let (path, data) = (dev.path.clone(), data.clone());
+        std::thread::spawn(move || -> Result<(), String> {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags_direct()
+                .open(&path)
+                .ctx("open")?;
+            write_at(&f, AlignedBuf::from(&data).as_ref(), 65536)
+        })
+    };
+    // 1: a big read returns exactly the 40 header bytes, no payload.
+    let fd = chan.file().try_clone().ctx("dup channel fd")?;
+    let (mut fd, first) = bounded("first read", HANG, move || {
+        let mut fd = fd;
+        let mut buf = vec![0u8; 4096];
+        let r = fd.read(&mut buf).map(|n| buf[..n].to_vec());
+        (fd, r)
+    })?;
+    let first = first.ctx("read header")?;
+    check(
+        first.len() == HEADER_SIZE,
+        format!(
+            "first read returned {} bytes, expected exactly the 40-byte header",
+            first.len()
+        ),
+    )?;
+    let mut raw = [0u8; HEADER_SIZE];
+    raw.copy_from_slice(&first);
+    let h = MessageHeader::from_bytes(&raw);
+    check(h.len == 8192 && h.sector == 128, format!("header {h:?}"))?;
+    let mut chan = chan;
+    // 2: the payload in odd-sized short reads.
+    let mut got = Vec::new();
+    let mut chunk = vec![0u8; 1000];
+    while got.len() < 8192 {
+        let want = chunk.len().min(8192 - got.len());
+        let n = fd.read(&mut chunk[..want]).ctx("read payload")?;
+        check(
+            n > 0 && n <= want,
+            format!("payload read returned {n} of {want}"),
+        )?;
+        got.extend_from_slice(&chunk[..n]);
+    }
+    same("payload read in 1000-byte pieces", &got, &data)?;
+    chan.respond(&h, DM_USER_RESP_SUCCESS, &[]).ctx("respond")?;
+    bounded("writer", HANG, move || writer.join())?
+        .map_err(|_| "writer panicked".to_string())??;
+    // 3: the next header read in 7-byte pieces.
+    let rx = async_read(&dev.path, 0, 4096);
+    let mut hdr = Vec::new();
+    let mut small = [0u8; 7];
+    while hdr.len() < HEADER_SIZE {
+        let want = small.len().min(HEADER_SIZE - hdr.len());
+        let n = fd.read(&mut small[..want]).ctx("read header piece")?;
+        check(n > 0 && n <= want, format!("header piece {n} of {want}"))?;
+        hdr.extend_from_slice(&small[..n]);
+    }
+    raw.copy_from_slice(&hdr);
+    let h2 = MessageHeader::from_bytes(&raw);
+    check(
+        h2.msg_type == DM_USER_REQ_MAP_READ && h2.len == 4096,
+        format!("header from pieces {h2:?}"),
+    )?;
+    answer_read(&mut chan, &h2, 29)?;
+    same(
+        "read",
+        &await_read("read", &rx)?.ctx("read")?,
+        &pattern(29, 0, 4096),
+    )?;
+    drop((fd, chan));
+    drop(dev);
+    Ok("header-only first read; payload in 1000-byte reads; header in 7-byte reads".into())
 }
 
 fn malformed_short_header() -> TestResult {
