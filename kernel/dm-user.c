@@ -569,7 +569,9 @@ static int dm_user_map(struct dm_target *ti, struct bio *bio)
 	m->bio = bio;
 	m->hdr.type = type;
 	m->hdr.flags = dm_user_encode_flags(bio->bi_opf);
-	m->hdr.sector = dm_target_offset(ti, bio->bi_iter.bi_sector);
+	/* An empty flush has no position; report 0 rather than underflow. */
+	m->hdr.sector = bio->bi_iter.bi_size ?
+		dm_target_offset(ti, bio->bi_iter.bi_sector) : 0;
 	m->hdr.len = bio->bi_iter.bi_size;
 	m->iter = bio->bi_iter;
 	if (type != DM_USER_REQ_MAP_READ && type != DM_USER_REQ_MAP_WRITE)
@@ -590,7 +592,11 @@ static int dm_user_map(struct dm_target *ti, struct bio *bio)
 				      msecs_to_jiffies(timeout));
 	spin_unlock_irqrestore(&t->lock, flags);
 
-	wake_up_interruptible_poll(&t->wq, EPOLLIN | EPOLLRDNORM);
+	/*
+	 * Most submitters now sleep waiting for the bio: a sync wake-up lets
+	 * the scheduler run the daemon on this CPU.
+	 */
+	wake_up_interruptible_sync_poll(&t->wq, EPOLLIN | EPOLLRDNORM);
 	return DM_MAPIO_SUBMITTED;
 }
 
