@@ -227,6 +227,66 @@ pub enum ChannelError {
     },
 }
 
+/// A request type the kernel can send, decoded from [`MessageHeader::msg_type`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestType {
+    /// [`DM_USER_REQ_MAP_READ`].
+    Read,
+    /// [`DM_USER_REQ_MAP_WRITE`] (an empty one with PREFLUSH is a flush, see [`MessageHeader::is_flush`]).
+    Write,
+    /// [`DM_USER_REQ_MAP_FLUSH`].
+    Flush,
+    /// [`DM_USER_REQ_MAP_DISCARD`].
+    Discard,
+    /// [`DM_USER_REQ_MAP_SECURE_ERASE`].
+    SecureErase,
+    /// [`DM_USER_REQ_MAP_WRITE_SAME`].
+    WriteSame,
+    /// [`DM_USER_REQ_MAP_WRITE_ZEROES`].
+    WriteZeroes,
+    /// One of the zone operations (`DM_USER_REQ_MAP_ZONE_*`), carrying the raw value.
+    Zone(u64),
+}
+
+impl RequestType {
+    /// Decode a wire value; `None` for values the ABI does not define.
+    pub fn from_wire(value: u64) -> Option<Self> {
+        Some(match value {
+            DM_USER_REQ_MAP_READ => Self::Read,
+            DM_USER_REQ_MAP_WRITE => Self::Write,
+            DM_USER_REQ_MAP_FLUSH => Self::Flush,
+            DM_USER_REQ_MAP_DISCARD => Self::Discard,
+            DM_USER_REQ_MAP_SECURE_ERASE => Self::SecureErase,
+            DM_USER_REQ_MAP_WRITE_SAME => Self::WriteSame,
+            DM_USER_REQ_MAP_WRITE_ZEROES => Self::WriteZeroes,
+            DM_USER_REQ_MAP_ZONE_OPEN..=DM_USER_REQ_MAP_ZONE_RESET_ALL => Self::Zone(value),
+            _ => return None,
+        })
+    }
+}
+
+/// A response code the daemon writes back in [`MessageHeader::msg_type`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseCode {
+    /// [`DM_USER_RESP_SUCCESS`].
+    Success,
+    /// [`DM_USER_RESP_ERROR`].
+    Error,
+    /// [`DM_USER_RESP_UNSUPPORTED`].
+    Unsupported,
+}
+
+impl ResponseCode {
+    /// The wire value.
+    pub fn to_wire(self) -> u64 {
+        match self {
+            Self::Success => DM_USER_RESP_SUCCESS,
+            Self::Error => DM_USER_RESP_ERROR,
+            Self::Unsupported => DM_USER_RESP_UNSUPPORTED,
+        }
+    }
+}
+
 /// The 40-byte dm-user message header (native endian, as `struct dm_user_message`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MessageHeader {
@@ -280,6 +340,11 @@ impl MessageHeader {
             sector: self.sector,
             len: self.len,
         }
+    }
+
+    /// The decoded request type (`None` for a value the ABI does not define).
+    pub fn request_type(&self) -> Option<RequestType> {
+        RequestType::from_wire(self.msg_type)
     }
 
     /// True for an empty WRITE carrying PREFLUSH, the form DM uses for flushes.
@@ -645,6 +710,34 @@ mod tests {
         assert_eq!(&bytes[0..8], &7u64.to_ne_bytes());
         assert_eq!(&bytes[24..32], &0x1122_3344u64.to_ne_bytes());
         assert_eq!(MessageHeader::from_bytes(&bytes), h);
+    }
+
+    #[test]
+    fn request_types_decode() {
+        let cases = [
+            (DM_USER_REQ_MAP_READ, Some(RequestType::Read)),
+            (DM_USER_REQ_MAP_WRITE, Some(RequestType::Write)),
+            (DM_USER_REQ_MAP_FLUSH, Some(RequestType::Flush)),
+            (DM_USER_REQ_MAP_DISCARD, Some(RequestType::Discard)),
+            (DM_USER_REQ_MAP_SECURE_ERASE, Some(RequestType::SecureErase)),
+            (DM_USER_REQ_MAP_WRITE_SAME, Some(RequestType::WriteSame)),
+            (DM_USER_REQ_MAP_WRITE_ZEROES, Some(RequestType::WriteZeroes)),
+            (
+                DM_USER_REQ_MAP_ZONE_APPEND,
+                Some(RequestType::Zone(DM_USER_REQ_MAP_ZONE_APPEND)),
+            ),
+            (13, None),
+            (u64::MAX, None),
+        ];
+        for (wire, want) in cases {
+            assert_eq!(RequestType::from_wire(wire), want, "{wire}");
+        }
+        assert_eq!(ResponseCode::Success.to_wire(), DM_USER_RESP_SUCCESS);
+        assert_eq!(ResponseCode::Error.to_wire(), DM_USER_RESP_ERROR);
+        assert_eq!(
+            ResponseCode::Unsupported.to_wire(),
+            DM_USER_RESP_UNSUPPORTED
+        );
     }
 
     #[test]
