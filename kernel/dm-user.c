@@ -24,12 +24,16 @@
 #include <linux/module.h>
 #include <linux/mutex.h>
 #include <linux/poll.h>
+#include <linux/sizes.h>
 #include <linux/slab.h>
 #include <linux/uio.h>
 #include <linux/wait.h>
 #include <linux/workqueue.h>
 
 #define DM_MSG_PREFIX "user"
+
+/* READ and WRITE requests never exceed, or cross a multiple of, 1 MiB. */
+#define DM_USER_MAX_IO_SECTORS (SZ_1M >> SECTOR_SHIFT)
 
 static unsigned int dm_user_daemon_timeout_msec = 4000;
 module_param(dm_user_daemon_timeout_msec, uint, 0644);
@@ -621,7 +625,7 @@ static bool dm_user_name_taken(const char *miscname)
 static int dm_user_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 {
 	struct dm_user_target *t;
-	int r = -ENOMEM;
+	int r;
 
 	if (argc != 3) {
 		ti->error = "Invalid argument count, want <start> <len> <name>";
@@ -632,6 +636,13 @@ static int dm_user_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 		return -EINVAL;
 	}
 
+	r = dm_set_target_max_io_len(ti, DM_USER_MAX_IO_SECTORS);
+	if (r) {
+		ti->error = "Cannot set the maximum request size";
+		return r;
+	}
+
+	r = -ENOMEM;
 	t = kzalloc(sizeof(*t), GFP_KERNEL);
 	if (!t)
 		goto bad_alloc;
