@@ -1,0 +1,191 @@
+//! The content index of the source image: which source blocks might equal, or resemble,
+//! a given target block.
+//!
+//! Memory is bounded and independent of the content: each entry is one `u64` that packs a
+//! 32-bit hash (high half) with a 32-bit block number (low half), and the entries are kept
+//! in a sorted vector (no hash map, no per-run seed, so lookups are deterministic).
+//!
+//! * exact index: one entry per non-zero source block (8 bytes);
+//! * similarity index: up to [`SIMILAR_PER_BLOCK`] sampled-window entries per source block
+//!   (16 bytes).
+//!
+//! That is at most 24 bytes per source block, 6 MiB per GiB of source image. A 32-bit hash
+//! only selects candidates: COPY candidates are confirmed byte for byte by the caller.
+
+use rayon::prelude::*;
+
+use super::hash::{block_hash, is_zero, window_hashes};
+use super::image::{BlockImage, ImageError};
+use super::BLOCK_SIZE;
+
+/// Window entries kept per source block (the smallest window hashes, a bottom-k sketch).
+pub const SIMILAR_PER_BLOCK: usize = 2;
+/// Blocks read and hashed per batch while building the index.
+pub const INDEX_BATCH_BLOCKS: usize = 1024;
+/// At most this many entries are taken from one bucket, so a hash shared by thousands of
+/// blocks cannot make a lookup slow.
+pub const MAX_BUCKET_TAKE: usize = 4;
+
+/// Errors building the index.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    /// Reading the source image failed.
+    #[error("indexing the source image: {0}")]
+    Image(#[from] ImageError),
+}
+
+/// The sorted, packed content index of a source image.
+#[derive(Debug, Default)]
+pub struct SourceIndex {
+    exact: Vec<u64>,
+    similar: Vec<u64>,
+    block_count: u64,
+}
+
+fn pack(hash: u64, block: u32) -> u64 {
+    (hash & 0xFFFF_FFFF_0000_0000) | u64::from(block)
+}
+
+fn bucket(entries: &[u64], hash: u64) -> &[u64] {
+    let key = hash >> 32;
+    let lo = entries.partition_point(|e| (e >> 32) < key);
+    let hi = entries.partition_point(|e| (e >> 32) <= key);
+    entries.get(lo..hi).unwrap_or(&[])
+}
+
+/// Per-block index entries: the exact entry (none for a zero block) and the window sketch.
+fn block_entries(block: &[u8], n: u32) -> (Option<u64>, [Option<u64>; SIMILAR_PER_BLOCK]) {
+    if is_zero(block) {
+        return (None, [None; SIMILAR_PER_BLOCK]);
+    }
+    let mut wins: Vec<u64> = window_hashes(block).iter().flatten().copied().collect();
+    wins.sort_unstable();
+    wins.dedup();
+    let mut sketch = [None; SIMILAR_PER_BLOCK];
+    for (slot, h) in sketch.iter_mut().zip(wins) {
+        *slot = Some(pack(h, n));
+    }
+    (Some(pack(block_hash(block), n)), sketch)
+}
+
+impl SourceIndex {
+    /// Reads the whole source image once (in batches, hashed in parallel) and builds the
+    /// index. `progress` is called with the number of blocks done after every batch.
+    pub fn build(
+        source: &dyn BlockImage,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Self, IndexError> {
+        let blocks = source.block_count();
+        let mut exact = Vec::new();
+        let mut similar = Vec::new();
+        let mut buf = vec![0u8; INDEX_BATCH_BLOCKS * BLOCK_SIZE];
+        let mut first = 0u64;
+        while first < blocks {
+            let count = (blocks - first).min(INDEX_BATCH_BLOCKS as u64) as usize;
+            let chunk = &mut buf[..count * BLOCK_SIZE];
+            source.read_blocks(first, chunk)?;
+            let entries: Vec<_> = chunk
+                .par_chunks_exact(BLOCK_SIZE)
+                .enumerate()
+                .map(|(i, b)| {
+                    // The image has fewer than 2^32 blocks (checked at open), so this fits.
+                    let n = u32::try_from(first + i as u64).unwrap_or(u32::MAX);
+                    block_entries(b, n)
+                })
+                .collect();
+            for (e, sketch) in entries {
+                exact.extend(e);
+                similar.extend(sketch.iter().flatten());
+            }
+            first += count as u64;
+            progress(count as u64);
+        }
+        // Entries are unique (they contain the block number), so an unstable sort is
+        // deterministic.
+        exact.par_sort_unstable();
+        similar.par_sort_unstable();
+        exact.shrink_to_fit();
+        similar.shrink_to_fit();
+        Ok(Self {
+            exact,
+            similar,
+            block_count: blocks,
+        })
+    }
+
+    /// Number of blocks of the indexed source image.
+    pub fn block_count(&self) -> u64 {
+        self.block_count
+    }
+
+    /// Bytes of memory held by the index.
+    pub fn memory_bytes(&self) -> usize {
+        (self.exact.capacity() + self.similar.capacity()) * std::mem::size_of::<u64>()
+    }
+
+    /// Source blocks whose hash matches the block `hash` (lowest block numbers first, at
+    /// most `limit`). Candidates must be confirmed by comparing bytes.
+    pub fn exact_candidates(&self, hash: u64, limit: usize) -> impl Iterator<Item = u32> + '_ {
+        bucket(&self.exact, hash)
+            .iter()
+            .take(limit)
+            .map(|e| (e & 0xFFFF_FFFF) as u32)
+    }
+
+    /// Source blocks that share at least one sampled window (same offset, same bytes) with
+    /// `block`: at most `limit` distinct blocks, in a deterministic order.
+    pub fn similar_candidates(&self, block: &[u8], limit: usize) -> Vec<u32> {
+        let mut out: Vec<u32> = Vec::new();
+        for h in window_hashes(block).iter().flatten() {
+            for e in bucket(&self.similar, *h).iter().take(MAX_BUCKET_TAKE) {
+                let b = (e & 0xFFFF_FFFF) as u32;
+                if !out.contains(&b) {
+                    out.push(b);
+                    if out.len() >= limit {
+                        return out;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::image::MemImage;
+    use super::*;
+
+    fn pattern(seed: u8) -> Vec<u8> {
+        (0..BLOCK_SIZE)
+            .map(|i| {
+                (i as u8)
+                    .wrapping_mul(31)
+                    .wrapping_add(seed.wrapping_mul(17))
+                    ^ seed
+            })
+            .collect()
+    }
+
+    #[test]
+    fn finds_equal_and_similar_blocks_but_not_zero() {
+        let mut data = Vec::new();
+        data.extend(pattern(1));
+        data.extend(vec![0u8; BLOCK_SIZE]);
+        data.extend(pattern(2));
+        let img = MemImage { data };
+        let idx = SourceIndex::build(&img, &|_| {}).unwrap();
+        assert_eq!(idx.block_count(), 3);
+        let c: Vec<u32> = idx.exact_candidates(block_hash(&pattern(2)), 8).collect();
+        assert!(c.contains(&2));
+        let z: Vec<u32> = idx
+            .exact_candidates(block_hash(&vec![0u8; BLOCK_SIZE]), 8)
+            .collect();
+        assert!(!z.contains(&1));
+        let mut edited = pattern(2);
+        edited[10] ^= 1;
+        edited[3000] ^= 1;
+        assert!(idx.similar_candidates(&edited, 4).contains(&2));
+        assert!(idx.memory_bytes() <= 3 * 24);
+    }
+}
