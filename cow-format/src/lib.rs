@@ -1,7 +1,18 @@
 //! Android Virtual A/B compressed COW files (libsnapshot_cow), versions 2 and 3.
 //!
 //! The format facts this crate follows are in `shared/docs/cow-format.md`.
+//!
+//! * [`layout`]: constants and on-disk records (encode/decode, field checks).
+//! * [`compression`]: payload codecs and the "stored raw" rules.
+//! * [`op`]: the version-independent op view.
 #![forbid(unsafe_code)]
 
-/// The magic number at offset 0 of every COW file (`!!WOcwoC` on disk).
-pub const COW_MAGIC: u64 = 0x436f_7763_4f57_2121;
+pub mod compression;
+pub mod layout;
+pub mod op;
+pub mod writer;
+
+pub use compression::{Compression, CompressionAlgorithm, CompressionError};
+pub use layout::{LayoutError, COW_MAGIC};
+pub use op::{CowOp, CowVersion, OpKind};
+pub use writer::{CowWriter, WriteError, WriterOptions};

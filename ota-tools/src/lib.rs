@@ -1,0 +1,11 @@
+//! Host tools for Android Virtual A/B COW files.
+//!
+//! * [`inspect`]: describe a COW file (header and ops, file or merge order),
+//!   as text or JSON.
+//! * [`apply`]: build the image a completed merge of a COW file leaves.
+//! * [`progress`]: progress bars on stderr when it is a terminal.
+//!
+//! The `ota-tools` binary is a thin command-line front end over these modules.
+#![forbid(unsafe_code)]
+
+pub mod progress;
