@@ -15,6 +15,7 @@
 
 pub mod block_index;
 pub mod classify;
+pub mod command;
 pub mod hash;
 pub mod image;
 pub mod merge_check;
