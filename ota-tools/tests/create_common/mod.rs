@@ -13,7 +13,7 @@ impl Rng {
         Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
     /// Next value.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -21,12 +21,12 @@ impl Rng {
     }
     /// A value below `n`.
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
     /// Fill with random bytes.
     pub fn fill(&mut self, buf: &mut [u8]) {
         for c in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
+            let v = self.next_u64().to_le_bytes();
             c.copy_from_slice(&v[..c.len()]);
         }
     }
@@ -47,7 +47,7 @@ pub fn texty_blocks(rng: &mut Rng, n: usize) -> Vec<u8> {
     let mut v = Vec::with_capacity(n * BS);
     while v.len() < n * BS {
         if rng.below(16) == 0 {
-            v.extend_from_slice(format!("{} ", rng.next()).as_bytes());
+            v.extend_from_slice(format!("{} ", rng.next_u64()).as_bytes());
         } else {
             v.extend_from_slice(words[rng.below(8) as usize]);
         }
