@@ -5,14 +5,20 @@
 //! * [`layout`]: constants and on-disk records (encode/decode, field checks).
 //! * [`compression`]: payload codecs and the "stored raw" rules.
 //! * [`op`]: the version-independent op view.
+//! * [`reader`]: open, validate, iterate and read COW files.
 #![forbid(unsafe_code)]
 
 pub mod compression;
 pub mod layout;
 pub mod op;
+pub mod reader;
 pub mod writer;
 
 pub use compression::{Compression, CompressionAlgorithm, CompressionError};
 pub use layout::{LayoutError, COW_MAGIC};
 pub use op::{CowOp, CowVersion, OpKind};
+pub use reader::{
+    BlockOrigin, CowHeader, CowReader, CowStorage, MergeOrderOptions, OtherOpsOrder, ReadError,
+    SourceImage,
+};
 pub use writer::{CowWriter, WriteError, WriterOptions};

@@ -327,7 +327,7 @@ impl CowWriter {
         self.guarded(|w| {
             check_block(new_block, num_blocks)?;
             let last_old = old_block.checked_add(num_blocks.saturating_sub(1));
-            if num_blocks > 0 && !last_old.is_some_and(|b| b <= SOURCE_MASK) {
+            if num_blocks > 0 && last_old.is_none_or(|b| b > SOURCE_MASK) {
                 return Err(WriteError::SourceOutOfRange {
                     new_block,
                     source_value: old_block,
@@ -477,3 +477,6 @@ impl CowWriter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
