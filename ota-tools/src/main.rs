@@ -44,6 +44,18 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Check that COW, merged in place, turns SRC.img into TGT.img.
+    Verify {
+        /// The old image (read only).
+        #[arg(long)]
+        source: PathBuf,
+        /// The expected new image.
+        #[arg(long)]
+        target: PathBuf,
+        /// The COW file to check.
+        #[arg(long)]
+        cow: PathBuf,
+    },
 }
 
 fn parse_version(s: &str) -> Result<CowVersion, String> {
@@ -97,6 +109,18 @@ fn main() -> ExitCode {
                 .map(|summary| println!("{summary}"))
                 .map_err(|e| e.to_string())
         }
+        Command::Verify {
+            source,
+            target,
+            cow,
+        } => ota_tools::verify::verify(&source, &target, &cow)
+            .map(|r| {
+                println!(
+                    "ok: {} blocks match; {} ops, {} COPY/XOR merge safely in place",
+                    r.blocks, r.ops, r.ordered_ops
+                )
+            })
+            .map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
