@@ -6,16 +6,21 @@
 //! * [`compression`]: payload codecs and the "stored raw" rules.
 //! * [`op`]: the version-independent op view.
 //! * [`reader`]: open, validate, iterate and read COW files.
+//! * [`merge_state`]: durable in-place updates of merge progress and scratch state.
 #![forbid(unsafe_code)]
 
 pub mod compression;
+#[doc(hidden)]
+pub mod fuzz_harness;
 pub mod layout;
+pub mod merge_state;
 pub mod op;
 pub mod reader;
 pub mod writer;
 
 pub use compression::{Compression, CompressionAlgorithm, CompressionError};
 pub use layout::{LayoutError, COW_MAGIC};
+pub use merge_state::{MergeState, MergeStateError};
 pub use op::{CowOp, CowVersion, OpKind};
 pub use reader::{
     BlockOrigin, CowHeader, CowReader, CowStorage, MergeOrderOptions, OtherOpsOrder, ReadError,

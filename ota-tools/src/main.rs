@@ -1,18 +1,19 @@
-//! `ota-tools`: command-line front end; the work is done in the library.
+//! `ota-tools`: command-line front end. Parsing and dispatch only; the work
+//! is done in the `ota_tools` library modules.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use cow_format::{Compression, CowVersion};
+use ota_tools::apply::{self, ApplyOptions};
 use ota_tools::create::command::{create_cow, CreateOptions};
+use ota_tools::inspect::{self, OpOrder};
 
+/// Host tools for Android Virtual A/B COW files.
 #[derive(Debug, Parser)]
-#[command(
-    name = "ota-tools",
-    version,
-    about = "Host tools for Android Virtual A/B COW files"
-)]
+#[command(name = "ota-tools", version, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,33 +21,68 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Build the COW that turns SRC.img into TGT.img.
+    /// Print a COW file's header and ops.
+    Inspect {
+        /// The COW file.
+        cow: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// List ops in merge order (with already-merged marks) instead of file order.
+        #[arg(long)]
+        merge_order: bool,
+    },
+    /// Write the image a completed merge of a COW file leaves.
+    ///
+    /// If OUTPUT is the same file as SOURCE, ops are applied in place in merge
+    /// order, as a device merge does.
+    Apply {
+        /// Source image (only read, unless it is also the output).
+        #[arg(long)]
+        source: PathBuf,
+        /// COW file.
+        #[arg(long)]
+        cow: PathBuf,
+        /// Output image or block device.
+        #[arg(long)]
+        output: PathBuf,
+        /// Output size in bytes (default: max(source size, end of the highest new block)).
+        #[arg(long)]
+        size: Option<u64>,
+        /// Worker threads for decompression (default: all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Build the COW that turns SOURCE into TARGET (see ota-tools/CREATE.md).
     Create {
-        /// The old image (read only).
+        /// The old image (only read).
         #[arg(long)]
         source: PathBuf,
         /// The new image; its size must be a multiple of 4 KiB.
         #[arg(long)]
         target: PathBuf,
-        /// The COW file to write (replaced atomically on success).
+        /// The COW file to write (written under a temporary name, renamed on success).
         #[arg(long)]
         output: PathBuf,
         /// COW format version: 2 or 3.
-        #[arg(long, default_value = "3", value_parser = parse_version)]
+        #[arg(long, default_value = "3", value_parser = parse_cow_version)]
         cow_version: CowVersion,
         /// none|gz|brotli|lz4|zstd, optionally ",LEVEL".
         #[arg(long, default_value = "lz4")]
         compression: Compression,
-        /// v3 largest REPLACE payload: 4k, 8k, ..., 256k.
-        #[arg(long, default_value = "64k", value_parser = parse_factor)]
+        /// v3 largest REPLACE payload: 4k, 8k, 16k, 32k, 64k, 128k or 256k.
+        #[arg(long, default_value = "64k", value_parser = parse_compression_factor)]
         compression_factor: u32,
-        /// Worker threads (default: all cores).
+        /// Worker threads (default: all cores). The output does not depend on it.
         #[arg(long)]
         threads: Option<usize>,
     },
-    /// Check that COW, merged in place, turns SRC.img into TGT.img.
+    /// Check that COW, merged in place, turns SOURCE into TARGET.
+    ///
+    /// Reports an unsafe merge order (an op reading a block already overwritten)
+    /// or the first block that does not match.
     Verify {
-        /// The old image (read only).
+        /// The old image (only read).
         #[arg(long)]
         source: PathBuf,
         /// The expected new image.
@@ -58,7 +94,7 @@ enum Command {
     },
 }
 
-fn parse_version(s: &str) -> Result<CowVersion, String> {
+fn parse_cow_version(s: &str) -> Result<CowVersion, String> {
     match s {
         "2" => Ok(CowVersion::V2),
         "3" => Ok(CowVersion::V3),
@@ -66,7 +102,7 @@ fn parse_version(s: &str) -> Result<CowVersion, String> {
     }
 }
 
-fn parse_factor(s: &str) -> Result<u32, String> {
+fn parse_compression_factor(s: &str) -> Result<u32, String> {
     let lower = s.to_ascii_lowercase();
     let (digits, mult) = match lower.strip_suffix('k') {
         Some(d) => (d, 1024u32),
@@ -86,10 +122,44 @@ fn parse_factor(s: &str) -> Result<u32, String> {
     }
 }
 
-fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cli = Cli::parse();
-    let result: Result<(), String> = match cli.command {
+fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    match cli.command {
+        Command::Inspect {
+            cow,
+            json,
+            merge_order,
+        } => {
+            let order = if merge_order {
+                OpOrder::Merge
+            } else {
+                OpOrder::File
+            };
+            let report = inspect::inspect(&cow, order)?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            if json {
+                report.write_json(&mut out)?;
+            } else {
+                report.write_text(&mut out)?;
+            }
+            out.flush()?;
+        }
+        Command::Apply {
+            source,
+            cow,
+            output,
+            size,
+            threads,
+        } => {
+            apply::apply(&ApplyOptions {
+                source,
+                cow,
+                output,
+                size,
+                progress: true,
+                threads,
+            })?;
+        }
         Command::Create {
             source,
             target,
@@ -105,27 +175,31 @@ fn main() -> ExitCode {
                 compression_factor,
                 threads,
             };
-            create_cow(&opts, &source, &target, &output)
-                .map(|summary| println!("{summary}"))
-                .map_err(|e| e.to_string())
+            let summary = create_cow(&opts, &source, &target, &output)?;
+            println!("{summary}");
         }
         Command::Verify {
             source,
             target,
             cow,
-        } => ota_tools::verify::verify(&source, &target, &cow)
-            .map(|r| {
-                println!(
-                    "ok: {} blocks match; {} ops, {} COPY/XOR merge safely in place",
-                    r.blocks, r.ops, r.ordered_ops
-                )
-            })
-            .map_err(|e| e.to_string()),
-    };
-    match result {
+        } => {
+            let r = ota_tools::verify::verify(&source, &target, &cow)?;
+            println!(
+                "ok: {} blocks match; {} ops, {} COPY/XOR merge safely in place",
+                r.blocks, r.ops, r.ordered_ops
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ota-tools: {e}");
+            eprintln!("ota-tools: error: {e}");
             ExitCode::FAILURE
         }
     }

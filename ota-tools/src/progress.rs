@@ -29,6 +29,22 @@ impl Progress {
         Self { bar }
     }
 
+    /// A count progress bar for `total` items labelled `what`.
+    pub fn items(what: &str, total: u64) -> Self {
+        let bar = if std::io::stderr().is_terminal() {
+            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+            let style = ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ");
+            bar.set_style(style);
+            bar.set_message(what.to_string());
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        Self { bar }
+    }
+
     /// A bar that never draws (for library callers and tests).
     pub fn hidden() -> Self {
         Self {
