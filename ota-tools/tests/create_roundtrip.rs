@@ -1,8 +1,12 @@
 //! `ota-tools create` on random and adversarial image pairs, for v2 and v3 and every
-//! compression: the COW is read back with the cow-format reader and merged **in place**
-//! in snapuserd's merge order over a copy of the source (each op reads the partly merged
-//! device, as on a device), and the result must equal the target byte for byte. `verify`
-//! must accept it; it must reject unsafe orders and wrong targets.
+//! compression. Each COW is checked three ways, and each must give the target byte for
+//! byte:
+//! * a test-side in-place merge through the cow-format reader (snapuserd's merge order,
+//!   each op reading the partly merged device);
+//! * `apply` into a separate output, and `apply` in place on a copy of the source (ops
+//!   applied one by one in merge order, as a device merge does);
+//! * `verify` (merge-order safety + block comparison), which must also reject unsafe
+//!   orders and wrong targets.
 
 mod create_common;
 
@@ -12,6 +16,7 @@ use std::path::Path;
 use cow_format::reader::{MergeOrderOptions, OtherOpsOrder};
 use cow_format::{Compression, CowReader, CowVersion, CowWriter, OpKind, WriterOptions};
 use create_common::{pairs, texty_blocks, Rng, BS};
+use ota_tools::apply::{apply, ApplyOptions};
 use ota_tools::create::command::{create_cow, CreateOptions};
 use ota_tools::verify::{verify, VerifyError};
 
@@ -51,6 +56,27 @@ fn merge_in_place(source: &[u8], target_len: usize, cow: &Path) -> Vec<u8> {
     dev
 }
 
+/// `apply` to a separate file, then in place on a copy of the source; returns both.
+fn apply_both(d: &Path, cow: &Path, target_len: usize) -> (Vec<u8>, Vec<u8>) {
+    let run = |source: &Path, output: &Path| {
+        apply(&ApplyOptions {
+            source: source.to_path_buf(),
+            cow: cow.to_path_buf(),
+            output: output.to_path_buf(),
+            size: Some(target_len as u64),
+            progress: false,
+            threads: 2,
+        })
+        .unwrap();
+        fs::read(output).unwrap()
+    };
+    let _ = fs::remove_file(d.join("applied.img"));
+    let separate = run(&d.join("src.img"), &d.join("applied.img"));
+    fs::copy(d.join("src.img"), d.join("inplace.img")).unwrap();
+    let in_place = run(&d.join("inplace.img"), &d.join("inplace.img"));
+    (separate, in_place)
+}
+
 const COMPRESSIONS: [&str; 5] = ["none", "gz", "brotli,5", "lz4", "zstd"];
 const FACTORS: [u32; 4] = [4096, 16384, 65536, 262144];
 
@@ -83,6 +109,12 @@ fn every_pair_version_and_compression_merges_to_the_target() {
                 assert!(
                     merged == t,
                     "{name} {version:?} {comp}: in-place merge differs"
+                );
+                let (separate, in_place) = apply_both(d, &cow, t.len());
+                assert!(separate == t, "{name} {version:?} {comp}: apply differs");
+                assert!(
+                    in_place == t,
+                    "{name} {version:?} {comp}: in-place apply differs"
                 );
                 verify(&d.join("src.img"), &d.join("tgt.img"), &cow)
                     .unwrap_or_else(|e| panic!("{name} {version:?} {comp}: verify: {e}"));
