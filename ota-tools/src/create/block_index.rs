@@ -76,8 +76,10 @@ impl SourceIndex {
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<Self, IndexError> {
         let blocks = source.block_count();
-        let mut exact = Vec::new();
-        let mut similar = Vec::new();
+        // Reserve the worst case once, so growth never doubles the footprint.
+        let cap = usize::try_from(blocks).unwrap_or(0);
+        let mut exact = Vec::with_capacity(cap);
+        let mut similar = Vec::with_capacity(cap.saturating_mul(SIMILAR_PER_BLOCK));
         let mut buf = vec![0u8; INDEX_BATCH_BLOCKS * BLOCK_SIZE];
         let mut first = 0u64;
         while first < blocks {
