@@ -134,6 +134,17 @@ impl SourceIndex {
             .map(|e| (e & 0xFFFF_FFFF) as u32)
     }
 
+    /// Source blocks (at most `limit`, lowest first) that have a sampled window whose
+    /// hash matches `window_hash` in its upper 32 bits; `None` when more than `limit`
+    /// blocks share it (a common window says little about where content came from).
+    pub fn window_owners(&self, window_hash: u64, limit: usize) -> Option<Vec<u32>> {
+        let b = bucket(&self.similar, window_hash);
+        if b.len() > limit {
+            return None;
+        }
+        Some(b.iter().map(|e| (e & 0xFFFF_FFFF) as u32).collect())
+    }
+
     /// Source blocks that share at least one sampled window (same offset, same bytes) with
     /// `block`: at most `limit` distinct blocks, in a deterministic order.
     pub fn similar_candidates(&self, block: &[u8], limit: usize) -> Vec<u32> {

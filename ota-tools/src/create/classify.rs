@@ -38,19 +38,54 @@ pub enum BlockClass {
     },
     /// Stored in the COW: a REPLACE op.
     Replace,
+    /// Target = payload XOR the 4096 source bytes at byte `block * 4096 + offset`
+    /// (`offset` in 1..4096, so source blocks `block` and `block + 1` are read). Made only
+    /// by [`super::shifted`], after ordering, for blocks whose content moved by a number
+    /// of bytes that is not a multiple of the block size.
+    XorAt {
+        /// First source block read.
+        block: u32,
+        /// Byte offset inside that block (1..4096).
+        offset: u16,
+    },
 }
 
 impl BlockClass {
     /// True for ops that read the source image during the merge (COPY and XOR).
     pub fn is_ordered(self) -> bool {
-        matches!(self, BlockClass::Copy { .. } | BlockClass::Xor { .. })
+        matches!(
+            self,
+            BlockClass::Copy { .. } | BlockClass::Xor { .. } | BlockClass::XorAt { .. }
+        )
     }
 
-    /// The source block this op reads during the merge, if any.
+    /// Source byte offset this op reads 4096 bytes from, if it reads the source.
+    pub fn source_offset(self) -> Option<u64> {
+        let bs = BLOCK_SIZE as u64;
+        match self {
+            BlockClass::Copy { source } | BlockClass::Xor { source } => {
+                Some(u64::from(source) * bs)
+            }
+            BlockClass::XorAt { block, offset } => Some(u64::from(block) * bs + u64::from(offset)),
+            _ => None,
+        }
+    }
+
+    /// The (first) source block this op reads during the merge, if any.
     pub fn reads(self) -> Option<u32> {
         match self {
             BlockClass::Copy { source } | BlockClass::Xor { source } => Some(source),
+            BlockClass::XorAt { block, .. } => Some(block),
             _ => None,
+        }
+    }
+
+    /// The source blocks this op reads: first block and count (1, or 2 for
+    /// [`BlockClass::XorAt`]).
+    pub fn read_span(self) -> Option<(u32, u32)> {
+        match self {
+            BlockClass::XorAt { block, .. } => Some((block, 2)),
+            c => c.reads().map(|b| (b, 1)),
         }
     }
 }

@@ -166,15 +166,27 @@ fn prepare(
         }
         PlannedOp::Xor {
             new_block,
-            source: s,
+            source_offset,
         } => {
             let mut data = read_block_vec(target, new_block, 1)?;
-            let base = read_block_vec(source, s, 1)?;
+            let mut base = vec![0u8; BLOCK_SIZE];
+            source
+                .read_exact_at(&mut base, source_offset)
+                .map_err(|e| ImageError::Read {
+                    name: source.name(),
+                    offset: source_offset,
+                    len: BLOCK_SIZE,
+                    source: e,
+                })?;
             for (d, b) in data.iter_mut().zip(&base) {
                 *d ^= b;
             }
-            let offset = u64::from(s) * BLOCK_SIZE as u64;
-            Some(prepare_xor(wopts, u64::from(new_block), &data, offset)?)
+            Some(prepare_xor(
+                wopts,
+                u64::from(new_block),
+                &data,
+                source_offset,
+            )?)
         }
         PlannedOp::Copy { .. } | PlannedOp::Zero { .. } => None,
     })
@@ -275,6 +287,7 @@ pub fn create_cow(
     let (plan, write, max_run) = pool.install(|| -> Result<_, CreateError> {
         let src_bar = Progress::bytes("indexing source", src.len_bytes());
         let tgt_bar = Progress::bytes("comparing target", tgt.len_bytes());
+        let shift_bar = Progress::items("searching moved content", tgt.block_count());
         let plan_opts = PlanOptions {
             classify: ClassifyOptions {
                 xor: opts.compression.algorithm != CompressionAlgorithm::None,
@@ -284,9 +297,11 @@ pub fn create_cow(
         let plan = build_plan(&src, &tgt, &plan_opts, &|stage, n| match stage {
             Stage::Index => src_bar.advance(n * BLOCK_SIZE as u64),
             Stage::Classify => tgt_bar.advance(n * BLOCK_SIZE as u64),
+            Stage::Shifted => shift_bar.advance(n),
         })?;
         src_bar.finish();
         tgt_bar.finish();
+        shift_bar.finish();
         let max_run = match opts.version {
             CowVersion::V2 => 16,
             CowVersion::V3 => (opts.compression_factor / BLOCK_SIZE as u32).max(1),

@@ -61,22 +61,30 @@ pub const WINDOWS: usize = 8;
 pub const WINDOW_LEN: usize = 64;
 const WINDOW_STRIDE: usize = BLOCK_SIZE / WINDOWS;
 
-/// Hashes of the sampled windows of a block (window `i` at byte `i * 512`), with the
-/// window index mixed in so that only windows at the same offset can match. Windows made
-/// of one repeated 8-byte word (zero fill, 0xFF fill) carry no information and give
-/// `None`.
+/// Hash of one window, or `None` for a window made of one repeated 8-byte word (zero
+/// fill, 0xFF fill), which carries no information. The hash does not depend on where the
+/// window lies, so a window can be found again at any byte offset.
+pub fn window_hash(win: &[u8]) -> Option<u64> {
+    let first = word(win.get(..8)?);
+    if win.chunks_exact(8).all(|w| word(w) == first) {
+        return None;
+    }
+    Some(hash_words(win, 0x5EED))
+}
+
+/// Byte offset of sampled window `i` inside a block.
+pub fn window_offset(i: usize) -> usize {
+    i * WINDOW_STRIDE
+}
+
+/// Hashes of the sampled windows of a block (window `i` at byte `i * 512`).
 pub fn window_hashes(block: &[u8]) -> [Option<u64>; WINDOWS] {
     let mut out = [None; WINDOWS];
     for (i, slot) in out.iter_mut().enumerate() {
-        let start = i * WINDOW_STRIDE;
-        let Some(win) = block.get(start..start + WINDOW_LEN) else {
-            continue;
-        };
-        let first = word(&win[..8]);
-        if win.chunks_exact(8).all(|w| word(w) == first) {
-            continue;
+        let start = window_offset(i);
+        if let Some(win) = block.get(start..start + WINDOW_LEN) {
+            *slot = window_hash(win);
         }
-        *slot = Some(hash_words(win, i as u64 + 1));
     }
     out
 }
@@ -110,7 +118,7 @@ mod tests {
     }
 
     #[test]
-    fn windows_skip_fill_and_match_by_offset() {
+    fn windows_skip_fill_and_follow_content() {
         let zero = vec![0u8; BLOCK_SIZE];
         assert!(window_hashes(&zero).iter().all(Option::is_none));
         let block: Vec<u8> = (0..BLOCK_SIZE).map(|i| (i * 7 % 251) as u8).collect();
@@ -122,5 +130,10 @@ mod tests {
         assert_ne!(w[1], e[1]);
         assert_eq!(w[0], e[0]);
         assert_eq!(equal_bytes(&block, &edited), BLOCK_SIZE - 1);
+        // The same bytes at another offset hash the same; other bytes do not.
+        let mut other = vec![0u8; BLOCK_SIZE];
+        other[5..5 + WINDOW_LEN].copy_from_slice(&block[512..512 + WINDOW_LEN]);
+        assert_eq!(window_hash(&other[5..5 + WINDOW_LEN]), w[1]);
+        assert_ne!(window_hash(&other[6..6 + WINDOW_LEN]), w[1]);
     }
 }

@@ -10,6 +10,7 @@
 //! * [`classify`]: the per-target-block decision (unchanged, ZERO, COPY, XOR, REPLACE);
 //! * [`order`]: the merge-order engine (dependency graph, topological order, cycle breaking);
 //! * [`plan`]: the resulting op plan and its sequence data;
+//! * [`shifted`]: XOR bases at byte offsets for REPLACE blocks whose content moved;
 //! * [`merge_check`]: the in-place merge safety rule (cow-format.md §6.4);
 //! * [`simulate`]: an in-memory in-place merge of a plan, used to prove plans correct.
 
@@ -21,6 +22,7 @@ pub mod image;
 pub mod merge_check;
 pub mod order;
 pub mod plan;
+pub mod shifted;
 pub mod simulate;
 
 /// Size of one image block in bytes; the only block size snapuserd accepts.

@@ -70,7 +70,9 @@ pub struct MergeOrder {
 
 const DONE: u32 = u32::MAX;
 
-/// The ordered block that `n` must precede, if any.
+/// The ordered block that `n` must precede, if any. (Ordering runs before
+/// [`super::shifted`] adds two-block [`BlockClass::XorAt`] reads, so one read per op holds
+/// here; `XorAt` is treated by its first block.)
 fn edge(classes: &[BlockClass], n: usize) -> Option<usize> {
     let s = classes.get(n)?.reads()? as usize;
     if s != n && classes.get(s).is_some_and(|c| c.is_ordered()) {

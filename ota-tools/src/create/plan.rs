@@ -1,7 +1,8 @@
 //! The op plan: what every target block becomes, and the merge order of the ordered ops.
 //!
 //! [`build_plan`] runs the whole pipeline: index the source, classify every target
-//! block, order the COPY/XOR ops and break cycles. The plan holds one [`BlockClass`]
+//! block, order the COPY/XOR ops and break cycles, then give REPLACE blocks a second
+//! chance as XOR against byte-shifted source content ([`super::shifted`]). The plan holds one [`BlockClass`]
 //! (8 bytes) per target block plus one `u32` per ordered op; while ordering, one more
 //! `u32` per target block is held temporarily.
 //!
@@ -17,6 +18,7 @@ use super::classify::{
 use super::image::{BlockImage, ImageError};
 use super::merge_check::MergeStep;
 use super::order::{order_ops, CycleBreaker};
+use super::shifted::add_shifted_xors;
 use super::BLOCK_SIZE;
 
 /// Errors building a plan.
@@ -48,6 +50,8 @@ pub enum Stage {
     Index,
     /// Classifying the target blocks.
     Classify,
+    /// Searching byte-shifted XOR bases for REPLACE blocks (progress in target blocks).
+    Shifted,
 }
 
 /// One op of the plan.
@@ -60,12 +64,12 @@ pub enum PlannedOp {
         /// Source block.
         source: u32,
     },
-    /// XOR of the target block with source block `source`.
+    /// XOR of the target block with the 4096 source bytes at `source_offset`.
     Xor {
         /// Target block.
         new_block: u32,
-        /// Source block.
-        source: u32,
+        /// Source byte offset (a multiple of 4096 unless the content moved by bytes).
+        source_offset: u64,
     },
     /// `count` zero blocks from `new_block`.
     Zero {
@@ -144,7 +148,7 @@ impl Plan {
                 BlockClass::Unchanged => c.unchanged += 1,
                 BlockClass::Zero => c.zero += 1,
                 BlockClass::Copy { .. } => c.copy += 1,
-                BlockClass::Xor { .. } => c.xor += 1,
+                BlockClass::Xor { .. } | BlockClass::XorAt { .. } => c.xor += 1,
                 BlockClass::Replace => c.replace += 1,
             }
         }
@@ -160,9 +164,9 @@ impl Plan {
                     new_block: n,
                     source: *source,
                 }),
-                BlockClass::Xor { source } => Some(PlannedOp::Xor {
+                c @ (BlockClass::Xor { .. } | BlockClass::XorAt { .. }) => Some(PlannedOp::Xor {
                     new_block: n,
-                    source: *source,
+                    source_offset: c.source_offset()?,
                 }),
                 _ => None,
             })
@@ -207,10 +211,16 @@ impl Plan {
     /// The plan's ops as merge steps (one step per block), for [`super::merge_check`].
     pub fn merge_steps(&self) -> impl Iterator<Item = MergeStep> + '_ {
         self.ops(1).enumerate().map(|(i, op)| {
+            let bs = BLOCK_SIZE as u64;
             let (ordered, reads) = match op {
-                PlannedOp::Copy { source, .. } | PlannedOp::Xor { source, .. } => {
-                    (true, Some((u64::from(source), 1)))
-                }
+                PlannedOp::Copy { source, .. } => (true, Some((u64::from(source), 1))),
+                PlannedOp::Xor { source_offset, .. } => (
+                    true,
+                    Some((
+                        source_offset / bs,
+                        if source_offset % bs == 0 { 1 } else { 2 },
+                    )),
+                ),
                 _ => (false, None),
             };
             MergeStep {
@@ -293,13 +303,23 @@ pub fn build_plan(
     let mut classes = classify_image(source, target, &index, &opts.classify, &|n| {
         progress(Stage::Classify, n)
     })?;
-    drop(index);
     let mut breaker = ImageBreaker {
         source,
         target,
         xor: opts.classify.xor,
     };
-    let order = order_ops(&mut classes, &mut breaker)?;
+    let mut order = order_ops(&mut classes, &mut breaker)?;
+    if opts.classify.xor {
+        add_shifted_xors(
+            &mut classes,
+            &mut order.sequence,
+            source,
+            target,
+            &index,
+            &|n| progress(Stage::Shifted, n),
+        )?;
+    }
+    drop(index);
     Ok(Plan {
         classes,
         sequence: order.sequence,

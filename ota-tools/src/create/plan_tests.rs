@@ -294,3 +294,87 @@ fn target_not_whole_blocks_is_an_error() {
     .unwrap_err();
     assert!(matches!(err, PlanError::TargetSize { len, .. } if len == BLOCK_SIZE as u64 + 1));
 }
+
+#[test]
+fn byte_shifted_content_becomes_unaligned_xor() {
+    let mut rng = Rng::new(11);
+    let s = random_blocks(&mut rng, 64);
+    // "Insert" 300 new bytes at byte 10_000: everything after moves by 300 bytes.
+    let mut t = s[..10_000].to_vec();
+    let mut ins = vec![0u8; 300];
+    rng.fill(&mut ins);
+    t.extend_from_slice(&ins);
+    t.extend_from_slice(&s[10_000..s.len() - 300]);
+    // Touch a few bytes per block so the moved blocks are not plain copies of anything.
+    for n in 0..64 {
+        t[n * BLOCK_SIZE + 2000] ^= 0x5A;
+    }
+    let p = plan_for(&s, &t, true);
+    let shifted = p
+        .classes
+        .iter()
+        .filter(|c| matches!(c, BlockClass::XorAt { offset: 3796, .. }))
+        .count();
+    assert!(
+        shifted >= 55,
+        "only {shifted} blocks found their moved content"
+    );
+    // Without XOR they are all REPLACE, and still correct.
+    let p = plan_for(&s, &t, false);
+    assert!(p
+        .classes
+        .iter()
+        .all(|c| !matches!(c, BlockClass::XorAt { .. })));
+}
+
+#[test]
+fn shifted_xor_never_reads_a_block_an_ordered_op_writes() {
+    let mut rng = Rng::new(12);
+    let s = random_blocks(&mut rng, 32);
+    let mut t = s.clone();
+    // Block 20 = source bytes spanning blocks 5 and 6 (offset 100), lightly edited.
+    let off = 5 * BLOCK_SIZE + 100;
+    t[20 * BLOCK_SIZE..21 * BLOCK_SIZE].copy_from_slice(&s[off..off + BLOCK_SIZE]);
+    t[20 * BLOCK_SIZE + 7] ^= 1;
+    let p = plan_for(&s, &t, true);
+    assert_eq!(
+        p.classes[20],
+        BlockClass::XorAt {
+            block: 5,
+            offset: 100
+        }
+    );
+    // Now block 5 is the target of a COPY: reading it later would be unsafe.
+    copy_block(&mut t, 5, &s, 9);
+    let p = plan_for(&s, &t, true);
+    assert_eq!(p.classes[5], BlockClass::Copy { source: 9 });
+    assert_eq!(p.classes[20], BlockClass::Replace);
+}
+
+#[test]
+fn shifted_xors_that_read_each_other_are_ordered_or_left_out() {
+    let mut rng = Rng::new(13);
+    let s = random_blocks(&mut rng, 32);
+    let mut t = s.clone();
+    // 10 <- bytes at 20*4096+100 (blocks 20, 21); 20 <- bytes at 10*4096+100 (10, 11):
+    // a cycle. 25 <- bytes at 26*4096+8 (blocks 26, 27) and 26 <- bytes at 27*4096+8:
+    // a chain (25 must merge before 26).
+    for (d, off) in [
+        (10, 20 * BLOCK_SIZE + 100),
+        (20, 10 * BLOCK_SIZE + 100),
+        (25, 26 * BLOCK_SIZE + 8),
+        (26, 27 * BLOCK_SIZE + 8),
+    ] {
+        t[d * BLOCK_SIZE..(d + 1) * BLOCK_SIZE].copy_from_slice(&s[off..off + BLOCK_SIZE]);
+        t[d * BLOCK_SIZE + 99] ^= 1;
+    }
+    let p = plan_for(&s, &t, true);
+    let unaligned = |b: usize| matches!(p.classes[b], BlockClass::XorAt { .. });
+    assert!(
+        unaligned(10) != unaligned(20),
+        "exactly one of the cycle is kept"
+    );
+    assert!(unaligned(25) && unaligned(26));
+    let pos = |b: u32| p.sequence.iter().position(|&x| x == b).unwrap();
+    assert!(pos(25) < pos(26));
+}

@@ -65,16 +65,17 @@ pub fn simulate_merge(source: &[u8], target: &[u8], plan: &Plan) -> Result<(), S
             }
             PlannedOp::Xor {
                 new_block,
-                source: s,
+                source_offset,
             } => {
+                let s = source_offset as usize;
                 // The COW payload was computed against the original source...
                 let payload: Vec<u8> = blk(target, new_block)
                     .iter()
-                    .zip(blk(source, s))
+                    .zip(&source[s..s + BLOCK_SIZE])
                     .map(|(a, b)| a ^ b)
                     .collect();
-                // ...and the device applies it to whatever the block holds now.
-                for ((t, p), d) in tmp.iter_mut().zip(&payload).zip(blk(&dev, s)) {
+                // ...and the device applies it to whatever those bytes hold now.
+                for ((t, p), d) in tmp.iter_mut().zip(&payload).zip(&dev[s..s + BLOCK_SIZE]) {
                     *t = p ^ d;
                 }
                 let d = new_block as usize * BLOCK_SIZE;

@@ -114,6 +114,14 @@ pub fn pairs() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
     }
     out.push(("edited", s.clone(), t));
 
+    // Bytes inserted and removed: content after them moves by a non-multiple of 4096.
+    let mut t = s[..50_000].to_vec();
+    t.extend_from_slice(&[b'+'; 777]);
+    t.extend_from_slice(&s[50_000..600_000]);
+    t.extend_from_slice(&s[600_000 + 1500..]);
+    t.resize(s.len(), b'-');
+    out.push(("byte-shifted", s.clone(), t));
+
     let mut t = s.clone();
     t.extend(vec![0u8; 8 * BS]);
     t.extend_from_slice(&s[..20 * BS]);
