@@ -9,7 +9,9 @@
 //! * similarity index: up to [`SIMILAR_PER_BLOCK`] sampled-window entries per source block
 //!   (16 bytes).
 //!
-//! That is at most 24 bytes per source block, 6 MiB per GiB of source image. A 32-bit hash
+//! * a bit filter over the similarity index (2 bytes per entry, 4 per source block).
+//!
+//! That is at most 28 bytes per source block, 7 MiB per GiB of source image. A 32-bit hash
 //! only selects candidates: COPY candidates are confirmed byte for byte by the caller.
 
 use rayon::prelude::*;
@@ -39,7 +41,17 @@ pub enum IndexError {
 pub struct SourceIndex {
     exact: Vec<u64>,
     similar: Vec<u64>,
+    /// One bit per 32-bit window hash modulo its length (16 bits per similarity entry):
+    /// most lookups of a window that is not in the index stop here, without a binary
+    /// search.
+    similar_filter: Vec<u64>,
     block_count: u64,
+}
+
+fn filter_bit(filter: &[u64], hash: u64) -> (usize, u64) {
+    let bits = filter.len() as u64 * 64;
+    let b = (hash >> 32) % bits.max(1);
+    ((b / 64) as usize, 1u64 << (b % 64))
 }
 
 fn pack(hash: u64, block: u32) -> u64 {
@@ -108,9 +120,16 @@ impl SourceIndex {
         similar.par_sort_unstable();
         exact.shrink_to_fit();
         similar.shrink_to_fit();
+        let words = (similar.len() * 16 / 64).next_power_of_two().max(1);
+        let mut similar_filter = vec![0u64; words];
+        for e in &similar {
+            let (w, bit) = filter_bit(&similar_filter, *e);
+            similar_filter[w] |= bit;
+        }
         Ok(Self {
             exact,
             similar,
+            similar_filter,
             block_count: blocks,
         })
     }
@@ -122,7 +141,8 @@ impl SourceIndex {
 
     /// Bytes of memory held by the index.
     pub fn memory_bytes(&self) -> usize {
-        (self.exact.capacity() + self.similar.capacity()) * std::mem::size_of::<u64>()
+        (self.exact.capacity() + self.similar.capacity() + self.similar_filter.capacity())
+            * std::mem::size_of::<u64>()
     }
 
     /// Source blocks whose hash matches the block `hash` (lowest block numbers first, at
@@ -138,6 +158,9 @@ impl SourceIndex {
     /// hash matches `window_hash` in its upper 32 bits; `None` when more than `limit`
     /// blocks share it (a common window says little about where content came from).
     pub fn window_owners(&self, window_hash: u64, limit: usize) -> Option<Vec<u32>> {
+        if !self.may_have_window(window_hash) {
+            return Some(Vec::new());
+        }
         let b = bucket(&self.similar, window_hash);
         if b.len() > limit {
             return None;
@@ -145,11 +168,20 @@ impl SourceIndex {
         Some(b.iter().map(|e| (e & 0xFFFF_FFFF) as u32).collect())
     }
 
+    /// False when no sampled source window has this hash; true when one may have it.
+    pub fn may_have_window(&self, window_hash: u64) -> bool {
+        let (w, bit) = filter_bit(&self.similar_filter, window_hash);
+        self.similar_filter.get(w).is_some_and(|x| x & bit != 0)
+    }
+
     /// Source blocks that share at least one sampled window (same offset, same bytes) with
     /// `block`: at most `limit` distinct blocks, in a deterministic order.
     pub fn similar_candidates(&self, block: &[u8], limit: usize) -> Vec<u32> {
         let mut out: Vec<u32> = Vec::new();
         for h in window_hashes(block).iter().flatten() {
+            if !self.may_have_window(*h) {
+                continue;
+            }
             for e in bucket(&self.similar, *h).iter().take(MAX_BUCKET_TAKE) {
                 let b = (e & 0xFFFF_FFFF) as u32;
                 if !out.contains(&b) {
@@ -199,6 +231,18 @@ mod tests {
         edited[10] ^= 1;
         edited[3000] ^= 1;
         assert!(idx.similar_candidates(&edited, 4).contains(&2));
-        assert!(idx.memory_bytes() <= 3 * 24);
+        assert!(idx.memory_bytes() <= 3 * 28 + 8);
+        // The filter passes the indexed windows and stops most others.
+        let w1 = window_hashes(&pattern(1));
+        assert!(w1.iter().flatten().any(|h| idx.may_have_window(*h)));
+        let other = window_hashes(&pattern(99));
+        assert!(
+            other
+                .iter()
+                .flatten()
+                .filter(|h| idx.may_have_window(**h))
+                .count()
+                < 4
+        );
     }
 }

@@ -130,13 +130,20 @@ pub fn add_shifted_xors(
     index: &SourceIndex,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<u64, ImageError> {
-    let replace: Vec<u32> = (0..classes.len())
-        .filter(|&n| classes[n] == BlockClass::Replace)
-        .map(|n| n as u32)
-        .collect();
     let mut found: Vec<(u32, u64)> = Vec::new();
     let mut covered = 0u64;
-    for batch in replace.chunks(SHIFT_BATCH_BLOCKS) {
+    let total = classes.len();
+    let mut start = 0usize;
+    while start < total {
+        // The REPLACE blocks among the next target blocks, at most one batch of them.
+        let mut batch: Vec<u32> = Vec::new();
+        let mut end = start;
+        while end < total && batch.len() < SHIFT_BATCH_BLOCKS {
+            if classes[end] == BlockClass::Replace {
+                batch.push(end as u32);
+            }
+            end += 1;
+        }
         let results: Vec<Option<(u32, u64)>> = batch
             .par_iter()
             .map(|&n| {
@@ -146,12 +153,10 @@ pub fn add_shifted_xors(
             })
             .collect::<Result<_, ImageError>>()?;
         found.extend(results.into_iter().flatten());
-        // Report target blocks covered so far (the bar counts the whole target).
-        let upto = batch.last().map_or(0, |&n| u64::from(n) + 1);
-        progress(upto - covered);
-        covered = upto;
+        progress(end as u64 - covered);
+        covered = end as u64;
+        start = end;
     }
-    progress(classes.len() as u64 - covered);
     Ok(accept(classes, sequence, found))
 }
 
@@ -166,19 +171,17 @@ fn span(off: u64) -> (u64, u64) {
 fn accept(classes: &mut [BlockClass], sequence: &mut Vec<u32>, found: Vec<(u32, u64)>) -> u64 {
     const NONE: u32 = u32::MAX;
     // 1. Drop proposals reading a block that an already-ordered op writes.
-    let cands: Vec<(u32, u64)> = found
-        .into_iter()
-        .filter(|&(n, off)| {
-            let (first, count) = span(off);
-            (first..first + count).all(|b| {
-                b == u64::from(n)
-                    || usize::try_from(b)
-                        .ok()
-                        .and_then(|b| classes.get(b))
-                        .is_none_or(|c| !c.is_ordered())
-            })
+    let mut cands = found;
+    cands.retain(|&(n, off)| {
+        let (first, count) = span(off);
+        (first..first + count).all(|b| {
+            b == u64::from(n)
+                || usize::try_from(b)
+                    .ok()
+                    .and_then(|b| classes.get(b))
+                    .is_none_or(|c| !c.is_ordered())
         })
-        .collect();
+    });
     // 2. Order the remaining proposals among themselves: one that reads the target of
     //    another must merge first (edges "i before j"); break cycles by leaving the
     //    lowest remaining block as REPLACE.
