@@ -10,7 +10,7 @@ use cow_format::{Compression, CowVersion};
 use create_common::{pairs, BS};
 use ota_tools::create::command::{create_cow, CreateError, CreateOptions};
 
-const COMPRESSIONS: [&str; 5] = ["none", "gz", "brotli", "lz4", "zstd"];
+const COMPRESSIONS: [&str; 5] = ["none", "gz", "brotli,5", "lz4", "zstd"];
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ota-tools"))
@@ -42,26 +42,98 @@ fn opts(version: CowVersion, comp: &str, threads: usize) -> CreateOptions {
 #[test]
 fn output_is_identical_for_any_thread_count() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, s, t) = pairs().into_iter().find(|p| p.0 == "edited").unwrap();
-    write_pair(dir.path(), &s, &t);
-    for version in [CowVersion::V2, CowVersion::V3] {
-        for comp in COMPRESSIONS {
-            let mut files = Vec::new();
-            for threads in [1, 2, 4] {
-                let out = dir.path().join(format!("out-{threads}.cow"));
-                create_cow(
-                    &opts(version, comp, threads),
-                    &dir.path().join("src.img"),
-                    &dir.path().join("tgt.img"),
-                    &out,
-                )
-                .unwrap();
-                files.push(fs::read(&out).unwrap());
+    let chosen = ["edited", "byte-shifted", "3-cycle-and-rotation", "random"];
+    for (name, s, t) in pairs().into_iter().filter(|p| chosen.contains(&p.0)) {
+        write_pair(dir.path(), &s, &t);
+        for version in [CowVersion::V2, CowVersion::V3] {
+            // Every compression on one pair, two on the others (debug builds are slow).
+            let comps: &[&str] = if name == "edited" {
+                &COMPRESSIONS
+            } else {
+                &["lz4", "zstd"]
+            };
+            for &comp in comps {
+                let mut files = Vec::new();
+                for threads in [1, 2, 4] {
+                    let out = dir.path().join(format!("out-{threads}.cow"));
+                    create_cow(
+                        &opts(version, comp, threads),
+                        &dir.path().join("src.img"),
+                        &dir.path().join("tgt.img"),
+                        &out,
+                    )
+                    .unwrap();
+                    files.push(fs::read(&out).unwrap());
+                }
+                assert_eq!(
+                    files[0], files[1],
+                    "{name} {version:?} {comp}: 1 vs 2 threads"
+                );
+                assert_eq!(
+                    files[0], files[2],
+                    "{name} {version:?} {comp}: 1 vs 4 threads"
+                );
             }
-            assert_eq!(files[0], files[1], "{version:?} {comp}: 1 vs 2 threads");
-            assert_eq!(files[0], files[2], "{version:?} {comp}: 1 vs 4 threads");
         }
     }
+}
+
+#[test]
+fn cli_create_then_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_, s, t) = pairs().into_iter().find(|p| p.0 == "swap").unwrap();
+    write_pair(d, &s, &t);
+    let out = bin()
+        .args([
+            "create",
+            "--threads",
+            "2",
+            "--compression",
+            "zstd,3",
+            "--source",
+        ])
+        .arg(d.join("src.img"))
+        .arg("--target")
+        .arg(d.join("tgt.img"))
+        .arg("--output")
+        .arg(d.join("out.cow"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains("1 copy") && summary.contains("1 cycle breaks"),
+        "{summary}"
+    );
+    assert!(summary.contains("cow: "), "{summary}");
+    let verify = |target: &str| {
+        bin()
+            .args(["verify", "--source"])
+            .arg(d.join("src.img"))
+            .arg("--target")
+            .arg(d.join(target))
+            .arg("--cow")
+            .arg(d.join("out.cow"))
+            .output()
+            .unwrap()
+    };
+    let ok = verify("tgt.img");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).starts_with("ok: "));
+    // Against the source as "target", block 10 (the first swapped one) differs.
+    let bad = verify("src.img");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("block 10 does not match"), "{err}");
 }
 
 #[test]

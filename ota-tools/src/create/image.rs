@@ -2,8 +2,8 @@
 //! vector in memory (tests and the merge simulator).
 
 use std::fs::File;
-use std::io;
-use std::os::unix::fs::FileExt;
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
 use super::BLOCK_SIZE;
@@ -123,7 +123,12 @@ impl FileImage {
                 "is a directory",
             )));
         }
-        let len = meta.len();
+        // A block device reports length 0 in its metadata; its size is where it ends.
+        let len = if meta.file_type().is_block_device() {
+            (&file).seek(SeekFrom::End(0)).map_err(open_err)?
+        } else {
+            meta.len()
+        };
         let blocks = len / BLOCK_SIZE as u64;
         if blocks > u64::from(u32::MAX) {
             return Err(ImageError::TooLarge {
