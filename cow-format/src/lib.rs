@@ -7,7 +7,8 @@
 //! * [`op`]: the version-independent op view.
 //! * [`reader`]: open, validate, iterate and read COW files.
 //! * [`merge_state`]: durable in-place updates of merge progress and scratch state.
-#![forbid(unsafe_code)]
+// `unsafe` is confined to `reader::mapped` (mmap + SIGBUS guard).
+#![deny(unsafe_code)]
 
 pub mod compression;
 #[doc(hidden)]

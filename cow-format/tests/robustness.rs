@@ -283,6 +283,29 @@ fn file_shrinking_under_the_reader_is_an_error() {
     r.read_block(9, &src, &mut out).unwrap();
 }
 
+#[test]
+fn file_shrinking_under_a_mapped_reader_is_an_error_not_sigbus() {
+    use std::io::Write;
+    let mut data = vec![0u8; 0];
+    // A v3 file whose payloads span several pages.
+    let recs: Vec<V3Rec> = (0..8u32)
+        .map(|i| V3Rec::replace(i, 0, pseudo_random(u64::from(i), 4096)))
+        .collect();
+    data.extend(V3File::default().assemble(&recs));
+    let mut tmp = tempfile::tempfile().unwrap();
+    tmp.write_all(&data).unwrap();
+    let r = CowReader::open_mapped(tmp.try_clone().unwrap()).unwrap();
+    let src: Vec<u8> = Vec::new();
+    let mut out = vec![0u8; 4096];
+    for i in 0..8u64 {
+        r.read_block(i, &src, &mut out).unwrap();
+        assert_eq!(out, pseudo_random(i, 4096));
+    }
+    tmp.set_len(4096).unwrap();
+    let e = r.read_block(7, &src, &mut out).unwrap_err();
+    assert!(matches!(e, ReadError::Io { .. }), "{e}");
+}
+
 /// The fuzz harness over the seed corpus plus 20,000 deterministic mutations
 /// (byte flips, truncations, splices, integer overwrites at field offsets).
 #[test]
@@ -346,4 +369,45 @@ fn seed_corpus_is_checked_in() {
         assert_eq!(on_disk, file, "{} is stale", path.display());
         fuzz_harness::run(&on_disk);
     }
+}
+
+#[test]
+fn reader_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<CowReader>();
+    check::<CowReader<Vec<u8>>>();
+}
+
+/// The mapped reader's SIGBUS guard passes faults that are not in its
+/// mappings on to the previous handler: a truncated mapping of someone else's
+/// still kills the process with SIGBUS, as it would without the guard.
+#[test]
+fn foreign_sigbus_still_terminates() {
+    use std::io::Write;
+    use std::os::unix::process::ExitStatusExt;
+    if std::env::var_os("COW_SIGBUS_CHILD").is_some() {
+        let mut tmp = tempfile::tempfile().unwrap();
+        tmp.write_all(&V3File::default().assemble(&[V3Rec::zero(1)]))
+            .unwrap();
+        let _guarded = CowReader::open_mapped(tmp).unwrap();
+        let mut other = tempfile::tempfile().unwrap();
+        other.write_all(&[1u8; 3 * 4096]).unwrap();
+        // SAFETY: deliberately unsound use in a child process: the file is
+        // truncated under the mapping to provoke a real SIGBUS.
+        let map = unsafe { memmap2::Mmap::map(&other).unwrap() };
+        other.set_len(0).unwrap();
+        let v = std::hint::black_box(&map[..])[2 * 4096];
+        // Only reached if the fault was swallowed.
+        println!("read {v}");
+        std::process::exit(0);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let status = std::process::Command::new(exe)
+        .args(["--exact", "foreign_sigbus_still_terminates", "--nocapture"])
+        .env("COW_SIGBUS_CHILD", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.signal(), Some(7), "child status {status:?}");
 }

@@ -2,8 +2,8 @@
 //! output image, for COW files written by `cow_format`'s writer.
 //!
 //! `cargo bench -p ota-tools --bench apply_throughput [-- BLOCKS]`
-//! (default 16384 blocks = 64 MiB image). The image is half REPLACE (text-like
-//! data, compresses about 3x), a quarter COPY, a quarter unchanged. Files live
+//! (default 16384 blocks = 64 MiB image). The image is half REPLACE (word-like
+//! data: lz4 about 2x, zstd about 3-4x), a quarter COPY, a quarter unchanged. Files live
 //! in a temporary directory, so the page cache serves most reads: the figure
 //! is the CPU-bound rate (decompression, copying, syscalls), not disk speed.
 
@@ -17,19 +17,40 @@ use ota_tools::apply::{apply, ApplyOptions};
 const BS: usize = 4096;
 
 fn block(seed: u64) -> Vec<u8> {
+    // Words from a small vocabulary plus some noise bytes: lz4 gets about
+    // 2x, zstd about 3-4x, like typical system-image data.
+    const WORDS: [&[u8]; 16] = [
+        b"system ",
+        b"vendor ",
+        b"lib64/",
+        b"android.",
+        b"hardware ",
+        b"0x00000000 ",
+        b"ELF",
+        b"\0\0\0\0",
+        b"snapuserd ",
+        b"cow ",
+        b"merge ",
+        b"block ",
+        b"data ",
+        b"zero ",
+        b"copy ",
+        b"replace ",
+    ];
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..BS)
-        .map(|i| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            if i % 4 == 0 {
-                x as u8
-            } else {
-                b"abcdefgh"[(x % 8) as usize]
-            }
-        })
-        .collect()
+    let mut out = Vec::with_capacity(BS + 16);
+    while out.len() < BS {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if x % 7 == 0 {
+            out.push((x >> 8) as u8);
+        } else {
+            out.extend_from_slice(WORDS[(x >> 16) as usize % WORDS.len()]);
+        }
+    }
+    out.truncate(BS);
+    out
 }
 
 fn make(dir: &Path, blocks: u64, opts: WriterOptions) -> u64 {
@@ -96,9 +117,11 @@ fn main() {
     ];
     for (name, opts) in cases {
         let cow_size = make(dir.path(), blocks, opts);
-        for threads in [1usize, 0] {
-            let mut best = f64::MAX;
-            for _ in 0..3 {
+        // Alternate the two thread settings so load changes on a shared
+        // machine hit both alike; keep the best of 3 runs of each.
+        let mut best = [f64::MAX; 2];
+        for _ in 0..3 {
+            for (slot, threads) in [1usize, 0].into_iter().enumerate() {
                 let out = dir.path().join("out.img");
                 let _ = std::fs::remove_file(&out);
                 let t = Instant::now();
@@ -111,18 +134,14 @@ fn main() {
                     threads,
                 })
                 .unwrap();
-                best = best.min(t.elapsed().as_secs_f64());
+                best[slot] = best[slot].min(t.elapsed().as_secs_f64());
             }
-            println!(
-                "{name:<14} cow {:>6.1} MB  threads {:<4} {:>8.1} MB/s",
-                cow_size as f64 / 1e6,
-                if threads == 0 {
-                    "all".to_string()
-                } else {
-                    threads.to_string()
-                },
-                mb / best
-            );
         }
+        println!(
+            "{name:<14} cow {:>6.1} MB  1 thread {:>8.1} MB/s  all cores {:>8.1} MB/s",
+            cow_size as f64 / 1e6,
+            mb / best[0],
+            mb / best[1]
+        );
     }
 }

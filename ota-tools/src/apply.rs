@@ -8,6 +8,8 @@
 //!   4 MiB chunks: the chunk is read from the source (zeros past its end),
 //!   the blocks that ops produce are overlaid (decompression spread over the
 //!   available cores), and the chunk is written with one positioned write.
+//!   A regular output file is truncated to a hole first, and untouched
+//!   chunks past the source's end are skipped.
 //! * **In place** (output is the same file as the source: same device and
 //!   inode, or the same block device): ops are applied one by one in merge
 //!   order, exactly as a device merge does, so each op reads the image as
@@ -283,7 +285,17 @@ pub fn apply(opts: &ApplyOptions) -> Result<ApplyReport, ApplyError> {
         let device_size = byte_size(&output, "output", &opts.output)?;
         check_device_size(&opts.output, device_size, size)?;
     } else if out_type.is_file() {
-        // In place, only grow: shrinking would drop source bytes still to be read.
+        // A separate output becomes one hole first, so untouched ranges past
+        // the source's end need not be written. In place, only grow:
+        // shrinking would drop source bytes still to be read.
+        if !in_place {
+            output.set_len(0).map_err(|source| ApplyError::Io {
+                what: "truncating output",
+                path: opts.output.clone(),
+                offset: 0,
+                source,
+            })?;
+        }
         if !in_place || size > source_size {
             output.set_len(size).map_err(|source| ApplyError::Io {
                 what: "setting the length of output",
@@ -324,7 +336,7 @@ pub fn apply(opts: &ApplyOptions) -> Result<ApplyReport, ApplyError> {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        ctx.apply_separate(size, threads, opts.progress)?
+        ctx.apply_separate(size, threads, opts.progress, out_type.is_file())?
     };
     output.sync_all().map_err(|source| ApplyError::Io {
         what: "syncing output",
@@ -454,11 +466,14 @@ impl Ctx<'_> {
             })
     }
 
+    /// `sparse_tail`: the output is a fresh regular file (all holes), so
+    /// untouched chunks past the source's end are skipped.
     fn apply_separate(
         &self,
         size: u64,
         threads: usize,
         show_progress: bool,
+        sparse_tail: bool,
     ) -> Result<ApplyReport, ApplyError> {
         let plan = block_plan(self.reader.ops());
         let progress = if show_progress {
@@ -470,6 +485,7 @@ impl Ctx<'_> {
         let mut buf = vec![0u8; chunk_bytes as usize];
         let mut next = 0usize;
         let mut offset = 0u64;
+        let mut written = 0u64;
         let mut caches: Vec<UnitCache> = (0..threads.max(1))
             .map(|_| UnitCache {
                 op: None,
@@ -477,6 +493,21 @@ impl Ctx<'_> {
             })
             .collect();
         while offset < size {
+            if sparse_tail && offset >= self.source_size {
+                // Past the source, a regular output is a hole already: jump to
+                // the chunk holding the next op-produced block.
+                let target = plan
+                    .get(next)
+                    .map_or(size, |&(b, _)| {
+                        b.saturating_mul(self.bs) / chunk_bytes * chunk_bytes
+                    })
+                    .clamp(offset, size);
+                if target > offset {
+                    progress.advance(target - offset);
+                    offset = target;
+                    continue;
+                }
+            }
             let len = chunk_bytes.min(size - offset);
             let chunk = &mut buf[..len as usize];
             self.read_source_chunk(chunk, offset)?;
@@ -502,6 +533,7 @@ impl Ctx<'_> {
             }
             self.produce_all(&mut slots, &mut caches)?;
             self.write_output(&buf[..len as usize], offset)?;
+            written += len;
             progress.advance(len);
             offset += len;
         }
@@ -510,7 +542,7 @@ impl Ctx<'_> {
             mode: ApplyMode::SeparateOutput,
             size,
             blocks_from_ops: plan.len() as u64,
-            bytes_written: size,
+            bytes_written: written,
         })
     }
 

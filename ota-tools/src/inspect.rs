@@ -269,13 +269,19 @@ pub fn report<S: cow_format::reader::CowStorage>(
     }
 }
 
-/// Open `path` and build its report.
-pub fn inspect(path: &Path, order: OpOrder) -> Result<Report, InspectError> {
+/// Open `path` and build its report. With `label`, the file is read only up
+/// to that label (v2 LABEL op / v3 resume point), as AOSP does when resuming:
+/// this works on torn files (e.g. a v2 file without footer).
+pub fn inspect(path: &Path, order: OpOrder, label: Option<u64>) -> Result<Report, InspectError> {
     let file = File::open(path).map_err(|source| InspectError::Open {
         path: path.to_path_buf(),
         source,
     })?;
-    let reader = CowReader::open(file).map_err(|source| InspectError::Cow {
+    let opened = match label {
+        None => CowReader::open(file),
+        Some(l) => CowReader::open_at_label(file, l),
+    };
+    let reader = opened.map_err(|source| InspectError::Cow {
         path: path.to_path_buf(),
         source,
     })?;

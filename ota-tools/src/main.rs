@@ -31,6 +31,10 @@ enum Command {
         /// List ops in merge order (with already-merged marks) instead of file order.
         #[arg(long)]
         merge_order: bool,
+        /// Read only up to this label (v2 LABEL op / v3 resume point), as when
+        /// resuming an interrupted write; works on torn files.
+        #[arg(long)]
+        label: Option<u64>,
     },
     /// Write the image a completed merge of a COW file leaves.
     ///
@@ -128,13 +132,14 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             cow,
             json,
             merge_order,
+            label,
         } => {
             let order = if merge_order {
                 OpOrder::Merge
             } else {
                 OpOrder::File
             };
-            let report = inspect::inspect(&cow, order)?;
+            let report = inspect::inspect(&cow, order, label)?;
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             if json {

@@ -512,3 +512,145 @@ fn errors_are_one_line_and_name_the_problem() {
         stderr(&o)
     );
 }
+
+/// AOSP's `tools/testdata/cow_v2` (the writer reproduces it byte for byte;
+/// `cow-format/tests/aosp_golden.rs` checks the SHA-256).
+fn write_aosp_cow_v2(path: &Path) {
+    let mut text = b"This is some data, believe it".to_vec();
+    text.resize(BS, 0);
+    let opts = WriterOptions {
+        cluster_ops: 5,
+        num_merge_ops: 1,
+        ..WriterOptions::default()
+    };
+    let mut w = CowWriter::create(fs::File::create(path).unwrap(), opts).unwrap();
+    w.add_copy(0, 5).unwrap();
+    w.add_replace(2, &text).unwrap();
+    w.add_label(1).unwrap();
+    w.add_xor(50, &text, 24 * 4096 + 10).unwrap();
+    w.add_zero(5, 10).unwrap();
+    w.add_label(2).unwrap();
+    w.finalize().unwrap();
+}
+
+#[test]
+fn aosp_cow_v2_inspect_and_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, cow, out) = paths(dir.path());
+    write_aosp_cow_v2(&cow);
+    let o = run(&["inspect", "--json", "--merge-order", s(&cow)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["summary"]["records"], 18);
+    assert_eq!(v["summary"]["last_label"], 2);
+    assert_eq!(v["summary"]["merge_ops_total"], 13);
+    assert_eq!(v["summary"]["ordered_ops_to_merge"], 1);
+    let order: Vec<u64> = v["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["new_block"].as_u64().unwrap())
+        .collect();
+    // snapuserd's order (fact sheet §11.1): 0, 50, 2, 5..14.
+    let mut want = vec![0, 50, 2];
+    want.extend(5..15);
+    assert_eq!(order, want);
+    assert_eq!(v["ops"][0]["merged"], true);
+    assert_eq!(v["ops"][1]["merged"], false);
+
+    let source = source_image();
+    fs::write(&src, &source).unwrap();
+    let o = run(&[
+        "apply",
+        "--source",
+        s(&src),
+        "--cow",
+        s(&cow),
+        "--output",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = fs::read(&out).unwrap();
+    let mut text = b"This is some data, believe it".to_vec();
+    text.resize(BS, 0);
+    let mut want = source.clone();
+    want.copy_within(5 * BS..6 * BS, 0);
+    want[2 * BS..3 * BS].copy_from_slice(&text);
+    want[5 * BS..15 * BS].fill(0);
+    let x = 24 * BS + 10;
+    let xored: Vec<u8> = text
+        .iter()
+        .zip(&source[x..x + BS])
+        .map(|(a, b)| a ^ b)
+        .collect();
+    want[50 * BS..51 * BS].copy_from_slice(&xored);
+    assert_eq!(got.len(), SOURCE_BLOCKS * BS);
+    assert!(got[..] == want[..SOURCE_BLOCKS * BS]);
+}
+
+#[test]
+fn apply_far_block_leaves_a_sparse_hole() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (src, cow, out) = paths(dir.path());
+    let source = source_image();
+    fs::write(&src, &source).unwrap();
+    // Junk in an existing output must not survive in the hole.
+    fs::write(&out, vec![0xAAu8; 200 * BS]).unwrap();
+    let far = 2_000_000u64; // ~8 GB image
+    let data = block_bytes(77, false);
+    let mut w =
+        CowWriter::create(fs::File::create(&cow).unwrap(), WriterOptions::default()).unwrap();
+    w.add_replace(far, &data).unwrap();
+    w.finalize().unwrap();
+    let o = run(&[
+        "apply",
+        "--source",
+        s(&src),
+        "--cow",
+        s(&cow),
+        "--output",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let meta = fs::metadata(&out).unwrap();
+    assert_eq!(meta.len(), (far + 1) * BS as u64);
+    // Allocated space is far below the apparent size.
+    assert!(
+        meta.blocks() * 512 < 64 << 20,
+        "{} bytes allocated",
+        meta.blocks() * 512
+    );
+    let f = fs::File::open(&out).unwrap();
+    let mut buf = vec![0u8; BS];
+    use std::os::unix::fs::FileExt;
+    f.read_exact_at(&mut buf, far * BS as u64).unwrap();
+    assert!(buf == data);
+    f.read_exact_at(&mut buf, 100 * BS as u64).unwrap();
+    assert!(buf.iter().all(|b| *b == 0), "old output bytes survived");
+    f.read_exact_at(&mut buf, 3 * BS as u64).unwrap();
+    assert!(buf[..] == source[3 * BS..4 * BS]);
+}
+
+#[test]
+fn inspect_a_torn_file_at_a_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let cow = dir.path().join("torn.cow");
+    let mut w =
+        CowWriter::create(fs::File::create(&cow).unwrap(), WriterOptions::default()).unwrap();
+    w.add_copy(0, 1).unwrap();
+    w.add_label(5).unwrap();
+    w.add_zero(1, 3).unwrap();
+    drop(w); // no footer
+    let o = run(&["inspect", s(&cow)]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("footer"), "{}", stderr(&o));
+    let o = run(&["inspect", "--json", "--label", "5", s(&cow)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["ops"].as_array().unwrap().len(), 1);
+    assert_eq!(v["summary"]["last_label"], 5);
+    let o = run(&["inspect", "--label", "6", s(&cow)]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("label 6 not found"), "{}", stderr(&o));
+}

@@ -178,3 +178,107 @@ impl DoubleEndedIterator for MergeOrder<'_> {
 }
 
 impl ExactSizeIterator for MergeOrder<'_> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compression::CompressionAlgorithm;
+    use crate::op::OpKind;
+
+    fn op(kind: OpKind, new_block: u64, source: u64) -> CowOp {
+        CowOp {
+            kind,
+            new_block,
+            num_blocks: 1,
+            source,
+            data_offset: 0,
+            data_length: 0,
+            compression: CompressionAlgorithm::None,
+            stored_raw: false,
+            index: 0,
+        }
+    }
+
+    fn walk(
+        v: CowVersion,
+        ops: &[CowOp],
+        seq: &[u64],
+        opts: MergeOrderOptions,
+        merged: u64,
+    ) -> Vec<u64> {
+        let plan = MergePlan::build(v, ops, seq).unwrap();
+        MergeOrder::new(ops, &plan, opts, merged)
+            .map(|o| o.new_block)
+            .collect()
+    }
+
+    #[test]
+    fn v2_legacy_and_v3_file_order() {
+        let ops = [
+            op(OpKind::Zero, 9, 0),
+            op(OpKind::Copy, 1, 3),
+            op(OpKind::Replace, 4, 0),
+            op(OpKind::Xor, 2, 77),
+        ];
+        let asc = MergeOrderOptions::default();
+        let desc = MergeOrderOptions {
+            other_ops: OtherOpsOrder::Descending,
+            skip_merged: false,
+        };
+        assert_eq!(walk(CowVersion::V2, &ops, &[], asc, 0), vec![1, 2, 4, 9]);
+        assert_eq!(walk(CowVersion::V2, &ops, &[], desc, 0), vec![1, 2, 9, 4]);
+        assert_eq!(walk(CowVersion::V3, &ops, &[], desc, 0), vec![9, 1, 4, 2]);
+        let skip = MergeOrderOptions {
+            skip_merged: true,
+            ..asc
+        };
+        assert_eq!(walk(CowVersion::V2, &ops, &[], skip, 3), vec![9]);
+        assert!(walk(CowVersion::V2, &ops, &[], skip, u64::MAX).is_empty());
+        let plan = MergePlan::build(CowVersion::V2, &ops, &[]).unwrap();
+        assert_eq!((plan.ordered.len(), plan.total()), (2, 4));
+    }
+
+    #[test]
+    fn sequence_then_others_and_missing_entries() {
+        let ops = [
+            op(OpKind::Copy, 1, 3),
+            op(OpKind::Copy, 3, 7),
+            op(OpKind::Zero, 9, 0),
+            op(OpKind::Replace, 4, 0),
+        ];
+        let asc = MergeOrderOptions::default();
+        assert_eq!(
+            walk(CowVersion::V2, &ops, &[3, 1], asc, 0),
+            vec![3, 1, 4, 9]
+        );
+        let mut it = {
+            let plan = MergePlan::build(CowVersion::V3, &ops, &[3, 1]).unwrap();
+            let v: Vec<u64> = MergeOrder::new(&ops, &plan, asc, 0)
+                .rev()
+                .map(|o| o.new_block)
+                .collect();
+            v.into_iter()
+        };
+        assert_eq!(it.next(), Some(9));
+        assert!(matches!(
+            MergePlan::build(CowVersion::V2, &ops, &[3, 5]),
+            Err(ReadError::SequenceWithoutOp { entry: 1, block: 5 })
+        ));
+    }
+
+    #[test]
+    fn iterator_is_exact_size_from_both_ends() {
+        let ops: Vec<CowOp> = (0..10).map(|b| op(OpKind::Zero, b, 0)).collect();
+        let plan = MergePlan::build(CowVersion::V3, &ops, &[]).unwrap();
+        let opts = MergeOrderOptions {
+            skip_merged: true,
+            ..Default::default()
+        };
+        let mut it = MergeOrder::new(&ops, &plan, opts, 4);
+        assert_eq!(it.len(), 6);
+        assert_eq!(it.next().map(|o| o.new_block), Some(4));
+        assert_eq!(it.next_back().map(|o| o.new_block), Some(9));
+        assert_eq!(it.len(), 4);
+        assert_eq!(it.count(), 4);
+    }
+}

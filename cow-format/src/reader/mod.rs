@@ -8,6 +8,8 @@
 
 mod error;
 mod index;
+#[allow(unsafe_code)]
+mod mapped;
 mod merge;
 mod parse_v2;
 mod parse_v3;
@@ -17,6 +19,7 @@ use std::cell::RefCell;
 use std::fs::File;
 
 pub use error::ReadError;
+pub use mapped::MappedFile;
 pub use merge::{MergeOrder, MergeOrderOptions, OtherOpsOrder};
 pub use storage::{CowStorage, SourceImage};
 
@@ -228,6 +231,20 @@ impl CowReader<File> {
     /// (v2: up to the first LABEL op with that value; v3: the resume point).
     pub fn open_at_label(file: File, label: u64) -> Result<Self, ReadError> {
         Self::from_storage_at_label(file, label)
+    }
+}
+
+impl CowReader<MappedFile> {
+    /// Like [`CowReader::open`], but reads through a memory mapping
+    /// ([`MappedFile`]): no syscall per read. If the file shrinks while
+    /// mapped, reads fail with an I/O error instead of crashing.
+    pub fn open_mapped(file: File) -> Result<Self, ReadError> {
+        Self::from_storage(MappedFile::new(file).map_err(ReadError::Size)?)
+    }
+
+    /// Like [`CowReader::open_at_label`], through a memory mapping.
+    pub fn open_mapped_at_label(file: File, label: u64) -> Result<Self, ReadError> {
+        Self::from_storage_at_label(MappedFile::new(file).map_err(ReadError::Size)?, label)
     }
 }
 
@@ -498,4 +515,89 @@ fn read_source(source: &dyn SourceImage, buf: &mut [u8], offset: u64) -> Result<
             len: buf.len() as u64,
             source: e,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{op_type, CowOpV2, V2_OP_SIZE};
+
+    fn v2_file(ops: &[CowOpV2]) -> Vec<u8> {
+        let mut f = CowHeaderV2::new(4096, 0, 0).encode().to_vec();
+        for op in ops {
+            f.extend_from_slice(&op.encode());
+        }
+        f.extend_from_slice(&CowFooterV2::new(ops.len() as u64).unwrap().encode());
+        f
+    }
+
+    #[test]
+    fn header_errors_are_typed() {
+        assert!(matches!(
+            CowReader::from_storage(vec![0u8; 5]),
+            Err(ReadError::OutOfBounds { what: "header", .. })
+        ));
+        let mut f = v2_file(&[]);
+        f[0] ^= 1;
+        assert!(matches!(
+            CowReader::from_storage(f),
+            Err(ReadError::Layout(LayoutError::BadMagic { .. }))
+        ));
+        let mut f = v2_file(&[]);
+        f[12] = 79;
+        assert!(CowReader::from_storage(f).is_err());
+        let mut f = v2_file(&[]);
+        f[8] = 4;
+        assert!(matches!(
+            CowReader::from_storage(f),
+            Err(ReadError::Layout(LayoutError::UnsupportedVersion {
+                major: 4,
+                ..
+            }))
+        ));
+        let f = v2_file(&[]);
+        let r = CowReader::from_storage(f).unwrap();
+        assert!(r.ops().is_empty());
+        assert_eq!(r.num_total_data_ops(), 0);
+    }
+
+    #[test]
+    fn buffer_sizes_and_payload_free_ops() {
+        let copy = CowOpV2 {
+            op_type: op_type::COPY,
+            new_block: 1,
+            source: 2,
+            ..Default::default()
+        };
+        let r = CowReader::from_storage(v2_file(&[copy])).unwrap();
+        let src = vec![9u8; 3 * 4096];
+        let mut small = vec![0u8; 100];
+        assert!(matches!(
+            r.read_block(1, &src, &mut small),
+            Err(ReadError::BufferSize { got: 100, .. })
+        ));
+        let mut out = vec![0u8; 4096];
+        assert_eq!(r.read_block(1, &src, &mut out).unwrap(), BlockOrigin::Op(0));
+        assert_eq!(
+            r.read_block(0, &src, &mut out).unwrap(),
+            BlockOrigin::Unchanged
+        );
+        // COPY from a block past the end of the source image.
+        assert!(matches!(
+            r.read_block(1, &vec![0u8; 4096], &mut out),
+            Err(ReadError::Io {
+                what: "source image",
+                ..
+            })
+        ));
+        let op = r.ops()[0];
+        assert!(matches!(
+            r.read_op_data(&op, &mut out),
+            Err(ReadError::BadOp { .. })
+        ));
+        assert_eq!(r.find_op(1).map(|o| o.kind), Some(OpKind::Copy));
+        assert!(r.find_op(2).is_none());
+        assert_eq!(r.record_count(), 1);
+        assert_eq!(V2_OP_SIZE, 20);
+    }
 }

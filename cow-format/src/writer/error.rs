@@ -76,6 +76,20 @@ pub enum WriteError {
         /// Why.
         reason: &'static str,
     },
+    /// A target block that an earlier op already writes (one op per block,
+    /// fact sheet §6.2); allowed with `WriterOptions::allow_duplicate_blocks`.
+    #[error("new block {new_block} is already written by an earlier op")]
+    DuplicateBlock {
+        /// The first block written twice.
+        new_block: u64,
+    },
+    /// At finalize: a merge-sequence entry that no op writes (AOSP's reader
+    /// rejects such files).
+    #[error("merge sequence names block {block}, but no op was added for it")]
+    SequenceWithoutOp {
+        /// The smallest such block.
+        block: u64,
+    },
     /// The v3 op area is full.
     #[error("v3 op area full: {op_count} ops written, {adding} more requested, op_count_max is {op_count_max}")]
     OpCapacityExceeded {
@@ -91,6 +105,20 @@ pub enum WriteError {
     PreparedMismatch {
         /// First target block of the prepared op.
         new_block: u64,
+    },
+    /// The file to append to does not fit the options or is not well formed.
+    #[error("cannot append at byte {offset}: {reason}")]
+    NotAppendable {
+        /// Byte offset of the problem (0 for option mismatches).
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The label to append at is not in the file.
+    #[error("label {label} not found in the file to append to")]
+    AppendLabelNotFound {
+        /// The label asked for.
+        label: u64,
     },
     /// Compressing a payload failed.
     #[error("compressing data for new block {new_block}: {source}")]

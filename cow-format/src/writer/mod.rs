@@ -22,6 +22,8 @@
 //! Layout rules, stored-raw rules and the chunking policy are documented in
 //! the submodules and in `cow-format/WRITER.md`.
 
+mod append;
+mod blocks;
 mod error;
 mod options;
 mod prepared;
@@ -41,6 +43,7 @@ pub use error::WriteError;
 pub use options::{WriterOptions, DEFAULT_COMPRESSION_FACTOR};
 pub use prepared::{prepare_replace, prepare_xor, PreparedOp};
 
+use blocks::{BlockSet, PendingSequence};
 use prepared::PreparedFormat;
 use sink::Sink;
 use v2::V2Stream;
@@ -87,6 +90,8 @@ pub struct CowWriter {
     data_ops: u64,
     payload_bytes: u64,
     blocks: u64,
+    written: BlockSet,
+    sequence: PendingSequence,
 }
 
 fn check_block(new_block: u64, count: u64) -> Result<(), WriteError> {
@@ -147,6 +152,60 @@ impl CowWriter {
             data_ops: 0,
             payload_bytes: 0,
             blocks: 0,
+            written: BlockSet::default(),
+            sequence: PendingSequence::default(),
+        })
+    }
+
+    /// Reopen a COW file written with `opts` at `label` and continue
+    /// writing after it (AOSP's append mode, for resuming an interrupted
+    /// write). `file` must be open for reading and writing. Ops after the
+    /// label are discarded: v2 overwrites them, v3 forgets them (the next
+    /// commit rewrites `op_count`). For v3, `op_count_max: None` takes the
+    /// file's capacity. Options that shape the layout (version, block size,
+    /// clustering, scratch, compression, factor) must match the file.
+    pub fn open_for_append(
+        file: File,
+        opts: WriterOptions,
+        label: u64,
+    ) -> Result<Self, WriteError> {
+        let mut check = opts;
+        if check.version == CowVersion::V3 && check.op_count_max.is_none() {
+            check.op_count_max = Some(0);
+        }
+        check.validate()?;
+        let resumed = append::resume(&file, &opts, label)?;
+        let mut opts = opts;
+        let mut sink = Sink::new(file);
+        sink.note_existing()?;
+        let format = match (resumed.v2, resumed.v3) {
+            (Some(mut stream), _) => {
+                stream.close_cluster_if_full(&mut sink)?;
+                Format::V2(stream)
+            }
+            (None, Some(layout)) => {
+                opts.op_count_max = Some(layout.header().op_count_max);
+                Format::V3(layout)
+            }
+            (None, None) => {
+                return Err(WriteError::NotAppendable {
+                    offset: 0,
+                    reason: "no writer state rebuilt".into(),
+                })
+            }
+        };
+        sink.flush()?;
+        Ok(Self {
+            opts,
+            sink,
+            format,
+            sequence_allowed: false,
+            poisoned: false,
+            data_ops: resumed.data_ops,
+            payload_bytes: resumed.payload_bytes,
+            blocks: resumed.blocks,
+            written: resumed.written,
+            sequence: resumed.sequence,
         })
     }
 
@@ -183,6 +242,18 @@ impl CowWriter {
             }
         }
         r
+    }
+
+    /// Fail if any of `[new_block, new_block + count)` already has an op
+    /// (unless duplicates are allowed).
+    fn check_unwritten(&self, new_block: u64, count: u64) -> Result<(), WriteError> {
+        if self.opts.allow_duplicate_blocks {
+            return Ok(());
+        }
+        match self.written.first_overlap(new_block, count) {
+            Some(b) => Err(WriteError::DuplicateBlock { new_block: b }),
+            None => Ok(()),
+        }
     }
 
     /// Fail if the v3 op area cannot take `n` more records.
@@ -264,6 +335,10 @@ impl CowWriter {
             }
         }
         self.sequence_allowed = false;
+        self.sequence.op_added(new_block);
+        if !self.opts.allow_duplicate_blocks {
+            self.written.insert(new_block, 1u64 << shift);
+        }
         self.data_ops += 1;
         self.payload_bytes += payload.len() as u64;
         self.blocks += 1u64 << shift;
@@ -307,6 +382,7 @@ impl CowWriter {
                 }
                 Format::V3(l) => l.set_sequence(sink, merge_order)?,
             }
+            w.sequence = PendingSequence::new(merge_order);
             w.sequence_allowed = false;
             Ok(())
         })
@@ -333,6 +409,7 @@ impl CowWriter {
                     source_value: old_block,
                 });
             }
+            w.check_unwritten(new_block, num_blocks)?;
             w.reserve(num_blocks)?;
             for i in 0..num_blocks {
                 w.write_data_op(OpKind::Copy, new_block + i, old_block + i, 0, 0, &[])?;
@@ -345,6 +422,7 @@ impl CowWriter {
     pub fn add_zero(&mut self, new_block: u64, num_blocks: u64) -> Result<(), WriteError> {
         self.guarded(|w| {
             check_block(new_block, num_blocks)?;
+            w.check_unwritten(new_block, num_blocks)?;
             w.reserve(num_blocks)?;
             for i in 0..num_blocks {
                 w.write_data_op(OpKind::Zero, new_block + i, 0, 0, 0, &[])?;
@@ -387,6 +465,8 @@ impl CowWriter {
                     new_block: op.first_block,
                 });
             }
+            let blocks: u64 = op.records.iter().map(|r| 1u64 << r.shift).sum();
+            w.check_unwritten(op.first_block, blocks)?;
             w.reserve(op.op_count())?;
             for r in &op.records {
                 let payload = op
@@ -442,6 +522,9 @@ impl CowWriter {
         if self.poisoned {
             return Err(WriteError::Poisoned);
         }
+        if let Some(block) = self.sequence.first_missing() {
+            return Err(WriteError::SequenceWithoutOp { block });
+        }
         let op_records;
         let file_size = match &mut self.format {
             Format::V2(s) => {
@@ -454,6 +537,13 @@ impl CowWriter {
                 end
             }
             Format::V3(l) => {
+                // A file without payloads would end inside the op area; extend
+                // it to the data area so that file size = data offset + payload
+                // bytes always holds (the added range is a sparse hole).
+                let data_offset = l.data_offset();
+                if self.sink.high_water() < data_offset && self.sink.is_regular_file()? {
+                    self.sink.set_len(data_offset)?;
+                }
                 l.commit(&mut self.sink)?;
                 op_records = l.op_count();
                 self.sink.high_water()

@@ -35,6 +35,10 @@ pub struct WriterOptions {
     /// Initial `num_merge_ops` header value (0 in production; AOSP's test
     /// files use other values).
     pub num_merge_ops: u64,
+    /// Accept several ops for the same new block (AOSP's writer does; its
+    /// merge then applies the first op only). Off by default: a second op
+    /// for a block is refused with `WriteError::DuplicateBlock`.
+    pub allow_duplicate_blocks: bool,
 }
 
 impl Default for WriterOptions {
@@ -48,6 +52,7 @@ impl Default for WriterOptions {
             scratch: true,
             op_count_max: None,
             num_merge_ops: 0,
+            allow_duplicate_blocks: false,
         }
     }
 }
@@ -128,6 +133,15 @@ impl WriterOptions {
         } else {
             0
         }
+    }
+
+    /// Op records `add_replace` of `num_blocks` blocks produces with these
+    /// options (v2: one per block; v3: the chunking of §7.3). COPY, ZERO and
+    /// XOR take one record per block. Use it to size v3 `op_count_max`.
+    pub fn replace_records(&self, num_blocks: u64) -> u64 {
+        let max = self.max_blocks_per_op();
+        // max is a power of two: full chunks, then one op per set bit of the rest.
+        num_blocks / max + u64::from((num_blocks % max).count_ones())
     }
 
     /// Blocks one v3 REPLACE op may cover (compression factor / block size).
@@ -213,6 +227,23 @@ mod tests {
             ..v3()
         };
         assert!(o.validate().is_err());
+    }
+
+    #[test]
+    fn replace_record_counts() {
+        let o = WriterOptions {
+            compression_factor: 16384,
+            ..v3()
+        };
+        assert_eq!(o.replace_records(7), 3); // 4 + 2 + 1
+        assert_eq!(o.replace_records(8), 2);
+        assert_eq!(o.replace_records(0), 0);
+        assert_eq!(WriterOptions::default().replace_records(7), 7);
+        for n in 0..200u64 {
+            let data = vec![0u8; n as usize * 4096];
+            let p = super::super::prepare_replace(&o, 0, &data).unwrap();
+            assert_eq!(p.op_count(), o.replace_records(n), "{n} blocks");
+        }
     }
 
     #[test]

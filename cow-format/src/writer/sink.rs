@@ -71,6 +71,20 @@ impl Sink {
         Ok(())
     }
 
+    /// Take the file's current length as already written (append mode), so
+    /// that nothing treats the existing content as missing.
+    pub(crate) fn note_existing(&mut self) -> Result<(), WriteError> {
+        use std::io::{Seek, SeekFrom};
+        let mut f = &self.file;
+        let len = f.seek(SeekFrom::End(0)).map_err(|source| WriteError::Io {
+            what: "sizing the output file",
+            offset: 0,
+            source,
+        })?;
+        self.high_water = self.high_water.max(len);
+        Ok(())
+    }
+
     /// Highest byte offset written (or buffered) so far.
     pub(crate) fn high_water(&self) -> u64 {
         self.high_water

@@ -141,6 +141,7 @@ fn v2_sequence_is_split_at_two_blocks_of_entries() {
     });
     let order: Vec<u32> = (0..2049).collect();
     w.add_sequence(&order).unwrap();
+    w.add_zero(0, 2049).unwrap();
     w.finalize().unwrap();
     let bytes = contents(&file);
     let op = |off: usize| CowOpV2::decode(bytes[off..off + 20].try_into().unwrap());
@@ -272,5 +273,208 @@ fn parallel_preparation_gives_identical_files() {
         }
         w2.finalize().unwrap();
         assert_eq!(contents(&f1), contents(&f2));
+    }
+}
+
+#[test]
+fn one_op_per_block_unless_allowed() {
+    let (_f, mut w) = new_writer(WriterOptions {
+        compression_factor: 16384,
+        ..v3(100)
+    });
+    w.add_replace(10, &[1u8; 4 * 4096]).unwrap();
+    assert!(matches!(
+        w.add_zero(8, 3),
+        Err(WriteError::DuplicateBlock { new_block: 10 })
+    ));
+    assert!(matches!(
+        w.add_copy(13, 0),
+        Err(WriteError::DuplicateBlock { new_block: 13 })
+    ));
+    assert!(matches!(
+        w.add_xor(12, &[0u8; 4096], 0),
+        Err(WriteError::DuplicateBlock { new_block: 12 })
+    ));
+    // Nothing was written by the refused calls.
+    assert_eq!(w.op_records(), 1);
+    w.add_zero(8, 2).unwrap();
+    w.add_copy(14, 0).unwrap();
+    w.finalize().unwrap();
+
+    // AOSP's duplicate example (fact sheet §6.2) can still be written on purpose.
+    let (_f, mut w) = new_writer(WriterOptions {
+        allow_duplicate_blocks: true,
+        ..v3(100)
+    });
+    w.add_zero(7, 1).unwrap();
+    w.add_replace(7, &[1u8; 4096]).unwrap();
+    w.add_copy(3, 9).unwrap();
+    w.add_copy(3, 10).unwrap();
+    assert_eq!(w.finalize().unwrap().data_ops, 4);
+}
+
+#[test]
+fn sequence_entries_need_an_op_by_finalize() {
+    let (_f, mut w) = new_writer(v3(10));
+    w.add_sequence(&[3, 1]).unwrap();
+    w.add_copy(1, 3).unwrap();
+    assert!(matches!(
+        w.finalize(),
+        Err(WriteError::SequenceWithoutOp { block: 3 })
+    ));
+}
+
+fn labelled_file(opts: WriterOptions) -> Vec<u8> {
+    let (file, mut w) = new_writer(opts);
+    w.add_sequence(&[1, 0]).unwrap();
+    w.add_copy(0, 4).unwrap();
+    w.add_replace(5, &[3u8; 3 * 4096]).unwrap();
+    w.add_label(7).unwrap();
+    w.add_copy(1, 9).unwrap();
+    w.add_xor(9, &[1u8; 4096], 100).unwrap();
+    w.add_label(8).unwrap();
+    w.finalize().unwrap();
+    contents(&file)
+}
+
+fn append_to(bytes: &[u8], opts: WriterOptions, label: u64) -> Result<CowWriter, WriteError> {
+    let mut f = tempfile::tempfile().unwrap();
+    std::io::Write::write_all(&mut f, bytes).unwrap();
+    CowWriter::open_for_append(f, opts, label)
+}
+
+#[test]
+fn append_refuses_mismatched_options_and_unknown_labels() {
+    let v2 = WriterOptions {
+        cluster_ops: 4,
+        compression: "lz4".parse().unwrap(),
+        ..WriterOptions::default()
+    };
+    let bytes = labelled_file(v2);
+    append_to(&bytes, v2, 7).unwrap();
+    append_to(&bytes, v2, 8).unwrap();
+    assert!(matches!(
+        append_to(&bytes, v2, 9),
+        Err(WriteError::AppendLabelNotFound { label: 9 })
+    ));
+    for other in [
+        WriterOptions {
+            cluster_ops: 5,
+            ..v2
+        },
+        WriterOptions {
+            scratch: false,
+            ..v2
+        },
+        WriterOptions {
+            compression: "zstd".parse().unwrap(),
+            ..v2
+        },
+    ] {
+        assert!(
+            matches!(
+                append_to(&bytes, other, 7),
+                Err(WriteError::NotAppendable { .. })
+            ),
+            "{other:?}"
+        );
+    }
+    let v3o = WriterOptions {
+        compression: "zstd".parse().unwrap(),
+        compression_factor: 8192,
+        ..v3(20)
+    };
+    let bytes = labelled_file(v3o);
+    append_to(
+        &bytes,
+        WriterOptions {
+            op_count_max: None,
+            ..v3o
+        },
+        7,
+    )
+    .unwrap();
+    assert!(matches!(
+        append_to(&bytes, v3o, 1),
+        Err(WriteError::AppendLabelNotFound { label: 1 })
+    ));
+    for other in [
+        WriterOptions {
+            op_count_max: Some(21),
+            ..v3o
+        },
+        WriterOptions {
+            compression_factor: 16384,
+            ..v3o
+        },
+        WriterOptions {
+            compression: "lz4".parse().unwrap(),
+            ..v3o
+        },
+    ] {
+        assert!(
+            matches!(
+                append_to(&bytes, other, 7),
+                Err(WriteError::NotAppendable { .. })
+            ),
+            "{other:?}"
+        );
+    }
+    // A v2 file is not appendable as v3 and vice versa.
+    assert!(append_to(&labelled_file(v2), v3o, 7).is_err());
+    assert!(append_to(&bytes, v2, 7).is_err());
+}
+
+#[test]
+fn append_survives_truncated_and_corrupted_files() {
+    let sets = [
+        WriterOptions {
+            cluster_ops: 4,
+            scratch: false,
+            ..WriterOptions::default()
+        },
+        WriterOptions {
+            cluster_ops: 0,
+            scratch: false,
+            ..WriterOptions::default()
+        },
+        WriterOptions {
+            compression_factor: 8192,
+            ..v3(12)
+        },
+    ];
+    for o in sets {
+        if o.version == CowVersion::V2 && o.cluster_ops == 0 {
+            // No sequence without clusters: build the file by hand.
+            let (file, mut w) = new_writer(o);
+            w.add_copy(0, 4).unwrap();
+            w.add_label(7).unwrap();
+            w.add_replace(5, &[3u8; 4096]).unwrap();
+            w.finalize().unwrap();
+            let bytes = contents(&file);
+            for len in 0..bytes.len() {
+                let _ = append_to(&bytes[..len], o, 7);
+            }
+            continue;
+        }
+        let bytes = labelled_file(o);
+        // Every truncation: an error or a usable writer, never a panic.
+        for len in 0..bytes.len() {
+            if let Ok(w) = append_to(&bytes[..len], o, 7) {
+                drop(w);
+            }
+        }
+        // Bit flips in the header and metadata.
+        let meta_end = bytes.len().min(400);
+        for i in 0..meta_end {
+            for bit in [0u8, 3, 7] {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                if let Ok(mut w) = append_to(&b, o, 7) {
+                    let _ = w.add_zero(30, 1);
+                    let _ = w.finalize();
+                }
+            }
+        }
     }
 }

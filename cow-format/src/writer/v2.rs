@@ -116,6 +116,32 @@ impl V2Stream {
         Ok(())
     }
 
+    /// Position of the next op record.
+    pub(crate) fn next_op_pos(&self) -> u64 {
+        self.next_op_pos
+    }
+
+    /// Account for a record that is already in the file (append mode),
+    /// exactly as if it had just been written.
+    pub(crate) fn replay(&mut self, op: &CowOpV2) -> Result<(), WriteError> {
+        let (op_pos, data_pos) = self.advance(op)?;
+        self.account(op, op_pos, data_pos);
+        if self.cluster_ops != 0 && self.current_cluster_size + OP > self.cluster_bytes {
+            // A well-formed cluster always ends with a CLUSTER op in its last slot.
+            return Err(overflow("cluster without CLUSTER op", self.num_ops));
+        }
+        Ok(())
+    }
+
+    /// After replaying up to a label: close the cluster if it has no room
+    /// left (as AOSP's OpenForAppend does).
+    pub(crate) fn close_cluster_if_full(&mut self, sink: &mut Sink) -> Result<(), WriteError> {
+        if self.cluster_ops != 0 && self.cluster_bytes < self.current_cluster_size + 2 * OP {
+            self.emit_cluster(sink)?;
+        }
+        Ok(())
+    }
+
     fn write_record(
         &mut self,
         sink: &mut Sink,
@@ -125,6 +151,11 @@ impl V2Stream {
         let (op_pos, data_pos) = self.advance(&op)?;
         sink.put(self.next_op_pos, &op.encode())?;
         sink.put(self.next_data_pos, payload)?;
+        self.account(&op, op_pos, data_pos);
+        Ok(())
+    }
+
+    fn account(&mut self, op: &CowOpV2, op_pos: u64, data_pos: u64) {
         self.num_ops += 1;
         self.next_op_pos = op_pos;
         self.next_data_pos = data_pos;
@@ -137,7 +168,6 @@ impl V2Stream {
                 self.current_data_size += u64::from(op.data_length);
             }
         }
-        Ok(())
     }
 
     fn emit_cluster(&mut self, sink: &mut Sink) -> Result<(), WriteError> {
@@ -158,12 +188,12 @@ impl V2Stream {
     pub(crate) fn finish(&mut self, sink: &mut Sink) -> Result<u64, WriteError> {
         let mut unused = 0;
         if self.cluster_ops != 0 {
-            unused = self.cluster_bytes - self.current_cluster_size;
+            unused = self.cluster_bytes.saturating_sub(self.current_cluster_size);
             if self.current_data_size > 0 {
                 // The CLUSTER op takes the first unused slot; zero the rest.
                 let slot = self.next_op_pos;
                 self.emit_cluster(sink)?;
-                sink.put_zeros(slot + OP, unused - OP)?;
+                sink.put_zeros(slot + OP, unused.saturating_sub(OP))?;
                 unused = 0;
             }
         }

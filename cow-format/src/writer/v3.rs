@@ -36,6 +36,25 @@ impl V3Layout {
         })
     }
 
+    /// State for appending to an existing file: `header.op_count` is the
+    /// number of ops kept, `next_data_pos` the end of their payloads.
+    pub(crate) fn resume(
+        header: CowHeaderV3,
+        resume_points: Vec<ResumePoint>,
+        next_data_pos: u64,
+    ) -> Result<Self, WriteError> {
+        let regions = header.regions().map_err(layout_err(0))?;
+        let mut layout = Self {
+            header,
+            regions,
+            resume_points,
+            next_data_pos,
+        };
+        // At most resume_point_max entries (the caller read no more).
+        layout.header.resume_point_count = layout.resume_points.len() as u32;
+        Ok(layout)
+    }
+
     /// The header as it will be written.
     pub(crate) fn header(&self) -> &CowHeaderV3 {
         &self.header
@@ -44,6 +63,11 @@ impl V3Layout {
     /// Op records written so far.
     pub(crate) fn op_count(&self) -> u64 {
         self.header.op_count
+    }
+
+    /// Start of the data area.
+    pub(crate) fn data_offset(&self) -> u64 {
+        self.regions.data_offset
     }
 
     /// File offset where the next payload goes.
