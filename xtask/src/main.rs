@@ -5,6 +5,8 @@
 //!   reports one line per test and kernel. `--disk` attaches raw images as virtio disks.
 //! * `cargo xtask vm-bench [--kernel ...]` runs only the dm-user vs loop benchmark.
 //! * `cargo xtask kernel-check` runs `kernel/scripts/check-style.sh`.
+//! * `cargo xtask test` runs everything: the workspace's tests, the kernel style checks and the
+//!   emulator tests on both kernels. It is the test command README.md names.
 
 mod cmd;
 mod deps;
@@ -26,7 +28,7 @@ use initramfs::InitramfsSpec;
 use report::TestResult;
 use vm::VmSpec;
 
-const USAGE: &str = "cargo xtask <vm-test|vm-bench|kernel-check> [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--timeout SECS] [--disk RAW.img]...";
+const USAGE: &str = "cargo xtask <test|vm-test|vm-bench|kernel-check> [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--timeout SECS] [--disk RAW.img]...";
 
 /// Parsed command-line options.
 #[derive(Debug, Default)]
@@ -275,6 +277,23 @@ fn kernel_check() -> Result<()> {
     cmd::run(Command::new("bash").arg(&script).current_dir(&repo))
 }
 
+/// Every test suite of the project, in order of cost; stops at the first failing stage.
+fn test_all(rest: &[String]) -> Result<()> {
+    let opts = parse_options(rest)?;
+    let repo = repo_root();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("xtask: [1/3] cargo test --workspace");
+    cmd::run(
+        Command::new(cargo)
+            .args(["test", "--workspace", "--locked"])
+            .current_dir(&repo),
+    )?;
+    eprintln!("xtask: [2/3] kernel style (checkpatch, sparse, W=1 on both kernels)");
+    kernel_check()?;
+    eprintln!("xtask: [3/3] emulator tests");
+    vm_test(&opts, true)
+}
+
 fn real_main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((sub, rest)) = args.split_first() else {
@@ -288,6 +307,7 @@ fn real_main() -> Result<()> {
             vm_test(&o, false)
         }
         "kernel-check" => kernel_check(),
+        "test" => test_all(rest),
         _ => Err(XtaskError::Usage(USAGE.into())),
     }
 }
