@@ -57,6 +57,9 @@ pub enum XtaskError {
     /// Some tests failed.
     #[error("{0} test result(s) failed")]
     TestsFailed(usize),
+    /// A result the demo checks was wrong.
+    #[error("demo check failed: {0}")]
+    DemoCheck(String),
 }
 
 fn tail_note(output: &str) -> String {

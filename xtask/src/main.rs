@@ -5,10 +5,12 @@
 //!   reports one line per test and kernel. `--disk` attaches raw images as virtio disks.
 //! * `cargo xtask vm-bench [--kernel ...]` runs only the dm-user vs loop benchmark.
 //! * `cargo xtask kernel-check` runs `kernel/scripts/check-style.sh`.
+//! * `cargo xtask demo [--source SRC.img --target TGT.img]` runs the OTA demo (see `demo.rs`).
 //! * `cargo xtask test` runs everything: the workspace's tests, the kernel style checks and the
 //!   emulator tests on both kernels. It is the test command README.md names.
 
 mod cmd;
+mod demo;
 mod deps;
 mod error;
 mod guest;
@@ -28,7 +30,7 @@ use initramfs::InitramfsSpec;
 use report::TestResult;
 use vm::VmSpec;
 
-const USAGE: &str = "cargo xtask <test|vm-test|vm-bench|kernel-check> [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--timeout SECS] [--disk RAW.img]...";
+const USAGE: &str = "cargo xtask <demo|test|vm-test|vm-bench|kernel-check> [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--timeout SECS] [--disk RAW.img]...";
 
 /// Parsed command-line options.
 #[derive(Debug, Default)]
@@ -308,6 +310,7 @@ fn real_main() -> Result<()> {
         }
         "kernel-check" => kernel_check(),
         "test" => test_all(rest),
+        "demo" => demo::run(&repo_root(), &demo::DemoOptions::parse(rest)?),
         _ => Err(XtaskError::Usage(USAGE.into())),
     }
 }
