@@ -983,6 +983,19 @@ impl ResumePoint {
         put(&mut b, 8, &self.op_index.to_le_bytes());
         b
     }
+
+    /// Decode consecutive 16-byte records (a resume buffer); a trailing partial record is
+    /// ignored.
+    pub fn decode_all(bytes: &[u8]) -> Vec<Self> {
+        bytes
+            .chunks_exact(RESUME_POINT_SIZE)
+            .map(|c| {
+                let mut record = [0u8; RESUME_POINT_SIZE];
+                record.copy_from_slice(c);
+                Self::decode(&record)
+            })
+            .collect()
+    }
 }
 
 // ---------------------------------------------------------------------------

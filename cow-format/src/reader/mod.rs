@@ -13,6 +13,7 @@ mod mapped;
 mod merge;
 mod parse_v2;
 mod parse_v3;
+mod payload;
 mod storage;
 
 use std::cell::RefCell;

@@ -1,11 +1,12 @@
 //! Parsing of the v2 op stream: clusters, labels, SEQUENCE ops and footer
 //! (fact sheet §5.1), with the same stopping rules as AOSP's parser.
 
-use crate::compression::{effective_algorithm, CompressionAlgorithm};
+use crate::compression::CompressionAlgorithm;
 use crate::layout::{op_type, CowFooterV2, CowHeaderV2, CowOpV2, V2_FOOTER_SIZE, V2_OP_SIZE};
 use crate::op::{CowOp, CowVersion, OpKind};
 
 use super::error::ReadError;
+use super::payload::{attach_payload, check_payload, PayloadSpan};
 use super::storage::CowStorage;
 use super::{read_at, Parsed};
 
@@ -210,36 +211,6 @@ fn read_sequence<S: CowStorage + ?Sized>(
     Ok(())
 }
 
-/// Check that a payload lies inside the op/data area of the file.
-pub(super) fn check_payload(
-    what: &'static str,
-    payload_offset: u64,
-    len: u64,
-    min_offset: u64,
-    file_size: u64,
-    index: u64,
-    offset: u64,
-) -> Result<(), ReadError> {
-    if payload_offset < min_offset {
-        return Err(ReadError::BadOp {
-            index,
-            offset,
-            reason: format!(
-                "{what} at byte {payload_offset} lies before the op area ({min_offset})"
-            ),
-        });
-    }
-    match payload_offset.checked_add(len) {
-        Some(end) if end <= file_size => Ok(()),
-        _ => Err(ReadError::OutOfBounds {
-            what,
-            offset: payload_offset,
-            len,
-            file_size,
-        }),
-    }
-}
-
 fn data_op(
     op: &CowOpV2,
     index: u64,
@@ -279,34 +250,24 @@ fn data_op(
                 id: op.compression.into(),
                 context: format!("in op {index} at byte {offset}"),
             })?;
-        let len = u64::from(op.data_length);
         let payload = if kind == OpKind::Replace {
             op.source
         } else {
             data_pos
         };
-        check_payload(
-            "op payload",
-            payload,
-            len,
-            ops_start,
+        attach_payload(
+            &mut cow_op,
+            CowVersion::V2,
+            PayloadSpan {
+                offset: payload,
+                len: u32::from(op.data_length),
+                algorithm: alg,
+                unit: block_size,
+                min_offset: ops_start,
+            },
             file_size,
-            index,
             offset,
         )?;
-        let raw =
-            effective_algorithm(CowVersion::V2, alg, len, block_size) == CompressionAlgorithm::None;
-        if raw && len != block_size {
-            return Err(ReadError::BadOp {
-                index,
-                offset,
-                reason: format!("uncompressed payload of {len} bytes, block size is {block_size}"),
-            });
-        }
-        cow_op.data_offset = payload;
-        cow_op.data_length = u32::from(op.data_length);
-        cow_op.compression = alg;
-        cow_op.stored_raw = raw;
     }
     Ok(cow_op)
 }

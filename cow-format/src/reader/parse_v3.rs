@@ -1,12 +1,12 @@
 //! Parsing of v3 files: sequence region, resume buffer and the fixed op area
 //! (fact sheet §5.2).
 
-use crate::compression::{effective_algorithm, CompressionAlgorithm};
+use crate::compression::CompressionAlgorithm;
 use crate::layout::{op_type, CowHeaderV3, CowOpV3, ResumePoint, RESUME_POINT_SIZE, V3_OP_SIZE};
 use crate::op::{CowOp, CowVersion, OpKind};
 
 use super::error::ReadError;
-use super::parse_v2::check_payload;
+use super::payload::{attach_payload, PayloadSpan};
 use super::storage::CowStorage;
 use super::{read_at, Parsed};
 
@@ -62,14 +62,7 @@ pub(super) fn parse<S: CowStorage + ?Sized>(
         regions.resume_offset,
         n_points * RESUME_POINT_SIZE as u64,
     )?;
-    out.resume_points = rp_bytes
-        .chunks_exact(RESUME_POINT_SIZE)
-        .map(|c| {
-            let mut a = [0u8; RESUME_POINT_SIZE];
-            a.copy_from_slice(c);
-            ResumePoint::decode(&a)
-        })
-        .collect();
+    out.resume_points = ResumePoint::decode_all(&rp_bytes);
 
     let op_count = match label {
         None => header.op_count,
@@ -142,29 +135,19 @@ pub(super) fn parse<S: CowStorage + ?Sized>(
                 });
             }
             let len = u64::from(op.data_length);
-            let unit = block_size << k;
-            check_payload(
-                "op payload",
-                data_pos,
-                len,
-                regions.data_offset,
+            attach_payload(
+                &mut cow_op,
+                CowVersion::V3,
+                PayloadSpan {
+                    offset: data_pos,
+                    len: op.data_length,
+                    algorithm: compression,
+                    unit: block_size << k,
+                    min_offset: regions.data_offset,
+                },
                 file_size,
-                index,
                 offset,
             )?;
-            let raw = effective_algorithm(CowVersion::V3, compression, len, unit)
-                == CompressionAlgorithm::None;
-            if raw && len != unit {
-                return Err(ReadError::BadOp {
-                    index,
-                    offset,
-                    reason: format!("uncompressed payload of {len} bytes, expected {unit}"),
-                });
-            }
-            cow_op.data_offset = data_pos;
-            cow_op.data_length = op.data_length;
-            cow_op.compression = compression;
-            cow_op.stored_raw = raw;
             data_pos = data_pos.checked_add(len).ok_or(ReadError::Overflow {
                 what: "data position",
             })?;

@@ -284,14 +284,7 @@ fn resume_v3(
         n_points * RESUME_POINT_SIZE as u64,
         regions.resume_offset,
     )?;
-    let points: Vec<ResumePoint> = rp
-        .chunks_exact(RESUME_POINT_SIZE)
-        .map(|c| {
-            let mut a = [0u8; RESUME_POINT_SIZE];
-            a.copy_from_slice(c);
-            ResumePoint::decode(&a)
-        })
-        .collect();
+    let points = ResumePoint::decode_all(&rp);
     let keep = points
         .iter()
         .find(|p| p.label == label)
