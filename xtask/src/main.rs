@@ -3,7 +3,8 @@
 //! * `cargo xtask vm-test [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--timeout SECS]`
 //!   builds dm-user for each kernel, the guest programs, an initramfs, boots qemu (TCG) and
 //!   reports one line per test and kernel. `--disk` attaches raw images as virtio disks.
-//! * `cargo xtask vm-bench [--kernel ...]` runs only the dm-user vs loop benchmark.
+//! * `cargo xtask vm-bench [--kernel ...] [--smp N]` runs only the dm-user vs loop benchmark
+//!   (`--smp 1` keeps TCG's cross-vCPU wake-up latency out of the figures).
 //! * `cargo xtask kernel-check` runs `kernel/scripts/check-style.sh`.
 //! * `cargo xtask demo [--source SRC.img --target TGT.img]` runs the OTA demo (see `demo.rs`).
 //! * `cargo xtask test` runs everything: the workspace's tests, the kernel style checks and the
@@ -30,7 +31,7 @@ use initramfs::InitramfsSpec;
 use report::TestResult;
 use vm::VmSpec;
 
-const USAGE: &str = "cargo xtask <demo|test|vm-test|vm-bench|kernel-check> [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--timeout SECS] [--disk RAW.img]...";
+const USAGE: &str = "cargo xtask <demo|test|vm-test|vm-bench|kernel-check> [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--timeout SECS] [--disk RAW.img]... [--smp N]";
 
 /// Parsed command-line options.
 #[derive(Debug, Default)]
@@ -41,6 +42,7 @@ struct Options {
     bench: bool,
     timeout: Option<u64>,
     disks: Vec<PathBuf>,
+    cpus: Option<u32>,
 }
 
 fn parse_options(args: &[String]) -> Result<Options> {
@@ -63,6 +65,15 @@ fn parse_options(args: &[String]) -> Result<Options> {
                 );
             }
             "--disk" => o.disks.push(PathBuf::from(value("--disk")?)),
+            "--smp" => {
+                let v = value("--smp")?;
+                o.cpus = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|n| (1..=8).contains(n))
+                        .ok_or_else(|| XtaskError::Usage(format!("bad --smp {v} (1..=8)")))?,
+                );
+            }
             "--keep" => o.keep = true,
             "--bench" => o.bench = true,
             other => {
@@ -225,6 +236,7 @@ fn vm_test(opts: &Options, run_tests: bool) -> Result<()> {
                 360
             })),
             memory_mib: 1024,
+            cpus: opts.cpus.unwrap_or(2),
             cmdline_extra: String::new(),
         };
         let run = spec.run(&build_root)?;

@@ -24,6 +24,9 @@ pub struct VmSpec {
     pub timeout: Duration,
     /// Guest memory in MiB.
     pub memory_mib: u32,
+    /// Virtual CPUs. The benchmark is fairest with 1: under TCG a wake-up that crosses
+    /// vCPUs costs milliseconds, which would swamp what the devices themselves cost.
+    pub cpus: u32,
     /// Extra kernel command-line words.
     pub cmdline_extra: String,
 }
@@ -58,27 +61,34 @@ impl VmSpec {
         let log_file = std::fs::File::create(&log_path).map_err(io_err("create", &log_path))?;
         let log_err = log_file.try_clone().map_err(io_err("dup", &log_path))?;
         let mut c = Command::new("qemu-system-x86_64");
-        c.args(["-accel", "tcg", "-cpu", "max", "-smp", "2"])
-            .args(["-m", &self.memory_mib.to_string()])
-            .args([
-                "-nographic",
-                "-no-reboot",
-                "-nodefaults",
-                "-serial",
-                "stdio",
-            ])
-            .arg("-kernel")
-            .arg(&self.kernel.vmlinuz)
-            .arg("-initrd")
-            .arg(&cpio)
-            .arg("-append")
-            .arg(
-                format!(
-                    "console=ttyS0 panic=-1 oops=panic loglevel=5 {}",
-                    self.cmdline_extra
-                )
-                .trim_end(),
-            );
+        c.args([
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-smp",
+            &self.cpus.to_string(),
+        ])
+        .args(["-m", &self.memory_mib.to_string()])
+        .args([
+            "-nographic",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-kernel")
+        .arg(&self.kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(&cpio)
+        .arg("-append")
+        .arg(
+            format!(
+                "console=ttyS0 panic=-1 oops=panic loglevel=5 {}",
+                self.cmdline_extra
+            )
+            .trim_end(),
+        );
         for d in &self.disks {
             c.arg("-drive").arg(format!(
                 "file={},format=raw,if=virtio,cache=unsafe",
