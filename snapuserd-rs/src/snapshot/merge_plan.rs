@@ -114,6 +114,38 @@ impl SourceBlocks {
     }
 }
 
+/// Read access to the source (old-image) device: what COPY and XOR ops read.
+///
+/// The next session implements it on the real source device (or adapts
+/// `cow_format::SourceImage`); tests use byte vectors.
+pub trait SourceDevice {
+    /// Fill `buf` with the device bytes starting at `byte_offset`.
+    fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> std::io::Result<()>;
+}
+
+impl SourceDevice for [u8] {
+    fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> std::io::Result<()> {
+        let start = usize::try_from(byte_offset).ok();
+        let range = start.and_then(|s| Some(s..s.checked_add(buf.len())?));
+        match range.and_then(|r| self.get(r)) {
+            Some(bytes) => {
+                buf.copy_from_slice(bytes);
+                Ok(())
+            }
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("read of {} bytes at {byte_offset} beyond {} bytes", buf.len(), self.len()),
+            )),
+        }
+    }
+}
+
+impl SourceDevice for Vec<u8> {
+    fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> std::io::Result<()> {
+        self.as_slice().read_exact_at(buf, byte_offset)
+    }
+}
+
 /// Why a list of ops is not a usable merge plan.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum MergePlanError {
