@@ -14,7 +14,7 @@
 //!
 //! Ops are never reordered: the merged set is always a prefix of the merge order.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
 
@@ -523,9 +523,12 @@ impl DurableMergeState {
 }
 
 /// A [`MergeStateStore`] in memory, every step accounted on a [`CrashClock`].
+///
+/// The durable state lives behind a shared handle ([`InMemoryMergeStore::shared`]) so a
+/// test can still read it after the store was dropped in a simulated crash.
 #[derive(Debug)]
 pub struct InMemoryMergeStore {
-    durable: DurableMergeState,
+    shared: Rc<RefCell<DurableMergeState>>,
     capacity_blocks: usize,
     clock: CrashClock,
 }
@@ -533,22 +536,27 @@ pub struct InMemoryMergeStore {
 impl InMemoryMergeStore {
     /// A store over `durable` with `capacity_blocks` of scratch (0: no scratch).
     pub fn new(durable: DurableMergeState, capacity_blocks: usize, clock: CrashClock) -> Self {
-        InMemoryMergeStore { durable, capacity_blocks, clock }
+        InMemoryMergeStore { shared: Rc::new(RefCell::new(durable)), capacity_blocks, clock }
     }
 
     /// The state a restart would find.
-    pub fn durable(&self) -> &DurableMergeState {
-        &self.durable
+    pub fn durable(&self) -> DurableMergeState {
+        self.shared.borrow().clone()
+    }
+
+    /// Handle to the durable state that outlives the store.
+    pub fn shared(&self) -> Rc<RefCell<DurableMergeState>> {
+        Rc::clone(&self.shared)
     }
 }
 
 impl MergeStateStore for InMemoryMergeStore {
     fn num_merge_ops(&self) -> u64 {
-        self.durable.num_merge_ops
+        self.shared.borrow().num_merge_ops
     }
 
     fn scratch_state(&self) -> ScratchState {
-        self.durable.state
+        self.shared.borrow().state
     }
 
     fn scratch_capacity_blocks(&self) -> usize {
@@ -556,19 +564,20 @@ impl MergeStateStore for InMemoryMergeStore {
     }
 
     fn read_window(&self) -> io::Result<ScratchWindow> {
-        Ok(self.durable.window.clone())
+        Ok(self.shared.borrow().window.clone())
     }
 
     fn commit(&mut self, num_merge_ops: u64) -> io::Result<()> {
         self.clock.step("commit num_merge_ops")?;
-        self.durable.num_merge_ops = num_merge_ops;
+        self.shared.borrow_mut().num_merge_ops = num_merge_ops;
         Ok(())
     }
 
     fn commit_window(&mut self, num_merge_ops: u64) -> io::Result<()> {
         self.clock.step("commit window")?;
-        self.durable.num_merge_ops = num_merge_ops;
-        self.durable.state = ScratchState::InProgress;
+        let mut d = self.shared.borrow_mut();
+        d.num_merge_ops = num_merge_ops;
+        d.state = ScratchState::InProgress;
         Ok(())
     }
 
@@ -577,9 +586,9 @@ impl MergeStateStore for InMemoryMergeStore {
             return Err(io::Error::other("window larger than scratch"));
         }
         self.clock.step("write scratch data")?;
-        self.durable.window = window.clone();
+        self.shared.borrow_mut().window = window.clone();
         self.clock.step("set scratch state Done")?;
-        self.durable.state = ScratchState::Done;
+        self.shared.borrow_mut().state = ScratchState::Done;
         Ok(())
     }
 }
