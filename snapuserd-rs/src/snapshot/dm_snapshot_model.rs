@@ -117,6 +117,8 @@ pub struct OriginDevice {
     durable: Vec<u8>,
     /// Unflushed writes in issue order.
     volatile: Vec<(u64, Chunk)>,
+    /// Index in `volatile` of the latest unflushed write of each block.
+    latest: HashMap<u64, usize>,
     clock: CrashClock,
 }
 
@@ -127,7 +129,7 @@ pub struct Origin(pub Rc<RefCell<OriginDevice>>);
 impl OriginDevice {
     /// A disk holding `image`.
     pub fn new(image: Vec<u8>, clock: CrashClock) -> Origin {
-        Origin(Rc::new(RefCell::new(OriginDevice { durable: image, volatile: Vec::new(), clock })))
+        Origin(Rc::new(RefCell::new(OriginDevice { durable: image, volatile: Vec::new(), latest: HashMap::new(), clock })))
     }
 
     fn view(&self) -> Vec<u8> {
@@ -135,6 +137,7 @@ impl OriginDevice {
         apply(&mut img, self.volatile.iter());
         img
     }
+
 }
 
 fn apply<'a>(img: &mut [u8], writes: impl Iterator<Item = &'a (u64, Chunk)>) {
@@ -153,7 +156,7 @@ impl Origin {
     /// Read block `block` as the running system sees it (cache included).
     pub fn read_block(&self, block: u64, out: &mut Chunk) -> Result<(), ModelError> {
         let dev = self.0.borrow();
-        if let Some((_, data)) = dev.volatile.iter().rev().find(|(b, _)| *b == block) {
+        if let Some((_, data)) = dev.latest.get(&block).and_then(|&i| dev.volatile.get(i)) {
             out.copy_from_slice(data);
             return Ok(());
         }
@@ -174,7 +177,9 @@ impl Origin {
         if block as usize >= dev.durable.len() / BLOCK_SIZE {
             return Err(ModelError::Origin(io::Error::other(format!("origin write {block} out of range"))));
         }
+        let index = dev.volatile.len();
         dev.volatile.push((block, *data));
+        dev.latest.insert(block, index);
         Ok(())
     }
 
@@ -183,6 +188,7 @@ impl Origin {
         let mut dev = self.0.borrow_mut();
         dev.clock.step("origin flush")?;
         let pending = std::mem::take(&mut dev.volatile);
+        dev.latest.clear();
         apply(&mut dev.durable, pending.iter());
         Ok(())
     }

@@ -303,7 +303,14 @@ fn all_zero_across_areas() {
     let sc = Scenario::new(320, ops, SCRATCH, 2);
     // Consecutive blocks and chunks: the kernel batches each area in one go.
     assert_eq!(run_clean(&sc, true), 2);
-    assert!(crash_everywhere(&sc, 1, false) > 0);
+    // Every 5th step: the steps inside one batch are 256 alike origin writes.
+    assert!(crash_everywhere(&sc, 5, false) > 0);
+    // And every step around the end of the first batch (origin flush, commit, next batch).
+    for budget in 250..270 {
+        for mode in [CrashMode::DropUnflushed, CrashMode::KeepUnflushed] {
+            run_with_crashes(&sc, &[budget], mode, true);
+        }
+    }
 }
 
 #[test]
@@ -356,10 +363,15 @@ fn more_ordered_ops_than_one_window() {
     ops.extend((1200..1230).rev().map(PlannedOp::replace));
     let sc = Scenario::new(1240, ops, SCRATCH, 8);
     run_clean(&sc, false);
-    // Every 211th step in every crash mode, plus every step around the first window end.
-    assert!(crash_everywhere(&sc, 211, false) > 0);
-    for budget in 1520..1560 {
-        run_with_crashes(&sc, &[budget], CrashMode::KeepUnflushed, false);
+    // Every 401st step in every crash mode, plus every step around the first window end:
+    // boot saves window 1 (steps 1-2), batch k writes the origin (step 2k+1) and flushes
+    // (2k+2); after batch 510 (step 1022) come the window commit (1023) and the scratch
+    // write of window 2 (1024-1025).
+    assert!(crash_everywhere(&sc, 401, false) > 0);
+    for budget in 1016..1030 {
+        for mode in [CrashMode::DropUnflushed, CrashMode::KeepUnflushed] {
+            assert_eq!(run_with_crashes(&sc, &[budget], mode, false), 1);
+        }
     }
     // Independent copies, highest block first: the kernel batches them, but never across a
     // window end (2 cuts), an area end (4 cuts) or a skipped metadata chunk (at most 5
@@ -368,7 +380,8 @@ fn more_ordered_ops_than_one_window() {
     let sc = Scenario::new(2300, ops, SCRATCH, 9);
     let batches = run_clean(&sc, false);
     assert!((7..=12).contains(&batches), "{batches} batches");
-    assert!(crash_everywhere(&sc, 1, false) > 0);
+    // Every 37th step (about 1130 steps: 1100 origin writes, their flushes and commits).
+    assert!(crash_everywhere(&sc, 37, false) > 0);
     // Ascending independent copies cannot batch without reordering, which we never do.
     let ops: Vec<PlannedOp> = (0..600).map(|i| PlannedOp::copy(700 + i, i)).collect();
     let sc = Scenario::new(1300, ops, SCRATCH, 13);
