@@ -178,7 +178,13 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
     pub fn new(plan: MergePlan, blocks: B, source: D, store: S) -> Result<Self, BlockServerError> {
         let exceptions = ExceptionStore::build(&plan)?;
         let tracker = MergeTracker::open(&plan, &exceptions, store, &source)?;
-        Ok(BlockServer { plan, exceptions, blocks, source, tracker: Mutex::new(tracker) })
+        Ok(BlockServer {
+            plan,
+            exceptions,
+            blocks,
+            source,
+            tracker: Mutex::new(tracker),
+        })
     }
 
     /// Size of the virtual COW device in sectors (the `init` reply in legacy mode).
@@ -222,7 +228,10 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
             DM_USER_REQ_MAP_READ => self.serve_read(req, read_out),
             DM_USER_REQ_MAP_WRITE => self.serve_write(req, write_payload).map(|_| ()),
             other => {
-                log::warn!("dm-user request type {other} at sector {} unsupported", req.sector);
+                log::warn!(
+                    "dm-user request type {other} at sector {} unsupported",
+                    req.sector
+                );
                 return Status::Unsupported;
             }
         };
@@ -238,7 +247,11 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
 
     fn check_range(&self, sector: u64, len: u64) -> Result<(), BlockServerError> {
         let device_sectors = self.device_sectors();
-        let bad = BlockServerError::BadRange { sector, len, device_sectors };
+        let bad = BlockServerError::BadRange {
+            sector,
+            len,
+            device_sectors,
+        };
         if len % SECTOR_SIZE != 0 || len > MAX_REQUEST_BYTES {
             return Err(bad);
         }
@@ -273,7 +286,11 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
     }
 
     /// Produce the full content of chunk `chunk`.
-    pub fn read_chunk(&self, chunk: u64, out: &mut [u8; BLOCK_SIZE]) -> Result<(), BlockServerError> {
+    pub fn read_chunk(
+        &self,
+        chunk: u64,
+        out: &mut [u8; BLOCK_SIZE],
+    ) -> Result<(), BlockServerError> {
         match self.exceptions.lookup(chunk) {
             ChunkKind::Header => *out = header_chunk(),
             ChunkKind::Metadata { area } => {
@@ -286,12 +303,21 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
         Ok(())
     }
 
-    fn read_data_chunk(&self, chunk: u64, op_index: usize, out: &mut [u8; BLOCK_SIZE]) -> Result<(), BlockServerError> {
-        let op = self.plan.op(op_index).copied().ok_or_else(|| BlockServerError::OpRead {
-            op_index,
-            chunk,
-            source: io::Error::other("op index outside the plan"),
-        })?;
+    fn read_data_chunk(
+        &self,
+        chunk: u64,
+        op_index: usize,
+        out: &mut [u8; BLOCK_SIZE],
+    ) -> Result<(), BlockServerError> {
+        let op = self
+            .plan
+            .op(op_index)
+            .copied()
+            .ok_or_else(|| BlockServerError::OpRead {
+                op_index,
+                chunk,
+                source: io::Error::other("op index outside the plan"),
+            })?;
         let mut saved = [0u8; BLOCK_SIZE];
         let in_window = match self.tracker()?.window_source(op_index) {
             Some(bytes) => {
@@ -301,17 +327,31 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
             None => false,
         };
         let result = if in_window {
-            let window = WindowSource { base: op.source_byte_offset().unwrap_or(0), bytes: &saved };
+            let window = WindowSource {
+                base: op.source_byte_offset().unwrap_or(0),
+                bytes: &saved,
+            };
             self.blocks.read_op_block(op_index, &op, &window, out)
         } else {
             self.blocks.read_op_block(op_index, &op, &self.source, out)
         };
-        result.map_err(|source| BlockServerError::OpRead { op_index, chunk, source })
+        result.map_err(|source| BlockServerError::OpRead {
+            op_index,
+            chunk,
+            source,
+        })
     }
 
-    fn serve_write(&self, req: &Request, payload: &[u8]) -> Result<Option<MergeProgress>, BlockServerError> {
+    fn serve_write(
+        &self,
+        req: &Request,
+        payload: &[u8],
+    ) -> Result<Option<MergeProgress>, BlockServerError> {
         if payload.len() as u64 != req.len {
-            return Err(BlockServerError::PayloadLength { got: payload.len(), len: req.len });
+            return Err(BlockServerError::PayloadLength {
+                got: payload.len(),
+                len: req.len,
+            });
         }
         if req.len == 0 {
             // A flush: every commit is already durable when its write is answered.
@@ -320,10 +360,16 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
         let (chunk, offset) = sector_to_chunk(req.sector);
         let area = match self.exceptions.lookup(chunk) {
             ChunkKind::Metadata { area } if offset == 0 && req.len == BLOCK_SIZE_U64 => area,
-            _ => return Err(BlockServerError::UnsupportedWrite { sector: req.sector, len: req.len }),
+            _ => {
+                return Err(BlockServerError::UnsupportedWrite {
+                    sector: req.sector,
+                    len: req.len,
+                })
+            }
         };
         let mut tracker = self.tracker()?;
-        let progress = tracker.on_metadata_write(&self.plan, &self.exceptions, area, payload, &self.source)?;
+        let progress =
+            tracker.on_metadata_write(&self.plan, &self.exceptions, area, payload, &self.source)?;
         log::debug!("merge progress: {progress:?}");
         Ok(Some(progress))
     }
@@ -337,9 +383,17 @@ mod tests {
 
     struct Fill;
     impl BlockSource for Fill {
-        fn read_op_block(&self, _: usize, op: &PlannedOp, source: &dyn SourceDevice, out: &mut [u8]) -> io::Result<()> {
+        fn read_op_block(
+            &self,
+            _: usize,
+            op: &PlannedOp,
+            source: &dyn SourceDevice,
+            out: &mut [u8],
+        ) -> io::Result<()> {
             match op.kind {
-                OpKind::Copy | OpKind::Xor => source.read_exact_at(out, op.source_byte_offset().unwrap_or(0)),
+                OpKind::Copy | OpKind::Xor => {
+                    source.read_exact_at(out, op.source_byte_offset().unwrap_or(0))
+                }
                 OpKind::Zero => {
                     out.fill(0);
                     Ok(())
@@ -354,31 +408,59 @@ mod tests {
 
     fn server(ops: Vec<PlannedOp>) -> BlockServer<Fill, Vec<u8>, InMemoryMergeStore> {
         let plan = MergePlan::new(ops, 0).unwrap();
-        let source: Vec<u8> = (0..32 * BLOCK_SIZE).map(|i| (i / BLOCK_SIZE) as u8 ^ 0x80).collect();
+        let source: Vec<u8> = (0..32 * BLOCK_SIZE)
+            .map(|i| (i / BLOCK_SIZE) as u8 ^ 0x80)
+            .collect();
         let store = InMemoryMergeStore::new(DurableMergeState::fresh(0), 0, CrashClock::never());
         BlockServer::new(plan, Fill, source, store).unwrap()
     }
 
     fn req(kind: u64, flags: u64, sector: u64, len: u64) -> Request {
-        Request { kind, flags, sector, len }
+        Request {
+            kind,
+            flags,
+            sector,
+            len,
+        }
     }
 
     #[test]
     fn unaligned_multi_chunk_reads_match_chunk_reads() {
-        let s = server(vec![PlannedOp::copy(9, 3), PlannedOp::replace(4), PlannedOp::replace(5)]);
+        let s = server(vec![
+            PlannedOp::copy(9, 3),
+            PlannedOp::replace(4),
+            PlannedOp::replace(5),
+        ]);
         let sectors = s.device_sectors();
         let mut whole = Vec::new();
-        assert_eq!(s.handle(&req(0, 0, 0, sectors * 512), &[], &mut whole), Status::Success);
+        assert_eq!(
+            s.handle(&req(0, 0, 0, sectors * 512), &[], &mut whole),
+            Status::Success
+        );
         let mut piece = Vec::new();
-        for (sector, len) in [(3u64, 512u64), (7, 1024), (15, 4096 + 1536), (1, sectors * 512 - 512)] {
-            assert_eq!(s.handle(&req(0, 0, sector, len), &[], &mut piece), Status::Success);
+        for (sector, len) in [
+            (3u64, 512u64),
+            (7, 1024),
+            (15, 4096 + 1536),
+            (1, sectors * 512 - 512),
+        ] {
+            assert_eq!(
+                s.handle(&req(0, 0, sector, len), &[], &mut piece),
+                Status::Success
+            );
             let at = (sector * 512) as usize;
-            assert_eq!(&piece[..], &whole[at..at + len as usize], "sector {sector} len {len}");
+            assert_eq!(
+                &piece[..],
+                &whole[at..at + len as usize],
+                "sector {sector} len {len}"
+            );
         }
         // Header and data content.
         assert_eq!(&whole[0..4], &0x7041_6e53u32.to_le_bytes());
         let chunk = s.exceptions().new_chunk(2).unwrap() as usize; // op 0: copy 9 <- 3
-        assert!(whole[chunk * BLOCK_SIZE..(chunk + 1) * BLOCK_SIZE].iter().all(|&b| b == 3 ^ 0x80));
+        assert!(whole[chunk * BLOCK_SIZE..(chunk + 1) * BLOCK_SIZE]
+            .iter()
+            .all(|&b| b == 3 ^ 0x80));
     }
 
     #[test]
@@ -388,24 +470,61 @@ mod tests {
         let end = s.device_sectors();
         assert_eq!(s.handle(&req(0, 0, end, 512), &[], &mut out), Status::Error);
         assert_eq!(s.handle(&req(0, 0, 0, 100), &[], &mut out), Status::Error);
-        assert_eq!(s.handle(&req(0, 0, u64::MAX, 512), &[], &mut out), Status::Error);
-        assert_eq!(s.handle(&req(0, 0, 0, MAX_REQUEST_BYTES + 512), &[], &mut out), Status::Error);
+        assert_eq!(
+            s.handle(&req(0, 0, u64::MAX, 512), &[], &mut out),
+            Status::Error
+        );
+        assert_eq!(
+            s.handle(&req(0, 0, 0, MAX_REQUEST_BYTES + 512), &[], &mut out),
+            Status::Error
+        );
         assert!(out.is_empty());
-        assert_eq!(s.handle(&req(3, 0, 0, 4096), &[], &mut out), Status::Unsupported);
-        assert_eq!(s.handle(&req(2, 0, 0, 0), &[], &mut out), Status::Unsupported);
+        assert_eq!(
+            s.handle(&req(3, 0, 0, 4096), &[], &mut out),
+            Status::Unsupported
+        );
+        assert_eq!(
+            s.handle(&req(2, 0, 0, 0), &[], &mut out),
+            Status::Unsupported
+        );
         // Empty flush.
-        assert_eq!(s.handle(&req(1, DM_USER_REQ_PREFLUSH, 0, 0), &[], &mut out), Status::Success);
+        assert_eq!(
+            s.handle(&req(1, DM_USER_REQ_PREFLUSH, 0, 0), &[], &mut out),
+            Status::Success
+        );
         // Writes to data or header chunks, unaligned or short metadata writes.
         let data = vec![0u8; 4096];
-        assert_eq!(s.handle(&req(1, 0, 16, 4096), &data, &mut out), Status::Error);
-        assert_eq!(s.handle(&req(1, 0, 0, 4096), &data, &mut out), Status::Error);
-        assert_eq!(s.handle(&req(1, 0, 9, 4096), &data, &mut out), Status::Error);
-        assert_eq!(s.handle(&req(1, 0, 8, 4096), &data[..512], &mut out), Status::Error);
+        assert_eq!(
+            s.handle(&req(1, 0, 16, 4096), &data, &mut out),
+            Status::Error
+        );
+        assert_eq!(
+            s.handle(&req(1, 0, 0, 4096), &data, &mut out),
+            Status::Error
+        );
+        assert_eq!(
+            s.handle(&req(1, 0, 9, 4096), &data, &mut out),
+            Status::Error
+        );
+        assert_eq!(
+            s.handle(&req(1, 0, 8, 4096), &data[..512], &mut out),
+            Status::Error
+        );
         // A correct merge write of the only exception.
-        assert_eq!(s.handle(&req(1, DM_USER_REQ_PREFLUSH | DM_USER_REQ_FUA, 8, 4096), &data, &mut out), Status::Success);
+        assert_eq!(
+            s.handle(
+                &req(1, DM_USER_REQ_PREFLUSH | DM_USER_REQ_FUA, 8, 4096),
+                &data,
+                &mut out
+            ),
+            Status::Success
+        );
         assert_eq!(s.committed().unwrap(), 1);
         // The area now reads as all zeros.
-        assert_eq!(s.handle(&req(0, 0, 8, 4096), &[], &mut out), Status::Success);
+        assert_eq!(
+            s.handle(&req(0, 0, 8, 4096), &[], &mut out),
+            Status::Success
+        );
         assert!(out.iter().all(|&b| b == 0));
     }
 }

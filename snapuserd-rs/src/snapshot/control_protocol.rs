@@ -86,7 +86,9 @@ pub enum ControlError {
         reason: &'static str,
     },
     /// A positional handler argument is malformed.
-    #[error("handler argument {index} {arg:?}: expected misc,cow,source[,base] with no empty field")]
+    #[error(
+        "handler argument {index} {arg:?}: expected misc,cow,source[,base] with no empty field"
+    )]
     BadHandler {
         /// Position among the positional arguments.
         index: usize,
@@ -179,23 +181,35 @@ impl<'a> Command<'a> {
         if let Some(offset) = message.iter().position(|&b| !(0x20..0x7f).contains(&b)) {
             return Err(ControlError::NotText { offset });
         }
-        let text = std::str::from_utf8(message).map_err(|e| ControlError::NotText { offset: e.valid_up_to() })?;
+        let text = std::str::from_utf8(message).map_err(|e| ControlError::NotText {
+            offset: e.valid_up_to(),
+        })?;
         // 6 slots: one more than any command takes, so "too many" is detectable.
         let Some((f, n)) = split_fields::<6>(text) else {
             let command = command_name(text.split(',').next().unwrap_or(""));
             return Err(match command {
-                Some(command) => ControlError::WrongArity { command, expected: arity_of(command), got: 7 },
+                Some(command) => ControlError::WrongArity {
+                    command,
+                    expected: arity_of(command),
+                    got: 7,
+                },
                 None => unknown(text),
             });
         };
-        let Some(command) = command_name(f[0]) else { return Err(unknown(f[0])) };
+        let Some(command) = command_name(f[0]) else {
+            return Err(unknown(f[0]));
+        };
         let accepted: &[usize] = match command {
             "init" => &[4, 5],
             "start" | "delete" | "supports" | "initiate_merge" | "getstatus" => &[2],
             _ => &[1],
         };
         if !accepted.contains(&n) {
-            return Err(ControlError::WrongArity { command, expected: arity_of(command), got: n });
+            return Err(ControlError::WrongArity {
+                command,
+                expected: arity_of(command),
+                got: n,
+            });
         }
         if let Some(index) = (1..n).find(|&i| f[i].is_empty()) {
             return Err(ControlError::EmptyField { command, index });
@@ -253,7 +267,9 @@ fn arity_of(command: &str) -> &'static str {
 
 fn unknown(word: &str) -> ControlError {
     let end = word.char_indices().nth(64).map_or(word.len(), |(i, _)| i);
-    ControlError::UnknownCommand { command: word[..end].to_string() }
+    ControlError::UnknownCommand {
+        command: word[..end].to_string(),
+    }
 }
 
 /// The merge state reported by `getstatus`.
@@ -297,7 +313,11 @@ impl fmt::Display for Reply {
             Reply::Active => f.write_str("active"),
             Reply::Passive => f.write_str("passive"),
             Reply::MergePercent(p) => {
-                let p = if p.is_finite() { p.clamp(0.0, 100.0) } else { 0.0 };
+                let p = if p.is_finite() {
+                    p.clamp(0.0, 100.0)
+                } else {
+                    0.0
+                };
                 // clamp keeps -0.0; print it as 0 like a fresh merge.
                 let p = if p == 0.0 { 0.0 } else { p };
                 write!(f, "{p:.6}")
@@ -373,21 +393,33 @@ impl Default for DaemonConfig {
     }
 }
 
-const BOOL_FLAGS: [&str; 5] = ["no_socket", "socket_handoff", "user_snapshot", "io_uring", "o_direct"];
+const BOOL_FLAGS: [&str; 5] = [
+    "no_socket",
+    "socket_handoff",
+    "user_snapshot",
+    "io_uring",
+    "o_direct",
+];
 const VALUE_FLAGS: [&str; 3] = ["socket", "cow_op_merge_size", "worker_count"];
 
 fn parse_bool(flag: &'static str, value: &str) -> Result<bool, ControlError> {
     match value {
         "true" | "t" | "yes" | "y" | "1" => Ok(true),
         "false" | "f" | "no" | "n" | "0" => Ok(false),
-        _ => Err(ControlError::BadValue { flag, value: value.to_string(), reason: "not a boolean" }),
+        _ => Err(ControlError::BadValue {
+            flag,
+            value: value.to_string(),
+            reason: "not a boolean",
+        }),
     }
 }
 
 fn parse_u32(flag: &'static str, value: &str) -> Result<u32, ControlError> {
-    value
-        .parse::<u32>()
-        .map_err(|_| ControlError::BadValue { flag, value: value.to_string(), reason: "not an unsigned 32-bit number" })
+    value.parse::<u32>().map_err(|_| ControlError::BadValue {
+        flag,
+        value: value.to_string(),
+        reason: "not an unsigned 32-bit number",
+    })
 }
 
 impl DaemonConfig {
@@ -426,9 +458,14 @@ impl DaemonConfig {
                 cfg.set_bool(flag, on);
                 continue;
             }
-            if let Some(&flag) = BOOL_FLAGS.iter().find(|&&f| name.strip_prefix("no") == Some(f)) {
+            if let Some(&flag) = BOOL_FLAGS
+                .iter()
+                .find(|&&f| name.strip_prefix("no") == Some(f))
+            {
                 if value.is_some() {
-                    return Err(ControlError::UnknownFlag { flag: arg.to_string() });
+                    return Err(ControlError::UnknownFlag {
+                        flag: arg.to_string(),
+                    });
                 }
                 cfg.set_bool(flag, false);
                 continue;
@@ -444,7 +481,11 @@ impl DaemonConfig {
                 match flag {
                     "socket" => {
                         if value.is_empty() || value.contains('/') {
-                            return Err(ControlError::BadValue { flag, value, reason: "empty or contains '/'" });
+                            return Err(ControlError::BadValue {
+                                flag,
+                                value,
+                                reason: "empty or contains '/'",
+                            });
                         }
                         cfg.socket = value;
                     }
@@ -452,17 +493,26 @@ impl DaemonConfig {
                     _ => {
                         let n = parse_u32(flag, &value)?;
                         if n == 0 || n > MAX_WORKER_COUNT {
-                            return Err(ControlError::BadValue { flag, value, reason: "must be 1..=64" });
+                            return Err(ControlError::BadValue {
+                                flag,
+                                value,
+                                reason: "must be 1..=64",
+                            });
                         }
                         cfg.worker_count = n;
                     }
                 }
                 continue;
             }
-            return Err(ControlError::UnknownFlag { flag: arg.to_string() });
+            return Err(ControlError::UnknownFlag {
+                flag: arg.to_string(),
+            });
         }
         for (index, arg) in positional.iter().enumerate() {
-            let bad = || ControlError::BadHandler { index, arg: arg.clone() };
+            let bad = || ControlError::BadHandler {
+                index,
+                arg: arg.clone(),
+            };
             let fields: Vec<&str> = arg.split(',').collect();
             if !(3..=4).contains(&fields.len()) || fields.iter().any(|f| f.is_empty()) {
                 return Err(bad());
@@ -475,10 +525,14 @@ impl DaemonConfig {
             });
         }
         if !cfg.handlers.is_empty() && !cfg.no_socket {
-            return Err(ControlError::Inconsistent("positional handlers need -no_socket"));
+            return Err(ControlError::Inconsistent(
+                "positional handlers need -no_socket",
+            ));
         }
         if cfg.no_socket && cfg.handlers.is_empty() {
-            return Err(ControlError::Inconsistent("-no_socket needs at least one misc,cow,source[,base] handler"));
+            return Err(ControlError::Inconsistent(
+                "-no_socket needs at least one misc,cow,source[,base] handler",
+            ));
         }
         Ok(cfg)
     }
@@ -523,18 +577,34 @@ mod tests {
                 base_device: None,
             }
         );
-        assert_eq!(parse("start,vendor_b").unwrap(), Command::Start { misc_name: "vendor_b" });
+        assert_eq!(
+            parse("start,vendor_b").unwrap(),
+            Command::Start {
+                misc_name: "vendor_b"
+            }
+        );
         assert_eq!(parse("query").unwrap(), Command::Query);
         assert_eq!(parse("stop").unwrap(), Command::Stop);
-        assert_eq!(parse("delete,x").unwrap(), Command::Delete { misc_name: "x" });
+        assert_eq!(
+            parse("delete,x").unwrap(),
+            Command::Delete { misc_name: "x" }
+        );
         assert_eq!(parse("detach").unwrap(), Command::Detach);
         assert_eq!(
             parse("supports,second_stage_socket_handoff").unwrap(),
-            Command::Supports { feature: FEATURE_SOCKET_HANDOFF }
+            Command::Supports {
+                feature: FEATURE_SOCKET_HANDOFF
+            }
         );
-        assert_eq!(parse("initiate_merge,x").unwrap(), Command::InitiateMerge { misc_name: "x" });
+        assert_eq!(
+            parse("initiate_merge,x").unwrap(),
+            Command::InitiateMerge { misc_name: "x" }
+        );
         assert_eq!(parse("merge_percent").unwrap(), Command::MergePercent);
-        assert_eq!(parse("getstatus,x").unwrap(), Command::GetStatus { misc_name: "x" });
+        assert_eq!(
+            parse("getstatus,x").unwrap(),
+            Command::GetStatus { misc_name: "x" }
+        );
         assert_eq!(parse("update-verify").unwrap(), Command::UpdateVerify);
         assert_eq!(parse("pause_merge").unwrap(), Command::PauseMerge);
         assert_eq!(parse("resume_merge").unwrap(), Command::ResumeMerge);
@@ -543,18 +613,76 @@ mod tests {
     #[test]
     fn rejects_malformed_messages() {
         assert_eq!(parse(""), Err(ControlError::Empty));
-        assert!(matches!(parse("bogus,1"), Err(ControlError::UnknownCommand { .. })));
-        assert!(matches!(parse("Query"), Err(ControlError::UnknownCommand { .. })));
-        assert!(matches!(parse("query,extra"), Err(ControlError::WrongArity { command: "query", got: 2, .. })));
-        assert!(matches!(parse("start"), Err(ControlError::WrongArity { command: "start", got: 1, .. })));
-        assert!(matches!(parse("init,a,b"), Err(ControlError::WrongArity { command: "init", got: 3, .. })));
-        assert!(matches!(parse("init,a,b,c,d,e"), Err(ControlError::WrongArity { command: "init", got: 6, .. })));
-        assert!(matches!(parse("init,a,b,c,d,e,f,g,h"), Err(ControlError::WrongArity { command: "init", .. })));
-        assert!(matches!(parse("start,"), Err(ControlError::EmptyField { command: "start", index: 1 })));
-        assert!(matches!(parse("init,a,,c,d"), Err(ControlError::EmptyField { index: 2, .. })));
-        assert!(matches!(Command::parse(b"query\0"), Err(ControlError::NotText { offset: 5 })));
-        assert!(matches!(Command::parse(b"query\n"), Err(ControlError::NotText { offset: 5 })));
-        assert!(matches!(Command::parse("start,sys\u{e9}".as_bytes()), Err(ControlError::NotText { offset: 9 })));
+        assert!(matches!(
+            parse("bogus,1"),
+            Err(ControlError::UnknownCommand { .. })
+        ));
+        assert!(matches!(
+            parse("Query"),
+            Err(ControlError::UnknownCommand { .. })
+        ));
+        assert!(matches!(
+            parse("query,extra"),
+            Err(ControlError::WrongArity {
+                command: "query",
+                got: 2,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse("start"),
+            Err(ControlError::WrongArity {
+                command: "start",
+                got: 1,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse("init,a,b"),
+            Err(ControlError::WrongArity {
+                command: "init",
+                got: 3,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse("init,a,b,c,d,e"),
+            Err(ControlError::WrongArity {
+                command: "init",
+                got: 6,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse("init,a,b,c,d,e,f,g,h"),
+            Err(ControlError::WrongArity {
+                command: "init",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse("start,"),
+            Err(ControlError::EmptyField {
+                command: "start",
+                index: 1
+            })
+        ));
+        assert!(matches!(
+            parse("init,a,,c,d"),
+            Err(ControlError::EmptyField { index: 2, .. })
+        ));
+        assert!(matches!(
+            Command::parse(b"query\0"),
+            Err(ControlError::NotText { offset: 5 })
+        ));
+        assert!(matches!(
+            Command::parse(b"query\n"),
+            Err(ControlError::NotText { offset: 5 })
+        ));
+        assert!(matches!(
+            Command::parse("start,sys\u{e9}".as_bytes()),
+            Err(ControlError::NotText { offset: 9 })
+        ));
         let long = format!("start,{}", "a".repeat(MAX_MESSAGE_SIZE));
         assert!(matches!(parse(&long), Err(ControlError::TooLong { .. })));
         let max = format!("start,{}", "a".repeat(MAX_MESSAGE_SIZE - 6));
@@ -570,7 +698,10 @@ mod tests {
     #[test]
     fn replies_match_aosp_text() {
         assert_eq!(Reply::Success.to_string(), "success");
-        assert_eq!(Reply::SuccessSectors(2_097_152).to_string(), "success,2097152");
+        assert_eq!(
+            Reply::SuccessSectors(2_097_152).to_string(),
+            "success,2097152"
+        );
         assert_eq!(Reply::Fail.to_string(), "fail");
         assert_eq!(Reply::Active.to_string(), "active");
         assert_eq!(Reply::Passive.to_string(), "passive");
@@ -581,9 +712,18 @@ mod tests {
         assert_eq!(Reply::MergePercent(f64::NAN).to_string(), "0.000000");
         assert_eq!(Reply::MergePercent(-0.0).to_string(), "0.000000");
         assert_eq!(Reply::Status(MergeStatus::Snapshot).to_string(), "snapshot");
-        assert_eq!(Reply::Status(MergeStatus::SnapshotMerge).to_string(), "snapshot-merge");
-        assert_eq!(Reply::Status(MergeStatus::SnapshotMergeComplete).to_string(), "snapshot-merge-complete");
-        assert_eq!(Reply::Status(MergeStatus::SnapshotMergeFailed).to_string(), "snapshot-merge-failed");
+        assert_eq!(
+            Reply::Status(MergeStatus::SnapshotMerge).to_string(),
+            "snapshot-merge"
+        );
+        assert_eq!(
+            Reply::Status(MergeStatus::SnapshotMergeComplete).to_string(),
+            "snapshot-merge-complete"
+        );
+        assert_eq!(
+            Reply::Status(MergeStatus::SnapshotMergeFailed).to_string(),
+            "snapshot-merge-failed"
+        );
         assert_eq!(supports_reply(FEATURE_SOCKET_HANDOFF), Reply::Success);
         assert_eq!(supports_reply("other"), Reply::Fail);
     }
@@ -592,7 +732,13 @@ mod tests {
     fn command_line_spellings() {
         let cfg = DaemonConfig::parse(Vec::<String>::new()).unwrap();
         assert_eq!(cfg, DaemonConfig::default());
-        let cfg = DaemonConfig::parse(["-socket=snapuserd_x", "-user_snapshot", "--io_uring", "-o_direct=true"]).unwrap();
+        let cfg = DaemonConfig::parse([
+            "-socket=snapuserd_x",
+            "-user_snapshot",
+            "--io_uring",
+            "-o_direct=true",
+        ])
+        .unwrap();
         assert_eq!(cfg.socket, "snapuserd_x");
         assert!(cfg.user_snapshot && cfg.io_uring && cfg.o_direct && !cfg.no_socket);
         let cfg = DaemonConfig::parse(["--socket", "s2", "-socket-handoff"]).unwrap();
@@ -636,19 +782,63 @@ mod tests {
     fn command_line_errors() {
         let err = |args: &[&str]| DaemonConfig::parse(args.iter().copied()).unwrap_err();
         assert!(matches!(err(&["-bogus"]), ControlError::UnknownFlag { .. }));
-        assert!(matches!(err(&["-worker_count"]), ControlError::MissingValue { flag: "worker_count" }));
-        assert!(matches!(err(&["-worker_count=0"]), ControlError::BadValue { flag: "worker_count", .. }));
-        assert!(matches!(err(&["-worker_count=65"]), ControlError::BadValue { .. }));
-        assert!(matches!(err(&["-worker_count=-1"]), ControlError::BadValue { .. }));
-        assert!(matches!(err(&["-cow_op_merge_size=x"]), ControlError::BadValue { .. }));
-        assert!(matches!(err(&["-io_uring=maybe"]), ControlError::BadValue { flag: "io_uring", .. }));
-        assert!(matches!(err(&["-socket="]), ControlError::BadValue { flag: "socket", .. }));
-        assert!(matches!(err(&["-noio_uring=1"]), ControlError::UnknownFlag { .. }));
-        assert!(matches!(err(&["-no_socket"]), ControlError::Inconsistent(_)));
+        assert!(matches!(
+            err(&["-worker_count"]),
+            ControlError::MissingValue {
+                flag: "worker_count"
+            }
+        ));
+        assert!(matches!(
+            err(&["-worker_count=0"]),
+            ControlError::BadValue {
+                flag: "worker_count",
+                ..
+            }
+        ));
+        assert!(matches!(
+            err(&["-worker_count=65"]),
+            ControlError::BadValue { .. }
+        ));
+        assert!(matches!(
+            err(&["-worker_count=-1"]),
+            ControlError::BadValue { .. }
+        ));
+        assert!(matches!(
+            err(&["-cow_op_merge_size=x"]),
+            ControlError::BadValue { .. }
+        ));
+        assert!(matches!(
+            err(&["-io_uring=maybe"]),
+            ControlError::BadValue {
+                flag: "io_uring",
+                ..
+            }
+        ));
+        assert!(matches!(
+            err(&["-socket="]),
+            ControlError::BadValue { flag: "socket", .. }
+        ));
+        assert!(matches!(
+            err(&["-noio_uring=1"]),
+            ControlError::UnknownFlag { .. }
+        ));
+        assert!(matches!(
+            err(&["-no_socket"]),
+            ControlError::Inconsistent(_)
+        ));
         assert!(matches!(err(&["a,b,c"]), ControlError::Inconsistent(_)));
-        assert!(matches!(err(&["-no_socket", "a,b"]), ControlError::BadHandler { index: 0, .. }));
-        assert!(matches!(err(&["-no_socket", "a,,c"]), ControlError::BadHandler { .. }));
-        assert!(matches!(err(&["-no_socket", "a,b,c,d,e"]), ControlError::BadHandler { .. }));
+        assert!(matches!(
+            err(&["-no_socket", "a,b"]),
+            ControlError::BadHandler { index: 0, .. }
+        ));
+        assert!(matches!(
+            err(&["-no_socket", "a,,c"]),
+            ControlError::BadHandler { .. }
+        ));
+        assert!(matches!(
+            err(&["-no_socket", "a,b,c,d,e"]),
+            ControlError::BadHandler { .. }
+        ));
     }
 
     proptest! {

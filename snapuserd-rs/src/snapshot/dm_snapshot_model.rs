@@ -67,14 +67,23 @@ pub struct ServerCow<'a, B, D, S: MergeStateStore> {
 
 impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> CowDevice for ServerCow<'_, B, D, S> {
     fn read_chunk(&mut self, chunk: u64, buf: &mut Chunk) -> Result<(), ModelError> {
-        let req = Request { kind: DM_USER_REQ_MAP_READ, flags: 0, sector: chunk * CHUNK_SECTORS, len: BLOCK_SIZE_U64 };
+        let req = Request {
+            kind: DM_USER_REQ_MAP_READ,
+            flags: 0,
+            sector: chunk * CHUNK_SECTORS,
+            len: BLOCK_SIZE_U64,
+        };
         let mut out = Vec::new();
         match self.server.handle(&req, &[], &mut out) {
             Status::Success if out.len() == BLOCK_SIZE => {
                 buf.copy_from_slice(&out);
                 Ok(())
             }
-            status => Err(ModelError::Cow { what: "read", chunk, status }),
+            status => Err(ModelError::Cow {
+                what: "read",
+                chunk,
+                status,
+            }),
         }
     }
 
@@ -87,15 +96,28 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> CowDevice for ServerCo
         };
         match self.server.handle(&req, buf, &mut Vec::new()) {
             Status::Success => Ok(()),
-            status => Err(ModelError::Cow { what: "write", chunk, status }),
+            status => Err(ModelError::Cow {
+                what: "write",
+                chunk,
+                status,
+            }),
         }
     }
 
     fn flush(&mut self) -> Result<(), ModelError> {
-        let req = Request { kind: DM_USER_REQ_MAP_WRITE, flags: DM_USER_REQ_PREFLUSH, sector: 0, len: 0 };
+        let req = Request {
+            kind: DM_USER_REQ_MAP_WRITE,
+            flags: DM_USER_REQ_PREFLUSH,
+            sector: 0,
+            len: 0,
+        };
         match self.server.handle(&req, &[], &mut Vec::new()) {
             Status::Success => Ok(()),
-            status => Err(ModelError::Cow { what: "flush", chunk: 0, status }),
+            status => Err(ModelError::Cow {
+                what: "flush",
+                chunk: 0,
+                status,
+            }),
         }
     }
 }
@@ -128,8 +150,13 @@ pub struct Origin(pub Rc<RefCell<OriginDevice>>);
 
 impl OriginDevice {
     /// A disk holding `image`.
-    pub fn new(image: Vec<u8>, clock: CrashClock) -> Origin {
-        Origin(Rc::new(RefCell::new(OriginDevice { durable: image, volatile: Vec::new(), latest: HashMap::new(), clock })))
+    pub fn create(image: Vec<u8>, clock: CrashClock) -> Origin {
+        Origin(Rc::new(RefCell::new(OriginDevice {
+            durable: image,
+            volatile: Vec::new(),
+            latest: HashMap::new(),
+            clock,
+        })))
     }
 
     fn view(&self) -> Vec<u8> {
@@ -137,7 +164,6 @@ impl OriginDevice {
         apply(&mut img, self.volatile.iter());
         img
     }
-
 }
 
 fn apply<'a>(img: &mut [u8], writes: impl Iterator<Item = &'a (u64, Chunk)>) {
@@ -160,13 +186,17 @@ impl Origin {
             out.copy_from_slice(data);
             return Ok(());
         }
-        let at = usize::try_from(block).ok().and_then(|b| b.checked_mul(BLOCK_SIZE));
+        let at = usize::try_from(block)
+            .ok()
+            .and_then(|b| b.checked_mul(BLOCK_SIZE));
         match at.and_then(|a| dev.durable.get(a..a + BLOCK_SIZE)) {
             Some(bytes) => {
                 out.copy_from_slice(bytes);
                 Ok(())
             }
-            None => Err(ModelError::Origin(io::Error::other(format!("origin block {block} out of range")))),
+            None => Err(ModelError::Origin(io::Error::other(format!(
+                "origin block {block} out of range"
+            )))),
         }
     }
 
@@ -175,7 +205,9 @@ impl Origin {
         let mut dev = self.0.borrow_mut();
         dev.clock.step("origin write")?;
         if block as usize >= dev.durable.len() / BLOCK_SIZE {
-            return Err(ModelError::Origin(io::Error::other(format!("origin write {block} out of range"))));
+            return Err(ModelError::Origin(io::Error::other(format!(
+                "origin write {block} out of range"
+            ))));
         }
         let index = dev.volatile.len();
         dev.volatile.push((block, *data));
@@ -219,7 +251,8 @@ impl SourceDevice for Origin {
         while done < buf.len() {
             let pos = byte_offset + done as u64;
             let (block, offset) = (pos / BLOCK_SIZE_U64, (pos % BLOCK_SIZE_U64) as usize);
-            self.read_block(block, &mut block_buf).map_err(|e| io::Error::other(e.to_string()))?;
+            self.read_block(block, &mut block_buf)
+                .map_err(|e| io::Error::other(e.to_string()))?;
             let take = (BLOCK_SIZE - offset).min(buf.len() - done);
             buf[done..done + take].copy_from_slice(&block_buf[offset..offset + take]);
             done += take;
@@ -261,7 +294,11 @@ impl DmSnapshot {
         let mut buf = [0u8; BLOCK_SIZE];
         cow.read_chunk(0, &mut buf)?;
         let word = |i: usize| u32::from_le_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
-        if word(0) != DISK_MAGIC || word(4) != 1 || word(8) != 1 || u64::from(word(12)) != CHUNK_SECTORS {
+        if word(0) != DISK_MAGIC
+            || word(4) != 1
+            || word(8) != 1
+            || u64::from(word(12)) != CHUNK_SECTORS
+        {
             return Err(ModelError::BadHeader(format!("{:x?}", &buf[..16])));
         }
         let mut exceptions = HashMap::new();
@@ -276,12 +313,19 @@ impl DmSnapshot {
                     break;
                 }
                 if exceptions.insert(old, new).is_some() {
-                    return Err(ModelError::BadTable(format!("old_chunk {old} appears twice")));
+                    return Err(ModelError::BadTable(format!(
+                        "old_chunk {old} appears twice"
+                    )));
                 }
                 count += 1;
             }
             if count < EXCEPTIONS_PER_AREA {
-                return Ok(DmSnapshot { exceptions, area, current_area: area_index, current_committed: count });
+                return Ok(DmSnapshot {
+                    exceptions,
+                    area,
+                    current_area: area_index,
+                    current_committed: count,
+                });
             }
             area_index += 1;
             if area_index > 1 << 22 {
@@ -291,7 +335,13 @@ impl DmSnapshot {
     }
 
     /// Read block `block` of the snapshot device.
-    pub fn read_block(&self, origin: &Origin, cow: &mut dyn CowDevice, block: u64, out: &mut Chunk) -> Result<(), ModelError> {
+    pub fn read_block(
+        &self,
+        origin: &Origin,
+        cow: &mut dyn CowDevice,
+        block: u64,
+        out: &mut Chunk,
+    ) -> Result<(), ModelError> {
         match self.exceptions.get(&block) {
             Some(&new) => cow.read_chunk(new, out),
             None => origin.read_block(block, out),
@@ -299,7 +349,11 @@ impl DmSnapshot {
     }
 
     /// One iteration of the snapshot-merge loop.
-    pub fn merge_step(&mut self, origin: &Origin, cow: &mut dyn CowDevice) -> Result<MergeStep, ModelError> {
+    pub fn merge_step(
+        &mut self,
+        origin: &Origin,
+        cow: &mut dyn CowDevice,
+    ) -> Result<MergeStep, ModelError> {
         if self.current_committed == 0 {
             if self.current_area == 0 {
                 return Ok(MergeStep::Done);

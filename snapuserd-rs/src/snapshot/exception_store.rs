@@ -161,7 +161,11 @@ impl ExceptionStore {
 
         // Reverse merge order: the REPLACE/ZERO section (end of the plan) comes first.
         let mut assigned_unordered = false;
-        for _ in plan.unmerged().rev().take_while(|(_, op)| !op.kind.is_ordered()) {
+        for _ in plan
+            .unmerged()
+            .rev()
+            .take_while(|(_, op)| !op.kind.is_ordered())
+        {
             push(next, &mut new_chunks)?;
             next = next_data_chunk(next);
             assigned_unordered = true;
@@ -196,10 +200,13 @@ impl ExceptionStore {
             // A full last area is followed by an all-zero one, the kernel's terminator.
             unmerged / EXCEPTIONS_PER_AREA + 1
         };
-        log::debug!(
-            "exception store: {unmerged} exceptions, {num_areas} areas, {next} chunks"
-        );
-        Ok(ExceptionStore { first_unmerged, new_chunks, num_areas, device_chunks: next })
+        log::debug!("exception store: {unmerged} exceptions, {num_areas} areas, {next} chunks");
+        Ok(ExceptionStore {
+            first_unmerged,
+            new_chunks,
+            num_areas,
+            device_chunks: next,
+        })
     }
 
     /// Number of exceptions (unmerged ops when built).
@@ -257,10 +264,15 @@ impl ExceptionStore {
                 _ => ChunkKind::Unmapped,
             };
         }
-        let Ok(c) = u32::try_from(chunk) else { return ChunkKind::Unmapped };
+        let Ok(c) = u32::try_from(chunk) else {
+            return ChunkKind::Unmapped;
+        };
         match self.new_chunks.binary_search(&c) {
             Ok(exception) => match self.op_index(exception) {
-                Some(op_index) => ChunkKind::Data { exception, op_index },
+                Some(op_index) => ChunkKind::Data {
+                    exception,
+                    op_index,
+                },
                 None => ChunkKind::Unmapped,
             },
             Err(_) => ChunkKind::Unmapped,
@@ -280,7 +292,10 @@ impl ExceptionStore {
             return Err(ExceptionStoreError::BadBufferSize { len: out.len() });
         }
         if area >= self.num_areas {
-            return Err(ExceptionStoreError::NoSuchArea { area, num_areas: self.num_areas });
+            return Err(ExceptionStoreError::NoSuchArea {
+                area,
+                num_areas: self.num_areas,
+            });
         }
         out.fill(0);
         let live = live.min(self.new_chunks.len());
@@ -358,7 +373,7 @@ mod tests {
             .map(PlannedOp::replace)
             .chain((512..768).map(PlannedOp::zero))
             .collect();
-        others.sort_by(|a, b| b.new_block.cmp(&a.new_block));
+        others.sort_by_key(|op| std::cmp::Reverse(op.new_block));
         ops.extend(others);
         MergePlan::new(ops, 0).unwrap()
     }
@@ -409,8 +424,20 @@ mod tests {
         assert_eq!(store.lookup(258), ChunkKind::Metadata { area: 1 });
         assert_eq!(store.lookup(772), ChunkKind::Unmapped); // area 3 does not exist
         assert_eq!(store.lookup(519), ChunkKind::Unmapped); // a gap
-        assert_eq!(store.lookup(534), ChunkKind::Data { exception: 526, op_index: 0 });
-        assert_eq!(store.lookup(2), ChunkKind::Data { exception: 0, op_index: 526 });
+        assert_eq!(
+            store.lookup(534),
+            ChunkKind::Data {
+                exception: 526,
+                op_index: 0
+            }
+        );
+        assert_eq!(
+            store.lookup(2),
+            ChunkKind::Data {
+                exception: 0,
+                op_index: 526
+            }
+        );
         assert_eq!(plan.op(526).unwrap().new_block, 256);
     }
 
@@ -474,7 +501,10 @@ mod tests {
     #[test]
     fn header_bytes() {
         let h = header_chunk();
-        assert_eq!(&h[0..16], &[0x53, 0x6e, 0x41, 0x70, 1, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0]);
+        assert_eq!(
+            &h[0..16],
+            &[0x53, 0x6e, 0x41, 0x70, 1, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0]
+        );
         assert!(h[16..].iter().all(|&b| b == 0));
     }
 

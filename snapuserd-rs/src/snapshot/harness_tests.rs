@@ -10,7 +10,9 @@ use std::rc::Rc;
 use proptest::prelude::*;
 
 use super::block_server::{BlockServer, BlockServerError, BlockSource};
-use super::dm_snapshot_model::{CowDevice, CrashMode, DmSnapshot, MergeStep, Origin, OriginDevice, ServerCow};
+use super::dm_snapshot_model::{
+    CowDevice, CrashMode, DmSnapshot, MergeStep, Origin, OriginDevice, ServerCow,
+};
 use super::merge_plan::{MergePlan, OpKind, PlannedOp, SourceDevice, BLOCK_SIZE, BLOCK_SIZE_U64};
 use super::merge_tracker::{CrashClock, DurableMergeState, InMemoryMergeStore, ScratchState};
 
@@ -50,7 +52,12 @@ impl Scenario {
                 _ => None,
             })
             .collect();
-        Scenario { source, ops, payloads: Rc::new(payloads), scratch_blocks }
+        Scenario {
+            source,
+            ops,
+            payloads: Rc::new(payloads),
+            scratch_blocks,
+        }
     }
 
     /// The new image, from the pristine source.
@@ -75,7 +82,11 @@ impl Scenario {
             OpKind::Xor => {
                 let at = op.source as usize;
                 let delta = self.payloads[i].as_ref().unwrap();
-                self.source[at..at + BLOCK_SIZE].iter().zip(delta).map(|(a, b)| a ^ b).collect()
+                self.source[at..at + BLOCK_SIZE]
+                    .iter()
+                    .zip(delta)
+                    .map(|(a, b)| a ^ b)
+                    .collect()
             }
         }
     }
@@ -87,7 +98,13 @@ struct TestBlocks {
 }
 
 impl BlockSource for TestBlocks {
-    fn read_op_block(&self, op_index: usize, op: &PlannedOp, source: &dyn SourceDevice, out: &mut [u8]) -> std::io::Result<()> {
+    fn read_op_block(
+        &self,
+        op_index: usize,
+        op: &PlannedOp,
+        source: &dyn SourceDevice,
+        out: &mut [u8],
+    ) -> std::io::Result<()> {
         let payload = || {
             self.payloads
                 .get(op_index)
@@ -118,12 +135,23 @@ struct Booted {
 }
 
 fn boot(sc: &Scenario, image: Vec<u8>, durable: DurableMergeState, clock: CrashClock) -> Booted {
-    let origin = OriginDevice::new(image, clock.clone());
+    let origin = OriginDevice::create(image, clock.clone());
     let plan = MergePlan::new(sc.ops.clone(), durable.num_merge_ops).unwrap();
     let store = InMemoryMergeStore::new(durable, sc.scratch_blocks, clock);
     let shared = store.shared();
-    let server = BlockServer::new(plan, TestBlocks { payloads: Rc::clone(&sc.payloads) }, origin.clone(), store);
-    Booted { origin, durable: shared, server }
+    let server = BlockServer::new(
+        plan,
+        TestBlocks {
+            payloads: Rc::clone(&sc.payloads),
+        },
+        origin.clone(),
+        store,
+    );
+    Booted {
+        origin,
+        durable: shared,
+        server,
+    }
 }
 
 /// Read every block of the snapshot device through a freshly loaded table.
@@ -144,7 +172,11 @@ fn view_of(snap: &DmSnapshot, origin: &Origin, cow: &mut dyn CowDevice) -> Vec<u
 }
 
 /// Run the merge loop to the end; optionally check the snapshot view after every batch.
-fn merge(server: &Server, origin: &Origin, check: Option<&[u8]>) -> Result<usize, super::dm_snapshot_model::ModelError> {
+fn merge(
+    server: &Server,
+    origin: &Origin,
+    check: Option<&[u8]>,
+) -> Result<usize, super::dm_snapshot_model::ModelError> {
     let mut cow = ServerCow { server };
     let mut snap = DmSnapshot::load(&mut cow)?;
     let mut batches = 0;
@@ -154,7 +186,10 @@ fn merge(server: &Server, origin: &Origin, check: Option<&[u8]>) -> Result<usize
             MergeStep::Merged(_) => {
                 batches += 1;
                 if let Some(target) = check {
-                    assert!(view_of(&snap, origin, &mut cow) == target, "snapshot view differs after batch {batches}");
+                    assert!(
+                        view_of(&snap, origin, &mut cow) == target,
+                        "snapshot view differs after batch {batches}"
+                    );
                 }
             }
         }
@@ -164,7 +199,10 @@ fn merge(server: &Server, origin: &Origin, check: Option<&[u8]>) -> Result<usize
 fn assert_images_eq(got: &[u8], want: &[u8], what: &str) {
     if got != want {
         let bad: Vec<usize> = (0..want.len() / BLOCK_SIZE)
-            .filter(|&b| got[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE] != want[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE])
+            .filter(|&b| {
+                got[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE]
+                    != want[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE]
+            })
             .take(10)
             .collect();
         panic!("{what}: blocks differ from the target, first ones: {bad:?}");
@@ -174,14 +212,24 @@ fn assert_images_eq(got: &[u8], want: &[u8], what: &str) {
 /// Clean run: snapshot view == target, merge, base == target, nothing left afterwards.
 fn run_clean(sc: &Scenario, check_each_batch: bool) -> usize {
     let target = sc.target();
-    let b = boot(sc, sc.source.clone(), DurableMergeState::fresh(0), CrashClock::never());
+    let b = boot(
+        sc,
+        sc.source.clone(),
+        DurableMergeState::fresh(0),
+        CrashClock::never(),
+    );
     let server = b.server.unwrap();
     assert_images_eq(&snapshot_view(&server, &b.origin), &target, "snapshot view");
     let batches = merge(&server, &b.origin, check_each_batch.then_some(&target[..])).unwrap();
     assert_images_eq(&b.origin.image(), &target, "merged base");
     assert_eq!(b.durable.borrow().num_merge_ops, sc.ops.len() as u64);
     // A restarted daemon presents an empty table.
-    let again = boot(sc, b.origin.image(), b.durable.borrow().clone(), CrashClock::never());
+    let again = boot(
+        sc,
+        b.origin.image(),
+        b.durable.borrow().clone(),
+        CrashClock::never(),
+    );
     let server = again.server.unwrap();
     assert_eq!(server.exceptions().num_exceptions(), 0);
     assert_eq!(merge(&server, &again.origin, None).unwrap(), 0);
@@ -201,11 +249,17 @@ fn run_with_crashes(sc: &Scenario, budgets: &[u64], mode: CrashMode, check_view:
         let result = match &b.server {
             Ok(server) => {
                 if check_view {
-                    assert_images_eq(&snapshot_view(server, &b.origin), &target, "snapshot view before merge");
+                    assert_images_eq(
+                        &snapshot_view(server, &b.origin),
+                        &target,
+                        "snapshot view before merge",
+                    );
                 }
                 merge(server, &b.origin, None).map(|_| ())
             }
-            Err(_) => Err(super::dm_snapshot_model::ModelError::BadTable("boot failed".into())),
+            Err(_) => Err(super::dm_snapshot_model::ModelError::BadTable(
+                "boot failed".into(),
+            )),
         };
         if !clock.crashed() {
             result.unwrap();
@@ -219,7 +273,11 @@ fn run_with_crashes(sc: &Scenario, budgets: &[u64], mode: CrashMode, check_view:
     }
     let b = boot(sc, image, durable, CrashClock::never());
     let server = b.server.unwrap();
-    assert_images_eq(&snapshot_view(&server, &b.origin), &target, "snapshot view after restart");
+    assert_images_eq(
+        &snapshot_view(&server, &b.origin),
+        &target,
+        "snapshot view after restart",
+    );
     merge(&server, &b.origin, None).unwrap();
     assert_images_eq(&b.origin.image(), &target, "merged base after restart");
     assert_eq!(b.durable.borrow().num_merge_ops, sc.ops.len() as u64);
@@ -229,7 +287,11 @@ fn run_with_crashes(sc: &Scenario, budgets: &[u64], mode: CrashMode, check_view:
 /// Crash at every step (budgets 0, stride, 2*stride, ...) in every crash mode.
 fn crash_everywhere(sc: &Scenario, stride: u64, check_view: bool) -> u64 {
     let mut tried = 0;
-    for mode in [CrashMode::DropUnflushed, CrashMode::KeepUnflushed, CrashMode::KeepOlderHalf] {
+    for mode in [
+        CrashMode::DropUnflushed,
+        CrashMode::KeepUnflushed,
+        CrashMode::KeepOlderHalf,
+    ] {
         let mut budget = 0;
         while run_with_crashes(sc, &[budget], mode, check_view) == 1 {
             tried += 1;
@@ -244,12 +306,17 @@ fn crash_everywhere(sc: &Scenario, stride: u64, check_view: bool) -> u64 {
 
 /// 20→23, 19→22, … : each op copies to three blocks higher, highest first.
 fn chain_up(start: u64, len: u64, shift: u64) -> Vec<PlannedOp> {
-    (0..len).rev().map(|i| PlannedOp::copy(start + i + shift, start + i)).collect()
+    (0..len)
+        .rev()
+        .map(|i| PlannedOp::copy(start + i + shift, start + i))
+        .collect()
 }
 
 /// The mirror image: each op copies from `shift` blocks higher, lowest first.
 fn chain_down(start: u64, len: u64, shift: u64) -> Vec<PlannedOp> {
-    (0..len).map(|i| PlannedOp::copy(start + i, start + i + shift)).collect()
+    (0..len)
+        .map(|i| PlannedOp::copy(start + i, start + i + shift))
+        .collect()
 }
 
 fn mixed_ops() -> Vec<PlannedOp> {
@@ -263,8 +330,11 @@ fn mixed_ops() -> Vec<PlannedOp> {
     ops.extend(chain_down(100, 8, 2)); // 100<-102, 101<-103, ...
     ops.push(PlannedOp::xor(80, 100 * 4096 + 17)); // reads 100,101 after they were overwritten: invalid
     ops.pop();
-    let mut rz: Vec<PlannedOp> = (120..140).map(PlannedOp::replace).chain((140..150).map(PlannedOp::zero)).collect();
-    rz.sort_by(|a, b| b.new_block.cmp(&a.new_block));
+    let mut rz: Vec<PlannedOp> = (120..140)
+        .map(PlannedOp::replace)
+        .chain((140..150).map(PlannedOp::zero))
+        .collect();
+    rz.sort_by_key(|op| std::cmp::Reverse(op.new_block));
     ops.extend(rz);
     ops
 }
@@ -347,7 +417,10 @@ fn mixed_ops_with_unaligned_xor() {
 #[test]
 fn xor_chains_with_unaligned_sources() {
     // Each XOR reads bytes straddling blocks i and i+1 and writes block i+3, highest first.
-    let ops: Vec<PlannedOp> = (0..40u64).rev().map(|i| PlannedOp::xor(i + 3, i * 4096 + 2048)).collect();
+    let ops: Vec<PlannedOp> = (0..40u64)
+        .rev()
+        .map(|i| PlannedOp::xor(i + 3, i * 4096 + 2048))
+        .collect();
     assert!(is_valid_order(&ops));
     for scratch in [SCRATCH, 0] {
         let sc = Scenario::new(48, ops.clone(), scratch, 7);
@@ -376,7 +449,10 @@ fn more_ordered_ops_than_one_window() {
     // Independent copies, highest block first: the kernel batches them, but never across a
     // window end (2 cuts), an area end (4 cuts) or a skipped metadata chunk (at most 5
     // cuts): between 7 and 12 batches, never the 1100 of unbatched merging.
-    let ops: Vec<PlannedOp> = (0..1100).rev().map(|i| PlannedOp::copy(1200 + i, i)).collect();
+    let ops: Vec<PlannedOp> = (0..1100)
+        .rev()
+        .map(|i| PlannedOp::copy(1200 + i, i))
+        .collect();
     let sc = Scenario::new(2300, ops, SCRATCH, 9);
     let batches = run_clean(&sc, false);
     assert!((7..=12).contains(&batches), "{batches} batches");
@@ -427,7 +503,12 @@ fn harness_detects_ignoring_the_scratch_window() {
     let mut corrupted = false;
     for budget in 0..40 {
         let clock = CrashClock::after(budget);
-        let b = boot(&sc, sc.source.clone(), DurableMergeState::fresh(0), clock.clone());
+        let b = boot(
+            &sc,
+            sc.source.clone(),
+            DurableMergeState::fresh(0),
+            clock.clone(),
+        );
         let Ok(server) = &b.server else { continue };
         let _ = merge(server, &b.origin, None);
         if !clock.crashed() {
@@ -446,7 +527,10 @@ fn harness_detects_ignoring_the_scratch_window() {
             corrupted = true;
         }
     }
-    assert!(corrupted, "losing the scratch window never corrupted the base: the crash test is blind");
+    assert!(
+        corrupted,
+        "losing the scratch window never corrupted the base: the crash test is blind"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -497,7 +581,7 @@ fn build_ops(gens: &[Gen], descending_rz: bool) -> Vec<PlannedOp> {
         written.insert(op.new_block);
     }
     if descending_rz {
-        others.sort_by(|a, b| b.new_block.cmp(&a.new_block));
+        others.sort_by_key(|op| std::cmp::Reverse(op.new_block));
     }
     ordered.extend(others);
     ordered

@@ -56,22 +56,38 @@ pub struct PlannedOp {
 impl PlannedOp {
     /// A COPY of source block `source_block` to `new_block`.
     pub fn copy(new_block: u64, source_block: u64) -> Self {
-        PlannedOp { kind: OpKind::Copy, new_block, source: source_block }
+        PlannedOp {
+            kind: OpKind::Copy,
+            new_block,
+            source: source_block,
+        }
     }
 
     /// An XOR op whose source bytes start at `source_byte_offset`.
     pub fn xor(new_block: u64, source_byte_offset: u64) -> Self {
-        PlannedOp { kind: OpKind::Xor, new_block, source: source_byte_offset }
+        PlannedOp {
+            kind: OpKind::Xor,
+            new_block,
+            source: source_byte_offset,
+        }
     }
 
     /// A REPLACE op.
     pub fn replace(new_block: u64) -> Self {
-        PlannedOp { kind: OpKind::Replace, new_block, source: 0 }
+        PlannedOp {
+            kind: OpKind::Replace,
+            new_block,
+            source: 0,
+        }
     }
 
     /// A ZERO op.
     pub fn zero(new_block: u64) -> Self {
-        PlannedOp { kind: OpKind::Zero, new_block, source: 0 }
+        PlannedOp {
+            kind: OpKind::Zero,
+            new_block,
+            source: 0,
+        }
     }
 
     /// Byte offset in the source device of the 4096 bytes this op reads, if it reads any.
@@ -87,10 +103,17 @@ impl PlannedOp {
     /// The source blocks this op reads: none, one, or two (an unaligned XOR).
     pub fn source_blocks(&self) -> SourceBlocks {
         match self.kind {
-            OpKind::Copy => SourceBlocks { first: self.source, count: 1 },
+            OpKind::Copy => SourceBlocks {
+                first: self.source,
+                count: 1,
+            },
             OpKind::Xor => {
                 let first = self.source / BLOCK_SIZE_U64;
-                let count = if self.source % BLOCK_SIZE_U64 == 0 { 1 } else { 2 };
+                let count = if self.source % BLOCK_SIZE_U64 == 0 {
+                    1
+                } else {
+                    2
+                };
                 SourceBlocks { first, count }
             }
             OpKind::Replace | OpKind::Zero => SourceBlocks { first: 0, count: 0 },
@@ -134,7 +157,11 @@ impl SourceDevice for [u8] {
             }
             None => Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
-                format!("read of {} bytes at {byte_offset} beyond {} bytes", buf.len(), self.len()),
+                format!(
+                    "read of {} bytes at {byte_offset} beyond {} bytes",
+                    buf.len(),
+                    self.len()
+                ),
             )),
         }
     }
@@ -213,7 +240,10 @@ impl MergePlan {
         let merged = usize::try_from(num_merge_ops)
             .ok()
             .filter(|&m| m <= ops.len())
-            .ok_or(MergePlanError::MergedBeyondEnd { num_merge_ops, num_ops: ops.len() })?;
+            .ok_or(MergePlanError::MergedBeyondEnd {
+                num_merge_ops,
+                num_ops: ops.len(),
+            })?;
         let mut num_ordered = 0usize;
         let mut seen_unordered = false;
         for (index, op) in ops.iter().enumerate() {
@@ -236,14 +266,23 @@ impl MergePlan {
                 _ => true,
             };
             if !dest_ok {
-                return Err(MergePlanError::OffsetOverflow { index, value: op.new_block });
+                return Err(MergePlanError::OffsetOverflow {
+                    index,
+                    value: op.new_block,
+                });
             }
             if !src_ok {
-                return Err(MergePlanError::OffsetOverflow { index, value: op.source });
+                return Err(MergePlanError::OffsetOverflow {
+                    index,
+                    value: op.source,
+                });
             }
         }
-        let mut by_block: Vec<(u64, usize)> =
-            ops.iter().enumerate().map(|(i, op)| (op.new_block, i)).collect();
+        let mut by_block: Vec<(u64, usize)> = ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| (op.new_block, i))
+            .collect();
         by_block.sort_unstable();
         if let Some(pair) = by_block.windows(2).find(|w| w[0].0 == w[1].0) {
             return Err(MergePlanError::DuplicateBlock {
@@ -252,7 +291,11 @@ impl MergePlan {
                 new_block: pair[0].0,
             });
         }
-        Ok(MergePlan { ops, num_ordered, num_merge_ops: merged })
+        Ok(MergePlan {
+            ops,
+            num_ordered,
+            num_merge_ops: merged,
+        })
     }
 
     /// All ops in merge order (merged ones included).
@@ -303,7 +346,12 @@ mod tests {
     #[test]
     fn accepts_ordered_then_unordered() {
         let plan = MergePlan::new(
-            vec![PlannedOp::copy(3, 1), PlannedOp::xor(4, 10), PlannedOp::zero(1), PlannedOp::replace(2)],
+            vec![
+                PlannedOp::copy(3, 1),
+                PlannedOp::xor(4, 10),
+                PlannedOp::zero(1),
+                PlannedOp::replace(2),
+            ],
             1,
         )
         .unwrap();
@@ -317,27 +365,74 @@ mod tests {
         let err = MergePlan::new(vec![PlannedOp::zero(1), PlannedOp::copy(3, 1)], 0).unwrap_err();
         assert_eq!(
             err,
-            MergePlanError::OrderedAfterUnordered { index: 1, kind: OpKind::Copy, new_block: 3 }
+            MergePlanError::OrderedAfterUnordered {
+                index: 1,
+                kind: OpKind::Copy,
+                new_block: 3
+            }
         );
     }
 
     #[test]
     fn rejects_duplicates_and_bad_progress() {
         let err = MergePlan::new(vec![PlannedOp::zero(7), PlannedOp::replace(7)], 0).unwrap_err();
-        assert_eq!(err, MergePlanError::DuplicateBlock { first: 0, second: 1, new_block: 7 });
+        assert_eq!(
+            err,
+            MergePlanError::DuplicateBlock {
+                first: 0,
+                second: 1,
+                new_block: 7
+            }
+        );
         let err = MergePlan::new(vec![PlannedOp::zero(7)], 2).unwrap_err();
-        assert_eq!(err, MergePlanError::MergedBeyondEnd { num_merge_ops: 2, num_ops: 1 });
+        assert_eq!(
+            err,
+            MergePlanError::MergedBeyondEnd {
+                num_merge_ops: 2,
+                num_ops: 1
+            }
+        );
         let err = MergePlan::new(vec![PlannedOp::copy(1, u64::MAX / 2)], 0).unwrap_err();
-        assert!(matches!(err, MergePlanError::OffsetOverflow { index: 0, .. }));
+        assert!(matches!(
+            err,
+            MergePlanError::OffsetOverflow { index: 0, .. }
+        ));
         let err = MergePlan::new(vec![PlannedOp::xor(1, u64::MAX - 5)], 0).unwrap_err();
-        assert!(matches!(err, MergePlanError::OffsetOverflow { index: 0, .. }));
+        assert!(matches!(
+            err,
+            MergePlanError::OffsetOverflow { index: 0, .. }
+        ));
+    }
+
+    #[test]
+    fn planned_op_is_24_bytes() {
+        // Reported as the plan's memory cost per op.
+        assert_eq!(std::mem::size_of::<PlannedOp>(), 24);
     }
 
     #[test]
     fn xor_source_blocks_span_two_when_unaligned() {
-        assert_eq!(PlannedOp::xor(0, 8192).source_blocks().iter().collect::<Vec<_>>(), vec![2]);
-        assert_eq!(PlannedOp::xor(0, 8193).source_blocks().iter().collect::<Vec<_>>(), vec![2, 3]);
-        assert_eq!(PlannedOp::copy(0, 9).source_blocks().iter().collect::<Vec<_>>(), vec![9]);
+        assert_eq!(
+            PlannedOp::xor(0, 8192)
+                .source_blocks()
+                .iter()
+                .collect::<Vec<_>>(),
+            vec![2]
+        );
+        assert_eq!(
+            PlannedOp::xor(0, 8193)
+                .source_blocks()
+                .iter()
+                .collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        assert_eq!(
+            PlannedOp::copy(0, 9)
+                .source_blocks()
+                .iter()
+                .collect::<Vec<_>>(),
+            vec![9]
+        );
         assert_eq!(PlannedOp::zero(0).source_blocks().iter().count(), 0);
         assert_eq!(PlannedOp::copy(0, 9).source_byte_offset(), Some(9 * 4096));
     }

@@ -20,7 +20,9 @@ use std::rc::Rc;
 
 use thiserror::Error;
 
-use super::exception_store::{ExceptionStore, DISK_EXCEPTION_SIZE, EXCEPTIONS_PER_AREA, WINDOW_OPS};
+use super::exception_store::{
+    ExceptionStore, DISK_EXCEPTION_SIZE, EXCEPTIONS_PER_AREA, WINDOW_OPS,
+};
 use super::merge_plan::{MergePlan, SourceDevice, BLOCK_SIZE};
 
 /// The read-ahead state byte of the COW scratch region.
@@ -104,7 +106,9 @@ pub enum MergeTrackerError {
         capacity: usize,
     },
     /// Scratch state Done, but its content is not the next pending window.
-    #[error("scratch window does not match the pending ops at merge-order op {op_index}: {detail}")]
+    #[error(
+        "scratch window does not match the pending ops at merge-order op {op_index}: {detail}"
+    )]
     WindowMismatch {
         /// Merge-order op where the mismatch was found.
         op_index: usize,
@@ -120,7 +124,9 @@ pub enum MergeTrackerError {
         len: usize,
     },
     /// The kernel wrote an area other than the one holding the last unmerged exception.
-    #[error("metadata write to area {area}, but the last unmerged exception is in area {expected:?}")]
+    #[error(
+        "metadata write to area {area}, but the last unmerged exception is in area {expected:?}"
+    )]
     UnexpectedArea {
         /// Area written.
         area: usize,
@@ -208,7 +214,10 @@ impl<S: MergeStateStore> MergeTracker<S> {
     ) -> Result<Self, MergeTrackerError> {
         let stored = store.num_merge_ops();
         if stored != plan.num_merge_ops() as u64 {
-            return Err(MergeTrackerError::StaleProgress { plan: plan.num_merge_ops(), store: stored });
+            return Err(MergeTrackerError::StaleProgress {
+                plan: plan.num_merge_ops(),
+                store: stored,
+            });
         }
         let capacity = store.scratch_capacity_blocks();
         if capacity != 0 && capacity < WINDOW_OPS {
@@ -225,7 +234,10 @@ impl<S: MergeStateStore> MergeTracker<S> {
         if tracker.use_scratch && tracker.committed < plan.num_ordered() {
             if tracker.store.scratch_state() == ScratchState::Done {
                 tracker.window = Some(tracker.rebuild_window(plan)?);
-                log::info!("resuming merge from scratch window at op {}", tracker.committed);
+                log::info!(
+                    "resuming merge from scratch window at op {}",
+                    tracker.committed
+                );
             } else {
                 tracker.prepare_window(plan, source)?;
             }
@@ -234,7 +246,10 @@ impl<S: MergeStateStore> MergeTracker<S> {
     }
 
     fn window_range(&self, plan: &MergePlan, start: usize) -> (usize, usize) {
-        (start, start.saturating_add(WINDOW_OPS).min(plan.num_ordered()))
+        (
+            start,
+            start.saturating_add(WINDOW_OPS).min(plan.num_ordered()),
+        )
     }
 
     fn rebuild_window(&self, plan: &MergePlan) -> Result<Window, MergeTrackerError> {
@@ -242,11 +257,18 @@ impl<S: MergeStateStore> MergeTracker<S> {
         let stored = self
             .store
             .read_window()
-            .map_err(|source| MergeTrackerError::Store { operation: "read scratch window", source })?;
+            .map_err(|source| MergeTrackerError::Store {
+                operation: "read scratch window",
+                source,
+            })?;
         if stored.new_blocks.len() != end - start {
             return Err(MergeTrackerError::WindowMismatch {
                 op_index: start,
-                detail: format!("{} entries in scratch, {} pending ops", stored.new_blocks.len(), end - start),
+                detail: format!(
+                    "{} entries in scratch, {} pending ops",
+                    stored.new_blocks.len(),
+                    end - start
+                ),
             });
         }
         for (i, &block) in stored.new_blocks.iter().enumerate() {
@@ -262,13 +284,25 @@ impl<S: MergeStateStore> MergeTracker<S> {
         if stored.data.len() != (end - start) * BLOCK_SIZE {
             return Err(MergeTrackerError::WindowMismatch {
                 op_index: start,
-                detail: format!("{} data bytes for {} entries", stored.data.len(), end - start),
+                detail: format!(
+                    "{} data bytes for {} entries",
+                    stored.data.len(),
+                    end - start
+                ),
             });
         }
-        Ok(Window { start, end, data: stored.data })
+        Ok(Window {
+            start,
+            end,
+            data: stored.data,
+        })
     }
 
-    fn prepare_window(&mut self, plan: &MergePlan, source: &dyn SourceDevice) -> Result<(), MergeTrackerError> {
+    fn prepare_window(
+        &mut self,
+        plan: &MergePlan,
+        source: &dyn SourceDevice,
+    ) -> Result<(), MergeTrackerError> {
         let (start, end) = self.window_range(plan, self.committed);
         let mut window = ScratchWindow {
             new_blocks: Vec::with_capacity(end - start),
@@ -280,16 +314,27 @@ impl<S: MergeStateStore> MergeTracker<S> {
             let offset = op.source_byte_offset().unwrap_or(0);
             if let Err(source) = source.read_exact_at(buf, offset) {
                 self.failed = true;
-                return Err(MergeTrackerError::SourceRead { op_index, offset, source });
+                return Err(MergeTrackerError::SourceRead {
+                    op_index,
+                    offset,
+                    source,
+                });
             }
             window.new_blocks.push(op.new_block);
         }
         if let Err(source) = self.store.write_window(&window) {
             self.failed = true;
-            return Err(MergeTrackerError::Store { operation: "write scratch window", source });
+            return Err(MergeTrackerError::Store {
+                operation: "write scratch window",
+                source,
+            });
         }
         log::debug!("read-ahead window {start}..{end} saved to scratch");
-        self.window = Some(Window { start, end, data: window.data });
+        self.window = Some(Window {
+            start,
+            end,
+            data: window.data,
+        });
         Ok(())
     }
 
@@ -336,17 +381,26 @@ impl<S: MergeStateStore> MergeTracker<S> {
             return Err(MergeTrackerError::Failed);
         }
         if payload.len() != BLOCK_SIZE {
-            return Err(MergeTrackerError::BadPayloadLength { area, len: payload.len() });
+            return Err(MergeTrackerError::BadPayloadLength {
+                area,
+                len: payload.len(),
+            });
         }
         let expected_area = self.live.checked_sub(1).map(|e| e / EXCEPTIONS_PER_AREA);
         if expected_area != Some(area) {
-            return Err(MergeTrackerError::UnexpectedArea { area, expected: expected_area });
+            return Err(MergeTrackerError::UnexpectedArea {
+                area,
+                expected: expected_area,
+            });
         }
         let mut current = [0u8; BLOCK_SIZE];
         // The area exists because it holds exception live-1.
         exceptions
             .render_area(plan, area, self.live, &mut current)
-            .map_err(|_| MergeTrackerError::UnexpectedArea { area, expected: expected_area })?;
+            .map_err(|_| MergeTrackerError::UnexpectedArea {
+                area,
+                expected: expected_area,
+            })?;
         let live_in_area = self.live - area * EXCEPTIONS_PER_AREA;
         let mut still_live = 0usize;
         let mut seen_merged = false;
@@ -364,7 +418,12 @@ impl<S: MergeStateStore> MergeTracker<S> {
                 !seen_merged && found == expected
             };
             if !ok {
-                return Err(MergeTrackerError::EntryMismatch { area, slot, found, expected });
+                return Err(MergeTrackerError::EntryMismatch {
+                    area,
+                    slot,
+                    found,
+                    expected,
+                });
             }
             if slot < live_in_area && !merged {
                 still_live += 1;
@@ -397,7 +456,12 @@ impl<S: MergeStateStore> MergeTracker<S> {
         if self.use_scratch && first < ordered_end {
             let Some((w_start, w_end)) = self.window.as_ref().map(|w| (w.start, w.end)) else {
                 self.failed = true;
-                return Err(MergeTrackerError::CrossesWindow { first, end, window_start: 0, window_end: 0 });
+                return Err(MergeTrackerError::CrossesWindow {
+                    first,
+                    end,
+                    window_start: 0,
+                    window_end: 0,
+                });
             };
             let ordered_last = end.min(ordered_end);
             if first < w_start || ordered_last > w_end {
@@ -412,7 +476,10 @@ impl<S: MergeStateStore> MergeTracker<S> {
             if end >= w_end {
                 if let Err(source) = self.store.commit_window(w_end as u64) {
                     self.failed = true;
-                    return Err(MergeTrackerError::Store { operation: "commit window", source });
+                    return Err(MergeTrackerError::Store {
+                        operation: "commit window",
+                        source,
+                    });
                 }
                 self.committed = w_end;
                 self.window = None;
@@ -432,7 +499,10 @@ impl<S: MergeStateStore> MergeTracker<S> {
     fn commit_to(&mut self, end: usize) -> Result<(), MergeTrackerError> {
         if let Err(source) = self.store.commit(end as u64) {
             self.failed = true;
-            return Err(MergeTrackerError::Store { operation: "commit num_merge_ops", source });
+            return Err(MergeTrackerError::Store {
+                operation: "commit num_merge_ops",
+                source,
+            });
         }
         self.committed = end;
         Ok(())
@@ -481,7 +551,9 @@ impl CrashClock {
     pub fn step(&self, what: &str) -> io::Result<()> {
         let s = &self.inner;
         if s.crashed.get() {
-            return Err(io::Error::other(format!("simulated crash (already down) at {what}")));
+            return Err(io::Error::other(format!(
+                "simulated crash (already down) at {what}"
+            )));
         }
         if let Some(budget) = s.budget.get() {
             if s.steps.get() >= budget {
@@ -518,7 +590,11 @@ pub struct DurableMergeState {
 impl DurableMergeState {
     /// A fresh COW: nothing merged, scratch untouched.
     pub fn fresh(num_merge_ops: u64) -> Self {
-        DurableMergeState { num_merge_ops, state: ScratchState::NotStarted, window: ScratchWindow::default() }
+        DurableMergeState {
+            num_merge_ops,
+            state: ScratchState::NotStarted,
+            window: ScratchWindow::default(),
+        }
     }
 }
 
@@ -536,7 +612,11 @@ pub struct InMemoryMergeStore {
 impl InMemoryMergeStore {
     /// A store over `durable` with `capacity_blocks` of scratch (0: no scratch).
     pub fn new(durable: DurableMergeState, capacity_blocks: usize, clock: CrashClock) -> Self {
-        InMemoryMergeStore { shared: Rc::new(RefCell::new(durable)), capacity_blocks, clock }
+        InMemoryMergeStore {
+            shared: Rc::new(RefCell::new(durable)),
+            capacity_blocks,
+            clock,
+        }
     }
 
     /// The state a restart would find.
@@ -607,11 +687,22 @@ mod tests {
         v
     }
 
-    fn setup(ops: Vec<PlannedOp>, capacity: usize) -> (MergePlan, ExceptionStore, MergeTracker<InMemoryMergeStore>, Vec<u8>) {
+    fn setup(
+        ops: Vec<PlannedOp>,
+        capacity: usize,
+    ) -> (
+        MergePlan,
+        ExceptionStore,
+        MergeTracker<InMemoryMergeStore>,
+        Vec<u8>,
+    ) {
         let plan = MergePlan::new(ops, 0).unwrap();
         let store = ExceptionStore::build(&plan).unwrap();
-        let source: Vec<u8> = (0..64 * BLOCK_SIZE).map(|i| (i / BLOCK_SIZE) as u8).collect();
-        let mem = InMemoryMergeStore::new(DurableMergeState::fresh(0), capacity, CrashClock::never());
+        let source: Vec<u8> = (0..64 * BLOCK_SIZE)
+            .map(|i| (i / BLOCK_SIZE) as u8)
+            .collect();
+        let mem =
+            InMemoryMergeStore::new(DurableMergeState::fresh(0), capacity, CrashClock::never());
         let tracker = MergeTracker::open(&plan, &store, mem, &source).unwrap();
         (plan, store, tracker, source)
     }
@@ -623,12 +714,18 @@ mod tests {
         // Exceptions (reverse order): e0 = op1 (block 0), e1 = op0 (block 1).
         let c0 = store.new_chunk(0).unwrap();
         let c1 = store.new_chunk(1).unwrap();
-        let p = t.on_metadata_write(&plan, &store, 0, &area_bytes(&[(0, c0)]), &src).unwrap();
+        let p = t
+            .on_metadata_write(&plan, &store, 0, &area_bytes(&[(0, c0)]), &src)
+            .unwrap();
         assert_eq!((p.newly_merged, p.committed, p.complete), (1, 1, false));
         // Writing the same area again merges nothing: error.
-        let err = t.on_metadata_write(&plan, &store, 0, &area_bytes(&[(0, c0)]), &src).unwrap_err();
+        let err = t
+            .on_metadata_write(&plan, &store, 0, &area_bytes(&[(0, c0)]), &src)
+            .unwrap_err();
         assert!(matches!(err, MergeTrackerError::NoNewlyMerged { area: 0 }));
-        let p = t.on_metadata_write(&plan, &store, 0, &area_bytes(&[]), &src).unwrap();
+        let p = t
+            .on_metadata_write(&plan, &store, 0, &area_bytes(&[]), &src)
+            .unwrap();
         assert_eq!((p.newly_merged, p.committed, p.complete), (1, 2, true));
         assert_eq!(t.store().durable().num_merge_ops, 2);
         let _ = c1;
@@ -638,32 +735,65 @@ mod tests {
     fn rejects_foreign_entries_holes_and_wrong_area() {
         let ops = (0..3).map(PlannedOp::zero).collect();
         let (plan, store, mut t, src) = setup(ops, 0);
-        let e: Vec<(u64, u64)> = (0..3).map(|i| (2 - i as u64, store.new_chunk(i).unwrap())).collect();
+        let e: Vec<(u64, u64)> = (0..3)
+            .map(|i| (2 - i as u64, store.new_chunk(i).unwrap()))
+            .collect();
         let mut bad = e.clone();
         bad[0].0 = 99;
-        let err = t.on_metadata_write(&plan, &store, 0, &area_bytes(&bad), &src).unwrap_err();
-        assert!(matches!(err, MergeTrackerError::EntryMismatch { slot: 0, .. }));
+        let err = t
+            .on_metadata_write(&plan, &store, 0, &area_bytes(&bad), &src)
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            MergeTrackerError::EntryMismatch { slot: 0, .. }
+        ));
         let hole = [e[0], (0, 0), e[2]];
-        let err = t.on_metadata_write(&plan, &store, 0, &area_bytes(&hole), &src).unwrap_err();
-        assert!(matches!(err, MergeTrackerError::EntryMismatch { slot: 2, .. }));
+        let err = t
+            .on_metadata_write(&plan, &store, 0, &area_bytes(&hole), &src)
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            MergeTrackerError::EntryMismatch { slot: 2, .. }
+        ));
         let mut extra = e.clone();
         extra.push((5, 9));
-        let err = t.on_metadata_write(&plan, &store, 0, &area_bytes(&extra), &src).unwrap_err();
-        assert!(matches!(err, MergeTrackerError::EntryMismatch { slot: 3, .. }));
-        let err = t.on_metadata_write(&plan, &store, 1, &area_bytes(&e[..2]), &src).unwrap_err();
-        assert!(matches!(err, MergeTrackerError::UnexpectedArea { area: 1, expected: Some(0) }));
-        let err = t.on_metadata_write(&plan, &store, 0, &[0u8; 100], &src).unwrap_err();
+        let err = t
+            .on_metadata_write(&plan, &store, 0, &area_bytes(&extra), &src)
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            MergeTrackerError::EntryMismatch { slot: 3, .. }
+        ));
+        let err = t
+            .on_metadata_write(&plan, &store, 1, &area_bytes(&e[..2]), &src)
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            MergeTrackerError::UnexpectedArea {
+                area: 1,
+                expected: Some(0)
+            }
+        ));
+        let err = t
+            .on_metadata_write(&plan, &store, 0, &[0u8; 100], &src)
+            .unwrap_err();
         assert!(matches!(err, MergeTrackerError::BadPayloadLength { .. }));
         // Nothing was committed by the rejected writes.
         assert_eq!(t.committed(), 0);
-        let p = t.on_metadata_write(&plan, &store, 0, &area_bytes(&e[..1]), &src).unwrap();
+        let p = t
+            .on_metadata_write(&plan, &store, 0, &area_bytes(&e[..1]), &src)
+            .unwrap();
         assert_eq!((p.newly_merged, p.committed), (2, 2));
     }
 
     #[test]
     fn ordered_ops_commit_only_at_window_end() {
         // Two independent copies and one zero; the copies form a window of 2.
-        let ops = vec![PlannedOp::copy(10, 1), PlannedOp::copy(12, 2), PlannedOp::zero(20)];
+        let ops = vec![
+            PlannedOp::copy(10, 1),
+            PlannedOp::copy(12, 2),
+            PlannedOp::zero(20),
+        ];
         let (plan, store, mut t, src) = setup(ops, 510);
         assert_eq!(t.store().durable().state, ScratchState::Done);
         assert_eq!(t.store().durable().window.new_blocks, vec![10, 12]);
@@ -671,15 +801,26 @@ mod tests {
         assert!(t.window_source(2).is_none());
         // Exceptions: e0 = zero(20), e1 = copy 12<-2, e2 = copy 10<-1 (separate chunks? same group).
         let e: Vec<(u64, u64)> = (0..3)
-            .map(|i| (plan.op(store.op_index(i).unwrap()).unwrap().new_block, store.new_chunk(i).unwrap()))
+            .map(|i| {
+                (
+                    plan.op(store.op_index(i).unwrap()).unwrap().new_block,
+                    store.new_chunk(i).unwrap(),
+                )
+            })
             .collect();
-        let p = t.on_metadata_write(&plan, &store, 0, &area_bytes(&e[..2]), &src).unwrap();
+        let p = t
+            .on_metadata_write(&plan, &store, 0, &area_bytes(&e[..2]), &src)
+            .unwrap();
         assert_eq!((p.merged, p.committed), (1, 0)); // first op merged, window not complete
-        let p = t.on_metadata_write(&plan, &store, 0, &area_bytes(&e[..1]), &src).unwrap();
+        let p = t
+            .on_metadata_write(&plan, &store, 0, &area_bytes(&e[..1]), &src)
+            .unwrap();
         assert_eq!((p.merged, p.committed), (2, 2));
         assert_eq!(t.store().durable().state, ScratchState::InProgress);
         assert!(t.window_source(0).is_none());
-        let p = t.on_metadata_write(&plan, &store, 0, &area_bytes(&[]), &src).unwrap();
+        let p = t
+            .on_metadata_write(&plan, &store, 0, &area_bytes(&[]), &src)
+            .unwrap();
         assert!(p.complete);
     }
 
@@ -688,8 +829,15 @@ mod tests {
         let ops = vec![PlannedOp::copy(10, 1), PlannedOp::copy(12, 2)];
         let plan = MergePlan::new(ops, 0).unwrap();
         let store = ExceptionStore::build(&plan).unwrap();
-        let window = ScratchWindow { new_blocks: vec![10, 12], data: vec![7u8; 2 * BLOCK_SIZE] };
-        let durable = DurableMergeState { num_merge_ops: 0, state: ScratchState::Done, window };
+        let window = ScratchWindow {
+            new_blocks: vec![10, 12],
+            data: vec![7u8; 2 * BLOCK_SIZE],
+        };
+        let durable = DurableMergeState {
+            num_merge_ops: 0,
+            state: ScratchState::Done,
+            window,
+        };
         let empty: Vec<u8> = Vec::new(); // the source must not be read
         let t = MergeTracker::open(
             &plan,
@@ -701,13 +849,26 @@ mod tests {
         assert_eq!(t.window_source(1).unwrap(), &[7u8; BLOCK_SIZE][..]);
         let mut wrong = durable.clone();
         wrong.window.new_blocks = vec![12, 10];
-        let err = MergeTracker::open(&plan, &store, InMemoryMergeStore::new(wrong, 510, CrashClock::never()), &empty)
-            .unwrap_err();
-        assert!(matches!(err, MergeTrackerError::WindowMismatch { op_index: 0, .. }));
+        let err = MergeTracker::open(
+            &plan,
+            &store,
+            InMemoryMergeStore::new(wrong, 510, CrashClock::never()),
+            &empty,
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            MergeTrackerError::WindowMismatch { op_index: 0, .. }
+        ));
         let mut short = durable;
         short.window.data.truncate(BLOCK_SIZE);
-        let err = MergeTracker::open(&plan, &store, InMemoryMergeStore::new(short, 510, CrashClock::never()), &empty)
-            .unwrap_err();
+        let err = MergeTracker::open(
+            &plan,
+            &store,
+            InMemoryMergeStore::new(short, 510, CrashClock::never()),
+            &empty,
+        )
+        .unwrap_err();
         assert!(matches!(err, MergeTrackerError::WindowMismatch { .. }));
         // Stale progress and tiny scratch are refused.
         let err = MergeTracker::open(
@@ -717,7 +878,10 @@ mod tests {
             &empty,
         )
         .unwrap_err();
-        assert!(matches!(err, MergeTrackerError::StaleProgress { plan: 0, store: 1 }));
+        assert!(matches!(
+            err,
+            MergeTrackerError::StaleProgress { plan: 0, store: 1 }
+        ));
         let err = MergeTracker::open(
             &plan,
             &store,
@@ -725,7 +889,10 @@ mod tests {
             &empty,
         )
         .unwrap_err();
-        assert!(matches!(err, MergeTrackerError::ScratchTooSmall { capacity: 5 }));
+        assert!(matches!(
+            err,
+            MergeTrackerError::ScratchTooSmall { capacity: 5 }
+        ));
     }
 
     #[test]
@@ -735,7 +902,13 @@ mod tests {
         let src: Vec<u8> = vec![1u8; 4 * BLOCK_SIZE];
         let mem = InMemoryMergeStore::new(DurableMergeState::fresh(0), 510, CrashClock::after(1));
         let err = MergeTracker::open(&plan, &store, mem, &src).unwrap_err();
-        assert!(matches!(err, MergeTrackerError::Store { operation: "write scratch window", .. }));
+        assert!(matches!(
+            err,
+            MergeTrackerError::Store {
+                operation: "write scratch window",
+                ..
+            }
+        ));
     }
 
     #[test]
