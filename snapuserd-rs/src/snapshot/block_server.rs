@@ -424,6 +424,60 @@ mod tests {
         }
     }
 
+    /// A store with no interior `Rc`, like the real file-backed one.
+    struct ThreadSafeStore;
+    impl MergeStateStore for ThreadSafeStore {
+        fn num_merge_ops(&self) -> u64 {
+            0
+        }
+        fn scratch_state(&self) -> super::super::merge_tracker::ScratchState {
+            super::super::merge_tracker::ScratchState::NotStarted
+        }
+        fn scratch_capacity_blocks(&self) -> usize {
+            0
+        }
+        fn read_window(&self) -> io::Result<super::super::merge_tracker::ScratchWindow> {
+            Ok(Default::default())
+        }
+        fn commit(&mut self, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn commit_window(&mut self, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn write_window(
+            &mut self,
+            _: &super::super::merge_tracker::ScratchWindow,
+        ) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn server_can_be_shared_by_worker_threads() {
+        fn assert_sync_send<T: Sync + Send>(_: &T) {}
+        let plan = MergePlan::new(vec![PlannedOp::copy(1, 2), PlannedOp::zero(3)], 0).unwrap();
+        let source: Vec<u8> = vec![5u8; 8 * BLOCK_SIZE];
+        let server = BlockServer::new(plan, Fill, source, ThreadSafeStore).unwrap();
+        assert_sync_send(&server);
+        let server = std::sync::Arc::new(server);
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let s = std::sync::Arc::clone(&server);
+                std::thread::spawn(move || {
+                    let mut out = Vec::new();
+                    let status = s.handle(&req(0, 0, 0, s.device_sectors() * 512), &[], &mut out);
+                    (status, out)
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        for (status, out) in &results {
+            assert_eq!(*status, Status::Success);
+            assert_eq!(out, &results[0].1);
+        }
+    }
+
     #[test]
     fn unaligned_multi_chunk_reads_match_chunk_reads() {
         let s = server(vec![
