@@ -516,4 +516,99 @@ mod tests {
         assert!(is_metadata_chunk(258));
         assert_eq!(area_chunk(2), 515);
     }
+
+    /// The batches dm-snapshot-merge would form: per area, trailing runs of entries whose
+    /// old and new chunks both step by one. Returned as lists of exception indexes.
+    fn kernel_batches(plan: &MergePlan, store: &ExceptionStore) -> Vec<Vec<usize>> {
+        let mut batches = Vec::new();
+        let mut area = [0u8; BLOCK_SIZE];
+        for a in (0..store.num_areas()).rev() {
+            store
+                .render_area(plan, a, store.num_exceptions(), &mut area)
+                .unwrap();
+            let mut count = (0..EXCEPTIONS_PER_AREA)
+                .take_while(|&s| entry(&area, s).1 != 0)
+                .count();
+            while count > 0 {
+                let (lo, ln) = entry(&area, count - 1);
+                let mut n = 1;
+                while n < count
+                    && Some(entry(&area, count - 1 - n))
+                        == lo.checked_sub(n as u64).zip(ln.checked_sub(n as u64))
+                {
+                    n += 1;
+                }
+                batches.push(
+                    (count - n..count)
+                        .map(|s| a * EXCEPTIONS_PER_AREA + s)
+                        .collect(),
+                );
+                count -= n;
+            }
+        }
+        batches
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+        /// Every kernel batch is free of read/write overlap, lies in one read-ahead window,
+        /// does not mix ordered and unordered ops, and the batches taken from the end
+        /// merge the ops in exact merge order.
+        #[test]
+        fn kernel_batches_respect_dependencies_and_windows(
+            raw in prop::collection::vec((0u64..1400, 0u64..1400, 0u8..4), 0..1400),
+            merged in 0usize..600,
+        ) {
+            let mut written = std::collections::HashSet::new();
+            let mut ordered = Vec::new();
+            let mut others = Vec::new();
+            for (dest, src, kind) in raw {
+                if !written.insert(dest) {
+                    continue;
+                }
+                match kind {
+                    0 => ordered.push(PlannedOp::copy(dest, src)),
+                    1 => ordered.push(PlannedOp::xor(dest, src * 4096 + (dest % 3) * 1000)),
+                    2 => others.push(PlannedOp::replace(dest)),
+                    _ => others.push(PlannedOp::zero(dest)),
+                }
+            }
+            others.sort_by_key(|op| std::cmp::Reverse(op.new_block));
+            ordered.extend(others);
+            let merged = merged.min(ordered.len()) as u64;
+            let plan = MergePlan::new(ordered, merged).unwrap();
+            let store = ExceptionStore::build(&plan).unwrap();
+            let mut next_op = plan.num_merge_ops();
+            for batch in kernel_batches(&plan, &store) {
+                let ops: Vec<usize> = batch.iter().rev().map(|&e| store.op_index(e).unwrap()).collect();
+                // Merged in order: the batch is the next ops of the merge order.
+                prop_assert_eq!(ops.clone(), (next_op..next_op + ops.len()).collect::<Vec<_>>());
+                next_op += ops.len();
+                let kinds: std::collections::HashSet<bool> =
+                    ops.iter().map(|&i| plan.ops()[i].kind.is_ordered()).collect();
+                prop_assert!(kinds.len() == 1, "batch mixes ordered and unordered ops");
+                if plan.ops()[ops[0]].kind.is_ordered() {
+                    let windows: std::collections::HashSet<usize> =
+                        ops.iter().map(|&i| (i - plan.num_merge_ops()) / WINDOW_OPS).collect();
+                    prop_assert!(windows.len() == 1, "batch spans windows");
+                    let dests: std::collections::HashSet<u64> =
+                        ops.iter().map(|&i| plan.ops()[i].new_block).collect();
+                    for &i in &ops {
+                        // An op reading its own destination is a single-op matter that
+                        // only scratch space can make replay-safe (see MergeTracker::open).
+                        let own = plan.ops()[i].new_block;
+                        let reads_batch_dest = plan.ops()[i]
+                            .source_blocks()
+                            .iter()
+                            .any(|b| b != own && dests.contains(&b));
+                        prop_assert!(!reads_batch_dest, "op {} {:?} reads a block its batch writes: {:?}", i, plan.ops()[i], ops.iter().map(|&j| plan.ops()[j]).collect::<Vec<_>>());
+                    }
+                }
+            }
+            prop_assert_eq!(next_op, plan.len());
+        }
+    }
 }

@@ -6,6 +6,8 @@
 //! Nothing here touches the kernel or the COW file directly: the COW reader, the durable
 //! merge state and the transport are behind small traits (see `DESIGN.md`).
 
+#![deny(unsafe_code)]
+
 pub mod block_server;
 pub mod control_protocol;
 pub mod exception_store;
