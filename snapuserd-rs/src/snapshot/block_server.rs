@@ -211,6 +211,24 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
         Ok(self.tracker()?.committed())
     }
 
+    /// Merge progress in percent (0.0 to 100.0): ops merged by the kernel (committed or
+    /// not) over all data ops, as `merge_percent` reports. A COW with no ops is 100% merged.
+    pub fn merge_percent(&self) -> Result<f64, BlockServerError> {
+        let live = self.tracker()?.live();
+        let total = self.plan.len();
+        if total == 0 {
+            return Ok(100.0);
+        }
+        let merged = total - live;
+        Ok(merged as f64 * 100.0 / total as f64)
+    }
+
+    /// True once every op is merged and durably committed.
+    pub fn merge_complete(&self) -> Result<bool, BlockServerError> {
+        let tracker = self.tracker()?;
+        Ok(tracker.live() == 0 && tracker.committed() == self.plan.len() as u64)
+    }
+
     /// Stop serving and hand back the durable store.
     pub fn into_store(self) -> S {
         let tracker = match self.tracker.into_inner() {
@@ -564,6 +582,8 @@ mod tests {
             s.handle(&req(1, 0, 8, 4096), &data[..512], &mut out),
             Status::Error
         );
+        assert_eq!(s.merge_percent().unwrap(), 0.0);
+        assert!(!s.merge_complete().unwrap());
         // A correct merge write of the only exception.
         assert_eq!(
             s.handle(
@@ -574,6 +594,8 @@ mod tests {
             Status::Success
         );
         assert_eq!(s.committed().unwrap(), 1);
+        assert_eq!(s.merge_percent().unwrap(), 100.0);
+        assert!(s.merge_complete().unwrap());
         // The area now reads as all zeros.
         assert_eq!(
             s.handle(&req(0, 0, 8, 4096), &[], &mut out),

@@ -180,11 +180,18 @@ fn merge(
     let mut cow = ServerCow { server };
     let mut snap = DmSnapshot::load(&mut cow)?;
     let mut batches = 0;
+    let mut percent = server.merge_percent().unwrap();
     loop {
         match snap.merge_step(origin, &mut cow)? {
             MergeStep::Done => return Ok(batches),
             MergeStep::Merged(_) => {
                 batches += 1;
+                let now = server.merge_percent().unwrap();
+                assert!(
+                    now > percent,
+                    "merge_percent did not advance: {percent} -> {now}"
+                );
+                percent = now;
                 if let Some(target) = check {
                     assert!(
                         view_of(&snap, origin, &mut cow) == target,
@@ -221,6 +228,8 @@ fn run_clean(sc: &Scenario, check_each_batch: bool) -> usize {
     let server = b.server.unwrap();
     assert_images_eq(&snapshot_view(&server, &b.origin), &target, "snapshot view");
     let batches = merge(&server, &b.origin, check_each_batch.then_some(&target[..])).unwrap();
+    assert!(server.merge_complete().unwrap());
+    assert_eq!(server.merge_percent().unwrap(), 100.0);
     assert_images_eq(&b.origin.image(), &target, "merged base");
     assert_eq!(b.durable.borrow().num_merge_ops, sc.ops.len() as u64);
     // A restarted daemon presents an empty table.
