@@ -1,7 +1,30 @@
 //! Android Virtual A/B compressed COW files (libsnapshot_cow), versions 2 and 3.
 //!
 //! The format facts this crate follows are in `shared/docs/cow-format.md`.
-#![forbid(unsafe_code)]
+//!
+//! * [`layout`]: constants and on-disk records (encode/decode, field checks).
+//! * [`compression`]: payload codecs and the "stored raw" rules.
+//! * [`op`]: the version-independent op view.
+//! * [`reader`]: open, validate, iterate and read COW files.
+//! * [`merge_state`]: durable in-place updates of merge progress and scratch state.
+// `unsafe` is confined to `reader::mapped` (mmap + SIGBUS guard).
+#![deny(unsafe_code)]
 
-/// The magic number at offset 0 of every COW file (`!!WOcwoC` on disk).
-pub const COW_MAGIC: u64 = 0x436f_7763_4f57_2121;
+pub mod compression;
+#[doc(hidden)]
+pub mod fuzz_harness;
+pub mod layout;
+pub mod merge_state;
+pub mod op;
+pub mod reader;
+pub mod writer;
+
+pub use compression::{Compression, CompressionAlgorithm, CompressionError};
+pub use layout::{LayoutError, COW_MAGIC};
+pub use merge_state::{MergeState, MergeStateError};
+pub use op::{CowOp, CowVersion, OpKind};
+pub use reader::{
+    BlockOrigin, CowHeader, CowReader, CowStorage, MergeOrderOptions, OtherOpsOrder, ReadError,
+    SourceImage,
+};
+pub use writer::{CowWriter, WriteError, WriterOptions};

@@ -1,0 +1,130 @@
+//! Errors of the COW reader.
+
+use std::io;
+
+use thiserror::Error;
+
+use crate::compression::CompressionError;
+use crate::layout::LayoutError;
+
+/// Everything that can go wrong opening or reading a COW file.
+#[derive(Debug, Error)]
+pub enum ReadError {
+    /// An I/O error (including a file that shrank under the reader).
+    #[error("I/O error reading {len} bytes at byte {offset} of the {what}: {source}")]
+    Io {
+        /// Which file: "COW file" or "source image".
+        what: &'static str,
+        /// Byte offset of the read.
+        offset: u64,
+        /// Length of the read.
+        len: u64,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// Could not determine the file size.
+    #[error("cannot determine the size of the COW file: {0}")]
+    Size(#[source] io::Error),
+    /// A header or record field is invalid.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// The file ends before a region the header or an op points to.
+    #[error("{what} at byte {offset} ({len} bytes) extends past the end of the file ({file_size} bytes)")]
+    OutOfBounds {
+        /// What was being located.
+        what: &'static str,
+        /// Its start offset.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The file size.
+        file_size: u64,
+    },
+    /// A v2 file without footer opened without a label.
+    #[error("no COW footer found (the file is incomplete; open it at a label to recover)")]
+    NoFooter,
+    /// The requested label is not in the file.
+    #[error("label {label} not found{}", last.map(|l| format!(" (last label seen: {l})")).unwrap_or_default())]
+    LabelNotFound {
+        /// The label asked for.
+        label: u64,
+        /// The last label that was seen, if any.
+        last: Option<u64>,
+    },
+    /// An op is inconsistent with the file or with other ops.
+    #[error("op {index} (at byte {offset}): {reason}")]
+    BadOp {
+        /// File-order op index.
+        index: u64,
+        /// Byte offset of the op record.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A merge-sequence entry names a block no op writes.
+    #[error("merge sequence entry {entry} names block {block}, which no op writes")]
+    SequenceWithoutOp {
+        /// Position in the sequence.
+        entry: u64,
+        /// Block number.
+        block: u64,
+    },
+    /// A v2 SEQUENCE op after a data op.
+    #[error("op {index}: SEQUENCE op after data ops")]
+    LateSequence {
+        /// File-order op index.
+        index: u64,
+    },
+    /// Two different non-zero compression bytes in a v2 file.
+    #[error("op {index}: compression {found} differs from the file's {first} (mixed compression)")]
+    MixedCompression {
+        /// File-order op index.
+        index: u64,
+        /// The first algorithm id seen.
+        first: u8,
+        /// The conflicting id.
+        found: u8,
+    },
+    /// Unknown compression algorithm id.
+    #[error("unknown compression algorithm {id} {context}")]
+    UnknownCompression {
+        /// The id found.
+        id: u32,
+        /// Where it was found.
+        context: String,
+    },
+    /// A payload failed to decompress.
+    #[error("op {index}: payload at byte {offset}: {source}")]
+    Decompress {
+        /// File-order op index.
+        index: u64,
+        /// Payload file offset.
+        offset: u64,
+        /// The codec error.
+        #[source]
+        source: CompressionError,
+    },
+    /// The caller's buffer has the wrong size.
+    #[error("output buffer is {got} bytes, expected {expected}")]
+    BufferSize {
+        /// Buffer length given.
+        got: usize,
+        /// Length required.
+        expected: u64,
+    },
+    /// A block number or offset computation overflows.
+    #[error("arithmetic overflow computing {what}")]
+    Overflow {
+        /// What was computed.
+        what: &'static str,
+    },
+    /// The block is beyond what the COW can describe (more than 2^32 blocks).
+    #[error("op {index}: {what} is out of range")]
+    OutOfRange {
+        /// File-order op index.
+        index: u64,
+        /// What is out of range.
+        what: &'static str,
+    },
+}

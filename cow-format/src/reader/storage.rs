@@ -1,0 +1,137 @@
+//! Positioned-read abstractions for the COW file and the source image.
+//!
+//! The reader never maps the file: every access is a positioned read
+//! (`pread`), so a file that shrinks under the reader yields a short read and
+//! a typed error instead of SIGBUS. In-memory byte buffers implement the same
+//! traits, which is what tests and the fuzz harness use.
+
+use std::fs::File;
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+/// Something blocks can be read from at a byte offset: the source image of
+/// COPY/XOR ops, or the COW file itself.
+pub trait SourceImage {
+    /// Fill `buf` with the bytes at `byte_offset`, or fail (short data is an
+    /// `UnexpectedEof` error).
+    fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> io::Result<()>;
+}
+
+/// Storage holding a COW file: positioned reads plus a size.
+pub trait CowStorage: SourceImage {
+    /// Current size in bytes (works for regular files and block devices).
+    fn size(&self) -> io::Result<u64>;
+}
+
+impl SourceImage for File {
+    fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, byte_offset)
+    }
+}
+
+impl CowStorage for File {
+    fn size(&self) -> io::Result<u64> {
+        // Seeking to the end works for block devices too, whose metadata
+        // length is 0. The cursor position is irrelevant to positioned reads.
+        let mut f = self;
+        f.seek(SeekFrom::End(0))
+    }
+}
+
+fn slice_read(data: &[u8], buf: &mut [u8], byte_offset: u64) -> io::Result<()> {
+    let start = usize::try_from(byte_offset).ok();
+    let src = start
+        .and_then(|s| s.checked_add(buf.len()).map(|e| (s, e)))
+        .and_then(|(s, e)| data.get(s..e));
+    match src {
+        Some(src) => {
+            buf.copy_from_slice(src);
+            Ok(())
+        }
+        None => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "read of {} bytes at offset {byte_offset} is past the end ({} bytes)",
+                buf.len(),
+                data.len()
+            ),
+        )),
+    }
+}
+
+impl SourceImage for [u8] {
+    fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> io::Result<()> {
+        slice_read(self, buf, byte_offset)
+    }
+}
+
+impl CowStorage for [u8] {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.len() as u64)
+    }
+}
+
+impl SourceImage for Vec<u8> {
+    fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> io::Result<()> {
+        slice_read(self, buf, byte_offset)
+    }
+}
+
+impl CowStorage for Vec<u8> {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.len() as u64)
+    }
+}
+
+impl<T: SourceImage + ?Sized> SourceImage for &T {
+    fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> io::Result<()> {
+        (**self).read_exact_at(buf, byte_offset)
+    }
+}
+
+impl<T: CowStorage + ?Sized> CowStorage for &T {
+    fn size(&self) -> io::Result<u64> {
+        (**self).size()
+    }
+}
+
+impl<T: SourceImage + ?Sized> SourceImage for Arc<T> {
+    fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> io::Result<()> {
+        (**self).read_exact_at(buf, byte_offset)
+    }
+}
+
+impl<T: CowStorage + ?Sized> CowStorage for Arc<T> {
+    fn size(&self) -> io::Result<u64> {
+        (**self).size()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_read_in_bounds_and_fail_past_the_end() {
+        let data: Vec<u8> = (0..10).collect();
+        let mut buf = [0u8; 3];
+        data.read_exact_at(&mut buf, 7).unwrap();
+        assert_eq!(buf, [7, 8, 9]);
+        let e = data.read_exact_at(&mut buf, 8).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(data.read_exact_at(&mut buf, u64::MAX).is_err());
+        assert_eq!(CowStorage::size(&data).unwrap(), 10);
+    }
+
+    #[test]
+    fn file_that_shrinks_gives_an_error() {
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, &[1u8; 8192]).unwrap();
+        assert_eq!(CowStorage::size(&f).unwrap(), 8192);
+        let mut buf = [0u8; 4096];
+        SourceImage::read_exact_at(&f, &mut buf, 4096).unwrap();
+        f.set_len(5000).unwrap();
+        assert!(SourceImage::read_exact_at(&f, &mut buf, 4096).is_err());
+    }
+}

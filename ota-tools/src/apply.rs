@@ -1,0 +1,672 @@
+//! `ota-tools apply`: write the image a completed merge of a COW file leaves.
+//!
+//! Two modes:
+//!
+//! * **Separate output** (the normal case): every block of the output is
+//!   computed against the *unmodified* source image, which is what a merge
+//!   in a valid merge order produces. The output is written front to back in
+//!   4 MiB chunks: the chunk is read from the source (zeros past its end),
+//!   the blocks that ops produce are overlaid (decompression spread over the
+//!   available cores), and the chunk is written with one positioned write.
+//!   A regular output file is truncated to a hole first, and untouched
+//!   chunks past the source's end are skipped.
+//! * **In place** (output is the same file as the source: same device and
+//!   inode, or the same block device): ops are applied one by one in merge
+//!   order, exactly as a device merge does, so each op reads the image as
+//!   earlier ops left it. If the COW's merge order is wrong (an op reads a
+//!   block an earlier op already overwrote), the result differs from the
+//!   separate-output result; comparing the two therefore checks the merge
+//!   order.
+//!
+//! Both modes ignore `num_merge_ops`: the source image is taken as unmerged.
+//! A block written by several ops gets the first op in file order, as AOSP's
+//! merge does.
+
+use std::fs::{File, Metadata, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use cow_format::reader::{CowReader, MergeOrderOptions, ReadError};
+use cow_format::{CowOp, OpKind};
+use thiserror::Error;
+
+use crate::progress::Progress;
+
+/// Bytes of output assembled per write in separate-output mode.
+const CHUNK_BYTES: u64 = 4 << 20;
+
+/// Errors of `apply`, each naming the file and, where it applies, the op or
+/// byte offset.
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    /// A file cannot be opened or examined.
+    #[error("{role} {}: {source}", path.display())]
+    Open {
+        /// "source image", "COW file" or "output".
+        role: &'static str,
+        /// Path given.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The COW file is invalid.
+    #[error("COW file {}: {source}", path.display())]
+    Cow {
+        /// Path of the COW file.
+        path: PathBuf,
+        /// What the reader found.
+        #[source]
+        source: ReadError,
+    },
+    /// Producing the data of an op failed (bad payload, source too short, …).
+    #[error("COW file {}: op {index} (new block {block}): {source}", path.display())]
+    Op {
+        /// Path of the COW file.
+        path: PathBuf,
+        /// File-order index of the op.
+        index: u64,
+        /// Block being produced.
+        block: u64,
+        /// The reader's error.
+        #[source]
+        source: ReadError,
+    },
+    /// Reading or writing an image failed.
+    #[error("{what} {} at byte {offset}: {source}", path.display())]
+    Io {
+        /// What was being done ("reading source image", "writing output", …).
+        what: &'static str,
+        /// File involved.
+        path: PathBuf,
+        /// Byte offset.
+        offset: u64,
+        /// OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// `--size` is smaller than the blocks the COW writes.
+    #[error("--size {size} is smaller than the {needed} bytes the COW file's ops write")]
+    SizeTooSmall {
+        /// Size asked for.
+        size: u64,
+        /// Bytes up to the end of the highest new block.
+        needed: u64,
+    },
+    /// A block device output is smaller than the image.
+    #[error("output {} is {device_size} bytes, the image needs {needed}", path.display())]
+    OutputTooSmall {
+        /// Output path.
+        path: PathBuf,
+        /// Device size.
+        device_size: u64,
+        /// Image size.
+        needed: u64,
+    },
+    /// The output is neither a regular file nor a block device.
+    #[error("output {} is not a regular file or block device", path.display())]
+    UnsupportedOutput {
+        /// Output path.
+        path: PathBuf,
+    },
+    /// The output would overwrite the COW file being read.
+    #[error("output {} is the COW file itself", path.display())]
+    OutputIsCow {
+        /// Output path.
+        path: PathBuf,
+    },
+    /// Image size arithmetic overflows.
+    #[error("image size overflows computing {what}")]
+    Overflow {
+        /// What was computed.
+        what: &'static str,
+    },
+}
+
+/// What to apply where.
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// Source image (only read, unless it is also the output).
+    pub source: PathBuf,
+    /// COW file.
+    pub cow: PathBuf,
+    /// Output image, block device, or the source itself (in place).
+    pub output: PathBuf,
+    /// Output size in bytes; default max(source size, end of highest new block).
+    pub size: Option<u64>,
+    /// Show a progress bar (only drawn when stderr is a terminal).
+    pub progress: bool,
+    /// Worker threads for decompression (0 = available cores).
+    pub threads: usize,
+}
+
+/// How the output was produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyMode {
+    /// Output separate from the source.
+    SeparateOutput,
+    /// Output is the source; ops applied in merge order.
+    InPlace,
+}
+
+/// What `apply` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Mode used.
+    pub mode: ApplyMode,
+    /// Output image size in bytes.
+    pub size: u64,
+    /// Blocks produced by ops.
+    pub blocks_from_ops: u64,
+    /// Bytes written to the output.
+    pub bytes_written: u64,
+}
+
+fn open_err(role: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ApplyError {
+    let path = path.to_path_buf();
+    move |source| ApplyError::Open { role, path, source }
+}
+
+/// Same file: same device and inode, or the same block device node target.
+fn same_file(a: &Metadata, b: &Metadata) -> bool {
+    (a.dev() == b.dev() && a.ino() == b.ino())
+        || (a.file_type().is_block_device()
+            && b.file_type().is_block_device()
+            && a.rdev() == b.rdev())
+}
+
+/// Size of a file or block device (seeking to the end works for both).
+fn byte_size(file: &File, role: &'static str, path: &Path) -> Result<u64, ApplyError> {
+    let mut f = file;
+    f.seek(SeekFrom::End(0)).map_err(open_err(role, path))
+}
+
+/// The touched blocks: `(block, op index)` sorted by block, first op in file
+/// order winning duplicates.
+fn block_plan(ops: &[CowOp]) -> Vec<(u64, usize)> {
+    let total: u64 = ops.iter().map(|o| o.num_blocks).sum();
+    let mut plan = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    for (i, op) in ops.iter().enumerate() {
+        for k in 0..op.num_blocks {
+            plan.push((op.new_block.saturating_add(k), i));
+        }
+    }
+    // Stable sort keeps file order among equal blocks; dedup keeps the first.
+    plan.sort_by_key(|&(b, _)| b);
+    plan.dedup_by_key(|&mut (b, _)| b);
+    plan
+}
+
+/// Check that a block device output holds `needed` bytes.
+pub fn check_device_size(path: &Path, device_size: u64, needed: u64) -> Result<(), ApplyError> {
+    if device_size < needed {
+        return Err(ApplyError::OutputTooSmall {
+            path: path.to_path_buf(),
+            device_size,
+            needed,
+        });
+    }
+    Ok(())
+}
+
+/// Apply the COW file to the source image, writing the merged image.
+pub fn apply(opts: &ApplyOptions) -> Result<ApplyReport, ApplyError> {
+    let cow_file = File::open(&opts.cow).map_err(open_err("COW file", &opts.cow))?;
+    let cow_meta = cow_file
+        .metadata()
+        .map_err(open_err("COW file", &opts.cow))?;
+    let src_meta =
+        std::fs::metadata(&opts.source).map_err(open_err("source image", &opts.source))?;
+    let out_meta = match std::fs::metadata(&opts.output) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(open_err("output", &opts.output)(e)),
+    };
+    if out_meta.as_ref().is_some_and(|m| same_file(m, &cow_meta)) {
+        return Err(ApplyError::OutputIsCow {
+            path: opts.output.clone(),
+        });
+    }
+    let in_place = out_meta.as_ref().is_some_and(|m| same_file(m, &src_meta));
+
+    let reader = CowReader::open(cow_file).map_err(|source| ApplyError::Cow {
+        path: opts.cow.clone(),
+        source,
+    })?;
+    let bs = u64::from(reader.block_size());
+    let needed = reader
+        .ops()
+        .iter()
+        .map(|op| {
+            op.new_block
+                .checked_add(op.num_blocks)
+                .and_then(|end| end.checked_mul(bs))
+        })
+        .try_fold(0u64, |acc, end| end.map(|e| acc.max(e)))
+        .ok_or(ApplyError::Overflow {
+            what: "end of the highest new block",
+        })?;
+
+    let output = if in_place {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&opts.output)
+            .map_err(open_err("output", &opts.output))?
+    } else {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&opts.output)
+            .map_err(open_err("output", &opts.output))?
+    };
+    let source = if in_place {
+        output
+            .try_clone()
+            .map_err(open_err("source image", &opts.source))?
+    } else {
+        File::open(&opts.source).map_err(open_err("source image", &opts.source))?
+    };
+    let source_size = byte_size(&source, "source image", &opts.source)?;
+    let size = match opts.size {
+        Some(s) if s < needed => return Err(ApplyError::SizeTooSmall { size: s, needed }),
+        Some(s) => s,
+        None => source_size.max(needed),
+    };
+
+    let out_type = output
+        .metadata()
+        .map_err(open_err("output", &opts.output))?
+        .file_type();
+    if out_type.is_block_device() {
+        let device_size = byte_size(&output, "output", &opts.output)?;
+        check_device_size(&opts.output, device_size, size)?;
+    } else if out_type.is_file() {
+        // A separate output becomes one hole first, so untouched ranges past
+        // the source's end need not be written. In place, only grow:
+        // shrinking would drop source bytes still to be read.
+        if !in_place {
+            output.set_len(0).map_err(|source| ApplyError::Io {
+                what: "truncating output",
+                path: opts.output.clone(),
+                offset: 0,
+                source,
+            })?;
+        }
+        if !in_place || size > source_size {
+            output.set_len(size).map_err(|source| ApplyError::Io {
+                what: "setting the length of output",
+                path: opts.output.clone(),
+                offset: size,
+                source,
+            })?;
+        }
+    } else {
+        return Err(ApplyError::UnsupportedOutput {
+            path: opts.output.clone(),
+        });
+    }
+
+    let ctx = Ctx {
+        reader: &reader,
+        cow_path: &opts.cow,
+        source: &source,
+        source_path: &opts.source,
+        source_size,
+        output: &output,
+        output_path: &opts.output,
+        bs,
+    };
+    let report = if in_place {
+        let r = ctx.apply_in_place(opts.progress)?;
+        if size < source_size && out_type.is_file() {
+            output.set_len(size).map_err(|source| ApplyError::Io {
+                what: "setting the length of output",
+                path: opts.output.clone(),
+                offset: size,
+                source,
+            })?;
+        }
+        ApplyReport { size, ..r }
+    } else {
+        let threads = match opts.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        ctx.apply_separate(size, threads, opts.progress, out_type.is_file())?
+    };
+    output.sync_all().map_err(|source| ApplyError::Io {
+        what: "syncing output",
+        path: opts.output.clone(),
+        offset: 0,
+        source,
+    })?;
+    log::info!(
+        "applied {} to {}: {} bytes, {} blocks from ops",
+        opts.cow.display(),
+        opts.output.display(),
+        report.size,
+        report.blocks_from_ops
+    );
+    Ok(report)
+}
+
+/// Shared state of one apply run.
+struct Ctx<'a> {
+    reader: &'a CowReader<File>,
+    cow_path: &'a Path,
+    source: &'a File,
+    source_path: &'a Path,
+    source_size: u64,
+    output: &'a File,
+    output_path: &'a Path,
+    bs: u64,
+}
+
+/// Decoded multi-block REPLACE payload kept while its blocks are produced.
+struct UnitCache {
+    /// File-order index of the cached op.
+    op: Option<u64>,
+    data: Vec<u8>,
+}
+
+impl Ctx<'_> {
+    fn op(&self, op_idx: usize) -> Result<&CowOp, ApplyError> {
+        self.reader
+            .ops()
+            .get(op_idx)
+            .ok_or(ApplyError::Overflow { what: "op index" })
+    }
+
+    fn op_err(&self, op: &CowOp, block: u64) -> impl FnOnce(ReadError) -> ApplyError + '_ {
+        let (index, path) = (op.index, self.cow_path.to_path_buf());
+        move |source| ApplyError::Op {
+            path,
+            index,
+            block,
+            source,
+        }
+    }
+
+    /// Produce `block` (written by `op`) into `out`, reading the source
+    /// through `src`.
+    fn produce(
+        &self,
+        src: &File,
+        block: u64,
+        op: &CowOp,
+        out: &mut [u8],
+        cache: &mut UnitCache,
+    ) -> Result<(), ApplyError> {
+        if op.kind == OpKind::Replace && op.num_blocks > 1 {
+            if cache.op != Some(op.index) {
+                let len = usize::try_from(self.reader.payload_size(op)).map_err(|_| {
+                    ApplyError::Overflow {
+                        what: "payload size",
+                    }
+                })?;
+                cache.data.resize(len, 0);
+                cache.op = None;
+                self.reader
+                    .read_op_data(op, &mut cache.data)
+                    .map_err(self.op_err(op, block))?;
+                cache.op = Some(op.index);
+            }
+            // block is inside the op by construction of the plan.
+            let start = usize::try_from((block - op.new_block) * self.bs).map_err(|_| {
+                ApplyError::Overflow {
+                    what: "block offset",
+                }
+            })?;
+            let slice = cache
+                .data
+                .get(start..start + out.len())
+                .ok_or(ApplyError::Overflow {
+                    what: "block offset",
+                })?;
+            out.copy_from_slice(slice);
+            return Ok(());
+        }
+        self.reader
+            .read_block(block, src, out)
+            .map_err(self.op_err(op, block))?;
+        Ok(())
+    }
+
+    /// Fill `buf` with source bytes at `offset`, zeros past the source's end.
+    fn read_source_chunk(&self, buf: &mut [u8], offset: u64) -> Result<(), ApplyError> {
+        let available = self
+            .source_size
+            .saturating_sub(offset)
+            .min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(available);
+        self.source
+            .read_exact_at(head, offset)
+            .map_err(|source| ApplyError::Io {
+                what: "reading source image",
+                path: self.source_path.to_path_buf(),
+                offset,
+                source,
+            })?;
+        tail.fill(0);
+        Ok(())
+    }
+
+    fn write_output(&self, buf: &[u8], offset: u64) -> Result<(), ApplyError> {
+        self.output
+            .write_all_at(buf, offset)
+            .map_err(|source| ApplyError::Io {
+                what: "writing output",
+                path: self.output_path.to_path_buf(),
+                offset,
+                source,
+            })
+    }
+
+    /// `sparse_tail`: the output is a fresh regular file (all holes), so
+    /// untouched chunks past the source's end are skipped.
+    fn apply_separate(
+        &self,
+        size: u64,
+        threads: usize,
+        show_progress: bool,
+        sparse_tail: bool,
+    ) -> Result<ApplyReport, ApplyError> {
+        let plan = block_plan(self.reader.ops());
+        let progress = if show_progress {
+            Progress::bytes("apply", size)
+        } else {
+            Progress::hidden()
+        };
+        let chunk_bytes = CHUNK_BYTES.max(self.bs) / self.bs * self.bs;
+        let mut buf = vec![0u8; chunk_bytes as usize];
+        let mut next = 0usize;
+        let mut offset = 0u64;
+        let mut written = 0u64;
+        let mut caches: Vec<UnitCache> = (0..threads.max(1))
+            .map(|_| UnitCache {
+                op: None,
+                data: Vec::new(),
+            })
+            .collect();
+        while offset < size {
+            if sparse_tail && offset >= self.source_size {
+                // Past the source, a regular output is a hole already: jump to
+                // the chunk holding the next op-produced block.
+                let target = plan
+                    .get(next)
+                    .map_or(size, |&(b, _)| {
+                        b.saturating_mul(self.bs) / chunk_bytes * chunk_bytes
+                    })
+                    .clamp(offset, size);
+                if target > offset {
+                    progress.advance(target - offset);
+                    offset = target;
+                    continue;
+                }
+            }
+            let len = chunk_bytes.min(size - offset);
+            let chunk = &mut buf[..len as usize];
+            self.read_source_chunk(chunk, offset)?;
+            let first_block = offset / self.bs;
+            let end_block = (offset + len) / self.bs;
+            let start = next;
+            while next < plan.len() && plan[next].0 < end_block {
+                next += 1;
+            }
+            let jobs = &plan[start..next];
+            // Pair each job with its block slice of the chunk.
+            let mut slots: Vec<(u64, usize, &mut [u8])> = Vec::with_capacity(jobs.len());
+            let mut rest: &mut [u8] = chunk;
+            let mut rest_block = first_block;
+            for &(block, op_idx) in jobs {
+                let skip = ((block - rest_block) * self.bs) as usize;
+                let tail = std::mem::take(&mut rest);
+                let (_, tail) = tail.split_at_mut(skip);
+                let (slot, tail) = tail.split_at_mut(self.bs as usize);
+                slots.push((block, op_idx, slot));
+                rest = tail;
+                rest_block = block + 1;
+            }
+            self.produce_all(&mut slots, &mut caches)?;
+            self.write_output(&buf[..len as usize], offset)?;
+            written += len;
+            progress.advance(len);
+            offset += len;
+        }
+        progress.finish();
+        Ok(ApplyReport {
+            mode: ApplyMode::SeparateOutput,
+            size,
+            blocks_from_ops: plan.len() as u64,
+            bytes_written: written,
+        })
+    }
+
+    /// Produce every slot, splitting the work over `caches.len()` threads.
+    fn produce_all(
+        &self,
+        slots: &mut [(u64, usize, &mut [u8])],
+        caches: &mut [UnitCache],
+    ) -> Result<(), ApplyError> {
+        let workers = caches.len().min(slots.len() / 16).max(1);
+        if workers == 1 {
+            let cache = caches
+                .first_mut()
+                .ok_or(ApplyError::Overflow { what: "workers" })?;
+            for (block, op_idx, out) in slots.iter_mut() {
+                self.produce(self.source, *block, self.op(*op_idx)?, out, cache)?;
+            }
+            return Ok(());
+        }
+        let per = slots.len().div_ceil(workers);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = slots
+                .chunks_mut(per)
+                .zip(caches.iter_mut())
+                .map(|(part, cache)| {
+                    s.spawn(move || {
+                        for (block, op_idx, out) in part.iter_mut() {
+                            self.produce(self.source, *block, self.op(*op_idx)?, out, cache)?;
+                        }
+                        Ok::<(), ApplyError>(())
+                    })
+                })
+                .collect();
+            let mut result = Ok(());
+            for h in handles {
+                let r = h.join().unwrap_or(Err(ApplyError::Overflow {
+                    what: "worker thread panicked",
+                }));
+                if result.is_ok() {
+                    result = r;
+                }
+            }
+            result
+        })
+    }
+
+    fn apply_in_place(&self, show_progress: bool) -> Result<ApplyReport, ApplyError> {
+        let order = self.reader.merge_order(MergeOrderOptions::default());
+        let progress = if show_progress {
+            Progress::items("merge", order.len() as u64)
+        } else {
+            Progress::hidden()
+        };
+        let mut cache = UnitCache {
+            op: None,
+            data: Vec::new(),
+        };
+        let mut block_buf = vec![0u8; self.bs as usize];
+        let mut blocks = 0u64;
+        let mut written = 0u64;
+        for op in order {
+            for k in 0..op.num_blocks {
+                let block = op.new_block + k;
+                self.produce(self.output, block, op, &mut block_buf, &mut cache)?;
+                let offset = block.checked_mul(self.bs).ok_or(ApplyError::Overflow {
+                    what: "output offset",
+                })?;
+                self.write_output(&block_buf, offset)?;
+                blocks += 1;
+                written += self.bs;
+            }
+            progress.advance(1);
+        }
+        progress.finish();
+        Ok(ApplyReport {
+            mode: ApplyMode::InPlace,
+            size: 0,
+            blocks_from_ops: blocks,
+            bytes_written: written,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cow_format::CompressionAlgorithm;
+
+    fn op(kind: OpKind, new_block: u64, num_blocks: u64, index: u64) -> CowOp {
+        CowOp {
+            kind,
+            new_block,
+            num_blocks,
+            source: 0,
+            data_offset: 0,
+            data_length: 0,
+            compression: CompressionAlgorithm::None,
+            stored_raw: false,
+            index,
+        }
+    }
+
+    #[test]
+    fn plan_is_sorted_and_first_op_wins() {
+        let ops = [
+            op(OpKind::Zero, 7, 1, 0),
+            op(OpKind::Replace, 4, 4, 1),
+            op(OpKind::Copy, 7, 1, 2),
+            op(OpKind::Copy, 1, 1, 3),
+        ];
+        assert_eq!(
+            block_plan(&ops),
+            vec![(1, 3), (4, 1), (5, 1), (6, 1), (7, 0)]
+        );
+    }
+
+    #[test]
+    fn device_size_check() {
+        let p = Path::new("/dev/fake");
+        check_device_size(p, 8192, 8192).unwrap();
+        let e = check_device_size(p, 4096, 8192).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "output /dev/fake is 4096 bytes, the image needs 8192"
+        );
+    }
+}

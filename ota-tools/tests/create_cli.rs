@@ -1,0 +1,244 @@
+//! `ota-tools create`: error paths, atomic output and determinism across thread counts.
+
+mod create_common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use cow_format::{Compression, CowVersion};
+use create_common::{pairs, BS};
+use ota_tools::create::command::{create_cow, CreateError, CreateOptions};
+
+const COMPRESSIONS: [&str; 5] = ["none", "gz", "brotli,5", "lz4", "zstd"];
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ota-tools"))
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn write_pair(dir: &Path, s: &[u8], t: &[u8]) {
+    fs::write(dir.join("src.img"), s).unwrap();
+    fs::write(dir.join("tgt.img"), t).unwrap();
+}
+
+fn opts(version: CowVersion, comp: &str, threads: usize) -> CreateOptions {
+    CreateOptions {
+        version,
+        compression: comp.parse::<Compression>().unwrap(),
+        compression_factor: 16384,
+        threads: Some(threads),
+    }
+}
+
+#[test]
+fn output_is_identical_for_any_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let chosen = ["edited", "byte-shifted", "3-cycle-and-rotation", "random"];
+    for (name, s, t) in pairs().into_iter().filter(|p| chosen.contains(&p.0)) {
+        write_pair(dir.path(), &s, &t);
+        for version in [CowVersion::V2, CowVersion::V3] {
+            // Every compression on one pair, two on the others (debug builds are slow).
+            let comps: &[&str] = if name == "edited" {
+                &COMPRESSIONS
+            } else {
+                &["lz4", "zstd"]
+            };
+            for &comp in comps {
+                let mut files = Vec::new();
+                for threads in [1, 2, 4] {
+                    let out = dir.path().join(format!("out-{threads}.cow"));
+                    create_cow(
+                        &opts(version, comp, threads),
+                        &dir.path().join("src.img"),
+                        &dir.path().join("tgt.img"),
+                        &out,
+                    )
+                    .unwrap();
+                    files.push(fs::read(&out).unwrap());
+                }
+                assert_eq!(
+                    files[0], files[1],
+                    "{name} {version:?} {comp}: 1 vs 2 threads"
+                );
+                assert_eq!(
+                    files[0], files[2],
+                    "{name} {version:?} {comp}: 1 vs 4 threads"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn cli_create_then_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_, s, t) = pairs().into_iter().find(|p| p.0 == "swap").unwrap();
+    write_pair(d, &s, &t);
+    let out = bin()
+        .args([
+            "create",
+            "--threads",
+            "2",
+            "--compression",
+            "zstd,3",
+            "--source",
+        ])
+        .arg(d.join("src.img"))
+        .arg("--target")
+        .arg(d.join("tgt.img"))
+        .arg("--output")
+        .arg(d.join("out.cow"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains("1 copy") && summary.contains("1 cycle breaks"),
+        "{summary}"
+    );
+    assert!(summary.contains("cow: "), "{summary}");
+    let verify = |target: &str| {
+        bin()
+            .args(["verify", "--source"])
+            .arg(d.join("src.img"))
+            .arg("--target")
+            .arg(d.join(target))
+            .arg("--cow")
+            .arg(d.join("out.cow"))
+            .output()
+            .unwrap()
+    };
+    let ok = verify("tgt.img");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).starts_with("ok: "));
+    // Against the source as "target", block 10 (the first swapped one) differs.
+    let bad = verify("src.img");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("block 10 does not match"), "{err}");
+}
+
+#[test]
+fn missing_and_unreadable_inputs_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fs::write(d.join("tgt.img"), vec![1u8; 4 * BS]).unwrap();
+    fs::create_dir(d.join("adir")).unwrap();
+    for (src, tgt) in [
+        ("missing.img", "tgt.img"),
+        ("tgt.img", "missing.img"),
+        ("adir", "tgt.img"),
+    ] {
+        let out = bin()
+            .args(["create", "--source"])
+            .arg(d.join(src))
+            .arg("--target")
+            .arg(d.join(tgt))
+            .arg("--output")
+            .arg(d.join("out.cow"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("cannot open image"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "one-line message: {err}");
+        assert_eq!(entries(d), vec!["adir", "tgt.img"], "nothing left behind");
+    }
+}
+
+#[test]
+fn target_not_whole_blocks_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_pair(d, &vec![0u8; 2 * BS], &vec![0u8; 2 * BS + 100]);
+    let err = create_cow(
+        &CreateOptions::default(),
+        &d.join("src.img"),
+        &d.join("tgt.img"),
+        &d.join("out.cow"),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("not a multiple of 4096"), "{err}");
+    assert_eq!(entries(d), vec!["src.img", "tgt.img"]);
+}
+
+#[test]
+fn unwritable_output_fails_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_pair(d, &vec![1u8; 2 * BS], &vec![2u8; 2 * BS]);
+    // Parent is a regular file, and parent does not exist.
+    for out in [
+        d.join("src.img").join("out.cow"),
+        d.join("nodir").join("out.cow"),
+    ] {
+        let err = create_cow(
+            &CreateOptions::default(),
+            &d.join("src.img"),
+            &d.join("tgt.img"),
+            &out,
+        )
+        .unwrap_err();
+        assert!(matches!(err, CreateError::Output { .. }), "{err}");
+    }
+    assert_eq!(entries(d), vec!["src.img", "tgt.img"]);
+}
+
+#[test]
+fn failure_after_the_temp_file_exists_removes_it_and_keeps_old_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_pair(d, &vec![1u8; 2 * BS], &vec![2u8; 2 * BS]);
+    fs::write(d.join("out.cow"), b"previous").unwrap();
+    // An invalid compression factor is only rejected by the writer, after the
+    // temporary file has been created.
+    let bad = CreateOptions {
+        compression_factor: 12345,
+        ..CreateOptions::default()
+    };
+    let err = create_cow(
+        &bad,
+        &d.join("src.img"),
+        &d.join("tgt.img"),
+        &d.join("out.cow"),
+    )
+    .unwrap_err();
+    assert!(matches!(err, CreateError::Write(_)), "{err}");
+    assert_eq!(entries(d), vec!["out.cow", "src.img", "tgt.img"]);
+    assert_eq!(fs::read(d.join("out.cow")).unwrap(), b"previous");
+}
+
+#[test]
+fn cli_rejects_bad_options() {
+    for args in [
+        ["--cow-version", "4"],
+        ["--compression", "xz"],
+        ["--compression-factor", "3k"],
+        ["--compression-factor", "512k"],
+    ] {
+        let out = bin()
+            .args(["create", "--source", "a", "--target", "b", "--output", "c"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+    }
+}
