@@ -16,6 +16,6 @@ pub mod merge_tracker;
 pub mod scratch_layout;
 
 #[cfg(test)]
-mod dm_snapshot_model;
+pub(crate) mod dm_snapshot_model;
 #[cfg(test)]
 mod harness_tests;

@@ -1,0 +1,908 @@
+//! dm-user channel: message framing on a `/dev/dm-user/<name>` misc device.
+//!
+//! Each `open()` of the misc node is one channel. The kernel hands queued
+//! requests to whichever channel reads first; a request read on a channel must
+//! be answered on that same channel, matched by `seq`, in any order.
+//!
+//! One `read()` returns header bytes or payload bytes, never both, and may be
+//! short; [`Channel::receive`] hides that. A response is the 40-byte header
+//! followed (for a successful READ) by the data, sent with a single `writev()`
+//! where possible. Once the target is gone the kernel answers `ENOTBLK`, which
+//! surfaces as [`Received::TargetGone`] / [`ChannelError::TargetGone`].
+//!
+//! The constants mirror `kernel/include/uapi/linux/dm-user.h`, the single
+//! source of truth; a unit test checks every value against that header.
+
+use std::fs::{File, OpenOptions};
+use std::io::{IoSlice, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+
+/// Size of [`MessageHeader`] on the wire, in bytes.
+pub const HEADER_SIZE: usize = 40;
+/// Directory under `/dev` holding the dm-user misc nodes.
+pub const DEV_DIR: &str = "/dev/dm-user";
+/// Default upper bound on a single request payload accepted by [`Channel`].
+pub const DEFAULT_MAX_PAYLOAD: usize = 64 << 20;
+
+/// Request type: read `len` bytes at `sector`; data flows back in the response.
+pub const DM_USER_REQ_MAP_READ: u64 = 0;
+/// Request type: write; `len` payload bytes follow the header.
+pub const DM_USER_REQ_MAP_WRITE: u64 = 1;
+/// Request type: flush (request-based flush op; DM usually sends an empty WRITE with PREFLUSH).
+pub const DM_USER_REQ_MAP_FLUSH: u64 = 2;
+/// Request type: discard `len` bytes at `sector`.
+pub const DM_USER_REQ_MAP_DISCARD: u64 = 3;
+/// Request type: secure erase.
+pub const DM_USER_REQ_MAP_SECURE_ERASE: u64 = 4;
+/// Request type: write same (old kernels only).
+pub const DM_USER_REQ_MAP_WRITE_SAME: u64 = 5;
+/// Request type: write zeroes.
+pub const DM_USER_REQ_MAP_WRITE_ZEROES: u64 = 6;
+/// Request type: zone open.
+pub const DM_USER_REQ_MAP_ZONE_OPEN: u64 = 7;
+/// Request type: zone close.
+pub const DM_USER_REQ_MAP_ZONE_CLOSE: u64 = 8;
+/// Request type: zone finish.
+pub const DM_USER_REQ_MAP_ZONE_FINISH: u64 = 9;
+/// Request type: zone append.
+pub const DM_USER_REQ_MAP_ZONE_APPEND: u64 = 10;
+/// Request type: zone reset.
+pub const DM_USER_REQ_MAP_ZONE_RESET: u64 = 11;
+/// Request type: zone reset all.
+pub const DM_USER_REQ_MAP_ZONE_RESET_ALL: u64 = 12;
+
+/// Request flag: fail fast on device errors.
+pub const DM_USER_REQ_MAP_FLAG_FAILFAST_DEV: u64 = 0x00001;
+/// Request flag: fail fast on transport errors.
+pub const DM_USER_REQ_MAP_FLAG_FAILFAST_TRANSPORT: u64 = 0x00002;
+/// Request flag: fail fast on driver errors.
+pub const DM_USER_REQ_MAP_FLAG_FAILFAST_DRIVER: u64 = 0x00004;
+/// Request flag: synchronous I/O.
+pub const DM_USER_REQ_MAP_FLAG_SYNC: u64 = 0x00008;
+/// Request flag: metadata I/O.
+pub const DM_USER_REQ_MAP_FLAG_META: u64 = 0x00010;
+/// Request flag: priority metadata I/O.
+pub const DM_USER_REQ_MAP_FLAG_PRIO: u64 = 0x00020;
+/// Request flag: do not merge.
+pub const DM_USER_REQ_MAP_FLAG_NOMERGE: u64 = 0x00040;
+/// Request flag: more I/O is not expected soon.
+pub const DM_USER_REQ_MAP_FLAG_IDLE: u64 = 0x00080;
+/// Request flag: integrity metadata attached.
+pub const DM_USER_REQ_MAP_FLAG_INTEGRITY: u64 = 0x00100;
+/// Request flag: forced unit access (data must be durable on completion).
+pub const DM_USER_REQ_MAP_FLAG_FUA: u64 = 0x00200;
+/// Request flag: flush the volatile cache before this request.
+pub const DM_USER_REQ_MAP_FLAG_PREFLUSH: u64 = 0x00400;
+/// Request flag: read-ahead.
+pub const DM_USER_REQ_MAP_FLAG_RAHEAD: u64 = 0x00800;
+/// Request flag: background I/O.
+pub const DM_USER_REQ_MAP_FLAG_BACKGROUND: u64 = 0x01000;
+/// Request flag: do not wait.
+pub const DM_USER_REQ_MAP_FLAG_NOWAIT: u64 = 0x02000;
+/// Request flag: cgroup punt.
+pub const DM_USER_REQ_MAP_FLAG_CGROUP_PUNT: u64 = 0x04000;
+/// Request flag: do not unmap on write zeroes.
+pub const DM_USER_REQ_MAP_FLAG_NOUNMAP: u64 = 0x08000;
+/// Request flag: polled I/O.
+pub const DM_USER_REQ_MAP_FLAG_HIPRI: u64 = 0x10000;
+/// Request flag: driver-private.
+pub const DM_USER_REQ_MAP_FLAG_DRV: u64 = 0x20000;
+/// Request flag: swap I/O.
+pub const DM_USER_REQ_MAP_FLAG_SWAP: u64 = 0x40000;
+
+/// Response code: the request succeeded (READ data follows the header).
+pub const DM_USER_RESP_SUCCESS: u64 = 0;
+/// Response code: the request failed (the bio completes with an I/O error).
+pub const DM_USER_RESP_ERROR: u64 = 1;
+/// Response code: the request type is not supported (the bio completes with an I/O error).
+pub const DM_USER_RESP_UNSUPPORTED: u64 = 2;
+
+/// Every constant of this module with its C name, for the ABI cross-check.
+pub const ABI_CONSTANTS: &[(&str, u64)] = &[
+    ("DM_USER_REQ_MAP_READ", DM_USER_REQ_MAP_READ),
+    ("DM_USER_REQ_MAP_WRITE", DM_USER_REQ_MAP_WRITE),
+    ("DM_USER_REQ_MAP_FLUSH", DM_USER_REQ_MAP_FLUSH),
+    ("DM_USER_REQ_MAP_DISCARD", DM_USER_REQ_MAP_DISCARD),
+    ("DM_USER_REQ_MAP_SECURE_ERASE", DM_USER_REQ_MAP_SECURE_ERASE),
+    ("DM_USER_REQ_MAP_WRITE_SAME", DM_USER_REQ_MAP_WRITE_SAME),
+    ("DM_USER_REQ_MAP_WRITE_ZEROES", DM_USER_REQ_MAP_WRITE_ZEROES),
+    ("DM_USER_REQ_MAP_ZONE_OPEN", DM_USER_REQ_MAP_ZONE_OPEN),
+    ("DM_USER_REQ_MAP_ZONE_CLOSE", DM_USER_REQ_MAP_ZONE_CLOSE),
+    ("DM_USER_REQ_MAP_ZONE_FINISH", DM_USER_REQ_MAP_ZONE_FINISH),
+    ("DM_USER_REQ_MAP_ZONE_APPEND", DM_USER_REQ_MAP_ZONE_APPEND),
+    ("DM_USER_REQ_MAP_ZONE_RESET", DM_USER_REQ_MAP_ZONE_RESET),
+    (
+        "DM_USER_REQ_MAP_ZONE_RESET_ALL",
+        DM_USER_REQ_MAP_ZONE_RESET_ALL,
+    ),
+    (
+        "DM_USER_REQ_MAP_FLAG_FAILFAST_DEV",
+        DM_USER_REQ_MAP_FLAG_FAILFAST_DEV,
+    ),
+    (
+        "DM_USER_REQ_MAP_FLAG_FAILFAST_TRANSPORT",
+        DM_USER_REQ_MAP_FLAG_FAILFAST_TRANSPORT,
+    ),
+    (
+        "DM_USER_REQ_MAP_FLAG_FAILFAST_DRIVER",
+        DM_USER_REQ_MAP_FLAG_FAILFAST_DRIVER,
+    ),
+    ("DM_USER_REQ_MAP_FLAG_SYNC", DM_USER_REQ_MAP_FLAG_SYNC),
+    ("DM_USER_REQ_MAP_FLAG_META", DM_USER_REQ_MAP_FLAG_META),
+    ("DM_USER_REQ_MAP_FLAG_PRIO", DM_USER_REQ_MAP_FLAG_PRIO),
+    ("DM_USER_REQ_MAP_FLAG_NOMERGE", DM_USER_REQ_MAP_FLAG_NOMERGE),
+    ("DM_USER_REQ_MAP_FLAG_IDLE", DM_USER_REQ_MAP_FLAG_IDLE),
+    (
+        "DM_USER_REQ_MAP_FLAG_INTEGRITY",
+        DM_USER_REQ_MAP_FLAG_INTEGRITY,
+    ),
+    ("DM_USER_REQ_MAP_FLAG_FUA", DM_USER_REQ_MAP_FLAG_FUA),
+    (
+        "DM_USER_REQ_MAP_FLAG_PREFLUSH",
+        DM_USER_REQ_MAP_FLAG_PREFLUSH,
+    ),
+    ("DM_USER_REQ_MAP_FLAG_RAHEAD", DM_USER_REQ_MAP_FLAG_RAHEAD),
+    (
+        "DM_USER_REQ_MAP_FLAG_BACKGROUND",
+        DM_USER_REQ_MAP_FLAG_BACKGROUND,
+    ),
+    ("DM_USER_REQ_MAP_FLAG_NOWAIT", DM_USER_REQ_MAP_FLAG_NOWAIT),
+    (
+        "DM_USER_REQ_MAP_FLAG_CGROUP_PUNT",
+        DM_USER_REQ_MAP_FLAG_CGROUP_PUNT,
+    ),
+    ("DM_USER_REQ_MAP_FLAG_NOUNMAP", DM_USER_REQ_MAP_FLAG_NOUNMAP),
+    ("DM_USER_REQ_MAP_FLAG_HIPRI", DM_USER_REQ_MAP_FLAG_HIPRI),
+    ("DM_USER_REQ_MAP_FLAG_DRV", DM_USER_REQ_MAP_FLAG_DRV),
+    ("DM_USER_REQ_MAP_FLAG_SWAP", DM_USER_REQ_MAP_FLAG_SWAP),
+    ("DM_USER_RESP_SUCCESS", DM_USER_RESP_SUCCESS),
+    ("DM_USER_RESP_ERROR", DM_USER_RESP_ERROR),
+    ("DM_USER_RESP_UNSUPPORTED", DM_USER_RESP_UNSUPPORTED),
+];
+
+/// Errors of a dm-user channel.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The misc node did not appear within the allowed time.
+    #[error("dm-user node {path} did not appear within {waited:?}")]
+    NodeTimeout {
+        /// Path that was waited for.
+        path: PathBuf,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// Opening the misc node failed.
+    #[error("opening {path}: {source}")]
+    Open {
+        /// Path of the node.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The dm-user target behind this channel has been destroyed (`ENOTBLK`).
+    #[error("dm-user target is gone (ENOTBLK)")]
+    TargetGone,
+    /// The kernel rejected our response (`EINVAL`, e.g. unknown seq): the channel is poisoned.
+    #[error("kernel rejected the response for seq {seq} (EINVAL); the channel is poisoned")]
+    Rejected {
+        /// Sequence number of the response being written.
+        seq: u64,
+    },
+    /// A signal interrupted a read before any byte of a new message arrived.
+    #[error("read interrupted by a signal")]
+    Interrupted,
+    /// Non-blocking channel with no message waiting (`EAGAIN`); poll and retry.
+    #[error("no message waiting (EAGAIN)")]
+    WouldBlock,
+    /// The peer closed the stream (only on non-dm-user transports used in tests).
+    #[error("end of stream after {got} of {want} bytes")]
+    UnexpectedEof {
+        /// Bytes received of the current unit.
+        got: usize,
+        /// Bytes expected.
+        want: usize,
+    },
+    /// A request announced a payload larger than this channel accepts.
+    #[error("request seq {seq} announces a {len}-byte payload, limit is {max}")]
+    PayloadTooLarge {
+        /// Sequence number of the request.
+        seq: u64,
+        /// Announced length.
+        len: u64,
+        /// Configured limit.
+        max: usize,
+    },
+    /// Any other I/O error on the channel.
+    #[error("{op} on dm-user channel: {source}")]
+    Io {
+        /// The operation that failed.
+        op: &'static str,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// A request type the kernel can send, decoded from [`MessageHeader::msg_type`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestType {
+    /// [`DM_USER_REQ_MAP_READ`].
+    Read,
+    /// [`DM_USER_REQ_MAP_WRITE`] (an empty one with PREFLUSH is a flush, see [`MessageHeader::is_flush`]).
+    Write,
+    /// [`DM_USER_REQ_MAP_FLUSH`].
+    Flush,
+    /// [`DM_USER_REQ_MAP_DISCARD`].
+    Discard,
+    /// [`DM_USER_REQ_MAP_SECURE_ERASE`].
+    SecureErase,
+    /// [`DM_USER_REQ_MAP_WRITE_SAME`].
+    WriteSame,
+    /// [`DM_USER_REQ_MAP_WRITE_ZEROES`].
+    WriteZeroes,
+    /// One of the zone operations (`DM_USER_REQ_MAP_ZONE_*`), carrying the raw value.
+    Zone(u64),
+}
+
+impl RequestType {
+    /// Decode a wire value; `None` for values the ABI does not define.
+    pub fn from_wire(value: u64) -> Option<Self> {
+        Some(match value {
+            DM_USER_REQ_MAP_READ => Self::Read,
+            DM_USER_REQ_MAP_WRITE => Self::Write,
+            DM_USER_REQ_MAP_FLUSH => Self::Flush,
+            DM_USER_REQ_MAP_DISCARD => Self::Discard,
+            DM_USER_REQ_MAP_SECURE_ERASE => Self::SecureErase,
+            DM_USER_REQ_MAP_WRITE_SAME => Self::WriteSame,
+            DM_USER_REQ_MAP_WRITE_ZEROES => Self::WriteZeroes,
+            DM_USER_REQ_MAP_ZONE_OPEN..=DM_USER_REQ_MAP_ZONE_RESET_ALL => Self::Zone(value),
+            _ => return None,
+        })
+    }
+}
+
+/// A response code the daemon writes back in [`MessageHeader::msg_type`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseCode {
+    /// [`DM_USER_RESP_SUCCESS`].
+    Success,
+    /// [`DM_USER_RESP_ERROR`].
+    Error,
+    /// [`DM_USER_RESP_UNSUPPORTED`].
+    Unsupported,
+}
+
+impl ResponseCode {
+    /// The wire value.
+    pub fn to_wire(self) -> u64 {
+        match self {
+            Self::Success => DM_USER_RESP_SUCCESS,
+            Self::Error => DM_USER_RESP_ERROR,
+            Self::Unsupported => DM_USER_RESP_UNSUPPORTED,
+        }
+    }
+}
+
+/// The 40-byte dm-user message header (native endian, as `struct dm_user_message`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MessageHeader {
+    /// Sequence number chosen by the kernel; echoed in the response.
+    pub seq: u64,
+    /// Request type (kernel to user) or response code (user to kernel).
+    pub msg_type: u64,
+    /// Request flags (`DM_USER_REQ_MAP_FLAG_*`).
+    pub flags: u64,
+    /// Start sector (512-byte units) as DM handed it to the target.
+    pub sector: u64,
+    /// Length of the request in bytes.
+    pub len: u64,
+}
+
+impl MessageHeader {
+    /// Serialise to the wire format.
+    pub fn to_bytes(&self) -> [u8; HEADER_SIZE] {
+        let mut out = [0u8; HEADER_SIZE];
+        let fields = [self.seq, self.msg_type, self.flags, self.sector, self.len];
+        for (chunk, value) in out.chunks_exact_mut(8).zip(fields) {
+            chunk.copy_from_slice(&value.to_ne_bytes());
+        }
+        out
+    }
+
+    /// Parse the wire format.
+    pub fn from_bytes(bytes: &[u8; HEADER_SIZE]) -> Self {
+        let mut fields = [0u64; 5];
+        for (field, chunk) in fields.iter_mut().zip(bytes.chunks_exact(8)) {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            *field = u64::from_ne_bytes(word);
+        }
+        let [seq, msg_type, flags, sector, len] = fields;
+        Self {
+            seq,
+            msg_type,
+            flags,
+            sector,
+            len,
+        }
+    }
+
+    /// Response header answering `self` with `code`.
+    pub fn response(&self, code: u64) -> Self {
+        Self {
+            seq: self.seq,
+            msg_type: code,
+            flags: 0,
+            sector: self.sector,
+            len: self.len,
+        }
+    }
+
+    /// The decoded request type (`None` for a value the ABI does not define).
+    pub fn request_type(&self) -> Option<RequestType> {
+        RequestType::from_wire(self.msg_type)
+    }
+
+    /// True for an empty WRITE carrying PREFLUSH, the form DM uses for flushes.
+    pub fn is_flush(&self) -> bool {
+        self.msg_type == DM_USER_REQ_MAP_FLUSH
+            || (self.msg_type == DM_USER_REQ_MAP_WRITE
+                && self.len == 0
+                && self.flags & DM_USER_REQ_MAP_FLAG_PREFLUSH != 0)
+    }
+
+    /// Byte offset of the request (`sector * 512`), if it does not overflow.
+    pub fn byte_offset(&self) -> Option<u64> {
+        self.sector.checked_mul(512)
+    }
+}
+
+/// What [`Channel::receive`] produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received {
+    /// A request; for WRITE the payload was placed in the caller's buffer.
+    Request(MessageHeader),
+    /// The target has been destroyed: the daemon should close this channel.
+    TargetGone,
+}
+
+/// Readiness reported by [`Channel::poll`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// A message is waiting.
+    Readable,
+    /// The target is gone (hang-up).
+    HangUp,
+    /// Nothing happened within the timeout.
+    TimedOut,
+}
+
+/// One dm-user channel (one open file description of the misc node).
+#[derive(Debug)]
+pub struct Channel {
+    file: File,
+    max_payload: usize,
+}
+
+impl Channel {
+    /// Path of the misc node for control name `name`.
+    pub fn node_path(name: &str) -> PathBuf {
+        Path::new(DEV_DIR).join(name)
+    }
+
+    /// Open `/dev/dm-user/<name>`, waiting up to `timeout` for the node to appear.
+    pub fn open(name: &str, timeout: Duration) -> Result<Self, ChannelError> {
+        Self::open_path(&Self::node_path(name), timeout)
+    }
+
+    /// Open the misc node at `path`, waiting up to `timeout` for it to appear.
+    pub fn open_path(path: &Path, timeout: Duration) -> Result<Self, ChannelError> {
+        let start = Instant::now();
+        loop {
+            match OpenOptions::new().read(true).write(true).open(path) {
+                Ok(file) => return Ok(Self::from_file(file)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if start.elapsed() >= timeout {
+                        return Err(ChannelError::NodeTimeout {
+                            path: path.to_path_buf(),
+                            waited: start.elapsed(),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(source) => {
+                    return Err(ChannelError::Open {
+                        path: path.to_path_buf(),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Wrap an already open file (or any stream fd, for tests).
+    pub fn from_file(file: File) -> Self {
+        Self {
+            file,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+        }
+    }
+
+    /// Wrap an owned fd.
+    pub fn from_fd(fd: OwnedFd) -> Self {
+        Self::from_file(File::from(fd))
+    }
+
+    /// Switch the channel between blocking and non-blocking (`O_NONBLOCK`) mode.
+    /// In non-blocking mode [`Channel::receive`] returns [`ChannelError::WouldBlock`]
+    /// when no message waits; use [`Channel::poll`] (or epoll on the fd) to wait.
+    pub fn set_nonblocking(&self, nonblocking: bool) -> Result<(), ChannelError> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let io = |e: Errno| ChannelError::Io {
+            op: "fcntl",
+            source: e.into(),
+        };
+        let flags = OFlag::from_bits_truncate(fcntl(&self.file, FcntlArg::F_GETFL).map_err(io)?);
+        let flags = if nonblocking {
+            flags | OFlag::O_NONBLOCK
+        } else {
+            flags & !OFlag::O_NONBLOCK
+        };
+        fcntl(&self.file, FcntlArg::F_SETFL(flags)).map_err(io)?;
+        Ok(())
+    }
+
+    /// Block until the fd reports `events` (or an error/hang-up, which the next call surfaces).
+    fn wait_for(&self, events: PollFlags) -> Result<(), ChannelError> {
+        let mut fds = [PollFd::new(self.file.as_fd(), events)];
+        match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(Errno::EINTR) => Ok(()),
+            Err(e) => Err(ChannelError::Io {
+                op: "poll",
+                source: e.into(),
+            }),
+        }
+    }
+
+    /// Change the largest WRITE payload this channel accepts.
+    pub fn set_max_payload(&mut self, max: usize) {
+        self.max_payload = max;
+    }
+
+    /// The underlying file, for raw access (fault-injection tests).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Read exactly `buf.len()` bytes. Returns `Ok(false)` if a signal
+    /// interrupted before the first byte and `allow_interrupt` is set.
+    fn read_exact_framed(
+        &mut self,
+        buf: &mut [u8],
+        allow_interrupt: bool,
+    ) -> Result<bool, ChannelError> {
+        let mut got = 0usize;
+        while got < buf.len() {
+            let rest = buf.get_mut(got..).unwrap_or_default();
+            match self.file.read(rest) {
+                Ok(0) => {
+                    return Err(ChannelError::UnexpectedEof {
+                        got,
+                        want: buf.len(),
+                    })
+                }
+                Ok(n) => got = got.saturating_add(n),
+                Err(e) => match Errno::from_raw(e.raw_os_error().unwrap_or(0)) {
+                    Errno::ENOTBLK => return Err(ChannelError::TargetGone),
+                    Errno::EINTR if got == 0 && allow_interrupt => return Ok(false),
+                    Errno::EAGAIN if got == 0 && allow_interrupt => {
+                        return Err(ChannelError::WouldBlock)
+                    }
+                    Errno::EINTR => continue,
+                    // Mid-message on a non-blocking fd: wait for the rest.
+                    Errno::EAGAIN => self.wait_for(PollFlags::POLLIN)?,
+                    _ => {
+                        return Err(ChannelError::Io {
+                            op: "read",
+                            source: e,
+                        })
+                    }
+                },
+            }
+        }
+        Ok(true)
+    }
+
+    /// Read the next request. For WRITE requests the payload (`len` bytes) is
+    /// read into `payload` (resized); for every other type `payload` is cleared.
+    ///
+    /// A signal arriving while waiting for a new request yields
+    /// [`ChannelError::Interrupted`]; one arriving mid-message is retried. On a
+    /// non-blocking channel with nothing waiting it yields [`ChannelError::WouldBlock`].
+    pub fn receive(&mut self, payload: &mut Vec<u8>) -> Result<Received, ChannelError> {
+        let mut raw = [0u8; HEADER_SIZE];
+        match self.read_exact_framed(&mut raw, true) {
+            Ok(true) => {}
+            Ok(false) => return Err(ChannelError::Interrupted),
+            Err(ChannelError::TargetGone) => return Ok(Received::TargetGone),
+            Err(e) => return Err(e),
+        }
+        let header = MessageHeader::from_bytes(&raw);
+        payload.clear();
+        if header.msg_type == DM_USER_REQ_MAP_WRITE && header.len > 0 {
+            let len = usize::try_from(header.len)
+                .ok()
+                .filter(|&l| l <= self.max_payload)
+                .ok_or(ChannelError::PayloadTooLarge {
+                    seq: header.seq,
+                    len: header.len,
+                    max: self.max_payload,
+                })?;
+            payload.resize(len, 0);
+            match self.read_exact_framed(payload, false) {
+                Ok(_) => {}
+                Err(ChannelError::TargetGone) => return Ok(Received::TargetGone),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Received::Request(header))
+    }
+
+    /// Answer `request` with `code`; `data` is the READ payload (empty otherwise).
+    /// Header and data go out in one `writev()` unless the kernel takes a short write.
+    pub fn respond(
+        &mut self,
+        request: &MessageHeader,
+        code: u64,
+        data: &[u8],
+    ) -> Result<(), ChannelError> {
+        let header = request.response(code).to_bytes();
+        self.write_parts(request.seq, &header, data)
+    }
+
+    /// Write `header` then `data` completely, retrying short writes.
+    fn write_parts(&mut self, seq: u64, header: &[u8], data: &[u8]) -> Result<(), ChannelError> {
+        let total = header.len().saturating_add(data.len());
+        let mut sent = 0usize;
+        while sent < total {
+            let result = if sent < header.len() {
+                let h = header.get(sent..).unwrap_or_default();
+                self.file
+                    .write_vectored(&[IoSlice::new(h), IoSlice::new(data)])
+            } else {
+                let d = data.get(sent - header.len()..).unwrap_or_default();
+                self.file.write(d)
+            };
+            match result {
+                Ok(0) => {
+                    return Err(ChannelError::Io {
+                        op: "write",
+                        source: std::io::Error::from(std::io::ErrorKind::WriteZero),
+                    })
+                }
+                Ok(n) => sent = sent.saturating_add(n),
+                Err(e) => match Errno::from_raw(e.raw_os_error().unwrap_or(0)) {
+                    Errno::ENOTBLK => return Err(ChannelError::TargetGone),
+                    Errno::EINVAL => return Err(ChannelError::Rejected { seq }),
+                    Errno::EINTR => continue,
+                    Errno::EAGAIN => self.wait_for(PollFlags::POLLOUT)?,
+                    _ => {
+                        return Err(ChannelError::Io {
+                            op: "write",
+                            source: e,
+                        })
+                    }
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait up to `timeout` for a message or a hang-up (needs the module's poll support;
+    /// without it the kernel reports the fd always readable).
+    pub fn poll(&self, timeout: Duration) -> Result<Readiness, ChannelError> {
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        let mut fds = [PollFd::new(self.file.as_fd(), PollFlags::POLLIN)];
+        let n = nix::poll::poll(
+            &mut fds,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+        )
+        .map_err(|e| ChannelError::Io {
+            op: "poll",
+            source: e.into(),
+        })?;
+        if n == 0 {
+            return Ok(Readiness::TimedOut);
+        }
+        let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+        if revents.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
+            Ok(Readiness::HangUp)
+        } else {
+            Ok(Readiness::Readable)
+        }
+    }
+}
+
+impl AsFd for Channel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::os::unix::net::UnixStream;
+
+    fn parse_c_defines(text: &str) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            if words.next() != Some("#define") {
+                continue;
+            }
+            let (Some(name), Some(value)) = (words.next(), words.next()) else {
+                continue;
+            };
+            if !name.starts_with("DM_USER_") {
+                continue;
+            }
+            let value = value.trim_start_matches('(').trim_end_matches(')');
+            let value = value.trim_end_matches(['U', 'L', 'u', 'l']);
+            let parsed = if let Some(hex) = value.strip_prefix("0x") {
+                u64::from_str_radix(hex, 16).ok()
+            } else {
+                value.parse::<u64>().ok()
+            };
+            if let Some(v) = parsed {
+                out.insert(name.to_string(), v);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn constants_match_the_uapi_header() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../kernel/include/uapi/linux/dm-user.h"
+        );
+        let text = std::fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("the ABI header {path} must exist: {e}"));
+        let defines = parse_c_defines(&text);
+        for (name, value) in ABI_CONSTANTS {
+            assert_eq!(
+                defines.get(*name),
+                Some(value),
+                "{name}: Rust value {value} differs from (or is missing in) {path}"
+            );
+        }
+        for (name, value) in &defines {
+            if name.starts_with("DM_USER_REQ_") || name.starts_with("DM_USER_RESP_") {
+                assert!(
+                    ABI_CONSTANTS.iter().any(|(n, v)| n == name && v == value),
+                    "{name} = {value} is in the header but not in dm_user.rs"
+                );
+            }
+        }
+        assert!(
+            text.contains("struct dm_user_message"),
+            "header lacks struct dm_user_message"
+        );
+    }
+
+    #[test]
+    fn header_round_trips_and_is_native_endian() {
+        let h = MessageHeader {
+            seq: 7,
+            msg_type: DM_USER_REQ_MAP_WRITE,
+            flags: DM_USER_REQ_MAP_FLAG_FUA,
+            sector: 0x1122_3344,
+            len: 4096,
+        };
+        let bytes = h.to_bytes();
+        assert_eq!(bytes.len(), HEADER_SIZE);
+        assert_eq!(&bytes[0..8], &7u64.to_ne_bytes());
+        assert_eq!(&bytes[24..32], &0x1122_3344u64.to_ne_bytes());
+        assert_eq!(MessageHeader::from_bytes(&bytes), h);
+    }
+
+    #[test]
+    fn request_types_decode() {
+        let cases = [
+            (DM_USER_REQ_MAP_READ, Some(RequestType::Read)),
+            (DM_USER_REQ_MAP_WRITE, Some(RequestType::Write)),
+            (DM_USER_REQ_MAP_FLUSH, Some(RequestType::Flush)),
+            (DM_USER_REQ_MAP_DISCARD, Some(RequestType::Discard)),
+            (DM_USER_REQ_MAP_SECURE_ERASE, Some(RequestType::SecureErase)),
+            (DM_USER_REQ_MAP_WRITE_SAME, Some(RequestType::WriteSame)),
+            (DM_USER_REQ_MAP_WRITE_ZEROES, Some(RequestType::WriteZeroes)),
+            (
+                DM_USER_REQ_MAP_ZONE_APPEND,
+                Some(RequestType::Zone(DM_USER_REQ_MAP_ZONE_APPEND)),
+            ),
+            (13, None),
+            (u64::MAX, None),
+        ];
+        for (wire, want) in cases {
+            assert_eq!(RequestType::from_wire(wire), want, "{wire}");
+        }
+        assert_eq!(ResponseCode::Success.to_wire(), DM_USER_RESP_SUCCESS);
+        assert_eq!(ResponseCode::Error.to_wire(), DM_USER_RESP_ERROR);
+        assert_eq!(
+            ResponseCode::Unsupported.to_wire(),
+            DM_USER_RESP_UNSUPPORTED
+        );
+    }
+
+    #[test]
+    fn flush_detection() {
+        let mut h = MessageHeader {
+            msg_type: DM_USER_REQ_MAP_WRITE,
+            flags: DM_USER_REQ_MAP_FLAG_PREFLUSH,
+            ..Default::default()
+        };
+        assert!(h.is_flush());
+        h.len = 512;
+        assert!(!h.is_flush());
+        h.msg_type = DM_USER_REQ_MAP_FLUSH;
+        assert!(h.is_flush());
+    }
+
+    fn pair() -> (Channel, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (Channel::from_fd(OwnedFd::from(a)), b)
+    }
+
+    #[test]
+    fn receive_handles_short_reads_and_write_payload() {
+        let (mut chan, mut peer) = pair();
+        let h = MessageHeader {
+            seq: 3,
+            msg_type: DM_USER_REQ_MAP_WRITE,
+            flags: 0,
+            sector: 8,
+            len: 10,
+        };
+        let bytes = h.to_bytes();
+        let writer = std::thread::spawn(move || {
+            for chunk in bytes.chunks(7) {
+                peer.write_all(chunk).unwrap();
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            peer.write_all(b"0123456789").unwrap();
+            peer
+        });
+        let mut payload = Vec::new();
+        assert_eq!(chan.receive(&mut payload).unwrap(), Received::Request(h));
+        assert_eq!(payload, b"0123456789");
+        drop(writer.join().unwrap());
+    }
+
+    #[test]
+    fn read_request_has_no_payload() {
+        let (mut chan, mut peer) = pair();
+        let h = MessageHeader {
+            seq: 1,
+            msg_type: DM_USER_REQ_MAP_READ,
+            len: 4096,
+            ..Default::default()
+        };
+        peer.write_all(&h.to_bytes()).unwrap();
+        let mut payload = vec![1, 2, 3];
+        assert_eq!(chan.receive(&mut payload).unwrap(), Received::Request(h));
+        assert!(payload.is_empty());
+    }
+
+    #[test]
+    fn oversized_payload_is_rejected_without_allocating() {
+        let (mut chan, mut peer) = pair();
+        chan.set_max_payload(1024);
+        let h = MessageHeader {
+            seq: 9,
+            msg_type: DM_USER_REQ_MAP_WRITE,
+            len: u64::MAX,
+            ..Default::default()
+        };
+        peer.write_all(&h.to_bytes()).unwrap();
+        let mut payload = Vec::new();
+        match chan.receive(&mut payload) {
+            Err(ChannelError::PayloadTooLarge {
+                seq: 9,
+                len,
+                max: 1024,
+            }) => assert_eq!(len, u64::MAX),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(payload.capacity(), 0);
+    }
+
+    #[test]
+    fn truncated_header_is_eof_error() {
+        let (mut chan, mut peer) = pair();
+        peer.write_all(&[0u8; 13]).unwrap();
+        drop(peer);
+        let mut payload = Vec::new();
+        match chan.receive(&mut payload) {
+            Err(ChannelError::UnexpectedEof { got: 13, want: 40 }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn respond_sends_header_then_data() {
+        let (mut chan, mut peer) = pair();
+        let req = MessageHeader {
+            seq: 42,
+            msg_type: DM_USER_REQ_MAP_READ,
+            sector: 2,
+            len: 5,
+            ..Default::default()
+        };
+        chan.respond(&req, DM_USER_RESP_SUCCESS, b"hello").unwrap();
+        let mut got = [0u8; HEADER_SIZE + 5];
+        peer.read_exact(&mut got).unwrap();
+        let mut head = [0u8; HEADER_SIZE];
+        head.copy_from_slice(&got[..HEADER_SIZE]);
+        let resp = MessageHeader::from_bytes(&head);
+        assert_eq!(resp.seq, 42);
+        assert_eq!(resp.msg_type, DM_USER_RESP_SUCCESS);
+        assert_eq!(&got[HEADER_SIZE..], b"hello");
+    }
+
+    #[test]
+    fn poll_reports_readable_and_timeout() {
+        let (chan, mut peer) = pair();
+        assert_eq!(
+            chan.poll(Duration::from_millis(10)).unwrap(),
+            Readiness::TimedOut
+        );
+        peer.write_all(&[0u8; 1]).unwrap();
+        assert_eq!(
+            chan.poll(Duration::from_millis(1000)).unwrap(),
+            Readiness::Readable
+        );
+    }
+
+    #[test]
+    fn nonblocking_receive_would_block_then_reads() {
+        let (mut chan, mut peer) = pair();
+        chan.set_nonblocking(true).unwrap();
+        let mut payload = Vec::new();
+        assert!(matches!(
+            chan.receive(&mut payload),
+            Err(ChannelError::WouldBlock)
+        ));
+        let h = MessageHeader {
+            seq: 5,
+            msg_type: DM_USER_REQ_MAP_WRITE,
+            len: 3,
+            ..Default::default()
+        };
+        // Header now, payload a little later: the mid-message EAGAIN must wait, not fail.
+        peer.write_all(&h.to_bytes()).unwrap();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            peer.write_all(b"xyz").unwrap();
+            peer
+        });
+        assert_eq!(chan.receive(&mut payload).unwrap(), Received::Request(h));
+        assert_eq!(payload, b"xyz");
+        drop(writer.join().unwrap());
+    }
+
+    #[test]
+    fn open_times_out_on_missing_node() {
+        let err = Channel::open_path(
+            Path::new("/nonexistent/dm-user/x"),
+            Duration::from_millis(20),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ChannelError::NodeTimeout { .. }), "{err:?}");
+    }
+}

@@ -1,0 +1,17 @@
+//! snapuserd-rs: the userspace half of Android's Virtual A/B snapshot stack.
+//!
+//! This crate currently provides the kernel-facing building blocks that the
+//! daemon is built from:
+//!
+//! * [`dm`] — a device-mapper control library speaking the `DM_*` ioctls on
+//!   `/dev/mapper/control` directly, so nothing needs `dmsetup`;
+//! * [`dm_user`] — a dm-user channel: the 40-byte message header and the
+//!   request/response framing on `/dev/dm-user/<name>`;
+//! * [`snapshot`] — the pure-logic legacy (dm-snapshot) core: exception store,
+//!   merge tracking, block server, control protocol;
+//! * [`cow_backend`] — the core's backends on a real COW file and source image.
+
+pub mod cow_backend;
+pub mod dm;
+pub mod dm_user;
+pub mod snapshot;

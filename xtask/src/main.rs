@@ -1,0 +1,303 @@
+//! `cargo xtask`: project automation.
+//!
+//! * `cargo xtask vm-test [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--timeout SECS]`
+//!   builds dm-user for each kernel, the guest programs, an initramfs, boots qemu (TCG) and
+//!   reports one line per test and kernel. `--disk` attaches raw images as virtio disks.
+//! * `cargo xtask vm-bench [--kernel ...]` runs only the dm-user vs loop benchmark.
+//! * `cargo xtask kernel-check` runs `kernel/scripts/check-style.sh`.
+
+mod cmd;
+mod deps;
+mod error;
+mod guest;
+mod initramfs;
+mod kmod;
+mod report;
+mod vm;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use deps::KernelSeries;
+use error::{Result, XtaskError};
+use guest::GuestBinary;
+use initramfs::InitramfsSpec;
+use report::TestResult;
+use vm::VmSpec;
+
+const USAGE: &str = "cargo xtask <vm-test|vm-bench|kernel-check> [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--timeout SECS] [--disk RAW.img]...";
+
+/// Parsed command-line options.
+#[derive(Debug, Default)]
+struct Options {
+    kernels: Vec<KernelSeries>,
+    filter: Option<String>,
+    keep: bool,
+    bench: bool,
+    timeout: Option<u64>,
+    disks: Vec<PathBuf>,
+}
+
+fn parse_options(args: &[String]) -> Result<Options> {
+    let mut o = Options::default();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |flag: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| XtaskError::Usage(format!("{flag} needs a value; {USAGE}")))
+        };
+        match a.as_str() {
+            "--kernel" => o.kernels.push(KernelSeries::parse(&value("--kernel")?)?),
+            "--filter" => o.filter = Some(value("--filter")?),
+            "--timeout" => {
+                let v = value("--timeout")?;
+                o.timeout = Some(
+                    v.parse()
+                        .map_err(|_| XtaskError::Usage(format!("bad --timeout {v}")))?,
+                );
+            }
+            "--disk" => o.disks.push(PathBuf::from(value("--disk")?)),
+            "--keep" => o.keep = true,
+            "--bench" => o.bench = true,
+            other => {
+                return Err(XtaskError::Usage(format!(
+                    "unknown argument {other:?}; {USAGE}"
+                )))
+            }
+        }
+    }
+    if o.kernels.is_empty() {
+        o.kernels = KernelSeries::ALL.to_vec();
+    }
+    Ok(o)
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The guest programs of the dm-user test suite.
+fn guest_binaries() -> Vec<GuestBinary> {
+    vec![GuestBinary::new("vm-tests", "vmtest")]
+}
+
+/// Ask the (static, host-runnable) test binary which tests match `filter`.
+fn expected_tests(vmtest: &Path, filter: Option<&str>) -> Result<Vec<String>> {
+    let mut c = Command::new(vmtest);
+    c.arg("list");
+    if let Some(f) = filter {
+        c.args(["--filter", f]);
+    }
+    Ok(cmd::output(&mut c)?
+        .lines()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+        .collect())
+}
+
+fn test_fragment(opts: &Options, run_tests: bool) -> String {
+    let mut s = String::new();
+    if run_tests {
+        s.push_str("/bin/vmtest run-all");
+        if let Some(f) = &opts.filter {
+            s.push_str(&format!(" --filter '{}'", f.replace('\'', "")));
+        }
+        s.push('\n');
+    }
+    if opts.bench {
+        s.push_str("/bin/vmtest bench\n");
+    }
+    s
+}
+
+/// Hold an exclusive lock on `build/vm-test.lock` so that concurrent runs in the
+/// same tree (colleagues sharing a worktree) queue up instead of overwriting each
+/// other's module build, initramfs and logs.
+fn lock_build_dir(build_root: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    let path = build_root.join("vm-test.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(error::io_err("open", &path))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((file, _)) => {
+            eprintln!(
+                "xtask: another vm-test run holds {}; waiting for it",
+                path.display()
+            );
+            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| XtaskError::Io {
+                op: "lock",
+                path,
+                source: e.into(),
+            })
+        }
+    }
+}
+
+fn vm_test(opts: &Options, run_tests: bool) -> Result<()> {
+    let repo = repo_root();
+    let build_root = repo.join("build");
+    std::fs::create_dir_all(&build_root).map_err(error::io_err("create", &build_root))?;
+    let _lock = lock_build_dir(&build_root)?;
+    deps::ensure_host_tools()?;
+    let bins = guest::build(&repo, &build_root, &guest_binaries())?;
+    let vmtest = bins
+        .first()
+        .cloned()
+        .ok_or_else(|| XtaskError::Usage("no guest binaries".into()))?;
+    let expected = if run_tests {
+        expected_tests(&vmtest, opts.filter.as_deref())?
+    } else {
+        Vec::new()
+    };
+    if run_tests && expected.is_empty() {
+        return Err(XtaskError::Usage(format!(
+            "no test matches {:?}",
+            opts.filter
+        )));
+    }
+    let mut all: Vec<(KernelSeries, TestResult)> = Vec::new();
+    let mut timings = Vec::new();
+    for &series in &opts.kernels {
+        let kernel = deps::ensure_kernel(series)?;
+        eprintln!("xtask: kernel {} -> {}", series.label(), kernel.abi);
+        let ko = match kmod::build_dm_user(&repo, &build_root, &kernel) {
+            Ok(ko) => {
+                all.push((
+                    series,
+                    TestResult {
+                        name: "dm-user-build".into(),
+                        pass: true,
+                        detail: "W=1 clean".into(),
+                    },
+                ));
+                Some(ko)
+            }
+            Err(e) => {
+                eprintln!("xtask: dm-user build failed for {}: {e}", kernel.abi);
+                all.push((
+                    series,
+                    TestResult {
+                        name: "dm-user-build".into(),
+                        pass: false,
+                        detail: e.to_string().lines().next().unwrap_or("").into(),
+                    },
+                ));
+                None
+            }
+        };
+        // Boot and run the tests even without a module: they then fail with a clear
+        // reason (unknown target type "user"), and the stock-target tests still run.
+        let mut fragment = String::new();
+        if ko.is_none() {
+            fragment.push_str("echo 'VMINFO dm-user.ko was not built: dm-user tests will fail'\n");
+        }
+        fragment.push_str(&test_fragment(opts, run_tests));
+        let spec = VmSpec {
+            label: series.label().into(),
+            kernel: kernel.clone(),
+            disks: opts.disks.clone(),
+            initramfs: InitramfsSpec {
+                modules: initramfs::BASE_MODULES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                extra_modules: ko.into_iter().collect(),
+                binaries: bins.clone(),
+                init_fragment: fragment,
+            },
+            timeout: Duration::from_secs(opts.timeout.unwrap_or(if opts.bench {
+                480
+            } else {
+                360
+            })),
+            memory_mib: 1024,
+            cmdline_extra: String::new(),
+        };
+        let run = spec.run(&build_root)?;
+        timings.push((series, run.elapsed, run.log_path.clone()));
+        for r in report::evaluate(&run, &expected) {
+            all.push((series, r));
+        }
+        if !opts.keep {
+            let staging = build_root
+                .join(format!("initramfs-{}", series.label()))
+                .join("root");
+            let _ = std::fs::remove_dir_all(staging);
+        }
+    }
+    println!();
+    for (series, r) in &all {
+        println!(
+            "vm-test {:<5} {:<28} {} {}",
+            series.label(),
+            r.name,
+            if r.pass { "PASS" } else { "FAIL" },
+            r.detail
+        );
+    }
+    for (series, t, log) in &timings {
+        println!(
+            "vm-test {:<5} boot wall time {:.1?} (log: {})",
+            series.label(),
+            t,
+            log.display()
+        );
+    }
+    let failed = all.iter().filter(|(_, r)| !r.pass).count();
+    if failed > 0 {
+        return Err(XtaskError::TestsFailed(failed));
+    }
+    Ok(())
+}
+
+fn kernel_check() -> Result<()> {
+    let repo = repo_root();
+    let script = repo.join("kernel/scripts/check-style.sh");
+    if !script.exists() {
+        return Err(XtaskError::Resolve {
+            what: "kernel style check".into(),
+            why: format!(
+                "{} does not exist yet (owned by the kernel engineer)",
+                script.display()
+            ),
+        });
+    }
+    cmd::run(Command::new("bash").arg(&script).current_dir(&repo))
+}
+
+fn real_main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((sub, rest)) = args.split_first() else {
+        return Err(XtaskError::Usage(USAGE.into()));
+    };
+    match sub.as_str() {
+        "vm-test" => vm_test(&parse_options(rest)?, true),
+        "vm-bench" => {
+            let mut o = parse_options(rest)?;
+            o.bench = true;
+            vm_test(&o, false)
+        }
+        "kernel-check" => kernel_check(),
+        _ => Err(XtaskError::Usage(USAGE.into())),
+    }
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Booting a guest: the reusable [`VmSpec`] API and the bounded qemu run.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::deps::Kernel;
+use crate::error::{io_err, Result, XtaskError};
+use crate::initramfs::{self, InitramfsSpec};
+
+/// Everything needed to boot one guest.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Label used in file names (`build/vm-<label>.log`).
+    pub label: String,
+    /// Kernel to boot.
+    pub kernel: Kernel,
+    /// Raw disk images attached as virtio disks (`/dev/vda`, `/dev/vdb`, ...).
+    pub disks: Vec<PathBuf>,
+    /// Initramfs contents (modules, binaries, init fragment).
+    pub initramfs: InitramfsSpec,
+    /// Hard wall-clock limit for the whole boot.
+    pub timeout: Duration,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Extra kernel command-line words.
+    pub cmdline_extra: String,
+}
+
+/// How a boot ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootEnd {
+    /// qemu exited on its own (the guest powered off or panicked).
+    Exited,
+    /// The wall-clock limit hit and qemu was killed.
+    TimedOut,
+}
+
+/// Result of one boot.
+#[derive(Debug, Clone)]
+pub struct VmRun {
+    /// Serial log path.
+    pub log_path: PathBuf,
+    /// Serial log text.
+    pub log: String,
+    /// How it ended.
+    pub end: BootEnd,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+impl VmSpec {
+    /// Pack the initramfs and boot; print guest result lines as they arrive.
+    pub fn run(&self, build_root: &Path) -> Result<VmRun> {
+        let cpio = initramfs::pack(build_root, &self.label, &self.kernel, &self.initramfs)?;
+        let log_path = build_root.join(format!("vm-{}.log", self.label));
+        let log_file = std::fs::File::create(&log_path).map_err(io_err("create", &log_path))?;
+        let log_err = log_file.try_clone().map_err(io_err("dup", &log_path))?;
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args(["-accel", "tcg", "-cpu", "max", "-smp", "2"])
+            .args(["-m", &self.memory_mib.to_string()])
+            .args([
+                "-nographic",
+                "-no-reboot",
+                "-nodefaults",
+                "-serial",
+                "stdio",
+            ])
+            .arg("-kernel")
+            .arg(&self.kernel.vmlinuz)
+            .arg("-initrd")
+            .arg(&cpio)
+            .arg("-append")
+            .arg(
+                format!(
+                    "console=ttyS0 panic=-1 oops=panic loglevel=5 {}",
+                    self.cmdline_extra
+                )
+                .trim_end(),
+            );
+        for d in &self.disks {
+            c.arg("-drive").arg(format!(
+                "file={},format=raw,if=virtio,cache=unsafe",
+                d.display()
+            ));
+        }
+        c.stdin(Stdio::null()).stdout(log_file).stderr(log_err);
+        let what = crate::cmd::describe(&c);
+        eprintln!("xtask: $ {what}");
+        let start = Instant::now();
+        let mut child = c
+            .spawn()
+            .map_err(|source| XtaskError::Spawn { cmd: what, source })?;
+        let mut reader = std::fs::File::open(&log_path).map_err(io_err("open", &log_path))?;
+        let mut log = Vec::new();
+        let mut printed = 0usize;
+        let progress = spinner(&self.label);
+        let end = loop {
+            let exited = child
+                .try_wait()
+                .map_err(io_err("wait", "qemu-system-x86_64"))?
+                .is_some();
+            reader
+                .read_to_end(&mut log)
+                .map_err(io_err("read", &log_path))?;
+            printed = echo_result_lines(&log, printed, &self.label, progress.as_ref());
+            if let Some(p) = &progress {
+                p.set_message(format!(
+                    "[{}] guest running, {:.0?}",
+                    self.label,
+                    start.elapsed()
+                ));
+            }
+            if exited {
+                break BootEnd::Exited;
+            }
+            if start.elapsed() >= self.timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                break BootEnd::TimedOut;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        reader
+            .read_to_end(&mut log)
+            .map_err(io_err("read", &log_path))?;
+        echo_result_lines(&log, printed, &self.label, progress.as_ref());
+        if let Some(p) = progress {
+            p.finish_and_clear();
+        }
+        Ok(VmRun {
+            log_path,
+            log: String::from_utf8_lossy(&log).into_owned(),
+            end,
+            elapsed: start.elapsed(),
+        })
+    }
+}
+
+/// A spinner on stderr, only when stderr is a terminal.
+fn spinner(label: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let p = indicatif::ProgressBar::new_spinner();
+    p.enable_steady_tick(Duration::from_millis(200));
+    p.set_message(format!("[{label}] booting"));
+    Some(p)
+}
+
+/// Print complete `VMTEST`/`VMBENCH` lines past byte `from`; return the new position.
+fn echo_result_lines(
+    log: &[u8],
+    from: usize,
+    label: &str,
+    progress: Option<&indicatif::ProgressBar>,
+) -> usize {
+    let Some(rest) = log.get(from..) else {
+        return from;
+    };
+    let Some(last_nl) = rest.iter().rposition(|&b| b == b'\n') else {
+        return from;
+    };
+    let text = String::from_utf8_lossy(&rest[..last_nl]);
+    for line in text.lines() {
+        let line = line.trim_end_matches('\r');
+        if line.starts_with("VMTEST ")
+            || line.starts_with("VMBENCH ")
+            || line.starts_with("VMINFO ")
+        {
+            match progress {
+                Some(p) => p.println(format!("[{label}] {line}")),
+                None => eprintln!("[{label}] {line}"),
+            }
+        }
+    }
+    from + last_nl + 1
+}
