@@ -14,6 +14,7 @@ use cow_format::{CowReader, ReadError};
 use thiserror::Error;
 
 use super::blocks::CowBlockSource;
+use super::cow_storage::CowFileStorage;
 use super::merge_store::{CowMergeStore, CowMergeStoreError};
 use super::plan::{CowMergePlan, CowPlanError};
 use super::source_file::FileSource;
@@ -72,7 +73,7 @@ pub enum SnapshotOpenError {
 }
 
 /// The block server over real backends.
-pub type CowBlockServer<D> = BlockServer<CowBlockSource<File>, D, CowMergeStore>;
+pub type CowBlockServer<D> = BlockServer<CowBlockSource<CowFileStorage>, D, CowMergeStore>;
 
 /// One snapshot: its block server over a COW file and a source device.
 #[derive(Debug)]
@@ -96,7 +97,12 @@ impl CowSnapshot<FileSource> {
 impl<D: SourceDevice> CowSnapshot<D> {
     /// Open the COW file at `cow` with any source device.
     pub fn open_with_source(cow: &Path, source: D) -> Result<Self, SnapshotOpenError> {
-        Self::build(cow, source, |store| store)
+        Self::build(cow, source, true, |store| store)
+    }
+
+    /// Like [`Self::open_with_source`], reading the COW with `pread` instead of a mapping.
+    pub fn open_with_source_pread(cow: &Path, source: D) -> Result<Self, SnapshotOpenError> {
+        Self::build(cow, source, false, |store| store)
     }
 
     /// Like [`Self::open_with_source`], letting the caller adjust the store (tests inject
@@ -104,6 +110,7 @@ impl<D: SourceDevice> CowSnapshot<D> {
     pub(crate) fn build(
         cow: &Path,
         source: D,
+        prefer_mmap: bool,
         adjust: impl FnOnce(CowMergeStore) -> CowMergeStore,
     ) -> Result<Self, SnapshotOpenError> {
         let path = cow.to_path_buf();
@@ -121,7 +128,8 @@ impl<D: SourceDevice> CowSnapshot<D> {
             path: path.clone(),
             source: e,
         })?;
-        let reader = CowReader::open(ro).map_err(|e| SnapshotOpenError::Cow {
+        let storage = CowFileStorage::open(ro, prefer_mmap).map_err(open_err)?;
+        let reader = CowReader::from_storage(storage).map_err(|e| SnapshotOpenError::Cow {
             path: path.clone(),
             source: e,
         })?;

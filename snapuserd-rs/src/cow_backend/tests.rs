@@ -204,11 +204,18 @@ fn view_of(snap: &DmSnapshot, origin: &Origin, cow: &mut dyn CowDevice) -> Vec<u
 fn boot(f: &Files, clock: &CrashClock) -> (Origin, Result<CowSnapshot<Origin>, SnapshotOpenError>) {
     let origin = OriginDevice::create(fs::read(&f.base).unwrap(), clock.clone());
     let c = clock.clone();
-    let snap = CowSnapshot::build(&f.cow, origin.clone(), move |mut store| {
+    let snap = CowSnapshot::build(&f.cow, origin.clone(), use_mmap(), move |mut store| {
         store.set_crash_clock(c);
         store
     });
     (origin, snap)
+}
+
+/// Alternate the COW storage between runs so both are covered.
+fn use_mmap() -> bool {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static FLIP: AtomicBool = AtomicBool::new(false);
+    FLIP.fetch_xor(true, Ordering::Relaxed)
 }
 
 fn merge(snap: &CowSnapshot<Origin>, origin: &Origin) -> Result<usize, ModelError> {
@@ -232,7 +239,15 @@ fn durable_num_merge_ops(cow: &Path) -> (u64, u64) {
 
 /// Snapshot view through `FileSource` (no merge) equals the target.
 fn check_view_with_file_source(case: &Case, f: &Files) {
-    let snap = CowSnapshot::open(&f.cow, &f.base).unwrap();
+    check_view(case, CowSnapshot::open(&f.cow, &f.base).unwrap());
+    let src = FileSource::open(&f.base).unwrap();
+    check_view(
+        case,
+        CowSnapshot::open_with_source_pread(&f.cow, src).unwrap(),
+    );
+}
+
+fn check_view(case: &Case, snap: CowSnapshot) {
     assert!(snap.device_sectors() >= 8 && snap.device_bytes() % 4096 == 0);
     let origin = OriginDevice::create(case.source.clone(), CrashClock::never());
     let mut cow = ServerCow {

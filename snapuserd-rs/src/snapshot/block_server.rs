@@ -293,6 +293,18 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
         let mut done = 0usize;
         let (mut chunk, mut offset) = sector_to_chunk(sector);
         while done < out.len() {
+            // A whole aligned chunk is produced in place, without the bounce buffer.
+            if offset == 0 {
+                if let Some(whole) = out
+                    .get_mut(done..done + BLOCK_SIZE)
+                    .and_then(|s| <&mut [u8; BLOCK_SIZE]>::try_from(s).ok())
+                {
+                    self.read_chunk(chunk, whole)?;
+                    done += BLOCK_SIZE;
+                    chunk += 1;
+                    continue;
+                }
+            }
             self.read_chunk(chunk, &mut chunk_buf)?;
             let take = (BLOCK_SIZE - offset).min(out.len() - done);
             out[done..done + take].copy_from_slice(&chunk_buf[offset..offset + take]);
@@ -336,6 +348,17 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
                 chunk,
                 source: io::Error::other("op index outside the plan"),
             })?;
+        if !op.kind.is_ordered() {
+            // Windows hold ordered ops only: REPLACE/ZERO never need the tracker lock.
+            return self
+                .blocks
+                .read_op_block(op_index, &op, &self.source, out)
+                .map_err(|source| BlockServerError::OpRead {
+                    op_index,
+                    chunk,
+                    source,
+                });
+        }
         let mut saved = [0u8; BLOCK_SIZE];
         let in_window = match self.tracker()?.window_source(op_index) {
             Some(bytes) => {
