@@ -588,3 +588,111 @@ fn bad_cows_are_refused_clearly() {
         CowSnapshot::<FileSource>::open(&f.cow, &f.base.with_extension("missing")).unwrap_err();
     assert!(matches!(err, SnapshotOpenError::Open { .. }), "{err}");
 }
+
+/// Real file content (sorted /usr/lib files), padded with a pattern; `blocks` blocks.
+fn real_content(blocks: usize) -> Vec<u8> {
+    let want = blocks * BLOCK_SIZE;
+    let mut data = Vec::with_capacity(want);
+    let mut stack = vec![PathBuf::from("/usr/lib/x86_64-linux-gnu")];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&dir) else { continue };
+        let mut entries: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for p in entries.into_iter().rev() {
+            if p.is_symlink() {
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else if data.len() < want {
+                if let Ok(b) = fs::read(&p) {
+                    data.extend_from_slice(&b[..b.len().min(want - data.len())]);
+                }
+            }
+        }
+    }
+    let mut rng = Rng(99);
+    while data.len() < want {
+        data.extend(rng.compressible_block());
+    }
+    data.truncate(want);
+    data
+}
+
+/// An "upgrade": moved ranges (both directions, overlapping), byte-shifted content,
+/// small edits, zeroed and fresh blocks.
+fn upgraded(source: &[u8]) -> Vec<u8> {
+    let bs = BLOCK_SIZE;
+    let mut t = source.to_vec();
+    // Move 300 blocks up by 7 (overlapping), and 200 blocks down by 5.
+    t[(100 + 7) * bs..(400 + 7) * bs].copy_from_slice(&source[100 * bs..400 * bs]);
+    t[600 * bs..800 * bs].copy_from_slice(&source[605 * bs..805 * bs]);
+    // Byte-shifted region (an insertion of 13 bytes).
+    t[900 * bs + 13..1000 * bs].copy_from_slice(&source[900 * bs..1000 * bs - 13]);
+    // Edits.
+    for b in (1100..1300).step_by(3) {
+        t[b * bs + 100] ^= 0x5a;
+        t[b * bs + 2000] = t[b * bs + 2000].wrapping_add(1);
+    }
+    // Zeroed and fresh blocks.
+    t[1400 * bs..1450 * bs].fill(0);
+    let mut rng = Rng(5);
+    for b in 1500..1530 {
+        t[b * bs..(b + 1) * bs].copy_from_slice(&rng.compressible_block());
+    }
+    t
+}
+
+#[test]
+fn cow_from_ota_tools_create_on_a_realistic_pair() {
+    use ota_tools::create::command::{create_cow, CreateOptions};
+    let source = real_content(1600);
+    let target = upgraded(&source);
+    for version in [CowVersion::V2, CowVersion::V3] {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, tgt) = (dir.path().join("src.img"), dir.path().join("tgt.img"));
+        fs::write(&src, &source).unwrap();
+        fs::write(&tgt, &target).unwrap();
+        let f = Files {
+            cow: dir.path().join("ota.cow"),
+            base: dir.path().join("base.img"),
+            _dir: dir,
+        };
+        let opts = CreateOptions {
+            version,
+            threads: Some(1),
+            ..CreateOptions::default()
+        };
+        create_cow(&opts, &src, &tgt, &f.cow).unwrap();
+        fs::write(&f.base, &source).unwrap();
+        {
+            let r = CowReader::open(fs::File::open(&f.cow).unwrap()).unwrap();
+            let kinds: std::collections::HashSet<_> = r.ops().iter().map(|o| o.kind).collect();
+            assert!(kinds.len() >= 3, "{version:?}: op kinds {kinds:?}");
+            assert!(r.num_ordered_ops_to_merge() > 400, "{version:?}");
+        }
+        // Snapshot view through the file source.
+        let snap = CowSnapshot::open(&f.cow, &f.base).unwrap();
+        let origin = OriginDevice::create(source.clone(), CrashClock::never());
+        let mut cow = ServerCow {
+            server: snap.server(),
+        };
+        let dm = DmSnapshot::load(&mut cow).unwrap();
+        assert_images_eq(&view_of(&dm, &origin, &mut cow), &target, "ota-tools view");
+        drop(snap);
+        // Merge with a crash in the middle (a reboot from the files), then finish.
+        let clock = CrashClock::after(700);
+        let (origin, snap) = boot(&f, &clock);
+        let snap = snap.unwrap();
+        assert!(merge(&snap, &origin).is_err() && clock.crashed());
+        let image = origin.crash_image(CrashMode::KeepOlderHalf);
+        drop(snap);
+        fs::write(&f.base, image).unwrap();
+        let (origin, snap) = boot(&f, &CrashClock::never());
+        let snap = snap.unwrap();
+        merge(&snap, &origin).unwrap();
+        assert_images_eq(&origin.image(), &target, "ota-tools merged base");
+        let (done, total) = durable_num_merge_ops(&f.cow);
+        assert_eq!(done, total);
+    }
+}
