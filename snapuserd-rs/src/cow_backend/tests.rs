@@ -696,3 +696,42 @@ fn cow_from_ota_tools_create_on_a_realistic_pair() {
         assert_eq!(done, total);
     }
 }
+
+#[test]
+fn v3_without_sequence_mixing_replace_before_copy_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cow = dir.path().join("mixed.cow");
+    let base = dir.path().join("base.img");
+    fs::write(&base, vec![7u8; 16 * BLOCK_SIZE]).unwrap();
+    let o = opts(CowVersion::V3, CompressionAlgorithm::Lz4, true);
+    let mut w = CowWriter::create(fs::File::create(&cow).unwrap(), o).unwrap();
+    // No sequence: v3 merge order is file order, REPLACE first.
+    w.add_replace(1, &vec![1u8; BLOCK_SIZE]).unwrap();
+    w.add_copy(5, 9).unwrap();
+    w.finalize().unwrap();
+    let err = CowSnapshot::open(&cow, &base).unwrap_err();
+    assert!(
+        matches!(err, SnapshotOpenError::Plan { .. }) && err.to_string().contains("ordered"),
+        "{err}"
+    );
+    // The same ops with COPY first (still no sequence) are served and merged.
+    let mut w = CowWriter::create(fs::File::create(&cow).unwrap(), o).unwrap();
+    w.add_copy(5, 9).unwrap();
+    w.add_replace(1, &vec![1u8; BLOCK_SIZE]).unwrap();
+    w.finalize().unwrap();
+    let f = Files {
+        cow,
+        base,
+        _dir: dir,
+    };
+    let (origin, snap) = boot(&f, &CrashClock::never());
+    let snap = snap.unwrap();
+    assert_eq!(snap.server().plan().num_ordered(), 1);
+    merge(&snap, &origin).unwrap();
+    let img = origin.image();
+    assert_eq!(&img[BLOCK_SIZE..2 * BLOCK_SIZE], &vec![1u8; BLOCK_SIZE][..]);
+    assert_eq!(
+        &img[5 * BLOCK_SIZE..6 * BLOCK_SIZE],
+        &vec![7u8; BLOCK_SIZE][..]
+    );
+}
