@@ -193,3 +193,12 @@ impl<D: SourceDevice> CowSnapshot<D> {
         self.server
     }
 }
+
+// Worker threads share one server through an `Arc`: it must be `Send + Sync`. (Under
+// `cfg(test)` the store carries a single-threaded crash clock, so the check is for real
+// builds only.)
+#[cfg(not(test))]
+const _: fn() = || {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<CowSnapshot<FileSource>>();
+};
