@@ -112,9 +112,9 @@ impl<S: CowStorage> CowBlockSource<S> {
                 cache.cow_op = idx;
                 cache.valid = true;
             }
-            let bytes = cache
-                .data
-                .get(start..start + BLOCK_SIZE)
+            let bytes = start
+                .checked_add(BLOCK_SIZE)
+                .and_then(|end| cache.data.get(start..end))
                 .ok_or_else(|| op_error(op_index, "REPLACE", "block past the payload"))?;
             out.copy_from_slice(bytes);
             Ok(())

@@ -267,8 +267,14 @@ impl MergeStateStore for CowMergeStore {
         let mut head = vec![0u8; len];
         self.read(&mut head, 0, "header")?;
         let at = NUM_MERGE_OPS_OFFSET as usize;
-        head[at..at + 8].copy_from_slice(&entries.to_le_bytes());
-        head[len - 1] = crate::snapshot::scratch_layout::encode_state(ScratchState::InProgress);
+        let field = head
+            .get_mut(at..at + 8)
+            .ok_or_else(|| io::Error::other("header too short for num_merge_ops"))?;
+        field.copy_from_slice(&entries.to_le_bytes());
+        let state = head
+            .last_mut()
+            .ok_or_else(|| io::Error::other("empty header"))?;
+        *state = crate::snapshot::scratch_layout::encode_state(ScratchState::InProgress);
         debug_assert_eq!(g.state_offset(), self.header_size);
         self.step("commit window")?;
         self.write(&head, 0, "num_merge_ops and scratch state")?;
