@@ -369,6 +369,17 @@ pub fn decompress(
         }
         CompressionAlgorithm::Gz => inflate_zlib(input, out)?,
         CompressionAlgorithm::Brotli => {
+            // The decoder sizes its ring buffer from the stream's window, not
+            // from our output: refuse windows above AOSP's 22 bits so a hostile
+            // payload cannot make it allocate more than 4 MiB.
+            match brotli_window_bits(input) {
+                Some(bits) if bits <= BROTLI_WINDOW => {}
+                other => {
+                    return Err(corrupt(format!(
+                        "brotli window of {other:?} bits (at most {BROTLI_WINDOW} accepted)"
+                    )))
+                }
+            }
             let mut dec = brotli::Decompressor::new(input, 4096);
             let mut filled = 0;
             while filled < expected {
@@ -382,6 +393,24 @@ pub fn decompress(
         }
     }
     Ok(())
+}
+
+/// Window size (WBITS) declared by the first bits of a brotli stream
+/// (RFC 7932 §9.1); `None` for an empty input or the large-window marker.
+fn brotli_window_bits(input: &[u8]) -> Option<u32> {
+    let b0 = u32::from(*input.first()?);
+    if b0 & 1 == 0 {
+        return Some(16);
+    }
+    let n = (b0 >> 1) & 0x7;
+    if n != 0 {
+        return Some(17 + n);
+    }
+    match (b0 >> 4) & 0x7 {
+        0 => Some(17),
+        1 => None,
+        m => Some(8 + m),
+    }
 }
 
 /// Inflate a zlib stream into exactly `out.len()` bytes, stopping when the
@@ -606,6 +635,34 @@ mod tests {
             let mut out = vec![0u8; data.len()];
             decompress(a, &c, &mut out).unwrap();
             assert_eq!(out, data);
+        }
+    }
+
+    #[test]
+    fn brotli_windows_above_22_bits_are_refused() {
+        let input = vector();
+        for (lgwin, ok) in [
+            (10, true),
+            (16, true),
+            (17, true),
+            (22, true),
+            (23, false),
+            (24, false),
+        ] {
+            let params = brotli::enc::BrotliEncoderParams {
+                quality: 5,
+                lgwin,
+                ..Default::default()
+            };
+            let mut c = Vec::new();
+            brotli::BrotliCompress(&mut &input[..], &mut c, &params).unwrap();
+            assert_eq!(brotli_window_bits(&c), Some(lgwin as u32), "lgwin {lgwin}");
+            let mut out = vec![0u8; 4096];
+            assert_eq!(
+                decompress(CompressionAlgorithm::Brotli, &c, &mut out).is_ok(),
+                ok,
+                "lgwin {lgwin}"
+            );
         }
     }
 

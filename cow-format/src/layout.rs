@@ -666,7 +666,8 @@ impl CowOpV2 {
     ///
     /// * known type (not FOOTER);
     /// * COPY/ZERO/LABEL/CLUSTER carry no payload and no compression byte;
-    /// * data ops: new_block ≤ u32::MAX; non-LABEL/CLUSTER source < 2^48;
+    /// * new_block ≤ u32::MAX; source < 2^48 except for LABEL (as AOSP's
+    ///   translation checks);
     /// * REPLACE/XOR: data_length > 0; SEQUENCE: data_length a multiple of 4.
     pub fn validate(&self, offset: u64) -> Result<(), LayoutError> {
         let bad = |field, value, reason| LayoutError::BadOpField {
@@ -713,16 +714,12 @@ impl CowOpV2 {
                 })
             }
         }
-        if matches!(
-            self.op_type,
-            op_type::COPY | op_type::REPLACE | op_type::ZERO | op_type::XOR
-        ) {
-            if self.new_block > MAX_NEW_BLOCK {
-                return Err(bad("new_block", self.new_block, "exceeds u32::MAX"));
-            }
-            if self.source > SOURCE_MASK {
-                return Err(bad("source", self.source, "exceeds 48 bits"));
-            }
+        // AOSP's v2 → v3 translation applies these to every record.
+        if self.new_block > MAX_NEW_BLOCK {
+            return Err(bad("new_block", self.new_block, "exceeds u32::MAX"));
+        }
+        if self.op_type != op_type::LABEL && self.source > SOURCE_MASK {
+            return Err(bad("source", self.source, "exceeds 48 bits"));
         }
         Ok(())
     }

@@ -568,3 +568,41 @@ fn v2_full_64_bit_labels() {
     assert_eq!(r.last_label(), Some(label));
     assert_eq!(r.ops().len(), 1);
 }
+
+/// AOSP's v3 writer never writes unused op slots and only extends the file
+/// with payloads, so a file with no ops ends after its resume buffer (or
+/// scratch), and a file with only COPY/ZERO ops ends after its last record.
+#[test]
+fn v3_files_shorter_than_their_op_area_open_like_aosp() {
+    // Empty: header + scratch, nothing else.
+    let empty = V3File {
+        buffer_size: 2 * 1024 * 1024,
+        ..V3File::default()
+    };
+    let mut bytes = empty.assemble(&[]);
+    bytes.truncate(78 + 2 * 1024 * 1024);
+    let reader = CowReader::from_storage(bytes).expect("empty AOSP v3 file opens");
+    assert_eq!(reader.ops().len(), 0);
+
+    // COPY + ZERO only: the file ends right after op record 1.
+    let no_payloads = V3File::default();
+    let mut bytes = no_payloads.assemble(&[V3Rec::copy(0, 5), V3Rec::zero(1)]);
+    let ops_end = 78 + 64 + 2 * 16;
+    bytes.truncate(ops_end);
+    let reader = CowReader::from_storage(bytes.clone()).expect("payload-free v3 file opens");
+    assert_eq!(reader.ops().len(), 2);
+    let source = common::source_image(8, 4096);
+    let mut block = vec![0xAAu8; 4096];
+    reader
+        .read_block(1, &source, &mut block)
+        .expect("zero block");
+    assert!(block.iter().all(|&b| b == 0));
+    reader
+        .read_block(0, &source, &mut block)
+        .expect("copy block");
+    assert_eq!(&block[..], &source[5 * 4096..6 * 4096]);
+
+    // Cutting into a committed op record is still an error.
+    bytes.truncate(ops_end - 1);
+    assert!(CowReader::from_storage(bytes).is_err());
+}

@@ -304,6 +304,19 @@ fn file_shrinking_under_a_mapped_reader_is_an_error_not_sigbus() {
     tmp.set_len(4096).unwrap();
     let e = r.read_block(7, &src, &mut out).unwrap_err();
     assert!(matches!(e, ReadError::Io { .. }), "{e}");
+
+    // Torn v2 file through the mapping, recovered at a label.
+    let file = cow_v2();
+    let mut torn = tempfile::tempfile().unwrap();
+    torn.write_all(&file[..0x20218E]).unwrap();
+    assert!(matches!(
+        CowReader::open_mapped(torn.try_clone().unwrap()),
+        Err(ReadError::NoFooter)
+    ));
+    let r = CowReader::open_mapped_at_label(torn, 2).unwrap();
+    assert_eq!(r.ops().len(), 13);
+    r.read_block(2, &src, &mut out).unwrap();
+    assert_eq!(out, test_text(4096));
 }
 
 /// The fuzz harness over the seed corpus plus 20,000 deterministic mutations
@@ -410,4 +423,80 @@ fn foreign_sigbus_still_terminates() {
         .status()
         .unwrap();
     assert_eq!(status.signal(), Some(7), "child status {status:?}");
+}
+
+#[test]
+fn torn_v3_recovers_at_resume_points() {
+    let text = test_text(4096);
+    let file = V3File {
+        op_count_max: 20,
+        resume_points: vec![(1, 2), (2, 6)],
+        ..V3File::default()
+    }
+    .assemble(&[
+        V3Rec::copy(0, 5),
+        V3Rec::replace(2, 0, text.clone()),
+        V3Rec::xor(50, text, 98_314),
+        V3Rec::zero(5),
+        V3Rec::zero(6),
+        V3Rec::zero(7),
+    ]);
+    // Cut inside the XOR payload (data area starts at 462, XOR at 4558).
+    for len in [4558, 6000, file.len() - 1] {
+        let cut = file[..len].to_vec();
+        assert!(matches!(
+            CowReader::from_storage(cut.clone()),
+            Err(ReadError::OutOfBounds { .. })
+        ));
+        assert!(CowReader::from_storage_at_label(cut.clone(), 2).is_err());
+        let r = CowReader::from_storage_at_label(cut, 1).unwrap();
+        assert_eq!(r.ops().len(), 2);
+        let mut out = vec![0u8; 4096];
+        r.read_block(2, &Vec::new(), &mut out).unwrap();
+        assert_eq!(out, test_text(4096));
+    }
+    // Cut inside the REPLACE payload: no checkpoint survives.
+    assert!(CowReader::from_storage_at_label(file[..1000].to_vec(), 1).is_err());
+}
+
+#[test]
+fn cow_v2_cut_in_header_or_scratch_is_an_error() {
+    let file = cow_v2();
+    for len in (0..0x200026).step_by(4099).chain([0x200025, 0x200027]) {
+        assert!(open(&file[..len]).is_err(), "cut {len}");
+        assert!(
+            CowReader::from_storage_at_label(file[..len].to_vec(), 1).is_err(),
+            "cut {len}"
+        );
+    }
+}
+
+/// A brotli payload declaring a huge window must not make the decoder
+/// allocate it: windows above 22 bits are refused, and a hostile 22-bit
+/// multi-metablock stream stays within the 4 MiB window.
+#[test]
+fn brotli_window_allocation_is_bounded() {
+    let data = pseudo_random(3, 6 << 20);
+    let mut out = vec![0u8; 4096];
+    for (lgwin, ok) in [(24, false), (22, true)] {
+        let params = brotli::enc::BrotliEncoderParams {
+            quality: 1,
+            lgwin,
+            ..Default::default()
+        };
+        let mut c = Vec::new();
+        brotli::BrotliCompress(&mut &data[..], &mut c, &params).unwrap();
+        let big = largest_alloc(|| {
+            let r = cow_format::compression::decompress(
+                cow_format::CompressionAlgorithm::Brotli,
+                &c,
+                &mut out,
+            );
+            assert_eq!(r.is_ok(), ok, "lgwin {lgwin}");
+        });
+        assert!(
+            big <= (4 << 20) + 4096,
+            "lgwin {lgwin}: largest allocation {big}"
+        );
+    }
 }

@@ -12,7 +12,8 @@
 # versions/compressions, `verify`, and `apply` + cmp when the apply command exists; side
 # by side with plain `lz4`/`zstd` compression of the changed blocks alone (target blocks
 # that differ from the source at the same position), measured in the same run.
-# Needs: cargo, python3, mke2fs, lz4, zstd, /usr/bin/time.
+# CREATE_BENCH_LARGE=1 adds a ~3.9 GiB pair (the ext4 pair concatenated ten times) for
+# memory scaling. Needs: cargo, python3, mke2fs, lz4, zstd, /usr/bin/time.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -100,4 +101,19 @@ if [[ ! -f syn-src.img ]]; then
     python3 "$here/synthetic_pair.py" syn-src.img syn-tgt.img 256
 fi
 bench_pair "synthetic 256 MiB" syn-src.img syn-tgt.img
+if [[ ${CREATE_BENCH_LARGE:-0} == 1 ]]; then
+    # Memory scaling: the ext4 pair concatenated ten times (~3.9 GiB per image).
+    for i in $(seq 10); do cat ext4-src.img; done >x10-src.img
+    for i in $(seq 10); do cat ext4-tgt.img; done >x10-tgt.img
+    say ""
+    say "### large: ext4 pair x10 ($(($(stat -c %s x10-tgt.img) / 1048576)) MiB per image)"
+    say ""
+    say "| what | output bytes | wall s | peak RSS MiB |"
+    say "|---|---|---|---|"
+    read -r t m < <(timed "$bin" create --source x10-src.img --target x10-tgt.img --output x10.cow)
+    say "| create v3 lz4 64k | $(stat -c %s x10.cow) | $t | $((m / 1024)) |"
+    read -r t m < <(timed "$bin" verify --source x10-src.img --target x10-tgt.img --cow x10.cow)
+    say "| verify | - | $t | $((m / 1024)) |"
+    rm -f x10-src.img x10-tgt.img
+fi
 echo "results in $results"

@@ -182,20 +182,23 @@ fn byte_size(file: &File, role: &'static str, path: &Path) -> Result<u64, ApplyE
     f.seek(SeekFrom::End(0)).map_err(open_err(role, path))
 }
 
-/// The touched blocks: `(block, op index)` sorted by block, first op in file
-/// order winning duplicates.
-fn block_plan(ops: &[CowOp]) -> Vec<(u64, usize)> {
-    let total: u64 = ops.iter().map(|o| o.num_blocks).sum();
-    let mut plan = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
-    for (i, op) in ops.iter().enumerate() {
-        for k in 0..op.num_blocks {
-            plan.push((op.new_block.saturating_add(k), i));
+/// The union of the block ranges the ops write, sorted and disjoint. Memory
+/// is proportional to the number of ops, not of blocks (duplicates in a
+/// hostile file cannot inflate it).
+fn touched_ranges(ops: &[CowOp]) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = ops
+        .iter()
+        .map(|o| (o.new_block, o.new_block.saturating_add(o.num_blocks)))
+        .collect();
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (s, e) in ranges {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
         }
     }
-    // Stable sort keeps file order among equal blocks; dedup keeps the first.
-    plan.sort_by_key(|&(b, _)| b);
-    plan.dedup_by_key(|&mut (b, _)| b);
-    plan
+    out
 }
 
 /// Check that a block device output holds `needed` bytes.
@@ -248,6 +251,15 @@ pub fn apply(opts: &ApplyOptions) -> Result<ApplyReport, ApplyError> {
             what: "end of the highest new block",
         })?;
 
+    // Size everything before touching the output.
+    let source_ro = File::open(&opts.source).map_err(open_err("source image", &opts.source))?;
+    let source_size = byte_size(&source_ro, "source image", &opts.source)?;
+    let size = match opts.size {
+        Some(s) if s < needed => return Err(ApplyError::SizeTooSmall { size: s, needed }),
+        Some(s) => s,
+        None => source_size.max(needed),
+    };
+
     let output = if in_place {
         OpenOptions::new()
             .read(true)
@@ -268,13 +280,7 @@ pub fn apply(opts: &ApplyOptions) -> Result<ApplyReport, ApplyError> {
             .try_clone()
             .map_err(open_err("source image", &opts.source))?
     } else {
-        File::open(&opts.source).map_err(open_err("source image", &opts.source))?
-    };
-    let source_size = byte_size(&source, "source image", &opts.source)?;
-    let size = match opts.size {
-        Some(s) if s < needed => return Err(ApplyError::SizeTooSmall { size: s, needed }),
-        Some(s) => s,
-        None => source_size.max(needed),
+        source_ro
     };
 
     let out_type = output
@@ -374,13 +380,6 @@ struct UnitCache {
 }
 
 impl Ctx<'_> {
-    fn op(&self, op_idx: usize) -> Result<&CowOp, ApplyError> {
-        self.reader
-            .ops()
-            .get(op_idx)
-            .ok_or(ApplyError::Overflow { what: "op index" })
-    }
-
     fn op_err(&self, op: &CowOp, block: u64) -> impl FnOnce(ReadError) -> ApplyError + '_ {
         let (index, path) = (op.index, self.cow_path.to_path_buf());
         move |source| ApplyError::Op {
@@ -475,7 +474,7 @@ impl Ctx<'_> {
         show_progress: bool,
         sparse_tail: bool,
     ) -> Result<ApplyReport, ApplyError> {
-        let plan = block_plan(self.reader.ops());
+        let ranges = touched_ranges(self.reader.ops());
         let progress = if show_progress {
             Progress::bytes("apply", size)
         } else {
@@ -483,9 +482,11 @@ impl Ctx<'_> {
         };
         let chunk_bytes = CHUNK_BYTES.max(self.bs) / self.bs * self.bs;
         let mut buf = vec![0u8; chunk_bytes as usize];
-        let mut next = 0usize;
+        // First range that may still intersect the current chunk.
+        let mut ri = 0usize;
         let mut offset = 0u64;
         let mut written = 0u64;
+        let mut blocks_from_ops = 0u64;
         let mut caches: Vec<UnitCache> = (0..threads.max(1))
             .map(|_| UnitCache {
                 op: None,
@@ -493,13 +494,17 @@ impl Ctx<'_> {
             })
             .collect();
         while offset < size {
+            let first_block = offset / self.bs;
+            while ranges.get(ri).is_some_and(|r| r.1 <= first_block) {
+                ri += 1;
+            }
             if sparse_tail && offset >= self.source_size {
                 // Past the source, a regular output is a hole already: jump to
                 // the chunk holding the next op-produced block.
-                let target = plan
-                    .get(next)
-                    .map_or(size, |&(b, _)| {
-                        b.saturating_mul(self.bs) / chunk_bytes * chunk_bytes
+                let target = ranges
+                    .get(ri)
+                    .map_or(size, |r| {
+                        r.0.max(first_block).saturating_mul(self.bs) / chunk_bytes * chunk_bytes
                     })
                     .clamp(offset, size);
                 if target > offset {
@@ -511,26 +516,28 @@ impl Ctx<'_> {
             let len = chunk_bytes.min(size - offset);
             let chunk = &mut buf[..len as usize];
             self.read_source_chunk(chunk, offset)?;
-            let first_block = offset / self.bs;
             let end_block = (offset + len) / self.bs;
-            let start = next;
-            while next < plan.len() && plan[next].0 < end_block {
-                next += 1;
-            }
-            let jobs = &plan[start..next];
-            // Pair each job with its block slice of the chunk.
-            let mut slots: Vec<(u64, usize, &mut [u8])> = Vec::with_capacity(jobs.len());
+            // Pair each op-produced block of the chunk with its slice.
+            let mut slots: Vec<(u64, &CowOp, &mut [u8])> = Vec::new();
             let mut rest: &mut [u8] = chunk;
             let mut rest_block = first_block;
-            for &(block, op_idx) in jobs {
-                let skip = ((block - rest_block) * self.bs) as usize;
-                let tail = std::mem::take(&mut rest);
-                let (_, tail) = tail.split_at_mut(skip);
-                let (slot, tail) = tail.split_at_mut(self.bs as usize);
-                slots.push((block, op_idx, slot));
-                rest = tail;
-                rest_block = block + 1;
+            let mut j = ri;
+            while let Some(&(s, e)) = ranges.get(j).filter(|r| r.0 < end_block) {
+                for block in s.max(first_block)..e.min(end_block) {
+                    let op = self.reader.find_op(block).ok_or(ApplyError::Overflow {
+                        what: "block index",
+                    })?;
+                    let skip = ((block - rest_block) * self.bs) as usize;
+                    let tail = std::mem::take(&mut rest);
+                    let (_, tail) = tail.split_at_mut(skip);
+                    let (slot, tail) = tail.split_at_mut(self.bs as usize);
+                    slots.push((block, op, slot));
+                    rest = tail;
+                    rest_block = block + 1;
+                }
+                j += 1;
             }
+            blocks_from_ops += slots.len() as u64;
             self.produce_all(&mut slots, &mut caches)?;
             self.write_output(&buf[..len as usize], offset)?;
             written += len;
@@ -541,7 +548,7 @@ impl Ctx<'_> {
         Ok(ApplyReport {
             mode: ApplyMode::SeparateOutput,
             size,
-            blocks_from_ops: plan.len() as u64,
+            blocks_from_ops,
             bytes_written: written,
         })
     }
@@ -549,7 +556,7 @@ impl Ctx<'_> {
     /// Produce every slot, splitting the work over `caches.len()` threads.
     fn produce_all(
         &self,
-        slots: &mut [(u64, usize, &mut [u8])],
+        slots: &mut [(u64, &CowOp, &mut [u8])],
         caches: &mut [UnitCache],
     ) -> Result<(), ApplyError> {
         let workers = caches.len().min(slots.len() / 16).max(1);
@@ -557,8 +564,8 @@ impl Ctx<'_> {
             let cache = caches
                 .first_mut()
                 .ok_or(ApplyError::Overflow { what: "workers" })?;
-            for (block, op_idx, out) in slots.iter_mut() {
-                self.produce(self.source, *block, self.op(*op_idx)?, out, cache)?;
+            for (block, op, out) in slots.iter_mut() {
+                self.produce(self.source, *block, op, out, cache)?;
             }
             return Ok(());
         }
@@ -569,8 +576,8 @@ impl Ctx<'_> {
                 .zip(caches.iter_mut())
                 .map(|(part, cache)| {
                     s.spawn(move || {
-                        for (block, op_idx, out) in part.iter_mut() {
-                            self.produce(self.source, *block, self.op(*op_idx)?, out, cache)?;
+                        for (block, op, out) in part.iter_mut() {
+                            self.produce(self.source, *block, op, out, cache)?;
                         }
                         Ok::<(), ApplyError>(())
                     })
@@ -646,17 +653,15 @@ mod tests {
     }
 
     #[test]
-    fn plan_is_sorted_and_first_op_wins() {
+    fn touched_ranges_are_a_disjoint_union() {
         let ops = [
             op(OpKind::Zero, 7, 1, 0),
             op(OpKind::Replace, 4, 4, 1),
             op(OpKind::Copy, 7, 1, 2),
             op(OpKind::Copy, 1, 1, 3),
+            op(OpKind::Copy, 9, 1, 4),
         ];
-        assert_eq!(
-            block_plan(&ops),
-            vec![(1, 3), (4, 1), (5, 1), (6, 1), (7, 0)]
-        );
+        assert_eq!(touched_ranges(&ops), vec![(1, 2), (4, 8), (9, 10)]);
     }
 
     #[test]

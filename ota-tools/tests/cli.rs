@@ -216,6 +216,21 @@ fn apply_over_an_existing_larger_image_and_with_size() {
         "{}",
         stderr(&o)
     );
+    // A refused run does not create the output.
+    let fresh = dir.path().join("fresh.img");
+    let o = run(&[
+        "apply",
+        "--source",
+        s(&src),
+        "--cow",
+        s(&cow),
+        "--output",
+        s(&fresh),
+        "--size",
+        "4096",
+    ]);
+    assert!(!o.status.success());
+    assert!(!fresh.exists());
 }
 
 #[test]
@@ -653,4 +668,37 @@ fn inspect_a_torn_file_at_a_label() {
     let o = run(&["inspect", "--label", "6", s(&cow)]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("label 6 not found"), "{}", stderr(&o));
+}
+
+#[test]
+fn apply_duplicate_blocks_take_the_first_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, cow, out) = paths(dir.path());
+    let source = source_image();
+    fs::write(&src, &source).unwrap();
+    let opts = WriterOptions {
+        version: CowVersion::V3,
+        op_count_max: Some(8),
+        allow_duplicate_blocks: true,
+        ..WriterOptions::default()
+    };
+    let mut w = CowWriter::create(fs::File::create(&cow).unwrap(), opts).unwrap();
+    w.add_zero(7, 1).unwrap();
+    w.add_replace(7, &block_bytes(5, false)).unwrap();
+    w.add_copy(3, 9).unwrap();
+    w.add_copy(3, 10).unwrap();
+    w.finalize().unwrap();
+    let o = run(&[
+        "apply",
+        "--source",
+        s(&src),
+        "--cow",
+        s(&cow),
+        "--output",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = fs::read(&out).unwrap();
+    assert!(got[7 * BS..8 * BS].iter().all(|b| *b == 0));
+    assert!(got[3 * BS..4 * BS] == source[9 * BS..10 * BS]);
 }

@@ -227,6 +227,29 @@ fn failure_after_the_temp_file_exists_removes_it_and_keeps_old_output() {
 }
 
 #[test]
+fn output_naming_an_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_pair(d, &vec![1u8; 2 * BS], &vec![2u8; 2 * BS]);
+    for (input, role) in [("src.img", "source"), ("tgt.img", "target")] {
+        let err = create_cow(
+            &CreateOptions::default(),
+            &d.join("src.img"),
+            &d.join("tgt.img"),
+            &d.join(input),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, CreateError::OutputIsInput { role: r, .. } if r == role),
+            "{err}"
+        );
+    }
+    assert_eq!(fs::read(d.join("src.img")).unwrap(), vec![1u8; 2 * BS]);
+    assert_eq!(fs::read(d.join("tgt.img")).unwrap(), vec![2u8; 2 * BS]);
+    assert_eq!(entries(d), vec!["src.img", "tgt.img"]);
+}
+
+#[test]
 fn cli_rejects_bad_options() {
     for args in [
         ["--cow-version", "4"],

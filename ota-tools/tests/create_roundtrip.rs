@@ -111,6 +111,15 @@ fn every_pair_version_and_compression_merges_to_the_target() {
                         "{version:?} {comp}: {unaligned} unaligned XORs"
                     );
                 }
+                if version == CowVersion::V3 {
+                    // op_count_max is computed exactly: no unused op slots.
+                    let reader = CowReader::open(File::open(&cow).unwrap()).unwrap();
+                    let cow_format::reader::CowHeader::V3(h) = reader.header() else {
+                        panic!("not a v3 header");
+                    };
+                    assert_eq!(h.op_count_max, h.op_count, "{name} {comp}");
+                    assert_eq!(h.op_count, summary.write.op_records, "{name} {comp}");
+                }
                 let merged = merge_in_place(&s, t.len(), &cow);
                 assert!(
                     merged == t,

@@ -26,6 +26,9 @@ pub enum ReadError {
     /// Could not determine the file size.
     #[error("cannot determine the size of the COW file: {0}")]
     Size(#[source] io::Error),
+    /// The file could not be memory-mapped (`CowReader::open_mapped`).
+    #[error("cannot map the COW file: {0}")]
+    Map(#[source] io::Error),
     /// A header or record field is invalid.
     #[error(transparent)]
     Layout(#[from] LayoutError),

@@ -239,12 +239,12 @@ impl CowReader<MappedFile> {
     /// ([`MappedFile`]): no syscall per read. If the file shrinks while
     /// mapped, reads fail with an I/O error instead of crashing.
     pub fn open_mapped(file: File) -> Result<Self, ReadError> {
-        Self::from_storage(MappedFile::new(file).map_err(ReadError::Size)?)
+        Self::from_storage(MappedFile::new(file).map_err(ReadError::Map)?)
     }
 
     /// Like [`CowReader::open_at_label`], through a memory mapping.
     pub fn open_mapped_at_label(file: File, label: u64) -> Result<Self, ReadError> {
-        Self::from_storage_at_label(MappedFile::new(file).map_err(ReadError::Size)?, label)
+        Self::from_storage_at_label(MappedFile::new(file).map_err(ReadError::Map)?, label)
     }
 }
 

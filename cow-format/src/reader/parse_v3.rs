@@ -183,6 +183,12 @@ fn region<S: CowStorage + ?Sized>(
     offset: u64,
     len: u64,
 ) -> Result<Vec<u8>, ReadError> {
+    // An empty region reads nothing, so it may start anywhere, even past the
+    // end of the file: AOSP's v3 writer never writes unused op slots, so a
+    // file with no ops (or no payloads) ends before its op area or data area.
+    if len == 0 {
+        return Ok(Vec::new());
+    }
     match offset.checked_add(len) {
         Some(end) if end <= file_size => {}
         _ => {

@@ -10,7 +10,7 @@
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -83,6 +83,14 @@ pub enum CreateError {
         threads: usize,
         /// What went wrong.
         message: String,
+    },
+    /// The output names one of the input images; replacing it would destroy the input.
+    #[error("output {path} is the same file as the {role} image")]
+    OutputIsInput {
+        /// The output path.
+        path: PathBuf,
+        /// "source" or "target".
+        role: &'static str,
     },
     /// The plan has more ops than a v3 file can hold.
     #[error("the COW would need {ops} op records; v3 allows fewer than 2^32")]
@@ -261,6 +269,18 @@ pub fn create_cow(
             len: tgt.len_bytes(),
         }
         .into());
+    }
+    if let Ok(out_meta) = std::fs::metadata(output) {
+        for (role, input) in [("source", source), ("target", target)] {
+            if let Ok(m) = std::fs::metadata(input) {
+                if m.dev() == out_meta.dev() && m.ino() == out_meta.ino() {
+                    return Err(CreateError::OutputIsInput {
+                        path: output.to_path_buf(),
+                        role,
+                    });
+                }
+            }
+        }
     }
     let dir = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

@@ -378,3 +378,21 @@ fn shifted_xors_that_read_each_other_are_ordered_or_left_out() {
     let pos = |b: u32| p.sequence.iter().position(|&x| x == b).unwrap();
     assert!(pos(25) < pos(26));
 }
+
+#[test]
+fn simulator_rejects_plans_reaching_outside_the_images() {
+    let s = vec![1u8; 4 * BLOCK_SIZE];
+    let t = vec![1u8; 4 * BLOCK_SIZE];
+    let mut classes = vec![BlockClass::Unchanged; 4];
+    classes[2] = BlockClass::Copy { source: 9 };
+    let plan = Plan {
+        classes,
+        sequence: vec![2],
+        broken: vec![],
+        source_blocks: 4,
+    };
+    assert_eq!(
+        simulate_merge(&s, &t, &plan),
+        Err(super::simulate::SimulateError::OutOfRange { block: 2 })
+    );
+}

@@ -20,6 +20,12 @@ pub enum SimulateError {
         /// First differing target block.
         block: u64,
     },
+    /// An op reads or writes outside the images.
+    #[error("op for block {block} reaches outside the images")]
+    OutOfRange {
+        /// Target block of the op.
+        block: u64,
+    },
     /// The plan does not cover the target (sizes disagree).
     #[error("plan covers {plan} blocks but the target has {target}")]
     Size {
@@ -54,6 +60,27 @@ pub fn simulate_merge(source: &[u8], target: &[u8], plan: &Plan) -> Result<(), S
     }
     let mut tmp = vec![0u8; BLOCK_SIZE];
     for op in plan.ops(16) {
+        let (read_end, write_end) = match op {
+            PlannedOp::Copy { new_block, source } => (
+                (source as usize + 1) * BLOCK_SIZE,
+                (new_block as usize + 1) * BLOCK_SIZE,
+            ),
+            PlannedOp::Xor {
+                new_block,
+                source_offset,
+            } => (
+                source_offset as usize + BLOCK_SIZE,
+                (new_block as usize + 1) * BLOCK_SIZE,
+            ),
+            PlannedOp::Zero { new_block, count } | PlannedOp::Replace { new_block, count } => {
+                (0, (new_block as usize + count as usize) * BLOCK_SIZE)
+            }
+        };
+        if read_end > src_len || write_end > target.len() {
+            return Err(SimulateError::OutOfRange {
+                block: u64::from(op.new_block()),
+            });
+        }
         match op {
             PlannedOp::Copy {
                 new_block,

@@ -71,6 +71,15 @@ pub fn pairs() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
     out.push(("all-zero", vec![0u8; 64 * BS], vec![0u8; 64 * BS]));
     out.push(("zero-to-data", vec![0u8; 64 * BS], s[..64 * BS].to_vec()));
 
+    // Every source block has the same content; the target changes a few of them.
+    let uniform: Vec<u8> = s[..BS].repeat(80);
+    let mut t = uniform.clone();
+    for n in [3usize, 40, 79] {
+        t[n * BS + 100] ^= 0x11;
+    }
+    copy_block(&mut t, 50, &s, 7);
+    out.push(("uniform", uniform, t));
+
     let mut t = s.clone();
     copy_block(&mut t, 10, &s, 200);
     copy_block(&mut t, 200, &s, 10);
