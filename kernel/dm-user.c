@@ -9,10 +9,15 @@
  * described in Documentation/dm-user.rst.  The ABI is that of the dm-user
  * target of the Android Common Kernel.
  *
- * Locking: a channel's mutex may be held while taking the target's spinlock,
- * never the other way round.  map() only ever takes the target's spinlock, so
- * the I/O path never sleeps and never allocates: the message travelling to
- * the daemon is the bio's per-bio data.
+ * Lock order, outermost first:
+ *   dm_user_names_lock (ctr/dtr, around misc_register/misc_deregister)
+ *     -> misc core lock (held by the misc core around our open())
+ *   dm_user_channel.lock (mutex; read, write)
+ *     -> dm_user_target.lock (spinlock, irq-safe; also taken by map(),
+ *        open(), release(), the timeout work and dtr)
+ * map() only ever takes the target's spinlock, so the I/O path never
+ * sleeps and never allocates: the message travelling to the daemon is the
+ * bio's per-bio data.  Bios are completed with no lock held.
  */
 
 #include <linux/device-mapper.h>
@@ -24,12 +29,16 @@
 #include <linux/module.h>
 #include <linux/mutex.h>
 #include <linux/poll.h>
+#include <linux/sizes.h>
 #include <linux/slab.h>
 #include <linux/uio.h>
 #include <linux/wait.h>
 #include <linux/workqueue.h>
 
 #define DM_MSG_PREFIX "user"
+
+/* READ and WRITE requests never exceed, or cross a multiple of, 1 MiB. */
+#define DM_USER_MAX_IO_SECTORS (SZ_1M >> SECTOR_SHIFT)
 
 static unsigned int dm_user_daemon_timeout_msec = 4000;
 module_param(dm_user_daemon_timeout_msec, uint, 0644);
@@ -225,11 +234,6 @@ static void dm_user_target_free(struct kref *kref)
 	kfree(t->miscdev.name);
 	kfree(t->args);
 	kfree(t);
-}
-
-static struct dm_user_target *file_target(struct file *file)
-{
-	return ((struct dm_user_channel *)file->private_data)->t;
 }
 
 static int channel_lock(struct dm_user_channel *c, bool nowait)
@@ -483,7 +487,7 @@ static ssize_t dm_user_write_iter(struct kiocb *iocb, struct iov_iter *from)
 static __poll_t dm_user_poll(struct file *file, poll_table *wait)
 {
 	struct dm_user_channel *c = file->private_data;
-	struct dm_user_target *t = file_target(file);
+	struct dm_user_target *t = c->t;
 
 	poll_wait(file, &t->wq, wait);
 	if (READ_ONCE(t->destroyed))
@@ -621,7 +625,7 @@ static bool dm_user_name_taken(const char *miscname)
 static int dm_user_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 {
 	struct dm_user_target *t;
-	int r = -ENOMEM;
+	int r;
 
 	if (argc != 3) {
 		ti->error = "Invalid argument count, want <start> <len> <name>";
@@ -632,6 +636,13 @@ static int dm_user_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 		return -EINVAL;
 	}
 
+	r = dm_set_target_max_io_len(ti, DM_USER_MAX_IO_SECTORS);
+	if (r) {
+		ti->error = "Cannot set the maximum request size";
+		return r;
+	}
+
+	r = -ENOMEM;
 	t = kzalloc(sizeof(*t), GFP_KERNEL);
 	if (!t)
 		goto bad_alloc;

@@ -3,6 +3,7 @@
 #
 # Style and static checks for kernel/ (dm-user):
 #   - checkpatch.pl --strict on every .c/.h file (no errors, warnings or checks)
+#   - kernel-doc -Wall on the same files (no output)
 #   - W=1 C=1 (sparse) module builds against Debian's 6.1 and 6.12
 #     cloud-amd64 kernel headers (no "warning:" and no sparse output)
 #
@@ -50,13 +51,14 @@ fi
 ver=${src_pkg#linux-source-}
 tarball=/usr/src/linux-source-$ver.tar.xz
 cp_dir="$cache/linux-source-$ver"
-if [ ! -f "$cp_dir/scripts/checkpatch.pl" ]; then
+if [ ! -f "$cp_dir/scripts/checkpatch.pl" ] || [ ! -f "$cp_dir/scripts/kernel-doc" ]; then
 	log "extracting checkpatch.pl from $tarball"
 	mkdir -p "$cache"
 	tar -xJf "$tarball" -C "$cache" \
 		"linux-source-$ver/scripts/checkpatch.pl" \
 		"linux-source-$ver/scripts/spelling.txt" \
-		"linux-source-$ver/scripts/const_structs.checkpatch"
+		"linux-source-$ver/scripts/const_structs.checkpatch" \
+		"linux-source-$ver/scripts/kernel-doc"
 fi
 
 fail=0
@@ -68,6 +70,16 @@ if ! (cd "$here" && perl "$cp_dir/scripts/checkpatch.pl" --strict --no-tree \
 	fail=1
 else
 	log "ok: checkpatch clean"
+fi
+
+log "kernel-doc -Wall on ${#files[@]} files"
+kdoc_out=$(cd "$here" && perl "$cp_dir/scripts/kernel-doc" -none -Wall "${files[@]}" 2>&1) || true
+if [ -n "$kdoc_out" ]; then
+	printf '%s\n' "$kdoc_out" >&2
+	log "FAIL: kernel-doc"
+	fail=1
+else
+	log "ok: kernel-doc clean"
 fi
 
 for pkg in "$h61" "$h612"; do

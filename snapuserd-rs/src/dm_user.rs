@@ -207,7 +207,9 @@ pub enum ChannelError {
         /// Bytes expected.
         want: usize,
     },
-    /// A request announced a payload larger than this channel accepts.
+    /// A request announced a payload larger than this channel accepts. Its
+    /// payload is still unread, so the channel is out of step: close it (the
+    /// kernel then fails that request with EIO).
     #[error("request seq {seq} announces a {len}-byte payload, limit is {max}")]
     PayloadTooLarge {
         /// Sequence number of the request.

@@ -184,6 +184,16 @@ fn installed_abis(series: KernelSeries) -> Vec<String> {
         .collect()
 }
 
+/// ABIs named by `apt-cache search` output lines (`linux-headers-<abi> - ...`).
+fn abis_from_search(series: KernelSeries, text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter_map(|p| p.strip_prefix("linux-headers-"))
+        .filter(|abi| series.matches_abi(abi))
+        .map(str::to_string)
+        .collect()
+}
+
 fn search_abis(series: KernelSeries) -> Result<Vec<String>> {
     let search = || {
         cmd::output(Command::new("apt-cache").args([
@@ -192,14 +202,7 @@ fn search_abis(series: KernelSeries) -> Result<Vec<String>> {
             series.headers_regex(),
         ]))
     };
-    let parse = |text: String| -> Vec<String> {
-        text.lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .filter_map(|p| p.strip_prefix("linux-headers-"))
-            .filter(|abi| series.matches_abi(abi))
-            .map(str::to_string)
-            .collect()
-    };
+    let parse = |text: String| abis_from_search(series, &text);
     let mut found = parse(search()?);
     if found.is_empty() {
         apt_update()?;
@@ -254,6 +257,17 @@ mod tests {
         assert!(!KernelSeries::V6_1.matches_abi("6.1.0-56-amd64"));
         assert!(KernelSeries::V6_12.matches_abi("6.12.117+deb12-cloud-amd64"));
         assert!(!KernelSeries::V6_12.matches_abi("6.12.117+deb13-cloud-amd64"));
+    }
+
+    #[test]
+    fn apt_search_output_is_parsed() {
+        let out = "linux-headers-6.1.0-55-cloud-amd64 - Header files for Linux 6.1.0-55-cloud-amd64\n\
+                   linux-headers-6.1.0-56-cloud-amd64 - Header files for Linux 6.1.0-56-cloud-amd64\n\
+                   linux-headers-6.1.0-56-amd64 - not cloud\n";
+        let abis = abis_from_search(KernelSeries::V6_1, out);
+        assert_eq!(abis, ["6.1.0-55-cloud-amd64", "6.1.0-56-cloud-amd64"]);
+        assert_eq!(highest(abis).as_deref(), Some("6.1.0-56-cloud-amd64"));
+        assert!(abis_from_search(KernelSeries::V6_12, out).is_empty());
     }
 
     #[test]

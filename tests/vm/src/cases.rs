@@ -208,8 +208,29 @@ fn dm_control() -> TestResult {
         dm.info("vt-ctl").is_err(),
         "device still present after remove",
     )?;
+    // A table whose status reply exceeds the initial 16 KiB buffer: exercises
+    // the DM_BUFFER_FULL_FLAG retry with a larger buffer.
+    let many: Vec<TableEntry> = (0..1000u64)
+        .map(|i| TableEntry::new(i * 8, 8, "error", ""))
+        .collect();
+    dm.create_device("vt-ctl-big", &many)
+        .ctx("create 1000-target device")?;
+    let big = dm.table("vt-ctl-big").ctx("table of 1000 targets");
+    let big_status = dm.status("vt-ctl-big").ctx("status of 1000 targets");
+    dm.remove("vt-ctl-big").ctx("remove 1000-target device")?;
+    let (big, big_status) = (big?, big_status?);
+    check(
+        big.len() == 1000
+            && big_status.len() == 1000
+            && big.iter().enumerate().all(|(i, t)| t.start == i as u64 * 8),
+        format!(
+            "1000-target table read back as {} entries ({} status)",
+            big.len(),
+            big_status.len()
+        ),
+    )?;
     Ok(format!(
-        "DM v{}.{}.{}, dev {}:{}",
+        "DM v{}.{}.{}, dev {}:{}, 1000-target table read back",
         v[0], v[1], v[2], info.major, info.minor
     ))
 }
