@@ -309,3 +309,113 @@ impl MergeStateStore for CowMergeStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cow_format::{CowVersion, CowWriter, WriterOptions};
+    use std::fs::OpenOptions;
+
+    fn cow(dir: &std::path::Path, version: CowVersion, scratch: bool, zeros: u64) -> File {
+        let path = dir.join("s.cow");
+        let opts = WriterOptions {
+            version,
+            scratch,
+            op_count_max: (version == CowVersion::V3).then_some(64),
+            ..WriterOptions::default()
+        };
+        let mut w = CowWriter::create(File::create(&path).unwrap(), opts).unwrap();
+        w.add_zero(1, zeros).unwrap();
+        w.finalize().unwrap();
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap()
+    }
+
+    fn identity(entries: u64) -> ProgressMap {
+        // A plan of `entries` single-block entries.
+        super::super::plan::tests::identity_map(entries as usize)
+    }
+
+    #[test]
+    fn window_and_commits_round_trip_through_the_file() {
+        for version in [CowVersion::V2, CowVersion::V3] {
+            let dir = tempfile::tempdir().unwrap();
+            let f = cow(dir.path(), version, true, 8);
+            let opened = CowMergeStore::open(f.try_clone().unwrap()).unwrap();
+            assert_eq!(opened.num_merge_ops(), 0);
+            let mut store = opened.into_store(identity(8)).unwrap();
+            assert_eq!(store.scratch_capacity_blocks(), 510);
+            assert_eq!(store.scratch_state(), ScratchState::NotStarted);
+            let window = ScratchWindow {
+                new_blocks: vec![5, 0, 9],
+                data: (0..3 * BLOCK_SIZE).map(|i| (i * 7 % 253) as u8).collect(),
+            };
+            store.write_window(&window).unwrap();
+            drop(store);
+            // A restart finds the window, Done.
+            let store = CowMergeStore::open(f.try_clone().unwrap())
+                .unwrap()
+                .into_store(identity(8))
+                .unwrap();
+            assert_eq!(store.scratch_state(), ScratchState::Done);
+            assert_eq!(store.read_window().unwrap(), window);
+            let mut store = store;
+            store.commit_window(3).unwrap();
+            store.commit(5).unwrap();
+            drop(store);
+            let ms = MergeState::open(f.try_clone().unwrap()).unwrap();
+            assert_eq!(ms.num_merge_ops().unwrap(), 5);
+            assert_eq!(ms.buffer_state().unwrap(), BufferState::InProgress);
+            // The header is still a valid COW header.
+            cow_format::CowReader::open(f).unwrap();
+        }
+    }
+
+    #[test]
+    fn without_scratch_only_commits_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = cow(dir.path(), CowVersion::V2, false, 4);
+        let mut store = CowMergeStore::open(f.try_clone().unwrap())
+            .unwrap()
+            .into_store(identity(4))
+            .unwrap();
+        assert_eq!(store.scratch_capacity_blocks(), 0);
+        assert!(store.write_window(&ScratchWindow::default()).is_err());
+        assert!(store.commit_window(1).is_err());
+        store.commit(4).unwrap();
+        assert_eq!(MergeState::open(f).unwrap().num_merge_ops().unwrap(), 4);
+    }
+
+    #[test]
+    fn bad_durable_state_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = cow(dir.path(), CowVersion::V3, true, 4);
+        let state_at = u64::from(
+            MergeState::open(f.try_clone().unwrap())
+                .unwrap()
+                .header()
+                .header_size(),
+        );
+        f.write_all_at(&[7], state_at).unwrap();
+        assert!(matches!(
+            CowMergeStore::open(f.try_clone().unwrap()),
+            Err(CowMergeStoreError::MergeState(
+                MergeStateError::BadBufferState { value: 7, .. }
+            ))
+        ));
+        f.write_all_at(&[0], state_at).unwrap();
+        f.write_all_at(&9u64.to_le_bytes(), NUM_MERGE_OPS_OFFSET)
+            .unwrap();
+        let opened = CowMergeStore::open(f).unwrap();
+        assert!(matches!(
+            opened.into_store(identity(4)),
+            Err(CowMergeStoreError::MergedBeyondEnd {
+                num_merge_ops: 9,
+                entries: 4
+            })
+        ));
+    }
+}

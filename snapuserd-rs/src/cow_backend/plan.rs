@@ -239,8 +239,16 @@ fn expand(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A map for `entries` single-block entries.
+    pub(crate) fn identity_map(entries: usize) -> ProgressMap {
+        ProgressMap {
+            ends: None,
+            entries,
+        }
+    }
 
     #[test]
     fn progress_map_identity_and_expanded() {
