@@ -510,9 +510,32 @@ fn more_ordered_ops_than_one_window_with_sampled_crashes() {
     drop(f);
     run_clean(&c);
     // Sampled crash points spread over the whole merge (each run is a full merge).
-    for budget in [0u64, 1, 2, 500, 1700, 2040, 2041, 2042, 3100, 4000, 5000] {
-        run_one_crash(&c, budget, CrashMode::KeepOlderHalf, false);
+    // Count the durable steps of a whole merge; batches are uniform here, so the ends of
+    // windows 1 and 2 (ops 510 and 1020) lie near 510/1100 and 1020/1100 of them. Those
+    // neighbourhoods are crashed at every step, the rest sampled.
+    let total = {
+        let f = files(&c);
+        let clock = CrashClock::never();
+        let (origin, snap) = boot(&f, &clock);
+        merge(&snap.unwrap(), &origin).unwrap();
+        clock.steps()
+    };
+    let near = |op: u64| {
+        let at = total * op / 1100;
+        at.saturating_sub(8)..at + 8
+    };
+    let mut crashed = 0;
+    let budgets = [0u64, 1, 2, total / 3, total - 2, total - 1]
+        .into_iter()
+        .chain(near(510))
+        .chain(near(1020));
+    for budget in budgets {
+        crashed += usize::from(run_one_crash(&c, budget, CrashMode::KeepOlderHalf, false));
     }
+    assert!(
+        crashed >= 36,
+        "only {crashed} of 38 runs crashed ({total} steps)"
+    );
 }
 
 #[test]
