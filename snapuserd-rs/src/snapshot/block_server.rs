@@ -241,7 +241,9 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
     /// Decide and produce the response to `req`. For READ, `read_out` is resized to
     /// `req.len` and filled; for WRITE, `write_payload` must hold `req.len` bytes.
     pub fn handle(&self, req: &Request, write_payload: &[u8], read_out: &mut Vec<u8>) -> Status {
-        read_out.clear();
+        if req.kind != DM_USER_REQ_MAP_READ {
+            read_out.clear();
+        }
         let result = match req.kind {
             DM_USER_REQ_MAP_READ => self.serve_read(req, read_out),
             DM_USER_REQ_MAP_WRITE => self.serve_write(req, write_payload).map(|_| ()),
@@ -281,7 +283,10 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
 
     fn serve_read(&self, req: &Request, out: &mut Vec<u8>) -> Result<(), BlockServerError> {
         self.check_range(req.sector, req.len)?;
-        // Bounded by MAX_REQUEST_BYTES.
+        // Bounded by MAX_REQUEST_BYTES. A reused buffer keeps its old bytes instead of being
+        // zero-filled first: every path of `read` overwrites all of them on success, and
+        // `handle` clears the buffer on failure.
+        out.truncate(req.len as usize);
         out.resize(req.len as usize, 0);
         self.read(req.sector, out)
     }
