@@ -6,7 +6,12 @@
 //! * [`dm`] — a device-mapper control library speaking the `DM_*` ioctls on
 //!   `/dev/mapper/control` directly, so nothing needs `dmsetup`;
 //! * [`dm_user`] — a dm-user channel: the 40-byte message header and the
-//!   request/response framing on `/dev/dm-user/<name>`.
+//!   request/response framing on `/dev/dm-user/<name>`;
+//! * [`snapshot`] — the pure-logic legacy (dm-snapshot) core: exception store,
+//!   merge tracking, block server, control protocol;
+//! * [`cow_backend`] — the core's backends on a real COW file and source image.
 
+pub mod cow_backend;
 pub mod dm;
 pub mod dm_user;
+pub mod snapshot;

@@ -1,0 +1,277 @@
+//! Build the core's [`MergePlan`] from a COW file's merge order.
+//!
+//! The reader's legacy merge order (ops outside the sequence sorted by **descending** block,
+//! cow-format.md §6.2, the dm-snapshot flag) is walked from the start. Every entry becomes one
+//! [`PlannedOp`] per block it covers: a v3 multi-block REPLACE expands to `num_blocks`
+//! planned ops, ascending. Two side tables are kept:
+//!
+//! * plan index → index of the op in [`CowReader::ops`] (a `u32` per planned op), so the
+//!   block source finds the payload without a second lookup;
+//! * [`ProgressMap`]: the durable `num_merge_ops` counts merge-order **entries**; the core
+//!   counts planned ops. The map converts between the two (identity when no entry covers
+//!   more than one block).
+//!
+//! COWs the legacy daemon cannot merge are refused here with a clear error: a REPLACE or
+//! ZERO entry in the ordered part before a COPY/XOR entry (a v3 file without sequence data
+//! that mixes them; the core needs every ordered op first), and duplicate destinations.
+
+use cow_format::{CowOp, CowReader, CowStorage, MergeOrderOptions, OpKind as CowOpKind};
+use cow_format::{OtherOpsOrder, ReadError};
+use thiserror::Error;
+
+use crate::snapshot::merge_plan::{MergePlan, MergePlanError, PlannedOp, BLOCK_SIZE_U64};
+
+/// Why a COW's merge order cannot be served.
+#[derive(Debug, Error)]
+pub enum CowPlanError {
+    /// The COW's block size is not the 4096 bytes dm-snapshot chunks use here.
+    #[error("COW block size {block_size} is not 4096")]
+    BlockSize {
+        /// Block size from the header.
+        block_size: u32,
+    },
+    /// A merge-order entry names an op the reader does not list.
+    #[error("merge-order entry {entry}: op index out of range")]
+    MissingOp {
+        /// Merge-order entry.
+        entry: usize,
+    },
+    /// An op covers no blocks or its block range overflows.
+    #[error("merge-order entry {entry} (COW op record {op_index}) covers a bad block range: first {new_block}, {num_blocks} blocks")]
+    BadRange {
+        /// Merge-order entry.
+        entry: usize,
+        /// File-order op record index.
+        op_index: u64,
+        /// First block.
+        new_block: u64,
+        /// Block count.
+        num_blocks: u64,
+    },
+    /// A multi-block op that is not a REPLACE (the format allows only REPLACE to span).
+    #[error("merge-order entry {entry} (COW op record {op_index}) is a {kind:?} covering {num_blocks} blocks")]
+    MultiBlockNonReplace {
+        /// Merge-order entry.
+        entry: usize,
+        /// File-order op record index.
+        op_index: u64,
+        /// Op kind.
+        kind: CowOpKind,
+        /// Block count.
+        num_blocks: u64,
+    },
+    /// More ops than the `u32` side table can index.
+    #[error("{count} COW ops are more than this daemon indexes (u32)")]
+    TooManyOps {
+        /// Ops in the file.
+        count: usize,
+    },
+    /// The header's `num_merge_ops` is larger than the merge order.
+    #[error("num_merge_ops {num_merge_ops} exceeds the {entries} merge-order entries")]
+    MergedBeyondEnd {
+        /// Header value.
+        num_merge_ops: u64,
+        /// Entries in the merge order.
+        entries: usize,
+    },
+    /// The core refused the expanded plan (ordered after unordered, duplicates, overflow).
+    #[error("merge plan: {0}")]
+    Plan(#[from] MergePlanError),
+    /// The reader failed.
+    #[error("COW reader: {0}")]
+    Read(#[from] ReadError),
+}
+
+/// Converts between merge-order entries (the COW's `num_merge_ops` unit) and planned ops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgressMap {
+    /// `None`: one planned op per entry. `Some(ends)`: `ends[i]` = planned ops covered by
+    /// entries `0..=i`.
+    ends: Option<Vec<u64>>,
+    entries: usize,
+}
+
+impl ProgressMap {
+    /// Number of merge-order entries.
+    pub fn entries(&self) -> usize {
+        self.entries
+    }
+
+    /// Planned ops covered by the first `entries` entries (`None` past the end).
+    pub fn planned_for_entries(&self, entries: u64) -> Option<u64> {
+        let n = usize::try_from(entries)
+            .ok()
+            .filter(|&n| n <= self.entries)?;
+        match &self.ends {
+            None => Some(entries),
+            Some(_) if n == 0 => Some(0),
+            Some(ends) => ends.get(n - 1).copied(),
+        }
+    }
+
+    /// Entries fully covered by the first `planned` planned ops (rounds down when `planned`
+    /// ends inside a multi-block entry, which is always a REPLACE: replaying it is harmless).
+    pub fn entries_for_planned(&self, planned: u64) -> u64 {
+        match &self.ends {
+            None => planned.min(self.entries as u64),
+            Some(ends) => ends.partition_point(|&end| end <= planned) as u64,
+        }
+    }
+}
+
+/// The core plan for one COW file plus the side tables the backends need.
+#[derive(Debug, Clone)]
+pub struct CowMergePlan {
+    /// The validated plan (merge order, durable progress in planned ops).
+    pub plan: MergePlan,
+    /// Index into [`CowReader::ops`] of each planned op's COW op.
+    pub cow_op_of: Vec<u32>,
+    /// Entry ↔ planned-op progress conversion.
+    pub progress: ProgressMap,
+}
+
+impl CowMergePlan {
+    /// Build the plan for `reader`, honouring its header's `num_merge_ops`.
+    pub fn build<S: CowStorage>(reader: &CowReader<S>) -> Result<Self, CowPlanError> {
+        Self::build_with_progress(reader, reader.num_merge_ops())
+    }
+
+    /// Build the plan with `num_merge_ops` (merge-order entries) read from elsewhere (the
+    /// durable merge state, which may be newer than the reader's header copy).
+    pub fn build_with_progress<S: CowStorage>(
+        reader: &CowReader<S>,
+        num_merge_ops: u64,
+    ) -> Result<Self, CowPlanError> {
+        if reader.block_size() as u64 != BLOCK_SIZE_U64 {
+            return Err(CowPlanError::BlockSize {
+                block_size: reader.block_size(),
+            });
+        }
+        let ops = reader.ops();
+        if u32::try_from(ops.len()).is_err() {
+            return Err(CowPlanError::TooManyOps { count: ops.len() });
+        }
+        let order = reader.merge_order(MergeOrderOptions {
+            other_ops: OtherOpsOrder::Descending,
+            skip_merged: false,
+        });
+        let base = ops.as_ptr();
+        let mut planned = Vec::with_capacity(ops.len());
+        let mut cow_op_of = Vec::with_capacity(ops.len());
+        let mut ends: Vec<u64> = Vec::new();
+        let mut multi = false;
+        let mut entries = 0usize;
+        for (entry, op) in order.enumerate() {
+            // The iterator yields references into `ops`; recover the index by address.
+            let idx = index_in(ops, base, op).ok_or(CowPlanError::MissingOp { entry })?;
+            let idx32 =
+                u32::try_from(idx).map_err(|_| CowPlanError::TooManyOps { count: ops.len() })?;
+            expand(entry, op, idx32, &mut planned, &mut cow_op_of)?;
+            multi |= op.num_blocks != 1;
+            ends.push(planned.len() as u64);
+            entries += 1;
+        }
+        let progress = ProgressMap {
+            ends: multi.then_some(ends),
+            entries,
+        };
+        let merged =
+            progress
+                .planned_for_entries(num_merge_ops)
+                .ok_or(CowPlanError::MergedBeyondEnd {
+                    num_merge_ops,
+                    entries,
+                })?;
+        let plan = MergePlan::new(planned, merged)?;
+        Ok(CowMergePlan {
+            plan,
+            cow_op_of,
+            progress,
+        })
+    }
+}
+
+fn index_in(ops: &[CowOp], base: *const CowOp, op: &CowOp) -> Option<usize> {
+    let size = std::mem::size_of::<CowOp>();
+    let delta = (op as *const CowOp as usize).checked_sub(base as usize)?;
+    let idx = delta / size;
+    (delta % size == 0 && idx < ops.len()).then_some(idx)
+}
+
+fn expand(
+    entry: usize,
+    op: &CowOp,
+    idx: u32,
+    planned: &mut Vec<PlannedOp>,
+    cow_op_of: &mut Vec<u32>,
+) -> Result<(), CowPlanError> {
+    let bad_range = || CowPlanError::BadRange {
+        entry,
+        op_index: op.index,
+        new_block: op.new_block,
+        num_blocks: op.num_blocks,
+    };
+    if op.num_blocks == 0 {
+        return Err(bad_range());
+    }
+    op.new_block
+        .checked_add(op.num_blocks)
+        .ok_or_else(bad_range)?;
+    if op.num_blocks != 1 && op.kind != CowOpKind::Replace {
+        return Err(CowPlanError::MultiBlockNonReplace {
+            entry,
+            op_index: op.index,
+            kind: op.kind,
+            num_blocks: op.num_blocks,
+        });
+    }
+    for i in 0..op.num_blocks {
+        let block = op.new_block + i;
+        planned.push(match op.kind {
+            CowOpKind::Copy => PlannedOp::copy(block, op.source),
+            CowOpKind::Xor => PlannedOp::xor(block, op.source),
+            CowOpKind::Replace => PlannedOp::replace(block),
+            CowOpKind::Zero => PlannedOp::zero(block),
+        });
+        cow_op_of.push(idx);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A map for `entries` single-block entries.
+    pub(crate) fn identity_map(entries: usize) -> ProgressMap {
+        ProgressMap {
+            ends: None,
+            entries,
+        }
+    }
+
+    #[test]
+    fn progress_map_identity_and_expanded() {
+        let id = ProgressMap {
+            ends: None,
+            entries: 5,
+        };
+        assert_eq!(id.planned_for_entries(5), Some(5));
+        assert_eq!(id.planned_for_entries(6), None);
+        assert_eq!(id.entries_for_planned(3), 3);
+        // Entries of 1, 4, 1 blocks.
+        let m = ProgressMap {
+            ends: Some(vec![1, 5, 6]),
+            entries: 3,
+        };
+        assert_eq!(m.planned_for_entries(0), Some(0));
+        assert_eq!(m.planned_for_entries(2), Some(5));
+        assert_eq!(m.planned_for_entries(3), Some(6));
+        assert_eq!(m.planned_for_entries(4), None);
+        assert_eq!(m.entries_for_planned(0), 0);
+        assert_eq!(m.entries_for_planned(1), 1);
+        assert_eq!(m.entries_for_planned(4), 1, "inside the 4-block entry");
+        assert_eq!(m.entries_for_planned(5), 2);
+        assert_eq!(m.entries_for_planned(6), 3);
+    }
+}

@@ -1,0 +1,864 @@
+//! snapuserd's control protocol (reference §C.1-C.3): the text commands a client sends on
+//! the control socket, the replies, and the daemon's command line.
+//!
+//! A message is what one `recv()` of at most [`MAX_MESSAGE_SIZE`] bytes returns: ASCII
+//! fields joined by ','. Parsing borrows from the message and allocates nothing; anything
+//! malformed or unknown is a [`ControlError`], which the server answers with `fail` before
+//! carrying on.
+
+use std::fmt;
+
+use thiserror::Error;
+
+/// Largest control message (AOSP's `kMaxPacketSize`, the client's `PACKET_SIZE`).
+pub const MAX_MESSAGE_SIZE: usize = 512;
+/// The only feature `supports,` answers `success` for.
+pub const FEATURE_SOCKET_HANDOFF: &str = "second_stage_socket_handoff";
+/// Default `-socket=` name.
+pub const DEFAULT_SOCKET_NAME: &str = "snapuserd";
+/// Default `-worker_count=`.
+pub const DEFAULT_WORKER_COUNT: u32 = 4;
+/// Largest accepted `-worker_count=` (threads per partition).
+pub const MAX_WORKER_COUNT: u32 = 64;
+
+/// Errors of the control protocol and command-line parsing.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ControlError {
+    /// The message is empty.
+    #[error("empty control message")]
+    Empty,
+    /// The message exceeds [`MAX_MESSAGE_SIZE`].
+    #[error("control message of {len} bytes exceeds {MAX_MESSAGE_SIZE}")]
+    TooLong {
+        /// Length received.
+        len: usize,
+    },
+    /// The message is not ASCII text.
+    #[error("control message has a non-printable or non-ASCII byte at offset {offset}")]
+    NotText {
+        /// Offset of the first bad byte.
+        offset: usize,
+    },
+    /// The command word is unknown.
+    #[error("unknown control command {command:?}")]
+    UnknownCommand {
+        /// The first field (truncated to 64 bytes).
+        command: String,
+    },
+    /// A command has the wrong number of fields.
+    #[error("command {command} takes {expected} fields, got {got}")]
+    WrongArity {
+        /// Command word.
+        command: &'static str,
+        /// Accepted field counts, e.g. "4 or 5".
+        expected: &'static str,
+        /// Fields received (command word included).
+        got: usize,
+    },
+    /// A field is empty.
+    #[error("command {command}: field {index} is empty")]
+    EmptyField {
+        /// Command word.
+        command: &'static str,
+        /// Field index (0 is the command word).
+        index: usize,
+    },
+    /// A command-line flag is unknown.
+    #[error("unknown command-line flag {flag:?}")]
+    UnknownFlag {
+        /// The argument as given.
+        flag: String,
+    },
+    /// A command-line flag needs a value and has none.
+    #[error("command-line flag -{flag} needs a value")]
+    MissingValue {
+        /// Flag name.
+        flag: &'static str,
+    },
+    /// A command-line flag value does not parse or is out of range.
+    #[error("command-line flag -{flag}: bad value {value:?} ({reason})")]
+    BadValue {
+        /// Flag name.
+        flag: &'static str,
+        /// Value given.
+        value: String,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+    /// A positional handler argument is malformed.
+    #[error(
+        "handler argument {index} {arg:?}: expected misc,cow,source[,base] with no empty field"
+    )]
+    BadHandler {
+        /// Position among the positional arguments.
+        index: usize,
+        /// The argument.
+        arg: String,
+    },
+    /// Handlers given without `-no_socket`, or `-no_socket` without handlers.
+    #[error("{0}")]
+    Inconsistent(&'static str),
+}
+
+/// One parsed control command, borrowing from the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// `init,<misc>,<cow>,<source>,<base>`; the legacy 4-field form has no base.
+    Init {
+        /// dm-user misc name.
+        misc_name: &'a str,
+        /// COW device path.
+        cow_device: &'a str,
+        /// Source device path.
+        source_device: &'a str,
+        /// Base device to merge into (absent in the legacy form).
+        base_device: Option<&'a str>,
+    },
+    /// `start,<misc>`.
+    Start {
+        /// dm-user misc name.
+        misc_name: &'a str,
+    },
+    /// `query`.
+    Query,
+    /// `stop` (no reply).
+    Stop,
+    /// `delete,<misc>`.
+    Delete {
+        /// dm-user misc name.
+        misc_name: &'a str,
+    },
+    /// `detach` (no reply).
+    Detach,
+    /// `supports,<feature>`.
+    Supports {
+        /// Feature name.
+        feature: &'a str,
+    },
+    /// `initiate_merge,<misc>`.
+    InitiateMerge {
+        /// dm-user misc name.
+        misc_name: &'a str,
+    },
+    /// `merge_percent`.
+    MergePercent,
+    /// `getstatus,<misc>`.
+    GetStatus {
+        /// dm-user misc name.
+        misc_name: &'a str,
+    },
+    /// `update-verify`.
+    UpdateVerify,
+    /// `pause_merge`.
+    PauseMerge,
+    /// `resume_merge`.
+    ResumeMerge,
+}
+
+/// Split `msg` into at most `N` fields without allocating; `None` when there are more.
+fn split_fields<const N: usize>(msg: &str) -> Option<([&str; N], usize)> {
+    let mut fields = [""; N];
+    let mut count = 0;
+    for field in msg.split(',') {
+        if count == N {
+            return None;
+        }
+        fields[count] = field;
+        count += 1;
+    }
+    Some((fields, count))
+}
+
+impl<'a> Command<'a> {
+    /// Parse one received message.
+    pub fn parse(message: &'a [u8]) -> Result<Self, ControlError> {
+        if message.is_empty() {
+            return Err(ControlError::Empty);
+        }
+        if message.len() > MAX_MESSAGE_SIZE {
+            return Err(ControlError::TooLong { len: message.len() });
+        }
+        if let Some(offset) = message.iter().position(|&b| !(0x20..0x7f).contains(&b)) {
+            return Err(ControlError::NotText { offset });
+        }
+        let text = std::str::from_utf8(message).map_err(|e| ControlError::NotText {
+            offset: e.valid_up_to(),
+        })?;
+        // 6 slots: one more than any command takes, so "too many" is detectable.
+        let Some((f, n)) = split_fields::<6>(text) else {
+            let command = command_name(text.split(',').next().unwrap_or(""));
+            return Err(match command {
+                Some(command) => ControlError::WrongArity {
+                    command,
+                    expected: arity_of(command),
+                    got: 7,
+                },
+                None => unknown(text),
+            });
+        };
+        let Some(command) = command_name(f[0]) else {
+            return Err(unknown(f[0]));
+        };
+        let accepted: &[usize] = match command {
+            "init" => &[4, 5],
+            "start" | "delete" | "supports" | "initiate_merge" | "getstatus" => &[2],
+            _ => &[1],
+        };
+        if !accepted.contains(&n) {
+            return Err(ControlError::WrongArity {
+                command,
+                expected: arity_of(command),
+                got: n,
+            });
+        }
+        if let Some(index) = (1..n).find(|&i| f[i].is_empty()) {
+            return Err(ControlError::EmptyField { command, index });
+        }
+        Ok(match command {
+            "init" => Command::Init {
+                misc_name: f[1],
+                cow_device: f[2],
+                source_device: f[3],
+                base_device: (n == 5).then_some(f[4]),
+            },
+            "start" => Command::Start { misc_name: f[1] },
+            "query" => Command::Query,
+            "stop" => Command::Stop,
+            "delete" => Command::Delete { misc_name: f[1] },
+            "detach" => Command::Detach,
+            "supports" => Command::Supports { feature: f[1] },
+            "initiate_merge" => Command::InitiateMerge { misc_name: f[1] },
+            "merge_percent" => Command::MergePercent,
+            "getstatus" => Command::GetStatus { misc_name: f[1] },
+            "update-verify" => Command::UpdateVerify,
+            "pause_merge" => Command::PauseMerge,
+            _ => Command::ResumeMerge,
+        })
+    }
+}
+
+const COMMANDS: [&str; 13] = [
+    "init",
+    "start",
+    "query",
+    "stop",
+    "delete",
+    "detach",
+    "supports",
+    "initiate_merge",
+    "merge_percent",
+    "getstatus",
+    "update-verify",
+    "pause_merge",
+    "resume_merge",
+];
+
+fn command_name(word: &str) -> Option<&'static str> {
+    COMMANDS.iter().copied().find(|&c| c == word)
+}
+
+fn arity_of(command: &str) -> &'static str {
+    match command {
+        "init" => "4 or 5",
+        "start" | "delete" | "supports" | "initiate_merge" | "getstatus" => "2",
+        _ => "1",
+    }
+}
+
+fn unknown(word: &str) -> ControlError {
+    let end = word.char_indices().nth(64).map_or(word.len(), |(i, _)| i);
+    ControlError::UnknownCommand {
+        command: word[..end].to_string(),
+    }
+}
+
+/// The merge state reported by `getstatus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeStatus {
+    /// Serving the snapshot, no merge running.
+    Snapshot,
+    /// Merging.
+    SnapshotMerge,
+    /// Merge finished.
+    SnapshotMergeComplete,
+    /// Merge failed (also the answer for an unknown misc name).
+    SnapshotMergeFailed,
+}
+
+/// A reply to a control command, formatted exactly as AOSP's server does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Reply {
+    /// `success`.
+    Success,
+    /// `success,<num_sectors>` (the `init` reply).
+    SuccessSectors(u64),
+    /// `fail`.
+    Fail,
+    /// `active`.
+    Active,
+    /// `passive`.
+    Passive,
+    /// The merge percentage, `%f`-style with six decimals (`42.500000`).
+    MergePercent(f64),
+    /// A `getstatus` answer.
+    Status(MergeStatus),
+}
+
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reply::Success => f.write_str("success"),
+            Reply::SuccessSectors(n) => write!(f, "success,{n}"),
+            Reply::Fail => f.write_str("fail"),
+            Reply::Active => f.write_str("active"),
+            Reply::Passive => f.write_str("passive"),
+            Reply::MergePercent(p) => {
+                let p = if p.is_finite() {
+                    p.clamp(0.0, 100.0)
+                } else {
+                    0.0
+                };
+                // clamp keeps -0.0; print it as 0 like a fresh merge.
+                let p = if p == 0.0 { 0.0 } else { p };
+                write!(f, "{p:.6}")
+            }
+            Reply::Status(s) => f.write_str(match s {
+                MergeStatus::Snapshot => "snapshot",
+                MergeStatus::SnapshotMerge => "snapshot-merge",
+                MergeStatus::SnapshotMergeComplete => "snapshot-merge-complete",
+                MergeStatus::SnapshotMergeFailed => "snapshot-merge-failed",
+            }),
+        }
+    }
+}
+
+/// The reply to `supports,<feature>`.
+pub fn supports_reply(feature: &str) -> Reply {
+    if feature == FEATURE_SOCKET_HANDOFF {
+        Reply::Success
+    } else {
+        Reply::Fail
+    }
+}
+
+/// One `-no_socket` positional handler: `misc,cow,source[,base]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerSpec {
+    /// dm-user misc name.
+    pub misc_name: String,
+    /// COW device path.
+    pub cow_device: String,
+    /// Source device path.
+    pub source_device: String,
+    /// Base device path (absent in the legacy 3-field form).
+    pub base_device: Option<String>,
+}
+
+/// The daemon's command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonConfig {
+    /// `-socket=<name>`: the control socket name.
+    pub socket: String,
+    /// `-no_socket`: serve the positional handlers without a control socket.
+    pub no_socket: bool,
+    /// `-socket_handoff` / `-socket-handoff`: act as the socket-handoff proxy.
+    pub socket_handoff: bool,
+    /// `-user_snapshot`: user-space snapshots.
+    pub user_snapshot: bool,
+    /// `-io_uring`.
+    pub io_uring: bool,
+    /// `-o_direct`.
+    pub o_direct: bool,
+    /// `-cow_op_merge_size=N` (0: default).
+    pub cow_op_merge_size: u32,
+    /// `-worker_count=N`.
+    pub worker_count: u32,
+    /// Positional handlers (`-no_socket` mode).
+    pub handlers: Vec<HandlerSpec>,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            socket: DEFAULT_SOCKET_NAME.to_string(),
+            no_socket: false,
+            socket_handoff: false,
+            user_snapshot: false,
+            io_uring: false,
+            o_direct: false,
+            cow_op_merge_size: 0,
+            worker_count: DEFAULT_WORKER_COUNT,
+            handlers: Vec::new(),
+        }
+    }
+}
+
+const BOOL_FLAGS: [&str; 5] = [
+    "no_socket",
+    "socket_handoff",
+    "user_snapshot",
+    "io_uring",
+    "o_direct",
+];
+const VALUE_FLAGS: [&str; 3] = ["socket", "cow_op_merge_size", "worker_count"];
+
+fn parse_bool(flag: &'static str, value: &str) -> Result<bool, ControlError> {
+    match value {
+        "true" | "t" | "yes" | "y" | "1" => Ok(true),
+        "false" | "f" | "no" | "n" | "0" => Ok(false),
+        _ => Err(ControlError::BadValue {
+            flag,
+            value: value.to_string(),
+            reason: "not a boolean",
+        }),
+    }
+}
+
+fn parse_u32(flag: &'static str, value: &str) -> Result<u32, ControlError> {
+    value.parse::<u32>().map_err(|_| ControlError::BadValue {
+        flag,
+        value: value.to_string(),
+        reason: "not an unsigned 32-bit number",
+    })
+}
+
+impl DaemonConfig {
+    /// Parse the arguments after the program name, accepting gflags spellings: `-flag`,
+    /// `--flag`, `-flag=value`, `-flag value` (non-boolean flags), `-noflag` (boolean false),
+    /// and `-` or `_` inside names; `--` ends the flags.
+    pub fn parse<I, A>(args: I) -> Result<Self, ControlError>
+    where
+        I: IntoIterator<Item = A>,
+        A: AsRef<str>,
+    {
+        let mut cfg = DaemonConfig::default();
+        let mut positional: Vec<String> = Vec::new();
+        let mut args = args.into_iter();
+        let mut flags_done = false;
+        while let Some(arg) = args.next() {
+            let arg = arg.as_ref();
+            if flags_done || !arg.starts_with('-') || arg == "-" {
+                positional.push(arg.to_string());
+                continue;
+            }
+            if arg == "--" {
+                flags_done = true;
+                continue;
+            }
+            let body = arg.strip_prefix("--").unwrap_or(&arg[1..]);
+            let (name, value) = match body.split_once('=') {
+                Some((n, v)) => (n.replace('-', "_"), Some(v)),
+                None => (body.replace('-', "_"), None),
+            };
+            if let Some(&flag) = BOOL_FLAGS.iter().find(|&&f| f == name) {
+                let on = match value {
+                    Some(v) => parse_bool(flag, v)?,
+                    None => true,
+                };
+                cfg.set_bool(flag, on);
+                continue;
+            }
+            if let Some(&flag) = BOOL_FLAGS
+                .iter()
+                .find(|&&f| name.strip_prefix("no") == Some(f))
+            {
+                if value.is_some() {
+                    return Err(ControlError::UnknownFlag {
+                        flag: arg.to_string(),
+                    });
+                }
+                cfg.set_bool(flag, false);
+                continue;
+            }
+            if let Some(&flag) = VALUE_FLAGS.iter().find(|&&f| f == name) {
+                let value = match value {
+                    Some(v) => v.to_string(),
+                    None => match args.next() {
+                        Some(v) => v.as_ref().to_string(),
+                        None => return Err(ControlError::MissingValue { flag }),
+                    },
+                };
+                match flag {
+                    "socket" => {
+                        if value.is_empty() || value.contains('/') {
+                            return Err(ControlError::BadValue {
+                                flag,
+                                value,
+                                reason: "empty or contains '/'",
+                            });
+                        }
+                        cfg.socket = value;
+                    }
+                    "cow_op_merge_size" => cfg.cow_op_merge_size = parse_u32(flag, &value)?,
+                    _ => {
+                        let n = parse_u32(flag, &value)?;
+                        if n == 0 || n > MAX_WORKER_COUNT {
+                            return Err(ControlError::BadValue {
+                                flag,
+                                value,
+                                reason: "must be 1..=64",
+                            });
+                        }
+                        cfg.worker_count = n;
+                    }
+                }
+                continue;
+            }
+            return Err(ControlError::UnknownFlag {
+                flag: arg.to_string(),
+            });
+        }
+        for (index, arg) in positional.iter().enumerate() {
+            let bad = || ControlError::BadHandler {
+                index,
+                arg: arg.clone(),
+            };
+            let fields: Vec<&str> = arg.split(',').collect();
+            if !(3..=4).contains(&fields.len()) || fields.iter().any(|f| f.is_empty()) {
+                return Err(bad());
+            }
+            cfg.handlers.push(HandlerSpec {
+                misc_name: fields[0].to_string(),
+                cow_device: fields[1].to_string(),
+                source_device: fields[2].to_string(),
+                base_device: fields.get(3).map(|s| s.to_string()),
+            });
+        }
+        if !cfg.handlers.is_empty() && !cfg.no_socket {
+            return Err(ControlError::Inconsistent(
+                "positional handlers need -no_socket",
+            ));
+        }
+        if cfg.no_socket && cfg.handlers.is_empty() {
+            return Err(ControlError::Inconsistent(
+                "-no_socket needs at least one misc,cow,source[,base] handler",
+            ));
+        }
+        Ok(cfg)
+    }
+
+    fn set_bool(&mut self, flag: &str, on: bool) {
+        match flag {
+            "no_socket" => self.no_socket = on,
+            "socket_handoff" => self.socket_handoff = on,
+            "user_snapshot" => self.user_snapshot = on,
+            "io_uring" => self.io_uring = on,
+            _ => self.o_direct = on,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(s: &str) -> Result<Command<'_>, ControlError> {
+        Command::parse(s.as_bytes())
+    }
+
+    #[test]
+    fn parses_every_command() {
+        assert_eq!(
+            parse("init,system_b,/dev/block/dm-1,/dev/block/dm-2,/dev/block/dm-3").unwrap(),
+            Command::Init {
+                misc_name: "system_b",
+                cow_device: "/dev/block/dm-1",
+                source_device: "/dev/block/dm-2",
+                base_device: Some("/dev/block/dm-3"),
+            }
+        );
+        assert_eq!(
+            parse("init,system_b-user-cow-init,/dev/cow,/dev/src").unwrap(),
+            Command::Init {
+                misc_name: "system_b-user-cow-init",
+                cow_device: "/dev/cow",
+                source_device: "/dev/src",
+                base_device: None,
+            }
+        );
+        assert_eq!(
+            parse("start,vendor_b").unwrap(),
+            Command::Start {
+                misc_name: "vendor_b"
+            }
+        );
+        assert_eq!(parse("query").unwrap(), Command::Query);
+        assert_eq!(parse("stop").unwrap(), Command::Stop);
+        assert_eq!(
+            parse("delete,x").unwrap(),
+            Command::Delete { misc_name: "x" }
+        );
+        assert_eq!(parse("detach").unwrap(), Command::Detach);
+        assert_eq!(
+            parse("supports,second_stage_socket_handoff").unwrap(),
+            Command::Supports {
+                feature: FEATURE_SOCKET_HANDOFF
+            }
+        );
+        assert_eq!(
+            parse("initiate_merge,x").unwrap(),
+            Command::InitiateMerge { misc_name: "x" }
+        );
+        assert_eq!(parse("merge_percent").unwrap(), Command::MergePercent);
+        assert_eq!(
+            parse("getstatus,x").unwrap(),
+            Command::GetStatus { misc_name: "x" }
+        );
+        assert_eq!(parse("update-verify").unwrap(), Command::UpdateVerify);
+        assert_eq!(parse("pause_merge").unwrap(), Command::PauseMerge);
+        assert_eq!(parse("resume_merge").unwrap(), Command::ResumeMerge);
+    }
+
+    #[test]
+    fn rejects_malformed_messages() {
+        assert_eq!(parse(""), Err(ControlError::Empty));
+        assert!(matches!(
+            parse("bogus,1"),
+            Err(ControlError::UnknownCommand { .. })
+        ));
+        assert!(matches!(
+            parse("Query"),
+            Err(ControlError::UnknownCommand { .. })
+        ));
+        assert!(matches!(
+            parse("query,extra"),
+            Err(ControlError::WrongArity {
+                command: "query",
+                got: 2,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse("start"),
+            Err(ControlError::WrongArity {
+                command: "start",
+                got: 1,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse("init,a,b"),
+            Err(ControlError::WrongArity {
+                command: "init",
+                got: 3,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse("init,a,b,c,d,e"),
+            Err(ControlError::WrongArity {
+                command: "init",
+                got: 6,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse("init,a,b,c,d,e,f,g,h"),
+            Err(ControlError::WrongArity {
+                command: "init",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse("start,"),
+            Err(ControlError::EmptyField {
+                command: "start",
+                index: 1
+            })
+        ));
+        assert!(matches!(
+            parse("init,a,,c,d"),
+            Err(ControlError::EmptyField { index: 2, .. })
+        ));
+        assert!(matches!(
+            Command::parse(b"query\0"),
+            Err(ControlError::NotText { offset: 5 })
+        ));
+        assert!(matches!(
+            Command::parse(b"query\n"),
+            Err(ControlError::NotText { offset: 5 })
+        ));
+        assert!(matches!(
+            Command::parse("start,sys\u{e9}".as_bytes()),
+            Err(ControlError::NotText { offset: 9 })
+        ));
+        let long = format!("start,{}", "a".repeat(MAX_MESSAGE_SIZE));
+        assert!(matches!(parse(&long), Err(ControlError::TooLong { .. })));
+        let max = format!("start,{}", "a".repeat(MAX_MESSAGE_SIZE - 6));
+        assert!(parse(&max).is_ok());
+        // Error text for a long unknown word is bounded.
+        let junk = "x".repeat(500);
+        match parse(&junk) {
+            Err(ControlError::UnknownCommand { command }) => assert_eq!(command.len(), 64),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn replies_match_aosp_text() {
+        assert_eq!(Reply::Success.to_string(), "success");
+        assert_eq!(
+            Reply::SuccessSectors(2_097_152).to_string(),
+            "success,2097152"
+        );
+        assert_eq!(Reply::Fail.to_string(), "fail");
+        assert_eq!(Reply::Active.to_string(), "active");
+        assert_eq!(Reply::Passive.to_string(), "passive");
+        assert_eq!(Reply::MergePercent(42.5).to_string(), "42.500000");
+        assert_eq!(Reply::MergePercent(0.0).to_string(), "0.000000");
+        assert_eq!(Reply::MergePercent(100.0).to_string(), "100.000000");
+        assert_eq!(Reply::MergePercent(1.0 / 3.0).to_string(), "0.333333");
+        assert_eq!(Reply::MergePercent(f64::NAN).to_string(), "0.000000");
+        assert_eq!(Reply::MergePercent(-0.0).to_string(), "0.000000");
+        assert_eq!(Reply::Status(MergeStatus::Snapshot).to_string(), "snapshot");
+        assert_eq!(
+            Reply::Status(MergeStatus::SnapshotMerge).to_string(),
+            "snapshot-merge"
+        );
+        assert_eq!(
+            Reply::Status(MergeStatus::SnapshotMergeComplete).to_string(),
+            "snapshot-merge-complete"
+        );
+        assert_eq!(
+            Reply::Status(MergeStatus::SnapshotMergeFailed).to_string(),
+            "snapshot-merge-failed"
+        );
+        assert_eq!(supports_reply(FEATURE_SOCKET_HANDOFF), Reply::Success);
+        assert_eq!(supports_reply("other"), Reply::Fail);
+    }
+
+    #[test]
+    fn command_line_spellings() {
+        let cfg = DaemonConfig::parse(Vec::<String>::new()).unwrap();
+        assert_eq!(cfg, DaemonConfig::default());
+        let cfg = DaemonConfig::parse([
+            "-socket=snapuserd_x",
+            "-user_snapshot",
+            "--io_uring",
+            "-o_direct=true",
+        ])
+        .unwrap();
+        assert_eq!(cfg.socket, "snapuserd_x");
+        assert!(cfg.user_snapshot && cfg.io_uring && cfg.o_direct && !cfg.no_socket);
+        let cfg = DaemonConfig::parse(["--socket", "s2", "-socket-handoff"]).unwrap();
+        assert_eq!(cfg.socket, "s2");
+        assert!(cfg.socket_handoff);
+        let cfg = DaemonConfig::parse(["-socket_handoff", "-nosocket_handoff"]).unwrap();
+        assert!(!cfg.socket_handoff);
+        let cfg = DaemonConfig::parse([
+            "-no_socket",
+            "-user_snapshot",
+            "-cow_op_merge_size=16",
+            "-worker_count=2",
+            "system_b,/dev/cow,/dev/src,/dev/base",
+            "vendor_b,/dev/cow2,/dev/src2",
+        ])
+        .unwrap();
+        assert!(cfg.no_socket);
+        assert_eq!((cfg.cow_op_merge_size, cfg.worker_count), (16, 2));
+        assert_eq!(
+            cfg.handlers,
+            vec![
+                HandlerSpec {
+                    misc_name: "system_b".into(),
+                    cow_device: "/dev/cow".into(),
+                    source_device: "/dev/src".into(),
+                    base_device: Some("/dev/base".into()),
+                },
+                HandlerSpec {
+                    misc_name: "vendor_b".into(),
+                    cow_device: "/dev/cow2".into(),
+                    source_device: "/dev/src2".into(),
+                    base_device: None,
+                },
+            ]
+        );
+        let cfg = DaemonConfig::parse(["-no_socket", "--", "-odd-misc,/c,/s"]).unwrap();
+        assert_eq!(cfg.handlers[0].misc_name, "-odd-misc");
+    }
+
+    #[test]
+    fn command_line_errors() {
+        let err = |args: &[&str]| DaemonConfig::parse(args.iter().copied()).unwrap_err();
+        assert!(matches!(err(&["-bogus"]), ControlError::UnknownFlag { .. }));
+        assert!(matches!(
+            err(&["-worker_count"]),
+            ControlError::MissingValue {
+                flag: "worker_count"
+            }
+        ));
+        assert!(matches!(
+            err(&["-worker_count=0"]),
+            ControlError::BadValue {
+                flag: "worker_count",
+                ..
+            }
+        ));
+        assert!(matches!(
+            err(&["-worker_count=65"]),
+            ControlError::BadValue { .. }
+        ));
+        assert!(matches!(
+            err(&["-worker_count=-1"]),
+            ControlError::BadValue { .. }
+        ));
+        assert!(matches!(
+            err(&["-cow_op_merge_size=x"]),
+            ControlError::BadValue { .. }
+        ));
+        assert!(matches!(
+            err(&["-io_uring=maybe"]),
+            ControlError::BadValue {
+                flag: "io_uring",
+                ..
+            }
+        ));
+        assert!(matches!(
+            err(&["-socket="]),
+            ControlError::BadValue { flag: "socket", .. }
+        ));
+        assert!(matches!(
+            err(&["-noio_uring=1"]),
+            ControlError::UnknownFlag { .. }
+        ));
+        assert!(matches!(
+            err(&["-no_socket"]),
+            ControlError::Inconsistent(_)
+        ));
+        assert!(matches!(err(&["a,b,c"]), ControlError::Inconsistent(_)));
+        assert!(matches!(
+            err(&["-no_socket", "a,b"]),
+            ControlError::BadHandler { index: 0, .. }
+        ));
+        assert!(matches!(
+            err(&["-no_socket", "a,,c"]),
+            ControlError::BadHandler { .. }
+        ));
+        assert!(matches!(
+            err(&["-no_socket", "a,b,c,d,e"]),
+            ControlError::BadHandler { .. }
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
+            let _ = Command::parse(&bytes);
+        }
+
+        #[test]
+        fn one_field_commands_roundtrip(name in "[a-z_]{1,20}", misc in "[A-Za-z0-9_.-]{1,100}") {
+            let msg = format!("{name},{misc}");
+            match Command::parse(msg.as_bytes()) {
+                Ok(Command::Start { misc_name })
+                | Ok(Command::Delete { misc_name })
+                | Ok(Command::InitiateMerge { misc_name })
+                | Ok(Command::GetStatus { misc_name }) => prop_assert_eq!(misc_name, misc.as_str()),
+                Ok(Command::Supports { feature }) => prop_assert_eq!(feature, misc.as_str()),
+                Ok(other) => prop_assert!(false, "unexpected {:?}", other),
+                Err(_) => {}
+            }
+        }
+    }
+}
