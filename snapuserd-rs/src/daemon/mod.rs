@@ -4,4 +4,5 @@
 //! * [`handlers`] — the registry behind the control commands (`init`, `start`, `delete`, …);
 //! * [`control_server`] — the control socket speaking AOSP's text protocol.
 
+pub mod handlers;
 pub mod transport;
