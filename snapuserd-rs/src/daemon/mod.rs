@@ -4,5 +4,6 @@
 //! * [`handlers`] — the registry behind the control commands (`init`, `start`, `delete`, …);
 //! * [`control_server`] — the control socket speaking AOSP's text protocol.
 
+pub mod control_server;
 pub mod handlers;
 pub mod transport;
