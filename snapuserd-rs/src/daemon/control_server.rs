@@ -296,6 +296,10 @@ impl ControlServer {
                     match receive_message(&mut client.stream) {
                         Received::Message(msg) => {
                             let (reply, after) = execute(&self.registry, &msg, &mut self.detached);
+                            // Stop accepting before any later reply can be seen.
+                            if self.detached && self.listener.take().is_some() {
+                                log::info!("control: detached, no longer accepting connections");
+                            }
                             if let Some(r) = reply {
                                 client.pending.extend_from_slice(r.to_string().as_bytes());
                             }
@@ -324,9 +328,6 @@ impl ControlServer {
         }
         let mut flags = keep.into_iter();
         self.clients.retain(|_| flags.next().unwrap_or(true));
-        if self.detached && self.listener.take().is_some() {
-            log::info!("control: detached, no longer accepting connections");
-        }
         flow
     }
 }
