@@ -139,3 +139,46 @@ fn inherited_init_socket_is_served() {
     c.write_all(b"stop").unwrap();
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn no_socket_handler_with_a_missing_cow_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cow = dir.path().join("absent.cow");
+    let src = dir.path().join("source.img");
+    std::fs::write(&src, vec![0u8; 4096]).unwrap();
+    let spec = format!("sys,{},{}", cow.display(), src.display());
+    let out = run(&["-no_socket", &spec]);
+    assert!(!out.status.success());
+    assert!(
+        error_line(&out).contains("cannot open handler sys"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn rc_file_defines_both_services_and_the_ready_trigger() {
+    let rc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/snapuserd.rc")).unwrap();
+    let lines: Vec<&str> = rc.lines().map(str::trim).collect();
+    for want in [
+        "service snapuserd /system/bin/snapuserd",
+        "service snapuserd_proxy /system/bin/snapuserd -socket-handoff",
+        "socket snapuserd stream 0660 system system",
+        "socket snapuserd_proxy seqpacket 0660 system root",
+        "task_profiles OtaProfiles",
+        "seclabel u:r:snapuserd:s0",
+        "on property:init.svc.snapuserd=stopped",
+        "setprop snapuserd.ready false",
+    ] {
+        assert!(lines.contains(&want), "snapuserd.rc lacks {want:?}");
+    }
+    for want in ["oneshot", "disabled", "user root", "group root system"] {
+        assert_eq!(
+            lines.iter().filter(|l| **l == want).count(),
+            2,
+            "{want} in each service"
+        );
+    }
+    // The proxy flag must be one the binary accepts.
+    let out = run(&["-socket-handoff", "-socket=/nonexistent-dir/x"]);
+    assert!(!error_line(&out).contains("flag"), "{out:?}");
+}
