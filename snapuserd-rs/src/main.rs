@@ -176,3 +176,40 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::take_socket_path;
+    use std::path::PathBuf;
+
+    fn split(args: &[&str]) -> (Option<PathBuf>, Vec<String>) {
+        take_socket_path(args.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn socket_paths_are_taken_names_are_left() {
+        let p = Some(PathBuf::from("/tmp/s"));
+        assert_eq!(
+            split(&["-socket=/tmp/s", "-worker_count=2"]),
+            (p.clone(), vec!["-worker_count=2".into()])
+        );
+        assert_eq!(split(&["--socket", "/tmp/s"]), (p.clone(), vec![]));
+        assert_eq!(split(&["--socket=/tmp/s"]), (p, vec![]));
+        assert_eq!(
+            split(&["-socket=snapuserd"]),
+            (None, vec!["-socket=snapuserd".into()])
+        );
+        assert_eq!(
+            split(&["-socket", "name"]),
+            (None, vec!["-socket".into(), "name".into()])
+        );
+        assert_eq!(
+            split(&["---socket=/x"]),
+            (None, vec!["---socket=/x".into()])
+        );
+        assert_eq!(
+            split(&["--", "-socket=/x"]),
+            (None, vec!["--".into(), "-socket=/x".into()])
+        );
+    }
+}

@@ -436,3 +436,54 @@ fn execute(registry: &HandlerRegistry, msg: &[u8], detached: &mut bool) -> (Opti
     };
     (Some(reply), After::Keep)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(stream: UnixStream, pending: Vec<u8>) -> Client {
+        stream.set_nonblocking(true).unwrap();
+        Client {
+            stream,
+            pending,
+            close_when_sent: false,
+        }
+    }
+
+    #[test]
+    fn flush_sends_everything_to_a_reading_peer() {
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let mut c = client(ours, b"active".to_vec());
+        assert!(flush(&mut c));
+        assert!(c.pending.is_empty());
+        let mut buf = [0u8; 6];
+        peer.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"active");
+    }
+
+    #[test]
+    fn flush_drops_a_peer_that_lets_replies_pile_up() {
+        let (ours, _peer) = UnixStream::pair().unwrap();
+        // Far more than any socket buffer: the rest stays pending, over the cap.
+        let mut c = client(ours, vec![b'x'; 16 << 20]);
+        assert!(!flush(&mut c));
+        // Within the cap, a full socket only leaves the reply pending.
+        c.pending.truncate(MAX_PENDING_REPLY_BYTES);
+        assert!(flush(&mut c));
+        assert_eq!(c.pending.len(), MAX_PENDING_REPLY_BYTES);
+    }
+
+    #[test]
+    fn oversized_message_is_kept_over_the_limit_and_the_rest_discarded() {
+        let (mut ours, mut peer) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        peer.write_all(&[b'a'; 2000]).unwrap();
+        match receive_message(&mut ours) {
+            Received::Message(m) => assert_eq!(m.len(), MAX_MESSAGE_SIZE + 1),
+            _ => panic!("expected a message"),
+        }
+        assert!(matches!(receive_message(&mut ours), Received::Nothing));
+        drop(peer);
+        assert!(matches!(receive_message(&mut ours), Received::Closed));
+    }
+}
