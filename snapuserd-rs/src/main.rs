@@ -102,7 +102,12 @@ fn run(
 ) -> Result<(), String> {
     let registry = Arc::new(HandlerRegistry::new(
         Box::new(CowFileOpener),
-        Box::new(DevDmUser::default()),
+        // libsnapshot waits for the dm-user node before `start`; a short wait covers a
+        // late uevent without letting one `start` stall the control loop for long.
+        Box::new(DevDmUser::new(
+            Path::new(snapuserd::dm_user::DEV_DIR),
+            Duration::from_secs(1),
+        )),
         config.worker_count,
     ));
     if config.no_socket {

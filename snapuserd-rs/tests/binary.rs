@@ -58,6 +58,20 @@ fn missing_socket_and_handlers_are_clear_errors() {
         .unwrap();
     assert!(!out.status.success());
     assert!(error_line(&out).contains("not an open socket"), "{out:?}");
+    // A connected (not listening) socket.
+    let (a, _b) = UnixStream::pair().unwrap();
+    nix::fcntl::fcntl(
+        &a,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .env("ANDROID_SOCKET_snapuserd", a.as_raw_fd().to_string())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(error_line(&out).contains("not a listening one"), "{out:?}");
 }
 
 /// Wait (bounded) until the daemon's socket accepts a connection.

@@ -61,6 +61,14 @@ pub enum ControlServerError {
         /// The fd.
         fd: RawFd,
     },
+    /// The inherited socket is not listening.
+    #[error("{var}: fd {fd} is a socket but not a listening one")]
+    NotListening {
+        /// The variable.
+        var: String,
+        /// The fd.
+        fd: RawFd,
+    },
     /// Neither an inherited socket nor a path.
     #[error("no inherited socket {var} (init provides it; on a host pass -socket=<path>)")]
     NoSocket {
@@ -110,7 +118,23 @@ pub fn inherited_listener(name: &str) -> Result<UnixListener, ControlServerError
     if rc != 0 || (st.st_mode & libc::S_IFMT) != libc::S_IFSOCK {
         return Err(ControlServerError::NotASocket { var, fd });
     }
-    // SAFETY: the fd is open and is a socket (checked above). init passed it to this process
+    let mut listening: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` (the size of `listening`) bytes into
+    // `listening`, which we own, and updates `len`; the fd is an open socket (checked above).
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut listening as *mut libc::c_int).cast::<libc::c_void>(),
+            &mut len,
+        )
+    };
+    if rc != 0 || listening == 0 {
+        return Err(ControlServerError::NotListening { var, fd });
+    }
+    // SAFETY: the fd is open and is a listening socket (checked above). init passed it to this process
     // for our exclusive use and nothing else in the process wraps it: this function is
     // called once at start-up, so the OwnedFd is its only owner.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
