@@ -14,7 +14,8 @@ use snapuserd::daemon::control_server::{bind_listener, ControlServer, ServerExit
 use snapuserd::daemon::handlers::{CowFileOpener, HandlerRegistry};
 use snapuserd::daemon::transport::ChannelOpener;
 use snapuserd::dm_user::{
-    Channel, ChannelError, MessageHeader, DM_USER_REQ_MAP_DISCARD, DM_USER_REQ_MAP_READ,
+    Channel, ChannelError, MessageHeader, DM_USER_REQ_MAP_DISCARD, DM_USER_REQ_MAP_FLAG_FUA,
+    DM_USER_REQ_MAP_FLAG_PREFLUSH, DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE, DM_USER_RESP_ERROR,
     DM_USER_RESP_SUCCESS, DM_USER_RESP_UNSUPPORTED, HEADER_SIZE,
 };
 
@@ -267,6 +268,24 @@ fn kernel_read(k: &mut UnixStream, seq: u64, sector: u64, len: u64) -> (MessageH
     (resp, data)
 }
 
+/// Send a WRITE (an empty one is a flush: PREFLUSH, length 0) and return the response code.
+fn kernel_write(k: &mut UnixStream, seq: u64, sector: u64, data: &[u8]) -> u64 {
+    let req = MessageHeader {
+        seq,
+        msg_type: DM_USER_REQ_MAP_WRITE,
+        flags: DM_USER_REQ_MAP_FLAG_PREFLUSH | DM_USER_REQ_MAP_FLAG_FUA,
+        sector,
+        len: data.len() as u64,
+    };
+    k.write_all(&req.to_bytes()).unwrap();
+    k.write_all(data).unwrap();
+    let mut raw = [0u8; HEADER_SIZE];
+    k.read_exact(&mut raw).unwrap();
+    let resp = MessageHeader::from_bytes(&raw);
+    assert_eq!(resp.seq, seq);
+    resp.msg_type
+}
+
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
 }
@@ -367,6 +386,36 @@ fn init_start_serve_status_delete_on_a_real_cow() {
     assert_eq!(ask(&mut c, b"merge_percent"), "0.000000");
     assert_eq!(ask(&mut c, b"initiate_merge,sys"), "success");
     assert_eq!(ask(&mut c, b"getstatus,sys"), "snapshot-merge");
+
+    // dm-snapshot-merge's write-backs: merge the last exception, then the rest, each by
+    // writing the area back with the merged entries zeroed; then an empty flush.
+    let live = seen.len();
+    let mut area = area;
+    area[(live - 1) * 16..live * 16].fill(0);
+    assert_eq!(
+        kernel_write(&mut kernels[0], 200, 8, &area),
+        DM_USER_RESP_SUCCESS
+    );
+    assert_eq!(ask(&mut c, b"merge_percent"), "33.333333");
+    assert_eq!(ask(&mut c, b"getstatus,sys"), "snapshot-merge");
+    area[..live * 16].fill(0);
+    assert_eq!(
+        kernel_write(&mut kernels[1], 201, 8, &area),
+        DM_USER_RESP_SUCCESS
+    );
+    assert_eq!(
+        kernel_write(&mut kernels[1], 202, 0, &[]),
+        DM_USER_RESP_SUCCESS
+    );
+    assert_eq!(ask(&mut c, b"merge_percent"), "100.000000");
+    assert_eq!(ask(&mut c, b"getstatus,sys"), "snapshot-merge-complete");
+    // A write-back that merges nothing new is refused with ERROR; the worker carries on.
+    assert_eq!(
+        kernel_write(&mut kernels[0], 203, 8, &area),
+        DM_USER_RESP_ERROR
+    );
+    let (resp, _) = kernel_read(&mut kernels[0], 204, 0, 512);
+    assert_eq!(resp.msg_type, DM_USER_RESP_SUCCESS);
     assert_eq!(ask(&mut c, b"delete,sys"), "success");
     // The workers are joined and their channels closed.
     for k in &mut kernels {
