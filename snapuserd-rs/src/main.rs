@@ -34,8 +34,16 @@ fn init_logging() {
 /// Lock memory and mark the process as an I/O flusher: it serves the root file system, so
 /// its own page faults and memory reclaim must never wait on the device it serves.
 fn harden_process() {
+    // MCL_ONFAULT (Linux 4.4+) locks pages as they are touched instead of populating every
+    // future mapping at once (the COW file is mapped); older kernels refuse it with EINVAL.
+    let base = libc::MCL_CURRENT | libc::MCL_FUTURE;
     // SAFETY: mlockall takes only flags and touches no memory of ours.
-    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
+    let mut rc = unsafe { libc::mlockall(base | libc::MCL_ONFAULT) };
+    if rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        // SAFETY: as above.
+        rc = unsafe { libc::mlockall(base) };
+    }
+    if rc != 0 {
         log::warn!("mlockall: {}", std::io::Error::last_os_error());
     }
     // PR_SET_IO_FLUSHER is 57 (Linux 5.6+).
