@@ -37,9 +37,9 @@ pub const DM_USER_REQ_FUA: u64 = 0x200;
 /// never make the daemon allocate without bound.
 pub const MAX_REQUEST_BYTES: u64 = 4 << 20;
 
-/// Produces the new-image content of one op. The next session implements it with the COW
-/// reader (decompress REPLACE, zero-fill ZERO, COPY and XOR reading source bytes through
-/// `source`, which during a merge window serves the saved scratch bytes).
+/// Produces the new-image content of one op. `cow_backend::blocks::CowBlockSource` implements
+/// it with the COW reader (decompress REPLACE, zero-fill ZERO, COPY and XOR reading source
+/// bytes through `source`, which during a merge window serves the saved scratch bytes).
 pub trait BlockSource {
     /// Fill `out` (4096 bytes) with the new-image block written by merge-order op
     /// `op_index` (described by `op`).

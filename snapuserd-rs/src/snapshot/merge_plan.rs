@@ -139,8 +139,8 @@ impl SourceBlocks {
 
 /// Read access to the source (old-image) device: what COPY and XOR ops read.
 ///
-/// The next session implements it on the real source device (or adapts
-/// `cow_format::SourceImage`); tests use byte vectors.
+/// `cow_backend::source_file::FileSource` implements it on the real source device with
+/// positioned reads; tests use byte vectors.
 pub trait SourceDevice {
     /// Fill `buf` with the device bytes starting at `byte_offset`.
     fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> std::io::Result<()>;

@@ -48,7 +48,8 @@ pub struct ScratchWindow {
 /// Durable merge progress: `num_merge_ops` and the scratch region of the COW file.
 ///
 /// Every mutating method must be durable (written and synced) when it returns `Ok`.
-/// The next session implements this on `cow_format::merge_state`.
+/// `cow_backend::merge_store::CowMergeStore` implements it inside the COW file; tests use
+/// `InMemoryMergeStore`.
 pub trait MergeStateStore {
     /// Durable count of leading merge-order ops that are merged.
     fn num_merge_ops(&self) -> u64;
