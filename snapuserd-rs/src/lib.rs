@@ -12,6 +12,7 @@
 //! * [`cow_backend`] — the core's backends on a real COW file and source image.
 
 pub mod cow_backend;
+pub mod daemon;
 pub mod dm;
 pub mod dm_user;
 pub mod snapshot;

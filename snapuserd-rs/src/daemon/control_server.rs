@@ -1,0 +1,513 @@
+//! The control socket: AOSP's text protocol (§C.1-C.2) over a Unix stream socket.
+//!
+//! One `recv()` of at most 512 bytes is one message; replies are bare ASCII. Connections are
+//! persistent. A single thread polls the listening socket and every client. Clients are
+//! bounded ([`MAX_CLIENTS`]); a client beyond that is accepted and closed at once. Replies
+//! are sent without blocking; each client may have at most [`MAX_PENDING_REPLY_BYTES`]
+//! unsent, and a client that lets more pile up (it never reads) is dropped, so no client can
+//! make the daemon allocate without bound or stall the others.
+//!
+//! Malformed commands get `fail` and the connection stays; an unknown command gets `fail`
+//! and the connection is closed, as AOSP does. `stop` stops every handler and ends
+//! [`ControlServer::run`]; `detach` closes the listening socket, and `run` returns once every
+//! handler's workers have ended.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use thiserror::Error;
+
+use crate::snapshot::control_protocol::{
+    supports_reply, Command, ControlError, Reply, MAX_MESSAGE_SIZE,
+};
+
+use super::handlers::HandlerRegistry;
+
+/// Most clients served at once; more are accepted and closed immediately.
+pub const MAX_CLIENTS: usize = 32;
+
+/// Most unsent reply bytes per client before the client is dropped.
+pub const MAX_PENDING_REPLY_BYTES: usize = 4096;
+
+/// Most bytes discarded after an over-long message (what is immediately readable).
+const MAX_DISCARD_BYTES: usize = 64 << 10;
+
+/// How often the loop looks at the shutdown flag and the workers.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Errors of the control server.
+#[derive(Debug, Error)]
+pub enum ControlServerError {
+    /// `ANDROID_SOCKET_<name>` does not hold an fd number.
+    #[error("{var}={value:?} is not a file descriptor number")]
+    BadInheritedFd {
+        /// The variable.
+        var: String,
+        /// Its value.
+        value: String,
+    },
+    /// The inherited fd is not an open socket.
+    #[error("{var}: fd {fd} is not an open socket")]
+    NotASocket {
+        /// The variable.
+        var: String,
+        /// The fd.
+        fd: RawFd,
+    },
+    /// The inherited socket is not listening.
+    #[error("{var}: fd {fd} is a socket but not a listening one")]
+    NotListening {
+        /// The variable.
+        var: String,
+        /// The fd.
+        fd: RawFd,
+    },
+    /// Neither an inherited socket nor a path.
+    #[error("no inherited socket {var} (init provides it; on a host pass -socket=<path>)")]
+    NoSocket {
+        /// The variable that was looked for.
+        var: String,
+    },
+    /// Binding the socket path failed.
+    #[error("binding control socket {path}: {source}")]
+    Bind {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A socket operation failed.
+    #[error("control socket {op}: {source}")]
+    Io {
+        /// The operation.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Take the listening socket init created for service socket `name`
+/// (`ANDROID_SOCKET_<name>` holds its fd number). Call once, early in `main`.
+pub fn inherited_listener(name: &str) -> Result<UnixListener, ControlServerError> {
+    let var = format!("ANDROID_SOCKET_{name}");
+    let value =
+        std::env::var(&var).map_err(|_| ControlServerError::NoSocket { var: var.clone() })?;
+    let fd: RawFd = value
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&fd: &RawFd| fd >= 0)
+        .ok_or_else(|| ControlServerError::BadInheritedFd {
+            var: var.clone(),
+            value: value.clone(),
+        })?;
+    // SAFETY: `libc::stat` is plain old data for which all-zero bytes are a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes only into `st`, which we own; any integer is an acceptable fd
+    // argument (an unopened one yields EBADF).
+    let rc = unsafe { libc::fstat(fd, &mut st) };
+    if rc != 0 || (st.st_mode & libc::S_IFMT) != libc::S_IFSOCK {
+        return Err(ControlServerError::NotASocket { var, fd });
+    }
+    let mut listening: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` (the size of `listening`) bytes into
+    // `listening`, which we own, and updates `len`; the fd is an open socket (checked above).
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut listening as *mut libc::c_int).cast::<libc::c_void>(),
+            &mut len,
+        )
+    };
+    if rc != 0 || listening == 0 {
+        return Err(ControlServerError::NotListening { var, fd });
+    }
+    // SAFETY: the fd is open and is a listening socket (checked above). init passed it to this process
+    // for our exclusive use and nothing else in the process wraps it: this function is
+    // called once at start-up, so the OwnedFd is its only owner.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let listener = UnixListener::from(owned);
+    set_cloexec(&listener)?;
+    Ok(listener)
+}
+
+fn set_cloexec(fd: &impl AsFd) -> Result<(), ControlServerError> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+        .map(|_| ())
+        .map_err(|e| ControlServerError::Io {
+            op: "fcntl",
+            source: e.into(),
+        })
+}
+
+/// Bind a listening Unix stream socket at `path` (host use). A stale socket file left at
+/// the path is replaced; any other existing file is an error.
+pub fn bind_listener(path: &Path) -> Result<UnixListener, ControlServerError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            // A failed removal shows up as the bind error below.
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    UnixListener::bind(path).map_err(|source| ControlServerError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// How [`ControlServer::run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerExit {
+    /// A `stop` command.
+    StopCommand,
+    /// The shutdown flag (a signal).
+    Shutdown,
+    /// `detach`, and every handler's workers have ended.
+    Detached,
+}
+
+struct Client {
+    stream: UnixStream,
+    pending: Vec<u8>,
+    close_when_sent: bool,
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// The control server.
+pub struct ControlServer {
+    listener: Option<UnixListener>,
+    registry: Arc<HandlerRegistry>,
+    clients: Vec<Client>,
+    detached: bool,
+}
+
+impl ControlServer {
+    /// Serve `listener` (made non-blocking) for `registry`.
+    pub fn new(
+        listener: UnixListener,
+        registry: Arc<HandlerRegistry>,
+    ) -> Result<Self, ControlServerError> {
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| ControlServerError::Io {
+                op: "set_nonblocking",
+                source,
+            })?;
+        Ok(Self {
+            listener: Some(listener),
+            registry,
+            clients: Vec::new(),
+            detached: false,
+        })
+    }
+
+    /// Serve until `stop`, `shutdown` being set, or `detach` followed by the end of every
+    /// worker. On `stop` and shutdown every handler's workers are stopped and joined.
+    pub fn run(&mut self, shutdown: &AtomicBool) -> Result<ServerExit, ControlServerError> {
+        loop {
+            if shutdown.load(Ordering::Acquire) {
+                self.registry.stop_all();
+                return Ok(ServerExit::Shutdown);
+            }
+            if self.detached && self.registry.all_workers_finished() {
+                return Ok(ServerExit::Detached);
+            }
+            let (listener_ready, client_events) = self.wait()?;
+            if let Flow::Stop = self.serve_clients(&client_events) {
+                self.registry.stop_all();
+                return Ok(ServerExit::StopCommand);
+            }
+            if listener_ready {
+                self.accept_all();
+            }
+        }
+    }
+
+    /// Poll the listener and the clients for up to one tick.
+    fn wait(&self) -> Result<(bool, Vec<PollFlags>), ControlServerError> {
+        let mut fds = Vec::with_capacity(self.clients.len().saturating_add(1));
+        for c in &self.clients {
+            let mut events = PollFlags::POLLIN;
+            if !c.pending.is_empty() {
+                events |= PollFlags::POLLOUT;
+            }
+            fds.push(PollFd::new(c.stream.as_fd(), events));
+        }
+        if let Some(l) = &self.listener {
+            fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
+        }
+        let timeout = PollTimeout::try_from(TICK).unwrap_or(PollTimeout::MAX);
+        match nix::poll::poll(&mut fds, timeout) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => return Ok((false, Vec::new())),
+            Err(e) => {
+                return Err(ControlServerError::Io {
+                    op: "poll",
+                    source: e.into(),
+                })
+            }
+        }
+        let mut events: Vec<PollFlags> = fds
+            .iter()
+            .map(|f| f.revents().unwrap_or(PollFlags::empty()))
+            .collect();
+        let listener_ready = if self.listener.is_some() {
+            events.pop().is_some_and(|e| !e.is_empty())
+        } else {
+            false
+        };
+        Ok((listener_ready, events))
+    }
+
+    fn accept_all(&mut self) {
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    if self.clients.len() >= MAX_CLIENTS {
+                        log::warn!("control: {MAX_CLIENTS} clients connected, refusing another");
+                        continue;
+                    }
+                    if let Err(e) = stream.set_nonblocking(true) {
+                        log::warn!("control: new client: {e}");
+                        continue;
+                    }
+                    self.clients.push(Client {
+                        stream,
+                        pending: Vec::new(),
+                        close_when_sent: false,
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("control: accept: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Read, answer and flush every client that poll reported; drop the ones that are done.
+    fn serve_clients(&mut self, events: &[PollFlags]) -> Flow {
+        let mut flow = Flow::Continue;
+        let mut keep = vec![true; self.clients.len()];
+        for (i, ev) in events.iter().enumerate() {
+            let Some(client) = self.clients.get_mut(i) else {
+                break;
+            };
+            let alive =
+                if ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+                    match receive_message(&mut client.stream) {
+                        Received::Message(msg) => {
+                            let (reply, after) = execute(&self.registry, &msg, &mut self.detached);
+                            // Stop accepting before any later reply can be seen.
+                            if self.detached && self.listener.take().is_some() {
+                                log::info!("control: detached, no longer accepting connections");
+                            }
+                            if let Some(r) = reply {
+                                client.pending.extend_from_slice(r.to_string().as_bytes());
+                            }
+                            match after {
+                                After::Keep => true,
+                                After::Close => {
+                                    client.close_when_sent = true;
+                                    true
+                                }
+                                After::Stop => {
+                                    flow = Flow::Stop;
+                                    false
+                                }
+                            }
+                        }
+                        Received::Nothing => true,
+                        Received::Closed => false,
+                    }
+                } else {
+                    true
+                };
+            let alive = alive && flush(client);
+            if let Some(k) = keep.get_mut(i) {
+                *k = alive && !(client.close_when_sent && client.pending.is_empty());
+            }
+        }
+        let mut flags = keep.into_iter();
+        self.clients.retain(|_| flags.next().unwrap_or(true));
+        flow
+    }
+}
+
+enum Received {
+    Message(Vec<u8>),
+    Nothing,
+    Closed,
+}
+
+/// One `recv()` is one message. A message longer than [`MAX_MESSAGE_SIZE`] is kept whole
+/// (up to one byte over, so the parser refuses it), and the rest of what is immediately
+/// readable, up to [`MAX_DISCARD_BYTES`], is discarded.
+fn receive_message(stream: &mut UnixStream) -> Received {
+    let mut buf = [0u8; MAX_MESSAGE_SIZE + 1];
+    match stream.read(&mut buf) {
+        Ok(0) => Received::Closed,
+        Ok(n) => {
+            if n > MAX_MESSAGE_SIZE {
+                let mut discarded = 0usize;
+                let mut sink = [0u8; 4096];
+                while discarded < MAX_DISCARD_BYTES {
+                    match stream.read(&mut sink) {
+                        Ok(0) | Err(_) => break,
+                        Ok(m) => discarded = discarded.saturating_add(m),
+                    }
+                }
+            }
+            Received::Message(buf.get(..n).unwrap_or_default().to_vec())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Received::Nothing,
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Received::Nothing,
+        Err(_) => Received::Closed,
+    }
+}
+
+/// Send what can be sent now. False when the client must be dropped (error, or too much
+/// unsent because it does not read).
+fn flush(client: &mut Client) -> bool {
+    while !client.pending.is_empty() {
+        match client.stream.write(&client.pending) {
+            Ok(0) => return false,
+            Ok(n) => {
+                client.pending.drain(..n.min(client.pending.len()));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        }
+    }
+    if client.pending.len() > MAX_PENDING_REPLY_BYTES {
+        log::warn!("control: a client does not read its replies; dropping it");
+        return false;
+    }
+    true
+}
+
+enum After {
+    Keep,
+    Close,
+    Stop,
+}
+
+/// Run one message; returns the reply (if the command has one) and what happens next.
+fn execute(registry: &HandlerRegistry, msg: &[u8], detached: &mut bool) -> (Option<Reply>, After) {
+    let cmd = match Command::parse(msg) {
+        Ok(c) => c,
+        Err(e @ ControlError::UnknownCommand { .. }) => {
+            log::warn!("control: {e}; closing the connection");
+            return (Some(Reply::Fail), After::Close);
+        }
+        Err(e) => {
+            log::warn!("control: {e}");
+            return (Some(Reply::Fail), After::Keep);
+        }
+    };
+    log::debug!("control: {cmd:?}");
+    let reply = match cmd {
+        Command::Init {
+            misc_name,
+            cow_device,
+            source_device,
+            base_device: _,
+        } => registry.init(misc_name, cow_device, source_device),
+        Command::Start { misc_name } => registry.start(misc_name),
+        Command::Query => {
+            if *detached {
+                Reply::Passive
+            } else {
+                Reply::Active
+            }
+        }
+        Command::Stop => return (None, After::Stop),
+        Command::Delete { misc_name } => registry.delete(misc_name),
+        Command::Detach => {
+            *detached = true;
+            return (None, After::Keep);
+        }
+        Command::Supports { feature } => supports_reply(feature),
+        Command::InitiateMerge { misc_name } => registry.initiate_merge(misc_name),
+        Command::MergePercent => registry.merge_percent(),
+        Command::GetStatus { misc_name } => registry.status(misc_name),
+        Command::UpdateVerify => registry.update_verify(),
+        // The kernel drives the legacy merge; there is nothing to pause.
+        Command::PauseMerge | Command::ResumeMerge => Reply::Success,
+    };
+    (Some(reply), After::Keep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(stream: UnixStream, pending: Vec<u8>) -> Client {
+        stream.set_nonblocking(true).unwrap();
+        Client {
+            stream,
+            pending,
+            close_when_sent: false,
+        }
+    }
+
+    #[test]
+    fn flush_sends_everything_to_a_reading_peer() {
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let mut c = client(ours, b"active".to_vec());
+        assert!(flush(&mut c));
+        assert!(c.pending.is_empty());
+        let mut buf = [0u8; 6];
+        peer.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"active");
+    }
+
+    #[test]
+    fn flush_drops_a_peer_that_lets_replies_pile_up() {
+        let (ours, _peer) = UnixStream::pair().unwrap();
+        // Far more than any socket buffer: the rest stays pending, over the cap.
+        let mut c = client(ours, vec![b'x'; 16 << 20]);
+        assert!(!flush(&mut c));
+        // Within the cap, a full socket only leaves the reply pending.
+        c.pending.truncate(MAX_PENDING_REPLY_BYTES);
+        assert!(flush(&mut c));
+        assert_eq!(c.pending.len(), MAX_PENDING_REPLY_BYTES);
+    }
+
+    #[test]
+    fn oversized_message_is_kept_over_the_limit_and_the_rest_discarded() {
+        let (mut ours, mut peer) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        peer.write_all(&[b'a'; 2000]).unwrap();
+        match receive_message(&mut ours) {
+            Received::Message(m) => assert_eq!(m.len(), MAX_MESSAGE_SIZE + 1),
+            _ => panic!("expected a message"),
+        }
+        assert!(matches!(receive_message(&mut ours), Received::Nothing));
+        drop(peer);
+        assert!(matches!(receive_message(&mut ours), Received::Closed));
+    }
+}

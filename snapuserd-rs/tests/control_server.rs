@@ -1,0 +1,428 @@
+//! The control server over a real Unix socket, with real COW files and socketpairs playing
+//! the dm-user kernel.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use cow_format::{CowWriter, WriterOptions};
+use snapuserd::daemon::control_server::{bind_listener, ControlServer, ServerExit};
+use snapuserd::daemon::handlers::{CowFileOpener, HandlerRegistry};
+use snapuserd::daemon::transport::ChannelOpener;
+use snapuserd::dm_user::{
+    Channel, ChannelError, MessageHeader, DM_USER_REQ_MAP_DISCARD, DM_USER_REQ_MAP_FLAG_FUA,
+    DM_USER_REQ_MAP_FLAG_PREFLUSH, DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE, DM_USER_RESP_ERROR,
+    DM_USER_RESP_SUCCESS, DM_USER_RESP_UNSUPPORTED, HEADER_SIZE,
+};
+
+const BLOCK: usize = 4096;
+
+/// Hands each opened channel's "kernel" end to the test.
+struct PairOpener(Mutex<Sender<(String, UnixStream)>>);
+
+impl ChannelOpener for PairOpener {
+    fn open(&self, misc: &str) -> Result<Channel, ChannelError> {
+        let (kernel, daemon) = UnixStream::pair().map_err(|source| ChannelError::Io {
+            op: "socketpair",
+            source,
+        })?;
+        self.0
+            .lock()
+            .unwrap()
+            .send((misc.to_string(), kernel))
+            .unwrap();
+        Ok(Channel::from_fd(daemon.into()))
+    }
+}
+
+struct Daemon {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    socket: PathBuf,
+    kernels: Receiver<(String, UnixStream)>,
+    thread: Option<JoinHandle<ServerExit>>,
+}
+
+impl Daemon {
+    fn start(workers: u32) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let socket = dir.join("snapuserd");
+        let (tx, rx) = mpsc::channel();
+        let registry = Arc::new(HandlerRegistry::new(
+            Box::new(CowFileOpener),
+            Box::new(PairOpener(Mutex::new(tx))),
+            workers,
+        ));
+        let mut server = ControlServer::new(bind_listener(&socket).unwrap(), registry).unwrap();
+        let thread = std::thread::spawn(move || server.run(&AtomicBool::new(false)).unwrap());
+        Daemon {
+            _dir: tmp,
+            dir,
+            socket,
+            kernels: rx,
+            thread: Some(thread),
+        }
+    }
+
+    fn connect(&self) -> UnixStream {
+        UnixStream::connect(&self.socket).unwrap()
+    }
+
+    fn join(mut self) -> ServerExit {
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+fn ask(s: &mut UnixStream, msg: &[u8]) -> String {
+    s.write_all(msg).unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap();
+    String::from_utf8(buf[..n].to_vec()).unwrap()
+}
+
+fn stop(d: Daemon) {
+    let mut c = d.connect();
+    c.write_all(b"stop").unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        c.read(&mut buf).unwrap(),
+        0,
+        "stop has no reply; the server closes"
+    );
+    assert_eq!(d.join(), ServerExit::StopCommand);
+}
+
+#[test]
+fn query_malformed_oversized_and_unknown() {
+    let d = Daemon::start(1);
+    let mut c = d.connect();
+    assert_eq!(ask(&mut c, b"query"), "active");
+    assert_eq!(ask(&mut c, b"init,a"), "fail");
+    assert_eq!(ask(&mut c, b"query"), "active");
+    assert_eq!(ask(&mut c, &[b'q'; 600]), "fail");
+    assert_eq!(ask(&mut c, b"query"), "active");
+    assert_eq!(ask(&mut c, b"getstatus,\xff\xfe"), "fail");
+    assert_eq!(
+        ask(&mut c, b"supports,second_stage_socket_handoff"),
+        "success"
+    );
+    assert_eq!(ask(&mut c, b"supports,teleport"), "fail");
+    assert_eq!(ask(&mut c, b"merge_percent"), "0.000000");
+    assert_eq!(ask(&mut c, b"getstatus,nothing"), "snapshot-merge-failed");
+    // Unknown: fail, then the connection is closed.
+    assert_eq!(ask(&mut c, b"frobnicate,1"), "fail");
+    let mut buf = [0u8; 8];
+    assert_eq!(c.read(&mut buf).unwrap(), 0);
+    // The daemon carries on for everyone else.
+    let mut other = d.connect();
+    assert_eq!(ask(&mut other, b"query"), "active");
+    stop(d);
+}
+
+#[test]
+fn many_concurrent_clients() {
+    let d = Daemon::start(1);
+    let socket = d.socket.clone();
+    let threads: Vec<_> = (0..24)
+        .map(|_| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut c = UnixStream::connect(&socket).unwrap();
+                (0..50)
+                    .filter(|_| ask(&mut c, b"query") == "active")
+                    .count()
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), 50);
+    }
+    stop(d);
+}
+
+#[test]
+fn clients_beyond_the_limit_are_refused() {
+    let d = Daemon::start(1);
+    let mut held: Vec<UnixStream> = (0..snapuserd::daemon::control_server::MAX_CLIENTS)
+        .map(|_| d.connect())
+        .collect();
+    for c in &mut held {
+        assert_eq!(ask(c, b"query"), "active");
+    }
+    let mut extra = d.connect();
+    let _ = extra.write_all(b"query");
+    let mut buf = [0u8; 16];
+    let got = extra.read(&mut buf).unwrap_or(0);
+    assert_eq!(got, 0, "the client over the limit is closed unanswered");
+    assert_eq!(ask(&mut held[0], b"query"), "active");
+    drop(held);
+    stop(d);
+}
+
+#[test]
+fn a_client_that_never_reads_does_not_stall_the_others() {
+    let d = Daemon::start(1);
+    let mut hog = d.connect();
+    let hog_thread = std::thread::spawn(move || {
+        // Keep sending without ever reading; the server must drop us eventually.
+        for _ in 0..2_000_000u32 {
+            if hog.write_all(b"query").is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    let mut c = d.connect();
+    for _ in 0..300 {
+        assert_eq!(ask(&mut c, b"query"), "active");
+    }
+    assert!(
+        hog_thread.join().unwrap(),
+        "the non-reading client was never dropped"
+    );
+    assert_eq!(ask(&mut c, b"query"), "active");
+    stop(d);
+}
+
+#[test]
+fn detach_with_no_handlers_ends_the_server_at_once() {
+    let d = Daemon::start(1);
+    let mut c = d.connect();
+    c.write_all(b"detach").unwrap();
+    let socket = d.socket.clone();
+    assert_eq!(d.join(), ServerExit::Detached);
+    assert!(UnixStream::connect(&socket).is_err(), "no longer accepting");
+}
+
+#[test]
+fn detach_turns_passive_and_waits_for_the_handlers() {
+    let d = Daemon::start(1);
+    let (cow, src, _) = write_images(&d.dir);
+    let mut a = d.connect();
+    let mut b = d.connect();
+    let init = format!("init,sys,{},{}", cow.display(), src.display());
+    assert!(ask(&mut a, init.as_bytes()).starts_with("success,"));
+    assert_eq!(ask(&mut a, b"start,sys"), "success");
+    // `detach` has no reply. The poll loop reads clients in connection order, so `a`'s
+    // detach is handled no later than `b`'s query, which was written after it.
+    a.write_all(b"detach").unwrap();
+    assert_eq!(ask(&mut b, b"query"), "passive");
+    assert!(
+        UnixStream::connect(&d.socket).is_err(),
+        "no longer accepting"
+    );
+    // The dm-user device going away ends the workers; then the server ends.
+    let (_, kernel) = d.kernels.recv().unwrap();
+    drop(kernel);
+    assert_eq!(d.join(), ServerExit::Detached);
+}
+
+/// Source: 16 blocks, block i filled with i. Target: block 3 replaced with 0xAA, block 5
+/// zeroed, block 7 copied from block 12.
+fn write_images(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
+    let mut source = Vec::new();
+    for i in 0..16u8 {
+        source.extend(std::iter::repeat_n(i, BLOCK));
+    }
+    let mut target = source.clone();
+    target[3 * BLOCK..4 * BLOCK].fill(0xAA);
+    target[5 * BLOCK..6 * BLOCK].fill(0);
+    target.copy_within(12 * BLOCK..13 * BLOCK, 7 * BLOCK);
+    let src = dir.join("source.img");
+    std::fs::write(&src, &source).unwrap();
+    let cow = dir.join("system.cow");
+    let mut w = CowWriter::create(
+        std::fs::File::create(&cow).unwrap(),
+        WriterOptions::default(),
+    )
+    .unwrap();
+    w.add_copy(7, 12).unwrap();
+    w.add_replace(3, &[0xAA; BLOCK]).unwrap();
+    w.add_zero(5, 1).unwrap();
+    w.finalize().unwrap();
+    (cow, src, target)
+}
+
+fn kernel_read(k: &mut UnixStream, seq: u64, sector: u64, len: u64) -> (MessageHeader, Vec<u8>) {
+    let req = MessageHeader {
+        seq,
+        msg_type: DM_USER_REQ_MAP_READ,
+        flags: 0,
+        sector,
+        len,
+    };
+    k.write_all(&req.to_bytes()).unwrap();
+    let mut raw = [0u8; HEADER_SIZE];
+    k.read_exact(&mut raw).unwrap();
+    let resp = MessageHeader::from_bytes(&raw);
+    let mut data = Vec::new();
+    if resp.msg_type == DM_USER_RESP_SUCCESS {
+        data.resize(len as usize, 0);
+        k.read_exact(&mut data).unwrap();
+    }
+    (resp, data)
+}
+
+/// Send a WRITE (an empty one is a flush: PREFLUSH, length 0) and return the response code.
+fn kernel_write(k: &mut UnixStream, seq: u64, sector: u64, data: &[u8]) -> u64 {
+    let req = MessageHeader {
+        seq,
+        msg_type: DM_USER_REQ_MAP_WRITE,
+        flags: DM_USER_REQ_MAP_FLAG_PREFLUSH | DM_USER_REQ_MAP_FLAG_FUA,
+        sector,
+        len: data.len() as u64,
+    };
+    k.write_all(&req.to_bytes()).unwrap();
+    k.write_all(data).unwrap();
+    let mut raw = [0u8; HEADER_SIZE];
+    k.read_exact(&mut raw).unwrap();
+    let resp = MessageHeader::from_bytes(&raw);
+    assert_eq!(resp.seq, seq);
+    resp.msg_type
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+#[test]
+fn init_with_a_missing_cow_fails() {
+    let d = Daemon::start(1);
+    let (_, src, _) = write_images(&d.dir);
+    let mut c = d.connect();
+    let missing = d.dir.join("absent.cow");
+    let msg = format!("init,a,{},{}", missing.display(), src.display());
+    assert_eq!(ask(&mut c, msg.as_bytes()), "fail");
+    assert_eq!(ask(&mut c, b"start,a"), "fail");
+    assert_eq!(ask(&mut c, b"getstatus,a"), "snapshot-merge-failed");
+    stop(d);
+}
+
+#[test]
+fn init_start_serve_status_delete_on_a_real_cow() {
+    let d = Daemon::start(2);
+    let (cow, src, target) = write_images(&d.dir);
+    let expected_sectors = snapuserd::cow_backend::CowSnapshot::open(&cow, &src)
+        .unwrap()
+        .device_sectors();
+    let mut c = d.connect();
+    let init = format!(
+        "init,sys,{},{},{}",
+        cow.display(),
+        src.display(),
+        src.display()
+    );
+    assert_eq!(
+        ask(&mut c, init.as_bytes()),
+        format!("success,{expected_sectors}")
+    );
+    assert_eq!(ask(&mut c, init.as_bytes()), "fail", "the name is taken");
+    assert_eq!(ask(&mut c, b"getstatus,sys"), "snapshot");
+    assert_eq!(ask(&mut c, b"update-verify"), "fail", "not started yet");
+    assert_eq!(ask(&mut c, b"start,sys"), "success");
+    assert_eq!(ask(&mut c, b"start,sys"), "fail", "already started");
+    assert_eq!(ask(&mut c, b"update-verify"), "success");
+
+    let mut kernels: Vec<UnixStream> = (0..2)
+        .map(|_| {
+            let (misc, k) = d.kernels.recv().unwrap();
+            assert_eq!(misc, "sys");
+            k
+        })
+        .collect();
+
+    // Chunk 0: the dm-snap persistent header.
+    let (resp, header) = kernel_read(&mut kernels[0], 1, 0, BLOCK as u64);
+    assert_eq!((resp.seq, resp.msg_type), (1, DM_USER_RESP_SUCCESS));
+    assert_eq!(u32_at(&header, 0), 0x7041_6e53, "magic");
+    assert_eq!(u32_at(&header, 4), 1, "valid");
+    assert_eq!(u32_at(&header, 8), 1, "version");
+    assert_eq!(u32_at(&header, 12), 8, "chunk size in sectors");
+
+    // Chunk 1: the first metadata area; every live exception's data chunk holds the
+    // target block it names. Served by the second worker.
+    let (resp, area) = kernel_read(&mut kernels[1], 2, 8, BLOCK as u64);
+    assert_eq!(resp.msg_type, DM_USER_RESP_SUCCESS);
+    let mut seen = Vec::new();
+    for slot in 0..256 {
+        let (old, new) = (u64_at(&area, slot * 16), u64_at(&area, slot * 16 + 8));
+        if new == 0 {
+            break;
+        }
+        let (resp, data) = kernel_read(&mut kernels[0], 10 + slot as u64, new * 8, BLOCK as u64);
+        assert_eq!(resp.msg_type, DM_USER_RESP_SUCCESS);
+        let at = old as usize * BLOCK;
+        assert_eq!(data, target[at..at + BLOCK], "exception for block {old}");
+        seen.push(old);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, vec![3, 5, 7]);
+
+    // A DISCARD is answered UNSUPPORTED and the worker carries on.
+    let discard = MessageHeader {
+        seq: 99,
+        msg_type: DM_USER_REQ_MAP_DISCARD,
+        flags: 0,
+        sector: 0,
+        len: 4096,
+    };
+    kernels[1].write_all(&discard.to_bytes()).unwrap();
+    let mut raw = [0u8; HEADER_SIZE];
+    kernels[1].read_exact(&mut raw).unwrap();
+    let resp = MessageHeader::from_bytes(&raw);
+    assert_eq!((resp.seq, resp.msg_type), (99, DM_USER_RESP_UNSUPPORTED));
+    let (resp, _) = kernel_read(&mut kernels[1], 100, 0, 512);
+    assert_eq!(resp.msg_type, DM_USER_RESP_SUCCESS);
+
+    assert_eq!(ask(&mut c, b"merge_percent"), "0.000000");
+    assert_eq!(ask(&mut c, b"initiate_merge,sys"), "success");
+    assert_eq!(ask(&mut c, b"getstatus,sys"), "snapshot-merge");
+
+    // dm-snapshot-merge's write-backs: merge the last exception, then the rest, each by
+    // writing the area back with the merged entries zeroed; then an empty flush.
+    let live = seen.len();
+    let mut area = area;
+    area[(live - 1) * 16..live * 16].fill(0);
+    assert_eq!(
+        kernel_write(&mut kernels[0], 200, 8, &area),
+        DM_USER_RESP_SUCCESS
+    );
+    assert_eq!(ask(&mut c, b"merge_percent"), "33.333333");
+    assert_eq!(ask(&mut c, b"getstatus,sys"), "snapshot-merge");
+    area[..live * 16].fill(0);
+    assert_eq!(
+        kernel_write(&mut kernels[1], 201, 8, &area),
+        DM_USER_RESP_SUCCESS
+    );
+    assert_eq!(
+        kernel_write(&mut kernels[1], 202, 0, &[]),
+        DM_USER_RESP_SUCCESS
+    );
+    assert_eq!(ask(&mut c, b"merge_percent"), "100.000000");
+    assert_eq!(ask(&mut c, b"getstatus,sys"), "snapshot-merge-complete");
+    // A write-back that merges nothing new is refused with ERROR; the worker carries on.
+    assert_eq!(
+        kernel_write(&mut kernels[0], 203, 8, &area),
+        DM_USER_RESP_ERROR
+    );
+    let (resp, _) = kernel_read(&mut kernels[0], 204, 0, 512);
+    assert_eq!(resp.msg_type, DM_USER_RESP_SUCCESS);
+    assert_eq!(ask(&mut c, b"delete,sys"), "success");
+    // The workers are joined and their channels closed.
+    for k in &mut kernels {
+        let mut buf = [0u8; 8];
+        assert_eq!(k.read(&mut buf).unwrap(), 0);
+    }
+    assert_eq!(ask(&mut c, b"getstatus,sys"), "snapshot-merge-failed");
+    assert_eq!(ask(&mut c, b"delete,sys"), "success");
+    stop(d);
+}
