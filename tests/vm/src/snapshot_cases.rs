@@ -34,6 +34,18 @@ const IO_SIZE: usize = 1 << 20;
 
 type Res<T> = Result<T, String>;
 
+/// How the merge of a `read-merge`-style scenario is run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MergeMode {
+    /// One daemon from start to end.
+    Plain,
+    /// The daemon is `kill -9`ed mid-merge; a new one takes over.
+    Kill,
+    /// Android's live handoff mid-merge: a new daemon on a new misc name, the dm-user table
+    /// reloaded onto it (load, suspend, resume) under the running snapshot-merge.
+    Handoff,
+}
+
 /// Arguments of one scenario.
 struct Scenario {
     tag: String,
@@ -74,8 +86,9 @@ pub fn main(args: &[String]) -> ExitCode {
             .map(|(f, c)| (f.to_string(), c.to_string())),
     };
     let ok = match kind.as_str() {
-        "read-merge" => read_merge(&sc, false),
-        "kill-merge" => read_merge(&sc, true),
+        "read-merge" => read_merge(&sc, MergeMode::Plain),
+        "kill-merge" => read_merge(&sc, MergeMode::Kill),
+        "handoff-merge" => read_merge(&sc, MergeMode::Handoff),
         "poweroff-merge" => poweroff_merge(&sc),
         "resume-merge" => resume_merge(&sc),
         other => {
@@ -446,7 +459,7 @@ fn merged_base_check(sc: &Scenario) -> Res<String> {
     Ok(format!("base == target ({} MiB)", len >> 20))
 }
 
-fn read_merge(sc: &Scenario, kill: bool) -> bool {
+fn read_merge(sc: &Scenario, mode: MergeMode) -> bool {
     let misc = format!("{}-a", sc.tag);
     let st = match Stack::build(sc, &misc, false) {
         Ok(s) => s,
@@ -458,12 +471,16 @@ fn read_merge(sc: &Scenario, kill: bool) -> bool {
     };
     let read = check_snapshot(sc, &st);
     let ok_read = vmtest("read", &sc.tag, &read);
-    let step = if kill { "kill-merge" } else { "merge" };
-    let merge = run_merge(sc, st, kill);
+    let step = match mode {
+        MergeMode::Plain => "merge",
+        MergeMode::Kill => "kill-merge",
+        MergeMode::Handoff => "handoff-merge",
+    };
+    let merge = run_merge(sc, st, mode);
     vmtest(step, &sc.tag, &merge) && ok_read
 }
 
-fn run_merge(sc: &Scenario, mut st: Stack, kill: bool) -> Res<String> {
+fn run_merge(sc: &Scenario, mut st: Stack, mode: MergeMode) -> Res<String> {
     let status0 = st.status()?;
     let SnapshotStatus::Active {
         allocated: alloc0,
@@ -481,7 +498,37 @@ fn run_merge(sc: &Scenario, mut st: Stack, kill: bool) -> Res<String> {
     st.start_merge(&sc.base)?;
     let mut killed = None;
     let mut rss = 0;
-    let (took, _) = if kill {
+    let (took, _) = if mode == MergeMode::Handoff {
+        let (t1, _) = wait_merge(&st, MERGE_LIMIT, |s| {
+            rss = rss.max(st.daemon.rss_kib().unwrap_or(0));
+            Ok(matches!(s, SnapshotStatus::Active { allocated, .. }
+                if *allocated < alloc0 && (alloc0 - *allocated) * 4 >= alloc0 - metadata))
+        })?;
+        let s = st.status()?;
+        if s.merge_complete() {
+            return Err(format!(
+                "merge finished within {t1:.1?} before the handoff: precondition not established"
+            ));
+        }
+        let old_sectors = st.cow_sectors;
+        let mut old = handoff(sc, &mut st)?;
+        let after = st.status();
+        println!(
+            "VMINFO snap-{} live handoff after {:.1} s at {s:?}: COW device {old_sectors} -> {} sectors, status then {after:?}",
+            sc.tag,
+            t1.as_secs_f64(),
+            st.cow_sectors
+        );
+        killed = Some((t1, s));
+        // The first daemon's workers see ENOTBLK once its table is gone; it must then exit
+        // on its own signal-free path or on SIGTERM.
+        let _ = old.command(&format!("delete,{}-a", sc.tag));
+        drop(old.take());
+        wait_merge(&st, MERGE_LIMIT, |_| {
+            rss = rss.max(st.daemon.rss_kib().unwrap_or(0));
+            Ok(false)
+        })?
+    } else if mode == MergeMode::Kill {
         // Kill once a part of the merge is done, then hand over to a new daemon.
         let (t1, _) = wait_merge(&st, MERGE_LIMIT, |s| {
             rss = rss.max(st.daemon.rss_kib().unwrap_or(0));
@@ -512,7 +559,7 @@ fn run_merge(sc: &Scenario, mut st: Stack, kill: bool) -> Res<String> {
         st.dm
             .remove(&st.snap_name)
             .map_err(|e| format!("remove {} after the kill: {e}", st.snap_name))?;
-        handoff(sc, &mut st)?;
+        drop(handoff(sc, &mut st)?);
         let entry = TableEntry::snapshot_merge(
             0,
             st.origin_sectors,
@@ -558,7 +605,12 @@ fn run_merge(sc: &Scenario, mut st: Stack, kill: bool) -> Res<String> {
     d.push_str(&format!(", daemon merge_percent {percent}"));
     if let Some((t1, s)) = killed {
         d.push_str(&format!(
-            ", daemon killed after {:.1}s at {s:?}, finished by the second daemon",
+            ", {} after {:.1}s at {s:?}, finished by the second daemon",
+            if mode == MergeMode::Kill {
+                "daemon killed"
+            } else {
+                "live handoff"
+            },
             t1.as_secs_f64()
         ));
     }
@@ -567,7 +619,7 @@ fn run_merge(sc: &Scenario, mut st: Stack, kill: bool) -> Res<String> {
 
 /// Android's handoff onto a new daemon: init on a new misc name, load the dm-user table
 /// naming it (inactive), start, suspend, resume.
-fn handoff(sc: &Scenario, st: &mut Stack) -> Res<()> {
+fn handoff(sc: &Scenario, st: &mut Stack) -> Res<OldDaemon> {
     let misc = format!("{}-b", sc.tag);
     let daemon = Daemon::start(&misc)?;
     let sectors = init_handler(&daemon, &misc, sc)?;
@@ -584,10 +636,26 @@ fn handoff(sc: &Scenario, st: &mut Stack) -> Res<()> {
     st.dm
         .resume(&st.user_name)
         .map_err(|e| format!("resume {}: {e}", st.user_name))?;
-    st.daemon = daemon;
+    let old = std::mem::replace(&mut st.daemon, daemon);
     st.misc = misc;
     st.cow_sectors = sectors;
-    Ok(())
+    Ok(OldDaemon(Some(old)))
+}
+
+/// The daemon replaced by a handoff (stopped when dropped).
+struct OldDaemon(Option<Daemon>);
+
+impl OldDaemon {
+    fn command(&self, cmd: &str) -> Res<String> {
+        match &self.0 {
+            Some(d) => d.command(cmd),
+            None => Err("no daemon".into()),
+        }
+    }
+
+    fn take(&mut self) -> Option<Daemon> {
+        self.0.take()
+    }
 }
 
 /// First boot of the power-off scenario: snapshot, start the merge, power off mid-way.
