@@ -256,6 +256,31 @@ fn time_read(dev: &Path, len: u64) -> Res<Duration> {
     Ok(t.elapsed())
 }
 
+/// Time an O_DIRECT copy of the first `len` bytes of `from` onto `to` at the same offsets.
+fn plain_copy_time(from: &Path, to: &Path, len: u64) -> Res<Duration> {
+    let src = open_direct(from)?;
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(to)
+        .map_err(|e| format!("open {} for writing: {e}", to.display()))?;
+    let len = len.min(dev_bytes(from)?) / 4096 * 4096;
+    let mut a = AlignedBuf::new(IO_SIZE);
+    let t = Instant::now();
+    let mut off = 0u64;
+    while off < len {
+        let n = usize::try_from((len - off).min(IO_SIZE as u64)).unwrap_or(IO_SIZE);
+        src.read_exact_at(&mut a.as_mut()[..n], off)
+            .map_err(|e| format!("read {} at {off}: {e}", from.display()))?;
+        dst.write_all_at(&a.as_ref()[..n], off)
+            .map_err(|e| format!("write {} at {off}: {e}", to.display()))?;
+        off += n as u64;
+    }
+    dst.sync_all()
+        .map_err(|e| format!("fsync {}: {e}", to.display()))?;
+    Ok(t.elapsed())
+}
+
 fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / (1024.0 * 1024.0) / d.as_secs_f64().max(1e-9)
 }
@@ -603,6 +628,18 @@ fn run_merge(sc: &Scenario, mut st: Stack, mode: MergeMode) -> Res<String> {
     st.teardown()?;
     let mut d = merged_base_check(sc)?;
     d.push_str(&format!(", daemon merge_percent {percent}"));
+    // Reference figure: a plain O_DIRECT copy of as many bytes (target -> base at the same
+    // offsets; the base already equals the target, so its content does not change).
+    match plain_copy_time(&sc.target, &sc.base, merged_kib * 1024) {
+        Ok(t) => println!(
+            "VMINFO snap-{} plain copy of {merged_kib} KiB target->base (O_DIRECT, 1 MiB, fsync) {:.2} s ({:.2} MB/s) vs merge {:.2} s",
+            sc.tag,
+            t.as_secs_f64(),
+            merged_kib as f64 / 1024.0 / t.as_secs_f64().max(1e-9),
+            took.as_secs_f64()
+        ),
+        Err(e) => println!("VMINFO snap-{} plain copy not measured: {e}", sc.tag),
+    }
     if let Some((t1, s)) = killed {
         d.push_str(&format!(
             ", {} after {:.1}s at {s:?}, finished by the second daemon",
