@@ -4,14 +4,14 @@
 //! On the host: a small ext4 pair (`mke2fs -d` of a real tree before and after a simulated
 //! upgrade) and a synthetic pair (`ota-tools/bench/synthetic_pair.py`: overlapping shifted
 //! runs, thousands of ordered COPY ops), their COWs from `ota-tools create`, and a fresh copy of
-//! base and COW per scenario. Per kernel, three boots:
+//! base and COW per scenario. Per kernel, one boot plus a pair per power-off point:
 //!
 //! 1. `a`: snapshot read + merge on both pairs, then on the synthetic one the daemon killed
 //!    mid-merge (new daemon on a new misc name, snapshot-merge recreated); with
 //!    `--live-handoff` also Android's live handoff mid-merge (dm-user table reloaded onto a new
 //!    daemon under the running merge, which fails with the daemon as of this writing);
-//! 2. `p1`: the merge started and the VM powered off in the middle of it;
-//! 3. `p2`: the same disk images booted again, the merge resumed and the base checked.
+//! 2. `p<N>-1`: the merge started and the VM powered off once N% of it is done (N = 5, 35, 70);
+//! 3. `p<N>-2`: the same disk images booted again, the merge resumed and the base checked.
 //!
 //! The guest half is `tests/vm/src/snapshot_cases.rs` (`vmtest snap ...`).
 
@@ -33,6 +33,8 @@ const EXT4_MIB: u64 = 32;
 const SYNTHETIC_MIB: u64 = 16;
 /// The file the ext4 check reads through the mounted snapshot, and its content in the target.
 const MARKER: (&str, &str) = ("OTA_RELEASE", "v2");
+/// Power-off points of the power-off scenario: percentage of the exceptions merged.
+const POWEROFF_PERCENTS: [u64; 3] = [5, 35, 70];
 
 /// Options of `cargo xtask vm-snapshot`.
 #[derive(Debug, Default)]
@@ -188,65 +190,70 @@ pub fn run(repo: &Path, opts: &SnapshotOptions) -> Result<()> {
         let run = spec("a", disks_a, fragment_a, limit).run(&build_root)?;
         collect(&mut all, series, "a", report::evaluate(&run, &expected_a));
 
-        // Boots p1/p2: power-off in the middle of the merge, then resume on the same images.
-        let disks_p = vec![
-            fresh("synp-base.img", &synthetic.source)?,
-            fresh("synp.cow", &synthetic.cow)?,
-            synthetic.target.clone(),
-        ];
-        let args = "synp /dev/vda /dev/vdb /dev/vdc";
-        let run1 = spec(
-            "p1",
-            disks_p.clone(),
-            format!(
-                "/bin/vmtest snap poweroff-merge {args}\necho VMINFO poweroff did not happen\n"
-            ),
-            limit.min(900),
-        )
-        .run(&build_root)?;
-        let mut r1 = report::evaluate(&run1, &["snap-poweroff-synp".to_string()]);
-        // This boot must end by the power-off, before the init script's own VMDONE.
-        for r in &mut r1 {
-            if r.name == "boot-completed" {
-                r.name = "powered-off-mid-merge".into();
-                r.pass = run1.end == BootEnd::Exited && !run1.log.contains("VMDONE");
-                r.detail = if r.pass {
-                    "qemu exited without VMDONE (power cut)".into()
-                } else {
-                    format!(
-                        "boot ended {:?}, VMDONE printed: {}",
-                        run1.end,
-                        run1.log.contains("VMDONE")
-                    )
-                };
-            }
-        }
-        let powered_off = r1.iter().all(|r| r.pass || r.name == "kernel-log-clean");
-        collect(&mut all, series, "p1", r1);
-        if powered_off {
-            let run2 = spec(
-                "p2",
-                disks_p,
-                format!("/bin/vmtest snap resume-merge {args}\n"),
-                limit,
+        // Boots p1/p2: power-off in the middle of the merge, then resume on the same images;
+        // once per power-off point (percentage of the exceptions merged).
+        for pct in POWEROFF_PERCENTS {
+            let tag = format!("synp{pct}");
+            let disks_p = vec![
+                fresh(&format!("{tag}-base.img"), &synthetic.source)?,
+                fresh(&format!("{tag}.cow"), &synthetic.cow)?,
+                synthetic.target.clone(),
+            ];
+            let args = format!("{tag} /dev/vda /dev/vdb /dev/vdc at={pct}");
+            let run1 = spec(
+                &format!("p{pct}-1"),
+                disks_p.clone(),
+                format!(
+                    "/bin/vmtest snap poweroff-merge {args}\necho VMINFO poweroff did not happen\n"
+                ),
+                limit.min(900),
             )
             .run(&build_root)?;
-            collect(
-                &mut all,
-                series,
-                "p2",
-                report::evaluate(&run2, &["snap-resume-merge-synp".to_string()]),
-            );
-        } else {
-            all.push((
-                series,
-                TestResult {
-                    name: "p2/snap-resume-merge-synp".into(),
-                    pass: false,
-                    detail: "first boot did not power off mid-merge: precondition not established"
-                        .into(),
-                },
-            ));
+            let mut r1 = report::evaluate(&run1, &[format!("snap-poweroff-{tag}")]);
+            // This boot must end by the power-off, before the init script's own VMDONE.
+            for r in &mut r1 {
+                if r.name == "boot-completed" {
+                    r.name = "powered-off-mid-merge".into();
+                    r.pass = run1.end == BootEnd::Exited && !run1.log.contains("VMDONE");
+                    r.detail = if r.pass {
+                        "qemu exited without VMDONE (power cut)".into()
+                    } else {
+                        format!(
+                            "boot ended {:?}, VMDONE printed: {}",
+                            run1.end,
+                            run1.log.contains("VMDONE")
+                        )
+                    };
+                }
+            }
+            let powered_off = r1.iter().all(|r| r.pass || r.name == "kernel-log-clean");
+            collect(&mut all, series, &format!("p{pct}-1"), r1);
+            if powered_off {
+                let run2 = spec(
+                    &format!("p{pct}-2"),
+                    disks_p,
+                    format!("/bin/vmtest snap resume-merge {args}\n"),
+                    limit,
+                )
+                .run(&build_root)?;
+                collect(
+                    &mut all,
+                    series,
+                    &format!("p{pct}-2"),
+                    report::evaluate(&run2, &[format!("snap-resume-merge-{tag}")]),
+                );
+            } else {
+                all.push((
+                    series,
+                    TestResult {
+                        name: format!("p{pct}-2/snap-resume-merge-{tag}"),
+                        pass: false,
+                        detail:
+                            "first boot did not power off mid-merge: precondition not established"
+                                .into(),
+                    },
+                ));
+            }
         }
     }
     println!();

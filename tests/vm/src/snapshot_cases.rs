@@ -1,7 +1,7 @@
 //! Snapshot scenarios run by `cargo xtask vm-snapshot`: the real `snapuserd` daemon serving a
 //! COW made by `ota-tools create` as dm-snapshot's exception store over dm-user.
 //!
-//! `vmtest snap <scenario> <tag> <base> <cow> <target> [<file>=<content>]`
+//! `vmtest snap <scenario> <tag> <base> <cow> <target> [<file>=<content>] [at=<percent>]`
 //!
 //! * `read-merge`: daemon `init`/`start`, `snapshot <base> <dm-user> P 8`, the whole snapshot
 //!   compared with the target (and a file checked through a read-only ext4 mount when one is
@@ -53,6 +53,8 @@ struct Scenario {
     cow: PathBuf,
     target: PathBuf,
     file_check: Option<(String, String)>,
+    /// `poweroff-merge`: power off once this percentage of the exceptions has merged.
+    poweroff_percent: u64,
 }
 
 fn vmtest(step: &str, tag: &str, r: &Res<String>) -> bool {
@@ -81,9 +83,17 @@ pub fn main(args: &[String]) -> ExitCode {
         cow: cow.into(),
         target: target.into(),
         file_check: args
-            .get(5)
-            .and_then(|s| s.split_once('='))
+            .iter()
+            .skip(5)
+            .filter(|a| !a.starts_with("at="))
+            .find_map(|s| s.split_once('='))
             .map(|(f, c)| (f.to_string(), c.to_string())),
+        poweroff_percent: args
+            .iter()
+            .skip(5)
+            .find_map(|a| a.strip_prefix("at=").and_then(|p| p.parse().ok()))
+            .filter(|p| (1..100).contains(p))
+            .unwrap_or(33),
     };
     let ok = match kind.as_str() {
         "read-merge" => read_merge(&sc, MergeMode::Plain),
@@ -711,7 +721,8 @@ fn poweroff_merge(sc: &Scenario) -> bool {
         st.start_merge(&sc.base)?;
         let (t1, _) = wait_merge(&st, MERGE_LIMIT, |s| {
             Ok(matches!(s, SnapshotStatus::Active { allocated, .. }
-                if *allocated < alloc0 && (alloc0 - *allocated) * 3 >= alloc0 - metadata))
+                if *allocated < alloc0
+                    && (alloc0 - *allocated) * 100 >= (alloc0 - metadata) * sc.poweroff_percent))
         })?;
         let s = st.status()?;
         if s.merge_complete() {
@@ -719,7 +730,10 @@ fn poweroff_merge(sc: &Scenario) -> bool {
                 "merge finished within {t1:.1?} before power-off: precondition not established"
             ));
         }
-        Ok(format!("powering off after {t1:.1?} at {s:?}"))
+        Ok(format!(
+            "powering off after {t1:.1?} at {s:?} (target {}% merged)",
+            sc.poweroff_percent
+        ))
     })();
     let ok = vmtest("poweroff", &sc.tag, &r);
     if ok {
