@@ -5,6 +5,8 @@
 //!   reports one line per test and kernel. `--disk` attaches raw images as virtio disks.
 //! * `cargo xtask vm-bench [--kernel ...] [--smp N]` runs only the dm-user vs loop benchmark
 //!   (`--smp 1` keeps TCG's cross-vCPU wake-up latency out of the figures).
+//! * `cargo xtask vm-snapshot [--kernel 6.1|6.12] [--timeout SECS] [--live-handoff]` runs the snapshot scenarios
+//!   with the real `snapuserd` daemon (see `snapshot_scenarios.rs`).
 //! * `cargo xtask kernel-check` runs `kernel/scripts/check-style.sh`.
 //! * `cargo xtask demo [--source SRC.img --target TGT.img]` runs the OTA demo (see `demo.rs`).
 //! * `cargo xtask test` runs everything: the workspace's tests, the kernel style checks and the
@@ -18,6 +20,7 @@ mod guest;
 mod initramfs;
 mod kmod;
 mod report;
+mod snapshot_scenarios;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -31,7 +34,7 @@ use initramfs::InitramfsSpec;
 use report::TestResult;
 use vm::VmSpec;
 
-const USAGE: &str = "cargo xtask <demo|test|vm-test|vm-bench|kernel-check> [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--timeout SECS] [--disk RAW.img]... [--smp N]";
+const USAGE: &str = "cargo xtask <demo|test|vm-test|vm-bench|vm-snapshot|kernel-check> [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--timeout SECS] [--disk RAW.img]... [--smp N]";
 
 /// Parsed command-line options.
 #[derive(Debug, Default)]
@@ -322,6 +325,10 @@ fn real_main() -> Result<()> {
         }
         "kernel-check" => kernel_check(),
         "test" => test_all(rest),
+        "vm-snapshot" => snapshot_scenarios::run(
+            &repo_root(),
+            &snapshot_scenarios::SnapshotOptions::parse(rest)?,
+        ),
         "demo" => demo::run(&repo_root(), &demo::DemoOptions::parse(rest)?),
         _ => Err(XtaskError::Usage(USAGE.into())),
     }

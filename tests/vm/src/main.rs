@@ -3,12 +3,14 @@
 //! * `vmtest list [--filter S]` — test names (also runs on the host, for the harness);
 //! * `vmtest run-all [--filter S]` — run each test in its own process, print `VMTEST <name> PASS|FAIL <detail>`;
 //! * `vmtest run <name>` — run one test in this process;
-//! * `vmtest bench` — dm-user vs loop-over-tmpfs reads, prints `VMBENCH` lines.
+//! * `vmtest bench` — dm-user vs loop-over-tmpfs reads, prints `VMBENCH` lines;
+//! * `vmtest snap SCENARIO ...` — snapshot scenarios with the real daemon (`snapshot_cases.rs`).
 
 mod bench;
 mod cases;
 mod harness;
 mod ramd;
+mod snapshot_cases;
 
 use std::io::Read;
 use std::process::{Command, ExitCode, Stdio};
@@ -140,6 +142,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        "snap" => snapshot_cases::main(&args[1..]),
         "helper-hang" => report_helper(cases::helper_hang(
             args.get(1).map(String::as_str).unwrap_or(""),
         )),

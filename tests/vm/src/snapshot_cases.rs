@@ -1,0 +1,805 @@
+//! Snapshot scenarios run by `cargo xtask vm-snapshot`: the real `snapuserd` daemon serving a
+//! COW made by `ota-tools create` as dm-snapshot's exception store over dm-user.
+//!
+//! `vmtest snap <scenario> <tag> <base> <cow> <target> [<file>=<content>] [at=<percent>]`
+//!
+//! * `read-merge`: daemon `init`/`start`, `snapshot <base> <dm-user> P 8`, the whole snapshot
+//!   compared with the target (and a file checked through a read-only ext4 mount when one is
+//!   named), then `snapshot-merge` until done and the base compared with the target;
+//! * `kill-merge`: as `read-merge`, but the daemon is `kill -9`ed while the merge runs and a new
+//!   daemon takes over on a new misc name (new dm-user table, suspend, resume);
+//! * `poweroff-merge`: snapshot, start the merge, power the VM off while it runs;
+//! * `resume-merge`: (second boot) daemon, dm-user, `snapshot-merge` directly, finish, compare.
+//!
+//! Each step prints `VMTEST snap-<step>-<tag> PASS|FAIL <detail>` and figures as `VMINFO`.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use snapuserd::dm::{DmControl, SnapshotStatus, TableEntry};
+
+use crate::harness::AlignedBuf;
+
+/// Chunk size of the snapshot, in sectors (4 KiB, as Android uses).
+const CHUNK_SECTORS: u32 = 8;
+/// Longest wait for the merge to finish in one boot.
+const MERGE_LIMIT: Duration = Duration::from_secs(900);
+/// Read size of the whole-device comparisons.
+const IO_SIZE: usize = 1 << 20;
+
+type Res<T> = Result<T, String>;
+
+/// How the merge of a `read-merge`-style scenario is run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MergeMode {
+    /// One daemon from start to end.
+    Plain,
+    /// The daemon is `kill -9`ed mid-merge; a new one takes over.
+    Kill,
+    /// Android's live handoff mid-merge: a new daemon on a new misc name, the dm-user table
+    /// reloaded onto it (load, suspend, resume) under the running snapshot-merge.
+    Handoff,
+}
+
+/// Arguments of one scenario.
+struct Scenario {
+    tag: String,
+    base: PathBuf,
+    cow: PathBuf,
+    target: PathBuf,
+    file_check: Option<(String, String)>,
+    /// `poweroff-merge`: power off once this percentage of the exceptions has merged.
+    poweroff_percent: u64,
+}
+
+fn vmtest(step: &str, tag: &str, r: &Res<String>) -> bool {
+    match r {
+        Ok(d) => println!("VMTEST snap-{step}-{tag} PASS {d}"),
+        Err(e) => println!("VMTEST snap-{step}-{tag} FAIL {e}"),
+    }
+    r.is_ok()
+}
+
+/// Entry point of `vmtest snap ...`.
+pub fn main(args: &[String]) -> ExitCode {
+    let (Some(kind), Some(tag), Some(base), Some(cow), Some(target)) = (
+        args.first(),
+        args.get(1),
+        args.get(2),
+        args.get(3),
+        args.get(4),
+    ) else {
+        eprintln!("usage: vmtest snap SCENARIO TAG BASE COW TARGET [FILE=CONTENT]");
+        return ExitCode::FAILURE;
+    };
+    let sc = Scenario {
+        tag: tag.clone(),
+        base: base.into(),
+        cow: cow.into(),
+        target: target.into(),
+        file_check: args
+            .iter()
+            .skip(5)
+            .filter(|a| !a.starts_with("at="))
+            .find_map(|s| s.split_once('='))
+            .map(|(f, c)| (f.to_string(), c.to_string())),
+        poweroff_percent: args
+            .iter()
+            .skip(5)
+            .find_map(|a| a.strip_prefix("at=").and_then(|p| p.parse().ok()))
+            .filter(|p| (1..100).contains(p))
+            .unwrap_or(33),
+    };
+    let ok = match kind.as_str() {
+        "read-merge" => read_merge(&sc, MergeMode::Plain),
+        "kill-merge" => read_merge(&sc, MergeMode::Kill),
+        "handoff-merge" => read_merge(&sc, MergeMode::Handoff),
+        "poweroff-merge" => poweroff_merge(&sc),
+        "resume-merge" => resume_merge(&sc),
+        other => {
+            eprintln!("unknown scenario {other:?}");
+            false
+        }
+    };
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// A running `snapuserd` with its control socket.
+struct Daemon {
+    child: Child,
+    sock: PathBuf,
+}
+
+impl Daemon {
+    fn start(name: &str) -> Res<Self> {
+        let sock = PathBuf::from(format!("/run/snapuserd-{name}.sock"));
+        let _ = std::fs::create_dir_all("/run");
+        let _ = std::fs::remove_file(&sock);
+        let child = Command::new("/bin/snapuserd")
+            .arg(format!("-socket={}", sock.display()))
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("spawn /bin/snapuserd: {e}"))?;
+        let d = Self { child, sock };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&d.sock).is_err() {
+            if Instant::now() > deadline {
+                return Err(format!("daemon socket {} never appeared", d.sock.display()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(d)
+    }
+
+    /// Send one command and read the reply (bounded).
+    fn command(&self, cmd: &str) -> Res<String> {
+        let mut s = UnixStream::connect(&self.sock).map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(cmd.as_bytes())
+            .map_err(|e| format!("send {cmd:?}: {e}"))?;
+        let mut buf = [0u8; 512];
+        let n = s
+            .read(&mut buf)
+            .map_err(|e| format!("reply to {cmd:?}: {e}"))?;
+        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn rss_kib(&self) -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        s.lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
+    fn kill9(&mut self) -> Res<()> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .map_err(|e| format!("kill -9: {e}"))?;
+        self.child.wait().map_err(|e| format!("wait: {e}"))?;
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.try_wait();
+        }
+    }
+}
+
+fn dm() -> Res<DmControl> {
+    DmControl::open().map_err(|e| format!("open /dev/mapper/control: {e}"))
+}
+
+fn dev_bytes(path: &Path) -> Res<u64> {
+    let f = File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+    let mut f2 = f;
+    std::io::Seek::seek(&mut f2, std::io::SeekFrom::End(0))
+        .map_err(|e| format!("size of {}: {e}", path.display()))
+}
+
+fn open_direct(path: &Path) -> Res<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| format!("open {} O_DIRECT: {e}", path.display()))
+}
+
+/// Read `len` bytes of `dev` with O_DIRECT and compare with `want` (buffered); returns the
+/// time spent reading `dev`.
+fn compare_device(what: &str, dev: &Path, want: &Path, len: u64) -> Res<Duration> {
+    let fd = open_direct(dev)?;
+    let fw = open_direct(want)?;
+    let mut a = AlignedBuf::new(IO_SIZE);
+    let mut b = AlignedBuf::new(IO_SIZE);
+    let mut spent = Duration::ZERO;
+    let mut off = 0u64;
+    while off < len {
+        let n = usize::try_from((len - off).min(IO_SIZE as u64)).unwrap_or(IO_SIZE);
+        let t = Instant::now();
+        fd.read_exact_at(&mut a.as_mut()[..n], off)
+            .map_err(|e| format!("{what}: read {} at {off}: {e}", dev.display()))?;
+        spent += t.elapsed();
+        fw.read_exact_at(&mut b.as_mut()[..n], off)
+            .map_err(|e| format!("{what}: read {} at {off}: {e}", want.display()))?;
+        if a.as_ref()[..n] != b.as_ref()[..n] {
+            let i = a.as_ref()[..n]
+                .iter()
+                .zip(&b.as_ref()[..n])
+                .position(|(x, y)| x != y)
+                .unwrap_or(0);
+            let at = off + i as u64;
+            return Err(format!(
+                "{what}: {} differs from {} at byte {at} (block {})",
+                dev.display(),
+                want.display(),
+                at / 4096
+            ));
+        }
+        off += n as u64;
+    }
+    Ok(spent)
+}
+
+/// Time a raw O_DIRECT sequential read of `len` bytes of `dev`.
+fn time_read(dev: &Path, len: u64) -> Res<Duration> {
+    let f = open_direct(dev)?;
+    let mut a = AlignedBuf::new(IO_SIZE);
+    let t = Instant::now();
+    let mut off = 0u64;
+    while off < len {
+        let n = usize::try_from((len - off).min(IO_SIZE as u64)).unwrap_or(IO_SIZE);
+        f.read_exact_at(&mut a.as_mut()[..n], off)
+            .map_err(|e| format!("read {} at {off}: {e}", dev.display()))?;
+        off += n as u64;
+    }
+    Ok(t.elapsed())
+}
+
+/// Time an O_DIRECT read of the target image from a loop device over a tmpfs copy.
+fn loop_read_time(sc: &Scenario, len: u64) -> Res<Duration> {
+    let img = PathBuf::from(format!("/tmp/loop-{}.img", sc.tag));
+    let src = File::open(&sc.target).map_err(|e| format!("open target: {e}"))?;
+    let mut dst = File::create(&img).map_err(|e| format!("create {}: {e}", img.display()))?;
+    std::io::copy(&mut Read::take(src, len), &mut dst)
+        .map_err(|e| format!("copy the target to tmpfs: {e}"))?;
+    drop(dst);
+    // busybox: `losetup -f` names a free device, `losetup DEV FILE` binds it.
+    let free = Command::new("losetup")
+        .arg("-f")
+        .output()
+        .map_err(|e| format!("losetup -f: {e}"))?;
+    let dev = String::from_utf8_lossy(&free.stdout).trim().to_string();
+    let bound = !dev.is_empty()
+        && Command::new("losetup")
+            .arg(&dev)
+            .arg(&img)
+            .status()
+            .is_ok_and(|s| s.success());
+    if !bound {
+        let _ = std::fs::remove_file(&img);
+        return Err(format!(
+            "losetup -f gave {dev:?} ({}), binding failed",
+            String::from_utf8_lossy(&free.stderr).trim()
+        ));
+    }
+    let t = time_read(Path::new(&dev), len);
+    let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+    let _ = std::fs::remove_file(&img);
+    t
+}
+
+/// Time an O_DIRECT copy of the first `len` bytes of `from` onto `to` at the same offsets.
+fn plain_copy_time(from: &Path, to: &Path, len: u64) -> Res<Duration> {
+    let src = open_direct(from)?;
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(to)
+        .map_err(|e| format!("open {} for writing: {e}", to.display()))?;
+    let len = len.min(dev_bytes(from)?) / 4096 * 4096;
+    let mut a = AlignedBuf::new(IO_SIZE);
+    let t = Instant::now();
+    let mut off = 0u64;
+    while off < len {
+        let n = usize::try_from((len - off).min(IO_SIZE as u64)).unwrap_or(IO_SIZE);
+        src.read_exact_at(&mut a.as_mut()[..n], off)
+            .map_err(|e| format!("read {} at {off}: {e}", from.display()))?;
+        dst.write_all_at(&a.as_ref()[..n], off)
+            .map_err(|e| format!("write {} at {off}: {e}", to.display()))?;
+        off += n as u64;
+    }
+    dst.sync_all()
+        .map_err(|e| format!("fsync {}: {e}", to.display()))?;
+    Ok(t.elapsed())
+}
+
+fn mbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0) / d.as_secs_f64().max(1e-9)
+}
+
+/// The dm devices and daemon of one scenario.
+struct Stack {
+    dm: DmControl,
+    user_name: String,
+    snap_name: String,
+    user_dev: String,
+    snap_path: PathBuf,
+    origin_sectors: u64,
+    cow_sectors: u64,
+    daemon: Daemon,
+    misc: String,
+}
+
+impl Stack {
+    /// init → dm-user table of the returned size → start (reference §A.1).
+    fn user_layer(sc: &Scenario, misc: &str) -> Res<(DmControl, Daemon, String, String, u64)> {
+        let dm = dm()?;
+        let daemon = Daemon::start(misc)?;
+        let cow_sectors = init_handler(&daemon, misc, sc)?;
+        let user_name = format!("snap-{}-user", sc.tag);
+        let info = dm
+            .create_device(&user_name, &[TableEntry::dm_user(0, cow_sectors, misc)])
+            .map_err(|e| format!("create dm-user {user_name}: {e}"))?;
+        let start = daemon.command(&format!("start,{misc}"))?;
+        if start != "success" {
+            return Err(format!("start,{misc} -> {start:?}"));
+        }
+        let user_dev = format!("{}:{}", info.major, info.minor);
+        Ok((dm, daemon, user_name, user_dev, cow_sectors))
+    }
+
+    fn build(sc: &Scenario, misc: &str, merge: bool) -> Res<Self> {
+        let (dm, daemon, user_name, user_dev, cow_sectors) = Self::user_layer(sc, misc)?;
+        let origin_sectors = dev_bytes(&sc.base)? / 512;
+        let snap_name = format!("snap-{}", sc.tag);
+        let base = sc.base.display().to_string();
+        let entry = if merge {
+            TableEntry::snapshot_merge(0, origin_sectors, &base, &user_dev, CHUNK_SECTORS)
+        } else {
+            TableEntry::snapshot(0, origin_sectors, &base, &user_dev, CHUNK_SECTORS)
+        };
+        let info = dm
+            .create_device(&snap_name, &[entry])
+            .map_err(|e| format!("create {snap_name}: {e}"))?;
+        let snap_path = dm
+            .ensure_node(&info)
+            .map_err(|e| format!("node of {snap_name}: {e}"))?;
+        Ok(Self {
+            dm,
+            user_name,
+            snap_name,
+            user_dev,
+            snap_path,
+            origin_sectors,
+            cow_sectors,
+            daemon,
+            misc: misc.to_string(),
+        })
+    }
+
+    fn status(&self) -> Res<SnapshotStatus> {
+        let st = self
+            .dm
+            .status(&self.snap_name)
+            .map_err(|e| format!("status {}: {e}", self.snap_name))?;
+        let params = st.first().map(|e| e.params.clone()).ok_or("empty status")?;
+        SnapshotStatus::parse(&params).ok_or_else(|| format!("unparsable status {params:?}"))
+    }
+
+    /// Reload the snapshot device's table as `snapshot-merge` (suspend, load, resume).
+    fn start_merge(&self, base: &Path) -> Res<()> {
+        let entry = TableEntry::snapshot_merge(
+            0,
+            self.origin_sectors,
+            &base.display().to_string(),
+            &self.user_dev,
+            CHUNK_SECTORS,
+        );
+        self.dm
+            .suspend(&self.snap_name, false)
+            .map_err(|e| format!("suspend {}: {e}", self.snap_name))?;
+        self.dm
+            .load_table(&self.snap_name, &[entry])
+            .map_err(|e| format!("load snapshot-merge: {e}"))?;
+        self.dm
+            .resume(&self.snap_name)
+            .map_err(|e| format!("resume with snapshot-merge: {e}"))?;
+        Ok(())
+    }
+
+    /// Tear down in order: snapshot, handler, dm-user device, daemon.
+    fn teardown(self) -> Res<()> {
+        self.dm
+            .remove(&self.snap_name)
+            .map_err(|e| format!("remove {}: {e}", self.snap_name))?;
+        let _ = self.daemon.command(&format!("delete,{}", self.misc));
+        self.dm
+            .remove(&self.user_name)
+            .map_err(|e| format!("remove {}: {e}", self.user_name))?;
+        drop(self.daemon);
+        Ok(())
+    }
+}
+
+fn init_handler(daemon: &Daemon, misc: &str, sc: &Scenario) -> Res<u64> {
+    let cmd = format!("init,{misc},{},{}", sc.cow.display(), sc.base.display());
+    let reply = daemon.command(&cmd)?;
+    reply
+        .strip_prefix("success,")
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{cmd} -> {reply:?}"))
+}
+
+/// Step 1: the snapshot reads as the target.
+fn check_snapshot(sc: &Scenario, st: &Stack) -> Res<String> {
+    let len = dev_bytes(&sc.target)?;
+    let snap_len = st.origin_sectors * 512;
+    if snap_len < len {
+        return Err(format!("snapshot is {snap_len} bytes, target {len}"));
+    }
+    let snap_time = compare_device("snapshot", &st.snap_path, &sc.target, len)?;
+    let raw_time = time_read(&sc.base, len)?;
+    let loop_figure = match loop_read_time(sc, len) {
+        Ok(t) => format!("{:.1} MB/s", mbps(len, t)),
+        Err(e) => format!("not measured ({e})"),
+    };
+    println!(
+        "VMINFO snap-{} snapshot-read {:.1} MB/s vs the target image on a loop device over tmpfs {loop_figure}",
+        sc.tag,
+        mbps(len, snap_time)
+    );
+    println!(
+        "VMINFO snap-{} snapshot-read {:.1} MB/s, raw base read {:.1} MB/s ({} MiB, O_DIRECT 1 MiB), daemon VmRSS {} KiB, COW device {} sectors",
+        sc.tag,
+        mbps(len, snap_time),
+        mbps(len, raw_time),
+        len >> 20,
+        st.daemon.rss_kib().unwrap_or(0),
+        st.cow_sectors
+    );
+    let mut detail = format!("{} MiB equal to the target", len >> 20);
+    if let Some((file, content)) = &sc.file_check {
+        let mnt = format!("/mnt/snap-{}", sc.tag);
+        std::fs::create_dir_all(&mnt).map_err(|e| format!("mkdir {mnt}: {e}"))?;
+        let out = Command::new("mount")
+            .args(["-t", "ext4", "-o", "ro,noload"])
+            .arg(&st.snap_path)
+            .arg(&mnt)
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mount -o ro,noload {}: {}",
+                st.snap_path.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let got = std::fs::read_to_string(format!("{mnt}/{file}"));
+        let entries = std::fs::read_dir(&mnt).map(|d| d.count()).unwrap_or(0);
+        let _ = Command::new("umount").arg(&mnt).status();
+        let got = got.map_err(|e| format!("read {file} on the mounted snapshot: {e}"))?;
+        if got.trim() != content {
+            return Err(format!("{file} reads {got:?}, want {content:?}"));
+        }
+        detail.push_str(&format!(
+            "; ext4 mounted ro,noload, {file}={content}, {entries} top-level entries"
+        ));
+    }
+    Ok(detail)
+}
+
+/// Poll until the merge is done; `on_tick` may act once per poll (returns Err to abort).
+fn wait_merge(
+    st: &Stack,
+    limit: Duration,
+    mut on_tick: impl FnMut(&SnapshotStatus) -> Res<bool>,
+) -> Res<(Duration, u64)> {
+    let t = Instant::now();
+    let first = st.status()?;
+    let start_alloc = match first {
+        SnapshotStatus::Active { allocated, .. } => allocated,
+        other => return Err(format!("merge status at start: {other:?}")),
+    };
+    loop {
+        let s = st.status()?;
+        if s.merge_complete() {
+            return Ok((t.elapsed(), start_alloc));
+        }
+        if !matches!(s, SnapshotStatus::Active { .. }) {
+            return Err(format!("merge status {s:?} after {:.1?}", t.elapsed()));
+        }
+        if on_tick(&s)? {
+            return Ok((t.elapsed(), start_alloc));
+        }
+        if t.elapsed() > limit {
+            return Err(format!("merge not done after {limit:?}: {s:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn merged_base_check(sc: &Scenario) -> Res<String> {
+    let len = dev_bytes(&sc.target)?;
+    compare_device("merged base", &sc.base, &sc.target, len)?;
+    Ok(format!("base == target ({} MiB)", len >> 20))
+}
+
+fn read_merge(sc: &Scenario, mode: MergeMode) -> bool {
+    let misc = format!("{}-a", sc.tag);
+    let st = match Stack::build(sc, &misc, false) {
+        Ok(s) => s,
+        Err(e) => {
+            vmtest("read", &sc.tag, &Err(format!("stack: {e}")));
+            vmtest("merge", &sc.tag, &Err("no snapshot to merge".into()));
+            return false;
+        }
+    };
+    let read = check_snapshot(sc, &st);
+    let ok_read = vmtest("read", &sc.tag, &read);
+    let step = match mode {
+        MergeMode::Plain => "merge",
+        MergeMode::Kill => "kill-merge",
+        MergeMode::Handoff => "handoff-merge",
+    };
+    let merge = run_merge(sc, st, mode);
+    vmtest(step, &sc.tag, &merge) && ok_read
+}
+
+fn run_merge(sc: &Scenario, mut st: Stack, mode: MergeMode) -> Res<String> {
+    let status0 = st.status()?;
+    let SnapshotStatus::Active {
+        allocated: alloc0,
+        metadata,
+        ..
+    } = status0
+    else {
+        return Err(format!("snapshot status before merge: {status0:?}"));
+    };
+    if alloc0 == metadata {
+        return Err(format!(
+            "nothing to merge (allocated {alloc0} == metadata {metadata})"
+        ));
+    }
+    st.start_merge(&sc.base)?;
+    let mut killed = None;
+    let mut rss = 0;
+    let (took, _) = if mode == MergeMode::Handoff {
+        let (t1, _) = wait_merge(&st, MERGE_LIMIT, |s| {
+            rss = rss.max(st.daemon.rss_kib().unwrap_or(0));
+            Ok(matches!(s, SnapshotStatus::Active { allocated, .. }
+                if *allocated < alloc0 && (alloc0 - *allocated) * 4 >= alloc0 - metadata))
+        })?;
+        let s = st.status()?;
+        if s.merge_complete() {
+            return Err(format!(
+                "merge finished within {t1:.1?} before the handoff: precondition not established"
+            ));
+        }
+        let old_sectors = st.cow_sectors;
+        let mut old = handoff(sc, &mut st)?;
+        let after = st.status();
+        println!(
+            "VMINFO snap-{} live handoff after {:.1} s at {s:?}: COW device {old_sectors} -> {} sectors, status then {after:?}",
+            sc.tag,
+            t1.as_secs_f64(),
+            st.cow_sectors
+        );
+        killed = Some((t1, s));
+        // The first daemon's workers see ENOTBLK once its table is gone; it must then exit
+        // on its own signal-free path or on SIGTERM.
+        let _ = old.command(&format!("delete,{}-a", sc.tag));
+        drop(old.take());
+        wait_merge(&st, MERGE_LIMIT, |_| {
+            rss = rss.max(st.daemon.rss_kib().unwrap_or(0));
+            Ok(false)
+        })?
+    } else if mode == MergeMode::Kill {
+        // Kill once a part of the merge is done, then hand over to a new daemon.
+        let (t1, _) = wait_merge(&st, MERGE_LIMIT, |s| {
+            rss = rss.max(st.daemon.rss_kib().unwrap_or(0));
+            Ok(matches!(s, SnapshotStatus::Active { allocated, .. }
+                if *allocated < alloc0 && (alloc0 - *allocated) * 4 >= alloc0 - metadata))
+        })?;
+        let s = st.status()?;
+        if s.merge_complete() {
+            return Err(format!(
+                "merge finished within {t1:.1?} before the daemon could be killed: precondition not established"
+            ));
+        }
+        st.daemon.kill9()?;
+        // Give dm-snapshot a moment to hit the dead channel, then record what it did.
+        std::thread::sleep(Duration::from_millis(500));
+        let after_kill = st.status();
+        killed = Some((t1, s));
+        eprintln!("vmtest snap: daemon killed at {s:?} after {t1:.1?}; then {after_kill:?}");
+        println!(
+            "VMINFO snap-{} daemon killed after {:.1} s at {s:?}; snapshot-merge status then {after_kill:?}",
+            sc.tag,
+            t1.as_secs_f64()
+        );
+        // The new daemon skips merged ops, so its exception store is laid out afresh (smaller):
+        // dm-snapshot must read it again, which a table reload would not do (it hands the old
+        // in-memory exceptions over). Remove the snapshot device, hand the dm-user device over to
+        // the new daemon (new misc name, load, suspend, resume), then recreate snapshot-merge.
+        st.dm
+            .remove(&st.snap_name)
+            .map_err(|e| format!("remove {} after the kill: {e}", st.snap_name))?;
+        drop(handoff(sc, &mut st)?);
+        let entry = TableEntry::snapshot_merge(
+            0,
+            st.origin_sectors,
+            &sc.base.display().to_string(),
+            &st.user_dev,
+            CHUNK_SECTORS,
+        );
+        let info = st
+            .dm
+            .create_device(&st.snap_name, &[entry])
+            .map_err(|e| format!("recreate {} as snapshot-merge: {e}", st.snap_name))?;
+        st.snap_path = st
+            .dm
+            .ensure_node(&info)
+            .map_err(|e| format!("node of {}: {e}", st.snap_name))?;
+        let resumed = st.status()?;
+        println!(
+            "VMINFO snap-{} second daemon on {}: COW device {} sectors, merge resumes at {resumed:?}",
+            sc.tag, st.misc, st.cow_sectors
+        );
+        wait_merge(&st, MERGE_LIMIT, |_| {
+            rss = rss.max(st.daemon.rss_kib().unwrap_or(0));
+            Ok(false)
+        })?
+    } else {
+        wait_merge(&st, MERGE_LIMIT, |_| {
+            rss = rss.max(st.daemon.rss_kib().unwrap_or(0));
+            Ok(false)
+        })?
+    };
+    let merged_kib = (alloc0 - metadata) / 2;
+    println!(
+        "VMINFO snap-{} merge {} KiB of exceptions in {:.2} s ({:.2} MB/s), daemon peak VmRSS {} KiB",
+        sc.tag,
+        merged_kib,
+        took.as_secs_f64(),
+        merged_kib as f64 / 1024.0 / took.as_secs_f64().max(1e-9),
+        rss
+    );
+    let percent = st.daemon.command("merge_percent").unwrap_or_default();
+    st.teardown()?;
+    let mut d = merged_base_check(sc)?;
+    d.push_str(&format!(", daemon merge_percent {percent}"));
+    // Reference figure: a plain O_DIRECT copy of as many bytes (target -> base at the same
+    // offsets; the base already equals the target, so its content does not change).
+    match plain_copy_time(&sc.target, &sc.base, merged_kib * 1024) {
+        Ok(t) => println!(
+            "VMINFO snap-{} plain copy of {merged_kib} KiB target->base (O_DIRECT, 1 MiB, fsync) {:.2} s ({:.2} MB/s) vs merge {:.2} s",
+            sc.tag,
+            t.as_secs_f64(),
+            merged_kib as f64 / 1024.0 / t.as_secs_f64().max(1e-9),
+            took.as_secs_f64()
+        ),
+        Err(e) => println!("VMINFO snap-{} plain copy not measured: {e}", sc.tag),
+    }
+    if let Some((t1, s)) = killed {
+        d.push_str(&format!(
+            ", {} after {:.1}s at {s:?}, finished by the second daemon",
+            if mode == MergeMode::Kill {
+                "daemon killed"
+            } else {
+                "live handoff"
+            },
+            t1.as_secs_f64()
+        ));
+    }
+    Ok(d)
+}
+
+/// Android's handoff onto a new daemon: init on a new misc name, load the dm-user table
+/// naming it (inactive), start, suspend, resume.
+fn handoff(sc: &Scenario, st: &mut Stack) -> Res<OldDaemon> {
+    let misc = format!("{}-b", sc.tag);
+    let daemon = Daemon::start(&misc)?;
+    let sectors = init_handler(&daemon, &misc, sc)?;
+    st.dm
+        .load_table(&st.user_name, &[TableEntry::dm_user(0, sectors, &misc)])
+        .map_err(|e| format!("load dm-user table for {misc}: {e}"))?;
+    let start = daemon.command(&format!("start,{misc}"))?;
+    if start != "success" {
+        return Err(format!("start,{misc} -> {start:?}"));
+    }
+    st.dm
+        .suspend(&st.user_name, false)
+        .map_err(|e| format!("suspend {}: {e}", st.user_name))?;
+    st.dm
+        .resume(&st.user_name)
+        .map_err(|e| format!("resume {}: {e}", st.user_name))?;
+    let old = std::mem::replace(&mut st.daemon, daemon);
+    st.misc = misc;
+    st.cow_sectors = sectors;
+    Ok(OldDaemon(Some(old)))
+}
+
+/// The daemon replaced by a handoff (stopped when dropped).
+struct OldDaemon(Option<Daemon>);
+
+impl OldDaemon {
+    fn command(&self, cmd: &str) -> Res<String> {
+        match &self.0 {
+            Some(d) => d.command(cmd),
+            None => Err("no daemon".into()),
+        }
+    }
+
+    fn take(&mut self) -> Option<Daemon> {
+        self.0.take()
+    }
+}
+
+/// First boot of the power-off scenario: snapshot, start the merge, power off mid-way.
+fn poweroff_merge(sc: &Scenario) -> bool {
+    let r = (|| -> Res<String> {
+        let st = Stack::build(sc, &format!("{}-a", sc.tag), false)?;
+        let s0 = st.status()?;
+        let SnapshotStatus::Active {
+            allocated: alloc0,
+            metadata,
+            ..
+        } = s0
+        else {
+            return Err(format!("status {s0:?}"));
+        };
+        st.start_merge(&sc.base)?;
+        let (t1, _) = wait_merge(&st, MERGE_LIMIT, |s| {
+            Ok(matches!(s, SnapshotStatus::Active { allocated, .. }
+                if *allocated < alloc0
+                    && (alloc0 - *allocated) * 100 >= (alloc0 - metadata) * sc.poweroff_percent))
+        })?;
+        let s = st.status()?;
+        if s.merge_complete() {
+            return Err(format!(
+                "merge finished within {t1:.1?} before power-off: precondition not established"
+            ));
+        }
+        Ok(format!(
+            "powering off after {t1:.1?} at {s:?} (target {}% merged)",
+            sc.poweroff_percent
+        ))
+    })();
+    let ok = vmtest("poweroff", &sc.tag, &r);
+    if ok {
+        let _ = std::io::stdout().flush();
+        // No sync: a power cut. `-n` keeps busybox from syncing.
+        let _ = Command::new("poweroff").args(["-f", "-n"]).status();
+        std::thread::sleep(Duration::from_secs(30));
+    }
+    false
+}
+
+/// Second boot of the power-off scenario: resume the merge and check the base.
+fn resume_merge(sc: &Scenario) -> bool {
+    let r = (|| -> Res<String> {
+        let st = Stack::build(sc, &format!("{}-r", sc.tag), true)?;
+        let s0 = st.status()?;
+        let (took, _) = wait_merge(&st, MERGE_LIMIT, |_| Ok(false))?;
+        println!(
+            "VMINFO snap-{} resumed merge from {s0:?} finished in {:.2} s",
+            sc.tag,
+            took.as_secs_f64()
+        );
+        st.teardown()?;
+        merged_base_check(sc).map(|d| format!("{d}, resumed from {s0:?}"))
+    })();
+    vmtest("resume-merge", &sc.tag, &r)
+}
