@@ -9,8 +9,9 @@
 //!   with the real `snapuserd` daemon (see `snapshot_scenarios.rs`).
 //! * `cargo xtask kernel-check` runs `kernel/scripts/check-style.sh`.
 //! * `cargo xtask demo [--source SRC.img --target TGT.img]` runs the OTA demo (see `demo.rs`).
-//! * `cargo xtask test` runs everything: the workspace's tests, the kernel style checks and the
-//!   emulator tests on both kernels. It is the test command README.md names.
+//! * `cargo xtask test` runs everything: the workspace's tests, the kernel style checks, the
+//!   dm-user emulator tests and the snapuserd snapshot scenarios on both kernels. It is the
+//!   test command README.md names.
 
 mod cmd;
 mod demo;
@@ -299,16 +300,27 @@ fn test_all(rest: &[String]) -> Result<()> {
     let opts = parse_options(rest)?;
     let repo = repo_root();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("xtask: [1/3] cargo test --workspace");
+    eprintln!("xtask: [1/4] cargo test --workspace");
     cmd::run(
         Command::new(cargo)
             .args(["test", "--workspace", "--locked"])
             .current_dir(&repo),
     )?;
-    eprintln!("xtask: [2/3] kernel style (checkpatch, sparse, W=1 on both kernels)");
+    eprintln!("xtask: [2/4] kernel style (checkpatch, sparse, W=1 on both kernels)");
     kernel_check()?;
-    eprintln!("xtask: [3/3] emulator tests");
-    vm_test(&opts, true)
+    eprintln!("xtask: [3/4] emulator tests: dm-user");
+    vm_test(&opts, true)?;
+    eprintln!(
+        "xtask: [4/4] emulator tests: snapuserd under dm-snapshot (read, merge, kill, power-off)"
+    );
+    snapshot_scenarios::run(
+        &repo,
+        &snapshot_scenarios::SnapshotOptions {
+            kernels: opts.kernels.clone(),
+            timeout: opts.timeout,
+            live_handoff: false,
+        },
+    )
 }
 
 fn real_main() -> Result<()> {
