@@ -4,8 +4,11 @@
 //! directory tree before and after a simulated package upgrade, packed with `mke2fs -d`), the
 //! COW file `ota-tools create` makes from them, `ota-tools verify`, and the merge a device would
 //! run, done in place on a copy of the base image in the COW's merge order, checked against the
-//! target byte for byte. The device half (snapuserd serving the snapshot over dm-user in the
-//! emulator) joins this command when the daemon lands.
+//! target byte for byte. Then the device half, in the emulator (Debian's 6.12 cloud kernel under
+//! qemu TCG, with our dm-user module): the real `snapuserd` serves the COW over dm-user under
+//! `snapshot <base> <dm-user> P 8`, the whole snapshot device is read and compared with the
+//! target, `snapshot-merge` runs to completion, and the merged base disk is compared with the
+//! target inside the guest and again on the host.
 
 use std::fs::File;
 use std::io::Read;
@@ -14,8 +17,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::cmd;
-use crate::deps;
+use crate::deps::{self, KernelSeries};
 use crate::error::{io_err, Result, XtaskError};
+use crate::guest::{self, GuestBinary};
+use crate::initramfs::{self, InitramfsSpec};
+use crate::kmod;
+use crate::report;
+use crate::vm::VmSpec;
 
 const BLOCK: usize = 4096;
 
@@ -132,6 +140,8 @@ pub fn run(repo: &Path, opts: &DemoOptions) -> Result<()> {
     }
     let changed = first_difference_count(&source, &target, target_len)?;
 
+    let device = device_stage(repo, &source, &target, &cow)?;
+
     let cow_len = file_len(&cow)?;
     let changed_bytes = changed.saturating_mul(BLOCK as u64);
     let report = format!(
@@ -143,7 +153,7 @@ pub fn run(repo: &Path, opts: &DemoOptions) -> Result<()> {
          create time       {}\n\
          verify time       {}\n\
          in-place merge    {} (merged base == target, byte for byte)\n\
-         device stage      snapuserd over dm-user in the emulator: not part of the demo yet (issue: snapuserd-rs daemon)\n",
+         device stage      {}\n{}",
         source.display(),
         target.display(),
         mib(target_len),
@@ -154,6 +164,8 @@ pub fn run(repo: &Path, opts: &DemoOptions) -> Result<()> {
         secs(create_time),
         secs(verify_time),
         secs(merge_time),
+        device.summary,
+        device.figures,
     );
     println!("\n{report}");
     let path = work.join("report.txt");
@@ -325,5 +337,89 @@ fn pick_tree() -> Result<PathBuf> {
     candidates.pop().ok_or_else(|| XtaskError::Resolve {
         what: "a directory tree for the demo images".into(),
         why: "no /usr/lib/python3.*; pass --source and --target instead".into(),
+    })
+}
+
+/// What the emulator stage saw.
+struct DeviceStage {
+    /// One line: what was checked.
+    summary: String,
+    /// The guest's figures (snapshot read throughput, merge time, daemon memory), one per line.
+    figures: String,
+}
+
+/// Boot the 6.12 kernel with a copy of the base image, the COW and the target as virtio disks,
+/// and run the OTA reboot with the real daemon (`vmtest snap read-merge`, the same guest code as
+/// `cargo xtask vm-snapshot`); then compare the merged base disk with the target on the host.
+fn device_stage(repo: &Path, source: &Path, target: &Path, cow: &Path) -> Result<DeviceStage> {
+    let build_root = repo.join("build");
+    let _lock = crate::lock_build_dir(&build_root)?;
+    step("device stage: building the guest programs and dm-user for the 6.12 kernel");
+    deps::ensure_host_tools()?;
+    let bins = guest::build(
+        repo,
+        &build_root,
+        &[
+            GuestBinary::new("vm-tests", "vmtest"),
+            GuestBinary::new("snapuserd", "snapuserd"),
+        ],
+    )?;
+    let kernel = deps::ensure_kernel(KernelSeries::V6_12)?;
+    let ko = kmod::build_dm_user(repo, &build_root, &kernel)?;
+    let disks = repo.join("build/demo/device");
+    std::fs::create_dir_all(&disks).map_err(io_err("create", &disks))?;
+    let base = disks.join("base.img");
+    let cow_copy = disks.join("update.cow");
+    std::fs::copy(source, &base).map_err(io_err("copy to", &base))?;
+    std::fs::copy(cow, &cow_copy).map_err(io_err("copy to", &cow_copy))?;
+    step("device stage: booting the emulator (snapuserd init/start, dm-user, dm-snapshot, read, merge)");
+    let spec = VmSpec {
+        label: "demo".into(),
+        kernel,
+        disks: vec![base.clone(), cow_copy, target.to_path_buf()],
+        initramfs: InitramfsSpec {
+            modules: initramfs::BASE_MODULES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            extra_modules: vec![ko],
+            binaries: bins,
+            init_fragment: "/bin/vmtest snap read-merge demo /dev/vda /dev/vdb /dev/vdc\n".into(),
+        },
+        timeout: Duration::from_secs(1500),
+        memory_mib: 1024,
+        cpus: 2,
+        cmdline_extra: String::new(),
+    };
+    let run = spec.run(&build_root)?;
+    let expected = ["snap-read-demo".to_string(), "snap-merge-demo".to_string()];
+    let results = report::evaluate(&run, &expected);
+    if let Some(bad) = results.iter().find(|r| !r.pass) {
+        return Err(XtaskError::DemoCheck(format!(
+            "emulator: {} failed: {} (log: {})",
+            bad.name,
+            bad.detail,
+            run.log_path.display()
+        )));
+    }
+    let target_len = file_len(target)?;
+    if let Some(block) = first_difference(&base, target, target_len)? {
+        return Err(XtaskError::DemoCheck(format!(
+            "the base disk merged in the emulator differs from the target at block {block}"
+        )));
+    }
+    let figures: String = run
+        .log
+        .lines()
+        .filter_map(|l| l.split_once("VMINFO snap-demo "))
+        .map(|(_, rest)| format!("  emulator: {rest}\n"))
+        .collect();
+    Ok(DeviceStage {
+        summary: format!(
+            "snapshot read == target, merge done, base disk == target (guest and host); {:.0} s boot, log {}",
+            run.elapsed.as_secs_f64(),
+            run.log_path.display()
+        ),
+        figures,
     })
 }
