@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use crate::cmd;
 use crate::deps::{self, KernelSeries};
 use crate::error::{io_err, Result, XtaskError};
+use crate::ext4_images;
 use crate::guest::{self, GuestBinary};
 use crate::initramfs::{self, InitramfsSpec};
 use crate::kmod;
@@ -278,7 +279,7 @@ fn make_ext4_pair(repo: &Path, work: &Path) -> Result<(PathBuf, PathBuf)> {
         return Ok((source, target));
     }
     deps::ensure_packages(&["e2fsprogs", "python3"])?;
-    let tree = pick_tree()?;
+    let tree = ext4_images::python_lib()?;
     step(&format!(
         "making an ext4 pair from {} before and after a simulated upgrade",
         tree.display()
@@ -303,41 +304,13 @@ fn make_ext4_pair(repo: &Path, work: &Path) -> Result<(PathBuf, PathBuf)> {
     let size = format!("{}M", used_mib * 3 / 2 + 32);
     for (tree, img) in [(&v1, &source), (&v2, &target)] {
         let tmp = img.with_extension("img.tmp");
-        cmd::run(
-            Command::new("mke2fs")
-                .env("E2FSPROGS_FAKE_TIME", "1700000000")
-                .args(["-q", "-F", "-t", "ext4", "-b", "4096"])
-                .args(["-U", "3b1c1d62-7a7e-4f42-9a55-0f0c2b5e9a11"])
-                .args(["-E", "hash_seed=5f1e0e4c-2d6b-4a8e-bb0f-6c3d2a1b0e9f"])
-                .arg("-d")
-                .arg(tree)
-                .arg(&tmp)
-                .arg(&size),
-        )?;
+        ext4_images::mke2fs_from_tree(tree, &tmp, &size)?;
         std::fs::rename(&tmp, img).map_err(io_err("rename to", img))?;
     }
     for d in [&v1, &v2] {
         std::fs::remove_dir_all(d).map_err(io_err("remove", d))?;
     }
     Ok((source, target))
-}
-
-/// A real directory tree to upgrade: the newest Python standard library on this machine.
-fn pick_tree() -> Result<PathBuf> {
-    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib")
-        .map_err(io_err("list", Path::new("/usr/lib")))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("python3.") && p.join("os.py").exists())
-        })
-        .collect();
-    candidates.sort();
-    candidates.pop().ok_or_else(|| XtaskError::Resolve {
-        what: "a directory tree for the demo images".into(),
-        why: "no /usr/lib/python3.*; pass --source and --target instead".into(),
-    })
 }
 
 /// What the emulator stage saw.

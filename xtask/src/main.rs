@@ -17,6 +17,7 @@ mod cmd;
 mod demo;
 mod deps;
 mod error;
+mod ext4_images;
 mod guest;
 mod initramfs;
 mod kmod;

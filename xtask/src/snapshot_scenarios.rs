@@ -25,7 +25,7 @@ use crate::guest::{self, GuestBinary};
 use crate::initramfs::{self, InitramfsSpec};
 use crate::report::{self, TestResult};
 use crate::vm::{BootEnd, VmSpec};
-use crate::{cmd, kmod};
+use crate::{cmd, ext4_images, kmod};
 
 /// Size of the ext4 images, MiB (TCG is slow: keep it small).
 const EXT4_MIB: u64 = 32;
@@ -306,7 +306,7 @@ fn ext4_pair(repo: &Path, work: &Path, tool: &Path) -> Result<Pair> {
     let source = work.join("ext4-source.img");
     let target = work.join("ext4-target.img");
     let cow = work.join("ext4.cow");
-    let lib = python_lib()?;
+    let lib = ext4_images::python_lib()?;
     let v1 = work.join("tree-v1");
     let v2 = work.join("tree-v2");
     for d in [&v1, &v2] {
@@ -337,18 +337,7 @@ fn ext4_pair(repo: &Path, work: &Path, tool: &Path) -> Result<Pair> {
     )?;
     std::fs::write(v2.join(MARKER.0), format!("{}\n", MARKER.1)).map_err(io_err("write", &v2))?;
     for (tree, img) in [(&v1, &source), (&v2, &target)] {
-        let _ = std::fs::remove_file(img);
-        cmd::run(
-            Command::new("mke2fs")
-                .env("E2FSPROGS_FAKE_TIME", "1700000000")
-                .args(["-q", "-F", "-t", "ext4", "-b", "4096"])
-                .args(["-U", "3b1c1d62-7a7e-4f42-9a55-0f0c2b5e9a11"])
-                .args(["-E", "hash_seed=5f1e0e4c-2d6b-4a8e-bb0f-6c3d2a1b0e9f"])
-                .arg("-d")
-                .arg(tree)
-                .arg(img)
-                .arg(format!("{EXT4_MIB}M")),
-        )?;
+        ext4_images::mke2fs_from_tree(tree, img, &format!("{EXT4_MIB}M"))?;
     }
     for d in [&v1, &v2] {
         std::fs::remove_dir_all(d).map_err(io_err("remove", d))?;
@@ -379,24 +368,6 @@ fn synthetic_pair(repo: &Path, work: &Path, tool: &Path) -> Result<Pair> {
         source,
         target,
         cow,
-    })
-}
-
-/// The newest `/usr/lib/python3.*` on this machine.
-fn python_lib() -> Result<PathBuf> {
-    let mut c: Vec<PathBuf> = std::fs::read_dir("/usr/lib")
-        .map_err(io_err("list", Path::new("/usr/lib")))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("python3.") && p.join("os.py").exists())
-        })
-        .collect();
-    c.sort();
-    c.pop().ok_or_else(|| XtaskError::Resolve {
-        what: "a directory tree for the ext4 images".into(),
-        why: "no /usr/lib/python3.*".into(),
     })
 }
 
