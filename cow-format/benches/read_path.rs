@@ -20,9 +20,11 @@
 //! criterion, `COW_BENCH_SKIP_RATIO=1` skips the summary.
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
-use std::fs;
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
+
+#[path = "support/real_data.rs"]
+mod real_data;
+use real_data::real_data;
 
 use cow_format::compression::{decompress, CompressionAlgorithm};
 use cow_format::{Compression, CowReader, CowVersion, CowWriter, WriterOptions};
@@ -33,59 +35,6 @@ const BS: usize = 4096;
 const READS: usize = 4096;
 /// Reads per timed pass in the summary table.
 const PASS: usize = 256;
-
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>, limit: usize) {
-    let Ok(rd) = fs::read_dir(dir) else { return };
-    let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
-    entries.sort();
-    for p in entries {
-        if out.len() >= limit {
-            return;
-        }
-        let Ok(md) = fs::symlink_metadata(&p) else {
-            continue;
-        };
-        if md.is_dir() {
-            collect_files(&p, out, limit);
-        } else if md.is_file() && md.len() > 0 {
-            out.push(p);
-        }
-    }
-}
-
-/// `mib` MiB of real file content, whole blocks.
-fn real_data(mib: usize) -> Vec<u8> {
-    let want = mib * 1024 * 1024;
-    let mut files = Vec::new();
-    for root in ["/usr/lib", "/usr/share"] {
-        collect_files(Path::new(root), &mut files, 200_000);
-    }
-    let mut data = Vec::with_capacity(want);
-    // Interleave the two trees so both binaries and text are represented.
-    let (lib, share): (Vec<_>, Vec<_>) = files.iter().partition(|p| p.starts_with("/usr/lib"));
-    let mut li = lib.iter();
-    let mut si = share.iter();
-    while data.len() < want {
-        let next = if data.len() % 2 == 0 {
-            li.next().or(si.next())
-        } else {
-            si.next().or(li.next())
-        };
-        let Some(p) = next else { break };
-        if let Ok(bytes) = fs::read(p) {
-            let take = bytes.len().min(want - data.len()).min(4 * 1024 * 1024);
-            data.extend_from_slice(&bytes[..take]);
-        }
-    }
-    // Pad with a repeat of the start if the trees were small.
-    while data.len() < want {
-        let n = (want - data.len()).min(data.len().max(1));
-        let copy = data[..n].to_vec();
-        data.extend_from_slice(&copy);
-    }
-    data.truncate(want / BS * BS);
-    data
-}
 
 struct Setup {
     reader: CowReader,

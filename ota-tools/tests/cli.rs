@@ -19,6 +19,19 @@ fn run(args: &[&str]) -> Output {
     bin().args(args).output().unwrap()
 }
 
+/// `ota-tools apply --source SRC --cow COW --output OUT`.
+fn apply(src: &Path, cow: &Path, out: &Path) -> Output {
+    run(&[
+        "apply",
+        "--source",
+        s(src),
+        "--cow",
+        s(cow),
+        "--output",
+        s(out),
+    ])
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -140,15 +153,7 @@ fn apply_reproduces_the_target_for_every_version_compression_and_factor() {
         let sc = write_cow(&cow, opts);
         fs::write(&src, &sc.source).unwrap();
         let _ = fs::remove_file(&out);
-        let o = run(&[
-            "apply",
-            "--source",
-            s(&src),
-            "--cow",
-            s(&cow),
-            "--output",
-            s(&out),
-        ]);
+        let o = apply(&src, &cow, &out);
         assert!(o.status.success(), "{name}: {}", stderr(&o));
         let got = fs::read(&out).unwrap();
         assert_eq!(got.len(), sc.target.len(), "{name}");
@@ -169,15 +174,7 @@ fn apply_over_an_existing_larger_image_and_with_size() {
     fs::write(&src, &sc.source).unwrap();
     // Existing output with junk, larger than needed: it is overwritten and resized.
     fs::write(&out, vec![0xEEu8; 100 * BS]).unwrap();
-    let o = run(&[
-        "apply",
-        "--source",
-        s(&src),
-        "--cow",
-        s(&cow),
-        "--output",
-        s(&out),
-    ]);
+    let o = apply(&src, &cow, &out);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(fs::read(&out).unwrap() == sc.target);
     // --size larger: zero tail.
@@ -246,15 +243,7 @@ fn apply_in_place_follows_the_merge_order() {
     };
     let sc = write_cow(&cow, opts);
     fs::write(&src, &sc.source).unwrap();
-    let o = run(&[
-        "apply",
-        "--source",
-        s(&src),
-        "--cow",
-        s(&cow),
-        "--output",
-        s(&src),
-    ]);
+    let o = apply(&src, &cow, &src);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(fs::read(&src).unwrap() == sc.target);
 
@@ -276,15 +265,7 @@ fn apply_in_place_follows_the_merge_order() {
 
     chain(Some(&[2, 1]));
     fs::write(&src, &source).unwrap();
-    let o = run(&[
-        "apply",
-        "--source",
-        s(&src),
-        "--cow",
-        s(&cow),
-        "--output",
-        s(&src),
-    ]);
+    let o = apply(&src, &cow, &src);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         fs::read(&src).unwrap() == expected,
@@ -293,15 +274,7 @@ fn apply_in_place_follows_the_merge_order() {
 
     chain(None);
     fs::write(&src, &source).unwrap();
-    let o = run(&[
-        "apply",
-        "--source",
-        s(&src),
-        "--cow",
-        s(&cow),
-        "--output",
-        s(&src),
-    ]);
+    let o = apply(&src, &cow, &src);
     assert!(o.status.success(), "{}", stderr(&o));
     let in_place = fs::read(&src).unwrap();
     assert!(
@@ -421,15 +394,7 @@ fn errors_are_one_line_and_name_the_problem() {
     let bytes = fs::read(&cow).unwrap();
     fs::write(&cow, &bytes[..bytes.len() - 50]).unwrap();
     fs::write(&src, &sc.source).unwrap();
-    let o = run(&[
-        "apply",
-        "--source",
-        s(&src),
-        "--cow",
-        s(&cow),
-        "--output",
-        s(&out),
-    ]);
+    let o = apply(&src, &cow, &out);
     assert!(!o.status.success());
     let e = stderr(&o);
     assert_eq!(e.lines().count(), 1, "{e}");
@@ -448,15 +413,7 @@ fn errors_are_one_line_and_name_the_problem() {
         *b = 0xFF;
     }
     fs::write(&cow, &bytes).unwrap();
-    let o = run(&[
-        "apply",
-        "--source",
-        s(&src),
-        "--cow",
-        s(&cow),
-        "--output",
-        s(&out),
-    ]);
+    let o = apply(&src, &cow, &out);
     assert!(!o.status.success());
     let e = stderr(&o);
     assert_eq!(e.lines().count(), 1, "{e}");
@@ -465,15 +422,7 @@ fn errors_are_one_line_and_name_the_problem() {
     // Source too short for a COPY.
     write_cow(&cow, WriterOptions::default());
     fs::write(&src, vec![0u8; 4 * BS]).unwrap();
-    let o = run(&[
-        "apply",
-        "--source",
-        s(&src),
-        "--cow",
-        s(&cow),
-        "--output",
-        s(&out),
-    ]);
+    let o = apply(&src, &cow, &out);
     assert!(!o.status.success());
     let e = stderr(&o);
     assert_eq!(e.lines().count(), 1, "{e}");
@@ -494,15 +443,7 @@ fn errors_are_one_line_and_name_the_problem() {
 
     // Output == COW.
     fs::write(&src, source_image()).unwrap();
-    let o = run(&[
-        "apply",
-        "--source",
-        s(&src),
-        "--cow",
-        s(&cow),
-        "--output",
-        s(&cow),
-    ]);
+    let o = apply(&src, &cow, &cow);
     assert!(!o.status.success());
     assert!(
         stderr(&o).contains("is the COW file itself"),
@@ -575,15 +516,7 @@ fn aosp_cow_v2_inspect_and_apply() {
 
     let source = source_image();
     fs::write(&src, &source).unwrap();
-    let o = run(&[
-        "apply",
-        "--source",
-        s(&src),
-        "--cow",
-        s(&cow),
-        "--output",
-        s(&out),
-    ]);
+    let o = apply(&src, &cow, &out);
     assert!(o.status.success(), "{}", stderr(&o));
     let got = fs::read(&out).unwrap();
     let mut text = b"This is some data, believe it".to_vec();
@@ -618,15 +551,7 @@ fn apply_far_block_leaves_a_sparse_hole() {
         CowWriter::create(fs::File::create(&cow).unwrap(), WriterOptions::default()).unwrap();
     w.add_replace(far, &data).unwrap();
     w.finalize().unwrap();
-    let o = run(&[
-        "apply",
-        "--source",
-        s(&src),
-        "--cow",
-        s(&cow),
-        "--output",
-        s(&out),
-    ]);
+    let o = apply(&src, &cow, &out);
     assert!(o.status.success(), "{}", stderr(&o));
     let meta = fs::metadata(&out).unwrap();
     assert_eq!(meta.len(), (far + 1) * BS as u64);
@@ -688,15 +613,7 @@ fn apply_duplicate_blocks_take_the_first_op() {
     w.add_copy(3, 9).unwrap();
     w.add_copy(3, 10).unwrap();
     w.finalize().unwrap();
-    let o = run(&[
-        "apply",
-        "--source",
-        s(&src),
-        "--cow",
-        s(&cow),
-        "--output",
-        s(&out),
-    ]);
+    let o = apply(&src, &cow, &out);
     assert!(o.status.success(), "{}", stderr(&o));
     let got = fs::read(&out).unwrap();
     assert!(got[7 * BS..8 * BS].iter().all(|b| *b == 0));

@@ -23,8 +23,11 @@
 use std::fs;
 use std::hint::black_box;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+#[path = "../../cow-format/benches/support/real_data.rs"]
+mod real_data;
+use real_data::real_data;
 
 use cow_format::WriterOptions;
 use cow_format::{Compression, CompressionAlgorithm, CowReader, CowVersion, CowWriter};
@@ -35,53 +38,6 @@ use snapuserd::snapshot::block_server::{Request, Status, DM_USER_REQ_MAP_READ};
 const BS: usize = 4096;
 /// Reads per criterion iteration and per summary pass.
 const PASS: usize = 256;
-
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>, limit: usize) {
-    let Ok(rd) = fs::read_dir(dir) else { return };
-    let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
-    entries.sort();
-    for p in entries {
-        if out.len() >= limit {
-            return;
-        }
-        let Ok(md) = fs::symlink_metadata(&p) else {
-            continue;
-        };
-        if md.is_dir() {
-            collect_files(&p, out, limit);
-        } else if md.is_file() && md.len() > 0 {
-            out.push(p);
-        }
-    }
-}
-
-fn real_data(mib: usize) -> Vec<u8> {
-    let want = mib * 1024 * 1024;
-    let mut files = Vec::new();
-    for root in ["/usr/lib", "/usr/share"] {
-        collect_files(Path::new(root), &mut files, 200_000);
-    }
-    let mut data = Vec::with_capacity(want);
-    for f in files {
-        if data.len() >= want {
-            break;
-        }
-        if let Ok(bytes) = fs::read(&f) {
-            data.extend_from_slice(&bytes[..bytes.len().min(want - data.len())]);
-        }
-    }
-    // Fallback / padding: a compressible pattern.
-    let mut x = 0x9e37_79b9_u32;
-    while data.len() < want {
-        x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-        data.push(if x % 5 == 0 {
-            (x >> 16) as u8
-        } else {
-            b'a' + (data.len() % 23) as u8
-        });
-    }
-    data
-}
 
 struct Setup {
     snap: CowSnapshot,

@@ -14,7 +14,8 @@ use cow_format::{MergeOrderOptions, WriterOptions};
 use super::handle::{CowSnapshot, SnapshotOpenError};
 use super::source_file::FileSource;
 use crate::snapshot::dm_snapshot_model::{
-    CowDevice, CrashMode, DmSnapshot, MergeStep, ModelError, Origin, OriginDevice, ServerCow,
+    crash_sweep, CowDevice, CrashMode, DmSnapshot, MergeStep, ModelError, Origin, OriginDevice,
+    ServerCow,
 };
 use crate::snapshot::merge_plan::BLOCK_SIZE;
 use crate::snapshot::merge_tracker::CrashClock;
@@ -324,19 +325,9 @@ fn run_one_crash(case: &Case, budget: u64, mode: CrashMode, check_view: bool) ->
 
 /// Crash at budgets 0, stride, 2·stride, … until a run completes, in every crash mode.
 fn crash_everywhere(case: &Case, stride: u64, check_view: bool) -> u64 {
-    let mut tried = 0;
-    for mode in [
-        CrashMode::DropUnflushed,
-        CrashMode::KeepUnflushed,
-        CrashMode::KeepOlderHalf,
-    ] {
-        let mut budget = 0;
-        while run_one_crash(case, budget, mode, check_view) {
-            tried += 1;
-            budget += stride;
-        }
-    }
-    tried
+    crash_sweep(stride, |budget, mode| {
+        run_one_crash(case, budget, mode, check_view)
+    })
 }
 
 /// Copies highest first: `start+i+shift ← start+i`.

@@ -133,6 +133,30 @@ pub enum CrashMode {
     KeepOlderHalf,
 }
 
+impl CrashMode {
+    /// Every mode, for sweeps.
+    pub const ALL: [CrashMode; 3] = [
+        CrashMode::DropUnflushed,
+        CrashMode::KeepUnflushed,
+        CrashMode::KeepOlderHalf,
+    ];
+}
+
+/// Crash at budgets 0, `stride`, 2·`stride`, … in every crash mode, until a run completes
+/// without reaching its budget. `run_one(budget, mode)` returns whether the crash happened.
+/// Returns how many crashed runs were tried.
+pub fn crash_sweep(stride: u64, mut run_one: impl FnMut(u64, CrashMode) -> bool) -> u64 {
+    let mut tried = 0;
+    for mode in CrashMode::ALL {
+        let mut budget = 0;
+        while run_one(budget, mode) {
+            tried += 1;
+            budget += stride;
+        }
+    }
+    tried
+}
+
 /// An in-memory origin disk with a volatile write cache.
 #[derive(Debug)]
 pub struct OriginDevice {

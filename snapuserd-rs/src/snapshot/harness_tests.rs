@@ -11,7 +11,7 @@ use proptest::prelude::*;
 
 use super::block_server::{BlockServer, BlockServerError, BlockSource};
 use super::dm_snapshot_model::{
-    CowDevice, CrashMode, DmSnapshot, MergeStep, Origin, OriginDevice, ServerCow,
+    crash_sweep, CowDevice, CrashMode, DmSnapshot, MergeStep, Origin, OriginDevice, ServerCow,
 };
 use super::merge_plan::{MergePlan, OpKind, PlannedOp, SourceDevice, BLOCK_SIZE, BLOCK_SIZE_U64};
 use super::merge_tracker::{CrashClock, DurableMergeState, InMemoryMergeStore, ScratchState};
@@ -295,19 +295,9 @@ fn run_with_crashes(sc: &Scenario, budgets: &[u64], mode: CrashMode, check_view:
 
 /// Crash at every step (budgets 0, stride, 2*stride, ...) in every crash mode.
 fn crash_everywhere(sc: &Scenario, stride: u64, check_view: bool) -> u64 {
-    let mut tried = 0;
-    for mode in [
-        CrashMode::DropUnflushed,
-        CrashMode::KeepUnflushed,
-        CrashMode::KeepOlderHalf,
-    ] {
-        let mut budget = 0;
-        while run_with_crashes(sc, &[budget], mode, check_view) == 1 {
-            tried += 1;
-            budget += stride;
-        }
-    }
-    tried
+    crash_sweep(stride, |budget, mode| {
+        run_with_crashes(sc, &[budget], mode, check_view) == 1
+    })
 }
 
 // ---------------------------------------------------------------------------------------
