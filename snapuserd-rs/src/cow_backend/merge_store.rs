@@ -308,6 +308,28 @@ impl MergeStateStore for CowMergeStore {
         self.state = ScratchState::Done;
         Ok(())
     }
+
+    fn reload(&mut self) -> io::Result<()> {
+        let invalid =
+            |e: MergeStateError| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
+        let ms = MergeState::open(self.file.try_clone()?).map_err(invalid)?;
+        let entries = ms.num_merge_ops().map_err(invalid)?;
+        let planned = self.progress.planned_for_entries(entries).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "durable num_merge_ops {entries} exceeds the {} merge-order entries",
+                    self.progress.entries()
+                ),
+            )
+        })?;
+        if self.geometry.is_some() {
+            self.state = state_from(ms.buffer_state().map_err(invalid)?);
+        }
+        self.durable_entries = entries;
+        self.planned = planned;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -876,3 +876,77 @@ fn check_reused_buffers(snap: &CowSnapshot) {
         }
     }
 }
+
+/// A live handoff over a real COW file: dm-snapshot keeps its in-core table while daemon A
+/// is replaced by daemon B, which opened the same file (and the same base) after
+/// `opened_at` batches; B serves from batch `switch_at` on. B reads the durable progress A
+/// left in the file when the kernel's first write shows more merged than B knew.
+fn handoff_on_files(c: &Case, opened_at: usize, switch_at: usize, mmap: bool) {
+    let target = c.target();
+    let f = files(c);
+    let origin = OriginDevice::create(fs::read(&f.base).unwrap(), CrashClock::never());
+    let open = || CowSnapshot::build(&f.cow, origin.clone(), mmap, |s| s).unwrap();
+    let a = open();
+    let mut cow_a = ServerCow { server: a.server() };
+    let mut dm = DmSnapshot::load(&mut cow_a).unwrap();
+    let mut b = None;
+    for batch in 0..switch_at {
+        if batch == opened_at {
+            b = Some(open());
+        }
+        assert!(matches!(
+            dm.merge_step(&origin, &mut cow_a).unwrap(),
+            MergeStep::Merged(_)
+        ));
+    }
+    let b = b.unwrap_or_else(open);
+    assert_eq!(b.device_sectors(), a.device_sectors());
+    let mut cow_b = ServerCow { server: b.server() };
+    let what = format!("handoff at batch {switch_at}, B opened at {opened_at}");
+    assert_images_eq(
+        &view_of(&dm, &origin, &mut cow_b),
+        &target,
+        &format!("snapshot view after {what}"),
+    );
+    loop {
+        match dm.merge_step(&origin, &mut cow_b) {
+            Ok(MergeStep::Done) => break,
+            Ok(MergeStep::Merged(_)) => {}
+            Err(e) => panic!("merge after {what}: {e}"),
+        }
+    }
+    assert_images_eq(&origin.image(), &target, &format!("base after {what}"));
+    let (merged, total) = durable_num_merge_ops(&f.cow);
+    assert_eq!(merged, total, "{what}");
+    assert!(b.server().merge_complete().unwrap(), "{what}");
+}
+
+#[test]
+fn live_handoff_between_daemons_on_one_cow_file() {
+    // 700 overlapping copies (two windows, three areas with the REPLACEs) then REPLACEs.
+    let mut c = Case::new(
+        760,
+        21,
+        opts(CowVersion::V3, CompressionAlgorithm::Lz4, true),
+    );
+    chain_up(&mut c, 0, 700, 1);
+    let mut rng = Rng(77);
+    for b in 710..740 {
+        c.others.push(TestOp::Replace {
+            new: b,
+            data: rng.compressible_block(),
+        });
+    }
+    // Sequential (B opened at the switch), B stale across an area end, across the first
+    // window commit (510), and B opened before any batch but switched in the second window.
+    for (i, (opened_at, switch_at)) in [(300, 300), (150, 260), (100, 600), (0, 690), (509, 511)]
+        .into_iter()
+        .enumerate()
+    {
+        handoff_on_files(&c, opened_at, switch_at, i % 2 == 0);
+    }
+    // v2 without scratch: immediate commits.
+    let mut c2 = c.clone();
+    c2.opts = opts(CowVersion::V2, CompressionAlgorithm::Zstd, false);
+    handoff_on_files(&c2, 100, 400, true);
+}

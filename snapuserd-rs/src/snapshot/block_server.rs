@@ -214,7 +214,11 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
     /// Merge progress in percent (0.0 to 100.0): ops merged by the kernel (committed or
     /// not) over all data ops, as `merge_percent` reports. A COW with no ops is 100% merged.
     pub fn merge_percent(&self) -> Result<f64, BlockServerError> {
-        let live = self.tracker()?.live();
+        let live = {
+            let mut tracker = self.tracker()?;
+            tracker.follow_finished_merge(&self.plan);
+            tracker.live()
+        };
         let total = self.plan.len();
         if total == 0 {
             return Ok(100.0);
@@ -225,7 +229,8 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
 
     /// True once every op is merged and durably committed.
     pub fn merge_complete(&self) -> Result<bool, BlockServerError> {
-        let tracker = self.tracker()?;
+        let mut tracker = self.tracker()?;
+        tracker.follow_finished_merge(&self.plan);
         Ok(tracker.live() == 0 && tracker.committed() == self.plan.len() as u64)
     }
 
@@ -495,6 +500,9 @@ mod tests {
             &mut self,
             _: &super::super::merge_tracker::ScratchWindow,
         ) -> io::Result<()> {
+            Ok(())
+        }
+        fn reload(&mut self) -> io::Result<()> {
             Ok(())
         }
     }

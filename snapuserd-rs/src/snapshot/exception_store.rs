@@ -16,8 +16,12 @@
 //! * one gap before each group of ordered ops; a group ends when the next op's destination
 //!   is a source block of the group, or one of its source blocks (two for an unaligned XOR)
 //!   is a destination of the group, or when it would cross a read-ahead window boundary
-//!   (windows are [`WINDOW_OPS`] ordered ops counted in merge order from the first
-//!   unmerged op).
+//!   (windows are a fixed grid of [`WINDOW_OPS`] ops over the merge order, see
+//!   [`window_of`]).
+//!
+//! The layout is progress-invariant: ids are assigned over the whole merge order and the
+//! merged ops (the last exceptions) are left out, so every daemon that serves the same COW
+//! presents the same `new_chunk` for each op still unmerged, and the same device size.
 //!
 //! Memory: the store keeps one `u32` chunk id per unmerged op (4 bytes per op) and reads
 //! `old_chunk` from the [`MergePlan`] when an area is rendered; areas are rendered on
@@ -125,6 +129,22 @@ fn next_data_chunk(chunk: u64) -> u64 {
     }
 }
 
+/// Read-ahead window of ordered merge-order op `index`.
+///
+/// Windows are a fixed grid over the merge order (`[k*WINDOW_OPS, (k+1)*WINDOW_OPS)`), not
+/// counted from wherever a daemon happened to start, so the layout's window gaps and the
+/// tracker's windows agree across restarts and handoffs.
+pub fn window_of(index: usize) -> usize {
+    index / WINDOW_OPS
+}
+
+/// One past the last op of the window holding ordered op `index`.
+pub fn window_end_of(index: usize) -> usize {
+    window_of(index)
+        .saturating_add(1)
+        .saturating_mul(WINDOW_OPS)
+}
+
 /// Bytes of the header chunk: magic, valid=1, version=1, chunk_size=8, rest zero.
 pub fn header_chunk() -> [u8; BLOCK_SIZE] {
     let mut out = [0u8; BLOCK_SIZE];
@@ -145,40 +165,46 @@ struct GroupState {
 
 impl ExceptionStore {
     /// Build the table from the unmerged part of `plan`.
+    ///
+    /// The chunk ids do not depend on merge progress: ids are assigned over the **whole**
+    /// merge order (as if nothing were merged) and the merged ops, which are always the
+    /// last exceptions in assignment order, are then left out. A daemon opened later in the
+    /// merge (after a crash, or taking over from another daemon while dm-snapshot keeps its
+    /// in-core table) therefore presents the same `new_chunk` for every op the kernel still
+    /// holds, and the same device size.
     pub fn build(plan: &MergePlan) -> Result<Self, ExceptionStoreError> {
         let first_unmerged = plan.num_merge_ops();
         let unmerged = plan.num_unmerged();
         let mut new_chunks: Vec<u32> = Vec::with_capacity(unmerged);
         let mut next: u64 = 2;
-        let push = |chunk: u64, list: &mut Vec<u32>| -> Result<(), ExceptionStoreError> {
-            let id = u32::try_from(chunk).map_err(|_| ExceptionStoreError::ChunkIdOverflow {
-                chunk,
-                exception: list.len(),
+        // Exceptions are assigned in reverse merge order; only ops at or after
+        // `first_unmerged` are presented.
+        let mut assign = |index: usize, next: u64| -> Result<(), ExceptionStoreError> {
+            if index < first_unmerged {
+                return Ok(());
+            }
+            let id = u32::try_from(next).map_err(|_| ExceptionStoreError::ChunkIdOverflow {
+                chunk: next,
+                exception: new_chunks.len(),
             })?;
-            list.push(id);
+            new_chunks.push(id);
             Ok(())
         };
 
         // Reverse merge order: the REPLACE/ZERO section (end of the plan) comes first.
-        let mut assigned_unordered = false;
-        for _ in plan
-            .unmerged()
-            .rev()
-            .take_while(|(_, op)| !op.kind.is_ordered())
-        {
-            push(next, &mut new_chunks)?;
-            next = next_data_chunk(next);
-            assigned_unordered = true;
-        }
         let ordered_end = plan.num_ordered();
-        if first_unmerged < ordered_end {
-            if assigned_unordered {
+        for index in (ordered_end..plan.len()).rev() {
+            assign(index, next)?;
+            next = next_data_chunk(next);
+        }
+        if ordered_end > 0 {
+            if ordered_end < plan.len() {
                 next = next_data_chunk(next); // gap between the two sections
             }
             let mut group = GroupState::default();
-            for index in (first_unmerged..ordered_end).rev() {
+            for index in (0..ordered_end).rev() {
                 let Some(op) = plan.op(index) else { break };
-                let window = (index - first_unmerged) / WINDOW_OPS;
+                let window = window_of(index);
                 let joins = group.window == Some(window)
                     && !group.sources.contains(&op.new_block)
                     && !op.source_blocks().iter().any(|b| group.dests.contains(&b));
@@ -190,7 +216,7 @@ impl ExceptionStore {
                 }
                 group.dests.insert(op.new_block);
                 group.sources.extend(op.source_blocks().iter());
-                push(next, &mut new_chunks)?;
+                assign(index, next)?;
                 next = next_data_chunk(next);
             }
         }
@@ -592,7 +618,7 @@ mod tests {
                 prop_assert!(kinds.len() == 1, "batch mixes ordered and unordered ops");
                 if plan.ops()[ops[0]].kind.is_ordered() {
                     let windows: std::collections::HashSet<usize> =
-                        ops.iter().map(|&i| (i - plan.num_merge_ops()) / WINDOW_OPS).collect();
+                        ops.iter().map(|&i| window_of(i)).collect();
                     prop_assert!(windows.len() == 1, "batch spans windows");
                     let dests: std::collections::HashSet<u64> =
                         ops.iter().map(|&i| plan.ops()[i].new_block).collect();
@@ -609,6 +635,18 @@ mod tests {
                 }
             }
             prop_assert_eq!(next_op, plan.len());
+
+            // Progress-invariant layout: the table built with nothing merged gives every
+            // still-unmerged op the same chunk id, and the device the same size.
+            let fresh_plan = MergePlan::new(plan.ops().to_vec(), 0).unwrap();
+            let fresh = ExceptionStore::build(&fresh_plan).unwrap();
+            prop_assert_eq!(fresh.device_chunks(), store.device_chunks());
+            for e in 0..store.num_exceptions() {
+                let op = store.op_index(e).unwrap();
+                let fe = fresh.exception_of_op(op).unwrap();
+                prop_assert_eq!(e, fe);
+                prop_assert_eq!(store.new_chunk(e), fresh.new_chunk(fe));
+            }
         }
     }
 }

@@ -476,6 +476,120 @@ fn more_ordered_ops_than_one_window() {
     assert_eq!(run_clean(&sc, false), 600);
 }
 
+/// A second daemon on the same origin and the same durable merge state (the COW file), as a
+/// handoff starts one while dm-snapshot keeps running.
+fn serve_shared(
+    sc: &Scenario,
+    origin: &Origin,
+    durable: &Rc<RefCell<DurableMergeState>>,
+) -> Server {
+    let merged = durable.borrow().num_merge_ops;
+    let plan = MergePlan::new(sc.ops.clone(), merged).unwrap();
+    let store =
+        InMemoryMergeStore::over_shared(Rc::clone(durable), sc.scratch_blocks, CrashClock::never());
+    BlockServer::new(
+        plan,
+        TestBlocks {
+            payloads: Rc::clone(&sc.payloads),
+        },
+        origin.clone(),
+        store,
+    )
+    .unwrap()
+}
+
+/// Live handoff: dm-snapshot keeps its in-core table (a dm-user table swap, not a snapshot
+/// reload) while the daemon behind the COW device changes. Daemon A serves the first
+/// `switch_at` merge batches; daemon B is opened on the same COW after `opened_at` batches
+/// (`opened_at < switch_at`: B was initialised while A kept merging, as in the second-stage
+/// transition of libsnapshot) and serves everything from batch `switch_at` on. Returns
+/// false when the merge finished before the switch.
+fn run_handoff(sc: &Scenario, opened_at: usize, switch_at: usize) -> bool {
+    assert!(opened_at <= switch_at);
+    let target = sc.target();
+    let b = boot(
+        sc,
+        sc.source.clone(),
+        DurableMergeState::fresh(0),
+        CrashClock::never(),
+    );
+    let daemon_a = b.server.unwrap();
+    let mut cow_a = ServerCow { server: &daemon_a };
+    let mut snap = DmSnapshot::load(&mut cow_a).unwrap();
+    let mut daemon_b = None;
+    for batch in 0..switch_at {
+        if batch == opened_at {
+            daemon_b = Some(serve_shared(sc, &b.origin, &b.durable));
+        }
+        if snap.merge_step(&b.origin, &mut cow_a).unwrap() == MergeStep::Done {
+            return false;
+        }
+    }
+    let daemon_b = daemon_b.unwrap_or_else(|| serve_shared(sc, &b.origin, &b.durable));
+    assert_eq!(
+        daemon_b.device_sectors(),
+        daemon_a.device_sectors(),
+        "the new daemon must present a device of the same size (Android reloads the dm-user table with the same length)"
+    );
+    let mut cow_b = ServerCow { server: &daemon_b };
+    // Reads through the kept in-core table are now served by daemon B.
+    assert_images_eq(
+        &view_of(&snap, &b.origin, &mut cow_b),
+        &target,
+        &format!("snapshot view after a handoff at batch {switch_at} (B opened at {opened_at})"),
+    );
+    loop {
+        match snap.merge_step(&b.origin, &mut cow_b) {
+            Ok(MergeStep::Done) => break,
+            Ok(MergeStep::Merged(_)) => {}
+            Err(e) => {
+                panic!("merge after a handoff at batch {switch_at} (B opened at {opened_at}): {e}")
+            }
+        }
+    }
+    assert_images_eq(&b.origin.image(), &target, "merged base after a handoff");
+    assert_eq!(b.durable.borrow().num_merge_ops, sc.ops.len() as u64);
+    assert!(
+        daemon_b.merge_complete().unwrap(),
+        "daemon B does not see the merge complete after a handoff at {switch_at} (opened at {opened_at}): {:?}",
+        b.durable.borrow().num_merge_ops
+    );
+    true
+}
+
+/// 600 overlapping copies (two read-ahead windows, three metadata areas) and 30 REPLACEs,
+/// with and without scratch: a handoff at sampled batches and at every batch around the
+/// window end and the area boundaries, with the new daemon opened just before the switch or
+/// up to 520 batches earlier (so that it missed a whole window commit).
+#[test]
+fn live_handoff_mid_merge() {
+    let mut ops = chain_up(0, 600, 1);
+    ops.extend((1200..1230).rev().map(PlannedOp::replace));
+    for scratch in [SCRATCH, 0] {
+        let sc = Scenario::new(1240, ops.clone(), scratch, 14);
+        let batches = run_clean(&sc, false);
+        // The copies merge one per batch in merge order (copy k is batch k), then the 30
+        // REPLACEs (descending blocks on ascending chunks) as one batch. The window ends
+        // after copy 510; area 2 holds ops 0..118 and area 1 ops 118..374.
+        assert_eq!(batches, 601);
+        let mut switches: Vec<usize> = (1..batches).step_by(53).collect();
+        for edge in [118, 374, 510, 600] {
+            switches.extend(edge - 2..edge + 3);
+        }
+        let mut done = 0;
+        for &switch_at in &switches {
+            for back in [0, 1, 9, 520] {
+                let opened_at = switch_at.saturating_sub(back);
+                if run_handoff(&sc, opened_at, switch_at) {
+                    done += 1;
+                }
+            }
+        }
+        // Only a switch after the last batch finds the merge done.
+        assert!(done >= 4 * (switches.len() - 2), "{done} handoffs ran");
+    }
+}
+
 #[test]
 fn resume_from_nonzero_num_merge_ops() {
     // The COW says the first 3 ops are merged; the origin already has them.

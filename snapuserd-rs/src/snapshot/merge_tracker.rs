@@ -21,7 +21,7 @@ use std::rc::Rc;
 use thiserror::Error;
 
 use super::exception_store::{
-    ExceptionStore, DISK_EXCEPTION_SIZE, EXCEPTIONS_PER_AREA, WINDOW_OPS,
+    window_end_of, ExceptionStore, DISK_EXCEPTION_SIZE, EXCEPTIONS_PER_AREA, WINDOW_OPS,
 };
 use super::merge_plan::{MergePlan, OpKind, SourceDevice, BLOCK_SIZE};
 
@@ -67,6 +67,10 @@ pub trait MergeStateStore {
     /// Write and sync the window's metadata list (zero-terminated) and data, then set and
     /// sync state Done.
     fn write_window(&mut self, window: &ScratchWindow) -> io::Result<()>;
+    /// Re-read `num_merge_ops` and the scratch state from durable storage: another daemon
+    /// serving the same COW before a handoff may have advanced them since this store was
+    /// opened.
+    fn reload(&mut self) -> io::Result<()>;
 }
 
 /// Errors of the merge tracker.
@@ -266,11 +270,11 @@ impl<S: MergeStateStore> MergeTracker<S> {
         Ok(tracker)
     }
 
+    /// The window that starts at ordered op `start` and ends at the next grid boundary
+    /// (a window is shorter than [`WINDOW_OPS`] only when the durable progress was left
+    /// mid-grid by another writer, or at the end of the ordered ops).
     fn window_range(&self, plan: &MergePlan, start: usize) -> (usize, usize) {
-        (
-            start,
-            start.saturating_add(WINDOW_OPS).min(plan.num_ordered()),
-        )
+        (start, window_end_of(start).min(plan.num_ordered()))
     }
 
     fn rebuild_window(&self, plan: &MergePlan) -> Result<Window, MergeTrackerError> {
@@ -369,6 +373,25 @@ impl<S: MergeStateStore> MergeTracker<S> {
         w.data.get(at..at + BLOCK_SIZE)
     }
 
+    /// Notice a merge that a daemon before this one finished (a handoff after the last
+    /// metadata write leaves this tracker nothing to follow). Partial progress made by a
+    /// previous daemon is picked up at the next metadata write instead (see `resync`).
+    pub fn follow_finished_merge(&mut self, plan: &MergePlan) {
+        if self.committed == plan.len() {
+            return;
+        }
+        if let Err(e) = self.store.reload() {
+            log::debug!("re-reading the durable merge state for a status query: {e}");
+            return;
+        }
+        if self.store.num_merge_ops() == plan.len() as u64 {
+            log::info!("the merge was finished by the daemon before this one");
+            self.committed = plan.len();
+            self.live = 0;
+            self.window = None;
+        }
+    }
+
     /// Exceptions not merged yet; areas render exceptions `0..live()`.
     pub fn live(&self) -> usize {
         self.live
@@ -408,21 +431,36 @@ impl<S: MergeStateStore> MergeTracker<S> {
             });
         }
         let expected_area = self.live.checked_sub(1).map(|e| e / EXCEPTIONS_PER_AREA);
-        if expected_area != Some(area) {
+        let Some(last_area) = expected_area.filter(|&last| area <= last) else {
             return Err(MergeTrackerError::UnexpectedArea {
                 area,
                 expected: expected_area,
             });
-        }
+        };
+        // The kernel moves to an earlier area only once the later ones are wholly merged.
+        // A write to an earlier area than ours therefore means a daemon before us (handoff
+        // with dm-snapshot's in-core table kept) followed those merges: everything after
+        // this area is merged, and this area is full as far as we know.
+        let live_before = if area < last_area {
+            let assumed = (area + 1) * EXCEPTIONS_PER_AREA;
+            log::info!(
+                "metadata area {area} written while area {last_area} still looked live: \
+                 exceptions {assumed}..{} were merged before this daemon took over",
+                self.live
+            );
+            assumed
+        } else {
+            self.live
+        };
         let mut current = [0u8; BLOCK_SIZE];
-        // The area exists because it holds exception live-1.
+        // The area exists because it holds exception live_before-1.
         exceptions
-            .render_area(plan, area, self.live, &mut current)
+            .render_area(plan, area, live_before, &mut current)
             .map_err(|_| MergeTrackerError::UnexpectedArea {
                 area,
                 expected: expected_area,
             })?;
-        let live_in_area = self.live - area * EXCEPTIONS_PER_AREA;
+        let live_in_area = live_before - area * EXCEPTIONS_PER_AREA;
         let mut still_live = 0usize;
         let mut seen_merged = false;
         for slot in 0..EXCEPTIONS_PER_AREA {
@@ -450,13 +488,15 @@ impl<S: MergeStateStore> MergeTracker<S> {
                 still_live += 1;
             }
         }
-        let newly = live_in_area - still_live;
-        if newly == 0 {
+        if still_live == live_in_area {
             return Err(MergeTrackerError::NoNewlyMerged { area });
         }
-        let first = exceptions.first_unmerged() + (exceptions.num_exceptions() - self.live);
-        let end = first + newly;
-        self.live -= newly;
+        let live_after = area * EXCEPTIONS_PER_AREA + still_live;
+        let total = exceptions.first_unmerged() + exceptions.num_exceptions();
+        let first = total - self.live;
+        let end = total - live_after;
+        let newly = self.live - live_after;
+        self.live = live_after;
         self.commit_merged(plan, first, end, source)?;
         Ok(MergeProgress {
             newly_merged: newly,
@@ -475,17 +515,32 @@ impl<S: MergeStateStore> MergeTracker<S> {
     ) -> Result<(), MergeTrackerError> {
         let ordered_end = plan.num_ordered();
         if self.use_scratch && first < ordered_end {
+            let ordered_last = end.min(ordered_end);
+            let committed = self.committed;
+            let fits = self
+                .window
+                .as_ref()
+                .is_some_and(|w| first.max(committed) >= w.start && ordered_last <= w.end);
+            if !fits {
+                // A daemon before us may have committed windows since we opened: adopt the
+                // durable state it left, then check again.
+                self.resync(plan, source)?;
+                if first.max(self.committed) >= ordered_end {
+                    // Every ordered op is durably merged already (by the daemon before us).
+                    return self.commit_to(end);
+                }
+            }
             let Some((w_start, w_end)) = self.window.as_ref().map(|w| (w.start, w.end)) else {
                 self.failed = true;
                 return Err(MergeTrackerError::CrossesWindow {
                     first,
                     end,
-                    window_start: 0,
-                    window_end: 0,
+                    window_start: self.committed,
+                    window_end: self.committed,
                 });
             };
-            let ordered_last = end.min(ordered_end);
-            if first < w_start || ordered_last > w_end {
+            // Ops before the window are durably merged (by us or a daemon before us).
+            if first.max(self.committed) < w_start || ordered_last > w_end {
                 self.failed = true;
                 return Err(MergeTrackerError::CrossesWindow {
                     first,
@@ -517,7 +572,53 @@ impl<S: MergeStateStore> MergeTracker<S> {
         self.commit_to(end)
     }
 
+    /// Adopt the durable progress another daemon left in the store after this tracker was
+    /// opened (a handoff in the middle of a merge) and load the window it saved.
+    fn resync(
+        &mut self,
+        plan: &MergePlan,
+        source: &dyn SourceDevice,
+    ) -> Result<(), MergeTrackerError> {
+        if let Err(source) = self.store.reload() {
+            self.failed = true;
+            return Err(MergeTrackerError::Store {
+                operation: "reload durable merge state",
+                source,
+            });
+        }
+        let durable = usize::try_from(self.store.num_merge_ops()).unwrap_or(usize::MAX);
+        if durable <= self.committed || durable > plan.len() {
+            return Ok(());
+        }
+        log::info!(
+            "merge progress advanced from {} to {durable} ops by the daemon before this one; \
+             following it",
+            self.committed
+        );
+        self.committed = durable;
+        self.window = None;
+        if durable < plan.num_ordered() {
+            if self.store.scratch_state() == ScratchState::Done {
+                match self.rebuild_window(plan) {
+                    Ok(w) => self.window = Some(w),
+                    Err(e) => {
+                        self.failed = true;
+                        return Err(e);
+                    }
+                }
+            } else {
+                // No op of the next window can have been served yet: its Done mark would
+                // be durable first. Save it from the source.
+                self.prepare_window(plan, source)?;
+            }
+        }
+        Ok(())
+    }
+
     fn commit_to(&mut self, end: usize) -> Result<(), MergeTrackerError> {
+        if end <= self.committed {
+            return Ok(());
+        }
         if let Err(source) = self.store.commit(end as u64) {
             self.failed = true;
             return Err(MergeTrackerError::Store {
@@ -640,6 +741,19 @@ impl InMemoryMergeStore {
         }
     }
 
+    /// A second store over the same durable state (a second daemon opening the same COW).
+    pub fn over_shared(
+        shared: Rc<RefCell<DurableMergeState>>,
+        capacity_blocks: usize,
+        clock: CrashClock,
+    ) -> Self {
+        InMemoryMergeStore {
+            shared,
+            capacity_blocks,
+            clock,
+        }
+    }
+
     /// The state a restart would find.
     pub fn durable(&self) -> DurableMergeState {
         self.shared.borrow().clone()
@@ -690,6 +804,11 @@ impl MergeStateStore for InMemoryMergeStore {
         self.shared.borrow_mut().window = window.clone();
         self.clock.step("set scratch state Done")?;
         self.shared.borrow_mut().state = ScratchState::Done;
+        Ok(())
+    }
+
+    fn reload(&mut self) -> io::Result<()> {
+        // Reads go to the shared durable state directly; nothing is cached.
         Ok(())
     }
 }
