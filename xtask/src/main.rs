@@ -5,7 +5,7 @@
 //!   reports one line per test and kernel. `--disk` attaches raw images as virtio disks.
 //! * `cargo xtask vm-bench [--kernel ...] [--smp N]` runs only the dm-user vs loop benchmark
 //!   (`--smp 1` keeps TCG's cross-vCPU wake-up latency out of the figures).
-//! * `cargo xtask vm-snapshot [--kernel 6.1|6.12] [--timeout SECS] [--live-handoff]` runs the snapshot scenarios
+//! * `cargo xtask vm-snapshot [--kernel 6.1|6.12] [--timeout SECS]` runs the snapshot scenarios
 //!   with the real `snapuserd` daemon (see `snapshot_scenarios.rs`).
 //! * `cargo xtask kernel-check` runs `kernel/scripts/check-style.sh`.
 //! * `cargo xtask demo [--source SRC.img --target TGT.img]` runs the OTA demo (see `demo.rs`).
@@ -312,14 +312,13 @@ fn test_all(rest: &[String]) -> Result<()> {
     eprintln!("xtask: [3/4] emulator tests: dm-user");
     vm_test(&opts, true)?;
     eprintln!(
-        "xtask: [4/4] emulator tests: snapuserd under dm-snapshot (read, merge, kill, power-off)"
+        "xtask: [4/4] emulator tests: snapuserd under dm-snapshot (read, merge, kill, live handoffs, power-off)"
     );
     snapshot_scenarios::run(
         &repo,
         &snapshot_scenarios::SnapshotOptions {
             kernels: opts.kernels.clone(),
             timeout: opts.timeout,
-            live_handoff: false,
         },
     )
 }

@@ -7,9 +7,10 @@
 //! base and COW per scenario. Per kernel, one boot plus a pair per power-off point:
 //!
 //! 1. `a`: snapshot read + merge on both pairs, then on the synthetic one the daemon killed
-//!    mid-merge (new daemon on a new misc name, snapshot-merge recreated); with
-//!    `--live-handoff` also Android's live handoff mid-merge (dm-user table reloaded onto a new
-//!    daemon under the running merge, which fails with the daemon as of this writing);
+//!    mid-merge (new daemon on a new misc name, snapshot-merge recreated), and two live
+//!    handoffs mid-merge (the dm-user table reloaded onto a new daemon under the running
+//!    snapshot-merge, whose in-core table is kept): libsnapshot's second-stage order (new
+//!    daemon first) and init's SELinux transition order (table first, same length);
 //! 2. `p<N>-1`: the merge started and the VM powered off once N% of it is done (N = 5, 35, 70);
 //! 3. `p<N>-2`: the same disk images booted again, the merge resumed and the base checked.
 //!
@@ -43,13 +44,10 @@ pub struct SnapshotOptions {
     pub kernels: Vec<KernelSeries>,
     /// Wall-clock limit of the longest boot, seconds.
     pub timeout: Option<u64>,
-    /// Also run the live handoff in the middle of a merge (known to fail with the daemon as
-    /// of this writing: the new daemon refuses the kernel's next metadata write-back).
-    pub live_handoff: bool,
 }
 
 impl SnapshotOptions {
-    /// Parse `[--kernel 6.1|6.12]... [--timeout SECS] [--live-handoff]`.
+    /// Parse `[--kernel 6.1|6.12]... [--timeout SECS]`.
     pub fn parse(args: &[String]) -> Result<Self> {
         let mut o = Self::default();
         let mut it = args.iter();
@@ -61,7 +59,6 @@ impl SnapshotOptions {
             };
             match a.as_str() {
                 "--kernel" => o.kernels.push(KernelSeries::parse(&value("--kernel")?)?),
-                "--live-handoff" => o.live_handoff = true,
                 "--timeout" => {
                     let v = value("--timeout")?;
                     o.timeout = Some(
@@ -71,7 +68,7 @@ impl SnapshotOptions {
                 }
                 other => {
                     return Err(XtaskError::Usage(format!(
-                        "unknown argument {other:?}; usage: cargo xtask vm-snapshot [--kernel 6.1|6.12] [--timeout SECS] [--live-handoff]"
+                        "unknown argument {other:?}; usage: cargo xtask vm-snapshot [--kernel 6.1|6.12] [--timeout SECS]"
                     )))
                 }
             }
@@ -180,12 +177,23 @@ pub fn run(repo: &Path, opts: &SnapshotOptions) -> Result<()> {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        if opts.live_handoff {
-            disks_a.push(fresh("synh-base.img", &synthetic.source)?);
-            disks_a.push(fresh("synh.cow", &synthetic.cow)?);
-            fragment_a.push_str("/bin/vmtest snap handoff-merge synh /dev/vdi /dev/vdj /dev/vdf\n");
-            expected_a.push("snap-read-synh".into());
-            expected_a.push("snap-handoff-merge-synh".into());
+        // Live handoffs mid-merge: libsnapshot's second-stage path and init's SELinux
+        // transition order.
+        disks_a.push(fresh("synh-base.img", &synthetic.source)?);
+        disks_a.push(fresh("synh.cow", &synthetic.cow)?);
+        disks_a.push(fresh("synt-base.img", &synthetic.source)?);
+        disks_a.push(fresh("synt.cow", &synthetic.cow)?);
+        fragment_a.push_str(
+            "/bin/vmtest snap handoff-merge synh /dev/vdi /dev/vdj /dev/vdf\n\
+             /bin/vmtest snap transition-merge synt /dev/vdk /dev/vdl /dev/vdf\n",
+        );
+        for s in [
+            "snap-read-synh",
+            "snap-handoff-merge-synh",
+            "snap-read-synt",
+            "snap-transition-merge-synt",
+        ] {
+            expected_a.push(s.into());
         }
         let run = spec("a", disks_a, fragment_a, limit).run(&build_root)?;
         collect(&mut all, series, "a", report::evaluate(&run, &expected_a));
@@ -380,31 +388,23 @@ mod tests {
     }
 
     #[test]
-    fn options_default_to_both_kernels_without_live_handoff() {
+    fn options_default_to_both_kernels() {
         let o = SnapshotOptions::parse(&[]).unwrap();
         assert_eq!(o.kernels, KernelSeries::ALL.to_vec());
-        assert!(!o.live_handoff);
         assert_eq!(o.timeout, None);
     }
 
     #[test]
-    fn options_parse_kernel_timeout_and_live_handoff() {
-        let o = SnapshotOptions::parse(&args(&[
-            "--kernel",
-            "6.12",
-            "--timeout",
-            "90",
-            "--live-handoff",
-        ]))
-        .unwrap();
+    fn options_parse_kernel_and_timeout() {
+        let o = SnapshotOptions::parse(&args(&["--kernel", "6.12", "--timeout", "90"])).unwrap();
         assert_eq!(o.kernels, vec![KernelSeries::parse("6.12").unwrap()]);
         assert_eq!(o.timeout, Some(90));
-        assert!(o.live_handoff);
     }
 
     #[test]
     fn options_refuse_unknown_and_incomplete_arguments() {
         assert!(SnapshotOptions::parse(&args(&["--bogus"])).is_err());
+        assert!(SnapshotOptions::parse(&args(&["--live-handoff"])).is_err());
         assert!(SnapshotOptions::parse(&args(&["--timeout"])).is_err());
         assert!(SnapshotOptions::parse(&args(&["--timeout", "x"])).is_err());
     }

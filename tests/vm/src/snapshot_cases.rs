@@ -8,6 +8,10 @@
 //!   named), then `snapshot-merge` until done and the base compared with the target;
 //! * `kill-merge`: as `read-merge`, but the daemon is `kill -9`ed while the merge runs and a new
 //!   daemon takes over on a new misc name (new dm-user table, suspend, resume);
+//! * `handoff-merge`: as `read-merge`, with a live handoff to a second daemon mid-merge (new
+//!   daemon initialised first, then the dm-user table swapped under snapshot-merge);
+//! * `transition-merge`: the same in the order of init's SELinux transition (table swapped
+//!   first with the same length, old daemon stopped, new daemon started);
 //! * `poweroff-merge`: snapshot, start the merge, power the VM off while it runs;
 //! * `resume-merge`: (second boot) daemon, dm-user, `snapshot-merge` directly, finish, compare.
 //!
@@ -41,9 +45,15 @@ enum MergeMode {
     Plain,
     /// The daemon is `kill -9`ed mid-merge; a new one takes over.
     Kill,
-    /// Android's live handoff mid-merge: a new daemon on a new misc name, the dm-user table
-    /// reloaded onto it (load, suspend, resume) under the running snapshot-merge.
+    /// Live handoff mid-merge, libsnapshot's second-stage path: a new daemon is initialised
+    /// on a new misc name while the old one keeps serving the merge, then the dm-user table
+    /// is reloaded onto it (load, suspend, resume) under the running snapshot-merge.
     Handoff,
+    /// Live handoff mid-merge in the order of init's SELinux transition: the dm-user table is
+    /// reloaded with the same length under a new misc name first (in-flight I/O drains
+    /// through the old daemon, new I/O waits for a daemon), the old daemon is stopped, and
+    /// only then is the new daemon started, within dm-user's daemon timeout.
+    Transition,
 }
 
 /// Arguments of one scenario.
@@ -99,6 +109,7 @@ pub fn main(args: &[String]) -> ExitCode {
         "read-merge" => read_merge(&sc, MergeMode::Plain),
         "kill-merge" => read_merge(&sc, MergeMode::Kill),
         "handoff-merge" => read_merge(&sc, MergeMode::Handoff),
+        "transition-merge" => read_merge(&sc, MergeMode::Transition),
         "poweroff-merge" => poweroff_merge(&sc),
         "resume-merge" => resume_merge(&sc),
         other => {
@@ -552,6 +563,7 @@ fn read_merge(sc: &Scenario, mode: MergeMode) -> bool {
         MergeMode::Plain => "merge",
         MergeMode::Kill => "kill-merge",
         MergeMode::Handoff => "handoff-merge",
+        MergeMode::Transition => "transition-merge",
     };
     let merge = run_merge(sc, st, mode);
     vmtest(step, &sc.tag, &merge) && ok_read
@@ -575,7 +587,7 @@ fn run_merge(sc: &Scenario, mut st: Stack, mode: MergeMode) -> Res<String> {
     st.start_merge(&sc.base)?;
     let mut killed = None;
     let mut rss = 0;
-    let (took, _) = if mode == MergeMode::Handoff {
+    let (took, _) = if mode == MergeMode::Handoff || mode == MergeMode::Transition {
         let (t1, _) = wait_merge(&st, MERGE_LIMIT, |s| {
             rss = rss.max(st.daemon.rss_kib().unwrap_or(0));
             Ok(matches!(s, SnapshotStatus::Active { allocated, .. }
@@ -588,10 +600,23 @@ fn run_merge(sc: &Scenario, mut st: Stack, mode: MergeMode) -> Res<String> {
             ));
         }
         let old_sectors = st.cow_sectors;
-        let mut old = handoff(sc, &mut st)?;
+        let mut old = if mode == MergeMode::Handoff {
+            handoff(sc, &mut st)?
+        } else {
+            transition(sc, &mut st)?
+        };
+        if st.cow_sectors != old_sectors {
+            return Err(format!(
+                "the new daemon presents a COW device of {} sectors, the old one {old_sectors}: a handoff must keep the length",
+                st.cow_sectors
+            ));
+        }
+        // Reads through dm-snapshot's kept in-core table now reach the new daemon.
+        let len = dev_bytes(&sc.target)?;
+        compare_device("snapshot after the handoff", &st.snap_path, &sc.target, len)?;
         let after = st.status();
         println!(
-            "VMINFO snap-{} live handoff after {:.1} s at {s:?}: COW device {old_sectors} -> {} sectors, status then {after:?}",
+            "VMINFO snap-{} live handoff after {:.1} s at {s:?}: COW device {old_sectors} -> {} sectors, snapshot read equal to the target after it, status then {after:?}",
             sc.tag,
             t1.as_secs_f64(),
             st.cow_sectors
@@ -695,10 +720,10 @@ fn run_merge(sc: &Scenario, mut st: Stack, mode: MergeMode) -> Res<String> {
     if let Some((t1, s)) = killed {
         d.push_str(&format!(
             ", {} after {:.1}s at {s:?}, finished by the second daemon",
-            if mode == MergeMode::Kill {
-                "daemon killed"
-            } else {
-                "live handoff"
+            match mode {
+                MergeMode::Kill => "daemon killed",
+                MergeMode::Transition => "live handoff (SELinux transition order)",
+                _ => "live handoff",
             },
             t1.as_secs_f64()
         ));
@@ -726,6 +751,49 @@ fn handoff(sc: &Scenario, st: &mut Stack) -> Res<OldDaemon> {
         .resume(&st.user_name)
         .map_err(|e| format!("resume {}: {e}", st.user_name))?;
     let old = std::mem::replace(&mut st.daemon, daemon);
+    st.misc = misc;
+    st.cow_sectors = sectors;
+    Ok(OldDaemon(Some(old)))
+}
+
+/// init's SELinux transition onto a new daemon: reload the dm-user table with the same length
+/// under a new misc name (load, suspend, resume: the old target is destroyed once in-flight
+/// I/O has drained through the old daemon, and new I/O waits for a daemon), stop the old
+/// daemon, then start the new one and `init`/`start` it before dm-user's daemon timeout.
+fn transition(sc: &Scenario, st: &mut Stack) -> Res<OldDaemon> {
+    let misc = format!("{}-b", sc.tag);
+    st.dm
+        .load_table(
+            &st.user_name,
+            &[TableEntry::dm_user(0, st.cow_sectors, &misc)],
+        )
+        .map_err(|e| format!("load dm-user table for {misc}: {e}"))?;
+    st.dm
+        .suspend(&st.user_name, false)
+        .map_err(|e| format!("suspend {}: {e}", st.user_name))?;
+    st.dm
+        .resume(&st.user_name)
+        .map_err(|e| format!("resume {}: {e}", st.user_name))?;
+    let swapped = Instant::now();
+    // The old daemon's workers see ENOTBLK; init sends SIGTERM and does not wait for it.
+    let old_pid = st.daemon.pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old_pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .map_err(|e| format!("SIGTERM to the old daemon {old_pid}: {e}"))?;
+    let daemon = Daemon::start(&misc)?;
+    let old = std::mem::replace(&mut st.daemon, daemon);
+    let sectors = init_handler(&st.daemon, &misc, sc)?;
+    let start = st.daemon.command(&format!("start,{misc}"))?;
+    if start != "success" {
+        return Err(format!("start,{misc} -> {start:?}"));
+    }
+    println!(
+        "VMINFO snap-{} transition: old daemon {old_pid} stopped, new daemon serving {:.2} s after the table swap (dm-user holds I/O for 4 s)",
+        sc.tag,
+        swapped.elapsed().as_secs_f64()
+    );
     st.misc = misc;
     st.cow_sectors = sectors;
     Ok(OldDaemon(Some(old)))
