@@ -154,6 +154,16 @@ fn boot(sc: &Scenario, image: Vec<u8>, durable: DurableMergeState, clock: CrashC
     }
 }
 
+/// Boot on the pristine source with nothing merged and no crash.
+fn boot_fresh(sc: &Scenario) -> Booted {
+    boot(
+        sc,
+        sc.source.clone(),
+        DurableMergeState::fresh(0),
+        CrashClock::never(),
+    )
+}
+
 /// Read every block of the snapshot device through a freshly loaded table.
 fn snapshot_view(server: &Server, origin: &Origin) -> Vec<u8> {
     let mut cow = ServerCow { server };
@@ -219,12 +229,7 @@ fn assert_images_eq(got: &[u8], want: &[u8], what: &str) {
 /// Clean run: snapshot view == target, merge, base == target, nothing left afterwards.
 fn run_clean(sc: &Scenario, check_each_batch: bool) -> usize {
     let target = sc.target();
-    let b = boot(
-        sc,
-        sc.source.clone(),
-        DurableMergeState::fresh(0),
-        CrashClock::never(),
-    );
+    let b = boot_fresh(sc);
     let server = b.server.unwrap();
     assert_images_eq(&snapshot_view(&server, &b.origin), &target, "snapshot view");
     let batches = merge(&server, &b.origin, check_each_batch.then_some(&target[..])).unwrap();
@@ -507,12 +512,7 @@ fn serve_shared(
 fn run_handoff(sc: &Scenario, opened_at: usize, switch_at: usize) -> bool {
     assert!(opened_at <= switch_at);
     let target = sc.target();
-    let b = boot(
-        sc,
-        sc.source.clone(),
-        DurableMergeState::fresh(0),
-        CrashClock::never(),
-    );
+    let b = boot_fresh(sc);
     let daemon_a = b.server.unwrap();
     let mut cow_a = ServerCow { server: &daemon_a };
     let mut snap = DmSnapshot::load(&mut cow_a).unwrap();

@@ -744,12 +744,7 @@ fn handoff(sc: &Scenario, st: &mut Stack) -> Res<OldDaemon> {
     if start != "success" {
         return Err(format!("start,{misc} -> {start:?}"));
     }
-    st.dm
-        .suspend(&st.user_name, false)
-        .map_err(|e| format!("suspend {}: {e}", st.user_name))?;
-    st.dm
-        .resume(&st.user_name)
-        .map_err(|e| format!("resume {}: {e}", st.user_name))?;
+    activate_loaded_table(st)?;
     let old = std::mem::replace(&mut st.daemon, daemon);
     st.misc = misc;
     st.cow_sectors = sectors;
@@ -768,12 +763,7 @@ fn transition(sc: &Scenario, st: &mut Stack) -> Res<OldDaemon> {
             &[TableEntry::dm_user(0, st.cow_sectors, &misc)],
         )
         .map_err(|e| format!("load dm-user table for {misc}: {e}"))?;
-    st.dm
-        .suspend(&st.user_name, false)
-        .map_err(|e| format!("suspend {}: {e}", st.user_name))?;
-    st.dm
-        .resume(&st.user_name)
-        .map_err(|e| format!("resume {}: {e}", st.user_name))?;
+    activate_loaded_table(st)?;
     let swapped = Instant::now();
     // The old daemon's workers see ENOTBLK; init sends SIGTERM and does not wait for it.
     let old_pid = st.daemon.pid();
@@ -797,6 +787,18 @@ fn transition(sc: &Scenario, st: &mut Stack) -> Res<OldDaemon> {
     st.misc = misc;
     st.cow_sectors = sectors;
     Ok(OldDaemon(Some(old)))
+}
+
+/// Suspend and resume the dm-user device, making its loaded (inactive) table live: the old
+/// target is destroyed once its in-flight I/O has been answered.
+fn activate_loaded_table(st: &Stack) -> Res<()> {
+    st.dm
+        .suspend(&st.user_name, false)
+        .map_err(|e| format!("suspend {}: {e}", st.user_name))?;
+    st.dm
+        .resume(&st.user_name)
+        .map(drop)
+        .map_err(|e| format!("resume {}: {e}", st.user_name))
 }
 
 /// The daemon replaced by a handoff (stopped when dropped).
