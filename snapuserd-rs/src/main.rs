@@ -12,8 +12,8 @@
 //!
 //! Host-only options (tests): `-proxy_socket=<path>` (the proxy binds its SEQPACKET socket
 //! there; the receiver connects there instead of `/dev/socket/snapuserd_proxy`),
-//! `-property_socket=<path>` (instead of `/dev/socket/property_service`) and
-//! `-daemon_alive_indicator=<path>`.
+//! `-property_socket=<path>` (instead of `/dev/socket/property_service`),
+//! `-daemon_alive_indicator=<path>` and `-dm_user_dir=<path>` (instead of `/dev/dm-user`).
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -103,6 +103,8 @@ struct HostPaths {
     property_socket: Option<PathBuf>,
     /// `-daemon_alive_indicator=<path>`.
     alive_indicator: Option<PathBuf>,
+    /// `-dm_user_dir=<path>`: where the dm-user nodes are (instead of `/dev/dm-user`).
+    dm_user_dir: Option<PathBuf>,
 }
 
 impl HostPaths {
@@ -115,7 +117,8 @@ impl HostPaths {
 
 /// Take the host path options out of the arguments: `-socket=<path>`, `--socket=<path>`,
 /// `-socket <path>` or `--socket <path>` where the value contains a `/` (init's socket names
-/// never do), and `-proxy_socket`, `-property_socket`, `-daemon_alive_indicator` (either
+/// never do), and `-proxy_socket`, `-property_socket`, `-daemon_alive_indicator`,
+/// `-dm_user_dir` (either
 /// spelling, `-` or `_`, value after `=` or as the next argument). Everything else is left
 /// for [`DaemonConfig::parse`].
 fn take_host_paths(args: Vec<String>) -> (HostPaths, Vec<String>) {
@@ -153,6 +156,7 @@ fn take_host_paths(args: Vec<String>) -> (HostPaths, Vec<String>) {
             "proxy_socket" => &mut paths.proxy_socket,
             "property_socket" => &mut paths.property_socket,
             "daemon_alive_indicator" => &mut paths.alive_indicator,
+            "dm_user_dir" => &mut paths.dm_user_dir,
             _ => {
                 rest.push(arg);
                 continue;
@@ -236,7 +240,10 @@ fn run(config: &DaemonConfig, paths: &HostPaths, shutdown: &AtomicBool) -> Resul
         // libsnapshot waits for the dm-user node before `start`; `start` runs off the control
         // loop, so a late uevent may take a while without stalling other clients.
         Box::new(DevDmUser::new(
-            Path::new(snapuserd::dm_user::DEV_DIR),
+            paths
+                .dm_user_dir
+                .as_deref()
+                .unwrap_or(Path::new(snapuserd::dm_user::DEV_DIR)),
             Duration::from_secs(10),
         )),
         config.worker_count,
@@ -255,9 +262,11 @@ fn run(config: &DaemonConfig, paths: &HostPaths, shutdown: &AtomicBool) -> Resul
             }
         }
         notify_alive(paths);
-        let proxy = paths.proxy_socket.clone().unwrap_or_else(default_proxy_path);
-        let give_up =
-            || shutdown.load(Ordering::Acquire) || registry.all_workers_finished();
+        let proxy = paths
+            .proxy_socket
+            .clone()
+            .unwrap_or_else(default_proxy_path);
+        let give_up = || shutdown.load(Ordering::Acquire) || registry.all_workers_finished();
         let handoff = receive_listener(&proxy, &give_up);
         let failed = match handoff {
             Ok(listener) => {
@@ -384,6 +393,7 @@ mod tests {
                 proxy_socket: Some("/p".into()),
                 property_socket: Some("/q".into()),
                 alive_indicator: Some("rel".into()),
+                dm_user_dir: None,
             }
         );
         assert_eq!(rest, vec!["-socket-handoff", "-property_socket"]);

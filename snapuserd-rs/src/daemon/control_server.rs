@@ -239,8 +239,12 @@ impl ControlServer {
             })?;
         let io = |op| move |source| ControlServerError::Io { op, source };
         let (wake_tx, wake_rx) = UnixStream::pair().map_err(io("socketpair"))?;
-        wake_tx.set_nonblocking(true).map_err(io("set_nonblocking"))?;
-        wake_rx.set_nonblocking(true).map_err(io("set_nonblocking"))?;
+        wake_tx
+            .set_nonblocking(true)
+            .map_err(io("set_nonblocking"))?;
+        wake_rx
+            .set_nonblocking(true)
+            .map_err(io("set_nonblocking"))?;
         let (done_tx, done_rx) = mpsc::channel();
         Ok(Self {
             listener: Some(listener),
@@ -422,7 +426,8 @@ impl ControlServer {
             let Some(client) = self.clients.get_mut(i) else {
                 break;
             };
-            let readable = ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR);
+            let readable =
+                ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR);
             let mut job = None;
             let alive = if client.busy {
                 // Its next message waits for the job; a vanished peer is dropped (the

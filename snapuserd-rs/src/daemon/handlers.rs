@@ -667,7 +667,11 @@ mod tests {
     #[test]
     fn update_verify_reports_each_handlers_pass() {
         let r = registry();
-        assert_eq!(r.update_verify(), Reply::Success, "no handler, nothing to fail");
+        assert_eq!(
+            r.update_verify(),
+            Reply::Success,
+            "no handler, nothing to fail"
+        );
         r.init("good", "64", "s");
         r.init("bad", "64!bad", "s");
         assert_eq!(r.update_verify(), Reply::Fail, "not started");

@@ -551,7 +551,8 @@ mod tests {
         let opener = PairOpener {
             kernels: Mutex::new(Vec::new()),
         };
-        let mut workers = Workers::spawn(&opener, "x", Arc::new(Fake::default()), 3, Arc::default()).unwrap();
+        let mut workers =
+            Workers::spawn(&opener, "x", Arc::new(Fake::default()), 3, Arc::default()).unwrap();
         let mut kernels = std::mem::take(&mut *opener.kernels.lock().unwrap());
         assert_eq!(kernels.len(), 3);
         for (i, k) in (0u64..).zip(kernels.iter_mut()) {
@@ -580,8 +581,14 @@ mod tests {
 
     #[test]
     fn spawn_fails_when_the_device_cannot_be_opened() {
-        let err = Workers::spawn(&FailingOpener, "gone", Arc::new(Fake::default()), 2, Arc::default())
-                .unwrap_err();
+        let err = Workers::spawn(
+            &FailingOpener,
+            "gone",
+            Arc::new(Fake::default()),
+            2,
+            Arc::default(),
+        )
+        .unwrap_err();
         assert!(matches!(err, TransportError::Open { index: 0, .. }));
     }
 
@@ -609,7 +616,10 @@ mod tests {
         let mut data = vec![0u8; 512];
         kernel.read_exact(&mut data).unwrap();
         assert!(data.iter().all(|&b| b == 5));
-        assert!(fake.written.lock().unwrap().is_empty(), "held, not processed");
+        assert!(
+            fake.written.lock().unwrap().is_empty(),
+            "held, not processed"
+        );
         // Resume: the held write is processed and answered.
         paused.store(false, Ordering::Release);
         let h = read_response(&mut kernel);
