@@ -416,3 +416,62 @@ fn proxy_without_its_sockets_fails_clearly() {
         "{out:?}"
     );
 }
+
+/// How many fds `pid` holds open on `path`.
+fn fds_open_on(pid: u32, path: &Path) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .filter(|target| target == path)
+        .count()
+}
+
+#[test]
+fn socket_mode_uses_one_worker_per_handler_and_no_socket_mode_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cow, src) = write_cow(dir.path());
+    let dm_user = fake_dm_user_dir(dir.path(), "sys");
+    let node = dm_user.join("sys");
+    let control = dir.path().join("ctl");
+    let mut daemon = Command::new(BIN)
+        .arg(format!("-socket={}", control.display()))
+        .arg("-worker_count=4")
+        .arg(format!("-dm_user_dir={}", dm_user.display()))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut c = connect(&control, &mut daemon);
+    let init = format!("init,sys,{},{}", cow.display(), src.display());
+    assert!(ask(&mut c, init.as_bytes()).starts_with("success,"));
+    assert_eq!(ask(&mut c, b"start,sys"), "success");
+    assert_eq!(
+        fds_open_on(daemon.id(), &node),
+        1,
+        "one channel with a socket"
+    );
+    c.write_all(b"stop").unwrap();
+    assert!(daemon.wait().unwrap().success());
+
+    let alive = dir.path().join("alive");
+    let mut daemon = Command::new(BIN)
+        .arg("-no_socket")
+        .arg("-worker_count=3")
+        .arg(format!("-dm_user_dir={}", dm_user.display()))
+        .arg(format!(
+            "-proxy_socket={}",
+            dir.path().join("none").display()
+        ))
+        .arg(format!("-daemon_alive_indicator={}", alive.display()))
+        .arg(format!("sys,{},{}", cow.display(), src.display()))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_file(&alive, "1", &mut daemon);
+    assert_eq!(
+        fds_open_on(daemon.id(), &node),
+        3,
+        "-worker_count without a socket"
+    );
+    sigterm(&daemon);
+    assert!(daemon.wait().unwrap().success());
+}

@@ -585,3 +585,89 @@ fn pause_merge_holds_the_write_back_and_keeps_reads_going() {
     assert_eq!(ask(&mut c, b"merge_percent"), "33.333333");
     stop(d);
 }
+
+/// A snapshot whose verification pass runs until the test releases it.
+struct HeldVerification {
+    entered: Mutex<Sender<()>>,
+    gate: Mutex<Receiver<bool>>,
+}
+
+impl snapuserd::daemon::transport::RequestHandler for HeldVerification {
+    fn handle(
+        &self,
+        _: &snapuserd::snapshot::block_server::Request,
+        _: &[u8],
+        _: &mut Vec<u8>,
+    ) -> snapuserd::snapshot::block_server::Status {
+        snapuserd::snapshot::block_server::Status::Unsupported
+    }
+}
+
+impl snapuserd::daemon::handlers::SnapshotTarget for HeldVerification {
+    fn device_sectors(&self) -> u64 {
+        8
+    }
+    fn merge_percent(&self) -> Result<f64, String> {
+        Ok(0.0)
+    }
+    fn merge_complete(&self) -> Result<bool, String> {
+        Ok(false)
+    }
+    fn verify(&self, _: &AtomicBool) -> Result<u64, String> {
+        self.entered.lock().unwrap().send(()).unwrap();
+        match self.gate.lock().unwrap().recv() {
+            Ok(true) => Ok(1),
+            _ => Err("read error".into()),
+        }
+    }
+}
+
+struct HeldOpener(Mutex<Option<Arc<HeldVerification>>>);
+
+impl snapuserd::daemon::handlers::SnapshotOpener for HeldOpener {
+    fn open(
+        &self,
+        _: &Path,
+        _: &Path,
+    ) -> Result<Arc<dyn snapuserd::daemon::handlers::SnapshotTarget>, String> {
+        let t = self.0.lock().unwrap().take().ok_or("opened twice")?;
+        Ok(t)
+    }
+}
+
+#[test]
+fn update_verify_waits_for_the_pass_without_stalling_other_clients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("snapuserd");
+    let (entered_tx, entered) = mpsc::channel();
+    let (release, gate) = mpsc::channel();
+    let (tx, _kernels) = mpsc::channel();
+    let target = Arc::new(HeldVerification {
+        entered: Mutex::new(entered_tx),
+        gate: Mutex::new(gate),
+    });
+    let registry = Arc::new(HandlerRegistry::new(
+        Box::new(HeldOpener(Mutex::new(Some(target)))),
+        Box::new(PairOpener(Mutex::new(tx))),
+        1,
+    ));
+    let mut server = ControlServer::new(bind_listener(&socket).unwrap(), registry).unwrap();
+    let thread = std::thread::spawn(move || server.run(&AtomicBool::new(false)).unwrap());
+    let mut a = UnixStream::connect(&socket).unwrap();
+    assert_eq!(ask(&mut a, b"init,sys,cow,src"), "success,8");
+    assert_eq!(ask(&mut a, b"start,sys"), "success");
+    entered.recv().unwrap();
+    // The pass is running: a's update-verify waits for it; b is served meanwhile.
+    a.write_all(b"update-verify").unwrap();
+    let mut b = UnixStream::connect(&socket).unwrap();
+    assert_eq!(ask(&mut b, b"query"), "active");
+    assert_eq!(ask(&mut b, b"getstatus,sys"), "snapshot");
+    assert_eq!(ask(&mut b, b"pause_merge"), "success");
+    assert_eq!(ask(&mut b, b"resume_merge"), "success");
+    release.send(false).unwrap();
+    let mut buf = [0u8; 16];
+    let n = a.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"fail", "the pass failed");
+    b.write_all(b"stop").unwrap();
+    assert_eq!(thread.join().unwrap(), ServerExit::StopCommand);
+}
