@@ -271,8 +271,7 @@ pub fn run_proxy(
         });
     }
     log::info!("socket handoff: snapuserd socket sent, waiting for the ACK");
-    let never = || false;
-    if !wait_readable(client.as_fd(), Some(MESSAGE_TIMEOUT), &never, "ACK")? {
+    if !wait_readable(client.as_fd(), Some(MESSAGE_TIMEOUT), &stop, "ACK")? {
         return Err(HandoffError::TimedOut {
             what: "ACK",
             secs: MESSAGE_TIMEOUT.as_secs(),
@@ -348,8 +347,8 @@ fn receive_one(
 }
 
 /// The receiving role: connect to the proxy at `proxy_path` (retrying while it does not
-/// exist or does not listen yet, until `give_up()`), receive the control socket, ACK, and
-/// return it listening.
+/// exist or does not listen yet, until `give_up()`), receive the control socket (waiting at
+/// most [`MESSAGE_TIMEOUT`], or until `give_up()`), ACK, and return it listening.
 pub fn receive_listener(
     proxy_path: &Path,
     give_up: &dyn Fn() -> bool,
@@ -377,8 +376,7 @@ pub fn receive_listener(
         }
     };
     log::info!("socket handoff: connected to the proxy at {shown}");
-    let never = || false;
-    if !wait_readable(conn.as_fd(), Some(MESSAGE_TIMEOUT), &never, "fd message")? {
+    if !wait_readable(conn.as_fd(), Some(MESSAGE_TIMEOUT), give_up, "fd message")? {
         return Err(HandoffError::TimedOut {
             what: "fd message",
             secs: MESSAGE_TIMEOUT.as_secs(),
