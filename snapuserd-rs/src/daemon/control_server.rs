@@ -272,7 +272,6 @@ impl ControlServer {
                 return Ok(ServerExit::Detached);
             }
             let (listener_ready, client_events) = self.wait()?;
-            self.collect_jobs();
             if let Flow::Stop = self.serve_clients(&client_events) {
                 self.registry.shut_down();
                 return Ok(ServerExit::StopCommand);
@@ -280,6 +279,9 @@ impl ControlServer {
             if listener_ready {
                 self.accept_all();
             }
+            // After `serve_clients`: poll's events are indexed by client position, and
+            // this may drop a client.
+            self.collect_jobs();
         }
     }
 
