@@ -125,11 +125,16 @@ impl Verification {
 
     /// Wait up to `limit` for the pass to end; true if it passed.
     fn wait(&self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
+        // A limit too large for the clock means no limit.
+        let deadline = Instant::now().checked_add(limit);
         let mut state = lock(&self.state);
         while *state == VerifyState::Pending {
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                return false;
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) => left,
+                    None => return false,
+                },
+                None => Duration::from_secs(3600),
             };
             state = match self.done.wait_timeout(state, left) {
                 Ok((g, _)) => g,

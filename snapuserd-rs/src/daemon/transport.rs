@@ -138,6 +138,9 @@ pub struct WorkerReport {
 /// answered at once (the kernel issues one write-back at a time per snapshot).
 pub const MAX_PARKED_WRITES: usize = 8;
 
+/// Size of a metadata write-back (one 4 KiB exception area); only these are held.
+const METADATA_WRITE_BYTES: u64 = 4096;
+
 /// A WRITE held while the merge is paused.
 struct Parked {
     header: MessageHeader,
@@ -147,9 +150,9 @@ struct Parked {
 /// Serve `channel` with `handler` until the target goes away, `stop` is set, or the channel
 /// fails. Runs on the calling thread.
 ///
-/// While `merge_paused` is set, non-empty WRITEs (dm-snapshot-merge's metadata write-backs)
-/// are held, unprocessed and unanswered, up to [`MAX_PARKED_WRITES`]; READs and empty
-/// flushes are answered as usual, since dm-user lets a channel answer out of order. The
+/// While `merge_paused` is set, 4 KiB WRITEs (dm-snapshot-merge's metadata write-backs)
+/// are held, unprocessed and unanswered, up to [`MAX_PARKED_WRITES`]; READs, empty
+/// flushes and other WRITEs are answered as usual, since dm-user lets a channel answer out of order. The
 /// kernel's merge waits for the held write, so it makes no progress; reads of the snapshot
 /// do not stall. Held writes are processed and answered, in arrival order, when the flag
 /// clears or the worker is stopped.
@@ -218,7 +221,7 @@ pub fn serve_channel(
             }
         };
         if header.msg_type == DM_USER_REQ_MAP_WRITE
-            && header.len > 0
+            && header.len == METADATA_WRITE_BYTES
             && merge_paused.load(Ordering::Acquire)
         {
             if parked.len() < MAX_PARKED_WRITES {
@@ -604,8 +607,8 @@ mod tests {
             std::thread::spawn(move || serve_channel(channel, fake.as_ref(), &stop, &paused))
         };
         // A metadata write-back while paused: held, not processed.
-        kernel.write_all(&header(1, 1, 8, 4)).unwrap();
-        kernel.write_all(b"area").unwrap();
+        kernel.write_all(&header(1, 1, 8, 4096)).unwrap();
+        kernel.write_all(&[b'a'; 4096]).unwrap();
         // An empty flush and a READ behind it are answered (out of order: the write waits).
         kernel.write_all(&header(2, 1, 0, 0)).unwrap();
         let h = read_response(&mut kernel);
@@ -624,11 +627,16 @@ mod tests {
         paused.store(false, Ordering::Release);
         let h = read_response(&mut kernel);
         assert_eq!((h.seq, h.msg_type), (1, DM_USER_RESP_SUCCESS));
-        assert_eq!(&*fake.written.lock().unwrap(), b"area");
+        assert_eq!(&*fake.written.lock().unwrap(), &[b'a'; 4096]);
         // Paused again, then stopped: the held write is answered before the worker ends.
         paused.store(true, Ordering::Release);
-        kernel.write_all(&header(4, 1, 8, 4)).unwrap();
-        kernel.write_all(b"more").unwrap();
+        kernel.write_all(&header(4, 1, 8, 4096)).unwrap();
+        kernel.write_all(&[b'b'; 4096]).unwrap();
+        // A WRITE of another size is not a write-back: answered at once.
+        kernel.write_all(&header(6, 1, 16, 5)).unwrap();
+        kernel.write_all(b"other").unwrap();
+        let h = read_response(&mut kernel);
+        assert_eq!((h.seq, h.msg_type), (6, DM_USER_RESP_SUCCESS));
         kernel.write_all(&header(5, 0, 1, 512)).unwrap();
         let h = read_response(&mut kernel);
         assert_eq!(h.seq, 5);
@@ -637,7 +645,15 @@ mod tests {
         let h = read_response(&mut kernel);
         assert_eq!((h.seq, h.msg_type), (4, DM_USER_RESP_SUCCESS));
         let report = t.join().unwrap();
-        assert_eq!((report.exit, report.answered), (WorkerExit::Stopped, 5));
-        assert_eq!(&*fake.written.lock().unwrap(), b"areamore");
+        assert_eq!((report.exit, report.answered), (WorkerExit::Stopped, 6));
+        let written = fake.written.lock().unwrap();
+        assert_eq!(written.len(), 4096 * 2 + 5);
+        assert!(written[..4096].iter().all(|&b| b == b'a'));
+        assert_eq!(
+            &written[4096..4101],
+            b"other",
+            "answered before the held one"
+        );
+        assert!(written[4101..].iter().all(|&b| b == b'b'));
     }
 }
