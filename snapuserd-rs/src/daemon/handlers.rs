@@ -494,20 +494,40 @@ impl HandlerRegistry {
     }
 }
 
+/// Nice value of the verification thread: it yields the CPU to the dm-user workers.
+const VERIFY_NICE: libc::c_int = 10;
+
+/// Lower the calling thread's CPU priority to [`VERIFY_NICE`] (Linux nice values are per
+/// thread). Failure only costs speed, so it is logged at debug level.
+fn lower_thread_priority() {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+    let Ok(tid) = libc::id_t::try_from(tid) else {
+        return;
+    };
+    // SAFETY: setpriority only changes the scheduling priority of thread `tid` (this one).
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, VERIFY_NICE) } != 0 {
+        log::debug!("setpriority: {}", std::io::Error::last_os_error());
+    }
+}
+
 /// Run `target`'s verification pass on its own thread and record the result in `v`.
 fn spawn_verification(misc: &str, target: Arc<dyn SnapshotTarget>, v: Arc<Verification>) {
     let name = misc.to_string();
     let pass = Arc::clone(&v);
     let spawned = std::thread::Builder::new()
         .name(format!("verify-{misc}"))
-        .spawn(move || match target.verify(&pass.stop) {
-            Ok(blocks) => {
-                log::info!("{name}: verification read {blocks} blocks");
-                pass.set(VerifyState::Passed);
-            }
-            Err(e) => {
-                log::error!("{name}: verification failed: {e}");
-                pass.set(VerifyState::Failed);
+        .spawn(move || {
+            lower_thread_priority();
+            match target.verify(&pass.stop) {
+                Ok(blocks) => {
+                    log::info!("{name}: verification read {blocks} blocks");
+                    pass.set(VerifyState::Passed);
+                }
+                Err(e) => {
+                    log::error!("{name}: verification failed: {e}");
+                    pass.set(VerifyState::Failed);
+                }
             }
         });
     match spawned {
@@ -554,6 +574,7 @@ mod tests {
             match self.verify.as_str() {
                 "bad" => Err("block 3: read error".into()),
                 "hang" => {
+                    HANG_ENTERED.store(true, Ordering::Release);
                     while !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(std::time::Duration::from_millis(5));
                     }
@@ -562,6 +583,25 @@ mod tests {
                 _ => Ok(self.sectors / 8),
             }
         }
+    }
+
+    /// Set once a "hang" verification runs (its priority is lowered by then).
+    static HANG_ENTERED: AtomicBool = AtomicBool::new(false);
+
+    /// Nice value of this process's thread named `name`, if there is one.
+    fn thread_nice(name: &str) -> Option<i64> {
+        for task in std::fs::read_dir("/proc/self/task").ok()? {
+            let dir = task.ok()?.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+            if comm.trim_end() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            let after = &stat[stat.rfind(')')? + 1..];
+            // Fields after the command: state is field 3, nice field 19.
+            return after.split_whitespace().nth(16)?.parse().ok();
+        }
+        None
     }
 
     /// Opens "<n>" as a fake of n sectors at 0%, "<n>@<tenths>" at that progress, and
@@ -694,6 +734,14 @@ mod tests {
         r.init("slow", "64!hang", "s");
         assert_eq!(r.start("slow"), Reply::Success);
         assert_eq!(r.update_verify(), Reply::Fail);
+        while !HANG_ENTERED.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        assert_eq!(
+            thread_nice("verify-slow"),
+            Some(10),
+            "runs in the background"
+        );
         // delete stops the pass and joins it.
         assert_eq!(r.delete("slow"), Reply::Success);
         assert!(r.is_empty());
