@@ -475,3 +475,53 @@ fn socket_mode_uses_one_worker_per_handler_and_no_socket_mode_the_flag() {
     sigterm(&daemon);
     assert!(daemon.wait().unwrap().success());
 }
+
+#[test]
+fn proxy_hands_over_init_style_inherited_sockets() {
+    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+    let dir = tempfile::tempdir().unwrap();
+    let proxy_path = dir.path().join("snapuserd_proxy");
+    let control = dir.path().join("snapuserd");
+    // As init creates them: bound, not listening, inherited by the service.
+    let proxy: OwnedFd = snapuserd::daemon::handoff::bind_seqpacket(&proxy_path).unwrap();
+    let server = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::Stream,
+        nix::sys::socket::SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    nix::sys::socket::bind(
+        server.as_raw_fd(),
+        &nix::sys::socket::UnixAddr::new(&control).unwrap(),
+    )
+    .unwrap();
+    for fd in [proxy.as_fd(), server.as_fd()] {
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .unwrap();
+    }
+    let props = dir.path().join("property_service");
+    let set = fake_property_service(&props);
+    let child = Command::new(BIN)
+        .arg("-socket_handoff")
+        .arg(format!("-property_socket={}", props.display()))
+        .env(
+            "ANDROID_SOCKET_snapuserd_proxy",
+            proxy.as_raw_fd().to_string(),
+        )
+        .env("ANDROID_SOCKET_snapuserd", server.as_raw_fd().to_string())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop((proxy, server));
+    assert_eq!(set.recv().unwrap(), "snapuserd.proxy_ready=true");
+    let listener = snapuserd::daemon::handoff::receive_listener(&proxy_path, &|| false).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // The received socket is the one bound at the control path, now listening.
+    let _client = UnixStream::connect(&control).unwrap();
+    listener.accept().unwrap();
+}

@@ -540,6 +540,18 @@ mod tests {
     }
 
     #[test]
+    fn receiver_refuses_two_fds() {
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = dir.path().join("proxy");
+        let a = UnixListener::bind(dir.path().join("a")).unwrap();
+        let b = UnixListener::bind(dir.path().join("b")).unwrap();
+        let t = fake_proxy(&proxy, b"a", vec![OwnedFd::from(a), OwnedFd::from(b)]);
+        let e = receive_listener(&proxy, &|| false).unwrap_err();
+        assert!(matches!(e, HandoffError::FdCount { got: 2 }), "{e}");
+        assert_eq!(t.join().unwrap(), b"");
+    }
+
+    #[test]
     fn receiver_gives_up_when_told() {
         let dir = tempfile::tempdir().unwrap();
         let e = receive_listener(&dir.path().join("never"), &|| true).unwrap_err();
