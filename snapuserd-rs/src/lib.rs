@@ -9,10 +9,13 @@
 //!   request/response framing on `/dev/dm-user/<name>`;
 //! * [`snapshot`] — the pure-logic legacy (dm-snapshot) core: exception store,
 //!   merge tracking, block server, control protocol;
-//! * [`cow_backend`] — the core's backends on a real COW file and source image.
+//! * [`cow_backend`] — the core's backends on a real COW file and source image;
+//! * [`daemon`] — dm-user workers, handler registry, control socket, socket handoff;
+//! * [`properties`] — setting Android system properties through init's property service.
 
 pub mod cow_backend;
 pub mod daemon;
 pub mod dm;
 pub mod dm_user;
+pub mod properties;
 pub mod snapshot;

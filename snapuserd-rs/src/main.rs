@@ -1,10 +1,21 @@
 //! `snapuserd`: the userspace snapshot daemon (legacy dm-snapshot design over dm-user).
 //!
-//! With a control socket (inherited from init as `ANDROID_SOCKET_<name>`, or bound at
-//! `-socket=<path>` / `--socket <path>` when the value contains a `/`) it serves AOSP's text protocol. With
-//! `-no_socket` it starts the positional `misc,cow,source[,base]` handlers directly and runs
-//! until they end or a signal arrives.
+//! Three roles, as AOSP's daemon:
+//! * **control socket** (default): serve AOSP's text protocol on the socket init created
+//!   (`ANDROID_SOCKET_<name>`), or on a host a socket bound at `-socket=<path>` /
+//!   `--socket <path>` (a value containing a `/`); one dm-user worker per handler;
+//! * **`-no_socket misc,cow,source[,base] ...`**: start those handlers (`-worker_count`
+//!   workers each), write the daemon-alive indicator, then take the control socket over from
+//!   the handoff proxy and serve it; without a proxy, serve the handlers until they end;
+//! * **`-socket_handoff`** (`-socket-handoff`): the proxy; hand init's `snapuserd` socket to
+//!   the `-no_socket` daemon and exit.
+//!
+//! Host-only options (tests): `-proxy_socket=<path>` (the proxy binds its SEQPACKET socket
+//! there; the receiver connects there instead of `/dev/socket/snapuserd_proxy`),
+//! `-property_socket=<path>` (instead of `/dev/socket/property_service`),
+//! `-daemon_alive_indicator=<path>` and `-dm_user_dir=<path>` (instead of `/dev/dm-user`).
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,11 +23,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use snapuserd::daemon::control_server::{
-    bind_listener, inherited_listener, ControlServer, ServerExit,
+    bind_listener, inherited_listener, inherited_socket, ControlServer, ServerExit,
 };
 use snapuserd::daemon::handlers::{CowFileOpener, HandlerRegistry};
+use snapuserd::daemon::handoff::{
+    bind_seqpacket, default_proxy_path, receive_listener, run_proxy, PROXY_SOCKET_NAME,
+};
 use snapuserd::daemon::transport::DevDmUser;
+use snapuserd::properties::{set_property_if_available, PROPERTY_SERVICE_SOCKET};
 use snapuserd::snapshot::control_protocol::{DaemonConfig, Reply};
+
+/// Where init looks for the daemon-alive indicator after the SELinux transition.
+const ALIVE_INDICATOR: &str = "/metadata/ota/daemon-alive-indicator";
+/// The same under the scratch OTA metadata mount, used when that directory exists.
+const SCRATCH_ALIVE_INDICATOR_DIR: &str = "/mnt/scratch_ota_metadata_super/ota";
+/// File name of the indicator.
+const ALIVE_INDICATOR_NAME: &str = "daemon-alive-indicator";
 
 fn init_logging() {
     #[cfg(target_os = "android")]
@@ -70,11 +92,37 @@ fn install_signals() -> Result<Arc<AtomicBool>, std::io::Error> {
     Ok(flag)
 }
 
-/// Take a host socket path out of the arguments: `-socket=<path>`, `--socket=<path>`,
+/// Paths given on a host instead of init's sockets and Android's fixed paths.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct HostPaths {
+    /// `-socket=<path>`: the control socket.
+    socket: Option<PathBuf>,
+    /// `-proxy_socket=<path>`: the handoff proxy's SEQPACKET socket.
+    proxy_socket: Option<PathBuf>,
+    /// `-property_socket=<path>`: the property service.
+    property_socket: Option<PathBuf>,
+    /// `-daemon_alive_indicator=<path>`.
+    alive_indicator: Option<PathBuf>,
+    /// `-dm_user_dir=<path>`: where the dm-user nodes are (instead of `/dev/dm-user`).
+    dm_user_dir: Option<PathBuf>,
+}
+
+impl HostPaths {
+    fn property_socket(&self) -> &Path {
+        self.property_socket
+            .as_deref()
+            .unwrap_or(Path::new(PROPERTY_SERVICE_SOCKET))
+    }
+}
+
+/// Take the host path options out of the arguments: `-socket=<path>`, `--socket=<path>`,
 /// `-socket <path>` or `--socket <path>` where the value contains a `/` (init's socket names
-/// never do). Everything else is left for [`DaemonConfig::parse`].
-fn take_socket_path(args: Vec<String>) -> (Option<PathBuf>, Vec<String>) {
-    let mut path = None;
+/// never do), and `-proxy_socket`, `-property_socket`, `-daemon_alive_indicator`,
+/// `-dm_user_dir` (either
+/// spelling, `-` or `_`, value after `=` or as the next argument). Everything else is left
+/// for [`DaemonConfig::parse`].
+fn take_host_paths(args: Vec<String>) -> (HostPaths, Vec<String>) {
+    let mut paths = HostPaths::default();
     let mut rest = Vec::with_capacity(args.len());
     let mut it = args.into_iter().peekable();
     while let Some(arg) = it.next() {
@@ -89,32 +137,114 @@ fn take_socket_path(args: Vec<String>) -> (Option<PathBuf>, Vec<String>) {
             rest.push(arg);
             continue;
         }
-        if let Some(value) = name.strip_prefix("socket=") {
-            if value.contains('/') {
-                path = Some(PathBuf::from(value));
+        let (key, inline) = match name.split_once('=') {
+            Some((k, v)) => (k.replace('-', "_"), Some(v.to_string())),
+            None => (name.replace('-', "_"), None),
+        };
+        let slot = match key.as_str() {
+            "socket" => {
+                let path_value = match &inline {
+                    Some(v) => v.contains('/'),
+                    None => it.peek().is_some_and(|v| v.contains('/')),
+                };
+                if !path_value {
+                    rest.push(arg);
+                    continue;
+                }
+                &mut paths.socket
+            }
+            "proxy_socket" => &mut paths.proxy_socket,
+            "property_socket" => &mut paths.property_socket,
+            "daemon_alive_indicator" => &mut paths.alive_indicator,
+            "dm_user_dir" => &mut paths.dm_user_dir,
+            _ => {
+                rest.push(arg);
                 continue;
             }
-        } else if name == "socket" && it.peek().is_some_and(|v| v.contains('/')) {
-            path = it.next().map(PathBuf::from);
-            continue;
+        };
+        match inline.or_else(|| it.next()) {
+            Some(v) => *slot = Some(PathBuf::from(v)),
+            // A missing value is left for the flag parser to report.
+            None => rest.push(arg),
         }
-        rest.push(arg);
     }
-    (path, rest)
+    (paths, rest)
 }
 
-fn run(
-    config: &DaemonConfig,
-    socket_path: Option<&Path>,
+/// Publish a property; a failure is logged (the daemon serves regardless).
+fn publish(paths: &HostPaths, name: &str) {
+    if let Err(e) = set_property_if_available(paths.property_socket(), name, "true") {
+        log::error!("{e}");
+    }
+}
+
+/// The `-socket_handoff` role.
+fn run_proxy_role(paths: &HostPaths, shutdown: &AtomicBool) -> Result<(), String> {
+    let proxy: OwnedFd = match &paths.proxy_socket {
+        Some(p) => bind_seqpacket(p).map_err(|e| e.to_string())?,
+        None => inherited_socket(PROXY_SOCKET_NAME).map_err(|e| e.to_string())?,
+    };
+    let server: OwnedFd = match &paths.socket {
+        Some(p) => bind_listener(p).map_err(|e| e.to_string())?.into(),
+        None => inherited_socket(snapuserd::snapshot::control_protocol::DEFAULT_SOCKET_NAME)
+            .map_err(|e| e.to_string())?,
+    };
+    run_proxy(
+        proxy,
+        server.as_fd(),
+        &|| publish(paths, "snapuserd.proxy_ready"),
+        shutdown,
+    )
+    .map_err(|e| e.to_string())?;
+    log::info!("socket handoff done");
+    Ok(())
+}
+
+/// Write "1" to the daemon-alive indicator init waits for after the SELinux transition.
+fn notify_alive(paths: &HostPaths) {
+    let path = match &paths.alive_indicator {
+        Some(p) => p.clone(),
+        None if Path::new(SCRATCH_ALIVE_INDICATOR_DIR).is_dir() => {
+            Path::new(SCRATCH_ALIVE_INDICATOR_DIR).join(ALIVE_INDICATOR_NAME)
+        }
+        None => PathBuf::from(ALIVE_INDICATOR),
+    };
+    match std::fs::write(&path, b"1") {
+        Ok(()) => log::info!("wrote {}", path.display()),
+        Err(e) => log::warn!("cannot write {}: {e}", path.display()),
+    }
+}
+
+/// Serve the control socket until `stop`, a signal, or `detach` and the end of the handlers.
+fn serve_socket(
+    listener: std::os::unix::net::UnixListener,
+    registry: Arc<HandlerRegistry>,
+    paths: &HostPaths,
     shutdown: &AtomicBool,
-) -> Result<(), String> {
+) -> Result<ServerExit, String> {
+    // AOSP runs one dm-user worker per handler once it serves a socket (saves memory).
+    registry.set_worker_count(1);
+    let mut server = ControlServer::new(listener, registry).map_err(|e| e.to_string())?;
+    publish(paths, "snapuserd.ready");
+    let exit = server.run(shutdown).map_err(|e| e.to_string())?;
+    log::info!("snapuserd exiting ({exit:?})");
+    Ok(exit)
+}
+
+fn run(config: &DaemonConfig, paths: &HostPaths, shutdown: &AtomicBool) -> Result<(), String> {
+    if config.socket_handoff {
+        return run_proxy_role(paths, shutdown);
+    }
     let registry = Arc::new(HandlerRegistry::new(
         Box::new(CowFileOpener),
-        // libsnapshot waits for the dm-user node before `start`; a short wait covers a
-        // late uevent without letting one `start` stall the control loop for long.
+        // libsnapshot waits for the dm-user node before `start`; `start` runs off the control
+        // loop, so a late uevent may take a while without stalling other clients.
         Box::new(DevDmUser::new(
-            Path::new(snapuserd::dm_user::DEV_DIR),
-            Duration::from_secs(1),
+            paths
+                .dm_user_dir
+                .as_deref()
+                .unwrap_or(Path::new(snapuserd::dm_user::DEV_DIR)),
+            Duration::from_secs(10),
         )),
         config.worker_count,
     ));
@@ -131,30 +261,48 @@ fn run(
                 return Err(format!("cannot start handler {}", h.misc_name));
             }
         }
+        notify_alive(paths);
+        let proxy = paths
+            .proxy_socket
+            .clone()
+            .unwrap_or_else(default_proxy_path);
+        let give_up = || shutdown.load(Ordering::Acquire) || registry.all_workers_finished();
+        let handoff = receive_listener(&proxy, &give_up);
+        let failed = match handoff {
+            Ok(listener) => {
+                log::info!("serving the control socket handed over by the proxy");
+                serve_socket(listener, Arc::clone(&registry), paths, shutdown)?;
+                return Ok(());
+            }
+            Err(snapuserd::daemon::handoff::HandoffError::Stopped { .. }) => None,
+            Err(e) => {
+                // As AOSP: keep serving the handlers, and fail once they end.
+                log::error!("{e}; serving the handlers without a control socket");
+                Some(e.to_string())
+            }
+        };
         while !shutdown.load(Ordering::Acquire) && !registry.all_workers_finished() {
             std::thread::sleep(Duration::from_millis(100));
         }
-        registry.stop_all();
-        return Ok(());
+        registry.shut_down();
+        return match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
     }
-    if config.socket_handoff {
-        log::warn!("-socket_handoff is accepted but not implemented; serving the socket directly");
-    }
-    let listener = match socket_path {
+    let listener = match &paths.socket {
         Some(path) => bind_listener(path),
         None => inherited_listener(&config.socket),
     }
     .map_err(|e| e.to_string())?;
-    let mut server = ControlServer::new(listener, registry).map_err(|e| e.to_string())?;
-    match socket_path {
+    match &paths.socket {
         Some(path) => log::info!("serving control socket {}", path.display()),
         None => log::info!("serving inherited control socket {}", config.socket),
     }
-    let exit = server.run(shutdown).map_err(|e| e.to_string())?;
-    log::info!("snapuserd exiting ({exit:?})");
+    let exit = serve_socket(listener, registry, paths, shutdown)?;
     if exit == ServerExit::Shutdown || exit == ServerExit::StopCommand {
         // Remove a socket we bound ourselves.
-        if let Some(path) = socket_path {
+        if let Some(path) = &paths.socket {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -162,7 +310,7 @@ fn run(
 }
 
 fn main() -> ExitCode {
-    let (socket_path, args) = take_socket_path(std::env::args().skip(1).collect());
+    let (paths, args) = take_host_paths(std::env::args().skip(1).collect());
     let config = match DaemonConfig::parse(args) {
         Ok(c) => c,
         Err(e) => {
@@ -179,7 +327,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match run(&config, socket_path.as_deref(), &shutdown) {
+    match run(&config, &paths, &shutdown) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             #[cfg(target_os = "android")]
@@ -192,11 +340,12 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::take_socket_path;
+    use super::{take_host_paths, HostPaths};
     use std::path::PathBuf;
 
     fn split(args: &[&str]) -> (Option<PathBuf>, Vec<String>) {
-        take_socket_path(args.iter().map(|s| s.to_string()).collect())
+        let (paths, rest) = take_host_paths(args.iter().map(|s| s.to_string()).collect());
+        (paths.socket, rest)
     }
 
     #[test]
@@ -224,5 +373,29 @@ mod tests {
             split(&["--", "-socket=/x"]),
             (None, vec!["--".into(), "-socket=/x".into()])
         );
+    }
+
+    #[test]
+    fn host_only_paths_are_taken() {
+        let args = [
+            "-socket-handoff",
+            "-proxy-socket=/p",
+            "--property_socket",
+            "/q",
+            "-daemon_alive_indicator=rel",
+            "-property_socket",
+        ];
+        let (paths, rest) = take_host_paths(args.iter().map(|s| s.to_string()).collect());
+        assert_eq!(
+            paths,
+            HostPaths {
+                socket: None,
+                proxy_socket: Some("/p".into()),
+                property_socket: Some("/q".into()),
+                alive_indicator: Some("rel".into()),
+                dm_user_dir: None,
+            }
+        );
+        assert_eq!(rest, vec!["-socket-handoff", "-property_socket"]);
     }
 }

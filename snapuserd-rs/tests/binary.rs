@@ -196,3 +196,332 @@ fn rc_file_defines_both_services_and_the_ready_trigger() {
     let out = run(&["-socket-handoff", "-socket=/nonexistent-dir/x"]);
     assert!(!error_line(&out).contains("flag"), "{out:?}");
 }
+
+/// A COW over a 16-block source (block i filled with i): block 3 replaced, block 5 zeroed,
+/// block 7 copied from block 12. Returns (cow, source).
+fn write_cow(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    use cow_format::{CowWriter, WriterOptions};
+    let mut source = Vec::new();
+    for i in 0..16u8 {
+        source.extend(std::iter::repeat_n(i, 4096));
+    }
+    let src = dir.join("source.img");
+    std::fs::write(&src, &source).unwrap();
+    let cow = dir.join("system.cow");
+    let mut w = CowWriter::create(
+        std::fs::File::create(&cow).unwrap(),
+        WriterOptions::default(),
+    )
+    .unwrap();
+    w.add_copy(7, 12).unwrap();
+    w.add_replace(3, &[0xAA; 4096]).unwrap();
+    w.add_zero(5, 1).unwrap();
+    w.finalize().unwrap();
+    (cow, src)
+}
+
+/// A directory standing in for /dev/dm-user: a FIFO per misc name, so the daemon's workers
+/// open a channel that stays idle.
+fn fake_dm_user_dir(dir: &Path, misc: &str) -> std::path::PathBuf {
+    let d = dir.join("dm-user");
+    std::fs::create_dir(&d).unwrap();
+    nix::unistd::mkfifo(&d.join(misc), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    d
+}
+
+/// A fake property service recording every `name=value` set, answering success.
+fn fake_property_service(path: &Path) -> std::sync::mpsc::Receiver<String> {
+    let listener = UnixListener::bind(path).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let mut s = conn.unwrap();
+            let mut word = [0u8; 4];
+            s.read_exact(&mut word).unwrap();
+            assert_eq!(u32::from_ne_bytes(word), 0x0002_0001, "PROP_MSG_SETPROP2");
+            let mut field = || {
+                s.read_exact(&mut word).unwrap();
+                let mut text = vec![0u8; u32::from_ne_bytes(word) as usize];
+                s.read_exact(&mut text).unwrap();
+                String::from_utf8(text).unwrap()
+            };
+            let name = field();
+            let value = field();
+            s.write_all(&0i32.to_ne_bytes()).unwrap();
+            if tx.send(format!("{name}={value}")).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Wait (bounded) for `path` to hold `want`.
+fn wait_for_file(path: &Path, want: &str, child: &mut Child) {
+    for _ in 0..3000 {
+        if std::fs::read_to_string(path).is_ok_and(|s| s == want) {
+            return;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("snapuserd exited early: {status}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("{} never held {want:?}", path.display());
+}
+
+fn sigterm(child: &Child) {
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+}
+
+#[test]
+fn no_socket_daemon_takes_the_control_socket_from_the_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cow, src) = write_cow(dir.path());
+    let dm_user = fake_dm_user_dir(dir.path(), "sys");
+    let props = dir.path().join("property_service");
+    let set = fake_property_service(&props);
+    let proxy = dir.path().join("snapuserd_proxy");
+    let control = dir.path().join("snapuserd");
+    let alive = dir.path().join("daemon-alive-indicator");
+    let host = |name: &str, p: &Path| format!("-{name}={}", p.display());
+    let mut daemon = Command::new(BIN)
+        .args([
+            "-no_socket".to_string(),
+            "-worker_count=2".to_string(),
+            host("dm_user_dir", &dm_user),
+            host("proxy_socket", &proxy),
+            host("property_socket", &props),
+            host("daemon_alive_indicator", &alive),
+            format!("sys,{},{}", cow.display(), src.display()),
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Handlers first, then the indicator init waits for.
+    wait_for_file(&alive, "1", &mut daemon);
+    let proxy_out = Command::new(BIN)
+        .args([
+            "-socket-handoff".to_string(),
+            host("proxy_socket", &proxy),
+            host("socket", &control),
+            host("property_socket", &props),
+        ])
+        .output()
+        .unwrap();
+    assert!(proxy_out.status.success(), "{proxy_out:?}");
+    assert_eq!(set.recv().unwrap(), "snapuserd.proxy_ready=true");
+    // The receiver serves the handed-over socket, then says so.
+    assert_eq!(set.recv().unwrap(), "snapuserd.ready=true");
+    let mut c = connect(&control, &mut daemon);
+    assert_eq!(ask(&mut c, b"query"), "active");
+    assert_eq!(ask(&mut c, b"getstatus,sys"), "snapshot");
+    assert_eq!(ask(&mut c, b"update-verify"), "success");
+    c.write_all(b"stop").unwrap();
+    assert!(daemon.wait().unwrap().success());
+}
+
+#[test]
+fn no_socket_daemon_without_a_proxy_serves_until_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cow, src) = write_cow(dir.path());
+    let dm_user = fake_dm_user_dir(dir.path(), "sys");
+    let alive = dir.path().join("alive");
+    let mut daemon = Command::new(BIN)
+        .arg("-no_socket")
+        .arg(format!("-dm_user_dir={}", dm_user.display()))
+        .arg(format!(
+            "-proxy_socket={}",
+            dir.path().join("none").display()
+        ))
+        .arg(format!("-daemon_alive_indicator={}", alive.display()))
+        .arg(format!("sys,{},{}", cow.display(), src.display()))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_file(&alive, "1", &mut daemon);
+    sigterm(&daemon);
+    assert!(daemon.wait().unwrap().success());
+}
+
+#[test]
+fn a_proxy_that_sends_no_fd_is_a_clear_error_and_the_handlers_keep_running() {
+    use std::os::fd::AsFd;
+    let dir = tempfile::tempdir().unwrap();
+    let (cow, src) = write_cow(dir.path());
+    let dm_user = fake_dm_user_dir(dir.path(), "sys");
+    let proxy = dir.path().join("proxy");
+    let listener = snapuserd::daemon::handoff::bind_seqpacket(&proxy).unwrap();
+    snapuserd::daemon::sockets::ensure_listening(listener.as_fd(), 4).unwrap();
+    let mut daemon = Command::new(BIN)
+        .arg("-no_socket")
+        .arg(format!("-dm_user_dir={}", dm_user.display()))
+        .arg(format!("-proxy_socket={}", proxy.display()))
+        .arg(format!(
+            "-daemon_alive_indicator={}",
+            dir.path().join("alive").display()
+        ))
+        .arg(format!("sys,{},{}", cow.display(), src.display()))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The daemon connects; we answer with a 1-byte message and no fd.
+    // SAFETY: test: accept on a listening socket we own.
+    let fd = unsafe {
+        libc::accept(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+    };
+    assert!(fd >= 0);
+    // SAFETY: test: a fresh fd from accept.
+    let conn = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    nix::sys::socket::send(conn.as_raw_fd(), b"a", nix::sys::socket::MsgFlags::empty()).unwrap();
+    // It refuses (no ACK, connection closed) ...
+    let mut back = [0u8; 4];
+    let n = nix::sys::socket::recv(
+        conn.as_raw_fd(),
+        &mut back,
+        nix::sys::socket::MsgFlags::empty(),
+    )
+    .unwrap();
+    assert_eq!(n, 0, "no ACK for a handoff without an fd");
+    // ... and keeps serving its handlers until told to stop, then reports the failure.
+    assert!(daemon.try_wait().unwrap().is_none());
+    sigterm(&daemon);
+    let out = daemon.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        error_line(&out).contains("expected exactly one fd, got 0"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn proxy_without_its_sockets_fails_clearly() {
+    let out = Command::new(BIN)
+        .arg("-socket_handoff")
+        .env_remove("ANDROID_SOCKET_snapuserd_proxy")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        error_line(&out).contains("ANDROID_SOCKET_snapuserd_proxy"),
+        "{out:?}"
+    );
+}
+
+/// How many fds `pid` holds open on `path`.
+fn fds_open_on(pid: u32, path: &Path) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .filter(|target| target == path)
+        .count()
+}
+
+#[test]
+fn socket_mode_uses_one_worker_per_handler_and_no_socket_mode_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cow, src) = write_cow(dir.path());
+    let dm_user = fake_dm_user_dir(dir.path(), "sys");
+    let node = dm_user.join("sys");
+    let control = dir.path().join("ctl");
+    let mut daemon = Command::new(BIN)
+        .arg(format!("-socket={}", control.display()))
+        .arg("-worker_count=4")
+        .arg(format!("-dm_user_dir={}", dm_user.display()))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut c = connect(&control, &mut daemon);
+    let init = format!("init,sys,{},{}", cow.display(), src.display());
+    assert!(ask(&mut c, init.as_bytes()).starts_with("success,"));
+    assert_eq!(ask(&mut c, b"start,sys"), "success");
+    assert_eq!(
+        fds_open_on(daemon.id(), &node),
+        1,
+        "one channel with a socket"
+    );
+    c.write_all(b"stop").unwrap();
+    assert!(daemon.wait().unwrap().success());
+
+    let alive = dir.path().join("alive");
+    let mut daemon = Command::new(BIN)
+        .arg("-no_socket")
+        .arg("-worker_count=3")
+        .arg(format!("-dm_user_dir={}", dm_user.display()))
+        .arg(format!(
+            "-proxy_socket={}",
+            dir.path().join("none").display()
+        ))
+        .arg(format!("-daemon_alive_indicator={}", alive.display()))
+        .arg(format!("sys,{},{}", cow.display(), src.display()))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_file(&alive, "1", &mut daemon);
+    assert_eq!(
+        fds_open_on(daemon.id(), &node),
+        3,
+        "-worker_count without a socket"
+    );
+    sigterm(&daemon);
+    assert!(daemon.wait().unwrap().success());
+}
+
+#[test]
+fn proxy_hands_over_init_style_inherited_sockets() {
+    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+    let dir = tempfile::tempdir().unwrap();
+    let proxy_path = dir.path().join("snapuserd_proxy");
+    let control = dir.path().join("snapuserd");
+    // As init creates them: bound, not listening, inherited by the service.
+    let proxy: OwnedFd = snapuserd::daemon::handoff::bind_seqpacket(&proxy_path).unwrap();
+    let server = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::Stream,
+        nix::sys::socket::SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    nix::sys::socket::bind(
+        server.as_raw_fd(),
+        &nix::sys::socket::UnixAddr::new(&control).unwrap(),
+    )
+    .unwrap();
+    for fd in [proxy.as_fd(), server.as_fd()] {
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .unwrap();
+    }
+    let props = dir.path().join("property_service");
+    let set = fake_property_service(&props);
+    let child = Command::new(BIN)
+        .arg("-socket_handoff")
+        .arg(format!("-property_socket={}", props.display()))
+        .env(
+            "ANDROID_SOCKET_snapuserd_proxy",
+            proxy.as_raw_fd().to_string(),
+        )
+        .env("ANDROID_SOCKET_snapuserd", server.as_raw_fd().to_string())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop((proxy, server));
+    assert_eq!(set.recv().unwrap(), "snapuserd.proxy_ready=true");
+    let listener = snapuserd::daemon::handoff::receive_listener(&proxy_path, &|| false).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // The received socket is the one bound at the control path, now listening.
+    let _client = UnixStream::connect(&control).unwrap();
+    listener.accept().unwrap();
+}

@@ -426,3 +426,248 @@ fn init_start_serve_status_delete_on_a_real_cow() {
     assert_eq!(ask(&mut c, b"delete,sys"), "success");
     stop(d);
 }
+
+/// Opens COWs with [`CowFileOpener`], but a COW whose path contains "slow" only once the
+/// test sends on the gate (and says so on `entered` first).
+struct GatedOpener {
+    entered: Mutex<Sender<()>>,
+    gate: Mutex<Receiver<()>>,
+}
+
+impl snapuserd::daemon::handlers::SnapshotOpener for GatedOpener {
+    fn open(
+        &self,
+        cow: &Path,
+        source: &Path,
+    ) -> Result<Arc<dyn snapuserd::daemon::handlers::SnapshotTarget>, String> {
+        if cow.to_string_lossy().contains("slow") {
+            self.entered.lock().unwrap().send(()).unwrap();
+            self.gate.lock().unwrap().recv().unwrap();
+        }
+        CowFileOpener.open(cow, source)
+    }
+}
+
+#[test]
+fn a_slow_init_does_not_stall_other_clients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cow, src, _) = write_images(tmp.path());
+    let slow = tmp.path().join("slow.cow");
+    std::fs::copy(&cow, &slow).unwrap();
+    let socket = tmp.path().join("snapuserd");
+    let (entered_tx, entered) = mpsc::channel();
+    let (release, gate) = mpsc::channel();
+    let (tx, _kernels) = mpsc::channel();
+    let registry = Arc::new(HandlerRegistry::new(
+        Box::new(GatedOpener {
+            entered: Mutex::new(entered_tx),
+            gate: Mutex::new(gate),
+        }),
+        Box::new(PairOpener(Mutex::new(tx))),
+        1,
+    ));
+    let mut server = ControlServer::new(bind_listener(&socket).unwrap(), registry).unwrap();
+    let thread = std::thread::spawn(move || server.run(&AtomicBool::new(false)).unwrap());
+
+    let mut a = UnixStream::connect(&socket).unwrap();
+    let init = format!("init,slow,{},{}", slow.display(), src.display());
+    a.write_all(init.as_bytes()).unwrap();
+    // a's init is now inside the COW open, held there.
+    entered.recv().unwrap();
+    // a's next message waits behind its init; other clients are served meanwhile,
+    // including another init.
+    a.write_all(b"query").unwrap();
+    let mut b = UnixStream::connect(&socket).unwrap();
+    assert_eq!(ask(&mut b, b"query"), "active");
+    assert_eq!(ask(&mut b, b"getstatus,slow"), "snapshot-merge-failed");
+    let other = format!("init,fast,{},{}", cow.display(), src.display());
+    assert!(ask(&mut b, other.as_bytes()).starts_with("success,"));
+    assert_eq!(ask(&mut b, b"merge_percent"), "0.000000");
+    // Release: a gets its init reply, then its query's, in order.
+    release.send(()).unwrap();
+    let mut buf = [0u8; 64];
+    let n = a.read(&mut buf).unwrap();
+    let got = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(got.starts_with("success,"), "{got}");
+    let rest = if got.ends_with("active") {
+        String::new()
+    } else {
+        let n = a.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    assert!(
+        got.ends_with("active") || rest == "active",
+        "{got:?} then {rest:?}"
+    );
+    assert_eq!(ask(&mut b, b"getstatus,slow"), "snapshot");
+    b.write_all(b"stop").unwrap();
+    assert_eq!(thread.join().unwrap(), ServerExit::StopCommand);
+}
+
+#[test]
+fn update_verify_reads_every_block_and_fails_on_a_read_error() {
+    let d = Daemon::start(1);
+    let (cow, src, _) = write_images(&d.dir);
+    // A second snapshot whose COW loses its data after init. (Its COPY op is served from
+    // the read-ahead window saved at open, so a damaged source would go unnoticed here:
+    // the REPLACE payload in the COW is what a read must reach.)
+    let broken_cow = d.dir.join("broken.cow");
+    std::fs::copy(&cow, &broken_cow).unwrap();
+    let mut c = d.connect();
+    let init = format!("init,good,{},{}", cow.display(), src.display());
+    assert!(ask(&mut c, init.as_bytes()).starts_with("success,"));
+    assert_eq!(ask(&mut c, b"start,good"), "success");
+    assert_eq!(ask(&mut c, b"update-verify"), "success");
+    let init = format!("init,broken,{},{}", broken_cow.display(), src.display());
+    assert!(ask(&mut c, init.as_bytes()).starts_with("success,"));
+    assert_eq!(
+        ask(&mut c, b"update-verify"),
+        "fail",
+        "broken is not started"
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&broken_cow)
+        .unwrap()
+        .set_len(BLOCK as u64)
+        .unwrap();
+    assert_eq!(ask(&mut c, b"start,broken"), "success");
+    assert_eq!(
+        ask(&mut c, b"update-verify"),
+        "fail",
+        "the REPLACE read fails"
+    );
+    assert_eq!(ask(&mut c, b"delete,broken"), "success");
+    assert_eq!(ask(&mut c, b"update-verify"), "success");
+    stop(d);
+}
+
+#[test]
+fn pause_merge_holds_the_write_back_and_keeps_reads_going() {
+    let d = Daemon::start(1);
+    let (cow, src, target) = write_images(&d.dir);
+    let mut c = d.connect();
+    let init = format!("init,sys,{},{}", cow.display(), src.display());
+    assert!(ask(&mut c, init.as_bytes()).starts_with("success,"));
+    assert_eq!(ask(&mut c, b"start,sys"), "success");
+    let (_, mut k) = d.kernels.recv().unwrap();
+    let (_, area) = kernel_read(&mut k, 1, 8, BLOCK as u64);
+    let live = (0..256)
+        .take_while(|&s| u64_at(&area, s * 16 + 8) != 0)
+        .count();
+    assert_eq!(live, 3);
+    assert_eq!(ask(&mut c, b"pause_merge"), "success");
+    // The kernel's write-back of the last exception: held by the only worker ...
+    let mut merged = area.clone();
+    merged[(live - 1) * 16..live * 16].fill(0);
+    let req = MessageHeader {
+        seq: 2,
+        msg_type: DM_USER_REQ_MAP_WRITE,
+        flags: DM_USER_REQ_MAP_FLAG_PREFLUSH | DM_USER_REQ_MAP_FLAG_FUA,
+        sector: 8,
+        len: BLOCK as u64,
+    };
+    k.write_all(&req.to_bytes()).unwrap();
+    k.write_all(&merged).unwrap();
+    // ... which still serves snapshot reads, out of order ahead of the held write.
+    let old = u64_at(&area, 0);
+    let new = u64_at(&area, 8);
+    let (resp, data) = kernel_read(&mut k, 3, new * 8, BLOCK as u64);
+    assert_eq!((resp.seq, resp.msg_type), (3, DM_USER_RESP_SUCCESS));
+    let at = old as usize * BLOCK;
+    assert_eq!(data, target[at..at + BLOCK]);
+    assert_eq!(ask(&mut c, b"merge_percent"), "0.000000", "not processed");
+    assert_eq!(ask(&mut c, b"resume_merge"), "success");
+    let mut raw = [0u8; HEADER_SIZE];
+    k.read_exact(&mut raw).unwrap();
+    let resp = MessageHeader::from_bytes(&raw);
+    assert_eq!((resp.seq, resp.msg_type), (2, DM_USER_RESP_SUCCESS));
+    assert_eq!(ask(&mut c, b"merge_percent"), "33.333333");
+    stop(d);
+}
+
+/// A snapshot whose verification pass runs until the test releases it.
+struct HeldVerification {
+    entered: Mutex<Sender<()>>,
+    gate: Mutex<Receiver<bool>>,
+}
+
+impl snapuserd::daemon::transport::RequestHandler for HeldVerification {
+    fn handle(
+        &self,
+        _: &snapuserd::snapshot::block_server::Request,
+        _: &[u8],
+        _: &mut Vec<u8>,
+    ) -> snapuserd::snapshot::block_server::Status {
+        snapuserd::snapshot::block_server::Status::Unsupported
+    }
+}
+
+impl snapuserd::daemon::handlers::SnapshotTarget for HeldVerification {
+    fn device_sectors(&self) -> u64 {
+        8
+    }
+    fn merge_percent(&self) -> Result<f64, String> {
+        Ok(0.0)
+    }
+    fn merge_complete(&self) -> Result<bool, String> {
+        Ok(false)
+    }
+    fn verify(&self, _: &AtomicBool) -> Result<u64, String> {
+        self.entered.lock().unwrap().send(()).unwrap();
+        match self.gate.lock().unwrap().recv() {
+            Ok(true) => Ok(1),
+            _ => Err("read error".into()),
+        }
+    }
+}
+
+struct HeldOpener(Mutex<Option<Arc<HeldVerification>>>);
+
+impl snapuserd::daemon::handlers::SnapshotOpener for HeldOpener {
+    fn open(
+        &self,
+        _: &Path,
+        _: &Path,
+    ) -> Result<Arc<dyn snapuserd::daemon::handlers::SnapshotTarget>, String> {
+        let t = self.0.lock().unwrap().take().ok_or("opened twice")?;
+        Ok(t)
+    }
+}
+
+#[test]
+fn update_verify_waits_for_the_pass_without_stalling_other_clients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("snapuserd");
+    let (entered_tx, entered) = mpsc::channel();
+    let (release, gate) = mpsc::channel();
+    let (tx, _kernels) = mpsc::channel();
+    let target = Arc::new(HeldVerification {
+        entered: Mutex::new(entered_tx),
+        gate: Mutex::new(gate),
+    });
+    let registry = Arc::new(HandlerRegistry::new(
+        Box::new(HeldOpener(Mutex::new(Some(target)))),
+        Box::new(PairOpener(Mutex::new(tx))),
+        1,
+    ));
+    let mut server = ControlServer::new(bind_listener(&socket).unwrap(), registry).unwrap();
+    let thread = std::thread::spawn(move || server.run(&AtomicBool::new(false)).unwrap());
+    let mut a = UnixStream::connect(&socket).unwrap();
+    assert_eq!(ask(&mut a, b"init,sys,cow,src"), "success,8");
+    assert_eq!(ask(&mut a, b"start,sys"), "success");
+    entered.recv().unwrap();
+    // The pass is running: a's update-verify waits for it; b is served meanwhile.
+    a.write_all(b"update-verify").unwrap();
+    let mut b = UnixStream::connect(&socket).unwrap();
+    assert_eq!(ask(&mut b, b"query"), "active");
+    assert_eq!(ask(&mut b, b"getstatus,sys"), "snapshot");
+    assert_eq!(ask(&mut b, b"pause_merge"), "success");
+    assert_eq!(ask(&mut b, b"resume_merge"), "success");
+    release.send(false).unwrap();
+    let mut buf = [0u8; 16];
+    let n = a.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"fail", "the pass failed");
+    b.write_all(b"stop").unwrap();
+    assert_eq!(thread.join().unwrap(), ServerExit::StopCommand);
+}

@@ -7,17 +7,24 @@
 //! unsent, and a client that lets more pile up (it never reads) is dropped, so no client can
 //! make the daemon allocate without bound or stall the others.
 //!
+//! Commands that can take long (`init` opens and indexes a COW, `start` opens dm-user
+//! channels, `delete` joins threads, `update-verify` waits up to 10 s per handler) run on a
+//! job thread, at most [`MAX_JOBS`] at once and one per client; the reply comes back to the
+//! poll loop through a channel and a wake-up socket, and that client's next message is not
+//! read until then, so its replies stay in order. Every other client is served meanwhile.
+//!
 //! Malformed commands get `fail` and the connection stays; an unknown command gets `fail`
 //! and the connection is closed, as AOSP does. `stop` stops every handler and ends
 //! [`ControlServer::run`]; `detach` closes the listening socket, and `run` returns once every
-//! handler's workers have ended.
+//! handler's workers and every job have ended.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,12 +36,17 @@ use crate::snapshot::control_protocol::{
 };
 
 use super::handlers::HandlerRegistry;
+use super::handoff::LISTEN_BACKLOG;
+use super::sockets::{ensure_listening, is_socket, type_and_family};
 
 /// Most clients served at once; more are accepted and closed immediately.
 pub const MAX_CLIENTS: usize = 32;
 
 /// Most unsent reply bytes per client before the client is dropped.
 pub const MAX_PENDING_REPLY_BYTES: usize = 4096;
+
+/// Most slow commands running at once; beyond that a slow command is answered `fail`.
+pub const MAX_JOBS: usize = MAX_CLIENTS;
 
 /// Most bytes discarded after an over-long message (what is immediately readable).
 const MAX_DISCARD_BYTES: usize = 64 << 10;
@@ -61,7 +73,7 @@ pub enum ControlServerError {
         /// The fd.
         fd: RawFd,
     },
-    /// The inherited socket is not listening.
+    /// The inherited socket is not a Unix stream socket that listens or can be made to.
     #[error("{var}: fd {fd} is a socket but not a listening one")]
     NotListening {
         /// The variable.
@@ -95,9 +107,9 @@ pub enum ControlServerError {
     },
 }
 
-/// Take the listening socket init created for service socket `name`
-/// (`ANDROID_SOCKET_<name>` holds its fd number). Call once, early in `main`.
-pub fn inherited_listener(name: &str) -> Result<UnixListener, ControlServerError> {
+/// Take the socket init created for service socket `name` (`ANDROID_SOCKET_<name>` holds
+/// its fd number), of any type. Call once per name, early in `main`.
+pub fn inherited_socket(name: &str) -> Result<OwnedFd, ControlServerError> {
     let var = format!("ANDROID_SOCKET_{name}");
     let value =
         std::env::var(&var).map_err(|_| ControlServerError::NoSocket { var: var.clone() })?;
@@ -110,37 +122,36 @@ pub fn inherited_listener(name: &str) -> Result<UnixListener, ControlServerError
             var: var.clone(),
             value: value.clone(),
         })?;
-    // SAFETY: `libc::stat` is plain old data for which all-zero bytes are a valid value.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat writes only into `st`, which we own; any integer is an acceptable fd
+    // SAFETY: fcntl(F_GETFD) only reads the fd's flags; any integer is an acceptable
     // argument (an unopened one yields EBADF).
-    let rc = unsafe { libc::fstat(fd, &mut st) };
-    if rc != 0 || (st.st_mode & libc::S_IFMT) != libc::S_IFSOCK {
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         return Err(ControlServerError::NotASocket { var, fd });
     }
-    let mut listening: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` (the size of `listening`) bytes into
-    // `listening`, which we own, and updates `len`; the fd is an open socket (checked above).
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut listening as *mut libc::c_int).cast::<libc::c_void>(),
-            &mut len,
-        )
-    };
-    if rc != 0 || listening == 0 {
+    // SAFETY: the fd is open (checked above) and stays open while borrowed here: nothing
+    // closes it before the ownership decision below.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    if !is_socket(borrowed) {
+        return Err(ControlServerError::NotASocket { var, fd });
+    }
+    // SAFETY: the fd is an open socket (checked above). init passed it to this process for
+    // our exclusive use and nothing else in the process wraps it: each name is taken once,
+    // at start-up, so the OwnedFd is its only owner.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_cloexec(&owned)?;
+    Ok(owned)
+}
+
+/// Take the control socket init created for service socket `name` and make sure it
+/// listens (init creates it bound; AOSP's daemon calls `listen` itself).
+pub fn inherited_listener(name: &str) -> Result<UnixListener, ControlServerError> {
+    let owned = inherited_socket(name)?;
+    let var = format!("ANDROID_SOCKET_{name}");
+    let fd = owned.as_raw_fd();
+    let stream = type_and_family(owned.as_fd()) == Some((libc::SOCK_STREAM, libc::AF_UNIX));
+    if !stream || ensure_listening(owned.as_fd(), LISTEN_BACKLOG).is_err() {
         return Err(ControlServerError::NotListening { var, fd });
     }
-    // SAFETY: the fd is open and is a listening socket (checked above). init passed it to this process
-    // for our exclusive use and nothing else in the process wraps it: this function is
-    // called once at start-up, so the OwnedFd is its only owner.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let listener = UnixListener::from(owned);
-    set_cloexec(&listener)?;
-    Ok(listener)
+    Ok(UnixListener::from(owned))
 }
 
 fn set_cloexec(fd: &impl AsFd) -> Result<(), ControlServerError> {
@@ -180,9 +191,18 @@ pub enum ServerExit {
 }
 
 struct Client {
+    id: u64,
     stream: UnixStream,
     pending: Vec<u8>,
     close_when_sent: bool,
+    /// A job is running for this client; its next message waits.
+    busy: bool,
+}
+
+/// A finished job: the client it belongs to and its reply.
+struct JobDone {
+    client: u64,
+    reply: Reply,
 }
 
 enum Flow {
@@ -195,7 +215,14 @@ pub struct ControlServer {
     listener: Option<UnixListener>,
     registry: Arc<HandlerRegistry>,
     clients: Vec<Client>,
+    next_id: u64,
     detached: bool,
+    jobs_running: usize,
+    done_tx: Sender<JobDone>,
+    done_rx: Receiver<JobDone>,
+    /// Written by job threads (one byte per finished job) to wake the poll.
+    wake_tx: UnixStream,
+    wake_rx: UnixStream,
 }
 
 impl ControlServer {
@@ -210,11 +237,26 @@ impl ControlServer {
                 op: "set_nonblocking",
                 source,
             })?;
+        let io = |op| move |source| ControlServerError::Io { op, source };
+        let (wake_tx, wake_rx) = UnixStream::pair().map_err(io("socketpair"))?;
+        wake_tx
+            .set_nonblocking(true)
+            .map_err(io("set_nonblocking"))?;
+        wake_rx
+            .set_nonblocking(true)
+            .map_err(io("set_nonblocking"))?;
+        let (done_tx, done_rx) = mpsc::channel();
         Ok(Self {
             listener: Some(listener),
             registry,
             clients: Vec::new(),
+            next_id: 0,
             detached: false,
+            jobs_running: 0,
+            done_tx,
+            done_rx,
+            wake_tx,
+            wake_rx,
         })
     }
 
@@ -223,33 +265,41 @@ impl ControlServer {
     pub fn run(&mut self, shutdown: &AtomicBool) -> Result<ServerExit, ControlServerError> {
         loop {
             if shutdown.load(Ordering::Acquire) {
-                self.registry.stop_all();
+                self.registry.shut_down();
                 return Ok(ServerExit::Shutdown);
             }
-            if self.detached && self.registry.all_workers_finished() {
+            if self.detached && self.jobs_running == 0 && self.registry.all_workers_finished() {
                 return Ok(ServerExit::Detached);
             }
             let (listener_ready, client_events) = self.wait()?;
             if let Flow::Stop = self.serve_clients(&client_events) {
-                self.registry.stop_all();
+                self.registry.shut_down();
                 return Ok(ServerExit::StopCommand);
             }
             if listener_ready {
                 self.accept_all();
             }
+            // After `serve_clients`: poll's events are indexed by client position, and
+            // this may drop a client.
+            self.collect_jobs();
         }
     }
 
     /// Poll the listener and the clients for up to one tick.
     fn wait(&self) -> Result<(bool, Vec<PollFlags>), ControlServerError> {
-        let mut fds = Vec::with_capacity(self.clients.len().saturating_add(1));
+        let mut fds = Vec::with_capacity(self.clients.len().saturating_add(2));
         for c in &self.clients {
-            let mut events = PollFlags::POLLIN;
+            let mut events = if c.busy {
+                PollFlags::empty()
+            } else {
+                PollFlags::POLLIN
+            };
             if !c.pending.is_empty() {
                 events |= PollFlags::POLLOUT;
             }
             fds.push(PollFd::new(c.stream.as_fd(), events));
         }
+        fds.push(PollFd::new(self.wake_rx.as_fd(), PollFlags::POLLIN));
         if let Some(l) = &self.listener {
             fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
         }
@@ -273,7 +323,66 @@ impl ControlServer {
         } else {
             false
         };
+        // The wake-up socket's entry; its bytes are drained in `collect_jobs`.
+        events.pop();
         Ok((listener_ready, events))
+    }
+
+    /// Hand every finished job's reply to its client (if still connected).
+    fn collect_jobs(&mut self) {
+        let mut sink = [0u8; 64];
+        while matches!((&self.wake_rx).read(&mut sink), Ok(n) if n > 0) {}
+        while let Ok(done) = self.done_rx.try_recv() {
+            self.jobs_running = self.jobs_running.saturating_sub(1);
+            let Some(i) = self.clients.iter().position(|c| c.id == done.client) else {
+                continue;
+            };
+            let keep = match self.clients.get_mut(i) {
+                Some(c) => {
+                    c.busy = false;
+                    c.pending
+                        .extend_from_slice(done.reply.to_string().as_bytes());
+                    flush(c)
+                }
+                None => true,
+            };
+            if !keep {
+                self.clients.remove(i);
+            }
+        }
+    }
+
+    /// Run a slow command for client `id` on a job thread. False (and nothing started) when
+    /// too many jobs run or the thread cannot be spawned.
+    fn spawn_job(&mut self, id: u64, job: Job) -> bool {
+        if self.jobs_running >= MAX_JOBS {
+            log::warn!("control: {MAX_JOBS} slow commands running; refusing another");
+            return false;
+        }
+        let registry = Arc::clone(&self.registry);
+        let done = self.done_tx.clone();
+        let Ok(wake) = self.wake_tx.try_clone() else {
+            return false;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("snapuserd-job".into())
+            .spawn(move || {
+                let reply = job.run(&registry);
+                if done.send(JobDone { client: id, reply }).is_ok() {
+                    // A full wake-up socket already has a wake-up pending.
+                    let _ = (&wake).write(&[1]);
+                }
+            });
+        match spawned {
+            Ok(_) => {
+                self.jobs_running = self.jobs_running.saturating_add(1);
+                true
+            }
+            Err(e) => {
+                log::error!("control: cannot spawn a job thread: {e}");
+                false
+            }
+        }
     }
 
     fn accept_all(&mut self) {
@@ -291,10 +400,14 @@ impl ControlServer {
                         log::warn!("control: new client: {e}");
                         continue;
                     }
+                    let id = self.next_id;
+                    self.next_id = self.next_id.wrapping_add(1);
                     self.clients.push(Client {
+                        id,
                         stream,
                         pending: Vec::new(),
                         close_when_sent: false,
+                        busy: false,
                     });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
@@ -315,11 +428,19 @@ impl ControlServer {
             let Some(client) = self.clients.get_mut(i) else {
                 break;
             };
-            let alive =
-                if ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
-                    match receive_message(&mut client.stream) {
-                        Received::Message(msg) => {
-                            let (reply, after) = execute(&self.registry, &msg, &mut self.detached);
+            let readable =
+                ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR);
+            let mut job = None;
+            let alive = if client.busy {
+                // Its next message waits for the job; a vanished peer is dropped (the
+                // job's reply is then discarded).
+                !ev.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)
+            } else if readable {
+                match receive_message(&mut client.stream) {
+                    Received::Message(msg) => match classify(&msg) {
+                        Action::Now(reply, after) => {
+                            let (reply, after) =
+                                run_now(&self.registry, reply, after, &mut self.detached);
                             // Stop accepting before any later reply can be seen.
                             if self.detached && self.listener.take().is_some() {
                                 log::info!("control: detached, no longer accepting connections");
@@ -339,12 +460,30 @@ impl ControlServer {
                                 }
                             }
                         }
-                        Received::Nothing => true,
-                        Received::Closed => false,
+                        Action::Job(j) => {
+                            job = Some((client.id, j));
+                            true
+                        }
+                    },
+                    Received::Nothing => true,
+                    Received::Closed => false,
+                }
+            } else {
+                true
+            };
+            if let Some((id, j)) = job {
+                if self.spawn_job(id, j) {
+                    if let Some(c) = self.clients.get_mut(i) {
+                        c.busy = true;
                     }
-                } else {
-                    true
-                };
+                } else if let Some(c) = self.clients.get_mut(i) {
+                    c.pending
+                        .extend_from_slice(Reply::Fail.to_string().as_bytes());
+                }
+            }
+            let Some(client) = self.clients.get_mut(i) else {
+                break;
+            };
             let alive = alive && flush(client);
             if let Some(k) = keep.get_mut(i) {
                 *k = alive && !(client.close_when_sent && client.pending.is_empty());
@@ -415,50 +554,116 @@ enum After {
     Stop,
 }
 
-/// Run one message; returns the reply (if the command has one) and what happens next.
-fn execute(registry: &HandlerRegistry, msg: &[u8], detached: &mut bool) -> (Option<Reply>, After) {
+/// A slow command, run on a job thread.
+enum Job {
+    Init {
+        misc: String,
+        cow: String,
+        source: String,
+    },
+    Start(String),
+    Delete(String),
+    UpdateVerify,
+}
+
+impl Job {
+    fn run(self, registry: &HandlerRegistry) -> Reply {
+        match self {
+            Job::Init { misc, cow, source } => registry.init(&misc, &cow, &source),
+            Job::Start(misc) => registry.start(&misc),
+            Job::Delete(misc) => registry.delete(&misc),
+            Job::UpdateVerify => registry.update_verify(),
+        }
+    }
+}
+
+/// A quick command, answered on the poll loop.
+enum Quick {
+    Reply(Reply),
+    Query,
+    Stop,
+    Detach,
+    InitiateMerge(String),
+    MergePercent,
+    GetStatus(String),
+    SetMergePaused(bool),
+}
+
+enum Action {
+    Now(Quick, After),
+    Job(Job),
+}
+
+/// Parse one message into what to do.
+fn classify(msg: &[u8]) -> Action {
     let cmd = match Command::parse(msg) {
         Ok(c) => c,
         Err(e @ ControlError::UnknownCommand { .. }) => {
             log::warn!("control: {e}; closing the connection");
-            return (Some(Reply::Fail), After::Close);
+            return Action::Now(Quick::Reply(Reply::Fail), After::Close);
         }
         Err(e) => {
             log::warn!("control: {e}");
-            return (Some(Reply::Fail), After::Keep);
+            return Action::Now(Quick::Reply(Reply::Fail), After::Keep);
         }
     };
     log::debug!("control: {cmd:?}");
-    let reply = match cmd {
+    let quick = match cmd {
         Command::Init {
             misc_name,
             cow_device,
             source_device,
             base_device: _,
-        } => registry.init(misc_name, cow_device, source_device),
-        Command::Start { misc_name } => registry.start(misc_name),
-        Command::Query => {
+        } => {
+            return Action::Job(Job::Init {
+                misc: misc_name.to_string(),
+                cow: cow_device.to_string(),
+                source: source_device.to_string(),
+            })
+        }
+        Command::Start { misc_name } => return Action::Job(Job::Start(misc_name.to_string())),
+        Command::Delete { misc_name } => return Action::Job(Job::Delete(misc_name.to_string())),
+        Command::UpdateVerify => return Action::Job(Job::UpdateVerify),
+        Command::Query => Quick::Query,
+        Command::Stop => Quick::Stop,
+        Command::Detach => Quick::Detach,
+        Command::Supports { feature } => Quick::Reply(supports_reply(feature)),
+        Command::InitiateMerge { misc_name } => Quick::InitiateMerge(misc_name.to_string()),
+        Command::MergePercent => Quick::MergePercent,
+        Command::GetStatus { misc_name } => Quick::GetStatus(misc_name.to_string()),
+        Command::PauseMerge => Quick::SetMergePaused(true),
+        Command::ResumeMerge => Quick::SetMergePaused(false),
+    };
+    Action::Now(quick, After::Keep)
+}
+
+/// Run a quick command; returns the reply (if the command has one) and what happens next.
+fn run_now(
+    registry: &HandlerRegistry,
+    quick: Quick,
+    after: After,
+    detached: &mut bool,
+) -> (Option<Reply>, After) {
+    let reply = match quick {
+        Quick::Reply(r) => r,
+        Quick::Query => {
             if *detached {
                 Reply::Passive
             } else {
                 Reply::Active
             }
         }
-        Command::Stop => return (None, After::Stop),
-        Command::Delete { misc_name } => registry.delete(misc_name),
-        Command::Detach => {
+        Quick::Stop => return (None, After::Stop),
+        Quick::Detach => {
             *detached = true;
             return (None, After::Keep);
         }
-        Command::Supports { feature } => supports_reply(feature),
-        Command::InitiateMerge { misc_name } => registry.initiate_merge(misc_name),
-        Command::MergePercent => registry.merge_percent(),
-        Command::GetStatus { misc_name } => registry.status(misc_name),
-        Command::UpdateVerify => registry.update_verify(),
-        // The kernel drives the legacy merge; there is nothing to pause.
-        Command::PauseMerge | Command::ResumeMerge => Reply::Success,
+        Quick::InitiateMerge(misc) => registry.initiate_merge(&misc),
+        Quick::MergePercent => registry.merge_percent(),
+        Quick::GetStatus(misc) => registry.status(&misc),
+        Quick::SetMergePaused(paused) => registry.set_merge_paused(paused),
     };
-    (Some(reply), After::Keep)
+    (Some(reply), after)
 }
 
 #[cfg(test)]
@@ -468,9 +673,11 @@ mod tests {
     fn client(stream: UnixStream, pending: Vec<u8>) -> Client {
         stream.set_nonblocking(true).unwrap();
         Client {
+            id: 0,
             stream,
             pending,
             close_when_sent: false,
+            busy: false,
         }
     }
 

@@ -1,17 +1,27 @@
 //! The handler registry: one handler per dm-user misc name, driven by the control commands.
 //!
-//! `init` opens the COW and source and builds the snapshot; `start` spawns its workers;
-//! `delete` stops and joins them. In the legacy dm-snapshot design the kernel drives the
-//! merge, so `initiate_merge` only records the request; `getstatus` and `merge_percent`
-//! report what the snapshot core has seen of the kernel's merge.
+//! `init` opens the COW and source and builds the snapshot; `start` spawns its workers and a
+//! verification pass; `delete` stops and joins them. In the legacy dm-snapshot design the
+//! kernel drives the merge, so `initiate_merge` only records the request; `getstatus` and
+//! `merge_percent` report what the snapshot core has seen of the kernel's merge.
+//!
+//! The registry lock is never held across slow work (opening a COW, opening dm-user
+//! channels, joining threads, waiting for verification), so the control loop, which calls
+//! the quick commands directly, is never stalled by a slow one running on a job thread.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::snapshot::control_protocol::{MergeStatus, Reply};
 
 use super::transport::{ChannelOpener, RequestHandler, Workers};
+
+/// How long `update-verify` waits for each handler's verification (AOSP's 10 s).
+pub const VERIFY_WAIT: Duration = Duration::from_secs(10);
 
 /// A served snapshot, as the registry needs it.
 pub trait SnapshotTarget: RequestHandler {
@@ -21,6 +31,9 @@ pub trait SnapshotTarget: RequestHandler {
     fn merge_percent(&self) -> Result<f64, String>;
     /// True once the merge is complete and durable.
     fn merge_complete(&self) -> Result<bool, String>;
+    /// Read every block of the device through the serving read path, stopping early when
+    /// `stop` is set; the number of blocks read, or the first read error.
+    fn verify(&self, stop: &AtomicBool) -> Result<u64, String>;
 }
 
 /// Opens a snapshot from its COW and source paths.
@@ -33,6 +46,7 @@ pub trait SnapshotOpener: Send + Sync {
 mod cow_files {
     use super::*;
     use crate::cow_backend::{source_file::FileSource, CowSnapshot};
+    use crate::snapshot::merge_plan::BLOCK_SIZE;
 
     impl SnapshotTarget for CowSnapshot<FileSource> {
         fn device_sectors(&self) -> u64 {
@@ -43,6 +57,23 @@ mod cow_files {
         }
         fn merge_complete(&self) -> Result<bool, String> {
             self.server().merge_complete().map_err(|e| e.to_string())
+        }
+        /// Every chunk of the virtual COW device, as dm-snapshot would read it: the header,
+        /// every metadata area, and every data chunk (the new content of every COW op:
+        /// REPLACE decompressed, COPY/XOR read from the source).
+        fn verify(&self, stop: &AtomicBool) -> Result<u64, String> {
+            let server = self.server();
+            let chunks = server.exceptions().device_chunks();
+            let mut block = [0u8; BLOCK_SIZE];
+            for chunk in 0..chunks {
+                if stop.load(Ordering::Relaxed) {
+                    return Err(format!("stopped after {chunk} of {chunks} blocks"));
+                }
+                server
+                    .read_chunk(chunk, &mut block)
+                    .map_err(|e| format!("block {chunk} of {chunks}: {e}"))?;
+            }
+            Ok(chunks)
         }
     }
 
@@ -61,10 +92,92 @@ mod cow_files {
 #[cfg(not(test))]
 pub use cow_files::CowFileOpener;
 
+/// Result of a handler's verification pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VerifyState {
+    Pending,
+    Passed,
+    Failed,
+}
+
+/// One handler's verification pass: its state, and the thread running it.
+struct Verification {
+    state: Mutex<VerifyState>,
+    done: Condvar,
+    stop: AtomicBool,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Verification {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(VerifyState::Pending),
+            done: Condvar::new(),
+            stop: AtomicBool::new(false),
+            thread: Mutex::new(None),
+        }
+    }
+
+    fn set(&self, state: VerifyState) {
+        *lock(&self.state) = state;
+        self.done.notify_all();
+    }
+
+    /// Wait up to `limit` for the pass to end; true if it passed.
+    fn wait(&self, limit: Duration) -> bool {
+        // A limit too large for the clock means no limit.
+        let deadline = Instant::now().checked_add(limit);
+        let mut state = lock(&self.state);
+        while *state == VerifyState::Pending {
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) => left,
+                    None => return false,
+                },
+                None => Duration::from_secs(3600),
+            };
+            state = match self.done.wait_timeout(state, left) {
+                Ok((g, _)) => g,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        *state == VerifyState::Passed
+    }
+
+    /// Stop the pass and wait for its thread.
+    fn stop_and_join(&self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = lock(&self.thread).take() {
+            if t.join().is_err() {
+                log::error!("a verification thread panicked");
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        // Nothing in the critical sections can leave the data inconsistent.
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+enum Lifecycle {
+    /// Registered by `init`, not started.
+    Idle,
+    /// A `start` is opening channels.
+    Starting,
+    /// Workers running.
+    Running(Workers),
+}
+
 struct Handler {
     target: Arc<dyn SnapshotTarget>,
-    workers: Option<Workers>,
+    lifecycle: Lifecycle,
     merge_requested: bool,
+    worker_count: u32,
+    verification: Arc<Verification>,
 }
 
 #[derive(Default)]
@@ -72,19 +185,23 @@ struct State {
     handlers: HashMap<String, Handler>,
     /// Handlers deleted after their merge completed (they count as 100% in `merge_percent`).
     completed_deleted: u64,
+    /// Set by [`HandlerRegistry::shut_down`]: nothing new starts.
+    closed: bool,
 }
 
 /// All handlers of the daemon.
 pub struct HandlerRegistry {
     snapshots: Box<dyn SnapshotOpener>,
     channels: Box<dyn ChannelOpener>,
-    worker_count: u32,
+    worker_count: AtomicU32,
+    merge_paused: Arc<AtomicBool>,
+    verify_wait: Duration,
     state: Mutex<State>,
 }
 
 impl HandlerRegistry {
     /// A registry opening snapshots with `snapshots` and dm-user channels with `channels`,
-    /// `worker_count` workers per handler.
+    /// `worker_count` workers for each handler registered from now on.
     pub fn new(
         snapshots: Box<dyn SnapshotOpener>,
         channels: Box<dyn ChannelOpener>,
@@ -93,25 +210,38 @@ impl HandlerRegistry {
         Self {
             snapshots,
             channels,
-            worker_count: worker_count.max(1),
+            worker_count: AtomicU32::new(worker_count.max(1)),
+            merge_paused: Arc::default(),
+            verify_wait: VERIFY_WAIT,
             state: Mutex::new(State::default()),
         }
     }
 
+    /// The same registry with `update-verify` waiting at most `limit` per handler.
+    pub fn with_verify_wait(mut self, limit: Duration) -> Self {
+        self.verify_wait = limit;
+        self
+    }
+
+    /// Workers per handler for handlers registered from now on. AOSP uses 1 once the
+    /// daemon serves a control socket (from the start, or after the handoff).
+    pub fn set_worker_count(&self, count: u32) {
+        self.worker_count.store(count.max(1), Ordering::Release);
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
-        match self.state.lock() {
-            Ok(g) => g,
-            // Nothing in the critical sections can leave the map inconsistent.
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        lock(&self.state)
     }
 
     /// `init`: open the snapshot and register it; replies with the device size in sectors.
     /// The base device of the 5-field form is accepted and unused (the kernel merges).
     pub fn init(&self, misc: &str, cow: &str, source: &str) -> Reply {
-        if self.state().handlers.contains_key(misc) {
-            log::error!("init {misc}: a handler with that name exists");
-            return Reply::Fail;
+        {
+            let state = self.state();
+            if state.closed || state.handlers.contains_key(misc) {
+                log::error!("init {misc}: a handler with that name exists, or shutting down");
+                return Reply::Fail;
+            }
         }
         let target = match self.snapshots.open(Path::new(cow), Path::new(source)) {
             Ok(t) => t,
@@ -126,53 +256,92 @@ impl HandlerRegistry {
             return Reply::Fail;
         }
         let mut state = self.state();
-        if state.handlers.contains_key(misc) {
-            log::error!("init {misc}: a handler with that name exists");
+        if state.closed || state.handlers.contains_key(misc) {
+            log::error!("init {misc}: a handler with that name exists, or shutting down");
             return Reply::Fail;
         }
         state.handlers.insert(
             misc.to_string(),
             Handler {
                 target,
-                workers: None,
+                lifecycle: Lifecycle::Idle,
                 merge_requested: false,
+                worker_count: self.worker_count.load(Ordering::Acquire),
+                verification: Arc::new(Verification::new()),
             },
         );
         log::info!("init {misc}: cow {cow}, source {source}, {sectors} sectors");
         Reply::SuccessSectors(sectors)
     }
 
-    /// `start`: spawn the handler's workers. Fails if it is unknown or already started.
+    /// `start`: spawn the handler's workers, then its verification pass. Fails if it is
+    /// unknown, already started (or starting), or its device cannot be opened.
     pub fn start(&self, misc: &str) -> Reply {
+        let (target, count, verification) = {
+            let mut state = self.state();
+            let closed = state.closed;
+            let Some(handler) = state.handlers.get_mut(misc) else {
+                log::error!("start {misc}: no such handler");
+                return Reply::Fail;
+            };
+            if closed || !matches!(handler.lifecycle, Lifecycle::Idle) {
+                log::error!("start {misc}: already started, or shutting down");
+                return Reply::Fail;
+            }
+            handler.lifecycle = Lifecycle::Starting;
+            // A fresh pass for every start (a stopped one may have ended early).
+            handler.verification = Arc::new(Verification::new());
+            (
+                Arc::clone(&handler.target),
+                handler.worker_count,
+                Arc::clone(&handler.verification),
+            )
+        };
+        // Opening the channels may wait for the device node: no lock held.
+        let serving: Arc<dyn RequestHandler> = target.clone();
+        let spawned = Workers::spawn(
+            self.channels.as_ref(),
+            misc,
+            serving,
+            count,
+            Arc::clone(&self.merge_paused),
+        );
         let mut state = self.state();
+        let closed = state.closed;
         let Some(handler) = state.handlers.get_mut(misc) else {
-            log::error!("start {misc}: no such handler");
+            // Deleted while starting: the workers (if any) stop when dropped.
+            drop(state);
+            log::error!("start {misc}: deleted while starting");
             return Reply::Fail;
         };
-        if handler.workers.is_some() {
-            log::error!("start {misc}: already started");
-            return Reply::Fail;
-        }
-        let serving: Arc<dyn RequestHandler> = handler.target.clone();
-        match Workers::spawn(self.channels.as_ref(), misc, serving, self.worker_count) {
-            Ok(w) => {
-                handler.workers = Some(w);
-                log::info!("start {misc}: {} workers", self.worker_count);
-                Reply::Success
+        match spawned {
+            Ok(w) if !closed => {
+                handler.lifecycle = Lifecycle::Running(w);
+            }
+            Ok(_) => {
+                handler.lifecycle = Lifecycle::Idle;
+                log::error!("start {misc}: shutting down");
+                return Reply::Fail;
             }
             Err(e) => {
+                handler.lifecycle = Lifecycle::Idle;
                 log::error!("start {misc}: {e}");
-                Reply::Fail
+                return Reply::Fail;
             }
         }
+        drop(state);
+        log::info!("start {misc}: {count} workers");
+        spawn_verification(misc, target, verification);
+        Reply::Success
     }
 
-    /// `delete`: stop and join the handler's workers and forget it (`success` also when it
-    /// is unknown, as AOSP answers).
+    /// `delete`: stop and join the handler's workers and verification and forget it
+    /// (`success` also when it is unknown, as AOSP answers).
     pub fn delete(&self, misc: &str) -> Reply {
         let removed = self.state().handlers.remove(misc);
-        if let Some(mut handler) = removed {
-            if let Some(mut w) = handler.workers.take() {
+        if let Some(handler) = removed {
+            handler.verification.stop_and_join();
+            if let Lifecycle::Running(mut w) = handler.lifecycle {
                 w.stop_and_join();
             }
             if handler.target.merge_complete().unwrap_or(false) {
@@ -196,6 +365,14 @@ impl HandlerRegistry {
                 Reply::Fail
             }
         }
+    }
+
+    /// `pause_merge` / `resume_merge`: hold (or release) the kernel's metadata write-backs
+    /// in every worker; see [`super::transport::serve_channel`].
+    pub fn set_merge_paused(&self, paused: bool) -> Reply {
+        self.merge_paused.store(paused, Ordering::Release);
+        log::info!("merge {}", if paused { "paused" } else { "resumed" });
+        Reply::Success
     }
 
     /// `getstatus`.
@@ -236,14 +413,29 @@ impl HandlerRegistry {
         }
     }
 
-    /// `update-verify`: `success` once every registered handler is started (no separate
-    /// verification pass runs in the legacy design yet).
+    /// `update-verify`: `fail` at once if a handler is not running; otherwise wait up to the
+    /// verify limit (10 s) for each handler's verification pass, `success` only if every
+    /// pass read every block without error. Blocks the caller: run it off the control loop.
     pub fn update_verify(&self) -> Reply {
-        if self.state().handlers.values().all(|h| h.workers.is_some()) {
-            Reply::Success
-        } else {
-            Reply::Fail
+        let passes: Vec<(String, Arc<Verification>)> = {
+            let state = self.state();
+            let mut passes = Vec::with_capacity(state.handlers.len());
+            for (misc, h) in &state.handlers {
+                if !matches!(h.lifecycle, Lifecycle::Running(_)) {
+                    log::error!("update-verify: {misc} is not running");
+                    return Reply::Fail;
+                }
+                passes.push((misc.clone(), Arc::clone(&h.verification)));
+            }
+            passes
+        };
+        for (misc, v) in passes {
+            if !v.wait(self.verify_wait) {
+                log::error!("update-verify: {misc} did not verify");
+                return Reply::Fail;
+            }
         }
+        Reply::Success
     }
 
     /// Number of registered handlers.
@@ -258,25 +450,91 @@ impl HandlerRegistry {
 
     /// True when no started handler has a worker still running.
     pub fn all_workers_finished(&self) -> bool {
-        self.state()
-            .handlers
-            .values()
-            .all(|h| h.workers.as_ref().is_none_or(Workers::all_finished))
+        self.state().handlers.values().all(|h| match &h.lifecycle {
+            Lifecycle::Running(w) => w.all_finished(),
+            Lifecycle::Idle => true,
+            Lifecycle::Starting => false,
+        })
     }
 
-    /// Stop and join every handler's workers (the handlers stay registered).
+    /// Stop and join every handler's workers and verification (the handlers stay
+    /// registered, and can be started again).
     pub fn stop_all(&self) {
-        let mut workers: Vec<Workers> = self
-            .state()
-            .handlers
-            .values_mut()
-            .filter_map(|h| h.workers.take())
-            .collect();
+        let (mut workers, passes): (Vec<Workers>, Vec<Arc<Verification>>) = {
+            let mut state = self.state();
+            let mut workers = Vec::new();
+            let mut passes = Vec::new();
+            for h in state.handlers.values_mut() {
+                passes.push(Arc::clone(&h.verification));
+                if matches!(h.lifecycle, Lifecycle::Running(_)) {
+                    if let Lifecycle::Running(w) =
+                        std::mem::replace(&mut h.lifecycle, Lifecycle::Idle)
+                    {
+                        workers.push(w);
+                    }
+                }
+            }
+            (workers, passes)
+        };
         for w in &workers {
             w.request_stop();
         }
+        for v in &passes {
+            v.stop_and_join();
+        }
         for w in &mut workers {
             w.stop_and_join();
+        }
+    }
+
+    /// Refuse every later `init` and `start`, then [`stop_all`](Self::stop_all).
+    pub fn shut_down(&self) {
+        self.state().closed = true;
+        self.stop_all();
+    }
+}
+
+/// Nice value of the verification thread: it yields the CPU to the dm-user workers.
+const VERIFY_NICE: libc::c_int = 10;
+
+/// Lower the calling thread's CPU priority to [`VERIFY_NICE`] (Linux nice values are per
+/// thread). Failure only costs speed, so it is logged at debug level.
+fn lower_thread_priority() {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+    let Ok(tid) = libc::id_t::try_from(tid) else {
+        return;
+    };
+    // SAFETY: setpriority only changes the scheduling priority of thread `tid` (this one).
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, VERIFY_NICE) } != 0 {
+        log::debug!("setpriority: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// Run `target`'s verification pass on its own thread and record the result in `v`.
+fn spawn_verification(misc: &str, target: Arc<dyn SnapshotTarget>, v: Arc<Verification>) {
+    let name = misc.to_string();
+    let pass = Arc::clone(&v);
+    let spawned = std::thread::Builder::new()
+        .name(format!("verify-{misc}"))
+        .spawn(move || {
+            lower_thread_priority();
+            match target.verify(&pass.stop) {
+                Ok(blocks) => {
+                    log::info!("{name}: verification read {blocks} blocks");
+                    pass.set(VerifyState::Passed);
+                }
+                Err(e) => {
+                    log::error!("{name}: verification failed: {e}");
+                    pass.set(VerifyState::Failed);
+                }
+            }
+        });
+    match spawned {
+        Ok(t) => *lock(&v.thread) = Some(t),
+        Err(e) => {
+            log::error!("{misc}: cannot spawn the verification thread: {e}");
+            v.set(VerifyState::Failed);
         }
     }
 }
@@ -292,6 +550,8 @@ mod tests {
     struct FakeTarget {
         sectors: u64,
         percent_tenths: AtomicU64,
+        /// "" verifies, "bad" fails verification, "hang" verifies until stopped.
+        verify: String,
     }
 
     impl RequestHandler for FakeTarget {
@@ -310,18 +570,53 @@ mod tests {
         fn merge_complete(&self) -> Result<bool, String> {
             Ok(self.percent_tenths.load(Ordering::Relaxed) == 1000)
         }
+        fn verify(&self, stop: &AtomicBool) -> Result<u64, String> {
+            match self.verify.as_str() {
+                "bad" => Err("block 3: read error".into()),
+                "hang" => {
+                    HANG_ENTERED.store(true, Ordering::Release);
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    Err("stopped".into())
+                }
+                _ => Ok(self.sectors / 8),
+            }
+        }
     }
 
-    /// Opens "<n>" as a fake of n sectors at 0%, and "<n>@<tenths>" at that progress.
+    /// Set once a "hang" verification runs (its priority is lowered by then).
+    static HANG_ENTERED: AtomicBool = AtomicBool::new(false);
+
+    /// Nice value of this process's thread named `name`, if there is one.
+    fn thread_nice(name: &str) -> Option<i64> {
+        for task in std::fs::read_dir("/proc/self/task").ok()? {
+            let dir = task.ok()?.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+            if comm.trim_end() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            let after = &stat[stat.rfind(')')? + 1..];
+            // Fields after the command: state is field 3, nice field 19.
+            return after.split_whitespace().nth(16)?.parse().ok();
+        }
+        None
+    }
+
+    /// Opens "<n>" as a fake of n sectors at 0%, "<n>@<tenths>" at that progress, and
+    /// "<n>!<verify>" with that verification behaviour.
     struct FakeOpener;
 
     impl SnapshotOpener for FakeOpener {
         fn open(&self, cow: &Path, _: &Path) -> Result<Arc<dyn SnapshotTarget>, String> {
             let text = cow.to_str().ok_or("not text")?;
+            let (text, verify) = text.split_once('!').unwrap_or((text, ""));
             let (n, p) = text.split_once('@').unwrap_or((text, "0"));
             Ok(Arc::new(FakeTarget {
                 sectors: n.parse().map_err(|_| format!("no COW {text}"))?,
                 percent_tenths: AtomicU64::new(p.parse().map_err(|_| "bad")?),
+                verify: verify.to_string(),
             }))
         }
     }
@@ -412,5 +707,77 @@ mod tests {
         r.stop_all();
         assert!(r.all_workers_finished());
         assert_eq!(r.len(), 2);
+    }
+
+    #[test]
+    fn update_verify_reports_each_handlers_pass() {
+        let r = registry();
+        assert_eq!(
+            r.update_verify(),
+            Reply::Success,
+            "no handler, nothing to fail"
+        );
+        r.init("good", "64", "s");
+        r.init("bad", "64!bad", "s");
+        assert_eq!(r.update_verify(), Reply::Fail, "not started");
+        assert_eq!(r.start("good"), Reply::Success);
+        assert_eq!(r.update_verify(), Reply::Fail, "bad is not started");
+        assert_eq!(r.start("bad"), Reply::Success);
+        assert_eq!(r.update_verify(), Reply::Fail, "bad's pass fails");
+        r.delete("bad");
+        assert_eq!(r.update_verify(), Reply::Success);
+    }
+
+    #[test]
+    fn update_verify_gives_up_on_a_pass_that_does_not_end() {
+        let r = registry().with_verify_wait(std::time::Duration::from_millis(50));
+        r.init("slow", "64!hang", "s");
+        assert_eq!(r.start("slow"), Reply::Success);
+        assert_eq!(r.update_verify(), Reply::Fail);
+        while !HANG_ENTERED.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        assert_eq!(
+            thread_nice("verify-slow"),
+            Some(10),
+            "runs in the background"
+        );
+        // delete stops the pass and joins it.
+        assert_eq!(r.delete("slow"), Reply::Success);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_restarted_handler_verifies_again_and_shut_down_refuses_new_work() {
+        let r = registry();
+        r.init("a", "64", "s");
+        assert_eq!(r.start("a"), Reply::Success);
+        r.stop_all();
+        assert_eq!(r.update_verify(), Reply::Fail, "stopped");
+        assert_eq!(r.start("a"), Reply::Success);
+        assert_eq!(r.update_verify(), Reply::Success);
+        r.shut_down();
+        assert_eq!(r.init("b", "8", "s"), Reply::Fail);
+        assert_eq!(r.start("a"), Reply::Fail);
+    }
+
+    #[test]
+    fn worker_count_applies_to_handlers_registered_later() {
+        let pairs = Arc::new(Pairs(Mutex::new(Vec::new())));
+        struct Shared(Arc<Pairs>);
+        impl ChannelOpener for Shared {
+            fn open(&self, misc: &str) -> Result<Channel, ChannelError> {
+                self.0.open(misc)
+            }
+        }
+        let r = HandlerRegistry::new(Box::new(FakeOpener), Box::new(Shared(pairs.clone())), 4);
+        r.init("first", "8", "s");
+        r.set_worker_count(1);
+        r.init("second", "8", "s");
+        assert_eq!(r.start("first"), Reply::Success);
+        assert_eq!(pairs.0.lock().unwrap().len(), 4);
+        assert_eq!(r.start("second"), Reply::Success);
+        assert_eq!(pairs.0.lock().unwrap().len(), 5);
+        r.stop_all();
     }
 }

@@ -134,12 +134,33 @@ pub struct WorkerReport {
     pub answered: u64,
 }
 
+/// Most metadata write-backs one worker holds while the merge is paused; later ones are
+/// answered at once (the kernel issues one write-back at a time per snapshot).
+pub const MAX_PARKED_WRITES: usize = 8;
+
+/// Size of a metadata write-back (one 4 KiB exception area); only these are held.
+const METADATA_WRITE_BYTES: u64 = 4096;
+
+/// A WRITE held while the merge is paused.
+struct Parked {
+    header: MessageHeader,
+    payload: Vec<u8>,
+}
+
 /// Serve `channel` with `handler` until the target goes away, `stop` is set, or the channel
 /// fails. Runs on the calling thread.
+///
+/// While `merge_paused` is set, 4 KiB WRITEs (dm-snapshot-merge's metadata write-backs)
+/// are held, unprocessed and unanswered, up to [`MAX_PARKED_WRITES`]; READs, empty
+/// flushes and other WRITEs are answered as usual, since dm-user lets a channel answer out of order. The
+/// kernel's merge waits for the held write, so it makes no progress; reads of the snapshot
+/// do not stall. Held writes are processed and answered, in arrival order, when the flag
+/// clears or the worker is stopped.
 pub fn serve_channel(
     mut channel: Channel,
     handler: &dyn RequestHandler,
     stop: &AtomicBool,
+    merge_paused: &AtomicBool,
 ) -> WorkerReport {
     let mut answered = 0u64;
     let max_payload = usize::try_from(MAX_REQUEST_BYTES).unwrap_or(usize::MAX);
@@ -153,8 +174,18 @@ pub fn serve_channel(
     }
     let mut payload = Vec::new();
     let mut data = Vec::new();
-    let exit = loop {
-        if stop.load(Ordering::Acquire) {
+    let mut parked: Vec<Parked> = Vec::new();
+    let exit = 'serve: loop {
+        let stopping = stop.load(Ordering::Acquire);
+        if !parked.is_empty() && (stopping || !merge_paused.load(Ordering::Acquire)) {
+            for p in parked.drain(..) {
+                match answer(&mut channel, handler, &p.header, &p.payload, &mut data) {
+                    Ok(()) => answered = answered.saturating_add(1),
+                    Err(exit) => break 'serve exit,
+                }
+            }
+        }
+        if stopping {
             break WorkerExit::Stopped;
         }
         match channel.poll(STOP_POLL_INTERVAL) {
@@ -189,25 +220,26 @@ pub fn serve_channel(
                 break WorkerExit::ChannelFailed;
             }
         };
-        let req = Request {
-            kind: header.msg_type,
-            flags: header.flags,
-            sector: header.sector,
-            len: header.len,
-        };
-        let status = handler.handle(&req, &payload, &mut data);
-        let body: &[u8] = if status == Status::Success && header.msg_type == DM_USER_REQ_MAP_READ {
-            &data
-        } else {
-            &[]
-        };
-        match channel.respond(&header, status.code(), body) {
-            Ok(()) => answered = answered.saturating_add(1),
-            Err(ChannelError::TargetGone) => break WorkerExit::TargetGone,
-            Err(e) => {
-                log::error!("dm-user worker: answering seq {}: {e}", header.seq);
-                break WorkerExit::ChannelFailed;
+        if header.msg_type == DM_USER_REQ_MAP_WRITE
+            && header.len == METADATA_WRITE_BYTES
+            && merge_paused.load(Ordering::Acquire)
+        {
+            if parked.len() < MAX_PARKED_WRITES {
+                log::debug!("merge paused: holding WRITE seq {}", header.seq);
+                parked.push(Parked {
+                    header,
+                    payload: std::mem::take(&mut payload),
+                });
+                continue;
             }
+            log::warn!(
+                "merge paused but {MAX_PARKED_WRITES} writes are held; answering seq {}",
+                header.seq
+            );
+        }
+        match answer(&mut channel, handler, &header, &payload, &mut data) {
+            Ok(()) => answered = answered.saturating_add(1),
+            Err(exit) => break exit,
         }
     };
     match exit {
@@ -215,6 +247,36 @@ pub fn serve_channel(
         _ => log::debug!("dm-user worker ended ({exit:?}) after {answered} requests"),
     }
     WorkerReport { exit, answered }
+}
+
+/// Decide the status of one request with `handler` and send the response.
+fn answer(
+    channel: &mut Channel,
+    handler: &dyn RequestHandler,
+    header: &MessageHeader,
+    payload: &[u8],
+    data: &mut Vec<u8>,
+) -> Result<(), WorkerExit> {
+    let req = Request {
+        kind: header.msg_type,
+        flags: header.flags,
+        sector: header.sector,
+        len: header.len,
+    };
+    let status = handler.handle(&req, payload, data);
+    let body: &[u8] = if status == Status::Success && header.msg_type == DM_USER_REQ_MAP_READ {
+        data
+    } else {
+        &[]
+    };
+    match channel.respond(header, status.code(), body) {
+        Ok(()) => Ok(()),
+        Err(ChannelError::TargetGone) => Err(WorkerExit::TargetGone),
+        Err(e) => {
+            log::error!("dm-user worker: answering seq {}: {e}", header.seq);
+            Err(WorkerExit::ChannelFailed)
+        }
+    }
 }
 
 /// Read and discard the `len`-byte payload of an over-long WRITE, then answer it ERROR, so
@@ -271,11 +333,13 @@ pub struct Workers {
 impl Workers {
     /// Open `count` channels on `misc` with `opener` (all before any thread starts, so a
     /// missing device fails the whole start), then serve each on its own thread.
+    /// `merge_paused` is the daemon-wide pause flag (see [`serve_channel`]).
     pub fn spawn(
         opener: &dyn ChannelOpener,
         misc: &str,
         handler: Arc<dyn RequestHandler>,
         count: u32,
+        merge_paused: Arc<AtomicBool>,
     ) -> Result<Self, TransportError> {
         let mut channels = Vec::new();
         for index in 0..count.max(1) {
@@ -294,9 +358,10 @@ impl Workers {
         for (index, channel) in (0u32..).zip(channels) {
             let stop = Arc::clone(&stop);
             let handler = Arc::clone(&handler);
+            let paused = Arc::clone(&merge_paused);
             let spawned = std::thread::Builder::new()
                 .name(format!("snapuserd-{index}"))
-                .spawn(move || serve_channel(channel, handler.as_ref(), &stop));
+                .spawn(move || serve_channel(channel, handler.as_ref(), &stop, &paused));
             match spawned {
                 Ok(t) => workers.threads.push(t),
                 Err(source) => {
@@ -400,7 +465,7 @@ mod tests {
         let channel = Channel::from_fd(daemon.into());
         let t = std::thread::spawn(move || {
             let stop = AtomicBool::new(false);
-            serve_channel(channel, handler.as_ref(), &stop)
+            serve_channel(channel, handler.as_ref(), &stop, &AtomicBool::new(false))
         });
         (kernel, t)
     }
@@ -489,7 +554,8 @@ mod tests {
         let opener = PairOpener {
             kernels: Mutex::new(Vec::new()),
         };
-        let mut workers = Workers::spawn(&opener, "x", Arc::new(Fake::default()), 3).unwrap();
+        let mut workers =
+            Workers::spawn(&opener, "x", Arc::new(Fake::default()), 3, Arc::default()).unwrap();
         let mut kernels = std::mem::take(&mut *opener.kernels.lock().unwrap());
         assert_eq!(kernels.len(), 3);
         for (i, k) in (0u64..).zip(kernels.iter_mut()) {
@@ -518,7 +584,76 @@ mod tests {
 
     #[test]
     fn spawn_fails_when_the_device_cannot_be_opened() {
-        let err = Workers::spawn(&FailingOpener, "gone", Arc::new(Fake::default()), 2).unwrap_err();
+        let err = Workers::spawn(
+            &FailingOpener,
+            "gone",
+            Arc::new(Fake::default()),
+            2,
+            Arc::default(),
+        )
+        .unwrap_err();
         assert!(matches!(err, TransportError::Open { index: 0, .. }));
+    }
+
+    #[test]
+    fn paused_merge_holds_write_backs_but_serves_reads() {
+        let fake = Arc::new(Fake::default());
+        let paused = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (mut kernel, daemon) = UnixStream::pair().unwrap();
+        let channel = Channel::from_fd(daemon.into());
+        let t = {
+            let (fake, paused, stop) = (fake.clone(), paused.clone(), stop.clone());
+            std::thread::spawn(move || serve_channel(channel, fake.as_ref(), &stop, &paused))
+        };
+        // A metadata write-back while paused: held, not processed.
+        kernel.write_all(&header(1, 1, 8, 4096)).unwrap();
+        kernel.write_all(&[b'a'; 4096]).unwrap();
+        // An empty flush and a READ behind it are answered (out of order: the write waits).
+        kernel.write_all(&header(2, 1, 0, 0)).unwrap();
+        let h = read_response(&mut kernel);
+        assert_eq!((h.seq, h.msg_type), (2, DM_USER_RESP_SUCCESS));
+        kernel.write_all(&header(3, 0, 5, 512)).unwrap();
+        let h = read_response(&mut kernel);
+        assert_eq!((h.seq, h.msg_type), (3, DM_USER_RESP_SUCCESS));
+        let mut data = vec![0u8; 512];
+        kernel.read_exact(&mut data).unwrap();
+        assert!(data.iter().all(|&b| b == 5));
+        assert!(
+            fake.written.lock().unwrap().is_empty(),
+            "held, not processed"
+        );
+        // Resume: the held write is processed and answered.
+        paused.store(false, Ordering::Release);
+        let h = read_response(&mut kernel);
+        assert_eq!((h.seq, h.msg_type), (1, DM_USER_RESP_SUCCESS));
+        assert_eq!(&*fake.written.lock().unwrap(), &[b'a'; 4096]);
+        // Paused again, then stopped: the held write is answered before the worker ends.
+        paused.store(true, Ordering::Release);
+        kernel.write_all(&header(4, 1, 8, 4096)).unwrap();
+        kernel.write_all(&[b'b'; 4096]).unwrap();
+        // A WRITE of another size is not a write-back: answered at once.
+        kernel.write_all(&header(6, 1, 16, 5)).unwrap();
+        kernel.write_all(b"other").unwrap();
+        let h = read_response(&mut kernel);
+        assert_eq!((h.seq, h.msg_type), (6, DM_USER_RESP_SUCCESS));
+        kernel.write_all(&header(5, 0, 1, 512)).unwrap();
+        let h = read_response(&mut kernel);
+        assert_eq!(h.seq, 5);
+        kernel.read_exact(&mut data).unwrap();
+        stop.store(true, Ordering::Release);
+        let h = read_response(&mut kernel);
+        assert_eq!((h.seq, h.msg_type), (4, DM_USER_RESP_SUCCESS));
+        let report = t.join().unwrap();
+        assert_eq!((report.exit, report.answered), (WorkerExit::Stopped, 6));
+        let written = fake.written.lock().unwrap();
+        assert_eq!(written.len(), 4096 * 2 + 5);
+        assert!(written[..4096].iter().all(|&b| b == b'a'));
+        assert_eq!(
+            &written[4096..4101],
+            b"other",
+            "answered before the held one"
+        );
+        assert!(written[4101..].iter().all(|&b| b == b'b'));
     }
 }
