@@ -288,13 +288,20 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
         // `handle` clears the buffer on failure.
         out.truncate(req.len as usize);
         out.resize(req.len as usize, 0);
-        self.read(req.sector, out)
+        self.read_checked(req.sector, out)
     }
 
     /// Read `out.len()` bytes (a multiple of 512) starting at `sector`.
     pub fn read(&self, sector: u64, out: &mut [u8]) -> Result<(), BlockServerError> {
         self.check_range(sector, out.len() as u64)?;
-        let mut chunk_buf = [0u8; BLOCK_SIZE];
+        self.read_checked(sector, out)
+    }
+
+    /// [`read`](Self::read) once the range is known to be inside the device.
+    fn read_checked(&self, sector: u64, out: &mut [u8]) -> Result<(), BlockServerError> {
+        // The bounce buffer for partial chunks is zeroed only when one is met: whole
+        // aligned chunks (every read dm-snapshot makes) never touch it.
+        let mut chunk_buf: Option<[u8; BLOCK_SIZE]> = None;
         let mut done = 0usize;
         let (mut chunk, mut offset) = sector_to_chunk(sector);
         while done < out.len() {
@@ -310,7 +317,8 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
                     continue;
                 }
             }
-            self.read_chunk(chunk, &mut chunk_buf)?;
+            let chunk_buf = chunk_buf.get_or_insert([0u8; BLOCK_SIZE]);
+            self.read_chunk(chunk, chunk_buf)?;
             let take = (BLOCK_SIZE - offset).min(out.len() - done);
             out[done..done + take].copy_from_slice(&chunk_buf[offset..offset + take]);
             done += take;
