@@ -14,6 +14,8 @@
 //!   its WRITE is answered, so nothing is pending.
 //! * Any other WRITE: ERROR (the snapshot is read-only). Any other request type: UNSUPPORTED.
 
+mod data_chunks;
+
 use std::io;
 use std::sync::{Mutex, MutexGuard};
 
@@ -24,6 +26,7 @@ use super::exception_store::{
 };
 use super::merge_plan::{MergePlan, PlannedOp, SourceDevice, BLOCK_SIZE, BLOCK_SIZE_U64};
 use super::merge_tracker::{MergeProgress, MergeStateStore, MergeTracker, MergeTrackerError};
+use data_chunks::DataChunkIndex;
 
 /// dm-user request type READ.
 pub const DM_USER_REQ_MAP_READ: u64 = 0;
@@ -143,6 +146,8 @@ pub enum BlockServerError {
 pub struct BlockServer<B, D, S: MergeStateStore> {
     plan: MergePlan,
     exceptions: ExceptionStore,
+    /// Constant-time data-chunk lookup for READs (`None`: use `exceptions.lookup`).
+    data_chunks: Option<DataChunkIndex>,
     blocks: B,
     source: D,
     tracker: Mutex<MergeTracker<S>>,
@@ -178,9 +183,14 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
     pub fn new(plan: MergePlan, blocks: B, source: D, store: S) -> Result<Self, BlockServerError> {
         let exceptions = ExceptionStore::build(&plan)?;
         let tracker = MergeTracker::open(&plan, &exceptions, store, &source)?;
+        let data_chunks = DataChunkIndex::build(&exceptions);
+        if data_chunks.is_none() {
+            log::warn!("exception chunk ids not strictly increasing: READs use the binary search");
+        }
         Ok(BlockServer {
             plan,
             exceptions,
+            data_chunks,
             blocks,
             source,
             tracker: Mutex::new(tracker),
@@ -334,6 +344,15 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
         chunk: u64,
         out: &mut [u8; BLOCK_SIZE],
     ) -> Result<(), BlockServerError> {
+        // Data chunks (nearly every READ) through the index; the rest through the store.
+        let data_op = self
+            .data_chunks
+            .as_ref()
+            .and_then(|index| index.exception(chunk))
+            .and_then(|exception| self.exceptions.op_index(exception));
+        if let Some(op_index) = data_op {
+            return self.read_data_chunk(chunk, op_index, out);
+        }
         match self.exceptions.lookup(chunk) {
             ChunkKind::Header => *out = header_chunk(),
             ChunkKind::Metadata { area } => {
