@@ -176,7 +176,9 @@ fn read_reader(s: &Setup, blocks: &[usize], unit: &mut [u8]) -> u64 {
     for &b in blocks {
         let op = &ops[s.op_of_block[b]];
         let n = s.unit_bytes[s.op_of_block[b]];
-        s.mapped.read_op_data(op, &mut unit[..n]).expect("read_op_data");
+        s.mapped
+            .read_op_data(op, &mut unit[..n])
+            .expect("read_op_data");
         acc = acc.wrapping_add(u64::from(unit[b % BS]));
     }
     acc
@@ -215,7 +217,11 @@ fn summary(name: &str, s: &Setup, rounds: usize, breakdown: bool) {
             side_cow_decompress,
             Duration::ZERO,
         ));
-        sides.push(("mapped CowReader::read_op_data", side_reader, Duration::ZERO));
+        sides.push((
+            "mapped CowReader::read_op_data",
+            side_reader,
+            Duration::ZERO,
+        ));
     }
     let n = sides.len();
     for r in 0..rounds {

@@ -556,6 +556,9 @@ fn read_source(source: &dyn SourceImage, buf: &mut [u8], offset: u64) -> Result<
 }
 
 #[cfg(test)]
+mod borrow_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::layout::{op_type, CowOpV2, V2_OP_SIZE};
