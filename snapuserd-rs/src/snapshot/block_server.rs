@@ -146,7 +146,9 @@ pub enum BlockServerError {
 pub struct BlockServer<B, D, S: MergeStateStore> {
     plan: MergePlan,
     exceptions: ExceptionStore,
-    /// Constant-time data-chunk lookup for READs (`None`: use `exceptions.lookup`).
+    /// Constant-time data-chunk lookup for READs (`None`: use `exceptions.lookup`). Built
+    /// from `exceptions`, which never changes after construction; anything that rebuilds
+    /// `exceptions` must rebuild this too.
     data_chunks: Option<DataChunkIndex>,
     blocks: B,
     source: D,
