@@ -393,22 +393,30 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
                     source,
                 });
         }
-        let mut saved = [0u8; BLOCK_SIZE];
-        let in_window = match self.tracker()?.window_source(op_index) {
-            Some(bytes) => {
-                saved.copy_from_slice(bytes);
-                true
-            }
-            None => false,
-        };
-        let result = if in_window {
-            let window = WindowSource {
-                base: op.source_byte_offset().unwrap_or(0),
-                bytes: &saved,
+        // The lock is held only to copy the saved bytes (ops outside the window copy nothing).
+        let saved: Option<[u8; BLOCK_SIZE]> =
+            match self.tracker()?.window_source(op_index) {
+                Some(bytes) => Some(<[u8; BLOCK_SIZE]>::try_from(bytes).map_err(|_| {
+                    BlockServerError::OpRead {
+                        op_index,
+                        chunk,
+                        source: io::Error::other(format!(
+                            "saved window bytes are {} bytes, not one block",
+                            bytes.len()
+                        )),
+                    }
+                })?),
+                None => None,
             };
-            self.blocks.read_op_block(op_index, &op, &window, out)
-        } else {
-            self.blocks.read_op_block(op_index, &op, &self.source, out)
+        let result = match &saved {
+            Some(saved) => {
+                let window = WindowSource {
+                    base: op.source_byte_offset().unwrap_or(0),
+                    bytes: saved,
+                };
+                self.blocks.read_op_block(op_index, &op, &window, out)
+            }
+            None => self.blocks.read_op_block(op_index, &op, &self.source, out),
         };
         result.map_err(|source| BlockServerError::OpRead {
             op_index,
