@@ -1,6 +1,6 @@
 //! Host benchmark of the exception-store read path: random 4 KiB READ requests through
-//! `BlockServer::handle` (chunk lookup, op lookup, pread of the payload, lz4 decompression,
-//! copy into the response buffer) over a real v3 lz4 COW, against bare `lz4_flex`
+//! `BlockServer::handle` (chunk lookup, op lookup, lz4 decompression of the payload straight
+//! from the mapped COW into the response buffer) over a real v3 lz4 COW, against bare `lz4_flex`
 //! decompression of the very same payloads held in memory, in the same run.
 //!
 //! The image is real file content (from /usr/lib and /usr/share, sorted path order; a
@@ -17,7 +17,9 @@
 //! every pass; a criterion group repeats one set of 256 blocks, so its payloads are
 //! cache-hot and the fixed per-read costs weigh more there. `SNAPUSERD_BENCH_MIB` sets the image size
 //! (default 32), `SNAPUSERD_BENCH_ROUNDS` the interleaved passes (default 400);
-//! `SNAPUSERD_BENCH_ONLY_SUMMARY=1` skips the criterion groups.
+//! `SNAPUSERD_BENCH_ONLY_SUMMARY=1` skips the criterion groups. `SNAPUSERD_BENCH_BREAKDOWN=1`
+//! adds two sides to both: `cow_format::compression::decompress` on the in-memory payloads,
+//! and the mapped `CowReader::read_op_data` alone (no exception store).
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
 use std::fs;
