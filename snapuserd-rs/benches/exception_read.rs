@@ -1,6 +1,6 @@
 //! Host benchmark of the exception-store read path: random 4 KiB READ requests through
-//! `BlockServer::handle` (chunk lookup, op lookup, pread of the payload, lz4 decompression,
-//! copy into the response buffer) over a real v3 lz4 COW, against bare `lz4_flex`
+//! `BlockServer::handle` (chunk lookup, op lookup, lz4 decompression of the payload straight
+//! from the mapped COW into the response buffer) over a real v3 lz4 COW, against bare `lz4_flex`
 //! decompression of the very same payloads held in memory, in the same run.
 //!
 //! The image is real file content (from /usr/lib and /usr/share, sorted path order; a
@@ -17,7 +17,9 @@
 //! every pass; a criterion group repeats one set of 256 blocks, so its payloads are
 //! cache-hot and the fixed per-read costs weigh more there. `SNAPUSERD_BENCH_MIB` sets the image size
 //! (default 32), `SNAPUSERD_BENCH_ROUNDS` the interleaved passes (default 400);
-//! `SNAPUSERD_BENCH_ONLY_SUMMARY=1` skips the criterion groups.
+//! `SNAPUSERD_BENCH_ONLY_SUMMARY=1` skips the criterion groups. `SNAPUSERD_BENCH_BREAKDOWN=1`
+//! adds two sides to both: `cow_format::compression::decompress` on the in-memory payloads,
+//! and the mapped `CowReader::read_op_data` alone (no exception store).
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
 use std::fs;
@@ -47,6 +49,8 @@ struct Setup {
     payloads: Vec<(Vec<u8>, bool, usize)>,
     op_of_block: Vec<usize>,
     unit_bytes: Vec<usize>,
+    /// The same COW opened through `cow_format` alone (mapped), for the breakdown groups.
+    mapped: CowReader<cow_format::reader::MappedFile>,
     _dir: tempfile::TempDir,
 }
 
@@ -92,7 +96,9 @@ fn setup(data: &[u8], factor: u32) -> Setup {
         let e = ex.exception_of_op(op_index).expect("exception");
         sector_of_block[op.new_block as usize] = ex.new_chunk(e).expect("chunk") * 8;
     }
+    let mapped = CowReader::open_mapped(fs::File::open(&cow).expect("open")).expect("mapped");
     Setup {
+        mapped,
         snap,
         sector_of_block,
         payloads,
@@ -147,28 +153,93 @@ fn read_bare(s: &Setup, blocks: &[usize], unit: &mut [u8]) -> u64 {
     acc
 }
 
-fn summary(name: &str, s: &Setup, rounds: usize) {
+/// Breakdown: `cow_format`'s decompress on the in-memory payloads (no reader, no server).
+fn read_bare_cow_format(s: &Setup, blocks: &[usize], unit: &mut [u8]) -> u64 {
+    let mut acc = 0u64;
+    for &b in blocks {
+        let op = s.op_of_block[b];
+        let (p, raw, _) = &s.payloads[op];
+        let n = s.unit_bytes[op];
+        let alg = if *raw {
+            CompressionAlgorithm::None
+        } else {
+            CompressionAlgorithm::Lz4
+        };
+        cow_format::compression::decompress(alg, p, &mut unit[..n]).expect("decompress");
+        acc = acc.wrapping_add(u64::from(unit[b % BS]));
+    }
+    acc
+}
+
+/// Breakdown: the mapped `CowReader` alone (`read_op_data`, no exception store).
+fn read_reader(s: &Setup, blocks: &[usize], unit: &mut [u8]) -> u64 {
+    let mut acc = 0u64;
+    let ops = s.mapped.ops();
+    for &b in blocks {
+        let op = &ops[s.op_of_block[b]];
+        let n = s.unit_bytes[s.op_of_block[b]];
+        s.mapped
+            .read_op_data(op, &mut unit[..n])
+            .expect("read_op_data");
+        acc = acc.wrapping_add(u64::from(unit[b % BS]));
+    }
+    acc
+}
+
+/// One side of the interleaved summary.
+type Side = fn(&Setup, &[usize], &mut Vec<u8>, &mut [u8]) -> u64;
+
+fn side_server(s: &Setup, blocks: &[usize], out: &mut Vec<u8>, _: &mut [u8]) -> u64 {
+    read_via_server(s, blocks, out)
+}
+
+fn side_bare(s: &Setup, blocks: &[usize], _: &mut Vec<u8>, unit: &mut [u8]) -> u64 {
+    read_bare(s, blocks, unit)
+}
+
+fn side_cow_decompress(s: &Setup, blocks: &[usize], _: &mut Vec<u8>, unit: &mut [u8]) -> u64 {
+    read_bare_cow_format(s, blocks, unit)
+}
+
+fn side_reader(s: &Setup, blocks: &[usize], _: &mut Vec<u8>, unit: &mut [u8]) -> u64 {
+    read_reader(s, blocks, unit)
+}
+
+fn summary(name: &str, s: &Setup, rounds: usize, breakdown: bool) {
     let nblocks = s.sector_of_block.len();
     let mut out = Vec::with_capacity(BS);
     let mut unit = vec![0u8; 1 << 20];
-    let (mut t_srv, mut t_bare) = (Duration::ZERO, Duration::ZERO);
+    let mut sides: Vec<(&str, Side, Duration)> = vec![
+        ("exception path", side_server, Duration::ZERO),
+        ("bare lz4_flex", side_bare, Duration::ZERO),
+    ];
+    if breakdown {
+        sides.push((
+            "cow_format::compression::decompress",
+            side_cow_decompress,
+            Duration::ZERO,
+        ));
+        sides.push((
+            "mapped CowReader::read_op_data",
+            side_reader,
+            Duration::ZERO,
+        ));
+    }
+    let n = sides.len();
     for r in 0..rounds {
         let blocks = random_blocks(PASS, nblocks, r as u64 * 7919 + 1);
-        // Alternate which side goes first so cache effects hit both alike.
-        for side in 0..2 {
+        // Rotate which side goes first so cache effects hit all alike.
+        for k in 0..n {
+            let (_, f, total) = &mut sides[(k + r) % n];
             let t = Instant::now();
-            if (side + r) % 2 == 0 {
-                black_box(read_via_server(s, &blocks, &mut out));
-                t_srv += t.elapsed();
-            } else {
-                black_box(read_bare(s, &blocks, &mut unit));
-                t_bare += t.elapsed();
-            }
+            black_box(f(s, &blocks, &mut out, &mut unit));
+            *total += t.elapsed();
         }
     }
     let reads = (rounds * PASS) as f64;
     let ns = |d: Duration| d.as_nanos() as f64 / reads;
     let mbs = |d: Duration| reads * BS as f64 / d.as_secs_f64() / 1e6;
+    let (t_srv, t_bare) = (sides[0].2, sides[1].2);
     println!(
         "{name}: exception path {:.0} ns/read ({:.0} MB/s), bare lz4_flex {:.0} ns/read ({:.0} MB/s): exception path = {:.1}% of bare",
         ns(t_srv),
@@ -177,6 +248,13 @@ fn summary(name: &str, s: &Setup, rounds: usize) {
         mbs(t_bare),
         100.0 * t_bare.as_secs_f64() / t_srv.as_secs_f64()
     );
+    for (label, _, t) in &sides[2..] {
+        println!(
+            "    breakdown: {label} {:.0} ns/read: bare = {:.1}% of it",
+            ns(*t),
+            100.0 * t_bare.as_secs_f64() / t.as_secs_f64()
+        );
+    }
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -193,7 +271,8 @@ fn bench(c: &mut Criterion) {
     for factor in [4096u32, 65536] {
         let s = setup(&data, factor);
         let name = format!("v3 lz4 factor {}K, {mib} MiB", factor / 1024);
-        summary(&name, &s, rounds);
+        let breakdown = std::env::var_os("SNAPUSERD_BENCH_BREAKDOWN").is_some();
+        summary(&name, &s, rounds, breakdown);
         if std::env::var_os("SNAPUSERD_BENCH_ONLY_SUMMARY").is_some() {
             continue;
         }
@@ -209,6 +288,14 @@ fn bench(c: &mut Criterion) {
         g.bench_function("bare_lz4_flex", |b| {
             b.iter(|| read_bare(&s, &blocks, &mut unit))
         });
+        if std::env::var_os("SNAPUSERD_BENCH_BREAKDOWN").is_some() {
+            g.bench_function("breakdown_cow_format_decompress", |b| {
+                b.iter(|| read_bare_cow_format(&s, &blocks, &mut unit))
+            });
+            g.bench_function("breakdown_mapped_reader", |b| {
+                b.iter(|| read_reader(&s, &blocks, &mut unit))
+            });
+        }
         g.finish();
     }
 }

@@ -6,7 +6,9 @@
 //! address lies inside one of our registered mappings; if so, it maps an
 //! anonymous zero page over the faulting page with `MAP_FIXED` (so the
 //! interrupted copy completes) and counts the fault for that mapping. Every
-//! read checks the counter after copying and returns an error if the mapping
+//! read checks the counter after copying (or, for [`CowStorage::visit_at`],
+//! which lends the mapped bytes in place, after the visitor has returned) and
+//! returns an error if the mapping
 //! has ever faulted. Faults at other addresses are passed to the handler that
 //! was installed before ours (or the default action, which ends the process,
 //! exactly as without us).
@@ -207,11 +209,42 @@ impl MappedFile {
         &self.file
     }
 
+    /// Check that `len` bytes at `byte_offset` lie inside the mapping. Gives the mapping
+    /// and the start as a `usize`; no mapping (`None`) only for an empty range of an
+    /// empty file.
+    fn range(&self, byte_offset: u64, len: usize) -> io::Result<(Option<&Mmap>, usize)> {
+        let end = byte_offset.checked_add(len as u64);
+        match (end, self.map.as_ref()) {
+            (Some(end), Some(map)) if end <= self.len => {
+                // end ≤ len, and len (the mapping's length) fits usize.
+                let off = usize::try_from(byte_offset)
+                    .map_err(|_| past_end(byte_offset, len, self.len))?;
+                Ok((Some(map), off))
+            }
+            (Some(_), None) if len == 0 => Ok((None, 0)),
+            _ => Err(past_end(byte_offset, len, self.len)),
+        }
+    }
+
     fn faulted(&self) -> bool {
         REGISTRY
             .get(self.slot)
             .is_some_and(|s| s.faults.load(Ordering::Acquire) != 0)
     }
+}
+
+fn past_end(byte_offset: u64, len: usize, mapped: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("read of {len} bytes at {byte_offset} past the mapped size {mapped}"),
+    )
+}
+
+fn shrank() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the COW file shrank while mapped",
+    )
 }
 
 impl Drop for MappedFile {
@@ -227,40 +260,19 @@ impl Drop for MappedFile {
 
 impl SourceImage for MappedFile {
     fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> io::Result<()> {
-        let end = byte_offset.checked_add(buf.len() as u64);
-        let (Some(end), Some(map)) = (end, self.map.as_ref()) else {
-            return if buf.is_empty() {
-                Ok(())
-            } else {
-                Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "read past the mapping",
-                ))
-            };
+        let (map, off) = self.range(byte_offset, buf.len())?;
+        let Some(map) = map else {
+            return Ok(());
         };
-        if end > self.len {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "read of {} bytes at {byte_offset} past the mapped size {}",
-                    buf.len(),
-                    self.len
-                ),
-            ));
-        }
-        let off = byte_offset as usize; // end ≤ len, which fits usize
-                                        // SAFETY: `off + buf.len() ≤ map.len()` (checked above), so the source
-                                        // range is inside the live mapping; `buf` is a distinct, writable
-                                        // buffer. A truncation fault during the copy is turned into zero
-                                        // pages by the handler and detected just below.
+        // SAFETY: `off + buf.len() ≤ map.len()` (checked by `range`), so the source
+        // range is inside the live mapping; `buf` is a distinct, writable buffer. A
+        // truncation fault during the copy is turned into zero pages by the handler
+        // and detected just below.
         unsafe {
             std::ptr::copy_nonoverlapping(map.as_ptr().add(off), buf.as_mut_ptr(), buf.len());
         }
         if self.faulted() {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the COW file shrank while mapped",
-            ));
+            return Err(shrank());
         }
         Ok(())
     }
@@ -269,6 +281,48 @@ impl SourceImage for MappedFile {
 impl CowStorage for MappedFile {
     fn size(&self) -> io::Result<u64> {
         Ok(self.len)
+    }
+
+    /// Lends the mapped bytes in place (no copy), then checks the fault counter: if the
+    /// file shrank while `visit` read the range, the pages it touched past the new end read
+    /// as zeros and this returns `UnexpectedEof`, so whatever `visit` made of them is
+    /// discarded by the caller.
+    fn visit_at(
+        &self,
+        byte_offset: u64,
+        len: usize,
+        _staging: &mut Vec<u8>,
+        visit: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<()> {
+        let (map, off) = self.range(byte_offset, len)?;
+        let Some(map) = map else {
+            visit(&[]);
+            return Ok(());
+        };
+        if self.faulted() {
+            return Err(shrank());
+        }
+        // SAFETY: `off + len ≤ map.len()` (checked by `range`), so the slice lies inside
+        // the mapping, which stays mapped for the whole call: `self` is borrowed, and the
+        // mapping is only unmapped when `self` is dropped. The slice cannot outlive the
+        // call (`visit` takes it for an anonymous lifetime, so it cannot keep it).
+        // What the bytes can be while `visit` reads them:
+        // * The file shrinks: a read past the new end faults; the SIGBUS handler maps a
+        //   private zero page over that page (same address, still readable), so `visit`
+        //   runs to completion on zeros and the fault is reported just below, before any
+        //   result of `visit` is accepted. Nothing is ever unmapped under the slice.
+        // * The file is written: this crate's writers and snapuserd's merge store only
+        //   write the header and the scratch region, never the op/data area where
+        //   payloads lie (validated at open time); changing a mapped payload from another
+        //   process while it is served is outside the contract, exactly as for every
+        //   mapped-file reader. `visit` is safe code that bounds-checks every length and
+        //   offset it reads, so unexpected bytes give wrong data or a decode error.
+        let bytes = unsafe { std::slice::from_raw_parts(map.as_ptr().add(off), len) };
+        visit(bytes);
+        if self.faulted() {
+            return Err(shrank());
+        }
+        Ok(())
     }
 }
 

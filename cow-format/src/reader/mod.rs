@@ -1,8 +1,9 @@
 //! COW reader: open and validate a v2 or v3 file, list its ops in file and
 //! merge order, and produce new-image blocks.
 //!
-//! All file access goes through positioned reads ([`CowStorage`]); see
-//! `DESIGN.md` for why the file is not memory-mapped. Everything the header
+//! All file access goes through [`CowStorage`]: positioned reads, or a guarded
+//! memory mapping ([`MappedFile`]) whose bytes payload decoding reads in place
+//! ([`CowReader::with_op_payload`]). Everything the header
 //! and ops claim is checked against the file size at open time, so later
 //! reads fail only if the file changes underneath (reported as I/O errors).
 
@@ -388,6 +389,57 @@ impl<S: CowStorage> CowReader<S> {
         u64::from(self.block_size()) * op.num_blocks
     }
 
+    /// Call `f` with `op`'s stored payload (`data_length` bytes, compressed unless the op is
+    /// stored raw) and return what it returns.
+    ///
+    /// A mapped or in-memory file lends the bytes in place, with no copy; a file read with
+    /// `pread` reads them into a per-thread staging buffer first. If the mapped file shrank
+    /// while `f` read the payload, `f`'s result is discarded and this is an I/O error.
+    pub fn with_op_payload<R>(
+        &self,
+        op: &CowOp,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, ReadError> {
+        if !op.kind.has_payload() {
+            return Err(ReadError::BadOp {
+                index: op.index,
+                offset: op.data_offset,
+                reason: format!("{} op has no payload", op.kind.name()),
+            });
+        }
+        let len = op.data_length as usize;
+        let mut f = Some(f);
+        let mut result = None;
+        let mut visit = |bytes: &[u8]| {
+            if let Some(f) = f.take() {
+                result = Some(f(bytes));
+            }
+        };
+        let io_error = |source| ReadError::Io {
+            what: "COW file",
+            offset: op.data_offset,
+            len: u64::from(op.data_length),
+            source,
+        };
+        PAYLOAD_BUF
+            .with(|cell| match cell.try_borrow_mut() {
+                Ok(mut staging) => {
+                    self.storage
+                        .visit_at(op.data_offset, len, &mut staging, &mut visit)
+                }
+                // `f` itself reads a payload: give the inner call its own staging buffer.
+                Err(_) => self
+                    .storage
+                    .visit_at(op.data_offset, len, &mut Vec::new(), &mut visit),
+            })
+            .map_err(io_error)?;
+        result.ok_or_else(|| {
+            io_error(std::io::Error::other(
+                "storage returned without lending the payload",
+            ))
+        })
+    }
+
     /// Decode `op`'s payload into `out` (exactly [`payload_size`](Self::payload_size)
     /// bytes). For XOR this is the XOR mask, before applying the source.
     pub fn read_op_data(&self, op: &CowOp, out: &mut [u8]) -> Result<(), ReadError> {
@@ -398,31 +450,16 @@ impl<S: CowStorage> CowReader<S> {
                 expected,
             });
         }
-        if !op.kind.has_payload() {
-            return Err(ReadError::BadOp {
-                index: op.index,
-                offset: op.data_offset,
-                reason: format!("{} op has no payload", op.kind.name()),
-            });
-        }
-        if op.stored_raw {
+        if op.stored_raw && op.kind.has_payload() {
             return read_at(&self.storage, out, op.data_offset);
         }
-        PAYLOAD_BUF.with(|cell| {
-            let mut buf = cell.borrow_mut();
-            let len = op.data_length as usize;
-            if buf.len() < len {
-                buf.resize(len, 0);
-            }
-            let payload = &mut buf[..len];
-            read_at(&self.storage, payload, op.data_offset)?;
-            compression::decompress(op.compression, payload, out).map_err(|source| {
-                ReadError::Decompress {
-                    index: op.index,
-                    offset: op.data_offset,
-                    source,
-                }
-            })
+        self.with_op_payload(op, |payload| {
+            compression::decompress(op.compression, payload, out)
+        })?
+        .map_err(|source| ReadError::Decompress {
+            index: op.index,
+            offset: op.data_offset,
+            source,
         })
     }
 
@@ -517,6 +554,9 @@ fn read_source(source: &dyn SourceImage, buf: &mut [u8], offset: u64) -> Result<
             source: e,
         })
 }
+
+#[cfg(test)]
+mod borrow_tests;
 
 #[cfg(test)]
 mod tests {

@@ -1,9 +1,11 @@
 //! Positioned-read abstractions for the COW file and the source image.
 //!
-//! The reader never maps the file: every access is a positioned read
-//! (`pread`), so a file that shrinks under the reader yields a short read and
-//! a typed error instead of SIGBUS. In-memory byte buffers implement the same
-//! traits, which is what tests and the fuzz harness use.
+//! A `File` is read with positioned reads (`pread`), so a file that shrinks under the
+//! reader yields a short read and a typed error instead of SIGBUS; the guarded mapping
+//! (`super::mapped::MappedFile`) turns the same case into an error too. In-memory byte
+//! buffers implement the same traits, which is what tests and the fuzz harness use.
+//! [`CowStorage::visit_at`] lends bytes in place where the storage holds them in memory
+//! (byte buffers, the mapping) and reads them into a staging buffer otherwise.
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
@@ -22,6 +24,30 @@ pub trait SourceImage {
 pub trait CowStorage: SourceImage {
     /// Current size in bytes (works for regular files and block devices).
     fn size(&self) -> io::Result<u64>;
+
+    /// Call `visit` once with the `len` bytes at `byte_offset`, or fail without calling it
+    /// (short data is an `UnexpectedEof` error).
+    ///
+    /// Storages that hold the bytes in memory lend them in place; the default reads them
+    /// into `staging` (grown as needed, never shrunk) first. The slice is valid only during
+    /// the call. An error returned *after* `visit` ran (a memory mapping that faulted while
+    /// `visit` read it) means `visit` may have seen wrong bytes and whatever it produced
+    /// must be discarded.
+    fn visit_at(
+        &self,
+        byte_offset: u64,
+        len: usize,
+        staging: &mut Vec<u8>,
+        visit: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<()> {
+        if staging.len() < len {
+            staging.resize(len, 0);
+        }
+        let bytes = &mut staging[..len];
+        self.read_exact_at(bytes, byte_offset)?;
+        visit(bytes);
+        Ok(())
+    }
 }
 
 impl SourceImage for File {
@@ -60,6 +86,22 @@ fn slice_read(data: &[u8], buf: &mut [u8], byte_offset: u64) -> io::Result<()> {
     }
 }
 
+/// The `len` bytes of `data` at `byte_offset`, or an `UnexpectedEof` error.
+fn slice_at(data: &[u8], byte_offset: u64, len: usize) -> io::Result<&[u8]> {
+    usize::try_from(byte_offset)
+        .ok()
+        .and_then(|s| data.get(s..s.checked_add(len)?))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{len} bytes at offset {byte_offset} are past the end ({} bytes)",
+                    data.len()
+                ),
+            )
+        })
+}
+
 impl SourceImage for [u8] {
     fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> io::Result<()> {
         slice_read(self, buf, byte_offset)
@@ -69,6 +111,17 @@ impl SourceImage for [u8] {
 impl CowStorage for [u8] {
     fn size(&self) -> io::Result<u64> {
         Ok(self.len() as u64)
+    }
+
+    fn visit_at(
+        &self,
+        byte_offset: u64,
+        len: usize,
+        _staging: &mut Vec<u8>,
+        visit: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<()> {
+        visit(slice_at(self, byte_offset, len)?);
+        Ok(())
     }
 }
 
@@ -82,6 +135,17 @@ impl CowStorage for Vec<u8> {
     fn size(&self) -> io::Result<u64> {
         Ok(self.len() as u64)
     }
+
+    fn visit_at(
+        &self,
+        byte_offset: u64,
+        len: usize,
+        _staging: &mut Vec<u8>,
+        visit: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<()> {
+        visit(slice_at(self, byte_offset, len)?);
+        Ok(())
+    }
 }
 
 impl<T: SourceImage + ?Sized> SourceImage for &T {
@@ -94,6 +158,16 @@ impl<T: CowStorage + ?Sized> CowStorage for &T {
     fn size(&self) -> io::Result<u64> {
         (**self).size()
     }
+
+    fn visit_at(
+        &self,
+        byte_offset: u64,
+        len: usize,
+        staging: &mut Vec<u8>,
+        visit: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<()> {
+        (**self).visit_at(byte_offset, len, staging, visit)
+    }
 }
 
 impl<T: SourceImage + ?Sized> SourceImage for Arc<T> {
@@ -105,6 +179,16 @@ impl<T: SourceImage + ?Sized> SourceImage for Arc<T> {
 impl<T: CowStorage + ?Sized> CowStorage for Arc<T> {
     fn size(&self) -> io::Result<u64> {
         (**self).size()
+    }
+
+    fn visit_at(
+        &self,
+        byte_offset: u64,
+        len: usize,
+        staging: &mut Vec<u8>,
+        visit: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<()> {
+        (**self).visit_at(byte_offset, len, staging, visit)
     }
 }
 

@@ -57,4 +57,19 @@ impl CowStorage for CowFileStorage {
             CowFileStorage::Pread(f) => f.size(),
         }
     }
+
+    /// Mapped: the payload is decoded straight from the mapping (guarded: a shrunk file is
+    /// an error, see [`MappedFile`]). `pread`: read into `staging` first.
+    fn visit_at(
+        &self,
+        byte_offset: u64,
+        len: usize,
+        staging: &mut Vec<u8>,
+        visit: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<()> {
+        match self {
+            CowFileStorage::Mapped(m) => m.visit_at(byte_offset, len, staging, visit),
+            CowFileStorage::Pread(f) => f.visit_at(byte_offset, len, staging, visit),
+        }
+    }
 }

@@ -14,6 +14,8 @@
 //!   its WRITE is answered, so nothing is pending.
 //! * Any other WRITE: ERROR (the snapshot is read-only). Any other request type: UNSUPPORTED.
 
+mod data_chunks;
+
 use std::io;
 use std::sync::{Mutex, MutexGuard};
 
@@ -24,6 +26,7 @@ use super::exception_store::{
 };
 use super::merge_plan::{MergePlan, PlannedOp, SourceDevice, BLOCK_SIZE, BLOCK_SIZE_U64};
 use super::merge_tracker::{MergeProgress, MergeStateStore, MergeTracker, MergeTrackerError};
+use data_chunks::DataChunkIndex;
 
 /// dm-user request type READ.
 pub const DM_USER_REQ_MAP_READ: u64 = 0;
@@ -143,6 +146,10 @@ pub enum BlockServerError {
 pub struct BlockServer<B, D, S: MergeStateStore> {
     plan: MergePlan,
     exceptions: ExceptionStore,
+    /// Constant-time data-chunk lookup for READs (`None`: use `exceptions.lookup`). Built
+    /// from `exceptions`, which never changes after construction; anything that rebuilds
+    /// `exceptions` must rebuild this too.
+    data_chunks: Option<DataChunkIndex>,
     blocks: B,
     source: D,
     tracker: Mutex<MergeTracker<S>>,
@@ -178,9 +185,14 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
     pub fn new(plan: MergePlan, blocks: B, source: D, store: S) -> Result<Self, BlockServerError> {
         let exceptions = ExceptionStore::build(&plan)?;
         let tracker = MergeTracker::open(&plan, &exceptions, store, &source)?;
+        let data_chunks = DataChunkIndex::build(&exceptions);
+        if data_chunks.is_none() {
+            log::warn!("exception chunk ids not strictly increasing: READs use the binary search");
+        }
         Ok(BlockServer {
             plan,
             exceptions,
+            data_chunks,
             blocks,
             source,
             tracker: Mutex::new(tracker),
@@ -293,13 +305,20 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
         // `handle` clears the buffer on failure.
         out.truncate(req.len as usize);
         out.resize(req.len as usize, 0);
-        self.read(req.sector, out)
+        self.read_checked(req.sector, out)
     }
 
     /// Read `out.len()` bytes (a multiple of 512) starting at `sector`.
     pub fn read(&self, sector: u64, out: &mut [u8]) -> Result<(), BlockServerError> {
         self.check_range(sector, out.len() as u64)?;
-        let mut chunk_buf = [0u8; BLOCK_SIZE];
+        self.read_checked(sector, out)
+    }
+
+    /// [`read`](Self::read) once the range is known to be inside the device.
+    fn read_checked(&self, sector: u64, out: &mut [u8]) -> Result<(), BlockServerError> {
+        // The bounce buffer for partial chunks is zeroed only when one is met: whole
+        // aligned chunks (every read dm-snapshot makes) never touch it.
+        let mut chunk_buf: Option<[u8; BLOCK_SIZE]> = None;
         let mut done = 0usize;
         let (mut chunk, mut offset) = sector_to_chunk(sector);
         while done < out.len() {
@@ -315,7 +334,8 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
                     continue;
                 }
             }
-            self.read_chunk(chunk, &mut chunk_buf)?;
+            let chunk_buf = chunk_buf.get_or_insert([0u8; BLOCK_SIZE]);
+            self.read_chunk(chunk, chunk_buf)?;
             let take = (BLOCK_SIZE - offset).min(out.len() - done);
             out[done..done + take].copy_from_slice(&chunk_buf[offset..offset + take]);
             done += take;
@@ -331,6 +351,15 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
         chunk: u64,
         out: &mut [u8; BLOCK_SIZE],
     ) -> Result<(), BlockServerError> {
+        // Data chunks (nearly every READ) through the index; the rest through the store.
+        let data_op = self
+            .data_chunks
+            .as_ref()
+            .and_then(|index| index.exception(chunk))
+            .and_then(|exception| self.exceptions.op_index(exception));
+        if let Some(op_index) = data_op {
+            return self.read_data_chunk(chunk, op_index, out);
+        }
         match self.exceptions.lookup(chunk) {
             ChunkKind::Header => *out = header_chunk(),
             ChunkKind::Metadata { area } => {
@@ -369,22 +398,30 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
                     source,
                 });
         }
-        let mut saved = [0u8; BLOCK_SIZE];
-        let in_window = match self.tracker()?.window_source(op_index) {
-            Some(bytes) => {
-                saved.copy_from_slice(bytes);
-                true
-            }
-            None => false,
-        };
-        let result = if in_window {
-            let window = WindowSource {
-                base: op.source_byte_offset().unwrap_or(0),
-                bytes: &saved,
+        // The lock is held only to copy the saved bytes (ops outside the window copy nothing).
+        let saved: Option<[u8; BLOCK_SIZE]> =
+            match self.tracker()?.window_source(op_index) {
+                Some(bytes) => Some(<[u8; BLOCK_SIZE]>::try_from(bytes).map_err(|_| {
+                    BlockServerError::OpRead {
+                        op_index,
+                        chunk,
+                        source: io::Error::other(format!(
+                            "saved window bytes are {} bytes, not one block",
+                            bytes.len()
+                        )),
+                    }
+                })?),
+                None => None,
             };
-            self.blocks.read_op_block(op_index, &op, &window, out)
-        } else {
-            self.blocks.read_op_block(op_index, &op, &self.source, out)
+        let result = match &saved {
+            Some(saved) => {
+                let window = WindowSource {
+                    base: op.source_byte_offset().unwrap_or(0),
+                    bytes: saved,
+                };
+                self.blocks.read_op_block(op_index, &op, &window, out)
+            }
+            None => self.blocks.read_op_block(op_index, &op, &self.source, out),
         };
         result.map_err(|source| BlockServerError::OpRead {
             op_index,
