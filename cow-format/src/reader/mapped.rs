@@ -195,6 +195,13 @@ impl MappedFile {
         // (never long-lived references) and truncation faults are caught by
         // the SIGBUS handler registered below before any read happens.
         let map = unsafe { MmapOptions::new().len(map_len).map(&file)? };
+        // A process under `mlockall(MCL_FUTURE)` (snapuserd, which serves the root
+        // filesystem) would otherwise pin every page of the COW it ever reads, up to the
+        // whole file. These are clean file pages that can always be dropped and read back
+        // from the file, never through the device being served, so they are not locked.
+        if let Err(e) = map.unlock() {
+            log::warn!("munlock of the {map_len}-byte COW mapping failed: {e}; its pages stay locked once read");
+        }
         let slot = register(map.as_ptr() as usize, map_len)?;
         Ok(Self {
             file,

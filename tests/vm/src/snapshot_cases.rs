@@ -170,9 +170,14 @@ impl Daemon {
     }
 
     fn rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmRSS:")
+    }
+
+    /// A `/proc/<pid>/status` figure in KiB (`VmRSS:`, `RssAnon:`, `VmLck:` ...).
+    fn status_kib(&self, field: &str) -> Option<u64> {
         let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
         s.lines()
-            .find(|l| l.starts_with("VmRSS:"))?
+            .find(|l| l.starts_with(field))?
             .split_whitespace()
             .nth(1)?
             .parse()
@@ -472,12 +477,15 @@ fn check_snapshot(sc: &Scenario, st: &Stack) -> Res<String> {
         mbps(len, snap_time)
     );
     println!(
-        "VMINFO snap-{} snapshot-read {:.1} MB/s, raw base read {:.1} MB/s ({} MiB, O_DIRECT 1 MiB), daemon VmRSS {} KiB, COW device {} sectors",
+        "VMINFO snap-{} snapshot-read {:.1} MB/s, raw base read {:.1} MB/s ({} MiB, O_DIRECT 1 MiB), daemon VmRSS {} KiB (RssAnon {} KiB, RssFile {} KiB, locked {} KiB), COW device {} sectors",
         sc.tag,
         mbps(len, snap_time),
         mbps(len, raw_time),
         len >> 20,
         st.daemon.rss_kib().unwrap_or(0),
+        st.daemon.status_kib("RssAnon:").unwrap_or(0),
+        st.daemon.status_kib("RssFile:").unwrap_or(0),
+        st.daemon.status_kib("VmLck:").unwrap_or(0),
         st.cow_sectors
     );
     let mut detail = format!("{} MiB equal to the target", len >> 20);
