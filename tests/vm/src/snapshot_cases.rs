@@ -477,7 +477,7 @@ fn check_snapshot(sc: &Scenario, st: &Stack) -> Res<String> {
         mbps(len, snap_time)
     );
     println!(
-        "VMINFO snap-{} snapshot-read {:.1} MB/s, raw base read {:.1} MB/s ({} MiB, O_DIRECT 1 MiB), daemon VmRSS {} KiB (RssAnon {} KiB, RssFile {} KiB, locked {} KiB), COW device {} sectors",
+        "VMINFO snap-{} snapshot-read {:.1} MB/s, raw base read {:.1} MB/s ({} MiB, O_DIRECT 1 MiB), daemon VmRSS {} KiB (RssAnon {} KiB, RssFile {} KiB; VmLck {} KiB is the virtual size of its locked mappings, not memory), COW device {} sectors",
         sc.tag,
         mbps(len, snap_time),
         mbps(len, raw_time),
