@@ -10,7 +10,8 @@
 //!    mid-merge (new daemon on a new misc name, snapshot-merge recreated), and two live
 //!    handoffs mid-merge (the dm-user table reloaded onto a new daemon under the running
 //!    snapshot-merge, whose in-core table is kept): libsnapshot's second-stage order (new
-//!    daemon first) and init's SELinux transition order (table first, same length);
+//!    daemon first) and init's SELinux transition order (table first, same length); and a
+//!    merge paused (`pause_merge`: it must stand still) and resumed;
 //! 2. `p<N>-1`: the merge started and the VM powered off once N% of it is done (N = 5, 35, 70);
 //! 3. `p<N>-2`: the same disk images booted again, the merge resumed and the base checked.
 //!
@@ -183,15 +184,21 @@ pub fn run(repo: &Path, opts: &SnapshotOptions) -> Result<()> {
         disks_a.push(fresh("synh.cow", &synthetic.cow)?);
         disks_a.push(fresh("synt-base.img", &synthetic.source)?);
         disks_a.push(fresh("synt.cow", &synthetic.cow)?);
+        // And pause_merge/resume_merge mid-merge.
+        disks_a.push(fresh("synq-base.img", &synthetic.source)?);
+        disks_a.push(fresh("synq.cow", &synthetic.cow)?);
         fragment_a.push_str(
             "/bin/vmtest snap handoff-merge synh /dev/vdi /dev/vdj /dev/vdf\n\
-             /bin/vmtest snap transition-merge synt /dev/vdk /dev/vdl /dev/vdf\n",
+             /bin/vmtest snap transition-merge synt /dev/vdk /dev/vdl /dev/vdf\n\
+             /bin/vmtest snap pause-merge synq /dev/vdm /dev/vdn /dev/vdf\n",
         );
         for s in [
             "snap-read-synh",
             "snap-handoff-merge-synh",
             "snap-read-synt",
             "snap-transition-merge-synt",
+            "snap-read-synq",
+            "snap-pause-merge-synq",
         ] {
             expected_a.push(s.into());
         }

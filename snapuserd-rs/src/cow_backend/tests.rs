@@ -206,7 +206,7 @@ fn boot(f: &Files, clock: &CrashClock) -> (Origin, Result<CowSnapshot<Origin>, S
     let origin = OriginDevice::create(fs::read(&f.base).unwrap(), clock.clone());
     let c = clock.clone();
     let snap = CowSnapshot::build(&f.cow, origin.clone(), use_mmap(), move |mut store| {
-        store.set_crash_clock(c);
+        store.set_crash_clock(c.clone());
         store
     });
     (origin, snap)
@@ -949,4 +949,86 @@ fn live_handoff_between_daemons_on_one_cow_file() {
     let mut c2 = c.clone();
     c2.opts = opts(CowVersion::V2, CompressionAlgorithm::Zstd, false);
     handoff_on_files(&c2, 100, 400, true);
+}
+
+/// A daemon opening a COW that another daemon is merging (libsnapshot's second-stage
+/// handoff): while a second thread commits window after window into the file exactly as a
+/// merging daemon does (commit, then the next window saved and marked Done), every
+/// `CowSnapshot::open` must succeed with one consistent state (the open is repeated while
+/// the state changes under it).
+#[test]
+fn open_while_another_daemon_commits_windows() {
+    use crate::cow_backend::merge_store::CowMergeStore;
+    use crate::cow_backend::plan::CowMergePlan;
+    use crate::snapshot::merge_tracker::{MergeStateStore, ScratchWindow};
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    // 8 windows of independent copies (sources far below the destinations). The merger
+    // changes the durable state 15 times, fewer than the open's attempts, so every open
+    // can find a quiet moment however slow the machine.
+    let n_ops = 510 * 8;
+    let mut c = Case::new(
+        2 * n_ops as usize + 8,
+        31,
+        opts(CowVersion::V2, CompressionAlgorithm::None, true),
+    );
+    for i in (0..n_ops).rev() {
+        c.ordered.push(TestOp::Copy {
+            new: n_ops + 4 + i,
+            old: i,
+        });
+    }
+    let f = files(&c);
+    let plan = {
+        let r = CowReader::open(fs::File::open(&f.cow).unwrap()).unwrap();
+        CowMergePlan::build(&r).unwrap()
+    };
+    let base = fs::File::open(&f.base).unwrap();
+    let window = |start: usize| {
+        let end = (start + 510).min(plan.plan.len());
+        let mut w = ScratchWindow::default();
+        for op in &plan.plan.ops()[start..end] {
+            let mut block = vec![0u8; BLOCK_SIZE];
+            base.read_exact_at(&mut block, op.source * BLOCK_SIZE as u64)
+                .unwrap();
+            w.new_blocks.push(op.new_block);
+            w.data.extend_from_slice(&block);
+        }
+        w
+    };
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let merger = s.spawn(|| {
+            let rw = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&f.cow)
+                .unwrap();
+            let mut store = CowMergeStore::open(rw)
+                .unwrap()
+                .into_store(plan.progress.clone())
+                .unwrap();
+            store.write_window(&window(0)).unwrap();
+            for start in (510..n_ops as usize).step_by(510) {
+                store.commit_window(start as u64).unwrap();
+                store.write_window(&window(start)).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            done.store(true, Ordering::Relaxed);
+        });
+        let mut opens = 0;
+        while !done.load(Ordering::Relaxed) {
+            match CowSnapshot::open(&f.cow, &f.base) {
+                Ok(snap) => {
+                    let committed = snap.server().committed().unwrap();
+                    assert_eq!(committed % 510, 0, "opened at {committed}");
+                }
+                Err(e) => panic!("open {opens} while another daemon merges: {e}"),
+            }
+            opens += 1;
+        }
+        merger.join().unwrap();
+        assert!(opens > 0);
+    });
 }

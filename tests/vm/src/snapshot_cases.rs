@@ -12,6 +12,8 @@
 //!   daemon initialised first, then the dm-user table swapped under snapshot-merge);
 //! * `transition-merge`: the same in the order of init's SELinux transition (table swapped
 //!   first with the same length, old daemon stopped, new daemon started);
+//! * `pause-merge`: as `read-merge`, with `pause_merge` mid-merge (the merge must stand still)
+//!   and `resume_merge`;
 //! * `poweroff-merge`: snapshot, start the merge, power the VM off while it runs;
 //! * `resume-merge`: (second boot) daemon, dm-user, `snapshot-merge` directly, finish, compare.
 //!
@@ -54,6 +56,9 @@ enum MergeMode {
     /// through the old daemon, new I/O waits for a daemon), the old daemon is stopped, and
     /// only then is the new daemon started, within dm-user's daemon timeout.
     Transition,
+    /// `pause_merge` mid-merge: the kernel's merge must stand still while paused, then
+    /// finish after `resume_merge`.
+    Pause,
 }
 
 /// Arguments of one scenario.
@@ -110,6 +115,7 @@ pub fn main(args: &[String]) -> ExitCode {
         "kill-merge" => read_merge(&sc, MergeMode::Kill),
         "handoff-merge" => read_merge(&sc, MergeMode::Handoff),
         "transition-merge" => read_merge(&sc, MergeMode::Transition),
+        "pause-merge" => read_merge(&sc, MergeMode::Pause),
         "poweroff-merge" => poweroff_merge(&sc),
         "resume-merge" => resume_merge(&sc),
         other => {
@@ -572,6 +578,7 @@ fn read_merge(sc: &Scenario, mode: MergeMode) -> bool {
         MergeMode::Kill => "kill-merge",
         MergeMode::Handoff => "handoff-merge",
         MergeMode::Transition => "transition-merge",
+        MergeMode::Pause => "pause-merge",
     };
     let merge = run_merge(sc, st, mode);
     vmtest(step, &sc.tag, &merge) && ok_read
@@ -634,6 +641,44 @@ fn run_merge(sc: &Scenario, mut st: Stack, mode: MergeMode) -> Res<String> {
         // on its own signal-free path or on SIGTERM.
         let _ = old.command(&format!("delete,{}-a", sc.tag));
         drop(old.take());
+        wait_merge(&st, MERGE_LIMIT, |_| {
+            rss = rss.max(st.daemon.rss_kib().unwrap_or(0));
+            Ok(false)
+        })?
+    } else if mode == MergeMode::Pause {
+        let (t1, _) = wait_merge(&st, MERGE_LIMIT, |s| {
+            rss = rss.max(st.daemon.rss_kib().unwrap_or(0));
+            Ok(matches!(s, SnapshotStatus::Active { allocated, .. }
+                if *allocated < alloc0 && (alloc0 - *allocated) * 4 >= alloc0 - metadata))
+        })?;
+        let paused = st.daemon.command("pause_merge")?;
+        if paused != "success" {
+            return Err(format!("pause_merge -> {paused:?}"));
+        }
+        // The batch in flight when the pause arrived may still finish; after that the
+        // kernel's next metadata write-back is held and the merge stands still.
+        std::thread::sleep(Duration::from_millis(700));
+        let s1 = st.status()?;
+        std::thread::sleep(Duration::from_millis(2000));
+        let s2 = st.status()?;
+        if s1.merge_complete() {
+            return Err(format!(
+                "merge finished before the pause could be observed ({s1:?})"
+            ));
+        }
+        if s1 != s2 {
+            return Err(format!("merge moved while paused: {s1:?} -> {s2:?}"));
+        }
+        let resumed = st.daemon.command("resume_merge")?;
+        if resumed != "success" {
+            return Err(format!("resume_merge -> {resumed:?}"));
+        }
+        println!(
+            "VMINFO snap-{} paused after {:.1} s at {s1:?}, unchanged 2 s later, resumed",
+            sc.tag,
+            t1.as_secs_f64()
+        );
+        killed = Some((t1, s1));
         wait_merge(&st, MERGE_LIMIT, |_| {
             rss = rss.max(st.daemon.rss_kib().unwrap_or(0));
             Ok(false)
@@ -727,13 +772,19 @@ fn run_merge(sc: &Scenario, mut st: Stack, mode: MergeMode) -> Res<String> {
     }
     if let Some((t1, s)) = killed {
         d.push_str(&format!(
-            ", {} after {:.1}s at {s:?}, finished by the second daemon",
+            ", {} after {:.1}s at {s:?}, finished{}",
             match mode {
                 MergeMode::Kill => "daemon killed",
+                MergeMode::Pause => "paused (merge still) and resumed",
                 MergeMode::Transition => "live handoff (SELinux transition order)",
                 _ => "live handoff",
             },
-            t1.as_secs_f64()
+            t1.as_secs_f64(),
+            if mode == MergeMode::Pause {
+                ""
+            } else {
+                " by the second daemon"
+            }
         ));
     }
     Ok(d)
