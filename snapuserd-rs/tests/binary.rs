@@ -102,6 +102,9 @@ fn socket_path_serves_query_and_stop_exits() {
     let mut child = Command::new(BIN)
         .arg(format!("-socket={}", path.display()))
         .stderr(Stdio::null())
+        // A daemon left behind by a failed assertion must not hold the test's stdout
+        // (cargo would wait for it instead of reporting the failure).
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     let mut c = connect(&path, &mut child);
@@ -118,6 +121,9 @@ fn sigterm_stops_the_daemon() {
     let mut child = Command::new(BIN)
         .args(["--socket", path.to_str().unwrap()])
         .stderr(Stdio::null())
+        // A daemon left behind by a failed assertion must not hold the test's stdout
+        // (cargo would wait for it instead of reporting the failure).
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     let mut c = connect(&path, &mut child);
@@ -144,6 +150,9 @@ fn inherited_init_socket_is_served() {
     let mut child = Command::new(BIN)
         .env("ANDROID_SOCKET_snapuserd", listener.as_raw_fd().to_string())
         .stderr(Stdio::null())
+        // A daemon left behind by a failed assertion must not hold the test's stdout
+        // (cargo would wait for it instead of reporting the failure).
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     drop(listener);
@@ -300,6 +309,9 @@ fn no_socket_daemon_takes_the_control_socket_from_the_proxy() {
             format!("sys,{},{}", cow.display(), src.display()),
         ])
         .stderr(Stdio::null())
+        // A daemon left behind by a failed assertion must not hold the test's stdout
+        // (cargo would wait for it instead of reporting the failure).
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     // Handlers first, then the indicator init waits for.
@@ -341,6 +353,9 @@ fn no_socket_daemon_without_a_proxy_serves_until_sigterm() {
         .arg(format!("-daemon_alive_indicator={}", alive.display()))
         .arg(format!("sys,{},{}", cow.display(), src.display()))
         .stderr(Stdio::null())
+        // A daemon left behind by a failed assertion must not hold the test's stdout
+        // (cargo would wait for it instead of reporting the failure).
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     wait_for_file(&alive, "1", &mut daemon);
@@ -367,6 +382,7 @@ fn a_proxy_that_sends_no_fd_is_a_clear_error_and_the_handlers_keep_running() {
         ))
         .arg(format!("sys,{},{}", cow.display(), src.display()))
         .stderr(Stdio::piped())
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     // The daemon connects; we answer with a 1-byte message and no fd.
@@ -427,7 +443,7 @@ fn fds_open_on(pid: u32, path: &Path) -> usize {
 }
 
 #[test]
-fn socket_mode_uses_one_worker_per_handler_and_no_socket_mode_the_flag() {
+fn both_modes_open_worker_count_channels_per_handler() {
     let dir = tempfile::tempdir().unwrap();
     let (cow, src) = write_cow(dir.path());
     let dm_user = fake_dm_user_dir(dir.path(), "sys");
@@ -438,6 +454,9 @@ fn socket_mode_uses_one_worker_per_handler_and_no_socket_mode_the_flag() {
         .arg("-worker_count=4")
         .arg(format!("-dm_user_dir={}", dm_user.display()))
         .stderr(Stdio::null())
+        // A daemon left behind by a failed assertion must not hold the test's stdout
+        // (cargo would wait for it instead of reporting the failure).
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     let mut c = connect(&control, &mut daemon);
@@ -446,8 +465,8 @@ fn socket_mode_uses_one_worker_per_handler_and_no_socket_mode_the_flag() {
     assert_eq!(ask(&mut c, b"start,sys"), "success");
     assert_eq!(
         fds_open_on(daemon.id(), &node),
-        1,
-        "one channel with a socket"
+        4,
+        "-worker_count channels with a socket too (AOSP forces 1; see main.rs)"
     );
     c.write_all(b"stop").unwrap();
     assert!(daemon.wait().unwrap().success());
@@ -464,6 +483,9 @@ fn socket_mode_uses_one_worker_per_handler_and_no_socket_mode_the_flag() {
         .arg(format!("-daemon_alive_indicator={}", alive.display()))
         .arg(format!("sys,{},{}", cow.display(), src.display()))
         .stderr(Stdio::null())
+        // A daemon left behind by a failed assertion must not hold the test's stdout
+        // (cargo would wait for it instead of reporting the failure).
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     wait_for_file(&alive, "1", &mut daemon);
@@ -514,6 +536,7 @@ fn proxy_hands_over_init_style_inherited_sockets() {
         )
         .env("ANDROID_SOCKET_snapuserd", server.as_raw_fd().to_string())
         .stderr(Stdio::piped())
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     drop((proxy, server));
