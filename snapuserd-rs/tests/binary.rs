@@ -337,19 +337,21 @@ fn no_socket_daemon_takes_the_control_socket_from_the_proxy() {
     assert!(daemon.wait().unwrap().success());
 }
 
-#[test]
-fn no_socket_daemon_without_a_proxy_serves_until_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let (cow, src) = write_cow(dir.path());
-    let dm_user = fake_dm_user_dir(dir.path(), "sys");
-    let alive = dir.path().join("alive");
-    let mut daemon = Command::new(BIN)
+/// A `-no_socket` daemon serving handler `sys` with no proxy to hand a socket over (its
+/// proxy path does not exist), writing the daemon-alive indicator at `alive`.
+fn spawn_no_socket(
+    dir: &Path,
+    dm_user: &Path,
+    alive: &Path,
+    cow: &Path,
+    src: &Path,
+    extra: &[&str],
+) -> std::process::Child {
+    Command::new(BIN)
         .arg("-no_socket")
+        .args(extra)
         .arg(format!("-dm_user_dir={}", dm_user.display()))
-        .arg(format!(
-            "-proxy_socket={}",
-            dir.path().join("none").display()
-        ))
+        .arg(format!("-proxy_socket={}", dir.join("none").display()))
         .arg(format!("-daemon_alive_indicator={}", alive.display()))
         .arg(format!("sys,{},{}", cow.display(), src.display()))
         .stderr(Stdio::null())
@@ -357,7 +359,16 @@ fn no_socket_daemon_without_a_proxy_serves_until_sigterm() {
         // (cargo would wait for it instead of reporting the failure).
         .stdout(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn no_socket_daemon_without_a_proxy_serves_until_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cow, src) = write_cow(dir.path());
+    let dm_user = fake_dm_user_dir(dir.path(), "sys");
+    let alive = dir.path().join("alive");
+    let mut daemon = spawn_no_socket(dir.path(), &dm_user, &alive, &cow, &src, &[]);
     wait_for_file(&alive, "1", &mut daemon);
     sigterm(&daemon);
     assert!(daemon.wait().unwrap().success());
@@ -472,22 +483,14 @@ fn both_modes_open_worker_count_channels_per_handler() {
     assert!(daemon.wait().unwrap().success());
 
     let alive = dir.path().join("alive");
-    let mut daemon = Command::new(BIN)
-        .arg("-no_socket")
-        .arg("-worker_count=3")
-        .arg(format!("-dm_user_dir={}", dm_user.display()))
-        .arg(format!(
-            "-proxy_socket={}",
-            dir.path().join("none").display()
-        ))
-        .arg(format!("-daemon_alive_indicator={}", alive.display()))
-        .arg(format!("sys,{},{}", cow.display(), src.display()))
-        .stderr(Stdio::null())
-        // A daemon left behind by a failed assertion must not hold the test's stdout
-        // (cargo would wait for it instead of reporting the failure).
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = spawn_no_socket(
+        dir.path(),
+        &dm_user,
+        &alive,
+        &cow,
+        &src,
+        &["-worker_count=3"],
+    );
     wait_for_file(&alive, "1", &mut daemon);
     assert_eq!(
         fds_open_on(daemon.id(), &node),

@@ -102,12 +102,44 @@ fn slice_at(data: &[u8], byte_offset: u64, len: usize) -> io::Result<&[u8]> {
         })
 }
 
+/// `SourceImage` and `CowStorage` for a type that holds (or points to) another storage:
+/// every call goes to `$inner`, the inner storage of `$s`.
+macro_rules! forward_storage {
+    (impl[$($src:tt)*][$($cow:tt)*] $ty:ty, |$s:ident| $inner:expr) => {
+        impl<$($src)*> SourceImage for $ty {
+            fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> io::Result<()> {
+                let $s = self;
+                SourceImage::read_exact_at($inner, buf, byte_offset)
+            }
+        }
+
+        impl<$($cow)*> CowStorage for $ty {
+            fn size(&self) -> io::Result<u64> {
+                let $s = self;
+                CowStorage::size($inner)
+            }
+
+            fn visit_at(
+                &self,
+                byte_offset: u64,
+                len: usize,
+                staging: &mut Vec<u8>,
+                visit: &mut dyn FnMut(&[u8]),
+            ) -> io::Result<()> {
+                let $s = self;
+                CowStorage::visit_at($inner, byte_offset, len, staging, visit)
+            }
+        }
+    };
+}
+
 impl SourceImage for [u8] {
     fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> io::Result<()> {
         slice_read(self, buf, byte_offset)
     }
 }
 
+/// In-memory bytes are lent in place.
 impl CowStorage for [u8] {
     fn size(&self) -> io::Result<u64> {
         Ok(self.len() as u64)
@@ -125,72 +157,9 @@ impl CowStorage for [u8] {
     }
 }
 
-impl SourceImage for Vec<u8> {
-    fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> io::Result<()> {
-        slice_read(self, buf, byte_offset)
-    }
-}
-
-impl CowStorage for Vec<u8> {
-    fn size(&self) -> io::Result<u64> {
-        Ok(self.len() as u64)
-    }
-
-    fn visit_at(
-        &self,
-        byte_offset: u64,
-        len: usize,
-        _staging: &mut Vec<u8>,
-        visit: &mut dyn FnMut(&[u8]),
-    ) -> io::Result<()> {
-        visit(slice_at(self, byte_offset, len)?);
-        Ok(())
-    }
-}
-
-impl<T: SourceImage + ?Sized> SourceImage for &T {
-    fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> io::Result<()> {
-        (**self).read_exact_at(buf, byte_offset)
-    }
-}
-
-impl<T: CowStorage + ?Sized> CowStorage for &T {
-    fn size(&self) -> io::Result<u64> {
-        (**self).size()
-    }
-
-    fn visit_at(
-        &self,
-        byte_offset: u64,
-        len: usize,
-        staging: &mut Vec<u8>,
-        visit: &mut dyn FnMut(&[u8]),
-    ) -> io::Result<()> {
-        (**self).visit_at(byte_offset, len, staging, visit)
-    }
-}
-
-impl<T: SourceImage + ?Sized> SourceImage for Arc<T> {
-    fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> io::Result<()> {
-        (**self).read_exact_at(buf, byte_offset)
-    }
-}
-
-impl<T: CowStorage + ?Sized> CowStorage for Arc<T> {
-    fn size(&self) -> io::Result<u64> {
-        (**self).size()
-    }
-
-    fn visit_at(
-        &self,
-        byte_offset: u64,
-        len: usize,
-        staging: &mut Vec<u8>,
-        visit: &mut dyn FnMut(&[u8]),
-    ) -> io::Result<()> {
-        (**self).visit_at(byte_offset, len, staging, visit)
-    }
-}
+forward_storage!(impl[][] Vec<u8>, |s| s.as_slice());
+forward_storage!(impl[T: SourceImage + ?Sized][T: CowStorage + ?Sized] &T, |s| &**s);
+forward_storage!(impl[T: SourceImage + ?Sized][T: CowStorage + ?Sized] Arc<T>, |s| &**s);
 
 #[cfg(test)]
 mod tests {

@@ -130,27 +130,42 @@ fn state_from(b: BufferState) -> ScratchState {
     }
 }
 
+/// The header and scratch bounds of the COW `file`, validated ([`MergeState`]).
+fn read_merge_state(file: &File) -> Result<MergeState, CowMergeStoreError> {
+    let clone = file.try_clone().map_err(|source| MergeStateError::Io {
+        op: "dup",
+        offset: 0,
+        len: 0,
+        source,
+    })?;
+    Ok(MergeState::open(clone)?)
+}
+
+/// Durable `num_merge_ops` (entries) and scratch state (NotStarted without scratch).
+fn durable_pair(ms: &MergeState) -> Result<(u64, ScratchState), MergeStateError> {
+    let entries = ms.num_merge_ops()?;
+    let state = if ms.header().buffer_size() == 0 {
+        ScratchState::NotStarted
+    } else {
+        state_from(ms.buffer_state()?)
+    };
+    Ok((entries, state))
+}
+
 impl CowMergeStore {
     /// Read the durable merge state of the COW `file` (opened read-write).
     pub fn open(file: File) -> Result<OpenedMergeState, CowMergeStoreError> {
-        let clone = file.try_clone().map_err(|source| MergeStateError::Io {
-            op: "dup",
-            offset: 0,
-            len: 0,
-            source,
-        })?;
-        let ms = MergeState::open(clone)?;
+        let ms = read_merge_state(&file)?;
         let header_size = u64::from(ms.header().header_size());
         let buffer_size = u64::from(ms.header().buffer_size());
-        let durable_entries = ms.num_merge_ops()?;
-        let (geometry, state) = if buffer_size == 0 {
-            (None, ScratchState::NotStarted)
+        let (durable_entries, state) = durable_pair(&ms)?;
+        let geometry = if buffer_size == 0 {
+            None
         } else {
             if header_size >= SECTOR {
                 return Err(CowMergeStoreError::HeaderTooLarge { header_size });
             }
-            let g = ScratchGeometry::new(header_size, buffer_size)?;
-            (Some(g), state_from(ms.buffer_state()?))
+            Some(ScratchGeometry::new(header_size, buffer_size)?)
         };
         log::debug!(
             "COW merge state: num_merge_ops {durable_entries}, scratch {:?}, state {state:?}",
@@ -172,20 +187,7 @@ impl CowMergeStore {
     /// the same pair read before and after opening proves that nothing the open read was
     /// being rewritten by another daemon merging the same COW.
     pub fn durable_marker(file: &File) -> Result<(u64, ScratchState), CowMergeStoreError> {
-        let clone = file.try_clone().map_err(|source| MergeStateError::Io {
-            op: "dup",
-            offset: 0,
-            len: 0,
-            source,
-        })?;
-        let ms = MergeState::open(clone)?;
-        let entries = ms.num_merge_ops()?;
-        let state = if ms.header().buffer_size() == 0 {
-            ScratchState::NotStarted
-        } else {
-            state_from(ms.buffer_state()?)
-        };
-        Ok((entries, state))
+        Ok(durable_pair(&read_merge_state(file)?)?)
     }
 
     /// Durable `num_merge_ops` in merge-order entries as last written (or read at open).
@@ -339,24 +341,18 @@ impl MergeStateStore for CowMergeStore {
     }
 
     fn reload(&mut self) -> io::Result<()> {
-        let invalid =
-            |e: MergeStateError| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
-        let ms = MergeState::open(self.file.try_clone()?).map_err(invalid)?;
-        let entries = ms.num_merge_ops().map_err(invalid)?;
+        let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
+        let ms = read_merge_state(&self.file).map_err(|e| invalid(e.to_string()))?;
+        let (entries, state) = durable_pair(&ms).map_err(|e| invalid(e.to_string()))?;
         let planned = self.progress.planned_for_entries(entries).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "durable num_merge_ops {entries} exceeds the {} merge-order entries",
-                    self.progress.entries()
-                ),
-            )
+            invalid(format!(
+                "durable num_merge_ops {entries} exceeds the {} merge-order entries",
+                self.progress.entries()
+            ))
         })?;
-        if self.geometry.is_some() {
-            self.state = state_from(ms.buffer_state().map_err(invalid)?);
-        }
         self.durable_entries = entries;
         self.planned = planned;
+        self.state = state;
         Ok(())
     }
 }

@@ -150,16 +150,21 @@ pub fn bind_seqpacket(path: &Path) -> Result<OwnedFd, HandoffError> {
     }) {
         let _ = std::fs::remove_file(path);
     }
-    let fd = socket(
+    let fd = seqpacket_socket(&shown)?;
+    let addr = UnixAddr::new(path).map_err(io_err("address", shown.clone()))?;
+    nix::sys::socket::bind(fd.as_raw_fd(), &addr).map_err(io_err("bind", shown))?;
+    Ok(fd)
+}
+
+/// A new close-on-exec Unix SEQPACKET socket (`shown` names it in errors).
+fn seqpacket_socket(shown: &str) -> Result<OwnedFd, HandoffError> {
+    socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
         SockFlag::SOCK_CLOEXEC,
         None,
     )
-    .map_err(io_err("socket", shown.clone()))?;
-    let addr = UnixAddr::new(path).map_err(io_err("address", shown.clone()))?;
-    nix::sys::socket::bind(fd.as_raw_fd(), &addr).map_err(io_err("bind", shown))?;
-    Ok(fd)
+    .map_err(io_err("socket", shown.to_string()))
 }
 
 /// Check that `fd` is a Unix socket of type `ty`.
@@ -359,13 +364,7 @@ pub fn receive_listener(
         if give_up() {
             return Err(HandoffError::Stopped { what: "proxy" });
         }
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(io_err("socket", shown.clone()))?;
+        let fd = seqpacket_socket(&shown)?;
         match nix::sys::socket::connect(fd.as_raw_fd(), &addr) {
             Ok(()) => break fd,
             // Not created yet, or created but not listening yet.
