@@ -72,9 +72,6 @@ pub enum SnapshotOpenError {
     },
 }
 
-/// How many times an open is repeated while another daemon changes the merge state.
-pub const OPEN_ATTEMPTS: u32 = 20;
-
 /// The block server over real backends.
 pub type CowBlockServer<D> = BlockServer<CowBlockSource<CowFileStorage>, D, CowMergeStore>;
 
@@ -89,24 +86,21 @@ impl CowSnapshot<FileSource> {
     /// Open the COW file at `cow` (read-write: merge progress is written into it) and the
     /// source image or device at `source`.
     ///
-    /// Another daemon may be merging the same COW while this one opens it (libsnapshot's
-    /// second-stage handoff starts the new daemon before the old one stops). The open is
-    /// repeated, up to [`OPEN_ATTEMPTS`] times, while the durable merge state changes under
-    /// it, so that the plan, the exception layout and the scratch window all come from one
-    /// consistent state.
+    /// Opening writes nothing: another daemon may still be merging the same COW
+    /// (libsnapshot's second-stage handoff starts the new daemon before the old one stops).
+    /// The merge state is taken over at the first dm-user request
+    /// ([`crate::snapshot::merge_tracker::MergeTracker::activate`]).
     pub fn open(cow: &Path, source: &Path) -> Result<Self, SnapshotOpenError> {
-        let make_source = || {
-            FileSource::open(source).map_err(|e| SnapshotOpenError::Open {
-                path: source.to_path_buf(),
-                source: e,
-            })
-        };
-        Self::open_consistent(cow, make_source, true, &|store| store, OPEN_ATTEMPTS)
+        let src = FileSource::open(source).map_err(|e| SnapshotOpenError::Open {
+            path: source.to_path_buf(),
+            source: e,
+        })?;
+        Self::open_with_source(cow, src)
     }
 }
 
 impl<D: SourceDevice> CowSnapshot<D> {
-    /// Open the COW file at `cow` with any source device (one attempt: see [`CowSnapshot::open`]).
+    /// Open the COW file at `cow` with any source device.
     pub fn open_with_source(cow: &Path, source: D) -> Result<Self, SnapshotOpenError> {
         Self::build(cow, source, true, |store| store)
     }
@@ -122,69 +116,7 @@ impl<D: SourceDevice> CowSnapshot<D> {
         cow: &Path,
         source: D,
         prefer_mmap: bool,
-        adjust: impl Fn(CowMergeStore) -> CowMergeStore,
-    ) -> Result<Self, SnapshotOpenError> {
-        let mut source = Some(source);
-        let make_source = || {
-            source.take().ok_or_else(|| SnapshotOpenError::Open {
-                path: cow.to_path_buf(),
-                source: io::Error::other("source device already used"),
-            })
-        };
-        Self::open_consistent(cow, make_source, prefer_mmap, &adjust, 1)
-    }
-
-    /// Open up to `attempts` times until the durable merge state read before the open is
-    /// still the same after it.
-    pub(crate) fn open_consistent(
-        cow: &Path,
-        mut make_source: impl FnMut() -> Result<D, SnapshotOpenError>,
-        prefer_mmap: bool,
-        adjust: &impl Fn(CowMergeStore) -> CowMergeStore,
-        attempts: u32,
-    ) -> Result<Self, SnapshotOpenError> {
-        let mut attempt = 1;
-        loop {
-            let (result, before) = Self::build_once(cow, make_source()?, prefer_mmap, adjust);
-            if attempt >= attempts {
-                return result;
-            }
-            let after = File::open(cow)
-                .ok()
-                .and_then(|f| CowMergeStore::durable_marker(&f).ok());
-            if before.is_some() && before == after {
-                return result;
-            }
-            log::info!(
-                "{}: merge state changed while opening it ({before:?} -> {after:?}; another daemon is merging this COW): reading it again",
-                cow.display()
-            );
-            attempt += 1;
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    }
-
-    /// One open; also gives the durable `(num_merge_ops, state)` pair it started from.
-    fn build_once(
-        cow: &Path,
-        source: D,
-        prefer_mmap: bool,
-        adjust: &impl Fn(CowMergeStore) -> CowMergeStore,
-    ) -> (
-        Result<Self, SnapshotOpenError>,
-        Option<(u64, crate::snapshot::merge_tracker::ScratchState)>,
-    ) {
-        let mut marker = None;
-        let result = Self::build_inner(cow, source, prefer_mmap, adjust, &mut marker);
-        (result, marker)
-    }
-
-    fn build_inner(
-        cow: &Path,
-        source: D,
-        prefer_mmap: bool,
-        adjust: &impl Fn(CowMergeStore) -> CowMergeStore,
-        marker: &mut Option<(u64, crate::snapshot::merge_tracker::ScratchState)>,
+        adjust: impl FnOnce(CowMergeStore) -> CowMergeStore,
     ) -> Result<Self, SnapshotOpenError> {
         let path = cow.to_path_buf();
         let open_err = |e: io::Error| SnapshotOpenError::Open {
@@ -201,7 +133,6 @@ impl<D: SourceDevice> CowSnapshot<D> {
             path: path.clone(),
             source: e,
         })?;
-        *marker = Some(opened.marker());
         let storage = CowFileStorage::open(ro, prefer_mmap).map_err(open_err)?;
         let reader = CowReader::from_storage(storage).map_err(|e| SnapshotOpenError::Cow {
             path: path.clone(),

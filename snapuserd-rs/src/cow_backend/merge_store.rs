@@ -94,12 +94,6 @@ impl OpenedMergeState {
         self.durable_entries
     }
 
-    /// The `(num_merge_ops, scratch state)` pair read at open (see
-    /// [`CowMergeStore::durable_marker`]).
-    pub fn marker(&self) -> (u64, ScratchState) {
-        (self.durable_entries, self.state)
-    }
-
     /// Finish opening with the plan's entry/planned-op map.
     pub fn into_store(self, progress: ProgressMap) -> Result<CowMergeStore, CowMergeStoreError> {
         let planned = progress.planned_for_entries(self.durable_entries).ok_or(
@@ -178,16 +172,6 @@ impl CowMergeStore {
             durable_entries,
             state,
         })
-    }
-
-    /// The durable `(num_merge_ops, scratch state)` pair of the COW `file` as it is now.
-    ///
-    /// Every rewrite of the scratch window is preceded by a change of this pair (a window
-    /// commit moves `num_merge_ops` and sets InProgress; Done follows the window's data), so
-    /// the same pair read before and after opening proves that nothing the open read was
-    /// being rewritten by another daemon merging the same COW.
-    pub fn durable_marker(file: &File) -> Result<(u64, ScratchState), CowMergeStoreError> {
-        Ok(durable_pair(&read_merge_state(file)?)?)
     }
 
     /// Durable `num_merge_ops` in merge-order entries as last written (or read at open).

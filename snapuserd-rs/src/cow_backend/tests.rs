@@ -954,8 +954,10 @@ fn live_handoff_between_daemons_on_one_cow_file() {
 /// A daemon opening a COW that another daemon is merging (libsnapshot's second-stage
 /// handoff): while a second thread commits window after window into the file exactly as a
 /// merging daemon does (commit, then the next window saved and marked Done), every
-/// `CowSnapshot::open` must succeed with one consistent state (the open is repeated while
-/// the state changes under it).
+/// `CowSnapshot::open` must succeed and must write nothing: the merging daemon's saved
+/// window is what a crash would resume from. (Before opening was made write-free, an open
+/// that found the state between a commit and its Done mark saved a window of its own over
+/// the other daemon's.)
 #[test]
 fn open_while_another_daemon_commits_windows() {
     use crate::cow_backend::merge_store::CowMergeStore;
@@ -964,9 +966,7 @@ fn open_while_another_daemon_commits_windows() {
     use std::os::unix::fs::FileExt;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    // 8 windows of independent copies (sources far below the destinations). The merger
-    // changes the durable state 15 times, fewer than the open's attempts, so every open
-    // can find a quiet moment however slow the machine.
+    // 8 windows of independent copies (sources far below the destinations).
     let n_ops = 510 * 8;
     let mut c = Case::new(
         2 * n_ops as usize + 8,
@@ -1031,4 +1031,95 @@ fn open_while_another_daemon_commits_windows() {
         merger.join().unwrap();
         assert!(opens > 0);
     });
+    // The durable state is exactly what the merging daemon left: its last window, Done.
+    let last = (n_ops as usize / 510 - 1) * 510;
+    let rw = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&f.cow)
+        .unwrap();
+    let store = CowMergeStore::open(rw)
+        .unwrap()
+        .into_store(plan.progress.clone())
+        .unwrap();
+    assert_eq!(store.num_merge_ops(), last as u64);
+    assert_eq!(
+        store.scratch_state(),
+        crate::snapshot::merge_tracker::ScratchState::Done
+    );
+    assert!(
+        store.read_window().unwrap() == window(last),
+        "the saved window was overwritten by an opening daemon"
+    );
+}
+
+/// Opening writes nothing, even when the durable state asks for a new read-ahead window
+/// (state InProgress after a window commit): the window is saved at the first dm-user
+/// request, when this daemon is the one the kernel talks to.
+#[test]
+fn open_writes_nothing_and_the_first_request_saves_the_window() {
+    use crate::cow_backend::merge_store::CowMergeStore;
+    use crate::cow_backend::plan::CowMergePlan;
+    use crate::snapshot::block_server::{Request, Status, DM_USER_REQ_MAP_READ};
+    use crate::snapshot::merge_tracker::{MergeStateStore, ScratchState};
+
+    let mut c = Case::new(
+        40,
+        41,
+        opts(CowVersion::V2, CompressionAlgorithm::Lz4, true),
+    );
+    chain_up(&mut c, 0, 20, 1);
+    let f = files(&c);
+    let progress = {
+        let r = CowReader::open(fs::File::open(&f.cow).unwrap()).unwrap();
+        CowMergePlan::build(&r).unwrap().progress
+    };
+    let rw = || {
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&f.cow)
+            .unwrap()
+    };
+    // The state a window commit leaves: num_merge_ops 0, InProgress, no window saved.
+    let mut store = CowMergeStore::open(rw())
+        .unwrap()
+        .into_store(progress.clone())
+        .unwrap();
+    store.commit_window(0).unwrap();
+    drop(store);
+    let before = fs::read(&f.cow).unwrap();
+
+    let snap = CowSnapshot::open(&f.cow, &f.base).unwrap();
+    assert!(
+        fs::read(&f.cow).unwrap() == before,
+        "opening the snapshot wrote to the COW"
+    );
+    let state = || {
+        CowMergeStore::open(rw())
+            .unwrap()
+            .into_store(progress.clone())
+            .unwrap()
+            .scratch_state()
+    };
+    assert_eq!(state(), ScratchState::InProgress);
+
+    let header = Request {
+        kind: DM_USER_REQ_MAP_READ,
+        flags: 0,
+        sector: 0,
+        len: BLOCK_SIZE as u64,
+    };
+    let mut out = Vec::new();
+    assert_eq!(
+        snap.server().handle(&header, &[], &mut out),
+        Status::Success
+    );
+    assert_eq!(
+        state(),
+        ScratchState::Done,
+        "the first request saves the window"
+    );
+    // And the snapshot still reads as the target through the model.
+    check_view(&c, snap);
 }

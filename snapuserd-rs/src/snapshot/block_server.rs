@@ -17,6 +17,7 @@
 mod data_chunks;
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use thiserror::Error;
@@ -153,6 +154,8 @@ pub struct BlockServer<B, D, S: MergeStateStore> {
     blocks: B,
     source: D,
     tracker: Mutex<MergeTracker<S>>,
+    /// Mirrors the tracker's activation, so requests after the first skip the lock.
+    active: AtomicBool,
 }
 
 /// Source bytes of one op, as saved in the read-ahead window.
@@ -196,6 +199,7 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
             blocks,
             source,
             tracker: Mutex::new(tracker),
+            active: AtomicBool::new(false),
         })
     }
 
@@ -246,6 +250,14 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
         Ok(tracker.live() == 0 && tracker.committed() == self.plan.len() as u64)
     }
 
+    /// Activate merge tracking once (the first dm-user request does it).
+    fn activate(&self) -> Result<(), BlockServerError> {
+        let mut tracker = self.tracker()?;
+        tracker.activate(&self.plan, &self.source)?;
+        self.active.store(true, Ordering::Release);
+        Ok(())
+    }
+
     /// Stop serving and hand back the durable store.
     pub fn into_store(self) -> S {
         let tracker = match self.tracker.into_inner() {
@@ -257,9 +269,19 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
 
     /// Decide and produce the response to `req`. For READ, `read_out` is resized to
     /// `req.len` and filled; for WRITE, `write_payload` must hold `req.len` bytes.
+    ///
+    /// The first request activates merge tracking (see [`MergeTracker::activate`]): until
+    /// the kernel talks to this daemon, another daemon may still be merging the same COW.
     pub fn handle(&self, req: &Request, write_payload: &[u8], read_out: &mut Vec<u8>) -> Status {
         if req.kind != DM_USER_REQ_MAP_READ {
             read_out.clear();
+        }
+        if !self.active.load(Ordering::Acquire) {
+            if let Err(e) = self.activate() {
+                log::error!("request {req:?}: cannot take over the merge state: {e}");
+                read_out.clear();
+                return Status::Error;
+            }
         }
         let result = match req.kind {
             DM_USER_REQ_MAP_READ => self.serve_read(req, read_out),

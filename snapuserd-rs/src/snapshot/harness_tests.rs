@@ -262,14 +262,22 @@ fn run_with_crashes(sc: &Scenario, budgets: &[u64], mode: CrashMode, check_view:
         let b = boot(sc, image.clone(), durable.clone(), clock.clone());
         let result = match &b.server {
             Ok(server) => {
-                if check_view {
-                    assert_images_eq(
-                        &snapshot_view(server, &b.origin),
-                        &target,
-                        "snapshot view before merge",
-                    );
+                // The table load is the daemon's first request: it activates merge
+                // tracking, whose first durable step may be the one that crashes.
+                let mut cow = ServerCow { server };
+                match DmSnapshot::load(&mut cow) {
+                    Ok(snap) => {
+                        if check_view {
+                            assert_images_eq(
+                                &view_of(&snap, &b.origin, &mut cow),
+                                &target,
+                                "snapshot view before merge",
+                            );
+                        }
+                        merge(server, &b.origin, None).map(|_| ())
+                    }
+                    Err(e) => Err(e),
                 }
-                merge(server, &b.origin, None).map(|_| ())
             }
             Err(_) => Err(super::dm_snapshot_model::ModelError::BadTable(
                 "boot failed".into(),

@@ -215,16 +215,18 @@ pub struct MergeTracker<S: MergeStateStore> {
     use_scratch: bool,
     window: Option<Window>,
     failed: bool,
+    /// Set by [`MergeTracker::activate`]; until then nothing durable is touched.
+    active: bool,
 }
 
 impl<S: MergeStateStore> MergeTracker<S> {
-    /// Start tracking: check the store against the plan and, with scratch space, load or
-    /// prepare the first pending read-ahead window (reading `source` if scratch is not Done).
+    /// Start tracking: check the store against the plan. Nothing durable is read beyond
+    /// what the store read at open, and nothing is written, until [`Self::activate`].
     pub fn open(
         plan: &MergePlan,
         exceptions: &ExceptionStore,
         store: S,
-        source: &dyn SourceDevice,
+        _source: &dyn SourceDevice,
     ) -> Result<Self, MergeTrackerError> {
         let stored = store.num_merge_ops();
         if stored != plan.num_merge_ops() as u64 {
@@ -248,26 +250,74 @@ impl<S: MergeStateStore> MergeTracker<S> {
                 });
             }
         }
-        let mut tracker = MergeTracker {
+        let tracker = MergeTracker {
             store,
             live: exceptions.num_exceptions(),
             committed: plan.num_merge_ops(),
             use_scratch: capacity != 0,
             window: None,
             failed: false,
+            active: false,
         };
-        if tracker.use_scratch && tracker.committed < plan.num_ordered() {
-            if tracker.store.scratch_state() == ScratchState::Done {
-                tracker.window = Some(tracker.rebuild_window(plan)?);
+        Ok(tracker)
+    }
+
+    /// True once [`Self::activate`] succeeded.
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// Take over the merge, on the first request the kernel sends to this daemon.
+    ///
+    /// Opening touches nothing durable: libsnapshot's second-stage handoff initialises a new
+    /// daemon while the old one still merges the same COW, and a scratch window written by
+    /// the newcomer then could overwrite the one the old daemon's crash safety rests on.
+    /// By the first dm-user request the old daemon is gone (the table swap drained its
+    /// I/O), so this re-reads the durable progress it left, then loads the saved window
+    /// (state Done) or saves the next one from the source.
+    pub fn activate(
+        &mut self,
+        plan: &MergePlan,
+        source: &dyn SourceDevice,
+    ) -> Result<(), MergeTrackerError> {
+        if self.active {
+            return Ok(());
+        }
+        if let Err(source) = self.store.reload() {
+            return Err(MergeTrackerError::Store {
+                operation: "read the durable merge state",
+                source,
+            });
+        }
+        let durable = self.store.num_merge_ops();
+        let Some(durable) = usize::try_from(durable).ok().filter(|&d| d <= plan.len()) else {
+            return Err(MergeTrackerError::StaleProgress {
+                plan: plan.num_merge_ops(),
+                store: durable,
+            });
+        };
+        if durable > self.committed {
+            log::info!(
+                "merge progress advanced from {} to {durable} ops since this daemon opened the COW; following it",
+                self.committed
+            );
+            self.committed = durable;
+        }
+        self.window = None;
+        if self.use_scratch && self.committed < plan.num_ordered() {
+            if self.store.scratch_state() == ScratchState::Done {
+                self.window = Some(self.rebuild_window(plan)?);
                 log::info!(
                     "resuming merge from scratch window at op {}",
-                    tracker.committed
+                    self.committed
                 );
             } else {
-                tracker.prepare_window(plan, source)?;
+                self.prepare_window(plan, source)?;
             }
         }
-        Ok(tracker)
+        self.failed = false;
+        self.active = true;
+        Ok(())
     }
 
     /// The window that starts at ordered op `start` and ends at the next grid boundary
@@ -421,6 +471,9 @@ impl<S: MergeStateStore> MergeTracker<S> {
         payload: &[u8],
         source: &dyn SourceDevice,
     ) -> Result<MergeProgress, MergeTrackerError> {
+        if !self.active {
+            self.activate(plan, source)?;
+        }
         if self.failed {
             return Err(MergeTrackerError::Failed);
         }
@@ -818,6 +871,18 @@ mod tests {
     use super::super::merge_plan::PlannedOp;
     use super::*;
 
+    /// Open and activate at once, as the first dm-user request would.
+    fn open_active(
+        plan: &MergePlan,
+        exceptions: &ExceptionStore,
+        store: InMemoryMergeStore,
+        source: &dyn SourceDevice,
+    ) -> Result<MergeTracker<InMemoryMergeStore>, MergeTrackerError> {
+        let mut t = MergeTracker::open(plan, exceptions, store, source)?;
+        t.activate(plan, source)?;
+        Ok(t)
+    }
+
     fn area_bytes(entries: &[(u64, u64)]) -> Vec<u8> {
         let mut v = vec![0u8; BLOCK_SIZE];
         for (i, &(o, n)) in entries.iter().enumerate() {
@@ -843,7 +908,7 @@ mod tests {
             .collect();
         let mem =
             InMemoryMergeStore::new(DurableMergeState::fresh(0), capacity, CrashClock::never());
-        let tracker = MergeTracker::open(&plan, &store, mem, &source).unwrap();
+        let tracker = open_active(&plan, &store, mem, &source).unwrap();
         (plan, store, tracker, source)
     }
 
@@ -979,7 +1044,7 @@ mod tests {
             window,
         };
         let empty: Vec<u8> = Vec::new(); // the source must not be read
-        let t = MergeTracker::open(
+        let t = open_active(
             &plan,
             &store,
             InMemoryMergeStore::new(durable.clone(), 510, CrashClock::never()),
@@ -989,7 +1054,7 @@ mod tests {
         assert_eq!(t.window_source(1).unwrap(), &[7u8; BLOCK_SIZE][..]);
         let mut wrong = durable.clone();
         wrong.window.new_blocks = vec![12, 10];
-        let err = MergeTracker::open(
+        let err = open_active(
             &plan,
             &store,
             InMemoryMergeStore::new(wrong, 510, CrashClock::never()),
@@ -1002,7 +1067,7 @@ mod tests {
         ));
         let mut short = durable;
         short.window.data.truncate(BLOCK_SIZE);
-        let err = MergeTracker::open(
+        let err = open_active(
             &plan,
             &store,
             InMemoryMergeStore::new(short, 510, CrashClock::never()),
@@ -1011,7 +1076,7 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, MergeTrackerError::WindowMismatch { .. }));
         // Stale progress and tiny scratch are refused.
-        let err = MergeTracker::open(
+        let err = open_active(
             &plan,
             &store,
             InMemoryMergeStore::new(DurableMergeState::fresh(1), 510, CrashClock::never()),
@@ -1022,7 +1087,7 @@ mod tests {
             err,
             MergeTrackerError::StaleProgress { plan: 0, store: 1 }
         ));
-        let err = MergeTracker::open(
+        let err = open_active(
             &plan,
             &store,
             InMemoryMergeStore::new(DurableMergeState::fresh(0), 5, CrashClock::never()),
@@ -1042,7 +1107,7 @@ mod tests {
         let plan = MergePlan::new(vec![PlannedOp::xor(5, 4 * 4096 + 2048)], 0).unwrap();
         let store = ExceptionStore::build(&plan).unwrap();
         let none = InMemoryMergeStore::new(DurableMergeState::fresh(0), 0, CrashClock::never());
-        let err = MergeTracker::open(&plan, &store, none, &src).unwrap_err();
+        let err = open_active(&plan, &store, none, &src).unwrap_err();
         assert!(matches!(
             err,
             MergeTrackerError::XorNeedsScratch {
@@ -1051,7 +1116,7 @@ mod tests {
             }
         ));
         let with = InMemoryMergeStore::new(DurableMergeState::fresh(0), 510, CrashClock::never());
-        assert!(MergeTracker::open(&plan, &store, with, &src).is_ok());
+        assert!(open_active(&plan, &store, with, &src).is_ok());
         // A self-copy is an identity and replays harmlessly; an XOR elsewhere is fine too.
         let plan = MergePlan::new(
             vec![PlannedOp::copy(5, 5), PlannedOp::xor(6, 4 * 4096 + 2048)],
@@ -1060,7 +1125,7 @@ mod tests {
         .unwrap();
         let store = ExceptionStore::build(&plan).unwrap();
         let none = InMemoryMergeStore::new(DurableMergeState::fresh(0), 0, CrashClock::never());
-        assert!(MergeTracker::open(&plan, &store, none, &src).is_ok());
+        assert!(open_active(&plan, &store, none, &src).is_ok());
     }
 
     #[test]
@@ -1069,7 +1134,7 @@ mod tests {
         let store = ExceptionStore::build(&plan).unwrap();
         let src: Vec<u8> = vec![1u8; 4 * BLOCK_SIZE];
         let mem = InMemoryMergeStore::new(DurableMergeState::fresh(0), 510, CrashClock::after(1));
-        let err = MergeTracker::open(&plan, &store, mem, &src).unwrap_err();
+        let err = open_active(&plan, &store, mem, &src).unwrap_err();
         assert!(matches!(
             err,
             MergeTrackerError::Store {
