@@ -221,7 +221,8 @@ pub struct MergeTracker<S: MergeStateStore> {
 
 impl<S: MergeStateStore> MergeTracker<S> {
     /// Start tracking: check the store against the plan. Nothing durable is read beyond
-    /// what the store read at open, and nothing is written, until [`Self::activate`].
+    /// what the store read at open, and nothing is written, until [`Self::activate`]
+    /// (`_source` is read there, not here).
     pub fn open(
         plan: &MergePlan,
         exceptions: &ExceptionStore,
