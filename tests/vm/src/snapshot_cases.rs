@@ -555,6 +555,20 @@ fn wait_merge(
     }
 }
 
+/// Wait for the end of the merge, keeping the daemon's peak VmRSS in `rss`.
+fn wait_merge_done(st: &Stack, rss: &mut u64) -> Res<(Duration, u64)> {
+    wait_merge(st, MERGE_LIMIT, |_| {
+        *rss = (*rss).max(st.daemon.rss_kib().unwrap_or(0));
+        Ok(false)
+    })
+}
+
+/// True once a quarter of the exceptions present at the start of the merge are merged.
+fn quarter_merged(s: &SnapshotStatus, alloc0: u64, metadata: u64) -> bool {
+    matches!(s, SnapshotStatus::Active { allocated, .. }
+        if *allocated < alloc0 && (alloc0 - *allocated) * 4 >= alloc0 - metadata)
+}
+
 fn merged_base_check(sc: &Scenario) -> Res<String> {
     let len = dev_bytes(&sc.target)?;
     compare_device("merged base", &sc.base, &sc.target, len)?;
@@ -605,8 +619,7 @@ fn run_merge(sc: &Scenario, mut st: Stack, mode: MergeMode) -> Res<String> {
     let (took, _) = if mode == MergeMode::Handoff || mode == MergeMode::Transition {
         let (t1, _) = wait_merge(&st, MERGE_LIMIT, |s| {
             rss = rss.max(st.daemon.rss_kib().unwrap_or(0));
-            Ok(matches!(s, SnapshotStatus::Active { allocated, .. }
-                if *allocated < alloc0 && (alloc0 - *allocated) * 4 >= alloc0 - metadata))
+            Ok(quarter_merged(s, alloc0, metadata))
         })?;
         let s = st.status()?;
         if s.merge_complete() {
@@ -641,15 +654,11 @@ fn run_merge(sc: &Scenario, mut st: Stack, mode: MergeMode) -> Res<String> {
         // on its own signal-free path or on SIGTERM.
         let _ = old.command(&format!("delete,{}-a", sc.tag));
         drop(old.take());
-        wait_merge(&st, MERGE_LIMIT, |_| {
-            rss = rss.max(st.daemon.rss_kib().unwrap_or(0));
-            Ok(false)
-        })?
+        wait_merge_done(&st, &mut rss)?
     } else if mode == MergeMode::Pause {
         let (t1, _) = wait_merge(&st, MERGE_LIMIT, |s| {
             rss = rss.max(st.daemon.rss_kib().unwrap_or(0));
-            Ok(matches!(s, SnapshotStatus::Active { allocated, .. }
-                if *allocated < alloc0 && (alloc0 - *allocated) * 4 >= alloc0 - metadata))
+            Ok(quarter_merged(s, alloc0, metadata))
         })?;
         let paused = st.daemon.command("pause_merge")?;
         if paused != "success" {
@@ -679,16 +688,12 @@ fn run_merge(sc: &Scenario, mut st: Stack, mode: MergeMode) -> Res<String> {
             t1.as_secs_f64()
         );
         killed = Some((t1, s1));
-        wait_merge(&st, MERGE_LIMIT, |_| {
-            rss = rss.max(st.daemon.rss_kib().unwrap_or(0));
-            Ok(false)
-        })?
+        wait_merge_done(&st, &mut rss)?
     } else if mode == MergeMode::Kill {
         // Kill once a part of the merge is done, then hand over to a new daemon.
         let (t1, _) = wait_merge(&st, MERGE_LIMIT, |s| {
             rss = rss.max(st.daemon.rss_kib().unwrap_or(0));
-            Ok(matches!(s, SnapshotStatus::Active { allocated, .. }
-                if *allocated < alloc0 && (alloc0 - *allocated) * 4 >= alloc0 - metadata))
+            Ok(quarter_merged(s, alloc0, metadata))
         })?;
         let s = st.status()?;
         if s.merge_complete() {
@@ -735,15 +740,9 @@ fn run_merge(sc: &Scenario, mut st: Stack, mode: MergeMode) -> Res<String> {
             "VMINFO snap-{} second daemon on {}: COW device {} sectors, merge resumes at {resumed:?}",
             sc.tag, st.misc, st.cow_sectors
         );
-        wait_merge(&st, MERGE_LIMIT, |_| {
-            rss = rss.max(st.daemon.rss_kib().unwrap_or(0));
-            Ok(false)
-        })?
+        wait_merge_done(&st, &mut rss)?
     } else {
-        wait_merge(&st, MERGE_LIMIT, |_| {
-            rss = rss.max(st.daemon.rss_kib().unwrap_or(0));
-            Ok(false)
-        })?
+        wait_merge_done(&st, &mut rss)?
     };
     let merged_kib = (alloc0 - metadata) / 2;
     println!(
