@@ -11,11 +11,15 @@
 //!   merge tracking, block server, control protocol;
 //! * [`cow_backend`] — the core's backends on a real COW file and source image;
 //! * [`daemon`] — dm-user workers, handler registry, control socket, socket handoff;
-//! * [`properties`] — setting Android system properties through init's property service.
+//! * [`properties`] — setting Android system properties through init's property service;
+//! * `fuzz_harness` — the fuzzing entry points for control messages and dm-user streams
+//!   (not built for this crate's own unit tests, where `CowSnapshot` is not `Sync`).
 
 pub mod cow_backend;
 pub mod daemon;
 pub mod dm;
 pub mod dm_user;
+#[cfg(not(test))]
+pub mod fuzz_harness;
 pub mod properties;
 pub mod snapshot;

@@ -187,7 +187,7 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
     /// Build the exception store for `plan`, open merge tracking on `store`, and serve.
     pub fn new(plan: MergePlan, blocks: B, source: D, store: S) -> Result<Self, BlockServerError> {
         let exceptions = ExceptionStore::build(&plan)?;
-        let tracker = MergeTracker::open(&plan, &exceptions, store, &source)?;
+        let tracker = MergeTracker::open(&plan, &exceptions, store)?;
         let data_chunks = DataChunkIndex::build(&exceptions);
         if data_chunks.is_none() {
             log::warn!("exception chunk ids not strictly increasing: READs use the binary search");

@@ -221,13 +221,12 @@ pub struct MergeTracker<S: MergeStateStore> {
 
 impl<S: MergeStateStore> MergeTracker<S> {
     /// Start tracking: check the store against the plan. Nothing durable is read beyond
-    /// what the store read at open, and nothing is written, until [`Self::activate`]
-    /// (`_source` is read there, not here).
+    /// what the store read at open, and nothing is written or read from the source device,
+    /// until [`Self::activate`].
     pub fn open(
         plan: &MergePlan,
         exceptions: &ExceptionStore,
         store: S,
-        _source: &dyn SourceDevice,
     ) -> Result<Self, MergeTrackerError> {
         let stored = store.num_merge_ops();
         if stored != plan.num_merge_ops() as u64 {
@@ -879,7 +878,7 @@ mod tests {
         store: InMemoryMergeStore,
         source: &dyn SourceDevice,
     ) -> Result<MergeTracker<InMemoryMergeStore>, MergeTrackerError> {
-        let mut t = MergeTracker::open(plan, exceptions, store, source)?;
+        let mut t = MergeTracker::open(plan, exceptions, store)?;
         t.activate(plan, source)?;
         Ok(t)
     }
