@@ -3,7 +3,10 @@
 //! The reader's legacy merge order (ops outside the sequence sorted by **descending** block,
 //! cow-format.md §6.2, the dm-snapshot flag) is walked from the start. Every entry becomes one
 //! [`PlannedOp`] per block it covers: a v3 multi-block REPLACE expands to `num_blocks`
-//! planned ops, ascending. Two side tables are kept:
+//! planned ops, **descending** like the entries around it, so that a run of adjacent blocks
+//! stays one run of exceptions that dm-snapshot-merge copies in one batch (expanded
+//! ascending, every block of such a run was its own batch, with its own metadata commit).
+//! Two side tables are kept:
 //!
 //! * plan index → index of the op in [`CowReader::ops`] (a `u32` per planned op), so the
 //!   block source finds the payload without a second lookup;
@@ -225,7 +228,8 @@ fn expand(
             num_blocks: op.num_blocks,
         });
     }
-    for i in 0..op.num_blocks {
+    // Descending, as the legacy order sorts the entries: see the module documentation.
+    for i in (0..op.num_blocks).rev() {
         let block = op.new_block + i;
         planned.push(match op.kind {
             CowOpKind::Copy => PlannedOp::copy(block, op.source),

@@ -444,6 +444,52 @@ fn v3_compression_factors_expand_multi_block_replace() {
     }
 }
 
+/// Adjacent REPLACE blocks merge as one batch whatever the compression factor: a v3
+/// multi-block REPLACE is expanded in the same descending order as the entries around it,
+/// so dm-snapshot-merge sees one run of consecutive exceptions (one metadata commit)
+/// instead of one batch per block.
+#[test]
+fn adjacent_replace_blocks_merge_in_one_batch_at_every_factor() {
+    for (version, factor) in [
+        (CowVersion::V2, 4096u32),
+        (CowVersion::V3, 4096),
+        (CowVersion::V3, 16384),
+        (CowVersion::V3, 65536),
+    ] {
+        let mut o = opts(version, CompressionAlgorithm::Lz4, false);
+        o.compression_factor = factor;
+        let mut c = Case::new(200, 31, o);
+        let mut rng = Rng(77);
+        // One COPY, so that the COW carries sequence data: a v3 file without any puts
+        // every op in file order (cow-format.md §6.2) and its REPLACEs stay ascending.
+        c.ordered.push(TestOp::Copy { new: 190, old: 191 });
+        // Two runs of adjacent blocks, 48 and 20 long, written as whole ranges.
+        for (start, len) in [(10u64, 48usize), (120, 20)] {
+            let mut data = rng.bytes(len * BLOCK_SIZE);
+            data[..BLOCK_SIZE].fill(0x11);
+            c.others.push(TestOp::Replace { new: start, data });
+        }
+        let f = files(&c);
+        let widest = CowReader::open(fs::File::open(&f.cow).unwrap())
+            .unwrap()
+            .ops()
+            .iter()
+            .map(|op| op.num_blocks)
+            .max()
+            .unwrap();
+        assert_eq!(
+            widest,
+            u64::from(factor / 4096),
+            "{version:?} factor {factor}"
+        );
+        let batches = run_clean(&c);
+        assert_eq!(
+            batches, 3,
+            "{version:?} factor {factor}: the COPY, then one batch per run"
+        );
+    }
+}
+
 #[test]
 fn long_overlapping_chains_both_ways() {
     for v in [CowVersion::V2, CowVersion::V3] {

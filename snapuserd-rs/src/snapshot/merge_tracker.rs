@@ -17,6 +17,7 @@
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
@@ -196,6 +197,20 @@ pub struct MergeProgress {
     pub complete: bool,
 }
 
+/// What this daemon saw of the merge: logged when it completes, so a slow merge can be
+/// told apart into the daemon's share and the kernel's.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MergeStats {
+    /// Metadata write-backs that merged something.
+    pub write_backs: u64,
+    /// Ops those write-backs merged.
+    pub merged_ops: u64,
+    /// Time spent handling them: checking the area, durable commits, read-ahead windows.
+    pub handling: Duration,
+    /// When the first of them arrived.
+    pub first_write_back: Option<Instant>,
+}
+
 /// The current read-ahead window held in memory.
 #[derive(Debug, Clone)]
 struct Window {
@@ -217,6 +232,7 @@ pub struct MergeTracker<S: MergeStateStore> {
     failed: bool,
     /// Set by [`MergeTracker::activate`]; until then nothing durable is touched.
     active: bool,
+    stats: MergeStats,
 }
 
 impl<S: MergeStateStore> MergeTracker<S> {
@@ -258,6 +274,7 @@ impl<S: MergeStateStore> MergeTracker<S> {
             window: None,
             failed: false,
             active: false,
+            stats: MergeStats::default(),
         };
         Ok(tracker)
     }
@@ -464,6 +481,48 @@ impl<S: MergeStateStore> MergeTracker<S> {
 
     /// Handle the kernel's write of metadata area `area` with `payload` (4096 bytes).
     pub fn on_metadata_write(
+        &mut self,
+        plan: &MergePlan,
+        exceptions: &ExceptionStore,
+        area: usize,
+        payload: &[u8],
+        source: &dyn SourceDevice,
+    ) -> Result<MergeProgress, MergeTrackerError> {
+        let started = Instant::now();
+        let result = self.apply_metadata_write(plan, exceptions, area, payload, source);
+        if let Ok(progress) = &result {
+            let stats = &mut self.stats;
+            stats.write_backs = stats.write_backs.saturating_add(1);
+            stats.merged_ops = stats
+                .merged_ops
+                .saturating_add(progress.newly_merged as u64);
+            stats.handling = stats.handling.saturating_add(started.elapsed());
+            let first = *stats.first_write_back.get_or_insert(started);
+            if progress.complete {
+                let elapsed = first.elapsed().as_secs_f64();
+                let handling = stats.handling.as_secs_f64();
+                log::info!(
+                    "merge complete: this daemon followed {} ops in {} metadata write-backs \
+                     ({:.1} ops each) over {elapsed:.2} s, {handling:.2} s of it ({:.0}%) in \
+                     handling them (area checks, durable commits, read-ahead windows); the \
+                     rest is dm-snapshot-merge reading the chunks through dm-user, writing and \
+                     flushing the base",
+                    stats.merged_ops,
+                    stats.write_backs,
+                    stats.merged_ops as f64 / stats.write_backs as f64,
+                    100.0 * handling / elapsed.max(1e-9),
+                );
+            }
+        }
+        result
+    }
+
+    /// Counters of the write-backs handled so far.
+    pub fn stats(&self) -> MergeStats {
+        self.stats
+    }
+
+    fn apply_metadata_write(
         &mut self,
         plan: &MergePlan,
         exceptions: &ExceptionStore,
@@ -933,6 +992,10 @@ mod tests {
             .unwrap();
         assert_eq!((p.newly_merged, p.committed, p.complete), (1, 2, true));
         assert_eq!(t.store().durable().num_merge_ops, 2);
+        // Two write-backs merged one op each; the refused one is not counted.
+        let stats = t.stats();
+        assert_eq!((stats.write_backs, stats.merged_ops), (2, 2));
+        assert!(stats.first_write_back.is_some());
         let _ = c1;
     }
 
