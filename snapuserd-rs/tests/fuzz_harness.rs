@@ -2,23 +2,7 @@
 //! deterministic set of mutations, so CI runs them without cargo-fuzz.
 
 use snapuserd::cow_backend::CowSnapshot;
-use snapuserd::fuzz_harness::{control_message, DmUserFixture, FixtureCow};
-
-/// xorshift64: the same mutations on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
+use snapuserd::fuzz_harness::{control_message, DmUserFixture, FixtureCow, XorShift as Rng};
 
 /// One mutation of `seed`, keeping its first (selector) byte unless the mutation is a
 /// plain bit flip anywhere.
@@ -37,10 +21,10 @@ fn mutate(seed: &[u8], rng: &mut Rng) -> Vec<u8> {
             let records = (out.len() - 1) / 40;
             let at = 1 + rng.below(records) * 40 + rng.below(5) * 8;
             let value = match rng.below(4) {
-                0 => rng.next(),
-                1 => rng.next() % 16,
+                0 => rng.next_u64(),
+                1 => rng.next_u64() % 16,
                 2 => 4096 << rng.below(12),
-                _ => u64::MAX - rng.next() % 8,
+                _ => u64::MAX - rng.next_u64() % 8,
             };
             if at + 8 <= out.len() {
                 out[at..at + 8].copy_from_slice(&value.to_le_bytes());
@@ -57,7 +41,7 @@ fn mutate(seed: &[u8], rng: &mut Rng) -> Vec<u8> {
             let at = rng.below(out.len());
             let n = 1 + rng.below(32);
             for i in at..(at + n).min(out.len()) {
-                out[i] = rng.next() as u8;
+                out[i] = rng.next_u64() as u8;
             }
         }
         _ => {
@@ -150,7 +134,7 @@ fn control_messages_over_seeds_and_mutations() {
             for _ in 0..1 + rng.below(4) {
                 let at = rng.below(m.len());
                 match rng.below(4) {
-                    0 => m[at] = rng.next() as u8,
+                    0 => m[at] = rng.next_u64() as u8,
                     1 => m[at] = b',',
                     2 => m.truncate(at),
                     _ => m.insert(at, b"\0,-=x"[rng.below(5)]),

@@ -489,47 +489,6 @@ impl<S: MergeStateStore> MergeTracker<S> {
         source: &dyn SourceDevice,
     ) -> Result<MergeProgress, MergeTrackerError> {
         let started = Instant::now();
-        let result = self.apply_metadata_write(plan, exceptions, area, payload, source);
-        if let Ok(progress) = &result {
-            let stats = &mut self.stats;
-            stats.write_backs = stats.write_backs.saturating_add(1);
-            stats.merged_ops = stats
-                .merged_ops
-                .saturating_add(progress.newly_merged as u64);
-            stats.handling = stats.handling.saturating_add(started.elapsed());
-            let first = *stats.first_write_back.get_or_insert(started);
-            if progress.complete {
-                let elapsed = first.elapsed().as_secs_f64();
-                let handling = stats.handling.as_secs_f64();
-                log::info!(
-                    "merge complete: this daemon followed {} ops in {} metadata write-backs \
-                     ({:.1} ops each) over {elapsed:.2} s, {handling:.2} s of it ({:.0}%) in \
-                     handling them (area checks, durable commits, read-ahead windows); the \
-                     rest is dm-snapshot-merge reading the chunks through dm-user, writing and \
-                     flushing the base",
-                    stats.merged_ops,
-                    stats.write_backs,
-                    stats.merged_ops as f64 / stats.write_backs as f64,
-                    100.0 * handling / elapsed.max(1e-9),
-                );
-            }
-        }
-        result
-    }
-
-    /// Counters of the write-backs handled so far.
-    pub fn stats(&self) -> MergeStats {
-        self.stats
-    }
-
-    fn apply_metadata_write(
-        &mut self,
-        plan: &MergePlan,
-        exceptions: &ExceptionStore,
-        area: usize,
-        payload: &[u8],
-        source: &dyn SourceDevice,
-    ) -> Result<MergeProgress, MergeTrackerError> {
         if !self.active {
             self.activate(plan, source)?;
         }
@@ -610,12 +569,45 @@ impl<S: MergeStateStore> MergeTracker<S> {
         let newly = self.live - live_after;
         self.live = live_after;
         self.commit_merged(plan, first, end, source)?;
-        Ok(MergeProgress {
+        let progress = MergeProgress {
             newly_merged: newly,
             merged: end,
             committed: self.committed as u64,
             complete: self.live == 0 && self.committed == plan.len(),
-        })
+        };
+        self.record_write_back(started, &progress);
+        Ok(progress)
+    }
+
+    /// Counters of the write-backs handled so far.
+    pub fn stats(&self) -> MergeStats {
+        self.stats
+    }
+
+    /// Count a write-back that merged something; log the totals when the merge completes.
+    fn record_write_back(&mut self, started: Instant, progress: &MergeProgress) {
+        let stats = &mut self.stats;
+        stats.write_backs = stats.write_backs.saturating_add(1);
+        stats.merged_ops = stats
+            .merged_ops
+            .saturating_add(progress.newly_merged as u64);
+        stats.handling = stats.handling.saturating_add(started.elapsed());
+        let first = *stats.first_write_back.get_or_insert(started);
+        if progress.complete {
+            let elapsed = first.elapsed().as_secs_f64();
+            let handling = stats.handling.as_secs_f64();
+            log::info!(
+                "merge complete: this daemon followed {} ops in {} metadata write-backs \
+                 ({:.1} ops each) over {elapsed:.2} s, {handling:.2} s of it ({:.0}%) in \
+                 handling them (area checks, durable commits, read-ahead windows); the \
+                 rest is dm-snapshot-merge reading the chunks through dm-user, writing and \
+                 flushing the base",
+                stats.merged_ops,
+                stats.write_backs,
+                stats.merged_ops as f64 / stats.write_backs as f64,
+                100.0 * handling / elapsed.max(1e-9),
+            );
+        }
     }
 
     fn commit_merged(
