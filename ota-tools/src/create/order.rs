@@ -18,8 +18,12 @@
 //!
 //! # Algorithm
 //!
-//! Kahn's topological sort with a FIFO queue seeded in ascending block order; what is left
-//! when the queue runs dry are exactly the disjoint cycles. For each cycle (in ascending
+//! Kahn's topological sort with a FIFO queue seeded in **descending** block order; what is
+//! left when the queue runs dry are exactly the disjoint cycles. Descending matters to the
+//! legacy (dm-snapshot) merge: dm-snapshot-merge copies a run of exceptions in one batch
+//! only when their destination blocks step down by one along the merge order, so a run of
+//! independent COPYs to adjacent blocks merges as one batch (one metadata commit) instead
+//! of one batch per block, and a shifted run (`n <- n-3`) unrolls as `99, 98, 97, 96, ...`. For each cycle (in ascending
 //! order of its smallest block) the [`CycleBreaker`] estimates the cost of each member
 //! (examining at most [`MAX_CYCLE_COST_EVALUATIONS`] members) and the cheapest member
 //! stops reading other blocks: it becomes REPLACE, or an XOR against its own position,
@@ -96,6 +100,7 @@ pub fn order_ops<B: CycleBreaker>(
         }
     }
     let mut queue: VecDeque<usize> = (0..len)
+        .rev()
         .filter(|&n| classes[n].is_ordered() && indeg[n] == 0)
         .collect();
     let mut out = MergeOrder::default();
@@ -178,6 +183,27 @@ mod tests {
         assert_eq!(o.broken, vec![0]);
         assert_eq!(c[0], BlockClass::Replace);
         assert_eq!(o.sequence, vec![1]);
+    }
+
+    /// Independent COPYs to adjacent blocks come out with their destinations stepping
+    /// down by one, the order in which dm-snapshot-merge batches them; a shifted run
+    /// unrolls top-down.
+    #[test]
+    fn independent_runs_and_shifted_runs_come_out_descending() {
+        // Blocks 10..20 copy from 100..110 (independent); blocks 40..50 copy from 37..47.
+        let mut c = vec![BlockClass::Unchanged; 120];
+        for n in 10..20u32 {
+            c[n as usize] = copy(n + 90);
+        }
+        for n in 40..50u32 {
+            c[n as usize] = copy(n - 3);
+        }
+        let o = order_ops(&mut c, &mut ReplaceBreaker).unwrap();
+        assert!(o.broken.is_empty());
+        let independent: Vec<u32> = o.sequence.iter().copied().filter(|&b| b < 20).collect();
+        assert_eq!(independent, (10..20).rev().collect::<Vec<u32>>());
+        let shifted: Vec<u32> = o.sequence.iter().copied().filter(|&b| b >= 40).collect();
+        assert_eq!(shifted, (40..50).rev().collect::<Vec<u32>>());
     }
 
     #[test]
