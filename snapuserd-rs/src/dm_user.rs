@@ -907,4 +907,75 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, ChannelError::NodeTimeout { .. }), "{err:?}");
     }
+
+    static SIGNALS_SEEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    extern "C" fn count_signal(_: libc::c_int) {
+        SIGNALS_SEEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A response whose `write()` blocks (the kernel side is not reading) and is hit by
+    /// signals, installed without SA_RESTART so that blocked calls return EINTR or a short
+    /// count, still arrives whole and in order, on a blocking and a non-blocking channel.
+    #[test]
+    fn responses_survive_signals_while_the_kernel_is_not_reading() {
+        use std::io::Read;
+        // SAFETY: installs a handler that only bumps an atomic counter (async-signal-safe),
+        // with an empty mask and no SA_RESTART; `sa` is fully initialised before the call.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = count_signal as *const () as usize;
+            sa.sa_flags = 0;
+            libc::sigemptyset(&mut sa.sa_mask);
+            assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
+        }
+        let data: Vec<u8> = (0..4usize << 20).map(|i| (i * 7 % 251) as u8).collect();
+        for nonblocking in [false, true] {
+            let before = SIGNALS_SEEN.load(std::sync::atomic::Ordering::Relaxed);
+            let (mut kernel, daemon) = UnixStream::pair().unwrap();
+            let mut channel = Channel::from_fd(daemon.into());
+            channel.set_nonblocking(nonblocking).unwrap();
+            let request = MessageHeader {
+                seq: 42,
+                msg_type: DM_USER_REQ_MAP_READ,
+                flags: 0,
+                sector: 8,
+                len: data.len() as u64,
+            };
+            let (tx, rx) = std::sync::mpsc::channel();
+            let writer = std::thread::spawn({
+                let data = data.clone();
+                move || {
+                    // SAFETY: pthread_self has no preconditions.
+                    tx.send(unsafe { libc::pthread_self() }).unwrap();
+                    channel.respond(&request, DM_USER_RESP_SUCCESS, &data)
+                }
+            });
+            let thread = rx.recv().unwrap();
+            for _ in 0..20 {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                // SAFETY: the writer thread is alive: it cannot finish a 4 MiB write
+                // before this thread starts reading below.
+                assert_eq!(unsafe { libc::pthread_kill(thread, libc::SIGUSR1) }, 0);
+            }
+            let mut raw = [0u8; HEADER_SIZE];
+            kernel.read_exact(&mut raw).unwrap();
+            let response = MessageHeader::from_bytes(&raw);
+            assert_eq!(
+                (
+                    response.seq,
+                    response.msg_type,
+                    response.sector,
+                    response.len
+                ),
+                (42, DM_USER_RESP_SUCCESS, 8, data.len() as u64)
+            );
+            let mut got = vec![0u8; data.len()];
+            kernel.read_exact(&mut got).unwrap();
+            assert!(got == data, "payload damaged (nonblocking: {nonblocking})");
+            writer.join().unwrap().unwrap();
+            let seen = SIGNALS_SEEN.load(std::sync::atomic::Ordering::Relaxed) - before;
+            assert_eq!(seen, 20, "signals delivered (nonblocking: {nonblocking})");
+        }
+    }
 }
