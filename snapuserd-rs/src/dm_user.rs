@@ -975,7 +975,11 @@ mod tests {
             assert!(got == data, "payload damaged (nonblocking: {nonblocking})");
             writer.join().unwrap().unwrap();
             let seen = SIGNALS_SEEN.load(std::sync::atomic::Ordering::Relaxed) - before;
-            assert_eq!(seen, 20, "signals delivered (nonblocking: {nonblocking})");
+            // Standard signals do not queue: two sent before the thread runs count once.
+            assert!(
+                (1..=20).contains(&seen),
+                "{seen} signals delivered (nonblocking: {nonblocking})"
+            );
         }
     }
 }
