@@ -7,6 +7,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_snapuserd");
 
 fn run(args: &[&str]) -> Output {
@@ -206,26 +208,9 @@ fn rc_file_defines_both_services_and_the_ready_trigger() {
     assert!(!error_line(&out).contains("flag"), "{out:?}");
 }
 
-/// A COW over a 16-block source (block i filled with i): block 3 replaced, block 5 zeroed,
-/// block 7 copied from block 12. Returns (cow, source).
+/// The shared small update (see `common::write_small_update`). Returns (cow, source).
 fn write_cow(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    use cow_format::{CowWriter, WriterOptions};
-    let mut source = Vec::new();
-    for i in 0..16u8 {
-        source.extend(std::iter::repeat_n(i, 4096));
-    }
-    let src = dir.join("source.img");
-    std::fs::write(&src, &source).unwrap();
-    let cow = dir.join("system.cow");
-    let mut w = CowWriter::create(
-        std::fs::File::create(&cow).unwrap(),
-        WriterOptions::default(),
-    )
-    .unwrap();
-    w.add_copy(7, 12).unwrap();
-    w.add_replace(3, &[0xAA; 4096]).unwrap();
-    w.add_zero(5, 1).unwrap();
-    w.finalize().unwrap();
+    let (cow, src, _) = common::write_small_update(dir);
     (cow, src)
 }
 

@@ -9,7 +9,6 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use cow_format::{CowWriter, WriterOptions};
 use snapuserd::daemon::control_server::{bind_listener, ControlServer, ServerExit};
 use snapuserd::daemon::handlers::{CowFileOpener, HandlerRegistry};
 use snapuserd::daemon::transport::ChannelOpener;
@@ -19,7 +18,8 @@ use snapuserd::dm_user::{
     DM_USER_RESP_SUCCESS, DM_USER_RESP_UNSUPPORTED, HEADER_SIZE,
 };
 
-const BLOCK: usize = 4096;
+mod common;
+use common::BLOCK;
 
 /// Hands each opened channel's "kernel" end to the test.
 struct PairOpener(Mutex<Sender<(String, UnixStream)>>);
@@ -202,7 +202,7 @@ fn detach_with_no_handlers_ends_the_server_at_once() {
 #[test]
 fn detach_turns_passive_and_waits_for_the_handlers() {
     let d = Daemon::start(1);
-    let (cow, src, _) = write_images(&d.dir);
+    let (cow, src, _) = common::write_small_update(&d.dir);
     let mut a = d.connect();
     let mut b = d.connect();
     let init = format!("init,sys,{},{}", cow.display(), src.display());
@@ -220,32 +220,6 @@ fn detach_turns_passive_and_waits_for_the_handlers() {
     let (_, kernel) = d.kernels.recv().unwrap();
     drop(kernel);
     assert_eq!(d.join(), ServerExit::Detached);
-}
-
-/// Source: 16 blocks, block i filled with i. Target: block 3 replaced with 0xAA, block 5
-/// zeroed, block 7 copied from block 12.
-fn write_images(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
-    let mut source = Vec::new();
-    for i in 0..16u8 {
-        source.extend(std::iter::repeat_n(i, BLOCK));
-    }
-    let mut target = source.clone();
-    target[3 * BLOCK..4 * BLOCK].fill(0xAA);
-    target[5 * BLOCK..6 * BLOCK].fill(0);
-    target.copy_within(12 * BLOCK..13 * BLOCK, 7 * BLOCK);
-    let src = dir.join("source.img");
-    std::fs::write(&src, &source).unwrap();
-    let cow = dir.join("system.cow");
-    let mut w = CowWriter::create(
-        std::fs::File::create(&cow).unwrap(),
-        WriterOptions::default(),
-    )
-    .unwrap();
-    w.add_copy(7, 12).unwrap();
-    w.add_replace(3, &[0xAA; BLOCK]).unwrap();
-    w.add_zero(5, 1).unwrap();
-    w.finalize().unwrap();
-    (cow, src, target)
 }
 
 fn kernel_read(k: &mut UnixStream, seq: u64, sector: u64, len: u64) -> (MessageHeader, Vec<u8>) {
@@ -297,7 +271,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 #[test]
 fn init_with_a_missing_cow_fails() {
     let d = Daemon::start(1);
-    let (_, src, _) = write_images(&d.dir);
+    let (_, src, _) = common::write_small_update(&d.dir);
     let mut c = d.connect();
     let missing = d.dir.join("absent.cow");
     let msg = format!("init,a,{},{}", missing.display(), src.display());
@@ -310,7 +284,7 @@ fn init_with_a_missing_cow_fails() {
 #[test]
 fn init_start_serve_status_delete_on_a_real_cow() {
     let d = Daemon::start(2);
-    let (cow, src, target) = write_images(&d.dir);
+    let (cow, src, target) = common::write_small_update(&d.dir);
     let expected_sectors = snapuserd::cow_backend::CowSnapshot::open(&cow, &src)
         .unwrap()
         .device_sectors();
@@ -451,7 +425,7 @@ impl snapuserd::daemon::handlers::SnapshotOpener for GatedOpener {
 #[test]
 fn a_slow_init_does_not_stall_other_clients() {
     let tmp = tempfile::tempdir().unwrap();
-    let (cow, src, _) = write_images(tmp.path());
+    let (cow, src, _) = common::write_small_update(tmp.path());
     let slow = tmp.path().join("slow.cow");
     std::fs::copy(&cow, &slow).unwrap();
     let socket = tmp.path().join("snapuserd");
@@ -507,7 +481,7 @@ fn a_slow_init_does_not_stall_other_clients() {
 #[test]
 fn update_verify_reads_every_block_and_fails_on_a_read_error() {
     let d = Daemon::start(1);
-    let (cow, src, _) = write_images(&d.dir);
+    let (cow, src, _) = common::write_small_update(&d.dir);
     // A second snapshot whose COW loses its data after init. (Its COPY op is served from
     // the read-ahead window saved at open, so a damaged source would go unnoticed here:
     // the REPLACE payload in the COW is what a read must reach.)
@@ -545,7 +519,7 @@ fn update_verify_reads_every_block_and_fails_on_a_read_error() {
 #[test]
 fn pause_merge_holds_the_write_back_and_keeps_reads_going() {
     let d = Daemon::start(1);
-    let (cow, src, target) = write_images(&d.dir);
+    let (cow, src, target) = common::write_small_update(&d.dir);
     let mut c = d.connect();
     let init = format!("init,sys,{},{}", cow.display(), src.display());
     assert!(ask(&mut c, init.as_bytes()).starts_with("success,"));
