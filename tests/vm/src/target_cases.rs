@@ -282,7 +282,9 @@ pub fn table_args() -> TestResult {
 /// noflush: the suspend completes at once, the queued bios are held by
 /// device-mapper and served after resume.  Flushing suspend: the queued bios
 /// fail once the daemon timeout passes without a channel taking them, and the
-/// suspend completes.  A request already read stays the daemon's.
+/// suspend completes.  A request already read stays the daemon's.  A
+/// noflush table swap moves requests queued on the silent old target to the
+/// daemon of the new table.
 pub fn suspend_silent() -> TestResult {
     let old = set_param("dm_user_daemon_timeout_msec", "1000")?;
     let result = (|| {
@@ -376,12 +378,45 @@ pub fn suspend_silent() -> TestResult {
             .ctx("flushing suspend")?;
         let flush_took = t.elapsed();
         dm.resume(&dev.name).ctx("resume")?;
+        // noflush table swap: reads queued on the old (silent) target are
+        // served by the daemon of the new table.
+        let queued: Vec<_> = (0..2u64)
+            .map(|i| (i * 8192, async_read(&dev.path, i * 8192, 4096)))
+            .collect();
+        wait_status(&dm, &dev.name, "2 queued before the swap", |s| s.1 == 2)?;
+        let sectors = 4 * MIB / 512;
+        dm.load_table(&dev.name, &[TableEntry::dm_user(0, sectors, "vt-susp-c2")])
+            .ctx("load the new table")?;
+        let chan2 = open_channel("vt-susp-c2")?;
+        let name = dev.name.clone();
+        bounded("noflush suspend for the swap", HANG, move || {
+            DmControl::open().and_then(|dm| dm.suspend(&name, true))
+        })?
+        .ctx("noflush suspend for the swap")?;
+        dm.resume(&dev.name).ctx("resume onto the new table")?;
+        for _ in 0..2 {
+            let h = bounded("request on the new table", HANG, {
+                let c = chan2.try_clone().ctx("dup")?;
+                move || read_header(&c)
+            })?
+            .ctx("read request on the new table")?;
+            respond(&chan2, &h, DM_USER_RESP_SUCCESS, 11)?;
+        }
+        for (off, rx) in &queued {
+            same(
+                "read moved to the new table",
+                &await_read("read", rx)?.ctx("read moved to the new table")?,
+                &pattern(11, *off, 4096),
+            )?;
+        }
+        drop(chan2);
         drop(chan);
         drop(dev);
         Ok(format!(
             "noflush: suspend in {noflush_took:.0?}, 3 queued reads held and served after resume; \
              flush: 2 queued reads EIO after {failed_after:.0?} (timeout 1000 ms), \
-             suspend waited for the in-flight read, done in {flush_took:.0?}"
+             suspend waited for the in-flight read, done in {flush_took:.0?}; \
+             noflush table swap: 2 reads queued on the silent old target served by the new one"
         ))
     })();
     set_param("dm_user_daemon_timeout_msec", &old)?;
