@@ -150,6 +150,10 @@ pub const CASES: &[Case] = &[
         run: crate::target_cases::suspend_silent,
     },
     Case {
+        name: "suspend-cancelled",
+        run: crate::target_cases::suspend_cancelled,
+    },
+    Case {
         name: "unsupported-notsupp",
         run: crate::target_cases::unsupported_notsupp,
     },

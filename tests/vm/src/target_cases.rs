@@ -651,3 +651,97 @@ pub fn exclusive_wake() -> TestResult {
     )?;
     Ok(detail)
 }
+
+extern "C" fn on_usr1(_: nix::libc::c_int) {}
+
+/// A flushing suspend interrupted by a signal (`presuspend_undo`) puts the
+/// target back to normal: the suspend deadline no longer runs, and the
+/// queued request waits for the daemon instead of failing.
+pub fn suspend_cancelled() -> TestResult {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let act = SigAction::new(
+        SigHandler::Handler(on_usr1),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: the handler is an empty extern "C" fn, trivially async-signal-safe.
+    unsafe { sigaction(Signal::SIGUSR1, &act) }.ctx("sigaction")?;
+    let old = set_param("dm_user_daemon_timeout_msec", "2000")?;
+    let result = (|| {
+        let dm = DmControl::open().ctx("open control")?;
+        let dev = UserDevice::create("vt-scan", "vt-scan-c", 4 * MIB)?;
+        let chan = open_channel(&dev.control)?;
+        let inflight = async_read(&dev.path, 0, 4096);
+        let h1 = bounded("in-flight request", HANG, {
+            let c = chan.try_clone().ctx("dup")?;
+            move || read_header(&c)
+        })?
+        .ctx("read request")?;
+        let queued = async_read(&dev.path, 8192, 4096);
+        wait_status(&dm, &dev.name, "1 queued, 1 in flight", |s| {
+            s.1 == 1 && s.2 == 1
+        })?;
+        // The suspend waits for the in-flight request; interrupt it.
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let (res_tx, res_rx) = mpsc::channel();
+        let name = dev.name.clone();
+        std::thread::spawn(move || {
+            let _ = tid_tx.send(nix::sys::pthread::pthread_self());
+            let _ = res_tx.send(DmControl::open().and_then(|dm| dm.suspend(&name, false)));
+        });
+        let tid = tid_rx.recv_timeout(HANG).ctx("suspend thread")?;
+        let armed = wait_status(&dm, &dev.name, "suspend deadline armed", |s| s.4 != "-")?;
+        let t = Instant::now();
+        let suspend = loop {
+            nix::sys::pthread::pthread_kill(tid, Signal::SIGUSR1).ctx("pthread_kill")?;
+            if let Ok(r) = res_rx.recv_timeout(Duration::from_millis(50)) {
+                break r;
+            }
+            check(
+                t.elapsed() < HANG,
+                "the suspend was not interrupted by SIGUSR1",
+            )?;
+        };
+        check(
+            suspend.is_err(),
+            "flushing suspend completed with an unanswered request",
+        )?;
+        let info = dm.info(&dev.name).ctx("info")?;
+        check(
+            !info.suspended(),
+            "device suspended after the interrupted suspend",
+        )?;
+        let (undone, _) = status_and_table(&dm, &dev.name)?;
+        check(
+            undone == "1 1 1 attached -",
+            format!("after the interrupted suspend: status {undone:?}, want \"1 1 1 attached -\""),
+        )?;
+        // Past the 2000 ms the suspend deadline would have allowed.
+        std::thread::sleep(Duration::from_millis(2500));
+        check(
+            queued.try_recv().is_err(),
+            "the queued read failed although the suspend was cancelled",
+        )?;
+        respond(&chan, &h1, DM_USER_RESP_SUCCESS, 12)?;
+        let h2 = read_header(&chan).ctx("read the queued request")?;
+        respond(&chan, &h2, DM_USER_RESP_SUCCESS, 12)?;
+        same(
+            "in-flight read",
+            &await_read("in-flight read", &inflight)?.ctx("in-flight read")?,
+            &pattern(12, 0, 4096),
+        )?;
+        same(
+            "queued read",
+            &await_read("queued read", &queued)?.ctx("queued read")?,
+            &pattern(12, 8192, 4096),
+        )?;
+        drop(chan);
+        drop(dev);
+        Ok(format!(
+            "during the suspend {armed:?}; interrupted ({}) -> {undone:?}; queued read served 2.5 s later",
+            suspend.err().map(|e| e.to_string()).unwrap_or_default()
+        ))
+    })();
+    set_param("dm_user_daemon_timeout_msec", &old)?;
+    result
+}
