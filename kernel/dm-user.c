@@ -43,7 +43,14 @@
 static unsigned int dm_user_daemon_timeout_msec = 4000;
 module_param(dm_user_daemon_timeout_msec, uint, 0644);
 MODULE_PARM_DESC(dm_user_daemon_timeout_msec,
-		 "I/O timeout in msec before any daemon has opened the device");
+		 "msec a request waits for a daemon before any has opened the device, or during a flushing suspend");
+
+/* What a suspend in progress does to requests no channel has taken. */
+enum dm_user_suspend {
+	DM_USER_RUNNING,	/* not suspending: requests wait for a channel */
+	DM_USER_SUSPEND_REQUEUE, /* noflush: device-mapper holds them */
+	DM_USER_SUSPEND_FLUSH,	/* flush: they fail after the daemon timeout */
+};
 
 /* Serialises name checks and misc device (de)registration. */
 static DEFINE_MUTEX(dm_user_names_lock);
@@ -53,31 +60,39 @@ static LIST_HEAD(dm_user_targets);
  * struct dm_user_target - one "user" target and its control device
  * @kref: one reference held by device-mapper (dropped in dtr) plus one per
  *	open channel; the last one frees the structure
- * @lock: protects @queue, @next_seq, @nr_channels, @daemon_seen and
- *	@destroyed
+ * @lock: protects @queue, @nr_queued, @next_seq, @nr_channels,
+ *	@daemon_seen, @suspend and @destroyed
  * @queue: messages not yet taken by any channel, oldest first
+ * @nr_queued: number of messages on @queue
+ * @nr_in_flight: messages taken by a channel and not yet completed
  * @wq: readers and pollers of all channels wait here
  * @next_seq: sequence number of the next message
  * @nr_channels: number of open channels
  * @daemon_seen: a channel has been opened at least once
+ * @suspend: what a suspend in progress does to queued messages
  * @destroyed: the target is gone; channels get -ENOTBLK
  * @timeout_work: fails queued messages when no daemon showed up in time
  * @node: entry in dm_user_targets
- * @args: the constructor arguments, for table status
+ * @start: first constructor argument, only echoed in the table status
+ * @len: second constructor argument, only echoed in the table status
  * @miscdev: the control device, named "dm-user/<name>"
  */
 struct dm_user_target {
 	struct kref kref;
 	spinlock_t lock; /* see the kernel-doc above */
 	struct list_head queue;
+	unsigned int nr_queued;
+	atomic_t nr_in_flight;
 	wait_queue_head_t wq;
 	u64 next_seq;
 	unsigned int nr_channels;
 	bool daemon_seen;
+	enum dm_user_suspend suspend;
 	bool destroyed;
 	struct delayed_work timeout_work;
 	struct list_head node;
-	char *args;
+	sector_t start;
+	sector_t len;
 	struct miscdevice miscdev;
 };
 
@@ -88,7 +103,8 @@ struct dm_user_target {
  * @hdr: the request header as the daemon reads it
  * @iter: progress through the bio's data (WRITE: to the daemon, READ: from
  *	it); bi_size is 0 for requests without payload
- * @deadline: jiffies after which the message fails if no channel exists
+ * @deadline: jiffies after which the message fails if no channel takes it
+ *	while the timeout applies (no daemon yet, or a flushing suspend)
  */
 struct dm_user_msg {
 	struct list_head list;
@@ -170,14 +186,39 @@ static void msg_end(struct dm_user_msg *m, blk_status_t status)
 	bio_endio(bio);
 }
 
-static void msgs_fail(struct list_head *msgs)
+static void msgs_end(struct list_head *msgs, blk_status_t status)
 {
 	struct dm_user_msg *m, *tmp;
 
 	list_for_each_entry_safe(m, tmp, msgs, list) {
 		list_del(&m->list);
-		msg_end(m, BLK_STS_IOERR);
+		msg_end(m, status);
 	}
+}
+
+/* Complete a message a channel took: it is no longer in flight. */
+static void channel_msg_end(struct dm_user_channel *c, struct dm_user_msg *m,
+			    blk_status_t status)
+{
+	atomic_dec(&c->t->nr_in_flight);
+	msg_end(m, status);
+}
+
+/*
+ * "Unsupported" is a legitimate answer only for discards, which are
+ * advisory: the block layer reports BLK_STS_NOTSUPP as success to
+ * BLKDISCARD and file systems ignore it.  For a read, a write or a flush
+ * it would be wrong: fsync() on the block device takes -EOPNOTSUPP from a
+ * flush as "no cache to flush", so the data would silently not be durable.
+ */
+static blk_status_t dm_user_resp_status(const struct dm_user_msg *m, u64 code)
+{
+	if (code == DM_USER_RESP_SUCCESS)
+		return BLK_STS_OK;
+	if (code == DM_USER_RESP_UNSUPPORTED &&
+	    m->hdr.type == DM_USER_REQ_MAP_DISCARD)
+		return BLK_STS_NOTSUPP;
+	return BLK_STS_IOERR;
 }
 
 /* Payload bytes still to go to the daemon (WRITE) or come from it (READ). */
@@ -232,7 +273,6 @@ static void dm_user_target_free(struct kref *kref)
 						kref);
 
 	kfree(t->miscdev.name);
-	kfree(t->args);
 	kfree(t);
 }
 
@@ -283,21 +323,29 @@ static int dm_user_release(struct inode *inode, struct file *file)
 {
 	struct dm_user_channel *c = file->private_data;
 	struct dm_user_target *t = c->t;
-	LIST_HEAD(dead);
+	struct dm_user_msg *m, *tmp;
+	LIST_HEAD(taken);
+	LIST_HEAD(queued);
 
 	/* Everything this channel took fails; it is never handed out twice. */
 	if (c->reading)
-		list_add_tail(&c->reading->list, &dead);
+		list_add_tail(&c->reading->list, &taken);
 	if (c->writing)
-		list_add_tail(&c->writing->list, &dead);
-	list_splice_tail_init(&c->awaiting, &dead);
+		list_add_tail(&c->writing->list, &taken);
+	list_splice_tail_init(&c->awaiting, &taken);
 
 	spin_lock_irq(&t->lock);
-	if (!--t->nr_channels)
-		list_splice_tail_init(&t->queue, &dead);
+	if (!--t->nr_channels) {
+		list_splice_tail_init(&t->queue, &queued);
+		t->nr_queued = 0;
+	}
 	spin_unlock_irq(&t->lock);
 
-	msgs_fail(&dead);
+	list_for_each_entry_safe(m, tmp, &taken, list) {
+		list_del(&m->list);
+		channel_msg_end(c, m, BLK_STS_IOERR);
+	}
+	msgs_end(&queued, BLK_STS_IOERR);
 	mutex_destroy(&c->lock);
 	kfree(c);
 	kref_put(&t->kref, dm_user_target_free);
@@ -342,8 +390,11 @@ static bool channel_take(struct dm_user_channel *c)
 
 	spin_lock_irq(&t->lock);
 	m = list_first_entry_or_null(&t->queue, struct dm_user_msg, list);
-	if (m)
+	if (m) {
 		list_del(&m->list);
+		t->nr_queued--;
+		atomic_inc(&t->nr_in_flight);
+	}
 	spin_unlock_irq(&t->lock);
 
 	c->reading = m;
@@ -389,10 +440,15 @@ unlock:
 out:
 	/*
 	 * Readers wait exclusively, so each new message wakes one of them.
-	 * If that wake-up was used for something else, pass it on.
+	 * A reader leaving with an error (a signal, or a fault before it got
+	 * anything) may have been that one: pass the wake-up on.  A reader
+	 * that got a message has used its wake-up, and one that went on to
+	 * a message queued meanwhile leaves that message's wake-up to another
+	 * sleeper, which finds the queue empty at worst.
 	 */
-	if (!list_empty_careful(&t->queue) && wq_has_sleeper(&t->wq))
-		wake_up_interruptible(&t->wq);
+	if (ret < 0 && !list_empty_careful(&t->queue) &&
+	    wq_has_sleeper(&t->wq))
+		wake_up_interruptible_poll(&t->wq, EPOLLIN | EPOLLRDNORM);
 	return ret;
 }
 
@@ -447,7 +503,7 @@ static ssize_t channel_write_locked(struct dm_user_channel *c,
 
 	if (count > msg_in_left(m)) {
 		c->writing = NULL;
-		msg_end(m, BLK_STS_IOERR);
+		channel_msg_end(c, m, BLK_STS_IOERR);
 		return -EINVAL;
 	}
 	if (count) {
@@ -458,8 +514,7 @@ static ssize_t channel_write_locked(struct dm_user_channel *c,
 	}
 	if (!msg_in_left(m)) {
 		c->writing = NULL;
-		msg_end(m, c->resp.type == DM_USER_RESP_SUCCESS ?
-			   BLK_STS_OK : BLK_STS_IOERR);
+		channel_msg_end(c, m, dm_user_resp_status(m, c->resp.type));
 	}
 	return done;
 }
@@ -506,7 +561,16 @@ static const struct file_operations dm_user_fops = {
 	.poll = dm_user_poll,
 };
 
-/* Fails queued messages whose deadline passed while no channel existed. */
+/* Whether queued messages fail at their deadline; called with t->lock held. */
+static bool dm_user_deadlines_apply(struct dm_user_target *t)
+{
+	return !t->nr_channels || t->suspend == DM_USER_SUSPEND_FLUSH;
+}
+
+/*
+ * Fails queued messages whose deadline passed while no channel existed, or
+ * during a flushing suspend.
+ */
 static void dm_user_timeout(struct work_struct *work)
 {
 	struct dm_user_target *t = container_of(to_delayed_work(work),
@@ -518,10 +582,11 @@ static void dm_user_timeout(struct work_struct *work)
 	LIST_HEAD(expired);
 
 	spin_lock_irq(&t->lock);
-	if (!t->nr_channels) {
+	if (dm_user_deadlines_apply(t)) {
 		list_for_each_entry_safe(m, tmp, &t->queue, list) {
 			if (time_after_eq(jiffies, m->deadline)) {
 				list_move_tail(&m->list, &expired);
+				t->nr_queued--;
 			} else if (!pending || time_before(m->deadline, next)) {
 				next = m->deadline;
 				pending = true;
@@ -533,9 +598,9 @@ static void dm_user_timeout(struct work_struct *work)
 	spin_unlock_irq(&t->lock);
 
 	list_for_each_entry(m, &expired, list)
-		DMERR_LIMIT("%s: no daemon, failing I/O to sector %llu",
+		DMERR_LIMIT("%s: no daemon took the request in time, failing I/O to sector %llu",
 			    t->miscdev.name, m->hdr.sector);
-	msgs_fail(&expired);
+	msgs_end(&expired, BLK_STS_IOERR);
 }
 
 static int dm_user_map(struct dm_target *ti, struct bio *bio)
@@ -546,6 +611,13 @@ static int dm_user_map(struct dm_target *ti, struct bio *bio)
 	unsigned long flags;
 	u64 type;
 
+	/*
+	 * Device-mapper hands a bio-based target only reads, writes (flushes
+	 * are empty writes with REQ_PREFLUSH) and the operations it asked for
+	 * in the constructor: discards.  Write-zeroes and secure erase are not
+	 * requested and the device is not zoned, so the block layer refuses
+	 * those before they get here.
+	 */
 	switch (bio_op(bio)) {
 	case REQ_OP_READ:
 		type = DM_USER_REQ_MAP_READ;
@@ -553,20 +625,10 @@ static int dm_user_map(struct dm_target *ti, struct bio *bio)
 	case REQ_OP_WRITE:
 		type = DM_USER_REQ_MAP_WRITE;
 		break;
-	case REQ_OP_FLUSH:
-		type = DM_USER_REQ_MAP_FLUSH;
-		break;
 	case REQ_OP_DISCARD:
 		type = DM_USER_REQ_MAP_DISCARD;
 		break;
-	case REQ_OP_SECURE_ERASE:
-		type = DM_USER_REQ_MAP_SECURE_ERASE;
-		break;
-	case REQ_OP_WRITE_ZEROES:
-		type = DM_USER_REQ_MAP_WRITE_ZEROES;
-		break;
 	default:
-		/* Zone and driver-private operations are not forwarded. */
 		return DM_MAPIO_KILL;
 	}
 
@@ -578,11 +640,16 @@ static int dm_user_map(struct dm_target *ti, struct bio *bio)
 		dm_target_offset(ti, bio->bi_iter.bi_sector) : 0;
 	m->hdr.len = bio->bi_iter.bi_size;
 	m->iter = bio->bi_iter;
-	if (type != DM_USER_REQ_MAP_READ && type != DM_USER_REQ_MAP_WRITE)
+	if (type == DM_USER_REQ_MAP_DISCARD)
 		m->iter.bi_size = 0;
 	m->deadline = jiffies + msecs_to_jiffies(timeout);
 
 	spin_lock_irqsave(&t->lock, flags);
+	if (t->suspend == DM_USER_SUSPEND_REQUEUE) {
+		/* A noflush suspend is starting: device-mapper holds the bio. */
+		spin_unlock_irqrestore(&t->lock, flags);
+		return DM_MAPIO_REQUEUE;
+	}
 	if (t->daemon_seen && !t->nr_channels) {
 		spin_unlock_irqrestore(&t->lock, flags);
 		DMERR_LIMIT("%s: daemon gone, failing I/O to sector %llu",
@@ -591,7 +658,8 @@ static int dm_user_map(struct dm_target *ti, struct bio *bio)
 	}
 	m->hdr.seq = t->next_seq++;
 	list_add_tail(&m->list, &t->queue);
-	if (!t->nr_channels)
+	t->nr_queued++;
+	if (dm_user_deadlines_apply(t))
 		schedule_delayed_work(&t->timeout_work,
 				      msecs_to_jiffies(timeout));
 	spin_unlock_irqrestore(&t->lock, flags);
@@ -621,17 +689,45 @@ static bool dm_user_name_taken(const char *miscname)
 	return false;
 }
 
+/*
+ * The two numbers are kept for compatibility with Android's libdm, which
+ * repeats the target's start and length; they are checked to be sector
+ * numbers and echoed in the table.  dm_read_arg() reads unsigned ints only,
+ * too small for sector numbers.
+ */
+static int dm_user_read_sector(struct dm_arg_set *as, sector_t *sector)
+{
+	unsigned long long v;
+
+	if (kstrtoull(dm_shift_arg(as), 10, &v) || v != (sector_t)v)
+		return -EINVAL;
+	*sector = v;
+	return 0;
+}
+
 /* Table line: <start> <len> user <start> <len> <name> */
 static int dm_user_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 {
-	struct dm_user_target *t;
+	struct dm_arg_set as = { .argc = argc, .argv = argv };
+	struct dm_user_target *t = NULL;
+	sector_t start, len;
+	const char *name;
 	int r;
 
-	if (argc != 3) {
+	if (as.argc != 3) {
 		ti->error = "Invalid argument count, want <start> <len> <name>";
 		return -EINVAL;
 	}
-	if (!dm_user_name_ok(argv[2])) {
+	if (dm_user_read_sector(&as, &start)) {
+		ti->error = "Invalid start sector";
+		return -EINVAL;
+	}
+	if (dm_user_read_sector(&as, &len)) {
+		ti->error = "Invalid length";
+		return -EINVAL;
+	}
+	name = dm_shift_arg(&as);
+	if (!dm_user_name_ok(name)) {
 		ti->error = "Invalid control device name";
 		return -EINVAL;
 	}
@@ -649,11 +745,13 @@ static int dm_user_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	kref_init(&t->kref);
 	spin_lock_init(&t->lock);
 	INIT_LIST_HEAD(&t->queue);
+	atomic_set(&t->nr_in_flight, 0);
 	init_waitqueue_head(&t->wq);
 	INIT_DELAYED_WORK(&t->timeout_work, dm_user_timeout);
-	t->args = kasprintf(GFP_KERNEL, "%s %s %s", argv[0], argv[1], argv[2]);
-	t->miscdev.name = kasprintf(GFP_KERNEL, "dm-user/%s", argv[2]);
-	if (!t->args || !t->miscdev.name)
+	t->start = start;
+	t->len = len;
+	t->miscdev.name = kasprintf(GFP_KERNEL, "dm-user/%s", name);
+	if (!t->miscdev.name)
 		goto bad_alloc;
 	t->miscdev.minor = MISC_DYNAMIC_MINOR;
 	t->miscdev.fops = &dm_user_fops;
@@ -682,7 +780,6 @@ bad_alloc:
 bad:
 	if (t) {
 		kfree(t->miscdev.name);
-		kfree(t->args);
 		kfree(t);
 	}
 	return r;
@@ -701,23 +798,119 @@ static void dm_user_dtr(struct dm_target *ti)
 	spin_lock_irq(&t->lock);
 	t->destroyed = true;
 	list_splice_tail_init(&t->queue, &dead);
+	t->nr_queued = 0;
 	spin_unlock_irq(&t->lock);
 
 	cancel_delayed_work_sync(&t->timeout_work);
-	msgs_fail(&dead);
+	msgs_end(&dead, BLK_STS_IOERR);
 	wake_up_interruptible_all(&t->wq);
 	kref_put(&t->kref, dm_user_target_free);
 }
 
+/*
+ * Before a suspend waits for in-flight bios.  noflush: queued messages are
+ * completed with BLK_STS_DM_REQUEUE, so device-mapper holds their bios and
+ * resubmits them after resume; map() pushes back new bios the same way.
+ * Flushing suspend: the daemon may still take queued messages, but each
+ * fails once the daemon timeout passes without a channel taking it, so a
+ * live but silent daemon cannot block the suspend.  Messages a channel has
+ * taken belong to the daemon: the suspend waits for their responses.
+ */
+static void dm_user_presuspend(struct dm_target *ti)
+{
+	struct dm_user_target *t = ti->private;
+	unsigned long now = jiffies;
+	unsigned long cap = now +
+		msecs_to_jiffies(READ_ONCE(dm_user_daemon_timeout_msec));
+	unsigned long first = cap;
+	struct dm_user_msg *m;
+	LIST_HEAD(requeue);
+
+	spin_lock_irq(&t->lock);
+	if (dm_noflush_suspending(ti)) {
+		t->suspend = DM_USER_SUSPEND_REQUEUE;
+		list_splice_tail_init(&t->queue, &requeue);
+		t->nr_queued = 0;
+	} else {
+		t->suspend = DM_USER_SUSPEND_FLUSH;
+		list_for_each_entry(m, &t->queue, list) {
+			if (time_after(m->deadline, cap))
+				m->deadline = cap;
+			if (time_before(m->deadline, first))
+				first = m->deadline;
+		}
+		if (t->nr_queued)
+			mod_delayed_work(system_wq, &t->timeout_work,
+					 time_after(first, now) ? first - now : 0);
+	}
+	spin_unlock_irq(&t->lock);
+
+	msgs_end(&requeue, BLK_STS_DM_REQUEUE);
+}
+
+/* The suspend was cancelled, or the device resumes: serve as before. */
+static void dm_user_resume(struct dm_target *ti)
+{
+	struct dm_user_target *t = ti->private;
+
+	spin_lock_irq(&t->lock);
+	t->suspend = DM_USER_RUNNING;
+	spin_unlock_irq(&t->lock);
+}
+
+static const char *dm_user_daemon_state(const struct dm_user_target *t)
+{
+	if (t->nr_channels)
+		return "attached";
+	return t->daemon_seen ? "detached" : "waiting";
+}
+
+/*
+ * INFO:  <channels> <queued> <in_flight> <daemon> <timeout_ms>
+ * TABLE: <start> <len> <name>
+ *
+ * <daemon> is waiting (no channel opened yet), attached or detached (all
+ * channels closed: I/O fails at once).  <timeout_ms> is the time left
+ * before the oldest queued request fails for want of a daemon, or "-" when
+ * no such deadline runs.
+ */
 static void dm_user_status(struct dm_target *ti, status_type_t type,
 			   unsigned int status_flags, char *result,
 			   unsigned int maxlen)
 {
 	struct dm_user_target *t = ti->private;
-	unsigned int sz = 0;
+	unsigned int sz = 0, channels, queued;
+	const char *daemon;
+	struct dm_user_msg *m;
+	long left = -1;
 
-	if (type == STATUSTYPE_TABLE)
-		DMEMIT("%s", t->args);
+	switch (type) {
+	case STATUSTYPE_INFO:
+		spin_lock_irq(&t->lock);
+		channels = t->nr_channels;
+		queued = t->nr_queued;
+		daemon = dm_user_daemon_state(t);
+		m = list_first_entry_or_null(&t->queue, struct dm_user_msg,
+					     list);
+		if (m && dm_user_deadlines_apply(t))
+			left = max(0L, (long)(m->deadline - jiffies));
+		spin_unlock_irq(&t->lock);
+		DMEMIT("%u %u %d %s ", channels, queued,
+		       atomic_read(&t->nr_in_flight), daemon);
+		if (left < 0)
+			DMEMIT("-");
+		else
+			DMEMIT("%u", jiffies_to_msecs(left));
+		break;
+	case STATUSTYPE_TABLE:
+		DMEMIT("%llu %llu %s", (unsigned long long)t->start,
+		       (unsigned long long)t->len,
+		       t->miscdev.name + strlen("dm-user/"));
+		break;
+	case STATUSTYPE_IMA:
+		*result = '\0';
+		break;
+	}
 }
 
 /*
@@ -743,12 +936,15 @@ static int dm_user_iterate_devices(struct dm_target *ti,
 
 static struct target_type dm_user_target_type = {
 	.name = "user",
-	.version = {1, 1, 0},
+	.version = {1, 2, 0},
 	.features = DM_TARGET_NOWAIT,
 	.module = THIS_MODULE,
 	.ctr = dm_user_ctr,
 	.dtr = dm_user_dtr,
 	.map = dm_user_map,
+	.presuspend = dm_user_presuspend,
+	.presuspend_undo = dm_user_resume,
+	.resume = dm_user_resume,
 	.status = dm_user_status,
 	.io_hints = dm_user_io_hints,
 	.iterate_devices = dm_user_iterate_devices,

@@ -15,9 +15,9 @@ use snapuserd::dm_user::{
 use crate::harness::*;
 use crate::ramd::{Daemon, RamDisk};
 
-const MIB: u64 = 1 << 20;
+pub(crate) const MIB: u64 = 1 << 20;
 const EIO: i32 = nix::libc::EIO;
-const HANG: Duration = Duration::from_secs(15);
+pub(crate) const HANG: Duration = Duration::from_secs(15);
 
 /// One test case.
 pub struct Case {
@@ -136,6 +136,30 @@ pub const CASES: &[Case] = &[
     Case {
         name: "snapshot-merge-stack",
         run: snapshot_merge_stack,
+    },
+    Case {
+        name: "status-info-table",
+        run: crate::target_cases::status_lines,
+    },
+    Case {
+        name: "table-args",
+        run: crate::target_cases::table_args,
+    },
+    Case {
+        name: "suspend-silent-daemon",
+        run: crate::target_cases::suspend_silent,
+    },
+    Case {
+        name: "suspend-cancelled",
+        run: crate::target_cases::suspend_cancelled,
+    },
+    Case {
+        name: "unsupported-notsupp",
+        run: crate::target_cases::unsupported_notsupp,
+    },
+    Case {
+        name: "exclusive-wake",
+        run: crate::target_cases::exclusive_wake,
     },
     Case {
         name: "rmmod",
@@ -534,7 +558,7 @@ impl DirectExt for std::fs::OpenOptions {
 }
 
 /// Spawn a thread doing one O_DIRECT read of `len` at `off`; returns a receiver of the outcome.
-fn async_read(
+pub(crate) fn async_read(
     path: &std::path::Path,
     off: u64,
     len: usize,
@@ -556,7 +580,7 @@ fn async_read(
     rx
 }
 
-fn await_read(
+pub(crate) fn await_read(
     what: &str,
     rx: &std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
 ) -> Result<std::io::Result<Vec<u8>>, String> {
@@ -564,7 +588,7 @@ fn await_read(
         .map_err(|_| format!("{what}: read did not complete within {HANG:?}"))
 }
 
-fn expect_eio(what: &str, r: std::io::Result<Vec<u8>>) -> Result<(), String> {
+pub(crate) fn expect_eio(what: &str, r: std::io::Result<Vec<u8>>) -> Result<(), String> {
     match r {
         Ok(_) => Err(format!("{what}: read succeeded, expected EIO")),
         Err(e) if errno_of(&e) == EIO => Ok(()),

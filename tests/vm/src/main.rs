@@ -11,6 +11,7 @@ mod cases;
 mod harness;
 mod ramd;
 mod snapshot_cases;
+mod target_cases;
 
 use std::io::Read;
 use std::process::{Command, ExitCode, Stdio};
