@@ -538,3 +538,16 @@ fn fuzz_harness_survives_seed_mutations() {
     // Some mutants (payload bytes) stay valid, so the read-back path is exercised too.
     assert!(accepted > 100, "only {accepted} mutants accepted");
 }
+
+#[test]
+fn fuzz_seed_corpus_is_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/sparse_seed");
+    let mut seen = 0;
+    for entry in fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let data = fs::read(&path).unwrap();
+        fuzz_harness::run(&data).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        seen += 1;
+    }
+    assert!(seen >= 3, "seed corpus {} has {seen} files", dir.display());
+}
