@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use super::reed_solomon::RsEncoder;
+use super::reed_solomon::{ColumnEncoder, RsEncoder};
 use super::{whole_blocks, VerityError};
 
 /// Bytes per Reed-Solomon codeword (message plus parity).
@@ -60,16 +60,15 @@ pub fn fec(data: &[u8], roots: u32, block_size: u32) -> Result<Vec<u8>, VerityEr
     out.par_chunks_exact_mut(roots * block_size)
         .enumerate()
         .for_each(|(round, parity)| {
+            let mut columns = ColumnEncoder::new(&encoder, block_size);
             for j in 0..n {
                 let block = round + j * rounds;
-                let bytes = match data.get(block * block_size..(block + 1) * block_size) {
-                    Some(b) => b,
-                    None => &zeros,
-                };
-                for (codeword, &byte) in parity.chunks_exact_mut(roots).zip(bytes) {
-                    encoder.push(codeword, byte);
-                }
+                let bytes = data
+                    .get(block * block_size..(block + 1) * block_size)
+                    .unwrap_or(&zeros);
+                columns.push_row(bytes);
             }
+            columns.finish(parity);
         });
     Ok(out)
 }
