@@ -309,6 +309,58 @@ fn hand_made_image_with_every_chunk_type_reads_back() {
 }
 
 #[test]
+fn hand_made_images_expand_as_simg2img_expands_them() {
+    let Some(simg2img) = ["/usr/bin/simg2img", "/usr/local/bin/simg2img"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+    else {
+        eprintln!("SKIP: simg2img not found (apt-get install android-sdk-libsparse-utils)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = pseudo_random(3 * 4096, 11);
+    let images = [
+        // DONT_CARE between data, a FILL with a non-symmetric pattern, DONT_CARE at the end.
+        Builder::new(4096, 12)
+            .raw(&data[..4096])
+            .dont_care(2)
+            .fill(3, [0x01, 0x80, 0xff, 0x00])
+            .raw(&data[4096..])
+            .dont_care(4)
+            .build(),
+        // 1 KiB blocks, leading DONT_CARE, a zero-block chunk.
+        Builder::new(1024, 9)
+            .dont_care(1)
+            .chunk(0xcac1, 0, Vec::new())
+            .raw(&data[..4 * 1024])
+            .fill(4, [7, 7, 0, 0])
+            .build(),
+    ];
+    for (i, bytes) in images.iter().enumerate() {
+        let sparse = dir.path().join("in.simg");
+        let raw = dir.path().join("out.raw");
+        fs::write(&sparse, bytes).unwrap();
+        let out = Command::new(&simg2img)
+            .arg(&sparse)
+            .arg(&raw)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "simg2img rejected image {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let want = fs::read(&raw).unwrap();
+        let img = ImageSource::open(&sparse).unwrap();
+        assert_eq!(img.len_bytes(), want.len() as u64, "image {i}");
+        let mut got = vec![0u8; want.len()];
+        img.read_exact_at(&mut got, 0).unwrap();
+        assert!(got == want, "image {i} expands differently");
+    }
+}
+
+#[test]
 fn hostile_images_are_rejected_with_the_right_error() {
     let block = pseudo_random(4096, 9);
     // Chunks reach past the declared size.

@@ -3,7 +3,6 @@
 use std::fs::File;
 use std::io;
 use std::iter::Peekable;
-use std::path::Path;
 use std::slice::Iter;
 
 use cow_format::reader::SourceImage;
@@ -28,31 +27,11 @@ pub struct ChunkCounts {
 }
 
 /// An Android sparse image over storage `S` (a [`File`] by default), readable at any
-/// byte offset of its expanded contents.
+/// byte offset of its expanded contents. [`super::ImageSource::open`] opens one by path.
 #[derive(Debug)]
 pub struct SparseImage<S = File> {
     storage: S,
     index: SparseIndex,
-}
-
-impl SparseImage<File> {
-    /// Opens and checks the sparse image at `path`.
-    pub fn open(path: &Path) -> Result<Self, SparseError> {
-        let file = File::open(path).map_err(|source| SparseError::Io {
-            what: "file (opening it)",
-            offset: 0,
-            source,
-        })?;
-        let len = file
-            .metadata()
-            .map_err(|source| SparseError::Io {
-                what: "file size",
-                offset: 0,
-                source,
-            })?
-            .len();
-        Self::new(file, len)
-    }
 }
 
 impl<S: SourceImage> SparseImage<S> {
