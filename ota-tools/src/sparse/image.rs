@@ -129,8 +129,18 @@ impl<S: SourceImage> SparseImage<S> {
                     self.storage.read_exact_at(out, file_offset + within)?
                 }
                 ExtentData::Fill(pattern) => {
-                    for (k, byte) in out.iter_mut().enumerate() {
-                        *byte = pattern[((within + k as u64) % 4) as usize];
+                    // The run starts at a block boundary, a multiple of 4 bytes.
+                    let phase = (within % 4) as usize;
+                    let word: [u8; 4] = std::array::from_fn(|i| pattern[(phase + i) % 4]);
+                    // Write one word, then double the written prefix (whole words until
+                    // the last copy), so long runs cost a few memcpys.
+                    let first = out.len().min(4);
+                    out[..first].copy_from_slice(&word[..first]);
+                    let mut done = first;
+                    while done < out.len() {
+                        let n = done.min(out.len() - done);
+                        out.copy_within(..n, done);
+                        done += n;
                     }
                 }
                 ExtentData::DontCare => out.fill(0),
