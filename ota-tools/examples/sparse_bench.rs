@@ -63,7 +63,9 @@ fn main() {
     };
     println!(
         "{mib} MiB image, sparse file {} bytes, {:?}",
-        std::fs::metadata(&sparse_path).map(|m| m.len()).unwrap_or(0),
+        std::fs::metadata(&sparse_path)
+            .map(|m| m.len())
+            .unwrap_or(0),
         image.chunk_counts()
     );
     let offsets: Vec<u64> = (0..20_000)

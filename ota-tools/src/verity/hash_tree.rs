@@ -87,7 +87,15 @@ pub fn hash_tree_size(
     block_size: u32,
     algorithm: &str,
 ) -> Result<u64, VerityError> {
-    let algorithm = HashAlgorithm::parse(algorithm)?;
+    tree_size(data_size, block_size, HashAlgorithm::parse(algorithm)?)
+}
+
+/// [`hash_tree_size`] for a parsed algorithm; also validates the block size and length.
+fn tree_size(
+    data_size: u64,
+    block_size: u32,
+    algorithm: HashAlgorithm,
+) -> Result<u64, VerityError> {
     check_block_size(block_size, algorithm)?;
     let mut blocks = whole_blocks(data_size, block_size)?;
     let per_block = u64::from(block_size) / algorithm.slot_len() as u64;
@@ -128,7 +136,7 @@ pub fn hash_tree_with_root(
 ) -> Result<HashTree, VerityError> {
     let algorithm = HashAlgorithm::parse(algorithm)?;
     // Validates the block size and the data length, and bounds the output size.
-    let size = hash_tree_size(data.len() as u64, block_size, algorithm_name(algorithm))?;
+    let size = tree_size(data.len() as u64, block_size, algorithm)?;
     let size = usize::try_from(size).map_err(|_| VerityError::TooLarge {
         what: "hash tree size",
         len: data.len() as u64,
@@ -141,14 +149,6 @@ pub fn hash_tree_with_root(
     };
     debug_assert_eq!(tree.tree.len(), size);
     Ok(tree)
-}
-
-fn algorithm_name(algorithm: HashAlgorithm) -> &'static str {
-    match algorithm {
-        HashAlgorithm::Sha1 => "sha1",
-        HashAlgorithm::Sha256 => "sha256",
-        HashAlgorithm::Sha512 => "sha512",
-    }
 }
 
 /// Builds every level bottom-up, then stores them top-down.
