@@ -603,3 +603,37 @@ fn fuzz_seed_corpus_is_valid() {
     }
     assert!(seen >= 3, "seed corpus {} has {seen} files", dir.display());
 }
+
+#[test]
+fn cli_names_the_sparse_problem_and_where_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.simg");
+    let block = pseudo_random(4096, 21);
+    fs::write(
+        &bad,
+        Builder::new(4096, 1).raw(&block).crc(0xdead_beef).build(),
+    )
+    .unwrap();
+    let good = dir.path().join("good.raw");
+    fs::write(&good, &block).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ota-tools"))
+        .arg("create")
+        .arg("--source")
+        .arg(&bad)
+        .arg("--target")
+        .arg(&good)
+        .arg("--output")
+        .arg(dir.path().join("x.cow"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("invalid Android sparse image")
+            && stderr.contains("bad.simg")
+            && stderr.contains("CRC32 chunk 1 at byte 4136")
+            && stderr.contains("0xdeadbeef"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("x.cow").exists());
+}
