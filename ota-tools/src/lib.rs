@@ -6,6 +6,7 @@
 //! * [`create`]: build a COW from a source and a target image (`ota-tools create`).
 //! * [`verify`]: check that a COW merged in place turns a source into a target.
 //! * [`progress`]: progress bars on stderr when it is a terminal.
+//! * [`interrupt`]: temporary outputs removed when a signal ends the process.
 //!
 //! The `ota-tools` binary is a thin command-line front end over these modules.
 #![forbid(unsafe_code)]
@@ -13,5 +14,6 @@
 pub mod apply;
 pub mod create;
 pub mod inspect;
+pub mod interrupt;
 pub mod progress;
 pub mod verify;
