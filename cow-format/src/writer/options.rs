@@ -288,10 +288,18 @@ mod tests {
         assert_eq!(ok("zstd,19"), "zstd,19");
         assert_eq!(ok("gz,1"), "gz,1");
         assert_eq!(ok("brotli"), "brotli");
-        for bad in ["", "  ", "lz4,5", "none,1", "zstd,99", "gz,x", "lzma", "lz4,"] {
+        for bad in [
+            "", "  ", "lz4,5", "none,1", "zstd,99", "gz,x", "lzma", "lz4,",
+        ] {
             let e = parse_compression_option(bad).unwrap_err();
             assert!(
-                matches!(e, WriteError::InvalidOption { option: "compression", .. }),
+                matches!(
+                    e,
+                    WriteError::InvalidOption {
+                        option: "compression",
+                        ..
+                    }
+                ),
                 "{bad:?}: {e}"
             );
         }
