@@ -328,6 +328,29 @@ fn demo_init_fragment() -> String {
         .into()
 }
 
+/// `text` without terminal escape sequences: `ESC [ ... final` (colours, cursor and screen
+/// control) and two-byte `ESC x` sequences (such as the firmware's reset, `ESC c`).
+fn strip_terminal_escapes(text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut bytes = text.iter().copied();
+    while let Some(b) = bytes.next() {
+        if b != 0x1b {
+            out.push(b);
+            continue;
+        }
+        // `ESC x` ends here; `ESC [` continues with parameters and intermediates, then one
+        // final byte in '@'..='~'.
+        if bytes.next() == Some(b'[') {
+            for b in bytes.by_ref() {
+                if (b'@'..=b'~').contains(&b) {
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
 /// The number right after the first `marker` in `line` (digits and one decimal point).
 fn number_after(line: &str, marker: &str) -> Option<f64> {
     let start = line.find(marker)? + marker.len();
@@ -483,6 +506,13 @@ fn device_stage(repo: &Path, source: &Path, target: &Path, cow: &Path) -> Result
         cmdline_extra: String::new(),
     };
     let run = spec.run(&build_root)?;
+    // The firmware clears the screen with terminal escapes; keep the log file plain text.
+    if let Ok(raw) = std::fs::read(&run.log_path) {
+        let plain = strip_terminal_escapes(&raw);
+        if plain.len() != raw.len() {
+            std::fs::write(&run.log_path, plain).map_err(io_err("write", &run.log_path))?;
+        }
+    }
     let expected = ["snap-read-demo".to_string(), "snap-merge-demo".to_string()];
     let results = report::evaluate(&run, &expected);
     if let Some(bad) = results.iter().find(|r| !r.pass) {
@@ -573,6 +603,19 @@ mod tests {
         );
         assert!(!text.contains("snapshot read"), "{text}");
         assert!(text.contains("snapshot merge"), "{text}");
+    }
+
+    #[test]
+    fn terminal_escapes_are_removed_from_the_log() {
+        let raw = "\u{1b}c\u{1b}[?7l\u{1b}[2J\u{1b}[0mSeaBIOS\r\n\u{1b}[32mINFO\u{1b}[0m serving [1.0] x\n";
+        assert_eq!(
+            strip_terminal_escapes(raw.as_bytes()),
+            b"SeaBIOS\r\nINFO serving [1.0] x\n"
+        );
+        assert_eq!(
+            strip_terminal_escapes(b"plain [ text ]\xff\n"),
+            b"plain [ text ]\xff\n"
+        );
     }
 
     #[test]
