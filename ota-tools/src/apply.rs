@@ -8,8 +8,12 @@
 //!   4 MiB chunks: the chunk is read from the source (zeros past its end),
 //!   the blocks that ops produce are overlaid (decompression spread over the
 //!   available cores), and the chunk is written with one positioned write.
-//!   A regular output file is truncated to a hole first, and untouched
-//!   chunks past the source's end are skipped.
+//!   A regular output is written to a new temporary file in the output's
+//!   directory (`.NAME.XXXXXX.tmp`, sized first so untouched chunks past the
+//!   source's end stay holes), synced and renamed over the output at the
+//!   end: a failure, or a signal with [`crate::interrupt::install`], leaves
+//!   an existing output as it was. A block device output is written
+//!   directly.
 //! * **In place** (output is the same file as the source: same device and
 //!   inode, or the same block device): ops are applied one by one in merge
 //!   order, exactly as a device merge does, so each op reads the image as
@@ -24,7 +28,7 @@
 
 use std::fs::{File, Metadata, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use cow_format::reader::{CowReader, MergeOrderOptions, ReadError, SourceImage};
@@ -32,6 +36,7 @@ use cow_format::{CowOp, OpKind};
 use thiserror::Error;
 
 use crate::create::image::{BlockImage, ImageError};
+use crate::interrupt::PendingTemp;
 use crate::progress::Progress;
 use crate::sparse::ImageSource;
 
@@ -276,20 +281,29 @@ pub fn apply(opts: &ApplyOptions) -> Result<ApplyReport, ApplyError> {
         None => source_size.max(needed),
     };
 
-    let output = if in_place {
+    // A new or existing regular output is built in a temporary file and renamed over it at
+    // the end; in place and on a block device the file itself is written.
+    let out_type = out_meta.as_ref().map(Metadata::file_type);
+    let mut temp: Option<(tempfile::NamedTempFile, PendingTemp)> = None;
+    let output = if in_place || out_type.is_some_and(|t| t.is_block_device()) {
         OpenOptions::new()
             .read(true)
             .write(true)
             .open(&opts.output)
             .map_err(open_err("output", &opts.output))?
+    } else if out_type.is_none_or(|t| t.is_file()) {
+        let tmp = temp_output(&opts.output)?;
+        let file = tmp
+            .as_file()
+            .try_clone()
+            .map_err(open_err("output", &opts.output))?;
+        let pending = PendingTemp::register(tmp.path());
+        temp = Some((tmp, pending));
+        file
     } else {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&opts.output)
-            .map_err(open_err("output", &opts.output))?
+        return Err(ApplyError::UnsupportedOutput {
+            path: opts.output.clone(),
+        });
     };
     let source = if in_place {
         let file = output
@@ -308,17 +322,9 @@ pub fn apply(opts: &ApplyOptions) -> Result<ApplyReport, ApplyError> {
         let device_size = byte_size(&output, "output", &opts.output)?;
         check_device_size(&opts.output, device_size, size)?;
     } else if out_type.is_file() {
-        // A separate output becomes one hole first, so untouched ranges past
-        // the source's end need not be written. In place, only grow:
-        // shrinking would drop source bytes still to be read.
-        if !in_place {
-            output.set_len(0).map_err(|source| ApplyError::Io {
-                what: "truncating output",
-                path: opts.output.clone(),
-                offset: 0,
-                source,
-            })?;
-        }
+        // A separate output is a new empty file: sized in one step, it is one hole, so
+        // untouched ranges past the source's end need not be written. In place, only
+        // grow: shrinking would drop source bytes still to be read.
         if !in_place || size > source_size {
             output.set_len(size).map_err(|source| ApplyError::Io {
                 what: "setting the length of output",
@@ -367,6 +373,9 @@ pub fn apply(opts: &ApplyOptions) -> Result<ApplyReport, ApplyError> {
         offset: 0,
         source,
     })?;
+    if let Some((tmp, pending)) = temp {
+        replace_output(tmp, pending, &opts.output, out_meta.as_ref())?;
+    }
     log::info!(
         "applied {} to {}: {} bytes, {} blocks from ops",
         opts.cow.display(),
@@ -375,6 +384,58 @@ pub fn apply(opts: &ApplyOptions) -> Result<ApplyReport, ApplyError> {
         report.blocks_from_ops
     );
     Ok(report)
+}
+
+/// A new temporary file next to `output` (same directory, so the final rename is atomic).
+fn temp_output(output: &Path) -> Result<tempfile::NamedTempFile, ApplyError> {
+    let dir = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = output
+        .file_name()
+        .map_or_else(|| "output".into(), |n| n.to_string_lossy());
+    tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(open_err("output", output))
+}
+
+/// Give the finished temporary file the mode of the output it replaces (0644 for a new
+/// one), rename it over `output` and make the rename durable.
+fn replace_output(
+    tmp: tempfile::NamedTempFile,
+    pending: PendingTemp,
+    output: &Path,
+    old: Option<&Metadata>,
+) -> Result<(), ApplyError> {
+    let mode = old.map_or(0o644, |m| m.permissions().mode() & 0o7777);
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(mode)).map_err(
+        |source| ApplyError::Io {
+            what: "setting the mode of output",
+            path: output.to_path_buf(),
+            offset: 0,
+            source,
+        },
+    )?;
+    pending
+        .rename_with(|| tmp.persist(output))
+        .map_err(|e| ApplyError::Io {
+            what: "renaming the finished image to output",
+            path: output.to_path_buf(),
+            offset: 0,
+            source: e.error,
+        })?;
+    let dir = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    // The data is synced already; a failure here only risks the rename after a crash.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 /// Shared state of one apply run.

@@ -291,8 +291,9 @@ pub fn inspect(path: &Path, order: OpOrder, label: Option<u64>) -> Result<Report
 impl Report {
     /// Write the report as pretty JSON.
     pub fn write_json(&self, out: &mut dyn Write) -> Result<(), InspectError> {
+        // `io::Error::from` keeps the kind of an I/O failure (a closed pipe stays BrokenPipe).
         serde_json::to_writer_pretty(&mut *out, self)
-            .map_err(|e| InspectError::Output(io::Error::other(e)))?;
+            .map_err(|e| InspectError::Output(io::Error::from(e)))?;
         writeln!(out).map_err(InspectError::Output)
     }
 

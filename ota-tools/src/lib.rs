@@ -8,6 +8,7 @@
 //! * [`sparse`]: Android sparse images, read as raw wherever an image is taken.
 //! * [`verity`]: dm-verity hash trees and FEC parity, computed as a device does.
 //! * [`progress`]: progress bars on stderr when it is a terminal.
+//! * [`interrupt`]: temporary outputs removed when a signal ends the process.
 //!
 //! The `ota-tools` binary is a thin command-line front end over these modules.
 #![forbid(unsafe_code)]
@@ -15,6 +16,7 @@
 pub mod apply;
 pub mod create;
 pub mod inspect;
+pub mod interrupt;
 pub mod progress;
 pub mod sparse;
 pub mod verify;

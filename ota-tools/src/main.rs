@@ -1,19 +1,24 @@
 //! `ota-tools`: command-line front end. Parsing and dispatch only; the work
 //! is done in the `ota_tools` library modules.
 
-use std::io::Write;
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use cow_format::{Compression, CowVersion};
+use cow_format::writer::{parse_compression_option, DEFAULT_COMPRESSION_FACTOR};
+use cow_format::{Compression, CowVersion, WriteError};
 use ota_tools::apply::{self, ApplyOptions};
-use ota_tools::create::command::{create_cow, CreateOptions};
-use ota_tools::inspect::{self, OpOrder};
+use ota_tools::create::command::{create_cow, max_threads, CreateOptions};
+use ota_tools::inspect::{self, InspectError, OpOrder};
 
-/// Host tools for Android Virtual A/B COW files.
+/// Host tools for Android Virtual A/B COW files (AOSP libsnapshot_cow v2 and v3).
+///
+/// Four commands: `create` builds the COW that turns one image into another, `verify`
+/// checks a COW against the target image and the safety of its merge order, `inspect`
+/// prints a COW file, and `apply` writes the image a merge of a COW leaves.
 #[derive(Debug, Parser)]
-#[command(name = "ota-tools", version, about)]
+#[command(name = "ota-tools", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,11 +58,18 @@ enum Command {
         /// Output size in bytes (default: max(source size, end of the highest new block)).
         #[arg(long)]
         size: Option<u64>,
-        /// Worker threads for decompression (default: all cores).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
+        /// Worker threads for decompression [default: one per CPU; at most twice the
+        /// number of CPUs, and at least 4 are always allowed].
+        #[arg(long, value_parser = parse_threads)]
+        threads: Option<usize>,
     },
-    /// Build the COW that turns SOURCE into TARGET (see ota-tools/CREATE.md).
+    /// Build the COW that turns SOURCE into TARGET.
+    ///
+    /// Unchanged blocks get no op; the others become ZERO, COPY (a source block with the same
+    /// bytes), XOR (a compressed difference against similar source bytes) or REPLACE
+    /// (compressed new data). COPY and XOR ops are ordered so that a device merging in place
+    /// never reads a block it has already overwritten. The output is the same for any
+    /// thread count.
     Create {
         /// The old image (only read).
         #[arg(long)]
@@ -71,17 +83,22 @@ enum Command {
         /// COW format version: 2 or 3.
         #[arg(long, default_value = "3", value_parser = parse_cow_version)]
         cow_version: CowVersion,
-        /// none|gz|brotli|lz4|zstd, optionally ",LEVEL".
-        #[arg(long, default_value = "lz4")]
+        /// none, gz, brotli, lz4 or zstd; gz, brotli and zstd take an optional ",LEVEL"
+        /// (gz 0-9, brotli 0-11, zstd up to 22).
+        #[arg(long, default_value = "lz4", value_parser = parse_compression)]
         compression: Compression,
-        /// v3 largest REPLACE payload: 4k, 8k, 16k, 32k, 64k, 128k or 256k.
-        #[arg(long, default_value = "64k", value_parser = parse_compression_factor)]
-        compression_factor: u32,
-        /// Worker threads (default: all cores). The output does not depend on it.
-        #[arg(long)]
+        /// Largest REPLACE payload, v3 only: 4k, 8k, 16k, 32k, 64k, 128k or 256k
+        /// [default: 64k].
+        #[arg(long, value_parser = parse_compression_factor)]
+        compression_factor: Option<u32>,
+        /// Worker threads [default: one per CPU; at most twice the number of CPUs, and at
+        /// least 4 are always allowed]. The output does not depend on it.
+        #[arg(long, value_parser = parse_threads)]
         threads: Option<usize>,
     },
     /// Check that COW, merged in place, turns SOURCE into TARGET.
+    ///
+    /// TARGET must be a whole number of 4 KiB blocks, as for `create`.
     ///
     /// Reports an unsafe merge order (an op reading a block already overwritten)
     /// or the first block that does not match.
@@ -103,6 +120,25 @@ fn parse_cow_version(s: &str) -> Result<CowVersion, String> {
         "2" => Ok(CowVersion::V2),
         "3" => Ok(CowVersion::V3),
         _ => Err(format!("unsupported COW version {s:?} (expected 2 or 3)")),
+    }
+}
+
+/// `--compression`: strictly, so that an empty value or an ignored level is an error.
+fn parse_compression(s: &str) -> Result<Compression, String> {
+    parse_compression_option(s).map_err(|e| match e {
+        WriteError::InvalidOption { reason, .. } => reason.to_string(),
+        other => other.to_string(),
+    })
+}
+
+/// `--threads`: 1 up to [`max_threads`].
+fn parse_threads(s: &str) -> Result<usize, String> {
+    let max = max_threads();
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "give 1 to {max}: twice this machine's CPUs (at least 4); more threads only add memory and scheduling"
+        )),
     }
 }
 
@@ -142,12 +178,17 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let report = inspect::inspect(&cow, order, label)?;
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            if json {
-                report.write_json(&mut out)?;
+            let written = if json {
+                report.write_json(&mut out)
             } else {
-                report.write_text(&mut out)?;
+                report.write_text(&mut out)
             }
-            out.flush()?;
+            .and_then(|()| out.flush().map_err(InspectError::Output));
+            match written {
+                // The reader stopped reading (`| head`): stop quietly, as Unix tools do.
+                Err(InspectError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => {}
+                other => other?,
+            }
         }
         Command::Apply {
             source,
@@ -162,7 +203,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 output,
                 size,
                 progress: true,
-                threads,
+                threads: threads.unwrap_or(0),
             })?;
         }
         Command::Create {
@@ -174,14 +215,17 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             compression_factor,
             threads,
         } => {
+            if cow_version == CowVersion::V2 && compression_factor.is_some() {
+                return Err("--compression-factor applies to v3 COW files only; drop it or use --cow-version 3".into());
+            }
             let opts = CreateOptions {
                 version: cow_version,
                 compression,
-                compression_factor,
+                compression_factor: compression_factor.unwrap_or(DEFAULT_COMPRESSION_FACTOR),
                 threads,
             };
             let summary = create_cow(&opts, &source, &target, &output)?;
-            println!("{summary}");
+            print_stdout(&format!("{summary}\n"))?;
         }
         Command::Verify {
             source,
@@ -189,18 +233,32 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             cow,
         } => {
             let r = ota_tools::verify::verify(&source, &target, &cow)?;
-            println!(
-                "ok: {} blocks match; {} ops, {} COPY/XOR merge safely in place",
+            print_stdout(&format!(
+                "ok: {} blocks match; {} ops, {} COPY/XOR merge safely in place\n",
                 r.blocks, r.ops, r.ordered_ops
-            );
+            ))?;
         }
     }
     Ok(())
 }
 
+/// Write `text` to stdout; a reader that went away (`| head`) is not an error.
+fn print_stdout(text: &str) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
+    // Temporary outputs of `create` and `apply` are removed if a signal ends the process.
+    if let Err(e) = ota_tools::interrupt::install() {
+        eprintln!("ota-tools: error: cannot install signal handlers: {e}");
+        return ExitCode::FAILURE;
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -22,8 +22,10 @@ use cow_format::reader::{MergeOrderOptions, OtherOpsOrder, ReadError};
 use cow_format::{CowReader, OpKind};
 use rayon::prelude::*;
 
+use crate::create::command::check_target_size;
 use crate::create::image::{BlockImage, ImageError};
 use crate::create::merge_check::{check_merge_order, MergeCheckError, MergeStep};
+use crate::create::plan::PlanError;
 use crate::progress::Progress;
 use crate::sparse::ImageSource;
 
@@ -36,6 +38,9 @@ pub enum VerifyError {
     /// An image could not be opened or read.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// The target is not a whole number of 4 KiB blocks (the rule `create` applies too).
+    #[error(transparent)]
+    TargetSize(#[from] PlanError),
     /// The COW could not be opened.
     #[error("cannot open COW {path}: {source}")]
     OpenCow {
@@ -141,6 +146,7 @@ impl cow_format::reader::SourceImage for Source<'_> {
 pub fn verify(source: &Path, target: &Path, cow: &Path) -> Result<VerifyReport, VerifyError> {
     let src = ImageSource::open(source)?;
     let tgt = ImageSource::open(target)?;
+    check_target_size(&tgt)?;
     let cow_err = |source| VerifyError::Cow {
         path: cow.to_path_buf(),
         source,

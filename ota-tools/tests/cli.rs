@@ -619,3 +619,126 @@ fn apply_duplicate_blocks_take_the_first_op() {
     assert!(got[7 * BS..8 * BS].iter().all(|b| *b == 0));
     assert!(got[3 * BS..4 * BS] == source[9 * BS..10 * BS]);
 }
+
+#[test]
+fn a_failed_apply_leaves_an_existing_output_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, cow, out) = paths(dir.path());
+    let opts = WriterOptions {
+        compression: "lz4".parse().unwrap(),
+        scratch: false,
+        ..WriterOptions::default()
+    };
+    let sc = write_cow(&cow, opts);
+    fs::write(&src, &sc.source).unwrap();
+    // A corrupt payload: the COW opens, and apply fails while producing blocks.
+    let mut bytes = fs::read(&cow).unwrap();
+    let data_start = 38 + 1024 * 20;
+    for b in &mut bytes[data_start..data_start + 64] {
+        *b = 0xFF;
+    }
+    fs::write(&cow, &bytes).unwrap();
+    let previous: Vec<u8> = (0..3 * BS).map(|i| (i % 251) as u8).collect();
+    fs::write(&out, &previous).unwrap();
+    let o = apply(&src, &cow, &out);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("op "), "{}", stderr(&o));
+    assert_eq!(fs::read(&out).unwrap(), previous, "old output untouched");
+    let mut names: Vec<String> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["out.img", "src.img", "x.cow"],
+        "no temporary file left"
+    );
+
+    // A good COW replaces it, keeping its mode.
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&out, fs::Permissions::from_mode(0o640)).unwrap();
+    write_cow(&cow, WriterOptions::default());
+    let o = apply(&src, &cow, &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(fs::read(&out).unwrap(), sc.target);
+    let mode = fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640);
+
+    // In place (output names the source) still merges into the file itself.
+    let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
+    let before = inode(&src);
+    let o = apply(&src, &cow, &src);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        inode(&src),
+        before,
+        "in place writes the source file itself"
+    );
+    assert_eq!(fs::read(&src).unwrap(), sc.target);
+}
+
+#[test]
+fn inspect_into_a_closed_pipe_ends_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let cow = dir.path().join("many.cow");
+    // 20,000 ZERO ops: far more text than a pipe holds.
+    let mut w =
+        CowWriter::create(fs::File::create(&cow).unwrap(), WriterOptions::default()).unwrap();
+    w.add_zero(0, 20_000).unwrap();
+    w.finalize().unwrap();
+    for json in [false, true] {
+        let mut cmd = bin();
+        cmd.arg("inspect");
+        if json {
+            cmd.arg("--json");
+        }
+        let mut child = cmd
+            .arg(&cow)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Read one line, like `head -1`, then close the pipe.
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(!first.is_empty());
+        let o = child.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "json={json}: {:?} {}",
+            o.status,
+            stderr(&o)
+        );
+        assert_eq!(stderr(&o), "", "json={json}: nothing on stderr");
+    }
+}
+
+#[test]
+fn help_texts_match_the_commands() {
+    let top = stdout(&run(&["--help"]));
+    assert!(top.contains("Four commands"), "{top}");
+    for cmd in ["create", "verify", "inspect", "apply"] {
+        assert!(top.contains(&format!("  {cmd} ")), "{cmd} listed: {top}");
+    }
+    let apply_help = stdout(&run(&["apply", "--help"]));
+    let threads_entry = apply_help
+        .split("--threads")
+        .nth(1)
+        .and_then(|rest| rest.split("\n\n").next())
+        .unwrap_or_default();
+    assert_eq!(
+        threads_entry.matches("default").count(),
+        1,
+        "one default for --threads: {apply_help}"
+    );
+    let create_help = stdout(&run(&["create", "--help"]));
+    assert!(
+        !create_help.contains(".md"),
+        "no source-tree paths: {create_help}"
+    );
+}

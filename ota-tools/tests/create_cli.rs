@@ -265,3 +265,227 @@ fn cli_rejects_bad_options() {
         assert!(!out.status.success(), "{args:?}");
     }
 }
+
+/// Run `cmd` and wait at most `limit` for it; a run still going is killed and reported.
+fn output_within(cmd: &mut Command, limit: std::time::Duration) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} still running after {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn thread_counts_beyond_the_cap_are_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_pair(d, &vec![1u8; 4 * BS], &vec![2u8; 4 * BS]);
+    let max = ota_tools::create::command::max_threads();
+    for threads in ["100000", &(max + 1).to_string(), "0"] {
+        let out = output_within(
+            bin().current_dir(d).args([
+                "create",
+                "--source",
+                "src.img",
+                "--target",
+                "tgt.img",
+                "--output",
+                "out.cow",
+                "--threads",
+                threads,
+            ]),
+            std::time::Duration::from_secs(20),
+        );
+        assert_eq!(out.status.code(), Some(2), "--threads {threads}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("give 1 to {max}")), "{err}");
+    }
+    assert_eq!(entries(d), vec!["src.img", "tgt.img"]);
+    // The library applies the same cap.
+    let err = create_cow(
+        &opts(CowVersion::V3, "lz4", max + 1),
+        &d.join("src.img"),
+        &d.join("tgt.img"),
+        &d.join("out.cow"),
+    )
+    .unwrap_err();
+    assert!(matches!(err, CreateError::ThreadCount { .. }), "{err}");
+    // The cap itself is accepted.
+    create_cow(
+        &opts(CowVersion::V3, "lz4", max),
+        &d.join("src.img"),
+        &d.join("tgt.img"),
+        &d.join("out.cow"),
+    )
+    .unwrap();
+    let help = bin().args(["create", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("at most twice the number of CPUs"), "{help}");
+}
+
+#[test]
+fn verify_applies_the_target_size_rule_of_create() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_pair(d, &vec![1u8; 4 * BS], &vec![2u8; 4 * BS]);
+    create_cow(
+        &CreateOptions::default(),
+        &d.join("src.img"),
+        &d.join("tgt.img"),
+        &d.join("out.cow"),
+    )
+    .unwrap();
+    // The target with 1,000 trailing bytes: create refuses it, and so must verify.
+    let mut long = vec![2u8; 4 * BS];
+    long.extend_from_slice(&[2u8; 1000]);
+    fs::write(d.join("long.img"), &long).unwrap();
+    let mut messages = Vec::new();
+    for args in [
+        [
+            "create", "--source", "src.img", "--target", "long.img", "--output", "x.cow",
+        ],
+        [
+            "verify", "--source", "src.img", "--target", "long.img", "--cow", "out.cow",
+        ],
+    ] {
+        let out = bin().current_dir(d).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            err.contains("long.img is 17384 bytes, not a multiple of 4096"),
+            "{err}"
+        );
+        messages.push(err);
+    }
+    assert_eq!(messages[0], messages[1], "one rule, one message");
+    let ok = bin()
+        .current_dir(d)
+        .args([
+            "verify", "--source", "src.img", "--target", "tgt.img", "--cow", "out.cow",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}
+
+#[test]
+fn compression_options_that_would_be_ignored_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_pair(d, &vec![1u8; 4 * BS], &vec![2u8; 4 * BS]);
+    let cases: [(&[&str], &str); 4] = [
+        (&["--compression", ""], "empty"),
+        (&["--compression", "lz4,5"], "take no level"),
+        (&["--compression", "none,3"], "take no level"),
+        (
+            &["--cow-version", "2", "--compression-factor", "4k"],
+            "--compression-factor applies to v3",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = bin()
+            .current_dir(d)
+            .args([
+                "create", "--source", "src.img", "--target", "tgt.img", "--output", "o.cow",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    assert_eq!(entries(d), vec!["src.img", "tgt.img"]);
+    // Levels where they exist, and the factor with v3, still work.
+    for args in [
+        &["--compression", "zstd,19"][..],
+        &["--compression", "gz,1", "--cow-version", "2"],
+        &["--compression-factor", "4k"],
+    ] {
+        let out = bin()
+            .current_dir(d)
+            .args([
+                "create", "--source", "src.img", "--target", "tgt.img", "--output", "o.cow",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn an_interrupted_create_leaves_no_temporary_file() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Large enough that a debug build is still working when the signal arrives.
+    let blocks = 16 * 1024;
+    let mut src = Vec::with_capacity(blocks * BS);
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..blocks * BS / 8 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        src.extend_from_slice(&x.to_le_bytes());
+    }
+    let mut tgt = src.clone();
+    tgt.rotate_left(BS * 3 + 17);
+    write_pair(d, &src, &tgt);
+    fs::write(d.join("out.cow"), b"previous").unwrap();
+    for signal in ["INT", "TERM"] {
+        let mut child = bin()
+            .current_dir(d)
+            .args([
+                "create", "--source", "src.img", "--target", "tgt.img", "--output", "out.cow",
+            ])
+            .args(["--threads", "1"])
+            .spawn()
+            .unwrap();
+        // Wait for the hidden temporary file, then interrupt.
+        let start = std::time::Instant::now();
+        while !entries(d).iter().any(|n| n.starts_with(".out.cow.")) {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "create ended before the signal"
+            );
+            assert!(start.elapsed().as_secs() < 30, "no temporary file appeared");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let killed = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let status = child.wait().unwrap();
+        assert!(
+            status.signal().is_some(),
+            "SIG{signal}: ended by the signal, {status:?}"
+        );
+        assert_eq!(
+            entries(d),
+            vec!["out.cow", "src.img", "tgt.img"],
+            "SIG{signal}: no temporary file left"
+        );
+        assert_eq!(fs::read(d.join("out.cow")).unwrap(), b"previous");
+    }
+}

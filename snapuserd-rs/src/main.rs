@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use snapuserd::daemon::control_server::ControlServerError;
 use snapuserd::daemon::control_server::{
     bind_listener, inherited_listener, inherited_socket, ControlServer, ServerExit,
 };
@@ -32,7 +33,9 @@ use snapuserd::daemon::handoff::{
 };
 use snapuserd::daemon::transport::DevDmUser;
 use snapuserd::properties::{set_property_if_available, PROPERTY_SERVICE_SOCKET};
-use snapuserd::snapshot::control_protocol::{DaemonConfig, Reply};
+use snapuserd::snapshot::control_protocol::{
+    asks_for_help, ControlError, DaemonConfig, Reply, DAEMON_USAGE, DEFAULT_SOCKET_NAME,
+};
 
 /// Where init looks for the daemon-alive indicator after the SELinux transition.
 const ALIVE_INDICATOR: &str = "/metadata/ota/daemon-alive-indicator";
@@ -73,11 +76,76 @@ fn harden_process() {
     const PR_SET_IO_FLUSHER: libc::c_int = 57;
     // SAFETY: prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) only sets a flag on this process.
     if unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1 as libc::c_ulong, 0, 0, 0) } != 0 {
-        log::warn!(
-            "prctl(PR_SET_IO_FLUSHER): {}",
-            std::io::Error::last_os_error()
+        let err = std::io::Error::last_os_error();
+        let why = io_flusher_refusal(
+            err.raw_os_error(),
+            in_initial_user_namespace(),
+            has_cap_sys_resource(),
         );
+        // On a device the daemon must be an I/O flusher; on a host (tests, development)
+        // this is expected and said once, quietly.
+        if cfg!(target_os = "android") {
+            log::warn!("{why}");
+        } else {
+            log::info!("{why}");
+        }
     }
+}
+
+/// `CAP_SYS_RESOURCE`'s bit in the capability sets.
+const CAP_SYS_RESOURCE: u32 = 24;
+
+/// Whether this process is in the initial user namespace (its uid map is the identity over
+/// every uid); `None` if that cannot be read.
+fn in_initial_user_namespace() -> Option<bool> {
+    let map = std::fs::read_to_string("/proc/self/uid_map").ok()?;
+    let fields: Vec<&str> = map.split_whitespace().collect();
+    Some(fields == ["0", "0", "4294967295"])
+}
+
+/// Whether `CAP_SYS_RESOURCE` is in this process's effective set; `None` if unknown.
+fn has_cap_sys_resource() -> Option<bool> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))?
+        .trim();
+    let caps = u64::from_str_radix(hex, 16).ok()?;
+    Some(caps & (1 << CAP_SYS_RESOURCE) != 0)
+}
+
+/// Why `prctl(PR_SET_IO_FLUSHER)` failed, and what it means. The kernel refuses it with
+/// EPERM unless the caller has `CAP_SYS_RESOURCE` in the initial user namespace
+/// (`capable()`), and with EINVAL before Linux 5.6.
+fn io_flusher_refusal(
+    errno: Option<i32>,
+    initial_userns: Option<bool>,
+    cap_sys_resource: Option<bool>,
+) -> String {
+    const EFFECT: &str = "running without it: memory reclaim in this daemon may wait for I/O \
+                          to the devices it serves";
+    let cause = match errno {
+        Some(libc::EPERM) => match (initial_userns, cap_sys_resource) {
+            (Some(false), _) => "the kernel requires CAP_SYS_RESOURCE in the initial user \
+                 namespace, and this process runs in a user namespace of its own (a rootless \
+                 container), where no capability counts for it"
+                .to_string(),
+            (_, Some(false)) => "the kernel requires CAP_SYS_RESOURCE, and this process does \
+                 not have it (container runtimes drop it: grant it, e.g. with \
+                 --cap-add SYS_RESOURCE, or run the daemon as full root)"
+                .to_string(),
+            _ => "the kernel requires CAP_SYS_RESOURCE in the initial user namespace \
+                 (refused although this process seems to hold it: a security module may \
+                 deny it)"
+                .to_string(),
+        },
+        Some(libc::EINVAL) => "the kernel predates Linux 5.6, which added it".to_string(),
+        other => match other {
+            Some(code) => std::io::Error::from_raw_os_error(code).to_string(),
+            None => "unknown error".to_string(),
+        },
+    };
+    format!("PR_SET_IO_FLUSHER not set: {cause}; {EFFECT}")
 }
 
 /// SIGTERM/SIGINT set the returned flag; SIGPIPE is ignored (a vanished client is an
@@ -294,10 +362,11 @@ fn run(config: &DaemonConfig, paths: &HostPaths, shutdown: &AtomicBool) -> Resul
         };
     }
     let listener = match &paths.socket {
-        Some(path) => bind_listener(path),
-        None => inherited_listener(&config.socket),
-    }
-    .map_err(|e| e.to_string())?;
+        Some(path) => bind_listener(path).map_err(|e| e.to_string()),
+        None => {
+            inherited_listener(&config.socket).map_err(|e| explain_socket_name(e, &config.socket))
+        }
+    }?;
     match &paths.socket {
         Some(path) => log::info!("serving control socket {}", path.display()),
         None => log::info!("serving inherited control socket {}", config.socket),
@@ -312,10 +381,31 @@ fn run(config: &DaemonConfig, paths: &HostPaths, shutdown: &AtomicBool) -> Resul
     Ok(())
 }
 
+/// The error for a missing inherited socket, saying what the `-socket` value was taken as.
+fn explain_socket_name(e: ControlServerError, name: &str) -> String {
+    match e {
+        ControlServerError::NoSocket { var } if name != DEFAULT_SOCKET_NAME => format!(
+            "-socket={name} has no '/', so it was taken as the name of a socket init creates, \
+             and there is no inherited socket {var}; to bind a socket at a path, give the \
+             path with a '/' (e.g. -socket=./{name})"
+        ),
+        other => other.to_string(),
+    }
+}
+
 fn main() -> ExitCode {
-    let (paths, args) = take_host_paths(std::env::args().skip(1).collect());
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if asks_for_help(&args) {
+        print!("{DAEMON_USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let (paths, args) = take_host_paths(args);
     let config = match DaemonConfig::parse(args) {
         Ok(c) => c,
+        Err(e @ ControlError::UnknownFlag { .. }) => {
+            eprintln!("snapuserd: {e} (snapuserd --help lists every flag)");
+            return ExitCode::from(2);
+        }
         Err(e) => {
             eprintln!("snapuserd: {e}");
             return ExitCode::from(2);
@@ -343,8 +433,30 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::{take_host_paths, HostPaths};
+    use super::{io_flusher_refusal, take_host_paths, HostPaths};
     use std::path::PathBuf;
+
+    #[test]
+    fn io_flusher_refusals_name_their_cause() {
+        let msg = io_flusher_refusal(Some(libc::EPERM), Some(true), Some(false));
+        assert!(
+            msg.contains("does not have it") && msg.contains("SYS_RESOURCE"),
+            "{msg}"
+        );
+        let msg = io_flusher_refusal(Some(libc::EPERM), Some(false), Some(true));
+        assert!(msg.contains("user namespace of its own"), "{msg}");
+        let msg = io_flusher_refusal(Some(libc::EPERM), Some(true), Some(true));
+        assert!(msg.contains("security module"), "{msg}");
+        let msg = io_flusher_refusal(Some(libc::EINVAL), None, None);
+        assert!(msg.contains("5.6"), "{msg}");
+        for msg in [
+            io_flusher_refusal(Some(libc::EPERM), None, None),
+            io_flusher_refusal(None, None, None),
+        ] {
+            assert!(msg.starts_with("PR_SET_IO_FLUSHER not set: "), "{msg}");
+            assert!(msg.contains("memory reclaim"), "{msg}");
+        }
+    }
 
     fn split(args: &[&str]) -> (Option<PathBuf>, Vec<String>) {
         let (paths, rest) = take_host_paths(args.iter().map(|s| s.to_string()).collect());

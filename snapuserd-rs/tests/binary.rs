@@ -536,3 +536,77 @@ fn proxy_hands_over_init_style_inherited_sockets() {
     let _client = UnixStream::connect(&control).unwrap();
     listener.accept().unwrap();
 }
+
+#[test]
+fn help_prints_the_usage_and_exits_zero() {
+    for flag in ["--help", "-h", "-help"] {
+        let out = run(&[flag]);
+        assert!(out.status.success(), "{flag}: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.starts_with("Usage: snapuserd"), "{flag}: {text}");
+        for listed in [
+            "-socket=",
+            "-no_socket",
+            "-socket_handoff",
+            "-worker_count=",
+            "-user_snapshot",
+            "-io_uring",
+            "-o_direct",
+            "-cow_op_merge_size=",
+            "-proxy_socket=",
+            "-property_socket=",
+            "-daemon_alive_indicator=",
+            "-dm_user_dir=",
+        ] {
+            assert!(text.contains(listed), "{flag}: {listed} not listed");
+        }
+        assert!(out.stderr.is_empty(), "{flag}: {out:?}");
+    }
+    // An unknown flag points at the usage.
+    assert!(error_line(&run(&["-bogus"])).contains("--help"));
+}
+
+#[test]
+fn a_socket_name_without_a_slash_is_explained() {
+    let out = run(&["-socket=adir"]);
+    assert!(!out.status.success());
+    let line = error_line(&out);
+    assert!(line.contains("ANDROID_SOCKET_adir"), "{line}");
+    assert!(
+        line.contains("taken as the name of a socket init creates"),
+        "{line}"
+    );
+    assert!(line.contains("-socket=./adir"), "{line}");
+}
+
+#[test]
+fn io_flusher_refusal_is_explained_at_info_level_on_a_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ctl");
+    let mut child = Command::new(BIN)
+        .arg(format!("-socket={}", path.display()))
+        .env("RUST_LOG", "info")
+        .env("RUST_LOG_STYLE", "never")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut c = connect(&path, &mut child);
+    c.write_all(b"stop").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("PR_SET_IO_FLUSHER"))
+        .collect();
+    // Where the kernel allows it (root with CAP_SYS_RESOURCE) nothing is logged.
+    assert!(lines.len() <= 1, "said once: {log}");
+    for line in lines {
+        assert!(line.contains(" INFO "), "info level on a host: {line}");
+        assert!(
+            line.contains("CAP_SYS_RESOURCE") || line.contains("5.6"),
+            "{line}"
+        );
+    }
+}

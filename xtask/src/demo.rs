@@ -321,6 +321,147 @@ struct DeviceStage {
     figures: String,
 }
 
+/// The guest's script: plain (uncoloured) logs, so the serial-console log file holds no
+/// terminal escape codes, then the OTA reboot scenario on the three disks.
+fn demo_init_fragment() -> String {
+    "export RUST_LOG_STYLE=never\n/bin/vmtest snap read-merge demo /dev/vda /dev/vdb /dev/vdc\n"
+        .into()
+}
+
+/// `text` without terminal escape sequences: `ESC [ ... final` (colours, cursor and screen
+/// control) and two-byte `ESC x` sequences (such as the firmware's reset, `ESC c`).
+fn strip_terminal_escapes(text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut bytes = text.iter().copied();
+    while let Some(b) = bytes.next() {
+        if b != 0x1b {
+            out.push(b);
+            continue;
+        }
+        // `ESC x` ends here; `ESC [` continues with parameters and intermediates, then one
+        // final byte in '@'..='~'.
+        if bytes.next() == Some(b'[') {
+            for b in bytes.by_ref() {
+                if (b'@'..=b'~').contains(&b) {
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The number right after the first `marker` in `line` (digits and one decimal point).
+fn number_after(line: &str, marker: &str) -> Option<f64> {
+    let start = line.find(marker)? + marker.len();
+    let digits: String = line[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    digits.parse().ok()
+}
+
+fn mib_of_kib(kib: f64) -> String {
+    format!("{:.1} MiB", kib / 1024.0)
+}
+
+/// The emulator's figures (the guest's `VMINFO snap-demo` lines, prefix removed) in plain
+/// words, one line each: snapshot read speed, merge, daemon memory. A line in an unknown
+/// shape is passed through as it is.
+fn plain_figures(lines: &[&str]) -> String {
+    let mut read_speed = None;
+    let mut loop_speed = None;
+    let mut raw_speed = None;
+    let mut read_mib = None;
+    let mut memory = None;
+    let mut merge = None;
+    let mut copy = None;
+    let mut other = Vec::new();
+    for line in lines {
+        if line.starts_with("snapshot-read ") && line.contains("loop device") {
+            read_speed = read_speed.or(number_after(line, "snapshot-read "));
+            loop_speed = number_after(line, "tmpfs ");
+        } else if line.starts_with("snapshot-read ") && line.contains("raw base read") {
+            read_speed = read_speed.or(number_after(line, "snapshot-read "));
+            raw_speed = number_after(line, "raw base read ");
+            read_mib = number_after(line, "MB/s (");
+            memory = Some((
+                number_after(line, "VmRSS "),
+                number_after(line, "RssAnon "),
+                number_after(line, "RssFile "),
+            ));
+        } else if line.starts_with("merge ") {
+            merge = Some((
+                number_after(line, "merge "),
+                number_after(line, "exceptions in "),
+                number_after(line, " s ("),
+                number_after(line, "peak VmRSS "),
+            ));
+        } else if line.starts_with("plain copy of ") {
+            copy = number_after(line, "fsync) ");
+        } else {
+            other.push(*line);
+        }
+    }
+    let mut out = String::new();
+    if let Some(speed) = read_speed {
+        out.push_str(&format!("snapshot read     {speed:.1} MB/s"));
+        if let Some(mib) = read_mib {
+            out.push_str(&format!(" over {mib:.0} MiB in 1 MiB direct reads"));
+        }
+        let mut compare = Vec::new();
+        if let Some(l) = loop_speed {
+            compare.push(format!(
+                "the target image on a RAM-backed loop device: {l:.1} MB/s"
+            ));
+        }
+        if let Some(r) = raw_speed {
+            compare.push(format!("the base disk read directly: {r:.1} MB/s"));
+        }
+        if !compare.is_empty() {
+            out.push_str(&format!(" (for comparison, {})", compare.join("; ")));
+        }
+        out.push('\n');
+    }
+    if let Some((kib, secs, rate, _)) = merge {
+        if let (Some(kib), Some(secs)) = (kib, secs) {
+            out.push_str(&format!(
+                "snapshot merge    {} copied into the base disk in {secs:.2} s",
+                mib_of_kib(kib)
+            ));
+            if let Some(rate) = rate {
+                out.push_str(&format!(" ({rate:.2} MB/s)"));
+            }
+            if let Some(c) = copy {
+                out.push_str(&format!("; a plain copy of the same data takes {c:.2} s"));
+            }
+            out.push('\n');
+        }
+    }
+    let peak = merge.and_then(|m| m.3);
+    if let Some((Some(rss), anon, file)) = memory {
+        out.push_str(&format!(
+            "daemon memory     {} in RAM while serving reads",
+            mib_of_kib(rss)
+        ));
+        if let (Some(anon), Some(file)) = (anon, file) {
+            out.push_str(&format!(
+                " ({} its own data, {} pages of files it reads, such as the COW)",
+                mib_of_kib(anon),
+                mib_of_kib(file)
+            ));
+        }
+        if let Some(p) = peak {
+            out.push_str(&format!("; at most {} during the merge", mib_of_kib(p)));
+        }
+        out.push('\n');
+    }
+    for line in other {
+        out.push_str(&format!("emulator          {line}\n"));
+    }
+    out
+}
+
 /// Boot the 6.12 kernel with a copy of the base image, the COW and the target as virtio disks,
 /// and run the OTA reboot with the real daemon (`vmtest snap read-merge`, the same guest code as
 /// `cargo xtask vm-snapshot`); then compare the merged base disk with the target on the host.
@@ -357,7 +498,7 @@ fn device_stage(repo: &Path, source: &Path, target: &Path, cow: &Path) -> Result
                 .collect(),
             extra_modules: vec![ko],
             binaries: bins,
-            init_fragment: "/bin/vmtest snap read-merge demo /dev/vda /dev/vdb /dev/vdc\n".into(),
+            init_fragment: demo_init_fragment(),
         },
         timeout: Duration::from_secs(1500),
         memory_mib: 1024,
@@ -365,6 +506,13 @@ fn device_stage(repo: &Path, source: &Path, target: &Path, cow: &Path) -> Result
         cmdline_extra: String::new(),
     };
     let run = spec.run(&build_root)?;
+    // The firmware clears the screen with terminal escapes; keep the log file plain text.
+    if let Ok(raw) = std::fs::read(&run.log_path) {
+        let plain = strip_terminal_escapes(&raw);
+        if plain.len() != raw.len() {
+            std::fs::write(&run.log_path, plain).map_err(io_err("write", &run.log_path))?;
+        }
+    }
     let expected = ["snap-read-demo".to_string(), "snap-merge-demo".to_string()];
     let results = report::evaluate(&run, &expected);
     if let Some(bad) = results.iter().find(|r| !r.pass) {
@@ -381,12 +529,13 @@ fn device_stage(repo: &Path, source: &Path, target: &Path, cow: &Path) -> Result
             "the base disk merged in the emulator differs from the target at block {block}"
         )));
     }
-    let figures: String = run
+    let guest_lines: Vec<&str> = run
         .log
         .lines()
         .filter_map(|l| l.split_once("VMINFO snap-demo "))
-        .map(|(_, rest)| format!("  emulator: {rest}\n"))
+        .map(|(_, rest)| rest.trim_end_matches('\r'))
         .collect();
+    let figures = plain_figures(&guest_lines);
     Ok(DeviceStage {
         summary: format!(
             "snapshot read == target, merge done, base disk == target (guest and host); {:.0} s boot, log {}",
@@ -395,4 +544,84 @@ fn device_stage(repo: &Path, source: &Path, target: &Path, cow: &Path) -> Result
         ),
         figures,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The guest's lines in the shapes `tests/vm/src/snapshot_cases.rs` prints them.
+    const GUEST: [&str; 4] = [
+        "snapshot-read 61.3 MB/s vs the target image on a loop device over tmpfs 240.5 MB/s",
+        "snapshot-read 61.3 MB/s, raw base read 180.2 MB/s (256 MiB, O_DIRECT 1 MiB), daemon VmRSS 8192 KiB (RssAnon 2600 KiB, RssFile 5592 KiB; VmLck 120000 KiB is the virtual size of its locked mappings, not memory), COW device 40960 sectors",
+        "merge 65536 KiB of exceptions in 5.70 s (11.77 MB/s), daemon peak VmRSS 10240 KiB",
+        "plain copy of 65536 KiB target->base (O_DIRECT, 1 MiB, fsync) 1.20 s (55.92 MB/s) vs merge 5.70 s",
+    ];
+
+    #[test]
+    fn figures_are_said_once_and_plainly() {
+        let text = plain_figures(&GUEST);
+        assert_eq!(text.matches("61.3 MB/s").count(), 1, "{text}");
+        assert!(
+            !text.contains("VmLck") && !text.contains("not memory"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("RssAnon") && !text.contains("VmRSS"),
+            "{text}"
+        );
+        assert!(
+            text.contains("snapshot read     61.3 MB/s over 256 MiB"),
+            "{text}"
+        );
+        assert!(
+            text.contains("240.5 MB/s") && text.contains("180.2 MB/s"),
+            "{text}"
+        );
+        assert!(
+            text.contains("64.0 MiB copied into the base disk in 5.70 s (11.77 MB/s)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("plain copy of the same data takes 1.20 s"),
+            "{text}"
+        );
+        assert!(text.contains("daemon memory     8.0 MiB in RAM"), "{text}");
+        assert!(
+            text.contains("2.5 MiB its own data") && text.contains("at most 10.0 MiB"),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 3, "{text}");
+    }
+
+    #[test]
+    fn unknown_lines_pass_through_and_missing_ones_are_left_out() {
+        let text = plain_figures(&["something new 1.0", GUEST[2]]);
+        assert!(
+            text.contains("emulator          something new 1.0"),
+            "{text}"
+        );
+        assert!(!text.contains("snapshot read"), "{text}");
+        assert!(text.contains("snapshot merge"), "{text}");
+    }
+
+    #[test]
+    fn terminal_escapes_are_removed_from_the_log() {
+        let raw = "\u{1b}c\u{1b}[?7l\u{1b}[2J\u{1b}[0mSeaBIOS\r\n\u{1b}[32mINFO\u{1b}[0m serving [1.0] x\n";
+        assert_eq!(
+            strip_terminal_escapes(raw.as_bytes()),
+            b"SeaBIOS\r\nINFO serving [1.0] x\n"
+        );
+        assert_eq!(
+            strip_terminal_escapes(b"plain [ text ]\xff\n"),
+            b"plain [ text ]\xff\n"
+        );
+    }
+
+    #[test]
+    fn the_guest_logs_without_colour_codes() {
+        let fragment = demo_init_fragment();
+        let style = fragment.find("RUST_LOG_STYLE=never").expect("plain logs");
+        assert!(style < fragment.find("/bin/vmtest").unwrap(), "{fragment}");
+    }
 }

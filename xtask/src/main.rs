@@ -9,9 +9,11 @@
 //!   with the real `snapuserd` daemon (see `snapshot_scenarios.rs`).
 //! * `cargo xtask kernel-check` runs `kernel/scripts/check-style.sh`.
 //! * `cargo xtask demo [--source SRC.img --target TGT.img]` runs the OTA demo (see `demo.rs`).
-//! * `cargo xtask test` runs everything: the workspace's tests, the kernel style checks, the
-//!   dm-user emulator tests and the snapuserd snapshot scenarios on both kernels. It is the
-//!   test command README.md names.
+//! * `cargo xtask test [--only STAGE]...` runs everything: the workspace's tests, the kernel
+//!   style checks, the dm-user emulator tests and the snapuserd snapshot scenarios on both
+//!   kernels, each stage even after a failed one, and ends with one line `N passed, N failed`
+//!   over all of them. It is the test command README.md names. `--only` (cargo-test,
+//!   kernel-check, vm-test, vm-snapshot) runs a subset while iterating.
 
 mod cmd;
 mod demo;
@@ -36,7 +38,7 @@ use initramfs::InitramfsSpec;
 use report::TestResult;
 use vm::VmSpec;
 
-const USAGE: &str = "cargo xtask <demo|test|vm-test|vm-bench|vm-snapshot|kernel-check> [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--timeout SECS] [--disk RAW.img]... [--smp N]";
+const USAGE: &str = "cargo xtask <demo|test|vm-test|vm-bench|vm-snapshot|kernel-check> [--only STAGE] [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--timeout SECS] [--disk RAW.img]... [--smp N]";
 
 /// Parsed command-line options.
 #[derive(Debug, Default)]
@@ -296,31 +298,149 @@ fn kernel_check() -> Result<()> {
     cmd::run(Command::new("bash").arg(&script).current_dir(&repo))
 }
 
-/// Every test suite of the project, in order of cost; stops at the first failing stage.
-fn test_all(rest: &[String]) -> Result<()> {
-    let opts = parse_options(rest)?;
+/// The stages of `cargo xtask test`, in order of cost.
+const STAGES: [&str; 4] = ["cargo-test", "kernel-check", "vm-test", "vm-snapshot"];
+
+/// Run `cmd`, passing its stdout and stderr through line by line, and return whether it
+/// exited successfully with everything it printed (stdout, then stderr). A command that
+/// cannot be started is reported and counts as a failed run.
+fn run_teed(cmd: &mut Command) -> (bool, String) {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    eprintln!("xtask: $ {}", cmd::describe(cmd));
+    let mut child = match cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("xtask: cannot start {}: {e}", cmd::describe(cmd));
+            return (false, String::new());
+        }
+    };
+    let stderr = child.stderr.take().map(|err| {
+        std::thread::spawn(move || {
+            let mut seen = String::new();
+            for line in BufReader::new(err).lines().map_while(std::io::Result::ok) {
+                eprintln!("{line}");
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+            seen
+        })
+    });
+    let mut seen = String::new();
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines().map_while(std::io::Result::ok) {
+            println!("{line}");
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+    }
+    if let Some(t) = stderr {
+        seen.push_str(&t.join().unwrap_or_default());
+    }
+    let ok = child.wait().is_ok_and(|s| s.success());
+    (ok, seen)
+}
+
+/// Split `cargo xtask test`'s arguments into the stages to run (`--only STAGE`, repeatable;
+/// default: all) and the options for the emulator stages.
+fn split_stage_args(args: &[String]) -> Result<(Vec<&'static str>, Vec<String>)> {
+    let mut only = Vec::new();
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--only" {
+            let v = it.next().ok_or_else(|| {
+                XtaskError::Usage(format!("--only needs one of {}", STAGES.join(", ")))
+            })?;
+            let stage = STAGES.iter().find(|s| **s == v.as_str()).ok_or_else(|| {
+                XtaskError::Usage(format!(
+                    "unknown stage {v:?}; stages: {}",
+                    STAGES.join(", ")
+                ))
+            })?;
+            only.push(*stage);
+        } else {
+            rest.push(a.clone());
+        }
+    }
+    if only.is_empty() {
+        only = STAGES.to_vec();
+    }
+    Ok((only, rest))
+}
+
+/// The arguments `vm-snapshot` accepts out of `cargo xtask test`'s options.
+fn snapshot_args(opts: &Options) -> Vec<String> {
+    let mut args = Vec::new();
+    for k in &opts.kernels {
+        args.push("--kernel".to_string());
+        args.push(k.label().to_string());
+    }
+    if let Some(t) = opts.timeout {
+        args.push("--timeout".to_string());
+        args.push(t.to_string());
+    }
+    args
+}
+
+/// Every test suite of the project, in order of cost. Every stage runs, even after a failed
+/// one; the last line is the summary over all of them (`N passed, N failed`, see
+/// [`report::Tally`]), and any failure makes the command fail.
+fn test_all(args: &[String]) -> Result<()> {
+    let (stages, rest) = split_stage_args(args)?;
+    let opts = parse_options(&rest)?;
     let repo = repo_root();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("xtask: [1/4] cargo test --workspace");
-    cmd::run(
-        Command::new(cargo)
-            .args(["test", "--workspace", "--locked"])
-            .current_dir(&repo),
-    )?;
-    eprintln!("xtask: [2/4] kernel style (checkpatch, sparse, W=1 on both kernels)");
-    kernel_check()?;
-    eprintln!("xtask: [3/4] emulator tests: dm-user");
-    vm_test(&opts, true)?;
-    eprintln!(
-        "xtask: [4/4] emulator tests: snapuserd under dm-snapshot (read, merge, kill, live handoffs, power-off)"
-    );
-    snapshot_scenarios::run(
-        &repo,
-        &snapshot_scenarios::SnapshotOptions {
-            kernels: opts.kernels.clone(),
-            timeout: opts.timeout,
-        },
-    )
+    let xtask = std::env::current_exe().map_err(|source| XtaskError::Io {
+        op: "locate",
+        path: PathBuf::from("the xtask binary"),
+        source,
+    })?;
+    let mut total = report::Tally::default();
+    for (i, stage) in stages.iter().enumerate() {
+        let n = format!("[{}/{}]", i + 1, stages.len());
+        let tally = match *stage {
+            "cargo-test" => {
+                eprintln!("xtask: {n} cargo test --workspace");
+                let (ok, out) = run_teed(
+                    Command::new(&cargo)
+                        .args(["test", "--workspace", "--locked"])
+                        .current_dir(&repo),
+                );
+                report::cargo_test_tally(&out).for_stage(ok)
+            }
+            "kernel-check" => {
+                eprintln!("xtask: {n} kernel style (checkpatch, sparse, W=1 on both kernels)");
+                let (ok, out) = run_teed(Command::new(&xtask).arg("kernel-check"));
+                report::kernel_check_tally(&out).for_stage(ok)
+            }
+            "vm-test" => {
+                eprintln!("xtask: {n} emulator tests: dm-user");
+                let (ok, out) = run_teed(Command::new(&xtask).arg("vm-test").args(&rest));
+                report::vm_results_tally(&out, "vm-test").for_stage(ok)
+            }
+            _ => {
+                eprintln!(
+                    "xtask: {n} emulator tests: snapuserd under dm-snapshot (read, merge, kill, live handoffs, power-off)"
+                );
+                let (ok, out) = run_teed(
+                    Command::new(&xtask)
+                        .arg("vm-snapshot")
+                        .args(snapshot_args(&opts)),
+                );
+                report::vm_results_tally(&out, "vm-snapshot").for_stage(ok)
+            }
+        };
+        eprintln!("xtask: {stage}: {}", tally.summary_line());
+        total.add(tally);
+    }
+    println!("{}", total.summary_line());
+    if total.failed > 0 {
+        return Err(XtaskError::TestsFailed(
+            usize::try_from(total.failed).unwrap_or(usize::MAX),
+        ));
+    }
+    Ok(())
 }
 
 fn real_main() -> Result<()> {

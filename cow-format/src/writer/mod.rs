@@ -40,7 +40,7 @@ use crate::layout::{
 use crate::op::{CowVersion, OpKind};
 
 pub use error::WriteError;
-pub use options::{WriterOptions, DEFAULT_COMPRESSION_FACTOR};
+pub use options::{parse_compression_option, WriterOptions, DEFAULT_COMPRESSION_FACTOR};
 pub use prepared::{prepare_replace, prepare_xor, PreparedOp};
 
 use blocks::{BlockSet, PendingSequence};

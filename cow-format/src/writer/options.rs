@@ -1,6 +1,6 @@
 //! Writer options and their validation.
 
-use crate::compression::Compression;
+use crate::compression::{Compression, CompressionAlgorithm};
 use crate::layout::{
     self, BUFFER_REGION_DEFAULT_SIZE, DEFAULT_BLOCK_SIZE, DEFAULT_CLUSTER_OPS,
     MAX_COMPRESSION_FACTOR, MAX_COMPRESSION_SHIFT, MAX_V3_OP_COUNT_MAX, MIN_COMPRESSION_FACTOR,
@@ -64,6 +64,40 @@ fn invalid(option: &'static str, value: impl ToString, reason: &'static str) -> 
         reason,
     }
 }
+
+/// Parse a compression option given by a user (`none`, `gz`, `brotli`, `lz4` or `zstd`,
+/// optionally `,LEVEL`), strictly: unlike the [`Compression`] `FromStr` (AOSP's option
+/// syntax, where an empty string means none and a level for lz4 is ignored), an empty
+/// option and a level for an algorithm without levels are errors, so nothing the user typed
+/// is silently dropped.
+pub fn parse_compression_option(spec: &str) -> Result<Compression, WriteError> {
+    if spec.trim().is_empty() {
+        return Err(invalid(
+            "compression",
+            spec,
+            "empty; name an algorithm: none, gz, brotli, lz4 or zstd",
+        ));
+    }
+    let compression: Compression = spec
+        .parse()
+        .map_err(|_| invalid("compression", spec, COMPRESSION_SYNTAX))?;
+    if compression.level.is_some()
+        && matches!(
+            compression.algorithm,
+            CompressionAlgorithm::None | CompressionAlgorithm::Lz4
+        )
+    {
+        return Err(invalid(
+            "compression",
+            spec,
+            "none and lz4 take no level (gz 0-9, brotli 0-11 and zstd up to 22 do)",
+        ));
+    }
+    Ok(compression)
+}
+
+const COMPRESSION_SYNTAX: &str =
+    "expected none, gz, brotli, lz4 or zstd, optionally with a level: gz,0-9 brotli,0-11 zstd,LEVEL (up to 22)";
 
 impl WriterOptions {
     /// Check every field against the format rules.
@@ -244,6 +278,35 @@ mod tests {
             let p = super::super::prepare_replace(&o, 0, &data).unwrap();
             assert_eq!(p.op_count(), o.replace_records(n), "{n} blocks");
         }
+    }
+
+    #[test]
+    fn compression_option_is_parsed_strictly() {
+        let ok = |s: &str| parse_compression_option(s).unwrap().to_string();
+        assert_eq!(ok("none"), "none");
+        assert_eq!(ok("lz4"), "lz4");
+        assert_eq!(ok("zstd,19"), "zstd,19");
+        assert_eq!(ok("gz,1"), "gz,1");
+        assert_eq!(ok("brotli"), "brotli");
+        for bad in [
+            "", "  ", "lz4,5", "none,1", "zstd,99", "gz,x", "lzma", "lz4,",
+        ] {
+            let e = parse_compression_option(bad).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    WriteError::InvalidOption {
+                        option: "compression",
+                        ..
+                    }
+                ),
+                "{bad:?}: {e}"
+            );
+        }
+        let msg = parse_compression_option("lz4,5").unwrap_err().to_string();
+        assert!(msg.contains("take no level"), "{msg}");
+        let msg = parse_compression_option("").unwrap_err().to_string();
+        assert!(msg.contains("empty"), "{msg}");
     }
 
     #[test]

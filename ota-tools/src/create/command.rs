@@ -24,6 +24,7 @@ use super::classify::ClassifyOptions;
 use super::image::{BlockImage, ImageError};
 use super::plan::{build_plan, OpCounts, Plan, PlanError, PlanOptions, PlannedOp, Stage};
 use super::BLOCK_SIZE;
+use crate::interrupt::PendingTemp;
 use crate::progress::Progress;
 use crate::sparse::ImageSource;
 
@@ -39,7 +40,8 @@ pub struct CreateOptions {
     pub compression: Compression,
     /// v3 compression factor in bytes (ignored for v2).
     pub compression_factor: u32,
-    /// Worker threads; `None` = all cores.
+    /// Worker threads; `None` = one per CPU. At most [`max_threads`]: the work is CPU-bound,
+    /// so more threads only cost memory and scheduling.
     pub threads: Option<usize>,
 }
 
@@ -76,6 +78,16 @@ pub enum CreateError {
         path: PathBuf,
         /// Underlying error.
         source: io::Error,
+    },
+    /// The requested thread count is 0 or more than [`max_threads`].
+    #[error("--threads {requested}: give 1 to {max} (twice the {cpus} CPUs, at least 4)")]
+    ThreadCount {
+        /// Requested threads.
+        requested: usize,
+        /// The largest accepted count.
+        max: usize,
+        /// CPUs available to this process.
+        cpus: usize,
     },
     /// The thread pool could not be built.
     #[error("cannot start {threads} worker threads: {message}")]
@@ -246,6 +258,48 @@ fn write_ops(
     Ok(())
 }
 
+/// CPUs available to this process (at least 1).
+pub fn available_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The most worker threads `create` (and `apply`) accept: twice the CPUs, and at least
+/// [`MIN_THREAD_CAP`]. Both are CPU-bound; beyond this, threads add memory and scheduling,
+/// not speed.
+pub fn max_threads() -> usize {
+    available_cpus().saturating_mul(2).max(MIN_THREAD_CAP)
+}
+
+/// [`max_threads`] never goes below this, so a small machine can still check that the
+/// output does not depend on the thread count.
+pub const MIN_THREAD_CAP: usize = 4;
+
+/// The worker count for `requested` (`None`: one per CPU), or why it is refused.
+pub fn worker_threads(requested: Option<usize>) -> Result<usize, CreateError> {
+    let cpus = available_cpus();
+    match requested {
+        None => Ok(cpus),
+        Some(n) if (1..=max_threads()).contains(&n) => Ok(n),
+        Some(n) => Err(CreateError::ThreadCount {
+            requested: n,
+            max: max_threads(),
+            cpus,
+        }),
+    }
+}
+
+/// The one rule on target images, shared by `create` and `verify`: a whole number of
+/// 4 KiB blocks.
+pub fn check_target_size(target: &impl BlockImage) -> Result<(), PlanError> {
+    if target.len_bytes() % BLOCK_SIZE as u64 != 0 {
+        return Err(PlanError::TargetSize {
+            name: target.name(),
+            len: target.len_bytes(),
+        });
+    }
+    Ok(())
+}
+
 fn output_error(path: &Path) -> impl FnOnce(io::Error) -> CreateError + '_ {
     move |source| CreateError::Output {
         path: path.to_path_buf(),
@@ -254,7 +308,8 @@ fn output_error(path: &Path) -> impl FnOnce(io::Error) -> CreateError + '_ {
 }
 
 /// Runs `create`: turns `source` into `target` as a COW at `output`. On any error no file
-/// is left at `output` (an existing one is untouched) and the temporary file is removed.
+/// is left at `output` (an existing one is untouched) and the temporary file is removed;
+/// with [`crate::interrupt::install`] also when SIGINT, SIGTERM or SIGHUP ends the process.
 pub fn create_cow(
     opts: &CreateOptions,
     source: &Path,
@@ -262,15 +317,10 @@ pub fn create_cow(
     output: &Path,
 ) -> Result<CreateSummary, CreateError> {
     let start = Instant::now();
+    let threads = worker_threads(opts.threads)?;
     let src = ImageSource::open(source)?;
     let tgt = ImageSource::open(target)?;
-    if tgt.len_bytes() % BLOCK_SIZE as u64 != 0 {
-        return Err(PlanError::TargetSize {
-            name: tgt.name(),
-            len: tgt.len_bytes(),
-        }
-        .into());
-    }
+    check_target_size(&tgt)?;
     if let Ok(out_meta) = std::fs::metadata(output) {
         for (role, input) in [("source", source), ("target", target)] {
             if let Ok(m) = std::fs::metadata(input) {
@@ -297,7 +347,7 @@ pub fn create_cow(
         .suffix(".tmp")
         .tempfile_in(&dir)
         .map_err(output_error(output))?;
-    let threads = opts.threads.unwrap_or(0);
+    let pending = PendingTemp::register(tmp.path());
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -365,7 +415,8 @@ pub fn create_cow(
     // tempfile creates 0600; a COW is not secret, give it the usual 0644.
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
         .map_err(output_error(output))?;
-    tmp.persist(output)
+    pending
+        .rename_with(|| tmp.persist(output))
         .map_err(|e| output_error(output)(e.error))?;
     // Make the rename durable; a failure here does not lose data already synced.
     if let Ok(d) = File::open(&dir) {

@@ -393,6 +393,55 @@ impl Default for DaemonConfig {
     }
 }
 
+/// `snapuserd --help`: every flag the daemon accepts, in AOSP's gflags spellings, including
+/// the host-only paths `main.rs` takes out before [`DaemonConfig::parse`].
+pub const DAEMON_USAGE: &str = "\
+Usage: snapuserd [FLAGS]
+       snapuserd -no_socket [FLAGS] MISC,COW,SOURCE[,BASE]...
+       snapuserd -socket_handoff [FLAGS]
+
+The Virtual A/B snapshot daemon (dm-snapshot mode over dm-user). Without -no_socket or
+-socket_handoff it serves AOSP's control protocol on its control socket.
+
+Flags are written as gflags does: -flag, --flag, -flag=VALUE or -flag VALUE; -noFLAG
+turns a boolean flag off; '-' and '_' inside names are the same; -- ends the flags.
+
+  -socket=NAME|PATH       the control socket. A value without '/' is the NAME of a
+                          socket init created for the service (ANDROID_SOCKET_NAME);
+                          default: snapuserd. A value with '/' is a PATH to bind
+                          (hosts, tests), e.g. -socket=/tmp/snapuserd or -socket=./ctl
+  -no_socket              start the MISC,COW,SOURCE[,BASE] handlers given as
+                          arguments, then take the control socket over from the
+                          handoff proxy (init's second stage)
+  -socket_handoff         act as the handoff proxy (service snapuserd_proxy): pass
+                          init's snapuserd socket to the -no_socket daemon and exit
+  -worker_count=N         dm-user worker threads per handler, 1-64 (default: 4)
+  -user_snapshot          accepted for AOSP compatibility; ignored
+  -io_uring               accepted for AOSP compatibility; ignored
+  -o_direct               accepted for AOSP compatibility; ignored
+  -cow_op_merge_size=N    accepted for AOSP compatibility; ignored
+  -h, -help, --help       print this text and exit
+
+Host-only paths (development and tests), instead of Android's fixed ones:
+  -proxy_socket=PATH            the handoff proxy's socket (/dev/socket/snapuserd_proxy)
+  -property_socket=PATH         init's property service (/dev/socket/property_service)
+  -daemon_alive_indicator=PATH  the indicator file (/metadata/ota/daemon-alive-indicator)
+  -dm_user_dir=PATH             where the dm-user nodes appear (/dev/dm-user)
+";
+
+/// Whether the command line asks for [`DAEMON_USAGE`]: `-h`, `-help` or `--help` (also
+/// `--h`) before any `--`.
+pub fn asks_for_help<I, A>(args: I) -> bool
+where
+    I: IntoIterator<Item = A>,
+    A: AsRef<str>,
+{
+    args.into_iter()
+        .map(|a| a.as_ref().to_string())
+        .take_while(|a| a != "--")
+        .any(|a| matches!(a.as_str(), "-h" | "--h" | "-help" | "--help"))
+}
+
 const BOOL_FLAGS: [&str; 5] = [
     "no_socket",
     "socket_handoff",
@@ -555,6 +604,42 @@ mod tests {
 
     fn parse(s: &str) -> Result<Command<'_>, ControlError> {
         Command::parse(s.as_bytes())
+    }
+
+    #[test]
+    fn usage_lists_every_flag_and_help_is_recognised() {
+        for flag in BOOL_FLAGS.iter().chain(VALUE_FLAGS.iter()) {
+            assert!(
+                DAEMON_USAGE.contains(&format!("  -{flag}")),
+                "{flag} missing"
+            );
+        }
+        for host_only in [
+            "proxy_socket",
+            "property_socket",
+            "daemon_alive_indicator",
+            "dm_user_dir",
+        ] {
+            assert!(
+                DAEMON_USAGE.contains(&format!("  -{host_only}=PATH")),
+                "{host_only}"
+            );
+        }
+        assert!(DAEMON_USAGE.contains(&format!("default: {DEFAULT_SOCKET_NAME}")));
+        assert!(DAEMON_USAGE.contains(&format!(
+            "1-{MAX_WORKER_COUNT} (default: {DEFAULT_WORKER_COUNT})"
+        )));
+        for help in [
+            &["-h"][..],
+            &["--help"],
+            &["-help"],
+            &["-worker_count=2", "--h"],
+        ] {
+            assert!(asks_for_help(help), "{help:?}");
+        }
+        for not_help in [&[][..], &["-hx"], &["--", "-h"], &["-socket=-h"]] {
+            assert!(!asks_for_help(not_help), "{not_help:?}");
+        }
     }
 
     #[test]
