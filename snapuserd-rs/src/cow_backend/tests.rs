@@ -599,7 +599,7 @@ fn resume_from_a_cow_with_progress_in_its_header() {
             .open(&f.cow)
             .unwrap();
         let mut ms = cow_format::MergeState::open(rw).unwrap();
-        ms.set_num_merge_ops(4).unwrap();
+        ms.commit_merged(4).unwrap();
     }
     let (origin, snap) = boot(&f, &CrashClock::never());
     let snap = snap.unwrap();
