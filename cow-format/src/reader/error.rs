@@ -122,6 +122,24 @@ pub enum ReadError {
         /// What was computed.
         what: &'static str,
     },
+    /// An op position past the end of the op list.
+    #[error("no op at position {position} of the op list")]
+    NoSuchOp {
+        /// Position asked for.
+        position: usize,
+    },
+    /// A block asked of an op that does not produce it.
+    #[error("op {index} produces blocks {first}..+{num_blocks}, not block {block}")]
+    BlockNotInOp {
+        /// File-order op index.
+        index: u64,
+        /// Block asked for.
+        block: u64,
+        /// The op's first block.
+        first: u64,
+        /// The op's block count.
+        num_blocks: u64,
+    },
     /// The block is beyond what the COW can describe (more than 2^32 blocks).
     #[error("op {index}: {what} is out of range")]
     OutOfRange {
