@@ -40,7 +40,7 @@ use crate::reader::{read_header, CowHeader, CowStorage, ReadError};
 #[derive(Debug, Error)]
 pub enum MergeStateError {
     /// The header could not be read or is invalid.
-    #[error("invalid COW header")]
+    #[error(transparent)]
     Header(#[from] ReadError),
     /// An I/O error at a byte offset of the COW file.
     #[error("{op} of {len} bytes at byte {offset} of the COW file failed")]

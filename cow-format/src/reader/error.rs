@@ -11,7 +11,7 @@ use crate::layout::LayoutError;
 #[derive(Debug, Error)]
 pub enum ReadError {
     /// An I/O error (including a file that shrank under the reader).
-    #[error("I/O error reading {len} bytes at byte {offset} of the {what}: {source}")]
+    #[error("reading {len} bytes at byte {offset} of the {what} failed")]
     Io {
         /// Which file: "COW file" or "source image".
         what: &'static str,
@@ -24,10 +24,10 @@ pub enum ReadError {
         source: io::Error,
     },
     /// Could not determine the file size.
-    #[error("cannot determine the size of the COW file: {0}")]
+    #[error("cannot determine the size of the COW file")]
     Size(#[source] io::Error),
     /// The file could not be memory-mapped (`CowReader::open_mapped`).
-    #[error("cannot map the COW file: {0}")]
+    #[error("cannot map the COW file")]
     Map(#[source] io::Error),
     /// A header or record field is invalid.
     #[error(transparent)]
@@ -98,7 +98,7 @@ pub enum ReadError {
         context: String,
     },
     /// A payload failed to decompress.
-    #[error("op {index}: payload at byte {offset}: {source}")]
+    #[error("op {index}: payload at byte {offset} does not decode")]
     Decompress {
         /// File-order op index.
         index: u64,
@@ -121,6 +121,14 @@ pub enum ReadError {
     Overflow {
         /// What was computed.
         what: &'static str,
+    },
+    /// A storage's `visit_at` returned success without calling the visitor.
+    #[error("op {index}: the storage returned without lending the payload at byte {offset}")]
+    PayloadNotLent {
+        /// File-order op index.
+        index: u64,
+        /// Payload file offset.
+        offset: u64,
     },
     /// An op position past the end of the op list.
     #[error("no op at position {position} of the op list")]

@@ -27,7 +27,7 @@ pub use error::ReadError;
 pub use file_storage::CowFileStorage;
 pub use mapped::MappedFile;
 pub use merge::{MergeOrder, MergeOrderOptions, OtherOpsOrder};
-pub use storage::{CowStorage, SourceImage};
+pub use storage::{CowStorage, SourceImage, StorageError};
 
 use crate::compression::{self, CompressionAlgorithm};
 use crate::layout::{
@@ -446,10 +446,9 @@ impl<S: CowStorage> CowReader<S> {
                     .visit_at(op.data_offset, len, &mut Vec::new(), &mut visit),
             })
             .map_err(io_error)?;
-        result.ok_or_else(|| {
-            io_error(std::io::Error::other(
-                "storage returned without lending the payload",
-            ))
+        result.ok_or(ReadError::PayloadNotLent {
+            index: op.index,
+            offset: op.data_offset,
         })
     }
 

@@ -121,7 +121,7 @@ pub enum WriteError {
         label: u64,
     },
     /// Compressing a payload failed.
-    #[error("compressing data for new block {new_block}: {source}")]
+    #[error("compressing data for new block {new_block} failed")]
     Compression {
         /// Target block of the payload.
         new_block: u64,
@@ -130,7 +130,7 @@ pub enum WriteError {
         source: CompressionError,
     },
     /// An on-disk record could not be built.
-    #[error("building the record for op {op_index}: {source}")]
+    #[error("building the record for op {op_index} failed")]
     Layout {
         /// Index of the op record.
         op_index: u64,
@@ -139,7 +139,7 @@ pub enum WriteError {
         source: LayoutError,
     },
     /// Reading metadata of, writing or syncing the output file failed.
-    #[error("I/O error while {what} at byte {offset}: {source}")]
+    #[error("{what} at byte {offset} failed")]
     Io {
         /// What the writer was doing.
         what: &'static str,

@@ -22,7 +22,7 @@ use crate::snapshot::merge_tracker::{MergeStateStore, ScratchState, ScratchWindo
 #[derive(Debug, Error)]
 pub enum CowMergeStoreError {
     /// The header or scratch region is invalid, or reading or writing it failed.
-    #[error("COW merge state")]
+    #[error(transparent)]
     MergeState(#[from] MergeStateError),
     /// The durable `num_merge_ops` names more entries than the merge order has.
     #[error("durable num_merge_ops {num_merge_ops} exceeds the {entries} merge-order entries")]

@@ -76,10 +76,10 @@ pub enum CowPlanError {
         entries: usize,
     },
     /// The core refused the expanded plan (ordered after unordered, duplicates, overflow).
-    #[error("the expanded merge plan is invalid")]
+    #[error(transparent)]
     Plan(#[from] MergePlanError),
     /// The reader failed.
-    #[error("reading the COW failed")]
+    #[error(transparent)]
     Read(#[from] ReadError),
 }
 
