@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io;
 
 use super::mapped::MappedFile;
-use super::storage::{CowStorage, SourceImage};
+use super::storage::{forward_storage, CowStorage, SourceImage};
 
 /// A COW file's storage: mapped, or read with `pread`.
 #[derive(Debug)]
@@ -45,38 +45,19 @@ impl CowFileStorage {
     }
 }
 
-impl SourceImage for CowFileStorage {
-    fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> io::Result<()> {
+impl CowFileStorage {
+    /// The storage behind the policy. Mapped: payloads are lent straight from the mapping
+    /// (guarded: a shrunk file is an error, see [`MappedFile`]); `pread`: read into the
+    /// caller's staging buffer first.
+    fn inner(&self) -> &dyn CowStorage {
         match self {
-            CowFileStorage::Mapped(m) => SourceImage::read_exact_at(m, buf, byte_offset),
-            CowFileStorage::Pread(f) => SourceImage::read_exact_at(f, buf, byte_offset),
+            CowFileStorage::Mapped(m) => m,
+            CowFileStorage::Pread(f) => f,
         }
     }
 }
 
-impl CowStorage for CowFileStorage {
-    fn size(&self) -> io::Result<u64> {
-        match self {
-            CowFileStorage::Mapped(m) => m.size(),
-            CowFileStorage::Pread(f) => f.size(),
-        }
-    }
-
-    /// Mapped: the bytes are lent straight from the mapping (guarded: a shrunk file is an
-    /// error, see [`MappedFile`]). `pread`: read into `staging` first.
-    fn visit_at(
-        &self,
-        byte_offset: u64,
-        len: usize,
-        staging: &mut Vec<u8>,
-        visit: &mut dyn FnMut(&[u8]),
-    ) -> io::Result<()> {
-        match self {
-            CowFileStorage::Mapped(m) => m.visit_at(byte_offset, len, staging, visit),
-            CowFileStorage::Pread(f) => f.visit_at(byte_offset, len, staging, visit),
-        }
-    }
-}
+forward_storage!(impl[][] CowFileStorage, |s| s.inner());
 
 #[cfg(test)]
 mod tests {

@@ -134,10 +134,20 @@ pub(crate) fn read_at<S: SourceImage + ?Sized>(
     buf: &mut [u8],
     offset: u64,
 ) -> Result<(), ReadError> {
+    read_exact_from("COW file", storage, buf, offset)
+}
+
+/// Read exactly `buf.len()` bytes of `what` ("COW file", "source image") at `offset`.
+pub(crate) fn read_exact_from<S: SourceImage + ?Sized>(
+    what: &'static str,
+    storage: &S,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<(), ReadError> {
     storage
         .read_exact_at(buf, offset)
         .map_err(|source| ReadError::Io {
-            what: "COW file",
+            what,
             offset,
             len: buf.len() as u64,
             source,

@@ -146,14 +146,7 @@ pub(super) fn read_source(
     buf: &mut [u8],
     offset: u64,
 ) -> Result<(), ReadError> {
-    source
-        .read_exact_at(buf, offset)
-        .map_err(|e| ReadError::Io {
-            what: "source image",
-            offset,
-            len: buf.len() as u64,
-            source: e,
-        })
+    super::read_exact_from("source image", source, buf, offset)
 }
 
 /// XOR `out` with the source bytes from byte `offset` on.

@@ -167,6 +167,7 @@ macro_rules! forward_storage {
         }
     };
 }
+pub(crate) use forward_storage;
 
 impl SourceImage for [u8] {
     fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> io::Result<()> {
