@@ -56,14 +56,14 @@ pub enum ReadError {
         last: Option<u64>,
     },
     /// An op is inconsistent with the file or with other ops.
-    #[error("op {index} (at byte {offset}): {reason}")]
+    #[error("op {index} (at byte {offset}): {problem}")]
     BadOp {
         /// File-order op index.
         index: u64,
         /// Byte offset of the op record.
         offset: u64,
         /// What is wrong.
-        reason: String,
+        problem: OpProblem,
     },
     /// A merge-sequence entry names a block no op writes.
     #[error("merge sequence entry {entry} names block {block}, which no op writes")]
@@ -90,12 +90,12 @@ pub enum ReadError {
         found: u8,
     },
     /// Unknown compression algorithm id.
-    #[error("unknown compression algorithm {id} {context}")]
+    #[error("unknown compression algorithm {id} in {place}")]
     UnknownCompression {
         /// The id found.
         id: u32,
         /// Where it was found.
-        context: String,
+        place: CompressionPlace,
     },
     /// A payload failed to decompress.
     #[error("op {index}: payload at byte {offset} does not decode")]
@@ -155,5 +155,77 @@ pub enum ReadError {
         index: u64,
         /// What is out of range.
         what: &'static str,
+    },
+}
+
+/// What is wrong with an op ([`ReadError::BadOp`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum OpProblem {
+    /// A v3 resume point names an op past the op area.
+    #[error("resume point for label {label} names op index {op_index} beyond op_count_max {op_count_max}")]
+    ResumePointBeyondMax {
+        /// The label.
+        label: u64,
+        /// Op index it names.
+        op_index: u64,
+        /// The header's `op_count_max`.
+        op_count_max: u64,
+    },
+    /// A v3 REPLACE whose source is not where the payloads so far end.
+    #[error("REPLACE source {found} is not the running data offset {expected}")]
+    ReplaceSourceMismatch {
+        /// Source field.
+        found: u64,
+        /// Running data offset.
+        expected: u64,
+    },
+    /// A payload placed before the op area.
+    #[error("{what} at byte {payload_offset} lies before the op area ({min_offset})")]
+    PayloadBeforeOpArea {
+        /// Which payload.
+        what: &'static str,
+        /// Its offset.
+        payload_offset: u64,
+        /// First byte allowed.
+        min_offset: u64,
+    },
+    /// An uncompressed payload whose length is not the op's size.
+    #[error("uncompressed payload of {len} bytes, expected {expected}")]
+    RawPayloadSize {
+        /// Payload length.
+        len: u64,
+        /// Bytes expected.
+        expected: u64,
+    },
+    /// An op type no data or metadata op has.
+    #[error("unexpected op type {op_type}")]
+    UnexpectedType {
+        /// The type byte.
+        op_type: u8,
+    },
+    /// A payload asked of an op kind that has none.
+    #[error("{kind} op has no payload")]
+    NoPayload {
+        /// Op kind name.
+        kind: &'static str,
+    },
+}
+
+/// Where a compression algorithm id was read ([`ReadError::UnknownCompression`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum CompressionPlace {
+    /// The v3 header's `compression_algorithm` (byte 70).
+    #[error("the v3 header (byte 70)")]
+    V3Header,
+    /// The compression byte the v2 ops share.
+    #[error("the v2 op compression byte")]
+    V2Ops,
+    /// One v2 op record.
+    #[error("op {index} at byte {offset}")]
+    Op {
+        /// File-order op index.
+        index: u64,
+        /// Byte offset of the record.
+        offset: u64,
     },
 }

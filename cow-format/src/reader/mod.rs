@@ -23,7 +23,7 @@ use std::cell::RefCell;
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use error::ReadError;
+pub use error::{CompressionPlace, OpProblem, ReadError};
 pub use file_storage::CowFileStorage;
 pub use mapped::MappedFile;
 pub use merge::{MergeOrder, MergeOrderOptions, OtherOpsOrder};
@@ -427,7 +427,9 @@ impl<S: CowStorage> CowReader<S> {
             return Err(ReadError::BadOp {
                 index: op.index,
                 offset: op.data_offset,
-                reason: format!("{} op has no payload", op.kind.name()),
+                problem: OpProblem::NoPayload {
+                    kind: op.kind.name(),
+                },
             });
         }
         let len = op.data_length as usize;
