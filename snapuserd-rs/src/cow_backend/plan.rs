@@ -259,4 +259,44 @@ pub(crate) mod tests {
         assert_eq!(m.entries_for_planned(5), 2);
         assert_eq!(m.entries_for_planned(6), 3);
     }
+
+    #[test]
+    fn planned_ops_name_the_cow_op_that_produces_them() {
+        use cow_format::{CowVersion, CowWriter, WriterOptions};
+        let file = tempfile::tempfile().unwrap();
+        let opts = WriterOptions {
+            version: CowVersion::V3,
+            op_count_max: Some(16),
+            compression_factor: 16384,
+            ..WriterOptions::default()
+        };
+        let mut w = CowWriter::create(file.try_clone().unwrap(), opts).unwrap();
+        w.add_copy(40, 2).unwrap();
+        w.add_xor(41, &[1u8; 4096], 4096 * 3 + 17).unwrap();
+        w.add_replace(10, &[7u8; 4 * 4096]).unwrap();
+        w.add_zero(30, 1).unwrap();
+        w.finalize().unwrap();
+        let reader = CowReader::open(file).unwrap();
+        let built = CowMergePlan::build(&reader).unwrap();
+        let plan = &built.plan;
+        assert_eq!(plan.len(), 7, "the 4-block REPLACE is expanded");
+        for op in plan.ops() {
+            let cow = &reader.ops()[op.cow_op as usize];
+            assert!(cow.covers(op.new_block), "{op:?} names {cow:?}");
+            assert_eq!(cow.kind, op.kind);
+        }
+        let replace: Vec<u64> = plan
+            .ops()
+            .iter()
+            .filter(|o| o.kind == OpKind::Replace)
+            .map(|o| o.new_block)
+            .collect();
+        assert_eq!(
+            replace,
+            [13, 12, 11, 10],
+            "descending, like the entries around it"
+        );
+        let xor = plan.ops().iter().find(|o| o.kind == OpKind::Xor).unwrap();
+        assert_eq!(xor.source, 4096 * 3 + 17);
+    }
 }
