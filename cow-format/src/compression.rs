@@ -17,6 +17,7 @@ use std::cell::RefCell;
 use std::fmt;
 use std::io::Read;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use thiserror::Error;
 
@@ -181,21 +182,38 @@ pub enum CompressionError {
     #[error("unknown compression algorithm id {0}")]
     UnknownAlgorithm(u32),
     /// The compressor failed.
-    #[error("{algorithm} compression failed: {reason}")]
+    #[error("{algorithm} compression failed")]
     Compress {
         /// Algorithm.
         algorithm: CompressionAlgorithm,
-        /// Why.
-        reason: String,
+        /// The codec's error.
+        #[source]
+        source: CodecError,
     },
     /// The payload is not a valid stream for the algorithm.
-    #[error("{algorithm} payload is corrupt: {reason}")]
+    #[error("{algorithm} payload is corrupt")]
     Corrupt {
         /// Algorithm.
         algorithm: CompressionAlgorithm,
-        /// Why.
-        reason: String,
+        /// The codec's error.
+        #[source]
+        source: CodecError,
     },
+    /// A brotli stream whose window is larger than AOSP's 22 bits (or the large-window
+    /// extension): decoding it could allocate more than 4 MiB.
+    #[error("brotli stream declares a window of {bits:?} bits (at most {max} accepted)")]
+    BrotliWindow {
+        /// Window bits declared (`None`: empty stream or large-window marker).
+        bits: Option<u32>,
+        /// Largest window accepted.
+        max: u32,
+    },
+    /// The zlib decoder reported a position outside its buffers.
+    #[error("gz decoder position out of range")]
+    ZlibPosition,
+    /// This thread's zstd decompression context could not be kept.
+    #[error("no zstd decompression context")]
+    NoZstdContext,
     /// The payload decoded to a different size than declared.
     #[error("{algorithm} payload decoded to {got} bytes, expected {expected}")]
     SizeMismatch {
@@ -215,6 +233,37 @@ pub enum CompressionError {
         expected: usize,
     },
 }
+
+/// A codec library's own error, shared so that [`CompressionError`] stays `Clone`. Two are
+/// equal when they print the same.
+#[derive(Debug, Clone)]
+pub struct CodecError(Arc<dyn std::error::Error + Send + Sync>);
+
+impl CodecError {
+    fn new(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        CodecError(Arc::new(e))
+    }
+}
+
+impl fmt::Display for CodecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for CodecError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl PartialEq for CodecError {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for CodecError {}
 
 /// Compress `input` with `algorithm` at `level` (None = default), appending
 /// the stored stream to `out`. zstd uses a window of the smallest power of two
@@ -249,18 +298,21 @@ pub fn compress_with_window(
 ) -> Result<(), CompressionError> {
     let level = level.unwrap_or_else(|| algorithm.default_level());
     algorithm.check_level(level)?;
-    let fail = |reason: String| CompressionError::Compress { algorithm, reason };
+    let fail = |e: CodecError| CompressionError::Compress {
+        algorithm,
+        source: e,
+    };
     match algorithm {
         CompressionAlgorithm::None => out.extend_from_slice(input),
         CompressionAlgorithm::Gz => {
             // Level is 0..=9 (checked above).
-            let level = u32::try_from(level).map_err(|e| fail(e.to_string()))?;
+            let level = u32::try_from(level).map_err(|e| fail(CodecError::new(e)))?;
             let mut enc = flate2::write::ZlibEncoder::new(
                 std::mem::take(out),
                 flate2::Compression::new(level),
             );
-            std::io::Write::write_all(&mut enc, input).map_err(|e| fail(e.to_string()))?;
-            *out = enc.finish().map_err(|e| fail(e.to_string()))?;
+            std::io::Write::write_all(&mut enc, input).map_err(|e| fail(CodecError::new(e)))?;
+            *out = enc.finish().map_err(|e| fail(CodecError::new(e)))?;
         }
         CompressionAlgorithm::Brotli => {
             let params = brotli::enc::BrotliEncoderParams {
@@ -271,14 +323,15 @@ pub fn compress_with_window(
                 ..Default::default()
             };
             let mut reader = input;
-            brotli::BrotliCompress(&mut reader, out, &params).map_err(|e| fail(e.to_string()))?;
+            brotli::BrotliCompress(&mut reader, out, &params)
+                .map_err(|e| fail(CodecError::new(e)))?;
         }
         CompressionAlgorithm::Lz4 => {
             let start = out.len();
             let bound = lz4_flex::block::get_maximum_output_size(input.len());
             out.resize(start + bound, 0);
             let n = lz4_flex::block::compress_into(input, &mut out[start..])
-                .map_err(|e| fail(e.to_string()))?;
+                .map_err(|e| fail(CodecError::new(e)))?;
             out.truncate(start + n);
         }
         CompressionAlgorithm::Zstd => {
@@ -287,19 +340,19 @@ pub fn compress_with_window(
                 None => usize::BITS - input.len().saturating_sub(1).leading_zeros(),
             }
             .clamp(ZSTD_MIN_WINDOW_LOG, ZSTD_MAX_WINDOW_LOG);
-            let mut c = zstd::bulk::Compressor::new(level).map_err(|e| fail(e.to_string()))?;
+            let mut c = zstd::bulk::Compressor::new(level).map_err(|e| fail(CodecError::new(e)))?;
             use zstd::zstd_safe::CParameter;
             c.set_parameter(CParameter::WindowLog(window))
-                .map_err(|e| fail(e.to_string()))?;
+                .map_err(|e| fail(CodecError::new(e)))?;
             c.set_parameter(CParameter::ContentSizeFlag(true))
-                .map_err(|e| fail(e.to_string()))?;
+                .map_err(|e| fail(CodecError::new(e)))?;
             c.set_parameter(CParameter::ChecksumFlag(false))
-                .map_err(|e| fail(e.to_string()))?;
+                .map_err(|e| fail(CodecError::new(e)))?;
             let start = out.len();
             out.resize(start + zstd::zstd_safe::compress_bound(input.len()), 0);
             let n = c
                 .compress_to_buffer(input, &mut out[start..])
-                .map_err(|e| fail(e.to_string()))?;
+                .map_err(|e| fail(CodecError::new(e)))?;
             out.truncate(start + n);
         }
     }
@@ -321,7 +374,10 @@ pub fn decompress(
     out: &mut [u8],
 ) -> Result<(), CompressionError> {
     let expected = out.len();
-    let corrupt = |reason: String| CompressionError::Corrupt { algorithm, reason };
+    let corrupt = |e: CodecError| CompressionError::Corrupt {
+        algorithm,
+        source: e,
+    };
     let short = |got: usize| CompressionError::SizeMismatch {
         algorithm,
         got,
@@ -338,8 +394,8 @@ pub fn decompress(
             out.copy_from_slice(input);
         }
         CompressionAlgorithm::Lz4 => {
-            let n =
-                lz4_flex::block::decompress_into(input, out).map_err(|e| corrupt(e.to_string()))?;
+            let n = lz4_flex::block::decompress_into(input, out)
+                .map_err(|e| corrupt(CodecError::new(e)))?;
             if n != expected {
                 return Err(short(n));
             }
@@ -349,18 +405,18 @@ pub fn decompress(
                 let mut slot = cell.borrow_mut();
                 if slot.is_none() {
                     let mut d =
-                        zstd::bulk::Decompressor::new().map_err(|e| corrupt(e.to_string()))?;
+                        zstd::bulk::Decompressor::new().map_err(|e| corrupt(CodecError::new(e)))?;
                     d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
                         ZSTD_MAX_WINDOW_LOG,
                     ))
-                    .map_err(|e| corrupt(e.to_string()))?;
+                    .map_err(|e| corrupt(CodecError::new(e)))?;
                     *slot = Some(d);
                 }
                 match slot.as_mut() {
                     Some(d) => d
                         .decompress_to_buffer(input, out)
-                        .map_err(|e| corrupt(e.to_string())),
-                    None => Err(corrupt("zstd context unavailable".into())),
+                        .map_err(|e| corrupt(CodecError::new(e))),
+                    None => Err(CompressionError::NoZstdContext),
                 }
             })?;
             if n != expected {
@@ -375,9 +431,10 @@ pub fn decompress(
             match brotli_window_bits(input) {
                 Some(bits) if bits <= BROTLI_WINDOW => {}
                 other => {
-                    return Err(corrupt(format!(
-                        "brotli window of {other:?} bits (at most {BROTLI_WINDOW} accepted)"
-                    )))
+                    return Err(CompressionError::BrotliWindow {
+                        bits: other,
+                        max: BROTLI_WINDOW,
+                    })
                 }
             }
             let mut dec = brotli::Decompressor::new(input, 4096);
@@ -387,7 +444,7 @@ pub fn decompress(
                     Ok(0) => return Err(short(filled)),
                     Ok(n) => filled += n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(corrupt(e.to_string())),
+                    Err(e) => return Err(corrupt(CodecError::new(e))),
                 }
             }
         }
@@ -423,10 +480,7 @@ fn inflate_zlib(input: &[u8], out: &mut [u8]) -> Result<(), CompressionError> {
         let in_pos = usize::try_from(z.total_in()).unwrap_or(usize::MAX);
         let out_pos = usize::try_from(z.total_out()).unwrap_or(usize::MAX);
         let (Some(src), Some(dst)) = (input.get(in_pos..), out.get_mut(out_pos..)) else {
-            return Err(CompressionError::Corrupt {
-                algorithm,
-                reason: "decoder position out of range".into(),
-            });
+            return Err(CompressionError::ZlibPosition);
         };
         if dst.is_empty() {
             return Ok(());
@@ -435,7 +489,7 @@ fn inflate_zlib(input: &[u8], out: &mut [u8]) -> Result<(), CompressionError> {
             .decompress(src, dst, flate2::FlushDecompress::None)
             .map_err(|e| CompressionError::Corrupt {
                 algorithm,
-                reason: e.to_string(),
+                source: CodecError::new(e),
             })?;
         let new_out = usize::try_from(z.total_out()).unwrap_or(usize::MAX);
         let new_in = usize::try_from(z.total_in()).unwrap_or(usize::MAX);
@@ -658,11 +712,32 @@ mod tests {
             brotli::BrotliCompress(&mut &input[..], &mut c, &params).unwrap();
             assert_eq!(brotli_window_bits(&c), Some(lgwin as u32), "lgwin {lgwin}");
             let mut out = vec![0u8; 4096];
-            assert_eq!(
-                decompress(CompressionAlgorithm::Brotli, &c, &mut out).is_ok(),
-                ok,
-                "lgwin {lgwin}"
+            let result = decompress(CompressionAlgorithm::Brotli, &c, &mut out);
+            assert_eq!(result.is_ok(), ok, "lgwin {lgwin}");
+            if !ok {
+                assert_eq!(
+                    result,
+                    Err(CompressionError::BrotliWindow {
+                        bits: Some(lgwin as u32),
+                        max: 22
+                    })
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn corrupt_payloads_keep_the_codec_error_as_their_source() {
+        use std::error::Error as _;
+        let mut out = vec![0u8; 4096];
+        for a in [CompressionAlgorithm::Lz4, CompressionAlgorithm::Zstd] {
+            let err = decompress(a, &[0xFF; 64], &mut out).unwrap_err();
+            assert!(
+                matches!(&err, CompressionError::Corrupt { algorithm, .. } if *algorithm == a),
+                "{err:?}"
             );
+            let cause = err.source().expect("the codec error is the source");
+            assert!(!err.to_string().contains(&cause.to_string()), "{err}");
         }
     }
 

@@ -60,6 +60,16 @@ pub const MAX_COMPRESSION_FACTOR: u32 = 256 * 1024;
 pub const MAX_COMPRESSION_SHIFT: u8 = 6;
 /// Byte offset of `num_merge_ops` in every header.
 pub const NUM_MERGE_OPS_OFFSET: u64 = 26;
+/// Blocks one read-ahead window holds in the default scratch region (2 MiB, 4 KiB blocks):
+/// the data area after the 8 KiB metadata area, 510 blocks. The metadata list (511 entries
+/// from `header_size + 1`) holds them plus the all-zero terminator.
+pub const READ_AHEAD_WINDOW_BLOCKS: usize = (BUFFER_REGION_DEFAULT_SIZE as usize
+    - BUFFER_REGION_DEFAULT_SIZE as usize / DEFAULT_BLOCK_SIZE as usize * SCRATCH_METADATA_SIZE)
+    / DEFAULT_BLOCK_SIZE as usize;
+/// Largest byte offset (exclusive) a single write may span and stay atomic: a window commit
+/// rewrites header bytes `0..=header_size` (`num_merge_ops` and the state byte) in one
+/// write, which must stay inside the first sector.
+pub const ATOMIC_WRITE_SECTOR: u64 = 512;
 /// Largest new_block a v2 op may carry (AOSP translates it to 32 bits).
 pub const MAX_NEW_BLOCK: u64 = u32::MAX as u64;
 /// Bit width of an op's `source` value.
@@ -1073,6 +1083,21 @@ impl ScratchLayout {
     pub fn max_entries(&self) -> u64 {
         (self.data_offset - self.metadata_offset) / SCRATCH_METADATA_SIZE as u64
     }
+
+    /// Blocks of `block_size` bytes one read-ahead window holds: limited by the data area
+    /// and by the metadata list, which keeps room for its all-zero terminator.
+    /// [`READ_AHEAD_WINDOW_BLOCKS`] for the default region.
+    pub fn window_capacity(&self, block_size: u32) -> u64 {
+        let data_blocks = (self.end - self.data_offset) / u64::from(block_size.max(1));
+        data_blocks.min(self.max_entries().saturating_sub(1))
+    }
+
+    /// File offset of window slot `slot` (blocks of `block_size` bytes from the data
+    /// area's start); `None` past the window capacity.
+    pub fn slot_offset(&self, slot: u64, block_size: u32) -> Option<u64> {
+        (slot < self.window_capacity(block_size))
+            .then(|| self.data_offset + slot * u64::from(block_size))
+    }
 }
 
 #[cfg(test)]
@@ -1301,6 +1326,10 @@ mod tests {
         assert_eq!(l.data_offset, 38 + 8192);
         assert_eq!(l.end, 38 + 2 * 1024 * 1024);
         assert_eq!(l.max_entries(), 511);
+        assert_eq!(l.window_capacity(4096) as usize, READ_AHEAD_WINDOW_BLOCKS);
+        assert_eq!(READ_AHEAD_WINDOW_BLOCKS, 510);
+        assert_eq!(l.slot_offset(509, 4096), Some(l.end - 4096));
+        assert_eq!(l.slot_offset(510, 4096), None);
         assert!(ScratchLayout::new(38, 0).is_none());
         assert_eq!(BufferState::from_u8(2), Some(BufferState::Done));
         assert_eq!(BufferState::from_u8(3), None);

@@ -1,19 +1,26 @@
-//! Durable, in-place updates of a COW file's merge state (fact sheet §5.3, §6.3):
-//! the header's `num_merge_ops` and the scratch region (read-ahead state byte,
-//! metadata list, read-ahead data).
+//! Durable merge state of a COW file (fact sheet §5.3, §6.3): the header's `num_merge_ops`
+//! and the scratch region (read-ahead state byte, metadata list, window data).
 //!
-//! Every mutating call writes with `pwrite` and then `fdatasync`s the file
-//! before it returns, so a successful return means the bytes are on stable
-//! storage. The order of calls is the caller's crash protocol; snapuserd's is:
+//! [`MergeState`] owns the durable operations a merging daemon performs, each written with
+//! `pwrite` and `fdatasync`ed before it returns, so `Ok` means the bytes are on stable
+//! storage:
 //!
-//! 1. [`MergeState::write_scratch_data`] for each read-ahead block, then
-//!    [`MergeState::write_scratch_metadata`] with the list of saved blocks;
-//! 2. [`MergeState::set_buffer_state`]`(Done)`;
-//! 3. merge the blocks, then [`MergeState::set_num_merge_ops`] with the new
-//!    count and [`MergeState::set_buffer_state`]`(InProgress)`.
+//! * [`MergeState::write_window`]: save a read-ahead window. The data slots and the metadata
+//!   list (zero-terminated) are written and synced ([`MergeState::stage_window`]), then the
+//!   state byte is set to Done and synced ([`MergeState::mark_window_done`]). A crash between
+//!   the two leaves the previous state, never a Done window with missing bytes.
+//! * [`MergeState::commit_window`]: `num_merge_ops` and state InProgress in **one** write of
+//!   header bytes `0..=header_size` (inside the first sector, so it is atomic) and one sync.
+//! * [`MergeState::commit_merged`]: `num_merge_ops` alone (8 bytes at offset 26), synced: the
+//!   commit of a COW without scratch, and of ops whose replay is harmless.
 //!
-//! Only these byte ranges are ever written; the op area and payloads are never
-//! touched. The header is validated once at open time.
+//! Reading back: [`MergeState::progress`] (both durable values) and
+//! [`MergeState::read_window`]. A window holds at most [`MergeState::window_capacity`]
+//! blocks ([`READ_AHEAD_WINDOW_BLOCKS`] for the default region), stored in consecutive slots
+//! from the start of the data area.
+//!
+//! Only these byte ranges are ever written; the op area and payloads are never touched. The
+//! header and the scratch region's bounds are validated once, at open.
 
 use std::fs::File;
 use std::io;
@@ -21,8 +28,11 @@ use std::os::unix::fs::FileExt;
 
 use thiserror::Error;
 
+#[cfg(doc)]
+use crate::layout::READ_AHEAD_WINDOW_BLOCKS;
 use crate::layout::{
-    BufferState, ScratchLayout, ScratchMetadata, NUM_MERGE_OPS_OFFSET, SCRATCH_METADATA_SIZE,
+    BufferState, ScratchLayout, ScratchMetadata, ATOMIC_WRITE_SECTOR, NUM_MERGE_OPS_OFFSET,
+    SCRATCH_METADATA_SIZE,
 };
 use crate::reader::{read_header, CowHeader, CowStorage, ReadError};
 
@@ -30,10 +40,10 @@ use crate::reader::{read_header, CowHeader, CowStorage, ReadError};
 #[derive(Debug, Error)]
 pub enum MergeStateError {
     /// The header could not be read or is invalid.
-    #[error("invalid COW header: {0}")]
+    #[error(transparent)]
     Header(#[from] ReadError),
-    /// An I/O error at a byte offset.
-    #[error("{op} of {len} bytes at byte {offset} failed: {source}")]
+    /// An I/O error at a byte offset of the COW file.
+    #[error("{op} of {len} bytes at byte {offset} of the COW file failed")]
     Io {
         /// "read", "write" or "sync".
         op: &'static str,
@@ -48,6 +58,14 @@ pub enum MergeStateError {
     /// The file has no scratch region (buffer_size 0).
     #[error("the COW file has no scratch region (buffer_size is 0)")]
     NoScratch,
+    /// The header is too large for the one-sector window commit.
+    #[error(
+        "COW header of {header_size} bytes puts the scratch state byte outside the first sector"
+    )]
+    HeaderTooLarge {
+        /// Header size.
+        header_size: u64,
+    },
     /// The state byte holds an undefined value.
     #[error("scratch state byte at byte {offset} is {value}, expected 0, 1 or 2")]
     BadBufferState {
@@ -56,40 +74,70 @@ pub enum MergeStateError {
         /// Value found.
         value: u8,
     },
-    /// More metadata entries than the metadata area holds.
-    #[error("{count} scratch metadata entries do not fit (at most {max})")]
-    TooManyEntries {
-        /// Entries given.
-        count: usize,
-        /// Capacity.
-        max: u64,
+    /// A window larger than the scratch region holds (given, or found on disk without a
+    /// terminator).
+    #[error("a read-ahead window of {blocks} blocks exceeds the scratch capacity of {capacity}")]
+    WindowTooLarge {
+        /// Blocks given or found.
+        blocks: usize,
+        /// Capacity in blocks.
+        capacity: u64,
     },
-    /// A metadata entry points outside the scratch data area.
-    #[error("scratch metadata entry {index}: file offset {file_offset} is not a block inside the scratch data area [{start}, {end})")]
+    /// A metadata entry on disk points outside the scratch data area or between blocks.
+    #[error("scratch metadata entry {index} (block {new_block}): file offset {file_offset} is not a block of the data area [{start}, {end})")]
     BadScratchOffset {
         /// Entry index.
         index: usize,
+        /// The entry's block.
+        new_block: u64,
         /// The offset.
         file_offset: u64,
         /// Start of the data area.
         start: u64,
-        /// End of the data area.
+        /// End of the window slots.
         end: u64,
     },
-    /// An all-zero entry in the middle of a list (it would end the list early).
-    #[error("scratch metadata entry {index} is all zeroes, which terminates the list")]
-    TerminatorEntry {
-        /// Entry index.
-        index: usize,
-    },
-    /// A buffer of the wrong length.
-    #[error("buffer is {got} bytes, expected {expected}")]
-    BufferSize {
-        /// Given.
+    /// Window data whose length is not one block per listed block.
+    #[error("a window of {blocks} blocks carries {got} data bytes, expected {expected}")]
+    WindowDataSize {
+        /// Blocks listed.
+        blocks: usize,
+        /// Bytes given.
         got: usize,
-        /// Expected.
+        /// Bytes expected.
         expected: u64,
     },
+}
+
+impl From<MergeStateError> for io::Error {
+    /// An `io::Error` carrying the typed error (as its inner error); the kind is the
+    /// underlying OS error's for I/O failures, `InvalidData` otherwise.
+    fn from(e: MergeStateError) -> Self {
+        let kind = match &e {
+            MergeStateError::Io { source, .. } => source.kind(),
+            MergeStateError::Header(ReadError::Io { source, .. }) => source.kind(),
+            _ => io::ErrorKind::InvalidData,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+/// A read-ahead window: the blocks whose source bytes were saved, and those bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ScratchWindow {
+    /// `new_block` of each saved op, in merge order.
+    pub new_blocks: Vec<u64>,
+    /// One block of saved bytes per entry of `new_blocks`, concatenated in the same order.
+    pub data: Vec<u8>,
+}
+
+/// Both durable merge-progress values, read together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurableProgress {
+    /// The header's `num_merge_ops` (merge-order entries merged).
+    pub num_merge_ops: u64,
+    /// The scratch state byte; `NotStarted` for a file without scratch region.
+    pub state: BufferState,
 }
 
 /// Handle on a COW file opened read-write for merge-state updates.
@@ -101,8 +149,9 @@ pub struct MergeState {
 }
 
 impl MergeState {
-    /// Validate the header of `file` (opened read-write) and locate the
-    /// `num_merge_ops` field and the scratch region.
+    /// Validate the header of `file` (opened read-write) and locate the `num_merge_ops`
+    /// field and the scratch region (which must lie inside the file, with its state byte in
+    /// the first sector).
     pub fn open(file: File) -> Result<Self, MergeStateError> {
         let size = file.size().map_err(ReadError::Size)?;
         let header = read_header(&file, size)?;
@@ -117,6 +166,11 @@ impl MergeState {
                 }
                 .into());
             }
+            if s.state_offset >= ATOMIC_WRITE_SECTOR {
+                return Err(MergeStateError::HeaderTooLarge {
+                    header_size: s.state_offset,
+                });
+            }
         }
         Ok(Self {
             file,
@@ -125,8 +179,8 @@ impl MergeState {
         })
     }
 
-    /// The header as validated at open time (its `num_merge_ops` may be stale;
-    /// use [`num_merge_ops`](Self::num_merge_ops)).
+    /// The header as validated at open time (its `num_merge_ops` may be stale: use
+    /// [`progress`](Self::progress)).
     pub fn header(&self) -> &CowHeader {
         &self.header
     }
@@ -134,6 +188,13 @@ impl MergeState {
     /// Scratch region layout, if the file has one.
     pub fn scratch(&self) -> Option<&ScratchLayout> {
         self.scratch.as_ref()
+    }
+
+    /// Blocks one read-ahead window holds; 0 without scratch region.
+    pub fn window_capacity(&self) -> usize {
+        self.scratch.map_or(0, |s| {
+            usize::try_from(s.window_capacity(self.header.block_size())).unwrap_or(usize::MAX)
+        })
     }
 
     /// Give back the file.
@@ -152,7 +213,7 @@ impl MergeState {
             })
     }
 
-    fn write_durably(&self, buf: &[u8], offset: u64) -> Result<(), MergeStateError> {
+    fn write(&self, buf: &[u8], offset: u64) -> Result<(), MergeStateError> {
         self.file
             .write_all_at(buf, offset)
             .map_err(|source| MergeStateError::Io {
@@ -160,8 +221,7 @@ impl MergeState {
                 offset,
                 len: buf.len() as u64,
                 source,
-            })?;
-        self.sync(offset, buf.len() as u64)
+            })
     }
 
     fn sync(&self, offset: u64, len: u64) -> Result<(), MergeStateError> {
@@ -173,145 +233,166 @@ impl MergeState {
         })
     }
 
-    fn scratch_or_err(&self) -> Result<&ScratchLayout, MergeStateError> {
-        self.scratch.as_ref().ok_or(MergeStateError::NoScratch)
+    fn write_durably(&self, buf: &[u8], offset: u64) -> Result<(), MergeStateError> {
+        self.write(buf, offset)?;
+        self.sync(offset, buf.len() as u64)
     }
 
-    /// Read `num_merge_ops` from disk now.
-    pub fn num_merge_ops(&self) -> Result<u64, MergeStateError> {
+    fn scratch_or_err(&self) -> Result<ScratchLayout, MergeStateError> {
+        self.scratch.ok_or(MergeStateError::NoScratch)
+    }
+
+    fn block_size(&self) -> u64 {
+        u64::from(self.header.block_size())
+    }
+
+    /// Read both durable values now.
+    pub fn progress(&self) -> Result<DurableProgress, MergeStateError> {
         let mut b = [0u8; 8];
         self.read(&mut b, NUM_MERGE_OPS_OFFSET)?;
-        Ok(u64::from_le_bytes(b))
-    }
-
-    /// Write `num_merge_ops` (header offset 26) and sync before returning.
-    pub fn set_num_merge_ops(&mut self, value: u64) -> Result<(), MergeStateError> {
-        self.write_durably(&value.to_le_bytes(), NUM_MERGE_OPS_OFFSET)
-    }
-
-    /// Read the scratch state byte.
-    pub fn buffer_state(&self) -> Result<BufferState, MergeStateError> {
-        let s = self.scratch_or_err()?;
-        let mut b = [0u8; 1];
-        self.read(&mut b, s.state_offset)?;
-        BufferState::from_u8(b[0]).ok_or(MergeStateError::BadBufferState {
-            offset: s.state_offset,
-            value: b[0],
+        let state = match self.scratch {
+            None => BufferState::NotStarted,
+            Some(s) => {
+                let mut byte = [0u8; 1];
+                self.read(&mut byte, s.state_offset)?;
+                BufferState::from_u8(byte[0]).ok_or(MergeStateError::BadBufferState {
+                    offset: s.state_offset,
+                    value: byte[0],
+                })?
+            }
+        };
+        Ok(DurableProgress {
+            num_merge_ops: u64::from_le_bytes(b),
+            state,
         })
     }
 
-    /// Write the scratch state byte and sync before returning.
-    pub fn set_buffer_state(&mut self, state: BufferState) -> Result<(), MergeStateError> {
-        let off = self.scratch_or_err()?.state_offset;
-        self.write_durably(&[state.as_u8()], off)
+    /// Set `num_merge_ops` (8 bytes at header offset 26) and sync: the commit of a COW
+    /// without scratch region, and of ops whose replay after a crash is harmless. The
+    /// scratch state is left as it is.
+    pub fn commit_merged(&mut self, num_merge_ops: u64) -> Result<(), MergeStateError> {
+        self.write_durably(&num_merge_ops.to_le_bytes(), NUM_MERGE_OPS_OFFSET)
     }
 
-    fn check_data_offset(&self, index: usize, file_offset: u64) -> Result<(), MergeStateError> {
+    /// Set `num_merge_ops` and state InProgress with one write of header bytes
+    /// `0..=header_size` (all inside the first sector, checked at open) and sync: the
+    /// window's ops are merged and its saved bytes are no longer needed.
+    pub fn commit_window(&mut self, num_merge_ops: u64) -> Result<(), MergeStateError> {
         let s = self.scratch_or_err()?;
-        let bs = u64::from(self.header.block_size());
-        let ok = file_offset >= s.data_offset
-            && file_offset.checked_add(bs).is_some_and(|end| end <= s.end)
-            && (file_offset - s.data_offset) % bs == 0;
-        if ok {
-            Ok(())
-        } else {
-            Err(MergeStateError::BadScratchOffset {
-                index,
-                file_offset,
-                start: s.data_offset,
-                end: s.end,
-            })
-        }
+        // state_offset < 512 (checked at open), so these casts cannot truncate.
+        let mut head = vec![0u8; s.state_offset as usize + 1];
+        self.read(&mut head, 0)?;
+        let at = NUM_MERGE_OPS_OFFSET as usize;
+        head[at..at + 8].copy_from_slice(&num_merge_ops.to_le_bytes());
+        head[s.state_offset as usize] = BufferState::InProgress.as_u8();
+        self.write_durably(&head, 0)
     }
 
-    /// Read the metadata list: entries up to (not including) the first
-    /// all-zero entry, or the whole area if there is none. Entries are
-    /// checked to point at whole blocks inside the scratch data area.
-    pub fn read_scratch_metadata(&self) -> Result<Vec<ScratchMetadata>, MergeStateError> {
-        let s = *self.scratch_or_err()?;
-        let n = s.max_entries();
-        let len = usize::try_from(n * SCRATCH_METADATA_SIZE as u64).map_err(|_| {
-            MergeStateError::TooManyEntries {
-                count: usize::MAX,
-                max: n,
-            }
-        })?;
-        let mut buf = vec![0u8; len];
-        self.read(&mut buf, s.metadata_offset)?;
-        let mut out = Vec::new();
-        for (i, c) in buf.chunks_exact(SCRATCH_METADATA_SIZE).enumerate() {
+    /// Save `window` (durable on return) and mark it Done: [`stage_window`](Self::stage_window)
+    /// then [`mark_window_done`](Self::mark_window_done).
+    pub fn write_window(&mut self, window: &ScratchWindow) -> Result<(), MergeStateError> {
+        self.stage_window(window)?;
+        self.mark_window_done()
+    }
+
+    /// First half of [`write_window`](Self::write_window): write the window's data into
+    /// consecutive slots and its metadata list (zero-terminated), then sync once. The state
+    /// byte is not touched, so a crash here leaves the previous state.
+    pub fn stage_window(&mut self, window: &ScratchWindow) -> Result<(), MergeStateError> {
+        let s = self.scratch_or_err()?;
+        let capacity = s.window_capacity(self.header.block_size());
+        let blocks = window.new_blocks.len();
+        if blocks as u64 > capacity {
+            return Err(MergeStateError::WindowTooLarge { blocks, capacity });
+        }
+        let expected = blocks as u64 * self.block_size();
+        if window.data.len() as u64 != expected {
+            return Err(MergeStateError::WindowDataSize {
+                blocks,
+                got: window.data.len(),
+                expected,
+            });
+        }
+        // The whole list area of a full window (capacity entries plus the terminator, inside
+        // the metadata area): the entries, then zeroes, so no stale entry survives.
+        let mut meta = vec![0u8; (capacity as usize + 1) * SCRATCH_METADATA_SIZE];
+        for ((slot, &new_block), raw) in window
+            .new_blocks
+            .iter()
+            .enumerate()
+            .zip(meta.chunks_exact_mut(SCRATCH_METADATA_SIZE))
+        {
+            let file_offset = s.data_offset + slot as u64 * self.block_size();
+            raw.copy_from_slice(
+                &ScratchMetadata {
+                    new_block,
+                    file_offset,
+                }
+                .encode(),
+            );
+        }
+        self.write(&window.data, s.data_offset)?;
+        self.write(&meta, s.metadata_offset)?;
+        self.sync(s.metadata_offset, s.end - s.metadata_offset)
+    }
+
+    /// Second half of [`write_window`](Self::write_window): set the state byte to Done and
+    /// sync.
+    pub fn mark_window_done(&mut self) -> Result<(), MergeStateError> {
+        let s = self.scratch_or_err()?;
+        self.write_durably(&[BufferState::Done.as_u8()], s.state_offset)
+    }
+
+    /// Read the saved window: metadata entries up to the all-zero terminator (each checked
+    /// to name a slot inside the window capacity) and the data of each. Meaningful when the
+    /// state is Done.
+    pub fn read_window(&self) -> Result<ScratchWindow, MergeStateError> {
+        let s = self.scratch_or_err()?;
+        let bs = self.block_size();
+        let capacity = s.window_capacity(self.header.block_size());
+        // capacity ≤ 511 (the metadata area of a ≤ 4 GiB region / 4096 * 16 / 16).
+        let listed = capacity as usize + 1;
+        let mut meta = vec![0u8; listed * SCRATCH_METADATA_SIZE];
+        self.read(&mut meta, s.metadata_offset)?;
+        let slots_end = s.data_offset + capacity * bs;
+        let mut window = ScratchWindow::default();
+        let mut offsets = Vec::new();
+        for (index, raw) in meta.chunks_exact(SCRATCH_METADATA_SIZE).enumerate() {
             let mut a = [0u8; SCRATCH_METADATA_SIZE];
-            a.copy_from_slice(c);
+            a.copy_from_slice(raw);
             let e = ScratchMetadata::decode(&a);
             if e.is_terminator() {
                 break;
             }
-            self.check_data_offset(i, e.file_offset)?;
-            out.push(e);
-        }
-        Ok(out)
-    }
-
-    /// Write the metadata list followed by an all-zero terminator (when it
-    /// fits) and sync before returning.
-    pub fn write_scratch_metadata(
-        &mut self,
-        entries: &[ScratchMetadata],
-    ) -> Result<(), MergeStateError> {
-        let s = *self.scratch_or_err()?;
-        let max = s.max_entries();
-        if entries.len() as u64 > max {
-            return Err(MergeStateError::TooManyEntries {
-                count: entries.len(),
-                max,
-            });
-        }
-        let mut buf = Vec::with_capacity((entries.len() + 1) * SCRATCH_METADATA_SIZE);
-        for (i, e) in entries.iter().enumerate() {
-            if e.is_terminator() {
-                return Err(MergeStateError::TerminatorEntry { index: i });
+            if index as u64 >= capacity {
+                return Err(MergeStateError::WindowTooLarge {
+                    blocks: index + 1,
+                    capacity,
+                });
             }
-            self.check_data_offset(i, e.file_offset)?;
-            buf.extend_from_slice(&e.encode());
+            let in_slot = e
+                .file_offset
+                .checked_sub(s.data_offset)
+                .is_some_and(|rel| rel % bs == 0)
+                && e.file_offset < slots_end;
+            if !in_slot {
+                return Err(MergeStateError::BadScratchOffset {
+                    index,
+                    new_block: e.new_block,
+                    file_offset: e.file_offset,
+                    start: s.data_offset,
+                    end: slots_end,
+                });
+            }
+            window.new_blocks.push(e.new_block);
+            offsets.push(e.file_offset);
         }
-        if (entries.len() as u64) < max {
-            buf.extend_from_slice(&ScratchMetadata::default().encode());
+        // bs ≤ 65535 and at most 510 entries: no overflow.
+        window.data = vec![0u8; offsets.len() * bs as usize];
+        for (slot, offset) in window.data.chunks_exact_mut(bs as usize).zip(offsets) {
+            self.read(slot, offset)?;
         }
-        self.write_durably(&buf, s.metadata_offset)
-    }
-
-    /// Write one block of read-ahead data at `file_offset` (inside the
-    /// scratch data area, block-aligned relative to it) and sync.
-    pub fn write_scratch_data(
-        &mut self,
-        file_offset: u64,
-        data: &[u8],
-    ) -> Result<(), MergeStateError> {
-        self.check_block_buffer(data.len())?;
-        self.check_data_offset(0, file_offset)?;
-        self.write_durably(data, file_offset)
-    }
-
-    /// Read one block of read-ahead data at `file_offset`.
-    pub fn read_scratch_data(
-        &self,
-        file_offset: u64,
-        out: &mut [u8],
-    ) -> Result<(), MergeStateError> {
-        self.check_block_buffer(out.len())?;
-        self.check_data_offset(0, file_offset)?;
-        self.read(out, file_offset)
-    }
-
-    fn check_block_buffer(&self, len: usize) -> Result<(), MergeStateError> {
-        let bs = u64::from(self.header.block_size());
-        if len as u64 != bs {
-            return Err(MergeStateError::BufferSize {
-                got: len,
-                expected: bs,
-            });
-        }
-        Ok(())
+        Ok(window)
     }
 }
 
@@ -329,92 +410,160 @@ mod tests {
         f
     }
 
+    fn window(blocks: &[u64]) -> ScratchWindow {
+        ScratchWindow {
+            new_blocks: blocks.to_vec(),
+            data: (0..blocks.len() * 4096)
+                .map(|i| (i * 7 % 253) as u8)
+                .collect(),
+        }
+    }
+
     #[test]
-    fn num_merge_ops_round_trips_through_the_file() {
+    fn commit_merged_writes_only_num_merge_ops() {
         let mut m = MergeState::open(v2_file(0)).unwrap();
-        assert_eq!(m.num_merge_ops().unwrap(), 0);
-        m.set_num_merge_ops(0x0102_0304_0506_0708).unwrap();
+        assert_eq!(m.window_capacity(), 0);
+        assert_eq!(
+            m.progress().unwrap(),
+            DurableProgress {
+                num_merge_ops: 0,
+                state: BufferState::NotStarted
+            }
+        );
+        m.commit_merged(0x0102_0304_0506_0708).unwrap();
         let f = m.into_file();
         let mut b = [0u8; 8];
         f.read_exact_at(&mut b, 26).unwrap();
         assert_eq!(u64::from_le_bytes(b), 0x0102_0304_0506_0708);
         // The rest of the header is untouched and still valid.
-        let m = MergeState::open(f).unwrap();
+        let mut m = MergeState::open(f).unwrap();
         assert_eq!(m.header().num_merge_ops(), 0x0102_0304_0506_0708);
-        assert!(matches!(m.buffer_state(), Err(MergeStateError::NoScratch)));
+        assert!(matches!(
+            m.write_window(&window(&[1])),
+            Err(MergeStateError::NoScratch)
+        ));
+        assert!(matches!(
+            m.commit_window(1),
+            Err(MergeStateError::NoScratch)
+        ));
+        assert!(matches!(m.read_window(), Err(MergeStateError::NoScratch)));
     }
 
     #[test]
-    fn scratch_state_metadata_and_data() {
+    fn window_round_trips_and_commit_sets_in_progress() {
         let mut m = MergeState::open(v2_file(BUFFER_REGION_DEFAULT_SIZE)).unwrap();
+        assert_eq!(m.window_capacity(), 510);
         let s = *m.scratch().unwrap();
         assert_eq!(
             (s.state_offset, s.metadata_offset, s.data_offset),
             (38, 39, 38 + 8192)
         );
-        assert_eq!(m.buffer_state().unwrap(), BufferState::NotStarted);
-        assert!(m.read_scratch_metadata().unwrap().is_empty());
+        assert_eq!(m.progress().unwrap().state, BufferState::NotStarted);
+        assert_eq!(m.read_window().unwrap(), ScratchWindow::default());
 
-        let block = vec![0x5Au8; 4096];
-        let at = s.data_offset + 4096;
-        m.write_scratch_data(at, &block).unwrap();
-        let entries = [
-            ScratchMetadata {
-                new_block: 9,
-                file_offset: at,
-            },
+        // Block 0 in slot 0 is an entry, not the terminator (its offset is not 0).
+        let w = window(&[9, 0, 5]);
+        m.stage_window(&w).unwrap();
+        assert_eq!(m.progress().unwrap().state, BufferState::NotStarted);
+        m.mark_window_done().unwrap();
+        let m = MergeState::open(m.into_file()).unwrap();
+        assert_eq!(m.progress().unwrap().state, BufferState::Done);
+        assert_eq!(m.read_window().unwrap(), w);
+        let mut raw = [0u8; 16];
+        m.file.read_exact_at(&mut raw, 39 + 16).unwrap();
+        assert_eq!(
+            ScratchMetadata::decode(&raw),
             ScratchMetadata {
                 new_block: 0,
-                file_offset: s.data_offset,
-            },
-        ];
-        m.write_scratch_metadata(&entries).unwrap();
-        m.set_buffer_state(BufferState::Done).unwrap();
+                file_offset: s.data_offset + 4096
+            }
+        );
 
-        let m = MergeState::open(m.into_file()).unwrap();
-        assert_eq!(m.buffer_state().unwrap(), BufferState::Done);
-        assert_eq!(m.read_scratch_metadata().unwrap(), entries);
-        let mut out = vec![0u8; 4096];
-        m.read_scratch_data(at, &mut out).unwrap();
-        assert_eq!(out, block);
-
-        // A shorter list overwrites with a terminator.
+        // A shorter window ends with a terminator over the old list.
         let mut m = m;
-        m.write_scratch_metadata(&entries[..1]).unwrap();
-        assert_eq!(m.read_scratch_metadata().unwrap(), entries[..1]);
+        let w = window(&[4]);
+        m.write_window(&w).unwrap();
+        assert_eq!(m.read_window().unwrap(), w);
+
+        let before: Vec<u8> = {
+            let mut b = vec![0u8; 38];
+            m.file.read_exact_at(&mut b, 0).unwrap();
+            b
+        };
+        m.commit_window(77).unwrap();
+        assert_eq!(
+            m.progress().unwrap(),
+            DurableProgress {
+                num_merge_ops: 77,
+                state: BufferState::InProgress
+            }
+        );
+        let mut after = vec![0u8; 38];
+        m.file.read_exact_at(&mut after, 0).unwrap();
+        assert_eq!(after[..26], before[..26]);
+        assert_eq!(after[34..], before[34..]);
     }
 
     #[test]
-    fn scratch_rules_are_enforced() {
+    fn window_limits_are_enforced() {
         let mut m = MergeState::open(v2_file(BUFFER_REGION_DEFAULT_SIZE)).unwrap();
-        let s = *m.scratch().unwrap();
-        let block = vec![1u8; 4096];
-        assert!(m.write_scratch_data(s.data_offset - 4096, &block).is_err());
-        assert!(m.write_scratch_data(s.data_offset + 1, &block).is_err());
-        assert!(m.write_scratch_data(s.end - 4095, &block).is_err());
-        assert!(m.write_scratch_data(s.data_offset, &block[..100]).is_err());
-        let too_many: Vec<ScratchMetadata> = (0..512)
-            .map(|i| ScratchMetadata {
-                new_block: i + 1,
-                file_offset: s.data_offset,
+        let blocks: Vec<u64> = (1..=511).collect();
+        assert!(matches!(
+            m.write_window(&window(&blocks)),
+            Err(MergeStateError::WindowTooLarge {
+                blocks: 511,
+                capacity: 510
             })
-            .collect();
-        assert!(matches!(
-            m.write_scratch_metadata(&too_many),
-            Err(MergeStateError::TooManyEntries { .. })
         ));
-        assert!(m.write_scratch_metadata(&too_many[..511]).is_ok());
-        assert_eq!(m.read_scratch_metadata().unwrap().len(), 511);
+        let full = window(&blocks[..510]);
+        m.write_window(&full).unwrap();
+        assert_eq!(m.read_window().unwrap(), full);
+        let mut short = window(&[1, 2]);
+        short.data.truncate(4096);
         assert!(matches!(
-            m.write_scratch_metadata(&[ScratchMetadata::default()]),
-            Err(MergeStateError::TerminatorEntry { index: 0 })
+            m.write_window(&short),
+            Err(MergeStateError::WindowDataSize { got: 4096, .. })
         ));
-        // A bad state byte on disk is reported.
+
+        // On disk: a list without terminator, a misaligned offset, a slot past capacity.
+        let s = *m.scratch().unwrap();
+        let entry = |block: u64, off: u64| {
+            ScratchMetadata {
+                new_block: block,
+                file_offset: off,
+            }
+            .encode()
+        };
+        m.file
+            .write_all_at(&entry(600, s.data_offset), s.metadata_offset + 510 * 16)
+            .unwrap();
+        assert!(matches!(
+            m.read_window(),
+            Err(MergeStateError::WindowTooLarge { blocks: 511, .. })
+        ));
+        m.write_window(&window(&[3])).unwrap();
+        m.file
+            .write_all_at(&entry(3, s.data_offset + 1), s.metadata_offset)
+            .unwrap();
+        assert!(matches!(
+            m.read_window(),
+            Err(MergeStateError::BadScratchOffset { index: 0, .. })
+        ));
+        m.file
+            .write_all_at(&entry(3, s.data_offset + 510 * 4096), s.metadata_offset)
+            .unwrap();
+        assert!(matches!(
+            m.read_window(),
+            Err(MergeStateError::BadScratchOffset { index: 0, .. })
+        ));
+        // A bad state byte on disk is reported, and converts to an InvalidData io::Error.
         m.file.write_all_at(&[7], s.state_offset).unwrap();
+        let err = m.progress().unwrap_err();
         assert!(matches!(
-            m.buffer_state(),
-            Err(MergeStateError::BadBufferState { value: 7, .. })
+            err,
+            MergeStateError::BadBufferState { value: 7, .. }
         ));
+        assert_eq!(io::Error::from(err).kind(), io::ErrorKind::InvalidData);
     }
 
     #[test]
@@ -429,9 +578,15 @@ mod tests {
             .unwrap();
         let mut m = MergeState::open(f).unwrap();
         assert_eq!(m.scratch().unwrap().data_offset, 78 + 8192);
-        m.set_num_merge_ops(3).unwrap();
-        assert_eq!(m.num_merge_ops().unwrap(), 3);
-        m.set_buffer_state(BufferState::InProgress).unwrap();
-        assert_eq!(m.buffer_state().unwrap(), BufferState::InProgress);
+        m.commit_merged(3).unwrap();
+        assert_eq!(m.progress().unwrap().num_merge_ops, 3);
+        m.commit_window(4).unwrap();
+        assert_eq!(
+            m.progress().unwrap(),
+            DurableProgress {
+                num_merge_ops: 4,
+                state: BufferState::InProgress
+            }
+        );
     }
 }

@@ -32,7 +32,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use cow_format::reader::{CowReader, MergeOrderOptions, ReadError, SourceImage};
-use cow_format::{CowOp, OpKind};
+use cow_format::CowOp;
 use thiserror::Error;
 
 use crate::create::image::{BlockImage, ImageError};
@@ -450,67 +450,25 @@ struct Ctx<'a> {
     bs: u64,
 }
 
-/// Decoded multi-block REPLACE payload kept while its blocks are produced.
-struct UnitCache {
-    /// File-order index of the cached op.
-    op: Option<u64>,
-    data: Vec<u8>,
-}
-
 impl Ctx<'_> {
-    fn op_err(&self, op: &CowOp, block: u64) -> impl FnOnce(ReadError) -> ApplyError + '_ {
-        let (index, path) = (op.index, self.cow_path.to_path_buf());
-        move |source| ApplyError::Op {
-            path,
-            index,
-            block,
-            source,
-        }
-    }
-
-    /// Produce `block` (written by `op`) into `out`, reading the source
-    /// through `src`.
+    /// Produce `block`, written by the op at position `op` of the reader's op list, into
+    /// `out`, reading the source through `src` (the format's block producer; a multi-block
+    /// REPLACE is decoded once per thread and sliced).
     fn produce(
         &self,
         src: &dyn SourceImage,
         block: u64,
-        op: &CowOp,
+        op: usize,
         out: &mut [u8],
-        cache: &mut UnitCache,
     ) -> Result<(), ApplyError> {
-        if op.kind == OpKind::Replace && op.num_blocks > 1 {
-            if cache.op != Some(op.index) {
-                let len = usize::try_from(self.reader.payload_size(op)).map_err(|_| {
-                    ApplyError::Overflow {
-                        what: "payload size",
-                    }
-                })?;
-                cache.data.resize(len, 0);
-                cache.op = None;
-                self.reader
-                    .read_op_data(op, &mut cache.data)
-                    .map_err(self.op_err(op, block))?;
-                cache.op = Some(op.index);
-            }
-            // block is inside the op by construction of the plan.
-            let start = usize::try_from((block - op.new_block) * self.bs).map_err(|_| {
-                ApplyError::Overflow {
-                    what: "block offset",
-                }
-            })?;
-            let slice = cache
-                .data
-                .get(start..start + out.len())
-                .ok_or(ApplyError::Overflow {
-                    what: "block offset",
-                })?;
-            out.copy_from_slice(slice);
-            return Ok(());
-        }
         self.reader
-            .read_block(block, src, out)
-            .map_err(self.op_err(op, block))?;
-        Ok(())
+            .read_op_block(op, block, src, out)
+            .map_err(|source| ApplyError::Op {
+                path: self.cow_path.to_path_buf(),
+                index: self.reader.ops().get(op).map_or(op as u64, |o| o.index),
+                block,
+                source,
+            })
     }
 
     /// Fill `buf` with source bytes at `offset`, zeros past the source's end.
@@ -565,12 +523,6 @@ impl Ctx<'_> {
         let mut offset = 0u64;
         let mut written = 0u64;
         let mut blocks_from_ops = 0u64;
-        let mut caches: Vec<UnitCache> = (0..threads.max(1))
-            .map(|_| UnitCache {
-                op: None,
-                data: Vec::new(),
-            })
-            .collect();
         while offset < size {
             let first_block = offset / self.bs;
             while ranges.get(ri).is_some_and(|r| r.1 <= first_block) {
@@ -596,15 +548,18 @@ impl Ctx<'_> {
             self.read_source_chunk(chunk, offset)?;
             let end_block = (offset + len) / self.bs;
             // Pair each op-produced block of the chunk with its slice.
-            let mut slots: Vec<(u64, &CowOp, &mut [u8])> = Vec::new();
+            let mut slots: Vec<(u64, usize, &mut [u8])> = Vec::new();
             let mut rest: &mut [u8] = chunk;
             let mut rest_block = first_block;
             let mut j = ri;
             while let Some(&(s, e)) = ranges.get(j).filter(|r| r.0 < end_block) {
                 for block in s.max(first_block)..e.min(end_block) {
-                    let op = self.reader.find_op(block).ok_or(ApplyError::Overflow {
-                        what: "block index",
-                    })?;
+                    let op = self
+                        .reader
+                        .find_op_index(block)
+                        .ok_or(ApplyError::Overflow {
+                            what: "block index",
+                        })?;
                     let skip = ((block - rest_block) * self.bs) as usize;
                     let tail = std::mem::take(&mut rest);
                     let (_, tail) = tail.split_at_mut(skip);
@@ -616,7 +571,7 @@ impl Ctx<'_> {
                 j += 1;
             }
             blocks_from_ops += slots.len() as u64;
-            self.produce_all(&mut slots, &mut caches)?;
+            self.produce_all(&mut slots, threads)?;
             self.write_output(&buf[..len as usize], offset)?;
             written += len;
             progress.advance(len);
@@ -631,19 +586,16 @@ impl Ctx<'_> {
         })
     }
 
-    /// Produce every slot, splitting the work over `caches.len()` threads.
+    /// Produce every slot, splitting the work over up to `threads` threads.
     fn produce_all(
         &self,
-        slots: &mut [(u64, &CowOp, &mut [u8])],
-        caches: &mut [UnitCache],
+        slots: &mut [(u64, usize, &mut [u8])],
+        threads: usize,
     ) -> Result<(), ApplyError> {
-        let workers = caches.len().min(slots.len() / 16).max(1);
+        let workers = threads.min(slots.len() / 16).max(1);
         if workers == 1 {
-            let cache = caches
-                .first_mut()
-                .ok_or(ApplyError::Overflow { what: "workers" })?;
             for (block, op, out) in slots.iter_mut() {
-                self.produce(self.source, *block, op, out, cache)?;
+                self.produce(self.source, *block, *op, out)?;
             }
             return Ok(());
         }
@@ -651,11 +603,10 @@ impl Ctx<'_> {
         std::thread::scope(|s| {
             let handles: Vec<_> = slots
                 .chunks_mut(per)
-                .zip(caches.iter_mut())
-                .map(|(part, cache)| {
+                .map(|part| {
                     s.spawn(move || {
                         for (block, op, out) in part.iter_mut() {
-                            self.produce(self.source, *block, op, out, cache)?;
+                            self.produce(self.source, *block, *op, out)?;
                         }
                         Ok::<(), ApplyError>(())
                     })
@@ -675,23 +626,19 @@ impl Ctx<'_> {
     }
 
     fn apply_in_place(&self, show_progress: bool) -> Result<ApplyReport, ApplyError> {
-        let order = self.reader.merge_order(MergeOrderOptions::default());
+        let mut order = self.reader.merge_order(MergeOrderOptions::default());
         let progress = if show_progress {
             Progress::items("merge", order.len() as u64)
         } else {
             Progress::hidden()
         };
-        let mut cache = UnitCache {
-            op: None,
-            data: Vec::new(),
-        };
         let mut block_buf = vec![0u8; self.bs as usize];
         let mut blocks = 0u64;
         let mut written = 0u64;
-        for op in order {
+        while let Some((idx, op)) = order.next_indexed() {
             for k in 0..op.num_blocks {
                 let block = op.new_block + k;
-                self.produce(self.output, block, op, &mut block_buf, &mut cache)?;
+                self.produce(self.output, block, idx, &mut block_buf)?;
                 let offset = block.checked_mul(self.bs).ok_or(ApplyError::Overflow {
                     what: "output offset",
                 })?;
@@ -714,7 +661,7 @@ impl Ctx<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cow_format::CompressionAlgorithm;
+    use cow_format::{CompressionAlgorithm, OpKind};
 
     fn op(kind: OpKind, new_block: u64, num_blocks: u64, index: u64) -> CowOp {
         CowOp {

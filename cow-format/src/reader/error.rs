@@ -11,7 +11,7 @@ use crate::layout::LayoutError;
 #[derive(Debug, Error)]
 pub enum ReadError {
     /// An I/O error (including a file that shrank under the reader).
-    #[error("I/O error reading {len} bytes at byte {offset} of the {what}: {source}")]
+    #[error("reading {len} bytes at byte {offset} of the {what} failed")]
     Io {
         /// Which file: "COW file" or "source image".
         what: &'static str,
@@ -24,10 +24,10 @@ pub enum ReadError {
         source: io::Error,
     },
     /// Could not determine the file size.
-    #[error("cannot determine the size of the COW file: {0}")]
+    #[error("cannot determine the size of the COW file")]
     Size(#[source] io::Error),
     /// The file could not be memory-mapped (`CowReader::open_mapped`).
-    #[error("cannot map the COW file: {0}")]
+    #[error("cannot map the COW file")]
     Map(#[source] io::Error),
     /// A header or record field is invalid.
     #[error(transparent)]
@@ -56,14 +56,14 @@ pub enum ReadError {
         last: Option<u64>,
     },
     /// An op is inconsistent with the file or with other ops.
-    #[error("op {index} (at byte {offset}): {reason}")]
+    #[error("op {index} (at byte {offset}): {problem}")]
     BadOp {
         /// File-order op index.
         index: u64,
         /// Byte offset of the op record.
         offset: u64,
         /// What is wrong.
-        reason: String,
+        problem: OpProblem,
     },
     /// A merge-sequence entry names a block no op writes.
     #[error("merge sequence entry {entry} names block {block}, which no op writes")]
@@ -90,15 +90,15 @@ pub enum ReadError {
         found: u8,
     },
     /// Unknown compression algorithm id.
-    #[error("unknown compression algorithm {id} {context}")]
+    #[error("unknown compression algorithm {id} in {place}")]
     UnknownCompression {
         /// The id found.
         id: u32,
         /// Where it was found.
-        context: String,
+        place: CompressionPlace,
     },
     /// A payload failed to decompress.
-    #[error("op {index}: payload at byte {offset}: {source}")]
+    #[error("op {index}: payload at byte {offset} does not decode")]
     Decompress {
         /// File-order op index.
         index: u64,
@@ -122,6 +122,32 @@ pub enum ReadError {
         /// What was computed.
         what: &'static str,
     },
+    /// A storage's `visit_at` returned success without calling the visitor.
+    #[error("op {index}: the storage returned without lending the payload at byte {offset}")]
+    PayloadNotLent {
+        /// File-order op index.
+        index: u64,
+        /// Payload file offset.
+        offset: u64,
+    },
+    /// An op position past the end of the op list.
+    #[error("no op at position {position} of the op list")]
+    NoSuchOp {
+        /// Position asked for.
+        position: usize,
+    },
+    /// A block asked of an op that does not produce it.
+    #[error("op {index} produces blocks {first}..+{num_blocks}, not block {block}")]
+    BlockNotInOp {
+        /// File-order op index.
+        index: u64,
+        /// Block asked for.
+        block: u64,
+        /// The op's first block.
+        first: u64,
+        /// The op's block count.
+        num_blocks: u64,
+    },
     /// The block is beyond what the COW can describe (more than 2^32 blocks).
     #[error("op {index}: {what} is out of range")]
     OutOfRange {
@@ -129,5 +155,77 @@ pub enum ReadError {
         index: u64,
         /// What is out of range.
         what: &'static str,
+    },
+}
+
+/// What is wrong with an op ([`ReadError::BadOp`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum OpProblem {
+    /// A v3 resume point names an op past the op area.
+    #[error("resume point for label {label} names op index {op_index} beyond op_count_max {op_count_max}")]
+    ResumePointBeyondMax {
+        /// The label.
+        label: u64,
+        /// Op index it names.
+        op_index: u64,
+        /// The header's `op_count_max`.
+        op_count_max: u64,
+    },
+    /// A v3 REPLACE whose source is not where the payloads so far end.
+    #[error("REPLACE source {found} is not the running data offset {expected}")]
+    ReplaceSourceMismatch {
+        /// Source field.
+        found: u64,
+        /// Running data offset.
+        expected: u64,
+    },
+    /// A payload placed before the op area.
+    #[error("{what} at byte {payload_offset} lies before the op area ({min_offset})")]
+    PayloadBeforeOpArea {
+        /// Which payload.
+        what: &'static str,
+        /// Its offset.
+        payload_offset: u64,
+        /// First byte allowed.
+        min_offset: u64,
+    },
+    /// An uncompressed payload whose length is not the op's size.
+    #[error("uncompressed payload of {len} bytes, expected {expected}")]
+    RawPayloadSize {
+        /// Payload length.
+        len: u64,
+        /// Bytes expected.
+        expected: u64,
+    },
+    /// An op type no data or metadata op has.
+    #[error("unexpected op type {op_type}")]
+    UnexpectedType {
+        /// The type byte.
+        op_type: u8,
+    },
+    /// A payload asked of an op kind that has none.
+    #[error("{kind} op has no payload")]
+    NoPayload {
+        /// Op kind name.
+        kind: &'static str,
+    },
+}
+
+/// Where a compression algorithm id was read ([`ReadError::UnknownCompression`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum CompressionPlace {
+    /// The v3 header's `compression_algorithm` (byte 70).
+    #[error("the v3 header (byte 70)")]
+    V3Header,
+    /// The compression byte the v2 ops share.
+    #[error("the v2 op compression byte")]
+    V2Ops,
+    /// One v2 op record.
+    #[error("op {index} at byte {offset}")]
+    Op {
+        /// File-order op index.
+        index: u64,
+        /// Byte offset of the record.
+        offset: u64,
     },
 }

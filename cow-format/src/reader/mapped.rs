@@ -22,7 +22,7 @@ use std::sync::{Once, OnceLock};
 
 use memmap2::{Mmap, MmapOptions};
 
-use super::storage::{CowStorage, SourceImage};
+use super::storage::{CowStorage, SourceImage, StorageError};
 
 /// Most mappings that can be registered at once.
 const SLOTS: usize = 64;
@@ -144,7 +144,7 @@ fn install_handler() -> io::Result<()> {
     if INSTALLED.load(Ordering::Acquire) {
         Ok(())
     } else {
-        Err(io::Error::other("cannot install the SIGBUS handler"))
+        Err(StorageError::NoSigbusHandler.into())
     }
 }
 
@@ -162,7 +162,7 @@ fn register(start: usize, len: usize) -> io::Result<usize> {
             return Ok(i);
         }
     }
-    Err(io::Error::other("too many mapped COW files open at once"))
+    Err(StorageError::TooManyMappings { max: SLOTS }.into())
 }
 
 /// A read-only memory mapping of a COW file, protected against truncation.
@@ -181,7 +181,7 @@ impl MappedFile {
         install_handler()?;
         let len = CowStorage::size(&file)?;
         let map_len =
-            usize::try_from(len).map_err(|_| io::Error::other("file too large to map"))?;
+            usize::try_from(len).map_err(|_| io::Error::from(StorageError::TooLarge { len }))?;
         if map_len == 0 {
             return Ok(Self {
                 file,
@@ -241,17 +241,16 @@ impl MappedFile {
 }
 
 fn past_end(byte_offset: u64, len: usize, mapped: u64) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::UnexpectedEof,
-        format!("read of {len} bytes at {byte_offset} past the mapped size {mapped}"),
-    )
+    StorageError::PastEnd {
+        offset: byte_offset,
+        len,
+        size: mapped,
+    }
+    .into()
 }
 
 fn shrank() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::UnexpectedEof,
-        "the COW file shrank while mapped",
-    )
+    StorageError::Shrank.into()
 }
 
 impl Drop for MappedFile {

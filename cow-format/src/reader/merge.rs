@@ -129,7 +129,25 @@ impl<'a> MergeOrder<'a> {
         }
     }
 
+    /// Like [`Iterator::next`], with the op's position in [`CowReader::ops`] (what
+    /// [`CowReader::read_op_block`] takes).
+    ///
+    /// [`CowReader::ops`]: super::CowReader::ops
+    /// [`CowReader::read_op_block`]: super::CowReader::read_op_block
+    pub fn next_indexed(&mut self) -> Option<(usize, &'a CowOp)> {
+        if self.front >= self.back {
+            return None;
+        }
+        let idx = self.index_at(self.front)?;
+        self.front += 1;
+        Some((idx, self.ops.get(idx)?))
+    }
+
     fn op_at(&self, pos: usize) -> Option<&'a CowOp> {
+        self.ops.get(self.index_at(pos)?)
+    }
+
+    fn index_at(&self, pos: usize) -> Option<usize> {
         let n = self.plan.ordered.len();
         let idx = if pos < n {
             self.plan.ordered.get(pos)
@@ -145,7 +163,7 @@ impl<'a> MergeOrder<'a> {
                 self.plan.others.get(j)
             }
         }?;
-        self.ops.get(*idx)
+        Some(*idx)
     }
 }
 

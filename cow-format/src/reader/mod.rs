@@ -8,6 +8,7 @@
 //! reads fail only if the file changes underneath (reported as I/O errors).
 
 mod error;
+mod file_storage;
 mod index;
 #[allow(unsafe_code)]
 mod mapped;
@@ -15,22 +16,25 @@ mod merge;
 mod parse_v2;
 mod parse_v3;
 mod payload;
+mod produce;
 mod storage;
 
 use std::cell::RefCell;
 use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use error::ReadError;
+pub use error::{CompressionPlace, OpProblem, ReadError};
+pub use file_storage::CowFileStorage;
 pub use mapped::MappedFile;
 pub use merge::{MergeOrder, MergeOrderOptions, OtherOpsOrder};
-pub use storage::{CowStorage, SourceImage};
+pub use storage::{CowStorage, SourceImage, StorageError};
 
 use crate::compression::{self, CompressionAlgorithm};
 use crate::layout::{
     CowFooterV2, CowHeaderV2, CowHeaderV3, LayoutError, ResumePoint, COW_MAGIC, HEADER_PREFIX_SIZE,
     V1_HEADER_SIZE, V2_HEADER_SIZE, V3_HEADER_SIZE, V3_MAJOR,
 };
-use crate::op::{CowOp, CowVersion, OpKind};
+use crate::op::{CowOp, CowVersion};
 
 use index::BlockIndex;
 use merge::MergePlan;
@@ -130,10 +134,20 @@ pub(crate) fn read_at<S: SourceImage + ?Sized>(
     buf: &mut [u8],
     offset: u64,
 ) -> Result<(), ReadError> {
+    read_exact_from("COW file", storage, buf, offset)
+}
+
+/// Read exactly `buf.len()` bytes of `what` ("COW file", "source image") at `offset`.
+pub(crate) fn read_exact_from<S: SourceImage + ?Sized>(
+    what: &'static str,
+    storage: &S,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<(), ReadError> {
     storage
         .read_exact_at(buf, offset)
         .map_err(|source| ReadError::Io {
-            what: "COW file",
+            what,
             offset,
             len: buf.len() as u64,
             source,
@@ -202,13 +216,15 @@ pub(crate) fn read_header<S: CowStorage + ?Sized>(
 thread_local! {
     /// Compressed payload staging buffer.
     static PAYLOAD_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-    /// Whole-op output for multi-block REPLACE, and source bytes for XOR.
-    static UNIT_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
+
+/// Distinguishes reader instances in the per-thread decoded-op cache (`produce`).
+static NEXT_READER_ID: AtomicU64 = AtomicU64::new(1);
 
 /// An open, validated COW file.
 #[derive(Debug)]
 pub struct CowReader<S = File> {
+    id: u64,
     storage: S,
     file_size: u64,
     header: CowHeader,
@@ -278,6 +294,7 @@ impl<S: CowStorage> CowReader<S> {
             merge.total()
         );
         Ok(Self {
+            id: NEXT_READER_ID.fetch_add(1, Ordering::Relaxed),
             storage,
             file_size,
             header,
@@ -384,6 +401,12 @@ impl<S: CowStorage> CowReader<S> {
         self.index.find(block).and_then(|i| self.ops.get(i))
     }
 
+    /// Position in [`ops`](Self::ops) of the op that produces `block` (what
+    /// [`read_op_block`](Self::read_op_block) takes).
+    pub fn find_op_index(&self, block: u64) -> Option<usize> {
+        self.index.find(block)
+    }
+
     /// Size of the decoded payload of `op` (REPLACE: all its blocks; XOR: one block).
     pub fn payload_size(&self, op: &CowOp) -> u64 {
         u64::from(self.block_size()) * op.num_blocks
@@ -404,7 +427,9 @@ impl<S: CowStorage> CowReader<S> {
             return Err(ReadError::BadOp {
                 index: op.index,
                 offset: op.data_offset,
-                reason: format!("{} op has no payload", op.kind.name()),
+                problem: OpProblem::NoPayload {
+                    kind: op.kind.name(),
+                },
             });
         }
         let len = op.data_length as usize;
@@ -433,10 +458,9 @@ impl<S: CowStorage> CowReader<S> {
                     .visit_at(op.data_offset, len, &mut Vec::new(), &mut visit),
             })
             .map_err(io_error)?;
-        result.ok_or_else(|| {
-            io_error(std::io::Error::other(
-                "storage returned without lending the payload",
-            ))
+        result.ok_or(ReadError::PayloadNotLent {
+            index: op.index,
+            offset: op.data_offset,
         })
     }
 
@@ -463,8 +487,8 @@ impl<S: CowStorage> CowReader<S> {
         })
     }
 
-    /// Produce new-image block `block` into `out` (`block_size` bytes),
-    /// reading COPY/XOR sources and unchanged blocks from `source`.
+    /// Produce new-image block `block` into `out` (`block_size` bytes), reading COPY/XOR
+    /// sources and unchanged blocks from `source` (see [`read_op_block`](Self::read_op_block)).
     pub fn read_block(
         &self,
         block: u64,
@@ -478,81 +502,20 @@ impl<S: CowStorage> CowReader<S> {
                 expected: bs,
             });
         }
-        let Some(i) = self.index.find(block) else {
-            let off = block.checked_mul(bs).ok_or(ReadError::Overflow {
-                what: "source offset of unchanged block",
-            })?;
-            read_source(source, out, off)?;
-            return Ok(BlockOrigin::Unchanged);
-        };
-        let Some(op) = self.ops.get(i) else {
-            return Err(ReadError::Overflow { what: "op index" });
-        };
-        match op.kind {
-            OpKind::Zero => out.fill(0),
-            OpKind::Copy => {
-                let off = op.source.checked_mul(bs).ok_or(ReadError::OutOfRange {
-                    index: op.index,
-                    what: "COPY source block",
-                })?;
-                read_source(source, out, off)?;
+        match self.index.find(block) {
+            Some(i) => {
+                self.read_op_block(i, block, source, out)?;
+                Ok(BlockOrigin::Op(i))
             }
-            OpKind::Replace if op.num_blocks == 1 => self.read_op_data(op, out)?,
-            OpKind::Replace => UNIT_BUF.with(|cell| {
-                let mut unit = cell.borrow_mut();
-                let size =
-                    usize::try_from(self.payload_size(op)).map_err(|_| ReadError::Overflow {
-                        what: "payload size",
-                    })?;
-                if unit.len() < size {
-                    unit.resize(size, 0);
-                }
-                self.read_op_data(op, &mut unit[..size])?;
-                // block lies in [new_block, new_block + num_blocks) by index construction.
-                let start = usize::try_from((block - op.new_block) * bs).map_err(|_| {
-                    ReadError::Overflow {
-                        what: "block offset in op",
-                    }
+            None => {
+                let off = block.checked_mul(bs).ok_or(ReadError::Overflow {
+                    what: "source offset of unchanged block",
                 })?;
-                match unit.get(start..start + out.len()) {
-                    Some(s) => {
-                        out.copy_from_slice(s);
-                        Ok(())
-                    }
-                    None => Err(ReadError::Overflow {
-                        what: "block offset in op",
-                    }),
-                }
-            })?,
-            OpKind::Xor => {
-                self.read_op_data(op, out)?;
-                UNIT_BUF.with(|cell| {
-                    let mut src = cell.borrow_mut();
-                    if src.len() < out.len() {
-                        src.resize(out.len(), 0);
-                    }
-                    let src = &mut src[..out.len()];
-                    read_source(source, src, op.source)?;
-                    for (o, s) in out.iter_mut().zip(src.iter()) {
-                        *o ^= *s;
-                    }
-                    Ok::<(), ReadError>(())
-                })?;
+                produce::read_source(source, out, off)?;
+                Ok(BlockOrigin::Unchanged)
             }
         }
-        Ok(BlockOrigin::Op(i))
     }
-}
-
-fn read_source(source: &dyn SourceImage, buf: &mut [u8], offset: u64) -> Result<(), ReadError> {
-    source
-        .read_exact_at(buf, offset)
-        .map_err(|e| ReadError::Io {
-            what: "source image",
-            offset,
-            len: buf.len() as u64,
-            source: e,
-        })
 }
 
 #[cfg(test)]
@@ -636,7 +599,7 @@ mod tests {
             r.read_op_data(&op, &mut out),
             Err(ReadError::BadOp { .. })
         ));
-        assert_eq!(r.find_op(1).map(|o| o.kind), Some(OpKind::Copy));
+        assert_eq!(r.find_op(1).map(|o| o.kind), Some(crate::op::OpKind::Copy));
         assert!(r.find_op(2).is_none());
         assert_eq!(r.record_count(), 1);
         assert_eq!(V2_OP_SIZE, 20);

@@ -5,7 +5,7 @@ use crate::compression::CompressionAlgorithm;
 use crate::layout::{op_type, CowFooterV2, CowHeaderV2, CowOpV2, V2_FOOTER_SIZE, V2_OP_SIZE};
 use crate::op::{CowOp, CowVersion, OpKind};
 
-use super::error::ReadError;
+use super::error::{CompressionPlace, OpProblem, ReadError};
 use super::payload::{attach_payload, check_payload, PayloadSpan};
 use super::storage::CowStorage;
 use super::{read_at, Parsed};
@@ -177,7 +177,7 @@ pub(super) fn parse<S: CowStorage + ?Sized>(
         None => CompressionAlgorithm::None,
         Some(id) => CompressionAlgorithm::from_id(id).ok_or(ReadError::UnknownCompression {
             id: id.into(),
-            context: "in v2 op compression byte".into(),
+            place: CompressionPlace::V2Ops,
         })?,
     };
     Ok(out)
@@ -229,7 +229,7 @@ fn data_op(
             return Err(ReadError::BadOp {
                 index,
                 offset,
-                reason: format!("unexpected op type {other}"),
+                problem: OpProblem::UnexpectedType { op_type: other },
             })
         }
     };
@@ -248,7 +248,7 @@ fn data_op(
         let alg =
             CompressionAlgorithm::from_id(op.compression).ok_or(ReadError::UnknownCompression {
                 id: op.compression.into(),
-                context: format!("in op {index} at byte {offset}"),
+                place: CompressionPlace::Op { index, offset },
             })?;
         let payload = if kind == OpKind::Replace {
             op.source

@@ -5,7 +5,7 @@ use crate::compression::CompressionAlgorithm;
 use crate::layout::{op_type, CowHeaderV3, CowOpV3, ResumePoint, RESUME_POINT_SIZE, V3_OP_SIZE};
 use crate::op::{CowOp, CowVersion, OpKind};
 
-use super::error::ReadError;
+use super::error::{CompressionPlace, OpProblem, ReadError};
 use super::payload::{attach_payload, PayloadSpan};
 use super::storage::CowStorage;
 use super::{read_at, Parsed};
@@ -29,7 +29,7 @@ pub(super) fn parse<S: CowStorage + ?Sized>(
         .and_then(CompressionAlgorithm::from_id)
         .ok_or(ReadError::UnknownCompression {
             id: header.compression_algorithm,
-            context: "in v3 header (byte 70)".into(),
+            place: CompressionPlace::V3Header,
         })?;
     let mut out = Parsed::new(CowVersion::V3);
     out.compression = compression;
@@ -77,10 +77,11 @@ pub(super) fn parse<S: CowStorage + ?Sized>(
                 return Err(ReadError::BadOp {
                     index: point.op_index,
                     offset: regions.resume_offset,
-                    reason: format!(
-                        "resume point for label {l} names op index {} beyond op_count_max {}",
-                        point.op_index, header.op_count_max
-                    ),
+                    problem: OpProblem::ResumePointBeyondMax {
+                        label: l,
+                        op_index: point.op_index,
+                        op_count_max: header.op_count_max,
+                    },
                 });
             }
             point.op_index
@@ -128,10 +129,10 @@ pub(super) fn parse<S: CowStorage + ?Sized>(
                 return Err(ReadError::BadOp {
                     index,
                     offset,
-                    reason: format!(
-                        "REPLACE source {} is not the running data offset {data_pos}",
-                        op.source()
-                    ),
+                    problem: OpProblem::ReplaceSourceMismatch {
+                        found: op.source(),
+                        expected: data_pos,
+                    },
                 });
             }
             let len = u64::from(op.data_length);

@@ -3,7 +3,7 @@
 use crate::compression::{effective_algorithm, CompressionAlgorithm};
 use crate::op::{CowOp, CowVersion};
 
-use super::error::ReadError;
+use super::error::{OpProblem, ReadError};
 
 /// Check that a payload lies inside the op/data area of the file.
 pub(super) fn check_payload(
@@ -19,9 +19,11 @@ pub(super) fn check_payload(
         return Err(ReadError::BadOp {
             index,
             offset,
-            reason: format!(
-                "{what} at byte {payload_offset} lies before the op area ({min_offset})"
-            ),
+            problem: OpProblem::PayloadBeforeOpArea {
+                what,
+                payload_offset,
+                min_offset,
+            },
         });
     }
     match payload_offset.checked_add(len) {
@@ -74,10 +76,10 @@ pub(super) fn attach_payload(
         return Err(ReadError::BadOp {
             index: op.index,
             offset: record_offset,
-            reason: format!(
-                "uncompressed payload of {len} bytes, expected {}",
-                span.unit
-            ),
+            problem: OpProblem::RawPayloadSize {
+                len,
+                expected: span.unit,
+            },
         });
     }
     op.data_offset = span.offset;

@@ -12,6 +12,58 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use thiserror::Error;
+
+/// Why a storage read failed without an OS error. Storages return it inside an
+/// `io::Error` (the traits' error type) of kind [`StorageError::kind`].
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum StorageError {
+    /// The range lies (partly) past the end of the bytes.
+    #[error("{len} bytes at byte {offset} lie past the end ({size} bytes)")]
+    PastEnd {
+        /// Start of the range.
+        offset: u64,
+        /// Length of the range.
+        len: usize,
+        /// Size of the storage.
+        size: u64,
+    },
+    /// A mapped file became shorter while it was read.
+    #[error("the COW file shrank while mapped")]
+    Shrank,
+    /// The SIGBUS guard of mapped files could not be installed.
+    #[error("cannot install the SIGBUS handler that guards mapped COW files")]
+    NoSigbusHandler,
+    /// Every slot of the process-wide table of guarded mappings is taken.
+    #[error("too many mapped COW files open at once (at most {max})")]
+    TooManyMappings {
+        /// Table size.
+        max: usize,
+    },
+    /// The file is larger than the address space.
+    #[error("a file of {len} bytes is too large to map")]
+    TooLarge {
+        /// File size.
+        len: u64,
+    },
+}
+
+impl StorageError {
+    /// `UnexpectedEof` for short data, `Other` otherwise.
+    pub fn kind(&self) -> io::ErrorKind {
+        match self {
+            Self::PastEnd { .. } | Self::Shrank => io::ErrorKind::UnexpectedEof,
+            _ => io::ErrorKind::Other,
+        }
+    }
+}
+
+impl From<StorageError> for io::Error {
+    fn from(e: StorageError) -> Self {
+        io::Error::new(e.kind(), e)
+    }
+}
+
 /// Something blocks can be read from at a byte offset: the source image of
 /// COPY/XOR ops, or the COW file itself.
 pub trait SourceImage {
@@ -66,39 +118,22 @@ impl CowStorage for File {
 }
 
 fn slice_read(data: &[u8], buf: &mut [u8], byte_offset: u64) -> io::Result<()> {
-    let start = usize::try_from(byte_offset).ok();
-    let src = start
-        .and_then(|s| s.checked_add(buf.len()).map(|e| (s, e)))
-        .and_then(|(s, e)| data.get(s..e));
-    match src {
-        Some(src) => {
-            buf.copy_from_slice(src);
-            Ok(())
-        }
-        None => Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!(
-                "read of {} bytes at offset {byte_offset} is past the end ({} bytes)",
-                buf.len(),
-                data.len()
-            ),
-        )),
-    }
+    buf.copy_from_slice(slice_at(data, byte_offset, buf.len())?);
+    Ok(())
 }
 
-/// The `len` bytes of `data` at `byte_offset`, or an `UnexpectedEof` error.
+/// The `len` bytes of `data` at `byte_offset`, or a [`StorageError::PastEnd`].
 fn slice_at(data: &[u8], byte_offset: u64, len: usize) -> io::Result<&[u8]> {
     usize::try_from(byte_offset)
         .ok()
         .and_then(|s| data.get(s..s.checked_add(len)?))
         .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "{len} bytes at offset {byte_offset} are past the end ({} bytes)",
-                    data.len()
-                ),
-            )
+            StorageError::PastEnd {
+                offset: byte_offset,
+                len,
+                size: data.len() as u64,
+            }
+            .into()
         })
 }
 
@@ -132,6 +167,7 @@ macro_rules! forward_storage {
         }
     };
 }
+pub(crate) use forward_storage;
 
 impl SourceImage for [u8] {
     fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> io::Result<()> {

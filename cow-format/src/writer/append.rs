@@ -19,12 +19,13 @@ use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 
 use crate::layout::{
-    op_type, CowHeaderV2, CowHeaderV3, CowOpV2, CowOpV3, ResumePoint, RESUME_POINT_SIZE,
-    V2_HEADER_SIZE, V2_OP_SIZE, V3_HEADER_SIZE, V3_OP_SIZE,
+    op_type, CowHeaderV2, CowHeaderV3, CowOpV2, CowOpV3, LayoutError, ResumePoint,
+    RESUME_POINT_SIZE, V2_HEADER_SIZE, V2_OP_SIZE, V3_HEADER_SIZE, V3_OP_SIZE,
 };
 use crate::op::CowVersion;
 
 use super::blocks::{BlockSet, PendingSequence};
+use super::error::AppendProblem;
 use super::v2::V2Stream;
 use super::v3::V3Layout;
 use super::{WriteError, WriterOptions};
@@ -40,32 +41,37 @@ pub(crate) struct Resumed {
     pub(crate) sequence: PendingSequence,
 }
 
-fn bad(offset: u64, reason: impl Into<String>) -> WriteError {
-    WriteError::NotAppendable {
-        offset,
-        reason: reason.into(),
-    }
+fn bad(offset: u64, problem: AppendProblem) -> WriteError {
+    WriteError::NotAppendable { offset, problem }
 }
 
 fn mismatch(option: &'static str, file: u64, given: u64) -> WriteError {
-    WriteError::NotAppendable {
-        offset: 0,
-        reason: format!("option {option} is {given} but the file has {file}"),
-    }
+    bad(
+        0,
+        AppendProblem::OptionMismatch {
+            option,
+            file,
+            given,
+        },
+    )
+}
+
+fn bad_record(offset: u64) -> impl FnOnce(LayoutError) -> WriteError {
+    move |source| WriteError::AppendRecord { offset, source }
 }
 
 /// Read exactly `buf.len()` bytes at `offset`, which must lie inside `size`.
 fn read_at(file: &File, size: u64, buf: &mut [u8], offset: u64) -> Result<(), WriteError> {
     let end = offset
         .checked_add(buf.len() as u64)
-        .ok_or_else(|| bad(offset, "offset overflows"))?;
+        .ok_or_else(|| bad(offset, AppendProblem::OffsetOverflow))?;
     if end > size {
         return Err(bad(
             offset,
-            format!(
-                "{} bytes needed past the end of the file ({size} bytes)",
-                buf.len()
-            ),
+            AppendProblem::PastEnd {
+                needed: buf.len() as u64,
+                size,
+            },
         ));
     }
     file.read_exact_at(buf, offset)
@@ -79,12 +85,13 @@ fn read_at(file: &File, size: u64, buf: &mut [u8], offset: u64) -> Result<(), Wr
 /// Allocate a buffer for `len` bytes at `offset` only if the file holds them.
 fn read_vec(file: &File, size: u64, len: u64, offset: u64) -> Result<Vec<u8>, WriteError> {
     if offset.checked_add(len).is_none_or(|end| end > size) {
-        return Err(bad(
-            offset,
-            format!("{len} bytes needed past the end of the file"),
-        ));
+        return Err(bad(offset, AppendProblem::PastEnd { needed: len, size }));
     }
-    let mut v = vec![0u8; usize::try_from(len).map_err(|_| bad(offset, "region too large"))?];
+    let mut v = vec![
+        0u8;
+        usize::try_from(len)
+            .map_err(|_| bad(offset, AppendProblem::RegionTooLarge { len }))?
+    ];
     read_at(file, size, &mut v, offset)?;
     Ok(v)
 }
@@ -139,9 +146,9 @@ fn resume_v2(
     let mut raw = [0u8; V2_HEADER_SIZE];
     read_at(file, size, &mut raw, 0)?;
     let h = CowHeaderV2::decode(&raw);
-    h.validate().map_err(|e| bad(0, e.to_string()))?;
+    h.validate().map_err(bad_record(0))?;
     if h.major_version != 2 || usize::from(h.header_size) != V2_HEADER_SIZE {
-        return Err(bad(8, "not a v2 file with a 38-byte header"));
+        return Err(bad(8, AppendProblem::NotV2));
     }
     if h.block_size != opts.block_size {
         return Err(mismatch(
@@ -181,12 +188,12 @@ fn resume_v2(
         if op.op_type == op_type::FOOTER {
             return Err(WriteError::AppendLabelNotFound { label });
         }
-        op.validate(pos).map_err(|e| bad(pos, e.to_string()))?;
+        op.validate(pos).map_err(bad_record(pos))?;
         match op.op_type {
             op_type::LABEL | op_type::CLUSTER => {}
             op_type::SEQUENCE => {
                 if seen_data {
-                    return Err(bad(pos, "SEQUENCE op after data ops"));
+                    return Err(bad(pos, AppendProblem::LateSequence));
                 }
                 let payload = read_vec(file, size, op.data_length.into(), op.source)?;
                 sequence.extend(
@@ -204,17 +211,18 @@ fn resume_v2(
                 if op.compression != 0 && op.compression != alg {
                     return Err(bad(
                         pos,
-                        format!(
-                            "op compression {} differs from the writer's {}",
-                            op.compression, alg
-                        ),
+                        AppendProblem::CompressionMismatch {
+                            file: op.compression,
+                            writer: alg,
+                        },
                     ));
                 }
             }
         }
-        stream
-            .replay(&op)
-            .map_err(|_| bad(pos, "op stream is not well formed"))?;
+        stream.replay(&op).map_err(|e| WriteError::AppendReplay {
+            offset: pos,
+            source: Box::new(e),
+        })?;
         if matches!(
             op.op_type,
             op_type::COPY | op_type::REPLACE | op_type::ZERO | op_type::XOR
@@ -241,7 +249,7 @@ fn resume_v3(
     let mut raw = [0u8; V3_HEADER_SIZE];
     read_at(file, size, &mut raw, 0)?;
     let mut h = CowHeaderV3::decode(&raw);
-    h.validate().map_err(|e| bad(0, e.to_string()))?;
+    h.validate().map_err(bad_record(0))?;
     let b = &h.base;
     if b.block_size != opts.block_size {
         return Err(mismatch(
@@ -276,7 +284,7 @@ fn resume_v3(
             return Err(mismatch("op_count_max", h.op_count_max, m));
         }
     }
-    let regions = h.regions().map_err(|e| bad(0, e.to_string()))?;
+    let regions = h.regions().map_err(bad_record(0))?;
     let n_points = u64::from(h.resume_point_count.min(h.resume_point_max));
     let rp = read_vec(
         file,
@@ -293,7 +301,7 @@ fn resume_v3(
     if keep > h.op_count_max {
         return Err(bad(
             regions.resume_offset,
-            format!("resume point names op {keep} beyond op_count_max"),
+            AppendProblem::ResumePointBeyondMax { op_index: keep },
         ));
     }
     let ops = read_vec(file, size, keep * V3_OP_SIZE as u64, regions.ops_offset)?;
@@ -316,13 +324,13 @@ fn resume_v3(
         a.copy_from_slice(c);
         let op = CowOpV3::decode(&a);
         op.validate(offset, b.block_size, h.max_compression_size)
-            .map_err(|e| bad(offset, e.to_string()))?;
+            .map_err(bad_record(offset))?;
         if op.op_type() == op_type::REPLACE && op.source() != data_pos {
-            return Err(bad(offset, "REPLACE source is not the running data offset"));
+            return Err(bad(offset, AppendProblem::ReplaceSourceMismatch));
         }
         data_pos = data_pos
             .checked_add(op.data_length.into())
-            .ok_or_else(|| bad(offset, "data offset overflows"))?;
+            .ok_or_else(|| bad(offset, AppendProblem::DataOffsetOverflow))?;
         note_op(
             &mut r,
             opts,
@@ -332,10 +340,7 @@ fn resume_v3(
         );
     }
     if data_pos > size {
-        return Err(bad(
-            data_pos,
-            "payloads of the kept ops extend past the end of the file",
-        ));
+        return Err(bad(data_pos, AppendProblem::PayloadsPastEnd));
     }
     h.op_count = keep;
     let kept_points: Vec<ResumePoint> = points.into_iter().filter(|p| p.op_index <= keep).collect();

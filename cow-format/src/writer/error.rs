@@ -107,12 +107,30 @@ pub enum WriteError {
         new_block: u64,
     },
     /// The file to append to does not fit the options or is not well formed.
-    #[error("cannot append at byte {offset}: {reason}")]
+    #[error("cannot append at byte {offset}: {problem}")]
     NotAppendable {
         /// Byte offset of the problem (0 for option mismatches).
         offset: u64,
         /// What is wrong.
-        reason: String,
+        problem: AppendProblem,
+    },
+    /// A record of the file to append to is invalid.
+    #[error("cannot append: the record at byte {offset} is invalid")]
+    AppendRecord {
+        /// Byte offset of the record (0: the header).
+        offset: u64,
+        /// What the record check found.
+        #[source]
+        source: LayoutError,
+    },
+    /// Replaying the kept v2 ops into a writer state failed.
+    #[error("cannot append: the op stream is not well formed at byte {offset}")]
+    AppendReplay {
+        /// Byte offset of the op record.
+        offset: u64,
+        /// What the replay found.
+        #[source]
+        source: Box<WriteError>,
     },
     /// The label to append at is not in the file.
     #[error("label {label} not found in the file to append to")]
@@ -121,7 +139,7 @@ pub enum WriteError {
         label: u64,
     },
     /// Compressing a payload failed.
-    #[error("compressing data for new block {new_block}: {source}")]
+    #[error("compressing data for new block {new_block} failed")]
     Compression {
         /// Target block of the payload.
         new_block: u64,
@@ -130,7 +148,7 @@ pub enum WriteError {
         source: CompressionError,
     },
     /// An on-disk record could not be built.
-    #[error("building the record for op {op_index}: {source}")]
+    #[error("building the record for op {op_index} failed")]
     Layout {
         /// Index of the op record.
         op_index: u64,
@@ -139,7 +157,7 @@ pub enum WriteError {
         source: LayoutError,
     },
     /// Reading metadata of, writing or syncing the output file failed.
-    #[error("I/O error while {what} at byte {offset}: {source}")]
+    #[error("{what} at byte {offset} failed")]
     Io {
         /// What the writer was doing.
         what: &'static str,
@@ -152,4 +170,68 @@ pub enum WriteError {
     /// An earlier I/O error left the file in an unknown state.
     #[error("the writer failed earlier and refuses further writes")]
     Poisoned,
+}
+
+/// What makes a file impossible to append to ([`WriteError::NotAppendable`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum AppendProblem {
+    /// An offset computation overflows.
+    #[error("offset overflows")]
+    OffsetOverflow,
+    /// A region the file claims lies past its end.
+    #[error("{needed} bytes needed past the end of the file ({size} bytes)")]
+    PastEnd {
+        /// Bytes asked for.
+        needed: u64,
+        /// File size.
+        size: u64,
+    },
+    /// A region larger than the address space.
+    #[error("a region of {len} bytes is too large")]
+    RegionTooLarge {
+        /// Region length.
+        len: u64,
+    },
+    /// Appending to v2 needs a v2 file with the 38-byte header.
+    #[error("not a v2 file with a 38-byte header")]
+    NotV2,
+    /// A writer option differs from the file.
+    #[error("option {option} is {given} but the file has {file}")]
+    OptionMismatch {
+        /// Option name.
+        option: &'static str,
+        /// The file's value.
+        file: u64,
+        /// The writer's value.
+        given: u64,
+    },
+    /// A v2 SEQUENCE op after data ops.
+    #[error("SEQUENCE op after data ops")]
+    LateSequence,
+    /// A v2 op compressed with another algorithm than the writer's.
+    #[error("op compression {file} differs from the writer's {writer}")]
+    CompressionMismatch {
+        /// The op's algorithm id.
+        file: u8,
+        /// The writer's algorithm id.
+        writer: u8,
+    },
+    /// A v3 resume point names an op past the op area.
+    #[error("resume point names op {op_index} beyond op_count_max")]
+    ResumePointBeyondMax {
+        /// Op index named.
+        op_index: u64,
+    },
+    /// A v3 REPLACE whose source is not where the payloads so far end.
+    #[error("REPLACE source is not the running data offset")]
+    ReplaceSourceMismatch,
+    /// The running data offset overflows.
+    #[error("data offset overflows")]
+    DataOffsetOverflow,
+    /// The kept ops' payloads extend past the end of the file.
+    #[error("payloads of the kept ops extend past the end of the file")]
+    PayloadsPastEnd,
+    /// Neither a v2 nor a v3 writer state was rebuilt.
+    #[error("no writer state rebuilt")]
+    NoWriterState,
 }

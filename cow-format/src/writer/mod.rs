@@ -39,7 +39,7 @@ use crate::layout::{
 };
 use crate::op::{CowVersion, OpKind};
 
-pub use error::WriteError;
+pub use error::{AppendProblem, WriteError};
 pub use options::{parse_compression_option, WriterOptions, DEFAULT_COMPRESSION_FACTOR};
 pub use prepared::{prepare_replace, prepare_xor, PreparedOp};
 
@@ -190,7 +190,7 @@ impl CowWriter {
             (None, None) => {
                 return Err(WriteError::NotAppendable {
                     offset: 0,
-                    reason: "no writer state rebuilt".into(),
+                    problem: error::AppendProblem::NoWriterState,
                 })
             }
         };

@@ -10,11 +10,11 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 
+use cow_format::reader::CowFileStorage;
 use cow_format::{CowReader, ReadError};
 use thiserror::Error;
 
 use super::blocks::CowBlockSource;
-use super::cow_storage::CowFileStorage;
 use super::merge_store::{CowMergeStore, CowMergeStoreError};
 use super::plan::{CowMergePlan, CowPlanError};
 use super::source_file::FileSource;
@@ -152,7 +152,7 @@ impl<D: SourceDevice> CowSnapshot<D> {
             }
         })?;
         let store = adjust(store);
-        let blocks = CowBlockSource::new(reader, planned.cow_op_of);
+        let blocks = CowBlockSource::new(reader);
         let server = BlockServer::new(planned.plan, blocks, source, store).map_err(|e| {
             SnapshotOpenError::Serve {
                 path: path.clone(),

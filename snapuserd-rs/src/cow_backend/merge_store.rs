@@ -1,57 +1,29 @@
-//! [`MergeStateStore`] on the COW file itself (cow-format.md §5.3, §6.3).
+//! [`MergeStateStore`] on the COW file itself: a thin adapter over
+//! [`cow_format::MergeState`], which owns the durable operations (window write, window
+//! commit, plain commit) and the scratch layout.
 //!
-//! * `num_merge_ops` (header offset 26) counts merge-order **entries**; the core counts
-//!   planned ops. [`ProgressMap`] converts (a commit that ends inside a multi-block REPLACE
-//!   is rounded down to the entries fully merged; replaying a REPLACE reads nothing).
-//! * The scratch region (state byte, metadata list, data slots) is laid out by
-//!   [`ScratchGeometry`].
-//!
-//! Durability: every mutating call writes with `pwrite` and `fdatasync`s before returning.
-//! `write_window` writes the data slots and the metadata list, syncs, then writes state Done
-//! and syncs. `commit_window` writes `num_merge_ops` and state InProgress with **one**
-//! `pwrite` of the header bytes `0..=header_size` (inside the first sector) and syncs.
-//!
-//! The header and the scratch region bounds are validated once at open through
-//! [`cow_format::MergeState`], which also supplies the durable values read at open.
-//! Window data is written here directly so a 510-block window costs one data write and
-//! two syncs, not one sync per block.
+//! What the adapter adds: `num_merge_ops` in the COW counts merge-order **entries**, the core
+//! counts planned ops. [`ProgressMap`] converts (a commit that ends inside a multi-block
+//! REPLACE is rounded down to the entries fully merged; replaying a REPLACE reads nothing).
+//! The durable values are cached after open and after each commit, so the core's getters
+//! do no I/O.
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 
-use cow_format::layout::BufferState;
+use cow_format::merge_state::DurableProgress;
 use cow_format::{MergeState, MergeStateError};
 use thiserror::Error;
 
 use super::plan::ProgressMap;
-use crate::snapshot::merge_plan::BLOCK_SIZE;
 use crate::snapshot::merge_tracker::{MergeStateStore, ScratchState, ScratchWindow};
-use crate::snapshot::scratch_layout::{ScratchGeometry, ScratchLayoutError};
 
-/// Byte offset of `num_merge_ops` in every COW header version.
-const NUM_MERGE_OPS_OFFSET: u64 = 26;
-/// `commit_window` rewrites header bytes `0..=header_size` in one write, which is atomic
-/// only inside one sector.
-const SECTOR: u64 = 512;
-
-/// Errors opening the durable merge state.
+/// Errors of the durable merge state in the COW file.
 #[derive(Debug, Error)]
 pub enum CowMergeStoreError {
-    /// The header or scratch region is invalid, or reading it failed.
-    #[error("COW merge state: {0}")]
+    /// The header or scratch region is invalid, or reading or writing it failed.
+    #[error(transparent)]
     MergeState(#[from] MergeStateError),
-    /// The scratch region cannot hold a window.
-    #[error("COW scratch region: {0}")]
-    Geometry(#[from] ScratchLayoutError),
-    /// The header is too large for the one-sector window commit.
-    #[error(
-        "COW header of {header_size} bytes leaves the scratch state byte outside the first sector"
-    )]
-    HeaderTooLarge {
-        /// Header size.
-        header_size: u64,
-    },
     /// The durable `num_merge_ops` names more entries than the merge order has.
     #[error("durable num_merge_ops {num_merge_ops} exceeds the {entries} merge-order entries")]
     MergedBeyondEnd {
@@ -62,18 +34,24 @@ pub enum CowMergeStoreError {
     },
 }
 
+impl From<CowMergeStoreError> for io::Error {
+    fn from(e: CowMergeStoreError) -> Self {
+        match e {
+            CowMergeStoreError::MergeState(e) => e.into(),
+            other => io::Error::new(io::ErrorKind::InvalidData, other),
+        }
+    }
+}
+
 /// Durable merge progress kept in the COW file.
 #[derive(Debug)]
 pub struct CowMergeStore {
-    file: File,
-    header_size: u64,
-    geometry: Option<ScratchGeometry>,
+    state: MergeState,
     progress: ProgressMap,
-    /// Durable `num_merge_ops` in merge-order entries, as read at open.
-    durable_entries: u64,
+    /// Durable values as last written (or read).
+    durable: DurableProgress,
     /// Last committed progress, in planned ops.
     planned: u64,
-    state: ScratchState,
     #[cfg(test)]
     clock: Option<crate::snapshot::merge_tracker::CrashClock>,
 }
@@ -81,102 +59,56 @@ pub struct CowMergeStore {
 /// The durable values found at open, before the plan exists.
 #[derive(Debug)]
 pub struct OpenedMergeState {
-    file: File,
-    header_size: u64,
-    geometry: Option<ScratchGeometry>,
-    durable_entries: u64,
-    state: ScratchState,
+    state: MergeState,
+    durable: DurableProgress,
 }
 
 impl OpenedMergeState {
     /// Durable `num_merge_ops` (merge-order entries): build the plan with it.
     pub fn num_merge_ops(&self) -> u64 {
-        self.durable_entries
+        self.durable.num_merge_ops
     }
 
     /// Finish opening with the plan's entry/planned-op map.
     pub fn into_store(self, progress: ProgressMap) -> Result<CowMergeStore, CowMergeStoreError> {
-        let planned = progress.planned_for_entries(self.durable_entries).ok_or(
-            CowMergeStoreError::MergedBeyondEnd {
-                num_merge_ops: self.durable_entries,
-                entries: progress.entries(),
-            },
-        )?;
+        let planned = planned_ops(&progress, self.durable.num_merge_ops)?;
         Ok(CowMergeStore {
-            file: self.file,
-            header_size: self.header_size,
-            geometry: self.geometry,
-            progress,
-            durable_entries: self.durable_entries,
-            planned,
             state: self.state,
+            progress,
+            durable: self.durable,
+            planned,
             #[cfg(test)]
             clock: None,
         })
     }
 }
 
-fn state_from(b: BufferState) -> ScratchState {
-    match b {
-        BufferState::NotStarted => ScratchState::NotStarted,
-        BufferState::InProgress => ScratchState::InProgress,
-        BufferState::Done => ScratchState::Done,
-    }
-}
-
-/// The header and scratch bounds of the COW `file`, validated ([`MergeState`]).
-fn read_merge_state(file: &File) -> Result<MergeState, CowMergeStoreError> {
-    let clone = file.try_clone().map_err(|source| MergeStateError::Io {
-        op: "dup",
-        offset: 0,
-        len: 0,
-        source,
-    })?;
-    Ok(MergeState::open(clone)?)
-}
-
-/// Durable `num_merge_ops` (entries) and scratch state (NotStarted without scratch).
-fn durable_pair(ms: &MergeState) -> Result<(u64, ScratchState), MergeStateError> {
-    let entries = ms.num_merge_ops()?;
-    let state = if ms.header().buffer_size() == 0 {
-        ScratchState::NotStarted
-    } else {
-        state_from(ms.buffer_state()?)
-    };
-    Ok((entries, state))
+fn planned_ops(progress: &ProgressMap, entries: u64) -> Result<u64, CowMergeStoreError> {
+    progress
+        .planned_for_entries(entries)
+        .ok_or(CowMergeStoreError::MergedBeyondEnd {
+            num_merge_ops: entries,
+            entries: progress.entries(),
+        })
 }
 
 impl CowMergeStore {
     /// Read the durable merge state of the COW `file` (opened read-write).
     pub fn open(file: File) -> Result<OpenedMergeState, CowMergeStoreError> {
-        let ms = read_merge_state(&file)?;
-        let header_size = u64::from(ms.header().header_size());
-        let buffer_size = u64::from(ms.header().buffer_size());
-        let (durable_entries, state) = durable_pair(&ms)?;
-        let geometry = if buffer_size == 0 {
-            None
-        } else {
-            if header_size >= SECTOR {
-                return Err(CowMergeStoreError::HeaderTooLarge { header_size });
-            }
-            Some(ScratchGeometry::new(header_size, buffer_size)?)
-        };
+        let state = MergeState::open(file)?;
+        let durable = state.progress()?;
         log::debug!(
-            "COW merge state: num_merge_ops {durable_entries}, scratch {:?}, state {state:?}",
-            geometry.map(|g| g.capacity_blocks())
+            "COW merge state: num_merge_ops {}, scratch window of {} blocks, state {:?}",
+            durable.num_merge_ops,
+            state.window_capacity(),
+            durable.state
         );
-        Ok(OpenedMergeState {
-            file,
-            header_size,
-            geometry,
-            durable_entries,
-            state,
-        })
+        Ok(OpenedMergeState { state, durable })
     }
 
     /// Durable `num_merge_ops` in merge-order entries as last written (or read at open).
     pub fn durable_entries(&self) -> u64 {
-        self.durable_entries
+        self.durable.num_merge_ops
     }
 
     #[cfg(test)]
@@ -184,47 +116,13 @@ impl CowMergeStore {
         self.clock = Some(clock);
     }
 
+    /// Test builds: let the crash clock stop the protocol before this durable step.
     fn step(&self, _what: &str) -> io::Result<()> {
         #[cfg(test)]
         if let Some(c) = &self.clock {
             c.step(_what)?;
         }
         Ok(())
-    }
-
-    fn write(&self, buf: &[u8], offset: u64, what: &str) -> io::Result<()> {
-        self.file.write_all_at(buf, offset).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!(
-                    "writing {what} ({} bytes at byte {offset}) of the COW: {e}",
-                    buf.len()
-                ),
-            )
-        })
-    }
-
-    fn sync(&self, what: &str) -> io::Result<()> {
-        self.file
-            .sync_data()
-            .map_err(|e| io::Error::new(e.kind(), format!("syncing the COW after {what}: {e}")))
-    }
-
-    fn read(&self, buf: &mut [u8], offset: u64, what: &str) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!(
-                    "reading {what} ({} bytes at byte {offset}) of the COW: {e}",
-                    buf.len()
-                ),
-            )
-        })
-    }
-
-    fn geometry(&self) -> io::Result<ScratchGeometry> {
-        self.geometry
-            .ok_or_else(|| io::Error::other("the COW has no scratch region (buffer_size 0)"))
     }
 }
 
@@ -234,109 +132,51 @@ impl MergeStateStore for CowMergeStore {
     }
 
     fn scratch_state(&self) -> ScratchState {
-        self.state
+        self.durable.state
     }
 
     fn scratch_capacity_blocks(&self) -> usize {
-        self.geometry.map_or(0, |g| g.capacity_blocks())
+        self.state.window_capacity()
     }
 
     fn read_window(&self) -> io::Result<ScratchWindow> {
-        let g = self.geometry()?;
-        let mut meta = vec![0u8; g.metadata_len()];
-        self.read(&mut meta, g.metadata_offset(), "scratch metadata")?;
-        let entries = g
-            .decode_metadata(&meta)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-        let mut window = ScratchWindow {
-            new_blocks: Vec::with_capacity(entries.len()),
-            data: vec![0u8; entries.len() * BLOCK_SIZE],
-        };
-        for ((block, offset), slot) in entries.iter().zip(window.data.chunks_exact_mut(BLOCK_SIZE))
-        {
-            self.read(slot, *offset, "scratch data")?;
-            window.new_blocks.push(*block);
-        }
-        Ok(window)
+        Ok(self.state.read_window()?)
     }
 
     fn commit(&mut self, num_merge_ops: u64) -> io::Result<()> {
         let entries = self.progress.entries_for_planned(num_merge_ops);
         self.step("commit num_merge_ops")?;
-        self.write(
-            &entries.to_le_bytes(),
-            NUM_MERGE_OPS_OFFSET,
-            "num_merge_ops",
-        )?;
-        self.sync("num_merge_ops")?;
-        self.durable_entries = entries;
+        self.state.commit_merged(entries)?;
+        self.durable.num_merge_ops = entries;
         self.planned = num_merge_ops;
         Ok(())
     }
 
     fn commit_window(&mut self, num_merge_ops: u64) -> io::Result<()> {
-        let g = self.geometry()?;
         let entries = self.progress.entries_for_planned(num_merge_ops);
-        let len = usize::try_from(g.state_offset() + 1)
-            .map_err(|_| io::Error::other("header size overflow"))?;
-        let mut head = vec![0u8; len];
-        self.read(&mut head, 0, "header")?;
-        let at = NUM_MERGE_OPS_OFFSET as usize;
-        let field = head
-            .get_mut(at..at + 8)
-            .ok_or_else(|| io::Error::other("header too short for num_merge_ops"))?;
-        field.copy_from_slice(&entries.to_le_bytes());
-        let state = head
-            .last_mut()
-            .ok_or_else(|| io::Error::other("empty header"))?;
-        *state = crate::snapshot::scratch_layout::encode_state(ScratchState::InProgress);
-        debug_assert_eq!(g.state_offset(), self.header_size);
         self.step("commit window")?;
-        self.write(&head, 0, "num_merge_ops and scratch state")?;
-        self.sync("window commit")?;
-        self.durable_entries = entries;
+        self.state.commit_window(entries)?;
+        self.durable = DurableProgress {
+            num_merge_ops: entries,
+            state: ScratchState::InProgress,
+        };
         self.planned = num_merge_ops;
-        self.state = ScratchState::InProgress;
         Ok(())
     }
 
     fn write_window(&mut self, window: &ScratchWindow) -> io::Result<()> {
-        let g = self.geometry()?;
-        if window.data.len() != window.new_blocks.len() * BLOCK_SIZE {
-            return Err(io::Error::other(format!(
-                "window of {} blocks carries {} data bytes",
-                window.new_blocks.len(),
-                window.data.len()
-            )));
-        }
-        let meta = g
-            .encode_metadata(&window.new_blocks)
-            .map_err(|e| io::Error::other(e.to_string()))?;
         self.step("write scratch data")?;
-        self.write(&window.data, g.slot_offset(0), "scratch data")?;
-        self.write(&meta, g.metadata_offset(), "scratch metadata")?;
-        self.sync("scratch data and metadata")?;
+        self.state.stage_window(window)?;
         self.step("set scratch state Done")?;
-        let done = crate::snapshot::scratch_layout::encode_state(ScratchState::Done);
-        self.write(&[done], g.state_offset(), "scratch state")?;
-        self.sync("scratch state")?;
-        self.state = ScratchState::Done;
+        self.state.mark_window_done()?;
+        self.durable.state = ScratchState::Done;
         Ok(())
     }
 
     fn reload(&mut self) -> io::Result<()> {
-        let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
-        let ms = read_merge_state(&self.file).map_err(|e| invalid(e.to_string()))?;
-        let (entries, state) = durable_pair(&ms).map_err(|e| invalid(e.to_string()))?;
-        let planned = self.progress.planned_for_entries(entries).ok_or_else(|| {
-            invalid(format!(
-                "durable num_merge_ops {entries} exceeds the {} merge-order entries",
-                self.progress.entries()
-            ))
-        })?;
-        self.durable_entries = entries;
-        self.planned = planned;
-        self.state = state;
+        let durable = self.state.progress()?;
+        self.planned = planned_ops(&self.progress, durable.num_merge_ops)?;
+        self.durable = durable;
         Ok(())
     }
 }
@@ -344,8 +184,10 @@ impl MergeStateStore for CowMergeStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cow_format::layout::{BufferState, NUM_MERGE_OPS_OFFSET};
     use cow_format::{CowVersion, CowWriter, WriterOptions};
     use std::fs::OpenOptions;
+    use std::os::unix::fs::FileExt;
 
     fn cow(dir: &std::path::Path, version: CowVersion, scratch: bool, zeros: u64) -> File {
         let path = dir.join("s.cow");
@@ -382,7 +224,7 @@ mod tests {
             assert_eq!(store.scratch_state(), ScratchState::NotStarted);
             let window = ScratchWindow {
                 new_blocks: vec![5, 0, 9],
-                data: (0..3 * BLOCK_SIZE).map(|i| (i * 7 % 253) as u8).collect(),
+                data: (0..3 * 4096).map(|i| (i * 7 % 253) as u8).collect(),
             };
             store.write_window(&window).unwrap();
             drop(store);
@@ -398,8 +240,13 @@ mod tests {
             store.commit(5).unwrap();
             drop(store);
             let ms = MergeState::open(f.try_clone().unwrap()).unwrap();
-            assert_eq!(ms.num_merge_ops().unwrap(), 5);
-            assert_eq!(ms.buffer_state().unwrap(), BufferState::InProgress);
+            assert_eq!(
+                ms.progress().unwrap(),
+                DurableProgress {
+                    num_merge_ops: 5,
+                    state: BufferState::InProgress
+                }
+            );
             // The header is still a valid COW header.
             cow_format::CowReader::open(f).unwrap();
         }
@@ -417,7 +264,14 @@ mod tests {
         assert!(store.write_window(&ScratchWindow::default()).is_err());
         assert!(store.commit_window(1).is_err());
         store.commit(4).unwrap();
-        assert_eq!(MergeState::open(f).unwrap().num_merge_ops().unwrap(), 4);
+        assert_eq!(
+            MergeState::open(f)
+                .unwrap()
+                .progress()
+                .unwrap()
+                .num_merge_ops,
+            4
+        );
     }
 
     #[test]

@@ -6,19 +6,17 @@
 //! planned ops, **descending** like the entries around it, so that a run of adjacent blocks
 //! stays one run of exceptions that dm-snapshot-merge copies in one batch (expanded
 //! ascending, every block of such a run was its own batch, with its own metadata commit).
-//! Two side tables are kept:
-//!
-//! * plan index → index of the op in [`CowReader::ops`] (a `u32` per planned op), so the
-//!   block source finds the payload without a second lookup;
-//! * [`ProgressMap`]: the durable `num_merge_ops` counts merge-order **entries**; the core
-//!   counts planned ops. The map converts between the two (identity when no entry covers
-//!   more than one block).
+//! Each planned op carries the position of its COW op in [`CowReader::ops`]
+//! ([`PlannedOp::cow_op`]), so the block producer finds the payload without a side table.
+//! [`ProgressMap`] converts progress: the durable `num_merge_ops` counts merge-order
+//! **entries**; the core counts planned ops (identity when no entry covers more than one
+//! block).
 //!
 //! COWs the legacy daemon cannot merge are refused here with a clear error: a REPLACE or
 //! ZERO entry in the ordered part before a COPY/XOR entry (a v3 file without sequence data
 //! that mixes them; the core needs every ordered op first), and duplicate destinations.
 
-use cow_format::{CowOp, CowReader, CowStorage, MergeOrderOptions, OpKind as CowOpKind};
+use cow_format::{CowOp, CowReader, CowStorage, MergeOrderOptions, OpKind};
 use cow_format::{OtherOpsOrder, ReadError};
 use thiserror::Error;
 
@@ -59,11 +57,11 @@ pub enum CowPlanError {
         /// File-order op record index.
         op_index: u64,
         /// Op kind.
-        kind: CowOpKind,
+        kind: OpKind,
         /// Block count.
         num_blocks: u64,
     },
-    /// More ops than the `u32` side table can index.
+    /// More ops than a planned op's `u32` COW op position can index.
     #[error("{count} COW ops are more than this daemon indexes (u32)")]
     TooManyOps {
         /// Ops in the file.
@@ -78,10 +76,10 @@ pub enum CowPlanError {
         entries: usize,
     },
     /// The core refused the expanded plan (ordered after unordered, duplicates, overflow).
-    #[error("merge plan: {0}")]
+    #[error(transparent)]
     Plan(#[from] MergePlanError),
     /// The reader failed.
-    #[error("COW reader: {0}")]
+    #[error(transparent)]
     Read(#[from] ReadError),
 }
 
@@ -122,13 +120,11 @@ impl ProgressMap {
     }
 }
 
-/// The core plan for one COW file plus the side tables the backends need.
+/// The core plan for one COW file plus the progress map the merge store needs.
 #[derive(Debug, Clone)]
 pub struct CowMergePlan {
     /// The validated plan (merge order, durable progress in planned ops).
     pub plan: MergePlan,
-    /// Index into [`CowReader::ops`] of each planned op's COW op.
-    pub cow_op_of: Vec<u32>,
     /// Entry ↔ planned-op progress conversion.
     pub progress: ProgressMap,
 }
@@ -154,25 +150,24 @@ impl CowMergePlan {
         if u32::try_from(ops.len()).is_err() {
             return Err(CowPlanError::TooManyOps { count: ops.len() });
         }
-        let order = reader.merge_order(MergeOrderOptions {
+        let mut order = reader.merge_order(MergeOrderOptions {
             other_ops: OtherOpsOrder::Descending,
             skip_merged: false,
         });
-        let base = ops.as_ptr();
         let mut planned = Vec::with_capacity(ops.len());
-        let mut cow_op_of = Vec::with_capacity(ops.len());
         let mut ends: Vec<u64> = Vec::new();
         let mut multi = false;
         let mut entries = 0usize;
-        for (entry, op) in order.enumerate() {
-            // The iterator yields references into `ops`; recover the index by address.
-            let idx = index_in(ops, base, op).ok_or(CowPlanError::MissingOp { entry })?;
+        while let Some((idx, op)) = order.next_indexed() {
             let idx32 =
                 u32::try_from(idx).map_err(|_| CowPlanError::TooManyOps { count: ops.len() })?;
-            expand(entry, op, idx32, &mut planned, &mut cow_op_of)?;
+            expand(entries, op, idx32, &mut planned)?;
             multi |= op.num_blocks != 1;
             ends.push(planned.len() as u64);
             entries += 1;
+        }
+        if entries != order_len(reader) {
+            return Err(CowPlanError::MissingOp { entry: entries });
         }
         let progress = ProgressMap {
             ends: multi.then_some(ends),
@@ -186,19 +181,13 @@ impl CowMergePlan {
                     entries,
                 })?;
         let plan = MergePlan::new(planned, merged)?;
-        Ok(CowMergePlan {
-            plan,
-            cow_op_of,
-            progress,
-        })
+        Ok(CowMergePlan { plan, progress })
     }
 }
 
-fn index_in(ops: &[CowOp], base: *const CowOp, op: &CowOp) -> Option<usize> {
-    let size = std::mem::size_of::<CowOp>();
-    let delta = (op as *const CowOp as usize).checked_sub(base as usize)?;
-    let idx = delta / size;
-    (delta % size == 0 && idx < ops.len()).then_some(idx)
+/// Entries of the reader's merge order.
+fn order_len<S: CowStorage>(reader: &CowReader<S>) -> usize {
+    usize::try_from(reader.num_total_data_ops()).unwrap_or(usize::MAX)
 }
 
 fn expand(
@@ -206,7 +195,6 @@ fn expand(
     op: &CowOp,
     idx: u32,
     planned: &mut Vec<PlannedOp>,
-    cow_op_of: &mut Vec<u32>,
 ) -> Result<(), CowPlanError> {
     let bad_range = || CowPlanError::BadRange {
         entry,
@@ -220,7 +208,7 @@ fn expand(
     op.new_block
         .checked_add(op.num_blocks)
         .ok_or_else(bad_range)?;
-    if op.num_blocks != 1 && op.kind != CowOpKind::Replace {
+    if op.num_blocks != 1 && op.kind != OpKind::Replace {
         return Err(CowPlanError::MultiBlockNonReplace {
             entry,
             op_index: op.index,
@@ -230,14 +218,7 @@ fn expand(
     }
     // Descending, as the legacy order sorts the entries: see the module documentation.
     for i in (0..op.num_blocks).rev() {
-        let block = op.new_block + i;
-        planned.push(match op.kind {
-            CowOpKind::Copy => PlannedOp::copy(block, op.source),
-            CowOpKind::Xor => PlannedOp::xor(block, op.source),
-            CowOpKind::Replace => PlannedOp::replace(block),
-            CowOpKind::Zero => PlannedOp::zero(block),
-        });
-        cow_op_of.push(idx);
+        planned.push(PlannedOp::of_cow_op(idx, op, op.new_block + i));
     }
     Ok(())
 }
@@ -277,5 +258,45 @@ pub(crate) mod tests {
         assert_eq!(m.entries_for_planned(4), 1, "inside the 4-block entry");
         assert_eq!(m.entries_for_planned(5), 2);
         assert_eq!(m.entries_for_planned(6), 3);
+    }
+
+    #[test]
+    fn planned_ops_name_the_cow_op_that_produces_them() {
+        use cow_format::{CowVersion, CowWriter, WriterOptions};
+        let file = tempfile::tempfile().unwrap();
+        let opts = WriterOptions {
+            version: CowVersion::V3,
+            op_count_max: Some(16),
+            compression_factor: 16384,
+            ..WriterOptions::default()
+        };
+        let mut w = CowWriter::create(file.try_clone().unwrap(), opts).unwrap();
+        w.add_copy(40, 2).unwrap();
+        w.add_xor(41, &[1u8; 4096], 4096 * 3 + 17).unwrap();
+        w.add_replace(10, &[7u8; 4 * 4096]).unwrap();
+        w.add_zero(30, 1).unwrap();
+        w.finalize().unwrap();
+        let reader = CowReader::open(file).unwrap();
+        let built = CowMergePlan::build(&reader).unwrap();
+        let plan = &built.plan;
+        assert_eq!(plan.len(), 7, "the 4-block REPLACE is expanded");
+        for op in plan.ops() {
+            let cow = &reader.ops()[op.cow_op as usize];
+            assert!(cow.covers(op.new_block), "{op:?} names {cow:?}");
+            assert_eq!(cow.kind, op.kind);
+        }
+        let replace: Vec<u64> = plan
+            .ops()
+            .iter()
+            .filter(|o| o.kind == OpKind::Replace)
+            .map(|o| o.new_block)
+            .collect();
+        assert_eq!(
+            replace,
+            [13, 12, 11, 10],
+            "descending, like the entries around it"
+        );
+        let xor = plan.ops().iter().find(|o| o.kind == OpKind::Xor).unwrap();
+        assert_eq!(xor.source, 4096 * 3 + 17);
     }
 }

@@ -599,13 +599,25 @@ fn resume_from_a_cow_with_progress_in_its_header() {
             .open(&f.cow)
             .unwrap();
         let mut ms = cow_format::MergeState::open(rw).unwrap();
-        ms.set_num_merge_ops(4).unwrap();
+        ms.commit_merged(4).unwrap();
     }
     let (origin, snap) = boot(&f, &CrashClock::never());
     let snap = snap.unwrap();
     assert_eq!(snap.server().exceptions().num_exceptions(), 13 - 4);
     merge(&snap, &origin).unwrap();
     assert_images_eq(&origin.image(), &target, "merged base");
+}
+
+/// An error's message followed by its causes' (each error prints its own context only).
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }
 
 #[test]
@@ -618,7 +630,11 @@ fn bad_cows_are_refused_clearly() {
     c.others.push(TestOp::Zero { new: 3, count: 1 });
     let f = files(&c);
     let err = CowSnapshot::open(&f.cow, &f.base).unwrap_err();
-    assert!(err.to_string().contains("both write block 3"), "{err}");
+    assert!(
+        chain(&err).contains("both write block 3"),
+        "{}",
+        chain(&err)
+    );
     // A self-reading XOR without scratch.
     let mut c = Case::new(
         16,
@@ -632,7 +648,11 @@ fn bad_cows_are_refused_clearly() {
     });
     let f = files(&c);
     let err = CowSnapshot::open(&f.cow, &f.base).unwrap_err();
-    assert!(err.to_string().contains("needs scratch space"), "{err}");
+    assert!(
+        chain(&err).contains("needs scratch space"),
+        "{}",
+        chain(&err)
+    );
     // A truncated COW.
     let c = mixed(CowVersion::V2, CompressionAlgorithm::Lz4, true, 12);
     let f = files(&c);
@@ -772,8 +792,9 @@ fn v3_without_sequence_mixing_replace_before_copy_is_refused() {
     w.finalize().unwrap();
     let err = CowSnapshot::open(&cow, &base).unwrap_err();
     assert!(
-        matches!(err, SnapshotOpenError::Plan { .. }) && err.to_string().contains("ordered"),
-        "{err}"
+        matches!(err, SnapshotOpenError::Plan { .. }) && chain(&err).contains("ordered"),
+        "{}",
+        chain(&err)
     );
     // The same ops with COPY first (still no sequence) are served and merged.
     let mut w = CowWriter::create(fs::File::create(&cow).unwrap(), o).unwrap();

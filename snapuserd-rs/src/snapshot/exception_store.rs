@@ -42,7 +42,7 @@ pub const EXCEPTIONS_PER_AREA: usize = 256;
 /// Distance in chunks between two metadata areas (area plus its data chunks).
 pub const AREA_STRIDE: u64 = EXCEPTIONS_PER_AREA as u64 + 1;
 /// Ordered ops per read-ahead window (2 MiB scratch minus 8 KiB metadata, in blocks).
-pub const WINDOW_OPS: usize = 510;
+pub const WINDOW_OPS: usize = cow_format::layout::READ_AHEAD_WINDOW_BLOCKS;
 /// dm-snapshot header magic ("SnAp" little-endian).
 pub const DISK_MAGIC: u32 = 0x7041_6e53;
 /// Size of one on-disk `disk_exception`.

@@ -20,33 +20,20 @@ pub const BLOCK_SIZE: usize = 4096;
 /// [`BLOCK_SIZE`] as a `u64`, for offset arithmetic.
 pub const BLOCK_SIZE_U64: u64 = BLOCK_SIZE as u64;
 
-/// What a data op does to its destination block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum OpKind {
-    /// Copy one block of the source device (`source` is a block number).
-    Copy,
-    /// XOR a payload from the COW with 4096 source bytes starting at byte offset `source`
-    /// (which need not be block aligned, so it may span two source blocks).
-    Xor,
-    /// Write a payload stored in the COW (`source` is unused here).
-    Replace,
-    /// Write zeros (`source` is unused).
-    Zero,
-}
-
-impl OpKind {
-    /// True for COPY and XOR: ops that read the source device and therefore must be
-    /// merged in exactly the planned order.
-    pub fn is_ordered(self) -> bool {
-        matches!(self, OpKind::Copy | OpKind::Xor)
-    }
-}
+/// What a data op does to its destination block: the COW format's op kind (COPY: `source`
+/// is a block number; XOR: a byte offset, possibly unaligned; REPLACE/ZERO: unused).
+/// [`OpKind::is_ordered`] is true for COPY and XOR, the ops that read the source device and
+/// therefore must be merged in exactly the planned order.
+pub use cow_format::OpKind;
 
 /// One data op of the merge plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PlannedOp {
     /// What the op does.
     pub kind: OpKind,
+    /// Position in `CowReader::ops` of the COW op that produces this block (a v3 multi-block
+    /// REPLACE is one COW op for several planned ops); 0 for plans not built from a COW.
+    pub cow_op: u32,
     /// Block of the new image this op produces (the dm-snapshot `old_chunk`).
     pub new_block: u64,
     /// COPY: source block number. XOR: source byte offset. REPLACE/ZERO: ignored.
@@ -56,37 +43,44 @@ pub struct PlannedOp {
 impl PlannedOp {
     /// A COPY of source block `source_block` to `new_block`.
     pub fn copy(new_block: u64, source_block: u64) -> Self {
-        PlannedOp {
-            kind: OpKind::Copy,
-            new_block,
-            source: source_block,
-        }
+        Self::new(OpKind::Copy, new_block, source_block)
     }
 
     /// An XOR op whose source bytes start at `source_byte_offset`.
     pub fn xor(new_block: u64, source_byte_offset: u64) -> Self {
-        PlannedOp {
-            kind: OpKind::Xor,
-            new_block,
-            source: source_byte_offset,
-        }
+        Self::new(OpKind::Xor, new_block, source_byte_offset)
     }
 
     /// A REPLACE op.
     pub fn replace(new_block: u64) -> Self {
-        PlannedOp {
-            kind: OpKind::Replace,
-            new_block,
-            source: 0,
-        }
+        Self::new(OpKind::Replace, new_block, 0)
     }
 
     /// A ZERO op.
     pub fn zero(new_block: u64) -> Self {
+        Self::new(OpKind::Zero, new_block, 0)
+    }
+
+    fn new(kind: OpKind, new_block: u64, source: u64) -> Self {
         PlannedOp {
-            kind: OpKind::Zero,
+            kind,
+            cow_op: 0,
             new_block,
-            source: 0,
+            source,
+        }
+    }
+
+    /// Block `new_block` of the COW op at position `cow_op` of `CowReader::ops`.
+    pub fn of_cow_op(cow_op: u32, op: &cow_format::CowOp, new_block: u64) -> Self {
+        let source = match op.kind {
+            OpKind::Copy | OpKind::Xor => op.source,
+            OpKind::Replace | OpKind::Zero => 0,
+        };
+        PlannedOp {
+            kind: op.kind,
+            cow_op,
+            new_block,
+            source,
         }
     }
 
@@ -137,41 +131,10 @@ impl SourceBlocks {
     }
 }
 
-/// Read access to the source (old-image) device: what COPY and XOR ops read.
-///
-/// `cow_backend::source_file::FileSource` implements it on the real source device with
-/// positioned reads; tests use byte vectors.
-pub trait SourceDevice {
-    /// Fill `buf` with the device bytes starting at `byte_offset`.
-    fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> std::io::Result<()>;
-}
-
-impl SourceDevice for [u8] {
-    fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> std::io::Result<()> {
-        let start = usize::try_from(byte_offset).ok();
-        let range = start.and_then(|s| Some(s..s.checked_add(buf.len())?));
-        match range.and_then(|r| self.get(r)) {
-            Some(bytes) => {
-                buf.copy_from_slice(bytes);
-                Ok(())
-            }
-            None => Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!(
-                    "read of {} bytes at {byte_offset} beyond {} bytes",
-                    buf.len(),
-                    self.len()
-                ),
-            )),
-        }
-    }
-}
-
-impl SourceDevice for Vec<u8> {
-    fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> std::io::Result<()> {
-        self.as_slice().read_exact_at(buf, byte_offset)
-    }
-}
+/// Read access to the source (old-image) device: what COPY and XOR ops read. It is the COW
+/// format's source trait: `cow_backend::source_file::FileSource` implements it on the real
+/// source device with positioned reads; tests use byte vectors.
+pub use cow_format::SourceImage as SourceDevice;
 
 /// Why a list of ops is not a usable merge plan.
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -26,25 +26,12 @@ use super::exception_store::{
 };
 use super::merge_plan::{MergePlan, OpKind, SourceDevice, BLOCK_SIZE};
 
-/// The read-ahead state byte of the COW scratch region.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ScratchState {
-    /// 0: never used.
-    NotStarted,
-    /// 1: the current window's scratch content is not (yet) valid.
-    InProgress,
-    /// 2: scratch holds the complete, synced window that starts at `num_merge_ops`.
-    Done,
-}
-
-/// A read-ahead window as stored in scratch.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ScratchWindow {
-    /// `new_block` of each op of the window, in merge order.
-    pub new_blocks: Vec<u64>,
-    /// The 4096 source bytes each op reads, concatenated in the same order.
-    pub data: Vec<u8>,
-}
+/// The read-ahead state byte of the COW scratch region (Done: scratch holds the complete,
+/// synced window that starts at `num_merge_ops`).
+pub use cow_format::layout::BufferState as ScratchState;
+/// A read-ahead window as stored in scratch: `new_block` of each op and the 4096 source
+/// bytes each op reads, concatenated in the same order.
+pub use cow_format::merge_state::ScratchWindow;
 
 /// Durable merge progress: `num_merge_ops` and the scratch region of the COW file.
 ///

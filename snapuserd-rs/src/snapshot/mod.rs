@@ -13,7 +13,6 @@ pub mod control_protocol;
 pub mod exception_store;
 pub mod merge_plan;
 pub mod merge_tracker;
-pub mod scratch_layout;
 
 #[cfg(test)]
 pub(crate) mod dm_snapshot_model;
