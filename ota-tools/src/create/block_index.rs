@@ -16,6 +16,7 @@
 
 use rayon::prelude::*;
 
+use super::anchors::AnchorIndex;
 use super::hash::{block_hash, is_zero, window_hashes};
 use super::image::{BlockImage, ImageError};
 use super::BLOCK_SIZE;
@@ -44,6 +45,8 @@ pub struct SourceIndex {
     /// Bloom filter (2 bits set per similarity entry, 16 bits per entry): most lookups of
     /// a window that is not in the index stop here, without a binary search.
     similar_filter: Vec<u64>,
+    /// Content-defined anchors of the source, for XOR bases at any byte offset.
+    anchors: AnchorIndex,
     block_count: u64,
 }
 
@@ -68,10 +71,22 @@ fn bucket(entries: &[u64], hash: u64) -> &[u64] {
     entries.get(lo..hi).unwrap_or(&[])
 }
 
-/// Per-block index entries: the exact entry (none for a zero block) and the window sketch.
-fn block_entries(block: &[u8], n: u32) -> (Option<u64>, [Option<u64>; SIMILAR_PER_BLOCK]) {
+/// Index entries of one source block.
+struct BlockEntries {
+    exact: Option<u64>,
+    sketch: [Option<u64>; SIMILAR_PER_BLOCK],
+    anchors: Vec<u64>,
+}
+
+/// Per-block index entries: the exact entry (none for a zero block), the window sketch and
+/// the content-defined anchors.
+fn block_entries(block: &[u8], n: u32) -> BlockEntries {
     if is_zero(block) {
-        return (None, [None; SIMILAR_PER_BLOCK]);
+        return BlockEntries {
+            exact: None,
+            sketch: [None; SIMILAR_PER_BLOCK],
+            anchors: Vec::new(),
+        };
     }
     let mut wins: Vec<u64> = window_hashes(block).iter().flatten().copied().collect();
     wins.sort_unstable();
@@ -80,7 +95,13 @@ fn block_entries(block: &[u8], n: u32) -> (Option<u64>, [Option<u64>; SIMILAR_PE
     for (slot, h) in sketch.iter_mut().zip(wins) {
         *slot = Some(pack(h, n));
     }
-    (Some(pack(block_hash(block), n)), sketch)
+    let mut anchors = Vec::new();
+    AnchorIndex::block_entries(u64::from(n), block, &mut anchors);
+    BlockEntries {
+        exact: Some(pack(block_hash(block), n)),
+        sketch,
+        anchors,
+    }
 }
 
 impl SourceIndex {
@@ -95,6 +116,7 @@ impl SourceIndex {
         let cap = usize::try_from(blocks).unwrap_or(0);
         let mut exact = Vec::with_capacity(cap);
         let mut similar = Vec::with_capacity(cap.saturating_mul(SIMILAR_PER_BLOCK));
+        let mut anchors = Vec::new();
         let mut buf = vec![0u8; INDEX_BATCH_BLOCKS * BLOCK_SIZE];
         let mut first = 0u64;
         while first < blocks {
@@ -110,9 +132,10 @@ impl SourceIndex {
                     block_entries(b, n)
                 })
                 .collect();
-            for (e, sketch) in entries {
-                exact.extend(e);
-                similar.extend(sketch.iter().flatten());
+            for e in entries {
+                exact.extend(e.exact);
+                similar.extend(e.sketch.iter().flatten());
+                anchors.extend_from_slice(&e.anchors);
             }
             first += count as u64;
             progress(count as u64);
@@ -134,6 +157,7 @@ impl SourceIndex {
             exact,
             similar,
             similar_filter,
+            anchors: AnchorIndex::from_entries(anchors),
             block_count: blocks,
         })
     }
@@ -147,6 +171,12 @@ impl SourceIndex {
     pub fn memory_bytes(&self) -> usize {
         (self.exact.capacity() + self.similar.capacity() + self.similar_filter.capacity())
             * std::mem::size_of::<u64>()
+            + self.anchors.memory_bytes()
+    }
+
+    /// The content-defined anchors of the source.
+    pub fn anchors(&self) -> &AnchorIndex {
+        &self.anchors
     }
 
     /// Source blocks whose hash matches the block `hash` (lowest block numbers first, at
@@ -241,7 +271,7 @@ mod tests {
         edited[10] ^= 1;
         edited[3000] ^= 1;
         assert!(idx.similar_candidates(&edited, 4).contains(&2));
-        assert!(idx.memory_bytes() <= 3 * 28 + 8);
+        assert!(idx.memory_bytes() <= 3 * (28 + 128) + 8);
         // The filter passes the indexed windows and stops most others.
         let w1 = window_hashes(&pattern(1));
         assert!(w1.iter().flatten().any(|h| idx.may_have_window(*h)));

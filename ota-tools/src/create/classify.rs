@@ -12,6 +12,9 @@
 //! Every decision is a pure function of the block's bytes and of the source, so the result
 //! does not depend on how many threads classify.
 
+use std::cell::RefCell;
+
+use cow_format::{Compression, CompressionAlgorithm};
 use rayon::prelude::*;
 
 use super::block_index::SourceIndex;
@@ -93,6 +96,8 @@ impl BlockClass {
 /// Options for classification.
 #[derive(Debug, Clone, Copy)]
 pub struct ClassifyOptions {
+    /// How payload sizes are estimated (the COW's own compression).
+    pub estimator: SizeEstimator,
     /// Consider XOR ops at all (pointless without compression).
     pub xor: bool,
     /// Similar-block candidates examined per block, besides the same position.
@@ -104,6 +109,7 @@ pub struct ClassifyOptions {
 impl Default for ClassifyOptions {
     fn default() -> Self {
         Self {
+            estimator: SizeEstimator::default(),
             xor: true,
             similar_candidates: 4,
             exact_candidates: 8,
@@ -122,16 +128,76 @@ pub enum ClassifyError {
     Image(#[from] ImageError),
 }
 
-/// Size estimate (bytes) of a compressed block: the raw LZ4 block size, a fast and
-/// deterministic proxy used for every algorithm.
-pub fn estimate(data: &[u8]) -> usize {
-    lz4_flex::block::compress(data).len()
+/// Stored size of one payload with the COW's compression: what decides between XOR and
+/// REPLACE. lz4 and zstd (the algorithms Virtual A/B devices use) are measured exactly
+/// with the same library and level as the writer; gz and brotli too, through the writer's
+/// own compressor (slower). Without compression the raw LZ4 size stands in (XOR is then
+/// disabled anyway). A payload never costs more than its own length (it is stored raw).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SizeEstimator {
+    compression: Compression,
+}
+
+thread_local! {
+    /// One zstd context per thread and level: creating one per block costs more than
+    /// compressing the block.
+    static ZSTD_CTX: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { RefCell::new(None) };
+}
+
+impl SizeEstimator {
+    /// An estimator for `compression`.
+    pub fn new(compression: Compression) -> Self {
+        Self { compression }
+    }
+
+    /// Estimated stored size of `data` (one or more whole blocks) in bytes.
+    pub fn estimate(&self, data: &[u8]) -> usize {
+        let level = self.compression.effective_level();
+        let size = match self.compression.algorithm {
+            CompressionAlgorithm::None | CompressionAlgorithm::Lz4 => {
+                lz4_flex::block::compress(data).len()
+            }
+            CompressionAlgorithm::Zstd => zstd_size(level, data),
+            alg @ (CompressionAlgorithm::Gz | CompressionAlgorithm::Brotli) => {
+                let mut out = Vec::new();
+                match cow_format::compression::compress(alg, Some(level), data, &mut out) {
+                    Ok(()) => out.len(),
+                    Err(_) => data.len(),
+                }
+            }
+        };
+        size.min(data.len())
+    }
+}
+
+/// zstd size of `data` at `level` with a block-sized window, as the writer compresses.
+fn zstd_size(level: i32, data: &[u8]) -> usize {
+    use zstd::zstd_safe::CParameter;
+    ZSTD_CTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            let made = zstd::bulk::Compressor::new(level).and_then(|mut c| {
+                c.set_parameter(CParameter::WindowLog(12))?;
+                c.set_parameter(CParameter::ChecksumFlag(false))?;
+                Ok(c)
+            });
+            *slot = made.ok().map(|c| (level, c));
+        }
+        let Some((_, c)) = slot.as_mut() else {
+            return data.len();
+        };
+        let mut out = vec![0u8; zstd::zstd_safe::compress_bound(data.len())];
+        c.compress_to_buffer(data, &mut out[..])
+            .unwrap_or(data.len())
+    })
 }
 
 /// Whether an XOR delta is worth an XOR op instead of REPLACE: at least a quarter smaller
 /// and at least 256 bytes smaller than the block alone.
 pub fn xor_pays_off(xor_estimate: usize, replace_estimate: usize) -> bool {
-    xor_estimate * 4 <= replace_estimate * 3 && xor_estimate + 256 <= replace_estimate
+    xor_estimate * 100 <= replace_estimate * super::anchors::xenv("XA_PCT", 75)
+        && xor_estimate + super::anchors::xenv("XA_MIN", 256) <= replace_estimate
 }
 
 fn xor_into(out: &mut [u8], a: &[u8], b: &[u8]) {
@@ -192,7 +258,8 @@ pub fn classify_block(
         return Ok(BlockClass::Replace);
     }
     xor_into(&mut buf, target, &base_data);
-    if xor_pays_off(estimate(&buf), estimate(target)) {
+    let est = &opts.estimator;
+    if xor_pays_off(est.estimate(&buf), est.estimate(target)) {
         Ok(BlockClass::Xor { source: base })
     } else {
         Ok(BlockClass::Replace)

@@ -13,7 +13,7 @@
 
 use super::block_index::{IndexError, SourceIndex};
 use super::classify::{
-    classify_image, estimate, xor_pays_off, BlockClass, ClassifyError, ClassifyOptions,
+    classify_image, xor_pays_off, BlockClass, ClassifyError, ClassifyOptions, SizeEstimator,
 };
 use super::image::{BlockImage, ImageError};
 use super::merge_check::MergeStep;
@@ -247,6 +247,7 @@ struct ImageBreaker<'a> {
     source: &'a dyn BlockImage,
     target: &'a dyn BlockImage,
     xor: bool,
+    estimator: SizeEstimator,
 }
 
 impl ImageBreaker<'_> {
@@ -254,7 +255,7 @@ impl ImageBreaker<'_> {
     fn estimates(&self, block: u32) -> Result<(usize, Option<usize>), ImageError> {
         let mut t = vec![0u8; BLOCK_SIZE];
         self.target.read_blocks(u64::from(block), &mut t)?;
-        let rep = estimate(&t);
+        let rep = self.estimator.estimate(&t);
         if !self.xor || u64::from(block) >= self.source.block_count() {
             return Ok((rep, None));
         }
@@ -263,7 +264,7 @@ impl ImageBreaker<'_> {
         for (x, y) in s.iter_mut().zip(&t) {
             *x ^= y;
         }
-        Ok((rep, Some(estimate(&s))))
+        Ok((rep, Some(self.estimator.estimate(&s))))
     }
 }
 
@@ -307,19 +308,20 @@ pub fn build_plan(
         source,
         target,
         xor: opts.classify.xor,
+        estimator: opts.classify.estimator,
     };
-    let mut order = order_ops(&mut classes, &mut breaker)?;
     if opts.classify.xor {
         add_shifted_xors(
             &mut classes,
-            &mut order.sequence,
             source,
             target,
             &index,
+            &opts.classify.estimator,
             &|n| progress(Stage::Shifted, n),
         )?;
     }
     drop(index);
+    let order = order_ops(&mut classes, &mut breaker)?;
     Ok(Plan {
         classes,
         sequence: order.sequence,
