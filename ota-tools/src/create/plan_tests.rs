@@ -328,7 +328,7 @@ fn byte_shifted_content_becomes_unaligned_xor() {
 }
 
 #[test]
-fn shifted_xor_never_reads_a_block_an_ordered_op_writes() {
+fn unaligned_xor_reading_a_copied_block_merges_before_the_copy() {
     let mut rng = Rng::new(12);
     let s = random_blocks(&mut rng, 32);
     let mut t = s.clone();
@@ -344,11 +344,23 @@ fn shifted_xor_never_reads_a_block_an_ordered_op_writes() {
             offset: 100
         }
     );
-    // Now block 5 is the target of a COPY: reading it later would be unsafe.
+    // Now blocks 5 and 6 are targets of COPYs: the XOR must merge before both (plan_for
+    // proves the in-place merge).
     copy_block(&mut t, 5, &s, 9);
+    copy_block(&mut t, 6, &s, 12);
     let p = plan_for(&s, &t, true);
     assert_eq!(p.classes[5], BlockClass::Copy { source: 9 });
-    assert_eq!(p.classes[20], BlockClass::Replace);
+    assert_eq!(p.classes[6], BlockClass::Copy { source: 12 });
+    assert_eq!(
+        p.classes[20],
+        BlockClass::XorAt {
+            block: 5,
+            offset: 100
+        }
+    );
+    let pos = |b: u32| p.sequence.iter().position(|&x| x == b).unwrap();
+    assert!(pos(20) < pos(5) && pos(20) < pos(6));
+    assert!(p.broken.is_empty());
 }
 
 #[test]
