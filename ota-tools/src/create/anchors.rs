@@ -56,19 +56,24 @@ fn key_of(h: u64) -> u64 {
 /// Calls `f(window_start, key)` for the anchors of `data` (at most `limit`), in ascending
 /// position. A window lies wholly inside `data`.
 pub fn for_each_anchor(data: &[u8], limit: usize, mut f: impl FnMut(usize, u64)) {
-    let bits = xenv("XA_BITS", ANCHOR_BITS as usize);
-    let mut h = 0u64;
     let mut found = 0usize;
-    let mut run = 0usize; // length of the current run of one repeated byte
-    let mut prev: Option<u8> = None;
-    for (i, &b) in data.iter().enumerate() {
+    let mut h = 0u64;
+    // Warm up on the first window, then test every position: the hot loop is one shift,
+    // one add, one table load and one compare per byte.
+    for &b in data.iter().take(ANCHOR_WINDOW - 1) {
         h = (h << 2).wrapping_add(GEAR[b as usize]);
-        run = if prev == Some(b) { run + 1 } else { 1 };
-        prev = Some(b);
-        if i + 1 < ANCHOR_WINDOW || h >> (64 - bits) != 0 || run >= ANCHOR_WINDOW {
+    }
+    for (i, &b) in data.iter().enumerate().skip(ANCHOR_WINDOW - 1) {
+        h = (h << 2).wrapping_add(GEAR[b as usize]);
+        if h >> (64 - ANCHOR_BITS) != 0 {
             continue;
         }
-        f(i + 1 - ANCHOR_WINDOW, key_of(h));
+        let start = i + 1 - ANCHOR_WINDOW;
+        let win = &data[start..=i];
+        if win.iter().all(|&x| x == b) {
+            continue; // fill (zeros, 0xFF, padding) carries no information
+        }
+        f(start, key_of(h));
         found += 1;
         if found >= limit {
             return;
@@ -76,20 +81,101 @@ pub fn for_each_anchor(data: &[u8], limit: usize, mut f: impl FnMut(usize, u64))
     }
 }
 
-/// The anchor index of a source image: sorted `u64` entries, `key << 40 | position`.
+/// Streams hashed together by [`for_each_anchor_of_blocks`].
+pub const INTERLEAVE: usize = 4;
+
+/// Like [`for_each_anchor`] over [`INTERLEAVE`] equally long slices at once (the same
+/// anchors, in ascending position per slice; `f(slice, window_start, key)`). The rolling
+/// hash is a chain of dependent operations per byte; running independent chains side by
+/// side lets the processor overlap them.
+pub fn for_each_anchor_of_blocks(
+    data: [&[u8]; INTERLEAVE],
+    limit: usize,
+    mut f: impl FnMut(usize, usize, u64),
+) {
+    let len = data[0].len();
+    if data.iter().any(|d| d.len() != len) {
+        for (j, d) in data.iter().enumerate() {
+            for_each_anchor(d, limit, |p, k| f(j, p, k));
+        }
+        return;
+    }
+    let [d0, d1, d2, d3] = data;
+    let (d0, d1, d2, d3) = (&d0[..len], &d1[..len], &d2[..len], &d3[..len]);
+    let mut h = [0u64; INTERLEAVE];
+    let mut found = [0usize; INTERLEAVE];
+    let shift = 64 - ANCHOR_BITS;
+    for i in 0..len {
+        h[0] = (h[0] << 2).wrapping_add(GEAR[d0[i] as usize]);
+        h[1] = (h[1] << 2).wrapping_add(GEAR[d1[i] as usize]);
+        h[2] = (h[2] << 2).wrapping_add(GEAR[d2[i] as usize]);
+        h[3] = (h[3] << 2).wrapping_add(GEAR[d3[i] as usize]);
+        // Non-short-circuiting: one branch per position for the four streams.
+        let any = (h[0] >> shift == 0)
+            | (h[1] >> shift == 0)
+            | (h[2] >> shift == 0)
+            | (h[3] >> shift == 0);
+        if !any || i + 1 < ANCHOR_WINDOW {
+            continue;
+        }
+        let start = i + 1 - ANCHOR_WINDOW;
+        for (j, d) in [d0, d1, d2, d3].into_iter().enumerate() {
+            if h[j] >> shift != 0 || found[j] >= limit {
+                continue;
+            }
+            let win = &d[start..=i];
+            if win.iter().all(|&x| x == d[i]) {
+                continue;
+            }
+            f(j, start, key_of(h[j]));
+            found[j] += 1;
+        }
+    }
+}
+
+/// Bits of the key that select a bucket of the directory.
+const DIRECTORY_BITS: u32 = 16;
+/// Fixed size of the directory in bytes (256 KiB).
+pub const DIRECTORY_BYTES: usize = ((1 << DIRECTORY_BITS) + 1) * std::mem::size_of::<u32>();
+
+/// The anchor index of a source image: sorted `u64` entries, `key << 40 | position`, and
+/// a directory of where each bucket of keys (top [`DIRECTORY_BITS`] bits) starts, so a
+/// lookup scans a few entries instead of binary-searching millions (256 KiB).
 #[derive(Debug, Default)]
 pub struct AnchorIndex {
     entries: Vec<u64>,
+    directory: Vec<u32>,
 }
 
 impl AnchorIndex {
     /// Appends the anchors of source block `block` (its bytes in `data`) to `out`.
     pub fn block_entries(block: u64, data: &[u8], out: &mut Vec<u64>) {
         let base = block.saturating_mul(BLOCK_SIZE as u64);
-        for_each_anchor(data, xenv("XA_MAX", MAX_ANCHORS_PER_BLOCK), |pos, key| {
+        for_each_anchor(data, MAX_ANCHORS_PER_BLOCK, |pos, key| {
             let p = base.saturating_add(pos as u64);
             if p <= MAX_POSITION {
                 out.push(key << 40 | p);
+            }
+        });
+    }
+
+    /// Appends the anchors of [`INTERLEAVE`] source blocks from `block` (their bytes in
+    /// `data`, `INTERLEAVE * BLOCK_SIZE` bytes) to `out`, one list per block: the same as
+    /// [`AnchorIndex::block_entries`] on each, faster.
+    pub fn blocks_entries(block: u64, data: &[u8], out: &mut [Vec<u64>; INTERLEAVE]) {
+        let mut parts: [&[u8]; INTERLEAVE] = [&[]; INTERLEAVE];
+        for (j, part) in parts.iter_mut().enumerate() {
+            *part = data
+                .get(j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE)
+                .unwrap_or(&[]);
+        }
+        for_each_anchor_of_blocks(parts, MAX_ANCHORS_PER_BLOCK, |j, pos, key| {
+            let p = block
+                .saturating_add(j as u64)
+                .saturating_mul(BLOCK_SIZE as u64)
+                .saturating_add(pos as u64);
+            if p <= MAX_POSITION {
+                out[j].push(key << 40 | p);
             }
         });
     }
@@ -99,12 +185,24 @@ impl AnchorIndex {
         use rayon::slice::ParallelSliceMut;
         entries.par_sort_unstable();
         entries.shrink_to_fit();
-        Self { entries }
+        // Entries are fewer than 2^32 (at most 16 per block of an image of < 2^32 blocks
+        // would not fit, so saturate: a saturated directory only makes lookups miss).
+        let buckets = 1usize << DIRECTORY_BITS;
+        let mut directory = vec![0u32; buckets + 1];
+        for e in &entries {
+            let b = (e >> (64 - DIRECTORY_BITS)) as usize;
+            directory[b + 1] = directory[b + 1].saturating_add(1);
+        }
+        for b in 0..buckets {
+            directory[b + 1] = directory[b + 1].saturating_add(directory[b]);
+        }
+        Self { entries, directory }
     }
 
     /// Bytes of memory held.
     pub fn memory_bytes(&self) -> usize {
         self.entries.capacity() * std::mem::size_of::<u64>()
+            + self.directory.capacity() * std::mem::size_of::<u32>()
     }
 
     /// Number of anchors indexed.
@@ -120,8 +218,12 @@ impl AnchorIndex {
     /// Source byte positions of the windows with anchor key `key`, unless more than
     /// [`MAX_KEY_OWNERS`] share it (then none: a common window says little).
     pub fn positions(&self, key: u64) -> impl Iterator<Item = u64> + '_ {
-        let lo = self.entries.partition_point(|e| (e >> 40) < key);
-        let run = &self.entries[lo..];
+        let b = (key >> (24 - DIRECTORY_BITS)) as usize;
+        let lo = self.directory.get(b).map_or(0, |&x| x as usize);
+        let hi = self.directory.get(b + 1).map_or(0, |&x| x as usize);
+        let bucket = self.entries.get(lo..hi).unwrap_or(&[]);
+        let first = bucket.partition_point(|e| (e >> 40) < key);
+        let run = &bucket[first..];
         let n = run
             .iter()
             .take(MAX_KEY_OWNERS + 1)
@@ -161,6 +263,21 @@ mod tests {
     }
 
     #[test]
+    fn interleaved_hashing_gives_the_same_anchors() {
+        let mut data = noise(4 * BLOCK_SIZE, 9);
+        data[BLOCK_SIZE..2 * BLOCK_SIZE].fill(0); // a zero block among them
+        let mut one = Vec::new();
+        for (j, chunk) in data.chunks_exact(BLOCK_SIZE).enumerate() {
+            AnchorIndex::block_entries(j as u64 + 10, chunk, &mut one);
+        }
+        let mut four: [Vec<u64>; INTERLEAVE] = Default::default();
+        AnchorIndex::blocks_entries(10, &data, &mut four);
+        assert!(four[1].is_empty());
+        assert_eq!(four.concat(), one);
+        assert!(one.len() > 20);
+    }
+
+    #[test]
     fn fill_is_never_an_anchor_and_count_is_capped() {
         let mut n = 0;
         for fill in [0u8, 0xFF, 0x20] {
@@ -196,12 +313,4 @@ mod tests {
         );
         assert_eq!(common.positions(7).count(), 0);
     }
-}
-
-/// TEMP experiment knob.
-pub fn xenv(name: &str, d: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
 }

@@ -16,9 +16,9 @@
 
 use rayon::prelude::*;
 
-use super::anchors::AnchorIndex;
+use super::anchors::{AnchorIndex, INTERLEAVE};
 use super::hash::{block_hash, is_zero, window_hashes};
-use super::image::{BlockImage, ImageError};
+use super::image::{read_blocks_parallel, BlockImage, ImageError};
 use super::BLOCK_SIZE;
 
 /// Window entries kept per source block (the smallest window hashes, a bottom-k sketch).
@@ -72,36 +72,57 @@ fn bucket(entries: &[u64], hash: u64) -> &[u64] {
 }
 
 /// Index entries of one source block.
+#[derive(Default)]
 struct BlockEntries {
     exact: Option<u64>,
     sketch: [Option<u64>; SIMILAR_PER_BLOCK],
     anchors: Vec<u64>,
 }
 
-/// Per-block index entries: the exact entry (none for a zero block), the window sketch and
-/// the content-defined anchors.
-fn block_entries(block: &[u8], n: u32) -> BlockEntries {
-    if is_zero(block) {
-        return BlockEntries {
-            exact: None,
-            sketch: [None; SIMILAR_PER_BLOCK],
-            anchors: Vec::new(),
-        };
+/// Per-block index entries of [`INTERLEAVE`] consecutive blocks from `n` (fewer at the
+/// end of the image): the exact entry (none for a zero block), the window sketch and the
+/// content-defined anchors.
+fn group_entries(group: &[u8], n: u32) -> Vec<BlockEntries> {
+    let mut out: Vec<BlockEntries> = group
+        .chunks_exact(BLOCK_SIZE)
+        .enumerate()
+        .map(|(j, block)| {
+            let b = n.saturating_add(j as u32);
+            if is_zero(block) {
+                return BlockEntries::default();
+            }
+            let mut wins: Vec<u64> = window_hashes(block).iter().flatten().copied().collect();
+            wins.sort_unstable();
+            wins.dedup();
+            let mut sketch = [None; SIMILAR_PER_BLOCK];
+            for (slot, h) in sketch.iter_mut().zip(wins) {
+                *slot = Some(pack(h, b));
+            }
+            BlockEntries {
+                exact: Some(pack(block_hash(block), b)),
+                sketch,
+                anchors: Vec::new(),
+            }
+        })
+        .collect();
+    if out.len() == INTERLEAVE {
+        let mut anchors: [Vec<u64>; INTERLEAVE] = Default::default();
+        AnchorIndex::blocks_entries(u64::from(n), group, &mut anchors);
+        for (e, a) in out.iter_mut().zip(anchors) {
+            e.anchors = a;
+        }
+    } else {
+        for (j, e) in out.iter_mut().enumerate() {
+            let b = u64::from(n) + j as u64;
+            AnchorIndex::block_entries(
+                b,
+                &group[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE],
+                &mut e.anchors,
+            );
+        }
     }
-    let mut wins: Vec<u64> = window_hashes(block).iter().flatten().copied().collect();
-    wins.sort_unstable();
-    wins.dedup();
-    let mut sketch = [None; SIMILAR_PER_BLOCK];
-    for (slot, h) in sketch.iter_mut().zip(wins) {
-        *slot = Some(pack(h, n));
-    }
-    let mut anchors = Vec::new();
-    AnchorIndex::block_entries(u64::from(n), block, &mut anchors);
-    BlockEntries {
-        exact: Some(pack(block_hash(block), n)),
-        sketch,
-        anchors,
-    }
+    // Zero blocks have no anchors (a fill is never one), as the one-block path gives.
+    out
 }
 
 impl SourceIndex {
@@ -122,14 +143,14 @@ impl SourceIndex {
         while first < blocks {
             let count = (blocks - first).min(INDEX_BATCH_BLOCKS as u64) as usize;
             let chunk = &mut buf[..count * BLOCK_SIZE];
-            source.read_blocks(first, chunk)?;
-            let entries: Vec<_> = chunk
-                .par_chunks_exact(BLOCK_SIZE)
+            read_blocks_parallel(source, first, chunk)?;
+            let entries: Vec<BlockEntries> = chunk
+                .par_chunks(INTERLEAVE * BLOCK_SIZE)
                 .enumerate()
-                .map(|(i, b)| {
+                .flat_map_iter(|(g, group)| {
                     // The image has fewer than 2^32 blocks (checked at open), so this fits.
-                    let n = u32::try_from(first + i as u64).unwrap_or(u32::MAX);
-                    block_entries(b, n)
+                    let n = u32::try_from(first + (g * INTERLEAVE) as u64).unwrap_or(u32::MAX);
+                    group_entries(group, n)
                 })
                 .collect();
             for e in entries {
@@ -271,7 +292,7 @@ mod tests {
         edited[10] ^= 1;
         edited[3000] ^= 1;
         assert!(idx.similar_candidates(&edited, 4).contains(&2));
-        assert!(idx.memory_bytes() <= 3 * (28 + 128) + 8);
+        assert!(idx.memory_bytes() <= 3 * (28 + 128) + 8 + super::super::anchors::DIRECTORY_BYTES);
         // The filter passes the indexed windows and stops most others.
         let w1 = window_hashes(&pattern(1));
         assert!(w1.iter().flatten().any(|h| idx.may_have_window(*h)));

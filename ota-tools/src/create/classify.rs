@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use super::block_index::SourceIndex;
 use super::hash::{block_hash, equal_bytes, is_zero};
-use super::image::{BlockImage, ImageError};
+use super::image::{read_blocks_parallel, BlockImage, ImageError};
 use super::BLOCK_SIZE;
 
 /// What produces one target block.
@@ -196,8 +196,7 @@ fn zstd_size(level: i32, data: &[u8]) -> usize {
 /// Whether an XOR delta is worth an XOR op instead of REPLACE: at least a quarter smaller
 /// and at least 256 bytes smaller than the block alone.
 pub fn xor_pays_off(xor_estimate: usize, replace_estimate: usize) -> bool {
-    xor_estimate * 100 <= replace_estimate * super::anchors::xenv("XA_PCT", 75)
-        && xor_estimate + super::anchors::xenv("XA_MIN", 256) <= replace_estimate
+    xor_estimate * 4 <= replace_estimate * 3 && xor_estimate + 256 <= replace_estimate
 }
 
 fn xor_into(out: &mut [u8], a: &[u8], b: &[u8]) {
@@ -284,11 +283,11 @@ pub fn classify_image(
     while first < blocks {
         let count = (blocks - first).min(CLASSIFY_BATCH_BLOCKS as u64) as usize;
         let tchunk = &mut tbuf[..count * BLOCK_SIZE];
-        target.read_blocks(first, tchunk)?;
+        read_blocks_parallel(target, first, tchunk)?;
         let same_count = src_blocks.saturating_sub(first).min(count as u64) as usize;
         let schunk = &mut sbuf[..same_count * BLOCK_SIZE];
         if same_count > 0 {
-            source.read_blocks(first, schunk)?;
+            read_blocks_parallel(source, first, schunk)?;
         }
         let tchunk = &*tchunk;
         let schunk = &*schunk;

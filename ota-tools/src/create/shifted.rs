@@ -77,21 +77,17 @@ impl SearchContext<'_> {
     /// Base offsets proposed by the anchors of target block `t`, best first.
     pub fn anchor_candidates(&self, t: &[u8]) -> Vec<u64> {
         let mut votes: Vec<(u64, u32)> = Vec::new();
-        for_each_anchor(
-            t,
-            super::anchors::xenv("XA_MAX", MAX_ANCHORS_PER_BLOCK),
-            |pos, key| {
-                for src_pos in self.anchors.positions(key) {
-                    let Some(off) = src_pos.checked_sub(pos as u64) else {
-                        continue;
-                    };
-                    match votes.iter_mut().find(|(o, _)| *o == off) {
-                        Some((_, v)) => *v += 1,
-                        None => votes.push((off, 1)),
-                    }
+        for_each_anchor(t, MAX_ANCHORS_PER_BLOCK, |pos, key| {
+            for src_pos in self.anchors.positions(key) {
+                let Some(off) = src_pos.checked_sub(pos as u64) else {
+                    continue;
+                };
+                match votes.iter_mut().find(|(o, _)| *o == off) {
+                    Some((_, v)) => *v += 1,
+                    None => votes.push((off, 1)),
                 }
-            },
-        );
+            }
+        });
         votes.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         votes.into_iter().map(|(o, _)| o).collect()
     }
@@ -223,13 +219,7 @@ pub fn add_shifted_xors(
             .map(|(k, _)| {
                 let t = &tdata[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE];
                 let mut buf = vec![0u8; BLOCK_SIZE];
-                ctx.best_of(
-                    t,
-                    ctx.anchor_candidates(t),
-                    super::anchors::xenv("XA_CAND", MAX_CANDIDATES),
-                    None,
-                    &mut buf,
-                )
+                ctx.best_of(t, ctx.anchor_candidates(t), MAX_CANDIDATES, None, &mut buf)
             })
             .collect::<Result<_, ImageError>>()?;
         best[first..first + batch.len()].copy_from_slice(&anchored);
