@@ -305,4 +305,30 @@ mod tests {
         assert_eq!(c[0], BlockClass::Replace);
         assert_eq!(o.sequence, vec![3, 1, 2]);
     }
+
+    /// An unaligned XOR reads two blocks; a cycle through its second block is found and
+    /// broken, and it still merges before the writers of both blocks it reads.
+    #[test]
+    fn two_block_reads_are_ordered_and_their_cycles_broken() {
+        let mut c = vec![BlockClass::Unchanged; 12];
+        // 2 reads 5 and 6 (unaligned); 5 and 6 are COPY targets.
+        c[2] = BlockClass::XorAt {
+            block: 5,
+            offset: 100,
+        };
+        c[5] = copy(9);
+        c[6] = copy(10);
+        let o = order_ops(&mut c.clone(), &mut ReplaceBreaker).unwrap();
+        assert!(o.broken.is_empty());
+        assert!(pos(&o.sequence, 2) < pos(&o.sequence, 5));
+        assert!(pos(&o.sequence, 2) < pos(&o.sequence, 6));
+        // Now 6 reads 2: the cycle 2 -> 6 -> 2 runs through the second block read.
+        c[6] = copy(2);
+        let o = order_ops(&mut c, &mut ReplaceBreaker).unwrap();
+        assert_eq!(o.broken, vec![2]);
+        assert_eq!(c[2], BlockClass::Replace);
+        let mut rest = o.sequence.clone();
+        rest.sort_unstable();
+        assert_eq!(rest, vec![5, 6]);
+    }
 }
