@@ -129,14 +129,24 @@ pub enum ClassifyError {
 }
 
 /// Stored size of one payload with the COW's compression: what decides between XOR and
-/// REPLACE. lz4 and zstd (the algorithms Virtual A/B devices use) are measured exactly
-/// with the same library and level as the writer; gz and brotli too, through the writer's
-/// own compressor (slower). Without compression the raw LZ4 size stands in (XOR is then
-/// disabled anyway). A payload never costs more than its own length (it is stored raw).
+/// REPLACE. lz4 is measured exactly; zstd, gz and brotli with the same algorithm at a level
+/// capped to a fast one ([`ESTIMATE_MAX_LEVEL_ZSTD`], [`ESTIMATE_MAX_LEVEL_GZ`],
+/// [`ESTIMATE_MAX_LEVEL_BROTLI`]): the decision needs the ratio of two sizes, which the
+/// algorithm (its entropy coder, its match format) sets far more than the level, and the
+/// top levels cost 10-100 times more per block. Without compression the raw LZ4 size
+/// stands in (XOR is then disabled anyway). A payload never costs more than its own length
+/// (it is stored raw).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SizeEstimator {
     compression: Compression,
 }
+
+/// Highest zstd level used for estimates (the default level).
+pub const ESTIMATE_MAX_LEVEL_ZSTD: i32 = 3;
+/// Highest gz level used for estimates.
+pub const ESTIMATE_MAX_LEVEL_GZ: i32 = 1;
+/// Highest brotli quality used for estimates.
+pub const ESTIMATE_MAX_LEVEL_BROTLI: i32 = 4;
 
 thread_local! {
     /// One zstd context per thread and level: creating one per block costs more than
@@ -158,10 +168,15 @@ impl SizeEstimator {
             CompressionAlgorithm::None | CompressionAlgorithm::Lz4 => {
                 lz4_flex::block::compress(data).len()
             }
-            CompressionAlgorithm::Zstd => zstd_size(level, data),
+            CompressionAlgorithm::Zstd => zstd_size(level.min(ESTIMATE_MAX_LEVEL_ZSTD), data),
             alg @ (CompressionAlgorithm::Gz | CompressionAlgorithm::Brotli) => {
+                let cap = if alg == CompressionAlgorithm::Gz {
+                    ESTIMATE_MAX_LEVEL_GZ
+                } else {
+                    ESTIMATE_MAX_LEVEL_BROTLI
+                };
                 let mut out = Vec::new();
-                match cow_format::compression::compress(alg, Some(level), data, &mut out) {
+                match cow_format::compression::compress(alg, Some(level.min(cap)), data, &mut out) {
                     Ok(()) => out.len(),
                     Err(_) => data.len(),
                 }
