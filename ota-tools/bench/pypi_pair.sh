@@ -6,10 +6,11 @@
 # Downloads twelve packages with native libraries (manylinux x86_64 wheels for CPython
 # 3.11, whatever the local Python is) at two close patch releases, unpacks each release
 # set into one tree (tree-v1, tree-v2) and packs each tree into an ext4 image
-# (pypi-src.img, pypi-tgt.img) with a fixed UUID, hash seed, file timestamps and mke2fs
-# clock, so the images are the same bytes on every run. Wheels are cached in
+# (pypi-src.img, pypi-tgt.img) with a fixed UUID, hash seed, file timestamps (ctime and atime
+# pinned with debugfs afterwards) and mke2fs clock, so the images are the same bytes on every run
+# (checked: two builds in different directories give identical sha256). Wheels are cached in
 # WORKDIR/wheels; the images are rebuilt only when missing.
-# Needs: pip, python3, mke2fs (e2fsprogs >= 1.43).
+# Needs: pip, python3, mke2fs and debugfs (e2fsprogs >= 1.43).
 set -euo pipefail
 work=${1:?usage: pypi_pair.sh WORKDIR}
 mkdir -p "$work/wheels"
@@ -71,6 +72,18 @@ if [[ ! -f pypi-src.img || ! -f pypi-tgt.img ]]; then
         mke2fs -q -F -t ext4 -b 4096 -U 6c1f2a8e-3b4d-4e5f-8a9b-0c1d2e3f4a5b \
             -E hash_seed=1a2b3c4d-5e6f-4a8b-9c0d-1e2f3a4b5c6d,root_owner=0:0 \
             -d "tree-v$v" "$out" "${mb}M"
+        # mke2fs copies each inode's ctime and atime from the host file: the first cannot
+        # be set, the second changes as files are read (relatime). Pin both (and the
+        # root's and lost+found's) with debugfs.
+        {
+            printf '/\n/lost+found\n'
+            (cd "tree-v$v" && find . -mindepth 1 | LC_ALL=C sort | sed 's|^\.||')
+        } | sed -e 's|.*|sif "&" ctime 1700000000\nsif "&" atime 1700000000|' >"ctime-v$v.cmds"
+        debugfs -w -f "ctime-v$v.cmds" "$out" >/dev/null 2>"ctime-v$v.log"
+        if grep -qv '^debugfs' "ctime-v$v.log"; then
+            cat "ctime-v$v.log" >&2
+            exit 1
+        fi
     done
 fi
 echo "pypi pair: $(du -sm tree-v1 | cut -f1) MiB -> $(du -sm tree-v2 | cut -f1) MiB of files," \
