@@ -154,7 +154,7 @@ impl AnchorIndex {
         for_each_anchor(data, MAX_ANCHORS_PER_BLOCK, |pos, key| {
             let p = base.saturating_add(pos as u64);
             if p <= MAX_POSITION {
-                out.push(key << 40 | p);
+                out.push((key << 40) | p);
             }
         });
     }
@@ -175,7 +175,7 @@ impl AnchorIndex {
                 .saturating_mul(BLOCK_SIZE as u64)
                 .saturating_add(pos as u64);
             if p <= MAX_POSITION {
-                out[j].push(key << 40 | p);
+                out[j].push((key << 40) | p);
             }
         });
     }
@@ -308,7 +308,7 @@ mod tests {
         // A key held by more than MAX_KEY_OWNERS positions yields nothing.
         let common = AnchorIndex::from_entries(
             (0..=MAX_KEY_OWNERS as u64)
-                .map(|i| 7u64 << 40 | i * 100)
+                .map(|i| (7u64 << 40) | (i * 100))
                 .collect(),
         );
         assert_eq!(common.positions(7).count(), 0);
