@@ -161,6 +161,29 @@ impl SizeEstimator {
         Self { compression }
     }
 
+    /// Whether the XOR delta `xor` of target block `target` is worth an XOR op instead of
+    /// REPLACE ([`xor_pays_off`] on the sizes with this estimator's compression). With
+    /// zstd, gz or brotli the raw LZ4 sizes are tried first and settle the clear cases (the
+    /// delta at most half the block: XOR; a quarter larger than the block: REPLACE); only
+    /// the others are compressed with the COW's algorithm, which costs several times more.
+    pub fn xor_pays_off(&self, xor: &[u8], target: &[u8]) -> bool {
+        let lz4 = |d: &[u8]| lz4_flex::block::compress(d).len().min(d.len());
+        if matches!(
+            self.compression.algorithm,
+            CompressionAlgorithm::None | CompressionAlgorithm::Lz4
+        ) {
+            return xor_pays_off(lz4(xor), lz4(target));
+        }
+        let (x, r) = (lz4(xor), lz4(target));
+        if x * 2 <= r && x + 256 <= r {
+            return true;
+        }
+        if x * 4 >= r * 5 {
+            return false;
+        }
+        xor_pays_off(self.estimate(xor), self.estimate(target))
+    }
+
     /// Estimated stored size of `data` (one or more whole blocks) in bytes.
     pub fn estimate(&self, data: &[u8]) -> usize {
         let level = self.compression.effective_level();
@@ -273,7 +296,7 @@ pub fn classify_block(
     }
     xor_into(&mut buf, target, &base_data);
     let est = &opts.estimator;
-    if xor_pays_off(est.estimate(&buf), est.estimate(target)) {
+    if est.xor_pays_off(&buf, target) {
         Ok(BlockClass::Xor { source: base })
     } else {
         Ok(BlockClass::Replace)

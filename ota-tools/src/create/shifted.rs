@@ -21,7 +21,7 @@
 //! The candidate with the most equal bytes wins (then the lowest offset); it becomes an
 //! XOR when its delta compresses smaller than the block by the rule of
 //! [`super::classify::xor_pays_off`], measured with the COW's own compression
-//! ([`super::classify::SizeEstimator`]). The result is a pure function of the images and
+//! ([`super::classify::SizeEstimator::xor_pays_off`]). The result is a pure function of the images and
 //! of the plan before this pass (segments have fixed boundaries), so it does not depend on
 //! the number of threads.
 //!
@@ -42,7 +42,7 @@ use rayon::prelude::*;
 
 use super::anchors::{for_each_anchor, AnchorIndex, MAX_ANCHORS_PER_BLOCK};
 use super::block_index::SourceIndex;
-use super::classify::{xor_pays_off, BlockClass, SizeEstimator};
+use super::classify::{BlockClass, SizeEstimator};
 use super::hash::equal_bytes;
 use super::image::{BlockImage, ImageError};
 use super::BLOCK_SIZE;
@@ -134,9 +134,7 @@ impl SearchContext<'_> {
         for (b, y) in x.iter_mut().zip(t) {
             *b ^= y;
         }
-        let rep = self.estimator.estimate(t);
-        let xor = self.estimator.estimate(&x);
-        Ok(xor_pays_off(xor, rep).then_some(off))
+        Ok(self.estimator.xor_pays_off(&x, t).then_some(off))
     }
 }
 
