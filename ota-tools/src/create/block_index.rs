@@ -82,7 +82,7 @@ struct BlockEntries {
 /// Per-block index entries of [`INTERLEAVE`] consecutive blocks from `n` (fewer at the
 /// end of the image): the exact entry (none for a zero block), the window sketch and the
 /// content-defined anchors.
-fn group_entries(group: &[u8], n: u32) -> Vec<BlockEntries> {
+fn group_entries(group: &[u8], n: u32, sketches: bool) -> Vec<BlockEntries> {
     let mut out: Vec<BlockEntries> = group
         .chunks_exact(BLOCK_SIZE)
         .enumerate()
@@ -91,12 +91,14 @@ fn group_entries(group: &[u8], n: u32) -> Vec<BlockEntries> {
             if is_zero(block) {
                 return BlockEntries::default();
             }
-            let mut wins: Vec<u64> = window_hashes(block).iter().flatten().copied().collect();
-            wins.sort_unstable();
-            wins.dedup();
             let mut sketch = [None; SIMILAR_PER_BLOCK];
-            for (slot, h) in sketch.iter_mut().zip(wins) {
-                *slot = Some(pack(h, b));
+            if sketches {
+                let mut wins: Vec<u64> = window_hashes(block).iter().flatten().copied().collect();
+                wins.sort_unstable();
+                wins.dedup();
+                for (slot, h) in sketch.iter_mut().zip(wins) {
+                    *slot = Some(pack(h, b));
+                }
             }
             BlockEntries {
                 exact: Some(pack(block_hash(block), b)),
@@ -132,11 +134,23 @@ impl SourceIndex {
         source: &dyn BlockImage,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<Self, IndexError> {
+        Self::build_for(source, true, progress)
+    }
+
+    /// Like [`SourceIndex::build`]; without `sketches` the similarity index (sampled
+    /// windows at fixed offsets, for block-aligned XOR candidates) stays empty, which
+    /// saves its hashing and 20 bytes per source block when the anchors find the bases.
+    pub fn build_for(
+        source: &dyn BlockImage,
+        sketches: bool,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Self, IndexError> {
         let blocks = source.block_count();
         // Reserve the worst case once, so growth never doubles the footprint.
         let cap = usize::try_from(blocks).unwrap_or(0);
         let mut exact = Vec::with_capacity(cap);
-        let mut similar = Vec::with_capacity(cap.saturating_mul(SIMILAR_PER_BLOCK));
+        let mut similar =
+            Vec::with_capacity(cap.saturating_mul(if sketches { SIMILAR_PER_BLOCK } else { 0 }));
         let mut anchors = Vec::new();
         let mut buf = vec![0u8; INDEX_BATCH_BLOCKS * BLOCK_SIZE];
         let mut first = 0u64;
@@ -150,7 +164,7 @@ impl SourceIndex {
                 .flat_map_iter(|(g, group)| {
                     // The image has fewer than 2^32 blocks (checked at open), so this fits.
                     let n = u32::try_from(first + (g * INTERLEAVE) as u64).unwrap_or(u32::MAX);
-                    group_entries(group, n)
+                    group_entries(group, n, sketches)
                 })
                 .collect();
             for e in entries {
@@ -239,6 +253,9 @@ impl SourceIndex {
     /// `block`: at most `limit` distinct blocks, in a deterministic order.
     pub fn similar_candidates(&self, block: &[u8], limit: usize) -> Vec<u32> {
         let mut out: Vec<u32> = Vec::new();
+        if limit == 0 || self.similar.is_empty() {
+            return out;
+        }
         for h in window_hashes(block).iter().flatten() {
             if !self.may_have_window(*h) {
                 continue;

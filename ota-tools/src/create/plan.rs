@@ -299,7 +299,9 @@ pub fn build_plan(
             len,
         });
     }
-    let index = SourceIndex::build(source, &|n| progress(Stage::Index, n))?;
+    let index = SourceIndex::build_for(source, opts.classify.similar_candidates > 0, &|n| {
+        progress(Stage::Index, n)
+    })?;
     log::debug!("source index: {} bytes", index.memory_bytes());
     let mut classes = classify_image(source, target, &index, &opts.classify, &|n| {
         progress(Stage::Classify, n)
