@@ -358,4 +358,52 @@ mod tests {
         // The plan holds one per target block; CREATE.md's memory figures rely on it.
         assert_eq!(std::mem::size_of::<BlockClass>(), 8);
     }
+
+    /// Estimates use the COW's algorithm, never exceed the block, and the XOR decision
+    /// follows them (clear cases and borderline ones).
+    #[test]
+    fn estimates_follow_the_compression_and_decide_xor() {
+        use super::{SizeEstimator, BLOCK_SIZE};
+        use cow_format::{Compression, CompressionAlgorithm};
+        let text: Vec<u8> = (0..BLOCK_SIZE)
+            .map(|i| b"the quick brown fox jumps over "[i % 31] ^ ((i / 97) as u8 & 3))
+            .collect();
+        let mut x = 0x1234_5678_9ABC_DEF0u64;
+        let noise: Vec<u8> = (0..BLOCK_SIZE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut sparse = vec![0u8; BLOCK_SIZE];
+        for i in (0..BLOCK_SIZE).step_by(61) {
+            sparse[i] = 0x10;
+        }
+        let est = |a| {
+            SizeEstimator::new(Compression {
+                algorithm: a,
+                level: None,
+            })
+        };
+        let sizes: Vec<usize> = [
+            CompressionAlgorithm::Lz4,
+            CompressionAlgorithm::Zstd,
+            CompressionAlgorithm::Gz,
+            CompressionAlgorithm::Brotli,
+        ]
+        .into_iter()
+        .map(|a| {
+            let e = est(a);
+            assert_eq!(e.estimate(&noise), BLOCK_SIZE, "{a:?}: noise is stored raw");
+            assert!(e.xor_pays_off(&sparse, &noise), "{a:?}");
+            assert!(!e.xor_pays_off(&noise, &text), "{a:?}");
+            e.estimate(&text)
+        })
+        .collect();
+        assert!(sizes.iter().all(|&n| n < BLOCK_SIZE / 2), "{sizes:?}");
+        // Not one proxy for all: the algorithms give different sizes.
+        assert!(sizes.windows(2).any(|w| w[0] != w[1]), "{sizes:?}");
+    }
 }
