@@ -1,10 +1,11 @@
 //! The op plan: what every target block becomes, and the merge order of the ordered ops.
 //!
 //! [`build_plan`] runs the whole pipeline: index the source, classify every target
-//! block, order the COPY/XOR ops and break cycles, then give REPLACE blocks a second
-//! chance as XOR against byte-shifted source content ([`super::shifted`]). The plan holds one [`BlockClass`]
-//! (8 bytes) per target block plus one `u32` per ordered op; while ordering, one more
-//! `u32` per target block is held temporarily.
+//! block, give REPLACE blocks a second chance as XOR against source content at any byte
+//! offset ([`super::shifted`]), drop the index, then order the COPY/XOR ops and break
+//! cycles ([`super::order`]). The plan holds one [`BlockClass`] (8 bytes) per target block
+//! plus one `u32` per ordered op; the search and the ordering hold their temporaries
+//! (CREATE.md §5) one after the other.
 //!
 //! File order of the ops (what a writer should emit): the ordered ops in merge order
 //! (which is also the sequence data), then ZERO and REPLACE ops in ascending block order,
@@ -38,8 +39,8 @@ pub enum PlanError {
     /// Classification failed.
     #[error(transparent)]
     Classify(#[from] ClassifyError),
-    /// Reading an image while breaking cycles failed.
-    #[error("breaking merge cycles: {0}")]
+    /// Reading an image while searching XOR bases or breaking cycles failed.
+    #[error("searching XOR bases or breaking merge cycles: {0}")]
     Image(#[from] ImageError),
 }
 
@@ -50,7 +51,8 @@ pub enum Stage {
     Index,
     /// Classifying the target blocks.
     Classify,
-    /// Searching byte-shifted XOR bases for REPLACE blocks (progress in target blocks).
+    /// Searching XOR bases at any byte offset for REPLACE blocks (progress in target
+    /// blocks).
     Shifted,
 }
 
