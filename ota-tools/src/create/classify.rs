@@ -43,7 +43,7 @@ pub enum BlockClass {
     Replace,
     /// Target = payload XOR the 4096 source bytes at byte `block * 4096 + offset`
     /// (`offset` in 1..4096, so source blocks `block` and `block + 1` are read). Made only
-    /// by [`super::shifted`], after ordering, for blocks whose content moved by a number
+    /// by [`super::shifted`], before ordering, for blocks whose content moved by a number
     /// of bytes that is not a multiple of the block size.
     XorAt {
         /// First source block read.
