@@ -16,8 +16,9 @@
 
 use rayon::prelude::*;
 
+use super::anchors::{AnchorIndex, INTERLEAVE};
 use super::hash::{block_hash, is_zero, window_hashes};
-use super::image::{BlockImage, ImageError};
+use super::image::{read_blocks_parallel, BlockImage, ImageError};
 use super::BLOCK_SIZE;
 
 /// Window entries kept per source block (the smallest window hashes, a bottom-k sketch).
@@ -44,6 +45,8 @@ pub struct SourceIndex {
     /// Bloom filter (2 bits set per similarity entry, 16 bits per entry): most lookups of
     /// a window that is not in the index stop here, without a binary search.
     similar_filter: Vec<u64>,
+    /// Content-defined anchors of the source, for XOR bases at any byte offset.
+    anchors: AnchorIndex,
     block_count: u64,
 }
 
@@ -68,19 +71,60 @@ fn bucket(entries: &[u64], hash: u64) -> &[u64] {
     entries.get(lo..hi).unwrap_or(&[])
 }
 
-/// Per-block index entries: the exact entry (none for a zero block) and the window sketch.
-fn block_entries(block: &[u8], n: u32) -> (Option<u64>, [Option<u64>; SIMILAR_PER_BLOCK]) {
-    if is_zero(block) {
-        return (None, [None; SIMILAR_PER_BLOCK]);
+/// Index entries of one source block.
+#[derive(Default)]
+struct BlockEntries {
+    exact: Option<u64>,
+    sketch: [Option<u64>; SIMILAR_PER_BLOCK],
+    anchors: Vec<u64>,
+}
+
+/// Per-block index entries of [`INTERLEAVE`] consecutive blocks from `n` (fewer at the
+/// end of the image): the exact entry (none for a zero block), the window sketch and the
+/// content-defined anchors.
+fn group_entries(group: &[u8], n: u32, sketches: bool) -> Vec<BlockEntries> {
+    let mut out: Vec<BlockEntries> = group
+        .chunks_exact(BLOCK_SIZE)
+        .enumerate()
+        .map(|(j, block)| {
+            let b = n.saturating_add(j as u32);
+            if is_zero(block) {
+                return BlockEntries::default();
+            }
+            let mut sketch = [None; SIMILAR_PER_BLOCK];
+            if sketches {
+                let mut wins: Vec<u64> = window_hashes(block).iter().flatten().copied().collect();
+                wins.sort_unstable();
+                wins.dedup();
+                for (slot, h) in sketch.iter_mut().zip(wins) {
+                    *slot = Some(pack(h, b));
+                }
+            }
+            BlockEntries {
+                exact: Some(pack(block_hash(block), b)),
+                sketch,
+                anchors: Vec::new(),
+            }
+        })
+        .collect();
+    if out.len() == INTERLEAVE {
+        let mut anchors: [Vec<u64>; INTERLEAVE] = Default::default();
+        AnchorIndex::blocks_entries(u64::from(n), group, &mut anchors);
+        for (e, a) in out.iter_mut().zip(anchors) {
+            e.anchors = a;
+        }
+    } else {
+        for (j, e) in out.iter_mut().enumerate() {
+            let b = u64::from(n) + j as u64;
+            AnchorIndex::block_entries(
+                b,
+                &group[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE],
+                &mut e.anchors,
+            );
+        }
     }
-    let mut wins: Vec<u64> = window_hashes(block).iter().flatten().copied().collect();
-    wins.sort_unstable();
-    wins.dedup();
-    let mut sketch = [None; SIMILAR_PER_BLOCK];
-    for (slot, h) in sketch.iter_mut().zip(wins) {
-        *slot = Some(pack(h, n));
-    }
-    (Some(pack(block_hash(block), n)), sketch)
+    // Zero blocks have no anchors (a fill is never one), as the one-block path gives.
+    out
 }
 
 impl SourceIndex {
@@ -90,29 +134,43 @@ impl SourceIndex {
         source: &dyn BlockImage,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<Self, IndexError> {
+        Self::build_for(source, true, progress)
+    }
+
+    /// Like [`SourceIndex::build`]; without `sketches` the similarity index (sampled
+    /// windows at fixed offsets, for block-aligned XOR candidates) stays empty, which
+    /// saves its hashing and 20 bytes per source block when the anchors find the bases.
+    pub fn build_for(
+        source: &dyn BlockImage,
+        sketches: bool,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Self, IndexError> {
         let blocks = source.block_count();
         // Reserve the worst case once, so growth never doubles the footprint.
         let cap = usize::try_from(blocks).unwrap_or(0);
         let mut exact = Vec::with_capacity(cap);
-        let mut similar = Vec::with_capacity(cap.saturating_mul(SIMILAR_PER_BLOCK));
+        let mut similar =
+            Vec::with_capacity(cap.saturating_mul(if sketches { SIMILAR_PER_BLOCK } else { 0 }));
+        let mut anchors = Vec::new();
         let mut buf = vec![0u8; INDEX_BATCH_BLOCKS * BLOCK_SIZE];
         let mut first = 0u64;
         while first < blocks {
             let count = (blocks - first).min(INDEX_BATCH_BLOCKS as u64) as usize;
             let chunk = &mut buf[..count * BLOCK_SIZE];
-            source.read_blocks(first, chunk)?;
-            let entries: Vec<_> = chunk
-                .par_chunks_exact(BLOCK_SIZE)
+            read_blocks_parallel(source, first, chunk)?;
+            let entries: Vec<BlockEntries> = chunk
+                .par_chunks(INTERLEAVE * BLOCK_SIZE)
                 .enumerate()
-                .map(|(i, b)| {
+                .flat_map_iter(|(g, group)| {
                     // The image has fewer than 2^32 blocks (checked at open), so this fits.
-                    let n = u32::try_from(first + i as u64).unwrap_or(u32::MAX);
-                    block_entries(b, n)
+                    let n = u32::try_from(first + (g * INTERLEAVE) as u64).unwrap_or(u32::MAX);
+                    group_entries(group, n, sketches)
                 })
                 .collect();
-            for (e, sketch) in entries {
-                exact.extend(e);
-                similar.extend(sketch.iter().flatten());
+            for e in entries {
+                exact.extend(e.exact);
+                similar.extend(e.sketch.iter().flatten());
+                anchors.extend_from_slice(&e.anchors);
             }
             first += count as u64;
             progress(count as u64);
@@ -134,6 +192,7 @@ impl SourceIndex {
             exact,
             similar,
             similar_filter,
+            anchors: AnchorIndex::from_entries(anchors),
             block_count: blocks,
         })
     }
@@ -147,6 +206,12 @@ impl SourceIndex {
     pub fn memory_bytes(&self) -> usize {
         (self.exact.capacity() + self.similar.capacity() + self.similar_filter.capacity())
             * std::mem::size_of::<u64>()
+            + self.anchors.memory_bytes()
+    }
+
+    /// The content-defined anchors of the source.
+    pub fn anchors(&self) -> &AnchorIndex {
+        &self.anchors
     }
 
     /// Source blocks whose hash matches the block `hash` (lowest block numbers first, at
@@ -188,6 +253,9 @@ impl SourceIndex {
     /// `block`: at most `limit` distinct blocks, in a deterministic order.
     pub fn similar_candidates(&self, block: &[u8], limit: usize) -> Vec<u32> {
         let mut out: Vec<u32> = Vec::new();
+        if limit == 0 || self.similar.is_empty() {
+            return out;
+        }
         for h in window_hashes(block).iter().flatten() {
             if !self.may_have_window(*h) {
                 continue;
@@ -241,7 +309,7 @@ mod tests {
         edited[10] ^= 1;
         edited[3000] ^= 1;
         assert!(idx.similar_candidates(&edited, 4).contains(&2));
-        assert!(idx.memory_bytes() <= 3 * 28 + 8);
+        assert!(idx.memory_bytes() <= 3 * (28 + 128) + 8 + super::super::anchors::DIRECTORY_BYTES);
         // The filter passes the indexed windows and stops most others.
         let w1 = window_hashes(&pattern(1));
         assert!(w1.iter().flatten().any(|h| idx.may_have_window(*h)));

@@ -20,7 +20,7 @@ use cow_format::{
 };
 use rayon::prelude::*;
 
-use super::classify::ClassifyOptions;
+use super::classify::{ClassifyOptions, SizeEstimator};
 use super::image::{BlockImage, ImageError};
 use super::plan::{build_plan, OpCounts, Plan, PlanError, PlanOptions, PlannedOp, Stage};
 use super::BLOCK_SIZE;
@@ -362,6 +362,7 @@ pub fn create_cow(
         let plan_opts = PlanOptions {
             classify: ClassifyOptions {
                 xor: opts.compression.algorithm != CompressionAlgorithm::None,
+                estimator: SizeEstimator::new(opts.compression),
                 ..Default::default()
             },
         };

@@ -93,12 +93,22 @@ pub fn window_hashes(block: &[u8]) -> [Option<u64>; WINDOWS] {
 pub fn equal_bytes(a: &[u8], b: &[u8]) -> usize {
     a.chunks_exact(8)
         .zip(b.chunks_exact(8))
-        .map(|(x, y)| {
-            let d = word(x) ^ word(y);
-            // Count the zero bytes of d.
-            (0..8).filter(|k| (d >> (k * 8)) & 0xFF == 0).count()
-        })
-        .sum()
+        .map(|(x, y)| zero_bytes(word(x) ^ word(y)))
+        .sum::<usize>()
+        + a.chunks_exact(8)
+            .remainder()
+            .iter()
+            .zip(b.chunks_exact(8).remainder())
+            .filter(|(x, y)| x == y)
+            .count()
+}
+
+/// Number of zero bytes in `d` (no per-byte branches: the high bit of each byte of `t`
+/// is set exactly when that byte of `d` is non-zero).
+fn zero_bytes(d: u64) -> usize {
+    const LOW7: u64 = 0x7F7F_7F7F_7F7F_7F7F;
+    let t = ((d & LOW7).wrapping_add(LOW7) | d) & !LOW7;
+    8 - t.count_ones() as usize
 }
 
 #[cfg(test)]
@@ -130,6 +140,19 @@ mod tests {
         assert_ne!(w[1], e[1]);
         assert_eq!(w[0], e[0]);
         assert_eq!(equal_bytes(&block, &edited), BLOCK_SIZE - 1);
+        for d in [
+            0u64,
+            1,
+            0x80,
+            0xFF00,
+            0x0100_0000_0000_0080,
+            u64::MAX,
+            0x8000_0000_0000_0000,
+        ] {
+            let slow = (0..8).filter(|k| (d >> (k * 8)) & 0xFF == 0).count();
+            assert_eq!(zero_bytes(d), slow, "{d:#x}");
+        }
+        assert_eq!(equal_bytes(&[1, 2, 3], &[1, 0, 3]), 2);
         // The same bytes at another offset hash the same; other bytes do not.
         let mut other = vec![0u8; BLOCK_SIZE];
         other[5..5 + WINDOW_LEN].copy_from_slice(&block[512..512 + WINDOW_LEN]);

@@ -77,6 +77,27 @@ pub trait BlockImage: Sync {
     }
 }
 
+/// Blocks per positioned read when a batch is read by several threads.
+pub const PARALLEL_READ_BLOCKS: usize = 128;
+
+/// Reads `buf.len() / BLOCK_SIZE` whole blocks from block `first` like
+/// [`BlockImage::read_blocks`], split into reads of [`PARALLEL_READ_BLOCKS`] blocks issued
+/// by the current thread pool: the copy out of the page cache is a large share of the
+/// work, and one thread alone would leave the others idle meanwhile.
+pub fn read_blocks_parallel(
+    img: &dyn BlockImage,
+    first: u64,
+    buf: &mut [u8],
+) -> Result<(), ImageError> {
+    use rayon::prelude::*;
+    buf.par_chunks_mut(PARALLEL_READ_BLOCKS * BLOCK_SIZE)
+        .enumerate()
+        .try_for_each(|(i, chunk)| {
+            let at = first.saturating_add((i * PARALLEL_READ_BLOCKS) as u64);
+            img.read_blocks(at, chunk)
+        })
+}
+
 /// An image held in memory.
 #[derive(Debug, Clone)]
 pub struct MemImage {

@@ -6,6 +6,7 @@
 //!
 //! * [`image`]: random-access block images (files or memory);
 //! * [`hash`]: deterministic block and window hashes (no per-run seeds);
+//! * [`anchors`]: content-defined anchors that find moved content at any byte offset;
 //! * [`block_index`]: the memory-bounded content index of the source blocks;
 //! * [`classify`]: the per-target-block decision (unchanged, ZERO, COPY, XOR, REPLACE);
 //! * [`order`]: the merge-order engine (dependency graph, topological order, cycle breaking);
@@ -14,6 +15,7 @@
 //! * [`merge_check`]: the in-place merge safety rule (cow-format.md §6.4);
 //! * [`simulate`]: an in-memory in-place merge of a plan, used to prove plans correct.
 
+pub mod anchors;
 pub mod block_index;
 pub mod classify;
 pub mod command;

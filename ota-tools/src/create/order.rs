@@ -10,25 +10,35 @@
 //!
 //! Nodes are the ordered target blocks. Node `n` reading source block `s` gets the edge
 //! `n -> s` ("n before s") when `s` is itself the target of an ordered op other than `n`.
-//! Reading one's own block is harmless (read, then write, in one op). Every op reads at
-//! most one block (XOR bases are block-aligned) and every block has at most one writer,
-//! so each node has at most one outgoing edge: the graph is a *functional graph*. Its
-//! cycles are therefore disjoint, and breaking one node per cycle is the minimum possible
-//! number of conversions (a minimum feedback vertex set), not a heuristic.
+//! Reading one's own block is harmless (read, then write, in one op). COPY and
+//! block-aligned XOR read one block; an XOR at an unaligned byte offset
+//! ([`BlockClass::XorAt`]) reads two, so a node has at most two outgoing edges. Every
+//! block has at most one writer.
 //!
 //! # Algorithm
 //!
-//! Kahn's topological sort with a FIFO queue seeded in **descending** block order; what is
-//! left when the queue runs dry are exactly the disjoint cycles. Descending matters to the
-//! legacy (dm-snapshot) merge: dm-snapshot-merge copies a run of exceptions in one batch
-//! only when their destination blocks step down by one along the merge order, so a run of
-//! independent COPYs to adjacent blocks merges as one batch (one metadata commit) instead
-//! of one batch per block, and a shifted run (`n <- n-3`) unrolls as `99, 98, 97, 96, ...`. For each cycle (in ascending
-//! order of its smallest block) the [`CycleBreaker`] estimates the cost of each member
-//! (examining at most [`MAX_CYCLE_COST_EVALUATIONS`] members) and the cheapest member
-//! stops reading other blocks: it becomes REPLACE, or an XOR against its own position,
-//! which stays readable until that very op. The rest of the cycle then unrolls as a chain.
-//! Time and memory are linear in the number of target blocks (one `u32` per block).
+//! Kahn's topological sort with a FIFO queue seeded in **descending** block order.
+//! Descending matters to the legacy (dm-snapshot) merge: dm-snapshot-merge copies a run
+//! of exceptions in one batch only when their destination blocks step down by one along
+//! the merge order, so a run of independent COPYs to adjacent blocks merges as one batch
+//! (one metadata commit) instead of one batch per block, and a shifted run (`n <- n-3`)
+//! unrolls as `99, 98, 97, 96, ...`.
+//!
+//! When the queue runs dry, every ordered block not yet emitted waits for a reader that
+//! is not emitted either, so walking from the lowest such block to one of its waiting
+//! readers, again and again, must come back to a block already visited: a cycle. The
+//! [`CycleBreaker`] estimates the cost of each member (at most
+//! [`MAX_CYCLE_COST_EVALUATIONS`]) and the cheapest member stops reading other blocks: it
+//! becomes REPLACE, or an XOR against its own position, which stays readable until that
+//! very op. The rest of the cycle then unrolls. When every op reads one block (no
+//! `XorAt`), the graph is functional: its cycles are disjoint and one conversion per cycle
+//! is the minimum possible. With two-block reads, cycles can share blocks and breaking one
+//! at a time is a greedy choice (no worse than one conversion per cycle found).
+//!
+//! Time is linear in the number of target blocks plus the length of the walks; memory is
+//! one `u32` per target block (in-degree), the readers of each ordered block (at most two
+//! `u32` per ordered op plus one `u32` per target block) and one visit mark per target
+//! block.
 
 use std::collections::VecDeque;
 
@@ -74,15 +84,53 @@ pub struct MergeOrder {
 
 const DONE: u32 = u32::MAX;
 
-/// The ordered block that `n` must precede, if any. (Ordering runs before
-/// [`super::shifted`] adds two-block [`BlockClass::XorAt`] reads, so one read per op holds
-/// here; `XorAt` is treated by its first block.)
-fn edge(classes: &[BlockClass], n: usize) -> Option<usize> {
-    let s = classes.get(n)?.reads()? as usize;
-    if s != n && classes.get(s).is_some_and(|c| c.is_ordered()) {
-        Some(s)
-    } else {
-        None
+/// The ordered blocks that `n` must precede (up to two).
+fn edges(classes: &[BlockClass], n: usize) -> [Option<usize>; 2] {
+    let mut out = [None; 2];
+    let Some((first, count)) = classes.get(n).and_then(|c| c.read_span()) else {
+        return out;
+    };
+    for (k, s) in (first as usize..first as usize + count as usize).enumerate() {
+        if s != n && classes.get(s).is_some_and(|c| c.is_ordered()) {
+            out[k] = Some(s);
+        }
+    }
+    out
+}
+
+/// Readers of each block, in compressed form: the readers of block `s` are
+/// `list[start[s]..start[s + 1]]` (as computed when ordering began; callers check that a
+/// reader still reads `s`).
+struct Readers {
+    start: Vec<u32>,
+    list: Vec<u32>,
+}
+
+impl Readers {
+    fn new(classes: &[BlockClass]) -> Self {
+        let len = classes.len();
+        let mut start = vec![0u32; len + 1];
+        for n in 0..len {
+            for s in edges(classes, n).into_iter().flatten() {
+                start[s + 1] += 1;
+            }
+        }
+        for i in 0..len {
+            start[i + 1] += start[i];
+        }
+        let mut fill = start.clone();
+        let mut list = vec![0u32; start[len] as usize];
+        for n in 0..len {
+            for s in edges(classes, n).into_iter().flatten() {
+                list[fill[s] as usize] = n as u32;
+                fill[s] += 1;
+            }
+        }
+        Self { start, list }
+    }
+
+    fn of(&self, s: usize) -> &[u32] {
+        &self.list[self.start[s] as usize..self.start[s + 1] as usize]
     }
 }
 
@@ -95,69 +143,90 @@ pub fn order_ops<B: CycleBreaker>(
     let len = classes.len();
     let mut indeg = vec![0u32; len];
     for n in 0..len {
-        if let Some(w) = edge(classes, n) {
+        for w in edges(classes, n).into_iter().flatten() {
             indeg[w] += 1;
         }
     }
+    let readers = Readers::new(classes);
     let mut queue: VecDeque<usize> = (0..len)
         .rev()
         .filter(|&n| classes[n].is_ordered() && indeg[n] == 0)
         .collect();
     let mut out = MergeOrder::default();
     let mut cursor = 0usize;
+    // Visit marks of the cycle walks: the walk number (1-based) that visited a block.
+    let mut mark = vec![0u32; len];
+    let mut walk_no = 0u32;
     loop {
         while let Some(n) = queue.pop_front() {
             indeg[n] = DONE;
             if classes[n].is_ordered() {
                 out.sequence.push(n as u32);
             }
-            if let Some(w) = edge(classes, n) {
+            for w in edges(classes, n).into_iter().flatten() {
                 indeg[w] -= 1;
                 if indeg[w] == 0 {
                     queue.push_back(w);
                 }
             }
         }
-        // The queue is empty: every ordered block not yet emitted lies on a cycle.
+        // The queue is empty: every ordered block not yet emitted waits for a reader that
+        // is not emitted either.
         while cursor < len && (indeg[cursor] == DONE || !classes[cursor].is_ordered()) {
             cursor += 1;
         }
         if cursor >= len {
             break;
         }
-        let start = cursor;
-        let mut best = (u64::MAX, start);
-        let mut m = start;
-        let mut evaluated = 0usize;
-        loop {
-            if evaluated < MAX_CYCLE_COST_EVALUATIONS {
-                let c = breaker.cost(m as u32)?;
-                evaluated += 1;
-                if c < best.0 || (c == best.0 && m < best.1) {
-                    best = (c, m);
-                }
+        // Walk to waiting readers until a block repeats; `path` from that block on is a
+        // cycle.
+        walk_no += 1;
+        let mut path: Vec<usize> = Vec::new();
+        let mut m = cursor;
+        let cycle_start = loop {
+            if mark[m] == walk_no {
+                break path.iter().position(|&x| x == m).unwrap_or(0);
             }
-            match edge(classes, m) {
-                Some(next) if next != start => m = next,
-                _ => break,
+            mark[m] = walk_no;
+            path.push(m);
+            let next = readers.of(m).iter().map(|&r| r as usize).find(|&r| {
+                indeg[r] != DONE && classes[r].is_ordered() && edges(classes, r).contains(&Some(m))
+            });
+            match next {
+                Some(r) => m = r,
+                // Cannot happen while in-degrees are exact; stop rather than loop.
+                None => break path.len() - 1,
+            }
+        };
+        let cycle = &path[cycle_start..];
+        let mut best = (u64::MAX, usize::MAX);
+        for &c in cycle.iter().take(MAX_CYCLE_COST_EVALUATIONS) {
+            let cost = breaker.cost(c as u32)?;
+            if cost < best.0 || (cost == best.0 && c < best.1) {
+                best = (cost, c);
             }
         }
         let b = best.1;
-        let old_target = edge(classes, b);
+        let old_targets = edges(classes, b);
         let mut repl = breaker.replacement(b as u32)?;
-        if repl.reads().is_some_and(|s| s as usize != b) {
+        if repl
+            .read_span()
+            .is_some_and(|(s, c)| s as usize != b || c != 1)
+        {
             repl = BlockClass::Replace;
         }
         classes[b] = repl;
         out.broken.push(b as u32);
         if !repl.is_ordered() {
-            // No longer part of the sequence; its predecessor's edge now points nowhere.
+            // No longer part of the sequence; edges into it are gone with its class.
             indeg[b] = DONE;
         }
-        if let Some(w) = old_target {
-            indeg[w] -= 1;
-            if indeg[w] == 0 {
-                queue.push_back(w);
+        for w in old_targets.into_iter().flatten() {
+            if indeg[w] != DONE {
+                indeg[w] -= 1;
+                if indeg[w] == 0 {
+                    queue.push_back(w);
+                }
             }
         }
     }
@@ -235,5 +304,31 @@ mod tests {
         assert_eq!(o.broken, vec![0]);
         assert_eq!(c[0], BlockClass::Replace);
         assert_eq!(o.sequence, vec![3, 1, 2]);
+    }
+
+    /// An unaligned XOR reads two blocks; a cycle through its second block is found and
+    /// broken, and it still merges before the writers of both blocks it reads.
+    #[test]
+    fn two_block_reads_are_ordered_and_their_cycles_broken() {
+        let mut c = vec![BlockClass::Unchanged; 12];
+        // 2 reads 5 and 6 (unaligned); 5 and 6 are COPY targets.
+        c[2] = BlockClass::XorAt {
+            block: 5,
+            offset: 100,
+        };
+        c[5] = copy(9);
+        c[6] = copy(10);
+        let o = order_ops(&mut c.clone(), &mut ReplaceBreaker).unwrap();
+        assert!(o.broken.is_empty());
+        assert!(pos(&o.sequence, 2) < pos(&o.sequence, 5));
+        assert!(pos(&o.sequence, 2) < pos(&o.sequence, 6));
+        // Now 6 reads 2: the cycle 2 -> 6 -> 2 runs through the second block read.
+        c[6] = copy(2);
+        let o = order_ops(&mut c, &mut ReplaceBreaker).unwrap();
+        assert_eq!(o.broken, vec![2]);
+        assert_eq!(c[2], BlockClass::Replace);
+        let mut rest = o.sequence.clone();
+        rest.sort_unstable();
+        assert_eq!(rest, vec![5, 6]);
     }
 }

@@ -1,10 +1,11 @@
 //! The op plan: what every target block becomes, and the merge order of the ordered ops.
 //!
 //! [`build_plan`] runs the whole pipeline: index the source, classify every target
-//! block, order the COPY/XOR ops and break cycles, then give REPLACE blocks a second
-//! chance as XOR against byte-shifted source content ([`super::shifted`]). The plan holds one [`BlockClass`]
-//! (8 bytes) per target block plus one `u32` per ordered op; while ordering, one more
-//! `u32` per target block is held temporarily.
+//! block, give REPLACE blocks a second chance as XOR against source content at any byte
+//! offset ([`super::shifted`]), drop the index, then order the COPY/XOR ops and break
+//! cycles ([`super::order`]). The plan holds one [`BlockClass`] (8 bytes) per target block
+//! plus one `u32` per ordered op; the search and the ordering hold their temporaries
+//! (CREATE.md §5) one after the other.
 //!
 //! File order of the ops (what a writer should emit): the ordered ops in merge order
 //! (which is also the sequence data), then ZERO and REPLACE ops in ascending block order,
@@ -13,7 +14,7 @@
 
 use super::block_index::{IndexError, SourceIndex};
 use super::classify::{
-    classify_image, estimate, xor_pays_off, BlockClass, ClassifyError, ClassifyOptions,
+    classify_image, xor_pays_off, BlockClass, ClassifyError, ClassifyOptions, SizeEstimator,
 };
 use super::image::{BlockImage, ImageError};
 use super::merge_check::MergeStep;
@@ -38,8 +39,8 @@ pub enum PlanError {
     /// Classification failed.
     #[error(transparent)]
     Classify(#[from] ClassifyError),
-    /// Reading an image while breaking cycles failed.
-    #[error("breaking merge cycles: {0}")]
+    /// Reading an image while searching XOR bases or breaking cycles failed.
+    #[error("searching XOR bases or breaking merge cycles: {0}")]
     Image(#[from] ImageError),
 }
 
@@ -50,7 +51,8 @@ pub enum Stage {
     Index,
     /// Classifying the target blocks.
     Classify,
-    /// Searching byte-shifted XOR bases for REPLACE blocks (progress in target blocks).
+    /// Searching XOR bases at any byte offset for REPLACE blocks (progress in target
+    /// blocks).
     Shifted,
 }
 
@@ -247,6 +249,7 @@ struct ImageBreaker<'a> {
     source: &'a dyn BlockImage,
     target: &'a dyn BlockImage,
     xor: bool,
+    estimator: SizeEstimator,
 }
 
 impl ImageBreaker<'_> {
@@ -254,7 +257,7 @@ impl ImageBreaker<'_> {
     fn estimates(&self, block: u32) -> Result<(usize, Option<usize>), ImageError> {
         let mut t = vec![0u8; BLOCK_SIZE];
         self.target.read_blocks(u64::from(block), &mut t)?;
-        let rep = estimate(&t);
+        let rep = self.estimator.estimate(&t);
         if !self.xor || u64::from(block) >= self.source.block_count() {
             return Ok((rep, None));
         }
@@ -263,7 +266,7 @@ impl ImageBreaker<'_> {
         for (x, y) in s.iter_mut().zip(&t) {
             *x ^= y;
         }
-        Ok((rep, Some(estimate(&s))))
+        Ok((rep, Some(self.estimator.estimate(&s))))
     }
 }
 
@@ -298,7 +301,9 @@ pub fn build_plan(
             len,
         });
     }
-    let index = SourceIndex::build(source, &|n| progress(Stage::Index, n))?;
+    let index = SourceIndex::build_for(source, opts.classify.similar_candidates > 0, &|n| {
+        progress(Stage::Index, n)
+    })?;
     log::debug!("source index: {} bytes", index.memory_bytes());
     let mut classes = classify_image(source, target, &index, &opts.classify, &|n| {
         progress(Stage::Classify, n)
@@ -307,19 +312,20 @@ pub fn build_plan(
         source,
         target,
         xor: opts.classify.xor,
+        estimator: opts.classify.estimator,
     };
-    let mut order = order_ops(&mut classes, &mut breaker)?;
     if opts.classify.xor {
         add_shifted_xors(
             &mut classes,
-            &mut order.sequence,
             source,
             target,
             &index,
+            &opts.classify.estimator,
             &|n| progress(Stage::Shifted, n),
         )?;
     }
     drop(index);
+    let order = order_ops(&mut classes, &mut breaker)?;
     Ok(Plan {
         classes,
         sequence: order.sequence,

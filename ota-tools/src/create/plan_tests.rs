@@ -328,7 +328,7 @@ fn byte_shifted_content_becomes_unaligned_xor() {
 }
 
 #[test]
-fn shifted_xor_never_reads_a_block_an_ordered_op_writes() {
+fn unaligned_xor_reading_a_copied_block_merges_before_the_copy() {
     let mut rng = Rng::new(12);
     let s = random_blocks(&mut rng, 32);
     let mut t = s.clone();
@@ -344,11 +344,23 @@ fn shifted_xor_never_reads_a_block_an_ordered_op_writes() {
             offset: 100
         }
     );
-    // Now block 5 is the target of a COPY: reading it later would be unsafe.
+    // Now blocks 5 and 6 are targets of COPYs: the XOR must merge before both (plan_for
+    // proves the in-place merge).
     copy_block(&mut t, 5, &s, 9);
+    copy_block(&mut t, 6, &s, 12);
     let p = plan_for(&s, &t, true);
     assert_eq!(p.classes[5], BlockClass::Copy { source: 9 });
-    assert_eq!(p.classes[20], BlockClass::Replace);
+    assert_eq!(p.classes[6], BlockClass::Copy { source: 12 });
+    assert_eq!(
+        p.classes[20],
+        BlockClass::XorAt {
+            block: 5,
+            offset: 100
+        }
+    );
+    let pos = |b: u32| p.sequence.iter().position(|&x| x == b).unwrap();
+    assert!(pos(20) < pos(5) && pos(20) < pos(6));
+    assert!(p.broken.is_empty());
 }
 
 #[test]
@@ -395,4 +407,54 @@ fn simulator_rejects_plans_reaching_outside_the_images() {
         simulate_merge(&s, &t, &plan),
         Err(super::simulate::SimulateError::OutOfRange { block: 2 })
     );
+}
+
+/// Content with no anchors of its own (every 32-byte window fails the anchor test) is
+/// still found: the block before it in the moved run has anchors, and the forward sweep
+/// carries its base (+4096 per block) over the rest of the run.
+#[test]
+fn neighbours_carry_a_base_to_blocks_without_anchors() {
+    use super::anchors::{for_each_anchor, ANCHOR_WINDOW};
+    let mut rng = Rng::new(21);
+    let mut quiet: Vec<u8> = Vec::with_capacity(12 * BLOCK_SIZE);
+    while quiet.len() < 12 * BLOCK_SIZE {
+        loop {
+            let mut b = [0u8; 1];
+            rng.fill(&mut b);
+            quiet.push(b[0]);
+            let n = quiet.len();
+            let mut anchor = false;
+            if n >= ANCHOR_WINDOW {
+                for_each_anchor(&quiet[n - ANCHOR_WINDOW..], 1, |_, _| anchor = true);
+            }
+            if !anchor {
+                break;
+            }
+            quiet.pop();
+        }
+    }
+    let mut none = 0;
+    for_each_anchor(&quiet, usize::MAX, |_, _| none += 1);
+    assert_eq!(none, 0);
+    // Source: 4 ordinary blocks, the 12 quiet ones, 16 more ordinary ones.
+    let mut s = random_blocks(&mut rng, 4);
+    s.extend_from_slice(&quiet);
+    s.extend(random_blocks(&mut rng, 16));
+    // Target: blocks 0..16 unchanged; from byte 16 * 4096 + 300 the first 16 source
+    // blocks again (so target block n >= 17 is source bytes from (n - 17) * 4096 + 3796).
+    let mut t = s.clone();
+    let start = 16 * BLOCK_SIZE + 300;
+    let len = t.len() - start;
+    t[start..].copy_from_slice(&s[..len]);
+    let p = plan_for(&s, &t, true);
+    for n in 17..32usize {
+        assert_eq!(
+            p.classes[n],
+            BlockClass::XorAt {
+                block: (n - 17) as u32,
+                offset: 3796
+            },
+            "block {n}"
+        );
+    }
 }
