@@ -13,5 +13,6 @@
 pub mod apply;
 pub mod create;
 pub mod inspect;
+pub mod payload;
 pub mod progress;
 pub mod verify;
