@@ -8,6 +8,32 @@ use clap::Subcommand;
 use super::extract::{extract, ExtractOptions};
 use super::inspect;
 use super::reader::Payload;
+use super::to_cow::{to_cow, ToCowOptions};
+use cow_format::{Compression, CowVersion};
+
+fn parse_cow_version(s: &str) -> Result<CowVersion, String> {
+    match s {
+        "2" => Ok(CowVersion::V2),
+        "3" => Ok(CowVersion::V3),
+        _ => Err(format!("unsupported COW version {s:?} (expected 2 or 3)")),
+    }
+}
+
+fn parse_factor(s: &str) -> Result<u32, String> {
+    let lower = s.to_ascii_lowercase();
+    let (digits, mult) = match lower.strip_suffix('k') {
+        Some(d) => (d, 1024u32),
+        None => (lower.as_str(), 1u32),
+    };
+    digits
+        .parse::<u32>()
+        .ok()
+        .and_then(|v| v.checked_mul(mult))
+        .filter(|v| v.is_power_of_two() && (4096..=262_144).contains(v))
+        .ok_or_else(|| {
+            format!("invalid compression factor {s:?} (expected 4k..256k, a power of two)")
+        })
+}
 
 fn parse_list(s: &str) -> Result<Vec<String>, String> {
     let v: Vec<String> = s
@@ -51,6 +77,30 @@ pub enum PayloadCommand {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+    /// Write, for each partition, the COW a Virtual A/B device would write
+    /// (DIR/<partition>.cow), with the merge order from merge_operations.
+    ToCow {
+        /// The payload (`payload.bin`).
+        payload: PathBuf,
+        /// Directory of the old <partition>.img files.
+        #[arg(long)]
+        source_dir: PathBuf,
+        /// Output directory (created if absent).
+        #[arg(long)]
+        output_dir: PathBuf,
+        /// Only these partitions (comma-separated).
+        #[arg(long, value_parser = parse_list)]
+        partitions: Option<Vec<String>>,
+        /// COW version 2 or 3 (default: the payload's cow_version, else 2).
+        #[arg(long, value_parser = parse_cow_version)]
+        cow_version: Option<CowVersion>,
+        /// none|gz|brotli|lz4|zstd[,LEVEL] (default: the payload's vabc_compression_param, else gz).
+        #[arg(long)]
+        compression: Option<Compression>,
+        /// v3 compression factor 4k..256k (default: the payload's, else 64k).
+        #[arg(long, value_parser = parse_factor)]
+        compression_factor: Option<u32>,
+    },
 }
 
 /// Run one `payload` subcommand.
@@ -93,6 +143,51 @@ pub fn run(cmd: PayloadCommand) -> Result<(), Box<dyn std::error::Error>> {
                 );
             }
         }
+        PayloadCommand::ToCow {
+            payload,
+            source_dir,
+            output_dir,
+            partitions,
+            cow_version,
+            compression,
+            compression_factor,
+        } => {
+            let reports = to_cow(&ToCowOptions {
+                payload,
+                source_dir,
+                output_dir,
+                partitions,
+                cow_version,
+                compression,
+                compression_factor,
+                progress: true,
+            })?;
+            for r in reports {
+                let estimate = r.estimate_cow_size.map_or_else(
+                    || "no estimate_cow_size in the payload".to_string(),
+                    |e| format!("estimate_cow_size {e} ({:+.1}%)", pct(r.cow_size, e)),
+                );
+                println!(
+                    "{}: {} bytes ({estimate}); blocks: {} COPY, {} XOR, {} REPLACE, {} ZERO, {} verity -> {}",
+                    r.name,
+                    r.cow_size,
+                    r.copy_blocks,
+                    r.xor_blocks,
+                    r.replace_blocks,
+                    r.zero_blocks,
+                    r.verity_blocks,
+                    r.path.display()
+                );
+            }
+        }
     }
     Ok(())
+}
+
+fn pct(actual: u64, estimate: u64) -> f64 {
+    if estimate == 0 {
+        0.0
+    } else {
+        (actual as f64 - estimate as f64) * 100.0 / estimate as f64
+    }
 }

@@ -21,4 +21,5 @@ pub mod operation;
 pub mod partition;
 pub mod proto;
 pub mod reader;
+pub mod to_cow;
 pub mod verity_regions;
