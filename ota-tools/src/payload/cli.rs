@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 
+use super::create::{create, CreateOptions, DiffMode, ReplaceMode};
 use super::extract::{extract, ExtractOptions};
 use super::inspect;
 use super::reader::Payload;
@@ -101,6 +102,46 @@ pub enum PayloadCommand {
         #[arg(long, value_parser = parse_factor)]
         compression_factor: Option<u32>,
     },
+    /// Write a payload (unsigned) from new partition images, full or, with
+    /// --source-dir, incremental, with merge operations and VABC fields.
+    Create {
+        /// Directory of the new <partition>.img files (whole 4 KiB blocks).
+        #[arg(long)]
+        target_dir: PathBuf,
+        /// Directory of the old <partition>.img files (incremental payload).
+        #[arg(long)]
+        source_dir: Option<PathBuf>,
+        /// The payload to write.
+        #[arg(long)]
+        output: PathBuf,
+        /// Only these partitions (default: every *.img in --target-dir).
+        #[arg(long, value_parser = parse_list)]
+        partitions: Option<Vec<String>>,
+        /// REPLACE encodings allowed.
+        #[arg(long, value_enum, default_value = "auto")]
+        replace: ReplaceMode,
+        /// Diff encodings allowed.
+        #[arg(long, value_enum, default_value = "auto")]
+        diff: DiffMode,
+        /// Write no COW_XOR merge operations.
+        #[arg(long)]
+        no_xor: bool,
+        /// cow_version of the dynamic partition metadata (2 or 3).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=3))]
+        cow_version: u32,
+        /// vabc_compression_param (none|gz|brotli|lz4|zstd[,LEVEL]).
+        #[arg(long, default_value = "lz4")]
+        vabc_compression: Compression,
+        /// compression_factor of the dynamic partition metadata.
+        #[arg(long, default_value = "64k", value_parser = parse_factor)]
+        compression_factor: u32,
+        /// Skip the to-cow dry run that sets estimate_cow_size.
+        #[arg(long)]
+        no_estimate: bool,
+        /// Worker threads (default: all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
 }
 
 /// Run one `payload` subcommand.
@@ -177,6 +218,40 @@ pub fn run(cmd: PayloadCommand) -> Result<(), Box<dyn std::error::Error>> {
                     r.zero_blocks,
                     r.verity_blocks,
                     r.path.display()
+                );
+            }
+        }
+        PayloadCommand::Create {
+            target_dir,
+            source_dir,
+            output,
+            partitions,
+            replace,
+            diff,
+            no_xor,
+            cow_version,
+            vabc_compression,
+            compression_factor,
+            no_estimate,
+            threads,
+        } => {
+            let mut opts = CreateOptions::new(target_dir, source_dir, output);
+            opts.partitions = partitions;
+            opts.replace = replace;
+            opts.diff = diff;
+            opts.xor = !no_xor;
+            opts.cow_version = cow_version;
+            opts.vabc_compression = vabc_compression.to_string();
+            opts.compression_factor = u64::from(compression_factor);
+            opts.estimate = !no_estimate;
+            opts.threads = threads;
+            opts.progress = true;
+            let s = create(&opts)?;
+            println!("payload: {} bytes", s.payload_size);
+            for (name, ops, merge, estimate) in s.partitions {
+                println!(
+                    "{name}: {ops} operations, {merge} merge operations, estimate_cow_size {}",
+                    estimate.map_or_else(|| "-".to_string(), |e| e.to_string())
                 );
             }
         }

@@ -14,6 +14,7 @@
 
 pub mod bspatch;
 pub mod cli;
+pub mod create;
 pub mod extract;
 pub mod inspect;
 pub mod install;
@@ -23,3 +24,4 @@ pub mod proto;
 pub mod reader;
 pub mod to_cow;
 pub mod verity_regions;
+pub mod writer;
