@@ -299,7 +299,40 @@ fn merge_plan(
             sequence.push(new_block as u32);
         }
     }
+    check_merge_order(p, &sequence, &map, bs)?;
     Ok((sequence, map))
+}
+
+/// Refuse a merge sequence in which a block is read after an earlier merge
+/// step overwrote it (the device would merge wrong data).
+fn check_merge_order(
+    p: &PartitionUpdate,
+    sequence: &[u32],
+    map: &HashMap<u64, MergeSource>,
+    bs: u64,
+) -> Result<(), ToCowError> {
+    let mut written = std::collections::HashSet::new();
+    for &b in sequence {
+        let b = u64::from(b);
+        let reads: [Option<u64>; 2] = match map.get(&b) {
+            Some(MergeSource::Copy(old)) => [Some(*old), None],
+            Some(MergeSource::Xor(off)) => {
+                [Some(off / bs), (off % bs != 0).then_some(off / bs + 1)]
+            }
+            _ => [None, None],
+        };
+        if let Some(r) = reads.into_iter().flatten().find(|r| written.contains(r)) {
+            return Err(ToCowError::MergeOp {
+                partition: p.partition_name.clone(),
+                index: 0,
+                reason: format!(
+                    "merge order is unsafe: new block {b} reads old block {r}, which an earlier merge step overwrote"
+                ),
+            });
+        }
+        written.insert(b);
+    }
+    Ok(())
 }
 
 /// Counts for the report.
