@@ -99,7 +99,7 @@ pub fn select<'a>(
     Ok(manifest
         .partitions
         .iter()
-        .filter(|p| wanted.is_none_or(|w| w.iter().any(|n| *n == p.partition_name)))
+        .filter(|p| wanted.is_none_or(|w| w.contains(&p.partition_name)))
         .collect())
 }
 
