@@ -27,11 +27,13 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use cow_format::reader::{CowReader, MergeOrderOptions, ReadError};
+use cow_format::reader::{CowReader, MergeOrderOptions, ReadError, SourceImage};
 use cow_format::{CowOp, OpKind};
 use thiserror::Error;
 
+use crate::create::image::{BlockImage, ImageError};
 use crate::progress::Progress;
+use crate::sparse::ImageSource;
 
 /// Bytes of output assembled per write in separate-output mode.
 const CHUNK_BYTES: u64 = 4 << 20;
@@ -121,6 +123,15 @@ pub enum ApplyError {
     Overflow {
         /// What was computed.
         what: &'static str,
+    },
+    /// The source image cannot be opened, or is an invalid sparse image.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// An in-place apply was asked for on a sparse source, which cannot be written in place.
+    #[error("source image {} is an Android sparse image, which cannot be merged in place; write the result to a separate output", path.display())]
+    SparseInPlace {
+        /// Source path.
+        path: PathBuf,
     },
 }
 
@@ -252,8 +263,13 @@ pub fn apply(opts: &ApplyOptions) -> Result<ApplyReport, ApplyError> {
         })?;
 
     // Size everything before touching the output.
-    let source_ro = File::open(&opts.source).map_err(open_err("source image", &opts.source))?;
-    let source_size = byte_size(&source_ro, "source image", &opts.source)?;
+    let source_ro = ImageSource::open(&opts.source)?;
+    if in_place && source_ro.is_sparse() {
+        return Err(ApplyError::SparseInPlace {
+            path: opts.source.clone(),
+        });
+    }
+    let source_size = source_ro.len_bytes();
     let size = match opts.size {
         Some(s) if s < needed => return Err(ApplyError::SizeTooSmall { size: s, needed }),
         Some(s) => s,
@@ -276,9 +292,10 @@ pub fn apply(opts: &ApplyOptions) -> Result<ApplyReport, ApplyError> {
             .map_err(open_err("output", &opts.output))?
     };
     let source = if in_place {
-        output
+        let file = output
             .try_clone()
-            .map_err(open_err("source image", &opts.source))?
+            .map_err(open_err("source image", &opts.source))?;
+        ImageSource::from_file(file, &opts.source)?
     } else {
         source_ro
     };
@@ -364,7 +381,7 @@ pub fn apply(opts: &ApplyOptions) -> Result<ApplyReport, ApplyError> {
 struct Ctx<'a> {
     reader: &'a CowReader<File>,
     cow_path: &'a Path,
-    source: &'a File,
+    source: &'a ImageSource,
     source_path: &'a Path,
     source_size: u64,
     output: &'a File,
@@ -394,7 +411,7 @@ impl Ctx<'_> {
     /// through `src`.
     fn produce(
         &self,
-        src: &File,
+        src: &dyn SourceImage,
         block: u64,
         op: &CowOp,
         out: &mut [u8],

@@ -22,9 +22,10 @@ use cow_format::reader::{MergeOrderOptions, OtherOpsOrder, ReadError};
 use cow_format::{CowReader, OpKind};
 use rayon::prelude::*;
 
-use crate::create::image::{BlockImage, FileImage, ImageError};
+use crate::create::image::{BlockImage, ImageError};
 use crate::create::merge_check::{check_merge_order, MergeCheckError, MergeStep};
 use crate::progress::Progress;
+use crate::sparse::ImageSource;
 
 /// Target blocks compared per parallel batch.
 const VERIFY_BATCH_BLOCKS: u64 = 1024;
@@ -127,7 +128,7 @@ fn merge_steps(reader: &CowReader, bs: u64) -> Vec<MergeStep> {
 }
 
 /// Adapter so the COW reader can read our source image.
-struct Source<'a>(&'a FileImage);
+struct Source<'a>(&'a ImageSource);
 
 impl cow_format::reader::SourceImage for Source<'_> {
     fn read_exact_at(&self, buf: &mut [u8], byte_offset: u64) -> io::Result<()> {
@@ -138,8 +139,8 @@ impl cow_format::reader::SourceImage for Source<'_> {
 /// Verifies that `cow` turns `source` into `target` when merged in place. Returns the
 /// first problem found, or a report.
 pub fn verify(source: &Path, target: &Path, cow: &Path) -> Result<VerifyReport, VerifyError> {
-    let src = FileImage::open(source)?;
-    let tgt = FileImage::open(target)?;
+    let src = ImageSource::open(source)?;
+    let tgt = ImageSource::open(target)?;
     let cow_err = |source| VerifyError::Cow {
         path: cow.to_path_buf(),
         source,

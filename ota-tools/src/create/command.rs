@@ -21,10 +21,11 @@ use cow_format::{
 use rayon::prelude::*;
 
 use super::classify::ClassifyOptions;
-use super::image::{BlockImage, FileImage, ImageError};
+use super::image::{BlockImage, ImageError};
 use super::plan::{build_plan, OpCounts, Plan, PlanError, PlanOptions, PlannedOp, Stage};
 use super::BLOCK_SIZE;
 use crate::progress::Progress;
+use crate::sparse::ImageSource;
 
 /// Target blocks whose payloads are read and compressed per parallel batch (4 MiB).
 pub const WRITE_BATCH_BLOCKS: u64 = 1024;
@@ -261,8 +262,8 @@ pub fn create_cow(
     output: &Path,
 ) -> Result<CreateSummary, CreateError> {
     let start = Instant::now();
-    let src = FileImage::open(source)?;
-    let tgt = FileImage::open(target)?;
+    let src = ImageSource::open(source)?;
+    let tgt = ImageSource::open(target)?;
     if tgt.len_bytes() % BLOCK_SIZE as u64 != 0 {
         return Err(PlanError::TargetSize {
             name: tgt.name(),

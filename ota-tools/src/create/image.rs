@@ -31,6 +31,14 @@ pub enum ImageError {
         /// Underlying I/O error.
         source: io::Error,
     },
+    /// The image starts with the Android sparse magic but is not a valid sparse image.
+    #[error("invalid Android sparse image {path}: {source}")]
+    Sparse {
+        /// Path of the image.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: crate::sparse::SparseError,
+    },
     /// The image has more blocks than a COW op can address (2^32).
     #[error("image {name} has {blocks} blocks; at most 2^32 are supported")]
     TooLarge {
@@ -111,11 +119,19 @@ pub struct FileImage {
 impl FileImage {
     /// Opens `path` read-only and records its current size.
     pub fn open(path: &Path) -> Result<Self, ImageError> {
+        let file = File::open(path).map_err(|source| ImageError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_file(file, path)
+    }
+
+    /// Wraps `file`, already open for reading from `path`, and records its current size.
+    pub fn from_file(file: File, path: &Path) -> Result<Self, ImageError> {
         let open_err = |source| ImageError::Open {
             path: path.to_path_buf(),
             source,
         };
-        let file = File::open(path).map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
         if meta.is_dir() {
             return Err(open_err(io::Error::new(
@@ -146,6 +162,11 @@ impl FileImage {
     /// The path the image was opened from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The open file.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 }
 

@@ -180,24 +180,7 @@ pub fn compute(
     Ok(regions)
 }
 
-/// The dm-verity implementation used (the `ota_tools::verity` module once it
-/// is part of the crate).
+/// The dm-verity implementation used.
 mod backend {
-    /// Stand-in error while no verity implementation is linked.
-    #[derive(Debug, thiserror::Error)]
-    #[error("dm-verity support is not built into this ota-tools")]
-    pub struct NotBuilt;
-
-    pub fn hash_tree(
-        _data: &[u8],
-        _block_size: u32,
-        _algorithm: &str,
-        _salt: &[u8],
-    ) -> Result<Vec<u8>, NotBuilt> {
-        Err(NotBuilt)
-    }
-
-    pub fn fec(_data: &[u8], _roots: u32, _block_size: u32) -> Result<Vec<u8>, NotBuilt> {
-        Err(NotBuilt)
-    }
+    pub use crate::verity::{fec, hash_tree};
 }
