@@ -806,3 +806,118 @@ fn cli_inspect_prints_the_sample_manifest() {
     );
     assert_eq!(v["payload_signatures"], 0);
 }
+
+#[test]
+fn verity_regions_are_computed_from_the_new_data() {
+    let d = tempfile::tempdir().unwrap();
+    let (old_dir, new_dir) = (d.path().join("old"), d.path().join("new"));
+    fs::create_dir(&old_dir).unwrap();
+    fs::create_dir(&new_dir).unwrap();
+    let mut r = Rng(17);
+    let data_blocks = 40u64;
+    let data: Vec<u8> = (0..data_blocks).flat_map(|_| r.text_block()).collect();
+    let salt = b"0123456789abcdef".to_vec();
+    let tree_len =
+        ota_tools::verity::hash_tree_size(data.len() as u64, BS as u32, "sha256").unwrap();
+    let tree_blocks = tree_len / BS as u64;
+    let fec_len = ota_tools::verity::fec_size(data.len() as u64 + tree_len, 2, BS as u32).unwrap();
+    let fec_blocks = fec_len / BS as u64;
+    let mut image = data.clone();
+    image.extend(ota_tools::verity::hash_tree(&data, BS as u32, "sha256", &salt).unwrap());
+    let fec = ota_tools::verity::fec(&image, 2, BS as u32).unwrap();
+    image.extend(fec);
+    let blocks = data_blocks + tree_blocks + fec_blocks;
+    assert_eq!(image.len() as u64, blocks * BS as u64);
+    fs::write(new_dir.join("sys.img"), &image).unwrap();
+    fs::write(old_dir.join("sys.img"), vec![0u8; BS]).unwrap();
+
+    let mut p = part(
+        "sys",
+        blocks,
+        vec![op(op_type::REPLACE, &[(0, data_blocks)])],
+    );
+    p.new_partition_info.as_mut().unwrap().hash = Some(Sha256::digest(&image).to_vec());
+    p.hash_tree_data_extent = Some(Extent::new(0, data_blocks));
+    p.hash_tree_extent = Some(Extent::new(data_blocks, tree_blocks));
+    p.hash_tree_algorithm = Some("sha256".into());
+    p.hash_tree_salt = Some(salt);
+    p.fec_data_extent = Some(Extent::new(0, data_blocks + tree_blocks));
+    p.fec_extent = Some(Extent::new(data_blocks + tree_blocks, fec_blocks));
+    p.fec_roots = Some(2);
+    let payload = d.path().join("p.bin");
+    write_payload(&payload, vec![(p, vec![data])]);
+
+    let out = d.path().join("ex");
+    let parts = extract(&extract_opts(&payload, &out, None)).unwrap();
+    assert_eq!(parts[0].verity_regions, 2);
+    assert_same_file(&out.join("sys.img"), &new_dir.join("sys.img"));
+    let reports = to_cow(&cow_opts(
+        &payload,
+        &old_dir,
+        d.path().join("c"),
+        cow_format::CowVersion::V3,
+    ))
+    .unwrap();
+    assert_eq!(reports[0].verity_blocks, tree_blocks + fec_blocks);
+    let work = d.path().join("w");
+    fs::create_dir(&work).unwrap();
+    cow_roundtrip(&payload, &old_dir, &new_dir, &work, "2");
+}
+
+fn img2simg() -> Option<PathBuf> {
+    ["/usr/bin/img2simg", "/usr/local/bin/img2simg"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+#[test]
+fn sparse_images_are_accepted_as_old_and_target_images() {
+    let Some(tool) = img2simg() else {
+        eprintln!("skipped: img2simg not installed (Debian package android-sdk-libsparse-utils)");
+        return;
+    };
+    let d = samples();
+    let sparse_old = d.path().join("sparse_old");
+    fs::create_dir(&sparse_old).unwrap();
+    for name in ["kernel", "root"] {
+        let st = Command::new(&tool)
+            .arg(d.path().join(format!("old/{name}.img")))
+            .arg(sparse_old.join(format!("{name}.img")))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    // The kernel image is mostly zero: really sparse on disk.
+    assert!(fs::metadata(sparse_old.join("kernel.img")).unwrap().len() < 4 << 20);
+    let out = d.path().join("ex");
+    extract(&extract_opts(
+        &d.path().join("delta_payload.bin"),
+        &out,
+        Some(&sparse_old),
+    ))
+    .unwrap();
+    assert_same_file(&out.join("kernel.img"), &d.path().join("disk_ext2_4k.img"));
+    to_cow(&cow_opts(
+        &d.path().join("delta_payload.bin"),
+        &sparse_old,
+        d.path().join("c"),
+        cow_format::CowVersion::V2,
+    ))
+    .unwrap();
+    // create with sparse targets and sources.
+    let sparse_new = d.path().join("sparse_new");
+    fs::create_dir(&sparse_new).unwrap();
+    let st = Command::new(&tool)
+        .arg(d.path().join("disk_ext2_4k.img"))
+        .arg(sparse_new.join("kernel.img"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let payload = d.path().join("mine.bin");
+    let opts = CreateOptions::new(sparse_new, Some(sparse_old.clone()), payload.clone());
+    create(&opts).unwrap();
+    let out = d.path().join("ex2");
+    extract(&extract_opts(&payload, &out, Some(&sparse_old))).unwrap();
+    assert_same_file(&out.join("kernel.img"), &d.path().join("disk_ext2_4k.img"));
+}

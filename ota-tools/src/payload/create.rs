@@ -18,7 +18,6 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -34,7 +33,9 @@ use super::proto::{
 use super::reader::{Payload, PayloadReadError, HEADER_SIZE};
 use super::to_cow::{to_cow, ToCowError, ToCowOptions};
 use super::writer::{PayloadWriteError, PayloadWriter};
+use crate::create::image::BlockImage;
 use crate::progress::Progress;
+use crate::sparse::ImageSource;
 
 /// Block size of created payloads.
 pub const BLOCK_SIZE: u32 = 4096;
@@ -226,20 +227,18 @@ fn list_images(dir: &Path) -> Result<Vec<String>, CreateError> {
     Ok(names)
 }
 
-/// An image opened for block reads.
+/// An image (raw, or Android sparse detected by its magic) opened for block reads.
 struct Image {
     path: PathBuf,
-    file: File,
+    image: ImageSource,
     blocks: u64,
 }
 
 impl Image {
     fn open(path: &Path) -> Result<Self, CreateError> {
-        let file = File::open(path).map_err(io_err(path, "cannot open the image"))?;
-        let size = file
-            .metadata()
-            .map_err(io_err(path, "cannot stat the image"))?
-            .len();
+        let image = ImageSource::open(path)
+            .map_err(|e| io_err(path, "cannot open the image")(std::io::Error::other(e)))?;
+        let size = image.len_bytes();
         if size % u64::from(BLOCK_SIZE) != 0 {
             return Err(CreateError::Size {
                 path: path.to_path_buf(),
@@ -248,14 +247,14 @@ impl Image {
         }
         Ok(Self {
             path: path.to_path_buf(),
-            file,
+            image,
             blocks: size / u64::from(BLOCK_SIZE),
         })
     }
 
     fn read_blocks(&self, first: u64, count: u64) -> Result<Vec<u8>, CreateError> {
         let mut buf = vec![0u8; (count as usize) * BS];
-        self.file
+        self.image
             .read_exact_at(&mut buf, first * u64::from(BLOCK_SIZE))
             .map_err(io_err(&self.path, "cannot read the image"))?;
         Ok(buf)
@@ -264,20 +263,12 @@ impl Image {
     /// SHA-256 of the whole image.
     fn sha256(&self) -> Result<Vec<u8>, CreateError> {
         let mut h = Sha256::new();
-        let mut f = &self.file;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut pos = 0u64;
-        loop {
-            let n = f
-                .read_at(&mut buf, pos)
-                .map_err(io_err(&self.path, "cannot read the image"))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            pos += n as u64;
+        let mut first = 0u64;
+        while first < self.blocks {
+            let count = WINDOW_BLOCKS.min(self.blocks - first);
+            h.update(self.read_blocks(first, count)?);
+            first += count;
         }
-        let _ = &mut f;
         Ok(h.finalize().to_vec())
     }
 }

@@ -3,8 +3,6 @@
 //! its `src_sha256_hash`, and compute its new bytes. Shared by `extract` and
 //! `to-cow`.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -12,6 +10,8 @@ use sha2::{Digest, Sha256};
 use super::operation::{self, has_blob, reads_source, OpError, OpId, MAX_OP_BYTES};
 use super::proto::{Extent, InstallOperation};
 use super::reader::{Payload, PayloadReadError};
+use crate::create::image::BlockImage;
+use crate::sparse::ImageSource;
 
 /// Errors running one install operation.
 #[derive(Debug, thiserror::Error)]
@@ -61,22 +61,33 @@ pub enum InstallError {
     Op(#[from] OpError),
 }
 
-/// An old partition image opened for reading by extent.
-#[derive(Debug)]
+/// An old partition image opened for reading by extent: a raw image, or an
+/// Android sparse image (detected by its magic) read as the raw image it
+/// describes.
 pub struct OldImage {
     path: PathBuf,
-    file: File,
+    image: ImageSource,
     size: u64,
 }
 
+impl std::fmt::Debug for OldImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OldImage")
+            .field("path", &self.path)
+            .field("size", &self.size)
+            .field("sparse", &self.image.is_sparse())
+            .finish()
+    }
+}
+
 impl OldImage {
-    /// Open `path`.
+    /// Open `path` (raw or sparse).
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        let file = File::open(path)?;
-        let size = file.metadata()?.len();
+        let image = ImageSource::open(path).map_err(std::io::Error::other)?;
+        let size = image.len_bytes();
         Ok(Self {
             path: path.to_path_buf(),
-            file,
+            image,
             size,
         })
     }
@@ -95,7 +106,7 @@ impl OldImage {
     /// as zero (an old image may be shorter than its partition).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         let avail = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
-        self.file.read_exact_at(&mut buf[..avail], offset)?;
+        self.image.read_exact_at(&mut buf[..avail], offset)?;
         buf[avail..].fill(0);
         Ok(())
     }
