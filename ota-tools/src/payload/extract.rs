@@ -258,10 +258,8 @@ fn extract_partition(
             },
         )?;
         let regions = if verity_regions::has_verity(p) {
-            let mut read = |offset: u64, len: usize| {
-                let mut buf = vec![0u8; len];
-                file.read_exact_at(&mut buf, offset).map(|()| buf)
-            };
+            let mut read =
+                |offset: u64, len: usize| verity_regions::read_region(&file, offset, len);
             let mut write_back =
                 |r: &verity_regions::Region| file.write_all_at(&r.data, r.start_block * bs);
             verity_regions::compute(p, block_size, new_blocks, &mut read, &mut write_back)?.len()

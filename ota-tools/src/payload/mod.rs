@@ -16,6 +16,8 @@ pub mod bspatch;
 pub mod cli;
 pub mod create;
 pub mod extract;
+#[doc(hidden)]
+pub mod fuzz_harness;
 pub mod inspect;
 pub mod install;
 pub mod operation;

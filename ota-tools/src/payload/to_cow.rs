@@ -24,7 +24,7 @@ use cow_format::{Compression, CowVersion, CowWriter, WriteError, WriterOptions};
 
 use super::extract::{old_blocks, open_old_image, ExtractError};
 use super::install::{run_operation, InstallError, OldImage, PartitionBlocks};
-use super::operation::{dst_bytes, OpId};
+use super::operation::{dst_bytes, OpError, OpId, MAX_OP_BYTES};
 use super::partition::{self, PartitionError};
 use super::proto::{merge_type, op_type, DynamicPartitionMetadata, PartitionUpdate};
 use super::reader::{Payload, PayloadReadError};
@@ -494,6 +494,10 @@ fn partition_to_cow(
                 let new_data = if is_zero {
                     let n =
                         dst_bytes(&id, op, block_size, new_blocks).map_err(InstallError::from)?;
+                    if n > MAX_OP_BYTES {
+                        let e = OpError::TooLarge { op: id, bytes: n };
+                        return Err(InstallError::from(e).into());
+                    }
                     vec![0u8; n as usize]
                 } else {
                     run_operation(payload, old.as_ref(), &id, op, blocks)?.new_data
@@ -551,10 +555,7 @@ fn partition_to_cow(
                         .map_err(io(&tmp_path, "cannot write the scratch image"))?;
                 }
             }
-            let mut read = |offset: u64, len: usize| {
-                let mut buf = vec![0u8; len];
-                f.read_exact_at(&mut buf, offset).map(|()| buf)
-            };
+            let mut read = |offset: u64, len: usize| verity_regions::read_region(f, offset, len);
             let mut write_back =
                 |r: &verity_regions::Region| f.write_all_at(&r.data, r.start_block * bs);
             let regions =

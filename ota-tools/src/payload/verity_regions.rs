@@ -90,6 +90,22 @@ fn check(
     }
 }
 
+/// Read `len` bytes at `offset` of `file`, failing cleanly (not aborting)
+/// when the buffer cannot be allocated.
+pub fn read_region(file: &std::fs::File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(len).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::OutOfMemory,
+            format!("cannot allocate {len} bytes for the verity data"),
+        )
+    })?;
+    buf.resize(len, 0);
+    file.read_exact_at(&mut buf, offset)?;
+    Ok(buf)
+}
+
 /// Whether the partition update asks for verity regions.
 pub fn has_verity(p: &PartitionUpdate) -> bool {
     p.hash_tree_extent.is_some_and(|e| !e.is_empty()) || p.fec_extent.is_some_and(|e| !e.is_empty())
