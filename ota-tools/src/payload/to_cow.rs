@@ -20,6 +20,8 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
+use rayon::prelude::*;
+
 use cow_format::{Compression, CowVersion, CowWriter, WriteError, WriterOptions};
 
 use super::extract::{old_blocks, open_old_image, ExtractError};
@@ -473,54 +475,86 @@ fn partition_to_cow(
         } else {
             Progress::hidden()
         };
-        for (index, op) in p.operations.iter().enumerate() {
-            let id = OpId {
-                partition: p.partition_name.clone(),
-                index,
-                op_type: op.r#type,
-            };
-            let is_zero = matches!(op.r#type, op_type::ZERO | op_type::DISCARD);
-            let covered = op
-                .dst_extents
-                .iter()
-                .any(|e| (e.start()..e.start() + e.len()).any(|b| merge.contains_key(&b)));
-            if is_zero && !covered {
-                dst_bytes(&id, op, block_size, new_blocks).map_err(InstallError::from)?;
-                for e in &op.dst_extents {
-                    writer.add_zero(e.start(), e.len()).map_err(werr)?;
-                    counts.zero += e.len();
-                }
-            } else {
-                let new_data = if is_zero {
+        // Operations are computed in parallel, a batch at a time (bounded
+        // memory), and written in order.
+        let threads = rayon::current_num_threads().max(1);
+        let batch_len = threads * 4;
+        for (batch_no, batch) in p.operations.chunks(batch_len).enumerate() {
+            let first_index = batch_no * batch_len;
+            let computed: Vec<Result<Option<Vec<u8>>, ToCowError>> = batch
+                .par_iter()
+                .enumerate()
+                .map(|(k, op)| {
+                    let id = OpId {
+                        partition: p.partition_name.clone(),
+                        index: first_index + k,
+                        op_type: op.r#type,
+                    };
+                    let is_zero = matches!(op.r#type, op_type::ZERO | op_type::DISCARD);
+                    let covered = op.dst_extents.iter().any(|e| {
+                        (e.start()..e.start().saturating_add(e.len()))
+                            .any(|b| merge.contains_key(&b))
+                    });
                     let n =
                         dst_bytes(&id, op, block_size, new_blocks).map_err(InstallError::from)?;
-                    if n > MAX_OP_BYTES {
-                        let e = OpError::TooLarge { op: id, bytes: n };
-                        return Err(InstallError::from(e).into());
+                    if is_zero && !covered {
+                        Ok(None)
+                    } else if is_zero {
+                        if n > MAX_OP_BYTES {
+                            let e = OpError::TooLarge { op: id, bytes: n };
+                            return Err(InstallError::from(e).into());
+                        }
+                        Ok(Some(vec![0u8; n as usize]))
+                    } else {
+                        Ok(Some(
+                            run_operation(payload, old.as_ref(), &id, op, blocks)?.new_data,
+                        ))
                     }
-                    vec![0u8; n as usize]
-                } else {
-                    run_operation(payload, old.as_ref(), &id, op, blocks)?.new_data
+                })
+                .collect();
+            for (k, (op, new_data)) in batch.iter().zip(computed).enumerate() {
+                let index = first_index + k;
+                let id = OpId {
+                    partition: p.partition_name.clone(),
+                    index,
+                    op_type: op.r#type,
                 };
-                let mut emitter = BlockEmitter {
-                    writer: &mut writer,
-                    partition: &p.partition_name,
-                    old: old.as_ref(),
-                    block_size: block_size as usize,
-                };
-                let mut pos = 0usize;
-                for e in &op.dst_extents {
-                    let ext_data = &new_data[pos..pos + (e.len() * bs) as usize];
-                    if let Some((_, f)) = &verity_image {
-                        f.write_all_at(ext_data, e.start() * bs)
-                            .map_err(io(&tmp_path, "cannot write the scratch image"))?;
+                match new_data? {
+                    None => {
+                        for e in &op.dst_extents {
+                            writer.add_zero(e.start(), e.len()).map_err(werr)?;
+                            counts.zero += e.len();
+                        }
                     }
-                    emit_extent(&mut emitter, &id, &merge, e.start(), ext_data, &mut counts)?;
-                    pos += (e.len() * bs) as usize;
+                    Some(new_data) => {
+                        let mut emitter = BlockEmitter {
+                            writer: &mut writer,
+                            partition: &p.partition_name,
+                            old: old.as_ref(),
+                            block_size: block_size as usize,
+                        };
+                        let mut pos = 0usize;
+                        for e in &op.dst_extents {
+                            let ext_data = &new_data[pos..pos + (e.len() * bs) as usize];
+                            if let Some((_, f)) = &verity_image {
+                                f.write_all_at(ext_data, e.start() * bs)
+                                    .map_err(io(&tmp_path, "cannot write the scratch image"))?;
+                            }
+                            emit_extent(
+                                &mut emitter,
+                                &id,
+                                &merge,
+                                e.start(),
+                                ext_data,
+                                &mut counts,
+                            )?;
+                            pos += (e.len() * bs) as usize;
+                        }
+                    }
                 }
+                writer.add_label(index as u64 + 1).map_err(werr)?;
+                progress.advance(1);
             }
-            writer.add_label(index as u64 + 1).map_err(werr)?;
-            progress.advance(1);
         }
         progress.finish();
         let xor_planned = merge
