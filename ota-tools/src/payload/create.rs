@@ -464,7 +464,8 @@ fn encode_run(
 
 /// Order merge operations so that none overwrites a block a later one reads
 /// (per operation; within one, `to-cow` walks overlapping copies in the safe
-/// direction). Operations in dependency cycles are dropped.
+/// direction). A dependency cycle is broken by dropping one of its
+/// operations. Returns the ordered operations and how many were dropped.
 pub fn order_merge_ops(ops: Vec<CowMergeOperation>) -> (Vec<CowMergeOperation>, usize) {
     let n = ops.len();
     let range = |e: Option<Extent>| e.map_or((0, 0), |e| (e.start(), e.start() + e.len()));
@@ -499,16 +500,38 @@ pub fn order_merge_ops(ops: Vec<CowMergeOperation>) -> (Vec<CowMergeOperation>, 
     let mut ready: std::collections::VecDeque<usize> =
         (0..n).filter(|&i| indegree[i] == 0).collect();
     let mut order = Vec::with_capacity(n);
-    while let Some(i) = ready.pop_front() {
-        order.push(i);
-        for &j in &out_edges[i] {
+    let mut done = vec![false; n];
+    let mut dropped = 0usize;
+    let mut next_victim = 0usize;
+    loop {
+        while let Some(i) = ready.pop_front() {
+            done[i] = true;
+            order.push(i);
+            for &j in &out_edges[i] {
+                indegree[j] -= 1;
+                if indegree[j] == 0 && !done[j] {
+                    ready.push_back(j);
+                }
+            }
+        }
+        // Everything left waits on a cycle: drop one operation (its blocks
+        // become REPLACE); it no longer has to come before anything.
+        while next_victim < n && done[next_victim] {
+            next_victim += 1;
+        }
+        if next_victim == n {
+            break;
+        }
+        let victim = next_victim;
+        done[victim] = true;
+        dropped += 1;
+        for &j in &out_edges[victim] {
             indegree[j] -= 1;
-            if indegree[j] == 0 {
+            if indegree[j] == 0 && !done[j] {
                 ready.push_back(j);
             }
         }
     }
-    let dropped = n - order.len();
     let mut slots: Vec<Option<CowMergeOperation>> = ops.into_iter().map(Some).collect();
     let ordered = order.into_iter().filter_map(|i| slots[i].take()).collect();
     (ordered, dropped)
@@ -803,4 +826,41 @@ pub fn create(opts: &CreateOptions) -> Result<CreateSummary, CreateError> {
             })
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy(src: u64, dst: u64, n: u64) -> CowMergeOperation {
+        CowMergeOperation {
+            r#type: Some(merge_type::COW_COPY),
+            src_extent: Some(Extent::new(src, n)),
+            dst_extent: Some(Extent::new(dst, n)),
+            src_offset: None,
+        }
+    }
+
+    #[test]
+    fn readers_come_before_writers_and_one_op_breaks_a_cycle() {
+        // a: 10 -> 20 reads 10; b: 20 -> 30 reads 20 (must precede a);
+        // c: 30 -> 40 reads 30 (must precede b).
+        let (ordered, dropped) =
+            order_merge_ops(vec![copy(10, 20, 1), copy(20, 30, 1), copy(30, 40, 1)]);
+        assert_eq!(dropped, 0);
+        let dsts: Vec<u64> = ordered
+            .iter()
+            .map(|m| m.dst_extent.unwrap().start())
+            .collect();
+        assert_eq!(dsts, vec![40, 30, 20]);
+        // A three-way rotation is a cycle: one op dropped, the other two kept in a safe order.
+        let (ordered, dropped) = order_merge_ops(vec![copy(1, 2, 1), copy(2, 3, 1), copy(3, 1, 1)]);
+        assert_eq!(dropped, 1);
+        assert_eq!(ordered.len(), 2);
+        let mut written = std::collections::HashSet::new();
+        for m in &ordered {
+            assert!(!written.contains(&m.src_extent.unwrap().start()));
+            written.insert(m.dst_extent.unwrap().start());
+        }
+    }
 }
