@@ -11,6 +11,10 @@
 //! * [`verity_regions`]: dm-verity hash tree and FEC regions.
 //! * [`inspect`]: `payload inspect`.
 //! * [`extract`]: `payload extract`.
+//! * [`to_cow`]: `payload to-cow`, the COW update_engine's VABC writer produces.
+//! * [`writer`]: writing a payload file.
+//! * [`create`]: `payload create`, the payload generator.
+//! * [`cli`]: the `ota-tools payload` subcommands.
 
 pub mod bspatch;
 pub mod cli;
