@@ -261,7 +261,9 @@ fn merge_plan(
         let src_end = src.start().checked_add(src.len());
         if dst.is_empty()
             || dst_end.is_none_or(|e| e > new_blocks || e > u64::from(u32::MAX))
-            || src_end.is_none_or(|e| e > old_blocks.max(1) + 1)
+            // An XOR at an offset reads into the block after its extent,
+            // which may be the partition's last block + 1 (read as zeros).
+            || src_end.is_none_or(|e| e > old_blocks + u64::from(offset != 0))
             || src.len() != want_src
         {
             return Err(bad(format!(
