@@ -144,8 +144,29 @@ pub enum PayloadCommand {
     },
 }
 
+/// An error shown with its whole cause chain (`a: b: c`), so the line on
+/// stderr says what failed and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ChainedError(String);
+
+fn chained(e: &dyn std::error::Error) -> ChainedError {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    ChainedError(s)
+}
+
 /// Run one `payload` subcommand.
-pub fn run(cmd: PayloadCommand) -> Result<(), Box<dyn std::error::Error>> {
+pub fn run(cmd: PayloadCommand) -> Result<(), ChainedError> {
+    run_inner(cmd).map_err(|e| chained(e.as_ref()))
+}
+
+fn run_inner(cmd: PayloadCommand) -> Result<(), Box<dyn std::error::Error>> {
     match cmd {
         PayloadCommand::Inspect { payload, json } => {
             let p = Payload::open(&payload)?;

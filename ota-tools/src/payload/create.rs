@@ -470,11 +470,12 @@ pub fn order_merge_ops(ops: Vec<CowMergeOperation>) -> (Vec<CowMergeOperation>, 
     let n = ops.len();
     let range = |e: Option<Extent>| e.map_or((0, 0), |e| (e.start(), e.start() + e.len()));
     // Destinations sorted by start (they do not overlap).
-    // A copy onto itself writes nothing and constrains nothing.
+    // A copy onto itself writes nothing and constrains nothing (an XOR at
+    // its own place does write).
     let mut by_dst: Vec<(u64, u64, usize)> = ops
         .iter()
         .enumerate()
-        .filter(|(_, m)| m.src_extent != m.dst_extent || m.src_offset.unwrap_or(0) != 0)
+        .filter(|(_, m)| m.r#type != Some(merge_type::COW_COPY) || m.src_extent != m.dst_extent)
         .map(|(i, m)| {
             let (s, e) = range(m.dst_extent);
             (s, e, i)
@@ -839,6 +840,20 @@ mod tests {
             dst_extent: Some(Extent::new(dst, n)),
             src_offset: None,
         }
+    }
+
+    #[test]
+    fn an_xor_in_place_is_a_writer() {
+        let xor = CowMergeOperation {
+            r#type: Some(merge_type::COW_XOR),
+            src_extent: Some(Extent::new(5, 1)),
+            dst_extent: Some(Extent::new(5, 1)),
+            src_offset: Some(0),
+        };
+        // The copy reads block 5, which the XOR rewrites: the copy goes first.
+        let (ordered, dropped) = order_merge_ops(vec![xor, copy(5, 9, 1)]);
+        assert_eq!(dropped, 0);
+        assert_eq!(ordered[0].dst_extent.unwrap().start(), 9);
     }
 
     #[test]

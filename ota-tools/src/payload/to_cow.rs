@@ -460,7 +460,13 @@ fn partition_to_cow(
             partition: p.partition_name.clone(),
             source,
         };
+        let sync_file = file
+            .try_clone()
+            .map_err(io(&tmp_path, "cannot duplicate the COW file handle"))?;
         let mut writer = CowWriter::create(file, wopts).map_err(werr)?;
+        // One fsync of the finished file instead of one per label: the bytes
+        // are those a device writes, the durability points are not needed.
+        writer.set_durable(false);
         let mut counts = Counts::default();
         if !sequence.is_empty() {
             writer.add_sequence(&sequence).map_err(werr)?;
@@ -603,6 +609,9 @@ fn partition_to_cow(
         }
         writer.add_label(END_OF_INSTALL_LABEL).map_err(werr)?;
         let summary = writer.finalize().map_err(werr)?;
+        sync_file
+            .sync_all()
+            .map_err(io(&tmp_path, "cannot sync the COW"))?;
         Ok(CowFileReport {
             name: p.partition_name.clone(),
             path: path.clone(),
