@@ -962,3 +962,72 @@ fn fuzz_harness_over_seed_mutations() {
         ota_tools::payload::fuzz_harness::run(&m);
     }
 }
+
+#[test]
+fn cli_extract_to_cow_and_errors() {
+    let d = samples();
+    let bin = env!("CARGO_BIN_EXE_ota-tools");
+    let payload = d.path().join("delta_payload.bin");
+    let out = Command::new(bin)
+        .args(["payload", "extract"])
+        .arg(&payload)
+        .arg("--output-dir")
+        .arg(d.path().join("ex"))
+        .arg("--source-dir")
+        .arg(d.path().join("old"))
+        .args(["--partitions", "root", "--threads", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_file(
+        &d.path().join("ex/root.img"),
+        &d.path().join("disk_sqfs_default.img"),
+    );
+    assert!(!d.path().join("ex/kernel.img").exists());
+    let out = Command::new(bin)
+        .args(["payload", "to-cow"])
+        .arg(&payload)
+        .arg("--source-dir")
+        .arg(d.path().join("old"))
+        .arg("--output-dir")
+        .arg(d.path().join("cow"))
+        .args(["--cow-version", "2", "--compression", "zstd"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("kernel: ") && stdout.contains("no estimate_cow_size"),
+        "{stdout}"
+    );
+    assert!(d.path().join("cow/kernel.cow").exists());
+    // Errors: one line with the cause chain, exit status 1.
+    let out = Command::new(bin)
+        .args(["payload", "extract"])
+        .arg(&payload)
+        .arg("--output-dir")
+        .arg(d.path().join("ex2"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("partition `kernel` operation #") && stderr.contains("--source-dir"),
+        "{stderr}"
+    );
+    let out = Command::new(bin)
+        .args(["payload", "inspect"])
+        .arg(d.path().join("disk_sqfs_empty.img"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("magic is not CrAU"));
+}

@@ -36,20 +36,6 @@ fn parse_factor(s: &str) -> Result<u32, String> {
         })
 }
 
-fn parse_list(s: &str) -> Result<Vec<String>, String> {
-    let v: Vec<String> = s
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(String::from)
-        .collect();
-    if v.is_empty() {
-        Err("expected a comma-separated list of partition names".to_string())
-    } else {
-        Ok(v)
-    }
-}
-
 /// `ota-tools payload` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum PayloadCommand {
@@ -72,7 +58,7 @@ pub enum PayloadCommand {
         #[arg(long)]
         source_dir: Option<PathBuf>,
         /// Only these partitions (comma-separated).
-        #[arg(long, value_parser = parse_list)]
+        #[arg(long, value_delimiter = ',')]
         partitions: Option<Vec<String>>,
         /// Worker threads (default: all cores).
         #[arg(long, default_value_t = 0)]
@@ -90,7 +76,7 @@ pub enum PayloadCommand {
         #[arg(long)]
         output_dir: PathBuf,
         /// Only these partitions (comma-separated).
-        #[arg(long, value_parser = parse_list)]
+        #[arg(long, value_delimiter = ',')]
         partitions: Option<Vec<String>>,
         /// COW version 2 or 3 (default: the payload's cow_version, else 2).
         #[arg(long, value_parser = parse_cow_version)]
@@ -115,7 +101,7 @@ pub enum PayloadCommand {
         #[arg(long)]
         output: PathBuf,
         /// Only these partitions (default: every *.img in --target-dir).
-        #[arg(long, value_parser = parse_list)]
+        #[arg(long, value_delimiter = ',')]
         partitions: Option<Vec<String>>,
         /// REPLACE encodings allowed.
         #[arg(long, value_enum, default_value = "auto")]
