@@ -309,6 +309,58 @@ fn hand_made_image_with_every_chunk_type_reads_back() {
 }
 
 #[test]
+fn hand_made_images_expand_as_simg2img_expands_them() {
+    let Some(simg2img) = ["/usr/bin/simg2img", "/usr/local/bin/simg2img"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+    else {
+        eprintln!("SKIP: simg2img not found (apt-get install android-sdk-libsparse-utils)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = pseudo_random(3 * 4096, 11);
+    let images = [
+        // DONT_CARE between data, a FILL with a non-symmetric pattern, DONT_CARE at the end.
+        Builder::new(4096, 12)
+            .raw(&data[..4096])
+            .dont_care(2)
+            .fill(3, [0x01, 0x80, 0xff, 0x00])
+            .raw(&data[4096..])
+            .dont_care(4)
+            .build(),
+        // 1 KiB blocks, leading DONT_CARE, a zero-block chunk.
+        Builder::new(1024, 9)
+            .dont_care(1)
+            .chunk(0xcac1, 0, Vec::new())
+            .raw(&data[..4 * 1024])
+            .fill(4, [7, 7, 0, 0])
+            .build(),
+    ];
+    for (i, bytes) in images.iter().enumerate() {
+        let sparse = dir.path().join("in.simg");
+        let raw = dir.path().join("out.raw");
+        fs::write(&sparse, bytes).unwrap();
+        let out = Command::new(&simg2img)
+            .arg(&sparse)
+            .arg(&raw)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "simg2img rejected image {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let want = fs::read(&raw).unwrap();
+        let img = ImageSource::open(&sparse).unwrap();
+        assert_eq!(img.len_bytes(), want.len() as u64, "image {i}");
+        let mut got = vec![0u8; want.len()];
+        img.read_exact_at(&mut got, 0).unwrap();
+        assert!(got == want, "image {i} expands differently");
+    }
+}
+
+#[test]
 fn hostile_images_are_rejected_with_the_right_error() {
     let block = pseudo_random(4096, 9);
     // Chunks reach past the declared size.
@@ -537,4 +589,51 @@ fn fuzz_harness_survives_seed_mutations() {
     }
     // Some mutants (payload bytes) stay valid, so the read-back path is exercised too.
     assert!(accepted > 100, "only {accepted} mutants accepted");
+}
+
+#[test]
+fn fuzz_seed_corpus_is_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/sparse_seed");
+    let mut seen = 0;
+    for entry in fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let data = fs::read(&path).unwrap();
+        fuzz_harness::run(&data).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        seen += 1;
+    }
+    assert!(seen >= 3, "seed corpus {} has {seen} files", dir.display());
+}
+
+#[test]
+fn cli_names_the_sparse_problem_and_where_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.simg");
+    let block = pseudo_random(4096, 21);
+    fs::write(
+        &bad,
+        Builder::new(4096, 1).raw(&block).crc(0xdead_beef).build(),
+    )
+    .unwrap();
+    let good = dir.path().join("good.raw");
+    fs::write(&good, &block).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ota-tools"))
+        .arg("create")
+        .arg("--source")
+        .arg(&bad)
+        .arg("--target")
+        .arg(&good)
+        .arg("--output")
+        .arg(dir.path().join("x.cow"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("invalid Android sparse image")
+            && stderr.contains("bad.simg")
+            && stderr.contains("CRC32 chunk 1 at byte 4136")
+            && stderr.contains("0xdeadbeef"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("x.cow").exists());
 }

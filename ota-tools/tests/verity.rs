@@ -277,3 +277,75 @@ fn fec_matches_libfec_reference() {
         );
     }
 }
+
+/// An image whose reads fail from byte `fail_from` on.
+struct FailingImage {
+    data: Vec<u8>,
+    fail_from: u64,
+}
+
+impl ota_tools::create::image::BlockImage for FailingImage {
+    fn len_bytes(&self) -> u64 {
+        self.data.len() as u64
+    }
+    fn name(&self) -> String {
+        "failing".into()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if offset + buf.len() as u64 > self.fail_from {
+            return Err(std::io::Error::other("injected read error"));
+        }
+        buf.copy_from_slice(&self.data[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+}
+
+#[test]
+fn image_regions_give_the_same_bytes_as_slices() {
+    use ota_tools::create::image::FileImage;
+    use ota_tools::verity::ImageRegion;
+
+    // A file with 3 leading blocks that are not part of the region (as a partition whose
+    // verity data starts at an offset), then 600 data blocks, then a tail.
+    let data = pseudo_random(600 * 4096, 42);
+    let mut file_bytes = pseudo_random(3 * 4096, 1);
+    file_bytes.extend_from_slice(&data);
+    file_bytes.extend_from_slice(&[0xee; 4096]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("part.img");
+    std::fs::write(&path, &file_bytes).unwrap();
+    let image = FileImage::open(&path).unwrap();
+    let region = ImageRegion::new(&image, 3 * 4096, data.len() as u64).unwrap();
+
+    let from_slice = verity::hash_tree_with_root(&data, 4096, "sha256", b"s").unwrap();
+    let from_file = verity::hash_tree_of(&region, 4096, "sha256", b"s").unwrap();
+    assert!(from_slice == from_file, "hash tree differs");
+    assert!(
+        verity::fec(&data, 2, 4096).unwrap() == verity::fec_of(&region, 2, 4096).unwrap(),
+        "FEC differs"
+    );
+
+    assert!(matches!(
+        ImageRegion::new(&image, 5 * 4096, data.len() as u64),
+        Err(VerityError::RegionOutside { .. })
+    ));
+    assert!(matches!(
+        ImageRegion::new(&image, u64::MAX, 2),
+        Err(VerityError::RegionOutside { .. })
+    ));
+
+    // A read error surfaces with the offset it happened at.
+    let failing = FailingImage {
+        data: data.clone(),
+        fail_from: 300 * 4096 + 1,
+    };
+    let region = ImageRegion::new(&failing, 0, data.len() as u64).unwrap();
+    match verity::hash_tree_of(&region, 4096, "sha256", b"") {
+        Err(VerityError::Read { offset, .. }) => assert!(offset >= 300 * 4096, "{offset}"),
+        other => panic!("expected a read error, got {other:?}"),
+    }
+    match verity::fec_of(&region, 2, 4096) {
+        Err(VerityError::Read { offset, .. }) => assert!(offset >= 300 * 4096, "{offset}"),
+        other => panic!("expected a read error, got {other:?}"),
+    }
+}

@@ -21,6 +21,7 @@ use super::partition::{self, PartitionError};
 use super::proto::{op_type, PartitionUpdate};
 use super::reader::{Payload, PayloadReadError};
 use super::verity_regions::{self, VerityRegionError};
+use crate::create::image::FileImage;
 use crate::progress::Progress;
 
 /// What to extract.
@@ -258,11 +259,19 @@ fn extract_partition(
             },
         )?;
         let regions = if verity_regions::has_verity(p) {
-            let mut read =
-                |offset: u64, len: usize| verity_regions::read_region(&file, offset, len);
+            let image = file
+                .try_clone()
+                .map_err(io(&tmp_path, "cannot reopen the image"))
+                .and_then(|f| {
+                    FileImage::from_file(f, &tmp_path).map_err(|e| ExtractError::Io {
+                        path: tmp_path.clone(),
+                        what: "cannot reopen the image",
+                        source: std::io::Error::other(e),
+                    })
+                })?;
             let mut write_back =
                 |r: &verity_regions::Region| file.write_all_at(&r.data, r.start_block * bs);
-            verity_regions::compute(p, block_size, new_blocks, &mut read, &mut write_back)?.len()
+            verity_regions::compute(p, block_size, new_blocks, &image, &mut write_back)?.len()
         } else {
             0
         };

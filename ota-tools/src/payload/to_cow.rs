@@ -31,6 +31,7 @@ use super::partition::{self, PartitionError};
 use super::proto::{merge_type, op_type, DynamicPartitionMetadata, PartitionUpdate};
 use super::reader::{Payload, PayloadReadError};
 use super::verity_regions::{self, VerityRegionError};
+use crate::create::image::FileImage;
 use crate::progress::Progress;
 
 /// update_engine's end-of-install label.
@@ -581,7 +582,7 @@ fn partition_to_cow(
             });
         }
         let mut verity_blocks = 0u64;
-        if let Some((_, f)) = &verity_image {
+        if let Some((vpath, f)) = &verity_image {
             // COPY blocks hold old data in the new image.
             for (&b, m) in &merge {
                 let old_block = match m {
@@ -597,11 +598,14 @@ fn partition_to_cow(
                         .map_err(io(&tmp_path, "cannot write the scratch image"))?;
                 }
             }
-            let mut read = |offset: u64, len: usize| verity_regions::read_region(f, offset, len);
+            let image = f
+                .try_clone()
+                .and_then(|c| FileImage::from_file(c, vpath).map_err(std::io::Error::other))
+                .map_err(io(vpath, "cannot reopen the scratch image"))?;
             let mut write_back =
                 |r: &verity_regions::Region| f.write_all_at(&r.data, r.start_block * bs);
             let regions =
-                verity_regions::compute(p, block_size, new_blocks, &mut read, &mut write_back)?;
+                verity_regions::compute(p, block_size, new_blocks, &image, &mut write_back)?;
             for r in regions {
                 writer.add_replace(r.start_block, &r.data).map_err(werr)?;
                 verity_blocks += r.data.len() as u64 / bs;

@@ -4,6 +4,8 @@
 //! module computes them the same way with [`crate::verity`].
 
 use super::proto::{Extent, PartitionUpdate};
+use crate::create::image::BlockImage;
+use crate::verity::{fec_of, hash_tree_of, ImageRegion, VerityError};
 
 /// Errors computing verity regions.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +47,7 @@ pub enum VerityRegionError {
         what: &'static str,
         /// The cause.
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: VerityError,
     },
     /// Reading the partition data failed.
     #[error("partition `{partition}`: cannot read its data for {what}")]
@@ -90,39 +92,31 @@ fn check(
     }
 }
 
-/// Read `len` bytes at `offset` of `file`, failing cleanly (not aborting)
-/// when the buffer cannot be allocated.
-pub fn read_region(file: &std::fs::File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = Vec::new();
-    buf.try_reserve_exact(len).map_err(|_| {
-        std::io::Error::new(
-            std::io::ErrorKind::OutOfMemory,
-            format!("cannot allocate {len} bytes for the verity data"),
-        )
-    })?;
-    buf.resize(len, 0);
-    file.read_exact_at(&mut buf, offset)?;
-    Ok(buf)
-}
-
 /// Whether the partition update asks for verity regions.
 pub fn has_verity(p: &PartitionUpdate) -> bool {
     p.hash_tree_extent.is_some_and(|e| !e.is_empty()) || p.fec_extent.is_some_and(|e| !e.is_empty())
 }
 
-/// Compute the hash tree then the FEC of `p`. `read` reads `len` bytes at a
-/// byte offset of the new partition as it stands (the hash tree is computed
-/// first and is visible to the FEC through `write_back`).
+/// Compute the hash tree then the FEC of `p` from `image`, the new partition
+/// as it stands (read in place, never loaded whole). The hash tree is
+/// written back through `write_back` before the FEC, which covers it.
 pub fn compute(
     p: &PartitionUpdate,
     block_size: u32,
     new_blocks: u64,
-    read: &mut dyn FnMut(u64, usize) -> std::io::Result<Vec<u8>>,
+    image: &dyn BlockImage,
     write_back: &mut dyn FnMut(&Region) -> std::io::Result<()>,
 ) -> Result<Vec<Region>, VerityRegionError> {
     let bs = u64::from(block_size);
     let mut regions = Vec::new();
+    let compute_err = |what: &'static str| {
+        let partition = p.partition_name.clone();
+        move |e: VerityError| VerityRegionError::Compute {
+            partition,
+            what,
+            source: e,
+        }
+    };
     let io = |what: &'static str| {
         let partition = p.partition_name.clone();
         move |source| VerityRegionError::Io {
@@ -135,16 +129,12 @@ pub fn compute(
         if !tree_e.is_empty() {
             let (ds, dl) = check(p, "hash_tree_data_extent", &data_e, new_blocks)?;
             let (ts, tl) = check(p, "hash_tree_extent", &tree_e, new_blocks)?;
-            let data = read(ds * bs, (dl * bs) as usize).map_err(io("hash tree"))?;
             let algorithm = p.hash_tree_algorithm.as_deref().unwrap_or("sha256");
             let salt = p.hash_tree_salt.as_deref().unwrap_or(&[]);
-            let mut tree = backend::hash_tree(&data, block_size, algorithm, salt).map_err(|e| {
-                VerityRegionError::Compute {
-                    partition: p.partition_name.clone(),
-                    what: "hash tree",
-                    source: Box::new(e),
-                }
-            })?;
+            let mut tree = ImageRegion::new(image, ds * bs, dl * bs)
+                .and_then(|region| hash_tree_of(&region, block_size, algorithm, salt))
+                .map_err(compute_err("hash tree"))?
+                .tree;
             if tree.len() as u64 > tl * bs {
                 return Err(VerityRegionError::SizeMismatch {
                     partition: p.partition_name.clone(),
@@ -167,14 +157,10 @@ pub fn compute(
         if !fec_e.is_empty() {
             let (ds, dl) = check(p, "fec_data_extent", &data_e, new_blocks)?;
             let (fs, fl) = check(p, "fec_extent", &fec_e, new_blocks)?;
-            let data = read(ds * bs, (dl * bs) as usize).map_err(io("FEC"))?;
             let roots = p.fec_roots.unwrap_or(2);
-            let mut parity =
-                backend::fec(&data, roots, block_size).map_err(|e| VerityRegionError::Compute {
-                    partition: p.partition_name.clone(),
-                    what: "FEC",
-                    source: Box::new(e),
-                })?;
+            let mut parity = ImageRegion::new(image, ds * bs, dl * bs)
+                .and_then(|region| fec_of(&region, roots, block_size))
+                .map_err(compute_err("FEC"))?;
             if parity.len() as u64 > fl * bs {
                 return Err(VerityRegionError::SizeMismatch {
                     partition: p.partition_name.clone(),
@@ -194,9 +180,4 @@ pub fn compute(
         }
     }
     Ok(regions)
-}
-
-/// The dm-verity implementation used.
-mod backend {
-    pub use crate::verity::{fec, hash_tree};
 }

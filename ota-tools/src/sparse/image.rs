@@ -3,7 +3,6 @@
 use std::fs::File;
 use std::io;
 use std::iter::Peekable;
-use std::path::Path;
 use std::slice::Iter;
 
 use cow_format::reader::SourceImage;
@@ -28,31 +27,11 @@ pub struct ChunkCounts {
 }
 
 /// An Android sparse image over storage `S` (a [`File`] by default), readable at any
-/// byte offset of its expanded contents.
+/// byte offset of its expanded contents. [`super::ImageSource::open`] opens one by path.
 #[derive(Debug)]
 pub struct SparseImage<S = File> {
     storage: S,
     index: SparseIndex,
-}
-
-impl SparseImage<File> {
-    /// Opens and checks the sparse image at `path`.
-    pub fn open(path: &Path) -> Result<Self, SparseError> {
-        let file = File::open(path).map_err(|source| SparseError::Io {
-            what: "file (opening it)",
-            offset: 0,
-            source,
-        })?;
-        let len = file
-            .metadata()
-            .map_err(|source| SparseError::Io {
-                what: "file size",
-                offset: 0,
-                source,
-            })?
-            .len();
-        Self::new(file, len)
-    }
 }
 
 impl<S: SourceImage> SparseImage<S> {
@@ -150,8 +129,18 @@ impl<S: SourceImage> SparseImage<S> {
                     self.storage.read_exact_at(out, file_offset + within)?
                 }
                 ExtentData::Fill(pattern) => {
-                    for (k, byte) in out.iter_mut().enumerate() {
-                        *byte = pattern[((within + k as u64) % 4) as usize];
+                    // The run starts at a block boundary, a multiple of 4 bytes.
+                    let phase = (within % 4) as usize;
+                    let word: [u8; 4] = std::array::from_fn(|i| pattern[(phase + i) % 4]);
+                    // Write one word, then double the written prefix (whole words until
+                    // the last copy), so long runs cost a few memcpys.
+                    let first = out.len().min(4);
+                    out[..first].copy_from_slice(&word[..first]);
+                    let mut done = first;
+                    while done < out.len() {
+                        let n = done.min(out.len() - done);
+                        out.copy_within(..n, done);
+                        done += n;
                     }
                 }
                 ExtentData::DontCare => out.fill(0),

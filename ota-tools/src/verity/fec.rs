@@ -11,8 +11,8 @@
 
 use rayon::prelude::*;
 
-use super::reed_solomon::RsEncoder;
-use super::{whole_blocks, VerityError};
+use super::reed_solomon::{ColumnEncoder, RsEncoder};
+use super::{whole_blocks, VerityError, VerityInput};
 
 /// Bytes per Reed-Solomon codeword (message plus parity).
 const CODEWORD_LEN: u32 = 255;
@@ -44,33 +44,54 @@ pub fn fec_size(data_size: u64, roots: u32, block_size: u32) -> Result<u64, Veri
 /// filesystem data followed by its hash tree. The result is exactly what belongs in
 /// `fec_extent` (no libfec header).
 pub fn fec(data: &[u8], roots: u32, block_size: u32) -> Result<Vec<u8>, VerityError> {
-    let size = fec_size(data.len() as u64, roots, block_size)?;
+    fec_of(data, roots, block_size)
+}
+
+/// [`fec`] over any [`VerityInput`], e.g. an [`super::ImageRegion`] of an image file:
+/// each round reads its blocks with positioned reads, so only the parity is kept in
+/// memory.
+pub fn fec_of<I: VerityInput + ?Sized>(
+    input: &I,
+    roots: u32,
+    block_size: u32,
+) -> Result<Vec<u8>, VerityError> {
+    let size = fec_size(input.len(), roots, block_size)?;
     let size = usize::try_from(size).map_err(|_| VerityError::TooLarge {
         what: "FEC size",
-        len: data.len() as u64,
+        len: input.len(),
     })?;
-    let n = (CODEWORD_LEN - roots) as usize;
+    let n = u64::from(CODEWORD_LEN - roots);
+    let encoder = RsEncoder::new(roots as usize);
     let roots = roots as usize;
     let block_size = block_size as usize;
-    let blocks = data.len() / block_size;
+    let bs = block_size as u64;
+    let blocks = input.len() / bs;
     let rounds = blocks.div_ceil(n);
-    let encoder = RsEncoder::new(roots);
     let zeros = vec![0u8; block_size];
     let mut out = vec![0u8; size];
     out.par_chunks_exact_mut(roots * block_size)
         .enumerate()
-        .for_each(|(round, parity)| {
-            for j in 0..n {
-                let block = round + j * rounds;
-                let bytes = match data.get(block * block_size..(block + 1) * block_size) {
-                    Some(b) => b,
-                    None => &zeros,
-                };
-                for (codeword, &byte) in parity.chunks_exact_mut(roots).zip(bytes) {
-                    encoder.push(codeword, byte);
+        .try_for_each_init(
+            || vec![0u8; block_size],
+            |scratch, (round, parity)| {
+                let mut columns = ColumnEncoder::new(&encoder, block_size);
+                for j in 0..n {
+                    // round < rounds and j < n, so block < rounds * n <= blocks + n.
+                    let block = round as u64 + j * rounds;
+                    if block < blocks {
+                        let offset = block * bs;
+                        let bytes = input
+                            .bytes_at(offset, scratch)
+                            .map_err(|source| VerityError::Read { offset, source })?;
+                        columns.push_row(bytes);
+                    } else {
+                        columns.push_row(&zeros);
+                    }
                 }
-            }
-        });
+                columns.finish(parity);
+                Ok::<(), VerityError>(())
+            },
+        )?;
     Ok(out)
 }
 

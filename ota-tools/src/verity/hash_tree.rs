@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use sha1::Sha1;
 use sha2::{Digest, Sha256, Sha512};
 
-use super::{whole_blocks, VerityError};
+use super::{whole_blocks, VerityError, VerityInput};
 
 /// A hash algorithm a dm-verity tree can use (the names update_engine accepts in
 /// `hash_tree_algorithm`, compared without case).
@@ -87,7 +87,15 @@ pub fn hash_tree_size(
     block_size: u32,
     algorithm: &str,
 ) -> Result<u64, VerityError> {
-    let algorithm = HashAlgorithm::parse(algorithm)?;
+    tree_size(data_size, block_size, HashAlgorithm::parse(algorithm)?)
+}
+
+/// [`hash_tree_size`] for a parsed algorithm; also validates the block size and length.
+fn tree_size(
+    data_size: u64,
+    block_size: u32,
+    algorithm: HashAlgorithm,
+) -> Result<u64, VerityError> {
     check_block_size(block_size, algorithm)?;
     let mut blocks = whole_blocks(data_size, block_size)?;
     let per_block = u64::from(block_size) / algorithm.slot_len() as u64;
@@ -126,41 +134,52 @@ pub fn hash_tree_with_root(
     algorithm: &str,
     salt: &[u8],
 ) -> Result<HashTree, VerityError> {
+    hash_tree_of(data, block_size, algorithm, salt)
+}
+
+/// [`hash_tree_with_root`] over any [`VerityInput`], e.g. an [`super::ImageRegion`] of
+/// an image file: data blocks are read (in parallel) and hashed, never held all at once;
+/// only the tree itself is kept in memory.
+pub fn hash_tree_of<I: VerityInput + ?Sized>(
+    input: &I,
+    block_size: u32,
+    algorithm: &str,
+    salt: &[u8],
+) -> Result<HashTree, VerityError> {
     let algorithm = HashAlgorithm::parse(algorithm)?;
     // Validates the block size and the data length, and bounds the output size.
-    let size = hash_tree_size(data.len() as u64, block_size, algorithm_name(algorithm))?;
+    let size = tree_size(input.len(), block_size, algorithm)?;
     let size = usize::try_from(size).map_err(|_| VerityError::TooLarge {
         what: "hash tree size",
-        len: data.len() as u64,
+        len: input.len(),
     })?;
     let block_size = block_size as usize;
+    let slot = algorithm.slot_len();
     let tree = match algorithm {
-        HashAlgorithm::Sha1 => build::<Sha1>(data, block_size, salt, algorithm.slot_len()),
-        HashAlgorithm::Sha256 => build::<Sha256>(data, block_size, salt, algorithm.slot_len()),
-        HashAlgorithm::Sha512 => build::<Sha512>(data, block_size, salt, algorithm.slot_len()),
+        HashAlgorithm::Sha1 => build::<Sha1, I>(input, block_size, salt, slot)?,
+        HashAlgorithm::Sha256 => build::<Sha256, I>(input, block_size, salt, slot)?,
+        HashAlgorithm::Sha512 => build::<Sha512, I>(input, block_size, salt, slot)?,
     };
     debug_assert_eq!(tree.tree.len(), size);
     Ok(tree)
 }
 
-fn algorithm_name(algorithm: HashAlgorithm) -> &'static str {
-    match algorithm {
-        HashAlgorithm::Sha1 => "sha1",
-        HashAlgorithm::Sha256 => "sha256",
-        HashAlgorithm::Sha512 => "sha512",
-    }
-}
-
 /// Builds every level bottom-up, then stores them top-down.
-fn build<D>(data: &[u8], block_size: usize, salt: &[u8], slot_len: usize) -> HashTree
+fn build<D, I>(
+    input: &I,
+    block_size: usize,
+    salt: &[u8],
+    slot_len: usize,
+) -> Result<HashTree, VerityError>
 where
     D: Digest + Clone + Send + Sync,
+    I: VerityInput + ?Sized,
 {
     let salted = D::new().chain_update(salt);
     let mut levels: Vec<Vec<u8>> = Vec::new();
-    let mut top = hash_level(&salted, data, block_size, slot_len);
+    let mut top = hash_level(&salted, input, block_size, slot_len)?;
     while top.len() > block_size {
-        let next = hash_level(&salted, &top, block_size, slot_len);
+        let next = hash_level(&salted, top.as_slice(), block_size, slot_len)?;
         levels.push(std::mem::replace(&mut top, next));
     }
     let root = salted.clone().chain_update(&top).finalize().to_vec();
@@ -168,24 +187,39 @@ where
     for level in levels.iter().rev() {
         tree.extend_from_slice(level);
     }
-    HashTree { tree, root }
+    Ok(HashTree { tree, root })
 }
 
 /// One level: a slot per block of `input`, zero-padded to a whole block.
-fn hash_level<D>(salted: &D, input: &[u8], block_size: usize, slot_len: usize) -> Vec<u8>
+fn hash_level<D, I>(
+    salted: &D,
+    input: &I,
+    block_size: usize,
+    slot_len: usize,
+) -> Result<Vec<u8>, VerityError>
 where
     D: Digest + Clone + Send + Sync,
+    I: VerityInput + ?Sized,
 {
-    let blocks = input.len() / block_size;
+    // The caller checked that the tree, a slot per block and more, fits in memory.
+    let blocks = (input.len() / block_size as u64) as usize;
     let used = blocks * slot_len;
     let mut out = vec![0u8; used.div_ceil(block_size) * block_size];
     out[..used]
         .par_chunks_mut(slot_len)
-        .zip(input.par_chunks_exact(block_size))
+        .enumerate()
         .with_min_len(64)
-        .for_each(|(slot, block)| {
-            let digest = salted.clone().chain_update(block).finalize();
-            slot[..digest.len()].copy_from_slice(&digest);
-        });
-    out
+        .try_for_each_init(
+            || vec![0u8; block_size],
+            |scratch, (i, slot)| {
+                let offset = i as u64 * block_size as u64;
+                let block = input
+                    .bytes_at(offset, scratch)
+                    .map_err(|source| VerityError::Read { offset, source })?;
+                let digest = salted.clone().chain_update(block).finalize();
+                slot[..digest.len()].copy_from_slice(&digest);
+                Ok::<(), VerityError>(())
+            },
+        )?;
+    Ok(out)
 }

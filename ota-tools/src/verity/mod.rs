@@ -28,8 +28,82 @@ mod fec;
 mod hash_tree;
 mod reed_solomon;
 
-pub use fec::{fec, fec_size};
-pub use hash_tree::{hash_tree, hash_tree_size, hash_tree_with_root, HashAlgorithm, HashTree};
+use std::io;
+
+use crate::create::image::BlockImage;
+
+pub use fec::{fec, fec_of, fec_size};
+pub use hash_tree::{
+    hash_tree, hash_tree_of, hash_tree_size, hash_tree_with_root, HashAlgorithm, HashTree,
+};
+
+/// Input of the verity computations: `len()` bytes readable at any offset, from several
+/// threads at once. Slices lend their bytes in place; [`ImageRegion`] reads a range of an
+/// image file (raw or sparse) with positioned reads, so a partition never has to be held in
+/// memory.
+pub trait VerityInput: Sync {
+    /// Length in bytes.
+    fn len(&self) -> u64;
+
+    /// True when the input has no bytes.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The `scratch.len()` bytes at `offset`, either borrowed from the input or read into
+    /// `scratch`. The range lies inside the input.
+    fn bytes_at<'a>(&'a self, offset: u64, scratch: &'a mut [u8]) -> io::Result<&'a [u8]>;
+}
+
+impl VerityInput for [u8] {
+    fn len(&self) -> u64 {
+        <[u8]>::len(self) as u64
+    }
+
+    fn bytes_at<'a>(&'a self, offset: u64, scratch: &'a mut [u8]) -> io::Result<&'a [u8]> {
+        usize::try_from(offset)
+            .ok()
+            .and_then(|start| self.get(start..start.checked_add(scratch.len())?))
+            .ok_or_else(|| io::ErrorKind::UnexpectedEof.into())
+    }
+}
+
+/// The `len` bytes of `image` from byte `offset` (e.g. a partition's
+/// `fec_data_offset`/`fec_data_size`), as a [`VerityInput`].
+pub struct ImageRegion<'a> {
+    image: &'a dyn BlockImage,
+    offset: u64,
+    len: u64,
+}
+
+impl<'a> ImageRegion<'a> {
+    /// The region `[offset, offset + len)` of `image`, which must lie inside it.
+    pub fn new(image: &'a dyn BlockImage, offset: u64, len: u64) -> Result<Self, VerityError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= image.len_bytes() => Ok(Self { image, offset, len }),
+            _ => Err(VerityError::RegionOutside {
+                offset,
+                len,
+                image_len: image.len_bytes(),
+            }),
+        }
+    }
+}
+
+impl VerityInput for ImageRegion<'_> {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn bytes_at<'b>(&'b self, offset: u64, scratch: &'b mut [u8]) -> io::Result<&'b [u8]> {
+        let at = self
+            .offset
+            .checked_add(offset)
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        self.image.read_exact_at(scratch, at)?;
+        Ok(scratch)
+    }
+}
 
 /// Errors computing verity metadata. Every one is a bad argument: nothing is read or
 /// written, so nothing is lost.
@@ -65,6 +139,25 @@ pub enum VerityError {
     Roots {
         /// The number of roots given.
         roots: u32,
+    },
+    /// Reading the input failed.
+    #[error("cannot read the verity input at byte {offset}")]
+    Read {
+        /// Offset in the input.
+        offset: u64,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// An [`ImageRegion`] does not lie inside its image.
+    #[error("region of {len} bytes at byte {offset} is outside the {image_len}-byte image")]
+    RegionOutside {
+        /// Start of the region.
+        offset: u64,
+        /// Length of the region.
+        len: u64,
+        /// Length of the image.
+        image_len: u64,
     },
     /// A size computed from the arguments does not fit in memory or in 64 bits.
     #[error("{what} overflows for an input of {len} bytes")]

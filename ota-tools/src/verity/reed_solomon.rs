@@ -29,10 +29,9 @@ fn gf_mul(mut a: u8, mut b: u8) -> u8 {
 /// An encoder for a fixed number of parity bytes per codeword.
 #[derive(Debug, Clone)]
 pub struct RsEncoder {
-    roots: usize,
-    /// For each feedback value `f`, `roots` bytes: `f` times the generator's coefficients
-    /// from degree `roots - 1` down to degree 0.
-    feedback_rows: Vec<u8>,
+    /// `multiply[t][x]` is `x` times the generator's coefficient of degree
+    /// `roots - 1 - t` (the generator is monic of degree `roots`).
+    multiply: Vec<[u8; 256]>,
 }
 
 impl RsEncoder {
@@ -51,39 +50,109 @@ impl RsEncoder {
             }
             root = gf_mul(root, 2);
         }
-        let mut feedback_rows = vec![0u8; 256 * roots];
-        for (f, row) in feedback_rows.chunks_exact_mut(roots).enumerate() {
-            for (t, cell) in row.iter_mut().enumerate() {
-                *cell = gf_mul(f as u8, generator[roots - 1 - t]);
-            }
-        }
-        Self {
-            roots,
-            feedback_rows,
-        }
+        let multiply = (0..roots)
+            .map(|t| {
+                let coefficient = generator[roots - 1 - t];
+                let mut table = [0u8; 256];
+                for (x, cell) in table.iter_mut().enumerate() {
+                    *cell = gf_mul(coefficient, x as u8);
+                }
+                table
+            })
+            .collect();
+        Self { multiply }
+    }
+
+    /// Number of parity bytes per codeword.
+    pub fn roots(&self) -> usize {
+        self.multiply.len()
     }
 
     /// Feeds one message byte into `parity` (the running remainder, `roots` bytes, all
     /// zero before the first byte of a codeword).
-    #[inline]
+    #[cfg(test)]
     pub fn push(&self, parity: &mut [u8], byte: u8) {
-        let roots = self.roots;
+        let roots = self.roots();
         let feedback = usize::from(byte ^ parity[0]);
-        let row = &self.feedback_rows[feedback * roots..(feedback + 1) * roots];
         for t in 0..roots - 1 {
-            parity[t] = parity[t + 1] ^ row[t];
+            parity[t] = parity[t + 1] ^ self.multiply[t][feedback];
         }
-        parity[roots - 1] = row[roots - 1];
+        parity[roots - 1] = self.multiply[roots - 1][feedback];
     }
 
     /// Parity of one whole message.
     #[cfg(test)]
     pub fn encode(&self, message: &[u8]) -> Vec<u8> {
-        let mut parity = vec![0u8; self.roots];
+        let mut parity = vec![0u8; self.roots()];
         for &b in message {
             self.push(&mut parity, b);
         }
         parity
+    }
+}
+
+/// Encodes `width` codewords at once, codeword `k` taking byte `k` of every row fed in.
+///
+/// The remainders are kept as `roots` planes of `width` bytes (plane `t` holds remainder
+/// byte `t` of every codeword) used as a ring, so feeding a row costs one table lookup per
+/// byte and plane and moves no data.
+pub struct ColumnEncoder<'a> {
+    encoder: &'a RsEncoder,
+    width: usize,
+    /// `roots` planes of `width` bytes.
+    planes: Vec<u8>,
+    /// Plane holding remainder byte 0 (the highest-degree one).
+    head: usize,
+    feedback: Vec<u8>,
+}
+
+impl<'a> ColumnEncoder<'a> {
+    /// Starts `width` empty codewords.
+    pub fn new(encoder: &'a RsEncoder, width: usize) -> Self {
+        Self {
+            encoder,
+            width,
+            planes: vec![0u8; encoder.roots() * width],
+            head: 0,
+            feedback: vec![0u8; width],
+        }
+    }
+
+    /// Feeds one message byte to every codeword (`row.len()` must be `width`).
+    pub fn push_row(&mut self, row: &[u8]) {
+        let roots = self.encoder.roots();
+        let width = self.width;
+        let head = &self.planes[self.head * width..(self.head + 1) * width];
+        for ((f, &r), &h) in self.feedback.iter_mut().zip(row).zip(head) {
+            *f = r ^ h;
+        }
+        for t in 0..roots - 1 {
+            let plane = (self.head + t + 1) % roots;
+            let table = &self.encoder.multiply[t];
+            let dst = &mut self.planes[plane * width..(plane + 1) * width];
+            for (d, &f) in dst.iter_mut().zip(&self.feedback) {
+                *d ^= table[usize::from(f)];
+            }
+        }
+        let table = &self.encoder.multiply[roots - 1];
+        let dst = &mut self.planes[self.head * width..(self.head + 1) * width];
+        for (d, &f) in dst.iter_mut().zip(&self.feedback) {
+            *d = table[usize::from(f)];
+        }
+        self.head = (self.head + 1) % roots;
+    }
+
+    /// Writes the parity, codeword after codeword (`roots` bytes each), into `out`
+    /// (`width * roots` bytes).
+    pub fn finish(self, out: &mut [u8]) {
+        let roots = self.encoder.roots();
+        let width = self.width;
+        for (k, parity) in out.chunks_exact_mut(roots).enumerate().take(width) {
+            for (t, byte) in parity.iter_mut().enumerate() {
+                let plane = (self.head + t) % roots;
+                *byte = self.planes[plane * width + k];
+            }
+        }
     }
 }
 
