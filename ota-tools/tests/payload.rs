@@ -1031,3 +1031,38 @@ fn cli_extract_to_cow_and_errors() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("magic is not CrAU"));
 }
+
+#[test]
+fn hostile_block_size_and_partition_size_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let payload = d.path().join("p.bin");
+    for bs in [0u32, 3000, 1 << 24] {
+        let w = PayloadWriter::new(&payload).unwrap();
+        w.finish(&DeltaArchiveManifest {
+            block_size: Some(bs),
+            partitions: vec![part("a", 1, vec![op(op_type::ZERO, &[(0, 1)])])],
+            ..Default::default()
+        })
+        .unwrap();
+        let err = Payload::open(&payload).unwrap_err();
+        assert!(
+            matches!(err, PayloadReadError::BadBlockSize { block_size, .. } if block_size == bs),
+            "{err}"
+        );
+    }
+    // A 2 TiB partition is refused before anything is created.
+    write_payload(
+        &payload,
+        vec![(
+            part("a", 1 << 29, vec![op(op_type::ZERO, &[(0, 1)])]),
+            vec![],
+        )],
+    );
+    let out = d.path().join("out");
+    let err = extract(&extract_opts(&payload, &out, None)).unwrap_err();
+    assert!(
+        matches!(err, ExtractError::Partition(PartitionError::BadSize { .. })),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

@@ -36,10 +36,6 @@ pub fn run(data: &[u8]) {
     };
     let report = super::inspect::report(&payload);
     let _ = report.write_text(&mut std::io::sink());
-    let block_size = payload.block_size();
-    if !(512..=65536).contains(&block_size) || !block_size.is_power_of_two() {
-        return;
-    }
     let small: Vec<String> = payload
         .manifest
         .partitions

@@ -30,8 +30,8 @@ pub enum PartitionError {
         /// The name.
         name: String,
     },
-    /// No new size, or one that is not whole blocks.
-    #[error("partition `{name}`: new size {size:?} is missing or not a multiple of the {block_size}-byte block")]
+    /// No new size, one that is not whole blocks, or one above [`MAX_PARTITION_SIZE`].
+    #[error("partition `{name}`: new size {size:?} is missing, not a multiple of the {block_size}-byte block, or above 1 TiB")]
     BadSize {
         /// The partition.
         name: String,
@@ -103,11 +103,16 @@ pub fn select<'a>(
         .collect())
 }
 
+/// Largest partition accepted (1 TiB): far above any real partition, and a
+/// bound on the work a hostile size can ask for.
+pub const MAX_PARTITION_SIZE: u64 = 1 << 40;
+
 /// The new partition's size in bytes and blocks.
 pub fn new_size(p: &PartitionUpdate, block_size: u32) -> Result<(u64, u64), PartitionError> {
     let size = p.new_partition_info.as_ref().and_then(|i| i.size);
+    let bs = u64::from(block_size.max(1));
     match size {
-        Some(s) if s % u64::from(block_size) == 0 => Ok((s, s / u64::from(block_size))),
+        Some(s) if s % bs == 0 && s <= MAX_PARTITION_SIZE => Ok((s, s / bs)),
         _ => Err(PartitionError::BadSize {
             name: p.partition_name.clone(),
             size,

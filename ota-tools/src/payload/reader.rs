@@ -70,6 +70,16 @@ pub enum PayloadReadError {
         #[source]
         source: prost::DecodeError,
     },
+    /// A block size that is not a power of two in 512..=1 MiB.
+    #[error(
+        "{path}: manifest block size {block_size} is not a power of two between 512 and 1048576"
+    )]
+    BadBlockSize {
+        /// The payload.
+        path: PathBuf,
+        /// The value found.
+        block_size: u32,
+    },
     /// A blob lies outside the file.
     #[error("{path}: blob at data offset {offset}, {length} bytes, lies past the end of the file")]
     BlobOutOfBounds {
@@ -173,6 +183,13 @@ impl Payload {
                     source,
                 }
             })?;
+        let block_size = manifest.block_size.unwrap_or(4096);
+        if !block_size.is_power_of_two() || !(512..=1 << 20).contains(&block_size) {
+            return Err(PayloadReadError::BadBlockSize {
+                path: path.to_path_buf(),
+                block_size,
+            });
+        }
         let metadata_signatures = if metadata_signature_size > 0 {
             let mut sig_bytes = vec![0u8; metadata_signature_size as usize];
             file.read_exact_at(&mut sig_bytes, manifest_end)
@@ -204,7 +221,8 @@ impl Payload {
         self.file_size
     }
 
-    /// The manifest's block size (4096 when absent).
+    /// The manifest's block size (4096 when absent; checked by [`Payload::open`]
+    /// to be a power of two in 512..=1 MiB).
     pub fn block_size(&self) -> u32 {
         self.manifest.block_size.unwrap_or(4096)
     }
