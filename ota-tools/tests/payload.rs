@@ -19,6 +19,7 @@ use ota_tools::payload::proto::{
 };
 use ota_tools::payload::reader::{Payload, PayloadReadError};
 use ota_tools::payload::to_cow::{to_cow, ToCowOptions};
+use ota_tools::payload::verity_regions::VerityRegionError;
 use ota_tools::payload::writer::PayloadWriter;
 use sha2::{Digest, Sha256};
 
@@ -844,6 +845,22 @@ fn verity_regions_are_computed_from_the_new_data() {
     p.fec_data_extent = Some(Extent::new(0, data_blocks + tree_blocks));
     p.fec_extent = Some(Extent::new(data_blocks + tree_blocks, fec_blocks));
     p.fec_roots = Some(2);
+    // A hash tree extent one block too long is refused before computing.
+    let mut bad = p.clone();
+    bad.hash_tree_extent = Some(Extent::new(data_blocks, tree_blocks + 1));
+    bad.fec_data_extent = None;
+    bad.fec_extent = None;
+    let bad_payload = d.path().join("bad.bin");
+    write_payload(&bad_payload, vec![(bad, vec![data.clone()])]);
+    let err = extract(&extract_opts(&bad_payload, &d.path().join("bad"), None)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ExtractError::Verity(VerityRegionError::SizeMismatch { .. })
+        ),
+        "{err}"
+    );
+
     let payload = d.path().join("p.bin");
     write_payload(&payload, vec![(p, vec![data])]);
 

@@ -339,9 +339,17 @@ pub fn new_data(
     // Whole-block data shorter than the destination by less than a block is
     // zero-padded (REPLACE data is padded to blocks; a dst_length shorter
     // than the extents leaves the tail zero).
-    let short = dst_len - data.len() as u64;
+    let short = dst_len.saturating_sub(data.len() as u64);
     let is_zero = matches!(op.r#type, op_type::ZERO | op_type::DISCARD);
     if !is_zero && short >= u64::from(block_size) && op.dst_length.is_none() {
+        return Err(OpError::LengthMismatch {
+            op: id.clone(),
+            what: "operation output",
+            actual: data.len() as u64,
+            expected: dst_len,
+        });
+    }
+    if data.len() as u64 > dst_len {
         return Err(OpError::LengthMismatch {
             op: id.clone(),
             what: "operation output",

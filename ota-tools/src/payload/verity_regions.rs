@@ -5,7 +5,7 @@
 
 use super::proto::{Extent, PartitionUpdate};
 use crate::create::image::BlockImage;
-use crate::verity::{fec_of, hash_tree_of, ImageRegion, VerityError};
+use crate::verity::{fec_of, fec_size, hash_tree_of, hash_tree_size, ImageRegion, VerityError};
 
 /// Errors computing verity regions.
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +131,20 @@ pub fn compute(
             let (ts, tl) = check(p, "hash_tree_extent", &tree_e, new_blocks)?;
             let algorithm = p.hash_tree_algorithm.as_deref().unwrap_or("sha256");
             let salt = p.hash_tree_salt.as_deref().unwrap_or(&[]);
+            // The extent must hold exactly the tree (whole blocks): checked
+            // before computing, so a hostile extent allocates nothing.
+            let want = hash_tree_size(dl * bs, block_size, algorithm)
+                .map_err(compute_err("hash tree"))?
+                .div_ceil(bs)
+                * bs;
+            if want != tl * bs {
+                return Err(VerityRegionError::SizeMismatch {
+                    partition: p.partition_name.clone(),
+                    what: "hash tree",
+                    actual: want,
+                    expected: tl * bs,
+                });
+            }
             let mut tree = ImageRegion::new(image, ds * bs, dl * bs)
                 .and_then(|region| hash_tree_of(&region, block_size, algorithm, salt))
                 .map_err(compute_err("hash tree"))?
@@ -158,6 +172,15 @@ pub fn compute(
             let (ds, dl) = check(p, "fec_data_extent", &data_e, new_blocks)?;
             let (fs, fl) = check(p, "fec_extent", &fec_e, new_blocks)?;
             let roots = p.fec_roots.unwrap_or(2);
+            let want = fec_size(dl * bs, roots, block_size).map_err(compute_err("FEC"))?;
+            if want != fl * bs {
+                return Err(VerityRegionError::SizeMismatch {
+                    partition: p.partition_name.clone(),
+                    what: "FEC",
+                    actual: want,
+                    expected: fl * bs,
+                });
+            }
             let mut parity = ImageRegion::new(image, ds * bs, dl * bs)
                 .and_then(|region| fec_of(&region, roots, block_size))
                 .map_err(compute_err("FEC"))?;
