@@ -113,6 +113,9 @@ enum Command {
         #[arg(long)]
         cow: PathBuf,
     },
+    /// Android OTA payloads (payload.bin): inspect, extract, to-cow, create.
+    #[command(subcommand)]
+    Payload(ota_tools::payload::cli::PayloadCommand),
 }
 
 fn parse_cow_version(s: &str) -> Result<CowVersion, String> {
@@ -238,6 +241,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 r.blocks, r.ops, r.ordered_ops
             ))?;
         }
+        Command::Payload(cmd) => ota_tools::payload::cli::run(cmd)?,
     }
     Ok(())
 }

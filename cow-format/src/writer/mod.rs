@@ -214,6 +214,13 @@ impl CowWriter {
         &self.opts
     }
 
+    /// Whether labels and `finalize` fsync (the default, as on a device) or
+    /// only write. A host tool producing a file to ship can turn this off and
+    /// sync the finished file once: the bytes written are the same.
+    pub fn set_durable(&mut self, durable: bool) {
+        self.sink.set_durable(durable);
+    }
+
     /// Op records written so far (v2: including CLUSTER/LABEL/SEQUENCE).
     pub fn op_records(&self) -> u64 {
         match &self.format {

@@ -37,6 +37,8 @@ pub(crate) struct Sink {
     buffered: usize,
     /// Highest end offset written so far (the size a fresh file will have).
     high_water: u64,
+    /// Whether `sync` reaches the disk (fsync) or only flushes.
+    durable: bool,
 }
 
 impl Sink {
@@ -46,7 +48,13 @@ impl Sink {
             segments: Vec::new(),
             buffered: 0,
             high_water: 0,
+            durable: true,
         }
+    }
+
+    /// Make `sync` fsync (the default) or only flush.
+    pub(crate) fn set_durable(&mut self, durable: bool) {
+        self.durable = durable;
     }
 
     /// Whether the output is a regular file (which may be truncated).
@@ -170,6 +178,9 @@ impl Sink {
     /// Flush, then make everything written so far durable.
     pub(crate) fn sync(&mut self) -> Result<(), WriteError> {
         self.flush()?;
+        if !self.durable {
+            return Ok(());
+        }
         self.file.sync_all().map_err(|source| WriteError::Io {
             what: "syncing",
             offset: 0,
