@@ -379,7 +379,7 @@ pub enum Readiness {
     Readable,
     /// The target is gone (hang-up).
     HangUp,
-    /// Nothing happened within the timeout.
+    /// Nothing happened within the timeout (or a signal ended the wait).
     TimedOut,
 }
 
@@ -605,18 +605,24 @@ impl Channel {
     }
 
     /// Wait up to `timeout` for a message or a hang-up (needs the module's poll support;
-    /// without it the kernel reports the fd always readable).
+    /// without it the kernel reports the fd always readable). A signal ends the wait early
+    /// as [`Readiness::TimedOut`]: it is never an error.
     pub fn poll(&self, timeout: Duration) -> Result<Readiness, ChannelError> {
         let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         let mut fds = [PollFd::new(self.file.as_fd(), PollFlags::POLLIN)];
-        let n = nix::poll::poll(
+        let n = match nix::poll::poll(
             &mut fds,
             PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
-        )
-        .map_err(|e| ChannelError::Io {
-            op: "poll",
-            source: e.into(),
-        })?;
+        ) {
+            Ok(n) => n,
+            Err(Errno::EINTR) => return Ok(Readiness::TimedOut),
+            Err(e) => {
+                return Err(ChannelError::Io {
+                    op: "poll",
+                    source: e.into(),
+                })
+            }
+        };
         if n == 0 {
             return Ok(Readiness::TimedOut);
         }

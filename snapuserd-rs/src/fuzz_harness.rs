@@ -21,12 +21,12 @@ use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use cow_format::{Compression, CompressionAlgorithm, CowVersion, CowWriter, WriterOptions};
 
 use crate::cow_backend::CowSnapshot;
-use crate::daemon::transport::serve_channel;
+use crate::daemon::transport::{serve_channel, WorkerControl};
 use crate::dm_user::{
     Channel, MessageHeader, DM_USER_REQ_MAP_FLAG_FUA, DM_USER_REQ_MAP_FLAG_PREFLUSH,
     DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE, DM_USER_RESP_ERROR, DM_USER_RESP_SUCCESS,
@@ -248,9 +248,21 @@ impl DmUserFixture {
             .unwrap_or_default()
     }
 
-    /// Reset the COW file to `variant` as written and open a daemon's snapshot on it.
+    /// Replace the COW file with `variant` as written (a new file: nothing an earlier stream
+    /// committed or left open carries over) and open a daemon's snapshot on it.
     fn open(&self, variant: FixtureCow) -> CowSnapshot {
-        fs::write(&self.cow_path, self.cow_bytes(variant)).expect("rewrite the fixture COW");
+        let bytes = self.cow_bytes(variant);
+        match fs::remove_file(&self.cow_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("removing the last stream's COW: {e}"),
+        }
+        fs::write(&self.cow_path, bytes).expect("write the fixture COW");
+        let written = fs::read(&self.cow_path).expect("read the fixture COW back");
+        assert!(
+            written == bytes,
+            "the fixture COW differs from {variant:?} as written"
+        );
         CowSnapshot::open(&self.cow_path, &self.source_path).expect("open the fixture COW")
     }
 
@@ -361,9 +373,8 @@ impl DmUserFixture {
                 let _ = kernel_writer.shutdown(std::net::Shutdown::Write);
             });
             let reader = scope.spawn(|| read_responses(&mut kernel_reader, &requests));
-            let stop = AtomicBool::new(false);
-            let paused = AtomicBool::new(false);
-            let report = serve_channel(Channel::from_fd(daemon.into()), &snapshot, &stop, &paused);
+            let control = WorkerControl::new().expect("worker eventfd");
+            let report = serve_channel(Channel::from_fd(daemon.into()), &snapshot, &control);
             let responses = reader.join().expect("response reader");
             assert_eq!(
                 report.answered,

@@ -13,13 +13,13 @@
 //! * [`daemon`] — dm-user workers, handler registry, control socket, socket handoff;
 //! * [`properties`] — setting Android system properties through init's property service;
 //! * `fuzz_harness` — the fuzzing entry points for control messages and dm-user streams
-//!   (not built for this crate's own unit tests, where `CowSnapshot` is not `Sync`).
+//!   (with the `fuzz-harness` feature only).
 
 pub mod cow_backend;
 pub mod daemon;
 pub mod dm;
 pub mod dm_user;
-#[cfg(not(test))]
+#[cfg(feature = "fuzz-harness")]
 pub mod fuzz_harness;
 pub mod properties;
 pub mod snapshot;

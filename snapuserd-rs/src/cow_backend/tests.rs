@@ -18,7 +18,7 @@ use crate::snapshot::dm_snapshot_model::{
     ServerCow,
 };
 use crate::snapshot::merge_plan::BLOCK_SIZE;
-use crate::snapshot::merge_tracker::CrashClock;
+use crate::snapshot::test_support::CrashClock;
 
 /// Deterministic bytes (xorshift64*).
 struct Rng(u64);

@@ -12,13 +12,17 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::snapshot::control_protocol::{MergeStatus, Reply};
 
-use super::transport::{ChannelOpener, RequestHandler, Workers};
+use crate::dm_user::DM_USER_REQ_MAP_WRITE;
+use crate::snapshot::block_server::{Request, Status};
+use crate::snapshot::merge_plan::BLOCK_SIZE_U64;
+
+use super::transport::{ChannelOpener, RequestHandler, WorkerGroup, Workers};
 
 /// How long `update-verify` waits for each handler's verification (AOSP's 10 s).
 pub const VERIFY_WAIT: Duration = Duration::from_secs(10);
@@ -42,11 +46,16 @@ pub trait SnapshotOpener: Send + Sync {
     fn open(&self, cow: &Path, source: &Path) -> Result<Arc<dyn SnapshotTarget>, String>;
 }
 
-#[cfg(not(test))]
 mod cow_files {
     use super::*;
     use crate::cow_backend::{source_file::FileSource, CowSnapshot};
     use crate::snapshot::merge_plan::BLOCK_SIZE;
+
+    impl RequestHandler for CowSnapshot<FileSource> {
+        fn handle(&self, req: &Request, write_payload: &[u8], read_out: &mut Vec<u8>) -> Status {
+            self.server().handle(req, write_payload, read_out)
+        }
+    }
 
     impl SnapshotTarget for CowSnapshot<FileSource> {
         fn device_sectors(&self) -> u64 {
@@ -101,8 +110,66 @@ mod cow_files {
         }
     }
 }
-#[cfg(not(test))]
 pub use cow_files::CowFileOpener;
+
+/// The daemon-wide merge pause (`pause_merge` / `resume_merge`).
+///
+/// In the legacy design the kernel's snapshot-merge target drives the merge, one metadata
+/// write-back (a 4 KiB WRITE of an exception area) at a time; it waits for each to be
+/// answered. While paused, every handler holds those write-backs unanswered, so the kernel's
+/// merge makes no progress while reads of the snapshots are still served. Resuming wakes
+/// every worker group, which then answers what it held.
+#[derive(Default)]
+struct MergePause {
+    paused: AtomicBool,
+    groups: Mutex<Vec<Weak<WorkerGroup>>>,
+}
+
+impl MergePause {
+    fn set(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Release);
+        if !paused {
+            let mut groups = lock(&self.groups);
+            groups.retain(|g| match g.upgrade() {
+                Some(group) => {
+                    group.wake();
+                    true
+                }
+                None => false,
+            });
+        }
+    }
+
+    /// Wake `group` on every resume (until its workers are gone).
+    fn register(&self, group: &Arc<WorkerGroup>) {
+        let mut groups = lock(&self.groups);
+        groups.retain(|g| g.strong_count() > 0);
+        groups.push(Arc::downgrade(group));
+    }
+
+    /// True if `req` is a metadata write-back that must wait for the resume.
+    fn holds(&self, req: &Request) -> bool {
+        req.kind == DM_USER_REQ_MAP_WRITE
+            && req.len == BLOCK_SIZE_U64
+            && self.paused.load(Ordering::Acquire)
+    }
+}
+
+/// A snapshot as its workers serve it: the snapshot decides, the merge pause holds.
+struct PausableTarget {
+    target: Arc<dyn SnapshotTarget>,
+    pause: Arc<MergePause>,
+}
+
+impl RequestHandler for PausableTarget {
+    fn handle(&self, req: &Request, write_payload: &[u8], read_out: &mut Vec<u8>) -> Status {
+        self.target.handle(req, write_payload, read_out)
+    }
+
+    fn hold(&self, req: &Request) -> bool {
+        self.pause.holds(req)
+    }
+}
 
 /// Result of a handler's verification pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,7 +273,7 @@ pub struct HandlerRegistry {
     snapshots: Box<dyn SnapshotOpener>,
     channels: Box<dyn ChannelOpener>,
     worker_count: AtomicU32,
-    merge_paused: Arc<AtomicBool>,
+    merge_pause: Arc<MergePause>,
     verify_wait: Duration,
     state: Mutex<State>,
 }
@@ -223,7 +290,7 @@ impl HandlerRegistry {
             snapshots,
             channels,
             worker_count: AtomicU32::new(worker_count.max(1)),
-            merge_paused: Arc::default(),
+            merge_pause: Arc::default(),
             verify_wait: VERIFY_WAIT,
             state: Mutex::new(State::default()),
         }
@@ -310,14 +377,11 @@ impl HandlerRegistry {
             )
         };
         // Opening the channels may wait for the device node: no lock held.
-        let serving: Arc<dyn RequestHandler> = target.clone();
-        let spawned = Workers::spawn(
-            self.channels.as_ref(),
-            misc,
-            serving,
-            count,
-            Arc::clone(&self.merge_paused),
-        );
+        let serving: Arc<dyn RequestHandler> = Arc::new(PausableTarget {
+            target: Arc::clone(&target),
+            pause: Arc::clone(&self.merge_pause),
+        });
+        let spawned = Workers::spawn(self.channels.as_ref(), misc, serving, count);
         let mut state = self.state();
         let closed = state.closed;
         let Some(handler) = state.handlers.get_mut(misc) else {
@@ -328,6 +392,7 @@ impl HandlerRegistry {
         };
         match spawned {
             Ok(w) if !closed => {
+                self.merge_pause.register(&w.group());
                 handler.lifecycle = Lifecycle::Running(w);
             }
             Ok(_) => {
@@ -380,9 +445,9 @@ impl HandlerRegistry {
     }
 
     /// `pause_merge` / `resume_merge`: hold (or release) the kernel's metadata write-backs
-    /// in every worker; see [`super::transport::serve_channel`].
+    /// in every worker (see `MergePause`).
     pub fn set_merge_paused(&self, paused: bool) -> Reply {
-        self.merge_paused.store(paused, Ordering::Release);
+        self.merge_pause.set(paused);
         log::info!("merge {}", if paused { "paused" } else { "resumed" });
         Reply::Success
     }

@@ -488,7 +488,7 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
 #[cfg(test)]
 mod tests {
     use super::super::merge_plan::OpKind;
-    use super::super::merge_tracker::{CrashClock, DurableMergeState, InMemoryMergeStore};
+    use super::super::test_support::{CrashClock, DurableMergeState, InMemoryMergeStore};
     use super::*;
 
     struct Fill;

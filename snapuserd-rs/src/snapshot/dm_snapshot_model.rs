@@ -20,7 +20,8 @@ use super::block_server::{
 };
 use super::exception_store::{area_chunk, CHUNK_SECTORS, DISK_MAGIC, EXCEPTIONS_PER_AREA};
 use super::merge_plan::{SourceDevice, BLOCK_SIZE, BLOCK_SIZE_U64};
-use super::merge_tracker::{CrashClock, MergeStateStore};
+use super::merge_tracker::MergeStateStore;
+use super::test_support::CrashClock;
 
 /// One chunk.
 pub type Chunk = [u8; BLOCK_SIZE];

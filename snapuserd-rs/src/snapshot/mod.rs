@@ -19,3 +19,5 @@ pub mod scratch_layout;
 pub(crate) mod dm_snapshot_model;
 #[cfg(test)]
 mod harness_tests;
+#[cfg(test)]
+pub(crate) mod test_support;
