@@ -19,13 +19,13 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use snapuserd::daemon::control_server::{
     bind_listener, inherited_listener, inherited_socket, ControlServer, ServerExit,
 };
+use snapuserd::daemon::events::DaemonEvents;
 use snapuserd::daemon::handlers::{CowFileOpener, HandlerRegistry};
 use snapuserd::daemon::handoff::{
     bind_seqpacket, default_proxy_path, receive_listener, run_proxy, PROXY_SOCKET_NAME,
@@ -80,17 +80,16 @@ fn harden_process() {
     }
 }
 
-/// SIGTERM/SIGINT set the returned flag; SIGPIPE is ignored (a vanished client is an
-/// ordinary write error).
-fn install_signals() -> Result<Arc<AtomicBool>, std::io::Error> {
-    let flag = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&flag))?;
-    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&flag))?;
+/// SIGTERM/SIGINT request a stop on the returned events (and wake whatever loop sleeps on
+/// them); SIGPIPE is ignored (a vanished client is an ordinary write error).
+fn install_signals() -> Result<DaemonEvents, std::io::Error> {
+    let events = DaemonEvents::new()?;
+    events.stop_on_signals(&[signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
     // SAFETY: setting SIGPIPE's disposition to SIG_IGN installs no handler code.
     if unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) } == libc::SIG_ERR {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(flag)
+    Ok(events)
 }
 
 /// Paths given on a host instead of init's sockets and Android's fixed paths.
@@ -180,7 +179,7 @@ fn publish(paths: &HostPaths, name: &str) {
 }
 
 /// The `-socket_handoff` role.
-fn run_proxy_role(paths: &HostPaths, shutdown: &AtomicBool) -> Result<(), String> {
+fn run_proxy_role(paths: &HostPaths, events: &DaemonEvents) -> Result<(), String> {
     let proxy: OwnedFd = match &paths.proxy_socket {
         Some(p) => bind_seqpacket(p).map_err(|e| e.to_string())?,
         None => inherited_socket(PROXY_SOCKET_NAME).map_err(|e| e.to_string())?,
@@ -194,7 +193,7 @@ fn run_proxy_role(paths: &HostPaths, shutdown: &AtomicBool) -> Result<(), String
         proxy,
         server.as_fd(),
         &|| publish(paths, "snapuserd.proxy_ready"),
-        shutdown,
+        events,
     )
     .map_err(|e| e.to_string())?;
     log::info!("socket handoff done");
@@ -221,7 +220,7 @@ fn serve_socket(
     listener: std::os::unix::net::UnixListener,
     registry: Arc<HandlerRegistry>,
     paths: &HostPaths,
-    shutdown: &AtomicBool,
+    events: &DaemonEvents,
 ) -> Result<ServerExit, String> {
     // AOSP forces one dm-user worker per handler once it serves a socket, to save memory
     // (about 25 MB with its 1 MiB buffers per worker). Ours keep `-worker_count` (default
@@ -229,14 +228,14 @@ fn serve_socket(
     // MB/s on the synthetic pair, 6.1) for no measurable memory (RssAnon 2.6 MB either way).
     let mut server = ControlServer::new(listener, registry).map_err(|e| e.to_string())?;
     publish(paths, "snapuserd.ready");
-    let exit = server.run(shutdown).map_err(|e| e.to_string())?;
+    let exit = server.run(events).map_err(|e| e.to_string())?;
     log::info!("snapuserd exiting ({exit:?})");
     Ok(exit)
 }
 
-fn run(config: &DaemonConfig, paths: &HostPaths, shutdown: &AtomicBool) -> Result<(), String> {
+fn run(config: &DaemonConfig, paths: &HostPaths, events: &DaemonEvents) -> Result<(), String> {
     if config.socket_handoff {
-        return run_proxy_role(paths, shutdown);
+        return run_proxy_role(paths, events);
     }
     let registry = Arc::new(HandlerRegistry::new(
         Box::new(CowFileOpener),
@@ -251,6 +250,7 @@ fn run(config: &DaemonConfig, paths: &HostPaths, shutdown: &AtomicBool) -> Resul
         )),
         config.worker_count,
     ));
+    registry.notify_worker_exits(events.notifier());
     if config.no_socket {
         if config.handlers.is_empty() {
             return Err("-no_socket needs at least one misc,cow,source[,base] handler".into());
@@ -269,12 +269,12 @@ fn run(config: &DaemonConfig, paths: &HostPaths, shutdown: &AtomicBool) -> Resul
             .proxy_socket
             .clone()
             .unwrap_or_else(default_proxy_path);
-        let give_up = || shutdown.load(Ordering::Acquire) || registry.all_workers_finished();
-        let handoff = receive_listener(&proxy, &give_up);
+        let give_up = || registry.all_workers_finished();
+        let handoff = receive_listener(&proxy, events, &give_up);
         let failed = match handoff {
             Ok(listener) => {
                 log::info!("serving the control socket handed over by the proxy");
-                serve_socket(listener, Arc::clone(&registry), paths, shutdown)?;
+                serve_socket(listener, Arc::clone(&registry), paths, events)?;
                 return Ok(());
             }
             Err(snapuserd::daemon::handoff::HandoffError::Stopped { .. }) => None,
@@ -284,8 +284,8 @@ fn run(config: &DaemonConfig, paths: &HostPaths, shutdown: &AtomicBool) -> Resul
                 Some(e.to_string())
             }
         };
-        while !shutdown.load(Ordering::Acquire) && !registry.all_workers_finished() {
-            std::thread::sleep(Duration::from_millis(100));
+        if let Err(e) = events.wait_until(&|| registry.all_workers_finished()) {
+            log::error!("waiting for the handlers to end: {e}");
         }
         registry.shut_down();
         return match failed {
@@ -302,7 +302,7 @@ fn run(config: &DaemonConfig, paths: &HostPaths, shutdown: &AtomicBool) -> Resul
         Some(path) => log::info!("serving control socket {}", path.display()),
         None => log::info!("serving inherited control socket {}", config.socket),
     }
-    let exit = serve_socket(listener, registry, paths, shutdown)?;
+    let exit = serve_socket(listener, registry, paths, events)?;
     if exit == ServerExit::Shutdown || exit == ServerExit::StopCommand {
         // Remove a socket we bound ourselves.
         if let Some(path) = &paths.socket {
@@ -323,14 +323,14 @@ fn main() -> ExitCode {
     };
     init_logging();
     harden_process();
-    let shutdown = match install_signals() {
+    let events = match install_signals() {
         Ok(f) => f,
         Err(e) => {
             eprintln!("snapuserd: installing signal handlers: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match run(&config, &paths, &shutdown) {
+    match run(&config, &paths, &events) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             #[cfg(target_os = "android")]

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use snapuserd::daemon::control_server::{bind_listener, ControlServer, ServerExit};
+use snapuserd::daemon::events::DaemonEvents;
 use snapuserd::daemon::handlers::{CowFileOpener, HandlerRegistry};
 use snapuserd::daemon::transport::ChannelOpener;
 use snapuserd::dm_user::{
@@ -59,7 +60,7 @@ impl Daemon {
             workers,
         ));
         let mut server = ControlServer::new(bind_listener(&socket).unwrap(), registry).unwrap();
-        let thread = std::thread::spawn(move || server.run(&AtomicBool::new(false)).unwrap());
+        let thread = std::thread::spawn(move || server.run(&DaemonEvents::new().unwrap()).unwrap());
         Daemon {
             _dir: tmp,
             dir,
@@ -441,7 +442,7 @@ fn a_slow_init_does_not_stall_other_clients() {
         1,
     ));
     let mut server = ControlServer::new(bind_listener(&socket).unwrap(), registry).unwrap();
-    let thread = std::thread::spawn(move || server.run(&AtomicBool::new(false)).unwrap());
+    let thread = std::thread::spawn(move || server.run(&DaemonEvents::new().unwrap()).unwrap());
 
     let mut a = UnixStream::connect(&socket).unwrap();
     let init = format!("init,slow,{},{}", slow.display(), src.display());
@@ -626,7 +627,7 @@ fn update_verify_waits_for_the_pass_without_stalling_other_clients() {
         1,
     ));
     let mut server = ControlServer::new(bind_listener(&socket).unwrap(), registry).unwrap();
-    let thread = std::thread::spawn(move || server.run(&AtomicBool::new(false)).unwrap());
+    let thread = std::thread::spawn(move || server.run(&DaemonEvents::new().unwrap()).unwrap());
     let mut a = UnixStream::connect(&socket).unwrap();
     assert_eq!(ask(&mut a, b"init,sys,cow,src"), "success,8");
     assert_eq!(ask(&mut a, b"start,sys"), "success");

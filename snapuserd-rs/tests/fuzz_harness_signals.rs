@@ -20,10 +20,8 @@ fn set_alarm_interval(micros: libc::suseconds_t) {
         it_value: every,
     };
     // SAFETY: setitimer reads the struct we pass and writes nothing (null old value).
-    assert_eq!(
-        unsafe { libc::setitimer(libc::ITIMER_REAL, &timer, std::ptr::null_mut()) },
-        0
-    );
+    let rc = unsafe { libc::setitimer(libc::ITIMER_REAL, &timer, std::ptr::null_mut()) };
+    assert_eq!(rc, 0);
 }
 
 fn main() {

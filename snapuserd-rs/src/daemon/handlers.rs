@@ -22,6 +22,7 @@ use crate::dm_user::DM_USER_REQ_MAP_WRITE;
 use crate::snapshot::block_server::{Request, Status};
 use crate::snapshot::merge_plan::BLOCK_SIZE_U64;
 
+use super::events::Notifier;
 use super::transport::{ChannelOpener, RequestHandler, WorkerGroup, Workers};
 
 /// How long `update-verify` waits for each handler's verification (AOSP's 10 s).
@@ -274,6 +275,7 @@ pub struct HandlerRegistry {
     channels: Box<dyn ChannelOpener>,
     worker_count: AtomicU32,
     merge_pause: Arc<MergePause>,
+    worker_exits: Mutex<Option<Notifier>>,
     verify_wait: Duration,
     state: Mutex<State>,
 }
@@ -291,6 +293,7 @@ impl HandlerRegistry {
             channels,
             worker_count: AtomicU32::new(worker_count.max(1)),
             merge_pause: Arc::default(),
+            worker_exits: Mutex::new(None),
             verify_wait: VERIFY_WAIT,
             state: Mutex::new(State::default()),
         }
@@ -300,6 +303,12 @@ impl HandlerRegistry {
     pub fn with_verify_wait(mut self, limit: Duration) -> Self {
         self.verify_wait = limit;
         self
+    }
+
+    /// Wake `notifier` whenever a worker of a handler started from now on ends (for loops
+    /// waiting on [`all_workers_finished`](Self::all_workers_finished)).
+    pub fn notify_worker_exits(&self, notifier: Notifier) {
+        *lock(&self.worker_exits) = Some(notifier);
     }
 
     /// Workers per handler for handlers registered from now on. AOSP uses 1 once the
@@ -381,7 +390,8 @@ impl HandlerRegistry {
             target: Arc::clone(&target),
             pause: Arc::clone(&self.merge_pause),
         });
-        let spawned = Workers::spawn(self.channels.as_ref(), misc, serving, count);
+        let on_exit = lock(&self.worker_exits).clone();
+        let spawned = Workers::spawn(self.channels.as_ref(), misc, serving, count, on_exit);
         let mut state = self.state();
         let closed = state.closed;
         let Some(handler) = state.handlers.get_mut(misc) else {

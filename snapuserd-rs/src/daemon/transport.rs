@@ -30,6 +30,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use thiserror::Error;
 
+use super::events::Notifier;
 use crate::dm_user::{
     Channel, ChannelError, MessageHeader, Received, DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE,
     DM_USER_RESP_ERROR,
@@ -492,12 +493,14 @@ pub struct Workers {
 
 impl Workers {
     /// Open `count` channels on `misc` with `opener` (all before any thread starts, so a
-    /// missing device fails the whole start), then serve each on its own thread.
+    /// missing device fails the whole start), then serve each on its own thread. Each
+    /// worker that ends wakes `on_exit`.
     pub fn spawn(
         opener: &dyn ChannelOpener,
         misc: &str,
         handler: Arc<dyn RequestHandler>,
         count: u32,
+        on_exit: Option<Notifier>,
     ) -> Result<Self, TransportError> {
         let mut channels = Vec::new();
         let mut controls = Vec::new();
@@ -523,9 +526,16 @@ impl Workers {
         };
         for ((index, channel), control) in (0u32..).zip(channels).zip(controls) {
             let handler = Arc::clone(&handler);
+            let on_exit = on_exit.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("snapuserd-{index}"))
-                .spawn(move || serve_channel(channel, handler.as_ref(), &control));
+                .spawn(move || {
+                    let report = serve_channel(channel, handler.as_ref(), &control);
+                    if let Some(n) = on_exit {
+                        n.notify();
+                    }
+                    report
+                });
             match spawned {
                 Ok(t) => workers.threads.push(t),
                 Err(source) => {
@@ -723,7 +733,7 @@ mod tests {
         let opener = PairOpener {
             kernels: Mutex::new(Vec::new()),
         };
-        let mut workers = Workers::spawn(&opener, "x", Arc::new(Fake::default()), 3).unwrap();
+        let mut workers = Workers::spawn(&opener, "x", Arc::new(Fake::default()), 3, None).unwrap();
         let mut kernels = std::mem::take(&mut *opener.kernels.lock().unwrap());
         assert_eq!(kernels.len(), 3);
         for (i, k) in (0u64..).zip(kernels.iter_mut()) {
@@ -752,7 +762,8 @@ mod tests {
 
     #[test]
     fn spawn_fails_when_the_device_cannot_be_opened() {
-        let err = Workers::spawn(&FailingOpener, "gone", Arc::new(Fake::default()), 2).unwrap_err();
+        let err =
+            Workers::spawn(&FailingOpener, "gone", Arc::new(Fake::default()), 2, None).unwrap_err();
         assert!(matches!(err, TransportError::Open { index: 0, .. }));
     }
 
