@@ -177,7 +177,7 @@ pub enum ChannelError {
         waited: Duration,
     },
     /// Opening the misc node failed.
-    #[error("opening {path}: {source}")]
+    #[error("opening {path}")]
     Open {
         /// Path of the node.
         path: PathBuf,
@@ -220,7 +220,7 @@ pub enum ChannelError {
         max: usize,
     },
     /// Any other I/O error on the channel.
-    #[error("{op} on dm-user channel: {source}")]
+    #[error("{op} on dm-user channel")]
     Io {
         /// The operation that failed.
         op: &'static str,

@@ -11,6 +11,8 @@
 //!   merge tracking, block server, control protocol;
 //! * [`cow_backend`] — the core's backends on a real COW file and source image;
 //! * [`daemon`] — dm-user workers, handler registry, control socket, socket handoff;
+//! * [`error_chain`] — printing an error with each of its causes once;
+//! * [`log_limit`] — rate limiting for log lines a peer can trigger per request;
 //! * [`properties`] — setting Android system properties through init's property service;
 //! * `fuzz_harness` — the fuzzing entry points for control messages and dm-user streams
 //!   (with the `fuzz-harness` feature only).
@@ -19,7 +21,9 @@ pub mod cow_backend;
 pub mod daemon;
 pub mod dm;
 pub mod dm_user;
+pub mod error_chain;
 #[cfg(feature = "fuzz-harness")]
 pub mod fuzz_harness;
+pub mod log_limit;
 pub mod properties;
 pub mod snapshot;

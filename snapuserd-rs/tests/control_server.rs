@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 
 use snapuserd::daemon::control_server::{bind_listener, ControlServer, ServerExit};
 use snapuserd::daemon::events::DaemonEvents;
-use snapuserd::daemon::handlers::{CowFileOpener, HandlerRegistry};
+use snapuserd::daemon::handlers::{CowFileOpener, HandlerRegistry, TargetError};
 use snapuserd::daemon::transport::ChannelOpener;
 use snapuserd::dm_user::{
     Channel, ChannelError, MessageHeader, DM_USER_REQ_MAP_DISCARD, DM_USER_REQ_MAP_FLAG_FUA,
@@ -414,7 +414,7 @@ impl snapuserd::daemon::handlers::SnapshotOpener for GatedOpener {
         &self,
         cow: &Path,
         source: &Path,
-    ) -> Result<Arc<dyn snapuserd::daemon::handlers::SnapshotTarget>, String> {
+    ) -> Result<Arc<dyn snapuserd::daemon::handlers::SnapshotTarget>, TargetError> {
         if cow.to_string_lossy().contains("slow") {
             self.entered.lock().unwrap().send(()).unwrap();
             self.gate.lock().unwrap().recv().unwrap();
@@ -582,17 +582,21 @@ impl snapuserd::daemon::handlers::SnapshotTarget for HeldVerification {
     fn device_sectors(&self) -> u64 {
         8
     }
-    fn merge_percent(&self) -> Result<f64, String> {
+    fn merge_percent(&self) -> Result<f64, TargetError> {
         Ok(0.0)
     }
-    fn merge_complete(&self) -> Result<bool, String> {
+    fn merge_complete(&self) -> Result<bool, TargetError> {
         Ok(false)
     }
-    fn verify(&self, _: &AtomicBool) -> Result<u64, String> {
+    fn verify(&self, _: &AtomicBool) -> Result<u64, TargetError> {
         self.entered.lock().unwrap().send(()).unwrap();
         match self.gate.lock().unwrap().recv() {
             Ok(true) => Ok(1),
-            _ => Err("read error".into()),
+            _ => Err(TargetError::VerifyRead {
+                block: 0,
+                blocks: 1,
+                source: "read error".into(),
+            }),
         }
     }
 }
@@ -604,8 +608,17 @@ impl snapuserd::daemon::handlers::SnapshotOpener for HeldOpener {
         &self,
         _: &Path,
         _: &Path,
-    ) -> Result<Arc<dyn snapuserd::daemon::handlers::SnapshotTarget>, String> {
-        let t = self.0.lock().unwrap().take().ok_or("opened twice")?;
+    ) -> Result<Arc<dyn snapuserd::daemon::handlers::SnapshotTarget>, TargetError> {
+        let t = self
+            .0
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| TargetError::Open {
+                cow: PathBuf::new(),
+                source_path: PathBuf::new(),
+                source: "opened twice".into(),
+            })?;
         Ok(t)
     }
 }

@@ -39,7 +39,7 @@ pub enum PlanError {
     #[error(transparent)]
     Classify(#[from] ClassifyError),
     /// Reading an image while breaking cycles failed.
-    #[error("breaking merge cycles: {0}")]
+    #[error("breaking merge cycles")]
     Image(#[from] ImageError),
 }
 

@@ -632,7 +632,8 @@ fn bad_cows_are_refused_clearly() {
     });
     let f = files(&c);
     let err = CowSnapshot::open(&f.cow, &f.base).unwrap_err();
-    assert!(err.to_string().contains("needs scratch space"), "{err}");
+    let chain = crate::error_chain::ErrorChain(&err).to_string();
+    assert!(chain.contains("needs scratch space"), "{chain}");
     // A truncated COW.
     let c = mixed(CowVersion::V2, CompressionAlgorithm::Lz4, true, 12);
     let f = files(&c);

@@ -18,6 +18,7 @@
 //! [`ControlServer::run`]; `detach` closes the listening socket, and `run` returns once every
 //! handler's workers and every job have ended.
 
+use crate::error_chain::ErrorChain;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
@@ -84,7 +85,7 @@ pub enum ControlServerError {
         var: String,
     },
     /// Binding the socket path failed.
-    #[error("binding control socket {path}: {source}")]
+    #[error("binding control socket {path}")]
     Bind {
         /// The path.
         path: PathBuf,
@@ -93,7 +94,7 @@ pub enum ControlServerError {
         source: std::io::Error,
     },
     /// A socket operation failed.
-    #[error("control socket {op}: {source}")]
+    #[error("control socket {op}")]
     Io {
         /// The operation.
         op: &'static str,
@@ -381,7 +382,10 @@ impl ControlServer {
                 true
             }
             Err(e) => {
-                log::error!("control: cannot spawn a job thread: {e}");
+                log::error!(
+                    "control: cannot spawn a job thread: {chain}",
+                    chain = ErrorChain(&e)
+                );
                 false
             }
         }
@@ -399,7 +403,7 @@ impl ControlServer {
                         continue;
                     }
                     if let Err(e) = stream.set_nonblocking(true) {
-                        log::warn!("control: new client: {e}");
+                        log::warn!("control: new client: {chain}", chain = ErrorChain(&e));
                         continue;
                     }
                     let id = self.next_id;
@@ -415,7 +419,7 @@ impl ControlServer {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::warn!("control: accept: {e}");
+                    log::warn!("control: accept: {chain}", chain = ErrorChain(&e));
                     return;
                 }
             }
@@ -601,11 +605,14 @@ fn classify(msg: &[u8]) -> Action {
     let cmd = match Command::parse(msg) {
         Ok(c) => c,
         Err(e @ ControlError::UnknownCommand { .. }) => {
-            log::warn!("control: {e}; closing the connection");
+            log::warn!(
+                "control: {chain}; closing the connection",
+                chain = ErrorChain(&e)
+            );
             return Action::Now(Quick::Reply(Reply::Fail), After::Close);
         }
         Err(e) => {
-            log::warn!("control: {e}");
+            log::warn!("control: {chain}", chain = ErrorChain(&e));
             return Action::Now(Quick::Reply(Reply::Fail), After::Keep);
         }
     };

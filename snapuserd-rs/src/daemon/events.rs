@@ -7,6 +7,7 @@
 //! Drain before look, look before sleep: no wake-up is lost, and an idle daemon is never
 //! woken.
 
+use crate::error_chain::ErrorChain;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
@@ -27,7 +28,10 @@ impl Notifier {
         match (&*self.0).write(&[1]) {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => log::error!("waking the daemon's control loop: {e}"),
+            Err(e) => log::error!(
+                "waking the daemon's control loop: {chain}",
+                chain = ErrorChain(&e)
+            ),
         }
     }
 }

@@ -28,6 +28,7 @@
 //! Every malformed exchange (no fd, several fds, a message of the wrong size, a peer that
 //! closes, an fd that is not a Unix stream socket) is a [`HandoffError`].
 
+use crate::error_chain::ErrorChain;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
@@ -75,7 +76,7 @@ pub enum HandoffError {
         want: &'static str,
     },
     /// A socket operation failed.
-    #[error("socket handoff: {op} ({path}): {source}")]
+    #[error("socket handoff: {op} ({path})")]
     Io {
         /// The operation.
         op: &'static str,
@@ -429,7 +430,10 @@ pub fn receive_listener(
     if let Err(e) =
         nix::sys::socket::send(conn.as_raw_fd(), &[HANDOFF_BYTE], MsgFlags::MSG_NOSIGNAL)
     {
-        log::warn!("socket handoff: sending the ACK: {e}");
+        log::warn!(
+            "socket handoff: sending the ACK: {chain}",
+            chain = ErrorChain(&e)
+        );
     }
     Ok(UnixListener::from(server))
 }

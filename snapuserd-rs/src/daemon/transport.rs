@@ -20,7 +20,7 @@
 use std::io::Read;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -35,6 +35,8 @@ use crate::dm_user::{
     Channel, ChannelError, MessageHeader, Received, DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE,
     DM_USER_RESP_ERROR,
 };
+use crate::error_chain::ErrorChain;
+use crate::log_limit::LogLimit;
 use crate::snapshot::block_server::{Request, Status, MAX_REQUEST_BYTES};
 
 /// Piece size used to discard an over-long WRITE payload.
@@ -178,7 +180,7 @@ impl WorkerControl {
         // EAGAIN only when the counter is saturated: the worker is woken anyway.
         if let Err(e) = self.wake.write(1) {
             if e != Errno::EAGAIN {
-                log::error!("waking a dm-user worker: {e}");
+                log::error!("waking a dm-user worker: {chain}", chain = ErrorChain(&e));
             }
         }
     }
@@ -278,7 +280,7 @@ pub fn serve_channel(
     let max_payload = usize::try_from(MAX_REQUEST_BYTES).unwrap_or(usize::MAX);
     channel.set_max_payload(max_payload);
     if let Err(e) = channel.set_nonblocking(true) {
-        log::error!("dm-user worker: {}", error_chain(&e));
+        log::error!("dm-user worker: {}", ErrorChain(&e));
         return WorkerReport {
             exit: WorkerExit::ChannelFailed,
             answered,
@@ -287,6 +289,7 @@ pub fn serve_channel(
     let mut payload = Vec::new();
     let mut data = Vec::new();
     let mut held: Vec<Held> = Vec::new();
+    let request_log = LogLimit::new();
     let exit = 'serve: loop {
         let stopping = control.stopping();
         if !held.is_empty() {
@@ -313,7 +316,7 @@ pub fn serve_channel(
             }
             Ok(Event::Channel) => {}
             Err(e) => {
-                log::error!("dm-user worker: {}", error_chain(&e));
+                log::error!("dm-user worker: {}", ErrorChain(&e));
                 break WorkerExit::ChannelFailed;
             }
         }
@@ -324,7 +327,9 @@ pub fn serve_channel(
             Err(ChannelError::WouldBlock | ChannelError::Interrupted) => continue,
             Err(ChannelError::UnexpectedEof { got: 0, .. }) => break WorkerExit::TargetGone,
             Err(ChannelError::PayloadTooLarge { seq, len, max }) => {
-                log::error!(
+                crate::log_limited!(
+                    request_log,
+                    log::Level::Error,
                     "dm-user WRITE seq {seq}: {len}-byte payload over the {max}-byte cap; \
                      answering ERROR"
                 );
@@ -337,7 +342,7 @@ pub fn serve_channel(
                 }
             }
             Err(e) => {
-                log::error!("dm-user worker: {}", error_chain(&e));
+                log::error!("dm-user worker: {}", ErrorChain(&e));
                 break WorkerExit::ChannelFailed;
             }
         };
@@ -350,7 +355,9 @@ pub fn serve_channel(
                 });
                 continue;
             }
-            log::warn!(
+            crate::log_limited!(
+                request_log,
+                log::Level::Warn,
                 "{MAX_HELD_REQUESTS} requests are held already; processing seq {} now",
                 header.seq
             );
@@ -372,19 +379,6 @@ pub fn serve_channel(
         _ => log::debug!("dm-user worker ended ({exit:?}) after {answered} requests"),
     }
     WorkerReport { exit, answered }
-}
-
-/// `error` and its chain of sources, separated by `: ` (each message names only its own
-/// context, so the chain prints every cause once).
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Decide the status of one request with `handler` and send the response.
@@ -418,7 +412,7 @@ fn respond(
             log::error!(
                 "dm-user worker: answering seq {}: {}",
                 header.seq,
-                error_chain(&e)
+                ErrorChain(&e)
             );
             Err(WorkerExit::ChannelFailed)
         }
@@ -443,13 +437,16 @@ fn refuse_oversized_write(channel: &mut Channel, seq: u64, len: u64) -> Result<(
                     if let Err(e) = wait_readable(channel) {
                         log::error!(
                             "dm-user worker: discarding payload of seq {seq}: {}",
-                            error_chain(&e)
+                            ErrorChain(&e)
                         );
                         return Err(WorkerExit::ChannelFailed);
                     }
                 }
                 _ => {
-                    log::error!("dm-user worker: discarding payload of seq {seq}: {e}");
+                    log::error!(
+                        "dm-user worker: discarding payload of seq {seq}: {chain}",
+                        chain = ErrorChain(&e)
+                    );
                     return Err(WorkerExit::ChannelFailed);
                 }
             },
@@ -489,6 +486,9 @@ impl WorkerGroup {
 pub struct Workers {
     group: Arc<WorkerGroup>,
     threads: Vec<JoinHandle<WorkerReport>>,
+    /// Workers whose serving loop has not ended yet (lowered before `on_exit` is woken, so
+    /// whoever it wakes sees the count that woke it).
+    serving: Arc<AtomicUsize>,
 }
 
 impl Workers {
@@ -523,14 +523,18 @@ impl Workers {
                 controls: controls.clone(),
             }),
             threads: Vec::new(),
+            serving: Arc::new(AtomicUsize::new(0)),
         };
         for ((index, channel), control) in (0u32..).zip(channels).zip(controls) {
             let handler = Arc::clone(&handler);
             let on_exit = on_exit.clone();
+            let serving = Arc::clone(&workers.serving);
+            serving.fetch_add(1, Ordering::AcqRel);
             let spawned = std::thread::Builder::new()
                 .name(format!("snapuserd-{index}"))
                 .spawn(move || {
                     let report = serve_channel(channel, handler.as_ref(), &control);
+                    serving.fetch_sub(1, Ordering::AcqRel);
                     if let Some(n) = on_exit {
                         n.notify();
                     }
@@ -539,6 +543,7 @@ impl Workers {
             match spawned {
                 Ok(t) => workers.threads.push(t),
                 Err(source) => {
+                    workers.serving.fetch_sub(1, Ordering::AcqRel);
                     workers.stop_and_join();
                     return Err(TransportError::Spawn {
                         misc: misc.to_string(),
@@ -556,9 +561,9 @@ impl Workers {
         Arc::clone(&self.group)
     }
 
-    /// True once every worker thread has ended.
+    /// True once every worker has stopped serving.
     pub fn all_finished(&self) -> bool {
-        self.threads.iter().all(|t| t.is_finished())
+        self.serving.load(Ordering::Acquire) == 0
     }
 
     /// Ask every worker to stop (each is woken at once).

@@ -16,6 +16,7 @@
 
 mod data_chunks;
 
+use crate::error_chain::ErrorChain;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -27,6 +28,7 @@ use super::exception_store::{
 };
 use super::merge_plan::{MergePlan, PlannedOp, SourceDevice, BLOCK_SIZE, BLOCK_SIZE_U64};
 use super::merge_tracker::{MergeProgress, MergeStateStore, MergeTracker, MergeTrackerError};
+use crate::log_limit::LogLimit;
 use data_chunks::DataChunkIndex;
 
 /// dm-user request type READ.
@@ -95,10 +97,10 @@ impl Status {
 #[derive(Debug, Error)]
 pub enum BlockServerError {
     /// Building the exception store failed.
-    #[error("building the exception store: {0}")]
+    #[error("building the exception store")]
     Layout(#[from] ExceptionStoreError),
     /// The merge tracker refused or failed.
-    #[error("merge tracking: {0}")]
+    #[error("merge tracking")]
     Merge(#[from] MergeTrackerError),
     /// The request range is not sector-granular, too large, or beyond the device.
     #[error("request at sector {sector} of {len} bytes is outside the {device_sectors}-sector device or malformed")]
@@ -111,7 +113,7 @@ pub enum BlockServerError {
         device_sectors: u64,
     },
     /// Producing an op's data failed.
-    #[error("reading data of merge-order op {op_index} (chunk {chunk}): {source}")]
+    #[error("reading data of merge-order op {op_index} (chunk {chunk})")]
     OpRead {
         /// Op index.
         op_index: usize,
@@ -156,6 +158,8 @@ pub struct BlockServer<B, D, S: MergeStateStore> {
     tracker: Mutex<MergeTracker<S>>,
     /// Mirrors the tracker's activation, so requests after the first skip the lock.
     active: AtomicBool,
+    /// Budget of the log lines failed requests write.
+    request_log: LogLimit,
 }
 
 /// Source bytes of one op, as saved in the read-ahead window.
@@ -200,6 +204,7 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
             source,
             tracker: Mutex::new(tracker),
             active: AtomicBool::new(false),
+            request_log: LogLimit::new(),
         })
     }
 
@@ -278,7 +283,12 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
         }
         if !self.active.load(Ordering::Acquire) {
             if let Err(e) = self.activate() {
-                log::error!("request {req:?}: cannot take over the merge state: {e}");
+                crate::log_limited!(
+                    self.request_log,
+                    log::Level::Error,
+                    "request {req:?}: cannot take over the merge state: {chain}",
+                    chain = ErrorChain(&e)
+                );
                 read_out.clear();
                 return Status::Error;
             }
@@ -287,7 +297,9 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
             DM_USER_REQ_MAP_READ => self.serve_read(req, read_out),
             DM_USER_REQ_MAP_WRITE => self.serve_write(req, write_payload).map(|_| ()),
             other => {
-                log::warn!(
+                crate::log_limited!(
+                    self.request_log,
+                    log::Level::Warn,
                     "dm-user request type {other} at sector {} unsupported",
                     req.sector
                 );
@@ -297,7 +309,12 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
         match result {
             Ok(()) => Status::Success,
             Err(e) => {
-                log::error!("request {req:?} failed: {e}");
+                crate::log_limited!(
+                    self.request_log,
+                    log::Level::Error,
+                    "request {req:?} failed: {chain}",
+                    chain = ErrorChain(&e)
+                );
                 read_out.clear();
                 Status::Error
             }

@@ -40,7 +40,7 @@ pub enum ModelError {
         status: Status,
     },
     /// The origin device failed (or crashed).
-    #[error("origin device: {0}")]
+    #[error("origin device")]
     Origin(#[from] io::Error),
     /// The header chunk is not a valid persistent snapshot header.
     #[error("bad snapshot header: {0}")]

@@ -14,6 +14,7 @@
 //!
 //! Ops are never reordered: the merged set is always a prefix of the merge order.
 
+use crate::error_chain::ErrorChain;
 use std::io;
 use std::time::{Duration, Instant};
 
@@ -76,7 +77,7 @@ pub trait MergeStateStore {
 #[derive(Debug, Error)]
 pub enum MergeTrackerError {
     /// The durable store failed.
-    #[error("merge state store failed during {operation}: {source}")]
+    #[error("merge state store failed during {operation}")]
     Store {
         /// What was being done.
         operation: &'static str,
@@ -85,7 +86,7 @@ pub enum MergeTrackerError {
         source: io::Error,
     },
     /// Reading the source device for a read-ahead window failed.
-    #[error("reading source bytes at offset {offset} for merge-order op {op_index}: {source}")]
+    #[error("reading source bytes at offset {offset} for merge-order op {op_index}")]
     SourceRead {
         /// Op whose source was read.
         op_index: usize,
@@ -446,7 +447,10 @@ impl<S: MergeStateStore> MergeTracker<S> {
             return;
         }
         if let Err(e) = self.store.reload() {
-            log::debug!("re-reading the durable merge state for a status query: {e}");
+            log::debug!(
+                "re-reading the durable merge state for a status query: {chain}",
+                chain = ErrorChain(&e)
+            );
             return;
         }
         if self.store.num_merge_ops() == plan.len() as u64 {
