@@ -3,8 +3,6 @@
 //! This crate currently provides the kernel-facing building blocks that the
 //! daemon is built from:
 //!
-//! * [`dm`] — a device-mapper control library speaking the `DM_*` ioctls on
-//!   `/dev/mapper/control` directly, so nothing needs `dmsetup`;
 //! * [`dm_user`] — a dm-user channel: the 40-byte message header and the
 //!   request/response framing on `/dev/dm-user/<name>`;
 //! * [`snapshot`] — the pure-logic legacy (dm-snapshot) core: exception store,
@@ -19,7 +17,6 @@
 
 pub mod cow_backend;
 pub mod daemon;
-pub mod dm;
 pub mod dm_user;
 pub mod error_chain;
 #[cfg(feature = "fuzz-harness")]

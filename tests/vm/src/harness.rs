@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use snapuserd::dm::{DmControl, TableEntry};
+use dm_ioctl::{DmControl, TableEntry};
 
 /// Test outcome: Ok(detail) or Err(reason).
 pub type TestResult = Result<String, String>;

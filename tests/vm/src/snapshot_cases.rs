@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use snapuserd::dm::{DmControl, SnapshotStatus, TableEntry};
+use dm_ioctl::{DmControl, SnapshotStatus, TableEntry};
 
 use crate::harness::AlignedBuf;
 
