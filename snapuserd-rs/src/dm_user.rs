@@ -344,6 +344,16 @@ impl MessageHeader {
         }
     }
 
+    /// The block request this header carries.
+    pub fn request(&self) -> Request {
+        Request {
+            kind: self.msg_type,
+            flags: self.flags,
+            sector: self.sector,
+            len: self.len,
+        }
+    }
+
     /// The decoded request type (`None` for a value the ABI does not define).
     pub fn request_type(&self) -> Option<RequestType> {
         RequestType::from_wire(self.msg_type)
@@ -361,6 +371,20 @@ impl MessageHeader {
     pub fn byte_offset(&self) -> Option<u64> {
         self.sector.checked_mul(512)
     }
+}
+
+/// A block request as a handler sees it: the header of a request message without its
+/// sequence number (which only the transport needs, to match the response).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    /// Request type (`DM_USER_REQ_MAP_*`).
+    pub kind: u64,
+    /// Request flags (`DM_USER_REQ_MAP_FLAG_*`).
+    pub flags: u64,
+    /// First sector (512 bytes).
+    pub sector: u64,
+    /// Length in bytes.
+    pub len: u64,
 }
 
 /// What [`Channel::receive`] produced.

@@ -26,15 +26,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use cow_format::{Compression, CompressionAlgorithm, CowVersion, CowWriter, WriterOptions};
 
 use crate::cow_backend::CowSnapshot;
+use crate::daemon::control_protocol::{Command, DaemonConfig};
 use crate::daemon::transport::{serve_channel, WorkerControl};
 use crate::dm_user::{
-    Channel, MessageHeader, DM_USER_REQ_MAP_FLAG_FUA, DM_USER_REQ_MAP_FLAG_PREFLUSH,
-    DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE, DM_USER_RESP_ERROR, DM_USER_RESP_SUCCESS,
-    DM_USER_RESP_UNSUPPORTED, HEADER_SIZE,
+    Channel, MessageHeader, Request, ResponseCode, DM_USER_REQ_MAP_FLAG_FUA,
+    DM_USER_REQ_MAP_FLAG_PREFLUSH, DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE, DM_USER_RESP_ERROR,
+    DM_USER_RESP_SUCCESS, DM_USER_RESP_UNSUPPORTED, HEADER_SIZE,
 };
-use crate::snapshot::block_server::Request;
-use crate::snapshot::block_server::Status;
-use crate::snapshot::control_protocol::{Command, DaemonConfig};
 use crate::snapshot::exception_store::{area_chunk, header_chunk, CHUNK_SECTORS};
 use crate::snapshot::merge_plan::BLOCK_SIZE;
 
@@ -283,7 +281,7 @@ impl DmUserFixture {
             sector: area_sector,
             len: BLOCK_SIZE as u64,
         };
-        if server.handle(&read_area, &[], &mut out) == Status::Success {
+        if server.handle(&read_area, &[], &mut out) == ResponseCode::Success {
             area.copy_from_slice(&out);
         }
         let mut seq = 0u64;
@@ -417,7 +415,7 @@ impl DmUserFixture {
             let status = server.handle(&req, &[], &mut out);
             assert_eq!(
                 status,
-                Status::Success,
+                ResponseCode::Success,
                 "{variant:?}: reading exception {e}"
             );
             assert!(

@@ -6,7 +6,7 @@
 //! * [`dm_user`] — a dm-user channel: the 40-byte message header and the
 //!   request/response framing on `/dev/dm-user/<name>`;
 //! * [`snapshot`] — the pure-logic legacy (dm-snapshot) core: exception store,
-//!   merge tracking, block server, control protocol;
+//!   merge tracking, block server;
 //! * [`cow_backend`] — the core's backends on a real COW file and source image;
 //! * [`daemon`] — dm-user workers, handler registry, control socket, socket handoff;
 //! * [`error_chain`] — printing an error with each of its causes once;

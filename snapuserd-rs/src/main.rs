@@ -22,6 +22,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use snapuserd::daemon::control_protocol::{DaemonConfig, Reply};
 use snapuserd::daemon::control_server::{
     bind_listener, inherited_listener, inherited_socket, ControlServer, ControlServerError,
     ServerExit,
@@ -35,7 +36,6 @@ use snapuserd::daemon::handoff::{
 use snapuserd::daemon::transport::DevDmUser;
 use snapuserd::error_chain::ErrorChain;
 use snapuserd::properties::{set_property_if_available, PROPERTY_SERVICE_SOCKET};
-use snapuserd::snapshot::control_protocol::{DaemonConfig, Reply};
 
 /// Where init looks for the daemon-alive indicator after the SELinux transition.
 const ALIVE_INDICATOR: &str = "/metadata/ota/daemon-alive-indicator";
@@ -215,7 +215,7 @@ fn run_proxy_role(paths: &HostPaths, events: &DaemonEvents) -> Result<(), Daemon
     };
     let server: OwnedFd = match &paths.socket {
         Some(p) => bind_listener(p)?.into(),
-        None => inherited_socket(snapuserd::snapshot::control_protocol::DEFAULT_SOCKET_NAME)?,
+        None => inherited_socket(snapuserd::daemon::control_protocol::DEFAULT_SOCKET_NAME)?,
     };
     run_proxy(
         proxy,

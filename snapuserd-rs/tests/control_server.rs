@@ -570,11 +570,11 @@ struct HeldVerification {
 impl snapuserd::daemon::transport::RequestHandler for HeldVerification {
     fn handle(
         &self,
-        _: &snapuserd::snapshot::block_server::Request,
+        _: &snapuserd::dm_user::Request,
         _: &[u8],
         _: &mut Vec<u8>,
-    ) -> snapuserd::snapshot::block_server::Status {
-        snapuserd::snapshot::block_server::Status::Unsupported
+    ) -> snapuserd::dm_user::ResponseCode {
+        snapuserd::dm_user::ResponseCode::Unsupported
     }
 }
 

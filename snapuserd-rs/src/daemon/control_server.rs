@@ -30,7 +30,7 @@ use std::sync::Arc;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use thiserror::Error;
 
-use crate::snapshot::control_protocol::{
+use crate::daemon::control_protocol::{
     supports_reply, Command, ControlError, Reply, MAX_MESSAGE_SIZE,
 };
 

@@ -17,12 +17,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::snapshot::control_protocol::{MergeStatus, Reply};
+use crate::daemon::control_protocol::{MergeStatus, Reply};
 
 use thiserror::Error;
 
-use crate::dm_user::DM_USER_REQ_MAP_WRITE;
-use crate::snapshot::block_server::{Request, Status};
+use crate::dm_user::{Request, ResponseCode, DM_USER_REQ_MAP_WRITE};
 use crate::snapshot::merge_plan::BLOCK_SIZE_U64;
 
 use super::events::Notifier;
@@ -97,7 +96,12 @@ mod cow_files {
     use crate::snapshot::merge_plan::BLOCK_SIZE;
 
     impl RequestHandler for CowSnapshot<FileSource> {
-        fn handle(&self, req: &Request, write_payload: &[u8], read_out: &mut Vec<u8>) -> Status {
+        fn handle(
+            &self,
+            req: &Request,
+            write_payload: &[u8],
+            read_out: &mut Vec<u8>,
+        ) -> ResponseCode {
             self.server().handle(req, write_payload, read_out)
         }
     }
@@ -224,7 +228,7 @@ struct PausableTarget {
 }
 
 impl RequestHandler for PausableTarget {
-    fn handle(&self, req: &Request, write_payload: &[u8], read_out: &mut Vec<u8>) -> Status {
+    fn handle(&self, req: &Request, write_payload: &[u8], read_out: &mut Vec<u8>) -> ResponseCode {
         self.target.handle(req, write_payload, read_out)
     }
 
@@ -696,8 +700,7 @@ fn spawn_verification(misc: &str, target: Arc<dyn SnapshotTarget>, v: Arc<Verifi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dm_user::{Channel, ChannelError};
-    use crate::snapshot::block_server::{Request, Status};
+    use crate::dm_user::{Channel, ChannelError, Request, ResponseCode};
     use std::os::unix::net::UnixStream;
     use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -709,8 +712,8 @@ mod tests {
     }
 
     impl RequestHandler for FakeTarget {
-        fn handle(&self, _: &Request, _: &[u8], _: &mut Vec<u8>) -> Status {
-            Status::Unsupported
+        fn handle(&self, _: &Request, _: &[u8], _: &mut Vec<u8>) -> ResponseCode {
+            ResponseCode::Unsupported
         }
     }
 

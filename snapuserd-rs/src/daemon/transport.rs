@@ -32,12 +32,12 @@ use thiserror::Error;
 
 use super::events::Notifier;
 use crate::dm_user::{
-    Channel, ChannelError, MessageHeader, Received, DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE,
-    DM_USER_RESP_ERROR,
+    Channel, ChannelError, MessageHeader, Received, Request, ResponseCode, DM_USER_REQ_MAP_READ,
+    DM_USER_REQ_MAP_WRITE, DM_USER_RESP_ERROR,
 };
 use crate::error_chain::ErrorChain;
 use crate::log_limit::LogLimit;
-use crate::snapshot::block_server::{Request, Status, MAX_REQUEST_BYTES};
+use crate::snapshot::block_server::MAX_REQUEST_BYTES;
 
 /// Piece size used to discard an over-long WRITE payload.
 const DRAIN_PIECE: usize = 64 << 10;
@@ -88,7 +88,7 @@ pub enum TransportError {
 pub trait RequestHandler: Send + Sync {
     /// Decide the status of `req` and, for a successful READ, fill `read_out` with `req.len`
     /// bytes. `write_payload` holds a WRITE's payload.
-    fn handle(&self, req: &Request, write_payload: &[u8], read_out: &mut Vec<u8>) -> Status;
+    fn handle(&self, req: &Request, write_payload: &[u8], read_out: &mut Vec<u8>) -> ResponseCode;
 
     /// True to hold `req` for now: the transport neither processes nor answers it, and asks
     /// again each time its worker is woken ([`WorkerGroup::wake`]); a stopping worker
@@ -255,16 +255,6 @@ struct Held {
     payload: Vec<u8>,
 }
 
-/// The block request a message header carries.
-fn request_of(header: &MessageHeader) -> Request {
-    Request {
-        kind: header.msg_type,
-        flags: header.flags,
-        sector: header.sector,
-        len: header.len,
-    }
-}
-
 /// Serve `channel` with `handler` until the target goes away, `control` is stopped, or the
 /// channel fails. Runs on the calling thread.
 ///
@@ -295,7 +285,7 @@ pub fn serve_channel(
         if !held.is_empty() {
             let mut index = 0;
             while let Some(h) = held.get(index) {
-                if !stopping && handler.hold(&request_of(&h.header)) {
+                if !stopping && handler.hold(&h.header.request()) {
                     index += 1;
                     continue;
                 }
@@ -346,7 +336,7 @@ pub fn serve_channel(
                 break WorkerExit::ChannelFailed;
             }
         };
-        if handler.hold(&request_of(&header)) {
+        if handler.hold(&header.request()) {
             if held.len() < MAX_HELD_REQUESTS {
                 log::debug!("holding request seq {}", header.seq);
                 held.push(Held {
@@ -389,13 +379,14 @@ fn answer(
     payload: &[u8],
     data: &mut Vec<u8>,
 ) -> Result<(), WorkerExit> {
-    let status = handler.handle(&request_of(header), payload, data);
-    let body: &[u8] = if status == Status::Success && header.msg_type == DM_USER_REQ_MAP_READ {
+    let status = handler.handle(&header.request(), payload, data);
+    let body: &[u8] = if status == ResponseCode::Success && header.msg_type == DM_USER_REQ_MAP_READ
+    {
         data
     } else {
         &[]
     };
-    respond(channel, header, status.code(), body)
+    respond(channel, header, status.to_wire(), body)
 }
 
 /// Send one response; the exit it forces if the channel cannot carry it.
@@ -608,19 +599,19 @@ mod tests {
     }
 
     impl RequestHandler for Fake {
-        fn handle(&self, req: &Request, payload: &[u8], out: &mut Vec<u8>) -> Status {
+        fn handle(&self, req: &Request, payload: &[u8], out: &mut Vec<u8>) -> ResponseCode {
             match req.kind {
                 0 if req.len <= 1 << 20 => {
                     out.clear();
                     out.resize(req.len as usize, req.sector as u8);
-                    Status::Success
+                    ResponseCode::Success
                 }
-                0 => Status::Error,
+                0 => ResponseCode::Error,
                 1 => {
                     self.written.lock().unwrap().extend_from_slice(payload);
-                    Status::Success
+                    ResponseCode::Success
                 }
-                _ => Status::Unsupported,
+                _ => ResponseCode::Unsupported,
             }
         }
     }
@@ -779,7 +770,7 @@ mod tests {
     }
 
     impl RequestHandler for Pausing {
-        fn handle(&self, req: &Request, payload: &[u8], out: &mut Vec<u8>) -> Status {
+        fn handle(&self, req: &Request, payload: &[u8], out: &mut Vec<u8>) -> ResponseCode {
             self.inner.handle(req, payload, out)
         }
         fn hold(&self, req: &Request) -> bool {

@@ -28,17 +28,10 @@ use super::exception_store::{
 };
 use super::merge_plan::{MergePlan, PlannedOp, SourceDevice, BLOCK_SIZE, BLOCK_SIZE_U64};
 use super::merge_tracker::{MergeProgress, MergeStateStore, MergeTracker, MergeTrackerError};
+use crate::dm_user::{Request, ResponseCode, DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE};
 use crate::log_limit::LogLimit;
 use data_chunks::DataChunkIndex;
 
-/// dm-user request type READ.
-pub const DM_USER_REQ_MAP_READ: u64 = 0;
-/// dm-user request type WRITE.
-pub const DM_USER_REQ_MAP_WRITE: u64 = 1;
-/// dm-user request flag PREFLUSH.
-pub const DM_USER_REQ_PREFLUSH: u64 = 0x400;
-/// dm-user request flag FUA.
-pub const DM_USER_REQ_FUA: u64 = 0x200;
 /// Largest request served (bytes); larger ones are answered with ERROR so a request can
 /// never make the daemon allocate without bound.
 pub const MAX_REQUEST_BYTES: u64 = 4 << 20;
@@ -56,41 +49,6 @@ pub trait BlockSource {
         source: &dyn SourceDevice,
         out: &mut [u8],
     ) -> io::Result<()>;
-}
-
-/// One request as received from dm-user (the 40-byte header minus `seq`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Request {
-    /// Request type (`DM_USER_REQ_MAP_*`).
-    pub kind: u64,
-    /// Request flags bitmask.
-    pub flags: u64,
-    /// First sector (512 bytes).
-    pub sector: u64,
-    /// Length in bytes.
-    pub len: u64,
-}
-
-/// Response code sent back in the header's `type` field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    /// `DM_USER_RESP_SUCCESS` (0).
-    Success,
-    /// `DM_USER_RESP_ERROR` (1).
-    Error,
-    /// `DM_USER_RESP_UNSUPPORTED` (2).
-    Unsupported,
-}
-
-impl Status {
-    /// The wire value.
-    pub fn code(self) -> u64 {
-        match self {
-            Status::Success => 0,
-            Status::Error => 1,
-            Status::Unsupported => 2,
-        }
-    }
 }
 
 /// Errors while serving a request (logged; the request is answered with ERROR).
@@ -277,7 +235,12 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
     ///
     /// The first request activates merge tracking (see [`MergeTracker::activate`]): until
     /// the kernel talks to this daemon, another daemon may still be merging the same COW.
-    pub fn handle(&self, req: &Request, write_payload: &[u8], read_out: &mut Vec<u8>) -> Status {
+    pub fn handle(
+        &self,
+        req: &Request,
+        write_payload: &[u8],
+        read_out: &mut Vec<u8>,
+    ) -> ResponseCode {
         if req.kind != DM_USER_REQ_MAP_READ {
             read_out.clear();
         }
@@ -290,7 +253,7 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
                     chain = ErrorChain(&e)
                 );
                 read_out.clear();
-                return Status::Error;
+                return ResponseCode::Error;
             }
         }
         let result = match req.kind {
@@ -303,11 +266,11 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
                     "dm-user request type {other} at sector {} unsupported",
                     req.sector
                 );
-                return Status::Unsupported;
+                return ResponseCode::Unsupported;
             }
         };
         match result {
-            Ok(()) => Status::Success,
+            Ok(()) => ResponseCode::Success,
             Err(e) => {
                 crate::log_limited!(
                     self.request_log,
@@ -316,7 +279,7 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
                     chain = ErrorChain(&e)
                 );
                 read_out.clear();
-                Status::Error
+                ResponseCode::Error
             }
         }
     }
@@ -507,6 +470,7 @@ mod tests {
     use super::super::merge_plan::OpKind;
     use super::super::test_support::{CrashClock, DurableMergeState, InMemoryMergeStore};
     use super::*;
+    use crate::dm_user::{DM_USER_REQ_MAP_FLAG_FUA, DM_USER_REQ_MAP_FLAG_PREFLUSH};
 
     struct Fill;
     impl BlockSource for Fill {
@@ -603,7 +567,7 @@ mod tests {
             .collect();
         let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         for (status, out) in &results {
-            assert_eq!(*status, Status::Success);
+            assert_eq!(*status, ResponseCode::Success);
             assert_eq!(out, &results[0].1);
         }
     }
@@ -619,7 +583,7 @@ mod tests {
         let mut whole = Vec::new();
         assert_eq!(
             s.handle(&req(0, 0, 0, sectors * 512), &[], &mut whole),
-            Status::Success
+            ResponseCode::Success
         );
         let mut piece = Vec::new();
         for (sector, len) in [
@@ -630,7 +594,7 @@ mod tests {
         ] {
             assert_eq!(
                 s.handle(&req(0, 0, sector, len), &[], &mut piece),
-                Status::Success
+                ResponseCode::Success
             );
             let at = (sector * 512) as usize;
             assert_eq!(
@@ -652,58 +616,69 @@ mod tests {
         let s = server(vec![PlannedOp::zero(1)]);
         let mut out = Vec::new();
         let end = s.device_sectors();
-        assert_eq!(s.handle(&req(0, 0, end, 512), &[], &mut out), Status::Error);
-        assert_eq!(s.handle(&req(0, 0, 0, 100), &[], &mut out), Status::Error);
+        assert_eq!(
+            s.handle(&req(0, 0, end, 512), &[], &mut out),
+            ResponseCode::Error
+        );
+        assert_eq!(
+            s.handle(&req(0, 0, 0, 100), &[], &mut out),
+            ResponseCode::Error
+        );
         assert_eq!(
             s.handle(&req(0, 0, u64::MAX, 512), &[], &mut out),
-            Status::Error
+            ResponseCode::Error
         );
         assert_eq!(
             s.handle(&req(0, 0, 0, MAX_REQUEST_BYTES + 512), &[], &mut out),
-            Status::Error
+            ResponseCode::Error
         );
         assert!(out.is_empty());
         assert_eq!(
             s.handle(&req(3, 0, 0, 4096), &[], &mut out),
-            Status::Unsupported
+            ResponseCode::Unsupported
         );
         assert_eq!(
             s.handle(&req(2, 0, 0, 0), &[], &mut out),
-            Status::Unsupported
+            ResponseCode::Unsupported
         );
         // Empty flush.
         assert_eq!(
-            s.handle(&req(1, DM_USER_REQ_PREFLUSH, 0, 0), &[], &mut out),
-            Status::Success
+            s.handle(&req(1, DM_USER_REQ_MAP_FLAG_PREFLUSH, 0, 0), &[], &mut out),
+            ResponseCode::Success
         );
         // Writes to data or header chunks, unaligned or short metadata writes.
         let data = vec![0u8; 4096];
         assert_eq!(
             s.handle(&req(1, 0, 16, 4096), &data, &mut out),
-            Status::Error
+            ResponseCode::Error
         );
         assert_eq!(
             s.handle(&req(1, 0, 0, 4096), &data, &mut out),
-            Status::Error
+            ResponseCode::Error
         );
         assert_eq!(
             s.handle(&req(1, 0, 9, 4096), &data, &mut out),
-            Status::Error
+            ResponseCode::Error
         );
         assert_eq!(
             s.handle(&req(1, 0, 8, 4096), &data[..512], &mut out),
-            Status::Error
+            ResponseCode::Error
         );
         assert_eq!(s.merge_percent().unwrap(), 0.0);
         assert!(!s.merge_complete().unwrap());
         // A correct merge write of the only exception.
         assert_eq!(
             s.handle(
-                &req(1, DM_USER_REQ_PREFLUSH | DM_USER_REQ_FUA, 8, 4096),
+                &req(
+                    1,
+                    DM_USER_REQ_MAP_FLAG_PREFLUSH | DM_USER_REQ_MAP_FLAG_FUA,
+                    8,
+                    4096
+                ),
                 &data,
                 &mut out
             ),
-            Status::Success
+            ResponseCode::Success
         );
         assert_eq!(s.committed().unwrap(), 1);
         assert_eq!(s.merge_percent().unwrap(), 100.0);
@@ -711,7 +686,7 @@ mod tests {
         // The area now reads as all zeros.
         assert_eq!(
             s.handle(&req(0, 0, 8, 4096), &[], &mut out),
-            Status::Success
+            ResponseCode::Success
         );
         assert!(out.iter().all(|&b| b == 0));
     }

@@ -9,7 +9,6 @@
 #![deny(unsafe_code)]
 
 pub mod block_server;
-pub mod control_protocol;
 pub mod exception_store;
 pub mod merge_plan;
 pub mod merge_tracker;
