@@ -19,7 +19,7 @@ mod data_chunks;
 use crate::error_chain::ErrorChain;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use thiserror::Error;
 
@@ -27,7 +27,9 @@ use super::exception_store::{
     header_chunk, sector_to_chunk, ChunkKind, ExceptionStore, ExceptionStoreError, SECTOR_SIZE,
 };
 use super::merge_plan::{MergePlan, PlannedOp, SourceDevice, BLOCK_SIZE, BLOCK_SIZE_U64};
-use super::merge_tracker::{MergeProgress, MergeStateStore, MergeTracker, MergeTrackerError};
+use super::merge_tracker::{
+    MergeProgress, MergeStateStore, MergeTracker, MergeTrackerError, Window,
+};
 use crate::dm_user::{Request, ResponseCode, DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE};
 use crate::log_limit::LogLimit;
 use data_chunks::DataChunkIndex;
@@ -116,8 +118,28 @@ pub struct BlockServer<B, D, S: MergeStateStore> {
     tracker: Mutex<MergeTracker<S>>,
     /// Mirrors the tracker's activation, so requests after the first skip the lock.
     active: AtomicBool,
+    /// What READs need of the tracker, published after each change (see `publish`), so that
+    /// no READ waits for a metadata write-back's durable commit or window preparation.
+    view: RwLock<TrackerView>,
     /// Budget of the log lines failed requests write.
     request_log: LogLimit,
+}
+
+/// The tracker state READs use: exceptions still live (metadata areas render `0..live`) and
+/// the current read-ahead window.
+#[derive(Debug, Clone)]
+struct TrackerView {
+    live: usize,
+    window: Option<Window>,
+}
+
+impl TrackerView {
+    fn of<S: MergeStateStore>(tracker: &MergeTracker<S>) -> Self {
+        Self {
+            live: tracker.live(),
+            window: tracker.window(),
+        }
+    }
 }
 
 /// Source bytes of one op, as saved in the read-ahead window.
@@ -150,6 +172,7 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
     pub fn new(plan: MergePlan, blocks: B, source: D, store: S) -> Result<Self, BlockServerError> {
         let exceptions = ExceptionStore::build(&plan)?;
         let tracker = MergeTracker::open(&plan, &exceptions, store)?;
+        let view = RwLock::new(TrackerView::of(&tracker));
         let data_chunks = DataChunkIndex::build(&exceptions);
         if data_chunks.is_none() {
             log::warn!("exception chunk ids not strictly increasing: READs use the binary search");
@@ -162,6 +185,7 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
             source,
             tracker: Mutex::new(tracker),
             active: AtomicBool::new(false),
+            view,
             request_log: LogLimit::new(),
         })
     }
@@ -185,6 +209,24 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
         self.tracker.lock().map_err(|_| BlockServerError::Poisoned)
     }
 
+    /// Publish what READs need of `tracker` (called with the tracker lock held, after every
+    /// change). A READ running meanwhile sees the state before the change: what it would
+    /// have seen had it taken the tracker lock before the writer.
+    fn publish(&self, tracker: &MergeTracker<S>) {
+        let view = TrackerView::of(tracker);
+        match self.view.write() {
+            Ok(mut g) => *g = view,
+            Err(poisoned) => *poisoned.into_inner() = view,
+        }
+    }
+
+    fn view(&self) -> RwLockReadGuard<'_, TrackerView> {
+        match self.view.read() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
     /// Durable `num_merge_ops` as last committed.
     pub fn committed(&self) -> Result<u64, BlockServerError> {
         Ok(self.tracker()?.committed())
@@ -196,6 +238,7 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
         let live = {
             let mut tracker = self.tracker()?;
             tracker.follow_finished_merge(&self.plan);
+            self.publish(&tracker);
             tracker.live()
         };
         let total = self.plan.len();
@@ -210,13 +253,16 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
     pub fn merge_complete(&self) -> Result<bool, BlockServerError> {
         let mut tracker = self.tracker()?;
         tracker.follow_finished_merge(&self.plan);
+        self.publish(&tracker);
         Ok(tracker.live() == 0 && tracker.committed() == self.plan.len() as u64)
     }
 
     /// Activate merge tracking once (the first dm-user request does it).
     fn activate(&self) -> Result<(), BlockServerError> {
         let mut tracker = self.tracker()?;
-        tracker.activate(&self.plan, &self.source)?;
+        let activated = tracker.activate(&self.plan, &self.source);
+        self.publish(&tracker);
+        activated?;
         self.active.store(true, Ordering::Release);
         Ok(())
     }
@@ -365,7 +411,7 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
         match self.exceptions.lookup(chunk) {
             ChunkKind::Header => *out = header_chunk(),
             ChunkKind::Metadata { area } => {
-                let live = self.tracker()?.live();
+                let live = self.view().live;
                 self.exceptions.render_area(&self.plan, area, live, out)?;
             }
             ChunkKind::Data { op_index, .. } => self.read_data_chunk(chunk, op_index, out)?,
@@ -400,9 +446,16 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
                     source,
                 });
         }
-        // The lock is held only to copy the saved bytes (ops outside the window copy nothing).
+        // The view's lock is held only to copy the saved bytes (ops outside the window copy
+        // nothing); the tracker itself is not locked, so a write-back in progress does not
+        // hold this READ up.
         let saved: Option<[u8; BLOCK_SIZE]> =
-            match self.tracker()?.window_source(op_index) {
+            match self
+                .view()
+                .window
+                .as_ref()
+                .and_then(|w| w.source_of(op_index))
+            {
                 Some(bytes) => Some(<[u8; BLOCK_SIZE]>::try_from(bytes).map_err(|_| {
                     BlockServerError::OpRead {
                         op_index,
@@ -459,7 +512,9 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
         };
         let mut tracker = self.tracker()?;
         let progress =
-            tracker.on_metadata_write(&self.plan, &self.exceptions, area, payload, &self.source)?;
+            tracker.on_metadata_write(&self.plan, &self.exceptions, area, payload, &self.source);
+        self.publish(&tracker);
+        let progress = progress?;
         log::debug!("merge progress: {progress:?}");
         Ok(Some(progress))
     }
@@ -545,6 +600,125 @@ mod tests {
         fn reload(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    /// A store whose `commit` waits for the test, to hold a write-back inside its durable
+    /// commit (with the tracker locked) while READs arrive.
+    struct GatedStore {
+        num_merge_ops: u64,
+        entered: std::sync::mpsc::Sender<()>,
+        gate: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+    impl MergeStateStore for GatedStore {
+        fn num_merge_ops(&self) -> u64 {
+            self.num_merge_ops
+        }
+        fn scratch_state(&self) -> super::super::merge_tracker::ScratchState {
+            super::super::merge_tracker::ScratchState::NotStarted
+        }
+        fn scratch_capacity_blocks(&self) -> usize {
+            0
+        }
+        fn read_window(&self) -> io::Result<super::super::merge_tracker::ScratchWindow> {
+            Ok(Default::default())
+        }
+        fn commit(&mut self, n: u64) -> io::Result<()> {
+            self.entered.send(()).map_err(io::Error::other)?;
+            self.gate.lock().unwrap().recv().map_err(io::Error::other)?;
+            self.num_merge_ops = n;
+            Ok(())
+        }
+        fn commit_window(&mut self, n: u64) -> io::Result<()> {
+            self.commit(n)
+        }
+        fn write_window(
+            &mut self,
+            _: &super::super::merge_tracker::ScratchWindow,
+        ) -> io::Result<()> {
+            Ok(())
+        }
+        fn reload(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn reads_do_not_wait_for_a_write_back_in_its_durable_commit() {
+        use super::super::exception_store::{area_chunk, CHUNK_SECTORS};
+        use std::sync::{mpsc, Arc};
+        use std::time::Duration;
+        let plan = MergePlan::new(
+            vec![
+                PlannedOp::copy(9, 3),
+                PlannedOp::replace(4),
+                PlannedOp::zero(5),
+            ],
+            0,
+        )
+        .unwrap();
+        let source: Vec<u8> = vec![7u8; 16 * BLOCK_SIZE];
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, gate) = mpsc::channel();
+        let store = GatedStore {
+            num_merge_ops: 0,
+            entered: entered_tx,
+            gate: std::sync::Mutex::new(gate),
+        };
+        let server = Arc::new(BlockServer::new(plan, Fill, source, store).unwrap());
+        let area_sector = area_chunk(0) * CHUNK_SECTORS;
+        let mut before = Vec::new();
+        let whole = req(0, 0, 0, server.device_sectors() * 512);
+        assert_eq!(
+            server.handle(&whole, &[], &mut before),
+            ResponseCode::Success
+        );
+        let mut area = Vec::new();
+        let read_area = req(0, 0, area_sector, BLOCK_SIZE_U64);
+        assert_eq!(
+            server.handle(&read_area, &[], &mut area),
+            ResponseCode::Success
+        );
+        // dm-snapshot-merge merged the last exception: its entry is zeroed and written back.
+        let live = server.exceptions().num_exceptions();
+        area[(live - 1) * 16..live * 16].fill(0);
+        let writer = {
+            let (s, payload) = (Arc::clone(&server), area.clone());
+            let write = req(
+                1,
+                DM_USER_REQ_MAP_FLAG_PREFLUSH | DM_USER_REQ_MAP_FLAG_FUA,
+                area_sector,
+                BLOCK_SIZE_U64,
+            );
+            std::thread::spawn(move || s.handle(&write, &payload, &mut Vec::new()))
+        };
+        entered.recv().unwrap();
+        // The write-back now sits in its commit, the tracker locked. READs go on, and see
+        // the state before it: the entry is still live.
+        let (done_tx, done) = mpsc::channel();
+        let reader = {
+            let s = Arc::clone(&server);
+            std::thread::spawn(move || {
+                let (mut all, mut area) = (Vec::new(), Vec::new());
+                let a = s.handle(&whole, &[], &mut all);
+                let b = s.handle(&read_area, &[], &mut area);
+                done_tx.send((a, all, b, area)).unwrap();
+            })
+        };
+        let during = done.recv_timeout(Duration::from_secs(120));
+        release.send(()).unwrap();
+        let (a, all, b, area_during) = during.expect("READs waited for the write-back's commit");
+        assert_eq!((a, b), (ResponseCode::Success, ResponseCode::Success));
+        assert_eq!(all, before);
+        assert_ne!(&area_during[(live - 1) * 16..live * 16], &[0u8; 16]);
+        reader.join().unwrap();
+        assert_eq!(writer.join().unwrap(), ResponseCode::Success);
+        // Once answered, the write-back is visible to READs.
+        let mut after = Vec::new();
+        assert_eq!(
+            server.handle(&read_area, &[], &mut after),
+            ResponseCode::Success
+        );
+        assert_eq!(after, area);
     }
 
     #[test]

@@ -16,6 +16,7 @@
 
 use crate::error_chain::ErrorChain;
 use std::io;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -210,12 +211,28 @@ pub struct MergeStats {
     pub first_write_back: Option<Instant>,
 }
 
-/// The current read-ahead window held in memory.
+/// The current read-ahead window held in memory: the saved source bytes of ordered ops
+/// `start..end`, one block each. Shared (`Arc`) so that readers can hold on to it while the
+/// tracker commits and prepares the next one.
 #[derive(Debug, Clone)]
-struct Window {
-    start: usize,
-    end: usize,
-    data: Vec<u8>,
+pub struct Window {
+    /// First merge-order op of the window.
+    pub start: usize,
+    /// One past its last op.
+    pub end: usize,
+    /// `(end - start) * BLOCK_SIZE` saved source bytes.
+    pub data: Arc<[u8]>,
+}
+
+impl Window {
+    /// The saved source bytes of merge-order op `op_index` if it is in this window.
+    pub fn source_of(&self, op_index: usize) -> Option<&[u8]> {
+        if op_index < self.start || op_index >= self.end {
+            return None;
+        }
+        let at = (op_index - self.start).checked_mul(BLOCK_SIZE)?;
+        self.data.get(at..at.checked_add(BLOCK_SIZE)?)
+    }
 }
 
 /// Tracks merge progress for one snapshot.
@@ -385,7 +402,7 @@ impl<S: MergeStateStore> MergeTracker<S> {
         Ok(Window {
             start,
             end,
-            data: stored.data,
+            data: stored.data.into(),
         })
     }
 
@@ -424,19 +441,20 @@ impl<S: MergeStateStore> MergeTracker<S> {
         self.window = Some(Window {
             start,
             end,
-            data: window.data,
+            data: window.data.into(),
         });
         Ok(())
     }
 
     /// The saved source bytes of merge-order op `op_index` if it is in the current window.
     pub fn window_source(&self, op_index: usize) -> Option<&[u8]> {
-        let w = self.window.as_ref()?;
-        if op_index < w.start || op_index >= w.end {
-            return None;
-        }
-        let at = (op_index - w.start) * BLOCK_SIZE;
-        w.data.get(at..at + BLOCK_SIZE)
+        self.window.as_ref()?.source_of(op_index)
+    }
+
+    /// The current window (shared, not copied), for readers that must not wait for the
+    /// tracker.
+    pub fn window(&self) -> Option<Window> {
+        self.window.clone()
     }
 
     /// Notice a merge that a daemon before this one finished (a handoff after the last
