@@ -219,7 +219,12 @@ impl Drop for Daemon {
 }
 
 fn dm() -> Res<DmControl> {
-    DmControl::open().map_err(|e| format!("open /dev/mapper/control: {e}"))
+    DmControl::open().map_err(|e| {
+        format!(
+            "open /dev/mapper/control: {}",
+            snapuserd::error_chain::ErrorChain(&e)
+        )
+    })
 }
 
 fn dev_bytes(path: &Path) -> Res<u64> {
