@@ -570,46 +570,18 @@ mod tests {
         }
     }
 
-    /// A store with no interior `Rc`, like the real file-backed one.
-    struct ThreadSafeStore;
-    impl MergeStateStore for ThreadSafeStore {
-        fn num_merge_ops(&self) -> u64 {
-            0
-        }
-        fn scratch_state(&self) -> super::super::merge_tracker::ScratchState {
-            super::super::merge_tracker::ScratchState::NotStarted
-        }
-        fn scratch_capacity_blocks(&self) -> usize {
-            0
-        }
-        fn read_window(&self) -> io::Result<super::super::merge_tracker::ScratchWindow> {
-            Ok(Default::default())
-        }
-        fn commit(&mut self, _: u64) -> io::Result<()> {
-            Ok(())
-        }
-        fn commit_window(&mut self, _: u64) -> io::Result<()> {
-            Ok(())
-        }
-        fn write_window(
-            &mut self,
-            _: &super::super::merge_tracker::ScratchWindow,
-        ) -> io::Result<()> {
-            Ok(())
-        }
-        fn reload(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// A store whose `commit` waits for the test, to hold a write-back inside its durable
-    /// commit (with the tracker locked) while READs arrive.
-    struct GatedStore {
+    /// A store with no interior `Rc`, like the real file-backed one. With a gate, `commit`
+    /// reports that it was entered and waits for the test, to hold a write-back inside its
+    /// durable commit (with the tracker locked) while READs arrive.
+    #[derive(Default)]
+    struct ThreadSafeStore {
         num_merge_ops: u64,
-        entered: std::sync::mpsc::Sender<()>,
-        gate: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+        gate: Option<(
+            std::sync::mpsc::Sender<()>,
+            std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+        )>,
     }
-    impl MergeStateStore for GatedStore {
+    impl MergeStateStore for ThreadSafeStore {
         fn num_merge_ops(&self) -> u64 {
             self.num_merge_ops
         }
@@ -623,8 +595,10 @@ mod tests {
             Ok(Default::default())
         }
         fn commit(&mut self, n: u64) -> io::Result<()> {
-            self.entered.send(()).map_err(io::Error::other)?;
-            self.gate.lock().unwrap().recv().map_err(io::Error::other)?;
+            if let Some((entered, gate)) = &self.gate {
+                entered.send(()).map_err(io::Error::other)?;
+                gate.lock().unwrap().recv().map_err(io::Error::other)?;
+            }
             self.num_merge_ops = n;
             Ok(())
         }
@@ -659,10 +633,9 @@ mod tests {
         let source: Vec<u8> = vec![7u8; 16 * BLOCK_SIZE];
         let (entered_tx, entered) = mpsc::channel();
         let (release, gate) = mpsc::channel();
-        let store = GatedStore {
+        let store = ThreadSafeStore {
             num_merge_ops: 0,
-            entered: entered_tx,
-            gate: std::sync::Mutex::new(gate),
+            gate: Some((entered_tx, std::sync::Mutex::new(gate))),
         };
         let server = Arc::new(BlockServer::new(plan, Fill, source, store).unwrap());
         let area_sector = area_chunk(0) * CHUNK_SECTORS;
@@ -726,7 +699,7 @@ mod tests {
         fn assert_sync_send<T: Sync + Send>(_: &T) {}
         let plan = MergePlan::new(vec![PlannedOp::copy(1, 2), PlannedOp::zero(3)], 0).unwrap();
         let source: Vec<u8> = vec![5u8; 8 * BLOCK_SIZE];
-        let server = BlockServer::new(plan, Fill, source, ThreadSafeStore).unwrap();
+        let server = BlockServer::new(plan, Fill, source, ThreadSafeStore::default()).unwrap();
         assert_sync_send(&server);
         let server = std::sync::Arc::new(server);
         let handles: Vec<_> = (0..4)
