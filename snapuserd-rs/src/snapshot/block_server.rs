@@ -290,22 +290,17 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
         if req.kind != DM_USER_REQ_MAP_READ {
             read_out.clear();
         }
-        if !self.active.load(Ordering::Acquire) {
-            if let Err(e) = self.activate() {
-                crate::log_limited!(
-                    self.request_log,
-                    log::Level::Error,
-                    "request {req:?}: cannot take over the merge state: {chain}",
-                    chain = ErrorChain(&e)
-                );
-                read_out.clear();
-                return ResponseCode::Error;
-            }
-        }
-        let result = match req.kind {
-            DM_USER_REQ_MAP_READ => self.serve_read(req, read_out),
-            DM_USER_REQ_MAP_WRITE => self.serve_write(req, write_payload).map(|_| ()),
-            other => {
+        // The first request takes over the merge state; until it succeeds every request fails.
+        let active = if self.active.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            self.activate()
+        };
+        let result = match (active, req.kind) {
+            (Err(e), _) => Err(e),
+            (Ok(()), DM_USER_REQ_MAP_READ) => self.serve_read(req, read_out),
+            (Ok(()), DM_USER_REQ_MAP_WRITE) => self.serve_write(req, write_payload).map(|_| ()),
+            (Ok(()), other) => {
                 crate::log_limited!(
                     self.request_log,
                     log::Level::Warn,
