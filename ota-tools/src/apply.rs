@@ -48,7 +48,7 @@ const CHUNK_BYTES: u64 = 4 << 20;
 #[derive(Debug, Error)]
 pub enum ApplyError {
     /// A file cannot be opened or examined.
-    #[error("{role} {}: {source}", path.display())]
+    #[error("{role} {}", path.display())]
     Open {
         /// "source image", "COW file" or "output".
         role: &'static str,
@@ -59,7 +59,7 @@ pub enum ApplyError {
         source: io::Error,
     },
     /// The COW file is invalid.
-    #[error("COW file {}: {source}", path.display())]
+    #[error("COW file {}", path.display())]
     Cow {
         /// Path of the COW file.
         path: PathBuf,
@@ -68,7 +68,7 @@ pub enum ApplyError {
         source: ReadError,
     },
     /// Producing the data of an op failed (bad payload, source too short, …).
-    #[error("COW file {}: op {index} (new block {block}): {source}", path.display())]
+    #[error("COW file {}: op {index} (new block {block})", path.display())]
     Op {
         /// Path of the COW file.
         path: PathBuf,
@@ -81,7 +81,7 @@ pub enum ApplyError {
         source: ReadError,
     },
     /// Reading or writing an image failed.
-    #[error("{what} {} at byte {offset}: {source}", path.display())]
+    #[error("{what} {} at byte {offset}", path.display())]
     Io {
         /// What was being done ("reading source image", "writing output", …).
         what: &'static str,

@@ -17,7 +17,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum InspectError {
     /// The COW file cannot be opened.
-    #[error("{}: cannot open: {source}", path.display())]
+    #[error("{}: cannot open", path.display())]
     Open {
         /// Path given.
         path: PathBuf,
@@ -26,7 +26,7 @@ pub enum InspectError {
         source: io::Error,
     },
     /// The COW file is invalid.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Cow {
         /// Path given.
         path: PathBuf,
@@ -35,7 +35,7 @@ pub enum InspectError {
         source: ReadError,
     },
     /// Writing the report failed.
-    #[error("writing the report: {0}")]
+    #[error("writing the report")]
     Output(#[source] io::Error),
 }
 

@@ -255,6 +255,19 @@ fn print_stdout(text: &str) -> io::Result<()> {
     }
 }
 
+/// `error` and each of its causes, separated by `: ` (every message names only its own
+/// context, so each cause is printed once).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
@@ -266,7 +279,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ota-tools: error: {e}");
+            eprintln!("ota-tools: error: {}", error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

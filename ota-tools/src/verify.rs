@@ -42,7 +42,7 @@ pub enum VerifyError {
     #[error(transparent)]
     TargetSize(#[from] PlanError),
     /// The COW could not be opened.
-    #[error("cannot open COW {path}: {source}")]
+    #[error("cannot open COW {path}")]
     OpenCow {
         /// COW path.
         path: PathBuf,
@@ -50,7 +50,7 @@ pub enum VerifyError {
         source: io::Error,
     },
     /// The COW could not be parsed or read.
-    #[error("COW {path}: {source}")]
+    #[error("COW {path}")]
     Cow {
         /// COW path.
         path: PathBuf,
@@ -66,7 +66,7 @@ pub enum VerifyError {
         block_size: u32,
     },
     /// The merge order reads a block after overwriting it.
-    #[error("unsafe merge order: {0}")]
+    #[error("unsafe merge order")]
     UnsafeOrder(#[from] MergeCheckError),
     /// An op writes beyond the end of the target.
     #[error("op {index} writes block {block}, beyond the target's {target_blocks} blocks")]

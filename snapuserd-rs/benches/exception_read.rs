@@ -35,7 +35,7 @@ use cow_format::WriterOptions;
 use cow_format::{Compression, CompressionAlgorithm, CowReader, CowVersion, CowWriter};
 use criterion::{criterion_group, Criterion, Throughput};
 use snapuserd::cow_backend::CowSnapshot;
-use snapuserd::snapshot::block_server::{Request, Status, DM_USER_REQ_MAP_READ};
+use snapuserd::dm_user::{Request, ResponseCode, DM_USER_REQ_MAP_READ};
 
 const BS: usize = 4096;
 /// Reads per criterion iteration and per summary pass.
@@ -130,7 +130,7 @@ fn read_via_server(s: &Setup, blocks: &[usize], out: &mut Vec<u8>) -> u64 {
             len: BS as u64,
         };
         let st = s.snap.server().handle(&req, &[], out);
-        assert_eq!(st, Status::Success);
+        assert_eq!(st, ResponseCode::Success);
         acc = acc.wrapping_add(u64::from(out[b % BS]));
     }
     acc

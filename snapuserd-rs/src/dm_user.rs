@@ -177,7 +177,7 @@ pub enum ChannelError {
         waited: Duration,
     },
     /// Opening the misc node failed.
-    #[error("opening {path}: {source}")]
+    #[error("opening {path}")]
     Open {
         /// Path of the node.
         path: PathBuf,
@@ -220,7 +220,7 @@ pub enum ChannelError {
         max: usize,
     },
     /// Any other I/O error on the channel.
-    #[error("{op} on dm-user channel: {source}")]
+    #[error("{op} on dm-user channel")]
     Io {
         /// The operation that failed.
         op: &'static str,
@@ -344,6 +344,16 @@ impl MessageHeader {
         }
     }
 
+    /// The block request this header carries.
+    pub fn request(&self) -> Request {
+        Request {
+            kind: self.msg_type,
+            flags: self.flags,
+            sector: self.sector,
+            len: self.len,
+        }
+    }
+
     /// The decoded request type (`None` for a value the ABI does not define).
     pub fn request_type(&self) -> Option<RequestType> {
         RequestType::from_wire(self.msg_type)
@@ -363,6 +373,20 @@ impl MessageHeader {
     }
 }
 
+/// A block request as a handler sees it: the header of a request message without its
+/// sequence number (which only the transport needs, to match the response).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    /// Request type (`DM_USER_REQ_MAP_*`).
+    pub kind: u64,
+    /// Request flags (`DM_USER_REQ_MAP_FLAG_*`).
+    pub flags: u64,
+    /// First sector (512 bytes).
+    pub sector: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
 /// What [`Channel::receive`] produced.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Received {
@@ -379,7 +403,7 @@ pub enum Readiness {
     Readable,
     /// The target is gone (hang-up).
     HangUp,
-    /// Nothing happened within the timeout.
+    /// Nothing happened within the timeout (or a signal ended the wait).
     TimedOut,
 }
 
@@ -605,18 +629,24 @@ impl Channel {
     }
 
     /// Wait up to `timeout` for a message or a hang-up (needs the module's poll support;
-    /// without it the kernel reports the fd always readable).
+    /// without it the kernel reports the fd always readable). A signal ends the wait early
+    /// as [`Readiness::TimedOut`]: it is never an error.
     pub fn poll(&self, timeout: Duration) -> Result<Readiness, ChannelError> {
         let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         let mut fds = [PollFd::new(self.file.as_fd(), PollFlags::POLLIN)];
-        let n = nix::poll::poll(
+        let n = match nix::poll::poll(
             &mut fds,
             PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
-        )
-        .map_err(|e| ChannelError::Io {
-            op: "poll",
-            source: e.into(),
-        })?;
+        ) {
+            Ok(n) => n,
+            Err(Errno::EINTR) => return Ok(Readiness::TimedOut),
+            Err(e) => {
+                return Err(ChannelError::Io {
+                    op: "poll",
+                    source: e.into(),
+                })
+            }
+        };
         if n == 0 {
             return Ok(Readiness::TimedOut);
         }

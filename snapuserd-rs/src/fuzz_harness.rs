@@ -21,20 +21,18 @@ use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use cow_format::{Compression, CompressionAlgorithm, CowVersion, CowWriter, WriterOptions};
 
 use crate::cow_backend::CowSnapshot;
-use crate::daemon::transport::serve_channel;
+use crate::daemon::control_protocol::{Command, DaemonConfig};
+use crate::daemon::transport::{serve_channel, WorkerControl};
 use crate::dm_user::{
-    Channel, MessageHeader, DM_USER_REQ_MAP_FLAG_FUA, DM_USER_REQ_MAP_FLAG_PREFLUSH,
-    DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE, DM_USER_RESP_ERROR, DM_USER_RESP_SUCCESS,
-    DM_USER_RESP_UNSUPPORTED, HEADER_SIZE,
+    Channel, MessageHeader, Request, ResponseCode, DM_USER_REQ_MAP_FLAG_FUA,
+    DM_USER_REQ_MAP_FLAG_PREFLUSH, DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE, DM_USER_RESP_ERROR,
+    DM_USER_RESP_SUCCESS, DM_USER_RESP_UNSUPPORTED, HEADER_SIZE,
 };
-use crate::snapshot::block_server::Request;
-use crate::snapshot::block_server::Status;
-use crate::snapshot::control_protocol::{Command, DaemonConfig};
 use crate::snapshot::exception_store::{area_chunk, header_chunk, CHUNK_SECTORS};
 use crate::snapshot::merge_plan::BLOCK_SIZE;
 
@@ -248,9 +246,21 @@ impl DmUserFixture {
             .unwrap_or_default()
     }
 
-    /// Reset the COW file to `variant` as written and open a daemon's snapshot on it.
+    /// Replace the COW file with `variant` as written (a new file: nothing an earlier stream
+    /// committed or left open carries over) and open a daemon's snapshot on it.
     fn open(&self, variant: FixtureCow) -> CowSnapshot {
-        fs::write(&self.cow_path, self.cow_bytes(variant)).expect("rewrite the fixture COW");
+        let bytes = self.cow_bytes(variant);
+        match fs::remove_file(&self.cow_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("removing the last stream's COW: {e}"),
+        }
+        fs::write(&self.cow_path, bytes).expect("write the fixture COW");
+        let written = fs::read(&self.cow_path).expect("read the fixture COW back");
+        assert!(
+            written == bytes,
+            "the fixture COW differs from {variant:?} as written"
+        );
         CowSnapshot::open(&self.cow_path, &self.source_path).expect("open the fixture COW")
     }
 
@@ -271,7 +281,7 @@ impl DmUserFixture {
             sector: area_sector,
             len: BLOCK_SIZE as u64,
         };
-        if server.handle(&read_area, &[], &mut out) == Status::Success {
+        if server.handle(&read_area, &[], &mut out) == ResponseCode::Success {
             area.copy_from_slice(&out);
         }
         let mut seq = 0u64;
@@ -361,9 +371,8 @@ impl DmUserFixture {
                 let _ = kernel_writer.shutdown(std::net::Shutdown::Write);
             });
             let reader = scope.spawn(|| read_responses(&mut kernel_reader, &requests));
-            let stop = AtomicBool::new(false);
-            let paused = AtomicBool::new(false);
-            let report = serve_channel(Channel::from_fd(daemon.into()), &snapshot, &stop, &paused);
+            let control = WorkerControl::new().expect("worker eventfd");
+            let report = serve_channel(Channel::from_fd(daemon.into()), &snapshot, &control);
             let responses = reader.join().expect("response reader");
             assert_eq!(
                 report.answered,
@@ -406,7 +415,7 @@ impl DmUserFixture {
             let status = server.handle(&req, &[], &mut out);
             assert_eq!(
                 status,
-                Status::Success,
+                ResponseCode::Success,
                 "{variant:?}: reading exception {e}"
             );
             assert!(

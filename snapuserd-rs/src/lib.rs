@@ -3,23 +3,24 @@
 //! This crate currently provides the kernel-facing building blocks that the
 //! daemon is built from:
 //!
-//! * [`dm`] — a device-mapper control library speaking the `DM_*` ioctls on
-//!   `/dev/mapper/control` directly, so nothing needs `dmsetup`;
 //! * [`dm_user`] — a dm-user channel: the 40-byte message header and the
 //!   request/response framing on `/dev/dm-user/<name>`;
 //! * [`snapshot`] — the pure-logic legacy (dm-snapshot) core: exception store,
-//!   merge tracking, block server, control protocol;
+//!   merge tracking, block server;
 //! * [`cow_backend`] — the core's backends on a real COW file and source image;
 //! * [`daemon`] — dm-user workers, handler registry, control socket, socket handoff;
+//! * [`error_chain`] — printing an error with each of its causes once;
+//! * [`log_limit`] — rate limiting for log lines a peer can trigger per request;
 //! * [`properties`] — setting Android system properties through init's property service;
 //! * `fuzz_harness` — the fuzzing entry points for control messages and dm-user streams
-//!   (not built for this crate's own unit tests, where `CowSnapshot` is not `Sync`).
+//!   (with the `fuzz-harness` feature only).
 
 pub mod cow_backend;
 pub mod daemon;
-pub mod dm;
 pub mod dm_user;
-#[cfg(not(test))]
+pub mod error_chain;
+#[cfg(feature = "fuzz-harness")]
 pub mod fuzz_harness;
+pub mod log_limit;
 pub mod properties;
 pub mod snapshot;

@@ -60,7 +60,7 @@ pub enum PropertyError {
         len: usize,
     },
     /// A socket operation failed or timed out.
-    #[error("property service {path}: {op} while setting {name}: {source}")]
+    #[error("property service {path}: {op} while setting {name}")]
     Io {
         /// Socket path.
         path: PathBuf,

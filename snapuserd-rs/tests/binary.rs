@@ -529,7 +529,12 @@ fn proxy_hands_over_init_style_inherited_sockets() {
         .unwrap();
     drop((proxy, server));
     assert_eq!(set.recv().unwrap(), "snapuserd.proxy_ready=true");
-    let listener = snapuserd::daemon::handoff::receive_listener(&proxy_path, &|| false).unwrap();
+    let listener = snapuserd::daemon::handoff::receive_listener(
+        &proxy_path,
+        &snapuserd::daemon::events::DaemonEvents::new().unwrap(),
+        &|| false,
+    )
+    .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{out:?}");
     // The received socket is the one bound at the control path, now listening.

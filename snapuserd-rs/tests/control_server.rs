@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use snapuserd::daemon::control_server::{bind_listener, ControlServer, ServerExit};
-use snapuserd::daemon::handlers::{CowFileOpener, HandlerRegistry};
+use snapuserd::daemon::events::DaemonEvents;
+use snapuserd::daemon::handlers::{CowFileOpener, HandlerRegistry, TargetError};
 use snapuserd::daemon::transport::ChannelOpener;
 use snapuserd::dm_user::{
     Channel, ChannelError, MessageHeader, DM_USER_REQ_MAP_DISCARD, DM_USER_REQ_MAP_FLAG_FUA,
@@ -59,7 +60,7 @@ impl Daemon {
             workers,
         ));
         let mut server = ControlServer::new(bind_listener(&socket).unwrap(), registry).unwrap();
-        let thread = std::thread::spawn(move || server.run(&AtomicBool::new(false)).unwrap());
+        let thread = std::thread::spawn(move || server.run(&DaemonEvents::new().unwrap()).unwrap());
         Daemon {
             _dir: tmp,
             dir,
@@ -413,7 +414,7 @@ impl snapuserd::daemon::handlers::SnapshotOpener for GatedOpener {
         &self,
         cow: &Path,
         source: &Path,
-    ) -> Result<Arc<dyn snapuserd::daemon::handlers::SnapshotTarget>, String> {
+    ) -> Result<Arc<dyn snapuserd::daemon::handlers::SnapshotTarget>, TargetError> {
         if cow.to_string_lossy().contains("slow") {
             self.entered.lock().unwrap().send(()).unwrap();
             self.gate.lock().unwrap().recv().unwrap();
@@ -441,7 +442,7 @@ fn a_slow_init_does_not_stall_other_clients() {
         1,
     ));
     let mut server = ControlServer::new(bind_listener(&socket).unwrap(), registry).unwrap();
-    let thread = std::thread::spawn(move || server.run(&AtomicBool::new(false)).unwrap());
+    let thread = std::thread::spawn(move || server.run(&DaemonEvents::new().unwrap()).unwrap());
 
     let mut a = UnixStream::connect(&socket).unwrap();
     let init = format!("init,slow,{},{}", slow.display(), src.display());
@@ -569,11 +570,11 @@ struct HeldVerification {
 impl snapuserd::daemon::transport::RequestHandler for HeldVerification {
     fn handle(
         &self,
-        _: &snapuserd::snapshot::block_server::Request,
+        _: &snapuserd::dm_user::Request,
         _: &[u8],
         _: &mut Vec<u8>,
-    ) -> snapuserd::snapshot::block_server::Status {
-        snapuserd::snapshot::block_server::Status::Unsupported
+    ) -> snapuserd::dm_user::ResponseCode {
+        snapuserd::dm_user::ResponseCode::Unsupported
     }
 }
 
@@ -581,17 +582,21 @@ impl snapuserd::daemon::handlers::SnapshotTarget for HeldVerification {
     fn device_sectors(&self) -> u64 {
         8
     }
-    fn merge_percent(&self) -> Result<f64, String> {
+    fn merge_percent(&self) -> Result<f64, TargetError> {
         Ok(0.0)
     }
-    fn merge_complete(&self) -> Result<bool, String> {
+    fn merge_complete(&self) -> Result<bool, TargetError> {
         Ok(false)
     }
-    fn verify(&self, _: &AtomicBool) -> Result<u64, String> {
+    fn verify(&self, _: &AtomicBool) -> Result<u64, TargetError> {
         self.entered.lock().unwrap().send(()).unwrap();
         match self.gate.lock().unwrap().recv() {
             Ok(true) => Ok(1),
-            _ => Err("read error".into()),
+            _ => Err(TargetError::VerifyRead {
+                block: 0,
+                blocks: 1,
+                source: "read error".into(),
+            }),
         }
     }
 }
@@ -603,8 +608,17 @@ impl snapuserd::daemon::handlers::SnapshotOpener for HeldOpener {
         &self,
         _: &Path,
         _: &Path,
-    ) -> Result<Arc<dyn snapuserd::daemon::handlers::SnapshotTarget>, String> {
-        let t = self.0.lock().unwrap().take().ok_or("opened twice")?;
+    ) -> Result<Arc<dyn snapuserd::daemon::handlers::SnapshotTarget>, TargetError> {
+        let t = self
+            .0
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| TargetError::Open {
+                cow: PathBuf::new(),
+                source_path: PathBuf::new(),
+                source: "opened twice".into(),
+            })?;
         Ok(t)
     }
 }
@@ -626,7 +640,7 @@ fn update_verify_waits_for_the_pass_without_stalling_other_clients() {
         1,
     ));
     let mut server = ControlServer::new(bind_listener(&socket).unwrap(), registry).unwrap();
-    let thread = std::thread::spawn(move || server.run(&AtomicBool::new(false)).unwrap());
+    let thread = std::thread::spawn(move || server.run(&DaemonEvents::new().unwrap()).unwrap());
     let mut a = UnixStream::connect(&socket).unwrap();
     assert_eq!(ask(&mut a, b"init,sys,cow,src"), "success,8");
     assert_eq!(ask(&mut a, b"start,sys"), "success");

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum XtaskError {
     /// A file-system operation failed.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         /// What was being done.
         op: &'static str,
@@ -16,7 +16,7 @@ pub enum XtaskError {
         source: std::io::Error,
     },
     /// A child process could not be started.
-    #[error("cannot run {cmd}: {source}")]
+    #[error("cannot run {cmd}")]
     Spawn {
         /// Command line.
         cmd: String,

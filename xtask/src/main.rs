@@ -466,11 +466,24 @@ fn real_main() -> Result<()> {
     }
 }
 
+/// `error` and each of its causes, separated by `: ` (every message names only its own
+/// context, so each cause is printed once).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 fn main() -> ExitCode {
     match real_main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("xtask: error: {e}");
+            eprintln!("xtask: error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -33,7 +33,7 @@ pub const MAX_BUCKET_TAKE: usize = 4;
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
     /// Reading the source image failed.
-    #[error("indexing the source image: {0}")]
+    #[error("indexing the source image")]
     Image(#[from] ImageError),
 }
 

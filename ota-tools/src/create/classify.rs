@@ -127,7 +127,7 @@ pub const CLASSIFY_BATCH_BLOCKS: usize = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ClassifyError {
     /// Reading the source or the target failed.
-    #[error("classifying target blocks: {0}")]
+    #[error("classifying target blocks")]
     Image(#[from] ImageError),
 }
 

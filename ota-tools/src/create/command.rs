@@ -69,10 +69,10 @@ pub enum CreateError {
     #[error(transparent)]
     Plan(#[from] PlanError),
     /// The COW writer failed.
-    #[error("writing the COW file: {0}")]
+    #[error("writing the COW file")]
     Write(#[from] WriteError),
     /// The output could not be created, written or renamed.
-    #[error("cannot write output {path}: {source}")]
+    #[error("cannot write output {path}")]
     Output {
         /// The output path.
         path: PathBuf,

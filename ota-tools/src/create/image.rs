@@ -12,7 +12,7 @@ use super::BLOCK_SIZE;
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     /// The image could not be opened or its size not determined.
-    #[error("cannot open image {path}: {source}")]
+    #[error("cannot open image {path}")]
     Open {
         /// Path of the image.
         path: PathBuf,
@@ -20,7 +20,7 @@ pub enum ImageError {
         source: io::Error,
     },
     /// A read failed.
-    #[error("cannot read {len} bytes at byte offset {offset} of image {name}: {source}")]
+    #[error("cannot read {len} bytes at byte offset {offset} of image {name}")]
     Read {
         /// Name of the image (path or "memory").
         name: String,

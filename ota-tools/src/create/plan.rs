@@ -40,7 +40,7 @@ pub enum PlanError {
     #[error(transparent)]
     Classify(#[from] ClassifyError),
     /// Reading an image while searching XOR bases or breaking cycles failed.
-    #[error("searching XOR bases or breaking merge cycles: {0}")]
+    #[error("searching XOR bases or breaking merge cycles")]
     Image(#[from] ImageError),
 }
 

@@ -12,7 +12,7 @@ use super::BLOCK_SIZE;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SimulateError {
     /// The merge order breaks the §6.4 rule.
-    #[error("unsafe merge order: {0}")]
+    #[error("unsafe merge order")]
     Unsafe(#[from] MergeCheckError),
     /// The merged device differs from the target.
     #[error("merged block {block} differs from the target")]

@@ -53,7 +53,7 @@ pub struct CowMergeStore {
     /// Last committed progress, in planned ops.
     planned: u64,
     #[cfg(test)]
-    clock: Option<crate::snapshot::merge_tracker::CrashClock>,
+    clock: Option<crate::snapshot::test_support::CrashClock>,
 }
 
 /// The durable values found at open, before the plan exists.
@@ -112,7 +112,7 @@ impl CowMergeStore {
     }
 
     #[cfg(test)]
-    pub(crate) fn set_crash_clock(&mut self, clock: crate::snapshot::merge_tracker::CrashClock) {
+    pub(crate) fn set_crash_clock(&mut self, clock: crate::snapshot::test_support::CrashClock) {
         self.clock = Some(clock);
     }
 

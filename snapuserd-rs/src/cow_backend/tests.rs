@@ -18,7 +18,7 @@ use crate::snapshot::dm_snapshot_model::{
     ServerCow,
 };
 use crate::snapshot::merge_plan::BLOCK_SIZE;
-use crate::snapshot::merge_tracker::CrashClock;
+use crate::snapshot::test_support::CrashClock;
 
 /// Deterministic bytes (xorshift64*).
 struct Rng(u64);
@@ -648,11 +648,8 @@ fn bad_cows_are_refused_clearly() {
     });
     let f = files(&c);
     let err = CowSnapshot::open(&f.cow, &f.base).unwrap_err();
-    assert!(
-        chain(&err).contains("needs scratch space"),
-        "{}",
-        chain(&err)
-    );
+    let chain = crate::error_chain::ErrorChain(&err).to_string();
+    assert!(chain.contains("needs scratch space"), "{chain}");
     // A truncated COW.
     let c = mixed(CowVersion::V2, CompressionAlgorithm::Lz4, true, 12);
     let f = files(&c);
@@ -923,7 +920,7 @@ proptest::proptest! {
 /// Every chunk read into a reused, dirty buffer equals the same read into a fresh one
 /// (the server does not zero-fill reused READ buffers first).
 fn check_reused_buffers(snap: &CowSnapshot) {
-    use crate::snapshot::block_server::{Request, Status, DM_USER_REQ_MAP_READ};
+    use crate::dm_user::{Request, ResponseCode, DM_USER_REQ_MAP_READ};
     let server = snap.server();
     let mut dirty = vec![0xA5u8; 3 * BLOCK_SIZE];
     for chunk in 0..server.exceptions().device_chunks() {
@@ -936,8 +933,8 @@ fn check_reused_buffers(snap: &CowSnapshot) {
                 len,
             };
             let mut fresh = Vec::new();
-            assert_eq!(server.handle(&req, &[], &mut fresh), Status::Success);
-            assert_eq!(server.handle(&req, &[], &mut dirty), Status::Success);
+            assert_eq!(server.handle(&req, &[], &mut fresh), ResponseCode::Success);
+            assert_eq!(server.handle(&req, &[], &mut dirty), ResponseCode::Success);
             assert_eq!(dirty, fresh, "chunk {chunk}");
             dirty.resize(3 * BLOCK_SIZE, 0x5A);
         }
@@ -1127,7 +1124,7 @@ fn open_while_another_daemon_commits_windows() {
 fn open_writes_nothing_and_the_first_request_saves_the_window() {
     use crate::cow_backend::merge_store::CowMergeStore;
     use crate::cow_backend::plan::CowMergePlan;
-    use crate::snapshot::block_server::{Request, Status, DM_USER_REQ_MAP_READ};
+    use crate::dm_user::{Request, ResponseCode, DM_USER_REQ_MAP_READ};
     use crate::snapshot::merge_tracker::{MergeStateStore, ScratchState};
 
     let mut c = Case::new(
@@ -1180,7 +1177,7 @@ fn open_writes_nothing_and_the_first_request_saves_the_window() {
     let mut out = Vec::new();
     assert_eq!(
         snap.server().handle(&header, &[], &mut out),
-        Status::Success
+        ResponseCode::Success
     );
     assert_eq!(
         state(),

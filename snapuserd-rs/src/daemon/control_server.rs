@@ -18,23 +18,23 @@
 //! [`ControlServer::run`]; `detach` closes the listening socket, and `run` returns once every
 //! handler's workers and every job have ended.
 
+use crate::error_chain::ErrorChain;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
-use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use thiserror::Error;
 
-use crate::snapshot::control_protocol::{
+use crate::daemon::control_protocol::{
     supports_reply, Command, ControlError, Reply, MAX_MESSAGE_SIZE,
 };
 
+use super::events::DaemonEvents;
 use super::handlers::HandlerRegistry;
 use super::handoff::LISTEN_BACKLOG;
 use super::sockets::{ensure_listening, is_socket, type_and_family};
@@ -50,9 +50,6 @@ pub const MAX_JOBS: usize = MAX_CLIENTS;
 
 /// Most bytes discarded after an over-long message (what is immediately readable).
 const MAX_DISCARD_BYTES: usize = 64 << 10;
-
-/// How often the loop looks at the shutdown flag and the workers.
-const TICK: Duration = Duration::from_millis(100);
 
 /// Errors of the control server.
 #[derive(Debug, Error)]
@@ -88,7 +85,7 @@ pub enum ControlServerError {
         var: String,
     },
     /// Binding the socket path failed.
-    #[error("binding control socket {path}: {source}")]
+    #[error("binding control socket {path}")]
     Bind {
         /// The path.
         path: PathBuf,
@@ -97,7 +94,7 @@ pub enum ControlServerError {
         source: std::io::Error,
     },
     /// A socket operation failed.
-    #[error("control socket {op}: {source}")]
+    #[error("control socket {op}")]
     Io {
         /// The operation.
         op: &'static str,
@@ -260,18 +257,22 @@ impl ControlServer {
         })
     }
 
-    /// Serve until `stop`, `shutdown` being set, or `detach` followed by the end of every
-    /// worker. On `stop` and shutdown every handler's workers are stopped and joined.
-    pub fn run(&mut self, shutdown: &AtomicBool) -> Result<ServerExit, ControlServerError> {
+    /// Serve until `stop`, a stop requested on `events` (a signal), or `detach` followed by
+    /// the end of every worker. On `stop` and a stop request every handler's workers are
+    /// stopped and joined. The loop sleeps until a client, a job, `events` or an ended
+    /// worker wakes it.
+    pub fn run(&mut self, events: &DaemonEvents) -> Result<ServerExit, ControlServerError> {
+        self.registry.notify_worker_exits(events.notifier());
         loop {
-            if shutdown.load(Ordering::Acquire) {
+            events.drain();
+            if events.stop_requested() {
                 self.registry.shut_down();
                 return Ok(ServerExit::Shutdown);
             }
             if self.detached && self.jobs_running == 0 && self.registry.all_workers_finished() {
                 return Ok(ServerExit::Detached);
             }
-            let (listener_ready, client_events) = self.wait()?;
+            let (listener_ready, client_events) = self.wait(events)?;
             if let Flow::Stop = self.serve_clients(&client_events) {
                 self.registry.shut_down();
                 return Ok(ServerExit::StopCommand);
@@ -285,8 +286,8 @@ impl ControlServer {
         }
     }
 
-    /// Poll the listener and the clients for up to one tick.
-    fn wait(&self) -> Result<(bool, Vec<PollFlags>), ControlServerError> {
+    /// Sleep until the listener, a client, a job or `events` has something.
+    fn wait(&self, daemon: &DaemonEvents) -> Result<(bool, Vec<PollFlags>), ControlServerError> {
         let mut fds = Vec::with_capacity(self.clients.len().saturating_add(2));
         for c in &self.clients {
             let mut events = if c.busy {
@@ -300,11 +301,11 @@ impl ControlServer {
             fds.push(PollFd::new(c.stream.as_fd(), events));
         }
         fds.push(PollFd::new(self.wake_rx.as_fd(), PollFlags::POLLIN));
+        fds.push(PollFd::new(daemon.fd(), PollFlags::POLLIN));
         if let Some(l) = &self.listener {
             fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
         }
-        let timeout = PollTimeout::try_from(TICK).unwrap_or(PollTimeout::MAX);
-        match nix::poll::poll(&mut fds, timeout) {
+        match nix::poll::poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => return Ok((false, Vec::new())),
             Err(e) => {
@@ -323,7 +324,9 @@ impl ControlServer {
         } else {
             false
         };
-        // The wake-up socket's entry; its bytes are drained in `collect_jobs`.
+        // The events' entry (drained at the top of `run`) and the job wake-up socket's
+        // (drained in `collect_jobs`).
+        events.pop();
         events.pop();
         Ok((listener_ready, events))
     }
@@ -379,7 +382,10 @@ impl ControlServer {
                 true
             }
             Err(e) => {
-                log::error!("control: cannot spawn a job thread: {e}");
+                log::error!(
+                    "control: cannot spawn a job thread: {chain}",
+                    chain = ErrorChain(&e)
+                );
                 false
             }
         }
@@ -397,7 +403,7 @@ impl ControlServer {
                         continue;
                     }
                     if let Err(e) = stream.set_nonblocking(true) {
-                        log::warn!("control: new client: {e}");
+                        log::warn!("control: new client: {chain}", chain = ErrorChain(&e));
                         continue;
                     }
                     let id = self.next_id;
@@ -413,7 +419,7 @@ impl ControlServer {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::warn!("control: accept: {e}");
+                    log::warn!("control: accept: {chain}", chain = ErrorChain(&e));
                     return;
                 }
             }
@@ -599,11 +605,14 @@ fn classify(msg: &[u8]) -> Action {
     let cmd = match Command::parse(msg) {
         Ok(c) => c,
         Err(e @ ControlError::UnknownCommand { .. }) => {
-            log::warn!("control: {e}; closing the connection");
+            log::warn!(
+                "control: {chain}; closing the connection",
+                chain = ErrorChain(&e)
+            );
             return Action::Now(Quick::Reply(Reply::Fail), After::Close);
         }
         Err(e) => {
-            log::warn!("control: {e}");
+            log::warn!("control: {chain}", chain = ErrorChain(&e));
             return Action::Now(Quick::Reply(Reply::Fail), After::Keep);
         }
     };

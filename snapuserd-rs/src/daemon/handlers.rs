@@ -9,54 +9,116 @@
 //! channels, joining threads, waiting for verification), so the control loop, which calls
 //! the quick commands directly, is never stalled by a slow one running on a job thread.
 
+use crate::error_chain::ErrorChain;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::snapshot::control_protocol::{MergeStatus, Reply};
+use crate::daemon::control_protocol::{MergeStatus, Reply};
 
-use super::transport::{ChannelOpener, RequestHandler, Workers};
+use thiserror::Error;
+
+use crate::dm_user::{Request, ResponseCode, DM_USER_REQ_MAP_WRITE};
+use crate::snapshot::merge_plan::BLOCK_SIZE_U64;
+
+use super::events::Notifier;
+use super::transport::{ChannelOpener, RequestHandler, WorkerGroup, Workers};
 
 /// How long `update-verify` waits for each handler's verification (AOSP's 10 s).
 pub const VERIFY_WAIT: Duration = Duration::from_secs(10);
+
+/// The cause of a [`TargetError`]: whatever the snapshot's backend failed with.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Errors of a served snapshot, as the registry sees them.
+#[derive(Debug, Error)]
+pub enum TargetError {
+    /// Opening the snapshot failed.
+    #[error("opening COW {cow} over source {source_path}")]
+    Open {
+        /// The COW file or device.
+        cow: PathBuf,
+        /// The source image or device.
+        source_path: PathBuf,
+        /// Why.
+        #[source]
+        source: BackendError,
+    },
+    /// The merge progress could not be read.
+    #[error("reading the merge progress")]
+    Progress(#[source] BackendError),
+    /// A block could not be read during the verification pass.
+    #[error("verification: reading block {block} of {blocks}")]
+    VerifyRead {
+        /// The block.
+        block: u64,
+        /// Blocks in the device.
+        blocks: u64,
+        /// Why.
+        #[source]
+        source: BackendError,
+    },
+    /// The verification pass was stopped before its end.
+    #[error("verification stopped after {block} of {blocks} blocks")]
+    VerifyStopped {
+        /// Blocks read.
+        block: u64,
+        /// Blocks in the device.
+        blocks: u64,
+    },
+}
 
 /// A served snapshot, as the registry needs it.
 pub trait SnapshotTarget: RequestHandler {
     /// Size of the virtual COW device in 512-byte sectors (the `init` reply).
     fn device_sectors(&self) -> u64;
     /// Merge progress in percent.
-    fn merge_percent(&self) -> Result<f64, String>;
+    fn merge_percent(&self) -> Result<f64, TargetError>;
     /// True once the merge is complete and durable.
-    fn merge_complete(&self) -> Result<bool, String>;
+    fn merge_complete(&self) -> Result<bool, TargetError>;
     /// Read every block of the device through the serving read path, stopping early when
     /// `stop` is set; the number of blocks read, or the first read error.
-    fn verify(&self, stop: &AtomicBool) -> Result<u64, String>;
+    fn verify(&self, stop: &AtomicBool) -> Result<u64, TargetError>;
 }
 
 /// Opens a snapshot from its COW and source paths.
 pub trait SnapshotOpener: Send + Sync {
     /// Open the COW at `cow` over the source at `source`.
-    fn open(&self, cow: &Path, source: &Path) -> Result<Arc<dyn SnapshotTarget>, String>;
+    fn open(&self, cow: &Path, source: &Path) -> Result<Arc<dyn SnapshotTarget>, TargetError>;
 }
 
-#[cfg(not(test))]
 mod cow_files {
     use super::*;
     use crate::cow_backend::{source_file::FileSource, CowSnapshot};
     use crate::snapshot::merge_plan::BLOCK_SIZE;
 
+    impl RequestHandler for CowSnapshot<FileSource> {
+        fn handle(
+            &self,
+            req: &Request,
+            write_payload: &[u8],
+            read_out: &mut Vec<u8>,
+        ) -> ResponseCode {
+            self.server().handle(req, write_payload, read_out)
+        }
+    }
+
     impl SnapshotTarget for CowSnapshot<FileSource> {
         fn device_sectors(&self) -> u64 {
             CowSnapshot::device_sectors(self)
         }
-        fn merge_percent(&self) -> Result<f64, String> {
-            self.server().merge_percent().map_err(|e| e.to_string())
+        fn merge_percent(&self) -> Result<f64, TargetError> {
+            self.server()
+                .merge_percent()
+                .map_err(|e| TargetError::Progress(e.into()))
         }
-        fn merge_complete(&self) -> Result<bool, String> {
-            self.server().merge_complete().map_err(|e| e.to_string())
+        fn merge_complete(&self) -> Result<bool, TargetError> {
+            self.server()
+                .merge_complete()
+                .map_err(|e| TargetError::Progress(e.into()))
         }
         /// Every chunk of the virtual COW device, as dm-snapshot would read it: the header,
         /// every metadata area, and every data chunk (the new content of every COW op:
@@ -65,9 +127,11 @@ mod cow_files {
         /// Like AOSP, a snapshot whose merge has already committed progress is not verified
         /// again (it was verified on the boot that started the merge, and reading it now
         /// would only slow the merge down): the pass succeeds having read nothing.
-        fn verify(&self, stop: &AtomicBool) -> Result<u64, String> {
+        fn verify(&self, stop: &AtomicBool) -> Result<u64, TargetError> {
             let server = self.server();
-            let committed = server.committed().map_err(|e| e.to_string())?;
+            let committed = server
+                .committed()
+                .map_err(|e| TargetError::Progress(e.into()))?;
             if committed > 0 {
                 log::info!(
                     "{}: merge in progress ({committed} ops merged), verification skipped",
@@ -79,11 +143,18 @@ mod cow_files {
             let mut block = [0u8; BLOCK_SIZE];
             for chunk in 0..chunks {
                 if stop.load(Ordering::Relaxed) {
-                    return Err(format!("stopped after {chunk} of {chunks} blocks"));
+                    return Err(TargetError::VerifyStopped {
+                        block: chunk,
+                        blocks: chunks,
+                    });
                 }
                 server
                     .read_chunk(chunk, &mut block)
-                    .map_err(|e| format!("block {chunk} of {chunks}: {e}"))?;
+                    .map_err(|e| TargetError::VerifyRead {
+                        block: chunk,
+                        blocks: chunks,
+                        source: e.into(),
+                    })?;
             }
             Ok(chunks)
         }
@@ -94,15 +165,77 @@ mod cow_files {
     pub struct CowFileOpener;
 
     impl SnapshotOpener for CowFileOpener {
-        fn open(&self, cow: &Path, source: &Path) -> Result<Arc<dyn SnapshotTarget>, String> {
+        fn open(&self, cow: &Path, source: &Path) -> Result<Arc<dyn SnapshotTarget>, TargetError> {
             CowSnapshot::open(cow, source)
                 .map(|s| Arc::new(s) as Arc<dyn SnapshotTarget>)
-                .map_err(|e| e.to_string())
+                .map_err(|e| TargetError::Open {
+                    cow: cow.to_path_buf(),
+                    source_path: source.to_path_buf(),
+                    source: e.into(),
+                })
         }
     }
 }
-#[cfg(not(test))]
 pub use cow_files::CowFileOpener;
+
+/// The daemon-wide merge pause (`pause_merge` / `resume_merge`).
+///
+/// In the legacy design the kernel's snapshot-merge target drives the merge, one metadata
+/// write-back (a 4 KiB WRITE of an exception area) at a time; it waits for each to be
+/// answered. While paused, every handler holds those write-backs unanswered, so the kernel's
+/// merge makes no progress while reads of the snapshots are still served. Resuming wakes
+/// every worker group, which then answers what it held.
+#[derive(Default)]
+struct MergePause {
+    paused: AtomicBool,
+    groups: Mutex<Vec<Weak<WorkerGroup>>>,
+}
+
+impl MergePause {
+    fn set(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Release);
+        if !paused {
+            let mut groups = lock(&self.groups);
+            groups.retain(|g| match g.upgrade() {
+                Some(group) => {
+                    group.wake();
+                    true
+                }
+                None => false,
+            });
+        }
+    }
+
+    /// Wake `group` on every resume (until its workers are gone).
+    fn register(&self, group: &Arc<WorkerGroup>) {
+        let mut groups = lock(&self.groups);
+        groups.retain(|g| g.strong_count() > 0);
+        groups.push(Arc::downgrade(group));
+    }
+
+    /// True if `req` is a metadata write-back that must wait for the resume.
+    fn holds(&self, req: &Request) -> bool {
+        req.kind == DM_USER_REQ_MAP_WRITE
+            && req.len == BLOCK_SIZE_U64
+            && self.paused.load(Ordering::Acquire)
+    }
+}
+
+/// A snapshot as its workers serve it: the snapshot decides, the merge pause holds.
+struct PausableTarget {
+    target: Arc<dyn SnapshotTarget>,
+    pause: Arc<MergePause>,
+}
+
+impl RequestHandler for PausableTarget {
+    fn handle(&self, req: &Request, write_payload: &[u8], read_out: &mut Vec<u8>) -> ResponseCode {
+        self.target.handle(req, write_payload, read_out)
+    }
+
+    fn hold(&self, req: &Request) -> bool {
+        self.pause.holds(req)
+    }
+}
 
 /// Result of a handler's verification pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,7 +339,8 @@ pub struct HandlerRegistry {
     snapshots: Box<dyn SnapshotOpener>,
     channels: Box<dyn ChannelOpener>,
     worker_count: AtomicU32,
-    merge_paused: Arc<AtomicBool>,
+    merge_pause: Arc<MergePause>,
+    worker_exits: Mutex<Option<Notifier>>,
     verify_wait: Duration,
     state: Mutex<State>,
 }
@@ -223,7 +357,8 @@ impl HandlerRegistry {
             snapshots,
             channels,
             worker_count: AtomicU32::new(worker_count.max(1)),
-            merge_paused: Arc::default(),
+            merge_pause: Arc::default(),
+            worker_exits: Mutex::new(None),
             verify_wait: VERIFY_WAIT,
             state: Mutex::new(State::default()),
         }
@@ -233,6 +368,12 @@ impl HandlerRegistry {
     pub fn with_verify_wait(mut self, limit: Duration) -> Self {
         self.verify_wait = limit;
         self
+    }
+
+    /// Wake `notifier` whenever a worker of a handler started from now on ends (for loops
+    /// waiting on [`all_workers_finished`](Self::all_workers_finished)).
+    pub fn notify_worker_exits(&self, notifier: Notifier) {
+        *lock(&self.worker_exits) = Some(notifier);
     }
 
     /// Workers per handler for handlers registered from now on. AOSP uses 1 once the
@@ -258,7 +399,7 @@ impl HandlerRegistry {
         let target = match self.snapshots.open(Path::new(cow), Path::new(source)) {
             Ok(t) => t,
             Err(e) => {
-                log::error!("init {misc}: {e}");
+                log::error!("init {misc}: {chain}", chain = ErrorChain(&e));
                 return Reply::Fail;
             }
         };
@@ -310,14 +451,12 @@ impl HandlerRegistry {
             )
         };
         // Opening the channels may wait for the device node: no lock held.
-        let serving: Arc<dyn RequestHandler> = target.clone();
-        let spawned = Workers::spawn(
-            self.channels.as_ref(),
-            misc,
-            serving,
-            count,
-            Arc::clone(&self.merge_paused),
-        );
+        let serving: Arc<dyn RequestHandler> = Arc::new(PausableTarget {
+            target: Arc::clone(&target),
+            pause: Arc::clone(&self.merge_pause),
+        });
+        let on_exit = lock(&self.worker_exits).clone();
+        let spawned = Workers::spawn(self.channels.as_ref(), misc, serving, count, on_exit);
         let mut state = self.state();
         let closed = state.closed;
         let Some(handler) = state.handlers.get_mut(misc) else {
@@ -328,6 +467,7 @@ impl HandlerRegistry {
         };
         match spawned {
             Ok(w) if !closed => {
+                self.merge_pause.register(&w.group());
                 handler.lifecycle = Lifecycle::Running(w);
             }
             Ok(_) => {
@@ -337,7 +477,7 @@ impl HandlerRegistry {
             }
             Err(e) => {
                 handler.lifecycle = Lifecycle::Idle;
-                log::error!("start {misc}: {e}");
+                log::error!("start {misc}: {chain}", chain = ErrorChain(&e));
                 return Reply::Fail;
             }
         }
@@ -380,9 +520,9 @@ impl HandlerRegistry {
     }
 
     /// `pause_merge` / `resume_merge`: hold (or release) the kernel's metadata write-backs
-    /// in every worker; see [`super::transport::serve_channel`].
+    /// in every worker (see `MergePause`).
     pub fn set_merge_paused(&self, paused: bool) -> Reply {
-        self.merge_paused.store(paused, Ordering::Release);
+        self.merge_pause.set(paused);
         log::info!("merge {}", if paused { "paused" } else { "resumed" });
         Reply::Success
     }
@@ -398,7 +538,7 @@ impl HandlerRegistry {
             (Ok(false), Ok(p)) if h.merge_requested || p > 0.0 => MergeStatus::SnapshotMerge,
             (Ok(false), Ok(_)) => MergeStatus::Snapshot,
             (Err(e), _) | (_, Err(e)) => {
-                log::error!("getstatus {misc}: {e}");
+                log::error!("getstatus {misc}: {chain}", chain = ErrorChain(&e));
                 MergeStatus::SnapshotMergeFailed
             }
         };
@@ -414,7 +554,7 @@ impl HandlerRegistry {
         for (misc, h) in &state.handlers {
             match h.target.merge_percent() {
                 Ok(p) => sum += p,
-                Err(e) => log::error!("merge_percent {misc}: {e}"),
+                Err(e) => log::error!("merge_percent {misc}: {chain}", chain = ErrorChain(&e)),
             }
             count = count.saturating_add(1);
         }
@@ -537,7 +677,10 @@ fn spawn_verification(misc: &str, target: Arc<dyn SnapshotTarget>, v: Arc<Verifi
                     pass.set(VerifyState::Passed);
                 }
                 Err(e) => {
-                    log::error!("{name}: verification failed: {e}");
+                    log::error!(
+                        "{name}: verification failed: {chain}",
+                        chain = ErrorChain(&e)
+                    );
                     pass.set(VerifyState::Failed);
                 }
             }
@@ -545,7 +688,10 @@ fn spawn_verification(misc: &str, target: Arc<dyn SnapshotTarget>, v: Arc<Verifi
     match spawned {
         Ok(t) => *lock(&v.thread) = Some(t),
         Err(e) => {
-            log::error!("{misc}: cannot spawn the verification thread: {e}");
+            log::error!(
+                "{misc}: cannot spawn the verification thread: {chain}",
+                chain = ErrorChain(&e)
+            );
             v.set(VerifyState::Failed);
         }
     }
@@ -554,8 +700,7 @@ fn spawn_verification(misc: &str, target: Arc<dyn SnapshotTarget>, v: Arc<Verifi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dm_user::{Channel, ChannelError};
-    use crate::snapshot::block_server::{Request, Status};
+    use crate::dm_user::{Channel, ChannelError, Request, ResponseCode};
     use std::os::unix::net::UnixStream;
     use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -567,8 +712,8 @@ mod tests {
     }
 
     impl RequestHandler for FakeTarget {
-        fn handle(&self, _: &Request, _: &[u8], _: &mut Vec<u8>) -> Status {
-            Status::Unsupported
+        fn handle(&self, _: &Request, _: &[u8], _: &mut Vec<u8>) -> ResponseCode {
+            ResponseCode::Unsupported
         }
     }
 
@@ -576,21 +721,28 @@ mod tests {
         fn device_sectors(&self) -> u64 {
             self.sectors
         }
-        fn merge_percent(&self) -> Result<f64, String> {
+        fn merge_percent(&self) -> Result<f64, TargetError> {
             Ok(self.percent_tenths.load(Ordering::Relaxed) as f64 / 10.0)
         }
-        fn merge_complete(&self) -> Result<bool, String> {
+        fn merge_complete(&self) -> Result<bool, TargetError> {
             Ok(self.percent_tenths.load(Ordering::Relaxed) == 1000)
         }
-        fn verify(&self, stop: &AtomicBool) -> Result<u64, String> {
+        fn verify(&self, stop: &AtomicBool) -> Result<u64, TargetError> {
             match self.verify.as_str() {
-                "bad" => Err("block 3: read error".into()),
+                "bad" => Err(TargetError::VerifyRead {
+                    block: 3,
+                    blocks: self.sectors / 8,
+                    source: "read error".into(),
+                }),
                 "hang" => {
                     HANG_ENTERED.store(true, Ordering::Release);
                     while !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(std::time::Duration::from_millis(5));
                     }
-                    Err("stopped".into())
+                    Err(TargetError::VerifyStopped {
+                        block: 0,
+                        blocks: self.sectors / 8,
+                    })
                 }
                 _ => Ok(self.sectors / 8),
             }
@@ -621,13 +773,18 @@ mod tests {
     struct FakeOpener;
 
     impl SnapshotOpener for FakeOpener {
-        fn open(&self, cow: &Path, _: &Path) -> Result<Arc<dyn SnapshotTarget>, String> {
-            let text = cow.to_str().ok_or("not text")?;
+        fn open(&self, cow: &Path, _: &Path) -> Result<Arc<dyn SnapshotTarget>, TargetError> {
+            let refuse = |why: &str| TargetError::Open {
+                cow: cow.to_path_buf(),
+                source_path: PathBuf::new(),
+                source: why.into(),
+            };
+            let text = cow.to_str().ok_or_else(|| refuse("not text"))?;
             let (text, verify) = text.split_once('!').unwrap_or((text, ""));
             let (n, p) = text.split_once('@').unwrap_or((text, "0"));
             Ok(Arc::new(FakeTarget {
-                sectors: n.parse().map_err(|_| format!("no COW {text}"))?,
-                percent_tenths: AtomicU64::new(p.parse().map_err(|_| "bad")?),
+                sectors: n.parse().map_err(|_| refuse("no COW"))?,
+                percent_tenths: AtomicU64::new(p.parse().map_err(|_| refuse("bad progress"))?),
                 verify: verify.to_string(),
             }))
         }

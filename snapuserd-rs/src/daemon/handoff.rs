@@ -28,11 +28,11 @@
 //! Every malformed exchange (no fd, several fds, a message of the wrong size, a peer that
 //! closes, an fd that is not a Unix stream socket) is a [`HandoffError`].
 
+use crate::error_chain::ErrorChain;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -43,6 +43,7 @@ use nix::sys::socket::{
 };
 use thiserror::Error;
 
+use super::events::DaemonEvents;
 use super::sockets::{ensure_listening, is_socket, type_and_family};
 
 /// init's name for the proxy socket (`ANDROID_SOCKET_snapuserd_proxy`).
@@ -55,8 +56,9 @@ pub const HANDOFF_BYTE: u8 = b'a';
 pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Backlog of the sockets the daemon listens on (AOSP's).
 pub const LISTEN_BACKLOG: libc::c_int = 4;
-/// How often waits without a time limit look at their stop condition.
-const TICK: Duration = Duration::from_millis(100);
+/// Pause between attempts to connect to a proxy that does not listen yet (a wake-up of the
+/// daemon's events ends it early).
+const CONNECT_RETRY: Duration = Duration::from_millis(100);
 /// Most fds accepted in one message (more are reported, and all closed).
 const MAX_FDS: usize = 4;
 
@@ -74,7 +76,7 @@ pub enum HandoffError {
         want: &'static str,
     },
     /// A socket operation failed.
-    #[error("socket handoff: {op} ({path}): {source}")]
+    #[error("socket handoff: {op} ({path})")]
     Io {
         /// The operation.
         op: &'static str,
@@ -186,31 +188,39 @@ fn check_socket(
     }
 }
 
-/// Wait until `fd` is readable, up to `limit` (`None`: no limit, but `stop()` is checked
-/// every tick). Returns false on timeout.
+/// Wait until `fd` is readable, up to `limit` (`None`: no limit). Sleeps on `fd` and
+/// `events`; after every wake-up of `events` it ends with [`HandoffError::Stopped`] if a stop
+/// was requested or `give_up()` holds. Returns false on timeout.
 fn wait_readable(
     fd: BorrowedFd<'_>,
     limit: Option<Duration>,
-    stop: &dyn Fn() -> bool,
+    events: &DaemonEvents,
+    give_up: &dyn Fn() -> bool,
     what: &'static str,
 ) -> Result<bool, HandoffError> {
     let start = Instant::now();
     loop {
-        if stop() {
+        events.drain();
+        if events.stop_requested() || give_up() {
             return Err(HandoffError::Stopped { what });
         }
-        let tick = match limit {
+        let timeout = match limit {
             Some(l) => match l.checked_sub(start.elapsed()) {
-                Some(left) if !left.is_zero() => left.min(TICK),
+                Some(left) if !left.is_zero() => {
+                    PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)
+                }
                 _ => return Ok(false),
             },
-            None => TICK,
+            None => PollTimeout::NONE,
         };
-        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-        let timeout = PollTimeout::try_from(tick).unwrap_or(PollTimeout::MAX);
+        let mut fds = [
+            PollFd::new(fd, PollFlags::POLLIN),
+            PollFd::new(events.fd(), PollFlags::POLLIN),
+        ];
         match nix::poll::poll(&mut fds, timeout) {
             Ok(0) | Err(Errno::EINTR) => continue,
-            Ok(_) => return Ok(true),
+            Ok(_) if fds[0].revents().is_some_and(|r| !r.is_empty()) => return Ok(true),
+            Ok(_) => continue,
             Err(e) => return Err(io_err("poll", what)(e)),
         }
     }
@@ -223,7 +233,7 @@ pub fn run_proxy(
     proxy: OwnedFd,
     server: BorrowedFd<'_>,
     set_ready: &dyn Fn(),
-    shutdown: &AtomicBool,
+    events: &DaemonEvents,
 ) -> Result<(), HandoffError> {
     check_socket(
         proxy.as_fd(),
@@ -238,8 +248,8 @@ pub fn run_proxy(
         source,
     })?;
     set_ready();
-    let stop = || shutdown.load(Ordering::Acquire);
-    wait_readable(proxy.as_fd(), None, &stop, "proxy client")?;
+    let never = || false;
+    wait_readable(proxy.as_fd(), None, events, &never, "proxy client")?;
     // SAFETY: accept4 takes a listening fd (borrowed, open) and null address pointers, and
     // returns a new fd or -1.
     let raw = unsafe {
@@ -276,7 +286,7 @@ pub fn run_proxy(
         });
     }
     log::info!("socket handoff: snapuserd socket sent, waiting for the ACK");
-    if !wait_readable(client.as_fd(), Some(MESSAGE_TIMEOUT), &stop, "ACK")? {
+    if !wait_readable(client.as_fd(), Some(MESSAGE_TIMEOUT), events, &never, "ACK")? {
         return Err(HandoffError::TimedOut {
             what: "ACK",
             secs: MESSAGE_TIMEOUT.as_secs(),
@@ -352,30 +362,43 @@ fn receive_one(
 }
 
 /// The receiving role: connect to the proxy at `proxy_path` (retrying while it does not
-/// exist or does not listen yet, until `give_up()`), receive the control socket (waiting at
-/// most [`MESSAGE_TIMEOUT`], or until `give_up()`), ACK, and return it listening.
+/// exist or does not listen yet), receive the control socket (waiting at most
+/// [`MESSAGE_TIMEOUT`]), ACK, and return it listening. Gives up when a stop is requested on
+/// `events` or, after a wake-up of `events`, `give_up()` holds.
 pub fn receive_listener(
     proxy_path: &Path,
+    events: &DaemonEvents,
     give_up: &dyn Fn() -> bool,
 ) -> Result<UnixListener, HandoffError> {
     let shown = proxy_path.display().to_string();
     let addr = UnixAddr::new(proxy_path).map_err(io_err("address", shown.clone()))?;
     let conn = loop {
-        if give_up() {
+        events.drain();
+        if events.stop_requested() || give_up() {
             return Err(HandoffError::Stopped { what: "proxy" });
         }
         let fd = seqpacket_socket(&shown)?;
         match nix::sys::socket::connect(fd.as_raw_fd(), &addr) {
             Ok(()) => break fd,
             // Not created yet, or created but not listening yet.
-            Err(Errno::ENOENT | Errno::ECONNREFUSED | Errno::EINTR) => {
-                std::thread::sleep(TICK);
-            }
+            Err(Errno::ENOENT | Errno::ECONNREFUSED | Errno::EINTR) => events
+                .wait(Some(CONNECT_RETRY))
+                .map_err(|source| HandoffError::Io {
+                    op: "poll",
+                    path: shown.clone(),
+                    source,
+                })?,
             Err(e) => return Err(io_err("connect", shown)(e)),
         }
     };
     log::info!("socket handoff: connected to the proxy at {shown}");
-    if !wait_readable(conn.as_fd(), Some(MESSAGE_TIMEOUT), give_up, "fd message")? {
+    if !wait_readable(
+        conn.as_fd(),
+        Some(MESSAGE_TIMEOUT),
+        events,
+        give_up,
+        "fd message",
+    )? {
         return Err(HandoffError::TimedOut {
             what: "fd message",
             secs: MESSAGE_TIMEOUT.as_secs(),
@@ -407,7 +430,10 @@ pub fn receive_listener(
     if let Err(e) =
         nix::sys::socket::send(conn.as_raw_fd(), &[HANDOFF_BYTE], MsgFlags::MSG_NOSIGNAL)
     {
-        log::warn!("socket handoff: sending the ACK: {e}");
+        log::warn!(
+            "socket handoff: sending the ACK: {chain}",
+            chain = ErrorChain(&e)
+        );
     }
     Ok(UnixListener::from(server))
 }
@@ -416,8 +442,13 @@ pub fn receive_listener(
 mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::thread;
+
+    fn events() -> DaemonEvents {
+        DaemonEvents::new().unwrap()
+    }
 
     fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
         nix::sys::socket::socketpair(
@@ -514,7 +545,7 @@ mod tests {
         let listener = UnixListener::bind(&ctl).unwrap();
         let proxy = dir.path().join("proxy");
         let t = fake_proxy(&proxy, b"a", vec![OwnedFd::from(listener)]);
-        let got = receive_listener(&proxy, &|| false).unwrap();
+        let got = receive_listener(&proxy, &events(), &|| false).unwrap();
         assert_eq!(t.join().unwrap(), b"a");
         // The received socket is the control socket: a client of its path reaches it.
         let _c = UnixStream::connect(&ctl).unwrap();
@@ -526,13 +557,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let proxy = dir.path().join("proxy");
         let t = fake_proxy(&proxy, b"a", vec![]);
-        let e = receive_listener(&proxy, &|| false).unwrap_err();
+        let e = receive_listener(&proxy, &events(), &|| false).unwrap_err();
         assert!(matches!(e, HandoffError::FdCount { got: 0 }), "{e}");
         assert_eq!(t.join().unwrap(), b"");
         let proxy2 = dir.path().join("proxy2");
         let file = std::fs::File::open("/dev/null").unwrap();
         let t = fake_proxy(&proxy2, b"a", vec![OwnedFd::from(file)]);
-        let e = receive_listener(&proxy2, &|| false).unwrap_err();
+        let e = receive_listener(&proxy2, &events(), &|| false).unwrap_err();
         assert!(matches!(e, HandoffError::WrongSocket { .. }), "{e}");
         // No ACK was sent for a refused handoff.
         assert_eq!(t.join().unwrap(), b"");
@@ -545,7 +576,7 @@ mod tests {
         let a = UnixListener::bind(dir.path().join("a")).unwrap();
         let b = UnixListener::bind(dir.path().join("b")).unwrap();
         let t = fake_proxy(&proxy, b"a", vec![OwnedFd::from(a), OwnedFd::from(b)]);
-        let e = receive_listener(&proxy, &|| false).unwrap_err();
+        let e = receive_listener(&proxy, &events(), &|| false).unwrap_err();
         assert!(matches!(e, HandoffError::FdCount { got: 2 }), "{e}");
         assert_eq!(t.join().unwrap(), b"");
     }
@@ -553,7 +584,7 @@ mod tests {
     #[test]
     fn receiver_gives_up_when_told() {
         let dir = tempfile::tempdir().unwrap();
-        let e = receive_listener(&dir.path().join("never"), &|| true).unwrap_err();
+        let e = receive_listener(&dir.path().join("never"), &events(), &|| true).unwrap_err();
         assert!(matches!(e, HandoffError::Stopped { .. }), "{e}");
     }
 
@@ -566,13 +597,12 @@ mod tests {
         let proxy = bind_seqpacket(&proxy_path).unwrap();
         let ready = Arc::new(AtomicBool::new(false));
         let r = Arc::clone(&ready);
-        let shutdown = AtomicBool::new(false);
-        let t = thread::spawn(move || receive_listener(&proxy_path, &|| false).unwrap());
+        let t = thread::spawn(move || receive_listener(&proxy_path, &events(), &|| false).unwrap());
         run_proxy(
             proxy,
             server.as_fd(),
             &|| r.store(true, Ordering::Release),
-            &shutdown,
+            &events(),
         )
         .unwrap();
         assert!(ready.load(Ordering::Acquire));
@@ -601,13 +631,13 @@ mod tests {
                 thread::sleep(Duration::from_millis(10));
             }
             let (_, fds) = {
-                wait_readable(fd.as_fd(), None, &|| false, "x").unwrap();
+                wait_readable(fd.as_fd(), None, &events(), &|| false, "x").unwrap();
                 receive_one(fd.as_fd(), "fd message", true).unwrap()
             };
             assert_eq!(fds.len(), 1);
             send_raw(&fd, b"zz", &[]);
         });
-        let e = run_proxy(proxy, server.as_fd(), &|| {}, &AtomicBool::new(false)).unwrap_err();
+        let e = run_proxy(proxy, server.as_fd(), &|| {}, &events()).unwrap_err();
         t.join().unwrap();
         assert!(matches!(e, HandoffError::WrongSize { .. }), "{e}");
     }
@@ -618,16 +648,12 @@ mod tests {
         let server = UnixListener::bind(dir.path().join("snapuserd")).unwrap();
         // A stream socket where the seqpacket proxy socket belongs.
         let wrong = UnixListener::bind(dir.path().join("wrong")).unwrap();
-        let e = run_proxy(
-            OwnedFd::from(wrong),
-            server.as_fd(),
-            &|| {},
-            &AtomicBool::new(false),
-        )
-        .unwrap_err();
+        let e = run_proxy(OwnedFd::from(wrong), server.as_fd(), &|| {}, &events()).unwrap_err();
         assert!(matches!(e, HandoffError::WrongSocket { .. }), "{e}");
         let proxy = bind_seqpacket(&dir.path().join("proxy")).unwrap();
-        let e = run_proxy(proxy, server.as_fd(), &|| {}, &AtomicBool::new(true)).unwrap_err();
+        let stopping = events();
+        stopping.request_stop();
+        let e = run_proxy(proxy, server.as_fd(), &|| {}, &stopping).unwrap_err();
         assert!(matches!(e, HandoffError::Stopped { .. }), "{e}");
     }
 }

@@ -1,46 +1,55 @@
-//! dm-user transport: worker threads that serve one handler's misc device.
+//! The request transport: worker threads that serve one handler's dm-user misc device.
 //!
-//! Each worker owns its own [`Channel`] (one `open()` of `/dev/dm-user/<misc>`), reads a
-//! request, asks the block server for the status (and READ data) *before* writing anything
-//! back, and answers with one response. Every request read is answered. A worker ends when
-//! its target is gone (`ENOTBLK`, or end of stream on a test transport), when its stop flag
-//! is set, or when the channel itself fails; it never takes the process down.
+//! A [`RequestHandler`] decides requests; it knows nothing of how they arrive. A worker
+//! owns one [`Channel`] (one `open()` of `/dev/dm-user/<misc>`), reads a request, asks the
+//! handler for the status (and READ data) *before* writing anything back, and answers with
+//! one response. The handler may ask for a request to be held ([`RequestHandler::hold`]):
+//! the worker keeps it, unprocessed and unanswered, serves later requests (dm-user lets a
+//! channel answer out of order), and offers it again each time the worker is woken.
+//!
+//! Workers sleep in `poll` on two fds: the channel, and the worker's own eventfd
+//! ([`WorkerControl`]). Nothing ticks: a request, a stop, or a wake-up (the handler's hold
+//! condition changed) is what runs a worker. Every request read is answered, except when
+//! the channel itself can no longer carry the answer. A worker ends when its target is gone
+//! (`ENOTBLK`, or end of stream on a test transport), when it is stopped (held requests are
+//! answered first), or when the channel fails; it never takes the process down.
 //!
 //! Channels are produced by a [`ChannelOpener`], the seam that lets tests drive workers
 //! through a socketpair playing the kernel.
 
 use std::io::Read;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use thiserror::Error;
 
-#[cfg(not(test))]
-use crate::cow_backend::{source_file::FileSource, CowSnapshot};
+use super::events::Notifier;
 use crate::dm_user::{
-    Channel, ChannelError, MessageHeader, Readiness, Received, DM_USER_REQ_MAP_READ,
+    Channel, ChannelError, MessageHeader, Received, Request, ResponseCode, DM_USER_REQ_MAP_READ,
     DM_USER_REQ_MAP_WRITE, DM_USER_RESP_ERROR,
 };
-use crate::snapshot::block_server::{Request, Status, MAX_REQUEST_BYTES};
-
-/// How long a worker waits for a message before it looks at its stop flag again.
-const STOP_POLL_INTERVAL: Duration = Duration::from_millis(100);
-
-/// Pause after a readiness report that produced no message (a kernel without poll support
-/// reports the fd always readable), so such a worker does not spin.
-const SPURIOUS_WAKE_PAUSE: Duration = Duration::from_millis(5);
+use crate::error_chain::ErrorChain;
+use crate::log_limit::LogLimit;
+use crate::snapshot::block_server::MAX_REQUEST_BYTES;
 
 /// Piece size used to discard an over-long WRITE payload.
 const DRAIN_PIECE: usize = 64 << 10;
+
+/// Most requests one worker holds for its handler; later ones are processed at once.
+pub const MAX_HELD_REQUESTS: usize = 8;
 
 /// Errors of the transport.
 #[derive(Debug, Error)]
 pub enum TransportError {
     /// Opening a channel for a worker failed.
-    #[error("opening dm-user channel {index} for {misc}: {source}")]
+    #[error("opening dm-user channel {index} for {misc}")]
     Open {
         /// Misc name of the handler.
         misc: String,
@@ -50,8 +59,19 @@ pub enum TransportError {
         #[source]
         source: ChannelError,
     },
+    /// Creating a worker's wake-up eventfd failed.
+    #[error("creating the wake-up eventfd of worker {index} for {misc}")]
+    WakeFd {
+        /// Misc name of the handler.
+        misc: String,
+        /// Index of the worker.
+        index: u32,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Spawning a worker thread failed.
-    #[error("spawning worker {index} for {misc}: {source}")]
+    #[error("spawning worker {index} for {misc}")]
     Spawn {
         /// Misc name of the handler.
         misc: String,
@@ -63,19 +83,19 @@ pub enum TransportError {
     },
 }
 
-/// Something that answers dm-user requests: the block server of one snapshot.
+/// Something that answers block requests: the block server of one snapshot, behind
+/// whatever transport carries the requests.
 pub trait RequestHandler: Send + Sync {
     /// Decide the status of `req` and, for a successful READ, fill `read_out` with `req.len`
     /// bytes. `write_payload` holds a WRITE's payload.
-    fn handle(&self, req: &Request, write_payload: &[u8], read_out: &mut Vec<u8>) -> Status;
-}
+    fn handle(&self, req: &Request, write_payload: &[u8], read_out: &mut Vec<u8>) -> ResponseCode;
 
-// Under `cfg(test)` the COW store carries a single-threaded crash clock, so `CowSnapshot` is
-// not `Sync` in this crate's unit tests; they use fakes and the integration tests use this.
-#[cfg(not(test))]
-impl RequestHandler for CowSnapshot<FileSource> {
-    fn handle(&self, req: &Request, write_payload: &[u8], read_out: &mut Vec<u8>) -> Status {
-        self.server().handle(req, write_payload, read_out)
+    /// True to hold `req` for now: the transport neither processes nor answers it, and asks
+    /// again each time its worker is woken ([`WorkerGroup::wake`]); a stopping worker
+    /// processes it regardless. The default holds nothing.
+    fn hold(&self, req: &Request) -> bool {
+        let _ = req;
+        false
     }
 }
 
@@ -119,7 +139,7 @@ impl ChannelOpener for DevDmUser {
 pub enum WorkerExit {
     /// The target was destroyed (`ENOTBLK`) or the peer closed the channel.
     TargetGone,
-    /// The stop flag was set.
+    /// The worker was stopped.
     Stopped,
     /// The channel failed (logged); the other workers carry on.
     ChannelFailed,
@@ -134,39 +154,123 @@ pub struct WorkerReport {
     pub answered: u64,
 }
 
-/// Most metadata write-backs one worker holds while the merge is paused; later ones are
-/// answered at once (the kernel issues one write-back at a time per snapshot).
-pub const MAX_PARKED_WRITES: usize = 8;
+/// The stop flag and wake-up eventfd of one worker.
+///
+/// The eventfd is written after the flag (or the handler's hold condition) changes and read
+/// by the worker before it looks at them again, so no change is missed and an idle worker
+/// costs no wake-ups.
+#[derive(Debug)]
+pub struct WorkerControl {
+    stop: AtomicBool,
+    wake: EventFd,
+}
 
-/// Size of a metadata write-back (one 4 KiB exception area); only these are held.
-const METADATA_WRITE_BYTES: u64 = 4096;
+impl WorkerControl {
+    /// A control with the stop flag clear.
+    pub fn new() -> std::io::Result<Self> {
+        let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
+        Ok(Self {
+            stop: AtomicBool::new(false),
+            wake,
+        })
+    }
 
-/// A WRITE held while the merge is paused.
-struct Parked {
+    /// Wake the worker so that it offers its held requests to the handler again.
+    pub fn wake(&self) {
+        // EAGAIN only when the counter is saturated: the worker is woken anyway.
+        if let Err(e) = self.wake.write(1) {
+            if e != Errno::EAGAIN {
+                log::error!("waking a dm-user worker: {chain}", chain = ErrorChain(&e));
+            }
+        }
+    }
+
+    /// Ask the worker to stop: it answers its held requests and ends.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Reset the eventfd's counter (before the worker looks at what changed).
+    fn clear(&self) {
+        // EAGAIN: nothing was pending.
+        let _ = self.wake.read();
+    }
+}
+
+/// What woke a waiting worker.
+enum Event {
+    /// The channel has a message (or hung up): `receive` tells which.
+    Channel,
+    /// The worker's control was written.
+    Control,
+}
+
+/// Sleep until the channel or the control has something. A signal only restarts the wait.
+fn wait(channel: &Channel, control: &WorkerControl) -> Result<Event, ChannelError> {
+    loop {
+        let mut fds = [
+            PollFd::new(channel.as_fd(), PollFlags::POLLIN),
+            PollFd::new(control.wake.as_fd(), PollFlags::POLLIN),
+        ];
+        match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                return Err(ChannelError::Io {
+                    op: "poll",
+                    source: e.into(),
+                })
+            }
+        }
+        let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+        if ready(&fds[1]) {
+            return Ok(Event::Control);
+        }
+        if ready(&fds[0]) {
+            return Ok(Event::Channel);
+        }
+    }
+}
+
+/// Sleep until the channel is readable (mid-payload on a non-blocking channel).
+fn wait_readable(channel: &Channel) -> Result<(), ChannelError> {
+    let mut fds = [PollFd::new(channel.as_fd(), PollFlags::POLLIN)];
+    match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+        Ok(_) | Err(Errno::EINTR) => Ok(()),
+        Err(e) => Err(ChannelError::Io {
+            op: "poll",
+            source: e.into(),
+        }),
+    }
+}
+
+/// A request held for the handler.
+struct Held {
     header: MessageHeader,
     payload: Vec<u8>,
 }
 
-/// Serve `channel` with `handler` until the target goes away, `stop` is set, or the channel
-/// fails. Runs on the calling thread.
+/// Serve `channel` with `handler` until the target goes away, `control` is stopped, or the
+/// channel fails. Runs on the calling thread.
 ///
-/// While `merge_paused` is set, 4 KiB WRITEs (dm-snapshot-merge's metadata write-backs)
-/// are held, unprocessed and unanswered, up to [`MAX_PARKED_WRITES`]; READs, empty
-/// flushes and other WRITEs are answered as usual, since dm-user lets a channel answer out of order. The
-/// kernel's merge waits for the held write, so it makes no progress; reads of the snapshot
-/// do not stall. Held writes are processed and answered, in arrival order, when the flag
-/// clears or the worker is stopped.
+/// Requests the handler holds ([`RequestHandler::hold`]) are kept, up to
+/// [`MAX_HELD_REQUESTS`], and offered again in arrival order at each wake-up; a stopped
+/// worker processes and answers them before it ends.
 pub fn serve_channel(
     mut channel: Channel,
     handler: &dyn RequestHandler,
-    stop: &AtomicBool,
-    merge_paused: &AtomicBool,
+    control: &WorkerControl,
 ) -> WorkerReport {
     let mut answered = 0u64;
     let max_payload = usize::try_from(MAX_REQUEST_BYTES).unwrap_or(usize::MAX);
     channel.set_max_payload(max_payload);
     if let Err(e) = channel.set_nonblocking(true) {
-        log::error!("dm-user worker: {e}");
+        log::error!("dm-user worker: {}", ErrorChain(&e));
         return WorkerReport {
             exit: WorkerExit::ChannelFailed,
             answered,
@@ -174,12 +278,19 @@ pub fn serve_channel(
     }
     let mut payload = Vec::new();
     let mut data = Vec::new();
-    let mut parked: Vec<Parked> = Vec::new();
+    let mut held: Vec<Held> = Vec::new();
+    let request_log = LogLimit::new();
     let exit = 'serve: loop {
-        let stopping = stop.load(Ordering::Acquire);
-        if !parked.is_empty() && (stopping || !merge_paused.load(Ordering::Acquire)) {
-            for p in parked.drain(..) {
-                match answer(&mut channel, handler, &p.header, &p.payload, &mut data) {
+        let stopping = control.stopping();
+        if !held.is_empty() {
+            let mut index = 0;
+            while let Some(h) = held.get(index) {
+                if !stopping && handler.hold(&h.header.request()) {
+                    index += 1;
+                    continue;
+                }
+                let h = held.remove(index);
+                match answer(&mut channel, handler, &h.header, &h.payload, &mut data) {
                     Ok(()) => answered = answered.saturating_add(1),
                     Err(exit) => break 'serve exit,
                 }
@@ -188,25 +299,30 @@ pub fn serve_channel(
         if stopping {
             break WorkerExit::Stopped;
         }
-        match channel.poll(STOP_POLL_INTERVAL) {
-            Ok(Readiness::TimedOut) => continue,
-            Ok(Readiness::Readable | Readiness::HangUp) => {}
+        match wait(&channel, control) {
+            Ok(Event::Control) => {
+                control.clear();
+                continue;
+            }
+            Ok(Event::Channel) => {}
             Err(e) => {
-                log::error!("dm-user worker: {e}");
+                log::error!("dm-user worker: {}", ErrorChain(&e));
                 break WorkerExit::ChannelFailed;
             }
         }
         let header = match channel.receive(&mut payload) {
             Ok(Received::Request(h)) => h,
             Ok(Received::TargetGone) => break WorkerExit::TargetGone,
-            Err(ChannelError::WouldBlock) => {
-                std::thread::sleep(SPURIOUS_WAKE_PAUSE);
-                continue;
-            }
-            Err(ChannelError::Interrupted) => continue,
+            // Another channel took the message, or a signal came first: wait again.
+            Err(ChannelError::WouldBlock | ChannelError::Interrupted) => continue,
             Err(ChannelError::UnexpectedEof { got: 0, .. }) => break WorkerExit::TargetGone,
             Err(ChannelError::PayloadTooLarge { seq, len, max }) => {
-                log::error!("dm-user WRITE seq {seq}: {len}-byte payload over the {max}-byte cap");
+                crate::log_limited!(
+                    request_log,
+                    log::Level::Error,
+                    "dm-user WRITE seq {seq}: {len}-byte payload over the {max}-byte cap; \
+                     answering ERROR"
+                );
                 match refuse_oversized_write(&mut channel, seq, len) {
                     Ok(()) => {
                         answered = answered.saturating_add(1);
@@ -216,24 +332,23 @@ pub fn serve_channel(
                 }
             }
             Err(e) => {
-                log::error!("dm-user worker: {e}");
+                log::error!("dm-user worker: {}", ErrorChain(&e));
                 break WorkerExit::ChannelFailed;
             }
         };
-        if header.msg_type == DM_USER_REQ_MAP_WRITE
-            && header.len == METADATA_WRITE_BYTES
-            && merge_paused.load(Ordering::Acquire)
-        {
-            if parked.len() < MAX_PARKED_WRITES {
-                log::debug!("merge paused: holding WRITE seq {}", header.seq);
-                parked.push(Parked {
+        if handler.hold(&header.request()) {
+            if held.len() < MAX_HELD_REQUESTS {
+                log::debug!("holding request seq {}", header.seq);
+                held.push(Held {
                     header,
                     payload: std::mem::take(&mut payload),
                 });
                 continue;
             }
-            log::warn!(
-                "merge paused but {MAX_PARKED_WRITES} writes are held; answering seq {}",
+            crate::log_limited!(
+                request_log,
+                log::Level::Warn,
+                "{MAX_HELD_REQUESTS} requests are held already; processing seq {} now",
                 header.seq
             );
         }
@@ -242,6 +357,13 @@ pub fn serve_channel(
             Err(exit) => break exit,
         }
     };
+    if !held.is_empty() {
+        log::warn!(
+            "dm-user worker ended ({exit:?}) with {} held requests the channel can no longer \
+             answer; the kernel fails them",
+            held.len()
+        );
+    }
     match exit {
         WorkerExit::ChannelFailed => log::warn!("dm-user worker ended after {answered} requests"),
         _ => log::debug!("dm-user worker ended ({exit:?}) after {answered} requests"),
@@ -257,23 +379,32 @@ fn answer(
     payload: &[u8],
     data: &mut Vec<u8>,
 ) -> Result<(), WorkerExit> {
-    let req = Request {
-        kind: header.msg_type,
-        flags: header.flags,
-        sector: header.sector,
-        len: header.len,
-    };
-    let status = handler.handle(&req, payload, data);
-    let body: &[u8] = if status == Status::Success && header.msg_type == DM_USER_REQ_MAP_READ {
+    let status = handler.handle(&header.request(), payload, data);
+    let body: &[u8] = if status == ResponseCode::Success && header.msg_type == DM_USER_REQ_MAP_READ
+    {
         data
     } else {
         &[]
     };
-    match channel.respond(header, status.code(), body) {
+    respond(channel, header, status.to_wire(), body)
+}
+
+/// Send one response; the exit it forces if the channel cannot carry it.
+fn respond(
+    channel: &mut Channel,
+    header: &MessageHeader,
+    code: u64,
+    body: &[u8],
+) -> Result<(), WorkerExit> {
+    match channel.respond(header, code, body) {
         Ok(()) => Ok(()),
         Err(ChannelError::TargetGone) => Err(WorkerExit::TargetGone),
         Err(e) => {
-            log::error!("dm-user worker: answering seq {}: {e}", header.seq);
+            log::error!(
+                "dm-user worker: answering seq {}: {}",
+                header.seq,
+                ErrorChain(&e)
+            );
             Err(WorkerExit::ChannelFailed)
         }
     }
@@ -284,23 +415,29 @@ fn answer(
 fn refuse_oversized_write(channel: &mut Channel, seq: u64, len: u64) -> Result<(), WorkerExit> {
     let mut left = len;
     let mut piece = vec![0u8; DRAIN_PIECE];
-    let mut file = channel.file();
     while left > 0 {
         let want = usize::try_from(left.min(DRAIN_PIECE as u64)).unwrap_or(DRAIN_PIECE);
         let buf = piece.get_mut(..want).unwrap_or_default();
-        match file.read(buf) {
+        match channel.file().read(buf) {
             Ok(0) => return Err(WorkerExit::TargetGone),
             Ok(n) => left = left.saturating_sub(n as u64),
             Err(e) => match e.raw_os_error() {
                 Some(libc::ENOTBLK) => return Err(WorkerExit::TargetGone),
                 Some(libc::EINTR) => continue,
                 Some(libc::EAGAIN) => {
-                    if channel.poll(STOP_POLL_INTERVAL).is_err() {
+                    if let Err(e) = wait_readable(channel) {
+                        log::error!(
+                            "dm-user worker: discarding payload of seq {seq}: {}",
+                            ErrorChain(&e)
+                        );
                         return Err(WorkerExit::ChannelFailed);
                     }
                 }
                 _ => {
-                    log::error!("dm-user worker: discarding payload of seq {seq}: {e}");
+                    log::error!(
+                        "dm-user worker: discarding payload of seq {seq}: {chain}",
+                        chain = ErrorChain(&e)
+                    );
                     return Err(WorkerExit::ChannelFailed);
                 }
             },
@@ -313,35 +450,51 @@ fn refuse_oversized_write(channel: &mut Channel, seq: u64, len: u64) -> Result<(
         sector: 0,
         len,
     };
-    match channel.respond(&header, DM_USER_RESP_ERROR, &[]) {
-        Ok(()) => Ok(()),
-        Err(ChannelError::TargetGone) => Err(WorkerExit::TargetGone),
-        Err(e) => {
-            log::error!("dm-user worker: answering seq {seq}: {e}");
-            Err(WorkerExit::ChannelFailed)
-        }
+    respond(channel, &header, DM_USER_RESP_ERROR, &[])
+}
+
+/// The controls of one handler's workers: stop them, or wake them when the handler's hold
+/// condition changed.
+#[derive(Debug)]
+pub struct WorkerGroup {
+    controls: Vec<Arc<WorkerControl>>,
+}
+
+impl WorkerGroup {
+    /// Wake every worker so that each offers its held requests to the handler again.
+    pub fn wake(&self) {
+        self.controls.iter().for_each(|c| c.wake());
+    }
+
+    /// Ask every worker to stop.
+    pub fn stop(&self) {
+        self.controls.iter().for_each(|c| c.stop());
     }
 }
 
-/// The worker threads of one handler, with their shared stop flag.
+/// The worker threads of one handler.
 #[derive(Debug)]
 pub struct Workers {
-    stop: Arc<AtomicBool>,
+    group: Arc<WorkerGroup>,
     threads: Vec<JoinHandle<WorkerReport>>,
+    /// Workers whose serving loop has not ended yet (lowered before `on_exit` is woken, so
+    /// whoever it wakes sees the count that woke it).
+    serving: Arc<AtomicUsize>,
 }
 
 impl Workers {
     /// Open `count` channels on `misc` with `opener` (all before any thread starts, so a
-    /// missing device fails the whole start), then serve each on its own thread.
-    /// `merge_paused` is the daemon-wide pause flag (see [`serve_channel`]).
+    /// missing device fails the whole start), then serve each on its own thread. Each
+    /// worker that ends wakes `on_exit`.
     pub fn spawn(
         opener: &dyn ChannelOpener,
         misc: &str,
         handler: Arc<dyn RequestHandler>,
         count: u32,
-        merge_paused: Arc<AtomicBool>,
+        on_exit: Option<Notifier>,
     ) -> Result<Self, TransportError> {
         let mut channels = Vec::new();
+        let mut controls = Vec::new();
         for index in 0..count.max(1) {
             let channel = opener.open(misc).map_err(|source| TransportError::Open {
                 misc: misc.to_string(),
@@ -349,22 +502,39 @@ impl Workers {
                 source,
             })?;
             channels.push(channel);
+            let control = WorkerControl::new().map_err(|source| TransportError::WakeFd {
+                misc: misc.to_string(),
+                index,
+                source,
+            })?;
+            controls.push(Arc::new(control));
         }
-        let stop = Arc::new(AtomicBool::new(false));
         let mut workers = Workers {
-            stop: Arc::clone(&stop),
+            group: Arc::new(WorkerGroup {
+                controls: controls.clone(),
+            }),
             threads: Vec::new(),
+            serving: Arc::new(AtomicUsize::new(0)),
         };
-        for (index, channel) in (0u32..).zip(channels) {
-            let stop = Arc::clone(&stop);
+        for ((index, channel), control) in (0u32..).zip(channels).zip(controls) {
             let handler = Arc::clone(&handler);
-            let paused = Arc::clone(&merge_paused);
+            let on_exit = on_exit.clone();
+            let serving = Arc::clone(&workers.serving);
+            serving.fetch_add(1, Ordering::AcqRel);
             let spawned = std::thread::Builder::new()
                 .name(format!("snapuserd-{index}"))
-                .spawn(move || serve_channel(channel, handler.as_ref(), &stop, &paused));
+                .spawn(move || {
+                    let report = serve_channel(channel, handler.as_ref(), &control);
+                    serving.fetch_sub(1, Ordering::AcqRel);
+                    if let Some(n) = on_exit {
+                        n.notify();
+                    }
+                    report
+                });
             match spawned {
                 Ok(t) => workers.threads.push(t),
                 Err(source) => {
+                    workers.serving.fetch_sub(1, Ordering::AcqRel);
                     workers.stop_and_join();
                     return Err(TransportError::Spawn {
                         misc: misc.to_string(),
@@ -377,14 +547,19 @@ impl Workers {
         Ok(workers)
     }
 
-    /// True once every worker thread has ended.
-    pub fn all_finished(&self) -> bool {
-        self.threads.iter().all(|t| t.is_finished())
+    /// The controls of these workers, for whoever changes the handler's hold condition.
+    pub fn group(&self) -> Arc<WorkerGroup> {
+        Arc::clone(&self.group)
     }
 
-    /// Ask every worker to stop (each notices within [`STOP_POLL_INTERVAL`]).
+    /// True once every worker has stopped serving.
+    pub fn all_finished(&self) -> bool {
+        self.serving.load(Ordering::Acquire) == 0
+    }
+
+    /// Ask every worker to stop (each is woken at once).
     pub fn request_stop(&self) {
-        self.stop.store(true, Ordering::Release);
+        self.group.stop();
     }
 
     /// Stop every worker and wait for it; returns the reports of the workers that ended
@@ -424,19 +599,19 @@ mod tests {
     }
 
     impl RequestHandler for Fake {
-        fn handle(&self, req: &Request, payload: &[u8], out: &mut Vec<u8>) -> Status {
+        fn handle(&self, req: &Request, payload: &[u8], out: &mut Vec<u8>) -> ResponseCode {
             match req.kind {
                 0 if req.len <= 1 << 20 => {
                     out.clear();
                     out.resize(req.len as usize, req.sector as u8);
-                    Status::Success
+                    ResponseCode::Success
                 }
-                0 => Status::Error,
+                0 => ResponseCode::Error,
                 1 => {
                     self.written.lock().unwrap().extend_from_slice(payload);
-                    Status::Success
+                    ResponseCode::Success
                 }
-                _ => Status::Unsupported,
+                _ => ResponseCode::Unsupported,
             }
         }
     }
@@ -464,8 +639,8 @@ mod tests {
         let (kernel, daemon) = UnixStream::pair().unwrap();
         let channel = Channel::from_fd(daemon.into());
         let t = std::thread::spawn(move || {
-            let stop = AtomicBool::new(false);
-            serve_channel(channel, handler.as_ref(), &stop, &AtomicBool::new(false))
+            let control = WorkerControl::new().unwrap();
+            serve_channel(channel, handler.as_ref(), &control)
         });
         (kernel, t)
     }
@@ -554,8 +729,7 @@ mod tests {
         let opener = PairOpener {
             kernels: Mutex::new(Vec::new()),
         };
-        let mut workers =
-            Workers::spawn(&opener, "x", Arc::new(Fake::default()), 3, Arc::default()).unwrap();
+        let mut workers = Workers::spawn(&opener, "x", Arc::new(Fake::default()), 3, None).unwrap();
         let mut kernels = std::mem::take(&mut *opener.kernels.lock().unwrap());
         assert_eq!(kernels.len(), 3);
         for (i, k) in (0u64..).zip(kernels.iter_mut()) {
@@ -584,28 +758,41 @@ mod tests {
 
     #[test]
     fn spawn_fails_when_the_device_cannot_be_opened() {
-        let err = Workers::spawn(
-            &FailingOpener,
-            "gone",
-            Arc::new(Fake::default()),
-            2,
-            Arc::default(),
-        )
-        .unwrap_err();
+        let err =
+            Workers::spawn(&FailingOpener, "gone", Arc::new(Fake::default()), 2, None).unwrap_err();
         assert!(matches!(err, TransportError::Open { index: 0, .. }));
     }
 
+    /// Holds 4 KiB WRITEs while `paused` is set, like the daemon's merge pause.
+    struct Pausing {
+        inner: Fake,
+        paused: AtomicBool,
+    }
+
+    impl RequestHandler for Pausing {
+        fn handle(&self, req: &Request, payload: &[u8], out: &mut Vec<u8>) -> ResponseCode {
+            self.inner.handle(req, payload, out)
+        }
+        fn hold(&self, req: &Request) -> bool {
+            self.paused.load(Ordering::Acquire) && req.kind == 1 && req.len == 4096
+        }
+    }
+
     #[test]
-    fn paused_merge_holds_write_backs_but_serves_reads() {
-        let fake = Arc::new(Fake::default());
-        let paused = Arc::new(AtomicBool::new(true));
-        let stop = Arc::new(AtomicBool::new(false));
+    fn held_requests_wait_for_a_wake_up_while_others_are_served() {
+        let handler = Arc::new(Pausing {
+            inner: Fake::default(),
+            paused: AtomicBool::new(true),
+        });
+        let control = Arc::new(WorkerControl::new().unwrap());
         let (mut kernel, daemon) = UnixStream::pair().unwrap();
         let channel = Channel::from_fd(daemon.into());
         let t = {
-            let (fake, paused, stop) = (fake.clone(), paused.clone(), stop.clone());
-            std::thread::spawn(move || serve_channel(channel, fake.as_ref(), &stop, &paused))
+            let (handler, control) = (handler.clone(), control.clone());
+            std::thread::spawn(move || serve_channel(channel, handler.as_ref(), &control))
         };
+        let fake = &handler.inner;
+        let paused = &handler.paused;
         // A metadata write-back while paused: held, not processed.
         kernel.write_all(&header(1, 1, 8, 4096)).unwrap();
         kernel.write_all(&[b'a'; 4096]).unwrap();
@@ -623,8 +810,9 @@ mod tests {
             fake.written.lock().unwrap().is_empty(),
             "held, not processed"
         );
-        // Resume: the held write is processed and answered.
+        // Resume: the worker is woken and answers the held write.
         paused.store(false, Ordering::Release);
+        control.wake();
         let h = read_response(&mut kernel);
         assert_eq!((h.seq, h.msg_type), (1, DM_USER_RESP_SUCCESS));
         assert_eq!(&*fake.written.lock().unwrap(), &[b'a'; 4096]);
@@ -641,7 +829,7 @@ mod tests {
         let h = read_response(&mut kernel);
         assert_eq!(h.seq, 5);
         kernel.read_exact(&mut data).unwrap();
-        stop.store(true, Ordering::Release);
+        control.stop();
         let h = read_response(&mut kernel);
         assert_eq!((h.seq, h.msg_type), (4, DM_USER_RESP_SUCCESS));
         let report = t.join().unwrap();
@@ -655,5 +843,50 @@ mod tests {
             "answered before the held one"
         );
         assert!(written[4101..].iter().all(|&b| b == b'b'));
+    }
+
+    extern "C" fn ignore_signal(_: libc::c_int) {}
+
+    /// A signal landing on a worker asleep in `poll` (libFuzzer's SIGALRM timer, a profiler)
+    /// must not end it: the wait restarts and the next request is answered.
+    #[test]
+    fn signals_while_waiting_do_not_end_the_worker() {
+        // SAFETY: installs a handler that does nothing (async-signal-safe) for SIGUSR2, which
+        // no other test of this crate uses. SA_RESTART does not restart `poll`.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = ignore_signal as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            assert_eq!(libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()), 0);
+        }
+        let (mut kernel, daemon) = UnixStream::pair().unwrap();
+        let channel = Channel::from_fd(daemon.into());
+        let control = Arc::new(WorkerControl::new().unwrap());
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let t = {
+            let control = control.clone();
+            std::thread::spawn(move || {
+                // SAFETY: pthread_self has no preconditions.
+                tid_tx.send(unsafe { libc::pthread_self() }).unwrap();
+                serve_channel(channel, &Fake::default(), &control)
+            })
+        };
+        let thread = tid_rx.recv().unwrap();
+        for round in 0..20u64 {
+            // SAFETY: the worker thread is alive (it answers below) and SIGUSR2 is handled.
+            assert_eq!(unsafe { libc::pthread_kill(thread, libc::SIGUSR2) }, 0);
+            std::thread::sleep(Duration::from_millis(2));
+            if round % 5 == 4 {
+                kernel.write_all(&header(round, 0, 2, 512)).unwrap();
+                let h = read_response(&mut kernel);
+                assert_eq!((h.seq, h.msg_type), (round, DM_USER_RESP_SUCCESS));
+                let mut data = vec![0u8; 512];
+                kernel.read_exact(&mut data).unwrap();
+            }
+        }
+        control.stop();
+        let report = t.join().unwrap();
+        assert_eq!((report.exit, report.answered), (WorkerExit::Stopped, 4));
     }
 }

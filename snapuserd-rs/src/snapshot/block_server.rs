@@ -16,9 +16,10 @@
 
 mod data_chunks;
 
+use crate::error_chain::ErrorChain;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use thiserror::Error;
 
@@ -26,17 +27,13 @@ use super::exception_store::{
     header_chunk, sector_to_chunk, ChunkKind, ExceptionStore, ExceptionStoreError, SECTOR_SIZE,
 };
 use super::merge_plan::{MergePlan, PlannedOp, SourceDevice, BLOCK_SIZE, BLOCK_SIZE_U64};
-use super::merge_tracker::{MergeProgress, MergeStateStore, MergeTracker, MergeTrackerError};
+use super::merge_tracker::{
+    MergeProgress, MergeStateStore, MergeTracker, MergeTrackerError, Window,
+};
+use crate::dm_user::{Request, ResponseCode, DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE};
+use crate::log_limit::LogLimit;
 use data_chunks::DataChunkIndex;
 
-/// dm-user request type READ.
-pub const DM_USER_REQ_MAP_READ: u64 = 0;
-/// dm-user request type WRITE.
-pub const DM_USER_REQ_MAP_WRITE: u64 = 1;
-/// dm-user request flag PREFLUSH.
-pub const DM_USER_REQ_PREFLUSH: u64 = 0x400;
-/// dm-user request flag FUA.
-pub const DM_USER_REQ_FUA: u64 = 0x200;
 /// Largest request served (bytes); larger ones are answered with ERROR so a request can
 /// never make the daemon allocate without bound.
 pub const MAX_REQUEST_BYTES: u64 = 4 << 20;
@@ -56,49 +53,14 @@ pub trait BlockSource {
     ) -> io::Result<()>;
 }
 
-/// One request as received from dm-user (the 40-byte header minus `seq`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Request {
-    /// Request type (`DM_USER_REQ_MAP_*`).
-    pub kind: u64,
-    /// Request flags bitmask.
-    pub flags: u64,
-    /// First sector (512 bytes).
-    pub sector: u64,
-    /// Length in bytes.
-    pub len: u64,
-}
-
-/// Response code sent back in the header's `type` field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    /// `DM_USER_RESP_SUCCESS` (0).
-    Success,
-    /// `DM_USER_RESP_ERROR` (1).
-    Error,
-    /// `DM_USER_RESP_UNSUPPORTED` (2).
-    Unsupported,
-}
-
-impl Status {
-    /// The wire value.
-    pub fn code(self) -> u64 {
-        match self {
-            Status::Success => 0,
-            Status::Error => 1,
-            Status::Unsupported => 2,
-        }
-    }
-}
-
 /// Errors while serving a request (logged; the request is answered with ERROR).
 #[derive(Debug, Error)]
 pub enum BlockServerError {
     /// Building the exception store failed.
-    #[error("building the exception store: {0}")]
+    #[error("building the exception store")]
     Layout(#[from] ExceptionStoreError),
     /// The merge tracker refused or failed.
-    #[error("merge tracking: {0}")]
+    #[error("merge tracking")]
     Merge(#[from] MergeTrackerError),
     /// The request range is not sector-granular, too large, or beyond the device.
     #[error("request at sector {sector} of {len} bytes is outside the {device_sectors}-sector device or malformed")]
@@ -111,7 +73,7 @@ pub enum BlockServerError {
         device_sectors: u64,
     },
     /// Producing an op's data failed.
-    #[error("reading data of merge-order op {op_index} (chunk {chunk}): {source}")]
+    #[error("reading data of merge-order op {op_index} (chunk {chunk})")]
     OpRead {
         /// Op index.
         op_index: usize,
@@ -156,6 +118,28 @@ pub struct BlockServer<B, D, S: MergeStateStore> {
     tracker: Mutex<MergeTracker<S>>,
     /// Mirrors the tracker's activation, so requests after the first skip the lock.
     active: AtomicBool,
+    /// What READs need of the tracker, published after each change (see `publish`), so that
+    /// no READ waits for a metadata write-back's durable commit or window preparation.
+    view: RwLock<TrackerView>,
+    /// Budget of the log lines failed requests write.
+    request_log: LogLimit,
+}
+
+/// The tracker state READs use: exceptions still live (metadata areas render `0..live`) and
+/// the current read-ahead window.
+#[derive(Debug, Clone)]
+struct TrackerView {
+    live: usize,
+    window: Option<Window>,
+}
+
+impl TrackerView {
+    fn of<S: MergeStateStore>(tracker: &MergeTracker<S>) -> Self {
+        Self {
+            live: tracker.live(),
+            window: tracker.window(),
+        }
+    }
 }
 
 /// Source bytes of one op, as saved in the read-ahead window.
@@ -188,6 +172,7 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
     pub fn new(plan: MergePlan, blocks: B, source: D, store: S) -> Result<Self, BlockServerError> {
         let exceptions = ExceptionStore::build(&plan)?;
         let tracker = MergeTracker::open(&plan, &exceptions, store)?;
+        let view = RwLock::new(TrackerView::of(&tracker));
         let data_chunks = DataChunkIndex::build(&exceptions);
         if data_chunks.is_none() {
             log::warn!("exception chunk ids not strictly increasing: READs use the binary search");
@@ -200,6 +185,8 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
             source,
             tracker: Mutex::new(tracker),
             active: AtomicBool::new(false),
+            view,
+            request_log: LogLimit::new(),
         })
     }
 
@@ -222,6 +209,24 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
         self.tracker.lock().map_err(|_| BlockServerError::Poisoned)
     }
 
+    /// Publish what READs need of `tracker` (called with the tracker lock held, after every
+    /// change). A READ running meanwhile sees the state before the change: what it would
+    /// have seen had it taken the tracker lock before the writer.
+    fn publish(&self, tracker: &MergeTracker<S>) {
+        let view = TrackerView::of(tracker);
+        match self.view.write() {
+            Ok(mut g) => *g = view,
+            Err(poisoned) => *poisoned.into_inner() = view,
+        }
+    }
+
+    fn view(&self) -> RwLockReadGuard<'_, TrackerView> {
+        match self.view.read() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
     /// Durable `num_merge_ops` as last committed.
     pub fn committed(&self) -> Result<u64, BlockServerError> {
         Ok(self.tracker()?.committed())
@@ -233,6 +238,7 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
         let live = {
             let mut tracker = self.tracker()?;
             tracker.follow_finished_merge(&self.plan);
+            self.publish(&tracker);
             tracker.live()
         };
         let total = self.plan.len();
@@ -247,13 +253,16 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
     pub fn merge_complete(&self) -> Result<bool, BlockServerError> {
         let mut tracker = self.tracker()?;
         tracker.follow_finished_merge(&self.plan);
+        self.publish(&tracker);
         Ok(tracker.live() == 0 && tracker.committed() == self.plan.len() as u64)
     }
 
     /// Activate merge tracking once (the first dm-user request does it).
     fn activate(&self) -> Result<(), BlockServerError> {
         let mut tracker = self.tracker()?;
-        tracker.activate(&self.plan, &self.source)?;
+        let activated = tracker.activate(&self.plan, &self.source);
+        self.publish(&tracker);
+        activated?;
         self.active.store(true, Ordering::Release);
         Ok(())
     }
@@ -272,34 +281,46 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
     ///
     /// The first request activates merge tracking (see [`MergeTracker::activate`]): until
     /// the kernel talks to this daemon, another daemon may still be merging the same COW.
-    pub fn handle(&self, req: &Request, write_payload: &[u8], read_out: &mut Vec<u8>) -> Status {
+    pub fn handle(
+        &self,
+        req: &Request,
+        write_payload: &[u8],
+        read_out: &mut Vec<u8>,
+    ) -> ResponseCode {
         if req.kind != DM_USER_REQ_MAP_READ {
             read_out.clear();
         }
-        if !self.active.load(Ordering::Acquire) {
-            if let Err(e) = self.activate() {
-                log::error!("request {req:?}: cannot take over the merge state: {e}");
-                read_out.clear();
-                return Status::Error;
-            }
-        }
-        let result = match req.kind {
-            DM_USER_REQ_MAP_READ => self.serve_read(req, read_out),
-            DM_USER_REQ_MAP_WRITE => self.serve_write(req, write_payload).map(|_| ()),
-            other => {
-                log::warn!(
+        // The first request takes over the merge state; until it succeeds every request fails.
+        let active = if self.active.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            self.activate()
+        };
+        let result = match (active, req.kind) {
+            (Err(e), _) => Err(e),
+            (Ok(()), DM_USER_REQ_MAP_READ) => self.serve_read(req, read_out),
+            (Ok(()), DM_USER_REQ_MAP_WRITE) => self.serve_write(req, write_payload).map(|_| ()),
+            (Ok(()), other) => {
+                crate::log_limited!(
+                    self.request_log,
+                    log::Level::Warn,
                     "dm-user request type {other} at sector {} unsupported",
                     req.sector
                 );
-                return Status::Unsupported;
+                return ResponseCode::Unsupported;
             }
         };
         match result {
-            Ok(()) => Status::Success,
+            Ok(()) => ResponseCode::Success,
             Err(e) => {
-                log::error!("request {req:?} failed: {e}");
+                crate::log_limited!(
+                    self.request_log,
+                    log::Level::Error,
+                    "request {req:?} failed: {chain}",
+                    chain = ErrorChain(&e)
+                );
                 read_out.clear();
-                Status::Error
+                ResponseCode::Error
             }
         }
     }
@@ -385,7 +406,7 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
         match self.exceptions.lookup(chunk) {
             ChunkKind::Header => *out = header_chunk(),
             ChunkKind::Metadata { area } => {
-                let live = self.tracker()?.live();
+                let live = self.view().live;
                 self.exceptions.render_area(&self.plan, area, live, out)?;
             }
             ChunkKind::Data { op_index, .. } => self.read_data_chunk(chunk, op_index, out)?,
@@ -420,9 +441,16 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
                     source,
                 });
         }
-        // The lock is held only to copy the saved bytes (ops outside the window copy nothing).
+        // The view's lock is held only to copy the saved bytes (ops outside the window copy
+        // nothing); the tracker itself is not locked, so a write-back in progress does not
+        // hold this READ up.
         let saved: Option<[u8; BLOCK_SIZE]> =
-            match self.tracker()?.window_source(op_index) {
+            match self
+                .view()
+                .window
+                .as_ref()
+                .and_then(|w| w.source_of(op_index))
+            {
                 Some(bytes) => Some(<[u8; BLOCK_SIZE]>::try_from(bytes).map_err(|_| {
                     BlockServerError::OpRead {
                         op_index,
@@ -479,7 +507,9 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
         };
         let mut tracker = self.tracker()?;
         let progress =
-            tracker.on_metadata_write(&self.plan, &self.exceptions, area, payload, &self.source)?;
+            tracker.on_metadata_write(&self.plan, &self.exceptions, area, payload, &self.source);
+        self.publish(&tracker);
+        let progress = progress?;
         log::debug!("merge progress: {progress:?}");
         Ok(Some(progress))
     }
@@ -488,8 +518,9 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> BlockServer<B, D, S> {
 #[cfg(test)]
 mod tests {
     use super::super::merge_plan::OpKind;
-    use super::super::merge_tracker::{CrashClock, DurableMergeState, InMemoryMergeStore};
+    use super::super::test_support::{CrashClock, DurableMergeState, InMemoryMergeStore};
     use super::*;
+    use crate::dm_user::{DM_USER_REQ_MAP_FLAG_FUA, DM_USER_REQ_MAP_FLAG_PREFLUSH};
 
     struct Fill;
     impl BlockSource for Fill {
@@ -534,11 +565,20 @@ mod tests {
         }
     }
 
-    /// A store with no interior `Rc`, like the real file-backed one.
-    struct ThreadSafeStore;
+    /// A store with no interior `Rc`, like the real file-backed one. With a gate, `commit`
+    /// reports that it was entered and waits for the test, to hold a write-back inside its
+    /// durable commit (with the tracker locked) while READs arrive.
+    #[derive(Default)]
+    struct ThreadSafeStore {
+        num_merge_ops: u64,
+        gate: Option<(
+            std::sync::mpsc::Sender<()>,
+            std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+        )>,
+    }
     impl MergeStateStore for ThreadSafeStore {
         fn num_merge_ops(&self) -> u64 {
-            0
+            self.num_merge_ops
         }
         fn scratch_state(&self) -> super::super::merge_tracker::ScratchState {
             super::super::merge_tracker::ScratchState::NotStarted
@@ -549,11 +589,16 @@ mod tests {
         fn read_window(&self) -> io::Result<super::super::merge_tracker::ScratchWindow> {
             Ok(Default::default())
         }
-        fn commit(&mut self, _: u64) -> io::Result<()> {
+        fn commit(&mut self, n: u64) -> io::Result<()> {
+            if let Some((entered, gate)) = &self.gate {
+                entered.send(()).map_err(io::Error::other)?;
+                gate.lock().unwrap().recv().map_err(io::Error::other)?;
+            }
+            self.num_merge_ops = n;
             Ok(())
         }
-        fn commit_window(&mut self, _: u64) -> io::Result<()> {
-            Ok(())
+        fn commit_window(&mut self, n: u64) -> io::Result<()> {
+            self.commit(n)
         }
         fn write_window(
             &mut self,
@@ -567,11 +612,89 @@ mod tests {
     }
 
     #[test]
+    fn reads_do_not_wait_for_a_write_back_in_its_durable_commit() {
+        use super::super::exception_store::{area_chunk, CHUNK_SECTORS};
+        use std::sync::{mpsc, Arc};
+        use std::time::Duration;
+        let plan = MergePlan::new(
+            vec![
+                PlannedOp::copy(9, 3),
+                PlannedOp::replace(4),
+                PlannedOp::zero(5),
+            ],
+            0,
+        )
+        .unwrap();
+        let source: Vec<u8> = vec![7u8; 16 * BLOCK_SIZE];
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, gate) = mpsc::channel();
+        let store = ThreadSafeStore {
+            num_merge_ops: 0,
+            gate: Some((entered_tx, std::sync::Mutex::new(gate))),
+        };
+        let server = Arc::new(BlockServer::new(plan, Fill, source, store).unwrap());
+        let area_sector = area_chunk(0) * CHUNK_SECTORS;
+        let mut before = Vec::new();
+        let whole = req(0, 0, 0, server.device_sectors() * 512);
+        assert_eq!(
+            server.handle(&whole, &[], &mut before),
+            ResponseCode::Success
+        );
+        let mut area = Vec::new();
+        let read_area = req(0, 0, area_sector, BLOCK_SIZE_U64);
+        assert_eq!(
+            server.handle(&read_area, &[], &mut area),
+            ResponseCode::Success
+        );
+        // dm-snapshot-merge merged the last exception: its entry is zeroed and written back.
+        let live = server.exceptions().num_exceptions();
+        area[(live - 1) * 16..live * 16].fill(0);
+        let writer = {
+            let (s, payload) = (Arc::clone(&server), area.clone());
+            let write = req(
+                1,
+                DM_USER_REQ_MAP_FLAG_PREFLUSH | DM_USER_REQ_MAP_FLAG_FUA,
+                area_sector,
+                BLOCK_SIZE_U64,
+            );
+            std::thread::spawn(move || s.handle(&write, &payload, &mut Vec::new()))
+        };
+        entered.recv().unwrap();
+        // The write-back now sits in its commit, the tracker locked. READs go on, and see
+        // the state before it: the entry is still live.
+        let (done_tx, done) = mpsc::channel();
+        let reader = {
+            let s = Arc::clone(&server);
+            std::thread::spawn(move || {
+                let (mut all, mut area) = (Vec::new(), Vec::new());
+                let a = s.handle(&whole, &[], &mut all);
+                let b = s.handle(&read_area, &[], &mut area);
+                done_tx.send((a, all, b, area)).unwrap();
+            })
+        };
+        let during = done.recv_timeout(Duration::from_secs(120));
+        release.send(()).unwrap();
+        let (a, all, b, area_during) = during.expect("READs waited for the write-back's commit");
+        assert_eq!((a, b), (ResponseCode::Success, ResponseCode::Success));
+        assert_eq!(all, before);
+        assert_ne!(&area_during[(live - 1) * 16..live * 16], &[0u8; 16]);
+        reader.join().unwrap();
+        assert_eq!(writer.join().unwrap(), ResponseCode::Success);
+        // Once answered, the write-back is visible to READs.
+        let mut after = Vec::new();
+        assert_eq!(
+            server.handle(&read_area, &[], &mut after),
+            ResponseCode::Success
+        );
+        assert_eq!(after, area);
+    }
+
+    #[test]
     fn server_can_be_shared_by_worker_threads() {
         fn assert_sync_send<T: Sync + Send>(_: &T) {}
         let plan = MergePlan::new(vec![PlannedOp::copy(1, 2), PlannedOp::zero(3)], 0).unwrap();
         let source: Vec<u8> = vec![5u8; 8 * BLOCK_SIZE];
-        let server = BlockServer::new(plan, Fill, source, ThreadSafeStore).unwrap();
+        let server = BlockServer::new(plan, Fill, source, ThreadSafeStore::default()).unwrap();
         assert_sync_send(&server);
         let server = std::sync::Arc::new(server);
         let handles: Vec<_> = (0..4)
@@ -586,7 +709,7 @@ mod tests {
             .collect();
         let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         for (status, out) in &results {
-            assert_eq!(*status, Status::Success);
+            assert_eq!(*status, ResponseCode::Success);
             assert_eq!(out, &results[0].1);
         }
     }
@@ -602,7 +725,7 @@ mod tests {
         let mut whole = Vec::new();
         assert_eq!(
             s.handle(&req(0, 0, 0, sectors * 512), &[], &mut whole),
-            Status::Success
+            ResponseCode::Success
         );
         let mut piece = Vec::new();
         for (sector, len) in [
@@ -613,7 +736,7 @@ mod tests {
         ] {
             assert_eq!(
                 s.handle(&req(0, 0, sector, len), &[], &mut piece),
-                Status::Success
+                ResponseCode::Success
             );
             let at = (sector * 512) as usize;
             assert_eq!(
@@ -635,58 +758,69 @@ mod tests {
         let s = server(vec![PlannedOp::zero(1)]);
         let mut out = Vec::new();
         let end = s.device_sectors();
-        assert_eq!(s.handle(&req(0, 0, end, 512), &[], &mut out), Status::Error);
-        assert_eq!(s.handle(&req(0, 0, 0, 100), &[], &mut out), Status::Error);
+        assert_eq!(
+            s.handle(&req(0, 0, end, 512), &[], &mut out),
+            ResponseCode::Error
+        );
+        assert_eq!(
+            s.handle(&req(0, 0, 0, 100), &[], &mut out),
+            ResponseCode::Error
+        );
         assert_eq!(
             s.handle(&req(0, 0, u64::MAX, 512), &[], &mut out),
-            Status::Error
+            ResponseCode::Error
         );
         assert_eq!(
             s.handle(&req(0, 0, 0, MAX_REQUEST_BYTES + 512), &[], &mut out),
-            Status::Error
+            ResponseCode::Error
         );
         assert!(out.is_empty());
         assert_eq!(
             s.handle(&req(3, 0, 0, 4096), &[], &mut out),
-            Status::Unsupported
+            ResponseCode::Unsupported
         );
         assert_eq!(
             s.handle(&req(2, 0, 0, 0), &[], &mut out),
-            Status::Unsupported
+            ResponseCode::Unsupported
         );
         // Empty flush.
         assert_eq!(
-            s.handle(&req(1, DM_USER_REQ_PREFLUSH, 0, 0), &[], &mut out),
-            Status::Success
+            s.handle(&req(1, DM_USER_REQ_MAP_FLAG_PREFLUSH, 0, 0), &[], &mut out),
+            ResponseCode::Success
         );
         // Writes to data or header chunks, unaligned or short metadata writes.
         let data = vec![0u8; 4096];
         assert_eq!(
             s.handle(&req(1, 0, 16, 4096), &data, &mut out),
-            Status::Error
+            ResponseCode::Error
         );
         assert_eq!(
             s.handle(&req(1, 0, 0, 4096), &data, &mut out),
-            Status::Error
+            ResponseCode::Error
         );
         assert_eq!(
             s.handle(&req(1, 0, 9, 4096), &data, &mut out),
-            Status::Error
+            ResponseCode::Error
         );
         assert_eq!(
             s.handle(&req(1, 0, 8, 4096), &data[..512], &mut out),
-            Status::Error
+            ResponseCode::Error
         );
         assert_eq!(s.merge_percent().unwrap(), 0.0);
         assert!(!s.merge_complete().unwrap());
         // A correct merge write of the only exception.
         assert_eq!(
             s.handle(
-                &req(1, DM_USER_REQ_PREFLUSH | DM_USER_REQ_FUA, 8, 4096),
+                &req(
+                    1,
+                    DM_USER_REQ_MAP_FLAG_PREFLUSH | DM_USER_REQ_MAP_FLAG_FUA,
+                    8,
+                    4096
+                ),
                 &data,
                 &mut out
             ),
-            Status::Success
+            ResponseCode::Success
         );
         assert_eq!(s.committed().unwrap(), 1);
         assert_eq!(s.merge_percent().unwrap(), 100.0);
@@ -694,7 +828,7 @@ mod tests {
         // The area now reads as all zeros.
         assert_eq!(
             s.handle(&req(0, 0, 8, 4096), &[], &mut out),
-            Status::Success
+            ResponseCode::Success
         );
         assert!(out.iter().all(|&b| b == 0));
     }

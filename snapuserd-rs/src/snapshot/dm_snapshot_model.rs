@@ -14,13 +14,15 @@ use std::rc::Rc;
 
 use thiserror::Error;
 
-use super::block_server::{
-    BlockServer, BlockSource, Request, Status, DM_USER_REQ_FUA, DM_USER_REQ_MAP_READ,
-    DM_USER_REQ_MAP_WRITE, DM_USER_REQ_PREFLUSH,
-};
+use super::block_server::{BlockServer, BlockSource};
 use super::exception_store::{area_chunk, CHUNK_SECTORS, DISK_MAGIC, EXCEPTIONS_PER_AREA};
 use super::merge_plan::{SourceDevice, BLOCK_SIZE, BLOCK_SIZE_U64};
-use super::merge_tracker::{CrashClock, MergeStateStore};
+use super::merge_tracker::MergeStateStore;
+use super::test_support::CrashClock;
+use crate::dm_user::{
+    Request, ResponseCode, DM_USER_REQ_MAP_FLAG_FUA, DM_USER_REQ_MAP_FLAG_PREFLUSH,
+    DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE,
+};
 
 /// One chunk.
 pub type Chunk = [u8; BLOCK_SIZE];
@@ -36,10 +38,10 @@ pub enum ModelError {
         /// Chunk addressed.
         chunk: u64,
         /// Response code.
-        status: Status,
+        status: ResponseCode,
     },
     /// The origin device failed (or crashed).
-    #[error("origin device: {0}")]
+    #[error("origin device")]
     Origin(#[from] io::Error),
     /// The header chunk is not a valid persistent snapshot header.
     #[error("bad snapshot header: {0}")]
@@ -75,7 +77,7 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> CowDevice for ServerCo
         };
         let mut out = Vec::new();
         match self.server.handle(&req, &[], &mut out) {
-            Status::Success if out.len() == BLOCK_SIZE => {
+            ResponseCode::Success if out.len() == BLOCK_SIZE => {
                 buf.copy_from_slice(&out);
                 Ok(())
             }
@@ -90,12 +92,12 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> CowDevice for ServerCo
     fn write_chunk(&mut self, chunk: u64, buf: &Chunk) -> Result<(), ModelError> {
         let req = Request {
             kind: DM_USER_REQ_MAP_WRITE,
-            flags: DM_USER_REQ_PREFLUSH | DM_USER_REQ_FUA,
+            flags: DM_USER_REQ_MAP_FLAG_PREFLUSH | DM_USER_REQ_MAP_FLAG_FUA,
             sector: chunk * CHUNK_SECTORS,
             len: BLOCK_SIZE_U64,
         };
         match self.server.handle(&req, buf, &mut Vec::new()) {
-            Status::Success => Ok(()),
+            ResponseCode::Success => Ok(()),
             status => Err(ModelError::Cow {
                 what: "write",
                 chunk,
@@ -107,12 +109,12 @@ impl<B: BlockSource, D: SourceDevice, S: MergeStateStore> CowDevice for ServerCo
     fn flush(&mut self) -> Result<(), ModelError> {
         let req = Request {
             kind: DM_USER_REQ_MAP_WRITE,
-            flags: DM_USER_REQ_PREFLUSH,
+            flags: DM_USER_REQ_MAP_FLAG_PREFLUSH,
             sector: 0,
             len: 0,
         };
         match self.server.handle(&req, &[], &mut Vec::new()) {
-            Status::Success => Ok(()),
+            ResponseCode::Success => Ok(()),
             status => Err(ModelError::Cow {
                 what: "flush",
                 chunk: 0,

@@ -14,7 +14,8 @@ use super::dm_snapshot_model::{
     crash_sweep, CowDevice, CrashMode, DmSnapshot, MergeStep, Origin, OriginDevice, ServerCow,
 };
 use super::merge_plan::{MergePlan, OpKind, PlannedOp, SourceDevice, BLOCK_SIZE, BLOCK_SIZE_U64};
-use super::merge_tracker::{CrashClock, DurableMergeState, InMemoryMergeStore, ScratchState};
+use super::merge_tracker::ScratchState;
+use super::test_support::{CrashClock, DurableMergeState, InMemoryMergeStore};
 
 const SCRATCH: usize = 510;
 

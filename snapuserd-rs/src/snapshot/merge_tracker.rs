@@ -14,9 +14,9 @@
 //!
 //! Ops are never reordered: the merged set is always a prefix of the merge order.
 
-use std::cell::{Cell, RefCell};
+use crate::error_chain::ErrorChain;
 use std::io;
-use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -65,7 +65,7 @@ pub trait MergeStateStore {
 #[derive(Debug, Error)]
 pub enum MergeTrackerError {
     /// The durable store failed.
-    #[error("merge state store failed during {operation}: {source}")]
+    #[error("merge state store failed during {operation}")]
     Store {
         /// What was being done.
         operation: &'static str,
@@ -74,7 +74,7 @@ pub enum MergeTrackerError {
         source: io::Error,
     },
     /// Reading the source device for a read-ahead window failed.
-    #[error("reading source bytes at offset {offset} for merge-order op {op_index}: {source}")]
+    #[error("reading source bytes at offset {offset} for merge-order op {op_index}")]
     SourceRead {
         /// Op whose source was read.
         op_index: usize,
@@ -198,12 +198,28 @@ pub struct MergeStats {
     pub first_write_back: Option<Instant>,
 }
 
-/// The current read-ahead window held in memory.
+/// The current read-ahead window held in memory: the saved source bytes of ordered ops
+/// `start..end`, one block each. Shared (`Arc`) so that readers can hold on to it while the
+/// tracker commits and prepares the next one.
 #[derive(Debug, Clone)]
-struct Window {
-    start: usize,
-    end: usize,
-    data: Vec<u8>,
+pub struct Window {
+    /// First merge-order op of the window.
+    pub start: usize,
+    /// One past its last op.
+    pub end: usize,
+    /// `(end - start) * BLOCK_SIZE` saved source bytes.
+    pub data: Arc<[u8]>,
+}
+
+impl Window {
+    /// The saved source bytes of merge-order op `op_index` if it is in this window.
+    pub fn source_of(&self, op_index: usize) -> Option<&[u8]> {
+        if op_index < self.start || op_index >= self.end {
+            return None;
+        }
+        let at = (op_index - self.start).checked_mul(BLOCK_SIZE)?;
+        self.data.get(at..at.checked_add(BLOCK_SIZE)?)
+    }
 }
 
 /// Tracks merge progress for one snapshot.
@@ -373,7 +389,7 @@ impl<S: MergeStateStore> MergeTracker<S> {
         Ok(Window {
             start,
             end,
-            data: stored.data,
+            data: stored.data.into(),
         })
     }
 
@@ -412,19 +428,20 @@ impl<S: MergeStateStore> MergeTracker<S> {
         self.window = Some(Window {
             start,
             end,
-            data: window.data,
+            data: window.data.into(),
         });
         Ok(())
     }
 
     /// The saved source bytes of merge-order op `op_index` if it is in the current window.
     pub fn window_source(&self, op_index: usize) -> Option<&[u8]> {
-        let w = self.window.as_ref()?;
-        if op_index < w.start || op_index >= w.end {
-            return None;
-        }
-        let at = (op_index - w.start) * BLOCK_SIZE;
-        w.data.get(at..at + BLOCK_SIZE)
+        self.window.as_ref()?.source_of(op_index)
+    }
+
+    /// The current window (shared, not copied), for readers that must not wait for the
+    /// tracker.
+    pub fn window(&self) -> Option<Window> {
+        self.window.clone()
     }
 
     /// Notice a merge that a daemon before this one finished (a handoff after the last
@@ -435,7 +452,10 @@ impl<S: MergeStateStore> MergeTracker<S> {
             return;
         }
         if let Err(e) = self.store.reload() {
-            log::debug!("re-reading the durable merge state for a status query: {e}");
+            log::debug!(
+                "re-reading the durable merge state for a status query: {chain}",
+                chain = ErrorChain(&e)
+            );
             return;
         }
         if self.store.num_merge_ops() == plan.len() as u64 {
@@ -732,181 +752,10 @@ fn read_entry(area: &[u8], at: usize) -> (u64, u64) {
     (u64::from_le_bytes(old), u64::from_le_bytes(new))
 }
 
-/// Fault injection for tests: a budget of durable steps shared by every simulated device.
-/// Each step consumes one unit; the first step past the budget "crashes" (fails, applying
-/// nothing), and every later step fails too.
-#[derive(Debug, Clone, Default)]
-pub struct CrashClock {
-    inner: Rc<CrashClockState>,
-}
-
-#[derive(Debug, Default)]
-struct CrashClockState {
-    budget: Cell<Option<u64>>,
-    steps: Cell<u64>,
-    crashed: Cell<bool>,
-}
-
-impl CrashClock {
-    /// A clock that never crashes.
-    pub fn never() -> Self {
-        CrashClock::default()
-    }
-
-    /// A clock that lets `steps` durable steps succeed and crashes on the next one.
-    pub fn after(steps: u64) -> Self {
-        let clock = CrashClock::default();
-        clock.inner.budget.set(Some(steps));
-        clock
-    }
-
-    /// Account for one durable step named `what`; `Err` once crashed.
-    pub fn step(&self, what: &str) -> io::Result<()> {
-        let s = &self.inner;
-        if s.crashed.get() {
-            return Err(io::Error::other(format!(
-                "simulated crash (already down) at {what}"
-            )));
-        }
-        if let Some(budget) = s.budget.get() {
-            if s.steps.get() >= budget {
-                s.crashed.set(true);
-                return Err(io::Error::other(format!("simulated crash at {what}")));
-            }
-        }
-        s.steps.set(s.steps.get() + 1);
-        Ok(())
-    }
-
-    /// True once the crash has happened.
-    pub fn crashed(&self) -> bool {
-        self.inner.crashed.get()
-    }
-
-    /// Steps that succeeded so far.
-    pub fn steps(&self) -> u64 {
-        self.inner.steps.get()
-    }
-}
-
-/// What survives a crash of an [`InMemoryMergeStore`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DurableMergeState {
-    /// `num_merge_ops`.
-    pub num_merge_ops: u64,
-    /// Scratch state byte.
-    pub state: ScratchState,
-    /// Scratch content.
-    pub window: ScratchWindow,
-}
-
-impl DurableMergeState {
-    /// A fresh COW: nothing merged, scratch untouched.
-    pub fn fresh(num_merge_ops: u64) -> Self {
-        DurableMergeState {
-            num_merge_ops,
-            state: ScratchState::NotStarted,
-            window: ScratchWindow::default(),
-        }
-    }
-}
-
-/// A [`MergeStateStore`] in memory, every step accounted on a [`CrashClock`].
-///
-/// The durable state lives behind a shared handle ([`InMemoryMergeStore::shared`]) so a
-/// test can still read it after the store was dropped in a simulated crash.
-#[derive(Debug)]
-pub struct InMemoryMergeStore {
-    shared: Rc<RefCell<DurableMergeState>>,
-    capacity_blocks: usize,
-    clock: CrashClock,
-}
-
-impl InMemoryMergeStore {
-    /// A store over `durable` with `capacity_blocks` of scratch (0: no scratch).
-    pub fn new(durable: DurableMergeState, capacity_blocks: usize, clock: CrashClock) -> Self {
-        InMemoryMergeStore {
-            shared: Rc::new(RefCell::new(durable)),
-            capacity_blocks,
-            clock,
-        }
-    }
-
-    /// A second store over the same durable state (a second daemon opening the same COW).
-    pub fn over_shared(
-        shared: Rc<RefCell<DurableMergeState>>,
-        capacity_blocks: usize,
-        clock: CrashClock,
-    ) -> Self {
-        InMemoryMergeStore {
-            shared,
-            capacity_blocks,
-            clock,
-        }
-    }
-
-    /// The state a restart would find.
-    pub fn durable(&self) -> DurableMergeState {
-        self.shared.borrow().clone()
-    }
-
-    /// Handle to the durable state that outlives the store.
-    pub fn shared(&self) -> Rc<RefCell<DurableMergeState>> {
-        Rc::clone(&self.shared)
-    }
-}
-
-impl MergeStateStore for InMemoryMergeStore {
-    fn num_merge_ops(&self) -> u64 {
-        self.shared.borrow().num_merge_ops
-    }
-
-    fn scratch_state(&self) -> ScratchState {
-        self.shared.borrow().state
-    }
-
-    fn scratch_capacity_blocks(&self) -> usize {
-        self.capacity_blocks
-    }
-
-    fn read_window(&self) -> io::Result<ScratchWindow> {
-        Ok(self.shared.borrow().window.clone())
-    }
-
-    fn commit(&mut self, num_merge_ops: u64) -> io::Result<()> {
-        self.clock.step("commit num_merge_ops")?;
-        self.shared.borrow_mut().num_merge_ops = num_merge_ops;
-        Ok(())
-    }
-
-    fn commit_window(&mut self, num_merge_ops: u64) -> io::Result<()> {
-        self.clock.step("commit window")?;
-        let mut d = self.shared.borrow_mut();
-        d.num_merge_ops = num_merge_ops;
-        d.state = ScratchState::InProgress;
-        Ok(())
-    }
-
-    fn write_window(&mut self, window: &ScratchWindow) -> io::Result<()> {
-        if window.new_blocks.len() > self.capacity_blocks {
-            return Err(io::Error::other("window larger than scratch"));
-        }
-        self.clock.step("write scratch data")?;
-        self.shared.borrow_mut().window = window.clone();
-        self.clock.step("set scratch state Done")?;
-        self.shared.borrow_mut().state = ScratchState::Done;
-        Ok(())
-    }
-
-    fn reload(&mut self) -> io::Result<()> {
-        // Reads go to the shared durable state directly; nothing is cached.
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::merge_plan::PlannedOp;
+    use super::super::test_support::{CrashClock, DurableMergeState, InMemoryMergeStore};
     use super::*;
 
     /// Open and activate at once, as the first dm-user request would.

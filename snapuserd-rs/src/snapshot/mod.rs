@@ -9,7 +9,6 @@
 #![deny(unsafe_code)]
 
 pub mod block_server;
-pub mod control_protocol;
 pub mod exception_store;
 pub mod merge_plan;
 pub mod merge_tracker;
@@ -18,3 +17,5 @@ pub mod merge_tracker;
 pub(crate) mod dm_snapshot_model;
 #[cfg(test)]
 mod harness_tests;
+#[cfg(test)]
+pub(crate) mod test_support;

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use snapuserd::dm::{DmControl, SnapshotStatus, TableEntry};
+use dm_ioctl::{DmControl, SnapshotStatus, TableEntry};
 use snapuserd::dm_user::{
     Channel, ChannelError, MessageHeader, Readiness, Received, DM_USER_REQ_MAP_READ,
     DM_USER_RESP_ERROR, DM_USER_RESP_SUCCESS, HEADER_SIZE,

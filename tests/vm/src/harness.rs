@@ -6,20 +6,20 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use snapuserd::dm::{DmControl, TableEntry};
+use dm_ioctl::{DmControl, TableEntry};
 
 /// Test outcome: Ok(detail) or Err(reason).
 pub type TestResult = Result<String, String>;
 
-/// Turn any displayable error into a test failure with context.
+/// Turn any error into a test failure with context (the error and each of its causes).
 pub trait Ctx<T> {
     /// Attach `what` to the error.
     fn ctx(self, what: &str) -> Result<T, String>;
 }
 
-impl<T, E: std::fmt::Display> Ctx<T> for Result<T, E> {
+impl<T, E: std::error::Error> Ctx<T> for Result<T, E> {
     fn ctx(self, what: &str) -> Result<T, String> {
-        self.map_err(|e| format!("{what}: {e}"))
+        self.map_err(|e| format!("{what}: {}", snapuserd::error_chain::ErrorChain(&e)))
     }
 }
 

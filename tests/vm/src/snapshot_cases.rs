@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use snapuserd::dm::{DmControl, SnapshotStatus, TableEntry};
+use dm_ioctl::{DmControl, SnapshotStatus, TableEntry};
 
 use crate::harness::AlignedBuf;
 
@@ -219,7 +219,12 @@ impl Drop for Daemon {
 }
 
 fn dm() -> Res<DmControl> {
-    DmControl::open().map_err(|e| format!("open /dev/mapper/control: {e}"))
+    DmControl::open().map_err(|e| {
+        format!(
+            "open /dev/mapper/control: {}",
+            snapuserd::error_chain::ErrorChain(&e)
+        )
+    })
 }
 
 fn dev_bytes(path: &Path) -> Res<u64> {

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use dm_ioctl::{DmControl, TableEntry};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
-use snapuserd::dm::{DmControl, TableEntry};
 use snapuserd::dm_user::{
     MessageHeader, DM_USER_REQ_MAP_DISCARD, DM_USER_REQ_MAP_READ, DM_USER_RESP_ERROR,
     DM_USER_RESP_SUCCESS, DM_USER_RESP_UNSUPPORTED, HEADER_SIZE,

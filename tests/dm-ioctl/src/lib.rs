@@ -128,7 +128,7 @@ pub enum DmCommand {
 #[derive(Debug, thiserror::Error)]
 pub enum DmError {
     /// Opening the control node failed.
-    #[error("opening {path}: {source}")]
+    #[error("opening {path}")]
     OpenControl {
         /// Path of the control node.
         path: PathBuf,
@@ -178,7 +178,7 @@ pub enum DmError {
         max: usize,
     },
     /// Creating a device node failed.
-    #[error("creating node {path}: {source}")]
+    #[error("creating node {path}")]
     MakeNode {
         /// Node path.
         path: PathBuf,
