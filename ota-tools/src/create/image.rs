@@ -32,7 +32,7 @@ pub enum ImageError {
         source: io::Error,
     },
     /// The image starts with the Android sparse magic but is not a valid sparse image.
-    #[error("invalid Android sparse image {path}: {source}")]
+    #[error("invalid Android sparse image {path}")]
     Sparse {
         /// Path of the image.
         path: PathBuf,

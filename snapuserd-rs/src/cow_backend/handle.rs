@@ -26,7 +26,7 @@ use crate::snapshot::merge_plan::SourceDevice;
 #[derive(Debug, Error)]
 pub enum SnapshotOpenError {
     /// Opening a file failed.
-    #[error("opening {path}: {source}")]
+    #[error("opening {path}")]
     Open {
         /// The path.
         path: PathBuf,
@@ -35,7 +35,7 @@ pub enum SnapshotOpenError {
         source: io::Error,
     },
     /// The COW file is invalid.
-    #[error("reading COW {path}: {source}")]
+    #[error("reading COW {path}")]
     Cow {
         /// The path.
         path: PathBuf,
@@ -44,7 +44,7 @@ pub enum SnapshotOpenError {
         source: ReadError,
     },
     /// The COW's durable merge state is invalid.
-    #[error("merge state of COW {path}: {source}")]
+    #[error("merge state of COW {path}")]
     MergeState {
         /// The path.
         path: PathBuf,
@@ -53,7 +53,7 @@ pub enum SnapshotOpenError {
         source: CowMergeStoreError,
     },
     /// The COW's merge order cannot be served.
-    #[error("merge plan of COW {path}: {source}")]
+    #[error("merge plan of COW {path}")]
     Plan {
         /// The path.
         path: PathBuf,
@@ -62,7 +62,7 @@ pub enum SnapshotOpenError {
         source: CowPlanError,
     },
     /// The exception store or merge tracking could not be set up.
-    #[error("serving COW {path}: {source}")]
+    #[error("serving COW {path}")]
     Serve {
         /// The path.
         path: PathBuf,
