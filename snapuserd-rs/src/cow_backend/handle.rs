@@ -21,6 +21,7 @@ use super::source_file::FileSource;
 use crate::snapshot::block_server::{BlockServer, BlockServerError};
 use crate::snapshot::exception_store::SECTOR_SIZE;
 use crate::snapshot::merge_plan::SourceDevice;
+use crate::snapshot::merge_tracker::MergeStateStore;
 
 /// Errors opening a snapshot.
 #[derive(Debug, Error)]
@@ -72,13 +73,14 @@ pub enum SnapshotOpenError {
     },
 }
 
-/// The block server over real backends.
-pub type CowBlockServer<D> = BlockServer<CowBlockSource<CowFileStorage>, D, CowMergeStore>;
+/// The block server over real backends; `S` is the merge-state store (the COW file's own,
+/// or a wrapper around it).
+pub type CowBlockServer<D, S = CowMergeStore> = BlockServer<CowBlockSource<CowFileStorage>, D, S>;
 
 /// One snapshot: its block server over a COW file and a source device.
 #[derive(Debug)]
-pub struct CowSnapshot<D: SourceDevice = FileSource> {
-    server: CowBlockServer<D>,
+pub struct CowSnapshot<D: SourceDevice = FileSource, S: MergeStateStore = CowMergeStore> {
+    server: CowBlockServer<D, S>,
     cow_path: PathBuf,
 }
 
@@ -109,14 +111,16 @@ impl<D: SourceDevice> CowSnapshot<D> {
     pub fn open_with_source_pread(cow: &Path, source: D) -> Result<Self, SnapshotOpenError> {
         Self::build(cow, source, false, |store| store)
     }
+}
 
-    /// Like [`Self::open_with_source`], letting the caller adjust the store (tests inject
-    /// crashes).
-    pub(crate) fn build(
+impl<D: SourceDevice, S: MergeStateStore> CowSnapshot<D, S> {
+    /// Like [`CowSnapshot::open_with_source`], with the COW file's store wrapped by `wrap`
+    /// (a wrapper store can, for example, inject faults between durable steps).
+    pub fn build(
         cow: &Path,
         source: D,
         prefer_mmap: bool,
-        adjust: impl FnOnce(CowMergeStore) -> CowMergeStore,
+        wrap: impl FnOnce(CowMergeStore) -> S,
     ) -> Result<Self, SnapshotOpenError> {
         let path = cow.to_path_buf();
         let open_err = |e: io::Error| SnapshotOpenError::Open {
@@ -151,7 +155,7 @@ impl<D: SourceDevice> CowSnapshot<D> {
                 source: e,
             }
         })?;
-        let store = adjust(store);
+        let store = wrap(store);
         let blocks = CowBlockSource::new(reader);
         let server = BlockServer::new(planned.plan, blocks, source, store).map_err(|e| {
             SnapshotOpenError::Serve {
@@ -174,7 +178,7 @@ impl<D: SourceDevice> CowSnapshot<D> {
     }
 
     /// The block server the dm-user workers call.
-    pub fn server(&self) -> &CowBlockServer<D> {
+    pub fn server(&self) -> &CowBlockServer<D, S> {
         &self.server
     }
 
@@ -194,15 +198,12 @@ impl<D: SourceDevice> CowSnapshot<D> {
     }
 
     /// Stop serving; the durable state stays in the COW file.
-    pub fn into_server(self) -> CowBlockServer<D> {
+    pub fn into_server(self) -> CowBlockServer<D, S> {
         self.server
     }
 }
 
-// Worker threads share one server through an `Arc`: it must be `Send + Sync`. (Under
-// `cfg(test)` the store carries a single-threaded crash clock, so the check is for real
-// builds only.)
-#[cfg(not(test))]
+// Worker threads share one server through an `Arc`: it must be `Send + Sync`.
 const _: fn() = || {
     fn shareable<T: Send + Sync>() {}
     shareable::<CowSnapshot<FileSource>>();

@@ -52,8 +52,6 @@ pub struct CowMergeStore {
     durable: DurableProgress,
     /// Last committed progress, in planned ops.
     planned: u64,
-    #[cfg(test)]
-    clock: Option<crate::snapshot::test_support::CrashClock>,
 }
 
 /// The durable values found at open, before the plan exists.
@@ -77,8 +75,6 @@ impl OpenedMergeState {
             progress,
             durable: self.durable,
             planned,
-            #[cfg(test)]
-            clock: None,
         })
     }
 }
@@ -111,17 +107,16 @@ impl CowMergeStore {
         self.durable.num_merge_ops
     }
 
-    #[cfg(test)]
-    pub(crate) fn set_crash_clock(&mut self, clock: crate::snapshot::test_support::CrashClock) {
-        self.clock = Some(clock);
+    /// First half of [`MergeStateStore::write_window`]: the window's data and metadata,
+    /// written and synced; the state is not yet Done.
+    pub fn stage_window(&mut self, window: &ScratchWindow) -> io::Result<()> {
+        Ok(self.state.stage_window(window)?)
     }
 
-    /// Test builds: let the crash clock stop the protocol before this durable step.
-    fn step(&self, _what: &str) -> io::Result<()> {
-        #[cfg(test)]
-        if let Some(c) = &self.clock {
-            c.step(_what)?;
-        }
+    /// Second half of [`MergeStateStore::write_window`]: state Done, written and synced.
+    pub fn mark_window_done(&mut self) -> io::Result<()> {
+        self.state.mark_window_done()?;
+        self.durable.state = ScratchState::Done;
         Ok(())
     }
 }
@@ -145,7 +140,6 @@ impl MergeStateStore for CowMergeStore {
 
     fn commit(&mut self, num_merge_ops: u64) -> io::Result<()> {
         let entries = self.progress.entries_for_planned(num_merge_ops);
-        self.step("commit num_merge_ops")?;
         self.state.commit_merged(entries)?;
         self.durable.num_merge_ops = entries;
         self.planned = num_merge_ops;
@@ -154,7 +148,6 @@ impl MergeStateStore for CowMergeStore {
 
     fn commit_window(&mut self, num_merge_ops: u64) -> io::Result<()> {
         let entries = self.progress.entries_for_planned(num_merge_ops);
-        self.step("commit window")?;
         self.state.commit_window(entries)?;
         self.durable = DurableProgress {
             num_merge_ops: entries,
@@ -165,12 +158,8 @@ impl MergeStateStore for CowMergeStore {
     }
 
     fn write_window(&mut self, window: &ScratchWindow) -> io::Result<()> {
-        self.step("write scratch data")?;
-        self.state.stage_window(window)?;
-        self.step("set scratch state Done")?;
-        self.state.mark_window_done()?;
-        self.durable.state = ScratchState::Done;
-        Ok(())
+        self.stage_window(window)?;
+        self.mark_window_done()
     }
 
     fn reload(&mut self) -> io::Result<()> {

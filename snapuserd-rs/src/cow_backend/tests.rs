@@ -12,13 +12,65 @@ use cow_format::{Compression, CompressionAlgorithm, CowReader, CowVersion, CowWr
 use cow_format::{MergeOrderOptions, WriterOptions};
 
 use super::handle::{CowSnapshot, SnapshotOpenError};
+use super::merge_store::CowMergeStore;
 use super::source_file::FileSource;
 use crate::snapshot::dm_snapshot_model::{
     crash_sweep, CowDevice, CrashMode, DmSnapshot, MergeStep, ModelError, Origin, OriginDevice,
     ServerCow,
 };
 use crate::snapshot::merge_plan::BLOCK_SIZE;
+use crate::snapshot::merge_tracker::{MergeStateStore, ScratchState, ScratchWindow};
 use crate::snapshot::test_support::CrashClock;
+
+/// The COW file's store with a crash clock in front of each durable step: a wrapper, so the
+/// real store carries no test hook.
+#[derive(Debug)]
+struct CrashingCowStore {
+    inner: CowMergeStore,
+    clock: CrashClock,
+}
+
+impl MergeStateStore for CrashingCowStore {
+    fn num_merge_ops(&self) -> u64 {
+        self.inner.num_merge_ops()
+    }
+
+    fn scratch_state(&self) -> ScratchState {
+        self.inner.scratch_state()
+    }
+
+    fn scratch_capacity_blocks(&self) -> usize {
+        self.inner.scratch_capacity_blocks()
+    }
+
+    fn read_window(&self) -> std::io::Result<ScratchWindow> {
+        self.inner.read_window()
+    }
+
+    fn commit(&mut self, num_merge_ops: u64) -> std::io::Result<()> {
+        self.clock.step("commit num_merge_ops")?;
+        self.inner.commit(num_merge_ops)
+    }
+
+    fn commit_window(&mut self, num_merge_ops: u64) -> std::io::Result<()> {
+        self.clock.step("commit window")?;
+        self.inner.commit_window(num_merge_ops)
+    }
+
+    fn write_window(&mut self, window: &ScratchWindow) -> std::io::Result<()> {
+        self.clock.step("write scratch data")?;
+        self.inner.stage_window(window)?;
+        self.clock.step("set scratch state Done")?;
+        self.inner.mark_window_done()
+    }
+
+    fn reload(&mut self) -> std::io::Result<()> {
+        self.inner.reload()
+    }
+}
+
+/// A snapshot whose store obeys a crash clock.
+type TestSnapshot = CowSnapshot<Origin, CrashingCowStore>;
 
 /// Deterministic bytes (xorshift64*).
 struct Rng(u64);
@@ -202,12 +254,14 @@ fn view_of(snap: &DmSnapshot, origin: &Origin, cow: &mut dyn CowDevice) -> Vec<u
 
 /// Boot on the on-disk state: the origin model holds the base file's bytes, the daemon
 /// reads the source through it (dm-snapshot-merge's source is the base being merged).
-fn boot(f: &Files, clock: &CrashClock) -> (Origin, Result<CowSnapshot<Origin>, SnapshotOpenError>) {
+fn boot(f: &Files, clock: &CrashClock) -> (Origin, Result<TestSnapshot, SnapshotOpenError>) {
     let origin = OriginDevice::create(fs::read(&f.base).unwrap(), clock.clone());
     let c = clock.clone();
-    let snap = CowSnapshot::build(&f.cow, origin.clone(), use_mmap(), move |mut store| {
-        store.set_crash_clock(c.clone());
-        store
+    let snap = CowSnapshot::build(&f.cow, origin.clone(), use_mmap(), move |store| {
+        CrashingCowStore {
+            inner: store,
+            clock: c,
+        }
     });
     (origin, snap)
 }
@@ -219,7 +273,7 @@ fn use_mmap() -> bool {
     FLIP.fetch_xor(true, Ordering::Relaxed)
 }
 
-fn merge(snap: &CowSnapshot<Origin>, origin: &Origin) -> Result<usize, ModelError> {
+fn merge(snap: &TestSnapshot, origin: &Origin) -> Result<usize, ModelError> {
     let server = snap.server();
     let mut cow = ServerCow { server };
     let mut dm = DmSnapshot::load(&mut cow)?;
