@@ -13,6 +13,7 @@ use create_common::{copy_block, texty_blocks, Rng, BS};
 use ota_tools::apply::{apply_with_mode, ApplyOptions};
 use ota_tools::create::command::{create_cow, CreateOptions};
 use ota_tools::create::merge_check::MergeCheckError;
+use ota_tools::inspect;
 use ota_tools::verify::{verify_in_mode, VerifyError};
 
 const BLOCKS: usize = 96;
@@ -256,4 +257,62 @@ fn apply_in_each_mode_merges_and_resumes_in_that_order() {
             assert_ne!(out, t, "{version:?}: resuming {mode} progress as {other}");
         }
     }
+}
+
+#[test]
+fn inspect_tells_which_mode_the_progress_fits() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fixture(d);
+    let cow = create(d, CowVersion::V2, MergeMode::User);
+    let reader = CowReader::open(File::open(&cow).unwrap()).unwrap();
+    let total = reader.num_total_data_ops();
+    let ordered = reader
+        .merge_order(MergeMode::User.order_options(false))
+        .filter(|op| op.kind.is_ordered())
+        .count() as u64;
+    let probe = |merged: u64| {
+        let c = d.join("probe.cow");
+        fs::copy(&cow, &c).unwrap();
+        let f = OpenOptions::new().read(true).write(true).open(&c).unwrap();
+        MergeState::open(f).unwrap().commit_merged(merged).unwrap();
+        inspect::inspect(&c, inspect::OpOrder::File, None).unwrap()
+    };
+    let none = inspect::inspect(&cow, inspect::OpOrder::File, None).unwrap();
+    assert!(none.summary.merge_progress.is_none());
+
+    let p = probe(ordered).summary.merge_progress.unwrap();
+    assert_eq!(p.verdict, "same");
+
+    let report = probe(ordered + 1);
+    let p = report.summary.merge_progress.as_ref().unwrap();
+    assert_eq!(p.verdict, "ambiguous");
+    let reading = |mode: &str| {
+        p.readings
+            .iter()
+            .find(|r| r.mode == mode)
+            .unwrap()
+            .merged_blocks
+            .clone()
+    };
+    // The first REPLACE/ZERO entry is the lowest such block in user mode (block 0) and
+    // the highest in legacy mode (block 95).
+    assert_eq!(reading("user").first().map(|r| r.0), Some(0));
+    assert!(!reading("legacy").iter().any(|r| r.0 == 0));
+    assert!(reading("legacy")
+        .iter()
+        .any(|&(f, n)| f + n == BLOCKS as u64));
+    let mut json = Vec::new();
+    report.write_json(&mut json).unwrap();
+    let json = String::from_utf8(json).unwrap();
+    assert!(json.contains("\"verdict\": \"ambiguous\""), "{json}");
+    let mut text = Vec::new();
+    report.write_text(&mut text).unwrap();
+    assert!(String::from_utf8(text)
+        .unwrap()
+        .contains("cannot tell which"));
+
+    let p = probe(total + 5).summary.merge_progress.unwrap();
+    assert_eq!(p.verdict, "neither");
+    assert!(p.readings.iter().all(|r| !r.consistent));
 }
