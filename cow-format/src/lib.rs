@@ -24,7 +24,7 @@ pub use layout::{LayoutError, COW_MAGIC};
 pub use merge_state::{MergeState, MergeStateError};
 pub use op::{CowOp, CowVersion, OpKind};
 pub use reader::{
-    BlockOrigin, CowHeader, CowReader, CowStorage, MergeOrderOptions, OtherOpsOrder, ReadError,
-    SourceImage,
+    BlockOrigin, CowHeader, CowReader, CowStorage, MergeMode, MergeOrderOptions, OtherOpsOrder,
+    ReadError, SourceImage,
 };
 pub use writer::{CowWriter, WriteError, WriterOptions};

@@ -31,7 +31,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use cow_format::reader::{CowReader, MergeOrderOptions, ReadError, SourceImage};
+use cow_format::reader::{CowReader, MergeMode, ReadError, SourceImage};
 use cow_format::CowOp;
 use thiserror::Error;
 
@@ -229,8 +229,19 @@ pub fn check_device_size(path: &Path, device_size: u64, needed: u64) -> Result<(
     Ok(())
 }
 
-/// Apply the COW file to the source image, writing the merged image.
+/// Apply the COW file to the source image, writing the merged image; in place, in the
+/// user-space merge's order ([`MergeMode::User`]).
 pub fn apply(opts: &ApplyOptions) -> Result<ApplyReport, ApplyError> {
+    apply_with_mode(opts, MergeMode::User)
+}
+
+/// Like [`apply`]; in place, ops are merged in `merge_mode`'s order, and a COW whose
+/// `num_merge_ops` is non-zero resumes after that many entries of that order (the output
+/// is then taken to be the partly merged device). A separate output is always built whole.
+pub fn apply_with_mode(
+    opts: &ApplyOptions,
+    merge_mode: MergeMode,
+) -> Result<ApplyReport, ApplyError> {
     let cow_file = File::open(&opts.cow).map_err(open_err("COW file", &opts.cow))?;
     let cow_meta = cow_file
         .metadata()
@@ -348,6 +359,7 @@ pub fn apply(opts: &ApplyOptions) -> Result<ApplyReport, ApplyError> {
         output: &output,
         output_path: &opts.output,
         bs,
+        merge_mode,
     };
     let report = if in_place {
         let r = ctx.apply_in_place(opts.progress)?;
@@ -448,6 +460,7 @@ struct Ctx<'a> {
     output: &'a File,
     output_path: &'a Path,
     bs: u64,
+    merge_mode: MergeMode,
 }
 
 impl Ctx<'_> {
@@ -626,7 +639,9 @@ impl Ctx<'_> {
     }
 
     fn apply_in_place(&self, show_progress: bool) -> Result<ApplyReport, ApplyError> {
-        let mut order = self.reader.merge_order(MergeOrderOptions::default());
+        // In place, the output is the device being merged: the first `num_merge_ops`
+        // entries of this mode's order are already on it, so resume after them.
+        let mut order = self.reader.merge_order(self.merge_mode.order_options(true));
         let progress = if show_progress {
             Progress::items("merge", order.len() as u64)
         } else {

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use cow_format::reader::{CowHeader, CowReader, MergeOrderOptions, ReadError};
+use cow_format::reader::{CowHeader, CowReader, MergeMode, MergeOrderOptions, ReadError};
 use cow_format::{CowOp, CowVersion};
 use serde::Serialize;
 use thiserror::Error;
@@ -119,6 +119,98 @@ pub struct Summary {
     pub last_label: Option<u64>,
     /// v3: resume points `(label, op_index)`.
     pub resume_points: Vec<(u64, u64)>,
+    /// Which merge mode the progress (`num_merge_ops > 0`) belongs to; absent when
+    /// nothing is merged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merge_progress: Option<MergeProgressReport>,
+}
+
+/// What `num_merge_ops` means under each merge mode. The two modes share the ordered
+/// (COPY/XOR) part of the merge order and walk the REPLACE/ZERO part in opposite block
+/// orders, so a counter that reaches into that part names different blocks in each.
+#[derive(Debug, Clone, Serialize)]
+pub struct MergeProgressReport {
+    /// The counter read.
+    pub num_merge_ops: u64,
+    /// `same` (both modes name the same merged blocks), `ambiguous` (both are possible
+    /// and they differ: the COW alone cannot tell which mode merged it) or `neither` (the
+    /// counter is past the end of the merge order).
+    pub verdict: &'static str,
+    /// One reading per mode.
+    pub readings: Vec<ModeReading>,
+}
+
+/// The progress read in one merge mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModeReading {
+    /// `user` or `legacy`.
+    pub mode: &'static str,
+    /// Whether the counter fits this mode's merge order.
+    pub consistent: bool,
+    /// The blocks merged under this reading, as `(first, count)` ranges, ascending.
+    pub merged_blocks: Vec<(u64, u64)>,
+}
+
+/// Reads `num_merge_ops` in both merge modes.
+fn merge_progress<S: cow_format::reader::CowStorage>(
+    reader: &CowReader<S>,
+) -> Option<MergeProgressReport> {
+    let merged = reader.num_merge_ops();
+    if merged == 0 {
+        return None;
+    }
+    let total = reader.num_total_data_ops();
+    let consistent = merged <= total;
+    let take = usize::try_from(merged.min(total)).unwrap_or(usize::MAX);
+    let readings: Vec<ModeReading> = MergeMode::ALL
+        .iter()
+        .map(|&mode| {
+            let mut blocks: Vec<(u64, u64)> = reader
+                .merge_order(mode.order_options(false))
+                .take(take)
+                .map(|op| (op.new_block, op.num_blocks))
+                .collect();
+            blocks.sort_unstable();
+            ModeReading {
+                mode: mode.name(),
+                consistent,
+                merged_blocks: coalesce(blocks),
+            }
+        })
+        .collect();
+    let verdict = if !consistent {
+        "neither"
+    } else if readings
+        .windows(2)
+        .all(|w| w[0].merged_blocks == w[1].merged_blocks)
+    {
+        "same"
+    } else {
+        "ambiguous"
+    };
+    Some(MergeProgressReport {
+        num_merge_ops: merged,
+        verdict,
+        readings,
+    })
+}
+
+/// Joins sorted `(first, count)` ranges that touch or overlap.
+fn coalesce(sorted: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(sorted.len());
+    for (first, count) in sorted {
+        if let Some(last) = out.last_mut() {
+            let end = last.0.saturating_add(last.1);
+            if first <= end {
+                last.1 = last
+                    .1
+                    .max(first.saturating_add(count).saturating_sub(last.0));
+                continue;
+            }
+        }
+        out.push((first, count));
+    }
+    out
 }
 
 /// One op line.
@@ -243,6 +335,7 @@ pub fn report<S: cow_format::reader::CowStorage>(
             .iter()
             .map(|p| (p.label, p.op_index))
             .collect(),
+        merge_progress: merge_progress(reader),
     };
     let ops = match order {
         OpOrder::File => reader
@@ -347,6 +440,27 @@ impl Report {
         }
         for (label, op_index) in &s.resume_points {
             writeln!(out, "resume_point: label {label} op_index {op_index}")?;
+        }
+        if let Some(p) = &s.merge_progress {
+            let verdict = match p.verdict {
+                "same" => "user-space or legacy merge (the same blocks under either)",
+                "ambiguous" => {
+                    "user-space or legacy merge (different blocks; the COW alone cannot tell which)"
+                }
+                _ => "neither mode (num_merge_ops is past the end of the merge order)",
+            };
+            writeln!(out, "merge_progress: {verdict}")?;
+            for r in &p.readings {
+                let ranges: Vec<String> = r
+                    .merged_blocks
+                    .iter()
+                    .map(|&(first, count)| match count {
+                        1 => first.to_string(),
+                        _ => format!("{first}-{}", first.saturating_add(count.saturating_sub(1))),
+                    })
+                    .collect();
+                writeln!(out, "merged_blocks[{}]: {}", r.mode, ranges.join(","))?;
+            }
         }
         writeln!(out, "ops ({} order):", self.order)?;
         let merge = self.order == "merge";

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use cow_format::writer::{parse_compression_option, DEFAULT_COMPRESSION_FACTOR};
-use cow_format::{Compression, CowVersion, WriteError};
+use cow_format::{Compression, CowVersion, MergeMode, WriteError};
 use ota_tools::apply::{self, ApplyOptions};
 use ota_tools::create::command::{create_cow, max_threads, CreateOptions};
 use ota_tools::inspect::{self, InspectError, OpOrder};
@@ -62,6 +62,10 @@ enum Command {
         /// number of CPUs, and at least 4 are always allowed].
         #[arg(long, value_parser = parse_threads)]
         threads: Option<usize>,
+        /// The merge the COW is merged by, in place (its order; resumes after `num_merge_ops`): `user` (snapuserd's user-space merge, Android 13+)
+        /// or `legacy` (dm-snapshot merge).
+        #[arg(long, default_value = "user")]
+        merge_mode: MergeMode,
     },
     /// Build the COW that turns SOURCE into TARGET.
     ///
@@ -95,6 +99,10 @@ enum Command {
         /// least 4 are always allowed]. The output does not depend on it.
         #[arg(long, value_parser = parse_threads)]
         threads: Option<usize>,
+        /// The merge the COW is made for; it orders COPY/XOR ops so that merge batches them: `user` (snapuserd's user-space merge, Android 13+)
+        /// or `legacy` (dm-snapshot merge).
+        #[arg(long, default_value = "user")]
+        merge_mode: MergeMode,
     },
     /// Check that COW, merged in place, turns SOURCE into TARGET.
     ///
@@ -112,6 +120,10 @@ enum Command {
         /// The COW file to check.
         #[arg(long)]
         cow: PathBuf,
+        /// The merge the COW is checked for (the merge order in which the safety rule is checked): `user` (snapuserd's user-space merge, Android 13+)
+        /// or `legacy` (dm-snapshot merge).
+        #[arg(long, default_value = "user")]
+        merge_mode: MergeMode,
     },
     /// Android OTA payloads (payload.bin): inspect, extract, to-cow, create.
     #[command(subcommand)]
@@ -199,15 +211,19 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             output,
             size,
             threads,
+            merge_mode,
         } => {
-            apply::apply(&ApplyOptions {
-                source,
-                cow,
-                output,
-                size,
-                progress: true,
-                threads: threads.unwrap_or(0),
-            })?;
+            apply::apply_with_mode(
+                &ApplyOptions {
+                    source,
+                    cow,
+                    output,
+                    size,
+                    progress: true,
+                    threads: threads.unwrap_or(0),
+                },
+                merge_mode,
+            )?;
         }
         Command::Create {
             source,
@@ -217,6 +233,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             compression,
             compression_factor,
             threads,
+            merge_mode,
         } => {
             if cow_version == CowVersion::V2 && compression_factor.is_some() {
                 return Err("--compression-factor applies to v3 COW files only; drop it or use --cow-version 3".into());
@@ -226,6 +243,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 compression,
                 compression_factor: compression_factor.unwrap_or(DEFAULT_COMPRESSION_FACTOR),
                 threads,
+                merge_mode,
             };
             let summary = create_cow(&opts, &source, &target, &output)?;
             print_stdout(&format!("{summary}\n"))?;
@@ -234,8 +252,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             source,
             target,
             cow,
+            merge_mode,
         } => {
-            let r = ota_tools::verify::verify(&source, &target, &cow)?;
+            let r = ota_tools::verify::verify_in_mode(&source, &target, &cow, merge_mode)?;
             print_stdout(&format!(
                 "ok: {} blocks match; {} ops, {} COPY/XOR merge safely in place\n",
                 r.blocks, r.ops, r.ordered_ops

@@ -18,7 +18,7 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use cow_format::reader::{MergeOrderOptions, OtherOpsOrder, ReadError};
+use cow_format::reader::{MergeMode, ReadError};
 use cow_format::{CowReader, OpKind};
 use rayon::prelude::*;
 
@@ -107,13 +107,10 @@ pub struct VerifyReport {
     pub ordered_ops: u64,
 }
 
-/// The merge steps of a COW, in snapuserd's merge order.
-fn merge_steps(reader: &CowReader, bs: u64) -> Vec<MergeStep> {
+/// The merge steps of a COW, in `mode`'s merge order.
+fn merge_steps(reader: &CowReader, bs: u64, mode: MergeMode) -> Vec<MergeStep> {
     reader
-        .merge_order(MergeOrderOptions {
-            other_ops: OtherOpsOrder::Ascending,
-            skip_merged: false,
-        })
+        .merge_order(mode.order_options(false))
         .enumerate()
         .map(|(i, op)| {
             let reads = match op.kind {
@@ -141,9 +138,21 @@ impl cow_format::reader::SourceImage for Source<'_> {
     }
 }
 
-/// Verifies that `cow` turns `source` into `target` when merged in place. Returns the
-/// first problem found, or a report.
+/// Verifies that `cow` turns `source` into `target` when merged in place by snapuserd's
+/// user-space merge ([`MergeMode::User`]). Returns the first problem found, or a report.
 pub fn verify(source: &Path, target: &Path, cow: &Path) -> Result<VerifyReport, VerifyError> {
+    verify_in_mode(source, target, cow, MergeMode::User)
+}
+
+/// Like [`verify`], checking the merge-order safety rule in `mode`'s merge order (the two
+/// modes differ in where ops outside the sequence are merged, so a COW can be safe in one
+/// and not the other).
+pub fn verify_in_mode(
+    source: &Path,
+    target: &Path,
+    cow: &Path,
+    mode: MergeMode,
+) -> Result<VerifyReport, VerifyError> {
     let src = ImageSource::open(source)?;
     let tgt = ImageSource::open(target)?;
     check_target_size(&tgt)?;
@@ -174,7 +183,7 @@ pub fn verify(source: &Path, target: &Path, cow: &Path) -> Result<VerifyReport, 
             });
         }
     }
-    let steps = merge_steps(&reader, bs);
+    let steps = merge_steps(&reader, bs, mode);
     let ordered_ops = steps.iter().filter(|s| s.ordered).count() as u64;
     check_merge_order(steps)?;
 

@@ -36,6 +36,7 @@ fn opts(version: CowVersion, comp: &str, threads: usize) -> CreateOptions {
         compression: comp.parse::<Compression>().unwrap(),
         compression_factor: 16384,
         threads: Some(threads),
+        ..CreateOptions::default()
     }
 }
 

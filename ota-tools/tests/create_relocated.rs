@@ -191,6 +191,7 @@ fn recompiled_relocated_library_rebuilds_for_every_version_and_compression() {
                     compression: comp.parse::<Compression>().unwrap(),
                     compression_factor: 65536,
                     threads: Some(2),
+                    ..CreateOptions::default()
                 };
                 let cow = d.join("out.cow");
                 let summary = create_cow(&opts, &d.join("src.img"), &d.join("tgt.img"), &cow)

@@ -94,6 +94,7 @@ fn every_pair_version_and_compression_merges_to_the_target() {
                     compression: comp.parse::<Compression>().unwrap(),
                     compression_factor: FACTORS[(i + j) % FACTORS.len()],
                     threads: Some(2),
+                    ..CreateOptions::default()
                 };
                 let cow = d.join("out.cow");
                 let summary = create_cow(&opts, &d.join("src.img"), &d.join("tgt.img"), &cow)

@@ -86,10 +86,11 @@ pub fn run(repo: &Path, opts: &DemoOptions) -> Result<()> {
     let tool = repo.join("target/release/ota-tools");
 
     let cow = work.join("update.cow");
-    step("ota-tools create (v3, lz4, 64k compression factor, all cores)");
+    step("ota-tools create (v3, lz4, 64k compression factor, legacy merge order for the dm-snapshot daemon, all cores)");
     let (create_out, create_time) = timed(
         Command::new(&tool)
             .arg("create")
+            .args(["--merge-mode", "legacy"])
             .arg("--source")
             .arg(&source)
             .arg("--target")
@@ -103,6 +104,7 @@ pub fn run(repo: &Path, opts: &DemoOptions) -> Result<()> {
     let (verify_out, verify_time) = timed(
         Command::new(&tool)
             .arg("verify")
+            .args(["--merge-mode", "legacy"])
             .arg("--source")
             .arg(&source)
             .arg("--target")
@@ -118,6 +120,7 @@ pub fn run(repo: &Path, opts: &DemoOptions) -> Result<()> {
     let (_, merge_time) = timed(
         Command::new(&tool)
             .arg("apply")
+            .args(["--merge-mode", "legacy"])
             .arg("--source")
             .arg(&base)
             .arg("--cow")

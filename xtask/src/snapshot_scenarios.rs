@@ -304,6 +304,7 @@ fn create_cow(tool: &Path, source: &Path, target: &Path, cow: &Path) -> Result<(
     let out = cmd::output(
         Command::new(tool)
             .arg("create")
+            .args(["--merge-mode", "legacy"])
             .arg("--source")
             .arg(source)
             .arg("--target")

@@ -34,6 +34,84 @@ pub struct MergeOrderOptions {
     pub skip_merged: bool,
 }
 
+/// Which merge a device runs, and so the order in which it walks a COW's ops.
+///
+/// Both modes merge the *ordered* part (sequence data, or the COPY/XOR ops) first, in the
+/// same order; they differ only in the REPLACE/ZERO part that follows:
+///
+/// - [`MergeMode::User`] (snapuserd's user-space merge, Android 13+): ascending block
+///   order. `num_merge_ops` counts entries of this order: the ordered ops, then the
+///   REPLACE/ZERO blocks from the lowest up. The merge writes runs of *ascending*
+///   contiguous destinations as one batch.
+/// - [`MergeMode::Legacy`] (dm-snapshot merge): descending block order, AOSP's default
+///   reader flag. `num_merge_ops` counts the ordered ops, then the REPLACE/ZERO blocks
+///   from the highest down. dm-snapshot-merge batches runs whose destinations *step down*
+///   by one.
+///
+/// So a non-zero `num_merge_ops` past the ordered part names different blocks in the two
+/// modes; within the ordered part both readings agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum MergeMode {
+    /// snapuserd's user-space merge (REPLACE/ZERO ascending). The default.
+    #[default]
+    User,
+    /// The legacy dm-snapshot merge (REPLACE/ZERO descending).
+    Legacy,
+}
+
+impl MergeMode {
+    /// Both modes, user-space first.
+    pub const ALL: [MergeMode; 2] = [MergeMode::User, MergeMode::Legacy];
+
+    /// The order of the ops outside the merge sequence in this mode.
+    pub fn other_ops_order(self) -> OtherOpsOrder {
+        match self {
+            MergeMode::User => OtherOpsOrder::Ascending,
+            MergeMode::Legacy => OtherOpsOrder::Descending,
+        }
+    }
+
+    /// The reader options that walk this mode's merge order; `skip_merged` skips the
+    /// first `num_merge_ops` entries (a resumed merge).
+    pub fn order_options(self, skip_merged: bool) -> MergeOrderOptions {
+        MergeOrderOptions {
+            other_ops: self.other_ops_order(),
+            skip_merged,
+        }
+    }
+
+    /// The name used on command lines and in reports: `user` or `legacy`.
+    pub fn name(self) -> &'static str {
+        match self {
+            MergeMode::User => "user",
+            MergeMode::Legacy => "legacy",
+        }
+    }
+}
+
+impl std::fmt::Display for MergeMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for MergeMode {
+    type Err = UnknownMergeMode;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "user" => Ok(MergeMode::User),
+            "legacy" => Ok(MergeMode::Legacy),
+            _ => Err(UnknownMergeMode(s.to_owned())),
+        }
+    }
+}
+
+/// A merge-mode name other than `user` or `legacy`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown merge mode {0:?} (expected user or legacy)")]
+pub struct UnknownMergeMode(pub String);
+
 /// The merge plan computed once at open time.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct MergePlan {
@@ -282,6 +360,39 @@ mod tests {
             MergePlan::build(CowVersion::V2, &ops, &[3, 5]),
             Err(ReadError::SequenceWithoutOp { entry: 1, block: 5 })
         ));
+    }
+
+    #[test]
+    fn merge_modes_differ_only_in_the_replace_zero_part() {
+        let ops = [
+            op(OpKind::Zero, 9, 0),
+            op(OpKind::Copy, 1, 3),
+            op(OpKind::Replace, 4, 0),
+            op(OpKind::Replace, 6, 0),
+            op(OpKind::Xor, 2, 77),
+        ];
+        let user = MergeMode::User.order_options(false);
+        let legacy = MergeMode::Legacy.order_options(false);
+        assert_eq!(MergeMode::default(), MergeMode::User);
+        assert_eq!(
+            walk(CowVersion::V2, &ops, &[], user, 0),
+            vec![1, 2, 4, 6, 9]
+        );
+        assert_eq!(
+            walk(CowVersion::V2, &ops, &[], legacy, 0),
+            vec![1, 2, 9, 6, 4]
+        );
+        // Resuming after three merged entries: the next block differs by mode.
+        let user_resume = MergeMode::User.order_options(true);
+        let legacy_resume = MergeMode::Legacy.order_options(true);
+        assert_eq!(walk(CowVersion::V2, &ops, &[], user_resume, 3), vec![6, 9]);
+        assert_eq!(
+            walk(CowVersion::V2, &ops, &[], legacy_resume, 3),
+            vec![6, 4]
+        );
+        assert_eq!("legacy".parse::<MergeMode>(), Ok(MergeMode::Legacy));
+        assert_eq!("user".parse::<MergeMode>(), Ok(MergeMode::User));
+        assert!("dm".parse::<MergeMode>().is_err());
     }
 
     #[test]

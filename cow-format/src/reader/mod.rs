@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub use error::{CompressionPlace, OpProblem, ReadError};
 pub use file_storage::CowFileStorage;
 pub use mapped::MappedFile;
-pub use merge::{MergeOrder, MergeOrderOptions, OtherOpsOrder};
+pub use merge::{MergeMode, MergeOrder, MergeOrderOptions, OtherOpsOrder, UnknownMergeMode};
 pub use storage::{CowStorage, SourceImage, StorageError};
 
 use crate::compression::{self, CompressionAlgorithm};

@@ -27,6 +27,7 @@ use super::BLOCK_SIZE;
 use crate::interrupt::PendingTemp;
 use crate::progress::Progress;
 use crate::sparse::ImageSource;
+use cow_format::MergeMode;
 
 /// Target blocks whose payloads are read and compressed per parallel batch (4 MiB).
 pub const WRITE_BATCH_BLOCKS: u64 = 1024;
@@ -43,6 +44,9 @@ pub struct CreateOptions {
     /// Worker threads; `None` = one per CPU. At most [`max_threads`]: the work is CPU-bound,
     /// so more threads only cost memory and scheduling.
     pub threads: Option<usize>,
+    /// The merge the COW is made for; it chooses the order of the COPY/XOR ops so that
+    /// the device's merge batches them into long runs.
+    pub merge_mode: MergeMode,
 }
 
 impl Default for CreateOptions {
@@ -55,6 +59,7 @@ impl Default for CreateOptions {
             },
             compression_factor: 65536,
             threads: None,
+            merge_mode: MergeMode::User,
         }
     }
 }
@@ -365,6 +370,7 @@ pub fn create_cow(
                 estimator: SizeEstimator::new(opts.compression),
                 ..Default::default()
             },
+            merge_mode: opts.merge_mode,
         };
         let plan = build_plan(&src, &tgt, &plan_opts, &|stage, n| match stage {
             Stage::Index => src_bar.advance(n * BLOCK_SIZE as u64),

@@ -17,12 +17,20 @@
 //!
 //! # Algorithm
 //!
-//! Kahn's topological sort with a FIFO queue seeded in **descending** block order.
-//! Descending matters to the legacy (dm-snapshot) merge: dm-snapshot-merge copies a run
-//! of exceptions in one batch only when their destination blocks step down by one along
-//! the merge order, so a run of independent COPYs to adjacent blocks merges as one batch
-//! (one metadata commit) instead of one batch per block, and a shifted run (`n <- n-3`)
-//! unrolls as `99, 98, 97, 96, ...`.
+//! Kahn's topological sort with a FIFO queue seeded in the block order that the chosen
+//! [`MergeMode`] batches best:
+//!
+//! - [`MergeMode::User`] (the default): **ascending**. snapuserd's user-space merge writes
+//!   a run of ops whose destinations step *up* by one along the merge order as one write,
+//!   so independent COPYs to adjacent blocks come out `10, 11, 12, ...`, and a run shifted
+//!   down (`n <- n+3`) unrolls bottom-up.
+//! - [`MergeMode::Legacy`]: **descending**. dm-snapshot-merge copies a run of exceptions
+//!   in one batch only when their destination blocks step *down* by one, so independent
+//!   COPYs come out `19, 18, 17, ...` and a shifted run (`n <- n-3`) unrolls as
+//!   `99, 98, 97, 96, ...`.
+//!
+//! A run shifted against the mode's direction must still unroll the other way (each op
+//! reads a block a later one overwrites); the seed decides only among ops that are free.
 //!
 //! When the queue runs dry, every ordered block not yet emitted waits for a reader that
 //! is not emitted either, so walking from the lowest such block to one of its waiting
@@ -41,6 +49,8 @@
 //! block.
 
 use std::collections::VecDeque;
+
+use cow_format::MergeMode;
 
 use super::classify::BlockClass;
 
@@ -139,6 +149,7 @@ impl Readers {
 pub fn order_ops<B: CycleBreaker>(
     classes: &mut [BlockClass],
     breaker: &mut B,
+    mode: MergeMode,
 ) -> Result<MergeOrder, B::Error> {
     let len = classes.len();
     let mut indeg = vec![0u32; len];
@@ -148,10 +159,11 @@ pub fn order_ops<B: CycleBreaker>(
         }
     }
     let readers = Readers::new(classes);
-    let mut queue: VecDeque<usize> = (0..len)
-        .rev()
-        .filter(|&n| classes[n].is_ordered() && indeg[n] == 0)
-        .collect();
+    let free = |n: &usize| classes[*n].is_ordered() && indeg[*n] == 0;
+    let mut queue: VecDeque<usize> = match mode {
+        MergeMode::User => (0..len).filter(free).collect(),
+        MergeMode::Legacy => (0..len).rev().filter(free).collect(),
+    };
     let mut out = MergeOrder::default();
     let mut cursor = 0usize;
     // Visit marks of the cycle walks: the walk number (1-based) that visited a block.
@@ -248,7 +260,7 @@ mod tests {
     #[test]
     fn swap_breaks_exactly_one() {
         let mut c = vec![copy(1), copy(0), BlockClass::Unchanged];
-        let o = order_ops(&mut c, &mut ReplaceBreaker).unwrap();
+        let o = order_ops(&mut c, &mut ReplaceBreaker, MergeMode::Legacy).unwrap();
         assert_eq!(o.broken, vec![0]);
         assert_eq!(c[0], BlockClass::Replace);
         assert_eq!(o.sequence, vec![1]);
@@ -267,12 +279,41 @@ mod tests {
         for n in 40..50u32 {
             c[n as usize] = copy(n - 3);
         }
-        let o = order_ops(&mut c, &mut ReplaceBreaker).unwrap();
+        let o = order_ops(&mut c, &mut ReplaceBreaker, MergeMode::Legacy).unwrap();
         assert!(o.broken.is_empty());
         let independent: Vec<u32> = o.sequence.iter().copied().filter(|&b| b < 20).collect();
         assert_eq!(independent, (10..20).rev().collect::<Vec<u32>>());
         let shifted: Vec<u32> = o.sequence.iter().copied().filter(|&b| b >= 40).collect();
         assert_eq!(shifted, (40..50).rev().collect::<Vec<u32>>());
+    }
+
+    /// In user mode the same fixture gives ascending independent runs; a run shifted up by
+    /// three still has to unroll top-down, but in ascending runs of three (one write each
+    /// in the user-space merge), and a shifted-down run unrolls bottom-up.
+    #[test]
+    fn user_mode_seeds_ascending() {
+        let mut c = vec![BlockClass::Unchanged; 120];
+        for n in 10..20u32 {
+            c[n as usize] = copy(n + 90);
+        }
+        for n in 40..50u32 {
+            c[n as usize] = copy(n - 3);
+        }
+        for n in 60..70u32 {
+            c[n as usize] = copy(n + 3);
+        }
+        let o = order_ops(&mut c, &mut ReplaceBreaker, MergeMode::User).unwrap();
+        assert!(o.broken.is_empty());
+        let pick = |lo: u32, hi: u32| -> Vec<u32> {
+            o.sequence
+                .iter()
+                .copied()
+                .filter(|&b| (lo..hi).contains(&b))
+                .collect()
+        };
+        assert_eq!(pick(10, 20), (10..20).collect::<Vec<u32>>());
+        assert_eq!(pick(40, 50), vec![47, 48, 49, 44, 45, 46, 41, 42, 43, 40]);
+        assert_eq!(pick(60, 70), (60..70).collect::<Vec<u32>>());
     }
 
     #[test]
@@ -287,7 +328,7 @@ mod tests {
                 }
             })
             .collect();
-        let o = order_ops(&mut c, &mut ReplaceBreaker).unwrap();
+        let o = order_ops(&mut c, &mut ReplaceBreaker, MergeMode::Legacy).unwrap();
         assert!(o.broken.is_empty());
         assert_eq!(o.sequence.len(), 97);
         for n in 6..100u32 {
@@ -299,7 +340,7 @@ mod tests {
     fn three_cycle_with_tail() {
         // 0<-1, 1<-2, 2<-0 is a cycle; 3 reads 0 and must precede the writer of 0.
         let mut c = vec![copy(1), copy(2), copy(0), copy(0)];
-        let o = order_ops(&mut c, &mut ReplaceBreaker).unwrap();
+        let o = order_ops(&mut c, &mut ReplaceBreaker, MergeMode::Legacy).unwrap();
         assert_eq!(o.broken.len(), 1);
         assert_eq!(o.broken, vec![0]);
         assert_eq!(c[0], BlockClass::Replace);
@@ -318,13 +359,13 @@ mod tests {
         };
         c[5] = copy(9);
         c[6] = copy(10);
-        let o = order_ops(&mut c.clone(), &mut ReplaceBreaker).unwrap();
+        let o = order_ops(&mut c.clone(), &mut ReplaceBreaker, MergeMode::Legacy).unwrap();
         assert!(o.broken.is_empty());
         assert!(pos(&o.sequence, 2) < pos(&o.sequence, 5));
         assert!(pos(&o.sequence, 2) < pos(&o.sequence, 6));
         // Now 6 reads 2: the cycle 2 -> 6 -> 2 runs through the second block read.
         c[6] = copy(2);
-        let o = order_ops(&mut c, &mut ReplaceBreaker).unwrap();
+        let o = order_ops(&mut c, &mut ReplaceBreaker, MergeMode::Legacy).unwrap();
         assert_eq!(o.broken, vec![2]);
         assert_eq!(c[2], BlockClass::Replace);
         let mut rest = o.sequence.clone();

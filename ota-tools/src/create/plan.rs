@@ -21,6 +21,7 @@ use super::merge_check::MergeStep;
 use super::order::{order_ops, CycleBreaker};
 use super::shifted::add_shifted_xors;
 use super::BLOCK_SIZE;
+use cow_format::MergeMode;
 
 /// Errors building a plan.
 #[derive(Debug, thiserror::Error)]
@@ -241,6 +242,8 @@ impl Plan {
 pub struct PlanOptions {
     /// Classification options.
     pub classify: ClassifyOptions,
+    /// The merge the COW is made for: it chooses the order of independent ordered ops.
+    pub merge_mode: MergeMode,
 }
 
 /// Breaks cycles by reading the images: a member becomes an XOR against its own position
@@ -325,7 +328,7 @@ pub fn build_plan(
         )?;
     }
     drop(index);
-    let order = order_ops(&mut classes, &mut breaker)?;
+    let order = order_ops(&mut classes, &mut breaker, opts.merge_mode)?;
     Ok(Plan {
         classes,
         sequence: order.sequence,

@@ -51,6 +51,7 @@ fn plan_for(source: &[u8], target: &[u8], xor: bool) -> Plan {
             xor,
             ..Default::default()
         },
+        ..Default::default()
     };
     let plan = build_plan(
         &MemImage {

@@ -793,6 +793,8 @@ fn cow_from_ota_tools_create_on_a_realistic_pair() {
         let opts = CreateOptions {
             version,
             threads: Some(1),
+            // The legacy daemon's order (descending runs batch under dm-snapshot-merge).
+            merge_mode: cow_format::MergeMode::Legacy,
             ..CreateOptions::default()
         };
         create_cow(&opts, &src, &tgt, &f.cow).unwrap();
