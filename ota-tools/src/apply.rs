@@ -329,6 +329,14 @@ pub fn apply_with_mode(
         .metadata()
         .map_err(open_err("output", &opts.output))?
         .file_type();
+    let set_output_len = || {
+        output.set_len(size).map_err(|source| ApplyError::Io {
+            what: "setting the length of output",
+            path: opts.output.clone(),
+            offset: size,
+            source,
+        })
+    };
     if out_type.is_block_device() {
         let device_size = byte_size(&output, "output", &opts.output)?;
         check_device_size(&opts.output, device_size, size)?;
@@ -337,12 +345,7 @@ pub fn apply_with_mode(
         // untouched ranges past the source's end need not be written. In place, only
         // grow: shrinking would drop source bytes still to be read.
         if !in_place || size > source_size {
-            output.set_len(size).map_err(|source| ApplyError::Io {
-                what: "setting the length of output",
-                path: opts.output.clone(),
-                offset: size,
-                source,
-            })?;
+            set_output_len()?;
         }
     } else {
         return Err(ApplyError::UnsupportedOutput {
@@ -364,12 +367,7 @@ pub fn apply_with_mode(
     let report = if in_place {
         let r = ctx.apply_in_place(opts.progress)?;
         if size < source_size && out_type.is_file() {
-            output.set_len(size).map_err(|source| ApplyError::Io {
-                what: "setting the length of output",
-                path: opts.output.clone(),
-                offset: size,
-                source,
-            })?;
+            set_output_len()?;
         }
         ApplyReport { size, ..r }
     } else {

@@ -13,27 +13,24 @@ pub struct Progress {
 impl Progress {
     /// A bar for `total` bytes labelled `what`.
     pub fn bytes(what: &str, total: u64) -> Self {
-        let bar = if std::io::stderr().is_terminal() {
-            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-            let style = ProgressStyle::with_template(
-                "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
-            bar.set_style(style);
-            bar.set_message(what.to_string());
-            bar
-        } else {
-            ProgressBar::hidden()
-        };
-        Self { bar }
+        Self::with_template(
+            what,
+            total,
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
     }
 
     /// A count progress bar for `total` items labelled `what`.
     pub fn items(what: &str, total: u64) -> Self {
+        Self::with_template(what, total, "{msg} [{bar:40}] {pos}/{len} eta {eta}")
+    }
+
+    /// A bar for `total` units labelled `what`, drawn with the indicatif
+    /// `template` on a terminal, hidden elsewhere.
+    fn with_template(what: &str, total: u64, template: &str) -> Self {
         let bar = if std::io::stderr().is_terminal() {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-            let style = ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} eta {eta}")
+            let style = ProgressStyle::with_template(template)
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> ");
             bar.set_style(style);

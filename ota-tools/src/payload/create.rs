@@ -24,6 +24,7 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use super::bspatch::{self, encode_int64, StreamCompressor, PATCH_HEADER_SIZE};
+use super::file_error::FileError;
 use super::partition::{check_name, PartitionError};
 use super::proto::{
     merge_type, op_type, CowMergeOperation, DeltaArchiveManifest, DynamicPartitionGroup,
@@ -32,6 +33,7 @@ use super::proto::{
 };
 use super::reader::{Payload, PayloadReadError, HEADER_SIZE};
 use super::to_cow::{to_cow, ToCowError, ToCowOptions};
+use super::worker_pool::{self, WorkerPoolError};
 use super::writer::{PayloadWriteError, PayloadWriter};
 use crate::create::image::BlockImage;
 use crate::progress::Progress;
@@ -131,16 +133,8 @@ impl CreateOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum CreateError {
     /// A file operation failed.
-    #[error("{path}: {what}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// What was being done.
-        what: &'static str,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
     /// A bad partition name.
     #[error(transparent)]
     Partition(#[from] PartitionError),
@@ -183,14 +177,8 @@ pub enum CreateError {
     #[error(transparent)]
     Reread(#[from] PayloadReadError),
     /// The worker pool could not start.
-    #[error("cannot start {threads} worker threads")]
-    Threads {
-        /// Threads asked for.
-        threads: usize,
-        /// The cause.
-        #[source]
-        source: rayon::ThreadPoolBuildError,
-    },
+    #[error(transparent)]
+    Threads(#[from] WorkerPoolError),
 }
 
 /// What `create` wrote.
@@ -202,15 +190,10 @@ pub struct CreateSummary {
     pub partitions: Vec<(String, usize, usize, Option<u64>)>,
 }
 
-fn io_err(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> CreateError {
-    let path = path.to_path_buf();
-    move |source| CreateError::Io { path, what, source }
-}
-
 fn list_images(dir: &Path) -> Result<Vec<String>, CreateError> {
     let mut names = Vec::new();
-    for entry in fs::read_dir(dir).map_err(io_err(dir, "cannot list the directory"))? {
-        let entry = entry.map_err(io_err(dir, "cannot list the directory"))?;
+    for entry in fs::read_dir(dir).map_err(FileError::on(dir, "cannot list the directory"))? {
+        let entry = entry.map_err(FileError::on(dir, "cannot list the directory"))?;
         let name = entry.file_name();
         if let Some(n) = name.to_str().and_then(|n| n.strip_suffix(".img")) {
             if check_name(n).is_ok() {
@@ -237,7 +220,7 @@ struct Image {
 impl Image {
     fn open(path: &Path) -> Result<Self, CreateError> {
         let image = ImageSource::open(path)
-            .map_err(|e| io_err(path, "cannot open the image")(std::io::Error::other(e)))?;
+            .map_err(|e| FileError::on(path, "cannot open the image")(std::io::Error::other(e)))?;
         let size = image.len_bytes();
         if size % u64::from(BLOCK_SIZE) != 0 {
             return Err(CreateError::Size {
@@ -256,7 +239,7 @@ impl Image {
         let mut buf = vec![0u8; (count as usize) * BS];
         self.image
             .read_exact_at(&mut buf, first * u64::from(BLOCK_SIZE))
-            .map_err(io_err(&self.path, "cannot read the image"))?;
+            .map_err(FileError::on(&self.path, "cannot read the image"))?;
         Ok(buf)
     }
 
@@ -711,15 +694,15 @@ fn rewrite_manifest(path: &Path, manifest: &DeltaArchiveManifest) -> Result<u64,
     let data_start = payload.data_start;
     drop(payload);
     let mut writer = PayloadWriter::new(path)?;
-    let mut f = File::open(path).map_err(io_err(path, "cannot reopen the payload"))?;
+    let mut f = File::open(path).map_err(FileError::on(path, "cannot reopen the payload"))?;
     let mut skip = vec![0u8; data_start as usize];
     f.read_exact(&mut skip)
-        .map_err(io_err(path, "cannot reread the payload"))?;
+        .map_err(FileError::on(path, "cannot reread the payload"))?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f
             .read(&mut buf)
-            .map_err(io_err(path, "cannot reread the payload"))?;
+            .map_err(FileError::on(path, "cannot reread the payload"))?;
         if n == 0 {
             break;
         }
@@ -731,13 +714,7 @@ fn rewrite_manifest(path: &Path, manifest: &DeltaArchiveManifest) -> Result<u64,
 
 /// Create the payload.
 pub fn create(opts: &CreateOptions) -> Result<CreateSummary, CreateError> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads)
-        .build()
-        .map_err(|source| CreateError::Threads {
-            threads: opts.threads,
-            source,
-        })?;
+    let pool = worker_pool::build(opts.threads)?;
     let names = match &opts.partitions {
         Some(p) => p.clone(),
         None => list_images(&opts.target_dir)?,
@@ -789,7 +766,10 @@ pub fn create(opts: &CreateOptions) -> Result<CreateSummary, CreateError> {
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or(Path::new(".")),
         )
-        .map_err(io_err(&opts.output, "cannot create a scratch directory"))?;
+        .map_err(FileError::on(
+            &opts.output,
+            "cannot create a scratch directory",
+        ))?;
         let reports = pool
             .install(|| {
                 to_cow(&ToCowOptions {

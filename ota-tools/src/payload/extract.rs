@@ -15,12 +15,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
+use super::file_error::FileError;
 use super::install::{run_operation, InstallError, OldImage, PartitionBlocks};
 use super::operation::{reads_source, OpId};
 use super::partition::{self, PartitionError};
 use super::proto::{op_type, PartitionUpdate};
 use super::reader::{Payload, PayloadReadError};
 use super::verity_regions::{self, VerityRegionError};
+use super::worker_pool::{self, WorkerPoolError};
 use crate::create::image::FileImage;
 use crate::progress::Progress;
 
@@ -57,16 +59,8 @@ pub enum ExtractError {
     #[error(transparent)]
     Verity(#[from] VerityRegionError),
     /// A file operation failed.
-    #[error("{path}: {what}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// What was being done.
-        what: &'static str,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
     /// The extracted image's SHA-256 differs from `new_partition_info.hash`.
     #[error("partition `{partition}`: extracted image does not match new_partition_info.hash")]
     PartitionHash {
@@ -86,14 +80,8 @@ pub enum ExtractError {
         expected: u64,
     },
     /// The worker pool could not start.
-    #[error("cannot start {threads} worker threads")]
-    Threads {
-        /// Threads asked for.
-        threads: usize,
-        /// The cause.
-        #[source]
-        source: rayon::ThreadPoolBuildError,
-    },
+    #[error(transparent)]
+    Threads(#[from] WorkerPoolError),
 }
 
 /// One extracted partition.
@@ -121,11 +109,7 @@ pub fn open_old_image(
         return Ok(None);
     };
     let path = dir.join(format!("{}.img", p.partition_name));
-    let old = OldImage::open(&path).map_err(|source| ExtractError::Io {
-        path: path.clone(),
-        what: "cannot open the old image",
-        source,
-    })?;
+    let old = OldImage::open(&path).map_err(FileError::on(&path, "cannot open the old image"))?;
     if let Some(expected) = p.old_partition_info.as_ref().and_then(|i| i.size) {
         if old.size() < expected {
             return Err(ExtractError::OldSize {
@@ -168,13 +152,7 @@ pub fn hash_file(file: &File, size: u64) -> std::io::Result<Vec<u8>> {
 /// Extract the payload's partitions.
 pub fn extract(opts: &ExtractOptions) -> Result<Vec<ExtractedPartition>, ExtractError> {
     let payload = Payload::open(&opts.payload)?;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads)
-        .build()
-        .map_err(|source| ExtractError::Threads {
-            threads: opts.threads,
-            source,
-        })?;
+    let pool = worker_pool::build(opts.threads)?;
     let parts = partition::select(&payload.manifest, opts.partitions.as_deref())?;
     let block_size = payload.block_size();
     // Validate every selected partition before writing anything.
@@ -182,11 +160,10 @@ pub fn extract(opts: &ExtractOptions) -> Result<Vec<ExtractedPartition>, Extract
         let (_, new_blocks) = partition::new_size(p, block_size)?;
         partition::check_destinations(p, new_blocks)?;
     }
-    fs::create_dir_all(&opts.output_dir).map_err(|source| ExtractError::Io {
-        path: opts.output_dir.clone(),
-        what: "cannot create the output directory",
-        source,
-    })?;
+    fs::create_dir_all(&opts.output_dir).map_err(FileError::on(
+        &opts.output_dir,
+        "cannot create the output directory",
+    ))?;
     let mut out = Vec::new();
     for p in parts {
         out.push(pool.install(|| extract_partition(&payload, p, opts))?);
@@ -211,10 +188,7 @@ fn extract_partition(
     let tmp_path = opts
         .output_dir
         .join(format!(".{}.img.partial", p.partition_name));
-    let io = |path: &Path, what: &'static str| {
-        let path = path.to_path_buf();
-        move |source| ExtractError::Io { path, what, source }
-    };
+    let io = FileError::on;
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -263,10 +237,8 @@ fn extract_partition(
                 .try_clone()
                 .map_err(io(&tmp_path, "cannot reopen the image"))
                 .and_then(|f| {
-                    FileImage::from_file(f, &tmp_path).map_err(|e| ExtractError::Io {
-                        path: tmp_path.clone(),
-                        what: "cannot reopen the image",
-                        source: std::io::Error::other(e),
+                    FileImage::from_file(f, &tmp_path).map_err(|e| {
+                        io(&tmp_path, "cannot reopen the image")(std::io::Error::other(e))
                     })
                 })?;
             let mut write_back =

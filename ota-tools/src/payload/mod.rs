@@ -13,6 +13,8 @@
 //! * [`extract`]: `payload extract`.
 //! * [`to_cow`]: `payload to-cow`, the COW update_engine's VABC writer produces.
 //! * [`writer`]: writing a payload file.
+//! * [`file_error`]: the error of a failed file operation.
+//! * [`worker_pool`]: the worker threads and their start-up error.
 //! * [`create`]: `payload create`, the payload generator.
 //! * [`cli`]: the `ota-tools payload` subcommands.
 
@@ -20,6 +22,7 @@ pub mod bspatch;
 pub mod cli;
 pub mod create;
 pub mod extract;
+pub mod file_error;
 #[doc(hidden)]
 pub mod fuzz_harness;
 pub mod inspect;
@@ -30,4 +33,5 @@ pub mod proto;
 pub mod reader;
 pub mod to_cow;
 pub mod verity_regions;
+pub mod worker_pool;
 pub mod writer;

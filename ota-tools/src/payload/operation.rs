@@ -126,6 +126,16 @@ pub fn extent_blocks(
     Ok(total)
 }
 
+/// `blocks` of `block_size` bytes in bytes; [`OpError::TooLarge`] past `u64`.
+fn blocks_to_bytes(id: &OpId, blocks: u64, block_size: u32) -> Result<u64, OpError> {
+    blocks
+        .checked_mul(u64::from(block_size))
+        .ok_or_else(|| OpError::TooLarge {
+            op: id.clone(),
+            bytes: u64::MAX,
+        })
+}
+
 /// Destination bytes of `op`, checked against the partition and the limit.
 pub fn dst_bytes(
     id: &OpId,
@@ -135,27 +145,12 @@ pub fn dst_bytes(
 ) -> Result<u64, OpError> {
     let blocks = extent_blocks(id, "dst", &op.dst_extents, new_blocks)?;
     if blocks == 0 {
-        return Err(OpError::LengthMismatch {
-            op: id.clone(),
-            what: "destination",
-            actual: 0,
-            expected: 1,
-        });
+        return Err(length_mismatch(id, "destination", 0, 1));
     }
-    let bytes = blocks
-        .checked_mul(u64::from(block_size))
-        .ok_or_else(|| OpError::TooLarge {
-            op: id.clone(),
-            bytes: u64::MAX,
-        })?;
+    let bytes = blocks_to_bytes(id, blocks, block_size)?;
     if let Some(dst_length) = op.dst_length {
         if dst_length > bytes {
-            return Err(OpError::LengthMismatch {
-                op: id.clone(),
-                what: "dst_length",
-                actual: dst_length,
-                expected: bytes,
-            });
+            return Err(length_mismatch(id, "dst_length", dst_length, bytes));
         }
     }
     Ok(bytes)
@@ -170,12 +165,7 @@ pub fn src_bytes(
     old_blocks: u64,
 ) -> Result<u64, OpError> {
     let blocks = extent_blocks(id, "src", &op.src_extents, old_blocks)?;
-    let bytes = blocks
-        .checked_mul(u64::from(block_size))
-        .ok_or_else(|| OpError::TooLarge {
-            op: id.clone(),
-            bytes: u64::MAX,
-        })?;
+    let bytes = blocks_to_bytes(id, blocks, block_size)?;
     if bytes > MAX_OP_BYTES {
         return Err(OpError::TooLarge {
             op: id.clone(),
@@ -239,6 +229,16 @@ pub fn unsupported_reason(t: i32) -> Option<&'static str> {
     }
 }
 
+/// The [`OpError::LengthMismatch`] of `id`: `what` is `actual` bytes, `expected` were due.
+fn length_mismatch(id: &OpId, what: &'static str, actual: u64, expected: u64) -> OpError {
+    OpError::LengthMismatch {
+        op: id.clone(),
+        what,
+        actual,
+        expected,
+    }
+}
+
 /// Read a decompressor to its end, refusing more than `cap` bytes.
 fn read_capped(id: &OpId, mut r: impl Read, cap: u64) -> Result<Vec<u8>, OpError> {
     let mut out = Vec::new();
@@ -250,12 +250,12 @@ fn read_capped(id: &OpId, mut r: impl Read, cap: u64) -> Result<Vec<u8>, OpError
             source,
         })?;
     if out.len() as u64 > cap {
-        return Err(OpError::LengthMismatch {
-            op: id.clone(),
-            what: "decompressed data",
-            actual: out.len() as u64,
-            expected: cap,
-        });
+        return Err(length_mismatch(
+            id,
+            "decompressed data",
+            out.len() as u64,
+            cap,
+        ));
     }
     Ok(out)
 }
@@ -287,12 +287,12 @@ pub fn new_data(
     let mut data = match op.r#type {
         op_type::REPLACE => {
             if blob.len() as u64 > dst_len {
-                return Err(OpError::LengthMismatch {
-                    op: id.clone(),
-                    what: "REPLACE data",
-                    actual: blob.len() as u64,
-                    expected: dst_len,
-                });
+                return Err(length_mismatch(
+                    id,
+                    "REPLACE data",
+                    blob.len() as u64,
+                    dst_len,
+                ));
             }
             blob.to_vec()
         }
@@ -301,26 +301,14 @@ pub fn new_data(
         op_type::ZERO | op_type::DISCARD => Vec::new(),
         op_type::SOURCE_COPY => {
             if src.len() as u64 != dst_len {
-                return Err(OpError::LengthMismatch {
-                    op: id.clone(),
-                    what: "source",
-                    actual: src.len() as u64,
-                    expected: dst_len,
-                });
+                return Err(length_mismatch(id, "source", src.len() as u64, dst_len));
             }
             src.to_vec()
         }
         op_type::SOURCE_BSDIFF | op_type::BROTLI_BSDIFF => {
             let src = match op.src_length {
                 Some(n) if n <= src.len() as u64 => &src[..n as usize],
-                Some(n) => {
-                    return Err(OpError::LengthMismatch {
-                        op: id.clone(),
-                        what: "src_length",
-                        actual: n,
-                        expected: src.len() as u64,
-                    })
-                }
+                Some(n) => return Err(length_mismatch(id, "src_length", n, src.len() as u64)),
                 None => src,
             };
             let out_len = op.dst_length.unwrap_or(dst_len);
@@ -341,21 +329,14 @@ pub fn new_data(
     // than the extents leaves the tail zero).
     let short = dst_len.saturating_sub(data.len() as u64);
     let is_zero = matches!(op.r#type, op_type::ZERO | op_type::DISCARD);
-    if !is_zero && short >= u64::from(block_size) && op.dst_length.is_none() {
-        return Err(OpError::LengthMismatch {
-            op: id.clone(),
-            what: "operation output",
-            actual: data.len() as u64,
-            expected: dst_len,
-        });
-    }
-    if data.len() as u64 > dst_len {
-        return Err(OpError::LengthMismatch {
-            op: id.clone(),
-            what: "operation output",
-            actual: data.len() as u64,
-            expected: dst_len,
-        });
+    let too_short = !is_zero && short >= u64::from(block_size) && op.dst_length.is_none();
+    if too_short || data.len() as u64 > dst_len {
+        return Err(length_mismatch(
+            id,
+            "operation output",
+            data.len() as u64,
+            dst_len,
+        ));
     }
     data.resize(dst_len as usize, 0);
     Ok(data)

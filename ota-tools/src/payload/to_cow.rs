@@ -25,6 +25,7 @@ use rayon::prelude::*;
 use cow_format::{Compression, CowVersion, CowWriter, WriteError, WriterOptions};
 
 use super::extract::{old_blocks, open_old_image, ExtractError};
+use super::file_error::FileError;
 use super::install::{run_operation, InstallError, OldImage, PartitionBlocks};
 use super::operation::{dst_bytes, OpError, OpId, MAX_OP_BYTES};
 use super::partition::{self, PartitionError};
@@ -114,16 +115,8 @@ pub enum ToCowError {
         value: String,
     },
     /// A file operation failed.
-    #[error("{path}: {what}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// What was being done.
-        what: &'static str,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
 }
 
 /// One COW written.
@@ -214,11 +207,10 @@ pub fn to_cow(opts: &ToCowOptions) -> Result<Vec<CowFileReport>, ToCowError> {
         partition::check_destinations(p, new_blocks)?;
     }
     let settings = writer_settings(payload.manifest.dynamic_partition_metadata.as_ref(), opts)?;
-    fs::create_dir_all(&opts.output_dir).map_err(|source| ToCowError::Io {
-        path: opts.output_dir.clone(),
-        what: "cannot create the output directory",
-        source,
-    })?;
+    fs::create_dir_all(&opts.output_dir).map_err(FileError::on(
+        &opts.output_dir,
+        "cannot create the output directory",
+    ))?;
     parts
         .into_iter()
         .map(|p| partition_to_cow(&payload, p, opts, settings))
@@ -381,11 +373,7 @@ impl BlockEmitter<'_> {
         })?;
         let mut base = vec![0u8; new.len()];
         old.read_at(&mut base, src_offset)
-            .map_err(|source| ToCowError::Io {
-                path: old.path().to_path_buf(),
-                what: "cannot read the old image",
-                source,
-            })?;
+            .map_err(FileError::on(old.path(), "cannot read the old image"))?;
         for (b, n) in base.iter_mut().zip(new) {
             *b ^= n;
         }
@@ -408,11 +396,7 @@ fn partition_to_cow(
         Some(o) => Some(o),
         None if !p.merge_operations.is_empty() => {
             let path = opts.source_dir.join(format!("{}.img", p.partition_name));
-            Some(OldImage::open(&path).map_err(|source| ToCowError::Io {
-                path,
-                what: "cannot open the old image",
-                source,
-            })?)
+            Some(OldImage::open(&path).map_err(FileError::on(&path, "cannot open the old image"))?)
         }
         None => None,
     };
@@ -425,10 +409,7 @@ fn partition_to_cow(
     let tmp_path = opts
         .output_dir
         .join(format!(".{}.cow.partial", p.partition_name));
-    let io = |path: &PathBuf, what: &'static str| {
-        let path = path.clone();
-        move |source| ToCowError::Io { path, what, source }
-    };
+    let io = FileError::on;
     let file = File::create(&tmp_path).map_err(io(&tmp_path, "cannot create the COW"))?;
     // A scratch image of the new partition, kept only to compute verity.
     let verity_image = if verity_regions::has_verity(p) {
@@ -685,11 +666,7 @@ fn emit_extent(
                         })?;
                         let mut buf = vec![0u8; bs];
                         old.read_at(&mut buf, old_block * bs as u64)
-                            .map_err(|source| ToCowError::Io {
-                                path: old.path().to_path_buf(),
-                                what: "cannot read the old image",
-                                source,
-                            })?;
+                            .map_err(FileError::on(old.path(), "cannot read the old image"))?;
                         if buf != chunk {
                             return Err(ToCowError::CopyMismatch {
                                 op: id.clone(),

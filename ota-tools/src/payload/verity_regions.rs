@@ -92,6 +92,40 @@ fn check(
     }
 }
 
+fn size_mismatch(
+    p: &PartitionUpdate,
+    what: &'static str,
+    actual: u64,
+    expected: u64,
+) -> VerityRegionError {
+    VerityRegionError::SizeMismatch {
+        partition: p.partition_name.clone(),
+        what,
+        actual,
+        expected,
+    }
+}
+
+/// The region `what` of `p` at `start_block`: its computed bytes `data`,
+/// zero-padded to the `extent_bytes` its extent holds (never more).
+fn padded_region(
+    p: &PartitionUpdate,
+    what: &'static str,
+    start_block: u64,
+    mut data: Vec<u8>,
+    extent_bytes: u64,
+) -> Result<Region, VerityRegionError> {
+    if data.len() as u64 > extent_bytes {
+        return Err(size_mismatch(p, what, data.len() as u64, extent_bytes));
+    }
+    data.resize(extent_bytes as usize, 0);
+    Ok(Region {
+        what,
+        start_block,
+        data,
+    })
+}
+
 /// Whether the partition update asks for verity regions.
 pub fn has_verity(p: &PartitionUpdate) -> bool {
     p.hash_tree_extent.is_some_and(|e| !e.is_empty()) || p.fec_extent.is_some_and(|e| !e.is_empty())
@@ -138,31 +172,13 @@ pub fn compute(
                 .div_ceil(bs)
                 * bs;
             if want != tl * bs {
-                return Err(VerityRegionError::SizeMismatch {
-                    partition: p.partition_name.clone(),
-                    what: "hash tree",
-                    actual: want,
-                    expected: tl * bs,
-                });
+                return Err(size_mismatch(p, "hash tree", want, tl * bs));
             }
-            let mut tree = ImageRegion::new(image, ds * bs, dl * bs)
+            let tree = ImageRegion::new(image, ds * bs, dl * bs)
                 .and_then(|region| hash_tree_of(&region, block_size, algorithm, salt))
                 .map_err(compute_err("hash tree"))?
                 .tree;
-            if tree.len() as u64 > tl * bs {
-                return Err(VerityRegionError::SizeMismatch {
-                    partition: p.partition_name.clone(),
-                    what: "hash tree",
-                    actual: tree.len() as u64,
-                    expected: tl * bs,
-                });
-            }
-            tree.resize((tl * bs) as usize, 0);
-            let r = Region {
-                what: "hash tree",
-                start_block: ts,
-                data: tree,
-            };
+            let r = padded_region(p, "hash tree", ts, tree, tl * bs)?;
             write_back(&r).map_err(io("hash tree"))?;
             regions.push(r);
         }
@@ -174,30 +190,12 @@ pub fn compute(
             let roots = p.fec_roots.unwrap_or(2);
             let want = fec_size(dl * bs, roots, block_size).map_err(compute_err("FEC"))?;
             if want != fl * bs {
-                return Err(VerityRegionError::SizeMismatch {
-                    partition: p.partition_name.clone(),
-                    what: "FEC",
-                    actual: want,
-                    expected: fl * bs,
-                });
+                return Err(size_mismatch(p, "FEC", want, fl * bs));
             }
-            let mut parity = ImageRegion::new(image, ds * bs, dl * bs)
+            let parity = ImageRegion::new(image, ds * bs, dl * bs)
                 .and_then(|region| fec_of(&region, roots, block_size))
                 .map_err(compute_err("FEC"))?;
-            if parity.len() as u64 > fl * bs {
-                return Err(VerityRegionError::SizeMismatch {
-                    partition: p.partition_name.clone(),
-                    what: "FEC",
-                    actual: parity.len() as u64,
-                    expected: fl * bs,
-                });
-            }
-            parity.resize((fl * bs) as usize, 0);
-            let r = Region {
-                what: "FEC",
-                start_block: fs,
-                data: parity,
-            };
+            let r = padded_region(p, "FEC", fs, parity, fl * bs)?;
             write_back(&r).map_err(io("FEC"))?;
             regions.push(r);
         }

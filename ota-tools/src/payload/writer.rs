@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 use tempfile::NamedTempFile;
 
+use super::file_error::FileError;
 use super::proto::DeltaArchiveManifest;
 use super::reader::{PAYLOAD_MAGIC, SUPPORTED_MAJOR_VERSION};
 
@@ -17,16 +18,8 @@ use super::reader::{PAYLOAD_MAGIC, SUPPORTED_MAJOR_VERSION};
 #[derive(Debug, thiserror::Error)]
 pub enum PayloadWriteError {
     /// A file operation failed.
-    #[error("{path}: {what}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// What was being done.
-        what: &'static str,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
 }
 
 /// Collects blobs, then writes the payload.
@@ -44,11 +37,8 @@ impl PayloadWriter {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        let data = NamedTempFile::new_in(dir).map_err(|source| PayloadWriteError::Io {
-            path: dir.to_path_buf(),
-            what: "cannot create a temporary blob file",
-            source,
-        })?;
+        let data = NamedTempFile::new_in(dir)
+            .map_err(FileError::on(dir, "cannot create a temporary blob file"))?;
         Ok(Self {
             output: output.to_path_buf(),
             data,
@@ -62,11 +52,7 @@ impl PayloadWriter {
         self.data
             .as_file_mut()
             .write_all(blob)
-            .map_err(|source| PayloadWriteError::Io {
-                path: self.data.path().to_path_buf(),
-                what: "cannot write a blob",
-                source,
-            })?;
+            .map_err(FileError::on(self.data.path(), "cannot write a blob"))?;
         self.data_len += blob.len() as u64;
         Ok((offset, blob.len() as u64))
     }
@@ -78,10 +64,7 @@ impl PayloadWriter {
 
     /// Write the payload with `manifest` (unsigned) and return its size.
     pub fn finish(mut self, manifest: &DeltaArchiveManifest) -> Result<u64, PayloadWriteError> {
-        let io = |path: &Path, what: &'static str| {
-            let path = path.to_path_buf();
-            move |source| PayloadWriteError::Io { path, what, source }
-        };
+        let io = FileError::on;
         let manifest_bytes = manifest.encode_to_vec();
         let dir = self
             .output
@@ -112,12 +95,9 @@ impl PayloadWriter {
             .metadata()
             .map_err(io(&self.output, "cannot stat the payload"))?
             .len();
-        out.persist(&self.output)
-            .map_err(|e| PayloadWriteError::Io {
-                path: self.output.clone(),
-                what: "cannot rename the finished payload",
-                source: e.error,
-            })?;
+        out.persist(&self.output).map_err(|e| {
+            FileError::on(&self.output, "cannot rename the finished payload")(e.error)
+        })?;
         Ok(size)
     }
 }
