@@ -13,11 +13,9 @@
 mod create_common;
 
 use std::fs::{self, File};
-use std::path::Path;
 
-use cow_format::reader::{MergeOrderOptions, OtherOpsOrder};
 use cow_format::{Compression, CowReader, CowVersion, OpKind};
-use create_common::{texty_blocks, Rng, BS};
+use create_common::{merge_in_place, texty_blocks, Rng, BS};
 use ota_tools::apply::{apply, ApplyOptions};
 use ota_tools::create::command::{create_cow, CreateOptions};
 use ota_tools::verify::verify;
@@ -118,43 +116,6 @@ fn library(rng: &mut Rng, blocks: usize) -> (Vec<u8>, Vec<u8>) {
     old.resize(blocks * BS, 0xCC);
     new.resize(blocks * BS, 0xCC);
     (old, new)
-}
-
-/// Merges `cow` in place over `source` (grown with junk to the target size) in snapuserd's
-/// merge order, each op reading the partly merged device.
-fn merge_in_place(source: &[u8], target_len: usize, cow: &Path) -> Vec<u8> {
-    let reader = CowReader::open(File::open(cow).unwrap()).unwrap();
-    let mut dev = source.to_vec();
-    if dev.len() < target_len {
-        dev.resize(target_len, 0xA5);
-    }
-    let order = reader.merge_order(MergeOrderOptions {
-        other_ops: OtherOpsOrder::Ascending,
-        skip_merged: false,
-    });
-    for op in order {
-        let start = op.new_block as usize * BS;
-        let len = op.num_blocks as usize * BS;
-        let mut out = vec![0u8; len];
-        match op.kind {
-            OpKind::Zero => {}
-            OpKind::Copy => {
-                let s = op.source as usize * BS;
-                out.copy_from_slice(&dev[s..s + BS]);
-            }
-            OpKind::Replace => reader.read_op_data(op, &mut out).unwrap(),
-            OpKind::Xor => {
-                reader.read_op_data(op, &mut out).unwrap();
-                let s = op.source as usize;
-                for (o, d) in out.iter_mut().zip(&dev[s..s + BS]) {
-                    *o ^= d;
-                }
-            }
-        }
-        dev[start..start + len].copy_from_slice(&out);
-    }
-    dev.truncate(target_len);
-    dev
 }
 
 /// Two pairs: the library moved past the end of the source with other data copied over

@@ -8,8 +8,8 @@ use std::fs::{self, File, OpenOptions};
 use std::path::Path;
 
 use cow_format::merge_state::MergeState;
-use cow_format::{CowReader, CowVersion, CowWriter, MergeMode, OpKind, WriterOptions};
-use create_common::{copy_block, texty_blocks, Rng, BS};
+use cow_format::{CowReader, CowVersion, CowWriter, MergeMode, WriterOptions};
+use create_common::{copy_block, merge_prefix, texty_blocks, Rng};
 use ota_tools::apply::{apply_with_mode, ApplyOptions};
 use ota_tools::create::command::{create_cow, CreateOptions};
 use ota_tools::create::merge_check::MergeCheckError;
@@ -162,32 +162,6 @@ fn verify_checks_the_safety_rule_in_the_chosen_mode() {
     );
 }
 
-/// Merges the first `count` entries of `mode`'s order into `dev`, as a device would.
-fn merge_prefix(cow: &Path, dev: &mut [u8], mode: MergeMode, count: usize) {
-    let reader = CowReader::open(File::open(cow).unwrap()).unwrap();
-    for op in reader.merge_order(mode.order_options(false)).take(count) {
-        let start = op.new_block as usize * BS;
-        let len = op.num_blocks as usize * BS;
-        let mut out = vec![0u8; len];
-        match op.kind {
-            OpKind::Zero => {}
-            OpKind::Copy => {
-                let s = op.source as usize * BS;
-                out.copy_from_slice(&dev[s..s + len]);
-            }
-            OpKind::Replace => reader.read_op_data(op, &mut out).unwrap(),
-            OpKind::Xor => {
-                reader.read_op_data(op, &mut out).unwrap();
-                let s = op.source as usize;
-                for (o, x) in out.iter_mut().zip(&dev[s..s + len]) {
-                    *o ^= x;
-                }
-            }
-        }
-        dev[start..start + len].copy_from_slice(&out);
-    }
-}
-
 /// In-place apply of `cow` in `mode` over `dev`, after recording `merged` in the COW.
 fn apply_in_place(d: &Path, cow: &Path, dev: &[u8], merged: u64, mode: MergeMode) -> Vec<u8> {
     let cow_copy = d.join("resume.cow");
@@ -241,7 +215,7 @@ fn apply_in_each_mode_merges_and_resumes_in_that_order() {
             // the shifted run) and inside the REPLACE part (where the modes differ).
             for k in [ordered / 2, ordered + 1] {
                 let mut dev = s.clone();
-                merge_prefix(&cow, &mut dev, mode, k);
+                merge_prefix(&cow, &mut dev, mode, Some(k));
                 let out = apply_in_place(d, &cow, &dev, k as u64, mode);
                 assert_eq!(out, t, "{version:?} {mode} resumed after {k}");
             }
@@ -252,7 +226,7 @@ fn apply_in_each_mode_merges_and_resumes_in_that_order() {
                 MergeMode::User
             };
             let mut dev = s.clone();
-            merge_prefix(&cow, &mut dev, mode, ordered + 1);
+            merge_prefix(&cow, &mut dev, mode, Some(ordered + 1));
             let out = apply_in_place(d, &cow, &dev, ordered as u64 + 1, other);
             assert_ne!(out, t, "{version:?}: resuming {mode} progress as {other}");
         }

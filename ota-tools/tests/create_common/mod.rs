@@ -167,3 +167,49 @@ pub fn pairs() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
     }
     out
 }
+
+/// Merges the first `count` entries (all of them with `None`) of `mode`'s merge order of
+/// `cow` into `dev`, as a device does: each op reads the partly merged device.
+pub fn merge_prefix(
+    cow: &std::path::Path,
+    dev: &mut [u8],
+    mode: cow_format::MergeMode,
+    count: Option<usize>,
+) {
+    use cow_format::OpKind;
+    let reader = cow_format::CowReader::open(std::fs::File::open(cow).unwrap()).unwrap();
+    let order = reader.merge_order(mode.order_options(false));
+    for op in order.take(count.unwrap_or(usize::MAX)) {
+        let start = op.new_block as usize * BS;
+        let len = op.num_blocks as usize * BS;
+        let mut out = vec![0u8; len];
+        match op.kind {
+            OpKind::Zero => {}
+            OpKind::Copy => {
+                let s = op.source as usize * BS;
+                out.copy_from_slice(&dev[s..s + len]);
+            }
+            OpKind::Replace => reader.read_op_data(op, &mut out).unwrap(),
+            OpKind::Xor => {
+                reader.read_op_data(op, &mut out).unwrap();
+                let s = op.source as usize;
+                for (o, x) in out.iter_mut().zip(&dev[s..s + len]) {
+                    *o ^= x;
+                }
+            }
+        }
+        dev[start..start + len].copy_from_slice(&out);
+    }
+}
+
+/// Merges `cow` in place, in the user-space merge order, over `source` (grown with junk to
+/// the target size), and returns the device cut to `target_len`.
+pub fn merge_in_place(source: &[u8], target_len: usize, cow: &std::path::Path) -> Vec<u8> {
+    let mut dev = source.to_vec();
+    if dev.len() < target_len {
+        dev.resize(target_len, 0xA5);
+    }
+    merge_prefix(cow, &mut dev, cow_format::MergeMode::User, None);
+    dev.truncate(target_len);
+    dev
+}
