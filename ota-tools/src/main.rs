@@ -1,6 +1,7 @@
 //! `ota-tools`: command-line front end. Parsing and dispatch only; the work
 //! is done in the `ota_tools` library modules.
 
+use cow_format::error_chain::ErrorChain;
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -274,19 +275,6 @@ fn print_stdout(text: &str) -> io::Result<()> {
     }
 }
 
-/// `error` and each of its causes, separated by `: ` (every message names only its own
-/// context, so each cause is printed once).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
@@ -298,7 +286,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ota-tools: error: {}", error_chain(e.as_ref()));
+            eprintln!("ota-tools: error: {}", ErrorChain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -18,7 +18,7 @@
 pub mod cow_backend;
 pub mod daemon;
 pub mod dm_user;
-pub mod error_chain;
+pub use cow_format::error_chain;
 #[cfg(feature = "fuzz-harness")]
 pub mod fuzz_harness;
 pub mod log_limit;

@@ -664,14 +664,7 @@ fn resume_from_a_cow_with_progress_in_its_header() {
 
 /// An error's message followed by its causes' (each error prints its own context only).
 fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
-    while let Some(e) = cause {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        cause = e.source();
-    }
-    text
+    crate::error_chain::ErrorChain(err).to_string()
 }
 
 #[test]

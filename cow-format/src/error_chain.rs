@@ -1,6 +1,6 @@
 //! Printing an error with its causes.
 //!
-//! Every error of this crate names only its own context in its message and returns what
+//! Every error of these crates names only its own context in its message and returns what
 //! caused it as its `source`, so a message never repeats its cause; logs and the command
 //! line print the whole chain through [`ErrorChain`], each cause once.
 
