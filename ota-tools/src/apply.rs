@@ -22,7 +22,9 @@
 //!   separate-output result; comparing the two therefore checks the merge
 //!   order.
 //!
-//! Both modes ignore `num_merge_ops`: the source image is taken as unmerged.
+//! A separate output ignores `num_merge_ops` (the source image is taken as
+//! unmerged); an in-place merge resumes after that many entries of the merge
+//! mode's order, and refuses a count past the end of that order.
 //! A block written by several ops gets the first op in file order, as AOSP's
 //! merge does.
 
@@ -47,6 +49,16 @@ const CHUNK_BYTES: u64 = 4 << 20;
 /// byte offset.
 #[derive(Debug, Error)]
 pub enum ApplyError {
+    /// The COW's `num_merge_ops` counts more entries than its merge order has.
+    #[error("COW file {}: num_merge_ops {num_merge_ops} is past the end of its merge order ({total} entries); the COW is corrupt", path.display())]
+    MergedPastEnd {
+        /// The COW file.
+        path: PathBuf,
+        /// The COW's `num_merge_ops`.
+        num_merge_ops: u64,
+        /// Entries in the merge order.
+        total: usize,
+    },
     /// A file cannot be opened or examined.
     #[error("{role} {}", path.display())]
     Open {
@@ -640,6 +652,17 @@ impl Ctx<'_> {
         // In place, the output is the device being merged: the first `num_merge_ops`
         // entries of this mode's order are already on it, so resume after them.
         let mut order = self.reader.merge_order(self.merge_mode.order_options(true));
+        let total = self
+            .reader
+            .merge_order(self.merge_mode.order_options(false))
+            .len();
+        if usize::try_from(self.reader.num_merge_ops()).map_or(true, |n| n > total) {
+            return Err(ApplyError::MergedPastEnd {
+                path: self.cow_path.to_path_buf(),
+                num_merge_ops: self.reader.num_merge_ops(),
+                total,
+            });
+        }
         let progress = if show_progress {
             Progress::items("merge", order.len() as u64)
         } else {

@@ -10,7 +10,7 @@ use std::path::Path;
 use cow_format::merge_state::MergeState;
 use cow_format::{CowReader, CowVersion, CowWriter, MergeMode, WriterOptions};
 use create_common::{copy_block, merge_prefix, texty_blocks, Rng};
-use ota_tools::apply::{apply_with_mode, ApplyOptions};
+use ota_tools::apply::{apply_with_mode, ApplyError, ApplyOptions};
 use ota_tools::create::command::{create_cow, CreateOptions};
 use ota_tools::create::merge_check::MergeCheckError;
 use ota_tools::inspect;
@@ -231,6 +231,52 @@ fn apply_in_each_mode_merges_and_resumes_in_that_order() {
             assert_ne!(out, t, "{version:?}: resuming {mode} progress as {other}");
         }
     }
+}
+
+#[test]
+fn in_place_apply_refuses_progress_past_the_end_and_leaves_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (s, _) = fixture(d);
+    let cow = create(d, CowVersion::V3, MergeMode::User);
+    let total = CowReader::open(File::open(&cow).unwrap())
+        .unwrap()
+        .merge_order(MergeMode::User.order_options(false))
+        .len();
+    let bad = d.join("past_end.cow");
+    fs::copy(&cow, &bad).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&bad)
+        .unwrap();
+    MergeState::open(f)
+        .unwrap()
+        .commit_merged(total as u64 + 1)
+        .unwrap();
+    let img = d.join("dev_past_end.img");
+    fs::write(&img, &s).unwrap();
+    let err = apply_with_mode(
+        &ApplyOptions {
+            source: img.clone(),
+            cow: bad,
+            output: img.clone(),
+            size: None,
+            progress: false,
+            threads: 2,
+        },
+        MergeMode::User,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, ApplyError::MergedPastEnd { num_merge_ops, total: t, .. } if num_merge_ops == total as u64 + 1 && t == total),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read(&img).unwrap(),
+        s,
+        "a refused merge wrote to the image"
+    );
 }
 
 #[test]
