@@ -1081,7 +1081,8 @@ impl ScratchLayout {
 
     /// Most metadata entries that fit without touching the data area.
     pub fn max_entries(&self) -> u64 {
-        (self.data_offset - self.metadata_offset) / SCRATCH_METADATA_SIZE as u64
+        // A region under one block has no metadata area: the list starts past its end.
+        self.data_offset.saturating_sub(self.metadata_offset) / SCRATCH_METADATA_SIZE as u64
     }
 
     /// Blocks of `block_size` bytes one read-ahead window holds: limited by the data area
@@ -1331,6 +1332,13 @@ mod tests {
         assert_eq!(l.slot_offset(509, 4096), Some(l.end - 4096));
         assert_eq!(l.slot_offset(510, 4096), None);
         assert!(ScratchLayout::new(38, 0).is_none());
+        // A region smaller than one block has room for no window (and no metadata list).
+        for tiny in [1, 16, 4095] {
+            let t = ScratchLayout::new(38, tiny).unwrap();
+            assert_eq!(t.max_entries(), 0, "buffer_size {tiny}");
+            assert_eq!(t.window_capacity(4096), 0, "buffer_size {tiny}");
+            assert_eq!(t.slot_offset(0, 4096), None, "buffer_size {tiny}");
+        }
         assert_eq!(BufferState::from_u8(2), Some(BufferState::Done));
         assert_eq!(BufferState::from_u8(3), None);
     }
