@@ -336,7 +336,7 @@ fn recover_and_finish(files: &Files, case: &Case, what: &str) {
 fn crash_at(files: &Files, case: &Case, k: u64, lose: bool) -> bool {
     let clock = CrashClock::after(k);
     let snap = files.open_crashing(&clock);
-    let (io, unsynced) = VolatileDiskIo::new(files, &clock);
+    let (io, unsynced) = VolatileDiskIo::boxed(files, &clock);
     let result = snap.merge(io, &MergeControl::new());
     if result.is_ok() {
         assert!(files.base_image() == case.target);
@@ -420,7 +420,7 @@ fn resume_after_restarts_at_many_points() {
         let clock = CrashClock::after(budget);
         let snap = files.open_crashing(&clock);
         assert_reads_target(&snap, &case.target, "restart");
-        let (io, unsynced) = VolatileDiskIo::new(&files, &clock);
+        let (io, unsynced) = VolatileDiskIo::boxed(&files, &clock);
         let result = snap.merge(io, &MergeControl::new());
         drop(snap);
         if result.is_ok() {
@@ -450,7 +450,7 @@ fn cffa413de_reads_of_a_resumed_window_come_from_scratch() {
     // Steps: read sources, stage, mark Done, write base, ... — crash at the sync.
     let clock = CrashClock::after(4);
     let snap = files.open_crashing(&clock);
-    let (io, _unsynced) = VolatileDiskIo::new(&files, &clock);
+    let (io, _unsynced) = VolatileDiskIo::boxed(&files, &clock);
     assert!(snap.merge(io, &MergeControl::new()).is_err());
     drop(snap);
     let durable = files.durable();
@@ -742,9 +742,7 @@ fn cows_from_ota_tools_create_merge_right() {
                 read_all(&snap, 1 << 20) == target,
                 "{version:?} {algo:?} read"
             );
-            let control = MergeControl::new();
             merge_while_reading(&snap, snap.sync_io().unwrap(), &target);
-            drop(control);
             assert!(
                 fs::read(&base).unwrap() == target,
                 "{version:?} {algo:?} merged"
