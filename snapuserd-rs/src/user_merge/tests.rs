@@ -752,44 +752,6 @@ fn cows_from_ota_tools_create_merge_right() {
 }
 
 #[test]
-fn aosp_written_cows_merge_right() {
-    // AOSP's golden v2 file, if the checkout has it (tools/testdata/cow_v2).
-    let candidates = [
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../cow-format/tests/data/cow_v2"
-        ),
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/cow_v2"),
-    ];
-    let Some(path) = candidates.iter().find(|p| std::path::Path::new(p).exists()) else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let cow = dir.path().join("cow");
-    fs::copy(path, &cow).unwrap();
-    let r = cow_format::CowReader::open(fs::File::open(&cow).unwrap()).unwrap();
-    let blocks = r
-        .ops()
-        .iter()
-        .map(|o| o.new_block + o.num_blocks)
-        .max()
-        .unwrap_or(1);
-    let source: Vec<u8> = (0..blocks as usize * 4096)
-        .map(|i| (i % 251) as u8)
-        .collect();
-    let mut target = vec![0u8; source.len()];
-    for (b, out) in target.chunks_mut(4096).enumerate() {
-        r.read_block(b as u64, &source, out).unwrap();
-    }
-    let base = dir.path().join("base");
-    fs::write(&base, &source).unwrap();
-    let Ok(snap) = UserSnapshot::open(&cow, &base, &base, &Default::default()) else {
-        return;
-    };
-    assert!(read_all(&snap, 4096) == target);
-}
-
-#[test]
 fn block_map_of_a_4_gib_partition_costs_well_under_1_mib() {
     let mut case = Case::new(16, 3);
     case.replace(1, 1, 1);
