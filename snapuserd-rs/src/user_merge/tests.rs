@@ -784,3 +784,72 @@ fn block_map_of_a_4_gib_partition_costs_well_under_1_mib() {
     assert_eq!(map.entry((1 << 20) - 1), None);
     assert_eq!(map.entry(1 << 21), None);
 }
+
+#[test]
+fn ota_tools_apply_in_place_resumes_where_this_merge_left_off() {
+    // `num_merge_ops` must mean the same entries here and in `ota-tools apply
+    // --merge-mode user`: interrupt this merge, finish it with apply in place.
+    use ota_tools::apply::{apply_with_mode, ApplyOptions};
+    // Unsynced writes are lost at each crash, so the base holds exactly the committed
+    // prefix, which is all apply in place assumes.
+    let mut case = Case::new(800, 101);
+    for b in 0..40 {
+        case.copy(b, b + 1);
+    }
+    for b in (50..90).rev() {
+        case.copy(b, b - 1);
+    }
+    // 600 REPLACE/ZERO blocks in runs with gaps: several 1 MiB batches.
+    for run in 0..20 {
+        let at = 150 + run * 32;
+        if run % 3 == 0 {
+            case.zero(at, 30);
+        } else {
+            case.replace(at, 30, run);
+        }
+    }
+    let template = Files::create(
+        &case,
+        writer_opts(CowVersion::V3, CompressionAlgorithm::Lz4, true),
+        false,
+    );
+    let pristine_cow = fs::read(&template.cow).unwrap();
+    let (ordered, total) = {
+        let r = cow_format::CowReader::open(fs::File::open(&template.cow).unwrap()).unwrap();
+        (r.num_ordered_ops(), r.num_total_data_ops())
+    };
+    let mut seen_replace_part = false;
+    for k in 0.. {
+        fs::write(&template.cow, &pristine_cow).unwrap();
+        fs::write(&template.base, &case.source).unwrap();
+        if !crash_at(&template, &case, k, true) {
+            break;
+        }
+        let durable = template.durable();
+        // apply does not read scratch: a window saved (Done) and partly written is for a
+        // scratch-aware merge to finish, so only committed positions are handed over.
+        if durable.state == cow_format::layout::BufferState::Done {
+            continue;
+        }
+        let merged = durable.num_merge_ops;
+        seen_replace_part |= merged > ordered && merged < total;
+        let opts = ApplyOptions {
+            source: template.base.clone(),
+            cow: template.cow.clone(),
+            output: template.base.clone(),
+            size: None,
+            progress: false,
+            threads: 1,
+        };
+        apply_with_mode(&opts, cow_format::MergeMode::User).unwrap();
+        assert!(
+            template.base_image() == case.target,
+            "crash at step {k} (num_merge_ops {merged}): apply in place differs at block {:?}",
+            first_diff(&template.base_image(), &case.target)
+        );
+    }
+    assert!(
+        seen_replace_part,
+        "no crash point inside the REPLACE/ZERO part"
+    );
+}
