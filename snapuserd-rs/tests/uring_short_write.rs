@@ -55,11 +55,9 @@ fn a_short_write_is_resubmitted_at_its_remainder_and_its_failure_reported_there(
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
     };
-    // SAFETY: as above.
-    assert_eq!(
-        unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &unlimited) },
-        0
-    );
+    // SAFETY: `unlimited` is a valid rlimit for the call.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &unlimited) };
+    assert_eq!(rc, 0);
 
     let error = result.expect_err("the bytes past the limit cannot be written");
     let inner = error
