@@ -22,3 +22,8 @@ pub mod sockets;
 pub mod transport;
 pub mod update_verify;
 pub mod user_target;
+
+#[cfg(test)]
+mod test_support;
+#[cfg(test)]
+mod user_registry_tests;
