@@ -9,6 +9,7 @@
 //! * [`handoff`] — the second-stage socket handoff (proxy and receiving side);
 //! * [`sockets`] — checks on socket fds handed to the daemon;
 //! * [`user_target`] — what the registry needs of a user-space-merge snapshot;
+//! * [`user_snapshots`] — that, on real files ([`crate::user_merge::UserSnapshot`]);
 //! * [`merge_monitor`] — the FIFO of requested merges and the merge threads;
 //! * [`update_verify`] — reading the whole snapshot device once after the handoff.
 
@@ -21,6 +22,7 @@ pub mod merge_monitor;
 pub mod sockets;
 pub mod transport;
 pub mod update_verify;
+pub mod user_snapshots;
 pub mod user_target;
 
 #[cfg(test)]

@@ -160,7 +160,7 @@ impl UserMergeTarget for FakeUserTarget {
         }
     }
 
-    fn read(&self, _: u64, out: &mut [u8]) -> Result<(), TargetError> {
+    fn read(&self, _: u64, out: &mut [u8]) -> Result<(), super::handlers::BackendError> {
         out.fill(0);
         Ok(())
     }

@@ -238,7 +238,7 @@ pub fn read_through_target(
             .map_err(|e| TargetError::VerifyRead {
                 block: sector / 8,
                 blocks,
-                source: Box::new(e),
+                source: e,
             })?;
         sector = sector.saturating_add(n);
     }

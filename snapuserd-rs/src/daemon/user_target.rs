@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::handlers::TargetError;
+use super::handlers::{BackendError, TargetError};
 use super::transport::RequestHandler;
 
 /// Merge progress as the COW records it.
@@ -76,7 +76,7 @@ pub trait UserMergeTarget: RequestHandler {
     /// synchronous engine when the ring cannot be built), or the synchronous engine.
     fn prepare_merge(self: Arc<Self>, io_uring: bool) -> PreparedMerge;
     /// Read `out.len()` bytes (a multiple of 512) at `sector` through the serving read path.
-    fn read(&self, sector: u64, out: &mut [u8]) -> Result<(), TargetError>;
+    fn read(&self, sector: u64, out: &mut [u8]) -> Result<(), BackendError>;
 }
 
 /// Opens user-space-merge snapshots from their COW, source and base paths.
