@@ -86,8 +86,8 @@ pub enum TargetError {
         /// Blocks in the device.
         blocks: u64,
     },
-    /// The device to verify could not be opened or sized.
-    #[error("verification: opening {device}")]
+    /// The device to verify could not be opened, sized or read.
+    #[error("verification of {device}")]
     VerifyDevice {
         /// The device.
         device: PathBuf,
