@@ -333,3 +333,35 @@ fn field_counts_choose_the_mode_and_mismatches_fail() {
     );
     d.stop();
 }
+
+#[test]
+fn a_daemon_that_opened_the_cow_before_another_merged_it_serves_the_merged_state() {
+    // In place: the source is the base device itself, so a stale view would read the
+    // moved blocks from places the merge already overwrote.
+    let first = Daemon::start(2, true, UserSnapshotOptions::default());
+    let second = Daemon::start(2, true, UserSnapshotOptions::default());
+    let u = first.update("sys", 256);
+    let init = format!(
+        "init,sys,{},{},{}",
+        u.cow.display(),
+        u.base.display(),
+        u.base.display()
+    );
+    let mut c1 = first.connect();
+    let mut c2 = second.connect();
+    assert!(ask(&mut c1, &init).starts_with("success,"));
+    // The second daemon opens the COW now, before any merge.
+    assert!(ask(&mut c2, &init).starts_with("success,"));
+    assert_eq!(ask(&mut c1, "start,sys"), "success");
+    let (_, _k1) = first.kernels.recv().unwrap();
+    assert_eq!(ask(&mut c1, "initiate_merge,sys"), "success");
+    assert_eq!(wait_merge_end(&mut c1, "sys"), "snapshot-merge-complete");
+    assert_eq!(std::fs::read(&u.base).unwrap(), u.target);
+    // The table moves to the second daemon: its first request takes the merge over.
+    assert_eq!(ask(&mut c2, "start,sys"), "success");
+    let (_, mut k2) = second.kernels.recv().unwrap();
+    assert_eq!(read_device(&mut k2, u.target.len()), u.target);
+    assert_eq!(ask(&mut c2, "getstatus,sys"), "snapshot-merge-complete");
+    first.stop();
+    second.stop();
+}

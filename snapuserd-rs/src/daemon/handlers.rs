@@ -861,6 +861,21 @@ impl HandlerRegistry {
         })
     }
 
+    /// `detach`: ask every user-space merge to stop at its next safe point, without waiting
+    /// (as AOSP's detach terminates the merge threads; the workers keep serving until their
+    /// devices go).
+    pub fn request_stop_merges(&self) {
+        let merges: Vec<Arc<UserMerge>> = self
+            .state()
+            .handlers
+            .values()
+            .filter_map(|h| h.user.clone())
+            .collect();
+        for m in &merges {
+            self.merges.request_stop(m);
+        }
+    }
+
     /// Merges running now (user-space-merge handlers).
     pub fn merges_running(&self) -> u32 {
         self.merges.active()

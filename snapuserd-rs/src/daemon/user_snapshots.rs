@@ -8,9 +8,10 @@
 //! redone synchronously).
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 
 use crate::dm_user::{Request, ResponseCode};
+use crate::error_chain::ErrorChain;
 use crate::uring::{uring_or_fallback, UringOptions};
 use crate::user_merge::{
     MergeControl, MergeIo, MergeOutcome, MergePhase, UserSnapshot, UserSnapshotOptions,
@@ -35,14 +36,35 @@ impl MergeSwitch for MergeControl {
 }
 
 /// A [`UserSnapshot`] served by the registry.
+///
+/// Handoff: the daemon may open a COW while another daemon (the first stage's) still serves
+/// it. Before the first request is answered, the snapshot's view is reloaded from the COW's
+/// durable progress, and the merge reloads it again when it starts.
 pub struct ServedUserSnapshot {
     snapshot: UserSnapshot,
+    first_request: Once,
 }
 
 impl ServedUserSnapshot {
     /// Serve `snapshot`.
     pub fn new(snapshot: UserSnapshot) -> Self {
-        Self { snapshot }
+        Self {
+            snapshot,
+            first_request: Once::new(),
+        }
+    }
+
+    /// Reload the view from the COW once, before the first request (the others wait).
+    fn follow_handoff(&self) {
+        self.first_request.call_once(|| {
+            if let Err(e) = self.snapshot.follow_durable_progress() {
+                log::error!(
+                    "re-reading the merge progress at the first request: {chain}; serving \
+                     with the progress read at init (check the COW device)",
+                    chain = ErrorChain(&e)
+                );
+            }
+        });
     }
 
     /// The snapshot.
@@ -67,6 +89,7 @@ impl ServedUserSnapshot {
 
 impl RequestHandler for ServedUserSnapshot {
     fn handle(&self, req: &Request, write_payload: &[u8], read_out: &mut Vec<u8>) -> ResponseCode {
+        self.follow_handoff();
         self.snapshot.handle(req, write_payload, read_out)
     }
 }
