@@ -718,12 +718,16 @@ impl HandlerRegistry {
                 return Reply::Fail;
             };
             h.merge_requested = true;
+            let serving = match &h.lifecycle {
+                Lifecycle::Running(w) => !w.all_finished(),
+                Lifecycle::Idle | Lifecycle::Starting => false,
+            };
             match &h.user {
                 None => return Reply::Success,
-                Some(_) if !matches!(h.lifecycle, Lifecycle::Running(_)) => {
+                Some(_) if !serving => {
                     log::error!(
-                        "initiate_merge {misc}: the handler is not started; send start,{misc} \
-                         first"
+                        "initiate_merge {misc}: the handler is not serving (not started, or its \
+                         device is gone); send start,{misc} first"
                     );
                     h.merge_requested = false;
                     return Reply::Fail;
