@@ -938,10 +938,11 @@ fn user_status(m: &UserMerge) -> MergeStatus {
     let progress = m.progress();
     match m.phase() {
         MergeRunPhase::Failed => MergeStatus::SnapshotMergeFailed,
-        _ if progress.failed => MergeStatus::SnapshotMergeFailed,
         _ if progress.complete => MergeStatus::SnapshotMergeComplete,
         MergeRunPhase::Complete => MergeStatus::SnapshotMergeComplete,
+        // A retry after a failure is merging again, even before its run resets the state.
         MergeRunPhase::Queued | MergeRunPhase::Running => MergeStatus::SnapshotMerge,
+        _ if progress.failed => MergeStatus::SnapshotMergeFailed,
         MergeRunPhase::Idle | MergeRunPhase::Stopped => MergeStatus::Snapshot,
     }
 }
