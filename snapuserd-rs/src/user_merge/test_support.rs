@@ -340,7 +340,7 @@ pub(crate) struct VolatileDiskIo {
 }
 
 impl VolatileDiskIo {
-    pub(crate) fn new(files: &Files, clock: &CrashClock) -> (Box<dyn MergeIo>, Unsynced) {
+    pub(crate) fn boxed(files: &Files, clock: &CrashClock) -> (Box<dyn MergeIo>, Unsynced) {
         let unsynced = Unsynced::default();
         let io = VolatileDiskIo {
             source: File::open(&files.source).unwrap(),
