@@ -7,7 +7,11 @@
 //! One `read()` returns header bytes or payload bytes, never both, and may be
 //! short; [`Channel::receive`] hides that. A response is the 40-byte header
 //! followed (for a successful READ) by the data, sent with a single `writev()`
-//! where possible. Once the target is gone the kernel answers `ENOTBLK`, which
+//! where possible. A large READ answer is spliced instead when the module
+//! accepts `splice()` (target 1.3.0): header and data go through a pipe, the
+//! data vmspliced from the caller's buffer, so the kernel copies it into the
+//! bio with its own `memcpy` rather than a copy from user memory; on a module
+//! that refuses it (ACK's) the channel falls back to `writev()` for good. Once the target is gone the kernel answers `ENOTBLK`, which
 //! surfaces as [`Received::TargetGone`] / [`ChannelError::TargetGone`].
 //!
 //! The constants mirror `kernel/include/uapi/linux/dm-user.h`, the single
@@ -28,6 +32,13 @@ pub const HEADER_SIZE: usize = 40;
 pub const DEV_DIR: &str = "/dev/dm-user";
 /// Default upper bound on a single request payload accepted by [`Channel`].
 pub const DEFAULT_MAX_PAYLOAD: usize = 64 << 20;
+/// Smallest READ answer [`Channel::respond`] splices rather than writes: below it the two
+/// extra system calls (`vmsplice`, `splice`) cost more than the user-memory copy they
+/// replace.
+pub const SPLICE_MIN_PAYLOAD: usize = 64 << 10;
+/// Pipe capacity asked for the splice path: a whole 1 MiB answer and its header in one go
+/// (the kernel may grant less; the answer is then spliced in several pieces).
+const SPLICE_PIPE_BYTES: i32 = 2 << 20;
 
 /// Request type: read `len` bytes at `sector`; data flows back in the response.
 pub const DM_USER_REQ_MAP_READ: u64 = 0;
@@ -407,11 +418,53 @@ pub enum Readiness {
     TimedOut,
 }
 
+/// Whether the channel's file accepts `splice()` into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SpliceSupport {
+    /// Not tried yet.
+    Unknown,
+    /// A splice went through.
+    Works,
+    /// Refused (`EINVAL` before anything was consumed): answers go out with `writev()`.
+    Refused,
+}
+
+/// The pipe a channel splices its answers through; empty between answers.
+#[derive(Debug)]
+struct SplicePipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl SplicePipe {
+    fn new() -> nix::Result<Self> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        // A larger pipe moves a whole answer per splice; the default (64 KiB) still works.
+        if fcntl(&write, FcntlArg::F_SETPIPE_SZ(SPLICE_PIPE_BYTES)).is_err() {
+            let _ = fcntl(&write, FcntlArg::F_SETPIPE_SZ(SPLICE_PIPE_BYTES / 2));
+        }
+        Ok(Self { read, write })
+    }
+}
+
+/// How a spliced answer went.
+enum Spliced {
+    /// Header and data reached the kernel.
+    Sent,
+    /// The file refused `splice()` before taking any byte: write the answer instead.
+    Refused,
+    /// No pipe could be made (e.g. out of file descriptors): write this answer instead.
+    NoPipe,
+}
+
 /// One dm-user channel (one open file description of the misc node).
 #[derive(Debug)]
 pub struct Channel {
     file: File,
     max_payload: usize,
+    splice: SpliceSupport,
+    pipe: Option<SplicePipe>,
 }
 
 impl Channel {
@@ -455,6 +508,8 @@ impl Channel {
         Self {
             file,
             max_payload: DEFAULT_MAX_PAYLOAD,
+            splice: SpliceSupport::Unknown,
+            pipe: None,
         }
     }
 
@@ -579,7 +634,9 @@ impl Channel {
     }
 
     /// Answer `request` with `code`; `data` is the READ payload (empty otherwise).
-    /// Header and data go out in one `writev()` unless the kernel takes a short write.
+    /// A successful READ answer of at least [`SPLICE_MIN_PAYLOAD`] bytes and exactly the
+    /// requested length is spliced when the file accepts it; otherwise header and data go
+    /// out in one `writev()` unless the kernel takes a short write.
     pub fn respond(
         &mut self,
         request: &MessageHeader,
@@ -587,7 +644,111 @@ impl Channel {
         data: &[u8],
     ) -> Result<(), ChannelError> {
         let header = request.response(code).to_bytes();
+        let spliceable = code == DM_USER_RESP_SUCCESS
+            && request.msg_type == DM_USER_REQ_MAP_READ
+            && data.len() >= SPLICE_MIN_PAYLOAD
+            && u64::try_from(data.len()).is_ok_and(|len| len == request.len)
+            && self.splice != SpliceSupport::Refused;
+        if spliceable {
+            match self.splice_parts(request.seq, &header, data)? {
+                Spliced::Sent => return Ok(()),
+                Spliced::Refused => {
+                    log::info!(
+                        "dm-user channel refuses splice() (module older than target 1.3.0): \
+                         answering reads with writev(), one more copy per read"
+                    );
+                    self.splice = SpliceSupport::Refused;
+                }
+                Spliced::NoPipe => {}
+            }
+        }
         self.write_parts(request.seq, &header, data)
+    }
+
+    /// Whether answers are being spliced (a splice into this channel went through).
+    pub fn splices(&self) -> bool {
+        self.splice == SpliceSupport::Works
+    }
+
+    /// Send `header` and `data` through the channel's pipe: the header written into it,
+    /// the data vmspliced (the pipe refers to `data`'s pages, no copy), then spliced into
+    /// the file, which copies them. The pipe is empty again before this returns `Sent`;
+    /// on an error it is dropped with whatever it held, so no page of `data` stays
+    /// referenced once the borrow ends.
+    fn splice_parts(
+        &mut self,
+        seq: u64,
+        header: &[u8],
+        data: &[u8],
+    ) -> Result<Spliced, ChannelError> {
+        use nix::fcntl::{splice, vmsplice, SpliceFFlags};
+        let pipe = match self.pipe.take() {
+            Some(pipe) => pipe,
+            None => match SplicePipe::new() {
+                Ok(pipe) => pipe,
+                Err(e) => {
+                    log::warn!("no pipe for splicing a dm-user answer ({e}); writing it instead");
+                    return Ok(Spliced::NoPipe);
+                }
+            },
+        };
+        let io = |op: &'static str, e: Errno| ChannelError::Io {
+            op,
+            source: e.into(),
+        };
+        // An empty pipe takes the whole header (fewer than PIPE_BUF bytes) at once.
+        match nix::unistd::write(&pipe.write, header) {
+            Ok(n) if n == header.len() => {}
+            Ok(_) => return Err(io("write header into pipe", Errno::EAGAIN)),
+            Err(e) => return Err(io("write header into pipe", e)),
+        }
+        let mut queued = header.len();
+        let mut vmspliced = 0usize;
+        let mut first_splice = true;
+        while queued > 0 || vmspliced < data.len() {
+            if let Some(rest) = data.get(vmspliced..).filter(|r| !r.is_empty()) {
+                match vmsplice(
+                    &pipe.write,
+                    &[IoSlice::new(rest)],
+                    SpliceFFlags::SPLICE_F_NONBLOCK,
+                ) {
+                    Ok(n) => {
+                        vmspliced = vmspliced.saturating_add(n);
+                        queued = queued.saturating_add(n);
+                    }
+                    // Pipe full: splice out what it holds first.
+                    Err(Errno::EAGAIN | Errno::EINTR) if queued > 0 => {}
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => return Err(io("vmsplice", e)),
+                }
+            }
+            match splice(
+                &pipe.read,
+                None,
+                &self.file,
+                None,
+                queued,
+                SpliceFFlags::empty(),
+            ) {
+                Ok(0) => return Err(io("splice", Errno::EPIPE)),
+                Ok(n) => {
+                    queued = queued.saturating_sub(n);
+                    first_splice = false;
+                    self.splice = SpliceSupport::Works;
+                }
+                // Refused before a byte was taken: the pipe (and its references) go away.
+                Err(Errno::EINVAL) if first_splice && self.splice == SpliceSupport::Unknown => {
+                    return Ok(Spliced::Refused)
+                }
+                Err(Errno::ENOTBLK) => return Err(ChannelError::TargetGone),
+                Err(Errno::EINVAL) => return Err(ChannelError::Rejected { seq }),
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => self.wait_for(PollFlags::POLLOUT)?,
+                Err(e) => return Err(io("splice", e)),
+            }
+        }
+        self.pipe = Some(pipe);
+        Ok(Spliced::Sent)
     }
 
     /// Write `header` then `data` completely, retrying short writes.
@@ -885,6 +1046,97 @@ mod tests {
         assert_eq!(resp.seq, 42);
         assert_eq!(resp.msg_type, DM_USER_RESP_SUCCESS);
         assert_eq!(&got[HEADER_SIZE..], b"hello");
+    }
+
+    /// A READ request for `len` bytes and an answer for it whose bytes depend on `seed`.
+    fn large_read(seq: u64, len: usize, seed: u8) -> (MessageHeader, Vec<u8>) {
+        let req = MessageHeader {
+            seq,
+            msg_type: DM_USER_REQ_MAP_READ,
+            sector: 8,
+            len: len as u64,
+            ..Default::default()
+        };
+        let data = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect();
+        (req, data)
+    }
+
+    fn expect_answer(got: &[u8], seq: u64, data: &[u8]) {
+        let mut head = [0u8; HEADER_SIZE];
+        head.copy_from_slice(&got[..HEADER_SIZE]);
+        let resp = MessageHeader::from_bytes(&head);
+        assert_eq!(resp.seq, seq);
+        assert_eq!(resp.msg_type, DM_USER_RESP_SUCCESS);
+        assert_eq!(got.len(), HEADER_SIZE + data.len());
+        assert!(got[HEADER_SIZE..] == *data, "answer data differs");
+    }
+
+    #[test]
+    fn large_read_answers_are_spliced_and_arrive_whole() {
+        let (mut chan, mut peer) = pair();
+        // 1 MiB + 1 page, with a buffer not page-aligned: more pages than a 1 MiB pipe holds,
+        // so the answer goes out in several splices.
+        for (seq, len, seed) in [(7, (1 << 20) + 4096, 3u8), (8, SPLICE_MIN_PAYLOAD, 9)] {
+            let (req, data) = large_read(seq, len, seed);
+            let reader = std::thread::spawn({
+                let mut peer = peer.try_clone().unwrap();
+                move || {
+                    let mut got = vec![0u8; HEADER_SIZE + len];
+                    peer.read_exact(&mut got).unwrap();
+                    got
+                }
+            });
+            let unaligned = [&[0u8][..], &data].concat();
+            chan.respond(&req, DM_USER_RESP_SUCCESS, &unaligned[1..])
+                .unwrap();
+            expect_answer(&reader.join().unwrap(), seq, &data);
+            assert!(chan.splices(), "a socket accepts splice()");
+        }
+        // Nothing more was sent: the pipe was empty after each answer.
+        peer.set_nonblocking(true).unwrap();
+        let mut extra = [0u8; 1];
+        assert_eq!(
+            peer.read(&mut extra).unwrap_err().kind(),
+            std::io::ErrorKind::WouldBlock
+        );
+    }
+
+    #[test]
+    fn a_file_refusing_splice_gets_the_answer_written_once() {
+        // splice() into an O_APPEND file fails with EINVAL before taking a byte, as it does
+        // on a dm-user module without splice support.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("answers");
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let mut chan = Channel::from_file(file);
+        let (req, data) = large_read(11, 256 << 10, 5);
+        chan.respond(&req, DM_USER_RESP_SUCCESS, &data).unwrap();
+        assert!(!chan.splices());
+        let (req2, data2) = large_read(12, 128 << 10, 6);
+        chan.respond(&req2, DM_USER_RESP_SUCCESS, &data2).unwrap();
+        let got = std::fs::read(&path).unwrap();
+        let (first, second) = got.split_at(HEADER_SIZE + data.len());
+        expect_answer(first, 11, &data);
+        expect_answer(second, 12, &data2);
+    }
+
+    #[test]
+    fn small_and_error_answers_are_written() {
+        let (mut chan, mut peer) = pair();
+        let (req, _) = large_read(3, SPLICE_MIN_PAYLOAD, 1);
+        chan.respond(&req, DM_USER_RESP_ERROR, &[]).unwrap();
+        let (small, data) = large_read(4, 4096, 2);
+        chan.respond(&small, DM_USER_RESP_SUCCESS, &data).unwrap();
+        assert!(!chan.splices(), "neither answer is large enough to splice");
+        let mut got = vec![0u8; 2 * HEADER_SIZE + 4096];
+        peer.read_exact(&mut got).unwrap();
+        expect_answer(&got[HEADER_SIZE..], 4, &data);
     }
 
     #[test]
