@@ -655,7 +655,7 @@ impl Channel {
                 Spliced::Refused => {
                     log::info!(
                         "dm-user channel refuses splice() (module older than target 1.3.0): \
-                         answering reads with writev(), one more copy per read"
+                         answering reads with writev() (the kernel copies them from user memory)"
                     );
                     self.splice = SpliceSupport::Refused;
                 }
@@ -663,6 +663,19 @@ impl Channel {
             }
         }
         self.write_parts(request.seq, &header, data)
+    }
+
+    /// Allow or forbid splicing answers (allowed by default; forbidding it makes every
+    /// answer a `writev()`, as on a module without splice support: benchmarks compare both).
+    pub fn set_splice(&mut self, allowed: bool) {
+        self.splice = if allowed {
+            SpliceSupport::Unknown
+        } else {
+            SpliceSupport::Refused
+        };
+        if !allowed {
+            self.pipe = None;
+        }
     }
 
     /// Whether answers are being spliced (a splice into this channel went through).
