@@ -950,6 +950,9 @@ fn user_figures(guest: &GuestFigures, m: Option<&Medians>, plot: Option<&Path>) 
     if let Some(p) = plot {
         out.push_str(&format!("progress plot     {}\n", p.display()));
     }
+    for line in &guest.io_lines {
+        out.push_str(&format!("time breakdown    {line}\n"));
+    }
     for r in &guest.rounds {
         out.push_str(&format!(
             "round {}           read {:.1} / loop {:.1} MB/s, random {:.0} / {:.0} reads/s, merge {:.2} s / copy {:.2} s, RssAnon {} KiB, VmRSS {} KiB serving, {} KiB peak, {} threads\n",

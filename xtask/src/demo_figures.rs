@@ -62,6 +62,9 @@ pub struct GuestFigures {
     pub rounds: Vec<Round>,
     /// Merge progress per round: (seconds since `initiate_merge`, `merge_percent`).
     pub progress: BTreeMap<usize, Vec<(f64, f64)>>,
+    /// Where the time of each merge and plain copy went (`merge-io` and `copy-io` lines:
+    /// daemon CPU time, disk writes, flushes), as reported.
+    pub io_lines: Vec<String>,
 }
 
 /// `key value` pairs of a line (`a 1 b 2` -> {a: 1, b: 2}); words without a number are skipped.
@@ -89,6 +92,7 @@ pub fn parse(lines: &[&str]) -> GuestFigures {
                     figures.progress.entry(r).or_default().push((t, p));
                 }
             }
+            ["merge-io" | "copy-io", ..] => figures.io_lines.push(line.to_string()),
             ["round", index, rest @ ..] => {
                 let Ok(index) = index.parse::<usize>() else {
                     continue;

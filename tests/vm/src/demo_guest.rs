@@ -263,12 +263,12 @@ fn compare(what: &str, dev: &Path, want: &Path, len: u64) -> Res<()> {
     Ok(())
 }
 
-/// Copy `len` bytes of `from` onto `to` at the same offsets (O_DIRECT, 1 MiB), then fsync;
-/// returns the time taken.
+/// Copy `len` bytes (rounded down to whole sectors) of `from` onto `to` at the same offsets
+/// (O_DIRECT, 1 MiB), then fsync; returns the time taken.
 fn copy_direct(from: &Path, to: &Path, len: u64) -> Res<Duration> {
     let src = open_direct(from, false)?;
     let dst = open_direct(to, true)?;
-    let len = len / 4096 * 4096;
+    let len = len / 512 * 512;
     let mut a = AlignedBuf::new(IO_SIZE);
     let t = Instant::now();
     let mut off = 0u64;
@@ -316,6 +316,82 @@ fn random_iops(dev: &Path, len: u64, seed: u64) -> Res<f64> {
             .map_err(|e| format!("random read {} at {off}: {e}", dev.display()))?;
     }
     Ok(RANDOM_READS as f64 / t.elapsed().as_secs_f64().max(1e-9))
+}
+
+/// Counters of one block device from `/proc/diskstats`: reads, sectors read, writes,
+/// sectors written, flushes, milliseconds spent flushing, milliseconds busy.
+#[derive(Clone, Copy, Default)]
+struct DiskCounters {
+    reads: u64,
+    read_sectors: u64,
+    writes: u64,
+    write_sectors: u64,
+    flushes: u64,
+    flush_ms: u64,
+    busy_ms: u64,
+}
+
+impl DiskCounters {
+    /// The counters of `dev` (`/dev/vda` -> `vda`); zero when not found.
+    fn of(dev: &Path) -> Self {
+        let name = dev
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let text = std::fs::read_to_string("/proc/diskstats").unwrap_or_default();
+        for line in text.lines() {
+            let f: Vec<u64> = line
+                .split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            if line.split_whitespace().nth(2) != Some(name.as_str()) {
+                continue;
+            }
+            // major minor (name) reads merged sectors ms writes merged sectors ms inflight
+            // io_ms weighted discards merged sectors ms flushes flush_ms
+            let at = |i: usize| f.get(i).copied().unwrap_or(0);
+            return Self {
+                reads: at(2),
+                read_sectors: at(4),
+                writes: at(6),
+                write_sectors: at(8),
+                busy_ms: at(11),
+                flushes: at(17),
+                flush_ms: at(18),
+            };
+        }
+        Self::default()
+    }
+
+    /// What happened between `self` and `later`, as `key value` pairs prefixed `tag_`.
+    fn delta(&self, later: &Self, tag: &str) -> String {
+        format!(
+            "{tag}_reads {} {tag}_read_kib {} {tag}_writes {} {tag}_write_kib {} {tag}_flushes {} {tag}_flush_ms {} {tag}_busy_ms {}",
+            later.reads.saturating_sub(self.reads),
+            later.read_sectors.saturating_sub(self.read_sectors) / 2,
+            later.writes.saturating_sub(self.writes),
+            later.write_sectors.saturating_sub(self.write_sectors) / 2,
+            later.flushes.saturating_sub(self.flushes),
+            later.flush_ms.saturating_sub(self.flush_ms),
+            later.busy_ms.saturating_sub(self.busy_ms),
+        )
+    }
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ, 100 in the x86 Linux ABI).
+const USER_HZ: f64 = 100.0;
+
+/// CPU time (user + system) of process `pid` and all its threads, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|w| w.parse().unwrap_or(0))
+        .collect();
+    // rest[0] is the state; utime and stime are fields 14 and 15 of the whole line.
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
 }
 
 /// The target image on a loop device over a tmpfs copy; detached and removed on drop.
@@ -378,7 +454,10 @@ struct Round {
 
 /// Run the merge to completion: `initiate_merge`, then sample `merge_percent` (printed as
 /// `VMDEMO progress`), `getstatus` and the daemon's VmRSS. Returns (seconds, peak VmRSS).
-fn merge(round: usize, dev: &Device) -> Res<(f64, u64)> {
+fn merge(round: usize, a: &Args, dev: &Device) -> Res<(f64, u64)> {
+    let base0 = DiskCounters::of(&a.base);
+    let cow0 = DiskCounters::of(&a.cow);
+    let cpu0 = cpu_ticks(dev.daemon.child.id());
     let reply = dev.daemon.command(&format!("initiate_merge,{MISC}"))?;
     if reply != "success" {
         return Err(format!("initiate_merge,{MISC} -> {reply:?}"));
@@ -394,6 +473,15 @@ fn merge(round: usize, dev: &Device) -> Res<(f64, u64)> {
         match status.as_str() {
             "snapshot-merge-complete" => {
                 println!("VMDEMO progress {round} {:.3} 100.0", elapsed.as_secs_f64());
+                // Where the merge's time went: the daemon's CPU time, and what the base and
+                // COW disks did (writes, flushes and the time spent flushing).
+                println!(
+                    "VMDEMO merge-io {round} seconds {:.3} daemon_cpu_s {:.2} {} {}",
+                    elapsed.as_secs_f64(),
+                    cpu_ticks(dev.daemon.child.id()).saturating_sub(cpu0) as f64 / USER_HZ,
+                    base0.delta(&DiskCounters::of(&a.base), "base"),
+                    cow0.delta(&DiskCounters::of(&a.cow), "cow"),
+                );
                 return Ok((elapsed.as_secs_f64(), peak));
             }
             "snapshot-merge" => {}
@@ -445,7 +533,7 @@ fn round(i: usize, a: &Args, lp: &TmpfsLoop, len: u64, base_sectors: u64) -> Res
     let rss_anon_kib = dev.daemon.status_kib("RssAnon:").unwrap_or(0);
     let rss_serving_kib = dev.daemon.status_kib("VmRSS:").unwrap_or(0);
     let threads = dev.daemon.threads();
-    let merged = merge(i, &dev);
+    let merged = merge(i, a, &dev);
     let torn = dev.tear_down();
     let (merge_s, rss_peak_kib) = merged?;
     torn?;
@@ -460,7 +548,12 @@ fn round(i: usize, a: &Args, lp: &TmpfsLoop, len: u64, base_sectors: u64) -> Res
     );
     checked?;
     // The base equals the target now: copying target bytes onto it changes nothing.
+    let base0 = DiskCounters::of(&a.base);
     let plain_copy_s = copy_direct(&a.target, &a.base, a.changed)?.as_secs_f64();
+    println!(
+        "VMDEMO copy-io {i} seconds {plain_copy_s:.3} {}",
+        base0.delta(&DiskCounters::of(&a.base), "base")
+    );
     Ok(Round {
         snapshot_read_mb_s,
         loop_read_mb_s,
@@ -487,7 +580,7 @@ fn run(a: &Args) -> Res<()> {
     for i in 0..a.rounds {
         if i > 0 {
             copy_direct(&a.pristine_base, &a.base, base_bytes)?;
-            copy_direct(&a.pristine_cow, &a.cow, cow_len.div_ceil(4096) * 4096)?;
+            copy_direct(&a.pristine_cow, &a.cow, cow_len)?;
         }
         let r = round(i, a, &lp, len, base_sectors)?;
         println!(
