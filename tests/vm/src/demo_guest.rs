@@ -394,6 +394,55 @@ fn cpu_ticks(pid: u32) -> u64 {
     f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
 }
 
+/// Per thread of process `pid`: (thread id, name, user ticks, system ticks).
+fn thread_ticks(pid: u32) -> Vec<(String, String, u64, u64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|task| {
+            let tid = task.file_name().to_string_lossy().into_owned();
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            let (head, rest) = stat.rsplit_once(')')?;
+            let name = head.split_once('(')?.1.to_string();
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .map(|w| w.parse().unwrap_or(0))
+                .collect();
+            Some((tid, name, f.get(11).copied()?, f.get(12).copied()?))
+        })
+        .collect()
+}
+
+/// `name:user_s/system_s` of each thread that used CPU between `before` and `after`.
+fn thread_cpu_delta(
+    before: &[(String, String, u64, u64)],
+    after: &[(String, String, u64, u64)],
+) -> String {
+    let mut out = Vec::new();
+    for (tid, name, user, system) in after {
+        let (u0, s0) = before
+            .iter()
+            .find(|b| &b.0 == tid)
+            .map(|b| (b.2, b.3))
+            .unwrap_or((0, 0));
+        let (du, ds) = (user.saturating_sub(u0), system.saturating_sub(s0));
+        if du + ds > 0 {
+            out.push(format!(
+                "{}:{:.2}/{:.2}",
+                name.replace(' ', "_"),
+                du as f64 / USER_HZ,
+                ds as f64 / USER_HZ
+            ));
+        }
+    }
+    if out.is_empty() {
+        "none".into()
+    } else {
+        out.join(",")
+    }
+}
+
 /// The target image on a loop device over a tmpfs copy; detached and removed on drop.
 struct TmpfsLoop {
     dev: PathBuf,
@@ -458,18 +507,32 @@ fn merge(round: usize, a: &Args, dev: &Device) -> Res<(f64, u64)> {
     let base0 = DiskCounters::of(&a.base);
     let cow0 = DiskCounters::of(&a.cow);
     let cpu0 = cpu_ticks(dev.daemon.child.id());
+    let threads0 = thread_ticks(dev.daemon.child.id());
     let reply = dev.daemon.command(&format!("initiate_merge,{MISC}"))?;
     if reply != "success" {
         return Err(format!("initiate_merge,{MISC} -> {reply:?}"));
     }
     let t = Instant::now();
     let mut peak = dev.daemon.status_kib("VmRSS:").unwrap_or(0);
+    // What the peak is made of: anonymous memory, file pages, shared memory, threads.
+    let mut peak_parts = String::new();
     println!("VMDEMO progress {round} 0.000 0.0");
     loop {
         std::thread::sleep(SAMPLE_EVERY);
         let status = dev.daemon.command(&format!("getstatus,{MISC}"))?;
         let elapsed = t.elapsed();
-        peak = peak.max(dev.daemon.status_kib("VmRSS:").unwrap_or(0));
+        let rss = dev.daemon.status_kib("VmRSS:").unwrap_or(0);
+        if rss > peak || peak_parts.is_empty() {
+            peak = peak.max(rss);
+            peak_parts = format!(
+                "rss_kib {rss} anon_kib {} file_kib {} shmem_kib {} threads {} at_s {:.2}",
+                dev.daemon.status_kib("RssAnon:").unwrap_or(0),
+                dev.daemon.status_kib("RssFile:").unwrap_or(0),
+                dev.daemon.status_kib("RssShmem:").unwrap_or(0),
+                dev.daemon.threads(),
+                elapsed.as_secs_f64()
+            );
+        }
         match status.as_str() {
             "snapshot-merge-complete" => {
                 println!("VMDEMO progress {round} {:.3} 100.0", elapsed.as_secs_f64());
@@ -481,6 +544,13 @@ fn merge(round: usize, a: &Args, dev: &Device) -> Res<(f64, u64)> {
                     cpu_ticks(dev.daemon.child.id()).saturating_sub(cpu0) as f64 / USER_HZ,
                     base0.delta(&DiskCounters::of(&a.base), "base"),
                     cow0.delta(&DiskCounters::of(&a.cow), "cow"),
+                );
+                println!("VMDEMO merge-io {round} peak {peak_parts}");
+                // Which threads used the CPU, user/system seconds (threads that ended during
+                // the merge are not listed).
+                println!(
+                    "VMDEMO merge-io {round} thread_cpu_user/system_s {}",
+                    thread_cpu_delta(&threads0, &thread_ticks(dev.daemon.child.id()))
                 );
                 return Ok((elapsed.as_secs_f64(), peak));
             }
