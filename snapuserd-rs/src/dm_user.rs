@@ -39,6 +39,8 @@ pub const SPLICE_MIN_PAYLOAD: usize = 64 << 10;
 /// Pipe capacity asked for the splice path: a whole 1 MiB answer and its header in one go
 /// (the kernel may grant less; the answer is then spliced in several pieces).
 const SPLICE_PIPE_BYTES: i32 = 2 << 20;
+/// Bytes of one pipe slot (a page).
+const PAGE_BYTES: usize = 4096;
 
 /// Request type: read `len` bytes at `sector`; data flows back in the response.
 pub const DM_USER_REQ_MAP_READ: u64 = 0;
@@ -683,6 +685,129 @@ impl Channel {
         self.splice == SpliceSupport::Works
     }
 
+    /// Answer the READ `request` with SUCCESS and `request.len` bytes of `file` at byte
+    /// `offset`, spliced: the file's page-cache pages go into the channel's pipe and the
+    /// kernel copies them into the bio, with no copy through user memory.
+    ///
+    /// Returns `Ok(false)`, with nothing sent, when the answer cannot go this way: no answer
+    /// has been spliced into this channel yet (so whether the module accepts splice is not
+    /// known), the pipe cannot hold the whole answer, or the file could not supply every
+    /// byte (a normal read of the file then reports the problem); the caller answers the
+    /// request as usual. The data is in the pipe before the header is written, so a failing
+    /// file never leaves a half-sent answer.
+    pub fn respond_from_file(
+        &mut self,
+        request: &MessageHeader,
+        file: &File,
+        offset: u64,
+    ) -> Result<bool, ChannelError> {
+        use nix::fcntl::{fcntl, splice, FcntlArg, SpliceFFlags};
+        let Ok(len) = usize::try_from(request.len) else {
+            return Ok(false);
+        };
+        if request.msg_type != DM_USER_REQ_MAP_READ
+            || len == 0
+            || self.splice != SpliceSupport::Works
+        {
+            return Ok(false);
+        }
+        let Some(pipe) = self.pipe.take() else {
+            return Ok(false);
+        };
+        // One pipe slot per page the data touches.
+        let Some(end) = offset.checked_add(request.len) else {
+            return Ok(false);
+        };
+        let pages = end.div_ceil(PAGE_BYTES as u64) - offset / PAGE_BYTES as u64;
+        let capacity = fcntl(&pipe.write, FcntlArg::F_GETPIPE_SZ)
+            .ok()
+            .and_then(|c| u64::try_from(c).ok())
+            .unwrap_or(0);
+        let Ok(mut position) = i64::try_from(offset) else {
+            self.pipe = Some(pipe);
+            return Ok(false);
+        };
+        if pages.saturating_mul(PAGE_BYTES as u64) > capacity {
+            self.pipe = Some(pipe);
+            return Ok(false);
+        }
+        let mut filled = 0usize;
+        while filled < len {
+            match splice(
+                file,
+                Some(&mut position),
+                &pipe.write,
+                None,
+                len - filled,
+                SpliceFFlags::SPLICE_F_NONBLOCK,
+            ) {
+                Ok(n) if n > 0 => filled = filled.saturating_add(n),
+                Err(Errno::EINTR) => {}
+                // End of file, a read error, or a file without splice: the pipe goes away
+                // with what it holds; nothing reached the kernel.
+                _ => return Ok(false),
+            }
+        }
+        let header = request.response(DM_USER_RESP_SUCCESS).to_bytes();
+        self.write_parts(request.seq, &header, &[])?;
+        match self.drain_pipe(&pipe, request.seq, len)? {
+            Spliced::Sent => {
+                self.pipe = Some(pipe);
+                Ok(true)
+            }
+            // Splice worked on this channel before, and the header is out: a refusal now is
+            // the kernel rejecting this answer.
+            Spliced::Refused | Spliced::NoPipe => Err(ChannelError::Rejected { seq: request.seq }),
+        }
+    }
+
+    /// Splice the `queued` bytes of `pipe` (one whole answer) into the channel.
+    fn drain_pipe(
+        &mut self,
+        pipe: &SplicePipe,
+        seq: u64,
+        mut queued: usize,
+    ) -> Result<Spliced, ChannelError> {
+        use nix::fcntl::{splice, SpliceFFlags};
+        let mut first_splice = true;
+        while queued > 0 {
+            match splice(
+                &pipe.read,
+                None,
+                &self.file,
+                None,
+                queued,
+                SpliceFFlags::empty(),
+            ) {
+                Ok(0) => {
+                    return Err(ChannelError::Io {
+                        op: "splice",
+                        source: Errno::EPIPE.into(),
+                    })
+                }
+                Ok(n) => {
+                    queued = queued.saturating_sub(n);
+                    first_splice = false;
+                    self.splice = SpliceSupport::Works;
+                }
+                Err(Errno::EINVAL) if first_splice && self.splice == SpliceSupport::Unknown => {
+                    return Ok(Spliced::Refused)
+                }
+                Err(Errno::ENOTBLK) => return Err(ChannelError::TargetGone),
+                Err(Errno::EINVAL) => return Err(ChannelError::Rejected { seq }),
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => self.wait_for(PollFlags::POLLOUT)?,
+                Err(e) => {
+                    return Err(ChannelError::Io {
+                        op: "splice",
+                        source: e.into(),
+                    })
+                }
+            }
+        }
+        Ok(Spliced::Sent)
+    }
+
     /// Send `header` and `data` through the channel's pipe: the header written into it,
     /// the data vmspliced (the pipe refers to `data`'s pages, no copy), then spliced into
     /// the file, which copies them. The pipe is empty again before this returns `Sent`;
@@ -1137,6 +1262,87 @@ mod tests {
         let (first, second) = got.split_at(HEADER_SIZE + data.len());
         expect_answer(first, 11, &data);
         expect_answer(second, 12, &data2);
+    }
+
+    #[test]
+    fn answers_spliced_from_a_file_arrive_whole_and_short_files_send_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("base");
+        let (_, content) = large_read(0, (1 << 20) + 8192, 4);
+        std::fs::write(&path, &content).unwrap();
+        let file = File::open(&path).unwrap();
+        let (mut chan, mut peer) = pair();
+        // Until an answer was spliced into the channel, nothing comes from the file.
+        let (first, data) = large_read(20, SPLICE_MIN_PAYLOAD, 1);
+        assert!(!chan.respond_from_file(&first, &file, 0).unwrap());
+        let reader = std::thread::spawn({
+            let mut peer = peer.try_clone().unwrap();
+            move || {
+                let mut got = vec![0u8; HEADER_SIZE + SPLICE_MIN_PAYLOAD];
+                peer.read_exact(&mut got).unwrap();
+                got
+            }
+        });
+        chan.respond(&first, DM_USER_RESP_SUCCESS, &data).unwrap();
+        expect_answer(&reader.join().unwrap(), 20, &data);
+        // A whole 1 MiB answer at a page-aligned offset, one at an unaligned (sector) offset
+        // where the pipe allows it, and a small one.
+        for (seq, offset, len) in [
+            (21u64, 4096usize, 1usize << 20),
+            (22, 512, (1 << 20) - 8192),
+            (23, 8192, 4096),
+        ] {
+            let (req, _) = large_read(seq, len, 0);
+            let reader = std::thread::spawn({
+                let mut peer = peer.try_clone().unwrap();
+                move || {
+                    let mut got = vec![0u8; HEADER_SIZE + len];
+                    peer.read_exact(&mut got).unwrap();
+                    got
+                }
+            });
+            assert!(chan.respond_from_file(&req, &file, offset as u64).unwrap());
+            expect_answer(&reader.join().unwrap(), seq, &content[offset..offset + len]);
+        }
+        // The file ends before the answer would: nothing is sent, the caller answers.
+        let (req, _) = large_read(24, 16384, 0);
+        let near_end = (content.len() - 4096) as u64;
+        assert!(!chan.respond_from_file(&req, &file, near_end).unwrap());
+        chan.respond(&req, DM_USER_RESP_ERROR, &[]).unwrap();
+        let mut got = [0u8; HEADER_SIZE];
+        peer.read_exact(&mut got).unwrap();
+        let resp = MessageHeader::from_bytes(&got);
+        assert_eq!((resp.seq, resp.msg_type), (24, DM_USER_RESP_ERROR));
+        peer.set_nonblocking(true).unwrap();
+        assert_eq!(
+            peer.read(&mut got).unwrap_err().kind(),
+            std::io::ErrorKind::WouldBlock,
+            "nothing else was sent"
+        );
+    }
+
+    #[test]
+    fn a_channel_refusing_splice_sends_nothing_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base");
+        std::fs::write(&base, vec![7u8; 65536]).unwrap();
+        let answers = dir.path().join("answers");
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&answers)
+            .unwrap();
+        let mut chan = Channel::from_file(out);
+        let (req, _) = large_read(31, 65536, 0);
+        let file = File::open(&base).unwrap();
+        assert!(!chan.respond_from_file(&req, &file, 0).unwrap());
+        assert!(std::fs::read(&answers).unwrap().is_empty());
+        // The first large answer finds splice refused; it and later ones are written, and
+        // nothing comes from the file.
+        chan.respond(&req, DM_USER_RESP_SUCCESS, &[7u8; 65536])
+            .unwrap();
+        assert!(!chan.respond_from_file(&req, &file, 0).unwrap());
+        expect_answer(&std::fs::read(&answers).unwrap(), 31, &[7u8; 65536]);
     }
 
     #[test]
