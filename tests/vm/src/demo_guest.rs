@@ -508,6 +508,9 @@ fn merge(round: usize, a: &Args, dev: &Device) -> Res<(f64, u64)> {
     let cow0 = DiskCounters::of(&a.cow);
     let cpu0 = cpu_ticks(dev.daemon.child.id());
     let threads0 = thread_ticks(dev.daemon.child.id());
+    // Latest sample of every thread seen, so that threads ending during the merge (the
+    // merge thread itself) still count up to their last sample.
+    let mut threads_seen = threads0.clone();
     let reply = dev.daemon.command(&format!("initiate_merge,{MISC}"))?;
     if reply != "success" {
         return Err(format!("initiate_merge,{MISC} -> {reply:?}"));
@@ -521,6 +524,12 @@ fn merge(round: usize, a: &Args, dev: &Device) -> Res<(f64, u64)> {
         std::thread::sleep(SAMPLE_EVERY);
         let status = dev.daemon.command(&format!("getstatus,{MISC}"))?;
         let elapsed = t.elapsed();
+        for t in thread_ticks(dev.daemon.child.id()) {
+            match threads_seen.iter_mut().find(|s| s.0 == t.0) {
+                Some(seen) => *seen = t,
+                None => threads_seen.push(t),
+            }
+        }
         let rss = dev.daemon.status_kib("VmRSS:").unwrap_or(0);
         if rss > peak || peak_parts.is_empty() {
             peak = peak.max(rss);
@@ -546,11 +555,17 @@ fn merge(round: usize, a: &Args, dev: &Device) -> Res<(f64, u64)> {
                     cow0.delta(&DiskCounters::of(&a.cow), "cow"),
                 );
                 println!("VMDEMO merge-io {round} peak {peak_parts}");
-                // Which threads used the CPU, user/system seconds (threads that ended during
-                // the merge are not listed).
+                // Which threads used the CPU, user/system seconds (a thread that ended
+                // during the merge counts up to its last sample, every 50 ms).
+                for t in thread_ticks(dev.daemon.child.id()) {
+                    match threads_seen.iter_mut().find(|s| s.0 == t.0) {
+                        Some(seen) => *seen = t,
+                        None => threads_seen.push(t),
+                    }
+                }
                 println!(
                     "VMDEMO merge-io {round} thread_cpu_user/system_s {}",
-                    thread_cpu_delta(&threads0, &thread_ticks(dev.daemon.child.id()))
+                    thread_cpu_delta(&threads0, &threads_seen)
                 );
                 return Ok((elapsed.as_secs_f64(), peak));
             }
