@@ -718,12 +718,16 @@ impl HandlerRegistry {
                 return Reply::Fail;
             };
             h.merge_requested = true;
+            let serving = match &h.lifecycle {
+                Lifecycle::Running(w) => !w.all_finished(),
+                Lifecycle::Idle | Lifecycle::Starting => false,
+            };
             match &h.user {
                 None => return Reply::Success,
-                Some(_) if !matches!(h.lifecycle, Lifecycle::Running(_)) => {
+                Some(_) if !serving => {
                     log::error!(
-                        "initiate_merge {misc}: the handler is not started; send start,{misc} \
-                         first"
+                        "initiate_merge {misc}: the handler is not serving (not started, or its \
+                         device is gone); send start,{misc} first"
                     );
                     h.merge_requested = false;
                     return Reply::Fail;
@@ -934,10 +938,11 @@ fn user_status(m: &UserMerge) -> MergeStatus {
     let progress = m.progress();
     match m.phase() {
         MergeRunPhase::Failed => MergeStatus::SnapshotMergeFailed,
-        _ if progress.failed => MergeStatus::SnapshotMergeFailed,
         _ if progress.complete => MergeStatus::SnapshotMergeComplete,
         MergeRunPhase::Complete => MergeStatus::SnapshotMergeComplete,
+        // A retry after a failure is merging again, even before its run resets the state.
         MergeRunPhase::Queued | MergeRunPhase::Running => MergeStatus::SnapshotMerge,
+        _ if progress.failed => MergeStatus::SnapshotMergeFailed,
         MergeRunPhase::Idle | MergeRunPhase::Stopped => MergeStatus::Snapshot,
     }
 }

@@ -238,6 +238,7 @@ fn the_end_of_the_workers_stops_the_merge_at_a_safe_point() {
     assert_eq!(r.merges_running(), 0, "the slot is free");
     assert_eq!(status(r, "sys"), "snapshot", "stopped, resumable");
     assert_eq!(t.merged(), 4);
+    assert_eq!(r.initiate_merge("sys"), Reply::Fail, "no device to serve");
     // Deleting after the end joins everything.
     assert_eq!(r.delete("sys"), Reply::Success);
     assert!(r.is_empty());
