@@ -276,6 +276,7 @@ fn report_json(device: &DeviceStage, changed_bytes: u64, cow_bytes: u64) -> Stri
         "rand_4k_ratio": f.rand_ratio,
         "merge_over_plain_copy": f.merge_ratio,
         "per_round": device.per_round,
+        "daemon_memory_by_workers": device.by_workers,
     });
     let mut text = serde_json::to_string_pretty(&value).unwrap_or_else(|_| "{}".into());
     text.push('\n');
@@ -441,6 +442,8 @@ struct DeviceStage {
     json: JsonFigures,
     /// Each round's figures (user-space-merge mode), for `report.json`.
     per_round: serde_json::Value,
+    /// The daemon's memory by worker count (user-space-merge mode), for `report.json`.
+    by_workers: serde_json::Value,
 }
 
 /// Figures of `report.json`; NaN (written as null) where not measured.
@@ -793,6 +796,7 @@ fn legacy_device_stage(
         failure,
         json: JsonFigures::from_legacy_lines(&lines),
         per_round: serde_json::Value::Array(Vec::new()),
+        by_workers: serde_json::Value::Array(Vec::new()),
     })
 }
 
@@ -876,7 +880,17 @@ fn user_device_stage(
             })
             .collect(),
     );
+    let by_workers = serde_json::Value::Array(
+        guest
+            .by_workers
+            .iter()
+            .map(|(w, anon, rss)| {
+                serde_json::json!({ "workers": w, "rss_anon_kib": anon, "vm_rss_kib": rss })
+            })
+            .collect(),
+    );
     Ok(DeviceStage {
+        by_workers,
         mode: "user-space-merge",
         kernel,
         summary: format!(
@@ -949,6 +963,11 @@ fn user_figures(guest: &GuestFigures, m: Option<&Medians>, plot: Option<&Path>) 
     );
     if let Some(p) = plot {
         out.push_str(&format!("progress plot     {}\n", p.display()));
+    }
+    for (workers, anon, rss) in &guest.by_workers {
+        out.push_str(&format!(
+            "memory by workers {workers} worker(s): RssAnon {anon} KiB, VmRSS {rss} KiB after a sequential and a random pass\n"
+        ));
     }
     for line in &guest.io_lines {
         out.push_str(&format!("time breakdown    {line}\n"));
@@ -1049,6 +1068,7 @@ mod tests {
             failure: None,
             json,
             per_round: serde_json::Value::Array(Vec::new()),
+            by_workers: serde_json::Value::Array(Vec::new()),
         };
         let v: serde_json::Value = serde_json::from_str(&report_json(&device, 4096, 1234)).unwrap();
         for key in ["mode", "transport", "kernel"] {

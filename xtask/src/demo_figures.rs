@@ -65,6 +65,9 @@ pub struct GuestFigures {
     /// Where the time of each merge and plain copy went (`merge-io` and `copy-io` lines:
     /// daemon CPU time, disk writes, flushes), as reported.
     pub io_lines: Vec<String>,
+    /// The daemon's memory by worker count: (workers, RssAnon KiB, VmRSS KiB) after serving
+    /// one sequential and one random pass.
+    pub by_workers: Vec<(u64, u64, u64)>,
 }
 
 /// `key value` pairs of a line (`a 1 b 2` -> {a: 1, b: 2}); words without a number are skipped.
@@ -93,6 +96,14 @@ pub fn parse(lines: &[&str]) -> GuestFigures {
                 }
             }
             ["merge-io" | "copy-io", ..] => figures.io_lines.push(line.to_string()),
+            ["workers", n, rest @ ..] => {
+                let f = fields(rest);
+                if let (Ok(n), Some(anon), Some(rss)) =
+                    (n.parse::<u64>(), f.get("rss_anon_kib"), f.get("vm_rss_kib"))
+                {
+                    figures.by_workers.push((n, *anon as u64, *rss as u64));
+                }
+            }
             ["round", index, rest @ ..] => {
                 let Ok(index) = index.parse::<usize>() else {
                     continue;
@@ -219,6 +230,7 @@ mod tests {
             "progress 2 0.000 0.0".into(),
             "progress 2 0.500 40.5".into(),
             "progress 1 0.100 10.0".into(),
+            "workers 2 rss_anon_kib 2100 vm_rss_kib 9000 rss_file_kib 6000 threads 3".into(),
             "config rounds 3".into(),
         ]
         .into();
@@ -226,6 +238,7 @@ mod tests {
         let g = parse(&refs);
         assert_eq!(g.rounds.len(), 3);
         assert_eq!(g.progress[&2], vec![(0.0, 0.0), (0.5, 40.5)]);
+        assert_eq!(g.by_workers, vec![(2, 2100, 9000)]);
         let m = medians(&g.rounds).unwrap();
         assert_eq!(m.snapshot_read_mb_s, 60.0);
         assert!((m.read_ratio - 0.6).abs() < 1e-9);
