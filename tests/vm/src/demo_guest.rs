@@ -93,13 +93,18 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start() -> Res<Self> {
+    /// `snapuserd -user_snapshot`, with `-worker_count=N` when `workers` is given.
+    fn start(workers: Option<u32>) -> Res<Self> {
         let sock = PathBuf::from("/run/snapuserd-demo.sock");
         let _ = std::fs::create_dir_all("/run");
         let _ = std::fs::remove_file(&sock);
-        let child = Command::new("/bin/snapuserd")
-            .arg(format!("-socket={}", sock.display()))
-            .arg("-user_snapshot")
+        let mut cmd = Command::new("/bin/snapuserd");
+        cmd.arg(format!("-socket={}", sock.display()))
+            .arg("-user_snapshot");
+        if let Some(n) = workers {
+            cmd.arg(format!("-worker_count={n}"));
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .spawn()
             .map_err(|e| format!("spawn /bin/snapuserd: {e}"))?;
@@ -171,9 +176,9 @@ struct Device {
 
 impl Device {
     /// dm-user device over the whole base, then `init` (5 fields) and `start`.
-    fn bring_up(a: &Args, base_sectors: u64) -> Res<Self> {
+    fn bring_up(a: &Args, base_sectors: u64, workers: Option<u32>) -> Res<Self> {
         let dm = DmControl::open().map_err(|e| format!("open /dev/mapper/control: {e}"))?;
-        let daemon = Daemon::start()?;
+        let daemon = Daemon::start(workers)?;
         let info = dm
             .create_device(DM_NAME, &[TableEntry::dm_user(0, base_sectors, MISC)])
             .map_err(|e| format!("create {DM_NAME}: {e}"))?;
@@ -587,7 +592,7 @@ fn merge(round: usize, a: &Args, dev: &Device) -> Res<(f64, u64)> {
 
 /// One round on the current (fresh) base and COW disks.
 fn round(i: usize, a: &Args, lp: &TmpfsLoop, len: u64, base_sectors: u64) -> Res<Round> {
-    let dev = Device::bring_up(a, base_sectors)?;
+    let dev = Device::bring_up(a, base_sectors, None)?;
     if i == 0 {
         let checked = compare("snapshot", &dev.path, &a.target, len);
         println!(
@@ -662,6 +667,22 @@ fn run(a: &Args) -> Res<()> {
     let base_sectors = base_bytes / 512;
     let cow_len = dev_bytes(&a.pristine_cow)?;
     let lp = TmpfsLoop::attach(&a.target, len)?;
+    // What each worker costs in memory: a daemon with 1, 2 and 4 workers serving one
+    // sequential and one random pass (before any merge), then RssAnon and VmRSS.
+    for workers in [1u32, 2, 4] {
+        let dev = Device::bring_up(a, base_sectors, Some(workers))?;
+        let read = sequential_mb_s(&dev.path, len).and_then(|_| random_iops(&dev.path, len, 7));
+        println!(
+            "VMDEMO workers {workers} rss_anon_kib {} vm_rss_kib {} rss_file_kib {} threads {}",
+            dev.daemon.status_kib("RssAnon:").unwrap_or(0),
+            dev.daemon.status_kib("VmRSS:").unwrap_or(0),
+            dev.daemon.status_kib("RssFile:").unwrap_or(0),
+            dev.daemon.threads()
+        );
+        let torn = dev.tear_down();
+        read?;
+        torn?;
+    }
     for i in 0..a.rounds {
         if i > 0 {
             copy_direct(&a.pristine_base, &a.base, base_bytes)?;
