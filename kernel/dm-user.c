@@ -558,6 +558,12 @@ static const struct file_operations dm_user_fops = {
 	.release = dm_user_release,
 	.read_iter = dm_user_read_iter,
 	.write_iter = dm_user_write_iter,
+	/*
+	 * A daemon may splice a response from a pipe: data it vmspliced, or
+	 * page-cache pages of the file it reads from, reach the bio with one
+	 * kernel copy and no copy from user memory.
+	 */
+	.splice_write = iter_file_splice_write,
 	.poll = dm_user_poll,
 };
 
@@ -936,7 +942,7 @@ static int dm_user_iterate_devices(struct dm_target *ti,
 
 static struct target_type dm_user_target_type = {
 	.name = "user",
-	.version = {1, 2, 0},
+	.version = {1, 3, 0},
 	.features = DM_TARGET_NOWAIT,
 	.module = THIS_MODULE,
 	.ctr = dm_user_ctr,

@@ -7,7 +7,11 @@
 //! One `read()` returns header bytes or payload bytes, never both, and may be
 //! short; [`Channel::receive`] hides that. A response is the 40-byte header
 //! followed (for a successful READ) by the data, sent with a single `writev()`
-//! where possible. Once the target is gone the kernel answers `ENOTBLK`, which
+//! where possible. A large READ answer is spliced instead when the module
+//! accepts `splice()` (target 1.3.0): header and data go through a pipe, the
+//! data vmspliced from the caller's buffer, so the kernel copies it into the
+//! bio with its own `memcpy` rather than a copy from user memory; on a module
+//! that refuses it (ACK's) the channel falls back to `writev()` for good. Once the target is gone the kernel answers `ENOTBLK`, which
 //! surfaces as [`Received::TargetGone`] / [`ChannelError::TargetGone`].
 //!
 //! The constants mirror `kernel/include/uapi/linux/dm-user.h`, the single
@@ -28,6 +32,15 @@ pub const HEADER_SIZE: usize = 40;
 pub const DEV_DIR: &str = "/dev/dm-user";
 /// Default upper bound on a single request payload accepted by [`Channel`].
 pub const DEFAULT_MAX_PAYLOAD: usize = 64 << 20;
+/// Smallest READ answer [`Channel::respond`] splices rather than writes: below it the two
+/// extra system calls (`vmsplice`, `splice`) cost more than the user-memory copy they
+/// replace.
+pub const SPLICE_MIN_PAYLOAD: usize = 64 << 10;
+/// Pipe capacity asked for the splice path: a whole 1 MiB answer and its header in one go
+/// (the kernel may grant less; the answer is then spliced in several pieces).
+const SPLICE_PIPE_BYTES: i32 = 2 << 20;
+/// Bytes of one pipe slot (a page).
+const PAGE_BYTES: usize = 4096;
 
 /// Request type: read `len` bytes at `sector`; data flows back in the response.
 pub const DM_USER_REQ_MAP_READ: u64 = 0;
@@ -407,11 +420,53 @@ pub enum Readiness {
     TimedOut,
 }
 
+/// Whether the channel's file accepts `splice()` into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SpliceSupport {
+    /// Not tried yet.
+    Unknown,
+    /// A splice went through.
+    Works,
+    /// Refused (`EINVAL` before anything was consumed): answers go out with `writev()`.
+    Refused,
+}
+
+/// The pipe a channel splices its answers through; empty between answers.
+#[derive(Debug)]
+struct SplicePipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl SplicePipe {
+    fn new() -> nix::Result<Self> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        // A larger pipe moves a whole answer per splice; the default (64 KiB) still works.
+        if fcntl(&write, FcntlArg::F_SETPIPE_SZ(SPLICE_PIPE_BYTES)).is_err() {
+            let _ = fcntl(&write, FcntlArg::F_SETPIPE_SZ(SPLICE_PIPE_BYTES / 2));
+        }
+        Ok(Self { read, write })
+    }
+}
+
+/// How a spliced answer went.
+enum Spliced {
+    /// Header and data reached the kernel.
+    Sent,
+    /// The file refused `splice()` before taking any byte: write the answer instead.
+    Refused,
+    /// No pipe could be made (e.g. out of file descriptors): write this answer instead.
+    NoPipe,
+}
+
 /// One dm-user channel (one open file description of the misc node).
 #[derive(Debug)]
 pub struct Channel {
     file: File,
     max_payload: usize,
+    splice: SpliceSupport,
+    pipe: Option<SplicePipe>,
 }
 
 impl Channel {
@@ -455,6 +510,8 @@ impl Channel {
         Self {
             file,
             max_payload: DEFAULT_MAX_PAYLOAD,
+            splice: SpliceSupport::Unknown,
+            pipe: None,
         }
     }
 
@@ -579,7 +636,9 @@ impl Channel {
     }
 
     /// Answer `request` with `code`; `data` is the READ payload (empty otherwise).
-    /// Header and data go out in one `writev()` unless the kernel takes a short write.
+    /// A successful READ answer of at least [`SPLICE_MIN_PAYLOAD`] bytes and exactly the
+    /// requested length is spliced when the file accepts it; otherwise header and data go
+    /// out in one `writev()` unless the kernel takes a short write.
     pub fn respond(
         &mut self,
         request: &MessageHeader,
@@ -587,7 +646,247 @@ impl Channel {
         data: &[u8],
     ) -> Result<(), ChannelError> {
         let header = request.response(code).to_bytes();
+        let spliceable = code == DM_USER_RESP_SUCCESS
+            && request.msg_type == DM_USER_REQ_MAP_READ
+            && data.len() >= SPLICE_MIN_PAYLOAD
+            && u64::try_from(data.len()).is_ok_and(|len| len == request.len)
+            && self.splice != SpliceSupport::Refused;
+        if spliceable {
+            match self.splice_parts(request.seq, &header, data)? {
+                Spliced::Sent => return Ok(()),
+                Spliced::Refused => {
+                    log::info!(
+                        "dm-user channel refuses splice() (module older than target 1.3.0): \
+                         answering reads with writev() (the kernel copies them from user memory)"
+                    );
+                    self.splice = SpliceSupport::Refused;
+                }
+                Spliced::NoPipe => {}
+            }
+        }
         self.write_parts(request.seq, &header, data)
+    }
+
+    /// Allow or forbid splicing answers (allowed by default; forbidding it makes every
+    /// answer a `writev()`, as on a module without splice support: benchmarks compare both).
+    pub fn set_splice(&mut self, allowed: bool) {
+        self.splice = if allowed {
+            SpliceSupport::Unknown
+        } else {
+            SpliceSupport::Refused
+        };
+        if !allowed {
+            self.pipe = None;
+        }
+    }
+
+    /// Whether answers are being spliced (a splice into this channel went through).
+    pub fn splices(&self) -> bool {
+        self.splice == SpliceSupport::Works
+    }
+
+    /// Answer the READ `request` with SUCCESS and `request.len` bytes of `file` at byte
+    /// `offset`, spliced: the file's page-cache pages go into the channel's pipe and the
+    /// kernel copies them into the bio, with no copy through user memory.
+    ///
+    /// Returns `Ok(false)`, with nothing sent, when the answer cannot go this way: no answer
+    /// has been spliced into this channel yet (so whether the module accepts splice is not
+    /// known), the pipe cannot hold the whole answer, or the file could not supply every
+    /// byte (a normal read of the file then reports the problem); the caller answers the
+    /// request as usual. The data is in the pipe before the header is written, so a failing
+    /// file never leaves a half-sent answer.
+    pub fn respond_from_file(
+        &mut self,
+        request: &MessageHeader,
+        file: &File,
+        offset: u64,
+    ) -> Result<bool, ChannelError> {
+        use nix::fcntl::{fcntl, splice, FcntlArg, SpliceFFlags};
+        let Ok(len) = usize::try_from(request.len) else {
+            return Ok(false);
+        };
+        if request.msg_type != DM_USER_REQ_MAP_READ
+            || len == 0
+            || self.splice != SpliceSupport::Works
+        {
+            return Ok(false);
+        }
+        let Some(pipe) = self.pipe.take() else {
+            return Ok(false);
+        };
+        // One pipe slot per page the data touches.
+        let Some(end) = offset.checked_add(request.len) else {
+            return Ok(false);
+        };
+        let pages = end.div_ceil(PAGE_BYTES as u64) - offset / PAGE_BYTES as u64;
+        let capacity = fcntl(&pipe.write, FcntlArg::F_GETPIPE_SZ)
+            .ok()
+            .and_then(|c| u64::try_from(c).ok())
+            .unwrap_or(0);
+        let Ok(mut position) = i64::try_from(offset) else {
+            self.pipe = Some(pipe);
+            return Ok(false);
+        };
+        if pages.saturating_mul(PAGE_BYTES as u64) > capacity {
+            self.pipe = Some(pipe);
+            return Ok(false);
+        }
+        let mut filled = 0usize;
+        while filled < len {
+            match splice(
+                file,
+                Some(&mut position),
+                &pipe.write,
+                None,
+                len - filled,
+                SpliceFFlags::SPLICE_F_NONBLOCK,
+            ) {
+                Ok(n) if n > 0 => filled = filled.saturating_add(n),
+                Err(Errno::EINTR) => {}
+                // End of file, a read error, or a file without splice: the pipe goes away
+                // with what it holds; nothing reached the kernel.
+                _ => return Ok(false),
+            }
+        }
+        let header = request.response(DM_USER_RESP_SUCCESS).to_bytes();
+        self.write_parts(request.seq, &header, &[])?;
+        match self.drain_pipe(&pipe, request.seq, len)? {
+            Spliced::Sent => {
+                self.pipe = Some(pipe);
+                Ok(true)
+            }
+            // Splice worked on this channel before, and the header is out: a refusal now is
+            // the kernel rejecting this answer.
+            Spliced::Refused | Spliced::NoPipe => Err(ChannelError::Rejected { seq: request.seq }),
+        }
+    }
+
+    /// Splice the `queued` bytes of `pipe` (one whole answer) into the channel.
+    fn drain_pipe(
+        &mut self,
+        pipe: &SplicePipe,
+        seq: u64,
+        mut queued: usize,
+    ) -> Result<Spliced, ChannelError> {
+        use nix::fcntl::{splice, SpliceFFlags};
+        let mut first_splice = true;
+        while queued > 0 {
+            match splice(
+                &pipe.read,
+                None,
+                &self.file,
+                None,
+                queued,
+                SpliceFFlags::empty(),
+            ) {
+                Ok(0) => {
+                    return Err(ChannelError::Io {
+                        op: "splice",
+                        source: Errno::EPIPE.into(),
+                    })
+                }
+                Ok(n) => {
+                    queued = queued.saturating_sub(n);
+                    first_splice = false;
+                    self.splice = SpliceSupport::Works;
+                }
+                Err(Errno::EINVAL) if first_splice && self.splice == SpliceSupport::Unknown => {
+                    return Ok(Spliced::Refused)
+                }
+                Err(Errno::ENOTBLK) => return Err(ChannelError::TargetGone),
+                Err(Errno::EINVAL) => return Err(ChannelError::Rejected { seq }),
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => self.wait_for(PollFlags::POLLOUT)?,
+                Err(e) => {
+                    return Err(ChannelError::Io {
+                        op: "splice",
+                        source: e.into(),
+                    })
+                }
+            }
+        }
+        Ok(Spliced::Sent)
+    }
+
+    /// Send `header` and `data` through the channel's pipe: the header written into it,
+    /// the data vmspliced (the pipe refers to `data`'s pages, no copy), then spliced into
+    /// the file, which copies them. The pipe is empty again before this returns `Sent`;
+    /// on an error it is dropped with whatever it held, so no page of `data` stays
+    /// referenced once the borrow ends.
+    fn splice_parts(
+        &mut self,
+        seq: u64,
+        header: &[u8],
+        data: &[u8],
+    ) -> Result<Spliced, ChannelError> {
+        use nix::fcntl::{splice, vmsplice, SpliceFFlags};
+        let pipe = match self.pipe.take() {
+            Some(pipe) => pipe,
+            None => match SplicePipe::new() {
+                Ok(pipe) => pipe,
+                Err(e) => {
+                    log::warn!("no pipe for splicing a dm-user answer ({e}); writing it instead");
+                    return Ok(Spliced::NoPipe);
+                }
+            },
+        };
+        let io = |op: &'static str, e: Errno| ChannelError::Io {
+            op,
+            source: e.into(),
+        };
+        // An empty pipe takes the whole header (fewer than PIPE_BUF bytes) at once.
+        match nix::unistd::write(&pipe.write, header) {
+            Ok(n) if n == header.len() => {}
+            Ok(_) => return Err(io("write header into pipe", Errno::EAGAIN)),
+            Err(e) => return Err(io("write header into pipe", e)),
+        }
+        let mut queued = header.len();
+        let mut vmspliced = 0usize;
+        let mut first_splice = true;
+        while queued > 0 || vmspliced < data.len() {
+            if let Some(rest) = data.get(vmspliced..).filter(|r| !r.is_empty()) {
+                match vmsplice(
+                    &pipe.write,
+                    &[IoSlice::new(rest)],
+                    SpliceFFlags::SPLICE_F_NONBLOCK,
+                ) {
+                    Ok(n) => {
+                        vmspliced = vmspliced.saturating_add(n);
+                        queued = queued.saturating_add(n);
+                    }
+                    // Pipe full: splice out what it holds first.
+                    Err(Errno::EAGAIN | Errno::EINTR) if queued > 0 => {}
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => return Err(io("vmsplice", e)),
+                }
+            }
+            match splice(
+                &pipe.read,
+                None,
+                &self.file,
+                None,
+                queued,
+                SpliceFFlags::empty(),
+            ) {
+                Ok(0) => return Err(io("splice", Errno::EPIPE)),
+                Ok(n) => {
+                    queued = queued.saturating_sub(n);
+                    first_splice = false;
+                    self.splice = SpliceSupport::Works;
+                }
+                // Refused before a byte was taken: the pipe (and its references) go away.
+                Err(Errno::EINVAL) if first_splice && self.splice == SpliceSupport::Unknown => {
+                    return Ok(Spliced::Refused)
+                }
+                Err(Errno::ENOTBLK) => return Err(ChannelError::TargetGone),
+                Err(Errno::EINVAL) => return Err(ChannelError::Rejected { seq }),
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => self.wait_for(PollFlags::POLLOUT)?,
+                Err(e) => return Err(io("splice", e)),
+            }
+        }
+        self.pipe = Some(pipe);
+        Ok(Spliced::Sent)
     }
 
     /// Write `header` then `data` completely, retrying short writes.
@@ -885,6 +1184,178 @@ mod tests {
         assert_eq!(resp.seq, 42);
         assert_eq!(resp.msg_type, DM_USER_RESP_SUCCESS);
         assert_eq!(&got[HEADER_SIZE..], b"hello");
+    }
+
+    /// A READ request for `len` bytes and an answer for it whose bytes depend on `seed`.
+    fn large_read(seq: u64, len: usize, seed: u8) -> (MessageHeader, Vec<u8>) {
+        let req = MessageHeader {
+            seq,
+            msg_type: DM_USER_REQ_MAP_READ,
+            sector: 8,
+            len: len as u64,
+            ..Default::default()
+        };
+        let data = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect();
+        (req, data)
+    }
+
+    fn expect_answer(got: &[u8], seq: u64, data: &[u8]) {
+        let mut head = [0u8; HEADER_SIZE];
+        head.copy_from_slice(&got[..HEADER_SIZE]);
+        let resp = MessageHeader::from_bytes(&head);
+        assert_eq!(resp.seq, seq);
+        assert_eq!(resp.msg_type, DM_USER_RESP_SUCCESS);
+        assert_eq!(got.len(), HEADER_SIZE + data.len());
+        assert!(got[HEADER_SIZE..] == *data, "answer data differs");
+    }
+
+    #[test]
+    fn large_read_answers_are_spliced_and_arrive_whole() {
+        let (mut chan, mut peer) = pair();
+        // 1 MiB + 1 page, with a buffer not page-aligned: more pages than a 1 MiB pipe holds,
+        // so the answer goes out in several splices.
+        for (seq, len, seed) in [(7, (1 << 20) + 4096, 3u8), (8, SPLICE_MIN_PAYLOAD, 9)] {
+            let (req, data) = large_read(seq, len, seed);
+            let reader = std::thread::spawn({
+                let mut peer = peer.try_clone().unwrap();
+                move || {
+                    let mut got = vec![0u8; HEADER_SIZE + len];
+                    peer.read_exact(&mut got).unwrap();
+                    got
+                }
+            });
+            let unaligned = [&[0u8][..], &data].concat();
+            chan.respond(&req, DM_USER_RESP_SUCCESS, &unaligned[1..])
+                .unwrap();
+            expect_answer(&reader.join().unwrap(), seq, &data);
+            assert!(chan.splices(), "a socket accepts splice()");
+        }
+        // Nothing more was sent: the pipe was empty after each answer.
+        peer.set_nonblocking(true).unwrap();
+        let mut extra = [0u8; 1];
+        assert_eq!(
+            peer.read(&mut extra).unwrap_err().kind(),
+            std::io::ErrorKind::WouldBlock
+        );
+    }
+
+    #[test]
+    fn a_file_refusing_splice_gets_the_answer_written_once() {
+        // splice() into an O_APPEND file fails with EINVAL before taking a byte, as it does
+        // on a dm-user module without splice support.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("answers");
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let mut chan = Channel::from_file(file);
+        let (req, data) = large_read(11, 256 << 10, 5);
+        chan.respond(&req, DM_USER_RESP_SUCCESS, &data).unwrap();
+        assert!(!chan.splices());
+        let (req2, data2) = large_read(12, 128 << 10, 6);
+        chan.respond(&req2, DM_USER_RESP_SUCCESS, &data2).unwrap();
+        let got = std::fs::read(&path).unwrap();
+        let (first, second) = got.split_at(HEADER_SIZE + data.len());
+        expect_answer(first, 11, &data);
+        expect_answer(second, 12, &data2);
+    }
+
+    #[test]
+    fn answers_spliced_from_a_file_arrive_whole_and_short_files_send_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("base");
+        let (_, content) = large_read(0, (1 << 20) + 8192, 4);
+        std::fs::write(&path, &content).unwrap();
+        let file = File::open(&path).unwrap();
+        let (mut chan, mut peer) = pair();
+        // Until an answer was spliced into the channel, nothing comes from the file.
+        let (first, data) = large_read(20, SPLICE_MIN_PAYLOAD, 1);
+        assert!(!chan.respond_from_file(&first, &file, 0).unwrap());
+        let reader = std::thread::spawn({
+            let mut peer = peer.try_clone().unwrap();
+            move || {
+                let mut got = vec![0u8; HEADER_SIZE + SPLICE_MIN_PAYLOAD];
+                peer.read_exact(&mut got).unwrap();
+                got
+            }
+        });
+        chan.respond(&first, DM_USER_RESP_SUCCESS, &data).unwrap();
+        expect_answer(&reader.join().unwrap(), 20, &data);
+        // A whole 1 MiB answer at a page-aligned offset, one at an unaligned (sector) offset
+        // where the pipe allows it, and a small one.
+        for (seq, offset, len) in [
+            (21u64, 4096usize, 1usize << 20),
+            (22, 512, (1 << 20) - 8192),
+            (23, 8192, 4096),
+        ] {
+            let (req, _) = large_read(seq, len, 0);
+            let reader = std::thread::spawn({
+                let mut peer = peer.try_clone().unwrap();
+                move || {
+                    let mut got = vec![0u8; HEADER_SIZE + len];
+                    peer.read_exact(&mut got).unwrap();
+                    got
+                }
+            });
+            assert!(chan.respond_from_file(&req, &file, offset as u64).unwrap());
+            expect_answer(&reader.join().unwrap(), seq, &content[offset..offset + len]);
+        }
+        // The file ends before the answer would: nothing is sent, the caller answers.
+        let (req, _) = large_read(24, 16384, 0);
+        let near_end = (content.len() - 4096) as u64;
+        assert!(!chan.respond_from_file(&req, &file, near_end).unwrap());
+        chan.respond(&req, DM_USER_RESP_ERROR, &[]).unwrap();
+        let mut got = [0u8; HEADER_SIZE];
+        peer.read_exact(&mut got).unwrap();
+        let resp = MessageHeader::from_bytes(&got);
+        assert_eq!((resp.seq, resp.msg_type), (24, DM_USER_RESP_ERROR));
+        peer.set_nonblocking(true).unwrap();
+        assert_eq!(
+            peer.read(&mut got).unwrap_err().kind(),
+            std::io::ErrorKind::WouldBlock,
+            "nothing else was sent"
+        );
+    }
+
+    #[test]
+    fn a_channel_refusing_splice_sends_nothing_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base");
+        std::fs::write(&base, vec![7u8; 65536]).unwrap();
+        let answers = dir.path().join("answers");
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&answers)
+            .unwrap();
+        let mut chan = Channel::from_file(out);
+        let (req, _) = large_read(31, 65536, 0);
+        let file = File::open(&base).unwrap();
+        assert!(!chan.respond_from_file(&req, &file, 0).unwrap());
+        assert!(std::fs::read(&answers).unwrap().is_empty());
+        // The first large answer finds splice refused; it and later ones are written, and
+        // nothing comes from the file.
+        chan.respond(&req, DM_USER_RESP_SUCCESS, &[7u8; 65536])
+            .unwrap();
+        assert!(!chan.respond_from_file(&req, &file, 0).unwrap());
+        expect_answer(&std::fs::read(&answers).unwrap(), 31, &[7u8; 65536]);
+    }
+
+    #[test]
+    fn small_and_error_answers_are_written() {
+        let (mut chan, mut peer) = pair();
+        let (req, _) = large_read(3, SPLICE_MIN_PAYLOAD, 1);
+        chan.respond(&req, DM_USER_RESP_ERROR, &[]).unwrap();
+        let (small, data) = large_read(4, 4096, 2);
+        chan.respond(&small, DM_USER_RESP_SUCCESS, &data).unwrap();
+        assert!(!chan.splices(), "neither answer is large enough to splice");
+        let mut got = vec![0u8; 2 * HEADER_SIZE + 4096];
+        peer.read_exact(&mut got).unwrap();
+        expect_answer(&got[HEADER_SIZE..], 4, &data);
     }
 
     #[test]

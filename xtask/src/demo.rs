@@ -5,10 +5,21 @@
 //! COW file `ota-tools create` makes from them, `ota-tools verify`, and the merge a device would
 //! run, done in place on a copy of the base image in the COW's merge order, checked against the
 //! target byte for byte. Then the device half, in the emulator (Debian's 6.12 cloud kernel under
-//! qemu TCG, with our dm-user module): the real `snapuserd` serves the COW over dm-user under
-//! `snapshot <base> <dm-user> P 8`, the whole snapshot device is read and compared with the
-//! target, `snapshot-merge` runs to completion, and the merged base disk is compared with the
-//! target inside the guest and again on the host.
+//! qemu TCG, with our dm-user module).
+//!
+//! User-space-merge mode (the default, Android 13+): `snapuserd -user_snapshot` serves the whole
+//! partition as the dm-user device (`0 S user 0 S <misc>`), the device is compared with the
+//! target, then rounds alternate the figures with their references measured in the same boot
+//! (sequential and random reads against the target on a loop device over tmpfs, the merge
+//! against a plain O_DIRECT copy with fsync of the changed bytes, the daemon's memory), each
+//! round on freshly restored disks (see `tests/vm/src/demo_guest.rs`). The host writes
+//! `build/demo/report.txt`, `build/demo/report.json` (the medians) and
+//! `build/demo/merge-progress.svg` (merge progress over time next to the plain copy).
+//!
+//! Legacy mode (`--legacy`): the daemon serves the COW under
+//! `snapshot <base> <dm-user> P 8`, the snapshot is compared with the target, `snapshot-merge`
+//! runs to completion (one round), and the merged base disk is compared with the target inside
+//! the guest and again on the host.
 
 use std::fs::File;
 use std::io::Read;
@@ -17,6 +28,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::cmd;
+use crate::demo_figures::{self, GuestFigures, Medians};
+use crate::demo_svg::{self, ProgressPlot};
 use crate::deps::{self, KernelSeries};
 use crate::error::{io_err, Result, XtaskError};
 use crate::ext4_images;
@@ -28,32 +41,72 @@ use crate::vm::VmSpec;
 
 const BLOCK: usize = 4096;
 
+/// Default number of rounds in user-space-merge mode.
+const DEFAULT_ROUNDS: usize = 5;
+/// Transport the demo's snapshot device uses.
+const TRANSPORT: &str = "dm-user";
+const DEMO_USAGE: &str = "cargo xtask demo [--legacy] [--rounds N] [--transport dm-user] [--source SRC.img --target TGT.img]";
+
 /// Options of `cargo xtask demo`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DemoOptions {
     /// Old image; generated when absent.
     pub source: Option<PathBuf>,
     /// New image; generated when absent.
     pub target: Option<PathBuf>,
+    /// Run the legacy dm-snapshot mode instead of user-space merge.
+    pub legacy: bool,
+    /// Rounds of the user-space-merge figures (each a fresh merge), 1-20.
+    pub rounds: usize,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        Self {
+            source: None,
+            target: None,
+            legacy: false,
+            rounds: DEFAULT_ROUNDS,
+        }
+    }
 }
 
 impl DemoOptions {
-    /// Parse `[--source SRC.img --target TGT.img]`.
+    /// Parse `[--legacy] [--rounds N] [--transport dm-user] [--source SRC.img --target TGT.img]`.
     pub fn parse(args: &[String]) -> Result<Self> {
         let mut o = Self::default();
         let mut it = args.iter();
         while let Some(a) = it.next() {
             let mut value = |flag: &str| {
                 it.next()
-                    .map(PathBuf::from)
-                    .ok_or_else(|| XtaskError::Usage(format!("{flag} needs a path")))
+                    .cloned()
+                    .ok_or_else(|| XtaskError::Usage(format!("{flag} needs a value")))
             };
             match a.as_str() {
-                "--source" => o.source = Some(value("--source")?),
-                "--target" => o.target = Some(value("--target")?),
+                "--source" => o.source = Some(value("--source")?.into()),
+                "--target" => o.target = Some(value("--target")?.into()),
+                "--legacy" => o.legacy = true,
+                "--rounds" => {
+                    let v = value("--rounds")?;
+                    o.rounds =
+                        v.parse()
+                            .ok()
+                            .filter(|r| (1..=20).contains(r))
+                            .ok_or_else(|| {
+                                XtaskError::Usage(format!("--rounds {v:?}: give 1 to 20"))
+                            })?;
+                }
+                "--transport" => {
+                    let v = value("--transport")?;
+                    if v != TRANSPORT {
+                        return Err(XtaskError::Usage(format!(
+                            "--transport {v:?}: this demo serves the snapshot over {TRANSPORT} only"
+                        )));
+                    }
+                }
                 other => {
                     return Err(XtaskError::Usage(format!(
-                        "unknown argument {other:?}; usage: cargo xtask demo [--source SRC.img --target TGT.img]"
+                        "unknown argument {other:?}; usage: {DEMO_USAGE}"
                     )))
                 }
             }
@@ -67,7 +120,8 @@ impl DemoOptions {
     }
 }
 
-/// Run the demo; prints a report and writes it to `build/demo/report.txt`.
+/// Run the demo; prints a report and writes it to `build/demo/report.txt`, with
+/// `build/demo/report.json` and (user-space-merge mode) `build/demo/merge-progress.svg`.
 pub fn run(repo: &Path, opts: &DemoOptions) -> Result<()> {
     let work = repo.join("build/demo");
     std::fs::create_dir_all(&work).map_err(io_err("create", &work))?;
@@ -75,6 +129,7 @@ pub fn run(repo: &Path, opts: &DemoOptions) -> Result<()> {
         (Some(s), Some(t)) => (s.clone(), t.clone()),
         _ => make_ext4_pair(repo, &work)?,
     };
+    let merge_mode = if opts.legacy { "legacy" } else { "user" };
 
     step("building ota-tools (release)");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -86,11 +141,13 @@ pub fn run(repo: &Path, opts: &DemoOptions) -> Result<()> {
     let tool = repo.join("target/release/ota-tools");
 
     let cow = work.join("update.cow");
-    step("ota-tools create (v3, lz4, 64k compression factor, legacy merge order for the dm-snapshot daemon, all cores)");
+    step(&format!(
+        "ota-tools create (v3, lz4, 64k compression factor, {merge_mode} merge order, all cores)"
+    ));
     let (create_out, create_time) = timed(
         Command::new(&tool)
             .arg("create")
-            .args(["--merge-mode", "legacy"])
+            .args(["--merge-mode", merge_mode])
             .arg("--source")
             .arg(&source)
             .arg("--target")
@@ -104,7 +161,7 @@ pub fn run(repo: &Path, opts: &DemoOptions) -> Result<()> {
     let (verify_out, verify_time) = timed(
         Command::new(&tool)
             .arg("verify")
-            .args(["--merge-mode", "legacy"])
+            .args(["--merge-mode", merge_mode])
             .arg("--source")
             .arg(&source)
             .arg("--target")
@@ -120,7 +177,7 @@ pub fn run(repo: &Path, opts: &DemoOptions) -> Result<()> {
     let (_, merge_time) = timed(
         Command::new(&tool)
             .arg("apply")
-            .args(["--merge-mode", "legacy"])
+            .args(["--merge-mode", merge_mode])
             .arg("--source")
             .arg(&base)
             .arg("--cow")
@@ -143,13 +200,17 @@ pub fn run(repo: &Path, opts: &DemoOptions) -> Result<()> {
         )));
     }
     let changed = first_difference_count(&source, &target, target_len)?;
+    let changed_bytes = changed.saturating_mul(BLOCK as u64);
 
-    let device = device_stage(repo, &source, &target, &cow)?;
+    let device = if opts.legacy {
+        legacy_device_stage(repo, &source, &target, &cow)?
+    } else {
+        user_device_stage(repo, &source, &target, &cow, changed_bytes, opts.rounds)?
+    };
 
     let cow_len = file_len(&cow)?;
-    let changed_bytes = changed.saturating_mul(BLOCK as u64);
     let report = format!(
-        "OTA demo report\n\
+        "OTA demo report ({} mode, {TRANSPORT}, kernel {})\n\
          source image      {}\n\
          target image      {} ({:.1} MiB)\n\
          changed blocks    {changed} ({:.1} MiB)\n\
@@ -158,6 +219,8 @@ pub fn run(repo: &Path, opts: &DemoOptions) -> Result<()> {
          verify time       {}\n\
          in-place merge    {} (merged base == target, byte for byte)\n\
          device stage      {}\n{}",
+        device.mode,
+        device.kernel,
         source.display(),
         target.display(),
         mib(target_len),
@@ -174,7 +237,50 @@ pub fn run(repo: &Path, opts: &DemoOptions) -> Result<()> {
     println!("\n{report}");
     let path = work.join("report.txt");
     std::fs::write(&path, &report).map_err(io_err("write", &path))?;
-    Ok(())
+    let json = report_json(&device, changed_bytes, cow_len);
+    let json_path = work.join("report.json");
+    std::fs::write(&json_path, json).map_err(io_err("write", &json_path))?;
+    step(&format!(
+        "wrote {} and {}",
+        path.display(),
+        json_path.display()
+    ));
+    match device.failure {
+        Some(why) => Err(XtaskError::DemoCheck(why)),
+        None => Ok(()),
+    }
+}
+
+/// `report.json`: the figures named by the issue (numbers as numbers, booleans as booleans,
+/// medians over the rounds), then extra keys (random reads, ratios, per-round figures).
+fn report_json(device: &DeviceStage, changed_bytes: u64, cow_bytes: u64) -> String {
+    let f = &device.json;
+    let value = serde_json::json!({
+        "mode": device.mode,
+        "transport": TRANSPORT,
+        "kernel": device.kernel,
+        "changed_bytes": changed_bytes,
+        "cow_bytes": cow_bytes,
+        "snapshot_equals_target": device.snapshot_equals_target,
+        "base_equals_target": device.base_equals_target,
+        "snapshot_read_mb_s": f.snapshot_read_mb_s,
+        "loop_read_mb_s": f.loop_read_mb_s,
+        "merge_s": f.merge_s,
+        "plain_copy_s": f.plain_copy_s,
+        "daemon_rss_peak_kib": f.rss_peak_kib,
+        "daemon_rss_anon_kib": f.rss_anon_kib,
+        "rounds": f.rounds,
+        "snapshot_read_ratio": f.read_ratio,
+        "snapshot_rand_4k_iops": f.snapshot_rand_iops,
+        "loop_rand_4k_iops": f.loop_rand_iops,
+        "rand_4k_ratio": f.rand_ratio,
+        "merge_over_plain_copy": f.merge_ratio,
+        "per_round": device.per_round,
+        "daemon_memory_by_workers": device.by_workers,
+    });
+    let mut text = serde_json::to_string_pretty(&value).unwrap_or_else(|_| "{}".into());
+    text.push('\n');
+    text
 }
 
 fn step(what: &str) {
@@ -318,17 +424,115 @@ fn make_ext4_pair(repo: &Path, work: &Path) -> Result<(PathBuf, PathBuf)> {
 
 /// What the emulator stage saw.
 struct DeviceStage {
+    /// `user-space-merge` or `legacy`.
+    mode: &'static str,
+    /// The guest kernel's release.
+    kernel: String,
     /// One line: what was checked.
     summary: String,
-    /// The guest's figures (snapshot read throughput, merge time, daemon memory), one per line.
+    /// The guest's figures in plain words, one per line.
     figures: String,
+    /// The whole snapshot device read equal to the target.
+    snapshot_equals_target: bool,
+    /// The merged base equals the target (in the guest and on the host).
+    base_equals_target: bool,
+    /// Why the stage failed, when it did (the report is still written).
+    failure: Option<String>,
+    /// The figures `report.json` carries.
+    json: JsonFigures,
+    /// Each round's figures (user-space-merge mode), for `report.json`.
+    per_round: serde_json::Value,
+    /// The daemon's memory by worker count (user-space-merge mode), for `report.json`.
+    by_workers: serde_json::Value,
+}
+
+/// Figures of `report.json`; NaN (written as null) where not measured.
+#[derive(Debug, Clone, PartialEq)]
+struct JsonFigures {
+    rounds: usize,
+    snapshot_read_mb_s: f64,
+    loop_read_mb_s: f64,
+    read_ratio: f64,
+    snapshot_rand_iops: f64,
+    loop_rand_iops: f64,
+    rand_ratio: f64,
+    merge_s: f64,
+    plain_copy_s: f64,
+    merge_ratio: f64,
+    rss_peak_kib: Option<u64>,
+    rss_anon_kib: Option<u64>,
+}
+
+impl JsonFigures {
+    fn none() -> Self {
+        Self {
+            rounds: 0,
+            snapshot_read_mb_s: f64::NAN,
+            loop_read_mb_s: f64::NAN,
+            read_ratio: f64::NAN,
+            snapshot_rand_iops: f64::NAN,
+            loop_rand_iops: f64::NAN,
+            rand_ratio: f64::NAN,
+            merge_s: f64::NAN,
+            plain_copy_s: f64::NAN,
+            merge_ratio: f64::NAN,
+            rss_peak_kib: None,
+            rss_anon_kib: None,
+        }
+    }
+
+    fn from_medians(m: &Medians) -> Self {
+        Self {
+            rounds: m.rounds,
+            snapshot_read_mb_s: m.snapshot_read_mb_s,
+            loop_read_mb_s: m.loop_read_mb_s,
+            read_ratio: m.read_ratio,
+            snapshot_rand_iops: m.snapshot_rand_iops,
+            loop_rand_iops: m.loop_rand_iops,
+            rand_ratio: m.rand_ratio,
+            merge_s: m.merge_s,
+            plain_copy_s: m.plain_copy_s,
+            merge_ratio: m.merge_ratio,
+            rss_peak_kib: Some(m.rss_peak_kib),
+            rss_anon_kib: Some(m.rss_anon_kib),
+        }
+    }
+
+    /// The legacy guest's single-round figures (the `VMINFO snap-demo` lines).
+    fn from_legacy_lines(lines: &[&str]) -> Self {
+        let mut f = Self::none();
+        for line in lines {
+            if line.starts_with("snapshot-read ") && line.contains("loop device") {
+                f.snapshot_read_mb_s = number_after(line, "snapshot-read ").unwrap_or(f64::NAN);
+                f.loop_read_mb_s = number_after(line, "tmpfs ").unwrap_or(f64::NAN);
+                f.rounds = 1;
+            } else if line.starts_with("snapshot-read ") {
+                f.rss_anon_kib = number_after(line, "RssAnon ").map(|v| v as u64);
+            } else if line.starts_with("merge ") {
+                f.merge_s = number_after(line, "exceptions in ").unwrap_or(f64::NAN);
+                f.rss_peak_kib = number_after(line, "peak VmRSS ").map(|v| v as u64);
+            } else if line.starts_with("plain copy of ") {
+                f.plain_copy_s = number_after(line, "fsync) ").unwrap_or(f64::NAN);
+            }
+        }
+        f.read_ratio = f.snapshot_read_mb_s / f.loop_read_mb_s;
+        f.merge_ratio = f.merge_s / f.plain_copy_s;
+        f
+    }
 }
 
 /// The guest's script: plain (uncoloured) logs, so the serial-console log file holds no
-/// terminal escape codes, then the OTA reboot scenario on the three disks.
-fn demo_init_fragment() -> String {
-    "export RUST_LOG_STYLE=never\n/bin/vmtest snap read-merge demo /dev/vda /dev/vdb /dev/vdc\n"
-        .into()
+/// terminal escape codes, then the OTA reboot scenario on the disks (legacy: base, COW,
+/// target; user-space merge: those and pristine copies of base and COW for later rounds).
+fn demo_init_fragment(legacy: bool, changed_bytes: u64, rounds: usize) -> String {
+    let run = if legacy {
+        "/bin/vmtest snap read-merge demo /dev/vda /dev/vdb /dev/vdc".to_string()
+    } else {
+        format!(
+            "/bin/vmtest demo-usm /dev/vda /dev/vdb /dev/vdc /dev/vdd /dev/vde changed={changed_bytes} rounds={rounds}"
+        )
+    };
+    format!("export RUST_LOG_STYLE=never\n{run}\n")
 }
 
 /// `text` without terminal escape sequences: `ESC [ ... final` (colours, cursor and screen
@@ -465,10 +669,14 @@ fn plain_figures(lines: &[&str]) -> String {
     out
 }
 
-/// Boot the 6.12 kernel with a copy of the base image, the COW and the target as virtio disks,
-/// and run the OTA reboot with the real daemon (`vmtest snap read-merge`, the same guest code as
-/// `cargo xtask vm-snapshot`); then compare the merged base disk with the target on the host.
-fn device_stage(repo: &Path, source: &Path, target: &Path, cow: &Path) -> Result<DeviceStage> {
+/// Build the guest programs and dm-user for 6.12, boot it with `disks` and the demo's script,
+/// keep the log plain text. Returns the run and the kernel release.
+fn boot(
+    repo: &Path,
+    disks: Vec<PathBuf>,
+    init_fragment: String,
+    timeout: Duration,
+) -> Result<(crate::vm::VmRun, String)> {
     let build_root = repo.join("build");
     let _lock = crate::lock_build_dir(&build_root)?;
     step("device stage: building the guest programs and dm-user for the 6.12 kernel");
@@ -482,18 +690,13 @@ fn device_stage(repo: &Path, source: &Path, target: &Path, cow: &Path) -> Result
         ],
     )?;
     let kernel = deps::ensure_kernel(KernelSeries::V6_12)?;
+    let release = kernel.abi.clone();
     let ko = kmod::build_dm_user(repo, &build_root, &kernel)?;
-    let disks = repo.join("build/demo/device");
-    std::fs::create_dir_all(&disks).map_err(io_err("create", &disks))?;
-    let base = disks.join("base.img");
-    let cow_copy = disks.join("update.cow");
-    std::fs::copy(source, &base).map_err(io_err("copy to", &base))?;
-    std::fs::copy(cow, &cow_copy).map_err(io_err("copy to", &cow_copy))?;
-    step("device stage: booting the emulator (snapuserd init/start, dm-user, dm-snapshot, read, merge)");
+    step("device stage: booting the emulator");
     let spec = VmSpec {
         label: "demo".into(),
         kernel,
-        disks: vec![base.clone(), cow_copy, target.to_path_buf()],
+        disks,
         initramfs: InitramfsSpec {
             modules: initramfs::BASE_MODULES
                 .iter()
@@ -501,9 +704,9 @@ fn device_stage(repo: &Path, source: &Path, target: &Path, cow: &Path) -> Result
                 .collect(),
             extra_modules: vec![ko],
             binaries: bins,
-            init_fragment: demo_init_fragment(),
+            init_fragment,
         },
-        timeout: Duration::from_secs(1500),
+        timeout,
         memory_mib: 1024,
         cpus: 2,
         cmdline_extra: String::new(),
@@ -516,37 +719,276 @@ fn device_stage(repo: &Path, source: &Path, target: &Path, cow: &Path) -> Result
             std::fs::write(&run.log_path, plain).map_err(io_err("write", &run.log_path))?;
         }
     }
+    Ok((run, release))
+}
+
+/// Copies of `files` under `build/demo/device` (the emulator writes to its disks).
+fn disk_copies(repo: &Path, files: &[(&Path, &str)]) -> Result<Vec<PathBuf>> {
+    let disks = repo.join("build/demo/device");
+    std::fs::create_dir_all(&disks).map_err(io_err("create", &disks))?;
+    files
+        .iter()
+        .map(|(from, name)| {
+            let to = disks.join(name);
+            std::fs::copy(from, &to).map_err(io_err("copy to", &to))?;
+            Ok(to)
+        })
+        .collect()
+}
+
+/// The text after `marker` on every log line holding it (`\r` removed).
+fn guest_lines<'a>(log: &'a str, marker: &str) -> Vec<&'a str> {
+    log.lines()
+        .filter_map(|l| l.split_once(marker))
+        .map(|(_, rest)| rest.trim_end_matches('\r'))
+        .collect()
+}
+
+/// Legacy mode: boot the 6.12 kernel with a copy of the base image, the COW and the target as
+/// virtio disks, and run the OTA reboot with the real daemon under dm-snapshot (`vmtest snap
+/// read-merge`, the same guest code as `cargo xtask vm-snapshot`); then compare the merged
+/// base disk with the target on the host.
+fn legacy_device_stage(
+    repo: &Path,
+    source: &Path,
+    target: &Path,
+    cow: &Path,
+) -> Result<DeviceStage> {
+    let disks = disk_copies(repo, &[(source, "base.img"), (cow, "update.cow")])?;
+    let base = disks[0].clone();
+    let mut all = disks;
+    all.push(target.to_path_buf());
+    let (run, kernel) = boot(
+        repo,
+        all,
+        demo_init_fragment(true, 0, 1),
+        Duration::from_secs(1500),
+    )?;
     let expected = ["snap-read-demo".to_string(), "snap-merge-demo".to_string()];
     let results = report::evaluate(&run, &expected);
-    if let Some(bad) = results.iter().find(|r| !r.pass) {
-        return Err(XtaskError::DemoCheck(format!(
+    let failed = |name: &str| results.iter().any(|r| r.name == name && !r.pass);
+    let mut failure = results.iter().find(|r| !r.pass).map(|bad| {
+        format!(
             "emulator: {} failed: {} (log: {})",
             bad.name,
             bad.detail,
             run.log_path.display()
-        )));
-    }
+        )
+    });
     let target_len = file_len(target)?;
-    if let Some(block) = first_difference(&base, target, target_len)? {
-        return Err(XtaskError::DemoCheck(format!(
-            "the base disk merged in the emulator differs from the target at block {block}"
-        )));
+    let host_base_ok = first_difference(&base, target, target_len)?.is_none();
+    if !host_base_ok && failure.is_none() {
+        failure = Some("the base disk merged in the emulator differs from the target".into());
     }
-    let guest_lines: Vec<&str> = run
-        .log
-        .lines()
-        .filter_map(|l| l.split_once("VMINFO snap-demo "))
-        .map(|(_, rest)| rest.trim_end_matches('\r'))
-        .collect();
-    let figures = plain_figures(&guest_lines);
+    let lines = guest_lines(&run.log, "VMINFO snap-demo ");
     Ok(DeviceStage {
+        mode: "legacy",
+        kernel,
         summary: format!(
             "snapshot read == target, merge done, base disk == target (guest and host); {:.0} s boot, log {}",
             run.elapsed.as_secs_f64(),
             run.log_path.display()
         ),
-        figures,
+        figures: plain_figures(&lines),
+        snapshot_equals_target: !failed("snap-read-demo")
+            && results.iter().any(|r| r.name == "snap-read-demo"),
+        base_equals_target: host_base_ok && !failed("snap-merge-demo"),
+        failure,
+        json: JsonFigures::from_legacy_lines(&lines),
+        per_round: serde_json::Value::Array(Vec::new()),
+        by_workers: serde_json::Value::Array(Vec::new()),
     })
+}
+
+/// User-space-merge mode: boot with the base, the COW, the target and pristine copies of base
+/// and COW; the guest (`vmtest demo-usm`) runs `rounds` rounds. Then the host compares the
+/// base disk with the target, computes the medians and draws the progress plot.
+fn user_device_stage(
+    repo: &Path,
+    source: &Path,
+    target: &Path,
+    cow: &Path,
+    changed_bytes: u64,
+    rounds: usize,
+) -> Result<DeviceStage> {
+    let disks = disk_copies(
+        repo,
+        &[
+            (source, "base.img"),
+            (cow, "update.cow"),
+            (source, "pristine-base.img"),
+            (cow, "pristine-update.cow"),
+        ],
+    )?;
+    let base = disks[0].clone();
+    let all = vec![
+        disks[0].clone(),
+        disks[1].clone(),
+        target.to_path_buf(),
+        disks[2].clone(),
+        disks[3].clone(),
+    ];
+    let limit = Duration::from_secs(600 + 600 * rounds as u64);
+    let (run, kernel) = boot(
+        repo,
+        all,
+        demo_init_fragment(false, changed_bytes, rounds),
+        limit,
+    )?;
+    let mut expected = vec!["demo-snapshot-read".to_string(), "demo-usm".to_string()];
+    expected.extend((0..rounds).map(|i| format!("demo-merge-round{i}")));
+    let results = report::evaluate(&run, &expected);
+    let passed = |name: &str| results.iter().any(|r| r.name == name && r.pass);
+    let mut failure = results.iter().find(|r| !r.pass).map(|bad| {
+        format!(
+            "emulator: {} failed: {} (log: {})",
+            bad.name,
+            bad.detail,
+            run.log_path.display()
+        )
+    });
+    let target_len = file_len(target)?;
+    let host_base_ok = first_difference(&base, target, target_len)?.is_none();
+    if !host_base_ok && failure.is_none() {
+        failure = Some("the base disk merged in the emulator differs from the target".into());
+    }
+    let guest = demo_figures::parse(&guest_lines(&run.log, "VMDEMO "));
+    let medians = demo_figures::medians(&guest.rounds);
+    let plot = repo.join("build/demo/merge-progress.svg");
+    let plotted = match &medians {
+        Some(m) => write_plot(&plot, &guest, m)?,
+        None => false,
+    };
+    let figures = user_figures(&guest, medians.as_ref(), plotted.then_some(plot.as_path()));
+    let per_round = serde_json::Value::Array(
+        guest
+            .rounds
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "snapshot_read_mb_s": r.snapshot_read_mb_s,
+                    "loop_read_mb_s": r.loop_read_mb_s,
+                    "snapshot_rand_4k_iops": r.snapshot_rand_iops,
+                    "loop_rand_4k_iops": r.loop_rand_iops,
+                    "merge_s": r.merge_s,
+                    "plain_copy_s": r.plain_copy_s,
+                    "daemon_rss_anon_kib": r.rss_anon_kib,
+                    "daemon_rss_serving_kib": r.rss_serving_kib,
+                    "daemon_rss_peak_kib": r.rss_peak_kib,
+                    "daemon_threads": r.threads,
+                })
+            })
+            .collect(),
+    );
+    let by_workers = serde_json::Value::Array(
+        guest
+            .by_workers
+            .iter()
+            .map(|(w, anon, rss)| {
+                serde_json::json!({ "workers": w, "rss_anon_kib": anon, "vm_rss_kib": rss })
+            })
+            .collect(),
+    );
+    Ok(DeviceStage {
+        by_workers,
+        mode: "user-space-merge",
+        kernel,
+        summary: format!(
+            "dm-user device over the whole partition == target, {} merge rounds each leaving base == target (guest), final base disk {} the target (host); {:.0} s boot, log {}",
+            guest.rounds.len(),
+            if host_base_ok { "==" } else { "!=" },
+            run.elapsed.as_secs_f64(),
+            run.log_path.display()
+        ),
+        figures,
+        snapshot_equals_target: passed("demo-snapshot-read"),
+        base_equals_target: host_base_ok && (0..rounds).all(|i| passed(&format!("demo-merge-round{i}"))),
+        failure,
+        json: medians
+            .as_ref()
+            .map(JsonFigures::from_medians)
+            .unwrap_or_else(JsonFigures::none),
+        per_round,
+    })
+}
+
+/// Draw the median round's merge progress; false when that round has no samples.
+fn write_plot(path: &Path, guest: &GuestFigures, m: &Medians) -> Result<bool> {
+    let Some(round) = m.median_merge_round else {
+        return Ok(false);
+    };
+    let (Some(samples), Some(r)) = (
+        guest.progress.get(&round),
+        guest.rounds.iter().find(|r| r.index == round),
+    ) else {
+        return Ok(false);
+    };
+    let title = format!(
+        "user-space merge, round {round} (median of {}): {:.2} s vs plain copy {:.2} s",
+        m.rounds, r.merge_s, r.plain_copy_s
+    );
+    let svg = demo_svg::render(&ProgressPlot {
+        title: &title,
+        samples,
+        merge_s: r.merge_s,
+        plain_copy_s: r.plain_copy_s,
+    });
+    std::fs::write(path, svg).map_err(io_err("write", path))?;
+    Ok(true)
+}
+
+/// The user-space-merge figures in plain words: medians with their references and ratios,
+/// then one line per round.
+fn user_figures(guest: &GuestFigures, m: Option<&Medians>, plot: Option<&Path>) -> String {
+    let Some(m) = m else {
+        return "emulator          no complete round was reported\n".into();
+    };
+    let mut out = format!(
+        "snapshot read     {:.1} MB/s, sequential O_DIRECT 1 MiB (target on a loop device over tmpfs: {:.1} MB/s; ratio {:.2}; medians of {} alternating rounds)\n\
+         random 4 KiB      {:.0} reads/s (loop over tmpfs: {:.0} reads/s; ratio {:.2})\n\
+         merge             {:.2} s (a plain O_DIRECT copy of the changed bytes with fsync: {:.2} s; ratio {:.2})\n\
+         daemon memory     at most {} anonymous while serving, at most {} resident during the merges\n",
+        m.snapshot_read_mb_s,
+        m.loop_read_mb_s,
+        m.read_ratio,
+        m.rounds,
+        m.snapshot_rand_iops,
+        m.loop_rand_iops,
+        m.rand_ratio,
+        m.merge_s,
+        m.plain_copy_s,
+        m.merge_ratio,
+        mib_of_kib(m.rss_anon_kib as f64),
+        mib_of_kib(m.rss_peak_kib as f64),
+    );
+    if let Some(p) = plot {
+        out.push_str(&format!("progress plot     {}\n", p.display()));
+    }
+    for (workers, anon, rss) in &guest.by_workers {
+        out.push_str(&format!(
+            "memory by workers {workers} worker(s): RssAnon {anon} KiB, VmRSS {rss} KiB after a sequential and a random pass\n"
+        ));
+    }
+    for line in &guest.io_lines {
+        out.push_str(&format!("time breakdown    {line}\n"));
+    }
+    for r in &guest.rounds {
+        out.push_str(&format!(
+            "round {}           read {:.1} / loop {:.1} MB/s, random {:.0} / {:.0} reads/s, merge {:.2} s / copy {:.2} s, RssAnon {} KiB, VmRSS {} KiB serving, {} KiB peak, {} threads\n",
+            r.index,
+            r.snapshot_read_mb_s,
+            r.loop_read_mb_s,
+            r.snapshot_rand_iops,
+            r.loop_rand_iops,
+            r.merge_s,
+            r.plain_copy_s,
+            r.rss_anon_kib,
+            r.rss_serving_kib,
+            r.rss_peak_kib,
+            r.threads
+        ));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -609,6 +1051,64 @@ mod tests {
     }
 
     #[test]
+    fn report_json_has_the_named_keys_with_their_types() {
+        let guest = demo_figures::parse(&[
+            "round 0 snapshot_read_mb_s 300 loop_read_mb_s 600 snapshot_rand_iops 900 loop_rand_iops 1000 merge_s 1.5 plain_copy_s 1.0 rss_anon_kib 4000 rss_serving_kib 9000 rss_peak_kib 12000 threads 7",
+        ]);
+        let m = demo_figures::medians(&guest.rounds).unwrap();
+        let mut json = JsonFigures::from_medians(&m);
+        json.loop_rand_iops = f64::NAN;
+        let device = DeviceStage {
+            mode: "user-space-merge",
+            kernel: "6.12.0-test".into(),
+            summary: String::new(),
+            figures: String::new(),
+            snapshot_equals_target: true,
+            base_equals_target: false,
+            failure: None,
+            json,
+            per_round: serde_json::Value::Array(Vec::new()),
+            by_workers: serde_json::Value::Array(Vec::new()),
+        };
+        let v: serde_json::Value = serde_json::from_str(&report_json(&device, 4096, 1234)).unwrap();
+        for key in ["mode", "transport", "kernel"] {
+            assert!(v[key].is_string(), "{key}: {}", v[key]);
+        }
+        for key in [
+            "changed_bytes",
+            "cow_bytes",
+            "snapshot_read_mb_s",
+            "loop_read_mb_s",
+            "merge_s",
+            "plain_copy_s",
+            "daemon_rss_peak_kib",
+            "daemon_rss_anon_kib",
+        ] {
+            assert!(v[key].is_number(), "{key}: {}", v[key]);
+        }
+        assert_eq!(v["snapshot_equals_target"], serde_json::Value::Bool(true));
+        assert_eq!(v["base_equals_target"], serde_json::Value::Bool(false));
+        assert_eq!(v["transport"], "dm-user");
+        assert_eq!(v["snapshot_read_ratio"].as_f64(), Some(0.5));
+        assert_eq!(v["merge_over_plain_copy"].as_f64(), Some(1.5));
+        assert_eq!(v["daemon_rss_anon_kib"].as_u64(), Some(4000));
+        assert!(v["loop_rand_4k_iops"].is_null(), "not measured is null");
+    }
+
+    #[test]
+    fn options_parse_mode_rounds_and_transport() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let o = DemoOptions::parse(&args(&[])).unwrap();
+        assert!(!o.legacy && o.rounds == DEFAULT_ROUNDS);
+        let o = DemoOptions::parse(&args(&["--legacy", "--rounds", "7"])).unwrap();
+        assert!(o.legacy && o.rounds == 7);
+        assert!(DemoOptions::parse(&args(&["--transport", "dm-user"])).is_ok());
+        assert!(DemoOptions::parse(&args(&["--transport", "nbd"])).is_err());
+        assert!(DemoOptions::parse(&args(&["--rounds", "0"])).is_err());
+        assert!(DemoOptions::parse(&args(&["--source", "a.img"])).is_err());
+    }
+
+    #[test]
     fn terminal_escapes_are_removed_from_the_log() {
         let raw = "\u{1b}c\u{1b}[?7l\u{1b}[2J\u{1b}[0mSeaBIOS\r\n\u{1b}[32mINFO\u{1b}[0m serving [1.0] x\n";
         assert_eq!(
@@ -623,7 +1123,12 @@ mod tests {
 
     #[test]
     fn the_guest_logs_without_colour_codes() {
-        let fragment = demo_init_fragment();
+        let fragment = demo_init_fragment(false, 4096, 5);
+        assert!(
+            fragment.contains("demo-usm") && fragment.contains("rounds=5"),
+            "{fragment}"
+        );
+        let fragment = demo_init_fragment(true, 0, 1);
         let style = fragment.find("RUST_LOG_STYLE=never").expect("plain logs");
         assert!(style < fragment.find("/bin/vmtest").unwrap(), "{fragment}");
     }

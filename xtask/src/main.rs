@@ -8,7 +8,8 @@
 //! * `cargo xtask vm-snapshot [--kernel 6.1|6.12] [--timeout SECS]` runs the snapshot scenarios
 //!   with the real `snapuserd` daemon (see `snapshot_scenarios.rs`).
 //! * `cargo xtask kernel-check` runs `kernel/scripts/check-style.sh`.
-//! * `cargo xtask demo [--source SRC.img --target TGT.img]` runs the OTA demo (see `demo.rs`).
+//! * `cargo xtask demo [--legacy] [--rounds N] [--source SRC.img --target TGT.img]` runs the OTA
+//!   demo (see `demo.rs`), user-space-merge mode unless `--legacy`.
 //! * `cargo xtask test [--only STAGE]...` runs everything: the workspace's tests, the kernel
 //!   style checks, the dm-user emulator tests and the snapuserd snapshot scenarios on both
 //!   kernels, each stage even after a failed one, and ends with one line `N passed, N failed`
@@ -17,6 +18,8 @@
 
 mod cmd;
 mod demo;
+mod demo_figures;
+mod demo_svg;
 mod deps;
 mod error;
 mod ext4_images;

@@ -958,6 +958,10 @@ impl RequestHandler for UserServing {
     fn handle(&self, req: &Request, write_payload: &[u8], read_out: &mut Vec<u8>) -> ResponseCode {
         self.target.handle(req, write_payload, read_out)
     }
+
+    fn read_from_file(&self, req: &Request) -> Option<(&std::fs::File, u64)> {
+        self.target.read_from_file(req)
+    }
 }
 
 impl SnapshotTarget for UserServing {

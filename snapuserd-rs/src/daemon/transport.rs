@@ -7,8 +7,11 @@
 //! the worker keeps it, unprocessed and unanswered, serves later requests (dm-user lets a
 //! channel answer out of order), and offers it again each time the worker is woken.
 //!
-//! Workers sleep in `poll` on two fds: the channel, and the worker's own eventfd
-//! ([`WorkerControl`]). Nothing ticks: a request, a stop, or a wake-up (the handler's hold
+//! Workers sleep in `epoll_wait` on two fds: the channel, registered with `EPOLLEXCLUSIVE`,
+//! and the worker's own eventfd ([`WorkerControl`]). All channels of a target share one
+//! kernel wait queue, so without `EPOLLEXCLUSIVE` every request would wake every worker of
+//! the handler; with it a request wakes one sleeping worker. Where an exclusive epoll cannot
+//! be set up the worker sleeps in `poll` instead (every worker woken). Nothing ticks: a request, a stop, or a wake-up (the handler's hold
 //! condition changed) is what runs a worker. Every request read is answered, except when
 //! the channel itself can no longer carry the answer. A worker ends when its target is gone
 //! (`ENOTBLK`, or end of stream on a test transport), when it is stopped (held requests are
@@ -27,6 +30,7 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use thiserror::Error;
 
@@ -96,6 +100,16 @@ pub trait RequestHandler: Send + Sync {
     fn hold(&self, req: &Request) -> bool {
         let _ = req;
         false
+    }
+
+    /// For a READ whose every byte is, unchanged, at one place of one file: that file and
+    /// the byte offset. The transport may then splice the answer from the file's page cache
+    /// (no copy through the daemon's memory) instead of calling [`RequestHandler::handle`];
+    /// the bytes there must stay what `handle` would return for as long as the handler
+    /// lives. The default names no file.
+    fn read_from_file(&self, req: &Request) -> Option<(&std::fs::File, u64)> {
+        let _ = req;
+        None
     }
 }
 
@@ -213,7 +227,61 @@ enum Event {
     Control,
 }
 
-/// Sleep until the channel or the control has something. A signal only restarts the wait.
+/// Epoll token of the channel.
+const CHANNEL_TOKEN: u64 = 1;
+/// Epoll token of the worker's control eventfd.
+const CONTROL_TOKEN: u64 = 2;
+
+/// Where a worker sleeps: an epoll instance watching its channel with `EPOLLEXCLUSIVE` (a
+/// request wakes one sleeping worker of the target, not all) and its control eventfd.
+struct Sleeper {
+    epoll: Epoll,
+}
+
+impl Sleeper {
+    fn new(channel: &Channel, control: &WorkerControl) -> nix::Result<Self> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        epoll.add(
+            channel.as_fd(),
+            EpollEvent::new(
+                EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE,
+                CHANNEL_TOKEN,
+            ),
+        )?;
+        epoll.add(
+            control.wake.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, CONTROL_TOKEN),
+        )?;
+        Ok(Self { epoll })
+    }
+
+    /// Sleep until the channel or the control has something. A signal only restarts the wait.
+    fn wait(&self) -> Result<Event, ChannelError> {
+        loop {
+            let mut events = [EpollEvent::empty(); 2];
+            let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    return Err(ChannelError::Io {
+                        op: "epoll_wait",
+                        source: e.into(),
+                    })
+                }
+            };
+            let got = events.get(..n).unwrap_or_default();
+            if got.iter().any(|e| e.data() == CONTROL_TOKEN) {
+                return Ok(Event::Control);
+            }
+            if got.iter().any(|e| e.data() == CHANNEL_TOKEN) {
+                return Ok(Event::Channel);
+            }
+        }
+    }
+}
+
+/// Sleep until the channel or the control has something, in `poll` (the fallback when no
+/// exclusive epoll could be set up). A signal only restarts the wait.
 fn wait(channel: &Channel, control: &WorkerControl) -> Result<Event, ChannelError> {
     loop {
         let mut fds = [
@@ -279,6 +347,16 @@ pub fn serve_channel(
             answered,
         };
     }
+    let sleeper = match Sleeper::new(&channel, control) {
+        Ok(sleeper) => Some(sleeper),
+        Err(e) => {
+            log::warn!(
+                "dm-user worker: no exclusive epoll ({e}); sleeping in poll(), so every \
+                 request wakes every worker of this handler"
+            );
+            None
+        }
+    };
     let mut payload = Vec::new();
     let mut data = Vec::new();
     let mut held: Vec<Held> = Vec::new();
@@ -302,7 +380,11 @@ pub fn serve_channel(
         if stopping {
             break WorkerExit::Stopped;
         }
-        match wait(&channel, control) {
+        let woken = match &sleeper {
+            Some(sleeper) => sleeper.wait(),
+            None => wait(&channel, control),
+        };
+        match woken {
             Ok(Event::Control) => {
                 control.clear();
                 continue;
@@ -382,7 +464,25 @@ fn answer(
     payload: &[u8],
     data: &mut Vec<u8>,
 ) -> Result<(), WorkerExit> {
-    let status = handler.handle(&header.request(), payload, data);
+    let request = header.request();
+    if header.msg_type == DM_USER_REQ_MAP_READ {
+        if let Some((file, offset)) = handler.read_from_file(&request) {
+            match channel.respond_from_file(header, file, offset) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(ChannelError::TargetGone) => return Err(WorkerExit::TargetGone),
+                Err(e) => {
+                    log::error!(
+                        "dm-user worker: answering seq {} from the file: {}",
+                        header.seq,
+                        ErrorChain(&e)
+                    );
+                    return Err(WorkerExit::ChannelFailed);
+                }
+            }
+        }
+    }
+    let status = handler.handle(&request, payload, data);
     let body: &[u8] = if status == ResponseCode::Success && header.msg_type == DM_USER_REQ_MAP_READ
     {
         data

@@ -92,6 +92,11 @@ impl RequestHandler for ServedUserSnapshot {
         self.follow_handoff();
         self.snapshot.handle(req, write_payload, read_out)
     }
+
+    fn read_from_file(&self, req: &Request) -> Option<(&std::fs::File, u64)> {
+        self.follow_handoff();
+        self.snapshot.read_from_file(req)
+    }
 }
 
 impl UserMergeTarget for ServedUserSnapshot {

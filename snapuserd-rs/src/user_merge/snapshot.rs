@@ -542,6 +542,23 @@ impl UserSnapshot {
         self.read_checked(sector * SECTOR, out)
     }
 
+    /// For a READ inside the device whose every block is read from the base device
+    /// (unchanged by the COW, or merged): the base device and the byte offset. Such blocks
+    /// stay as they are on the base (the merge writes only changed blocks not yet merged),
+    /// so the transport may splice the answer from the base's page cache.
+    pub fn read_from_file(&self, req: &Request) -> Option<(&File, u64)> {
+        if req.kind != DM_USER_REQ_MAP_READ || req.len == 0 {
+            return None;
+        }
+        self.check_range(req.sector, req.len).ok()?;
+        let start = req.sector.checked_mul(SECTOR)?;
+        let end = start.checked_add(req.len)?;
+        let merged = self.merged.load(Ordering::Acquire);
+        let from_base = (start / BLOCK_U64..end.div_ceil(BLOCK_U64))
+            .all(|block| self.map.entry(block).filter(|&e| e >= merged).is_none());
+        from_base.then_some((&self.base, start))
+    }
+
     pub(crate) fn read_base(&self, offset: u64, out: &mut [u8]) -> Result<(), UserReadError> {
         std::os::unix::fs::FileExt::read_exact_at(&self.base, out, offset).map_err(|source| {
             UserReadError::Base {
@@ -681,5 +698,9 @@ impl UserSnapshot {
 impl crate::daemon::transport::RequestHandler for UserSnapshot {
     fn handle(&self, req: &Request, write_payload: &[u8], read_out: &mut Vec<u8>) -> ResponseCode {
         UserSnapshot::handle(self, req, write_payload, read_out)
+    }
+
+    fn read_from_file(&self, req: &Request) -> Option<(&File, u64)> {
+        UserSnapshot::read_from_file(self, req)
     }
 }

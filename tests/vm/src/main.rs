@@ -4,10 +4,12 @@
 //! * `vmtest run-all [--filter S]` — run each test in its own process, print `VMTEST <name> PASS|FAIL <detail>`;
 //! * `vmtest run <name>` — run one test in this process;
 //! * `vmtest bench` — dm-user vs loop-over-tmpfs reads, prints `VMBENCH` lines;
-//! * `vmtest snap SCENARIO ...` — snapshot scenarios with the real daemon (`snapshot_cases.rs`).
+//! * `vmtest snap SCENARIO ...` — snapshot scenarios with the real daemon (`snapshot_cases.rs`);
+//! * `vmtest demo-usm ...` — the OTA demo in user-space-merge mode (`demo_guest.rs`).
 
 mod bench;
 mod cases;
+mod demo_guest;
 mod harness;
 mod ramd;
 mod snapshot_cases;
@@ -144,6 +146,7 @@ fn main() -> ExitCode {
             }
         }
         "snap" => snapshot_cases::main(&args[1..]),
+        "demo-usm" => demo_guest::main(&args[1..]),
         "helper-hang" => report_helper(cases::helper_hang(
             args.get(1).map(String::as_str).unwrap_or(""),
         )),

@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use snapuserd::dm_user::{
     Channel, ChannelError, MessageHeader, Received, DM_USER_REQ_MAP_DISCARD, DM_USER_REQ_MAP_READ,
@@ -30,6 +30,8 @@ pub struct Stats {
     pub max_len: AtomicU64,
     /// Union of the flag bits of every request.
     pub flags_seen: AtomicU64,
+    /// Nanoseconds spent answering READs (the `respond` call: header and data written back).
+    pub read_respond_ns: AtomicU64,
 }
 
 /// The backing store shared by all channels of one device.
@@ -85,7 +87,11 @@ impl RamDisk {
             DM_USER_REQ_MAP_READ => {
                 s.reads.fetch_add(1, Ordering::Relaxed);
                 let data = self.data.read().unwrap();
-                chan.respond(h, DM_USER_RESP_SUCCESS, &data[range])
+                let started = Instant::now();
+                let sent = chan.respond(h, DM_USER_RESP_SUCCESS, &data[range]);
+                let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                s.read_respond_ns.fetch_add(ns, Ordering::Relaxed);
+                sent
             }
             DM_USER_REQ_MAP_WRITE => {
                 if payload.len() != range.len() {
@@ -146,9 +152,20 @@ pub struct Daemon {
 impl Daemon {
     /// Open `threads` channels on `/dev/dm-user/<name>` and serve `disk`.
     pub fn start(name: &str, disk: Arc<RamDisk>, threads: usize) -> Result<Self, ChannelError> {
+        Self::start_with(name, disk, threads, true)
+    }
+
+    /// As [`Daemon::start`], with answers spliced (`splice`) or always written.
+    pub fn start_with(
+        name: &str,
+        disk: Arc<RamDisk>,
+        threads: usize,
+        splice: bool,
+    ) -> Result<Self, ChannelError> {
         let mut handles = Vec::new();
         for _ in 0..threads {
-            let chan = Channel::open(name, Duration::from_secs(5))?;
+            let mut chan = Channel::open(name, Duration::from_secs(5))?;
+            chan.set_splice(splice);
             let d = disk.clone();
             handles.push(std::thread::spawn(move || serve(chan, &d)));
         }

@@ -1,0 +1,728 @@
+//! The OTA demo in user-space-merge mode, run by `cargo xtask demo` inside the emulator.
+//!
+//! `vmtest demo-usm <base> <cow> <target> <pristine-base> <pristine-cow> changed=<bytes> [rounds=<n>]`
+//!
+//! The dm-user device is the whole partition (`0 S user 0 S <misc>`, S the base device's
+//! size): `snapuserd -user_snapshot`, 5-field `init` (source and base are the same device, as
+//! on a Virtual A/B device), `start`. Round 0 compares the whole device with the target. Each
+//! round then measures, alternating with the reference measured in the same boot:
+//!
+//! * sequential O_DIRECT 1 MiB reads of the whole device, against the target on a loop device
+//!   over tmpfs;
+//! * random O_DIRECT 4 KiB reads (the same offsets on both);
+//! * the daemon's RssAnon and VmRSS while serving;
+//! * the merge: `initiate_merge`, `merge_percent` and `getstatus` polled (each sample printed
+//!   for the progress plot), the daemon's peak VmRSS sampled, until
+//!   `snapshot-merge-complete`; then the base is compared with the target;
+//! * a plain O_DIRECT copy of `changed` bytes with fsync onto the merged base (which already
+//!   equals the target, so nothing changes): the merge's reference.
+//!
+//! Before every round after the first, the base and COW disks are restored from their
+//! pristine copies, and a new daemon serves a new device. Results are `VMTEST demo-*` lines
+//! and `VMDEMO` lines the host turns into `report.json` and the progress plot.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use dm_ioctl::{DmControl, TableEntry};
+
+use crate::harness::AlignedBuf;
+
+type Res<T> = Result<T, String>;
+
+/// Read size of the sequential reads and copies.
+const IO_SIZE: usize = 1 << 20;
+/// Random 4 KiB reads per device and round.
+const RANDOM_READS: u64 = 2_000;
+/// Longest wait for one merge.
+const MERGE_LIMIT: Duration = Duration::from_secs(900);
+/// Interval between merge progress samples.
+const SAMPLE_EVERY: Duration = Duration::from_millis(50);
+/// Control name of the demo's handler.
+const MISC: &str = "demo";
+/// Device-mapper name of the demo's dm-user device.
+const DM_NAME: &str = "demo-user";
+
+/// Arguments of `vmtest demo-usm`.
+struct Args {
+    base: PathBuf,
+    cow: PathBuf,
+    target: PathBuf,
+    pristine_base: PathBuf,
+    pristine_cow: PathBuf,
+    changed: u64,
+    rounds: usize,
+}
+
+impl Args {
+    fn parse(args: &[String]) -> Res<Self> {
+        let path = |i: usize| -> Res<PathBuf> {
+            args.get(i)
+                .map(PathBuf::from)
+                .ok_or_else(|| "usage: vmtest demo-usm BASE COW TARGET PRISTINE_BASE PRISTINE_COW changed=BYTES [rounds=N]".to_string())
+        };
+        let value = |key: &str| {
+            args.iter()
+                .skip(5)
+                .find_map(|a| a.strip_prefix(key).and_then(|v| v.parse::<u64>().ok()))
+        };
+        Ok(Self {
+            base: path(0)?,
+            cow: path(1)?,
+            target: path(2)?,
+            pristine_base: path(3)?,
+            pristine_cow: path(4)?,
+            changed: value("changed=").ok_or("changed=BYTES is missing")?,
+            rounds: value("rounds=")
+                .and_then(|r| usize::try_from(r).ok())
+                .filter(|r| (1..=20).contains(r))
+                .unwrap_or(5),
+        })
+    }
+}
+
+/// A running `snapuserd -user_snapshot` with its control socket.
+struct Daemon {
+    child: Child,
+    sock: PathBuf,
+}
+
+impl Daemon {
+    /// `snapuserd -user_snapshot`, with `-worker_count=N` when `workers` is given.
+    fn start(workers: Option<u32>) -> Res<Self> {
+        let sock = PathBuf::from("/run/snapuserd-demo.sock");
+        let _ = std::fs::create_dir_all("/run");
+        let _ = std::fs::remove_file(&sock);
+        let mut cmd = Command::new("/bin/snapuserd");
+        cmd.arg(format!("-socket={}", sock.display()))
+            .arg("-user_snapshot");
+        if let Some(n) = workers {
+            cmd.arg(format!("-worker_count={n}"));
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("spawn /bin/snapuserd: {e}"))?;
+        let d = Self { child, sock };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&d.sock).is_err() {
+            if Instant::now() > deadline {
+                return Err(format!("daemon socket {} never appeared", d.sock.display()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(d)
+    }
+
+    /// Send one command on a new connection and read the reply (bounded).
+    fn command(&self, cmd: &str) -> Res<String> {
+        let mut s = UnixStream::connect(&self.sock).map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(cmd.as_bytes())
+            .map_err(|e| format!("send {cmd:?}: {e}"))?;
+        let mut buf = [0u8; 512];
+        let n = s
+            .read(&mut buf)
+            .map_err(|e| format!("reply to {cmd:?}: {e}"))?;
+        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    }
+
+    /// A `/proc/<pid>/status` figure in KiB (`VmRSS:`, `RssAnon:` ...).
+    fn status_kib(&self, field: &str) -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        s.lines()
+            .find(|l| l.starts_with(field))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
+    /// The daemon's threads (`Threads:` of its status).
+    fn threads(&self) -> u64 {
+        self.status_kib("Threads:").unwrap_or(0)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.try_wait();
+        }
+    }
+}
+
+/// The daemon and its dm-user device for one round.
+struct Device {
+    dm: DmControl,
+    path: PathBuf,
+    daemon: Daemon,
+}
+
+impl Device {
+    /// dm-user device over the whole base, then `init` (5 fields) and `start`.
+    fn bring_up(a: &Args, base_sectors: u64, workers: Option<u32>) -> Res<Self> {
+        let dm = DmControl::open().map_err(|e| format!("open /dev/mapper/control: {e}"))?;
+        let daemon = Daemon::start(workers)?;
+        let info = dm
+            .create_device(DM_NAME, &[TableEntry::dm_user(0, base_sectors, MISC)])
+            .map_err(|e| format!("create {DM_NAME}: {e}"))?;
+        let path = dm
+            .ensure_node(&info)
+            .map_err(|e| format!("node of {DM_NAME}: {e}"))?;
+        let dev = Self { dm, path, daemon };
+        let base = a.base.display();
+        let init = format!("init,{MISC},{},{base},{base}", a.cow.display());
+        let reply = dev.daemon.command(&init)?;
+        let sectors = reply
+            .strip_prefix("success,")
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .ok_or_else(|| format!("{init} -> {reply:?}"))?;
+        if sectors != base_sectors {
+            return Err(format!(
+                "init replied {sectors} sectors, the base device has {base_sectors}"
+            ));
+        }
+        let start = dev.daemon.command(&format!("start,{MISC}"))?;
+        if start != "success" {
+            return Err(format!("start,{MISC} -> {start:?}"));
+        }
+        Ok(dev)
+    }
+
+    /// Remove the device, `delete` the handler, stop the daemon.
+    fn tear_down(self) -> Res<()> {
+        let mut removed = self.dm.remove(DM_NAME);
+        for _ in 0..50 {
+            if removed.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            removed = self.dm.remove(DM_NAME);
+        }
+        removed.map_err(|e| format!("remove {DM_NAME}: {e}"))?;
+        let _ = self.daemon.command(&format!("delete,{MISC}"));
+        drop(self.daemon);
+        Ok(())
+    }
+}
+
+fn dev_bytes(path: &Path) -> Res<u64> {
+    let mut f = File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0))
+        .map_err(|e| format!("size of {}: {e}", path.display()))
+}
+
+fn open_direct(path: &Path, write: bool) -> Res<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| format!("open {} O_DIRECT: {e}", path.display()))
+}
+
+/// Compare `len` bytes of `dev` with `want` (both O_DIRECT, 1 MiB at a time).
+fn compare(what: &str, dev: &Path, want: &Path, len: u64) -> Res<()> {
+    let fd = open_direct(dev, false)?;
+    let fw = open_direct(want, false)?;
+    let mut a = AlignedBuf::new(IO_SIZE);
+    let mut b = AlignedBuf::new(IO_SIZE);
+    let mut off = 0u64;
+    while off < len {
+        let n = usize::try_from((len - off).min(IO_SIZE as u64)).unwrap_or(IO_SIZE);
+        fd.read_exact_at(&mut a.as_mut()[..n], off)
+            .map_err(|e| format!("{what}: read {} at {off}: {e}", dev.display()))?;
+        fw.read_exact_at(&mut b.as_mut()[..n], off)
+            .map_err(|e| format!("{what}: read {} at {off}: {e}", want.display()))?;
+        if let Some(i) = a.as_ref()[..n]
+            .iter()
+            .zip(&b.as_ref()[..n])
+            .position(|(x, y)| x != y)
+        {
+            let at = off + i as u64;
+            return Err(format!(
+                "{what}: {} differs from {} at byte {at} (block {})",
+                dev.display(),
+                want.display(),
+                at / 4096
+            ));
+        }
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// Copy `len` bytes (rounded down to whole sectors) of `from` onto `to` at the same offsets
+/// (O_DIRECT, 1 MiB), then fsync; returns the time taken.
+fn copy_direct(from: &Path, to: &Path, len: u64) -> Res<Duration> {
+    let src = open_direct(from, false)?;
+    let dst = open_direct(to, true)?;
+    let len = len / 512 * 512;
+    let mut a = AlignedBuf::new(IO_SIZE);
+    let t = Instant::now();
+    let mut off = 0u64;
+    while off < len {
+        let n = usize::try_from((len - off).min(IO_SIZE as u64)).unwrap_or(IO_SIZE);
+        src.read_exact_at(&mut a.as_mut()[..n], off)
+            .map_err(|e| format!("read {} at {off}: {e}", from.display()))?;
+        dst.write_all_at(&a.as_ref()[..n], off)
+            .map_err(|e| format!("write {} at {off}: {e}", to.display()))?;
+        off += n as u64;
+    }
+    dst.sync_all()
+        .map_err(|e| format!("fsync {}: {e}", to.display()))?;
+    Ok(t.elapsed())
+}
+
+/// Sequential O_DIRECT 1 MiB reads of `len` bytes of `dev`: MB/s.
+fn sequential_mb_s(dev: &Path, len: u64) -> Res<f64> {
+    let f = open_direct(dev, false)?;
+    let mut a = AlignedBuf::new(IO_SIZE);
+    let t = Instant::now();
+    let mut off = 0u64;
+    while off < len {
+        let n = usize::try_from((len - off).min(IO_SIZE as u64)).unwrap_or(IO_SIZE);
+        f.read_exact_at(&mut a.as_mut()[..n], off)
+            .map_err(|e| format!("read {} at {off}: {e}", dev.display()))?;
+        off += n as u64;
+    }
+    Ok(len as f64 / 1e6 / t.elapsed().as_secs_f64().max(1e-9))
+}
+
+/// Random O_DIRECT 4 KiB reads within `len` bytes of `dev` (offsets from `seed`): reads/s.
+fn random_iops(dev: &Path, len: u64, seed: u64) -> Res<f64> {
+    let f = open_direct(dev, false)?;
+    let mut a = AlignedBuf::new(4096);
+    let blocks = (len / 4096).max(1);
+    let mut x = seed | 1;
+    let t = Instant::now();
+    for _ in 0..RANDOM_READS {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let off = (x % blocks) * 4096;
+        f.read_exact_at(a.as_mut(), off)
+            .map_err(|e| format!("random read {} at {off}: {e}", dev.display()))?;
+    }
+    Ok(RANDOM_READS as f64 / t.elapsed().as_secs_f64().max(1e-9))
+}
+
+/// Counters of one block device from `/proc/diskstats`: reads, sectors read, writes,
+/// sectors written, flushes, milliseconds spent flushing, milliseconds busy.
+#[derive(Clone, Copy, Default)]
+struct DiskCounters {
+    reads: u64,
+    read_sectors: u64,
+    writes: u64,
+    write_sectors: u64,
+    flushes: u64,
+    flush_ms: u64,
+    busy_ms: u64,
+}
+
+impl DiskCounters {
+    /// The counters of `dev` (`/dev/vda` -> `vda`); zero when not found.
+    fn of(dev: &Path) -> Self {
+        let name = dev
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let text = std::fs::read_to_string("/proc/diskstats").unwrap_or_default();
+        for line in text.lines() {
+            let f: Vec<u64> = line
+                .split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            if line.split_whitespace().nth(2) != Some(name.as_str()) {
+                continue;
+            }
+            // major minor (name) reads merged sectors ms writes merged sectors ms inflight
+            // io_ms weighted discards merged sectors ms flushes flush_ms
+            let at = |i: usize| f.get(i).copied().unwrap_or(0);
+            return Self {
+                reads: at(2),
+                read_sectors: at(4),
+                writes: at(6),
+                write_sectors: at(8),
+                busy_ms: at(11),
+                flushes: at(17),
+                flush_ms: at(18),
+            };
+        }
+        Self::default()
+    }
+
+    /// What happened between `self` and `later`, as `key value` pairs prefixed `tag_`.
+    fn delta(&self, later: &Self, tag: &str) -> String {
+        format!(
+            "{tag}_reads {} {tag}_read_kib {} {tag}_writes {} {tag}_write_kib {} {tag}_flushes {} {tag}_flush_ms {} {tag}_busy_ms {}",
+            later.reads.saturating_sub(self.reads),
+            later.read_sectors.saturating_sub(self.read_sectors) / 2,
+            later.writes.saturating_sub(self.writes),
+            later.write_sectors.saturating_sub(self.write_sectors) / 2,
+            later.flushes.saturating_sub(self.flushes),
+            later.flush_ms.saturating_sub(self.flush_ms),
+            later.busy_ms.saturating_sub(self.busy_ms),
+        )
+    }
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ, 100 in the x86 Linux ABI).
+const USER_HZ: f64 = 100.0;
+
+/// CPU time (user + system) of process `pid` and all its threads, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|w| w.parse().unwrap_or(0))
+        .collect();
+    // rest[0] is the state; utime and stime are fields 14 and 15 of the whole line.
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+/// Per thread of process `pid`: (thread id, name, user ticks, system ticks).
+fn thread_ticks(pid: u32) -> Vec<(String, String, u64, u64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|task| {
+            let tid = task.file_name().to_string_lossy().into_owned();
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            let (head, rest) = stat.rsplit_once(')')?;
+            let name = head.split_once('(')?.1.to_string();
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .map(|w| w.parse().unwrap_or(0))
+                .collect();
+            Some((tid, name, f.get(11).copied()?, f.get(12).copied()?))
+        })
+        .collect()
+}
+
+/// `name:user_s/system_s` of each thread that used CPU between `before` and `after`.
+fn thread_cpu_delta(
+    before: &[(String, String, u64, u64)],
+    after: &[(String, String, u64, u64)],
+) -> String {
+    let mut out = Vec::new();
+    for (tid, name, user, system) in after {
+        let (u0, s0) = before
+            .iter()
+            .find(|b| &b.0 == tid)
+            .map(|b| (b.2, b.3))
+            .unwrap_or((0, 0));
+        let (du, ds) = (user.saturating_sub(u0), system.saturating_sub(s0));
+        if du + ds > 0 {
+            out.push(format!(
+                "{}:{:.2}/{:.2}",
+                name.replace(' ', "_"),
+                du as f64 / USER_HZ,
+                ds as f64 / USER_HZ
+            ));
+        }
+    }
+    if out.is_empty() {
+        "none".into()
+    } else {
+        out.join(",")
+    }
+}
+
+/// The target image on a loop device over a tmpfs copy; detached and removed on drop.
+struct TmpfsLoop {
+    dev: PathBuf,
+    img: PathBuf,
+}
+
+impl TmpfsLoop {
+    fn attach(target: &Path, len: u64) -> Res<Self> {
+        let img = PathBuf::from("/tmp/demo-target.img");
+        let src = File::open(target).map_err(|e| format!("open target: {e}"))?;
+        let mut dst = File::create(&img).map_err(|e| format!("create {}: {e}", img.display()))?;
+        std::io::copy(&mut Read::take(src, len), &mut dst)
+            .map_err(|e| format!("copy the target to tmpfs: {e}"))?;
+        drop(dst);
+        // busybox: `losetup -f` names a free device, `losetup DEV FILE` binds it.
+        let free = Command::new("losetup")
+            .arg("-f")
+            .output()
+            .map_err(|e| format!("losetup -f: {e}"))?;
+        let dev = String::from_utf8_lossy(&free.stdout).trim().to_string();
+        let bound = !dev.is_empty()
+            && Command::new("losetup")
+                .arg(&dev)
+                .arg(&img)
+                .status()
+                .is_ok_and(|s| s.success());
+        if !bound {
+            let _ = std::fs::remove_file(&img);
+            return Err(format!("losetup -f gave {dev:?}, binding it failed"));
+        }
+        Ok(Self {
+            dev: dev.into(),
+            img,
+        })
+    }
+}
+
+impl Drop for TmpfsLoop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+        let _ = std::fs::remove_file(&self.img);
+    }
+}
+
+/// What one round measured.
+struct Round {
+    snapshot_read_mb_s: f64,
+    loop_read_mb_s: f64,
+    snapshot_rand_iops: f64,
+    loop_rand_iops: f64,
+    rss_anon_kib: u64,
+    rss_serving_kib: u64,
+    threads: u64,
+    merge_s: f64,
+    rss_peak_kib: u64,
+    plain_copy_s: f64,
+}
+
+/// Run the merge to completion: `initiate_merge`, then sample `merge_percent` (printed as
+/// `VMDEMO progress`), `getstatus` and the daemon's VmRSS. Returns (seconds, peak VmRSS).
+fn merge(round: usize, a: &Args, dev: &Device) -> Res<(f64, u64)> {
+    let base0 = DiskCounters::of(&a.base);
+    let cow0 = DiskCounters::of(&a.cow);
+    let cpu0 = cpu_ticks(dev.daemon.child.id());
+    let threads0 = thread_ticks(dev.daemon.child.id());
+    // Latest sample of every thread seen, so that threads ending during the merge (the
+    // merge thread itself) still count up to their last sample.
+    let mut threads_seen = threads0.clone();
+    let reply = dev.daemon.command(&format!("initiate_merge,{MISC}"))?;
+    if reply != "success" {
+        return Err(format!("initiate_merge,{MISC} -> {reply:?}"));
+    }
+    let t = Instant::now();
+    let mut peak = dev.daemon.status_kib("VmRSS:").unwrap_or(0);
+    // What the peak is made of: anonymous memory, file pages, shared memory, threads.
+    let mut peak_parts = String::new();
+    println!("VMDEMO progress {round} 0.000 0.0");
+    loop {
+        std::thread::sleep(SAMPLE_EVERY);
+        let status = dev.daemon.command(&format!("getstatus,{MISC}"))?;
+        let elapsed = t.elapsed();
+        for t in thread_ticks(dev.daemon.child.id()) {
+            match threads_seen.iter_mut().find(|s| s.0 == t.0) {
+                Some(seen) => *seen = t,
+                None => threads_seen.push(t),
+            }
+        }
+        let rss = dev.daemon.status_kib("VmRSS:").unwrap_or(0);
+        if rss > peak || peak_parts.is_empty() {
+            peak = peak.max(rss);
+            peak_parts = format!(
+                "rss_kib {rss} anon_kib {} file_kib {} shmem_kib {} threads {} at_s {:.2}",
+                dev.daemon.status_kib("RssAnon:").unwrap_or(0),
+                dev.daemon.status_kib("RssFile:").unwrap_or(0),
+                dev.daemon.status_kib("RssShmem:").unwrap_or(0),
+                dev.daemon.threads(),
+                elapsed.as_secs_f64()
+            );
+        }
+        match status.as_str() {
+            "snapshot-merge-complete" => {
+                println!("VMDEMO progress {round} {:.3} 100.0", elapsed.as_secs_f64());
+                // Where the merge's time went: the daemon's CPU time, and what the base and
+                // COW disks did (writes, flushes and the time spent flushing).
+                println!(
+                    "VMDEMO merge-io {round} seconds {:.3} daemon_cpu_s {:.2} {} {}",
+                    elapsed.as_secs_f64(),
+                    cpu_ticks(dev.daemon.child.id()).saturating_sub(cpu0) as f64 / USER_HZ,
+                    base0.delta(&DiskCounters::of(&a.base), "base"),
+                    cow0.delta(&DiskCounters::of(&a.cow), "cow"),
+                );
+                println!("VMDEMO merge-io {round} peak {peak_parts}");
+                // Which threads used the CPU, user/system seconds (a thread that ended
+                // during the merge counts up to its last sample, every 50 ms).
+                for t in thread_ticks(dev.daemon.child.id()) {
+                    match threads_seen.iter_mut().find(|s| s.0 == t.0) {
+                        Some(seen) => *seen = t,
+                        None => threads_seen.push(t),
+                    }
+                }
+                println!(
+                    "VMDEMO merge-io {round} thread_cpu_user/system_s {}",
+                    thread_cpu_delta(&threads0, &threads_seen)
+                );
+                return Ok((elapsed.as_secs_f64(), peak));
+            }
+            "snapshot-merge" => {}
+            other => return Err(format!("getstatus during the merge: {other:?}")),
+        }
+        let percent = dev.daemon.command("merge_percent")?;
+        if let Ok(p) = percent.parse::<f64>() {
+            println!(
+                "VMDEMO progress {round} {:.3} {p:.1}",
+                elapsed.as_secs_f64()
+            );
+        }
+        if elapsed > MERGE_LIMIT {
+            return Err(format!("merge not done after {MERGE_LIMIT:?} ({percent}%)"));
+        }
+    }
+}
+
+/// One round on the current (fresh) base and COW disks.
+fn round(i: usize, a: &Args, lp: &TmpfsLoop, len: u64, base_sectors: u64) -> Res<Round> {
+    let dev = Device::bring_up(a, base_sectors, None)?;
+    if i == 0 {
+        let checked = compare("snapshot", &dev.path, &a.target, len);
+        println!(
+            "VMTEST demo-snapshot-read {} {}",
+            if checked.is_ok() { "PASS" } else { "FAIL" },
+            match &checked {
+                Ok(()) => format!("{} MiB of the dm-user device equal the target", len >> 20),
+                Err(e) => e.clone(),
+            }
+        );
+        checked?;
+    }
+    // Alternate the device under test and the reference, the reference first on odd rounds.
+    let seed = 0x2545_F491_4F6C_DD1D ^ i as u64;
+    let (snapshot_read_mb_s, loop_read_mb_s, snapshot_rand_iops, loop_rand_iops) = if i % 2 == 0 {
+        let s = sequential_mb_s(&dev.path, len)?;
+        let l = sequential_mb_s(&lp.dev, len)?;
+        let sr = random_iops(&dev.path, len, seed)?;
+        let lr = random_iops(&lp.dev, len, seed)?;
+        (s, l, sr, lr)
+    } else {
+        let l = sequential_mb_s(&lp.dev, len)?;
+        let s = sequential_mb_s(&dev.path, len)?;
+        let lr = random_iops(&lp.dev, len, seed)?;
+        let sr = random_iops(&dev.path, len, seed)?;
+        (s, l, sr, lr)
+    };
+    let rss_anon_kib = dev.daemon.status_kib("RssAnon:").unwrap_or(0);
+    let rss_serving_kib = dev.daemon.status_kib("VmRSS:").unwrap_or(0);
+    let threads = dev.daemon.threads();
+    let merged = merge(i, a, &dev);
+    let torn = dev.tear_down();
+    let (merge_s, rss_peak_kib) = merged?;
+    torn?;
+    let checked = compare("merged base", &a.base, &a.target, len);
+    println!(
+        "VMTEST demo-merge-round{i} {} {}",
+        if checked.is_ok() { "PASS" } else { "FAIL" },
+        match &checked {
+            Ok(()) => format!("merge {merge_s:.2} s, base == target ({} MiB)", len >> 20),
+            Err(e) => e.clone(),
+        }
+    );
+    checked?;
+    // The base equals the target now: copying target bytes onto it changes nothing.
+    let base0 = DiskCounters::of(&a.base);
+    let plain_copy_s = copy_direct(&a.target, &a.base, a.changed)?.as_secs_f64();
+    println!(
+        "VMDEMO copy-io {i} seconds {plain_copy_s:.3} {}",
+        base0.delta(&DiskCounters::of(&a.base), "base")
+    );
+    Ok(Round {
+        snapshot_read_mb_s,
+        loop_read_mb_s,
+        snapshot_rand_iops,
+        loop_rand_iops,
+        rss_anon_kib,
+        rss_serving_kib,
+        threads,
+        merge_s,
+        rss_peak_kib,
+        plain_copy_s,
+    })
+}
+
+fn run(a: &Args) -> Res<()> {
+    let len = dev_bytes(&a.target)?;
+    let base_bytes = dev_bytes(&a.base)?;
+    if base_bytes < len {
+        return Err(format!("base is {base_bytes} bytes, target {len}"));
+    }
+    let base_sectors = base_bytes / 512;
+    let cow_len = dev_bytes(&a.pristine_cow)?;
+    let lp = TmpfsLoop::attach(&a.target, len)?;
+    // What each worker costs in memory: a daemon with 1, 2 and 4 workers serving one
+    // sequential and one random pass (before any merge), then RssAnon and VmRSS.
+    for workers in [1u32, 2, 4] {
+        let dev = Device::bring_up(a, base_sectors, Some(workers))?;
+        let read = sequential_mb_s(&dev.path, len).and_then(|_| random_iops(&dev.path, len, 7));
+        println!(
+            "VMDEMO workers {workers} rss_anon_kib {} vm_rss_kib {} rss_file_kib {} threads {}",
+            dev.daemon.status_kib("RssAnon:").unwrap_or(0),
+            dev.daemon.status_kib("VmRSS:").unwrap_or(0),
+            dev.daemon.status_kib("RssFile:").unwrap_or(0),
+            dev.daemon.threads()
+        );
+        let torn = dev.tear_down();
+        read?;
+        torn?;
+    }
+    for i in 0..a.rounds {
+        if i > 0 {
+            copy_direct(&a.pristine_base, &a.base, base_bytes)?;
+            copy_direct(&a.pristine_cow, &a.cow, cow_len)?;
+        }
+        let r = round(i, a, &lp, len, base_sectors)?;
+        println!(
+            "VMDEMO round {i} snapshot_read_mb_s {:.1} loop_read_mb_s {:.1} snapshot_rand_iops {:.0} loop_rand_iops {:.0} merge_s {:.3} plain_copy_s {:.3} rss_anon_kib {} rss_serving_kib {} rss_peak_kib {} threads {}",
+            r.snapshot_read_mb_s,
+            r.loop_read_mb_s,
+            r.snapshot_rand_iops,
+            r.loop_rand_iops,
+            r.merge_s,
+            r.plain_copy_s,
+            r.rss_anon_kib,
+            r.rss_serving_kib,
+            r.rss_peak_kib,
+            r.threads,
+        );
+    }
+    println!(
+        "VMDEMO config rounds {} bytes {len} changed {} random_reads {RANDOM_READS}",
+        a.rounds, a.changed
+    );
+    Ok(())
+}
+
+/// Entry point of `vmtest demo-usm ...`.
+pub fn main(args: &[String]) -> ExitCode {
+    let outcome = Args::parse(args).and_then(|a| run(&a));
+    println!(
+        "VMTEST demo-usm {}",
+        match &outcome {
+            Ok(()) => "PASS all rounds".to_string(),
+            Err(e) => format!("FAIL {e}"),
+        }
+    );
+    if outcome.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
