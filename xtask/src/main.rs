@@ -3,8 +3,11 @@
 //! * `cargo xtask vm-test [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--timeout SECS]`
 //!   builds dm-user for each kernel, the guest programs, an initramfs, boots qemu (TCG) and
 //!   reports one line per test and kernel. `--disk` attaches raw images as virtio disks.
-//! * `cargo xtask vm-bench [--kernel ...] [--smp N]` runs only the dm-user vs loop benchmark
-//!   (`--smp 1` keeps TCG's cross-vCPU wake-up latency out of the figures).
+//! * `cargo xtask vm-bench [--kernel ...] [--smp N] [--ublk]` runs only the dm-user vs loop
+//!   benchmark (`--smp 1` keeps TCG's cross-vCPU wake-up latency out of the figures);
+//!   `--ublk` adds the ublk (USER_COPY, buffer path) vs loop benchmark in the same boot, on
+//!   kernels with ublk. The ublk cases (`ublk-*`) run only on kernels whose cloud build has
+//!   `ublk_drv` (6.12); on 6.1 the guest log says why they are not run.
 //! * `cargo xtask vm-snapshot [--kernel 6.1|6.12] [--timeout SECS]` runs the snapshot scenarios
 //!   with the real `snapuserd` daemon (see `snapshot_scenarios.rs`).
 //! * `cargo xtask kernel-check` runs `kernel/scripts/check-style.sh`.
@@ -38,7 +41,7 @@ use initramfs::InitramfsSpec;
 use report::TestResult;
 use vm::VmSpec;
 
-const USAGE: &str = "cargo xtask <demo|test|vm-test|vm-bench|vm-snapshot|kernel-check> [--only STAGE] [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--timeout SECS] [--disk RAW.img]... [--smp N]";
+const USAGE: &str = "cargo xtask <demo|test|vm-test|vm-bench|vm-snapshot|kernel-check> [--only STAGE] [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--ublk] [--timeout SECS] [--disk RAW.img]... [--smp N]";
 
 /// Parsed command-line options.
 #[derive(Debug, Default)]
@@ -47,6 +50,7 @@ struct Options {
     filter: Option<String>,
     keep: bool,
     bench: bool,
+    ublk_bench: bool,
     timeout: Option<u64>,
     disks: Vec<PathBuf>,
     cpus: Option<u32>,
@@ -83,6 +87,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
             }
             "--keep" => o.keep = true,
             "--bench" => o.bench = true,
+            "--ublk" => o.ublk_bench = true,
             other => {
                 return Err(XtaskError::Usage(format!(
                     "unknown argument {other:?}; {USAGE}"
@@ -122,20 +127,44 @@ fn expected_tests(vmtest: &Path, filter: Option<&str>) -> Result<Vec<String>> {
         .collect())
 }
 
-fn test_fragment(opts: &Options, run_tests: bool) -> String {
+fn test_fragment(opts: &Options, run_tests: bool, series: KernelSeries) -> String {
     let mut s = String::new();
+    if !series.has_ublk() {
+        s.push_str(&format!(
+            "echo 'VMINFO kernel {} has no ublk (Debian builds it without CONFIG_BLK_DEV_UBLK): the ublk cases are not run'\n",
+            series.label()
+        ));
+    }
     if run_tests {
         s.push_str("/bin/vmtest run-all");
         if let Some(f) = &opts.filter {
             s.push_str(&format!(" --filter '{}'", f.replace('\'', "")));
+        }
+        if !series.has_ublk() {
+            s.push_str(" --no-ublk");
         }
         s.push('\n');
     }
     if opts.bench {
         s.push_str("/bin/vmtest bench\n");
     }
+    if opts.ublk_bench && series.has_ublk() {
+        s.push_str("/bin/vmtest ublk-bench\n");
+    }
     s
 }
+
+/// The tests expected from a kernel: without ublk, the ublk cases are not run.
+fn expected_for(expected: &[String], series: KernelSeries) -> Vec<String> {
+    expected
+        .iter()
+        .filter(|n| series.has_ublk() || !n.starts_with(UBLK_CASE_PREFIX))
+        .cloned()
+        .collect()
+}
+
+/// Prefix of the guest's ublk cases (`tests/vm/src/cases.rs`).
+const UBLK_CASE_PREFIX: &str = "ublk-";
 
 /// Hold an exclusive lock on `build/vm-test.lock` so that concurrent runs in the
 /// same tree (colleagues sharing a worktree) queue up instead of overwriting each
@@ -223,7 +252,7 @@ fn vm_test(opts: &Options, run_tests: bool) -> Result<()> {
         if ko.is_none() {
             fragment.push_str("echo 'VMINFO dm-user.ko was not built: dm-user tests will fail'\n");
         }
-        fragment.push_str(&test_fragment(opts, run_tests));
+        fragment.push_str(&test_fragment(opts, run_tests, series));
         let spec = VmSpec {
             label: series.label().into(),
             kernel: kernel.clone(),
@@ -232,23 +261,26 @@ fn vm_test(opts: &Options, run_tests: bool) -> Result<()> {
                 modules: initramfs::BASE_MODULES
                     .iter()
                     .map(|s| s.to_string())
+                    .chain(series.has_ublk().then(|| "ublk_drv".to_string()))
                     .collect(),
                 extra_modules: ko.into_iter().collect(),
                 binaries: bins.clone(),
                 init_fragment: fragment,
             },
-            timeout: Duration::from_secs(opts.timeout.unwrap_or(if opts.bench {
-                480
-            } else {
-                360
-            })),
+            timeout: Duration::from_secs(opts.timeout.unwrap_or(
+                if opts.bench || opts.ublk_bench {
+                    480
+                } else {
+                    360
+                },
+            )),
             memory_mib: 1024,
             cpus: opts.cpus.unwrap_or(2),
             cmdline_extra: String::new(),
         };
         let run = spec.run(&build_root)?;
         timings.push((series, run.elapsed, run.log_path.clone()));
-        for r in report::evaluate(&run, &expected) {
+        for r in report::evaluate(&run, &expected_for(&expected, series)) {
             all.push((series, r));
         }
         if !opts.keep {
