@@ -95,8 +95,9 @@ pub fn helper(args: &[String]) -> Result<(), String> {
     );
     term.wait().ctx("wait for SIGTERM")?;
     let report = device.remove().ctx("remove ublk device")?;
-    println!(
-        "UBLK REMOVED committed {} failed {}",
+    // The test stops reading stdout after READY: report on stderr (the guest console).
+    eprintln!(
+        "ublk helper: device removed; {} requests committed, {} failed",
         report.committed, report.failed
     );
     Ok(())
