@@ -59,12 +59,15 @@ impl RequestHandler for FileHandler {
     }
 }
 
-/// `vmtest helper-ublk create|recover IMAGE NAME auto|usercopy|buffer QUEUES`: serve IMAGE
-/// until SIGTERM, then remove the device. Prints `UBLK READY <block node> <usercopy 0|1>`.
+/// `vmtest helper-ublk create|recover IMAGE NAME auto|usercopy|buffer QUEUES [MAX_IO_BYTES]`:
+/// serve IMAGE until SIGTERM, then remove the device. Prints `UBLK READY <block node> <usercopy 0|1>`.
 pub fn helper(args: &[String]) -> Result<(), String> {
     let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or("");
     let (mode, image, name, path) = (arg(0), arg(1), arg(2), arg(3));
     let queues: u16 = arg(4).parse().unwrap_or(1);
+    let max_io_bytes: u32 = arg(5)
+        .parse()
+        .unwrap_or(snapuserd::ublk::device::DEFAULT_MAX_IO_BYTES);
     let user_copy = match path {
         "usercopy" => UserCopy::Always,
         "buffer" => UserCopy::Never,
@@ -80,6 +83,7 @@ pub fn helper(args: &[String]) -> Result<(), String> {
     let opts = UblkOptions {
         queues,
         user_copy,
+        max_io_bytes,
         identity: identity_of(name),
         ..UblkOptions::default()
     };
@@ -120,10 +124,23 @@ impl Helper {
         path: &str,
         queues: u16,
     ) -> Result<Self, String> {
+        Self::spawn_sized(mode, image, name, path, queues, 0)
+    }
+
+    /// As [`Helper::spawn`], with an I/O limit (0: the default).
+    fn spawn_sized(
+        mode: &str,
+        image: &Path,
+        name: &str,
+        path: &str,
+        queues: u16,
+        max_io_bytes: u32,
+    ) -> Result<Self, String> {
         let mut child = Command::new("/proc/self/exe")
             .args(["helper-ublk", mode])
             .arg(image)
             .args([name, path, &queues.to_string()])
+            .args((max_io_bytes > 0).then(|| max_io_bytes.to_string()))
             .stdout(Stdio::piped())
             .spawn()
             .ctx("spawn ublk helper")?;
@@ -459,17 +476,26 @@ pub fn kill_recover() -> TestResult {
 }
 
 /// `vmtest ublk-bench`: sequential O_DIRECT 1 MiB and random 4 KiB reads through ublk
-/// (USER_COPY and buffer path) and a loop device over the same tmpfs file, alternating,
-/// five rounds; prints `VMBENCH` lines with the medians.
+/// (USER_COPY and buffer path with a 1 MiB I/O limit, USER_COPY with AOSP's 64 KiB) and a
+/// loop device over the same tmpfs file, alternating, five rounds; prints `VMBENCH` lines
+/// with the medians.
 pub fn bench() -> Result<(), String> {
     let size = crate::bench::SIZE;
     let img = image("ublk-bench", 1, size)?;
-    let uc = Helper::spawn("create", &img, "bench-uc", "usercopy", 1)?;
-    let buf = Helper::spawn("create", &img, "bench-buf", "buffer", 1)?;
+    let configs = [
+        ("usercopy-1MiB", "usercopy", 1u32 << 20),
+        ("buffer-1MiB", "buffer", 1 << 20),
+        ("usercopy-64KiB", "usercopy", 64 << 10),
+    ];
+    let mut helpers = Vec::new();
+    for (name, path, max_io) in configs {
+        helpers.push(Helper::spawn_sized("create", &img, name, path, 1, max_io)?);
+    }
     let lp = crate::bench::LoopDevice::attach(&img)?;
-    let paths = [uc.node.clone(), buf.node.clone(), lp.path.clone()];
-    let mut seq: [Vec<f64>; 3] = Default::default();
-    let mut rnd: [Vec<f64>; 3] = Default::default();
+    let mut paths: Vec<PathBuf> = helpers.iter().map(|h| h.node.clone()).collect();
+    paths.push(lp.path.clone());
+    let mut seq: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let mut rnd: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     for _ in 0..crate::bench::ROUNDS {
         for (i, p) in paths.iter().enumerate() {
             let f = crate::bench::measure(p)?;
@@ -478,21 +504,28 @@ pub fn bench() -> Result<(), String> {
         }
     }
     drop(lp);
-    uc.stop()?;
-    buf.stop()?;
+    for h in helpers {
+        h.stop()?;
+    }
     let _ = std::fs::remove_file(&img);
     for (what, unit, v) in [
         ("seq-1MiB-read", "MB/s", &seq),
         ("rand-4KiB-read", "IOPS", &rnd),
     ] {
         let m: Vec<f64> = v.iter().map(|x| crate::bench::median(x.clone())).collect();
-        println!(
-            "VMBENCH ublk {what} median: usercopy {:.0} {unit} buffer {:.0} {unit} loop-tmpfs {:.0} {unit}; ratio to loop: usercopy {:.2} buffer {:.2}",
-            m[0], m[1], m[2], m[0] / m[2], m[1] / m[2]
-        );
+        let loop_median = m.last().copied().unwrap_or(0.0);
+        let mut line = format!("VMBENCH ublk {what} median:");
+        for ((name, _, _), value) in configs.iter().zip(&m) {
+            line.push_str(&format!(
+                " {name} {value:.0} {unit} ({:.2} of loop);",
+                value / loop_median
+            ));
+        }
+        line.push_str(&format!(" loop-tmpfs {loop_median:.0} {unit}"));
+        println!("{line}");
     }
     println!(
-        "VMBENCH ublk config {} MiB image on tmpfs, {} alternating rounds, 1 queue of depth 32, I/O limit 1 MiB, O_DIRECT, one reader (queue depth 1), TCG guest",
+        "VMBENCH ublk config {} MiB image on tmpfs, {} alternating rounds, 1 queue of depth 32, O_DIRECT, one reader (queue depth 1), TCG guest",
         size >> 20,
         crate::bench::ROUNDS
     );
