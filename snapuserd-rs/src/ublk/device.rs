@@ -351,6 +351,40 @@ impl UblkDevice {
             .map_err(control_err(dev_id, "starting"))
     }
 
+    /// Serve `handler` as the device named `name`: re-attach to it if a dead server left it
+    /// waiting (its I/O parked), otherwise create it with `dev_sectors` sectors. A device of
+    /// that name that is still served elsewhere, or has another size, is an error.
+    pub fn serve(
+        handler: Arc<dyn RequestHandler>,
+        name: &str,
+        dev_sectors: u64,
+        opts: &UblkOptions,
+    ) -> Result<Self, DeviceError> {
+        let opts = UblkOptions {
+            identity: identity_of(name),
+            ..opts.clone()
+        };
+        let found =
+            find_device(opts.identity).map_err(control_err(u32::MAX, "finding the device"))?;
+        let Some(info) = found else {
+            return Self::create(handler, dev_sectors, &opts);
+        };
+        let mut control = Control::open().map_err(control_err(info.dev_id, "opening control"))?;
+        let existing = Self::dev_sectors_of(&mut control, info.dev_id)?;
+        if existing != dev_sectors {
+            return Err(DeviceError::Options(format!(
+                "ublk device {} for {name} has {existing} sectors, not {dev_sectors}",
+                info.dev_id
+            )));
+        }
+        log::info!(
+            "ublk device {} for {name} exists (state {}): re-attaching",
+            info.dev_id,
+            info.state
+        );
+        Self::recover_id(handler, info.dev_id, &opts)
+    }
+
     /// Re-attach to the device of `identity` whose server died, serving it with `handler`.
     pub fn recover(
         handler: Arc<dyn RequestHandler>,
