@@ -178,6 +178,10 @@ pub const CASES: &[Case] = &[
         run: crate::ublk_cases::kill_recover,
     },
     Case {
+        name: "ublk-snapshot-kill-merge",
+        run: crate::ublk_snapshot::kill_merge,
+    },
+    Case {
         name: "rmmod",
         run: rmmod,
     },

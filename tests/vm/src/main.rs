@@ -15,6 +15,7 @@ mod ramd;
 mod snapshot_cases;
 mod target_cases;
 mod ublk_cases;
+mod ublk_snapshot;
 
 use std::io::Read;
 use std::process::{Command, ExitCode, Stdio};
@@ -156,6 +157,7 @@ fn main() -> ExitCode {
             }
         },
         "helper-ublk" => report_helper(ublk_cases::helper(&args[1..])),
+        "helper-ublk-snapshot" => report_helper(ublk_snapshot::helper(&args[1..])),
         "helper-hang" => report_helper(cases::helper_hang(
             args.get(1).map(String::as_str).unwrap_or(""),
         )),

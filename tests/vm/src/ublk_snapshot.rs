@@ -1,0 +1,341 @@
+//! The user-space-merge snapshot over ublk, with the daemon killed across reads and the
+//! merge: a helper process opens a COW, source and base with `snapuserd::user_merge`, serves
+//! the whole partition through `UblkDevice::serve` (create, or re-attach after a kill) and
+//! optionally merges. A reader loops over the device the whole time.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cow_format::{Compression, CompressionAlgorithm, CowVersion, CowWriter, WriterOptions};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::unistd::Pid;
+use snapuserd::ublk::{UblkDevice, UblkOptions};
+use snapuserd::user_merge::{MergeControl, MergeOutcome, UserSnapshot, UserSnapshotOptions};
+
+use crate::harness::*;
+
+const BLOCK: usize = 4096;
+/// Partition size in blocks (32 MiB).
+const BLOCKS: usize = 8192;
+const DIR: &str = "/tmp/ublk-snap";
+const NAME: &str = "system_b";
+
+fn path(file: &str) -> PathBuf {
+    Path::new(DIR).join(file)
+}
+
+/// Source, base (= source) and a v3 COW turning it into the target: COPY of 512 blocks from
+/// the top of the partition to its start, REPLACE of 4000 blocks, ZERO of 500. Returns the
+/// target image.
+fn make_update() -> Result<Vec<u8>, String> {
+    std::fs::create_dir_all(DIR).ctx("mkdir")?;
+    let source = pattern(61, 0, BLOCKS * BLOCK);
+    let fresh = pattern(62, 0, BLOCKS * BLOCK);
+    let mut target = source.clone();
+    let blk = |b: usize| b * BLOCK..(b + 1) * BLOCK;
+    let copies: Vec<(usize, usize)> = (0..512).map(|i| (i, 6000 + i)).collect();
+    for &(new, old) in &copies {
+        target[blk(new)].copy_from_slice(&source[blk(old)]);
+    }
+    for b in 600..4600 {
+        target[blk(b)].copy_from_slice(&fresh[blk(b)]);
+    }
+    for b in 5000..5500 {
+        target[blk(b)].fill(0);
+    }
+    std::fs::write(path("source.img"), &source).ctx("source")?;
+    std::fs::write(path("base.img"), &source).ctx("base")?;
+    let file = File::create(path("update.cow")).ctx("cow")?;
+    let opts = WriterOptions {
+        version: CowVersion::V3,
+        compression: Compression {
+            algorithm: CompressionAlgorithm::Lz4,
+            level: None,
+        },
+        scratch: true,
+        op_count_max: Some(8192),
+        ..WriterOptions::default()
+    };
+    let mut w = CowWriter::create(file, opts).ctx("COW writer")?;
+    let order: Vec<u32> = copies.iter().map(|&(new, _)| new as u32).collect();
+    w.add_sequence(&order).ctx("sequence")?;
+    for &(new, old) in &copies {
+        w.add_copy(new as u64, old as u64).ctx("copy")?;
+    }
+    for b in 600..4600 {
+        w.add_replace(b as u64, &fresh[blk(b)]).ctx("replace")?;
+    }
+    w.add_zero(5000, 500).ctx("zero")?;
+    w.finalize().ctx("finalize")?;
+    Ok(target)
+}
+
+/// `vmtest helper-ublk-snapshot merge|serve`: serve the snapshot in `DIR` as ublk device
+/// `NAME` (re-attaching if a killed helper left it), merging with `merge`. Prints
+/// `UBLK READY <node> <merged ops> <total ops>`; writes `DIR/merged` when the merge completes;
+/// on SIGTERM stops the merge and removes the device.
+pub fn helper(args: &[String]) -> Result<(), String> {
+    let merge = args.first().map(String::as_str) == Some("merge");
+    let mut term = SigSet::empty();
+    term.add(Signal::SIGTERM);
+    term.thread_block().ctx("block SIGTERM")?;
+    let snapshot = Arc::new(
+        UserSnapshot::open(
+            &path("update.cow"),
+            &path("source.img"),
+            &path("base.img"),
+            &UserSnapshotOptions::default(),
+        )
+        .ctx("open snapshot")?,
+    );
+    let progress = snapshot.progress();
+    let device = UblkDevice::serve(
+        snapshot.clone(),
+        NAME,
+        snapshot.base_sectors(),
+        &UblkOptions {
+            queues: 2,
+            ..UblkOptions::default()
+        },
+    )
+    .ctx("serve over ublk")?;
+    println!(
+        "UBLK READY {} {} {}",
+        device.block_path().display(),
+        progress.merged_ops,
+        progress.total_ops
+    );
+    let control = Arc::new(MergeControl::new());
+    let merger = merge.then(|| {
+        let (snapshot, control) = (snapshot.clone(), control.clone());
+        std::thread::spawn(move || -> Result<(), String> {
+            let io = snapshot.sync_io().ctx("sync engine")?;
+            match snapshot.merge(io, &control).ctx("merge")? {
+                MergeOutcome::Complete => {
+                    std::fs::write(path("merged"), b"complete").ctx("marker")?;
+                    eprintln!("ublk snapshot helper: merge complete");
+                }
+                MergeOutcome::Stopped => eprintln!("ublk snapshot helper: merge stopped"),
+            }
+            Ok(())
+        })
+    });
+    term.wait().ctx("wait for SIGTERM")?;
+    control.stop();
+    if let Some(m) = merger {
+        m.join().map_err(|_| "merge thread panicked")??;
+    }
+    device.remove().ctx("remove")?;
+    Ok(())
+}
+
+struct SnapHelper {
+    child: Child,
+    node: PathBuf,
+    merged_ops: u64,
+    total_ops: u64,
+}
+
+impl SnapHelper {
+    fn spawn(mode: &str) -> Result<Self, String> {
+        let mut child = Command::new("/proc/self/exe")
+            .args(["helper-ublk-snapshot", mode])
+            .stdout(Stdio::piped())
+            .spawn()
+            .ctx("spawn snapshot helper")?;
+        let out = child.stdout.take().ok_or("helper stdout")?;
+        let line = bounded(
+            "snapshot helper start",
+            Duration::from_secs(40),
+            move || {
+                BufReader::new(out)
+                    .lines()
+                    .find_map(|l| l.ok().filter(|l| l.starts_with("UBLK READY")))
+                    .unwrap_or_default()
+            },
+        );
+        let line = match line {
+            Ok(l) if !l.is_empty() => l,
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "snapshot helper {mode} did not get ready: {other:?}"
+                ));
+            }
+        };
+        let w: Vec<&str> = line.split_whitespace().collect();
+        Ok(Self {
+            node: PathBuf::from(w.get(2).copied().unwrap_or("")),
+            merged_ops: w.get(3).and_then(|v| v.parse().ok()).unwrap_or(0),
+            total_ops: w.get(4).and_then(|v| v.parse().ok()).unwrap_or(0),
+            child,
+        })
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(i32::MAX))
+    }
+
+    fn kill9(&mut self) -> Result<(), String> {
+        kill(self.pid(), Signal::SIGKILL).ctx("SIGKILL")?;
+        self.child.wait().ctx("reap")?;
+        Ok(())
+    }
+
+    fn stop(&mut self) -> Result<(), String> {
+        kill(self.pid(), Signal::SIGTERM).ctx("SIGTERM")?;
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().ctx("wait")? {
+                return check(s.success(), format!("snapshot helper exited {s}"));
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                return Err("snapshot helper did not exit after SIGTERM".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for SnapHelper {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = kill(self.pid(), Signal::SIGTERM);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[derive(Default)]
+struct Reads {
+    spans: Vec<(u64, u64)>,
+    errors: Vec<String>,
+    wrong: u64,
+}
+
+/// The snapshot device over ublk: whole-device read == target; a reader loops over the
+/// device while the helper is killed (during reads, then twice during the merge) and
+/// re-attached; the merge resumes and completes; base == target.
+pub fn kill_merge() -> TestResult {
+    let _ = std::fs::remove_dir_all(DIR);
+    let target = Arc::new(make_update()?);
+    let size = target.len() as u64;
+    let mut helper = SnapHelper::spawn("serve")?;
+    let node = helper.node.clone();
+    let f = File::open(&node).ctx("open snapshot device")?;
+    let mut whole = vec![0u8; target.len()];
+    f.read_exact_at(&mut whole, 0).ctx("whole-device read")?;
+    same("whole device before the merge", &whole, &target)?;
+    drop((f, whole));
+    let t0 = Instant::now();
+    let ns = move || u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (stop, target, node) = (stop.clone(), target.clone(), node.clone());
+        std::thread::spawn(move || {
+            let mut r = Reads::default();
+            let f = match std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags_direct()
+                .open(&node)
+            {
+                Ok(f) => f,
+                Err(e) => {
+                    r.errors.push(format!("open: {e}"));
+                    return r;
+                }
+            };
+            let mut buf = AlignedBuf::new(128 << 10);
+            let mut off = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                let start = ns();
+                let res = f.read_exact_at(buf.as_mut(), off);
+                r.spans.push((start, ns()));
+                match res {
+                    Ok(()) => {
+                        let o = off as usize;
+                        if buf.as_ref() != &target[o..o + (128 << 10)] {
+                            r.wrong += 1;
+                        }
+                    }
+                    Err(e) => r.errors.push(format!("read at {off}: {e}")),
+                }
+                off = (off + (128 << 10)) % size;
+            }
+            r
+        })
+    };
+    let mut kills = Vec::new();
+    let mut progress_at_restart = Vec::new();
+    // During reads, then during the merge (twice, early), then let it finish.
+    for (mode, wait_ms) in [("merge", 300u64), ("merge", 40), ("merge", 120)] {
+        std::thread::sleep(Duration::from_millis(wait_ms));
+        let killed = ns();
+        helper.kill9()?;
+        std::thread::sleep(Duration::from_millis(150));
+        helper = SnapHelper::spawn(mode)
+            .map_err(|e| format!("re-attach failed (the reader waits forever): {e}"))?;
+        kills.push((killed, ns()));
+        progress_at_restart.push((helper.merged_ops, helper.total_ops));
+    }
+    let start = Instant::now();
+    while !path("merged").exists() {
+        check(
+            start.elapsed() < Duration::from_secs(40),
+            "the merge did not complete within 40 s",
+        )?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Release);
+    let reads = bounded("reader", Duration::from_secs(20), move || reader.join())?
+        .map_err(|_| "reader panicked".to_string())?;
+    helper.stop()?;
+    let across: Vec<usize> = kills
+        .iter()
+        .map(|&(k, r)| reads.spans.iter().filter(|&&(s, e)| s < r && e > k).count())
+        .collect();
+    check(
+        reads.errors.is_empty(),
+        format!(
+            "{} read errors, first {:?}",
+            reads.errors.len(),
+            reads.errors.first()
+        ),
+    )?;
+    check(
+        reads.wrong == 0,
+        format!("{} reads returned wrong data", reads.wrong),
+    )?;
+    check(
+        across.iter().all(|&n| n > 0),
+        format!("a kill had no read across it: {across:?}"),
+    )?;
+    let base = std::fs::read(path("base.img")).ctx("base")?;
+    same("base after the merge", &base, &target)?;
+    let _ = std::fs::remove_dir_all(DIR);
+    Ok(format!(
+        "3 kill -9 (reads, then merge): {} reads, across the kills {across:?}, errors 0, wrong \
+         data 0; merged/total ops at each re-attach {progress_at_restart:?}; base == target",
+        reads.spans.len()
+    ))
+}
+
+/// `O_DIRECT` for `OpenOptions`.
+trait DirectExt {
+    fn custom_flags_direct(&mut self) -> &mut Self;
+}
+
+impl DirectExt for std::fs::OpenOptions {
+    fn custom_flags_direct(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(nix::libc::O_DIRECT)
+    }
+}
