@@ -24,6 +24,7 @@ mod guest;
 mod initramfs;
 mod kmod;
 mod report;
+mod scenario_pairs;
 mod snapshot_scenarios;
 mod vm;
 

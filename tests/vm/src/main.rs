@@ -10,6 +10,7 @@ mod bench;
 mod cases;
 mod harness;
 mod ramd;
+mod scenario_support;
 mod snapshot_cases;
 mod target_cases;
 
