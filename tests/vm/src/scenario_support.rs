@@ -252,3 +252,32 @@ pub fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / (1024.0 * 1024.0) / d.as_secs_f64().max(1e-9)
 }
 
+/// Mount `dev` as ext4 read-only (`ro,noload`: no journal replay) on `/mnt/snap-<tag>`, check
+/// that `file` reads `content`, and unmount; returns what was seen.
+pub fn mount_and_check_file(dev: &Path, tag: &str, file: &str, content: &str) -> Res<String> {
+    let mnt = format!("/mnt/snap-{tag}");
+    std::fs::create_dir_all(&mnt).map_err(|e| format!("mkdir {mnt}: {e}"))?;
+    let out = Command::new("mount")
+        .args(["-t", "ext4", "-o", "ro,noload"])
+        .arg(dev)
+        .arg(&mnt)
+        .output()
+        .map_err(|e| format!("mount: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "mount -o ro,noload {}: {}",
+            dev.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let got = std::fs::read_to_string(format!("{mnt}/{file}"));
+    let entries = std::fs::read_dir(&mnt).map(|d| d.count()).unwrap_or(0);
+    let _ = Command::new("umount").arg(&mnt).status();
+    let got = got.map_err(|e| format!("read {file} on the mounted snapshot: {e}"))?;
+    if got.trim() != content {
+        return Err(format!("{file} reads {got:?}, want {content:?}"));
+    }
+    Ok(format!(
+        "ext4 mounted ro,noload, {file}={content}, {entries} top-level entries"
+    ))
+}

@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 use dm_ioctl::{DmControl, SnapshotStatus, TableEntry};
 
 use crate::scenario_support::{
-    compare_device, dev_bytes, dm, loop_read_time, mbps, plain_copy_time, time_read, Daemon, Res,
+    compare_device, dev_bytes, dm, loop_read_time, mbps, mount_and_check_file, plain_copy_time,
+    time_read, Daemon, Res,
 };
 
 /// Chunk size of the snapshot, in sectors (4 KiB, as Android uses).
@@ -271,31 +272,13 @@ fn check_snapshot(sc: &Scenario, st: &Stack) -> Res<String> {
     );
     let mut detail = format!("{} MiB equal to the target", len >> 20);
     if let Some((file, content)) = &sc.file_check {
-        let mnt = format!("/mnt/snap-{}", sc.tag);
-        std::fs::create_dir_all(&mnt).map_err(|e| format!("mkdir {mnt}: {e}"))?;
-        let out = Command::new("mount")
-            .args(["-t", "ext4", "-o", "ro,noload"])
-            .arg(&st.snap_path)
-            .arg(&mnt)
-            .output()
-            .map_err(|e| format!("mount: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "mount -o ro,noload {}: {}",
-                st.snap_path.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        let got = std::fs::read_to_string(format!("{mnt}/{file}"));
-        let entries = std::fs::read_dir(&mnt).map(|d| d.count()).unwrap_or(0);
-        let _ = Command::new("umount").arg(&mnt).status();
-        let got = got.map_err(|e| format!("read {file} on the mounted snapshot: {e}"))?;
-        if got.trim() != content {
-            return Err(format!("{file} reads {got:?}, want {content:?}"));
-        }
-        detail.push_str(&format!(
-            "; ext4 mounted ro,noload, {file}={content}, {entries} top-level entries"
-        ));
+        detail.push_str("; ");
+        detail.push_str(&mount_and_check_file(
+            &st.snap_path,
+            &sc.tag,
+            file,
+            content,
+        )?);
     }
     Ok(detail)
 }
