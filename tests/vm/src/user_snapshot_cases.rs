@@ -652,7 +652,14 @@ fn read_merge(sc: &Scenario) -> bool {
         Ok(s) => s,
         Err(e) => {
             vmtest("read", &sc.tag, &Err(format!("setup: {e}")));
-            vmtest("merge", &sc.tag, &Err("no device to merge".into()));
+            let steps: &[&str] = if sc.marker.is_some() {
+                &["ext4", "random", "merge"]
+            } else {
+                &["random", "merge"]
+            };
+            for step in steps {
+                vmtest(step, &sc.tag, &Err("no device (setup failed)".into()));
+            }
             return false;
         }
     };
