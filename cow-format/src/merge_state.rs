@@ -131,6 +131,47 @@ pub struct ScratchWindow {
     pub data: Vec<u8>,
 }
 
+impl ScratchWindow {
+    /// Check that this saved window belongs to the pending position: it lists exactly the
+    /// `expected` blocks (the destinations of the ordered ops of the window the progress
+    /// points at), in order, with one block of `block_size` bytes each. A Done window is
+    /// only ever replayed after this check. The error says what differs.
+    pub fn check_blocks(
+        &self,
+        expected: impl IntoIterator<Item = u64>,
+        block_size: usize,
+    ) -> Result<(), String> {
+        let mut listed = 0usize;
+        for (slot, want) in expected.into_iter().enumerate() {
+            match self.new_blocks.get(slot) {
+                Some(&have) if have == want => listed += 1,
+                Some(&have) => {
+                    return Err(format!(
+                        "scratch slot {slot} holds block {have}, the pending op writes block {want}"
+                    ))
+                }
+                None => return Err(format!(
+                    "scratch lists {} blocks, more ops are pending (the next writes block {want})",
+                    self.new_blocks.len()
+                )),
+            }
+        }
+        if listed != self.new_blocks.len() {
+            return Err(format!(
+                "scratch lists {} blocks, {listed} ops are pending",
+                self.new_blocks.len()
+            ));
+        }
+        if Some(self.data.len()) != listed.checked_mul(block_size) {
+            return Err(format!(
+                "{} data bytes for {listed} blocks of {block_size} bytes",
+                self.data.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Both durable merge-progress values, read together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DurableProgress {

@@ -386,6 +386,12 @@ impl<S: CowStorage> CowReader<S> {
         self.merge.total() as u64
     }
 
+    /// Entries of the ordered part of the merge order (the sequence, or the COPY/XOR ops;
+    /// v3 without sequence: every op), which both merge modes walk first and alike.
+    pub fn num_ordered_ops(&self) -> u64 {
+        self.merge.ordered.len() as u64
+    }
+
     /// Ordered entries not yet merged (AOSP `num_ordered_ops_to_merge`).
     pub fn num_ordered_ops_to_merge(&self) -> u64 {
         (self.merge.ordered.len() as u64).saturating_sub(self.num_merge_ops())

@@ -566,6 +566,7 @@ enum Job {
         misc: String,
         cow: String,
         source: String,
+        base: Option<String>,
     },
     Start(String),
     Delete(String),
@@ -575,7 +576,12 @@ enum Job {
 impl Job {
     fn run(self, registry: &HandlerRegistry) -> Reply {
         match self {
-            Job::Init { misc, cow, source } => registry.init(&misc, &cow, &source),
+            Job::Init {
+                misc,
+                cow,
+                source,
+                base,
+            } => registry.init_from_command(&misc, &cow, &source, base.as_deref()),
             Job::Start(misc) => registry.start(&misc),
             Job::Delete(misc) => registry.delete(&misc),
             Job::UpdateVerify => registry.update_verify(),
@@ -622,12 +628,13 @@ fn classify(msg: &[u8]) -> Action {
             misc_name,
             cow_device,
             source_device,
-            base_device: _,
+            base_device,
         } => {
             return Action::Job(Job::Init {
                 misc: misc_name.to_string(),
                 cow: cow_device.to_string(),
                 source: source_device.to_string(),
+                base: base_device.map(str::to_string),
             })
         }
         Command::Start { misc_name } => return Action::Job(Job::Start(misc_name.to_string())),

@@ -4,5 +4,26 @@
 //! device; changed blocks are produced from the COW (REPLACE, ZERO) or from the source
 //! device and the read-ahead scratch window (COPY, XOR). The daemon itself merges: it copies
 //! the new blocks into the base device, window by window, crash-safely, through a
-//! [`merge_io::MergeIo`] engine (synchronous, or io_uring).
+//! [`merge_io::MergeIo`] engine (synchronous, or io_uring). See `DESIGN.md` beside this file.
+//!
+//! * [`UserSnapshot`]: open, read, answer requests, merge, report progress;
+//! * [`MergeControl`]: pause, resume and stop a running merge;
+//! * [`SyncMergeIo`]: the synchronous engine (and the fallback of every other).
+
+mod block_map;
+mod control;
+mod direct_source;
+mod error;
 pub mod merge_io;
+mod merger;
+mod plan;
+mod progress_store;
+mod snapshot;
+mod sync_io;
+mod window;
+
+pub use control::MergeControl;
+pub use error::{UserMergeError, UserReadError, UserSnapshotError};
+pub use merge_io::{MergeIo, ReadRun, WriteRun};
+pub use snapshot::{MergeOutcome, MergePhase, MergeProgress, UserSnapshot, UserSnapshotOptions};
+pub use sync_io::SyncMergeIo;

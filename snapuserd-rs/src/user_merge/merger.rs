@@ -1,0 +1,459 @@
+//! The merge: read-ahead windows and the ordered phase, then the REPLACE/ZERO phase, each
+//! step durable before the next (DESIGN.md, "Commit protocol").
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use cow_format::merge_state::ScratchWindow;
+use cow_format::{CowOp, OpKind};
+
+use crate::error_chain::ErrorChain;
+
+use super::control::MergeControl;
+use super::error::{UserMergeError, UserSnapshotError};
+use super::merge_io::{MergeIo, ReadRun, WriteRun};
+use super::plan::source_offset;
+use super::snapshot::{MergeOutcome, MergePhase, UserSnapshot, BLOCK};
+use super::window::{LoadedWindow, SavedSource};
+
+/// Bytes of one REPLACE/ZERO batch (AOSP: 1 MiB, then fsync and commit).
+const BATCH_BYTES: usize = 1 << 20;
+/// Destination blocks produced before a window's writes are handed to the engine.
+const OUT_BLOCKS: usize = cow_format::layout::READ_AHEAD_WINDOW_BLOCKS;
+
+/// A failed step: an engine error (the step can be redone with the synchronous engine) or
+/// anything else (the merge fails).
+enum StepError {
+    Engine(UserMergeError),
+    Fatal(UserMergeError),
+}
+
+/// Buffers reused across steps: at most one window of destinations and one batch.
+#[derive(Default)]
+struct Buffers {
+    out: Vec<u8>,
+    /// `(first block, byte offset in the buffer, bytes)` of each run of contiguous
+    /// destinations.
+    spans: Vec<(u64, usize, usize)>,
+}
+
+impl Buffers {
+    /// Add one produced destination block at `at` in the buffer.
+    fn push_span(&mut self, block: u64, at: usize, len: usize) {
+        if let Some(last) = self.spans.last_mut() {
+            let blocks = (last.2 / BLOCK) as u64;
+            if last.0.checked_add(blocks) == Some(block) && last.1 + last.2 == at {
+                last.2 += len;
+                return;
+            }
+        }
+        self.spans.push((block, at, len));
+    }
+
+    fn runs(&self) -> Vec<WriteRun<'_>> {
+        self.spans
+            .iter()
+            .map(|&(block, at, len)| WriteRun {
+                offset: block * BLOCK as u64,
+                buf: &self.out[at..at + len],
+            })
+            .collect()
+    }
+}
+
+/// Clears the running flag when the merge returns.
+struct Running<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl UserSnapshot {
+    /// Run the merge to completion on the calling thread (the caller picks the thread and
+    /// its priority). Returns [`MergeOutcome::Complete`], or [`MergeOutcome::Stopped`] when
+    /// `control` asked it to stop (at a safe point; resumable later). An engine error
+    /// mid-step is logged and the step redone with the synchronous engine, which then
+    /// carries on. Any other failure sets [`MergePhase::Failed`] and is returned; the
+    /// durable state stays consistent and a later call resumes from it.
+    pub fn merge(
+        &self,
+        io: Box<dyn MergeIo>,
+        control: &MergeControl,
+    ) -> Result<MergeOutcome, UserMergeError> {
+        if self.merging.swap(true, Ordering::AcqRel) {
+            return Err(UserMergeError::AlreadyRunning);
+        }
+        let _running = Running(&self.merging);
+        self.set_phase(MergePhase::Merging);
+        let result = self.run_merge(io, control);
+        match &result {
+            Ok(MergeOutcome::Complete) => {
+                self.set_phase(MergePhase::Complete);
+                log::info!("merge complete: {} entries", self.plan.total());
+            }
+            Ok(MergeOutcome::Stopped) => {
+                log::info!(
+                    "merge stopped at entry {} of {}; it resumes from there",
+                    self.merged.load(Ordering::Acquire),
+                    self.plan.total()
+                );
+            }
+            Err(e) => {
+                self.set_phase(MergePhase::Failed);
+                log::error!(
+                    "merge failed: {}; reads go on, and a new merge resumes from the durable progress",
+                    ErrorChain(e)
+                );
+            }
+        }
+        result
+    }
+
+    fn run_merge(
+        &self,
+        mut io: Box<dyn MergeIo>,
+        control: &MergeControl,
+    ) -> Result<MergeOutcome, UserMergeError> {
+        self.follow_durable()
+            .map_err(|e| UserMergeError::Reload(Box::new(e)))?;
+        let mut bufs = Buffers::default();
+        loop {
+            let p = self.merged.load(Ordering::Acquire);
+            if p >= self.plan.total() {
+                return Ok(MergeOutcome::Complete);
+            }
+            if control.checkpoint() {
+                return Ok(MergeOutcome::Stopped);
+            }
+            let step = if p < self.plan.ordered() {
+                self.merge_window(p, io.as_mut(), &mut bufs)
+            } else {
+                self.merge_batch(p, io.as_mut(), &mut bufs)
+            };
+            match step {
+                Ok(()) => {}
+                Err(StepError::Engine(e)) if io.name() != "sync" => {
+                    log::warn!(
+                        "merge engine {} failed: {}; redoing the step with synchronous I/O, which carries on from here",
+                        io.name(),
+                        ErrorChain(&e)
+                    );
+                    io = self.sync_io().map_err(UserMergeError::SyncEngine)?;
+                }
+                Err(StepError::Engine(e) | StepError::Fatal(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Adopt progress another daemon made since this snapshot was opened (a handoff).
+    fn follow_durable(&self) -> Result<(), UserSnapshotError> {
+        let durable =
+            self.lock_store()
+                .progress()
+                .map_err(|source| UserSnapshotError::MergeState {
+                    path: "(COW)".into(),
+                    source,
+                })?;
+        if durable.num_merge_ops != self.merged.load(Ordering::Acquire) {
+            log::info!(
+                "durable merge progress is {} entries, this daemon had {}; following it",
+                durable.num_merge_ops,
+                self.merged.load(Ordering::Acquire)
+            );
+            self.adopt(durable)?;
+        }
+        Ok(())
+    }
+
+    fn op_at(&self, entry: u64) -> Result<(usize, &CowOp), StepError> {
+        self.plan.op(&self.cow, entry).ok_or_else(|| {
+            StepError::Fatal(UserMergeError::Produce {
+                entry,
+                op_index: entry,
+                block: 0,
+                source: cow_format::ReadError::NoSuchOp {
+                    position: entry as usize,
+                },
+            })
+        })
+    }
+
+    /// One window of the ordered part: read ahead (unless its saved copy is loaded), write
+    /// its destinations durably, commit.
+    fn merge_window(
+        &self,
+        p: u64,
+        io: &mut dyn MergeIo,
+        bufs: &mut Buffers,
+    ) -> Result<(), StepError> {
+        let range = self.plan.window_at(&self.cow, p);
+        let loaded = self
+            .view_read()
+            .window
+            .clone()
+            .filter(|w| w.entries == range);
+        let window = match loaded {
+            Some(w) => w,
+            None => self.read_ahead(range.clone(), io)?,
+        };
+        self.write_destinations(&window, io, bufs)?;
+        let end = range.end;
+        {
+            let mut store = self.lock_store();
+            let (operation, result) = if self.plan.has_scratch() {
+                ("commit the merged window", store.commit_window(end))
+            } else {
+                ("commit merged entries", store.commit_merged(end))
+            };
+            result.map_err(|source| {
+                StepError::Fatal(UserMergeError::Progress {
+                    operation,
+                    num_merge_ops: end,
+                    source,
+                })
+            })?;
+        }
+        let mut view = self.view_write();
+        view.merged = end;
+        view.window = None;
+        self.merged.store(end, Ordering::Release);
+        drop(view);
+        log::debug!("merged window {}..{}", range.start, range.end);
+        Ok(())
+    }
+
+    /// Read the sources of the window's ordered ops (contiguous ones coalesced), save them
+    /// durably in scratch (data and metadata synced, then state Done synced), and make them
+    /// the window readers use.
+    fn read_ahead(
+        &self,
+        range: std::ops::Range<u64>,
+        io: &mut dyn MergeIo,
+    ) -> Result<Arc<LoadedWindow>, StepError> {
+        let bs = BLOCK as u64;
+        let mut saved = ScratchWindow::default();
+        // (source offset, slots)
+        let mut spans: Vec<(u64, usize)> = Vec::new();
+        let mut has_slot = Vec::with_capacity((range.end - range.start) as usize);
+        for entry in range.clone() {
+            let (_, op) = self.op_at(entry)?;
+            has_slot.push(op.kind.is_ordered());
+            if !op.kind.is_ordered() {
+                continue;
+            }
+            let offset = source_offset(op, bs).ok_or_else(|| {
+                StepError::Fatal(UserMergeError::Produce {
+                    entry,
+                    op_index: op.index,
+                    block: op.new_block,
+                    source: cow_format::ReadError::OutOfRange {
+                        index: op.index,
+                        what: "COPY source block",
+                    },
+                })
+            })?;
+            saved.new_blocks.push(op.new_block);
+            match spans.last_mut() {
+                Some(last) if last.0.checked_add(last.1 as u64 * bs) == Some(offset) => last.1 += 1,
+                _ => spans.push((offset, 1)),
+            }
+        }
+        saved.data = vec![0u8; saved.new_blocks.len() * BLOCK];
+        {
+            let mut runs = Vec::with_capacity(spans.len());
+            let mut rest: &mut [u8] = &mut saved.data;
+            for &(offset, slots) in &spans {
+                let (head, tail) = rest.split_at_mut(slots * BLOCK);
+                runs.push(ReadRun { offset, buf: head });
+                rest = tail;
+            }
+            io.read_source(&mut runs).map_err(|source| {
+                StepError::Engine(UserMergeError::SourceRead {
+                    start: range.start,
+                    end: range.end,
+                    engine: io.name(),
+                    source,
+                })
+            })?;
+        }
+        if self.plan.has_scratch() {
+            let mut store = self.lock_store();
+            let progress = |operation| {
+                move |source| {
+                    StepError::Fatal(UserMergeError::Progress {
+                        operation,
+                        num_merge_ops: range.start,
+                        source,
+                    })
+                }
+            };
+            store
+                .stage_window(&saved)
+                .map_err(progress("save the read-ahead window in scratch"))?;
+            store
+                .mark_window_done()
+                .map_err(progress("mark the read-ahead window Done"))?;
+        }
+        let window = Arc::new(LoadedWindow::new(
+            range.clone(),
+            has_slot.into_iter(),
+            saved,
+            BLOCK,
+        ));
+        // From here readers take this window's blocks from the saved bytes; any reader
+        // still reading one of its sources holds the view and finishes first.
+        self.view_write().window = Some(Arc::clone(&window));
+        log::debug!("read ahead window {}..{}", range.start, range.end);
+        Ok(window)
+    }
+
+    /// Produce every destination block of `window` and write them in runs of contiguous
+    /// blocks, the last batch durably (write, then sync the base device).
+    fn write_destinations(
+        &self,
+        window: &LoadedWindow,
+        io: &mut dyn MergeIo,
+        bufs: &mut Buffers,
+    ) -> Result<(), StepError> {
+        let range = window.entries.clone();
+        bufs.out.resize(OUT_BLOCKS * BLOCK, 0);
+        bufs.spans.clear();
+        let mut used = 0usize;
+        let write_error = |io: &dyn MergeIo, source| {
+            StepError::Engine(UserMergeError::BaseWrite {
+                start: range.start,
+                end: range.end,
+                engine: io.name(),
+                source,
+            })
+        };
+        for entry in range.clone() {
+            let (position, op) = self.op_at(entry)?;
+            for block in op.new_block..op.new_block.saturating_add(op.num_blocks) {
+                if used + BLOCK > bufs.out.len() {
+                    io.write_base(&bufs.runs())
+                        .map_err(|e| write_error(io, e))?;
+                    bufs.spans.clear();
+                    used = 0;
+                }
+                let out = &mut bufs.out[used..used + BLOCK];
+                let produced = if op.kind.is_ordered() {
+                    match window.saved_source(entry) {
+                        Some(bytes) => {
+                            let saved = SavedSource {
+                                offset: source_offset(op, BLOCK as u64).unwrap_or(u64::MAX),
+                                bytes,
+                            };
+                            self.cow.read_op_block(position, block, &saved, out)
+                        }
+                        None => Err(cow_format::ReadError::NoSuchOp {
+                            position: entry as usize,
+                        }),
+                    }
+                } else {
+                    self.cow.read_op_block(position, block, &self.source, out)
+                };
+                produced.map_err(|source| {
+                    StepError::Fatal(UserMergeError::Produce {
+                        entry,
+                        op_index: op.index,
+                        block,
+                        source,
+                    })
+                })?;
+                bufs.push_span(block, used, BLOCK);
+                used += BLOCK;
+            }
+        }
+        io.write_base_durably(&bufs.runs())
+            .map_err(|e| write_error(io, e))
+    }
+
+    /// One batch of the REPLACE/ZERO part from entry `p`: up to 1 MiB of blocks (and at
+    /// most `cow_op_merge_size` ops), written in runs of contiguous blocks, synced, then
+    /// `num_merge_ops` committed. A crash anywhere replays the batch, which is idempotent.
+    fn merge_batch(
+        &self,
+        p: u64,
+        io: &mut dyn MergeIo,
+        bufs: &mut Buffers,
+    ) -> Result<(), StepError> {
+        let max_ops = match self.opts.cow_op_merge_size {
+            Some(n) if n > 0 => u64::from(n),
+            _ => u64::MAX,
+        };
+        bufs.spans.clear();
+        if bufs.out.len() < BATCH_BYTES {
+            bufs.out.resize(BATCH_BYTES, 0);
+        }
+        let mut used = 0usize;
+        let mut entry = p;
+        while entry < self.plan.total() && entry - p < max_ops {
+            let (position, op) = self.op_at(entry)?;
+            let len = usize::try_from(op.num_blocks)
+                .ok()
+                .and_then(|n| n.checked_mul(BLOCK))
+                .unwrap_or(usize::MAX);
+            if used.saturating_add(len) > BATCH_BYTES.max(bufs.out.len()) {
+                if used > 0 {
+                    break;
+                }
+                // One op larger than a batch (at most 256 KiB in any valid COW).
+                bufs.out.resize(len.min(64 << 20), 0);
+                if len > bufs.out.len() {
+                    return Err(StepError::Fatal(UserMergeError::Produce {
+                        entry,
+                        op_index: op.index,
+                        block: op.new_block,
+                        source: cow_format::ReadError::Overflow { what: "op size" },
+                    }));
+                }
+            }
+            let out = &mut bufs.out[used..used + len];
+            let produced = match op.kind {
+                OpKind::Zero => {
+                    out.fill(0);
+                    Ok(())
+                }
+                OpKind::Replace => self.cow.read_op_data(op, out),
+                // An ordered op outside the sequence: produced from the source device.
+                OpKind::Copy | OpKind::Xor => out
+                    .chunks_exact_mut(BLOCK)
+                    .zip(op.new_block..)
+                    .try_for_each(|(o, b)| self.cow.read_op_block(position, b, &self.source, o)),
+            };
+            produced.map_err(|source| {
+                StepError::Fatal(UserMergeError::Produce {
+                    entry,
+                    op_index: op.index,
+                    block: op.new_block,
+                    source,
+                })
+            })?;
+            bufs.push_span(op.new_block, used, len);
+            used += len;
+            entry += 1;
+        }
+        io.write_base_durably(&bufs.runs()).map_err(|source| {
+            StepError::Engine(UserMergeError::BaseWrite {
+                start: p,
+                end: entry,
+                engine: io.name(),
+                source,
+            })
+        })?;
+        self.lock_store().commit_merged(entry).map_err(|source| {
+            StepError::Fatal(UserMergeError::Progress {
+                operation: "commit merged REPLACE/ZERO entries",
+                num_merge_ops: entry,
+                source,
+            })
+        })?;
+        let mut view = self.view_write();
+        view.merged = entry;
+        self.merged.store(entry, Ordering::Release);
+        Ok(())
+    }
+}

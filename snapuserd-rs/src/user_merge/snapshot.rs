@@ -1,0 +1,685 @@
+//! [`UserSnapshot`]: one partition in user-space-merge mode — open, the read path, the
+//! request handler and the progress view. The merge itself is in `merger`.
+
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use cow_format::layout::BufferState;
+use cow_format::merge_state::DurableProgress;
+use cow_format::reader::CowFileStorage;
+use cow_format::{CowReader, CowStorage, MergeState, OpKind};
+
+use crate::dm_user::{
+    Request, ResponseCode, DM_USER_REQ_MAP_FLUSH, DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE,
+};
+use crate::error_chain::ErrorChain;
+use crate::log_limit::LogLimit;
+use crate::snapshot::block_server::MAX_REQUEST_BYTES;
+
+use super::block_map::BlockMap;
+use super::direct_source::DirectSource;
+use super::error::{UserReadError, UserSnapshotError};
+use super::merge_io::MergeIo;
+use super::plan::{source_blocks, MergePlan};
+use super::progress_store::ProgressStore;
+use super::sync_io::SyncMergeIo;
+use super::window::{LoadedWindow, SavedSource};
+
+/// The only block size served (AOSP `BLOCK_SZ`).
+pub(crate) const BLOCK: usize = 4096;
+const BLOCK_U64: u64 = BLOCK as u64;
+const SECTOR: u64 = 512;
+
+/// How a [`UserSnapshot`] is opened and merged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserSnapshotOptions {
+    /// Read COPY/XOR sources on the read path with `O_DIRECT` (AOSP `-o_direct`), through
+    /// an aligned bounce buffer, so they do not fill the page cache.
+    pub o_direct: bool,
+    /// At most this many ops per REPLACE/ZERO merge batch (AOSP
+    /// `ro.virtual_ab.cow_op_merge_size`); `None` or `Some(0)`: no cap beyond 1 MiB.
+    pub cow_op_merge_size: Option<u32>,
+    /// Map the COW file (no system call per payload); falls back to `pread` if mapping fails.
+    pub mmap_cow: bool,
+}
+
+impl Default for UserSnapshotOptions {
+    fn default() -> Self {
+        Self {
+            o_direct: false,
+            cow_op_merge_size: None,
+            mmap_cow: true,
+        }
+    }
+}
+
+/// Where a merge stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergePhase {
+    /// `merge` was not called in this process (the durable progress may be partial).
+    NotStarted,
+    /// `merge` runs, or was stopped at a safe point.
+    Merging,
+    /// Every entry of the merge order is merged (durably).
+    Complete,
+    /// The last `merge` call failed; reads still work where they can.
+    Failed,
+}
+
+impl MergePhase {
+    fn to_u8(self) -> u8 {
+        match self {
+            MergePhase::NotStarted => 0,
+            MergePhase::Merging => 1,
+            MergePhase::Complete => 2,
+            MergePhase::Failed => 3,
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => MergePhase::Merging,
+            2 => MergePhase::Complete,
+            3 => MergePhase::Failed,
+            _ => MergePhase::NotStarted,
+        }
+    }
+}
+
+/// Merge progress now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergeProgress {
+    /// Merge-order entries merged (the durable `num_merge_ops`).
+    pub merged_ops: u64,
+    /// Entries of the merge order.
+    pub total_ops: u64,
+    /// The state.
+    pub state: MergePhase,
+}
+
+/// How a `merge` call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeOutcome {
+    /// Everything is merged.
+    Complete,
+    /// [`super::MergeControl::stop`] was honoured at a safe point; resumable.
+    Stopped,
+}
+
+/// What readers consult to decide where a COPY/XOR block comes from. The merge takes it in
+/// write mode only to switch a window's state, so a reader holding it in read mode while it
+/// reads the source device for an unmerged window finishes before any destination of that
+/// window is written.
+#[derive(Debug, Default)]
+pub(crate) struct ReadView {
+    /// Durable `num_merge_ops`.
+    pub(crate) merged: u64,
+    /// The window being read ahead or merged (its source bytes are saved).
+    pub(crate) window: Option<Arc<LoadedWindow>>,
+}
+
+/// One partition served and merged in user-space-merge mode.
+pub struct UserSnapshot {
+    pub(crate) cow: CowReader<CowFileStorage>,
+    pub(crate) source: File,
+    /// `O_DIRECT` descriptor of the source for the read path, when asked for.
+    source_direct: Option<DirectSource>,
+    pub(crate) base: File,
+    pub(crate) plan: MergePlan,
+    map: BlockMap,
+    device_sectors: u64,
+    pub(crate) view: RwLock<ReadView>,
+    /// Mirror of `view.merged` for reads that need no lock.
+    pub(crate) merged: AtomicU64,
+    phase: AtomicU8,
+    pub(crate) store: Mutex<Box<dyn ProgressStore>>,
+    pub(crate) merging: AtomicBool,
+    pub(crate) opts: UserSnapshotOptions,
+    request_log: LogLimit,
+}
+
+impl std::fmt::Debug for UserSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserSnapshot")
+            .field("device_sectors", &self.device_sectors)
+            .field("progress", &self.progress())
+            .finish_non_exhaustive()
+    }
+}
+
+fn open_file(role: &'static str, path: &Path, write: bool) -> Result<File, UserSnapshotError> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map_err(|source| UserSnapshotError::Open {
+            role,
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+impl UserSnapshot {
+    /// Open COW (read-write: progress goes into it), source (read-only) and base
+    /// (read-write) by path. Nothing durable is written and nothing is merged until
+    /// [`merge`](Self::merge).
+    pub fn open(
+        cow: &Path,
+        source: &Path,
+        base: &Path,
+        opts: &UserSnapshotOptions,
+    ) -> Result<Self, UserSnapshotError> {
+        let cow_file = open_file("COW", cow, true)?;
+        let state_file = cow_file
+            .try_clone()
+            .map_err(|source| UserSnapshotError::Open {
+                role: "COW",
+                path: cow.to_path_buf(),
+                source,
+            })?;
+        let state =
+            MergeState::open(state_file).map_err(|source| UserSnapshotError::MergeState {
+                path: cow.to_path_buf(),
+                source,
+            })?;
+        let storage = CowFileStorage::open(cow_file, opts.mmap_cow).map_err(|source| {
+            UserSnapshotError::Open {
+                role: "COW",
+                path: cow.to_path_buf(),
+                source,
+            }
+        })?;
+        let reader = CowReader::from_storage(storage).map_err(|source| UserSnapshotError::Cow {
+            path: cow.to_path_buf(),
+            source,
+        })?;
+        let source_file = open_file("source", source, false)?;
+        let source_direct = if opts.o_direct {
+            Some(
+                DirectSource::open(source).map_err(|e| UserSnapshotError::Open {
+                    role: "source",
+                    path: source.to_path_buf(),
+                    source: e,
+                })?,
+            )
+        } else {
+            None
+        };
+        let base_file = open_file("base", base, true)?;
+        let mut snap = Self::from_parts(reader, source_file, base_file, Box::new(state), *opts)?;
+        snap.source_direct = source_direct;
+        Ok(snap)
+    }
+
+    /// Assemble a snapshot from an open COW, its devices and its progress store, and load
+    /// the durable position.
+    pub(crate) fn from_parts(
+        cow: CowReader<CowFileStorage>,
+        source: File,
+        base: File,
+        store: Box<dyn ProgressStore>,
+        opts: UserSnapshotOptions,
+    ) -> Result<Self, UserSnapshotError> {
+        if cow.block_size() as usize != BLOCK {
+            return Err(UserSnapshotError::BlockSize {
+                block_size: cow.block_size(),
+            });
+        }
+        let bytes = CowStorage::size(&base).map_err(|source| UserSnapshotError::Open {
+            role: "base",
+            path: "(open descriptor)".into(),
+            source,
+        })?;
+        if bytes == 0 || bytes % SECTOR != 0 {
+            return Err(UserSnapshotError::BaseSize { bytes });
+        }
+        let plan = MergePlan::build(&cow, store.window_capacity())?;
+        if !plan.has_scratch() {
+            for entry in 0..plan.ordered() {
+                if let Some((_, op)) = plan.op(&cow, entry) {
+                    let self_reading = op.kind == OpKind::Xor
+                        && source_blocks(op, BLOCK_U64).is_some_and(|s| s.contains(&op.new_block));
+                    if self_reading {
+                        return Err(UserSnapshotError::XorNeedsScratch {
+                            entry,
+                            block: op.new_block,
+                        });
+                    }
+                }
+            }
+        }
+        let device_blocks = bytes.div_ceil(BLOCK_U64);
+        let map = BlockMap::build(&cow, &plan, device_blocks)?;
+        log::debug!(
+            "user-space snapshot: {} blocks, {} merge-order entries ({} ordered), lookup {} KiB",
+            device_blocks,
+            plan.total(),
+            plan.ordered(),
+            map.heap_bytes() / 1024
+        );
+        let snap = Self {
+            cow,
+            source,
+            source_direct: None,
+            base,
+            plan,
+            map,
+            device_sectors: bytes / SECTOR,
+            view: RwLock::new(ReadView::default()),
+            merged: AtomicU64::new(0),
+            phase: AtomicU8::new(MergePhase::NotStarted.to_u8()),
+            store: Mutex::new(store),
+            merging: AtomicBool::new(false),
+            opts,
+            request_log: LogLimit::new(),
+        };
+        let durable =
+            snap.lock_store()
+                .progress()
+                .map_err(|source| UserSnapshotError::MergeState {
+                    path: "(COW)".into(),
+                    source,
+                })?;
+        snap.adopt(durable)?;
+        snap.check_mode(durable.num_merge_ops)?;
+        Ok(snap)
+    }
+
+    pub(crate) fn lock_store(&self) -> MutexGuard<'_, Box<dyn ProgressStore>> {
+        self.store.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn view_read(&self) -> RwLockReadGuard<'_, ReadView> {
+        self.view.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn view_write(&self) -> RwLockWriteGuard<'_, ReadView> {
+        self.view.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Take `durable` as the position: merged entries, and the saved window when the
+    /// scratch state is Done (reads of that window then come from it, never from a base
+    /// device that may already hold some of its destinations).
+    pub(crate) fn adopt(&self, durable: DurableProgress) -> Result<(), UserSnapshotError> {
+        let p = durable.num_merge_ops;
+        let total = self.plan.total();
+        if p > total {
+            return Err(UserSnapshotError::ProgressPastEnd {
+                num_merge_ops: p,
+                total,
+            });
+        }
+        let mut window = None;
+        if self.plan.has_scratch() && p < self.plan.ordered() && durable.state == BufferState::Done
+        {
+            let saved = self.lock_store().read_window().map_err(|source| {
+                UserSnapshotError::MergeState {
+                    path: "(COW)".into(),
+                    source,
+                }
+            })?;
+            let range = self.plan.window_at(&self.cow, p);
+            let expected = range.clone().filter_map(|e| {
+                self.plan
+                    .op(&self.cow, e)
+                    .filter(|(_, op)| op.kind.is_ordered())
+                    .map(|(_, op)| op.new_block)
+            });
+            saved.check_blocks(expected, BLOCK).map_err(|detail| {
+                UserSnapshotError::ScratchMismatch {
+                    num_merge_ops: p,
+                    detail,
+                }
+            })?;
+            let has_slot: Vec<bool> = range
+                .clone()
+                .map(|e| {
+                    self.plan
+                        .op(&self.cow, e)
+                        .is_some_and(|(_, op)| op.kind.is_ordered())
+                })
+                .collect();
+            log::info!(
+                "merge position {p}: the read-ahead window of entries {}..{} is saved in scratch; reads of it come from there",
+                range.start,
+                range.end
+            );
+            window = Some(Arc::new(LoadedWindow::new(
+                range,
+                has_slot.into_iter(),
+                saved,
+                BLOCK,
+            )));
+        }
+        let mut view = self.view_write();
+        view.merged = p;
+        view.window = window;
+        self.merged.store(p, Ordering::Release);
+        if p == total {
+            self.set_phase(MergePhase::Complete);
+        }
+        Ok(())
+    }
+
+    /// Refuse progress that the legacy order made (see DESIGN.md, "Mode mismatch"): with
+    /// `num_merge_ops` inside the REPLACE/ZERO part, the last entry the user-space order
+    /// has merged must hold its new data in the base device.
+    fn check_mode(&self, p: u64) -> Result<(), UserSnapshotError> {
+        let ordered = self.plan.ordered();
+        if p <= ordered || p >= self.plan.total() {
+            return Ok(());
+        }
+        let holds_new_data = |entry: u64| -> Result<bool, UserSnapshotError> {
+            let Some((position, op)) = self.plan.op(&self.cow, entry) else {
+                return Ok(true);
+            };
+            let mut want = [0u8; BLOCK];
+            let mut have = [0u8; BLOCK];
+            for block in op.new_block..op.new_block.saturating_add(op.num_blocks) {
+                let wrap = |source| UserSnapshotError::ModeCheck {
+                    block,
+                    source: Box::new(source),
+                };
+                self.cow
+                    .read_op_block(position, block, &self.source, &mut want)
+                    .map_err(|source| {
+                        wrap(UserReadError::Produce {
+                            block,
+                            op_index: op.index,
+                            source,
+                        })
+                    })?;
+                self.read_base(block * BLOCK_U64, &mut have).map_err(wrap)?;
+                if want != have {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        };
+        let user_last = p - 1;
+        if holds_new_data(user_last)? {
+            return Ok(());
+        }
+        // The legacy order walks the same part from the top: its (p-1)-th entry.
+        let legacy_last = self.plan.total() - 1 - (user_last - ordered);
+        let legacy_matches = holds_new_data(legacy_last)?;
+        let block = self
+            .plan
+            .op(&self.cow, user_last)
+            .map_or(0, |(_, op)| op.new_block);
+        Err(UserSnapshotError::ModeMismatch {
+            num_merge_ops: p,
+            block,
+            legacy_matches,
+        })
+    }
+
+    /// Size of the base device in 512-byte sectors: the `init` reply and the device size.
+    pub fn base_sectors(&self) -> u64 {
+        self.device_sectors
+    }
+
+    /// Merge progress now: merged ops (the durable `num_merge_ops`), total ops, and the
+    /// state.
+    pub fn progress(&self) -> MergeProgress {
+        MergeProgress {
+            merged_ops: self.merged.load(Ordering::Acquire),
+            total_ops: self.plan.total(),
+            state: self.phase(),
+        }
+    }
+
+    pub(crate) fn phase(&self) -> MergePhase {
+        MergePhase::from_u8(self.phase.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn set_phase(&self, phase: MergePhase) {
+        self.phase.store(phase.to_u8(), Ordering::Release);
+    }
+
+    /// The synchronous engine over this snapshot's source and base files.
+    pub fn sync_io(&self) -> std::io::Result<Box<dyn MergeIo>> {
+        Ok(Box::new(SyncMergeIo::new(
+            self.source.try_clone()?,
+            self.base.try_clone()?,
+        )))
+    }
+
+    /// The source device (read-only).
+    pub fn source_file(&self) -> &File {
+        &self.source
+    }
+
+    /// The base device (read-write).
+    pub fn base_file(&self) -> &File {
+        &self.base
+    }
+
+    /// Answer one request: READ of any sector-aligned range inside the device up to
+    /// [`MAX_REQUEST_BYTES`]; WRITE with data is an error (the snapshot is read-only); an
+    /// empty WRITE (a flush) and FLUSH succeed; anything else is unsupported.
+    pub fn handle(
+        &self,
+        req: &Request,
+        write_payload: &[u8],
+        read_out: &mut Vec<u8>,
+    ) -> ResponseCode {
+        match req.kind {
+            DM_USER_REQ_MAP_READ => {
+                let result = self.check_range(req.sector, req.len).and_then(|()| {
+                    // Bounded by MAX_REQUEST_BYTES. Every path of the read overwrites all
+                    // bytes on success; the buffer is cleared on failure.
+                    read_out.truncate(req.len as usize);
+                    read_out.resize(req.len as usize, 0);
+                    self.read_checked(req.sector * SECTOR, read_out)
+                });
+                match result {
+                    Ok(()) => ResponseCode::Success,
+                    Err(e) => {
+                        crate::log_limited!(
+                            self.request_log,
+                            log::Level::Error,
+                            "read of {} bytes at sector {} failed: {}",
+                            req.len,
+                            req.sector,
+                            ErrorChain(&e)
+                        );
+                        read_out.clear();
+                        ResponseCode::Error
+                    }
+                }
+            }
+            DM_USER_REQ_MAP_WRITE if req.len == 0 && write_payload.is_empty() => {
+                ResponseCode::Success
+            }
+            DM_USER_REQ_MAP_FLUSH => ResponseCode::Success,
+            DM_USER_REQ_MAP_WRITE => {
+                crate::log_limited!(
+                    self.request_log,
+                    log::Level::Warn,
+                    "write of {} bytes at sector {} refused: the snapshot device is read-only",
+                    req.len,
+                    req.sector
+                );
+                ResponseCode::Error
+            }
+            other => {
+                crate::log_limited!(
+                    self.request_log,
+                    log::Level::Warn,
+                    "request type {other} at sector {} is not supported",
+                    req.sector
+                );
+                ResponseCode::Unsupported
+            }
+        }
+    }
+
+    fn check_range(&self, sector: u64, len: u64) -> Result<(), UserReadError> {
+        let ok = len % SECTOR == 0
+            && len <= MAX_REQUEST_BYTES
+            && sector
+                .checked_add(len / SECTOR)
+                .is_some_and(|end| end <= self.device_sectors);
+        if ok {
+            Ok(())
+        } else {
+            Err(UserReadError::BadRange {
+                sector,
+                len,
+                device_sectors: self.device_sectors,
+                max: MAX_REQUEST_BYTES,
+            })
+        }
+    }
+
+    /// Read `out.len()` bytes (a multiple of 512, at most [`MAX_REQUEST_BYTES`]) at
+    /// `sector` through the read path.
+    pub fn read(&self, sector: u64, out: &mut [u8]) -> Result<(), UserReadError> {
+        self.check_range(sector, out.len() as u64)?;
+        self.read_checked(sector * SECTOR, out)
+    }
+
+    pub(crate) fn read_base(&self, offset: u64, out: &mut [u8]) -> Result<(), UserReadError> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.base, out, offset).map_err(|source| {
+            UserReadError::Base {
+                offset,
+                len: out.len() as u64,
+                source,
+            }
+        })
+    }
+
+    /// The read path over a range known to lie inside the device: runs of unchanged and
+    /// merged blocks with one `pread` each, other blocks produced in place (whole aligned
+    /// blocks) or through one bounce block (the partial blocks at the ends).
+    fn read_checked(&self, start: u64, out: &mut [u8]) -> Result<(), UserReadError> {
+        let mut bounce: Option<[u8; BLOCK]> = None;
+        // Pending run of base bytes: (device offset, start in `out`).
+        let mut base_run: Option<(u64, usize)> = None;
+        let mut done = 0usize;
+        while done < out.len() {
+            let pos = start + done as u64;
+            let block = pos / BLOCK_U64;
+            let in_block = (pos % BLOCK_U64) as usize;
+            let take = (BLOCK - in_block).min(out.len() - done);
+            let entry = self
+                .map
+                .entry(block)
+                .filter(|&e| e >= self.merged.load(Ordering::Acquire));
+            let Some(entry) = entry else {
+                base_run.get_or_insert((pos, done));
+                done += take;
+                continue;
+            };
+            if let Some((offset, from)) = base_run.take() {
+                self.read_base(offset, &mut out[from..done])?;
+            }
+            if in_block == 0 {
+                if let Some(n) = self.produce_whole_op(entry, block, &mut out[done..])? {
+                    done += n;
+                    continue;
+                }
+            }
+            if in_block == 0 && take == BLOCK {
+                self.produce(entry, block, &mut out[done..done + BLOCK])?;
+            } else {
+                let b = bounce.get_or_insert([0u8; BLOCK]);
+                self.produce(entry, block, b)?;
+                out[done..done + take].copy_from_slice(&b[in_block..in_block + take]);
+            }
+            done += take;
+        }
+        if let Some((offset, from)) = base_run {
+            self.read_base(offset, &mut out[from..])?;
+        }
+        Ok(())
+    }
+
+    /// A multi-block REPLACE whose blocks all lie in `out` from its first one: decode it
+    /// once, straight into place. Returns the bytes produced, or `None` if it does not
+    /// apply.
+    fn produce_whole_op(
+        &self,
+        entry: u64,
+        block: u64,
+        out: &mut [u8],
+    ) -> Result<Option<usize>, UserReadError> {
+        let Some((_, op)) = self.plan.op(&self.cow, entry) else {
+            return Ok(None);
+        };
+        if op.kind != OpKind::Replace || op.num_blocks < 2 || op.new_block != block {
+            return Ok(None);
+        }
+        let Some(len) = usize::try_from(op.num_blocks)
+            .ok()
+            .and_then(|n| n.checked_mul(BLOCK))
+            .filter(|&len| len <= out.len())
+        else {
+            return Ok(None);
+        };
+        self.cow
+            .read_op_data(op, &mut out[..len])
+            .map_err(|source| UserReadError::Produce {
+                block,
+                op_index: op.index,
+                source,
+            })?;
+        Ok(Some(len))
+    }
+
+    /// Produce block `block` of unmerged entry `entry` into `out` (one block).
+    fn produce(&self, entry: u64, block: u64, out: &mut [u8]) -> Result<(), UserReadError> {
+        let Some((position, op)) = self.plan.op(&self.cow, entry) else {
+            return Err(UserReadError::Produce {
+                block,
+                op_index: entry,
+                source: cow_format::ReadError::NoSuchOp {
+                    position: entry as usize,
+                },
+            });
+        };
+        let wrap = |source| UserReadError::Produce {
+            block,
+            op_index: op.index,
+            source,
+        };
+        if !op.kind.is_ordered() {
+            return self
+                .cow
+                .read_op_block(position, block, &self.source, out)
+                .map_err(wrap);
+        }
+        let view = self.view_read();
+        if entry < view.merged {
+            drop(view);
+            return self.read_base(block * BLOCK_U64, out);
+        }
+        if let Some(window) = view.window.as_ref().filter(|w| w.contains(entry)) {
+            let offset = super::plan::source_offset(op, BLOCK_U64).unwrap_or(u64::MAX);
+            if let Some(bytes) = window.saved_source(entry) {
+                let saved = SavedSource { offset, bytes };
+                return self
+                    .cow
+                    .read_op_block(position, block, &saved, out)
+                    .map_err(wrap);
+            }
+        }
+        // Not read ahead yet: the source device. `view` stays held (read mode) until the
+        // bytes are in, so the merge cannot write this window's destinations meanwhile.
+        let result = match &self.source_direct {
+            Some(direct) => self.cow.read_op_block(position, block, direct, out),
+            None => self.cow.read_op_block(position, block, &self.source, out),
+        };
+        drop(view);
+        result.map_err(wrap)
+    }
+}
+
+impl crate::daemon::transport::RequestHandler for UserSnapshot {
+    fn handle(&self, req: &Request, write_payload: &[u8], read_out: &mut Vec<u8>) -> ResponseCode {
+        UserSnapshot::handle(self, req, write_payload, read_out)
+    }
+}
