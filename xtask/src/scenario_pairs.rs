@@ -202,6 +202,26 @@ impl BootTemplate {
     }
 }
 
+/// Boot `spec`; if the kernel died before the init script began (no `VMINFO kernel` line:
+/// nothing of ours had run and no disk was touched), say so and boot once more. Under TCG
+/// the guest kernel now and then trips over its own boot-time code patching (an `int3` Oops
+/// in the idle loop) before user space starts.
+pub fn run_boot(spec: &VmSpec, build_root: &Path) -> Result<VmRun> {
+    let run = spec.run(build_root)?;
+    if run.log.contains("VMINFO kernel") {
+        return Ok(run);
+    }
+    let why = crate::report::bad_lines(&run.log)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| format!("boot ended {:?} without output from /init", run.end));
+    eprintln!(
+        "xtask: boot {} ended before /init started ({why}); its disks are untouched, booting it again once",
+        spec.label
+    );
+    spec.run(build_root)
+}
+
 /// Copy `from` to `dir/name` (a fresh disk image for one scenario) and return the copy.
 pub fn fresh_copy(dir: &Path, name: &str, from: &Path) -> Result<PathBuf> {
     let p = dir.join(name);

@@ -29,7 +29,8 @@ use crate::error::{io_err, Result, XtaskError};
 use crate::guest::{self, GuestBinary};
 use crate::report::{self, TestResult};
 use crate::scenario_pairs::{
-    self, collect, fresh_copy, powered_off_verdict, BootTemplate, CowMergeMode, Pair, MARKER,
+    self, collect, fresh_copy, powered_off_verdict, run_boot, BootTemplate, CowMergeMode, Pair,
+    MARKER,
 };
 use crate::{cmd, kmod};
 
@@ -43,10 +44,21 @@ pub const GROUPS: [&str; 6] = [
     "power-cycle",
 ];
 
-/// Kill points, as fractions of the ordered phase (first four) and of the REPLACE/ZERO phase.
-const KILL_POINTS: ([f64; 4], [f64; 2]) = ([0.15, 0.4, 0.65, 0.9], [0.2, 0.6]);
+/// A point inside a merge phase: (fraction of the phase, milliseconds to wait once
+/// `merge_percent` reached it).
+type PhasePoint = (f64, u64);
+
+/// Kill points: (fraction of the phase, milliseconds to wait once `merge_percent` reached
+/// it), four in the ordered phase and two in the REPLACE/ZERO phase. The delays move some
+/// cuts from the start of the step after a commit (the next window's read-ahead) further
+/// into it (its commit, the destination writes).
+const KILL_POINTS: ([PhasePoint; 4], [PhasePoint; 2]) = (
+    [(0.15, 0), (0.4, 60), (0.65, 150), (0.9, 0)],
+    [(0.2, 0), (0.6, 20)],
+);
 /// Power-off points, likewise.
-const POWEROFF_POINTS: ([f64; 3], [f64; 2]) = ([0.25, 0.55, 0.85], [0.3, 0.75]);
+const POWEROFF_POINTS: ([PhasePoint; 3], [PhasePoint; 2]) =
+    ([(0.25, 0), (0.55, 100), (0.85, 0)], [(0.3, 10), (0.75, 0)]);
 
 /// Options of `cargo xtask vm-usm`.
 #[derive(Debug, Default)]
@@ -129,31 +141,30 @@ impl MergeShape {
         (total > 0 && ordered <= total).then_some(Self { total, ordered })
     }
 
-    /// `merge_percent` points: `ordered` fractions of the ordered phase, `rest` fractions of
-    /// the REPLACE/ZERO phase, rounded to 0.1 and strictly increasing inside (0, 100).
-    pub fn points(&self, ordered: &[f64], rest: &[f64]) -> Vec<f64> {
+    /// `merge_percent` points `PERCENT[+MS]` (the guest's `at=` syntax): `ordered` fractions
+    /// of the ordered phase, `rest` fractions of the REPLACE/ZERO phase, each with its delay;
+    /// percentages rounded to 0.1, strictly increasing inside (0, 100).
+    pub fn points(&self, ordered: &[PhasePoint], rest: &[PhasePoint]) -> Vec<String> {
         let f = self.ordered as f64 * 100.0 / self.total as f64;
-        let mut out: Vec<f64> = Vec::new();
+        let mut out: Vec<String> = Vec::new();
+        let mut last = 0.0;
         let all = ordered
             .iter()
-            .map(|x| f * x)
-            .chain(rest.iter().map(|x| f + (100.0 - f) * x));
-        for p in all {
+            .map(|&(x, d)| (f * x, d))
+            .chain(rest.iter().map(|&(x, d)| (f + (100.0 - f) * x, d)));
+        for (p, delay) in all {
             let p = (p * 10.0).round() / 10.0;
-            if p > 0.0 && p < 100.0 && out.last().is_none_or(|l| p > *l) {
-                out.push(p);
+            if p > last && p < 100.0 {
+                last = p;
+                out.push(if delay == 0 {
+                    format!("{p:.1}")
+                } else {
+                    format!("{p:.1}+{delay}")
+                });
             }
         }
         out
     }
-}
-
-fn points_arg(points: &[f64]) -> String {
-    points
-        .iter()
-        .map(|p| format!("{p:.1}"))
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 fn inspect_shape(tool: &Path, cow: &Path) -> Result<MergeShape> {
@@ -181,11 +192,11 @@ pub fn run(repo: &Path, opts: &UsmOptions) -> Result<()> {
     let kill_points = shape.points(&KILL_POINTS.0, &KILL_POINTS.1);
     let power_points = shape.points(&POWEROFF_POINTS.0, &POWEROFF_POINTS.1);
     eprintln!(
-        "xtask: synthetic COW: {} ops, {} ordered; kill points {} %, power-off points {} %",
+        "xtask: synthetic COW: {} ops, {} ordered; kill points {} (merge_percent[+ms]), power-off points {}",
         shape.total,
         shape.ordered,
-        points_arg(&kill_points),
-        points_arg(&power_points)
+        kill_points.join(","),
+        power_points.join(",")
     );
 
     let bins = guest::build(
@@ -215,9 +226,7 @@ pub fn run(repo: &Path, opts: &UsmOptions) -> Result<()> {
         let a = boot_a(opts, &disks, &ext4, &synthetic, shape, &kill_points)?;
         if !a.expected.is_empty() {
             eprintln!("xtask: [{k}] boot a: {}", a.expected.join(" "));
-            let run = boots
-                .spec("a", a.disks, a.fragment, limit)
-                .run(&build_root)?;
+            let run = run_boot(&boots.spec("a", a.disks, a.fragment, limit), &build_root)?;
             collect(&mut all, series, "a", report::evaluate(&run, &a.expected));
         }
         if opts.wants("power-cycle") {
@@ -274,7 +283,7 @@ fn boot_a(
     ext4: &Pair,
     syn: &Pair,
     shape: MergeShape,
-    kill_points: &[f64],
+    kill_points: &[String],
 ) -> Result<Boot> {
     let mut b = Boot {
         disks: Vec::new(),
@@ -306,7 +315,7 @@ fn boot_a(
         let (base, cow) = fresh(&mut b, "synk", syn)?;
         b.fragment.push_str(&format!(
             "/bin/vmtest usm kill-chain synk {base} {cow} {syn_target} at={} ordered={}\n",
-            points_arg(kill_points),
+            kill_points.join(","),
             shape.ordered
         ));
         for n in 1..=kill_points.len() {
@@ -351,7 +360,7 @@ fn power_chain(
     dir: &Path,
     syn: &Pair,
     shape: MergeShape,
-    points: &[f64],
+    points: &[String],
     secs: u64,
     series: KernelSeries,
     all: &mut Vec<(KernelSeries, TestResult)>,
@@ -371,7 +380,7 @@ fn power_chain(
             Some(p) => {
                 expected.push(format!("usm-poweroff{boot}-synp"));
                 format!(
-                    "/bin/vmtest usm power-cycle {args} boot={boot} at={p:.1}\necho VMINFO poweroff did not happen\n"
+                    "/bin/vmtest usm power-cycle {args} boot={boot} at={p}\necho VMINFO poweroff did not happen\n"
                 )
             }
             None => {
@@ -386,9 +395,10 @@ fn power_chain(
                 .map(|p| format!(", power cut at {p:.1}%"))
                 .unwrap_or_default()
         );
-        let run = boots
-            .spec(&label, disks.clone(), fragment, secs)
-            .run(build_root)?;
+        let run = run_boot(
+            &boots.spec(&label, disks.clone(), fragment, secs),
+            build_root,
+        )?;
         let mut results = report::evaluate(&run, &expected);
         if point.is_some() {
             powered_off_verdict(&run, &mut results);
@@ -456,10 +466,16 @@ mod tests {
         );
         let p = s.points(&KILL_POINTS.0, &KILL_POINTS.1);
         assert_eq!(p.len(), 6);
+        assert_eq!(p[0], "11.0");
+        assert_eq!(p[1], "29.2+60");
+        let pct: Vec<f64> = p
+            .iter()
+            .map(|x| x.split('+').next().unwrap().parse().unwrap())
+            .collect();
         let f = 2400.0 * 100.0 / 3287.0;
-        assert_eq!(p.iter().filter(|x| **x < f).count(), 4);
-        assert!(p.windows(2).all(|w| w[0] < w[1]));
-        assert!(p.iter().all(|x| *x > 0.0 && *x < 100.0));
+        assert_eq!(pct.iter().filter(|x| **x < f).count(), 4);
+        assert!(pct.windows(2).all(|w| w[0] < w[1]));
+        assert!(pct.iter().all(|x| *x > 0.0 && *x < 100.0));
         assert!(MergeShape::parse_inspect("merge_ops_total: 0\nordered_ops_to_merge: 0").is_none());
         assert!(MergeShape::parse_inspect("nothing").is_none());
     }
@@ -470,7 +486,7 @@ mod tests {
             total: 100,
             ordered: 0,
         };
-        assert_eq!(s.points(&[0.5, 0.9], &[0.5]), vec![50.0]);
+        assert_eq!(s.points(&[(0.5, 0), (0.9, 0)], &[(0.5, 7)]), vec!["50.0+7"]);
     }
 
     #[test]
