@@ -4,14 +4,17 @@
 //! * `vmtest run-all [--filter S]` — run each test in its own process, print `VMTEST <name> PASS|FAIL <detail>`;
 //! * `vmtest run <name>` — run one test in this process;
 //! * `vmtest bench` — dm-user vs loop-over-tmpfs reads, prints `VMBENCH` lines;
-//! * `vmtest snap SCENARIO ...` — snapshot scenarios with the real daemon (`snapshot_cases.rs`).
+//! * `vmtest snap SCENARIO ...` — snapshot scenarios with the real daemon (`snapshot_cases.rs`);
+//! * `vmtest usm SCENARIO ...` — user-space-merge scenarios (`user_snapshot_cases.rs`).
 
 mod bench;
 mod cases;
 mod harness;
 mod ramd;
+mod scenario_support;
 mod snapshot_cases;
 mod target_cases;
+mod user_snapshot_cases;
 
 use std::io::Read;
 use std::process::{Command, ExitCode, Stdio};
@@ -144,6 +147,7 @@ fn main() -> ExitCode {
             }
         }
         "snap" => snapshot_cases::main(&args[1..]),
+        "usm" => user_snapshot_cases::main(&args[1..]),
         "helper-hang" => report_helper(cases::helper_hang(
             args.get(1).map(String::as_str).unwrap_or(""),
         )),
