@@ -10,6 +10,7 @@
 //! * [`cow_backend`] — the core's backends on a real COW file and source image;
 //! * [`user_merge`] — the Android 13+ user-space-merge mode: read path over the whole partition and the daemon-driven merge;
 //! * [`ublk`] — the snapshot device over ublk, with recovery across daemon restarts;
+//! * [`uring`] — io_uring: the merge's I/O engine and the `O_DIRECT` device verifier;
 //! * [`daemon`] — dm-user workers, handler registry, control socket, socket handoff;
 //! * [`error_chain`] — printing an error with each of its causes once;
 //! * [`log_limit`] — rate limiting for log lines a peer can trigger per request;
@@ -27,4 +28,5 @@ pub mod log_limit;
 pub mod properties;
 pub mod snapshot;
 pub mod ublk;
+pub mod uring;
 pub mod user_merge;

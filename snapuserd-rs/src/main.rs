@@ -1,4 +1,9 @@
-//! `snapuserd`: the userspace snapshot daemon (legacy dm-snapshot design over dm-user).
+//! `snapuserd`: the userspace snapshot daemon over dm-user.
+//!
+//! Each handler runs in user-space-merge mode (Android 13+: the dm-user device is the
+//! partition and the daemon merges; the 5-field `init` and 4-field positional handlers) or
+//! in legacy dm-snapshot mode (the 4-field `init` and 3-field positional handlers);
+//! `-user_snapshot` refuses the legacy forms. See `DAEMON_USAGE` for every flag.
 //!
 //! Three roles, as AOSP's daemon:
 //! * **control socket** (default): serve AOSP's text protocol on the socket init created
@@ -14,7 +19,8 @@
 //! Host-only options (tests): `-proxy_socket=<path>` (the proxy binds its SEQPACKET socket
 //! there; the receiver connects there instead of `/dev/socket/snapuserd_proxy`),
 //! `-property_socket=<path>` (instead of `/dev/socket/property_service`),
-//! `-daemon_alive_indicator=<path>` and `-dm_user_dir=<path>` (instead of `/dev/dm-user`).
+//! `-daemon_alive_indicator=<path>`, `-dm_user_dir=<path>` (instead of `/dev/dm-user`) and
+//! `-verify_device_dir=<path>` (update verification reads `<path>/<misc>`).
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -35,9 +41,13 @@ use snapuserd::daemon::handoff::{
     bind_seqpacket, default_proxy_path, receive_listener, run_proxy, HandoffError,
     PROXY_SOCKET_NAME,
 };
+use snapuserd::daemon::merge_monitor::DEFAULT_MERGE_THREADS;
 use snapuserd::daemon::transport::DevDmUser;
+use snapuserd::daemon::update_verify::VerifyDevices;
+use snapuserd::daemon::user_snapshots::UserSnapshotOpener;
 use snapuserd::error_chain::ErrorChain;
-use snapuserd::properties::{set_property_if_available, PROPERTY_SERVICE_SOCKET};
+use snapuserd::properties::{get_property, set_property_if_available, PROPERTY_SERVICE_SOCKET};
+use snapuserd::user_merge::UserSnapshotOptions;
 
 /// Where init looks for the daemon-alive indicator after the SELinux transition.
 const ALIVE_INDICATOR: &str = "/metadata/ota/daemon-alive-indicator";
@@ -213,6 +223,8 @@ struct HostPaths {
     alive_indicator: Option<PathBuf>,
     /// `-dm_user_dir=<path>`: where the dm-user nodes are (instead of `/dev/dm-user`).
     dm_user_dir: Option<PathBuf>,
+    /// `-verify_device_dir=<path>`: update verification reads `<path>/<misc>`.
+    verify_device_dir: Option<PathBuf>,
 }
 
 impl HostPaths {
@@ -265,6 +277,7 @@ fn take_host_paths(args: Vec<String>) -> (HostPaths, Vec<String>) {
             "property_socket" => &mut paths.property_socket,
             "daemon_alive_indicator" => &mut paths.alive_indicator,
             "dm_user_dir" => &mut paths.dm_user_dir,
+            "verify_device_dir" => &mut paths.verify_device_dir,
             _ => {
                 rest.push(arg);
                 continue;
@@ -347,26 +360,46 @@ fn run(config: &DaemonConfig, paths: &HostPaths, events: &DaemonEvents) -> Resul
     if config.socket_handoff {
         return run_proxy_role(paths, events);
     }
-    let registry = Arc::new(HandlerRegistry::new(
-        Box::new(CowFileOpener),
-        // libsnapshot waits for the dm-user node before `start`; `start` runs off the control
-        // loop, so a late uevent may take a while without stalling other clients.
-        Box::new(DevDmUser::new(
-            paths
-                .dm_user_dir
-                .as_deref()
-                .unwrap_or(Path::new(snapuserd::dm_user::DEV_DIR)),
-            Duration::from_secs(10),
-        )),
-        config.worker_count,
-    ));
+    let registry = Arc::new(
+        HandlerRegistry::new(
+            Box::new(CowFileOpener),
+            // libsnapshot waits for the dm-user node before `start`; `start` runs off the control
+            // loop, so a late uevent may take a while without stalling other clients.
+            Box::new(DevDmUser::new(
+                paths
+                    .dm_user_dir
+                    .as_deref()
+                    .unwrap_or(Path::new(snapuserd::dm_user::DEV_DIR)),
+                Duration::from_secs(10),
+            )),
+            config.worker_count,
+        )
+        .with_user_snapshots(Box::new(UserSnapshotOpener::new(UserSnapshotOptions {
+            o_direct: config.o_direct,
+            cow_op_merge_size: (config.cow_op_merge_size != 0).then_some(config.cow_op_merge_size),
+            ..UserSnapshotOptions::default()
+        })))
+        .with_user_snapshot_only(config.user_snapshot)
+        .with_merge_threads(merge_threads(config), config.io_uring)
+        .with_verify_devices(match &paths.verify_device_dir {
+            Some(dir) => VerifyDevices::Dir(dir.clone()),
+            None => VerifyDevices::default(),
+        }),
+    );
     registry.notify_worker_exits(events.notifier());
     if config.no_socket {
         if config.handlers.is_empty() {
             return Err(DaemonError::NoHandlers);
         }
         for h in &config.handlers {
-            match registry.init(&h.misc_name, &h.cow_device, &h.source_device) {
+            // The transitioned daemon's handlers: user-space-merge ones are verified once.
+            let reply = match &h.base_device {
+                Some(base) => {
+                    registry.init_user(&h.misc_name, &h.cow_device, &h.source_device, base, true)
+                }
+                None => registry.init(&h.misc_name, &h.cow_device, &h.source_device),
+            };
+            match reply {
                 Reply::SuccessSectors(_) => {}
                 _ => {
                     return Err(DaemonError::HandlerInit {
@@ -433,6 +466,23 @@ fn run(config: &DaemonConfig, paths: &HostPaths, events: &DaemonEvents) -> Resul
         }
     }
     Ok(())
+}
+
+/// Most merges at once: `-num_merge_threads`, else `ro.virtual_ab.num_merge_threads`, else
+/// AOSP's default of 2.
+fn merge_threads(config: &DaemonConfig) -> u32 {
+    if let Some(n) = config.num_merge_threads {
+        return n;
+    }
+    const PROPERTY: &str = "ro.virtual_ab.num_merge_threads";
+    match get_property(PROPERTY).map(|v| v.trim().parse::<u32>()) {
+        Some(Ok(n)) if n > 0 => n,
+        Some(_) => {
+            log::warn!("{PROPERTY} is not a positive number; using {DEFAULT_MERGE_THREADS}");
+            DEFAULT_MERGE_THREADS
+        }
+        None => DEFAULT_MERGE_THREADS,
+    }
 }
 
 /// The error for a missing inherited socket, saying what the `-socket` value was taken as.
@@ -567,6 +617,7 @@ mod tests {
                 property_socket: Some("/q".into()),
                 alive_indicator: Some("rel".into()),
                 dm_user_dir: None,
+                verify_device_dir: None,
             }
         );
         assert_eq!(rest, vec!["-socket-handoff", "-property_socket"]);

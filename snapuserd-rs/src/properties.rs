@@ -1,4 +1,5 @@
-//! Setting Android system properties through init's property service.
+//! Setting Android system properties through init's property service, and reading them
+//! (on Android only, through bionic).
 //!
 //! The daemon publishes two properties: `snapuserd.ready=true` once it serves its control
 //! socket, and `snapuserd.proxy_ready=true` from the socket-handoff proxy once it listens.
@@ -189,6 +190,31 @@ pub fn set_property_if_available(
         return Ok(());
     }
     set_property_at(socket, name, value)
+}
+
+/// The value of system property `name` (bionic's `__system_property_get`); `None` where it
+/// is unset or empty, and always on a host (no property area).
+#[cfg(target_os = "android")]
+pub fn get_property(name: &str) -> Option<String> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let mut value = [0 as libc::c_char; PROP_VALUE_MAX];
+    // SAFETY: `name` is NUL-terminated; `value` has PROP_VALUE_MAX bytes, the most
+    // __system_property_get writes (terminator included).
+    let len = unsafe { libc::__system_property_get(name.as_ptr(), value.as_mut_ptr()) };
+    let len = usize::try_from(len).ok().filter(|&l| l > 0)?;
+    let bytes: Vec<u8> = value
+        .iter()
+        .take(len.min(PROP_VALUE_MAX))
+        .map(|&c| c as u8)
+        .collect();
+    String::from_utf8(bytes).ok()
+}
+
+/// The value of system property `name`: always `None` off Android (no property area).
+#[cfg(not(target_os = "android"))]
+pub fn get_property(name: &str) -> Option<String> {
+    let _ = name;
+    None
 }
 
 #[cfg(test)]

@@ -615,3 +615,118 @@ fn io_flusher_refusal_is_explained_at_info_level_on_a_host() {
         );
     }
 }
+
+/// Ask `getstatus` until it answers something other than `snapshot-merge`.
+fn wait_merge_end(c: &mut UnixStream, misc: &str) -> String {
+    // A minute is a hang, not a slow machine.
+    for _ in 0..12_000 {
+        let s = ask(c, format!("getstatus,{misc}").as_bytes());
+        if s != "snapshot-merge" {
+            return s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    panic!("{misc}: still merging after a minute");
+}
+
+#[test]
+fn user_snapshot_init_start_merge_and_status_through_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let u = common::write_user_update(dir.path(), "sys", 256);
+    let dm_user = fake_dm_user_dir(dir.path(), "sys");
+    let control = dir.path().join("snapuserd");
+    let mut daemon = Command::new(BIN)
+        .arg("-user_snapshot")
+        .arg(format!("-socket={}", control.display()))
+        .arg(format!("-dm_user_dir={}", dm_user.display()))
+        .arg("-num_merge_threads=1")
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut c = connect(&control, &mut daemon);
+    let init = format!(
+        "init,sys,{},{},{}",
+        u.cow.display(),
+        u.source.display(),
+        u.base.display()
+    );
+    assert_eq!(
+        ask(&mut c, init.as_bytes()),
+        format!("success,{}", 256 * common::BLOCK / 512)
+    );
+    let legacy = format!("init,old,{},{}", u.cow.display(), u.source.display());
+    assert_eq!(ask(&mut c, legacy.as_bytes()), "fail", "-user_snapshot");
+    assert_eq!(ask(&mut c, b"start,sys"), "success");
+    assert_eq!(ask(&mut c, b"getstatus,sys"), "snapshot");
+    assert_eq!(ask(&mut c, b"merge_percent"), "0.000000");
+    assert_eq!(ask(&mut c, b"initiate_merge,sys"), "success");
+    assert_eq!(wait_merge_end(&mut c, "sys"), "snapshot-merge-complete");
+    assert_eq!(ask(&mut c, b"merge_percent"), "100.000000");
+    assert_eq!(std::fs::read(&u.base).unwrap(), u.target);
+    c.write_all(b"stop").unwrap();
+    assert!(daemon.wait().unwrap().success());
+}
+
+#[test]
+fn no_socket_user_snapshot_handlers_verify_and_merge_after_the_handoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let u = common::write_user_update(dir.path(), "sys", 128);
+    let dm_user = fake_dm_user_dir(dir.path(), "sys");
+    // The snapshot device update verification reads.
+    let devices = dir.path().join("devices");
+    std::fs::create_dir(&devices).unwrap();
+    std::fs::write(devices.join("sys"), &u.target).unwrap();
+    let proxy = dir.path().join("snapuserd_proxy");
+    let control = dir.path().join("snapuserd");
+    let alive = dir.path().join("alive");
+    let host = |name: &str, p: &Path| format!("-{name}={}", p.display());
+    let mut daemon = Command::new(BIN)
+        .args([
+            "-no_socket".to_string(),
+            "-user_snapshot".to_string(),
+            host("dm_user_dir", &dm_user),
+            host("proxy_socket", &proxy),
+            host("daemon_alive_indicator", &alive),
+            host("verify_device_dir", &devices),
+            format!(
+                "sys,{},{},{}",
+                u.cow.display(),
+                u.source.display(),
+                u.base.display()
+            ),
+        ])
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_file(&alive, "1", &mut daemon);
+    let proxy_out = Command::new(BIN)
+        .args([
+            "-socket-handoff".to_string(),
+            host("proxy_socket", &proxy),
+            host("socket", &control),
+        ])
+        .output()
+        .unwrap();
+    assert!(proxy_out.status.success(), "{proxy_out:?}");
+    let mut c = connect(&control, &mut daemon);
+    assert_eq!(ask(&mut c, b"update-verify"), "success");
+    assert_eq!(ask(&mut c, b"getstatus,sys"), "snapshot");
+    assert_eq!(ask(&mut c, b"initiate_merge,sys"), "success");
+    assert_eq!(wait_merge_end(&mut c, "sys"), "snapshot-merge-complete");
+    assert_eq!(std::fs::read(&u.base).unwrap(), u.target);
+    c.write_all(b"stop").unwrap();
+    assert!(daemon.wait().unwrap().success());
+}
+
+#[test]
+fn a_legacy_handler_argument_for_a_user_snapshot_daemon_is_a_clear_error() {
+    let out = run(&["-no_socket", "-user_snapshot", "sys,/c,/s"]);
+    assert!(!out.status.success());
+    let line = error_line(&out);
+    assert!(
+        line.contains("legacy") && line.contains("misc,cow,source,base"),
+        "{line}"
+    );
+}

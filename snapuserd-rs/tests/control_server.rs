@@ -290,12 +290,7 @@ fn init_start_serve_status_delete_on_a_real_cow() {
         .unwrap()
         .device_sectors();
     let mut c = d.connect();
-    let init = format!(
-        "init,sys,{},{},{}",
-        cow.display(),
-        src.display(),
-        src.display()
-    );
+    let init = format!("init,sys,{},{}", cow.display(), src.display());
     assert_eq!(
         ask(&mut c, init.as_bytes()),
         format!("success,{expected_sectors}")

@@ -10,13 +10,15 @@
 //!   `ublk_drv` (6.12); on 6.1 the guest log says why they are not run.
 //! * `cargo xtask vm-snapshot [--kernel 6.1|6.12] [--timeout SECS]` runs the snapshot scenarios
 //!   with the real `snapuserd` daemon (see `snapshot_scenarios.rs`).
+//! * `cargo xtask vm-usm [--kernel 6.1|6.12] [--filter NAME] [--timeout SECS]` runs the
+//!   user-space-merge scenarios (see `user_snapshot_scenarios.rs`).
 //! * `cargo xtask kernel-check` runs `kernel/scripts/check-style.sh`.
 //! * `cargo xtask demo [--source SRC.img --target TGT.img]` runs the OTA demo (see `demo.rs`).
 //! * `cargo xtask test [--only STAGE]...` runs everything: the workspace's tests, the kernel
 //!   style checks, the dm-user emulator tests and the snapuserd snapshot scenarios on both
 //!   kernels, each stage even after a failed one, and ends with one line `N passed, N failed`
 //!   over all of them. It is the test command README.md names. `--only` (cargo-test,
-//!   kernel-check, vm-test, vm-snapshot) runs a subset while iterating.
+//!   kernel-check, vm-test, vm-snapshot, vm-usm) runs a subset while iterating.
 
 mod cmd;
 mod demo;
@@ -27,7 +29,9 @@ mod guest;
 mod initramfs;
 mod kmod;
 mod report;
+mod scenario_pairs;
 mod snapshot_scenarios;
+mod user_snapshot_scenarios;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -41,7 +45,7 @@ use initramfs::InitramfsSpec;
 use report::TestResult;
 use vm::VmSpec;
 
-const USAGE: &str = "cargo xtask <demo|test|vm-test|vm-bench|vm-snapshot|kernel-check> [--only STAGE] [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--ublk] [--timeout SECS] [--disk RAW.img]... [--smp N]";
+const USAGE: &str = "cargo xtask <demo|test|vm-test|vm-bench|vm-snapshot|vm-usm|kernel-check> [--only STAGE] [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--ublk] [--timeout SECS] [--disk RAW.img]... [--smp N]";
 
 /// Parsed command-line options.
 #[derive(Debug, Default)]
@@ -331,7 +335,13 @@ fn kernel_check() -> Result<()> {
 }
 
 /// The stages of `cargo xtask test`, in order of cost.
-const STAGES: [&str; 4] = ["cargo-test", "kernel-check", "vm-test", "vm-snapshot"];
+const STAGES: [&str; 5] = [
+    "cargo-test",
+    "kernel-check",
+    "vm-test",
+    "vm-snapshot",
+    "vm-usm",
+];
 
 /// Run `cmd`, passing its stdout and stderr through line by line, and return whether it
 /// exited successfully with everything it printed (stdout, then stderr). A command that
@@ -401,7 +411,7 @@ fn split_stage_args(args: &[String]) -> Result<(Vec<&'static str>, Vec<String>)>
     Ok((only, rest))
 }
 
-/// The arguments `vm-snapshot` accepts out of `cargo xtask test`'s options.
+/// The arguments `vm-snapshot` and `vm-usm` accept out of `cargo xtask test`'s options.
 fn snapshot_args(opts: &Options) -> Vec<String> {
     let mut args = Vec::new();
     for k in &opts.kernels {
@@ -451,6 +461,17 @@ fn test_all(args: &[String]) -> Result<()> {
                 let (ok, out) = run_teed(Command::new(&xtask).arg("vm-test").args(&rest));
                 report::vm_results_tally(&out, "vm-test").for_stage(ok)
             }
+            "vm-usm" => {
+                eprintln!(
+                    "xtask: {n} emulator tests: snapuserd in user-space-merge mode (read, merge, kill chain, power-off chain, handoff, pause, merge-thread limit)"
+                );
+                let (ok, out) = run_teed(
+                    Command::new(&xtask)
+                        .arg("vm-usm")
+                        .args(snapshot_args(&opts)),
+                );
+                report::vm_results_tally(&out, "vm-usm").for_stage(ok)
+            }
             _ => {
                 eprintln!(
                     "xtask: {n} emulator tests: snapuserd under dm-snapshot (read, merge, kill, live handoffs, power-off)"
@@ -492,6 +513,10 @@ fn real_main() -> Result<()> {
         "vm-snapshot" => snapshot_scenarios::run(
             &repo_root(),
             &snapshot_scenarios::SnapshotOptions::parse(rest)?,
+        ),
+        "vm-usm" => user_snapshot_scenarios::run(
+            &repo_root(),
+            &user_snapshot_scenarios::UsmOptions::parse(rest)?,
         ),
         "demo" => demo::run(&repo_root(), &demo::DemoOptions::parse(rest)?),
         _ => Err(XtaskError::Usage(USAGE.into())),

@@ -20,6 +20,8 @@ pub const DEFAULT_SOCKET_NAME: &str = "snapuserd";
 pub const DEFAULT_WORKER_COUNT: u32 = 4;
 /// Largest accepted `-worker_count=` (threads per partition).
 pub const MAX_WORKER_COUNT: u32 = 64;
+/// Largest accepted `-num_merge_threads=`.
+pub const MAX_MERGE_THREADS: u32 = 64;
 
 /// Errors of the control protocol and command-line parsing.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -98,6 +100,18 @@ pub enum ControlError {
     /// Handlers given without `-no_socket`, or `-no_socket` without handlers.
     #[error("{0}")]
     Inconsistent(&'static str),
+    /// A legacy 3-field handler given to a `-user_snapshot` daemon.
+    #[error(
+        "handler argument {index} {arg:?} is a legacy dm-snapshot handler (misc,cow,source) \
+         but -user_snapshot asks for user-space snapshots: give misc,cow,source,base, or \
+         drop -user_snapshot"
+    )]
+    ModeMismatch {
+        /// Position among the positional arguments.
+        index: usize,
+        /// The argument.
+        arg: String,
+    },
 }
 
 /// One parsed control command, borrowing from the message.
@@ -363,9 +377,11 @@ pub struct DaemonConfig {
     pub no_socket: bool,
     /// `-socket_handoff` / `-socket-handoff`: act as the socket-handoff proxy.
     pub socket_handoff: bool,
-    /// `-user_snapshot`: user-space snapshots.
+    /// `-user_snapshot`: user-space snapshots only (a legacy 4-field `init` or 3-field
+    /// handler is refused).
     pub user_snapshot: bool,
-    /// `-io_uring`.
+    /// `-io_uring`: merge through io_uring (default on; the synchronous engine is used
+    /// where a ring cannot be built).
     pub io_uring: bool,
     /// `-o_direct`.
     pub o_direct: bool,
@@ -373,6 +389,9 @@ pub struct DaemonConfig {
     pub cow_op_merge_size: u32,
     /// `-worker_count=N`.
     pub worker_count: u32,
+    /// `-num_merge_threads=N`: most merges at once (`None`: the property
+    /// `ro.virtual_ab.num_merge_threads`, else 2).
+    pub num_merge_threads: Option<u32>,
     /// Positional handlers (`-no_socket` mode).
     pub handlers: Vec<HandlerSpec>,
 }
@@ -384,10 +403,11 @@ impl Default for DaemonConfig {
             no_socket: false,
             socket_handoff: false,
             user_snapshot: false,
-            io_uring: false,
+            io_uring: true,
             o_direct: false,
             cow_op_merge_size: 0,
             worker_count: DEFAULT_WORKER_COUNT,
+            num_merge_threads: None,
             handlers: Vec::new(),
         }
     }
@@ -400,8 +420,11 @@ Usage: snapuserd [FLAGS]
        snapuserd -no_socket [FLAGS] MISC,COW,SOURCE[,BASE]...
        snapuserd -socket_handoff [FLAGS]
 
-The Virtual A/B snapshot daemon (dm-snapshot mode over dm-user). Without -no_socket or
--socket_handoff it serves AOSP's control protocol on its control socket.
+The Virtual A/B snapshot daemon over dm-user. Each handler runs in one of two modes:
+user-space merge (Android 13+: the device is the partition, the daemon merges; the
+5-field init,MISC,COW,SOURCE,BASE or a MISC,COW,SOURCE,BASE argument) or legacy
+dm-snapshot (the 4-field init,MISC,COW,SOURCE or a MISC,COW,SOURCE argument). Without
+-no_socket or -socket_handoff it serves AOSP's control protocol on its control socket.
 
 Flags are written as gflags does: -flag, --flag, -flag=VALUE or -flag VALUE; -noFLAG
 turns a boolean flag off; '-' and '_' inside names are the same; -- ends the flags.
@@ -416,10 +439,17 @@ turns a boolean flag off; '-' and '_' inside names are the same; -- ends the fla
   -socket_handoff         act as the handoff proxy (service snapuserd_proxy): pass
                           init's snapuserd socket to the -no_socket daemon and exit
   -worker_count=N         dm-user worker threads per handler, 1-64 (default: 4)
-  -user_snapshot          accepted for AOSP compatibility; ignored
-  -io_uring               accepted for AOSP compatibility; ignored
-  -o_direct               accepted for AOSP compatibility; ignored
-  -cow_op_merge_size=N    accepted for AOSP compatibility; ignored
+  -user_snapshot          user-space-merge handlers only: a legacy 4-field init (or
+                          3-field argument) is refused with a message saying so
+  -io_uring               merge through io_uring (default: on; -noio_uring or
+                          -io_uring=false for the synchronous engine). Where a ring
+                          cannot be built (old kernel, seccomp) the merge falls back
+                          to the synchronous engine by itself
+  -o_direct               O_DIRECT reads of the source device (user-space merge)
+  -cow_op_merge_size=N    most ops per merge batch (user-space merge; 0: no cap)
+  -num_merge_threads=N    most merges running at once, 1-64, FIFO in the order of
+                          initiate_merge (default: the property
+                          ro.virtual_ab.num_merge_threads where it is set, else 2)
   -h, -help, --help       print this text and exit
 
 Host-only paths (development and tests), instead of Android's fixed ones:
@@ -427,6 +457,8 @@ Host-only paths (development and tests), instead of Android's fixed ones:
   -property_socket=PATH         init's property service (/dev/socket/property_service)
   -daemon_alive_indicator=PATH  the indicator file (/metadata/ota/daemon-alive-indicator)
   -dm_user_dir=PATH             where the dm-user nodes appear (/dev/dm-user)
+  -verify_device_dir=PATH       update verification reads PATH/MISC instead of the
+                                partition's device-mapper device (/dev/block/dm-N)
 ";
 
 /// Whether the command line asks for [`DAEMON_USAGE`]: `-h`, `-help` or `--help` (also
@@ -449,7 +481,12 @@ const BOOL_FLAGS: [&str; 5] = [
     "io_uring",
     "o_direct",
 ];
-const VALUE_FLAGS: [&str; 3] = ["socket", "cow_op_merge_size", "worker_count"];
+const VALUE_FLAGS: [&str; 4] = [
+    "socket",
+    "cow_op_merge_size",
+    "worker_count",
+    "num_merge_threads",
+];
 
 fn parse_bool(flag: &'static str, value: &str) -> Result<bool, ControlError> {
     match value {
@@ -539,6 +576,17 @@ impl DaemonConfig {
                         cfg.socket = value;
                     }
                     "cow_op_merge_size" => cfg.cow_op_merge_size = parse_u32(flag, &value)?,
+                    "num_merge_threads" => {
+                        let n = parse_u32(flag, &value)?;
+                        if n == 0 || n > MAX_MERGE_THREADS {
+                            return Err(ControlError::BadValue {
+                                flag,
+                                value,
+                                reason: "must be 1..=64",
+                            });
+                        }
+                        cfg.num_merge_threads = Some(n);
+                    }
                     _ => {
                         let n = parse_u32(flag, &value)?;
                         if n == 0 || n > MAX_WORKER_COUNT {
@@ -565,6 +613,12 @@ impl DaemonConfig {
             let fields: Vec<&str> = arg.split(',').collect();
             if !(3..=4).contains(&fields.len()) || fields.iter().any(|f| f.is_empty()) {
                 return Err(bad());
+            }
+            if cfg.user_snapshot && fields.len() == 3 {
+                return Err(ControlError::ModeMismatch {
+                    index,
+                    arg: arg.clone(),
+                });
             }
             cfg.handlers.push(HandlerSpec {
                 misc_name: fields[0].to_string(),
@@ -619,6 +673,7 @@ mod tests {
             "property_socket",
             "daemon_alive_indicator",
             "dm_user_dir",
+            "verify_device_dir",
         ] {
             assert!(
                 DAEMON_USAGE.contains(&format!("  -{host_only}=PATH")),
@@ -781,6 +836,47 @@ mod tests {
     }
 
     #[test]
+    fn merge_flags_and_handler_modes() {
+        let cfg = DaemonConfig::parse(Vec::<String>::new()).unwrap();
+        assert!(cfg.io_uring, "io_uring is on by default");
+        assert_eq!(cfg.num_merge_threads, None);
+        let cfg = DaemonConfig::parse(["-noio_uring", "-num_merge_threads=1"]).unwrap();
+        assert!(!cfg.io_uring);
+        assert_eq!(cfg.num_merge_threads, Some(1));
+        for bad in [
+            "-num_merge_threads=0",
+            "-num_merge_threads=65",
+            "-num_merge_threads=x",
+        ] {
+            assert!(
+                matches!(
+                    DaemonConfig::parse([bad]),
+                    Err(ControlError::BadValue {
+                        flag: "num_merge_threads",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
+        // 4 fields: user-space merge; 3 fields: legacy, refused by -user_snapshot.
+        let cfg = DaemonConfig::parse(["-no_socket", "-user_snapshot", "sys,c,s,b"]).unwrap();
+        assert_eq!(cfg.handlers[0].base_device.as_deref(), Some("b"));
+        let err = DaemonConfig::parse(["-no_socket", "-user_snapshot", "a,c,s,b", "sys,c,s"])
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ControlError::ModeMismatch {
+                index: 1,
+                arg: "sys,c,s".into()
+            }
+        );
+        assert!(err.to_string().contains("misc,cow,source,base"), "{err}");
+        let cfg = DaemonConfig::parse(["-no_socket", "sys,c,s"]).unwrap();
+        assert_eq!(cfg.handlers[0].base_device, None);
+    }
+
+    #[test]
     fn replies_match_aosp_text() {
         assert_eq!(Reply::Success.to_string(), "success");
         assert_eq!(
@@ -833,7 +929,6 @@ mod tests {
         assert!(!cfg.socket_handoff);
         let cfg = DaemonConfig::parse([
             "-no_socket",
-            "-user_snapshot",
             "-cow_op_merge_size=16",
             "-worker_count=2",
             "system_b,/dev/cow,/dev/src,/dev/base",

@@ -15,8 +15,9 @@
 //!
 //! Malformed commands get `fail` and the connection stays; an unknown command gets `fail`
 //! and the connection is closed, as AOSP does. `stop` stops every handler and ends
-//! [`ControlServer::run`]; `detach` closes the listening socket, and `run` returns once every
-//! handler's workers and every job have ended.
+//! [`ControlServer::run`]; `detach` closes the listening socket and stops the user-space
+//! merges at their next safe point (as AOSP), and `run` returns once every handler's workers
+//! and every job have ended.
 
 use crate::error_chain::ErrorChain;
 use std::io::{Read, Write};
@@ -566,6 +567,7 @@ enum Job {
         misc: String,
         cow: String,
         source: String,
+        base: Option<String>,
     },
     Start(String),
     Delete(String),
@@ -575,7 +577,12 @@ enum Job {
 impl Job {
     fn run(self, registry: &HandlerRegistry) -> Reply {
         match self {
-            Job::Init { misc, cow, source } => registry.init(&misc, &cow, &source),
+            Job::Init {
+                misc,
+                cow,
+                source,
+                base,
+            } => registry.init_from_command(&misc, &cow, &source, base.as_deref()),
             Job::Start(misc) => registry.start(&misc),
             Job::Delete(misc) => registry.delete(&misc),
             Job::UpdateVerify => registry.update_verify(),
@@ -622,12 +629,13 @@ fn classify(msg: &[u8]) -> Action {
             misc_name,
             cow_device,
             source_device,
-            base_device: _,
+            base_device,
         } => {
             return Action::Job(Job::Init {
                 misc: misc_name.to_string(),
                 cow: cow_device.to_string(),
                 source: source_device.to_string(),
+                base: base_device.map(str::to_string),
             })
         }
         Command::Start { misc_name } => return Action::Job(Job::Start(misc_name.to_string())),
@@ -665,6 +673,7 @@ fn run_now(
         Quick::Stop => return (None, After::Stop),
         Quick::Detach => {
             *detached = true;
+            registry.request_stop_merges();
             return (None, After::Keep);
         }
         Quick::InitiateMerge(misc) => registry.initiate_merge(&misc),

@@ -1,9 +1,21 @@
 //! The handler registry: one handler per dm-user misc name, driven by the control commands.
 //!
-//! `init` opens the COW and source and builds the snapshot; `start` spawns its workers and a
-//! verification pass; `delete` stops and joins them. In the legacy dm-snapshot design the
-//! kernel drives the merge, so `initiate_merge` only records the request; `getstatus` and
-//! `merge_percent` report what the snapshot core has seen of the kernel's merge.
+//! A handler runs in one of two modes, chosen per handler as AOSP chooses:
+//!
+//! * **user-space merge** (Android 13+; the 5-field `init,<misc>,<cow>,<source>,<base>`):
+//!   the dm-user device is the partition, and the daemon merges. `initiate_merge` queues the
+//!   handler on the [`MergeMonitor`]; `getstatus` and `merge_percent` report the COW's
+//!   progress and the monitor's view (queued, running, failed);
+//! * **legacy dm-snapshot** (the 4-field `init`): the dm-user device is the virtual COW
+//!   device of a dm-snapshot, the kernel drives the merge, so `initiate_merge` only records
+//!   the request; `getstatus` and `merge_percent` report what the snapshot core has seen of
+//!   the kernel's merge.
+//!
+//! A daemon started with `-user_snapshot` serves the user-space-merge mode only: a 4-field
+//! `init` there is answered `fail` with a log line saying what to do.
+//!
+//! `init` opens the snapshot; `start` spawns its workers and, where it applies, a
+//! verification pass; `delete` stops the merge at a safe point and joins everything.
 //!
 //! The registry lock is never held across slow work (opening a COW, opening dm-user
 //! channels, joining threads, waiting for verification), so the control loop, which calls
@@ -25,7 +37,12 @@ use crate::dm_user::{Request, ResponseCode, DM_USER_REQ_MAP_WRITE};
 use crate::snapshot::merge_plan::BLOCK_SIZE_U64;
 
 use super::events::Notifier;
-use super::transport::{ChannelOpener, RequestHandler, WorkerGroup, Workers};
+use super::merge_monitor::{
+    lower_thread_priority, MergeMonitor, MergeRunPhase, UserMerge, DEFAULT_MERGE_THREADS,
+};
+use super::transport::{ChannelOpener, EndHook, RequestHandler, WorkerGroup, Workers};
+use super::update_verify::VerifyDevices;
+use super::user_target::{UserMergeTarget, UserTargetOpener};
 
 /// How long `update-verify` waits for each handler's verification (AOSP's 10 s).
 pub const VERIFY_WAIT: Duration = Duration::from_secs(10);
@@ -69,6 +86,31 @@ pub enum TargetError {
         /// Blocks in the device.
         blocks: u64,
     },
+    /// The device to verify could not be opened, sized or read.
+    #[error("verification of {device}")]
+    VerifyDevice {
+        /// The device.
+        device: PathBuf,
+        /// Why.
+        #[source]
+        source: BackendError,
+    },
+    /// A user-space-merge snapshot could not be opened.
+    #[error("opening COW {cow} over source {source_path}, merging into {base}")]
+    OpenUser {
+        /// The COW file or device.
+        cow: PathBuf,
+        /// The source image or device.
+        source_path: PathBuf,
+        /// The base device.
+        base: PathBuf,
+        /// Why.
+        #[source]
+        source: BackendError,
+    },
+    /// The merge failed.
+    #[error("merge")]
+    Merge(#[source] BackendError),
 }
 
 /// A served snapshot, as the registry needs it.
@@ -243,6 +285,8 @@ enum VerifyState {
     Pending,
     Passed,
     Failed,
+    /// Not verified by this daemon (see [`HandlerRegistry::init_user`]).
+    Skipped,
 }
 
 /// One handler's verification pass: its state, and the thread running it.
@@ -319,6 +363,10 @@ enum Lifecycle {
 
 struct Handler {
     target: Arc<dyn SnapshotTarget>,
+    /// The merge of a user-space-merge handler (none for a legacy one).
+    user: Option<Arc<UserMerge>>,
+    /// Whether `start` runs a verification pass.
+    verify_on_start: bool,
     lifecycle: Lifecycle,
     merge_requested: bool,
     worker_count: u32,
@@ -337,6 +385,10 @@ struct State {
 /// All handlers of the daemon.
 pub struct HandlerRegistry {
     snapshots: Box<dyn SnapshotOpener>,
+    user_snapshots: Option<Box<dyn UserTargetOpener>>,
+    user_snapshot_only: bool,
+    merges: Arc<MergeMonitor>,
+    verify_devices: VerifyDevices,
     channels: Box<dyn ChannelOpener>,
     worker_count: AtomicU32,
     merge_pause: Arc<MergePause>,
@@ -355,6 +407,10 @@ impl HandlerRegistry {
     ) -> Self {
         Self {
             snapshots,
+            user_snapshots: None,
+            user_snapshot_only: false,
+            merges: Arc::new(MergeMonitor::new(DEFAULT_MERGE_THREADS, true)),
+            verify_devices: VerifyDevices::default(),
             channels,
             worker_count: AtomicU32::new(worker_count.max(1)),
             merge_pause: Arc::default(),
@@ -367,6 +423,31 @@ impl HandlerRegistry {
     /// The same registry with `update-verify` waiting at most `limit` per handler.
     pub fn with_verify_wait(mut self, limit: Duration) -> Self {
         self.verify_wait = limit;
+        self
+    }
+
+    /// The same registry serving 5-field `init`s (user-space merge) with `opener`.
+    pub fn with_user_snapshots(mut self, opener: Box<dyn UserTargetOpener>) -> Self {
+        self.user_snapshots = Some(opener);
+        self
+    }
+
+    /// The same registry refusing legacy (4-field) `init`s (`-user_snapshot`).
+    pub fn with_user_snapshot_only(mut self, only: bool) -> Self {
+        self.user_snapshot_only = only;
+        self
+    }
+
+    /// The same registry running at most `threads` merges at once, over io_uring when
+    /// `io_uring` (else the synchronous engine).
+    pub fn with_merge_threads(mut self, threads: u32, io_uring: bool) -> Self {
+        self.merges = Arc::new(MergeMonitor::new(threads, io_uring));
+        self
+    }
+
+    /// The same registry finding the devices `update-verify` reads with `devices`.
+    pub fn with_verify_devices(mut self, devices: VerifyDevices) -> Self {
+        self.verify_devices = devices;
         self
     }
 
@@ -386,15 +467,20 @@ impl HandlerRegistry {
         lock(&self.state)
     }
 
-    /// `init`: open the snapshot and register it; replies with the device size in sectors.
-    /// The base device of the 5-field form is accepted and unused (the kernel merges).
+    /// `init` in the legacy form (4 fields): open the dm-snapshot COW and register it;
+    /// replies with the virtual COW device's size in sectors.
     pub fn init(&self, misc: &str, cow: &str, source: &str) -> Reply {
-        {
-            let state = self.state();
-            if state.closed || state.handlers.contains_key(misc) {
-                log::error!("init {misc}: a handler with that name exists, or shutting down");
-                return Reply::Fail;
-            }
+        if self.user_snapshot_only {
+            log::error!(
+                "init {misc}: this daemon runs user-space snapshots (-user_snapshot), whose \
+                 init has 5 fields: init,<misc>,<cow>,<source>,<base>; send the base device \
+                 too, or run the daemon without -user_snapshot for a legacy dm-snapshot \
+                 handler"
+            );
+            return Reply::Fail;
+        }
+        if !self.name_is_free(misc) {
+            return Reply::Fail;
         }
         let target = match self.snapshots.open(Path::new(cow), Path::new(source)) {
             Ok(t) => t,
@@ -403,6 +489,89 @@ impl HandlerRegistry {
                 return Reply::Fail;
             }
         };
+        log::info!("init {misc}: legacy dm-snapshot mode, cow {cow}, source {source}");
+        self.register(misc, target, None, true)
+    }
+
+    /// `init` with 5 fields: open a user-space-merge snapshot (the device is the partition,
+    /// the daemon merges into `base`) and register it; replies with the base device's size
+    /// in sectors (`fail` for 0). `verify`: run the update verification after `start` (the
+    /// transitioned daemon's handlers; AOSP skips `-init` names, and skips it when a merge
+    /// is being resumed).
+    pub fn init_user(
+        &self,
+        misc: &str,
+        cow: &str,
+        source: &str,
+        base: &str,
+        verify: bool,
+    ) -> Reply {
+        let Some(opener) = &self.user_snapshots else {
+            log::error!(
+                "init {misc}: this daemon has no user-space-merge support; send the legacy \
+                 4-field init,<misc>,<cow>,<source>"
+            );
+            return Reply::Fail;
+        };
+        if !self.name_is_free(misc) {
+            return Reply::Fail;
+        }
+        let user = match opener.open(Path::new(cow), Path::new(source), Path::new(base)) {
+            Ok(t) => t,
+            Err(e) => {
+                log::error!("init {misc}: {chain}", chain = ErrorChain(&e));
+                return Reply::Fail;
+            }
+        };
+        let verify = verify && !misc.ends_with("-init");
+        let target: Arc<dyn SnapshotTarget> = Arc::new(UserServing {
+            misc: misc.to_string(),
+            target: Arc::clone(&user),
+            devices: self.verify_devices.clone(),
+        });
+        let merge = UserMerge::new(misc, user);
+        log::info!(
+            "init {misc}: user-space-merge mode, cow {cow}, source {source}, base {base}{}",
+            if verify {
+                ""
+            } else {
+                ", no update verification"
+            }
+        );
+        self.register(misc, target, Some(merge), verify)
+    }
+
+    /// `init` as the control socket received it: 5 fields (with `base`) are a user-space
+    /// merge handler, 4 a legacy one.
+    pub fn init_from_command(
+        &self,
+        misc: &str,
+        cow: &str,
+        source: &str,
+        base: Option<&str>,
+    ) -> Reply {
+        match base {
+            Some(base) => self.init_user(misc, cow, source, base, false),
+            None => self.init(misc, cow, source),
+        }
+    }
+
+    fn name_is_free(&self, misc: &str) -> bool {
+        let state = self.state();
+        if state.closed || state.handlers.contains_key(misc) {
+            log::error!("init {misc}: a handler with that name exists, or shutting down");
+            return false;
+        }
+        true
+    }
+
+    fn register(
+        &self,
+        misc: &str,
+        target: Arc<dyn SnapshotTarget>,
+        user: Option<Arc<UserMerge>>,
+        verify_on_start: bool,
+    ) -> Reply {
         let sectors = target.device_sectors();
         if sectors == 0 {
             log::error!("init {misc}: the snapshot device would be empty");
@@ -417,20 +586,24 @@ impl HandlerRegistry {
             misc.to_string(),
             Handler {
                 target,
+                user,
+                verify_on_start,
                 lifecycle: Lifecycle::Idle,
                 merge_requested: false,
                 worker_count: self.worker_count.load(Ordering::Acquire),
                 verification: Arc::new(Verification::new()),
             },
         );
-        log::info!("init {misc}: cow {cow}, source {source}, {sectors} sectors");
+        log::info!("init {misc}: {sectors} sectors");
         Reply::SuccessSectors(sectors)
     }
 
-    /// `start`: spawn the handler's workers, then its verification pass. Fails if it is
-    /// unknown, already started (or starting), or its device cannot be opened.
+    /// `start`: spawn the handler's workers, then its verification pass (where it applies).
+    /// Fails if it is unknown, already started (or starting), or its device cannot be
+    /// opened. When every worker of a user-space-merge handler has ended (its device is
+    /// gone), its merge is stopped at the next safe point.
     pub fn start(&self, misc: &str) -> Reply {
-        let (target, count, verification) = {
+        let (target, user, count, verification, verify) = {
             let mut state = self.state();
             let closed = state.closed;
             let Some(handler) = state.handlers.get_mut(misc) else {
@@ -446,8 +619,10 @@ impl HandlerRegistry {
             handler.verification = Arc::new(Verification::new());
             (
                 Arc::clone(&handler.target),
+                handler.user.clone(),
                 handler.worker_count,
                 Arc::clone(&handler.verification),
+                handler.verify_on_start,
             )
         };
         // Opening the channels may wait for the device node: no lock held.
@@ -456,7 +631,23 @@ impl HandlerRegistry {
             pause: Arc::clone(&self.merge_pause),
         });
         let on_exit = lock(&self.worker_exits).clone();
-        let spawned = Workers::spawn(self.channels.as_ref(), misc, serving, count, on_exit);
+        let on_end: Option<EndHook> = user.as_ref().map(|m| {
+            let merges = Arc::clone(&self.merges);
+            let m = Arc::clone(m);
+            let name = misc.to_string();
+            Arc::new(move || {
+                log::info!("{name}: every worker ended (device gone); stopping its merge");
+                merges.request_stop(&m);
+            }) as EndHook
+        });
+        let spawned = Workers::spawn_with_end_hook(
+            self.channels.as_ref(),
+            misc,
+            serving,
+            count,
+            on_exit,
+            on_end,
+        );
         let mut state = self.state();
         let closed = state.closed;
         let Some(handler) = state.handlers.get_mut(misc) else {
@@ -483,15 +674,26 @@ impl HandlerRegistry {
         }
         drop(state);
         log::info!("start {misc}: {count} workers");
-        spawn_verification(misc, target, verification);
+        let resuming = user.as_ref().is_some_and(|m| m.progress().merged_ops > 0);
+        if !verify {
+            verification.set(VerifyState::Skipped);
+        } else if resuming {
+            log::info!("{misc}: a merge is being resumed; no update verification (as AOSP)");
+            verification.set(VerifyState::Skipped);
+        } else {
+            spawn_verification(misc, target, verification);
+        }
         Reply::Success
     }
 
-    /// `delete`: stop and join the handler's workers and verification and forget it
-    /// (`success` also when it is unknown, as AOSP answers).
+    /// `delete`: stop the handler's merge at a safe point, stop and join its workers and
+    /// verification, and forget it (`success` also when it is unknown, as AOSP answers).
     pub fn delete(&self, misc: &str) -> Reply {
         let removed = self.state().handlers.remove(misc);
         if let Some(handler) = removed {
+            if let Some(m) = &handler.user {
+                self.merges.stop(m);
+            }
             handler.verification.stop_and_join();
             if let Lifecycle::Running(mut w) = handler.lifecycle {
                 w.stop_and_join();
@@ -505,24 +707,48 @@ impl HandlerRegistry {
         Reply::Success
     }
 
-    /// `initiate_merge`: record the request (the kernel's snapshot-merge target drives it).
+    /// `initiate_merge`: a user-space-merge handler (started) is queued on the merge
+    /// monitor; for a legacy one the request is recorded (the kernel's snapshot-merge target
+    /// drives that merge).
     pub fn initiate_merge(&self, misc: &str) -> Reply {
-        match self.state().handlers.get_mut(misc) {
-            Some(h) => {
-                h.merge_requested = true;
-                Reply::Success
-            }
-            None => {
+        let user = {
+            let mut state = self.state();
+            let Some(h) = state.handlers.get_mut(misc) else {
                 log::error!("initiate_merge {misc}: no such handler");
-                Reply::Fail
+                return Reply::Fail;
+            };
+            h.merge_requested = true;
+            let serving = match &h.lifecycle {
+                Lifecycle::Running(w) => !w.all_finished(),
+                Lifecycle::Idle | Lifecycle::Starting => false,
+            };
+            match &h.user {
+                None => return Reply::Success,
+                Some(_) if !serving => {
+                    log::error!(
+                        "initiate_merge {misc}: the handler is not serving (not started, or its \
+                         device is gone); send start,{misc} first"
+                    );
+                    h.merge_requested = false;
+                    return Reply::Fail;
+                }
+                Some(m) => Arc::clone(m),
             }
+        };
+        if self.merges.enqueue(&user) {
+            Reply::Success
+        } else {
+            log::error!("initiate_merge {misc}: the merge cannot be queued (shutting down)");
+            Reply::Fail
         }
     }
 
-    /// `pause_merge` / `resume_merge`: hold (or release) the kernel's metadata write-backs
-    /// in every worker (see `MergePause`).
+    /// `pause_merge` / `resume_merge`: hold (or release) every user-space merge at its next
+    /// safe point, and the kernel's metadata write-backs in every legacy handler's workers
+    /// (see `MergePause`).
     pub fn set_merge_paused(&self, paused: bool) -> Reply {
         self.merge_pause.set(paused);
+        self.merges.set_paused(paused);
         log::info!("merge {}", if paused { "paused" } else { "resumed" });
         Reply::Success
     }
@@ -533,6 +759,9 @@ impl HandlerRegistry {
         let Some(h) = state.handlers.get(misc) else {
             return Reply::Status(MergeStatus::SnapshotMergeFailed);
         };
+        if let Some(m) = &h.user {
+            return Reply::Status(user_status(m));
+        }
         let status = match (h.target.merge_complete(), h.target.merge_percent()) {
             (Ok(true), _) => MergeStatus::SnapshotMergeComplete,
             (Ok(false), Ok(p)) if h.merge_requested || p > 0.0 => MergeStatus::SnapshotMerge,
@@ -545,13 +774,31 @@ impl HandlerRegistry {
         Reply::Status(status)
     }
 
-    /// `merge_percent`: the average over live handlers and handlers deleted after a complete
-    /// merge; 0 with none.
+    /// `merge_percent`: the average over the handlers counted and the handlers deleted after
+    /// a complete merge; 0 with none. A legacy handler counts while registered; a
+    /// user-space-merge handler (as AOSP) while its workers run, and as 100% once its merge
+    /// is complete and its workers have ended.
     pub fn merge_percent(&self) -> Reply {
         let state = self.state();
         let mut sum = 100.0 * state.completed_deleted as f64;
         let mut count = state.completed_deleted;
         for (misc, h) in &state.handlers {
+            if let Some(m) = &h.user {
+                let p = m.progress();
+                let serving = match &h.lifecycle {
+                    Lifecycle::Running(w) => !w.all_finished(),
+                    Lifecycle::Starting | Lifecycle::Idle => false,
+                };
+                if serving {
+                    sum += p.percent();
+                } else if p.complete {
+                    sum += 100.0;
+                } else {
+                    continue;
+                }
+                count = count.saturating_add(1);
+                continue;
+            }
             match h.target.merge_percent() {
                 Ok(p) => sum += p,
                 Err(e) => log::error!("merge_percent {misc}: {chain}", chain = ErrorChain(&e)),
@@ -565,9 +812,10 @@ impl HandlerRegistry {
         }
     }
 
-    /// `update-verify`: `fail` at once if a handler is not running; otherwise wait up to the
-    /// verify limit (10 s) for each handler's verification pass, `success` only if every
-    /// pass read every block without error. Blocks the caller: run it off the control loop.
+    /// `update-verify`: `fail` at once if a handler is not running or was not verified by
+    /// this daemon; otherwise wait up to the verify limit (10 s) for each handler's
+    /// verification pass, `success` only if every pass read every block without error.
+    /// Blocks the caller: run it off the control loop.
     pub fn update_verify(&self) -> Reply {
         let passes: Vec<(String, Arc<Verification>)> = {
             let state = self.state();
@@ -582,6 +830,14 @@ impl HandlerRegistry {
             passes
         };
         for (misc, v) in passes {
+            if *lock(&v.state) == VerifyState::Skipped {
+                log::error!(
+                    "update-verify: {misc} was not verified by this daemon (a first-stage \
+                     name, a handler added over the socket, or a merge being resumed); \
+                     update_verifier reads the partition itself"
+                );
+                return Reply::Fail;
+            }
             if !v.wait(self.verify_wait) {
                 log::error!("update-verify: {misc} did not verify");
                 return Reply::Fail;
@@ -609,15 +865,37 @@ impl HandlerRegistry {
         })
     }
 
-    /// Stop and join every handler's workers and verification (the handlers stay
-    /// registered, and can be started again).
+    /// `detach`: ask every user-space merge to stop at its next safe point, without waiting
+    /// (as AOSP's detach terminates the merge threads; the workers keep serving until their
+    /// devices go).
+    pub fn request_stop_merges(&self) {
+        let merges: Vec<Arc<UserMerge>> = self
+            .state()
+            .handlers
+            .values()
+            .filter_map(|h| h.user.clone())
+            .collect();
+        for m in &merges {
+            self.merges.request_stop(m);
+        }
+    }
+
+    /// Merges running now (user-space-merge handlers).
+    pub fn merges_running(&self) -> u32 {
+        self.merges.active()
+    }
+
+    /// Stop every handler's merge at a safe point, stop and join its workers and
+    /// verification (the handlers stay registered, and can be started again).
     pub fn stop_all(&self) {
-        let (mut workers, passes): (Vec<Workers>, Vec<Arc<Verification>>) = {
+        let (mut workers, passes, merges) = {
             let mut state = self.state();
-            let mut workers = Vec::new();
-            let mut passes = Vec::new();
+            let mut workers: Vec<Workers> = Vec::new();
+            let mut passes: Vec<Arc<Verification>> = Vec::new();
+            let mut merges: Vec<Arc<UserMerge>> = Vec::new();
             for h in state.handlers.values_mut() {
                 passes.push(Arc::clone(&h.verification));
+                merges.extend(h.user.clone());
                 if matches!(h.lifecycle, Lifecycle::Running(_)) {
                     if let Lifecycle::Running(w) =
                         std::mem::replace(&mut h.lifecycle, Lifecycle::Idle)
@@ -626,8 +904,11 @@ impl HandlerRegistry {
                     }
                 }
             }
-            (workers, passes)
+            (workers, passes, merges)
         };
+        for m in &merges {
+            self.merges.request_stop(m);
+        }
         for w in &workers {
             w.request_stop();
         }
@@ -637,31 +918,65 @@ impl HandlerRegistry {
         for w in &mut workers {
             w.stop_and_join();
         }
+        for m in &merges {
+            self.merges.stop(m);
+        }
     }
 
-    /// Refuse every later `init` and `start`, then [`stop_all`](Self::stop_all).
+    /// Refuse every later `init`, `start` and merge, then [`stop_all`](Self::stop_all).
     pub fn shut_down(&self) {
         self.state().closed = true;
         self.stop_all();
+        self.merges.shut_down();
+    }
+}
+
+/// `getstatus` of a user-space-merge handler (§D.1): failed if its merge failed; complete
+/// once the COW says so (also before any `initiate_merge`); `snapshot-merge` while queued or
+/// running; otherwise `snapshot`.
+fn user_status(m: &UserMerge) -> MergeStatus {
+    let progress = m.progress();
+    match m.phase() {
+        MergeRunPhase::Failed => MergeStatus::SnapshotMergeFailed,
+        _ if progress.complete => MergeStatus::SnapshotMergeComplete,
+        MergeRunPhase::Complete => MergeStatus::SnapshotMergeComplete,
+        // A retry after a failure is merging again, even before its run resets the state.
+        MergeRunPhase::Queued | MergeRunPhase::Running => MergeStatus::SnapshotMerge,
+        _ if progress.failed => MergeStatus::SnapshotMergeFailed,
+        MergeRunPhase::Idle | MergeRunPhase::Stopped => MergeStatus::Snapshot,
+    }
+}
+
+/// A user-space-merge snapshot as the registry's handler code sees every snapshot.
+struct UserServing {
+    misc: String,
+    target: Arc<dyn UserMergeTarget>,
+    devices: VerifyDevices,
+}
+
+impl RequestHandler for UserServing {
+    fn handle(&self, req: &Request, write_payload: &[u8], read_out: &mut Vec<u8>) -> ResponseCode {
+        self.target.handle(req, write_payload, read_out)
+    }
+}
+
+impl SnapshotTarget for UserServing {
+    fn device_sectors(&self) -> u64 {
+        self.target.base_sectors()
+    }
+    fn merge_percent(&self) -> Result<f64, TargetError> {
+        Ok(self.target.progress().percent())
+    }
+    fn merge_complete(&self) -> Result<bool, TargetError> {
+        Ok(self.target.progress().complete)
+    }
+    fn verify(&self, stop: &AtomicBool) -> Result<u64, TargetError> {
+        super::update_verify::verify(&self.misc, self.target.as_ref(), &self.devices, stop)
     }
 }
 
 /// Nice value of the verification thread: it yields the CPU to the dm-user workers.
 const VERIFY_NICE: libc::c_int = 10;
-
-/// Lower the calling thread's CPU priority to [`VERIFY_NICE`] (Linux nice values are per
-/// thread). Failure only costs speed, so it is logged at debug level.
-fn lower_thread_priority() {
-    // SAFETY: gettid takes no arguments and cannot fail.
-    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
-    let Ok(tid) = libc::id_t::try_from(tid) else {
-        return;
-    };
-    // SAFETY: setpriority only changes the scheduling priority of thread `tid` (this one).
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, VERIFY_NICE) } != 0 {
-        log::debug!("setpriority: {}", std::io::Error::last_os_error());
-    }
-}
 
 /// Run `target`'s verification pass on its own thread and record the result in `v`.
 fn spawn_verification(misc: &str, target: Arc<dyn SnapshotTarget>, v: Arc<Verification>) {
@@ -670,7 +985,7 @@ fn spawn_verification(misc: &str, target: Arc<dyn SnapshotTarget>, v: Arc<Verifi
     let spawned = std::thread::Builder::new()
         .name(format!("verify-{misc}"))
         .spawn(move || {
-            lower_thread_priority();
+            lower_thread_priority(VERIFY_NICE, "verification");
             match target.verify(&pass.stop) {
                 Ok(blocks) => {
                     log::info!("{name}: verification read {blocks} blocks");

@@ -1,4 +1,5 @@
-//! The snapuserd daemon: dm-user workers, the handler registry and the control socket.
+//! The snapuserd daemon: dm-user workers, the handler registry, the merge monitor and the
+//! control socket.
 //!
 //! * [`transport`] — worker threads answering dm-user requests through the block server;
 //! * [`handlers`] — the registry behind the control commands (`init`, `start`, `delete`, …);
@@ -6,12 +7,25 @@
 //! * [`control_protocol`] — the control socket's commands and replies, and the daemon's command line;
 //! * [`control_server`] — the control socket speaking AOSP's text protocol;
 //! * [`handoff`] — the second-stage socket handoff (proxy and receiving side);
-//! * [`sockets`] — checks on socket fds handed to the daemon.
+//! * [`sockets`] — checks on socket fds handed to the daemon;
+//! * [`user_target`] — what the registry needs of a user-space-merge snapshot;
+//! * [`user_snapshots`] — that, on real files ([`crate::user_merge::UserSnapshot`]);
+//! * [`merge_monitor`] — the FIFO of requested merges and the merge threads;
+//! * [`update_verify`] — reading the whole snapshot device once after the handoff.
 
 pub mod control_protocol;
 pub mod control_server;
 pub mod events;
 pub mod handlers;
 pub mod handoff;
+pub mod merge_monitor;
 pub mod sockets;
 pub mod transport;
+pub mod update_verify;
+pub mod user_snapshots;
+pub mod user_target;
+
+#[cfg(test)]
+mod test_support;
+#[cfg(test)]
+mod user_registry_tests;

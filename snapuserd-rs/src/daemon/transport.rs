@@ -99,6 +99,9 @@ pub trait RequestHandler: Send + Sync {
     }
 }
 
+/// Runs once every worker of a handler has stopped serving.
+pub type EndHook = Arc<dyn Fn() + Send + Sync>;
+
 /// Opens the channels of a handler's misc device.
 pub trait ChannelOpener: Send + Sync {
     /// Open one new channel on the misc device named `misc`.
@@ -493,6 +496,19 @@ impl Workers {
         count: u32,
         on_exit: Option<Notifier>,
     ) -> Result<Self, TransportError> {
+        Self::spawn_with_end_hook(opener, misc, handler, count, on_exit, None)
+    }
+
+    /// [`spawn`](Self::spawn), and `on_all_ended` runs (on the last worker's thread) once
+    /// every worker has stopped serving, whatever the reason.
+    pub fn spawn_with_end_hook(
+        opener: &dyn ChannelOpener,
+        misc: &str,
+        handler: Arc<dyn RequestHandler>,
+        count: u32,
+        on_exit: Option<Notifier>,
+        on_all_ended: Option<EndHook>,
+    ) -> Result<Self, TransportError> {
         let mut channels = Vec::new();
         let mut controls = Vec::new();
         for index in 0..count.max(1) {
@@ -519,13 +535,18 @@ impl Workers {
         for ((index, channel), control) in (0u32..).zip(channels).zip(controls) {
             let handler = Arc::clone(&handler);
             let on_exit = on_exit.clone();
+            let on_all_ended = on_all_ended.clone();
             let serving = Arc::clone(&workers.serving);
             serving.fetch_add(1, Ordering::AcqRel);
             let spawned = std::thread::Builder::new()
                 .name(format!("snapuserd-{index}"))
                 .spawn(move || {
                     let report = serve_channel(channel, handler.as_ref(), &control);
-                    serving.fetch_sub(1, Ordering::AcqRel);
+                    if serving.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        if let Some(hook) = on_all_ended {
+                            hook();
+                        }
+                    }
                     if let Some(n) = on_exit {
                         n.notify();
                     }

@@ -7,15 +7,18 @@
 //! * `vmtest snap SCENARIO ...` — snapshot scenarios with the real daemon (`snapshot_cases.rs`);
 //! * `vmtest ublk-bench` — ublk (USER_COPY, buffer path) vs loop-over-tmpfs reads;
 //! * `--no-ublk` (with `list`/`run-all`) leaves out the ublk cases, for kernels without ublk.
+//! * `vmtest usm SCENARIO ...` — user-space-merge scenarios (`user_snapshot_cases.rs`).
 
 mod bench;
 mod cases;
 mod harness;
 mod ramd;
+mod scenario_support;
 mod snapshot_cases;
 mod target_cases;
 mod ublk_cases;
 mod ublk_snapshot;
+mod user_snapshot_cases;
 
 use std::io::Read;
 use std::process::{Command, ExitCode, Stdio};
@@ -158,6 +161,7 @@ fn main() -> ExitCode {
         },
         "helper-ublk" => report_helper(ublk_cases::helper(&args[1..])),
         "helper-ublk-snapshot" => report_helper(ublk_snapshot::helper(&args[1..])),
+        "usm" => user_snapshot_cases::main(&args[1..]),
         "helper-hang" => report_helper(cases::helper_hang(
             args.get(1).map(String::as_str).unwrap_or(""),
         )),
