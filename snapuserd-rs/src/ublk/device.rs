@@ -533,6 +533,11 @@ impl UblkDevice {
         &self.info
     }
 
+    /// True once every queue thread has ended (the device was stopped, or a queue failed).
+    pub fn queues_finished(&self) -> bool {
+        self.queues.iter().all(JoinHandle::is_finished)
+    }
+
     /// Stop and delete the device; returns the requests its queues committed.
     pub fn remove(mut self) -> Result<QueueReport, DeviceError> {
         let dev_id = self.info.dev_id;
