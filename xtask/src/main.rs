@@ -114,7 +114,11 @@ fn repo_root() -> PathBuf {
 
 /// The guest programs of the dm-user test suite.
 fn guest_binaries() -> Vec<GuestBinary> {
-    vec![GuestBinary::new("vm-tests", "vmtest")]
+    vec![
+        GuestBinary::new("vm-tests", "vmtest"),
+        // The ublk-daemon case drives the real daemon.
+        GuestBinary::new("snapuserd", "snapuserd"),
+    ]
 }
 
 /// Ask the (static, host-runnable) test binary which tests match `filter`.

@@ -182,6 +182,10 @@ pub const CASES: &[Case] = &[
         run: crate::ublk_snapshot::kill_merge,
     },
     Case {
+        name: "ublk-daemon-kill-merge",
+        run: crate::ublk_snapshot::daemon_kill_merge,
+    },
+    Case {
         name: "rmmod",
         run: rmmod,
     },

@@ -339,3 +339,159 @@ impl DirectExt for std::fs::OpenOptions {
         self.custom_flags(nix::libc::O_DIRECT)
     }
 }
+
+/// The daemon itself over ublk (`snapuserd -user_snapshot -ublk`), driven through its control
+/// socket as libsnapshot would: `supports,ublk`, 5-field `init`, `start`, `get_device_name`;
+/// whole-device read == target; `kill -9` of the daemon during reads and during the merge,
+/// each time a new daemon (`init` + `start`) re-attaching to the waiting device while a
+/// reader runs across; the merge completes (`getstatus`), base == target, `delete` removes
+/// the device.
+pub fn daemon_kill_merge() -> TestResult {
+    use crate::scenario_support::Daemon;
+    const MISC: &str = "product_b";
+    let _ = std::fs::remove_dir_all(DIR);
+    let target = Arc::new(make_update()?);
+    let size = target.len() as u64;
+    let init = format!(
+        "init,{MISC},{},{},{}",
+        path("update.cow").display(),
+        path("source.img").display(),
+        path("base.img").display()
+    );
+    let expect = |d: &Daemon, cmd: &str, want: &str| -> Result<String, String> {
+        let reply = d.command(cmd)?;
+        check(
+            reply.starts_with(want),
+            format!("{cmd:?} answered {reply:?}, want {want:?}"),
+        )?;
+        Ok(reply)
+    };
+    let flags = ["-user_snapshot", "-ublk", "-worker_count=2"];
+    let start_daemon = |merge: bool| -> Result<Daemon, String> {
+        let d = Daemon::start_with("ublk", &flags)?;
+        expect(&d, &init, &format!("success,{}", size / 512))?;
+        expect(&d, &format!("start,{MISC}"), "success")?;
+        if merge {
+            expect(&d, &format!("initiate_merge,{MISC}"), "success")?;
+        }
+        Ok(d)
+    };
+    let mut d = Daemon::start_with("ublk", &flags)?;
+    expect(&d, "supports,ublk", "success")?;
+    expect(
+        &d,
+        &format!("get_device_name,{MISC}"),
+        "fail,device_not_found",
+    )?;
+    expect(&d, &init, &format!("success,{}", size / 512))?;
+    expect(&d, &format!("create,{MISC},{}", size / 512), "success")?;
+    let reply = expect(&d, &format!("get_device_name,{MISC}"), "success,")?;
+    let node = PathBuf::from(reply.trim_start_matches("success,"));
+    check(node.exists(), format!("{} does not exist", node.display()))?;
+    let f = File::open(&node).ctx("open snapshot device")?;
+    let mut whole = vec![0u8; target.len()];
+    f.read_exact_at(&mut whole, 0).ctx("whole-device read")?;
+    same("whole device before the merge", &whole, &target)?;
+    drop((f, whole));
+    let t0 = Instant::now();
+    let ns = move || u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (stop, target, node) = (stop.clone(), target.clone(), node.clone());
+        std::thread::spawn(move || {
+            let mut r = Reads::default();
+            let f = match std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags_direct()
+                .open(&node)
+            {
+                Ok(f) => f,
+                Err(e) => {
+                    r.errors.push(format!("open: {e}"));
+                    return r;
+                }
+            };
+            let mut buf = AlignedBuf::new(128 << 10);
+            let mut off = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                let start = ns();
+                let res = f.read_exact_at(buf.as_mut(), off);
+                r.spans.push((start, ns()));
+                match res {
+                    Ok(()) => {
+                        let o = off as usize;
+                        if buf.as_ref() != &target[o..o + (128 << 10)] {
+                            r.wrong += 1;
+                        }
+                    }
+                    Err(e) => r.errors.push(format!("read at {off}: {e}")),
+                }
+                off = (off + (128 << 10)) % size;
+            }
+            r
+        })
+    };
+    let mut kills = Vec::new();
+    // During reads (no merge yet), then twice during the merge.
+    for wait_ms in [300u64, 60, 200] {
+        std::thread::sleep(Duration::from_millis(wait_ms));
+        let killed = ns();
+        d.kill9()?;
+        std::thread::sleep(Duration::from_millis(150));
+        d = start_daemon(true)
+            .map_err(|e| format!("new daemon failed (the reader waits forever): {e}"))?;
+        kills.push((killed, ns()));
+    }
+    let start = Instant::now();
+    loop {
+        let status = d.command(&format!("getstatus,{MISC}"))?;
+        if status == "snapshot-merge-complete" {
+            break;
+        }
+        check(
+            status != "snapshot-merge-failed" && start.elapsed() < Duration::from_secs(40),
+            format!("merge status {status:?} after {:?}", start.elapsed()),
+        )?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Release);
+    let reads = bounded("reader", Duration::from_secs(20), move || reader.join())?
+        .map_err(|_| "reader panicked".to_string())?;
+    expect(&d, &format!("delete,{MISC}"), "success")?;
+    check(
+        !node.exists(),
+        format!("{} still exists after delete", node.display()),
+    )?;
+    let _ = d.command("stop");
+    let across: Vec<usize> = kills
+        .iter()
+        .map(|&(k, r)| reads.spans.iter().filter(|&&(s, e)| s < r && e > k).count())
+        .collect();
+    check(
+        reads.errors.is_empty(),
+        format!(
+            "{} read errors, first {:?}",
+            reads.errors.len(),
+            reads.errors.first()
+        ),
+    )?;
+    check(
+        reads.wrong == 0,
+        format!("{} reads returned wrong data", reads.wrong),
+    )?;
+    check(
+        across.iter().all(|&n| n > 0),
+        format!("a kill had no read across it: {across:?}"),
+    )?;
+    let base = std::fs::read(path("base.img")).ctx("base")?;
+    same("base after the merge", &base, &target)?;
+    let _ = std::fs::remove_dir_all(DIR);
+    Ok(format!(
+        "snapuserd -ublk: 3 kill -9 (reads, then merge) with a new daemon each time: {} reads, \
+         across the kills {across:?}, errors 0, wrong data 0; merge complete, base == target; \
+         delete removed {}",
+        reads.spans.len(),
+        node.display()
+    ))
+}
