@@ -152,7 +152,7 @@ fn main() -> ExitCode {
             }
         }
         "snap" => snapshot_cases::main(&args[1..]),
-        "ublk-bench" => match ublk_cases::bench() {
+        "ublk-bench" => match ublk_cases::bench().and_then(|()| ublk_snapshot::bench_snapshot()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 println!("VMBENCH ublk error {e}");
