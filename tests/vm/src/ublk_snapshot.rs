@@ -432,9 +432,24 @@ pub fn daemon_kill_merge() -> TestResult {
         })
     };
     let mut kills = Vec::new();
-    // During reads (no merge yet), then twice during the merge.
-    for wait_ms in [300u64, 60, 200] {
+    let mut percent_at_last_kill = String::new();
+    // During reads (no merge yet), early in the merge, then once the merge has committed
+    // progress (merge_percent above 0).
+    for (round, wait_ms) in [300u64, 60, 0].into_iter().enumerate() {
         std::thread::sleep(Duration::from_millis(wait_ms));
+        if round == 2 {
+            let start = Instant::now();
+            loop {
+                let p = d.command("merge_percent")?;
+                if p.parse::<f64>().is_ok_and(|v| v > 0.0)
+                    || start.elapsed() > Duration::from_secs(20)
+                {
+                    percent_at_last_kill = p;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         let killed = ns();
         d.kill9()?;
         std::thread::sleep(Duration::from_millis(150));
@@ -488,9 +503,9 @@ pub fn daemon_kill_merge() -> TestResult {
     same("base after the merge", &base, &target)?;
     let _ = std::fs::remove_dir_all(DIR);
     Ok(format!(
-        "snapuserd -ublk: 3 kill -9 (reads, then merge) with a new daemon each time: {} reads, \
-         across the kills {across:?}, errors 0, wrong data 0; merge complete, base == target; \
-         delete removed {}",
+        "snapuserd -ublk: 3 kill -9 (reads, merge start, merge at {percent_at_last_kill}%) with a \
+         new daemon each time: {} reads, across the kills {across:?}, errors 0, wrong data 0; \
+         merge complete, base == target; delete removed {}",
         reads.spans.len(),
         node.display()
     ))
