@@ -604,3 +604,76 @@ impl UblkDevice {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_outside_the_supported_shape_are_refused() {
+        let ok = UblkOptions::default();
+        assert!(ok.check().is_ok());
+        for bad in [
+            UblkOptions {
+                queues: 0,
+                ..ok.clone()
+            },
+            UblkOptions {
+                depth: MIN_QUEUE_DEPTH - 1,
+                ..ok.clone()
+            },
+            UblkOptions {
+                depth: MAX_QUEUE_DEPTH + 1,
+                ..ok.clone()
+            },
+            UblkOptions {
+                max_io_bytes: 4096 + 512,
+                ..ok.clone()
+            },
+            UblkOptions {
+                max_io_bytes: MAX_IO_BYTES + 4096,
+                ..ok.clone()
+            },
+        ] {
+            assert!(
+                matches!(bad.check(), Err(DeviceError::Options(_))),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn identities_are_stable_distinct_and_never_zero() {
+        assert_eq!(identity_of("system_b"), identity_of("system_b"));
+        assert_ne!(identity_of("system_b"), identity_of("vendor_b"));
+        assert_ne!(identity_of("system_b"), identity_of("system_b-init"));
+        assert_ne!(identity_of(""), 0);
+    }
+
+    #[test]
+    fn creating_without_ublk_is_a_clear_error() {
+        if crate::ublk::available() {
+            return; // A host with ublk: nothing to check here.
+        }
+        struct Nothing;
+        impl RequestHandler for Nothing {
+            fn handle(
+                &self,
+                _: &crate::dm_user::Request,
+                _: &[u8],
+                _: &mut Vec<u8>,
+            ) -> crate::dm_user::ResponseCode {
+                crate::dm_user::ResponseCode::Error
+            }
+        }
+        let err = UblkDevice::create(Arc::new(Nothing), 8, &UblkOptions::default()).unwrap_err();
+        assert!(matches!(
+            err,
+            DeviceError::Control {
+                source: ControlError::Open { .. },
+                ..
+            }
+        ));
+        assert!(err.to_string().contains("ublk device"));
+    }
+}
