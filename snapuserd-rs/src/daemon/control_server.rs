@@ -259,7 +259,7 @@ impl ControlServer {
     }
 
     /// Serve until `stop`, a stop requested on `events` (a signal), or `detach` followed by
-    /// the end of every worker. On `stop` and a stop request every handler's workers are
+    /// the end of every dm-user worker (ublk devices stay for the next daemon). On `stop` and a stop request every handler's workers are
     /// stopped and joined. The loop sleeps until a client, a job, `events` or an ended
     /// worker wakes it.
     pub fn run(&mut self, events: &DaemonEvents) -> Result<ServerExit, ControlServerError> {
@@ -270,7 +270,7 @@ impl ControlServer {
                 self.registry.shut_down();
                 return Ok(ServerExit::Shutdown);
             }
-            if self.detached && self.jobs_running == 0 && self.registry.all_workers_finished() {
+            if self.detached && self.jobs_running == 0 && self.registry.detached_may_exit() {
                 return Ok(ServerExit::Detached);
             }
             let (listener_ready, client_events) = self.wait(events)?;

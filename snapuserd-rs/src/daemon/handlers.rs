@@ -996,6 +996,17 @@ impl HandlerRegistry {
         })
     }
 
+    /// True when a detached daemon may end: every dm-user worker has ended. ublk devices do
+    /// not hold the daemon: when it exits the kernel parks their I/O until the next daemon
+    /// re-attaches (the handoff), and their merges resume from the durable state.
+    pub fn detached_may_exit(&self) -> bool {
+        self.state().handlers.values().all(|h| match &h.lifecycle {
+            Lifecycle::Running(Serving::Ublk(_)) | Lifecycle::Idle => true,
+            Lifecycle::Running(s) => s.all_finished(),
+            Lifecycle::Starting => false,
+        })
+    }
+
     /// `detach`: ask every user-space merge to stop at its next safe point, without waiting
     /// (as AOSP's detach terminates the merge threads; the workers keep serving until their
     /// devices go).

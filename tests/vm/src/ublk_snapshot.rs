@@ -457,6 +457,14 @@ pub fn daemon_kill_merge() -> TestResult {
             .map_err(|e| format!("new daemon failed (the reader waits forever): {e}"))?;
         kills.push((killed, ns()));
     }
+    // A graceful handoff: `detach` ends the daemon (its device stays, I/O waits), and the
+    // next one re-attaches and carries on with the merge.
+    std::thread::sleep(Duration::from_millis(100));
+    let killed = ns();
+    detach_and_wait(&mut d)?;
+    std::thread::sleep(Duration::from_millis(100));
+    d = start_daemon(true).map_err(|e| format!("daemon after detach failed: {e}"))?;
+    kills.push((killed, ns()));
     let start = Instant::now();
     loop {
         let status = d.command(&format!("getstatus,{MISC}"))?;
@@ -503,8 +511,8 @@ pub fn daemon_kill_merge() -> TestResult {
     same("base after the merge", &base, &target)?;
     let _ = std::fs::remove_dir_all(DIR);
     Ok(format!(
-        "snapuserd -ublk: 3 kill -9 (reads, merge start, merge at {percent_at_last_kill}%) with a \
-         new daemon each time: {} reads, across the kills {across:?}, errors 0, wrong data 0; \
+        "snapuserd -ublk: 3 kill -9 (reads, merge start, merge at {percent_at_last_kill}%) and a \
+         detach handoff, with a new daemon each time: {} reads, across the kills {across:?}, errors 0, wrong data 0; \
          merge complete, base == target; delete removed {}",
         reads.spans.len(),
         node.display()
@@ -571,4 +579,36 @@ pub fn bench_snapshot() -> Result<(), String> {
         crate::bench::ROUNDS
     );
     Ok(())
+}
+
+/// Send `detach` (no reply) and wait for the daemon to exit by itself.
+fn detach_and_wait(d: &mut crate::scenario_support::Daemon) -> Result<(), String> {
+    use std::io::Write;
+    let sock = format!("/run/snapuserd-{}.sock", "ublk");
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).ctx("connect")?;
+    s.write_all(b"detach").ctx("send detach")?;
+    let stat = format!("/proc/{}/stat", d.pid());
+    let start = Instant::now();
+    loop {
+        // A zombie ('Z') or a reaped process: it exited.
+        let exited = std::fs::read_to_string(&stat)
+            .map(|t| {
+                t.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true);
+        if exited {
+            break;
+        }
+        check(
+            start.elapsed() < Duration::from_secs(20),
+            "the daemon did not exit within 20 s of detach",
+        )?;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Reap it (a signal to a zombie is harmless).
+    d.kill9()
 }
