@@ -100,7 +100,9 @@ impl MergePlan {
                 .min(self.ordered);
             return start..end;
         }
-        let limit = start.saturating_add(WINDOW_WITHOUT_SCRATCH).min(self.ordered);
+        let limit = start
+            .saturating_add(WINDOW_WITHOUT_SCRATCH)
+            .min(self.ordered);
         let bs = u64::from(cow.block_size());
         let overlaps = |list: &[Range<u64>], r: &Range<u64>| {
             list.iter().any(|d| d.start < r.end && r.start < d.end)

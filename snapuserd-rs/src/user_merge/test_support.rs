@@ -51,10 +51,23 @@ impl Rng {
 /// One op of a test COW, and how it turns the source into the target.
 #[derive(Debug, Clone)]
 pub(crate) enum TestOp {
-    Copy { dst: u64, src: u64 },
-    Xor { dst: u64, src_byte: u64, mask: Vec<u8> },
-    Replace { dst: u64, data: Vec<u8> },
-    Zero { dst: u64, blocks: u64 },
+    Copy {
+        dst: u64,
+        src: u64,
+    },
+    Xor {
+        dst: u64,
+        src_byte: u64,
+        mask: Vec<u8>,
+    },
+    Replace {
+        dst: u64,
+        data: Vec<u8>,
+    },
+    Zero {
+        dst: u64,
+        blocks: u64,
+    },
 }
 
 /// A source image, the ops in merge order (ordered ops first), and the target they make.
@@ -251,11 +264,21 @@ impl Files {
 
     /// Open with a progress store that crashes on `clock`.
     pub(crate) fn open_crashing(&self, clock: &CrashClock) -> UserSnapshot {
-        let rw = || OpenOptions::new().read(true).write(true).open(&self.cow).unwrap();
+        let rw = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.cow)
+                .unwrap()
+        };
         let state = MergeState::open(rw()).unwrap();
         let cow = CowReader::from_storage(CowFileStorage::open(rw(), true).unwrap()).unwrap();
         let source = File::open(&self.source).unwrap();
-        let base = OpenOptions::new().read(true).write(true).open(&self.base).unwrap();
+        let base = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.base)
+            .unwrap();
         UserSnapshot::from_parts(
             cow,
             source,
@@ -297,7 +320,9 @@ pub(crate) fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
     if a.len() != b.len() {
         return Some(usize::MAX);
     }
-    a.chunks(BLOCK).zip(b.chunks(BLOCK)).position(|(x, y)| x != y)
+    a.chunks(BLOCK)
+        .zip(b.chunks(BLOCK))
+        .position(|(x, y)| x != y)
 }
 
 /// Writes to the base device not yet synced: where, and what they overwrote.
@@ -315,7 +340,7 @@ pub(crate) struct VolatileDiskIo {
 }
 
 impl VolatileDiskIo {
-    pub(crate) fn new(files: &Files, clock: &CrashClock) -> (Box<dyn MergeIo>, Unsynced) {
+    pub(crate) fn boxed(files: &Files, clock: &CrashClock) -> (Box<dyn MergeIo>, Unsynced) {
         let unsynced = Unsynced::default();
         let io = VolatileDiskIo {
             source: File::open(&files.source).unwrap(),
