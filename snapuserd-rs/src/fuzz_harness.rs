@@ -16,6 +16,8 @@
 //!   - the worker ends when the stream ends;
 //!   - afterwards a fresh daemon opens the same COW, and every unmerged exception still
 //!     reads as the target block. Whatever the metadata writes did, nothing was lost.
+//! * [`ublk_descriptors`]: ublk completions and descriptors as the kernel would hand them to
+//!   a queue, decided and served by `ublk::descriptor` over a pattern handler (see there).
 
 use std::fs;
 use std::io::{Read, Write};
@@ -519,4 +521,152 @@ fn check_response(request: &MessageHeader, code: u64, data: &[u8], device_sector
             request.msg_type
         ),
     }
+}
+
+/// Bytes of one ublk record in [`ublk_descriptors`]' input: an 8-byte completion
+/// `user_data`, then a 24-byte descriptor.
+pub const UBLK_RECORD: usize = 8 + crate::ublk::abi::IoDesc::SIZE;
+
+/// Answers ublk READs with a pattern of the absolute byte offset, or misbehaves as told.
+struct UblkPatternHandler {
+    /// 0: correct; 1: one byte short; 2: one byte long; 3: ERROR; 4: UNSUPPORTED.
+    behaviour: u8,
+}
+
+/// The pattern byte at absolute device offset `at`.
+fn ublk_pattern(at: u64) -> u8 {
+    (at ^ (at >> 9) ^ (at >> 17)) as u8
+}
+
+impl crate::daemon::transport::RequestHandler for UblkPatternHandler {
+    fn handle(&self, req: &Request, _payload: &[u8], out: &mut Vec<u8>) -> ResponseCode {
+        let start = req.sector * 512;
+        let fill = |out: &mut Vec<u8>, n: u64| {
+            out.extend((0..n).map(|i| ublk_pattern(start + i)));
+        };
+        match self.behaviour {
+            0 => fill(out, req.len),
+            1 => fill(out, req.len.saturating_sub(1)),
+            2 => fill(out, req.len + 1),
+            3 => return ResponseCode::Error,
+            _ => return ResponseCode::Unsupported,
+        }
+        ResponseCode::Success
+    }
+}
+
+/// Feed `data` to the ublk descriptor handling, as a queue would meet it.
+///
+/// Layout: byte 0 picks the handler's behaviour (correct, short, long, ERROR, UNSUPPORTED);
+/// bytes 1-4 the device size in sectors (little-endian, at most 2^24); byte 5 the I/O limit
+/// (4 KiB shifted left by 0-10); byte 6 the queue depth (32-287). Then [`UBLK_RECORD`]-byte
+/// records: a completion's `user_data` and the descriptor at that tag.
+///
+/// Checks: a `user_data` is taken as a tag only below the depth; a request completes with
+/// its full length only for a READ inside the device and the limit, from a correct handler,
+/// with exactly the device's bytes; every other request completes with a negative errno
+/// (0 only for a flush) and no data.
+pub fn ublk_descriptors(data: &[u8]) {
+    use crate::ublk::abi::{IoDesc, IO_OP_FLUSH, IO_OP_READ};
+    use crate::ublk::descriptor::{decide, serve, tag_of, Action, QueueLimits};
+
+    let Some((head, records)) = data.split_at_checked(7) else {
+        return;
+    };
+    let handler = UblkPatternHandler {
+        behaviour: head[0] % 5,
+    };
+    let dev_sectors =
+        u64::from(u32::from_le_bytes([head[1], head[2], head[3], head[4]]) % (1 << 24));
+    let limits = QueueLimits {
+        dev_sectors,
+        max_io_bytes: 4096u32 << (head[5] % 11),
+        depth: 32 + u16::from(head[6]),
+    };
+    let mut out = Vec::new();
+    for record in records.chunks_exact(UBLK_RECORD) {
+        let mut user_data = [0u8; 8];
+        user_data.copy_from_slice(&record[..8]);
+        let user_data = u64::from_le_bytes(user_data);
+        match tag_of(user_data, &limits) {
+            Some(tag) => assert!(u64::from(tag) == user_data && tag < limits.depth),
+            None => assert!(user_data >= u64::from(limits.depth)),
+        }
+        let mut raw = [0u8; IoDesc::SIZE];
+        raw.copy_from_slice(&record[8..]);
+        let desc = IoDesc::from_bytes(&raw);
+        let result = serve(&handler, &desc, &limits, &mut out);
+        match decide(&desc, &limits) {
+            Action::Read { sector, len } => {
+                assert_eq!(desc.op(), IO_OP_READ);
+                assert!(len > 0 && len <= limits.max_io_bytes && len % 512 == 0);
+                let end = sector + u64::from(len) / 512;
+                assert!(
+                    end <= limits.dev_sectors,
+                    "READ past the end decided as served"
+                );
+                if handler.behaviour == 0 {
+                    assert_eq!(result, i32::try_from(len).unwrap_or(-1));
+                    assert_eq!(out.len(), len as usize);
+                    let start = sector * 512;
+                    assert!(
+                        out.iter()
+                            .enumerate()
+                            .all(|(i, &b)| b == ublk_pattern(start + i as u64)),
+                        "wrong data for {desc:?}"
+                    );
+                } else {
+                    assert!(result < 0, "a misbehaving handler's answer was passed on");
+                    assert!(out.is_empty());
+                }
+            }
+            Action::Complete(r) => {
+                assert_eq!(r, result);
+                assert!(out.is_empty());
+                assert!(
+                    r < 0 || (r == 0 && desc.op() == IO_OP_FLUSH),
+                    "{desc:?} -> {r}"
+                );
+            }
+        }
+    }
+}
+
+/// Seeds for [`ublk_descriptors`]: every op, edge sectors and lengths, bad tags.
+pub fn ublk_seeds() -> Vec<Vec<u8>> {
+    let record = |user_data: u64, op: u32, nr_sectors: u32, start_sector: u64| {
+        let mut r = user_data.to_le_bytes().to_vec();
+        r.extend_from_slice(&op.to_ne_bytes());
+        r.extend_from_slice(&nr_sectors.to_ne_bytes());
+        r.extend_from_slice(&start_sector.to_ne_bytes());
+        r.extend_from_slice(&0u64.to_ne_bytes());
+        r
+    };
+    let mut seeds = Vec::new();
+    for behaviour in 0..5u8 {
+        // 64 MiB device, 64 KiB limit (4 KiB << 4), depth 32.
+        let mut s = vec![behaviour];
+        s.extend_from_slice(&(131_072u32).to_le_bytes());
+        s.extend_from_slice(&[4, 0]);
+        for r in [
+            record(0, 0, 8, 0),
+            record(31, 0, 128, 131_072 - 128),
+            record(5, 0, 1, 7),
+            record(32, 0, 8, 0),
+            record(u64::MAX, 0, 8, 0),
+            record(1, 0, 8, 131_072 - 7),
+            record(2, 0, 129, 0),
+            record(3, 0, 0, 0),
+            record(4, 1, 8, 0),
+            record(6, 2, 0, 0),
+            record(7, 3, 8, 0),
+            record(8, 5, 8, 0),
+            record(9, 0x0100 | 18, 8, 0),
+            record(10, 0, u32::MAX, u64::MAX - 1),
+        ] {
+            s.extend_from_slice(&r);
+        }
+        seeds.push(s);
+    }
+    seeds
 }

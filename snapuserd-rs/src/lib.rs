@@ -9,6 +9,7 @@
 //!   merge tracking, block server;
 //! * [`cow_backend`] — the core's backends on a real COW file and source image;
 //! * [`user_merge`] — the Android 13+ user-space-merge mode: read path over the whole partition and the daemon-driven merge;
+//! * [`ublk`] — the snapshot device over ublk, with recovery across daemon restarts;
 //! * [`uring`] — io_uring: the merge's I/O engine and the `O_DIRECT` device verifier;
 //! * [`daemon`] — dm-user workers, handler registry, control socket, socket handoff;
 //! * [`error_chain`] — printing an error with each of its causes once;
@@ -26,5 +27,6 @@ pub mod fuzz_harness;
 pub mod log_limit;
 pub mod properties;
 pub mod snapshot;
+pub mod ublk;
 pub mod uring;
 pub mod user_merge;

@@ -380,6 +380,7 @@ fn run(config: &DaemonConfig, paths: &HostPaths, events: &DaemonEvents) -> Resul
             ..UserSnapshotOptions::default()
         })))
         .with_user_snapshot_only(config.user_snapshot)
+        .with_ublk(config.ublk.then(snapuserd::ublk::UblkOptions::default))
         .with_merge_threads(merge_threads(config), config.io_uring)
         .with_verify_devices(match &paths.verify_device_dir {
             Some(dir) => VerifyDevices::Dir(dir.clone()),

@@ -2,7 +2,10 @@
 //! deterministic set of mutations, so CI runs them without cargo-fuzz.
 
 use snapuserd::cow_backend::CowSnapshot;
-use snapuserd::fuzz_harness::{control_message, DmUserFixture, FixtureCow, XorShift as Rng};
+use snapuserd::fuzz_harness::{
+    control_message, ublk_descriptors, ublk_seeds, DmUserFixture, FixtureCow, XorShift as Rng,
+    UBLK_RECORD,
+};
 
 /// One mutation of `seed`, keeping its first (selector) byte unless the mutation is a
 /// plain bit flip anywhere.
@@ -148,8 +151,49 @@ fn control_messages_over_seeds_and_mutations() {
     }
 }
 
+#[test]
+fn ublk_descriptors_over_seeds_and_mutations() {
+    let mut rng = Rng(0x0b1c_5eed);
+    for seed in ublk_seeds() {
+        ublk_descriptors(&seed);
+        for _ in 0..1_000 {
+            let mut m = seed.clone();
+            for _ in 0..1 + rng.below(3) {
+                let records = (m.len().saturating_sub(7)) / UBLK_RECORD;
+                match rng.below(5) {
+                    0 => {
+                        let at = rng.below(m.len());
+                        m[at] ^= 1 << rng.below(8);
+                    }
+                    1 if records > 0 => {
+                        // One field of a record: user_data, op, nr_sectors or start_sector.
+                        let base = 7 + rng.below(records) * UBLK_RECORD;
+                        let (at, width) = [(0, 8), (8, 4), (12, 4), (16, 8)][rng.below(4)];
+                        let v = match rng.below(3) {
+                            0 => rng.next_u64(),
+                            1 => rng.next_u64() % 4096,
+                            _ => u64::MAX - rng.next_u64() % 4,
+                        };
+                        m[base + at..base + at + width].copy_from_slice(&v.to_le_bytes()[..width]);
+                    }
+                    2 if m.len() >= 7 => m[rng.below(7)] = rng.next_u64() as u8,
+                    3 => m.truncate(rng.below(m.len() + 1)),
+                    _ => {
+                        let at = rng.below(m.len());
+                        m.insert(at, rng.next_u64() as u8);
+                    }
+                }
+                if m.is_empty() {
+                    break;
+                }
+            }
+            ublk_descriptors(&m);
+        }
+    }
+}
+
 /// The checked-in seed corpora of the cargo-fuzz targets (`fuzz/corpus/dm_user_seed/`,
-/// `fuzz/corpus/control_seed/`) are exactly the seeds above. Regenerate them with
+/// `fuzz/corpus/control_seed/`, `fuzz/corpus/ublk_seed/`) are exactly the seeds above. Regenerate them with
 /// `SNAPUSERD_REGEN_SEEDS=1 cargo test -p snapuserd --test fuzz_harness seed_corpora`.
 #[test]
 fn seed_corpora_are_checked_in() {
@@ -162,6 +206,9 @@ fn seed_corpora_are_checked_in() {
     }
     for (name, seed) in CONTROL_SEEDS {
         seeds.push((format!("control_seed/{name}"), seed.to_vec()));
+    }
+    for (i, seed) in ublk_seeds().into_iter().enumerate() {
+        seeds.push((format!("ublk_seed/handler_{i}"), seed));
     }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
     let regen = std::env::var_os("SNAPUSERD_REGEN_SEEDS").is_some();

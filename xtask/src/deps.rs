@@ -41,6 +41,12 @@ impl KernelSeries {
         }
     }
 
+    /// Whether this series' Debian cloud kernel ships ublk (`ublk_drv.ko`): 6.12 does; the
+    /// 6.1 cloud kernel is built with `# CONFIG_BLK_DEV_UBLK is not set`.
+    pub fn has_ublk(self) -> bool {
+        matches!(self, Self::V6_12)
+    }
+
     /// apt-cache regex for the headers package of this series.
     fn headers_regex(self) -> &'static str {
         match self {

@@ -3,10 +3,15 @@
 //! * `cargo xtask vm-test [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--timeout SECS]`
 //!   builds dm-user for each kernel, the guest programs, an initramfs, boots qemu (TCG) and
 //!   reports one line per test and kernel. `--disk` attaches raw images as virtio disks.
-//! * `cargo xtask vm-bench [--kernel ...] [--smp N]` runs only the dm-user vs loop benchmark
-//!   (`--smp 1` keeps TCG's cross-vCPU wake-up latency out of the figures).
+//! * `cargo xtask vm-bench [--kernel ...] [--smp N] [--ublk]` runs only the dm-user vs loop
+//!   benchmark (`--smp 1` keeps TCG's cross-vCPU wake-up latency out of the figures);
+//!   `--ublk` adds the ublk (USER_COPY, buffer path) vs loop benchmark in the same boot, on
+//!   kernels with ublk. The ublk cases (`ublk-*`) run only on kernels whose cloud build has
+//!   `ublk_drv` (6.12); on 6.1 the guest log says why they are not run.
 //! * `cargo xtask vm-snapshot [--kernel 6.1|6.12] [--timeout SECS]` runs the snapshot scenarios
 //!   with the real `snapuserd` daemon (see `snapshot_scenarios.rs`).
+//! * `cargo xtask vm-usm [--kernel 6.1|6.12] [--filter NAME] [--timeout SECS]` runs the
+//!   user-space-merge scenarios (see `user_snapshot_scenarios.rs`).
 //! * `cargo xtask kernel-check` runs `kernel/scripts/check-style.sh`.
 //! * `cargo xtask demo [--legacy] [--rounds N] [--source SRC.img --target TGT.img]` runs the OTA
 //!   demo (see `demo.rs`), user-space-merge mode unless `--legacy`.
@@ -14,7 +19,7 @@
 //!   style checks, the dm-user emulator tests and the snapuserd snapshot scenarios on both
 //!   kernels, each stage even after a failed one, and ends with one line `N passed, N failed`
 //!   over all of them. It is the test command README.md names. `--only` (cargo-test,
-//!   kernel-check, vm-test, vm-snapshot) runs a subset while iterating.
+//!   kernel-check, vm-test, vm-snapshot, vm-usm) runs a subset while iterating.
 
 mod cmd;
 mod demo;
@@ -27,7 +32,9 @@ mod guest;
 mod initramfs;
 mod kmod;
 mod report;
+mod scenario_pairs;
 mod snapshot_scenarios;
+mod user_snapshot_scenarios;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -41,7 +48,7 @@ use initramfs::InitramfsSpec;
 use report::TestResult;
 use vm::VmSpec;
 
-const USAGE: &str = "cargo xtask <demo|test|vm-test|vm-bench|vm-snapshot|kernel-check> [--only STAGE] [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--timeout SECS] [--disk RAW.img]... [--smp N]";
+const USAGE: &str = "cargo xtask <demo|test|vm-test|vm-bench|vm-snapshot|vm-usm|kernel-check> [--only STAGE] [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--ublk] [--timeout SECS] [--disk RAW.img]... [--smp N]";
 
 /// Parsed command-line options.
 #[derive(Debug, Default)]
@@ -50,6 +57,7 @@ struct Options {
     filter: Option<String>,
     keep: bool,
     bench: bool,
+    ublk_bench: bool,
     timeout: Option<u64>,
     disks: Vec<PathBuf>,
     cpus: Option<u32>,
@@ -86,6 +94,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
             }
             "--keep" => o.keep = true,
             "--bench" => o.bench = true,
+            "--ublk" => o.ublk_bench = true,
             other => {
                 return Err(XtaskError::Usage(format!(
                     "unknown argument {other:?}; {USAGE}"
@@ -108,7 +117,11 @@ fn repo_root() -> PathBuf {
 
 /// The guest programs of the dm-user test suite.
 fn guest_binaries() -> Vec<GuestBinary> {
-    vec![GuestBinary::new("vm-tests", "vmtest")]
+    vec![
+        GuestBinary::new("vm-tests", "vmtest"),
+        // The ublk-daemon case drives the real daemon.
+        GuestBinary::new("snapuserd", "snapuserd"),
+    ]
 }
 
 /// Ask the (static, host-runnable) test binary which tests match `filter`.
@@ -125,20 +138,44 @@ fn expected_tests(vmtest: &Path, filter: Option<&str>) -> Result<Vec<String>> {
         .collect())
 }
 
-fn test_fragment(opts: &Options, run_tests: bool) -> String {
+fn test_fragment(opts: &Options, run_tests: bool, series: KernelSeries) -> String {
     let mut s = String::new();
+    if !series.has_ublk() {
+        s.push_str(&format!(
+            "echo 'VMINFO kernel {} has no ublk (Debian builds it without CONFIG_BLK_DEV_UBLK): the ublk cases are not run'\n",
+            series.label()
+        ));
+    }
     if run_tests {
         s.push_str("/bin/vmtest run-all");
         if let Some(f) = &opts.filter {
             s.push_str(&format!(" --filter '{}'", f.replace('\'', "")));
+        }
+        if !series.has_ublk() {
+            s.push_str(" --no-ublk");
         }
         s.push('\n');
     }
     if opts.bench {
         s.push_str("/bin/vmtest bench\n");
     }
+    if opts.ublk_bench && series.has_ublk() {
+        s.push_str("/bin/vmtest ublk-bench\n");
+    }
     s
 }
+
+/// The tests expected from a kernel: without ublk, the ublk cases are not run.
+fn expected_for(expected: &[String], series: KernelSeries) -> Vec<String> {
+    expected
+        .iter()
+        .filter(|n| series.has_ublk() || !n.starts_with(UBLK_CASE_PREFIX))
+        .cloned()
+        .collect()
+}
+
+/// Prefix of the guest's ublk cases (`tests/vm/src/cases.rs`).
+const UBLK_CASE_PREFIX: &str = "ublk-";
 
 /// Hold an exclusive lock on `build/vm-test.lock` so that concurrent runs in the
 /// same tree (colleagues sharing a worktree) queue up instead of overwriting each
@@ -226,7 +263,7 @@ fn vm_test(opts: &Options, run_tests: bool) -> Result<()> {
         if ko.is_none() {
             fragment.push_str("echo 'VMINFO dm-user.ko was not built: dm-user tests will fail'\n");
         }
-        fragment.push_str(&test_fragment(opts, run_tests));
+        fragment.push_str(&test_fragment(opts, run_tests, series));
         let spec = VmSpec {
             label: series.label().into(),
             kernel: kernel.clone(),
@@ -235,23 +272,26 @@ fn vm_test(opts: &Options, run_tests: bool) -> Result<()> {
                 modules: initramfs::BASE_MODULES
                     .iter()
                     .map(|s| s.to_string())
+                    .chain(series.has_ublk().then(|| "ublk_drv".to_string()))
                     .collect(),
                 extra_modules: ko.into_iter().collect(),
                 binaries: bins.clone(),
                 init_fragment: fragment,
             },
-            timeout: Duration::from_secs(opts.timeout.unwrap_or(if opts.bench {
-                480
-            } else {
-                360
-            })),
+            timeout: Duration::from_secs(opts.timeout.unwrap_or(
+                if opts.bench || opts.ublk_bench {
+                    480
+                } else {
+                    360
+                },
+            )),
             memory_mib: 1024,
             cpus: opts.cpus.unwrap_or(2),
             cmdline_extra: String::new(),
         };
         let run = spec.run(&build_root)?;
         timings.push((series, run.elapsed, run.log_path.clone()));
-        for r in report::evaluate(&run, &expected) {
+        for r in report::evaluate(&run, &expected_for(&expected, series)) {
             all.push((series, r));
         }
         if !opts.keep {
@@ -302,7 +342,13 @@ fn kernel_check() -> Result<()> {
 }
 
 /// The stages of `cargo xtask test`, in order of cost.
-const STAGES: [&str; 4] = ["cargo-test", "kernel-check", "vm-test", "vm-snapshot"];
+const STAGES: [&str; 5] = [
+    "cargo-test",
+    "kernel-check",
+    "vm-test",
+    "vm-snapshot",
+    "vm-usm",
+];
 
 /// Run `cmd`, passing its stdout and stderr through line by line, and return whether it
 /// exited successfully with everything it printed (stdout, then stderr). A command that
@@ -372,7 +418,7 @@ fn split_stage_args(args: &[String]) -> Result<(Vec<&'static str>, Vec<String>)>
     Ok((only, rest))
 }
 
-/// The arguments `vm-snapshot` accepts out of `cargo xtask test`'s options.
+/// The arguments `vm-snapshot` and `vm-usm` accept out of `cargo xtask test`'s options.
 fn snapshot_args(opts: &Options) -> Vec<String> {
     let mut args = Vec::new();
     for k in &opts.kernels {
@@ -422,6 +468,17 @@ fn test_all(args: &[String]) -> Result<()> {
                 let (ok, out) = run_teed(Command::new(&xtask).arg("vm-test").args(&rest));
                 report::vm_results_tally(&out, "vm-test").for_stage(ok)
             }
+            "vm-usm" => {
+                eprintln!(
+                    "xtask: {n} emulator tests: snapuserd in user-space-merge mode (read, merge, kill chain, power-off chain, handoff, pause, merge-thread limit)"
+                );
+                let (ok, out) = run_teed(
+                    Command::new(&xtask)
+                        .arg("vm-usm")
+                        .args(snapshot_args(&opts)),
+                );
+                report::vm_results_tally(&out, "vm-usm").for_stage(ok)
+            }
             _ => {
                 eprintln!(
                     "xtask: {n} emulator tests: snapuserd under dm-snapshot (read, merge, kill, live handoffs, power-off)"
@@ -463,6 +520,10 @@ fn real_main() -> Result<()> {
         "vm-snapshot" => snapshot_scenarios::run(
             &repo_root(),
             &snapshot_scenarios::SnapshotOptions::parse(rest)?,
+        ),
+        "vm-usm" => user_snapshot_scenarios::run(
+            &repo_root(),
+            &user_snapshot_scenarios::UsmOptions::parse(rest)?,
         ),
         "demo" => demo::run(&repo_root(), &demo::DemoOptions::parse(rest)?),
         _ => Err(XtaskError::Usage(USAGE.into())),

@@ -18,23 +18,16 @@
 //! The guest half is `tests/vm/src/snapshot_cases.rs` (`vmtest snap ...`).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
 
 use crate::deps::{self, KernelSeries};
 use crate::error::{io_err, Result, XtaskError};
 use crate::guest::{self, GuestBinary};
-use crate::initramfs::{self, InitramfsSpec};
+use crate::kmod;
 use crate::report::{self, TestResult};
-use crate::vm::{BootEnd, VmSpec};
-use crate::{cmd, ext4_images, kmod};
+use crate::scenario_pairs::{
+    self, collect, fresh_copy, powered_off_verdict, BootTemplate, CowMergeMode, MARKER,
+};
 
-/// Size of the ext4 images, MiB (TCG is slow: keep it small).
-const EXT4_MIB: u64 = 32;
-/// Size of the synthetic images, MiB.
-const SYNTHETIC_MIB: u64 = 16;
-/// The file the ext4 check reads through the mounted snapshot, and its content in the target.
-const MARKER: (&str, &str) = ("OTA_RELEASE", "v2");
 /// Power-off points of the power-off scenario: percentage of the exceptions merged.
 const POWEROFF_PERCENTS: [u64; 3] = [5, 35, 70];
 
@@ -81,13 +74,6 @@ impl SnapshotOptions {
     }
 }
 
-/// One source/target pair with its COW.
-struct Pair {
-    source: PathBuf,
-    target: PathBuf,
-    cow: PathBuf,
-}
-
 /// Run the scenarios on every selected kernel; fails if any result fails.
 pub fn run(repo: &Path, opts: &SnapshotOptions) -> Result<()> {
     let build_root = repo.join("build");
@@ -98,16 +84,9 @@ pub fn run(repo: &Path, opts: &SnapshotOptions) -> Result<()> {
     let work = build_root.join("vmsnap");
     std::fs::create_dir_all(&work).map_err(io_err("create", &work))?;
 
-    eprintln!("xtask: building ota-tools (release)");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    cmd::run(
-        Command::new(&cargo)
-            .args(["build", "--release", "--locked", "-p", "ota-tools"])
-            .current_dir(repo),
-    )?;
-    let tool = repo.join("target/release/ota-tools");
-    let ext4 = ext4_pair(repo, &work, &tool)?;
-    let synthetic = synthetic_pair(repo, &work, &tool)?;
+    let tool = scenario_pairs::build_ota_tools(repo)?;
+    let ext4 = scenario_pairs::ext4_pair(repo, &work, &tool, CowMergeMode::Legacy)?;
+    let synthetic = scenario_pairs::synthetic_pair(repo, &work, &tool, CowMergeMode::Legacy)?;
 
     let bins = guest::build(
         repo,
@@ -121,33 +100,20 @@ pub fn run(repo: &Path, opts: &SnapshotOptions) -> Result<()> {
     for &series in &opts.kernels {
         let kernel = deps::ensure_kernel(series)?;
         eprintln!("xtask: kernel {} -> {}", series.label(), kernel.abi);
-        let ko = kmod::build_dm_user(repo, &build_root, &kernel).ok();
         let k = series.label();
+        let boots = BootTemplate {
+            prefix: format!("snap-{k}"),
+            kernel: kernel.clone(),
+            extra_stock_modules: Vec::new(),
+            dm_user: kmod::build_dm_user(repo, &build_root, &kernel).ok(),
+            binaries: bins.clone(),
+        };
         let disks = work.join(format!("run-{k}"));
         std::fs::create_dir_all(&disks).map_err(io_err("create", &disks))?;
-        let fresh = |name: &str, from: &Path| -> Result<PathBuf> {
-            let p = disks.join(name);
-            std::fs::copy(from, &p).map_err(io_err("copy to", &p))?;
-            Ok(p)
-        };
+        let fresh = |name: &str, from: &Path| fresh_copy(&disks, name, from);
         let limit = opts.timeout.unwrap_or(1500);
-        let spec = |label: &str, disks: Vec<PathBuf>, fragment: String, secs: u64| VmSpec {
-            label: format!("snap-{k}-{label}"),
-            kernel: kernel.clone(),
-            disks,
-            initramfs: InitramfsSpec {
-                modules: initramfs::BASE_MODULES
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
-                extra_modules: ko.iter().cloned().collect(),
-                binaries: bins.clone(),
-                init_fragment: fragment,
-            },
-            timeout: Duration::from_secs(secs),
-            memory_mib: 1024,
-            cpus: 2,
-            cmdline_extra: String::new(),
+        let spec = |label: &str, disks: Vec<PathBuf>, fragment: String, secs: u64| {
+            boots.spec(label, disks, fragment, secs)
         };
 
         // Boot a: read + merge (ext4, synthetic), then the daemon kill on the synthetic pair.
@@ -226,21 +192,7 @@ pub fn run(repo: &Path, opts: &SnapshotOptions) -> Result<()> {
             .run(&build_root)?;
             let mut r1 = report::evaluate(&run1, &[format!("snap-poweroff-{tag}")]);
             // This boot must end by the power-off, before the init script's own VMDONE.
-            for r in &mut r1 {
-                if r.name == "boot-completed" {
-                    r.name = "powered-off-mid-merge".into();
-                    r.pass = run1.end == BootEnd::Exited && !run1.log.contains("VMDONE");
-                    r.detail = if r.pass {
-                        "qemu exited without VMDONE (power cut)".into()
-                    } else {
-                        format!(
-                            "boot ended {:?}, VMDONE printed: {}",
-                            run1.end,
-                            run1.log.contains("VMDONE")
-                        )
-                    };
-                }
-            }
+            powered_off_verdict(&run1, &mut r1);
             let powered_off = r1.iter().all(|r| r.pass || r.name == "kernel-log-clean");
             collect(&mut all, series, &format!("p{pct}-1"), r1);
             if powered_off {
@@ -271,120 +223,11 @@ pub fn run(repo: &Path, opts: &SnapshotOptions) -> Result<()> {
             }
         }
     }
-    println!();
-    for (series, r) in &all {
-        println!(
-            "vm-snapshot {:<5} {:<32} {} {}",
-            series.label(),
-            r.name,
-            if r.pass { "PASS" } else { "FAIL" },
-            r.detail
-        );
-    }
-    let failed = all.iter().filter(|(_, r)| !r.pass).count();
+    let failed = scenario_pairs::print_results("vm-snapshot", &all);
     if failed > 0 {
         return Err(XtaskError::TestsFailed(failed));
     }
     Ok(())
-}
-
-fn collect(
-    all: &mut Vec<(KernelSeries, TestResult)>,
-    series: KernelSeries,
-    boot: &str,
-    results: Vec<TestResult>,
-) {
-    for mut r in results {
-        r.name = format!("{boot}/{}", r.name);
-        all.push((series, r));
-    }
-}
-
-fn create_cow(tool: &Path, source: &Path, target: &Path, cow: &Path) -> Result<()> {
-    let out = cmd::output(
-        Command::new(tool)
-            .arg("create")
-            .args(["--merge-mode", "legacy"])
-            .arg("--source")
-            .arg(source)
-            .arg("--target")
-            .arg(target)
-            .arg("--output")
-            .arg(cow),
-    )?;
-    eprint!("{out}");
-    Ok(())
-}
-
-/// ext4 images of a small real tree (a few Python standard-library packages) before and after
-/// `ota-tools/bench/upgrade_tree.py`, with a marker file naming the release.
-fn ext4_pair(repo: &Path, work: &Path, tool: &Path) -> Result<Pair> {
-    let source = work.join("ext4-source.img");
-    let target = work.join("ext4-target.img");
-    let cow = work.join("ext4.cow");
-    let lib = ext4_images::python_lib()?;
-    let v1 = work.join("tree-v1");
-    let v2 = work.join("tree-v2");
-    for d in [&v1, &v2] {
-        if d.exists() {
-            std::fs::remove_dir_all(d).map_err(io_err("remove", d))?;
-        }
-        std::fs::create_dir_all(d).map_err(io_err("create", d))?;
-    }
-    for sub in [
-        "email", "json", "http", "logging", "xml", "urllib", "asyncio",
-    ] {
-        let from = lib.join(sub);
-        if from.is_dir() {
-            cmd::run(Command::new("cp").arg("-a").arg(&from).arg(&v1))?;
-        }
-    }
-    std::fs::write(v1.join(MARKER.0), "v1\n").map_err(io_err("write", &v1))?;
-    cmd::run(
-        Command::new("cp")
-            .arg("-a")
-            .arg(format!("{}/.", v1.display()))
-            .arg(&v2),
-    )?;
-    cmd::run(
-        Command::new("python3")
-            .arg(repo.join("ota-tools/bench/upgrade_tree.py"))
-            .arg(&v2),
-    )?;
-    std::fs::write(v2.join(MARKER.0), format!("{}\n", MARKER.1)).map_err(io_err("write", &v2))?;
-    for (tree, img) in [(&v1, &source), (&v2, &target)] {
-        ext4_images::mke2fs_from_tree(tree, img, &format!("{EXT4_MIB}M"))?;
-    }
-    for d in [&v1, &v2] {
-        std::fs::remove_dir_all(d).map_err(io_err("remove", d))?;
-    }
-    create_cow(tool, &source, &target, &cow)?;
-    Ok(Pair {
-        source,
-        target,
-        cow,
-    })
-}
-
-/// `ota-tools/bench/synthetic_pair.py`: shifted overlapping runs (long chains of ordered COPY
-/// ops, far more than one 510-block read-ahead window), swaps, edits, zero runs, new data.
-fn synthetic_pair(repo: &Path, work: &Path, tool: &Path) -> Result<Pair> {
-    let source = work.join("syn-source.img");
-    let target = work.join("syn-target.img");
-    let cow = work.join("syn.cow");
-    cmd::run(
-        Command::new("python3")
-            .arg(repo.join("ota-tools/bench/synthetic_pair.py"))
-            .arg(&source)
-            .arg(&target)
-            .arg(SYNTHETIC_MIB.to_string()),
-    )?;
-    create_cow(tool, &source, &target, &cow)?;
-    Ok(Pair {
-        source,
-        target,
-        cow,
-    })
 }
 
 #[cfg(test)]

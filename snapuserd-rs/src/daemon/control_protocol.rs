@@ -167,6 +167,19 @@ pub enum Command<'a> {
     PauseMerge,
     /// `resume_merge`.
     ResumeMerge,
+    /// `get_device_name,<misc>`: the ublk block node serving the handler.
+    GetDeviceName {
+        /// Misc name of the handler.
+        misc_name: &'a str,
+    },
+    /// `create,<misc>,<sectors>`: create (or re-attach) the handler's ublk device of that
+    /// size.
+    Create {
+        /// Misc name of the handler.
+        misc_name: &'a str,
+        /// Device size in 512-byte sectors (a decimal number).
+        sectors: &'a str,
+    },
 }
 
 /// Split `msg` into at most `N` fields without allocating; `None` when there are more.
@@ -215,7 +228,9 @@ impl<'a> Command<'a> {
         };
         let accepted: &[usize] = match command {
             "init" => &[4, 5],
-            "start" | "delete" | "supports" | "initiate_merge" | "getstatus" => &[2],
+            "create" => &[3],
+            "start" | "delete" | "supports" | "initiate_merge" | "getstatus"
+            | "get_device_name" => &[2],
             _ => &[1],
         };
         if !accepted.contains(&n) {
@@ -246,12 +261,17 @@ impl<'a> Command<'a> {
             "getstatus" => Command::GetStatus { misc_name: f[1] },
             "update-verify" => Command::UpdateVerify,
             "pause_merge" => Command::PauseMerge,
+            "get_device_name" => Command::GetDeviceName { misc_name: f[1] },
+            "create" => Command::Create {
+                misc_name: f[1],
+                sectors: f[2],
+            },
             _ => Command::ResumeMerge,
         })
     }
 }
 
-const COMMANDS: [&str; 13] = [
+const COMMANDS: [&str; 15] = [
     "init",
     "start",
     "query",
@@ -265,6 +285,8 @@ const COMMANDS: [&str; 13] = [
     "update-verify",
     "pause_merge",
     "resume_merge",
+    "get_device_name",
+    "create",
 ];
 
 fn command_name(word: &str) -> Option<&'static str> {
@@ -274,7 +296,8 @@ fn command_name(word: &str) -> Option<&'static str> {
 fn arity_of(command: &str) -> &'static str {
     match command {
         "init" => "4 or 5",
-        "start" | "delete" | "supports" | "initiate_merge" | "getstatus" => "2",
+        "create" => "3",
+        "start" | "delete" | "supports" | "initiate_merge" | "getstatus" | "get_device_name" => "2",
         _ => "1",
     }
 }
@@ -316,6 +339,16 @@ pub enum Reply {
     MergePercent(f64),
     /// A `getstatus` answer.
     Status(MergeStatus),
+    /// `success,<dir>/ublkb<N>` (the `get_device_name` reply): the block node's directory
+    /// (`/dev/block` on Android) and the device id.
+    SuccessDeviceName {
+        /// Directory of the block node.
+        dir: &'static str,
+        /// ublk device id.
+        dev_id: u32,
+    },
+    /// `fail,device_not_found` (`get_device_name` for a handler without a ublk device).
+    FailDeviceNotFound,
 }
 
 impl fmt::Display for Reply {
@@ -342,18 +375,24 @@ impl fmt::Display for Reply {
                 MergeStatus::SnapshotMergeComplete => "snapshot-merge-complete",
                 MergeStatus::SnapshotMergeFailed => "snapshot-merge-failed",
             }),
+            Reply::SuccessDeviceName { dir, dev_id } => write!(f, "success,{dir}/ublkb{dev_id}"),
+            Reply::FailDeviceNotFound => f.write_str("fail,device_not_found"),
         }
     }
 }
 
 /// The reply to `supports,<feature>`.
 pub fn supports_reply(feature: &str) -> Reply {
-    if feature == FEATURE_SOCKET_HANDOFF {
+    if feature == FEATURE_SOCKET_HANDOFF || (feature == FEATURE_UBLK && crate::ublk::available()) {
         Reply::Success
     } else {
         Reply::Fail
     }
 }
+
+/// `supports,ublk`: answered `success` only where the kernel offers ublk
+/// (`/dev/ublk-control` exists).
+pub const FEATURE_UBLK: &str = "ublk";
 
 /// One `-no_socket` positional handler: `misc,cow,source[,base]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -385,6 +424,8 @@ pub struct DaemonConfig {
     pub io_uring: bool,
     /// `-o_direct`.
     pub o_direct: bool,
+    /// `-ublk`: serve user-space-merge handlers as ublk devices instead of dm-user.
+    pub ublk: bool,
     /// `-cow_op_merge_size=N` (0: default).
     pub cow_op_merge_size: u32,
     /// `-worker_count=N`.
@@ -405,6 +446,7 @@ impl Default for DaemonConfig {
             user_snapshot: false,
             io_uring: true,
             o_direct: false,
+            ublk: false,
             cow_op_merge_size: 0,
             worker_count: DEFAULT_WORKER_COUNT,
             num_merge_threads: None,
@@ -446,6 +488,9 @@ turns a boolean flag off; '-' and '_' inside names are the same; -- ends the fla
                           cannot be built (old kernel, seccomp) the merge falls back
                           to the synchronous engine by itself
   -o_direct               O_DIRECT reads of the source device (user-space merge)
+  -ublk                   serve user-space-merge handlers as ublk devices
+                          (/dev/ublkbN, one queue per worker) instead of dm-user; a
+                          new daemon re-attaches to the device a dead one left
   -cow_op_merge_size=N    most ops per merge batch (user-space merge; 0: no cap)
   -num_merge_threads=N    most merges running at once, 1-64, FIFO in the order of
                           initiate_merge (default: the property
@@ -474,12 +519,13 @@ where
         .any(|a| matches!(a.as_str(), "-h" | "--h" | "-help" | "--help"))
 }
 
-const BOOL_FLAGS: [&str; 5] = [
+const BOOL_FLAGS: [&str; 6] = [
     "no_socket",
     "socket_handoff",
     "user_snapshot",
     "io_uring",
     "o_direct",
+    "ublk",
 ];
 const VALUE_FLAGS: [&str; 4] = [
     "socket",
@@ -646,6 +692,7 @@ impl DaemonConfig {
             "socket_handoff" => self.socket_handoff = on,
             "user_snapshot" => self.user_snapshot = on,
             "io_uring" => self.io_uring = on,
+            "ublk" => self.ublk = on,
             _ => self.o_direct = on,
         }
     }
@@ -695,6 +742,50 @@ mod tests {
         for not_help in [&[][..], &["-hx"], &["--", "-h"], &["-socket=-h"]] {
             assert!(!asks_for_help(not_help), "{not_help:?}");
         }
+    }
+
+    #[test]
+    fn parses_the_ublk_commands_and_flag() {
+        assert_eq!(
+            parse("get_device_name,system_b").unwrap(),
+            Command::GetDeviceName {
+                misc_name: "system_b"
+            }
+        );
+        assert_eq!(
+            parse("create,system_b,2097152").unwrap(),
+            Command::Create {
+                misc_name: "system_b",
+                sectors: "2097152"
+            }
+        );
+        assert!(matches!(
+            parse("create,system_b"),
+            Err(ControlError::WrongArity {
+                command: "create",
+                got: 2,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse("get_device_name"),
+            Err(ControlError::WrongArity { .. })
+        ));
+        assert_eq!(
+            Reply::SuccessDeviceName {
+                dir: "/dev/block",
+                dev_id: 0
+            }
+            .to_string(),
+            "success,/dev/block/ublkb0"
+        );
+        assert_eq!(
+            Reply::FailDeviceNotFound.to_string(),
+            "fail,device_not_found"
+        );
+        let cfg = DaemonConfig::parse(["-user_snapshot", "-ublk"]).unwrap();
+        assert!(cfg.ublk && cfg.user_snapshot);
+        assert!(!DaemonConfig::parse(["-user_snapshot"]).unwrap().ublk);
     }
 
     #[test]

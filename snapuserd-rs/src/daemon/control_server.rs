@@ -259,7 +259,7 @@ impl ControlServer {
     }
 
     /// Serve until `stop`, a stop requested on `events` (a signal), or `detach` followed by
-    /// the end of every worker. On `stop` and a stop request every handler's workers are
+    /// the end of every dm-user worker (ublk devices stay for the next daemon). On `stop` and a stop request every handler's workers are
     /// stopped and joined. The loop sleeps until a client, a job, `events` or an ended
     /// worker wakes it.
     pub fn run(&mut self, events: &DaemonEvents) -> Result<ServerExit, ControlServerError> {
@@ -270,7 +270,7 @@ impl ControlServer {
                 self.registry.shut_down();
                 return Ok(ServerExit::Shutdown);
             }
-            if self.detached && self.jobs_running == 0 && self.registry.all_workers_finished() {
+            if self.detached && self.jobs_running == 0 && self.registry.detached_may_exit() {
                 return Ok(ServerExit::Detached);
             }
             let (listener_ready, client_events) = self.wait(events)?;
@@ -570,6 +570,10 @@ enum Job {
         base: Option<String>,
     },
     Start(String),
+    Create {
+        misc: String,
+        sectors: String,
+    },
     Delete(String),
     UpdateVerify,
 }
@@ -584,6 +588,7 @@ impl Job {
                 base,
             } => registry.init_from_command(&misc, &cow, &source, base.as_deref()),
             Job::Start(misc) => registry.start(&misc),
+            Job::Create { misc, sectors } => registry.create_ublk(&misc, &sectors),
             Job::Delete(misc) => registry.delete(&misc),
             Job::UpdateVerify => registry.update_verify(),
         }
@@ -600,6 +605,7 @@ enum Quick {
     MergePercent,
     GetStatus(String),
     SetMergePaused(bool),
+    DeviceName(String),
 }
 
 enum Action {
@@ -639,6 +645,12 @@ fn classify(msg: &[u8]) -> Action {
             })
         }
         Command::Start { misc_name } => return Action::Job(Job::Start(misc_name.to_string())),
+        Command::Create { misc_name, sectors } => {
+            return Action::Job(Job::Create {
+                misc: misc_name.to_string(),
+                sectors: sectors.to_string(),
+            })
+        }
         Command::Delete { misc_name } => return Action::Job(Job::Delete(misc_name.to_string())),
         Command::UpdateVerify => return Action::Job(Job::UpdateVerify),
         Command::Query => Quick::Query,
@@ -650,6 +662,7 @@ fn classify(msg: &[u8]) -> Action {
         Command::GetStatus { misc_name } => Quick::GetStatus(misc_name.to_string()),
         Command::PauseMerge => Quick::SetMergePaused(true),
         Command::ResumeMerge => Quick::SetMergePaused(false),
+        Command::GetDeviceName { misc_name } => Quick::DeviceName(misc_name.to_string()),
     };
     Action::Now(quick, After::Keep)
 }
@@ -680,6 +693,7 @@ fn run_now(
         Quick::MergePercent => registry.merge_percent(),
         Quick::GetStatus(misc) => registry.status(&misc),
         Quick::SetMergePaused(paused) => registry.set_merge_paused(paused),
+        Quick::DeviceName(misc) => registry.device_name(&misc),
     };
     (Some(reply), after)
 }

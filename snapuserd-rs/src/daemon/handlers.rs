@@ -43,6 +43,7 @@ use super::merge_monitor::{
 use super::transport::{ChannelOpener, EndHook, RequestHandler, WorkerGroup, Workers};
 use super::update_verify::VerifyDevices;
 use super::user_target::{UserMergeTarget, UserTargetOpener};
+use crate::ublk::{UblkDevice, UblkOptions};
 
 /// How long `update-verify` waits for each handler's verification (AOSP's 10 s).
 pub const VERIFY_WAIT: Duration = Duration::from_secs(10);
@@ -357,8 +358,65 @@ enum Lifecycle {
     Idle,
     /// A `start` is opening channels.
     Starting,
-    /// Workers running.
-    Running(Workers),
+    /// Serving its device.
+    Running(Serving),
+}
+
+/// What serves a started handler's device.
+enum Serving {
+    /// dm-user workers.
+    DmUser(Workers),
+    /// A ublk device (user-space-merge handlers under `-ublk`).
+    Ublk(Box<UblkDevice>),
+}
+
+impl Serving {
+    /// True once nothing serves the device any more.
+    fn all_finished(&self) -> bool {
+        match self {
+            Serving::DmUser(w) => w.all_finished(),
+            Serving::Ublk(d) => d.queues_finished(),
+        }
+    }
+
+    /// Ask the dm-user workers to stop. A ublk device is left served: when this process
+    /// ends, the kernel parks its I/O for the next daemon ([`UblkDevice::serve`]).
+    fn request_stop(&self) {
+        if let Serving::DmUser(w) = self {
+            w.request_stop();
+        }
+    }
+
+    /// Stop and join the dm-user workers; a ublk device stays (see `request_stop`).
+    fn stop_and_join(&mut self) {
+        match self {
+            Serving::DmUser(w) => {
+                w.stop_and_join();
+            }
+            Serving::Ublk(d) => log::info!(
+                "ublk device {} stays for the next daemon (its I/O waits until one re-attaches)",
+                d.dev_id()
+            ),
+        }
+    }
+
+    /// Remove what serves the device for good (`delete`).
+    fn remove(self) {
+        match self {
+            Serving::DmUser(mut w) => {
+                w.stop_and_join();
+            }
+            Serving::Ublk(d) => {
+                let dev_id = d.dev_id();
+                if let Err(e) = d.remove() {
+                    log::error!(
+                        "deleting ublk device {dev_id}: {chain}; remove it by hand (DEL_DEV)",
+                        chain = ErrorChain(&e)
+                    );
+                }
+            }
+        }
+    }
 }
 
 struct Handler {
@@ -387,6 +445,7 @@ pub struct HandlerRegistry {
     snapshots: Box<dyn SnapshotOpener>,
     user_snapshots: Option<Box<dyn UserTargetOpener>>,
     user_snapshot_only: bool,
+    ublk: Option<UblkOptions>,
     merges: Arc<MergeMonitor>,
     verify_devices: VerifyDevices,
     channels: Box<dyn ChannelOpener>,
@@ -409,6 +468,7 @@ impl HandlerRegistry {
             snapshots,
             user_snapshots: None,
             user_snapshot_only: false,
+            ublk: None,
             merges: Arc::new(MergeMonitor::new(DEFAULT_MERGE_THREADS, true)),
             verify_devices: VerifyDevices::default(),
             channels,
@@ -429,6 +489,13 @@ impl HandlerRegistry {
     /// The same registry serving 5-field `init`s (user-space merge) with `opener`.
     pub fn with_user_snapshots(mut self, opener: Box<dyn UserTargetOpener>) -> Self {
         self.user_snapshots = Some(opener);
+        self
+    }
+
+    /// The same registry serving user-space-merge handlers as ublk devices shaped by `opts`
+    /// (`-ublk`; `None`: dm-user). The queue count follows the worker count.
+    pub fn with_ublk(mut self, opts: Option<UblkOptions>) -> Self {
+        self.ublk = opts;
         self
     }
 
@@ -640,14 +707,27 @@ impl HandlerRegistry {
                 merges.request_stop(&m);
             }) as EndHook
         });
-        let spawned = Workers::spawn_with_end_hook(
-            self.channels.as_ref(),
-            misc,
-            serving,
-            count,
-            on_exit,
-            on_end,
-        );
+        let spawned: Result<Serving, String> = match (&self.ublk, &user) {
+            (Some(opts), Some(_)) => {
+                let opts = UblkOptions {
+                    queues: u16::try_from(count).unwrap_or(u16::MAX),
+                    ..opts.clone()
+                };
+                UblkDevice::serve(serving, misc, target.device_sectors(), &opts)
+                    .map(|d| Serving::Ublk(Box::new(d)))
+                    .map_err(|e| ErrorChain(&e).to_string())
+            }
+            _ => Workers::spawn_with_end_hook(
+                self.channels.as_ref(),
+                misc,
+                serving,
+                count,
+                on_exit,
+                on_end,
+            )
+            .map(Serving::DmUser)
+            .map_err(|e| ErrorChain(&e).to_string()),
+        };
         let mut state = self.state();
         let closed = state.closed;
         let Some(handler) = state.handlers.get_mut(misc) else {
@@ -657,9 +737,11 @@ impl HandlerRegistry {
             return Reply::Fail;
         };
         match spawned {
-            Ok(w) if !closed => {
-                self.merge_pause.register(&w.group());
-                handler.lifecycle = Lifecycle::Running(w);
+            Ok(serving) if !closed => {
+                if let Serving::DmUser(w) = &serving {
+                    self.merge_pause.register(&w.group());
+                }
+                handler.lifecycle = Lifecycle::Running(serving);
             }
             Ok(_) => {
                 handler.lifecycle = Lifecycle::Idle;
@@ -668,7 +750,7 @@ impl HandlerRegistry {
             }
             Err(e) => {
                 handler.lifecycle = Lifecycle::Idle;
-                log::error!("start {misc}: {chain}", chain = ErrorChain(&e));
+                log::error!("start {misc}: {e}");
                 return Reply::Fail;
             }
         }
@@ -695,8 +777,8 @@ impl HandlerRegistry {
                 self.merges.stop(m);
             }
             handler.verification.stop_and_join();
-            if let Lifecycle::Running(mut w) = handler.lifecycle {
-                w.stop_and_join();
+            if let Lifecycle::Running(serving) = handler.lifecycle {
+                serving.remove();
             }
             if handler.target.merge_complete().unwrap_or(false) {
                 let mut state = self.state();
@@ -705,6 +787,55 @@ impl HandlerRegistry {
             log::info!("delete {misc}");
         }
         Reply::Success
+    }
+
+    /// `create,<misc>,<sectors>` (`-ublk`): serve the handler as its ublk device, which
+    /// must have the handler's size; `success` also when it already serves it.
+    pub fn create_ublk(&self, misc: &str, sectors: &str) -> Reply {
+        if self.ublk.is_none() {
+            log::error!("create {misc}: this daemon serves dm-user; create needs -ublk");
+            return Reply::Fail;
+        }
+        let Ok(sectors) = sectors.parse::<u64>() else {
+            log::error!("create {misc}: {sectors:?} is not a sector count");
+            return Reply::Fail;
+        };
+        {
+            let state = self.state();
+            let Some(h) = state.handlers.get(misc) else {
+                log::error!("create {misc}: no such handler; send init first");
+                return Reply::Fail;
+            };
+            if h.user.is_none() {
+                log::error!("create {misc}: a legacy handler cannot be served over ublk");
+                return Reply::Fail;
+            }
+            let size = h.target.device_sectors();
+            if size != sectors {
+                log::error!("create {misc}: {sectors} sectors asked, the base device has {size}");
+                return Reply::Fail;
+            }
+            if matches!(h.lifecycle, Lifecycle::Running(Serving::Ublk(_))) {
+                return Reply::Success;
+            }
+        }
+        self.start(misc)
+    }
+
+    /// `get_device_name,<misc>`: the block node of the handler's ublk device.
+    pub fn device_name(&self, misc: &str) -> Reply {
+        let state = self.state();
+        match state.handlers.get(misc).map(|h| &h.lifecycle) {
+            Some(Lifecycle::Running(Serving::Ublk(d))) => Reply::SuccessDeviceName {
+                dir: if Path::new("/dev/block").is_dir() {
+                    "/dev/block"
+                } else {
+                    "/dev"
+                },
+                dev_id: d.dev_id(),
+            },
+            _ => Reply::FailDeviceNotFound,
+        }
     }
 
     /// `initiate_merge`: a user-space-merge handler (started) is queued on the merge
@@ -865,6 +996,17 @@ impl HandlerRegistry {
         })
     }
 
+    /// True when a detached daemon may end: every dm-user worker has ended. ublk devices do
+    /// not hold the daemon: when it exits the kernel parks their I/O until the next daemon
+    /// re-attaches (the handoff), and their merges resume from the durable state.
+    pub fn detached_may_exit(&self) -> bool {
+        self.state().handlers.values().all(|h| match &h.lifecycle {
+            Lifecycle::Running(Serving::Ublk(_)) | Lifecycle::Idle => true,
+            Lifecycle::Running(s) => s.all_finished(),
+            Lifecycle::Starting => false,
+        })
+    }
+
     /// `detach`: ask every user-space merge to stop at its next safe point, without waiting
     /// (as AOSP's detach terminates the merge threads; the workers keep serving until their
     /// devices go).
@@ -890,7 +1032,7 @@ impl HandlerRegistry {
     pub fn stop_all(&self) {
         let (mut workers, passes, merges) = {
             let mut state = self.state();
-            let mut workers: Vec<Workers> = Vec::new();
+            let mut workers: Vec<Serving> = Vec::new();
             let mut passes: Vec<Arc<Verification>> = Vec::new();
             let mut merges: Vec<Arc<UserMerge>> = Vec::new();
             for h in state.handlers.values_mut() {
@@ -1157,6 +1299,23 @@ mod tests {
         assert_eq!(r.delete("a"), Reply::Success);
         assert_eq!(r.delete("a"), Reply::Success, "unknown is success");
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn ublk_commands_without_ublk_fail_cleanly() {
+        let r = registry();
+        assert_eq!(r.init("h", "8", "src"), Reply::SuccessSectors(8));
+        assert_eq!(r.device_name("h"), Reply::FailDeviceNotFound);
+        assert_eq!(r.device_name("unknown"), Reply::FailDeviceNotFound);
+        // Without -ublk, `create` is refused and starts nothing.
+        assert_eq!(r.create_ublk("h", "8"), Reply::Fail);
+        let r = registry().with_ublk(Some(UblkOptions::default()));
+        assert_eq!(r.init("h", "8", "src"), Reply::SuccessSectors(8));
+        assert_eq!(r.create_ublk("h", "eight"), Reply::Fail);
+        assert_eq!(r.create_ublk("unknown", "8"), Reply::Fail);
+        // A legacy handler is never served over ublk.
+        assert_eq!(r.create_ublk("h", "8"), Reply::Fail);
+        assert!(r.all_workers_finished());
     }
 
     #[test]

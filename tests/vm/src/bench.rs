@@ -10,16 +10,16 @@ use std::time::Instant;
 use crate::harness::*;
 use crate::ramd::{Daemon, RamDisk, Stats};
 
-const SIZE: u64 = 64 << 20;
+pub(crate) const SIZE: u64 = 64 << 20;
 const SEQ_PASSES: u64 = 1;
 const RAND_OPS: u64 = 1_500;
 /// Rounds, alternating the two devices, so that host noise hits both alike.
-const ROUNDS: usize = 5;
+pub(crate) const ROUNDS: usize = 5;
 
 /// Measured figures for one device.
-struct Figures {
-    seq_mbps: f64,
-    rand_iops: f64,
+pub(crate) struct Figures {
+    pub(crate) seq_mbps: f64,
+    pub(crate) rand_iops: f64,
 }
 
 fn open_direct(path: &Path) -> Result<File, String> {
@@ -30,7 +30,7 @@ fn open_direct(path: &Path) -> Result<File, String> {
         .ctx(&format!("open {}", path.display()))
 }
 
-fn measure(path: &Path) -> Result<Figures, String> {
+pub(crate) fn measure(path: &Path) -> Result<Figures, String> {
     let f = open_direct(path)?;
     let mut buf = AlignedBuf::new(1 << 20);
     // Warm-up pass, and a spot check that the device returns the pattern.
@@ -67,13 +67,13 @@ const LOOP_CLR_FD: u64 = 0x4C01;
 const LOOP_CTL_GET_FREE: u64 = 0x4C82;
 
 /// A loop device bound to a backing file, detached on drop.
-struct LoopDevice {
+pub(crate) struct LoopDevice {
     file: File,
-    path: PathBuf,
+    pub(crate) path: PathBuf,
 }
 
 impl LoopDevice {
-    fn attach(backing: &Path) -> Result<Self, String> {
+    pub(crate) fn attach(backing: &Path) -> Result<Self, String> {
         let ctl = File::open("/dev/loop-control").ctx("open /dev/loop-control")?;
         // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device
         // number or -1; the fd is a live loop-control handle.
@@ -185,7 +185,7 @@ fn copy_costs(img: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }

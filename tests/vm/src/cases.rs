@@ -162,10 +162,37 @@ pub const CASES: &[Case] = &[
         run: crate::target_cases::exclusive_wake,
     },
     Case {
+        name: "ublk-read-usercopy",
+        run: crate::ublk_cases::read_usercopy,
+    },
+    Case {
+        name: "ublk-read-buffer",
+        run: crate::ublk_cases::read_buffer,
+    },
+    Case {
+        name: "ublk-ext4",
+        run: crate::ublk_cases::ext4,
+    },
+    Case {
+        name: "ublk-kill-recover",
+        run: crate::ublk_cases::kill_recover,
+    },
+    Case {
+        name: "ublk-snapshot-kill-merge",
+        run: crate::ublk_snapshot::kill_merge,
+    },
+    Case {
+        name: "ublk-daemon-kill-merge",
+        run: crate::ublk_snapshot::daemon_kill_merge,
+    },
+    Case {
         name: "rmmod",
         run: rmmod,
     },
 ];
+
+/// Prefix of the cases that need ublk (not run on kernels without `ublk_drv`).
+pub const UBLK_PREFIX: &str = "ublk-";
 
 fn dev_with_daemon(tag: &str, size: u64, threads: usize) -> Result<(UserDevice, Daemon), String> {
     let dev = UserDevice::create(&format!("vt-{tag}"), &format!("vt-{tag}-c"), size)?;
@@ -446,7 +473,7 @@ fn discard() -> TestResult {
     Ok(format!("{n} discard request(s), {bytes} bytes"))
 }
 
-fn sh(cmd: &str) -> Result<(), String> {
+pub(crate) fn sh(cmd: &str) -> Result<(), String> {
     let out = Command::new("sh").arg("-c").arg(cmd).output().ctx(cmd)?;
     check(
         out.status.success(),

@@ -5,15 +5,22 @@
 //! * `vmtest run <name>` — run one test in this process;
 //! * `vmtest bench` — dm-user vs loop-over-tmpfs reads, prints `VMBENCH` lines;
 //! * `vmtest snap SCENARIO ...` — snapshot scenarios with the real daemon (`snapshot_cases.rs`);
-//! * `vmtest demo-usm ...` — the OTA demo in user-space-merge mode (`demo_guest.rs`).
+//! * `vmtest demo-usm ...` — the OTA demo in user-space-merge mode (`demo_guest.rs`);
+//! * `vmtest ublk-bench` — ublk (USER_COPY, buffer path) vs loop-over-tmpfs reads;
+//! * `--no-ublk` (with `list`/`run-all`) leaves out the ublk cases, for kernels without ublk.
+//! * `vmtest usm SCENARIO ...` — user-space-merge scenarios (`user_snapshot_cases.rs`).
 
 mod bench;
 mod cases;
 mod demo_guest;
 mod harness;
 mod ramd;
+mod scenario_support;
 mod snapshot_cases;
 mod target_cases;
+mod ublk_cases;
+mod ublk_snapshot;
+mod user_snapshot_cases;
 
 use std::io::Read;
 use std::process::{Command, ExitCode, Stdio};
@@ -22,10 +29,11 @@ use std::time::{Duration, Instant};
 /// Hard limit per test process.
 const TEST_LIMIT: Duration = Duration::from_secs(60);
 
-fn selected(filter: Option<&str>) -> Vec<&'static cases::Case> {
+fn selected(filter: Option<&str>, no_ublk: bool) -> Vec<&'static cases::Case> {
     cases::CASES
         .iter()
         .filter(|c| filter.is_none_or(|f| c.name.contains(f)))
+        .filter(|c| !(no_ublk && c.name.starts_with(cases::UBLK_PREFIX)))
         .collect()
 }
 
@@ -102,14 +110,14 @@ fn main() -> ExitCode {
     let sub = args.first().map(String::as_str).unwrap_or("");
     match sub {
         "list" => {
-            for c in selected(filter_arg(&args)) {
+            for c in selected(filter_arg(&args), args.iter().any(|a| a == "--no-ublk")) {
                 println!("{}", c.name);
             }
             ExitCode::SUCCESS
         }
         "run-all" => {
             let mut ok = true;
-            for c in selected(filter_arg(&args)) {
+            for c in selected(filter_arg(&args), args.iter().any(|a| a == "--no-ublk")) {
                 ok &= run_isolated(c.name);
             }
             if ok {
@@ -147,6 +155,16 @@ fn main() -> ExitCode {
         }
         "snap" => snapshot_cases::main(&args[1..]),
         "demo-usm" => demo_guest::main(&args[1..]),
+        "ublk-bench" => match ublk_cases::bench().and_then(|()| ublk_snapshot::bench_snapshot()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                println!("VMBENCH ublk error {e}");
+                ExitCode::FAILURE
+            }
+        },
+        "helper-ublk" => report_helper(ublk_cases::helper(&args[1..])),
+        "helper-ublk-snapshot" => report_helper(ublk_snapshot::helper(&args[1..])),
+        "usm" => user_snapshot_cases::main(&args[1..]),
         "helper-hang" => report_helper(cases::helper_hang(
             args.get(1).map(String::as_str).unwrap_or(""),
         )),

@@ -19,26 +19,22 @@
 //!
 //! Each step prints `VMTEST snap-<step>-<tag> PASS|FAIL <detail>` and figures as `VMINFO`.
 
-use std::fs::File;
-use std::io::{Read, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use dm_ioctl::{DmControl, SnapshotStatus, TableEntry};
 
-use crate::harness::AlignedBuf;
+use crate::scenario_support::{
+    compare_device, dev_bytes, dm, loop_read_time, mbps, mount_and_check_file, plain_copy_time,
+    time_read, Daemon, Res,
+};
 
 /// Chunk size of the snapshot, in sectors (4 KiB, as Android uses).
 const CHUNK_SECTORS: u32 = 8;
 /// Longest wait for the merge to finish in one boot.
 const MERGE_LIMIT: Duration = Duration::from_secs(900);
-/// Read size of the whole-device comparisons.
-const IO_SIZE: usize = 1 << 20;
-
-type Res<T> = Result<T, String>;
 
 /// How the merge of a `read-merge`-style scenario is run.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -128,231 +124,6 @@ pub fn main(args: &[String]) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
-}
-
-/// A running `snapuserd` with its control socket.
-struct Daemon {
-    child: Child,
-    sock: PathBuf,
-}
-
-impl Daemon {
-    fn start(name: &str) -> Res<Self> {
-        let sock = PathBuf::from(format!("/run/snapuserd-{name}.sock"));
-        let _ = std::fs::create_dir_all("/run");
-        let _ = std::fs::remove_file(&sock);
-        let child = Command::new("/bin/snapuserd")
-            .arg(format!("-socket={}", sock.display()))
-            .stdin(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("spawn /bin/snapuserd: {e}"))?;
-        let d = Self { child, sock };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&d.sock).is_err() {
-            if Instant::now() > deadline {
-                return Err(format!("daemon socket {} never appeared", d.sock.display()));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(d)
-    }
-
-    /// Send one command and read the reply (bounded).
-    fn command(&self, cmd: &str) -> Res<String> {
-        let mut s = UnixStream::connect(&self.sock).map_err(|e| format!("connect: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(|e| e.to_string())?;
-        s.write_all(cmd.as_bytes())
-            .map_err(|e| format!("send {cmd:?}: {e}"))?;
-        let mut buf = [0u8; 512];
-        let n = s
-            .read(&mut buf)
-            .map_err(|e| format!("reply to {cmd:?}: {e}"))?;
-        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn rss_kib(&self) -> Option<u64> {
-        self.status_kib("VmRSS:")
-    }
-
-    /// A `/proc/<pid>/status` figure in KiB (`VmRSS:`, `RssAnon:`, `VmLck:` ...).
-    fn status_kib(&self, field: &str) -> Option<u64> {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        s.lines()
-            .find(|l| l.starts_with(field))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    }
-
-    fn kill9(&mut self) -> Res<()> {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .map_err(|e| format!("kill -9: {e}"))?;
-        self.child.wait().map_err(|e| format!("wait: {e}"))?;
-        Ok(())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.try_wait();
-        }
-    }
-}
-
-fn dm() -> Res<DmControl> {
-    DmControl::open().map_err(|e| {
-        format!(
-            "open /dev/mapper/control: {}",
-            snapuserd::error_chain::ErrorChain(&e)
-        )
-    })
-}
-
-fn dev_bytes(path: &Path) -> Res<u64> {
-    let f = File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
-    let mut f2 = f;
-    std::io::Seek::seek(&mut f2, std::io::SeekFrom::End(0))
-        .map_err(|e| format!("size of {}: {e}", path.display()))
-}
-
-fn open_direct(path: &Path) -> Res<File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_DIRECT)
-        .open(path)
-        .map_err(|e| format!("open {} O_DIRECT: {e}", path.display()))
-}
-
-/// Read `len` bytes of `dev` with O_DIRECT and compare with `want` (buffered); returns the
-/// time spent reading `dev`.
-fn compare_device(what: &str, dev: &Path, want: &Path, len: u64) -> Res<Duration> {
-    let fd = open_direct(dev)?;
-    let fw = open_direct(want)?;
-    let mut a = AlignedBuf::new(IO_SIZE);
-    let mut b = AlignedBuf::new(IO_SIZE);
-    let mut spent = Duration::ZERO;
-    let mut off = 0u64;
-    while off < len {
-        let n = usize::try_from((len - off).min(IO_SIZE as u64)).unwrap_or(IO_SIZE);
-        let t = Instant::now();
-        fd.read_exact_at(&mut a.as_mut()[..n], off)
-            .map_err(|e| format!("{what}: read {} at {off}: {e}", dev.display()))?;
-        spent += t.elapsed();
-        fw.read_exact_at(&mut b.as_mut()[..n], off)
-            .map_err(|e| format!("{what}: read {} at {off}: {e}", want.display()))?;
-        if a.as_ref()[..n] != b.as_ref()[..n] {
-            let i = a.as_ref()[..n]
-                .iter()
-                .zip(&b.as_ref()[..n])
-                .position(|(x, y)| x != y)
-                .unwrap_or(0);
-            let at = off + i as u64;
-            return Err(format!(
-                "{what}: {} differs from {} at byte {at} (block {})",
-                dev.display(),
-                want.display(),
-                at / 4096
-            ));
-        }
-        off += n as u64;
-    }
-    Ok(spent)
-}
-
-/// Time a raw O_DIRECT sequential read of `len` bytes of `dev`.
-fn time_read(dev: &Path, len: u64) -> Res<Duration> {
-    let f = open_direct(dev)?;
-    let mut a = AlignedBuf::new(IO_SIZE);
-    let t = Instant::now();
-    let mut off = 0u64;
-    while off < len {
-        let n = usize::try_from((len - off).min(IO_SIZE as u64)).unwrap_or(IO_SIZE);
-        f.read_exact_at(&mut a.as_mut()[..n], off)
-            .map_err(|e| format!("read {} at {off}: {e}", dev.display()))?;
-        off += n as u64;
-    }
-    Ok(t.elapsed())
-}
-
-/// Time an O_DIRECT read of the target image from a loop device over a tmpfs copy.
-fn loop_read_time(sc: &Scenario, len: u64) -> Res<Duration> {
-    let img = PathBuf::from(format!("/tmp/loop-{}.img", sc.tag));
-    let src = File::open(&sc.target).map_err(|e| format!("open target: {e}"))?;
-    let mut dst = File::create(&img).map_err(|e| format!("create {}: {e}", img.display()))?;
-    std::io::copy(&mut Read::take(src, len), &mut dst)
-        .map_err(|e| format!("copy the target to tmpfs: {e}"))?;
-    drop(dst);
-    // busybox: `losetup -f` names a free device, `losetup DEV FILE` binds it.
-    let free = Command::new("losetup")
-        .arg("-f")
-        .output()
-        .map_err(|e| format!("losetup -f: {e}"))?;
-    let dev = String::from_utf8_lossy(&free.stdout).trim().to_string();
-    let bound = !dev.is_empty()
-        && Command::new("losetup")
-            .arg(&dev)
-            .arg(&img)
-            .status()
-            .is_ok_and(|s| s.success());
-    if !bound {
-        let _ = std::fs::remove_file(&img);
-        return Err(format!(
-            "losetup -f gave {dev:?} ({}), binding failed",
-            String::from_utf8_lossy(&free.stderr).trim()
-        ));
-    }
-    let t = time_read(Path::new(&dev), len);
-    let _ = Command::new("losetup").arg("-d").arg(&dev).status();
-    let _ = std::fs::remove_file(&img);
-    t
-}
-
-/// Time an O_DIRECT copy of the first `len` bytes of `from` onto `to` at the same offsets.
-fn plain_copy_time(from: &Path, to: &Path, len: u64) -> Res<Duration> {
-    let src = open_direct(from)?;
-    let dst = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(nix::libc::O_DIRECT)
-        .open(to)
-        .map_err(|e| format!("open {} for writing: {e}", to.display()))?;
-    let len = len.min(dev_bytes(from)?) / 4096 * 4096;
-    let mut a = AlignedBuf::new(IO_SIZE);
-    let t = Instant::now();
-    let mut off = 0u64;
-    while off < len {
-        let n = usize::try_from((len - off).min(IO_SIZE as u64)).unwrap_or(IO_SIZE);
-        src.read_exact_at(&mut a.as_mut()[..n], off)
-            .map_err(|e| format!("read {} at {off}: {e}", from.display()))?;
-        dst.write_all_at(&a.as_ref()[..n], off)
-            .map_err(|e| format!("write {} at {off}: {e}", to.display()))?;
-        off += n as u64;
-    }
-    dst.sync_all()
-        .map_err(|e| format!("fsync {}: {e}", to.display()))?;
-    Ok(t.elapsed())
-}
-
-fn mbps(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0) / d.as_secs_f64().max(1e-9)
 }
 
 /// The dm devices and daemon of one scenario.
@@ -478,7 +249,7 @@ fn check_snapshot(sc: &Scenario, st: &Stack) -> Res<String> {
     }
     let snap_time = compare_device("snapshot", &st.snap_path, &sc.target, len)?;
     let raw_time = time_read(&sc.base, len)?;
-    let loop_figure = match loop_read_time(sc, len) {
+    let loop_figure = match loop_read_time(&sc.tag, &sc.target, len) {
         Ok(t) => format!("{:.1} MB/s", mbps(len, t)),
         Err(e) => format!("not measured ({e})"),
     };
@@ -501,31 +272,13 @@ fn check_snapshot(sc: &Scenario, st: &Stack) -> Res<String> {
     );
     let mut detail = format!("{} MiB equal to the target", len >> 20);
     if let Some((file, content)) = &sc.file_check {
-        let mnt = format!("/mnt/snap-{}", sc.tag);
-        std::fs::create_dir_all(&mnt).map_err(|e| format!("mkdir {mnt}: {e}"))?;
-        let out = Command::new("mount")
-            .args(["-t", "ext4", "-o", "ro,noload"])
-            .arg(&st.snap_path)
-            .arg(&mnt)
-            .output()
-            .map_err(|e| format!("mount: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "mount -o ro,noload {}: {}",
-                st.snap_path.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        let got = std::fs::read_to_string(format!("{mnt}/{file}"));
-        let entries = std::fs::read_dir(&mnt).map(|d| d.count()).unwrap_or(0);
-        let _ = Command::new("umount").arg(&mnt).status();
-        let got = got.map_err(|e| format!("read {file} on the mounted snapshot: {e}"))?;
-        if got.trim() != content {
-            return Err(format!("{file} reads {got:?}, want {content:?}"));
-        }
-        detail.push_str(&format!(
-            "; ext4 mounted ro,noload, {file}={content}, {entries} top-level entries"
-        ));
+        detail.push_str("; ");
+        detail.push_str(&mount_and_check_file(
+            &st.snap_path,
+            &sc.tag,
+            file,
+            content,
+        )?);
     }
     Ok(detail)
 }

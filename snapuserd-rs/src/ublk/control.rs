@@ -1,0 +1,262 @@
+//! `/dev/ublk-control`: the device-level commands (add, parameters, start, stop, delete,
+//! recovery), each one io_uring `URING_CMD` on a ring with 128-byte entries.
+//!
+//! A command is submitted and waited for on the calling thread. START_DEV and
+//! END_USER_RECOVERY block in the kernel until every queue has fetched all of its tags, so
+//! they are issued only once the queue threads have submitted their fetches.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use thiserror::Error;
+
+use super::abi::{
+    CtrlCmd, DevInfo, Params, CMD_ADD_DEV, CMD_DEL_DEV, CMD_END_USER_RECOVERY, CMD_GET_DEV_INFO,
+    CMD_GET_FEATURES, CMD_GET_PARAMS, CMD_SET_PARAMS, CMD_START_DEV, CMD_START_USER_RECOVERY,
+    CMD_STOP_DEV, CONTROL_PATH,
+};
+
+/// Errors of the control node.
+#[derive(Debug, Error)]
+pub enum ControlError {
+    /// `/dev/ublk-control` could not be opened (no `ublk_drv`, or no permission).
+    #[error("opening {CONTROL_PATH} (is ublk_drv loaded?)")]
+    Open {
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The control ring could not be set up.
+    #[error("setting up the ublk control io_uring")]
+    Ring {
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Submitting or waiting for a command failed.
+    #[error("submitting ublk command {command} for device {dev_id}")]
+    Submit {
+        /// Command name.
+        command: &'static str,
+        /// Device id.
+        dev_id: u32,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel answered a command with an error.
+    #[error("ublk command {command} for device {dev_id} failed")]
+    Command {
+        /// Command name.
+        command: &'static str,
+        /// Device id.
+        dev_id: u32,
+        /// The kernel's errno.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ControlError {
+    /// The errno the kernel answered a command with, if this is such an error.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Self::Command { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// An open `/dev/ublk-control` with its command ring.
+pub struct Control {
+    file: File,
+    ring: IoUring<squeue::Entry128, cqueue::Entry>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("fd", &self.file.as_raw_fd())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether this machine offers ublk (the control node exists).
+pub fn available() -> bool {
+    std::path::Path::new(CONTROL_PATH).exists()
+}
+
+impl Control {
+    /// Open the control node.
+    pub fn open() -> Result<Self, ControlError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(CONTROL_PATH)
+            .map_err(|source| ControlError::Open { source })?;
+        let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
+            .build(4)
+            .map_err(|source| ControlError::Ring { source })?;
+        Ok(Self { file, ring })
+    }
+
+    /// Submit one command and wait for its result (>= 0).
+    fn command(
+        &mut self,
+        command: &'static str,
+        op: u32,
+        cmd: CtrlCmd,
+    ) -> Result<i32, ControlError> {
+        let dev_id = cmd.dev_id;
+        let submit = |source| ControlError::Submit {
+            command,
+            dev_id,
+            source,
+        };
+        let mut payload = [0u8; 80];
+        payload[..32].copy_from_slice(&cmd.to_bytes());
+        let entry = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), op)
+            .cmd(payload)
+            .build()
+            .user_data(u64::from(op));
+        // SAFETY: the buffer `cmd.addr` points to (if any) is owned by the caller and stays
+        // alive and unmoved until this function returns, after the completion is reaped.
+        unsafe { self.ring.submission().push(&entry) }
+            .map_err(|_| submit(std::io::Error::other("control submission queue full")))?;
+        let cqe = loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(submit(e)),
+            }
+            if let Some(cqe) = self.ring.completion().next() {
+                break cqe;
+            }
+        };
+        let res = cqe.result();
+        if res < 0 {
+            return Err(ControlError::Command {
+                command,
+                dev_id,
+                source: std::io::Error::from_raw_os_error(-res),
+            });
+        }
+        Ok(res)
+    }
+
+    /// The feature bits this kernel's ublk offers (`GET_FEATURES`).
+    pub fn features(&mut self) -> Result<u64, ControlError> {
+        let mut features = 0u64;
+        let cmd = CtrlCmd {
+            dev_id: u32::MAX,
+            queue_id: u16::MAX,
+            len: 8,
+            addr: std::ptr::from_mut(&mut features) as u64,
+            ..CtrlCmd::default()
+        };
+        self.command("GET_FEATURES", CMD_GET_FEATURES, cmd)?;
+        Ok(features)
+    }
+
+    /// Add a device shaped by `info` (`dev_id` `u32::MAX` lets the kernel choose); the
+    /// kernel's view (the chosen id, the rounded I/O limit) is written back into `info`.
+    pub fn add(&mut self, info: &mut DevInfo) -> Result<(), ControlError> {
+        let cmd = CtrlCmd {
+            dev_id: info.dev_id,
+            queue_id: u16::MAX,
+            len: std::mem::size_of::<DevInfo>() as u16,
+            addr: std::ptr::from_mut(info) as u64,
+            ..CtrlCmd::default()
+        };
+        self.command("ADD_DEV", CMD_ADD_DEV, cmd).map(drop)
+    }
+
+    /// Read device `dev_id`'s shape and state.
+    pub fn info(&mut self, dev_id: u32) -> Result<DevInfo, ControlError> {
+        let mut info = DevInfo::default();
+        let cmd = CtrlCmd {
+            dev_id,
+            queue_id: u16::MAX,
+            len: std::mem::size_of::<DevInfo>() as u16,
+            addr: std::ptr::from_mut(&mut info) as u64,
+            ..CtrlCmd::default()
+        };
+        self.command("GET_DEV_INFO", CMD_GET_DEV_INFO, cmd)?;
+        Ok(info)
+    }
+
+    /// Set the parameters of device `dev_id` (before it is started).
+    pub fn set_params(&mut self, dev_id: u32, params: &Params) -> Result<(), ControlError> {
+        let mut params = *params;
+        params.len = std::mem::size_of::<Params>() as u32;
+        let cmd = CtrlCmd {
+            dev_id,
+            queue_id: u16::MAX,
+            len: std::mem::size_of::<Params>() as u16,
+            addr: std::ptr::from_mut(&mut params) as u64,
+            ..CtrlCmd::default()
+        };
+        self.command("SET_PARAMS", CMD_SET_PARAMS, cmd).map(drop)
+    }
+
+    /// Read the parameters of device `dev_id`.
+    pub fn params(&mut self, dev_id: u32) -> Result<Params, ControlError> {
+        let mut params = Params {
+            len: std::mem::size_of::<Params>() as u32,
+            ..Params::default()
+        };
+        let cmd = CtrlCmd {
+            dev_id,
+            queue_id: u16::MAX,
+            len: std::mem::size_of::<Params>() as u16,
+            addr: std::ptr::from_mut(&mut params) as u64,
+            ..CtrlCmd::default()
+        };
+        self.command("GET_PARAMS", CMD_GET_PARAMS, cmd)?;
+        Ok(params)
+    }
+
+    /// Start device `dev_id` served by process `pid` (waits for every tag to be fetched).
+    pub fn start(&mut self, dev_id: u32, pid: i32) -> Result<(), ControlError> {
+        self.simple("START_DEV", CMD_START_DEV, dev_id, pid)
+    }
+
+    /// Stop device `dev_id`: its block node goes, and every fetch completes with ABORT.
+    pub fn stop(&mut self, dev_id: u32) -> Result<(), ControlError> {
+        self.simple("STOP_DEV", CMD_STOP_DEV, dev_id, 0)
+    }
+
+    /// Delete stopped device `dev_id`.
+    pub fn delete(&mut self, dev_id: u32) -> Result<(), ControlError> {
+        self.simple("DEL_DEV", CMD_DEL_DEV, dev_id, 0)
+    }
+
+    /// Begin recovering device `dev_id` whose server died. `EBUSY` while the dead server's
+    /// node is still open or the device is not quiesced yet.
+    pub fn start_recovery(&mut self, dev_id: u32) -> Result<(), ControlError> {
+        self.simple("START_USER_RECOVERY", CMD_START_USER_RECOVERY, dev_id, 0)
+    }
+
+    /// End the recovery of device `dev_id` with process `pid` serving it (waits for every tag
+    /// to be fetched, then releases the waiting I/O).
+    pub fn end_recovery(&mut self, dev_id: u32, pid: i32) -> Result<(), ControlError> {
+        self.simple("END_USER_RECOVERY", CMD_END_USER_RECOVERY, dev_id, pid)
+    }
+
+    fn simple(
+        &mut self,
+        command: &'static str,
+        op: u32,
+        dev_id: u32,
+        pid: i32,
+    ) -> Result<(), ControlError> {
+        let cmd = CtrlCmd {
+            dev_id,
+            queue_id: u16::MAX,
+            data: u64::try_from(pid).unwrap_or(0),
+            ..CtrlCmd::default()
+        };
+        self.command(command, op, cmd).map(drop)
+    }
+}

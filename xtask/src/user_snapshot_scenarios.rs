@@ -1,0 +1,506 @@
+//! `cargo xtask vm-usm [--kernel 6.1|6.12] [--filter NAME] [--timeout SECS]`: the emulator
+//! scenarios of the user-space-merge mode (Android 13+): `snapuserd -user_snapshot` serves the
+//! whole partition through the dm-user table `0 S user 0 S <misc>`, with no dm-snapshot, and
+//! merges on `initiate_merge`.
+//!
+//! On the host: the ext4 and synthetic pairs of [`scenario_pairs`] with COWs in the user merge
+//! order (`ota-tools create --merge-mode user`), a fresh copy of base and COW per scenario,
+//! each a virtio disk; the source of every partition is its base device, as on a Virtual A/B
+//! device. The kill and power-off points are placed from the COW's merge order
+//! (`ota-tools inspect`): most in the ordered COPY/XOR phase, where `merge_percent` moves once
+//! per read-ahead window, so a point is reached right after a window's commit, while the next
+//! window's read-ahead commit runs; the rest in the REPLACE/ZERO phase. Per kernel:
+//!
+//! 1. boot `a`: `read-merge` on both pairs (writes refused, flush, whole device, ext4 mount,
+//!    random 4 KiB reads, a reader looping over the device during the merge, base == target),
+//!    the `kill -9` chain, the first- to second-stage handoff, pause/resume, and two
+//!    partitions with the merge-thread limit at 1;
+//! 2. boots `p1` .. `p6`: one power-off chain: each boot reads the device (== target) before
+//!    the merge resumes, then cuts the power at the next point; the last boot merges to the
+//!    end and checks base == target.
+//!
+//! The guest half is `tests/vm/src/user_snapshot_cases.rs` (`vmtest usm ...`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::deps::{self, KernelSeries};
+use crate::error::{io_err, Result, XtaskError};
+use crate::guest::{self, GuestBinary};
+use crate::report::{self, TestResult};
+use crate::scenario_pairs::{
+    self, collect, fresh_copy, powered_off_verdict, run_boot, BootTemplate, CowMergeMode, Pair,
+    MARKER,
+};
+use crate::{cmd, kmod};
+
+/// The scenario groups `--filter` selects from (by substring).
+pub const GROUPS: [&str; 6] = [
+    "read-merge",
+    "kill-chain",
+    "handoff",
+    "pause",
+    "two-merge",
+    "power-cycle",
+];
+
+/// A point inside a merge phase: (fraction of the phase, milliseconds to wait once
+/// `merge_percent` reached it).
+type PhasePoint = (f64, u64);
+
+/// Kill points: (fraction of the phase, milliseconds to wait once `merge_percent` reached
+/// it), four in the ordered phase and two in the REPLACE/ZERO phase. The delays move some
+/// cuts from the start of the step after a commit (the next window's read-ahead) further
+/// into it (its commit, the destination writes).
+const KILL_POINTS: ([PhasePoint; 4], [PhasePoint; 2]) = (
+    [(0.15, 0), (0.4, 60), (0.65, 150), (0.9, 0)],
+    [(0.2, 0), (0.6, 20)],
+);
+/// Power-off points, likewise.
+const POWEROFF_POINTS: ([PhasePoint; 3], [PhasePoint; 2]) =
+    ([(0.25, 0), (0.55, 100), (0.85, 0)], [(0.3, 10), (0.75, 0)]);
+
+/// Options of `cargo xtask vm-usm`.
+#[derive(Debug, Default)]
+pub struct UsmOptions {
+    /// Kernels to run on (both when empty).
+    pub kernels: Vec<KernelSeries>,
+    /// Only the groups whose name contains this.
+    pub filter: Option<String>,
+    /// Wall-clock limit of the longest boot, seconds.
+    pub timeout: Option<u64>,
+}
+
+impl UsmOptions {
+    /// Parse `[--kernel 6.1|6.12]... [--filter NAME] [--timeout SECS]`.
+    pub fn parse(args: &[String]) -> Result<Self> {
+        let mut o = Self::default();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = |flag: &str| {
+                it.next()
+                    .cloned()
+                    .ok_or_else(|| XtaskError::Usage(format!("{flag} needs a value")))
+            };
+            match a.as_str() {
+                "--kernel" => o.kernels.push(KernelSeries::parse(&value("--kernel")?)?),
+                "--filter" => o.filter = Some(value("--filter")?),
+                "--timeout" => {
+                    let v = value("--timeout")?;
+                    o.timeout = Some(
+                        v.parse()
+                            .map_err(|_| XtaskError::Usage(format!("bad --timeout {v}")))?,
+                    );
+                }
+                other => {
+                    return Err(XtaskError::Usage(format!(
+                        "unknown argument {other:?}; usage: cargo xtask vm-usm [--kernel 6.1|6.12] [--filter {}] [--timeout SECS]",
+                        GROUPS.join("|")
+                    )))
+                }
+            }
+        }
+        if o.kernels.is_empty() {
+            o.kernels = KernelSeries::ALL.to_vec();
+        }
+        if let Some(f) = &o.filter {
+            if !GROUPS.iter().any(|g| g.contains(f.as_str())) {
+                return Err(XtaskError::Usage(format!(
+                    "--filter {f:?} matches no scenario; scenarios: {}",
+                    GROUPS.join(", ")
+                )));
+            }
+        }
+        Ok(o)
+    }
+
+    fn wants(&self, group: &str) -> bool {
+        self.filter.as_deref().is_none_or(|f| group.contains(f))
+    }
+}
+
+/// Where the ordered COPY/XOR ops end in a COW's merge order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MergeShape {
+    /// Ops in the merge order.
+    pub total: u64,
+    /// Ordered (COPY/XOR) ops at its head.
+    pub ordered: u64,
+}
+
+impl MergeShape {
+    /// From `ota-tools inspect`'s `merge_ops_total:` and `ordered_ops_to_merge:` lines.
+    pub fn parse_inspect(text: &str) -> Option<Self> {
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let total = field("merge_ops_total:")?;
+        let ordered = field("ordered_ops_to_merge:")?;
+        (total > 0 && ordered <= total).then_some(Self { total, ordered })
+    }
+
+    /// `merge_percent` points `PERCENT[+MS]` (the guest's `at=` syntax): `ordered` fractions
+    /// of the ordered phase, `rest` fractions of the REPLACE/ZERO phase, each with its delay;
+    /// percentages rounded to 0.1, strictly increasing inside (0, 100).
+    pub fn points(&self, ordered: &[PhasePoint], rest: &[PhasePoint]) -> Vec<String> {
+        let f = self.ordered as f64 * 100.0 / self.total as f64;
+        let mut out: Vec<String> = Vec::new();
+        let mut last = 0.0;
+        let all = ordered
+            .iter()
+            .map(|&(x, d)| (f * x, d))
+            .chain(rest.iter().map(|&(x, d)| (f + (100.0 - f) * x, d)));
+        for (p, delay) in all {
+            let p = (p * 10.0).round() / 10.0;
+            if p > last && p < 100.0 {
+                last = p;
+                out.push(if delay == 0 {
+                    format!("{p:.1}")
+                } else {
+                    format!("{p:.1}+{delay}")
+                });
+            }
+        }
+        out
+    }
+}
+
+fn inspect_shape(tool: &Path, cow: &Path) -> Result<MergeShape> {
+    let text = cmd::output(Command::new(tool).arg("inspect").arg(cow))?;
+    MergeShape::parse_inspect(&text).ok_or_else(|| XtaskError::Resolve {
+        what: format!("the merge order of {}", cow.display()),
+        why: "ota-tools inspect printed no merge_ops_total/ordered_ops_to_merge".into(),
+    })
+}
+
+/// Run the scenarios on every selected kernel; fails if any result fails.
+pub fn run(repo: &Path, opts: &UsmOptions) -> Result<()> {
+    let build_root = repo.join("build");
+    std::fs::create_dir_all(&build_root).map_err(io_err("create", &build_root))?;
+    let _lock = crate::lock_build_dir(&build_root)?;
+    deps::ensure_host_tools()?;
+    deps::ensure_packages(&["e2fsprogs", "python3"])?;
+    let work = build_root.join("vmusm");
+    std::fs::create_dir_all(&work).map_err(io_err("create", &work))?;
+
+    let tool = scenario_pairs::build_ota_tools(repo)?;
+    let ext4 = scenario_pairs::ext4_pair(repo, &work, &tool, CowMergeMode::User)?;
+    let synthetic = scenario_pairs::synthetic_pair(repo, &work, &tool, CowMergeMode::User)?;
+    let shape = inspect_shape(&tool, &synthetic.cow)?;
+    let kill_points = shape.points(&KILL_POINTS.0, &KILL_POINTS.1);
+    let power_points = shape.points(&POWEROFF_POINTS.0, &POWEROFF_POINTS.1);
+    eprintln!(
+        "xtask: synthetic COW: {} ops, {} ordered; kill points {} (merge_percent[+ms]), power-off points {}",
+        shape.total,
+        shape.ordered,
+        kill_points.join(","),
+        power_points.join(",")
+    );
+
+    let bins = guest::build(
+        repo,
+        &build_root,
+        &[
+            GuestBinary::new("vm-tests", "vmtest"),
+            GuestBinary::new("snapuserd", "snapuserd"),
+        ],
+    )?;
+    let mut all: Vec<(KernelSeries, TestResult)> = Vec::new();
+    for &series in &opts.kernels {
+        let kernel = deps::ensure_kernel(series)?;
+        eprintln!("xtask: kernel {} -> {}", series.label(), kernel.abi);
+        let k = series.label();
+        let boots = BootTemplate {
+            prefix: format!("usm-{k}"),
+            kernel: kernel.clone(),
+            extra_stock_modules: Vec::new(),
+            dm_user: kmod::build_dm_user(repo, &build_root, &kernel).ok(),
+            binaries: bins.clone(),
+        };
+        let disks = work.join(format!("run-{k}"));
+        std::fs::create_dir_all(&disks).map_err(io_err("create", &disks))?;
+        let limit = opts.timeout.unwrap_or(900);
+
+        let a = boot_a(opts, &disks, &ext4, &synthetic, shape, &kill_points)?;
+        if !a.expected.is_empty() {
+            eprintln!("xtask: [{k}] boot a: {}", a.expected.join(" "));
+            let run = run_boot(&boots.spec("a", a.disks, a.fragment, limit), &build_root)?;
+            collect(&mut all, series, "a", report::evaluate(&run, &a.expected));
+        }
+        if opts.wants("power-cycle") {
+            power_chain(
+                &boots,
+                &build_root,
+                &disks,
+                &synthetic,
+                shape,
+                &power_points,
+                limit.min(600),
+                series,
+                &mut all,
+            )?;
+        }
+    }
+    let failed = scenario_pairs::print_results("vm-usm", &all);
+    if failed > 0 {
+        return Err(XtaskError::TestsFailed(failed));
+    }
+    Ok(())
+}
+
+/// The disks, init fragment and expected results of one boot.
+struct Boot {
+    disks: Vec<PathBuf>,
+    fragment: String,
+    expected: Vec<String>,
+}
+
+impl Boot {
+    /// Attach `path` as the next virtio disk and return its guest name (`/dev/vda` ..
+    /// `/dev/vdz`).
+    fn disk(&mut self, path: PathBuf) -> Result<String> {
+        let letter = u8::try_from(self.disks.len())
+            .ok()
+            .filter(|n| *n < 26)
+            .map(|n| char::from(b'a' + n))
+            .ok_or_else(|| XtaskError::Usage("more than 26 disks in one boot".into()))?;
+        self.disks.push(path);
+        Ok(format!("/dev/vd{letter}"))
+    }
+
+    fn expect(&mut self, steps: &[&str], tag: &str) {
+        for s in steps {
+            self.expected.push(format!("usm-{s}-{tag}"));
+        }
+    }
+}
+
+fn boot_a(
+    opts: &UsmOptions,
+    dir: &Path,
+    ext4: &Pair,
+    syn: &Pair,
+    shape: MergeShape,
+    kill_points: &[String],
+) -> Result<Boot> {
+    let mut b = Boot {
+        disks: Vec::new(),
+        fragment: String::new(),
+        expected: Vec::new(),
+    };
+    let ext4_target = b.disk(ext4.target.clone())?;
+    let syn_target = b.disk(syn.target.clone())?;
+    // A fresh base and COW of `pair` for scenario `tag`: their guest names.
+    let fresh = |b: &mut Boot, tag: &str, pair: &Pair| -> Result<(String, String)> {
+        let base = b.disk(fresh_copy(dir, &format!("{tag}-base.img"), &pair.source)?)?;
+        let cow = b.disk(fresh_copy(dir, &format!("{tag}.cow"), &pair.cow)?)?;
+        Ok((base, cow))
+    };
+    if opts.wants("read-merge") {
+        let (base, cow) = fresh(&mut b, "ext4", ext4)?;
+        b.fragment.push_str(&format!(
+            "/bin/vmtest usm read-merge ext4 {base} {cow} {ext4_target} marker={}:{}\n",
+            MARKER.0, MARKER.1
+        ));
+        b.expect(&["read", "ext4", "random", "merge"], "ext4");
+        let (base, cow) = fresh(&mut b, "syn", syn)?;
+        b.fragment.push_str(&format!(
+            "/bin/vmtest usm read-merge syn {base} {cow} {syn_target}\n"
+        ));
+        b.expect(&["read", "random", "merge"], "syn");
+    }
+    if opts.wants("kill-chain") {
+        let (base, cow) = fresh(&mut b, "synk", syn)?;
+        b.fragment.push_str(&format!(
+            "/bin/vmtest usm kill-chain synk {base} {cow} {syn_target} at={} ordered={}\n",
+            kill_points.join(","),
+            shape.ordered
+        ));
+        for n in 1..=kill_points.len() {
+            b.expected.push(format!("usm-kill{n}-synk"));
+        }
+        b.expect(&["kill-merge"], "synk");
+    }
+    if opts.wants("handoff") {
+        let (base, cow) = fresh(&mut b, "synh", syn)?;
+        b.fragment.push_str(&format!(
+            "/bin/vmtest usm handoff synh {base} {cow} {syn_target} at=30\n"
+        ));
+        b.expect(&["handoff"], "synh");
+    }
+    if opts.wants("pause") {
+        let (base, cow) = fresh(&mut b, "synq", syn)?;
+        b.fragment.push_str(&format!(
+            "/bin/vmtest usm pause synq {base} {cow} {syn_target} at=20\n"
+        ));
+        b.expect(&["pause"], "synq");
+    }
+    if opts.wants("two-merge") {
+        let (base1, cow1) = fresh(&mut b, "syn2", syn)?;
+        let (base2, cow2) = fresh(&mut b, "e42", ext4)?;
+        b.fragment.push_str(&format!(
+            "/bin/vmtest usm two-merge syn2 {base1} {cow1} {syn_target} second=e42:{base2}:{cow2}:{ext4_target}\n"
+        ));
+        b.expect(&["two-merge"], "syn2");
+    }
+    if b.expected.is_empty() {
+        b.disks.clear();
+    }
+    Ok(b)
+}
+
+/// The power-off chain: boot `p<i>` reads, resumes and cuts the power at point i; the boot
+/// after the last point merges to the end.
+#[allow(clippy::too_many_arguments)]
+fn power_chain(
+    boots: &BootTemplate,
+    build_root: &Path,
+    dir: &Path,
+    syn: &Pair,
+    shape: MergeShape,
+    points: &[String],
+    secs: u64,
+    series: KernelSeries,
+    all: &mut Vec<(KernelSeries, TestResult)>,
+) -> Result<()> {
+    let disks = vec![
+        fresh_copy(dir, "synp-base.img", &syn.source)?,
+        fresh_copy(dir, "synp.cow", &syn.cow)?,
+        syn.target.clone(),
+    ];
+    let args = format!("synp /dev/vda /dev/vdb /dev/vdc ordered={}", shape.ordered);
+    let last = points.len() + 1;
+    for boot in 1..=last {
+        let label = format!("p{boot}");
+        let point = points.get(boot - 1);
+        let mut expected = vec![format!("usm-boot{boot}-read-synp")];
+        let fragment = match point {
+            Some(p) => {
+                expected.push(format!("usm-poweroff{boot}-synp"));
+                format!(
+                    "/bin/vmtest usm power-cycle {args} boot={boot} at={p}\necho VMINFO poweroff did not happen\n"
+                )
+            }
+            None => {
+                expected.push("usm-power-merge-synp".into());
+                format!("/bin/vmtest usm power-cycle {args} boot={boot}\n")
+            }
+        };
+        eprintln!(
+            "xtask: [{}] power-off chain boot {boot}/{last}{}",
+            series.label(),
+            point
+                .map(|p| format!(", power cut at {p:.1}%"))
+                .unwrap_or_default()
+        );
+        let run = run_boot(
+            &boots.spec(&label, disks.clone(), fragment, secs),
+            build_root,
+        )?;
+        let mut results = report::evaluate(&run, &expected);
+        if point.is_some() {
+            powered_off_verdict(&run, &mut results);
+        }
+        let cut = results
+            .iter()
+            .all(|r| r.pass || r.name == "kernel-log-clean");
+        collect(all, series, &label, results);
+        if !cut {
+            for later in boot + 1..=last {
+                all.push((
+                    series,
+                    TestResult {
+                        name: format!("p{later}/power-cycle"),
+                        pass: false,
+                        detail: format!(
+                            "boot {boot} of the chain failed: precondition not established"
+                        ),
+                    },
+                ));
+            }
+            break;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn options_default_to_both_kernels_and_every_group() {
+        let o = UsmOptions::parse(&[]).unwrap();
+        assert_eq!(o.kernels, KernelSeries::ALL.to_vec());
+        assert!(GROUPS.iter().all(|g| o.wants(g)));
+    }
+
+    #[test]
+    fn filter_selects_groups_and_refuses_unknown_names() {
+        let o = UsmOptions::parse(&args(&["--filter", "kill", "--kernel", "6.12"])).unwrap();
+        assert!(o.wants("kill-chain"));
+        assert!(!o.wants("power-cycle"));
+        assert_eq!(o.kernels, vec![KernelSeries::parse("6.12").unwrap()]);
+        assert!(UsmOptions::parse(&args(&["--filter", "nothing"])).is_err());
+        assert!(UsmOptions::parse(&args(&["--bogus"])).is_err());
+        assert!(UsmOptions::parse(&args(&["--timeout", "x"])).is_err());
+    }
+
+    #[test]
+    fn merge_shape_from_inspect_and_points_in_both_phases() {
+        let text =
+            "records: 3287\nmerge_ops_total: 3287\nalready_merged: 0\nordered_ops_to_merge: 2400\n";
+        let s = MergeShape::parse_inspect(text).unwrap();
+        assert_eq!(
+            s,
+            MergeShape {
+                total: 3287,
+                ordered: 2400
+            }
+        );
+        let p = s.points(&KILL_POINTS.0, &KILL_POINTS.1);
+        assert_eq!(p.len(), 6);
+        assert_eq!(p[0], "11.0");
+        assert_eq!(p[1], "29.2+60");
+        let pct: Vec<f64> = p
+            .iter()
+            .map(|x| x.split('+').next().unwrap().parse().unwrap())
+            .collect();
+        let f = 2400.0 * 100.0 / 3287.0;
+        assert_eq!(pct.iter().filter(|x| **x < f).count(), 4);
+        assert!(pct.windows(2).all(|w| w[0] < w[1]));
+        assert!(pct.iter().all(|x| *x > 0.0 && *x < 100.0));
+        assert!(MergeShape::parse_inspect("merge_ops_total: 0\nordered_ops_to_merge: 0").is_none());
+        assert!(MergeShape::parse_inspect("nothing").is_none());
+    }
+
+    #[test]
+    fn points_without_ordered_ops_collapse_duplicates() {
+        let s = MergeShape {
+            total: 100,
+            ordered: 0,
+        };
+        assert_eq!(s.points(&[(0.5, 0), (0.9, 0)], &[(0.5, 7)]), vec!["50.0+7"]);
+    }
+
+    #[test]
+    fn disks_get_consecutive_guest_names() {
+        let mut b = Boot {
+            disks: Vec::new(),
+            fragment: String::new(),
+            expected: Vec::new(),
+        };
+        assert_eq!(b.disk("x".into()).unwrap(), "/dev/vda");
+        assert_eq!(b.disk("y".into()).unwrap(), "/dev/vdb");
+        for _ in 2..26 {
+            b.disk("z".into()).unwrap();
+        }
+        assert!(b.disk("too many".into()).is_err());
+    }
+}
