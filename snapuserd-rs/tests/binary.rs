@@ -618,13 +618,15 @@ fn io_flusher_refusal_is_explained_at_info_level_on_a_host() {
 
 /// Ask `getstatus` until it answers something other than `snapshot-merge`.
 fn wait_merge_end(c: &mut UnixStream, misc: &str) -> String {
-    loop {
+    // A minute is a hang, not a slow machine.
+    for _ in 0..12_000 {
         let s = ask(c, format!("getstatus,{misc}").as_bytes());
         if s != "snapshot-merge" {
             return s;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    panic!("{misc}: still merging after a minute");
 }
 
 #[test]

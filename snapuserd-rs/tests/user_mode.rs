@@ -155,15 +155,28 @@ fn read_device(k: &mut UnixStream, bytes: usize) -> Vec<u8> {
     out
 }
 
+/// Wait (a minute at most) until the monitor has started a merge.
+fn wait_for_a_running_merge(d: &Daemon) {
+    for _ in 0..60_000 {
+        if d.registry.merges_running() > 0 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    panic!("no merge started within a minute");
+}
+
 /// Ask `getstatus` until it answers something other than `snapshot-merge`.
 fn wait_merge_end(c: &mut UnixStream, misc: &str) -> String {
-    loop {
+    // A minute is a hang, not a slow machine.
+    for _ in 0..12_000 {
         let s = ask(c, &format!("getstatus,{misc}"));
         if s != "snapshot-merge" {
             return s;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    panic!("{misc}: still merging after a minute");
 }
 
 #[test]
@@ -235,9 +248,7 @@ fn a_merge_started_while_paused_stands_still_until_resumed() {
     let (_, _k) = d.kernels.recv().unwrap();
     assert_eq!(ask(&mut c, "pause_merge"), "success");
     assert_eq!(ask(&mut c, "initiate_merge,sys"), "success");
-    while d.registry.merges_running() == 0 {
-        std::thread::yield_now();
-    }
+    wait_for_a_running_merge(&d);
     // However long it waits, a paused merge writes nothing.
     std::thread::sleep(std::time::Duration::from_millis(200));
     assert_eq!(ask(&mut c, "getstatus,sys"), "snapshot-merge");
@@ -267,9 +278,7 @@ fn with_one_merge_thread_the_second_partition_waits_its_turn() {
     assert_eq!(ask(&mut c, "pause_merge"), "success");
     assert_eq!(ask(&mut c, "initiate_merge,a"), "success");
     assert_eq!(ask(&mut c, "initiate_merge,b"), "success");
-    while d.registry.merges_running() == 0 {
-        std::thread::yield_now();
-    }
+    wait_for_a_running_merge(&d);
     assert_eq!(d.registry.merges_running(), 1, "one slot");
     assert_eq!(ask(&mut c, "getstatus,b"), "snapshot-merge", "queued");
     assert_eq!(ask(&mut c, "getstatus,a"), "snapshot-merge");
@@ -332,4 +341,36 @@ fn field_counts_choose_the_mode_and_mismatches_fail() {
         format!("success,{}", 64 * BLOCK / 512)
     );
     d.stop();
+}
+
+#[test]
+fn a_daemon_that_opened_the_cow_before_another_merged_it_serves_the_merged_state() {
+    // In place: the source is the base device itself, so a stale view would read the
+    // moved blocks from places the merge already overwrote.
+    let first = Daemon::start(2, true, UserSnapshotOptions::default());
+    let second = Daemon::start(2, true, UserSnapshotOptions::default());
+    let u = first.update("sys", 256);
+    let init = format!(
+        "init,sys,{},{},{}",
+        u.cow.display(),
+        u.base.display(),
+        u.base.display()
+    );
+    let mut c1 = first.connect();
+    let mut c2 = second.connect();
+    assert!(ask(&mut c1, &init).starts_with("success,"));
+    // The second daemon opens the COW now, before any merge.
+    assert!(ask(&mut c2, &init).starts_with("success,"));
+    assert_eq!(ask(&mut c1, "start,sys"), "success");
+    let (_, _k1) = first.kernels.recv().unwrap();
+    assert_eq!(ask(&mut c1, "initiate_merge,sys"), "success");
+    assert_eq!(wait_merge_end(&mut c1, "sys"), "snapshot-merge-complete");
+    assert_eq!(std::fs::read(&u.base).unwrap(), u.target);
+    // The table moves to the second daemon: its first request takes the merge over.
+    assert_eq!(ask(&mut c2, "start,sys"), "success");
+    let (_, mut k2) = second.kernels.recv().unwrap();
+    assert_eq!(read_device(&mut k2, u.target.len()), u.target);
+    assert_eq!(ask(&mut c2, "getstatus,sys"), "snapshot-merge-complete");
+    first.stop();
+    second.stop();
 }

@@ -15,8 +15,9 @@
 //!
 //! Malformed commands get `fail` and the connection stays; an unknown command gets `fail`
 //! and the connection is closed, as AOSP does. `stop` stops every handler and ends
-//! [`ControlServer::run`]; `detach` closes the listening socket, and `run` returns once every
-//! handler's workers and every job have ended.
+//! [`ControlServer::run`]; `detach` closes the listening socket and stops the user-space
+//! merges at their next safe point (as AOSP), and `run` returns once every handler's workers
+//! and every job have ended.
 
 use crate::error_chain::ErrorChain;
 use std::io::{Read, Write};
@@ -672,6 +673,7 @@ fn run_now(
         Quick::Stop => return (None, After::Stop),
         Quick::Detach => {
             *detached = true;
+            registry.request_stop_merges();
             return (None, After::Keep);
         }
         Quick::InitiateMerge(misc) => registry.initiate_merge(&misc),

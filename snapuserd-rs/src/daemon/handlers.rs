@@ -86,8 +86,8 @@ pub enum TargetError {
         /// Blocks in the device.
         blocks: u64,
     },
-    /// The device to verify could not be opened or sized.
-    #[error("verification: opening {device}")]
+    /// The device to verify could not be opened, sized or read.
+    #[error("verification of {device}")]
     VerifyDevice {
         /// The device.
         device: PathBuf,
@@ -718,12 +718,16 @@ impl HandlerRegistry {
                 return Reply::Fail;
             };
             h.merge_requested = true;
+            let serving = match &h.lifecycle {
+                Lifecycle::Running(w) => !w.all_finished(),
+                Lifecycle::Idle | Lifecycle::Starting => false,
+            };
             match &h.user {
                 None => return Reply::Success,
-                Some(_) if !matches!(h.lifecycle, Lifecycle::Running(_)) => {
+                Some(_) if !serving => {
                     log::error!(
-                        "initiate_merge {misc}: the handler is not started; send start,{misc} \
-                         first"
+                        "initiate_merge {misc}: the handler is not serving (not started, or its \
+                         device is gone); send start,{misc} first"
                     );
                     h.merge_requested = false;
                     return Reply::Fail;
@@ -861,6 +865,21 @@ impl HandlerRegistry {
         })
     }
 
+    /// `detach`: ask every user-space merge to stop at its next safe point, without waiting
+    /// (as AOSP's detach terminates the merge threads; the workers keep serving until their
+    /// devices go).
+    pub fn request_stop_merges(&self) {
+        let merges: Vec<Arc<UserMerge>> = self
+            .state()
+            .handlers
+            .values()
+            .filter_map(|h| h.user.clone())
+            .collect();
+        for m in &merges {
+            self.merges.request_stop(m);
+        }
+    }
+
     /// Merges running now (user-space-merge handlers).
     pub fn merges_running(&self) -> u32 {
         self.merges.active()
@@ -919,10 +938,11 @@ fn user_status(m: &UserMerge) -> MergeStatus {
     let progress = m.progress();
     match m.phase() {
         MergeRunPhase::Failed => MergeStatus::SnapshotMergeFailed,
-        _ if progress.failed => MergeStatus::SnapshotMergeFailed,
         _ if progress.complete => MergeStatus::SnapshotMergeComplete,
         MergeRunPhase::Complete => MergeStatus::SnapshotMergeComplete,
+        // A retry after a failure is merging again, even before its run resets the state.
         MergeRunPhase::Queued | MergeRunPhase::Running => MergeStatus::SnapshotMerge,
+        _ if progress.failed => MergeStatus::SnapshotMergeFailed,
         MergeRunPhase::Idle | MergeRunPhase::Stopped => MergeStatus::Snapshot,
     }
 }

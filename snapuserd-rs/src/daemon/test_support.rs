@@ -244,10 +244,15 @@ impl ChannelOpener for Arc<PairChannels> {
     }
 }
 
-/// Wait (without a deadline: a hang is the failure) until `cond` holds, yielding between
-/// looks.
+/// Wait until `cond` holds, sleeping 1 ms between looks; a minute without it is a failure
+/// (something hangs), not a slow machine.
 pub fn wait_until(mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition not reached within 60 s"
+        );
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }

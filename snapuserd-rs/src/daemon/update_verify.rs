@@ -8,10 +8,12 @@
 //! device named exactly as the misc name (the dm-user device itself). A host gives a
 //! directory instead ([`VerifyDevices::Dir`]): the device of misc name `m` is `<dir>/<m>`.
 //!
-//! How: `O_DIRECT` reads (the device's own read path, not the page cache), 1 MiB at a time
-//! (256 KiB under 2 GiB, as AOSP), through an aligned buffer. Where no device is found the
-//! pass reads the snapshot through the daemon's own read path instead, so a verification
-//! still covers every block.
+//! How: `O_DIRECT` reads (the device's own read path, not the page cache) through io_uring
+//! with registered buffers ([`crate::uring::verify_device`], AOSP's chunk sizes and depths);
+//! where io_uring is unavailable, synchronous `O_DIRECT` reads, 1 MiB at a time (256 KiB
+//! under 2 GiB), through an aligned buffer. Where no device is found the pass reads the
+//! snapshot through the daemon's own read path instead, so a verification still covers
+//! every block.
 
 use std::fs::File;
 use std::io;
@@ -21,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::handlers::TargetError;
 use super::user_target::UserMergeTarget;
+use crate::uring::{verify_device, VerifyError, VerifyOptions};
 
 /// Read size for devices of at least [`LARGE_DEVICE`] bytes.
 pub const LARGE_CHUNK: usize = 1 << 20;
@@ -203,6 +206,44 @@ pub fn read_device(path: &Path, stop: &AtomicBool) -> Result<u64, TargetError> {
     Ok(blocks)
 }
 
+/// [`read_device`] through io_uring ([`crate::uring::verify_device`]), or synchronously
+/// where io_uring is unavailable.
+pub fn read_device_uring(path: &Path, stop: &AtomicBool) -> Result<u64, TargetError> {
+    let options = VerifyOptions {
+        allow_buffered: true,
+        ..VerifyOptions::default()
+    };
+    match verify_device(path, &options, stop) {
+        Ok(report) if report.stopped => Err(TargetError::VerifyStopped {
+            block: report.bytes_read / 4096,
+            blocks: report.device_bytes / 4096,
+        }),
+        Ok(report) if report.device_bytes == 0 || report.device_bytes % 4096 != 0 => {
+            Err(TargetError::VerifyDevice {
+                device: path.to_path_buf(),
+                source: format!(
+                    "device size {} is not a positive multiple of 4096",
+                    report.device_bytes
+                )
+                .into(),
+            })
+        }
+        Ok(report) => Ok(report.bytes_read / 4096),
+        Err(VerifyError::Unavailable(why)) => {
+            log::info!(
+                "{}: io_uring unavailable ({chain}); verifying with synchronous reads",
+                path.display(),
+                chain = crate::error_chain::ErrorChain(&why)
+            );
+            read_device(path, stop)
+        }
+        Err(e) => Err(TargetError::VerifyDevice {
+            device: path.to_path_buf(),
+            source: Box::new(e),
+        }),
+    }
+}
+
 /// Size of a block device or file in bytes.
 fn device_size(file: &File) -> io::Result<u64> {
     use std::io::{Seek, SeekFrom};
@@ -255,7 +296,7 @@ pub fn verify(
     match devices.locate(misc) {
         Some(device) => {
             log::info!("{misc}: verifying {}", device.display());
-            read_device(&device, stop)
+            read_device_uring(&device, stop)
         }
         None => {
             log::info!(
@@ -334,6 +375,16 @@ mod tests {
             read_device(&tmp.path().join("missing"), &stop),
             Err(TargetError::VerifyDevice { .. })
         ));
+        for read in [read_device, read_device_uring] {
+            std::fs::write(&dev, vec![7u8; 3 * 4096]).unwrap();
+            assert_eq!(read(&dev, &stop).unwrap(), 3);
+            std::fs::write(&dev, vec![7u8; 4096 + 512]).unwrap();
+            assert!(read(&dev, &stop).is_err());
+            assert!(matches!(
+                read(&tmp.path().join("missing"), &stop),
+                Err(TargetError::VerifyDevice { .. })
+            ));
+        }
         std::fs::write(&dev, vec![7u8; 4096]).unwrap();
         stop.store(true, Ordering::Relaxed);
         assert!(matches!(

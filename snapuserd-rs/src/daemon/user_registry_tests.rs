@@ -238,6 +238,7 @@ fn the_end_of_the_workers_stops_the_merge_at_a_safe_point() {
     assert_eq!(r.merges_running(), 0, "the slot is free");
     assert_eq!(status(r, "sys"), "snapshot", "stopped, resumable");
     assert_eq!(t.merged(), 4);
+    assert_eq!(r.initiate_merge("sys"), Reply::Fail, "no device to serve");
     // Deleting after the end joins everything.
     assert_eq!(r.delete("sys"), Reply::Success);
     assert!(r.is_empty());
@@ -300,4 +301,51 @@ fn legacy_and_user_handlers_live_side_by_side() {
         Reply::Fail
     );
     assert_eq!(r.len(), 1);
+}
+
+#[test]
+fn detach_stops_the_merges_and_the_workers_keep_serving() {
+    let f = fixture(2);
+    let r = &f.registry;
+    r.init_from_command("sys", "64:0/10", "src", Some("base"));
+    let t = f.opener.get("64:0/10");
+    r.start("sys");
+    r.initiate_merge("sys");
+    t.grant(3);
+    wait_until(|| t.merged() == 3);
+    r.request_stop_merges();
+    wait_until(|| !t.running() && r.merges_running() == 0);
+    assert_eq!(status(r, "sys"), "snapshot");
+    assert!(!r.all_workers_finished(), "the workers still serve");
+}
+
+/// Nice value of this process's thread named `name`, if there is one.
+fn thread_nice(name: &str) -> Option<i64> {
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = task.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        let after = &stat[stat.rfind(')')? + 1..];
+        // Fields after the command: state is field 3, nice field 19.
+        return after.split_whitespace().nth(16)?.parse().ok();
+    }
+    None
+}
+
+#[test]
+fn merges_run_at_background_priority() {
+    let f = fixture(2);
+    let r = &f.registry;
+    r.init_from_command("nicety", "64:0/10", "src", Some("base"));
+    let t = f.opener.get("64:0/10");
+    r.start("nicety");
+    r.initiate_merge("nicety");
+    t.grant(1);
+    // After its first op the thread has lowered its priority.
+    wait_until(|| t.merged() == 1);
+    assert_eq!(thread_nice("merge-nicety"), Some(10));
+    r.shut_down();
 }

@@ -1,17 +1,18 @@
 //! The user-space-merge snapshots the daemon serves on real files and devices:
 //! [`crate::user_merge::UserSnapshot`] behind the registry's [`UserMergeTarget`].
 //!
-//! Engine choice: with `io_uring` asked for, the merge runs over the io_uring engine when a
-//! ring can be built over the snapshot's source and base files, else (old kernel, seccomp,
-//! no io_uring support in this build) over the synchronous engine, logged once per run. An
-//! engine error in the middle of a step is handled by the merge itself (the step is redone
-//! synchronously).
+//! Engine choice: with `io_uring` asked for, the merge runs over the io_uring engine
+//! ([`crate::uring::UringMergeIo`]) when a ring can be built over the snapshot's source and
+//! base files, else (old kernel, seccomp) over the synchronous engine, logged once per run.
+//! An engine error in the middle of a step is handled by the merge itself (the step is
+//! redone synchronously).
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 
 use crate::dm_user::{Request, ResponseCode};
 use crate::error_chain::ErrorChain;
+use crate::uring::{uring_or_fallback, UringOptions};
 use crate::user_merge::{
     MergeControl, MergeIo, MergeOutcome, MergePhase, UserSnapshot, UserSnapshotOptions,
 };
@@ -35,14 +36,35 @@ impl MergeSwitch for MergeControl {
 }
 
 /// A [`UserSnapshot`] served by the registry.
+///
+/// Handoff: the daemon may open a COW while another daemon (the first stage's) still serves
+/// it. Before the first request is answered, the snapshot's view is reloaded from the COW's
+/// durable progress, and the merge reloads it again when it starts.
 pub struct ServedUserSnapshot {
     snapshot: UserSnapshot,
+    first_request: Once,
 }
 
 impl ServedUserSnapshot {
     /// Serve `snapshot`.
     pub fn new(snapshot: UserSnapshot) -> Self {
-        Self { snapshot }
+        Self {
+            snapshot,
+            first_request: Once::new(),
+        }
+    }
+
+    /// Reload the view from the COW once, before the first request (the others wait).
+    fn follow_handoff(&self) {
+        self.first_request.call_once(|| {
+            if let Err(e) = self.snapshot.follow_durable_progress() {
+                log::error!(
+                    "re-reading the merge progress at the first request: {chain}; serving \
+                     with the progress read at init (check the COW device)",
+                    chain = ErrorChain(&e)
+                );
+            }
+        });
     }
 
     /// The snapshot.
@@ -50,33 +72,24 @@ impl ServedUserSnapshot {
         &self.snapshot
     }
 
-    /// The merge engine: io_uring when asked for and available, else synchronous.
+    /// The merge engine: io_uring when asked for and available here (logged otherwise),
+    /// else synchronous.
     fn engine(&self, io_uring: bool) -> std::io::Result<Box<dyn MergeIo>> {
-        if io_uring {
-            match uring_engine(&self.snapshot) {
-                Ok(io) => return Ok(io),
-                Err(e) => log::warn!(
-                    "io_uring merge engine unavailable ({chain}); merging with the \
-                     synchronous engine",
-                    chain = ErrorChain(&e)
-                ),
-            }
+        if !io_uring {
+            return self.snapshot.sync_io();
         }
-        self.snapshot.sync_io()
+        uring_or_fallback(
+            self.snapshot.source_file(),
+            self.snapshot.base_file(),
+            &UringOptions::default(),
+            || self.snapshot.sync_io(),
+        )
     }
-}
-
-/// The io_uring engine over `snapshot`'s files.
-fn uring_engine(snapshot: &UserSnapshot) -> std::io::Result<Box<dyn MergeIo>> {
-    let _ = snapshot;
-    Err(std::io::Error::new(
-        std::io::ErrorKind::Unsupported,
-        "this build has no io_uring merge engine",
-    ))
 }
 
 impl RequestHandler for ServedUserSnapshot {
     fn handle(&self, req: &Request, write_payload: &[u8], read_out: &mut Vec<u8>) -> ResponseCode {
+        self.follow_handoff();
         self.snapshot.handle(req, write_payload, read_out)
     }
 }

@@ -148,7 +148,7 @@ impl UserSnapshot {
     }
 
     /// Adopt progress another daemon made since this snapshot was opened (a handoff).
-    fn follow_durable(&self) -> Result<(), UserSnapshotError> {
+    pub(crate) fn follow_durable(&self) -> Result<(), UserSnapshotError> {
         let durable =
             self.lock_store()
                 .progress()

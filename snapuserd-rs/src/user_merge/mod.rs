@@ -14,6 +14,7 @@ mod block_map;
 mod control;
 mod direct_source;
 mod error;
+mod handoff;
 pub mod merge_io;
 mod merger;
 mod plan;
