@@ -439,9 +439,11 @@ fn wait_complete(
     }
 }
 
-/// Poll `merge_percent` until it reaches `point`, then wait its delay; fails if the merge
-/// completes first. Returns the percentage seen at the end and the time taken.
-fn wait_point(st: &Stack, point: Point) -> Res<(f64, Duration)> {
+/// Poll `merge_percent` until it reaches `point` and is past `floor` (the percentage when this
+/// daemon resumed the merge: every cut comes after at least one commit of its own), then wait
+/// the point's delay; fails if the merge completes first. Returns the percentage seen at the
+/// end and the time taken.
+fn wait_point(st: &Stack, point: Point, floor: f64) -> Res<(f64, Duration)> {
     let t = Instant::now();
     loop {
         let p = st.percent()?;
@@ -450,7 +452,7 @@ fn wait_point(st: &Stack, point: Point) -> Res<(f64, Duration)> {
                 "merge complete ({p}%) before the point {point}: precondition not established"
             ));
         }
-        if p >= point.percent {
+        if p >= point.percent && p > floor {
             break;
         }
         if t.elapsed() > MERGE_LIMIT {
@@ -791,10 +793,11 @@ fn kill_chain(sc: &Scenario) -> bool {
         return vmtest("kill-merge", &sc.tag, &Err(e));
     }
     let mut ok = true;
+    let mut floor = 0.0;
     for (i, &point) in sc.points.iter().enumerate() {
         let n = i + 1;
         let step = (|| -> Res<String> {
-            let (seen, after) = wait_point(&st, point)?;
+            let (seen, after) = wait_point(&st, point, floor)?;
             st.daemon.kill9()?;
             let at = durable(&sc.cow)?;
             let misc = format!("{}-k{n}", sc.tag);
@@ -803,6 +806,7 @@ fn kill_chain(sc: &Scenario) -> bool {
             let len = dev_bytes(&sc.target)?;
             compare_device("device after the restart", &st.dev.path, &sc.target, len)?;
             let status = st.status()?;
+            floor = st.percent()?;
             st.initiate_merge()?;
             Ok(format!(
                 "killed {:.2} s after the restart at merge_percent {seen:.1} (point {point}): {}; new daemon on {misc} (status {status}), {} MiB equal to the target before the merge resumed",
@@ -869,8 +873,9 @@ fn power_cycle(sc: &Scenario) -> bool {
     }
     if let Some(&point) = sc.points.first() {
         let r = (|| -> Res<String> {
+            let floor = st.percent()?;
             st.initiate_merge()?;
-            let (seen, after) = wait_point(&st, point)?;
+            let (seen, after) = wait_point(&st, point, floor)?;
             let at = durable(&sc.cow)?;
             Ok(format!(
                 "powering off {:.2} s into the merge at merge_percent {seen:.1} (point {point}): {} before the cut",
@@ -879,8 +884,7 @@ fn power_cycle(sc: &Scenario) -> bool {
             ))
         })();
         if vmtest(&format!("poweroff{b}"), &sc.tag, &r) {
-            // No sync: a power cut. `-n` keeps busybox from syncing.
-            let _ = Command::new("poweroff").args(["-f", "-n"]).status();
+            power_cut();
             std::thread::sleep(Duration::from_secs(30));
         }
         return false;
@@ -896,6 +900,16 @@ fn power_cycle(sc: &Scenario) -> bool {
         ))
     })();
     vmtest("power-merge", &sc.tag, &end)
+}
+
+/// Power the VM off at once, without syncing anything: the reboot system call from this
+/// process (no fork and exec of a poweroff program, during which the merge would go on);
+/// busybox `poweroff -f -n` if the call is refused.
+fn power_cut() {
+    let err = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    eprintln!("vmtest usm: reboot(RB_POWER_OFF) returned {err:?}; trying poweroff -f -n");
+    // No sync: a power cut. `-n` keeps busybox from syncing.
+    let _ = Command::new("poweroff").args(["-f", "-n"]).status();
 }
 
 /// First stage to second stage mid-merge, in init's order.
@@ -915,7 +929,7 @@ fn handoff(sc: &Scenario) -> bool {
             percent: 30.0,
             delay: Duration::ZERO,
         });
-        let (seen, _) = wait_point(&st, point)?;
+        let (seen, _) = wait_point(&st, point, 0.0)?;
         expect_reply(&st.daemon, "pause_merge", "success")?;
         let reader = LoopReader::start(&st.dev.path, &sc.target)?;
         std::thread::sleep(Duration::from_millis(300));
@@ -971,7 +985,7 @@ fn pause(sc: &Scenario) -> bool {
             percent: 20.0,
             delay: Duration::ZERO,
         });
-        let (seen, _) = wait_point(&st, point)?;
+        let (seen, _) = wait_point(&st, point, 0.0)?;
         expect_reply(&st.daemon, "pause_merge", "success")?;
         // A step in flight when the pause arrived may still finish; then nothing moves.
         std::thread::sleep(Duration::from_millis(700));
