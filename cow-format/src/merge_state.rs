@@ -150,10 +150,12 @@ impl ScratchWindow {
                         "scratch slot {slot} holds block {have}, the pending op writes block {want}"
                     ))
                 }
-                None => return Err(format!(
+                None => {
+                    return Err(format!(
                     "scratch lists {} blocks, more ops are pending (the next writes block {want})",
                     self.new_blocks.len()
-                )),
+                ))
+                }
             }
         }
         if listed != self.new_blocks.len() {

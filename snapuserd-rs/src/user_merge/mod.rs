@@ -21,6 +21,10 @@ mod plan;
 mod progress_store;
 mod snapshot;
 mod sync_io;
+#[cfg(test)]
+mod test_support;
+#[cfg(test)]
+mod tests;
 mod window;
 
 pub use control::MergeControl;

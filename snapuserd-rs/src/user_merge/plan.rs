@@ -86,8 +86,9 @@ impl MergePlan {
     /// With scratch: up to the next boundary of the fixed grid of `window_capacity` entries
     /// (a resumed merge always stands on a boundary, since windows commit whole). Without
     /// scratch: up to [`WINDOW_WITHOUT_SCRATCH`] entries, cut before the first op whose
-    /// source is a destination of the window, so that replaying the window after a crash
-    /// reads only sources it has not overwritten.
+    /// source is a destination of the window or whose destination is a source of it, so
+    /// that no op of a window reads a block the window writes: replaying it after a crash,
+    /// and reading its blocks from the source before it commits, see only original bytes.
     pub(crate) fn window_at<S: CowStorage>(&self, cow: &CowReader<S>, start: u64) -> Range<u64> {
         if start >= self.ordered {
             return start..start;
@@ -103,20 +104,26 @@ impl MergePlan {
             .saturating_add(WINDOW_WITHOUT_SCRATCH)
             .min(self.ordered);
         let bs = u64::from(cow.block_size());
+        let overlaps = |list: &[Range<u64>], r: &Range<u64>| {
+            list.iter().any(|d| d.start < r.end && r.start < d.end)
+        };
         let mut dests: Vec<Range<u64>> = Vec::new();
+        let mut sources: Vec<Range<u64>> = Vec::new();
         let mut end = start;
         while end < limit {
             let Some((_, op)) = self.op(cow, end) else {
                 break;
             };
+            let dest = op.new_block..op.new_block.saturating_add(op.num_blocks);
+            let source = source_blocks(op, bs);
             if end > start {
-                if let Some(src) = source_blocks(op, bs) {
-                    if dests.iter().any(|d| d.start < src.end && src.start < d.end) {
-                        break;
-                    }
+                let reads_written = source.as_ref().is_some_and(|s| overlaps(&dests, s));
+                if reads_written || overlaps(&sources, &dest) {
+                    break;
                 }
             }
-            dests.push(op.new_block..op.new_block.saturating_add(op.num_blocks));
+            dests.push(dest);
+            sources.extend(source);
             end += 1;
         }
         start..end

@@ -1,0 +1,809 @@
+//! Host tests of the user-space merge: the read path against target images, the merge on
+//! real files, crashes at every durable step, and equivalents of AOSP's snapuserd tests.
+
+use std::fs;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use cow_format::{CompressionAlgorithm, CowVersion, MergeState};
+
+use super::test_support::*;
+use super::*;
+use crate::dm_user::{Request, ResponseCode, DM_USER_REQ_MAP_DISCARD, DM_USER_REQ_MAP_FLUSH};
+use crate::dm_user::{DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE};
+use crate::snapshot::test_support::CrashClock;
+
+const ALGOS: [CompressionAlgorithm; 5] = [
+    CompressionAlgorithm::None,
+    CompressionAlgorithm::Gz,
+    CompressionAlgorithm::Brotli,
+    CompressionAlgorithm::Lz4,
+    CompressionAlgorithm::Zstd,
+];
+
+fn assert_reads_target(snap: &UserSnapshot, target: &[u8], what: &str) {
+    for chunk in [1 << 20, 4096 * 3 + 512] {
+        let got = read_all(snap, chunk);
+        assert!(
+            got == target,
+            "{what}: read in {chunk}-byte requests differs at block {:?}",
+            first_diff(&got, target)
+        );
+    }
+}
+
+fn merge_sync(snap: &UserSnapshot) -> MergeOutcome {
+    snap.merge(snap.sync_io().unwrap(), &MergeControl::new())
+        .unwrap()
+}
+
+#[test]
+fn reads_and_merge_match_the_target_for_every_version_and_compression() {
+    for version in [CowVersion::V2, CowVersion::V3] {
+        for algo in ALGOS {
+            let case = Case::rich(300, 7);
+            let files = Files::create(&case, writer_opts(version, algo, true), false);
+            let snap = files.open();
+            let what = format!("{version:?}/{algo:?}");
+            assert_eq!(snap.base_sectors() as usize * 512, case.source.len());
+            assert_eq!(snap.progress().state, MergePhase::NotStarted);
+            assert_reads_target(&snap, &case.target, &format!("{what} before merge"));
+            assert_eq!(
+                files.base_image(),
+                case.source,
+                "{what}: nothing merged on open or read"
+            );
+            assert_eq!(merge_sync(&snap), MergeOutcome::Complete);
+            let p = snap.progress();
+            assert_eq!((p.merged_ops, p.state), (p.total_ops, MergePhase::Complete));
+            assert_reads_target(&snap, &case.target, &format!("{what} after merge"));
+            assert!(files.base_image() == case.target, "{what}: merged base");
+            assert_eq!(files.durable().num_merge_ops, p.total_ops);
+            drop(snap);
+            let again = files.open();
+            assert_eq!(again.progress().state, MergePhase::Complete);
+            assert_reads_target(&again, &case.target, &format!("{what} reopened"));
+        }
+    }
+}
+
+#[test]
+fn separate_source_device_and_cow_without_scratch() {
+    for (separate, scratch) in [(true, true), (false, false), (true, false)] {
+        let mut case = Case::rich(300, 11);
+        if !scratch {
+            // Without scratch an XOR that reads its own destination cannot be replayed.
+            case = Case::new(1100, 3);
+            for b in 0..300 {
+                case.copy(b, b + 1);
+            }
+            for b in (400..700).rev() {
+                case.copy(b, b - 1);
+            }
+            for b in 800..850 {
+                case.xor(b, (b + 100) * 4096 + 77, b);
+            }
+            case.replace(1000, 30, 9);
+        }
+        let files = Files::create(
+            &case,
+            writer_opts(CowVersion::V3, CompressionAlgorithm::Lz4, scratch),
+            separate,
+        );
+        let snap = files.open();
+        assert_reads_target(&snap, &case.target, "before");
+        merge_sync(&snap);
+        assert_reads_target(&snap, &case.target, "after");
+        assert!(
+            files.base_image() == case.target,
+            "separate {separate} scratch {scratch}"
+        );
+    }
+}
+
+#[test]
+fn a_self_reading_xor_without_scratch_is_refused() {
+    let mut case = Case::new(20, 1);
+    case.xor(5, 5 * 4096 + 10, 1);
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V2, CompressionAlgorithm::None, false),
+        false,
+    );
+    let err = UserSnapshot::open(&files.cow, &files.source, &files.base, &Default::default())
+        .unwrap_err();
+    assert!(
+        matches!(err, UserSnapshotError::XorNeedsScratch { block: 5, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn pass_through_only_blocks_1_and_3_changed() {
+    let mut case = Case::new(64, 5);
+    case.replace(1, 1, 1);
+    case.zero(3, 1);
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V2, CompressionAlgorithm::Lz4, true),
+        false,
+    );
+    let snap = files.open();
+    let mut out = vec![0u8; 4096];
+    for b in [0u64, 2, 4, 63] {
+        snap.read(b * 8, &mut out).unwrap();
+        assert_eq!(out, case.source[b as usize * 4096..][..4096], "block {b}");
+    }
+    assert_reads_target(&snap, &case.target, "pass-through");
+}
+
+#[test]
+fn unaligned_sector_and_single_sector_reads() {
+    let case = Case::rich(40, 21);
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V3, CompressionAlgorithm::Zstd, true),
+        false,
+    );
+    let snap = files.open();
+    let sectors = snap.base_sectors();
+    for (sector, len) in [(1u64, 4096usize), (7, 512), (3, 3 * 4096 + 1024), (0, 512)] {
+        let mut out = vec![0u8; len];
+        snap.read(sector, &mut out).unwrap();
+        let at = sector as usize * 512;
+        assert_eq!(out, case.target[at..at + len], "sector {sector} len {len}");
+    }
+    // Every sector of the changed region, one at a time.
+    for sector in (0..sectors).step_by(37) {
+        let mut out = [0u8; 512];
+        snap.read(sector, &mut out).unwrap();
+        let at = sector as usize * 512;
+        assert_eq!(out[..], case.target[at..at + 512], "sector {sector}");
+    }
+    let mut out = vec![0u8; 1024];
+    assert!(matches!(
+        snap.read(sectors - 1, &mut out),
+        Err(UserReadError::BadRange { .. })
+    ));
+    assert!(matches!(
+        snap.read(0, &mut out[..100]),
+        Err(UserReadError::BadRange { .. })
+    ));
+}
+
+#[test]
+fn handle_answers_reads_refuses_writes_acknowledges_flushes() {
+    let case = Case::rich(20, 2);
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V2, CompressionAlgorithm::Lz4, true),
+        false,
+    );
+    let snap = files.open();
+    let req = |kind, sector, len| Request {
+        kind,
+        flags: 0,
+        sector,
+        len,
+    };
+    let mut out = vec![7u8; 10];
+    assert_eq!(
+        snap.handle(&req(DM_USER_REQ_MAP_READ, 8, 8192), &[], &mut out),
+        ResponseCode::Success
+    );
+    assert_eq!(out, case.target[4096..3 * 4096]);
+    assert_eq!(
+        snap.handle(
+            &req(DM_USER_REQ_MAP_READ, snap.base_sectors(), 512),
+            &[],
+            &mut out
+        ),
+        ResponseCode::Error
+    );
+    assert!(out.is_empty());
+    let too_long = crate::snapshot::block_server::MAX_REQUEST_BYTES + 512;
+    assert_eq!(
+        snap.handle(&req(DM_USER_REQ_MAP_READ, 0, too_long), &[], &mut out),
+        ResponseCode::Error
+    );
+    assert_eq!(
+        snap.handle(&req(DM_USER_REQ_MAP_WRITE, 0, 4096), &[0u8; 4096], &mut out),
+        ResponseCode::Error
+    );
+    assert_eq!(
+        snap.handle(&req(DM_USER_REQ_MAP_WRITE, 0, 0), &[], &mut out),
+        ResponseCode::Success
+    );
+    assert_eq!(
+        snap.handle(&req(DM_USER_REQ_MAP_FLUSH, 0, 0), &[], &mut out),
+        ResponseCode::Success
+    );
+    assert_eq!(
+        snap.handle(&req(DM_USER_REQ_MAP_DISCARD, 0, 4096), &[], &mut out),
+        ResponseCode::Unsupported
+    );
+    assert_eq!(files.base_image(), case.source, "nothing written");
+}
+
+/// Merge with a reader thread that reads the whole device in a loop and compares it with
+/// the target; returns how many passes the reader completed.
+fn merge_while_reading(snap: &UserSnapshot, io: Box<dyn MergeIo>, target: &[u8]) -> u64 {
+    let done = AtomicBool::new(false);
+    let passes = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| loop {
+            let finished = done.load(Ordering::Acquire);
+            let got = read_all(snap, 64 << 10);
+            assert!(
+                got == target,
+                "read during merge differs at block {:?}",
+                first_diff(&got, target)
+            );
+            passes.fetch_add(1, Ordering::Relaxed);
+            if finished {
+                break;
+            }
+        });
+        let outcome = snap.merge(io, &MergeControl::new());
+        // Stop the reader before anything can panic here, or the scope waits for it forever.
+        done.store(true, Ordering::Release);
+        let read_result = reader.join();
+        assert_eq!(outcome.unwrap(), MergeOutcome::Complete);
+        read_result.unwrap();
+    });
+    passes.load(Ordering::Relaxed)
+}
+
+#[test]
+fn io_during_merge_sees_only_target_data() {
+    for version in [CowVersion::V2, CowVersion::V3] {
+        let case = Case::rich(400, 31);
+        let files = Files::create(
+            &case,
+            writer_opts(version, CompressionAlgorithm::Lz4, true),
+            false,
+        );
+        let snap = files.open();
+        let passes = merge_while_reading(&snap, snap.sync_io().unwrap(), &case.target);
+        assert!(passes >= 1);
+        assert!(files.base_image() == case.target);
+    }
+}
+
+#[test]
+fn pause_resume_and_stop_at_safe_points() {
+    let case = Case::rich(400, 41);
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V3, CompressionAlgorithm::Lz4, true),
+        false,
+    );
+    let snap = files.open();
+    let control = MergeControl::new();
+    control.pause();
+    assert!(control.is_paused());
+    std::thread::scope(|s| {
+        let merge = s.spawn(|| snap.merge(snap.sync_io().unwrap(), &control).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // Paused before the first step: nothing merged, reads right.
+        assert_eq!(snap.progress().merged_ops, 0);
+        assert_eq!(snap.progress().state, MergePhase::Merging);
+        assert_reads_target(&snap, &case.target, "paused");
+        assert!(matches!(
+            snap.merge(snap.sync_io().unwrap(), &MergeControl::new()),
+            Err(UserMergeError::AlreadyRunning)
+        ));
+        control.stop();
+        assert_eq!(merge.join().unwrap(), MergeOutcome::Stopped);
+    });
+    assert!(control.is_stopped());
+    // A stop while running lands on a committed point; the next merge resumes.
+    let control = MergeControl::new();
+    control.stop();
+    assert_eq!(
+        snap.merge(snap.sync_io().unwrap(), &control).unwrap(),
+        MergeOutcome::Stopped
+    );
+    let control = MergeControl::new();
+    control.pause();
+    control.resume();
+    assert_eq!(
+        snap.merge(snap.sync_io().unwrap(), &control).unwrap(),
+        MergeOutcome::Complete
+    );
+    assert!(files.base_image() == case.target);
+}
+
+/// Reopen after a crash, check every read, then finish the merge with a reader running.
+fn recover_and_finish(files: &Files, case: &Case, what: &str) {
+    let snap = files.open();
+    let got = read_all(&snap, 1 << 20);
+    assert!(
+        got == case.target,
+        "{what}: after restart, read differs at block {:?}",
+        first_diff(&got, &case.target)
+    );
+    merge_while_reading(&snap, snap.sync_io().unwrap(), &case.target);
+    assert!(
+        files.base_image() == case.target,
+        "{what}: base after the resumed merge differs at block {:?}",
+        first_diff(&files.base_image(), &case.target)
+    );
+    assert_eq!(snap.progress().merged_ops, snap.progress().total_ops);
+}
+
+/// Crash at step `k` of the merge; `lose` drops unsynced base writes. Returns false once
+/// the merge finished within the budget.
+fn crash_at(files: &Files, case: &Case, k: u64, lose: bool) -> bool {
+    let clock = CrashClock::after(k);
+    let snap = files.open_crashing(&clock);
+    let (io, unsynced) = VolatileDiskIo::boxed(files, &clock);
+    let result = snap.merge(io, &MergeControl::new());
+    if result.is_ok() {
+        assert!(files.base_image() == case.target);
+        return false;
+    }
+    assert!(clock.crashed(), "step {k}: {:?}", result.err());
+    assert_eq!(snap.progress().state, MergePhase::Failed);
+    // Reads go on after the failure, right.
+    let got = read_all(&snap, 1 << 20);
+    assert!(
+        got == case.target,
+        "step {k}: read after the crash, same process"
+    );
+    drop(snap);
+    if lose {
+        lose_unsynced(&files.base, &unsynced);
+    }
+    true
+}
+
+fn crash_sweep(version: CowVersion, scratch: bool, case: &Case) -> u64 {
+    let algo = CompressionAlgorithm::Lz4;
+    let template = Files::create(case, writer_opts(version, algo, scratch), false);
+    let pristine_cow = fs::read(&template.cow).unwrap();
+    let mut k = 0;
+    loop {
+        let mut finished = false;
+        for lose in [true, false] {
+            fs::write(&template.cow, &pristine_cow).unwrap();
+            fs::write(&template.base, &case.source).unwrap();
+            let what = format!("{version:?} scratch {scratch} crash at step {k} lose {lose}");
+            if crash_at(&template, case, k, lose) {
+                recover_and_finish(&template, case, &what);
+            } else {
+                finished = true;
+            }
+        }
+        if finished {
+            return k;
+        }
+        k += 1;
+    }
+}
+
+#[test]
+fn crash_at_every_durable_step_then_reads_and_merge_are_right() {
+    for version in [CowVersion::V2, CowVersion::V3] {
+        let case = Case::rich(260, 51);
+        let steps = crash_sweep(version, true, &case);
+        // 2 windows x (read, stage, done, write, sync, commit) + batches x 3.
+        assert!(steps >= 15, "{version:?}: only {steps} steps");
+    }
+    // Without scratch, overlapping chains cut windows down to one op each: short chains,
+    // plus a long run of independent COPYs that fits one window.
+    let mut case = Case::new(700, 9);
+    for b in 0..12 {
+        case.copy(b, b + 1);
+    }
+    for b in (30..42).rev() {
+        case.copy(b, b - 1);
+    }
+    for b in 100..400 {
+        case.copy(b, b + 300);
+    }
+    case.replace(650, 20, 4);
+    let steps = crash_sweep(CowVersion::V2, false, &case);
+    assert!(steps >= 10, "no scratch: {steps} steps");
+}
+
+#[test]
+fn resume_after_restarts_at_many_points() {
+    // Snapshot_Merge_Resume / Crash_Fixed: restart repeatedly, each time a few steps on.
+    let case = Case::rich(300, 61);
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V3, CompressionAlgorithm::Zstd, true),
+        false,
+    );
+    let mut restarts = 0;
+    for budget in [3u64, 2, 4, 1, 5, 2, 3, 6, 2, 4, 3, 5, 1, 2] {
+        let clock = CrashClock::after(budget);
+        let snap = files.open_crashing(&clock);
+        assert_reads_target(&snap, &case.target, "restart");
+        let (io, unsynced) = VolatileDiskIo::boxed(&files, &clock);
+        let result = snap.merge(io, &MergeControl::new());
+        drop(snap);
+        if result.is_ok() {
+            break;
+        }
+        lose_unsynced(&files.base, &unsynced);
+        restarts += 1;
+    }
+    assert!(
+        restarts >= 5,
+        "the merge finished after {restarts} restarts"
+    );
+    recover_and_finish(&files, &case, "after restarts");
+}
+
+#[test]
+fn cffa413de_reads_of_a_resumed_window_come_from_scratch() {
+    // Crash after the window is saved (Done) and some of its destinations are written;
+    // then wipe every destination of that window in the base device (they also are its
+    // sources). Reads must come from the saved window, not from the base device.
+    let case = Case::rich(300, 71);
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V2, CompressionAlgorithm::Lz4, true),
+        false,
+    );
+    // Steps: read sources, stage, mark Done, write base, ... — crash at the sync.
+    let clock = CrashClock::after(4);
+    let snap = files.open_crashing(&clock);
+    let (io, _unsynced) = VolatileDiskIo::boxed(&files, &clock);
+    assert!(snap.merge(io, &MergeControl::new()).is_err());
+    drop(snap);
+    let durable = files.durable();
+    assert_eq!(durable.state, cow_format::layout::BufferState::Done);
+    let window = MergeState::open(fs::File::open(&files.cow).unwrap())
+        .unwrap()
+        .read_window()
+        .unwrap();
+    assert!(!window.new_blocks.is_empty());
+    let mut base = files.base_image();
+    for &b in &window.new_blocks {
+        base[b as usize * 4096..][..4096].fill(0);
+    }
+    fs::write(&files.base, &base).unwrap();
+    recover_and_finish(&files, &case, "cffa413de");
+}
+
+/// An engine that fails its `fail_at`-th call, then works.
+struct FlakyIo {
+    inner: Box<dyn MergeIo>,
+    calls: u64,
+    fail_at: u64,
+}
+
+impl FlakyIo {
+    fn tick(&mut self) -> std::io::Result<()> {
+        self.calls += 1;
+        if self.calls == self.fail_at {
+            return Err(std::io::Error::other("injected engine failure"));
+        }
+        Ok(())
+    }
+}
+
+impl MergeIo for FlakyIo {
+    fn name(&self) -> &'static str {
+        "flaky"
+    }
+    fn read_source(&mut self, runs: &mut [ReadRun<'_>]) -> std::io::Result<()> {
+        self.tick()?;
+        self.inner.read_source(runs)
+    }
+    fn write_base(&mut self, runs: &[WriteRun<'_>]) -> std::io::Result<()> {
+        self.tick()?;
+        // Half the runs reach the disk before the failure is reported.
+        self.inner.write_base(runs)
+    }
+    fn sync_base(&mut self) -> std::io::Result<()> {
+        self.tick()?;
+        self.inner.sync_base()
+    }
+}
+
+#[test]
+fn an_engine_error_mid_step_is_redone_with_the_sync_engine() {
+    let case = Case::rich(300, 81);
+    for fail_at in 1..=8 {
+        let files = Files::create(
+            &case,
+            writer_opts(CowVersion::V3, CompressionAlgorithm::Lz4, true),
+            false,
+        );
+        let snap = files.open();
+        let io = Box::new(FlakyIo {
+            inner: snap.sync_io().unwrap(),
+            calls: 0,
+            fail_at,
+        });
+        let passes = merge_while_reading(&snap, io, &case.target);
+        assert!(passes >= 1);
+        assert!(files.base_image() == case.target, "fail at call {fail_at}");
+    }
+}
+
+/// An engine whose source reads fail: the merge fails, reads go on.
+struct NoSourceIo(Box<dyn MergeIo>);
+
+impl MergeIo for NoSourceIo {
+    fn name(&self) -> &'static str {
+        "sync"
+    }
+    fn read_source(&mut self, _runs: &mut [ReadRun<'_>]) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::EIO))
+    }
+    fn write_base(&mut self, runs: &[WriteRun<'_>]) -> std::io::Result<()> {
+        self.0.write_base(runs)
+    }
+    fn sync_base(&mut self) -> std::io::Result<()> {
+        self.0.sync_base()
+    }
+}
+
+#[test]
+fn a_failed_merge_reports_failed_and_reads_still_work() {
+    let case = Case::rich(100, 91);
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V2, CompressionAlgorithm::Lz4, true),
+        false,
+    );
+    let snap = files.open();
+    let err = snap
+        .merge(
+            Box::new(NoSourceIo(snap.sync_io().unwrap())),
+            &MergeControl::new(),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, UserMergeError::SourceRead { start: 0, .. }),
+        "{err}"
+    );
+    assert_eq!(snap.progress().state, MergePhase::Failed);
+    assert_reads_target(&snap, &case.target, "after failure");
+    // A later merge resumes from the durable state.
+    assert_eq!(merge_sync(&snap), MergeOutcome::Complete);
+    assert!(files.base_image() == case.target);
+}
+
+#[test]
+fn legacy_progress_in_the_replace_part_is_refused() {
+    let mut case = Case::new(64, 13);
+    case.replace(10, 4, 1);
+    case.zero(20, 2);
+    case.replace(30, 1, 2);
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V2, CompressionAlgorithm::Lz4, true),
+        false,
+    );
+    // The legacy merge walks REPLACE/ZERO from the top: blocks 30, 21, 20 merged.
+    let mut base = files.base_image();
+    for b in [30usize, 21, 20] {
+        base[b * 4096..][..4096].copy_from_slice(&case.target[b * 4096..][..4096]);
+    }
+    fs::write(&files.base, &base).unwrap();
+    let set_progress = |n| {
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&files.cow)
+            .unwrap();
+        MergeState::open(f).unwrap().commit_merged(n).unwrap();
+    };
+    set_progress(3);
+    let err = UserSnapshot::open(&files.cow, &files.source, &files.base, &Default::default())
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            UserSnapshotError::ModeMismatch {
+                num_merge_ops: 3,
+                legacy_matches: true,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // The same count made by the user-space order (blocks 10..14 as one v2 op each, then
+    // 20) opens.
+    let mut base = case.source.clone();
+    for b in 10..13usize {
+        base[b * 4096..][..4096].copy_from_slice(&case.target[b * 4096..][..4096]);
+    }
+    fs::write(&files.base, &base).unwrap();
+    let snap =
+        UserSnapshot::open(&files.cow, &files.source, &files.base, &Default::default()).unwrap();
+    assert_eq!(snap.progress().merged_ops, 3);
+    assert_reads_target(&snap, &case.target, "user progress");
+    merge_sync(&snap);
+    assert!(files.base_image() == case.target);
+}
+
+#[test]
+fn variable_block_sizes_v3_compression_factors() {
+    for factor in [4096u32, 8192, 16384, 65536, 131072, 262144] {
+        for algo in [
+            CompressionAlgorithm::None,
+            CompressionAlgorithm::Lz4,
+            CompressionAlgorithm::Zstd,
+            CompressionAlgorithm::Gz,
+        ] {
+            let mut case = Case::new(300, u64::from(factor));
+            for b in 0..40 {
+                case.copy(b, b + 1);
+            }
+            case.replace(64, 130, 3);
+            case.replace(200, 7, 5);
+            case.zero(210, 9);
+            let mut opts = writer_opts(CowVersion::V3, algo, true);
+            opts.compression_factor = factor;
+            let files = Files::create(&case, opts, false);
+            let snap = files.open();
+            assert_reads_target(&snap, &case.target, &format!("factor {factor} {algo:?}"));
+            merge_sync(&snap);
+            assert!(
+                files.base_image() == case.target,
+                "factor {factor} {algo:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn cow_op_merge_size_caps_batches_and_still_merges_everything() {
+    let mut case = Case::new(200, 17);
+    case.replace(10, 100, 1);
+    case.zero(150, 30);
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V2, CompressionAlgorithm::Lz4, true),
+        false,
+    );
+    let opts = UserSnapshotOptions {
+        cow_op_merge_size: Some(7),
+        ..Default::default()
+    };
+    let snap = UserSnapshot::open(&files.cow, &files.source, &files.base, &opts).unwrap();
+    let control = MergeControl::new();
+    control.stop();
+    // Nothing merged when stopped before the first step.
+    assert_eq!(
+        snap.merge(snap.sync_io().unwrap(), &control).unwrap(),
+        MergeOutcome::Stopped
+    );
+    assert_eq!(snap.progress().merged_ops, 0);
+    merge_sync(&snap);
+    assert!(files.base_image() == case.target);
+}
+
+#[test]
+fn o_direct_source_reads_give_the_same_bytes() {
+    let case = Case::rich(60, 23);
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V3, CompressionAlgorithm::Lz4, true),
+        true,
+    );
+    let opts = UserSnapshotOptions {
+        o_direct: true,
+        ..Default::default()
+    };
+    // tmpfs refuses O_DIRECT; then there is nothing to test here.
+    let Ok(snap) = UserSnapshot::open(&files.cow, &files.source, &files.base, &opts) else {
+        return;
+    };
+    assert_reads_target(&snap, &case.target, "o_direct");
+}
+
+#[test]
+fn cows_from_ota_tools_create_merge_right() {
+    use ota_tools::create::command::{create_cow, CreateOptions};
+    let case = Case::rich(200, 97);
+    // Shift a region by one block and sprinkle small edits: create finds COPY and XOR.
+    let mut target = case.source.clone();
+    let n = target.len();
+    target.copy_within(8192..n / 2, 4096);
+    for b in (0..n / 4096).step_by(9) {
+        target[b * 4096 + 1000] ^= 0x5A;
+    }
+    target[n - 20 * 4096..].fill(0);
+    for version in [CowVersion::V2, CowVersion::V3] {
+        for algo in [
+            CompressionAlgorithm::Lz4,
+            CompressionAlgorithm::Zstd,
+            CompressionAlgorithm::Gz,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let (src, tgt, cow, base) = (
+                dir.path().join("src"),
+                dir.path().join("tgt"),
+                dir.path().join("cow"),
+                dir.path().join("base"),
+            );
+            fs::write(&src, &case.source).unwrap();
+            fs::write(&tgt, &target).unwrap();
+            fs::write(&base, &case.source).unwrap();
+            let opts = CreateOptions {
+                version,
+                threads: Some(1),
+                compression: cow_format::Compression {
+                    algorithm: algo,
+                    level: None,
+                },
+                ..CreateOptions::default()
+            };
+            create_cow(&opts, &src, &tgt, &cow).unwrap();
+            let snap = UserSnapshot::open(&cow, &base, &base, &Default::default()).unwrap();
+            assert!(
+                read_all(&snap, 1 << 20) == target,
+                "{version:?} {algo:?} read"
+            );
+            merge_while_reading(&snap, snap.sync_io().unwrap(), &target);
+            assert!(
+                fs::read(&base).unwrap() == target,
+                "{version:?} {algo:?} merged"
+            );
+        }
+    }
+}
+
+#[test]
+fn aosp_written_cows_merge_right() {
+    // AOSP's golden v2 file, if the checkout has it (tools/testdata/cow_v2).
+    let candidates = [
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../cow-format/tests/data/cow_v2"
+        ),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/cow_v2"),
+    ];
+    let Some(path) = candidates.iter().find(|p| std::path::Path::new(p).exists()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cow = dir.path().join("cow");
+    fs::copy(path, &cow).unwrap();
+    let r = cow_format::CowReader::open(fs::File::open(&cow).unwrap()).unwrap();
+    let blocks = r
+        .ops()
+        .iter()
+        .map(|o| o.new_block + o.num_blocks)
+        .max()
+        .unwrap_or(1);
+    let source: Vec<u8> = (0..blocks as usize * 4096)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let mut target = vec![0u8; source.len()];
+    for (b, out) in target.chunks_mut(4096).enumerate() {
+        r.read_block(b as u64, &source, out).unwrap();
+    }
+    let base = dir.path().join("base");
+    fs::write(&base, &source).unwrap();
+    let Ok(snap) = UserSnapshot::open(&cow, &base, &base, &Default::default()) else {
+        return;
+    };
+    assert!(read_all(&snap, 4096) == target);
+}
+
+#[test]
+fn block_map_of_a_4_gib_partition_costs_well_under_1_mib() {
+    let mut case = Case::new(16, 3);
+    case.replace(1, 1, 1);
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V2, CompressionAlgorithm::Lz4, true),
+        false,
+    );
+    let r = cow_format::CowReader::open(fs::File::open(&files.cow).unwrap()).unwrap();
+    let plan = super::plan::MergePlan::build(&r, 510).unwrap();
+    let map = super::block_map::BlockMap::build(&r, &plan, 1 << 20).unwrap();
+    assert!(map.heap_bytes() < 256 << 10, "{} bytes", map.heap_bytes());
+    assert_eq!(map.entry(1), Some(0));
+    assert_eq!(map.entry(0), None);
+    assert_eq!(map.entry((1 << 20) - 1), None);
+    assert_eq!(map.entry(1 << 21), None);
+}
