@@ -87,6 +87,15 @@ impl Daemon {
             .ok()
     }
 
+    /// Stop every thread of the daemon (SIGSTOP) where it stands.
+    pub fn freeze(&self) -> Res<()> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::SIGSTOP,
+        )
+        .map_err(|e| format!("SIGSTOP to the daemon: {e}"))
+    }
+
     pub fn kill9(&mut self) -> Res<()> {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.pid() as i32),

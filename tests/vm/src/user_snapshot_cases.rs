@@ -876,9 +876,12 @@ fn power_cycle(sc: &Scenario) -> bool {
             let floor = st.percent()?;
             st.initiate_merge()?;
             let (seen, after) = wait_point(&st, point, floor)?;
+            // The cut is at this instant: the daemon stops here, then the power goes (the
+            // kernel's power-off path takes a while, in which it would go on merging).
+            st.daemon.freeze()?;
             let at = durable(&sc.cow)?;
             Ok(format!(
-                "powering off {:.2} s into the merge at merge_percent {seen:.1} (point {point}): {} before the cut",
+                "daemon frozen (SIGSTOP) and power cut {:.2} s into the merge at merge_percent {seen:.1} (point {point}): {} in the page cache at the cut",
                 after.as_secs_f64(),
                 describe_progress(&at, sc.ordered_ops)
             ))
