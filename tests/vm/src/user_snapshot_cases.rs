@@ -42,8 +42,8 @@ use dm_ioctl::{DmControl, TableEntry};
 
 use crate::harness::AlignedBuf;
 use crate::scenario_support::{
-    compare_device, dev_bytes, dm, loop_read_time, mbps, mount_and_check_file, plain_copy_time,
-    Daemon, Res, IO_SIZE,
+    compare_device, dev_bytes, dm, loop_read_time, mbps, mount_and_check_file, open_direct,
+    plain_copy_time, Daemon, Res, IO_SIZE,
 };
 
 /// Longest wait for a merge to finish in one boot.
@@ -587,14 +587,6 @@ fn reader_verdict(reader: LoopReader, what: &str, bytes_during: u64) -> Res<Stri
         bytes_during >> 20,
         r.passes
     ))
-}
-
-fn open_direct(path: &Path) -> Res<File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_DIRECT)
-        .open(path)
-        .map_err(|e| format!("open {} O_DIRECT: {e}", path.display()))
 }
 
 // ---------------------------------------------------------------------------------------------
