@@ -15,7 +15,8 @@
 //! * `kill-chain`: `kill -9` at each `at` point; after each, a new daemon on a new misc name
 //!   (table reload), the whole device == target, `initiate_merge` again; base == target.
 //! * `power-cycle`: one boot of a power-off chain: reads == target before the merge resumes,
-//!   then `initiate_merge` and a power cut at `at`, or (no `at`) the merge to the end.
+//!   then `initiate_merge` and, at `at`, the daemon frozen (SIGSTOP) and the power cut
+//!   (`reboot(RB_POWER_OFF)`, no sync); or (no `at`) the merge to the end.
 //! * `handoff`: the first-stage daemon (`<tag>-init`) with the merge part-way and paused, the
 //!   table reloaded onto `<tag>` while a reader runs, the old daemon SIGTERMed, a new daemon
 //!   on `<tag>`, `initiate_merge` on it, merge to the end.
