@@ -463,6 +463,21 @@ mod tests {
     }
 
     #[test]
+    fn check_blocks_names_what_differs() {
+        let w = window(&[5, 9, 2]);
+        assert_eq!(w.check_blocks([5, 9, 2], 4096), Ok(()));
+        let slot = w.check_blocks([5, 8, 2], 4096).unwrap_err();
+        assert!(slot.contains("slot 1 holds block 9"), "{slot}");
+        let short = w.check_blocks([5, 9, 2, 7], 4096).unwrap_err();
+        assert!(short.contains("next writes block 7"), "{short}");
+        let long = w.check_blocks([5, 9], 4096).unwrap_err();
+        assert!(long.contains("2 ops are pending"), "{long}");
+        let mut torn = w.clone();
+        torn.data.truncate(100);
+        assert!(torn.check_blocks([5, 9, 2], 4096).is_err());
+    }
+
+    #[test]
     fn commit_merged_writes_only_num_merge_ops() {
         let mut m = MergeState::open(v2_file(0)).unwrap();
         assert_eq!(m.window_capacity(), 0);

@@ -5,14 +5,18 @@
 //! cut into windows of 510 blocks (the merge's read-ahead window). Per window the writes go
 //! out as one `write_base_durably` batch (writes, then `fdatasync`); the reads go out as one
 //! `read_source` batch of the same shapes from a source file evicted from the page cache.
-//! Rounds alternate between engines; each figure is the median over the rounds.
+//! Engines take turns window by window, in a rotating order, so that load from elsewhere on
+//! the machine falls on all of them alike; each figure is the median over the rounds of an
+//! engine's summed window times.
 //!
 //! `cargo bench -p snapuserd --bench merge_io` (environment: `MERGE_IO_BENCH_MIB`, default 64;
-//! `MERGE_IO_BENCH_ROUNDS`, default 5; `MERGE_IO_BENCH_DIR`, default /var/tmp).
+//! `MERGE_IO_BENCH_ROUNDS`, default 5; `MERGE_IO_BENCH_DIR`, default /var/tmp;
+//! `MERGE_IO_BENCH_MAX_RUN`, the longest run in blocks, default 256; `MERGE_IO_BENCH_DIRECT=1`
+//! opens both files with `O_DIRECT`).
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::Instant;
 
@@ -42,8 +46,8 @@ impl Rng {
     }
 }
 
-/// Windows of runs covering `total_blocks` blocks, spread over a device of `2 * total_blocks`.
-fn workload(total_blocks: usize) -> Vec<Vec<Run>> {
+/// Windows of runs of 1..=`max_run` blocks covering `total_blocks` blocks, spread over a device of `2 * total_blocks`.
+fn workload(total_blocks: usize, max_run: usize) -> Vec<Vec<Run>> {
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     let mut windows = Vec::new();
     let mut window: Vec<Run> = Vec::new();
@@ -51,7 +55,7 @@ fn workload(total_blocks: usize) -> Vec<Vec<Run>> {
     let mut placed = 0usize;
     let mut next_block = 0u64;
     while placed < total_blocks {
-        let mut blocks = (1 + rng.next() % 256) as usize;
+        let mut blocks = (1 + rng.next() % max_run as u64) as usize;
         blocks = blocks.min(total_blocks - placed);
         // A gap of 0..=blocks keeps the device at about twice the written bytes.
         next_block += rng.next() % (blocks as u64 + 1);
@@ -83,10 +87,11 @@ fn workload(total_blocks: usize) -> Vec<Vec<Run>> {
     windows
 }
 
-fn open_rw(path: &Path) -> File {
+fn open_rw(path: &Path, direct: bool) -> File {
     OpenOptions::new()
         .read(true)
         .write(true)
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
         .open(path)
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
@@ -110,50 +115,48 @@ fn preallocate(path: &Path, bytes: usize, fill: u8) {
     file.sync_all().expect("sync preallocated file");
 }
 
+/// Drop the whole file from the page cache, so the next read goes to the disk. (Dropping only
+/// a window's ranges left pages read by io_uring's workers behind.)
 fn evict(file: &File) {
     // SAFETY: posix_fadvise takes a descriptor this process owns and integers.
     let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     assert_eq!(rc, 0, "posix_fadvise DONTNEED");
 }
 
-/// Seconds to write every window durably.
-fn time_writes(io: &mut dyn MergeIo, windows: &[Vec<Run>], payload: &[u8]) -> f64 {
+/// Seconds to write one window durably (one `write_base_durably` batch).
+fn time_write_window(io: &mut dyn MergeIo, window: &[Run], payload: &[u8]) -> f64 {
+    let mut at = 0usize;
+    let runs: Vec<WriteRun<'_>> = window
+        .iter()
+        .map(|run| {
+            let len = run.blocks * BLOCK;
+            let buf = &payload[at..at + len];
+            at += len;
+            WriteRun {
+                offset: run.block * BLOCK as u64,
+                buf,
+            }
+        })
+        .collect();
     let start = Instant::now();
-    for window in windows {
-        let mut at = 0usize;
-        let runs: Vec<WriteRun<'_>> = window
-            .iter()
-            .map(|run| {
-                let len = run.blocks * BLOCK;
-                let buf = &payload[at..at + len];
-                at += len;
-                WriteRun {
-                    offset: run.block * BLOCK as u64,
-                    buf,
-                }
-            })
-            .collect();
-        io.write_base_durably(&runs).expect("durable window");
-    }
+    io.write_base_durably(&runs).expect("durable window");
     start.elapsed().as_secs_f64()
 }
 
-/// Seconds to read every window's runs from the (evicted) source.
-fn time_reads(io: &mut dyn MergeIo, windows: &[Vec<Run>], scratch: &mut [u8]) -> f64 {
-    let start = Instant::now();
-    for window in windows {
-        let mut rest = &mut scratch[..];
-        let mut runs: Vec<ReadRun<'_>> = Vec::with_capacity(window.len());
-        for run in window {
-            let (buf, tail) = rest.split_at_mut(run.blocks * BLOCK);
-            rest = tail;
-            runs.push(ReadRun {
-                offset: run.block * BLOCK as u64,
-                buf,
-            });
-        }
-        io.read_source(&mut runs).expect("read window");
+/// Seconds to read one window's runs (one `read_source` batch).
+fn time_read_window(io: &mut dyn MergeIo, window: &[Run], scratch: &mut [u8]) -> f64 {
+    let mut rest = scratch;
+    let mut runs: Vec<ReadRun<'_>> = Vec::with_capacity(window.len());
+    for run in window {
+        let (buf, tail) = rest.split_at_mut(run.blocks * BLOCK);
+        rest = tail;
+        runs.push(ReadRun {
+            offset: run.block * BLOCK as u64,
+            buf,
+        });
     }
+    let start = Instant::now();
+    io.read_source(&mut runs).expect("read window");
     start.elapsed().as_secs_f64()
 }
 
@@ -183,7 +186,9 @@ fn main() {
         .expect("bench dir");
 
     let total_blocks = mib * (1 << 20) / BLOCK;
-    let windows = workload(total_blocks);
+    let direct = env_usize("MERGE_IO_BENCH_DIRECT", 0) != 0;
+    let max_run = env_usize("MERGE_IO_BENCH_MAX_RUN", 256).clamp(1, WINDOW_BLOCKS);
+    let windows = workload(total_blocks, max_run);
     let device_blocks = windows
         .iter()
         .flatten()
@@ -193,7 +198,7 @@ fn main() {
     let device_bytes = device_blocks * BLOCK;
     let runs: usize = windows.iter().map(Vec::len).sum();
     println!(
-        "merge_io bench: {mib} MiB in {runs} runs of 1..=256 blocks, {} windows of <= {WINDOW_BLOCKS} blocks, device {} MiB, {rounds} rounds, dir {dir_root}",
+        "merge_io bench: {mib} MiB in {runs} runs of 1..={max_run} blocks, {} windows of <= {WINDOW_BLOCKS} blocks, device {} MiB, {rounds} rounds, dir {dir_root}, O_DIRECT {direct}",
         windows.len(),
         device_bytes >> 20
     );
@@ -202,15 +207,13 @@ fn main() {
     let base_path = dir.path().join("base");
     preallocate(&source_path, device_bytes, 0x5a);
     preallocate(&base_path, device_bytes, 0);
-    let source = open_rw(&source_path);
-    let base = open_rw(&base_path);
-    let payload: Vec<u8> = {
-        let mut rng = Rng(42);
-        (0..total_blocks * BLOCK)
-            .map(|_| rng.next() as u8)
-            .collect()
-    };
-    let mut scratch = vec![0u8; WINDOW_BLOCKS * BLOCK];
+    let source = open_rw(&source_path, direct);
+    let base = open_rw(&base_path, direct);
+    // Page-aligned buffers (anonymous mappings), as O_DIRECT needs.
+    let mut payload = memmap2::MmapMut::map_anon(WINDOW_BLOCKS * BLOCK).expect("payload buffer");
+    let mut rng = Rng(42);
+    payload.iter_mut().for_each(|b| *b = rng.next() as u8);
+    let mut scratch = memmap2::MmapMut::map_anon(WINDOW_BLOCKS * BLOCK).expect("read buffer");
 
     let configs: Vec<(String, Option<UringOptions>)> = {
         let mut c = vec![("sync".to_string(), None)];
@@ -234,11 +237,11 @@ fn main() {
         }
         c
     };
-    let mut write_s = vec![Vec::new(); configs.len()];
-    let mut read_s = vec![Vec::new(); configs.len()];
-    for _ in 0..rounds {
-        for (i, (_, options)) in configs.iter().enumerate() {
-            let mut io: Box<dyn MergeIo> = match options {
+    // One engine per configuration for the whole run, as the merge keeps one.
+    let mut engines: Vec<Box<dyn MergeIo>> = configs
+        .iter()
+        .map(|(_, options)| -> Box<dyn MergeIo> {
+            match options {
                 None => Box::new(SyncMergeIo::new(
                     source.try_clone().expect("dup"),
                     base.try_clone().expect("dup"),
@@ -246,28 +249,53 @@ fn main() {
                 Some(options) => {
                     Box::new(UringMergeIo::new(&source, &base, options).expect("io_uring engine"))
                 }
-            };
-            write_s[i].push(time_writes(io.as_mut(), &windows, &payload));
-            evict(&source);
-            read_s[i].push(time_reads(io.as_mut(), &windows, &mut scratch));
+            }
+        })
+        .collect();
+    // Engines take turns window by window (in a rotating order), so a burst of load from
+    // elsewhere on the machine falls on all of them alike.
+    let mut write_s = vec![Vec::new(); configs.len()];
+    let mut read_s = vec![Vec::new(); configs.len()];
+    for round in 0..rounds {
+        let mut write_round = vec![0f64; configs.len()];
+        let mut read_round = vec![0f64; configs.len()];
+        for (w, window) in windows.iter().enumerate() {
+            for k in 0..engines.len() {
+                let i = (k + w + round) % engines.len();
+                write_round[i] += time_write_window(engines[i].as_mut(), window, &payload);
+                evict(&source);
+                read_round[i] += time_read_window(engines[i].as_mut(), window, &mut scratch);
+            }
+        }
+        for i in 0..configs.len() {
+            write_s[i].push(write_round[i]);
+            read_s[i].push(read_round[i]);
         }
     }
 
     let written_mb = (total_blocks * BLOCK) as f64 / 1e6;
     let sync_write = median(&mut write_s[0].clone());
     let sync_read = median(&mut read_s[0].clone());
+    println!("MB/s: median of the rounds (slowest-fastest round); ratio: sync's median time / this one's");
     println!(
-        "{:<32} {:>12} {:>10} {:>12} {:>10}",
-        "engine", "write+fsync", "vs sync", "cold read", "vs sync"
+        "{:<32} {:>24} {:>8} {:>24} {:>8}",
+        "engine", "write+fdatasync MB/s", "vs sync", "cold read MB/s", "vs sync"
     );
+    let spread = |times: &[f64]| {
+        let slowest = times.iter().copied().fold(f64::MIN, f64::max);
+        let fastest = times.iter().copied().fold(f64::MAX, f64::min);
+        format!("({:.0}-{:.0})", written_mb / slowest, written_mb / fastest)
+    };
     for (i, (name, _)) in configs.iter().enumerate() {
         let w = median(&mut write_s[i]);
         let r = median(&mut read_s[i]);
         println!(
-            "{name:<32} {:>8.0} MB/s {:>9.2}x {:>8.0} MB/s {:>9.2}x",
+            "{name:<32} {:>6.0} {:>17} {:>7.2}x {:>6.0} {:>17} {:>7.2}x",
             written_mb / w,
+            spread(&write_s[i]),
             sync_write / w,
             written_mb / r,
+            spread(&read_s[i]),
             sync_read / r
         );
     }

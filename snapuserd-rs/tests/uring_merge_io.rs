@@ -486,3 +486,25 @@ fn io_uring_refused_by_seccomp_falls_back_to_the_synchronous_engine() {
     .expect("an engine");
     assert_eq!(chosen.name(), "io_uring");
 }
+
+#[test]
+fn a_failing_barrier_fails_the_batch() {
+    let dir = scratch_dir();
+    let source = file_with(dir.path(), "source", &[]);
+    // fdatasync of a pipe fails with EINVAL: a barrier that cannot make anything durable.
+    let (_read_end, write_end) = nix::unistd::pipe().expect("pipe");
+    let base = File::from(write_end);
+    let mut io = engine(&source, &base, 4, 4096);
+    for durable_batch in [false, true] {
+        let error = if durable_batch {
+            io.write_base_durably(&[])
+        } else {
+            io.sync_base()
+        }
+        .expect_err("a pipe cannot be synced");
+        match uring_error(&error) {
+            UringIoError::Sync(source) => assert_eq!(source.raw_os_error(), Some(libc::EINVAL)),
+            other => panic!("unexpected error {other:?}"),
+        }
+    }
+}

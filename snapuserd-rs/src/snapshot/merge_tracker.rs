@@ -356,36 +356,14 @@ impl<S: MergeStateStore> MergeTracker<S> {
                 operation: "read scratch window",
                 source,
             })?;
-        if stored.new_blocks.len() != end - start {
-            return Err(MergeTrackerError::WindowMismatch {
+        let expected =
+            (start..end).map(|op_index| plan.op(op_index).map_or(u64::MAX, |op| op.new_block));
+        stored
+            .check_blocks(expected, BLOCK_SIZE)
+            .map_err(|detail| MergeTrackerError::WindowMismatch {
                 op_index: start,
-                detail: format!(
-                    "{} entries in scratch, {} pending ops",
-                    stored.new_blocks.len(),
-                    end - start
-                ),
-            });
-        }
-        for (i, &block) in stored.new_blocks.iter().enumerate() {
-            let op_index = start + i;
-            let expected = plan.op(op_index).map(|op| op.new_block);
-            if expected != Some(block) {
-                return Err(MergeTrackerError::WindowMismatch {
-                    op_index,
-                    detail: format!("scratch entry for block {block}, op writes {expected:?}"),
-                });
-            }
-        }
-        if stored.data.len() != (end - start) * BLOCK_SIZE {
-            return Err(MergeTrackerError::WindowMismatch {
-                op_index: start,
-                detail: format!(
-                    "{} data bytes for {} entries",
-                    stored.data.len(),
-                    end - start
-                ),
-            });
-        }
+                detail,
+            })?;
         Ok(Window {
             start,
             end,

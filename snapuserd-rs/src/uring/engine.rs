@@ -404,9 +404,9 @@ impl UringMergeIo {
                 return Err(UringIoError::Enter(error));
             }
             for cqe in self.ring.completion() {
-                in_flight -= 1;
                 let res = cqe.result();
-                if cqe.user_data() == SYNC_TAG {
+                if cqe.user_data() == SYNC_TAG && sync_in_flight.is_some() {
+                    in_flight -= 1;
                     let covered = sync_in_flight.take();
                     if res < 0 {
                         sync_error = Some(io::Error::from_raw_os_error(-res));
@@ -415,20 +415,20 @@ impl UringMergeIo {
                     }
                     continue;
                 }
-                let slot = cqe.user_data() as usize;
+                let slot = usize::try_from(cqe.user_data()).unwrap_or(usize::MAX);
                 match slots.get_mut(slot).and_then(Option::take) {
                     Some(piece) => {
+                        in_flight -= 1;
                         free_slots.push(slot);
                         plan.complete(piece, res);
                     }
                     None => {
-                        // Not an entry of ours: the kernel broke the ring's contract. Count
-                        // it (it was one completion) but keep waiting for our own.
+                        // Not an entry in flight: the kernel broke the ring's contract. Keep
+                        // waiting for our own.
                         log::error!(
                             "io_uring completion with unknown user_data {}; ignored",
                             cqe.user_data()
                         );
-                        in_flight += 1;
                     }
                 }
             }

@@ -406,13 +406,12 @@ impl Pass<'_> {
                 .map(|cqe| (cqe.user_data(), cqe.result()))
                 .collect();
             for (user_data, res) in completions {
-                in_flight -= 1;
-                let slot = user_data as usize;
+                let slot = usize::try_from(user_data).unwrap_or(usize::MAX);
                 let Some(read) = slots.get(slot).copied().flatten() else {
                     log::error!("io_uring completion with unknown user_data {user_data}; ignored");
-                    in_flight += 1;
                     continue;
                 };
+                in_flight -= 1;
                 match self.account(read, res, &mut retries) {
                     Ok(Some(next)) if failure.is_none() => {
                         slots[slot] = Some(next);
