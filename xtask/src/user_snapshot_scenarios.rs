@@ -48,17 +48,20 @@ pub const GROUPS: [&str; 6] = [
 /// `merge_percent` reached it).
 type PhasePoint = (f64, u64);
 
-/// Kill points: (fraction of the phase, milliseconds to wait once `merge_percent` reached
-/// it), four in the ordered phase and two in the REPLACE/ZERO phase. The delays move some
-/// cuts from the start of the step after a commit (the next window's read-ahead) further
-/// into it (its commit, the destination writes).
+/// Kill points, four in the ordered phase and two in the REPLACE/ZERO phase. `merge_percent`
+/// moves only at commits (once per read-ahead window, then once per REPLACE/ZERO batch), so
+/// a point is reached right after the commit that crosses it; the delay on the second moves
+/// that cut further into the step after the commit.
 const KILL_POINTS: ([PhasePoint; 4], [PhasePoint; 2]) = (
-    [(0.15, 0), (0.4, 60), (0.65, 150), (0.9, 0)],
-    [(0.2, 0), (0.6, 20)],
+    [(0.15, 0), (0.4, 60), (0.6, 0), (0.9, 0)],
+    [(0.05, 0), (0.3, 0)],
 );
-/// Power-off points, likewise.
-const POWEROFF_POINTS: ([PhasePoint; 3], [PhasePoint; 2]) =
-    ([(0.25, 0), (0.55, 100), (0.85, 0)], [(0.3, 10), (0.75, 0)]);
+/// Power-off points: four in the ordered phase (the last one reached at its end, i.e. the
+/// start of the REPLACE/ZERO phase) and one early in the REPLACE/ZERO phase. A power cut
+/// takes a moment (`poweroff -f`), so no point sits near the end of the merge, which would
+/// finish before the cut.
+const POWEROFF_POINTS: ([PhasePoint; 4], [PhasePoint; 1]) =
+    ([(0.2, 0), (0.45, 100), (0.7, 0), (0.95, 0)], [(0.05, 10)]);
 
 /// Options of `cargo xtask vm-usm`.
 #[derive(Debug, Default)]

@@ -27,6 +27,7 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Start `/bin/snapuserd` on the socket `/run/snapuserd-<name>.sock` and wait for it.
     pub fn start(name: &str) -> Res<Self> {
         Self::start_with(name, &[])
     }
@@ -68,10 +69,12 @@ impl Daemon {
         Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
     }
 
+    /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
+    /// Its `VmRSS` in KiB, if readable.
     pub fn rss_kib(&self) -> Option<u64> {
         self.status_kib("VmRSS:")
     }
@@ -87,6 +90,16 @@ impl Daemon {
             .ok()
     }
 
+    /// Stop every thread of the daemon (SIGSTOP) where it stands.
+    pub fn freeze(&self) -> Res<()> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::SIGSTOP,
+        )
+        .map_err(|e| format!("SIGSTOP to the daemon: {e}"))
+    }
+
+    /// `kill -9` it and reap it.
     pub fn kill9(&mut self) -> Res<()> {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.pid() as i32),
@@ -115,6 +128,7 @@ impl Drop for Daemon {
     }
 }
 
+/// The device-mapper control device.
 pub fn dm() -> Res<DmControl> {
     DmControl::open().map_err(|e| {
         format!(
@@ -124,6 +138,7 @@ pub fn dm() -> Res<DmControl> {
     })
 }
 
+/// Size in bytes of a file or block device.
 pub fn dev_bytes(path: &Path) -> Res<u64> {
     let f = File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
     let mut f2 = f;
@@ -131,6 +146,7 @@ pub fn dev_bytes(path: &Path) -> Res<u64> {
         .map_err(|e| format!("size of {}: {e}", path.display()))
 }
 
+/// Open `path` read-only with O_DIRECT.
 pub fn open_direct(path: &Path) -> Res<File> {
     std::fs::OpenOptions::new()
         .read(true)
@@ -248,6 +264,7 @@ pub fn plain_copy_time(from: &Path, to: &Path, len: u64) -> Res<Duration> {
     Ok(t.elapsed())
 }
 
+/// MiB per second of `bytes` in `d`.
 pub fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / (1024.0 * 1024.0) / d.as_secs_f64().max(1e-9)
 }

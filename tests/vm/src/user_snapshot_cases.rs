@@ -15,7 +15,8 @@
 //! * `kill-chain`: `kill -9` at each `at` point; after each, a new daemon on a new misc name
 //!   (table reload), the whole device == target, `initiate_merge` again; base == target.
 //! * `power-cycle`: one boot of a power-off chain: reads == target before the merge resumes,
-//!   then `initiate_merge` and a power cut at `at`, or (no `at`) the merge to the end.
+//!   then `initiate_merge` and, at `at`, the daemon frozen (SIGSTOP) and the power cut
+//!   (`reboot(RB_POWER_OFF)`, no sync); or (no `at`) the merge to the end.
 //! * `handoff`: the first-stage daemon (`<tag>-init`) with the merge part-way and paused, the
 //!   table reloaded onto `<tag>` while a reader runs, the old daemon SIGTERMed, a new daemon
 //!   on `<tag>`, `initiate_merge` on it, merge to the end.
@@ -42,8 +43,8 @@ use dm_ioctl::{DmControl, TableEntry};
 
 use crate::harness::AlignedBuf;
 use crate::scenario_support::{
-    compare_device, dev_bytes, dm, loop_read_time, mbps, mount_and_check_file, plain_copy_time,
-    Daemon, Res, IO_SIZE,
+    compare_device, dev_bytes, dm, loop_read_time, mbps, mount_and_check_file, open_direct,
+    plain_copy_time, Daemon, Res, IO_SIZE,
 };
 
 /// Longest wait for a merge to finish in one boot.
@@ -439,9 +440,11 @@ fn wait_complete(
     }
 }
 
-/// Poll `merge_percent` until it reaches `point`, then wait its delay; fails if the merge
-/// completes first. Returns the percentage seen at the end and the time taken.
-fn wait_point(st: &Stack, point: Point) -> Res<(f64, Duration)> {
+/// Poll `merge_percent` until it reaches `point` and is past `floor` (the percentage when this
+/// daemon resumed the merge: every cut comes after at least one commit of its own), then wait
+/// the point's delay; fails if the merge completes first. Returns the percentage seen at the
+/// end and the time taken.
+fn wait_point(st: &Stack, point: Point, floor: f64) -> Res<(f64, Duration)> {
     let t = Instant::now();
     loop {
         let p = st.percent()?;
@@ -450,7 +453,7 @@ fn wait_point(st: &Stack, point: Point) -> Res<(f64, Duration)> {
                 "merge complete ({p}%) before the point {point}: precondition not established"
             ));
         }
-        if p >= point.percent {
+        if p >= point.percent && p > floor {
             break;
         }
         if t.elapsed() > MERGE_LIMIT {
@@ -585,14 +588,6 @@ fn reader_verdict(reader: LoopReader, what: &str, bytes_during: u64) -> Res<Stri
         bytes_during >> 20,
         r.passes
     ))
-}
-
-fn open_direct(path: &Path) -> Res<File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_DIRECT)
-        .open(path)
-        .map_err(|e| format!("open {} O_DIRECT: {e}", path.display()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -791,10 +786,11 @@ fn kill_chain(sc: &Scenario) -> bool {
         return vmtest("kill-merge", &sc.tag, &Err(e));
     }
     let mut ok = true;
+    let mut floor = 0.0;
     for (i, &point) in sc.points.iter().enumerate() {
         let n = i + 1;
         let step = (|| -> Res<String> {
-            let (seen, after) = wait_point(&st, point)?;
+            let (seen, after) = wait_point(&st, point, floor)?;
             st.daemon.kill9()?;
             let at = durable(&sc.cow)?;
             let misc = format!("{}-k{n}", sc.tag);
@@ -803,6 +799,7 @@ fn kill_chain(sc: &Scenario) -> bool {
             let len = dev_bytes(&sc.target)?;
             compare_device("device after the restart", &st.dev.path, &sc.target, len)?;
             let status = st.status()?;
+            floor = st.percent()?;
             st.initiate_merge()?;
             Ok(format!(
                 "killed {:.2} s after the restart at merge_percent {seen:.1} (point {point}): {}; new daemon on {misc} (status {status}), {} MiB equal to the target before the merge resumed",
@@ -843,6 +840,12 @@ fn power_cycle(sc: &Scenario) -> bool {
         }
     };
     let read = (|| -> Res<String> {
+        if b > 1 && st.status()? == "snapshot-merge-complete" {
+            return Err(
+                "the merge was complete at boot: the previous boot's power cut came after its end: precondition not established"
+                    .into(),
+            );
+        }
         let found = not_merging_yet(sc, &st)?;
         let len = dev_bytes(&sc.target)?;
         compare_device("device after boot", &st.dev.path, &sc.target, len)?;
@@ -863,18 +866,21 @@ fn power_cycle(sc: &Scenario) -> bool {
     }
     if let Some(&point) = sc.points.first() {
         let r = (|| -> Res<String> {
+            let floor = st.percent()?;
             st.initiate_merge()?;
-            let (seen, after) = wait_point(&st, point)?;
+            let (seen, after) = wait_point(&st, point, floor)?;
+            // The cut is at this instant: the daemon stops here, then the power goes (the
+            // kernel's power-off path takes a while, in which it would go on merging).
+            st.daemon.freeze()?;
             let at = durable(&sc.cow)?;
             Ok(format!(
-                "powering off {:.2} s into the merge at merge_percent {seen:.1} (point {point}): {} before the cut",
+                "daemon frozen (SIGSTOP) and power cut {:.2} s into the merge at merge_percent {seen:.1} (point {point}): {} in the page cache at the cut",
                 after.as_secs_f64(),
                 describe_progress(&at, sc.ordered_ops)
             ))
         })();
         if vmtest(&format!("poweroff{b}"), &sc.tag, &r) {
-            // No sync: a power cut. `-n` keeps busybox from syncing.
-            let _ = Command::new("poweroff").args(["-f", "-n"]).status();
+            power_cut();
             std::thread::sleep(Duration::from_secs(30));
         }
         return false;
@@ -890,6 +896,16 @@ fn power_cycle(sc: &Scenario) -> bool {
         ))
     })();
     vmtest("power-merge", &sc.tag, &end)
+}
+
+/// Power the VM off at once, without syncing anything: the reboot system call from this
+/// process (no fork and exec of a poweroff program, during which the merge would go on);
+/// busybox `poweroff -f -n` if the call is refused.
+fn power_cut() {
+    let err = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    eprintln!("vmtest usm: reboot(RB_POWER_OFF) returned {err:?}; trying poweroff -f -n");
+    // No sync: a power cut. `-n` keeps busybox from syncing.
+    let _ = Command::new("poweroff").args(["-f", "-n"]).status();
 }
 
 /// First stage to second stage mid-merge, in init's order.
@@ -909,7 +925,7 @@ fn handoff(sc: &Scenario) -> bool {
             percent: 30.0,
             delay: Duration::ZERO,
         });
-        let (seen, _) = wait_point(&st, point)?;
+        let (seen, _) = wait_point(&st, point, 0.0)?;
         expect_reply(&st.daemon, "pause_merge", "success")?;
         let reader = LoopReader::start(&st.dev.path, &sc.target)?;
         std::thread::sleep(Duration::from_millis(300));
@@ -965,7 +981,7 @@ fn pause(sc: &Scenario) -> bool {
             percent: 20.0,
             delay: Duration::ZERO,
         });
-        let (seen, _) = wait_point(&st, point)?;
+        let (seen, _) = wait_point(&st, point, 0.0)?;
         expect_reply(&st.daemon, "pause_merge", "success")?;
         // A step in flight when the pause arrived may still finish; then nothing moves.
         std::thread::sleep(Duration::from_millis(700));
