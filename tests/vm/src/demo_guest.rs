@@ -106,11 +106,7 @@ impl Device {
         let dev = Self { dm, path, daemon };
         let base = a.base.display();
         let init = format!("init,{MISC},{},{base},{base}", a.cow.display());
-        let reply = dev.daemon.command(&init)?;
-        let sectors = reply
-            .strip_prefix("success,")
-            .and_then(|n| n.trim().parse::<u64>().ok())
-            .ok_or_else(|| format!("{init} -> {reply:?}"))?;
+        let sectors = dev.daemon.init_sectors(&init)?;
         if sectors != base_sectors {
             return Err(format!(
                 "init replied {sectors} sectors, the base device has {base_sectors}"

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use dm_ioctl::DmControl;
@@ -67,6 +67,15 @@ impl Daemon {
             .read(&mut buf)
             .map_err(|e| format!("reply to {cmd:?}: {e}"))?;
         Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    }
+
+    /// Send an `init,...` command and return the sectors of its `success,N` reply.
+    pub fn init_sectors(&self, cmd: &str) -> Res<u64> {
+        let reply = self.command(cmd)?;
+        reply
+            .strip_prefix("success,")
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .ok_or_else(|| format!("{cmd} -> {reply:?}"))
     }
 
     /// Its process id.
@@ -131,6 +140,42 @@ impl Drop for Daemon {
             let _ = self.child.try_wait();
         }
     }
+}
+
+/// Print the scenario step's `VMTEST <prefix>-<step>-<tag> PASS <detail>` or `... FAIL
+/// <reason>` line and flush it (a power cut may follow); true when it passed.
+pub fn report(prefix: &str, step: &str, tag: &str, r: &Res<String>) -> bool {
+    match r {
+        Ok(d) => println!("VMTEST {prefix}-{step}-{tag} PASS {d}"),
+        Err(e) => println!("VMTEST {prefix}-{step}-{tag} FAIL {e}"),
+    }
+    let _ = std::io::stdout().flush();
+    r.is_ok()
+}
+
+/// The leading `SCENARIO TAG BASE COW TARGET` arguments of a snapshot scenario, if all five
+/// are there.
+pub fn scenario_args(args: &[String]) -> Option<[&String; 5]> {
+    match args {
+        [kind, tag, base, cow, target, ..] => Some([kind, tag, base, cow, target]),
+        _ => None,
+    }
+}
+
+/// The exit code of a scenario run.
+pub fn exit_code(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// After a merge: the whole `base` equals `target`.
+pub fn merged_base_check(base: &Path, target: &Path) -> Res<String> {
+    let len = dev_bytes(target)?;
+    compare_device("merged base", base, target, len)?;
+    Ok(format!("base == target ({} MiB)", len >> 20))
 }
 
 /// The device-mapper control device.
