@@ -33,6 +33,7 @@ use crate::demo_svg::{self, ProgressPlot};
 use crate::deps::{self, KernelSeries};
 use crate::error::{io_err, Result, XtaskError};
 use crate::ext4_images;
+use crate::flags::Flags;
 use crate::guest::{self, GuestBinary};
 use crate::initramfs::{self, InitramfsSpec};
 use crate::kmod;
@@ -75,19 +76,14 @@ impl DemoOptions {
     /// Parse `[--legacy] [--rounds N] [--transport dm-user] [--source SRC.img --target TGT.img]`.
     pub fn parse(args: &[String]) -> Result<Self> {
         let mut o = Self::default();
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            let mut value = |flag: &str| {
-                it.next()
-                    .cloned()
-                    .ok_or_else(|| XtaskError::Usage(format!("{flag} needs a value")))
-            };
-            match a.as_str() {
-                "--source" => o.source = Some(value("--source")?.into()),
-                "--target" => o.target = Some(value("--target")?.into()),
+        let mut flags = Flags::new(args, "");
+        while let Some(a) = flags.next_flag() {
+            match a {
+                "--source" => o.source = Some(flags.value("--source")?.into()),
+                "--target" => o.target = Some(flags.value("--target")?.into()),
                 "--legacy" => o.legacy = true,
                 "--rounds" => {
-                    let v = value("--rounds")?;
+                    let v = flags.value("--rounds")?;
                     o.rounds =
                         v.parse()
                             .ok()
@@ -97,7 +93,7 @@ impl DemoOptions {
                             })?;
                 }
                 "--transport" => {
-                    let v = value("--transport")?;
+                    let v = flags.value("--transport")?;
                     if v != TRANSPORT {
                         return Err(XtaskError::Usage(format!(
                             "--transport {v:?}: this demo serves the snapshot over {TRANSPORT} only"

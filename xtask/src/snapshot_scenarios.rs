@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use crate::deps::KernelSeries;
 use crate::error::{Result, XtaskError};
+use crate::flags::{kernels_or_all, Flags};
 use crate::report::{self, TestResult};
 use crate::scenario_pairs::{
     self, collect, fresh_copy, powered_off_verdict, CowMergeMode, ScenarioSetup, MARKER,
@@ -42,22 +43,11 @@ impl SnapshotOptions {
     /// Parse `[--kernel 6.1|6.12]... [--timeout SECS]`.
     pub fn parse(args: &[String]) -> Result<Self> {
         let mut o = Self::default();
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            let mut value = |flag: &str| {
-                it.next()
-                    .cloned()
-                    .ok_or_else(|| XtaskError::Usage(format!("{flag} needs a value")))
-            };
-            match a.as_str() {
-                "--kernel" => o.kernels.push(KernelSeries::parse(&value("--kernel")?)?),
-                "--timeout" => {
-                    let v = value("--timeout")?;
-                    o.timeout = Some(
-                        v.parse()
-                            .map_err(|_| XtaskError::Usage(format!("bad --timeout {v}")))?,
-                    );
-                }
+        let mut flags = Flags::new(args, "");
+        while let Some(a) = flags.next_flag() {
+            match a {
+                "--kernel" => o.kernels.push(flags.kernel()?),
+                "--timeout" => o.timeout = Some(flags.timeout()?),
                 other => {
                     return Err(XtaskError::Usage(format!(
                         "unknown argument {other:?}; usage: cargo xtask vm-snapshot [--kernel 6.1|6.12] [--timeout SECS]"
@@ -65,9 +55,7 @@ impl SnapshotOptions {
                 }
             }
         }
-        if o.kernels.is_empty() {
-            o.kernels = KernelSeries::ALL.to_vec();
-        }
+        o.kernels = kernels_or_all(std::mem::take(&mut o.kernels));
         Ok(o)
     }
 }

@@ -27,6 +27,7 @@ use std::process::Command;
 use crate::cmd;
 use crate::deps::KernelSeries;
 use crate::error::{Result, XtaskError};
+use crate::flags::{kernels_or_all, Flags};
 use crate::report::{self, TestResult};
 use crate::scenario_pairs::{
     self, collect, fresh_copy, powered_off_verdict, run_boot, BootTemplate, CowMergeMode, Pair,
@@ -77,23 +78,12 @@ impl UsmOptions {
     /// Parse `[--kernel 6.1|6.12]... [--filter NAME] [--timeout SECS]`.
     pub fn parse(args: &[String]) -> Result<Self> {
         let mut o = Self::default();
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            let mut value = |flag: &str| {
-                it.next()
-                    .cloned()
-                    .ok_or_else(|| XtaskError::Usage(format!("{flag} needs a value")))
-            };
-            match a.as_str() {
-                "--kernel" => o.kernels.push(KernelSeries::parse(&value("--kernel")?)?),
-                "--filter" => o.filter = Some(value("--filter")?),
-                "--timeout" => {
-                    let v = value("--timeout")?;
-                    o.timeout = Some(
-                        v.parse()
-                            .map_err(|_| XtaskError::Usage(format!("bad --timeout {v}")))?,
-                    );
-                }
+        let mut flags = Flags::new(args, "");
+        while let Some(a) = flags.next_flag() {
+            match a {
+                "--kernel" => o.kernels.push(flags.kernel()?),
+                "--filter" => o.filter = Some(flags.value("--filter")?),
+                "--timeout" => o.timeout = Some(flags.timeout()?),
                 other => {
                     return Err(XtaskError::Usage(format!(
                         "unknown argument {other:?}; usage: cargo xtask vm-usm [--kernel 6.1|6.12] [--filter {}] [--timeout SECS]",
@@ -102,9 +92,7 @@ impl UsmOptions {
                 }
             }
         }
-        if o.kernels.is_empty() {
-            o.kernels = KernelSeries::ALL.to_vec();
-        }
+        o.kernels = kernels_or_all(std::mem::take(&mut o.kernels));
         if let Some(f) = &o.filter {
             if !GROUPS.iter().any(|g| g.contains(f.as_str())) {
                 return Err(XtaskError::Usage(format!(
