@@ -355,6 +355,29 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The verdict of a demo boot: its first failure (a failed result, else a base disk merged
+/// in the emulator that differs from `target` on the host), and whether base == target.
+fn run_verdict(
+    run: &crate::vm::VmRun,
+    results: &[report::TestResult],
+    base: &Path,
+    target: &Path,
+) -> Result<(Option<String>, bool)> {
+    let mut failure = results.iter().find(|r| !r.pass).map(|bad| {
+        format!(
+            "emulator: {} failed: {} (log: {})",
+            bad.name,
+            bad.detail,
+            run.log_path.display()
+        )
+    });
+    let host_base_ok = first_difference(base, target, file_len(target)?)?.is_none();
+    if !host_base_ok && failure.is_none() {
+        failure = Some("the base disk merged in the emulator differs from the target".into());
+    }
+    Ok((failure, host_base_ok))
+}
+
 fn first_difference(a: &Path, b: &Path, len: u64) -> Result<Option<u64>> {
     let mut first = None;
     compare_blocks(a, b, len, |blk| {
@@ -763,19 +786,7 @@ fn legacy_device_stage(
     let expected = ["snap-read-demo".to_string(), "snap-merge-demo".to_string()];
     let results = report::evaluate(&run, &expected);
     let failed = |name: &str| results.iter().any(|r| r.name == name && !r.pass);
-    let mut failure = results.iter().find(|r| !r.pass).map(|bad| {
-        format!(
-            "emulator: {} failed: {} (log: {})",
-            bad.name,
-            bad.detail,
-            run.log_path.display()
-        )
-    });
-    let target_len = file_len(target)?;
-    let host_base_ok = first_difference(&base, target, target_len)?.is_none();
-    if !host_base_ok && failure.is_none() {
-        failure = Some("the base disk merged in the emulator differs from the target".into());
-    }
+    let (failure, host_base_ok) = run_verdict(&run, &results, &base, target)?;
     let lines = guest_lines(&run.log, "VMINFO snap-demo ");
     Ok(DeviceStage {
         mode: "legacy",
@@ -835,19 +846,7 @@ fn user_device_stage(
     expected.extend((0..rounds).map(|i| format!("demo-merge-round{i}")));
     let results = report::evaluate(&run, &expected);
     let passed = |name: &str| results.iter().any(|r| r.name == name && r.pass);
-    let mut failure = results.iter().find(|r| !r.pass).map(|bad| {
-        format!(
-            "emulator: {} failed: {} (log: {})",
-            bad.name,
-            bad.detail,
-            run.log_path.display()
-        )
-    });
-    let target_len = file_len(target)?;
-    let host_base_ok = first_difference(&base, target, target_len)?.is_none();
-    if !host_base_ok && failure.is_none() {
-        failure = Some("the base disk merged in the emulator differs from the target".into());
-    }
+    let (failure, host_base_ok) = run_verdict(&run, &results, &base, target)?;
     let guest = demo_figures::parse(&guest_lines(&run.log, "VMDEMO "));
     let medians = demo_figures::medians(&guest.rounds);
     let plot = repo.join("build/demo/merge-progress.svg");
