@@ -460,6 +460,16 @@ enum Spliced {
     NoPipe,
 }
 
+/// What one splice of a pipe's contents into the channel did.
+enum SpliceStep {
+    /// This many bytes moved.
+    Moved(usize),
+    /// Nothing moved (interrupted, or waited for room): try again.
+    Again,
+    /// The file refused `splice()` before taking any byte of the answer.
+    Refused,
+}
+
 /// One dm-user channel (one open file description of the misc node).
 #[derive(Debug)]
 pub struct Channel {
@@ -768,44 +778,60 @@ impl Channel {
         seq: u64,
         mut queued: usize,
     ) -> Result<Spliced, ChannelError> {
-        use nix::fcntl::{splice, SpliceFFlags};
         let mut first_splice = true;
         while queued > 0 {
-            match splice(
-                &pipe.read,
-                None,
-                &self.file,
-                None,
-                queued,
-                SpliceFFlags::empty(),
-            ) {
-                Ok(0) => {
-                    return Err(ChannelError::Io {
-                        op: "splice",
-                        source: Errno::EPIPE.into(),
-                    })
-                }
-                Ok(n) => {
+            match self.splice_once(pipe, seq, queued, first_splice)? {
+                SpliceStep::Moved(n) => {
                     queued = queued.saturating_sub(n);
                     first_splice = false;
-                    self.splice = SpliceSupport::Works;
                 }
-                Err(Errno::EINVAL) if first_splice && self.splice == SpliceSupport::Unknown => {
-                    return Ok(Spliced::Refused)
-                }
-                Err(Errno::ENOTBLK) => return Err(ChannelError::TargetGone),
-                Err(Errno::EINVAL) => return Err(ChannelError::Rejected { seq }),
-                Err(Errno::EINTR) => {}
-                Err(Errno::EAGAIN) => self.wait_for(PollFlags::POLLOUT)?,
-                Err(e) => {
-                    return Err(ChannelError::Io {
-                        op: "splice",
-                        source: e.into(),
-                    })
-                }
+                SpliceStep::Again => {}
+                SpliceStep::Refused => return Ok(Spliced::Refused),
             }
         }
         Ok(Spliced::Sent)
+    }
+
+    /// Splice up to `queued` bytes of `pipe` into the channel once; `first` says no byte of
+    /// this answer has been spliced yet.
+    fn splice_once(
+        &mut self,
+        pipe: &SplicePipe,
+        seq: u64,
+        queued: usize,
+        first: bool,
+    ) -> Result<SpliceStep, ChannelError> {
+        use nix::fcntl::{splice, SpliceFFlags};
+        let io = |e: Errno| ChannelError::Io {
+            op: "splice",
+            source: e.into(),
+        };
+        match splice(
+            &pipe.read,
+            None,
+            &self.file,
+            None,
+            queued,
+            SpliceFFlags::empty(),
+        ) {
+            Ok(0) => Err(io(Errno::EPIPE)),
+            Ok(n) => {
+                self.splice = SpliceSupport::Works;
+                Ok(SpliceStep::Moved(n))
+            }
+            // Refused before a byte was taken: the caller writes the answer instead.
+            Err(Errno::EINVAL) if first && self.splice == SpliceSupport::Unknown => {
+                Ok(SpliceStep::Refused)
+            }
+            Err(Errno::ENOTBLK) => Err(ChannelError::TargetGone),
+            Err(Errno::EINVAL) => Err(ChannelError::Rejected { seq }),
+            Err(Errno::EINTR) => Ok(SpliceStep::Again),
+            Err(Errno::EAGAIN) => {
+                self.wait_for(PollFlags::POLLOUT)?;
+                Ok(SpliceStep::Again)
+            }
+            Err(e) => Err(io(e)),
+        }
     }
 
     /// Send `header` and `data` through the channel's pipe: the header written into it,
@@ -819,7 +845,7 @@ impl Channel {
         header: &[u8],
         data: &[u8],
     ) -> Result<Spliced, ChannelError> {
-        use nix::fcntl::{splice, vmsplice, SpliceFFlags};
+        use nix::fcntl::{vmsplice, SpliceFFlags};
         let pipe = match self.pipe.take() {
             Some(pipe) => pipe,
             None => match SplicePipe::new() {
@@ -860,29 +886,14 @@ impl Channel {
                     Err(e) => return Err(io("vmsplice", e)),
                 }
             }
-            match splice(
-                &pipe.read,
-                None,
-                &self.file,
-                None,
-                queued,
-                SpliceFFlags::empty(),
-            ) {
-                Ok(0) => return Err(io("splice", Errno::EPIPE)),
-                Ok(n) => {
+            match self.splice_once(&pipe, seq, queued, first_splice)? {
+                SpliceStep::Moved(n) => {
                     queued = queued.saturating_sub(n);
                     first_splice = false;
-                    self.splice = SpliceSupport::Works;
                 }
+                SpliceStep::Again => {}
                 // Refused before a byte was taken: the pipe (and its references) go away.
-                Err(Errno::EINVAL) if first_splice && self.splice == SpliceSupport::Unknown => {
-                    return Ok(Spliced::Refused)
-                }
-                Err(Errno::ENOTBLK) => return Err(ChannelError::TargetGone),
-                Err(Errno::EINVAL) => return Err(ChannelError::Rejected { seq }),
-                Err(Errno::EINTR) => {}
-                Err(Errno::EAGAIN) => self.wait_for(PollFlags::POLLOUT)?,
-                Err(e) => return Err(io("splice", e)),
+                SpliceStep::Refused => return Ok(Spliced::Refused),
             }
         }
         self.pipe = Some(pipe);
