@@ -59,13 +59,15 @@ pub fn kernels_or_all(kernels: Vec<KernelSeries>) -> Vec<KernelSeries> {
     }
 }
 
+/// Owned command words from string literals, for the option parsers' tests.
+#[cfg(test)]
+pub fn words(w: &[&str]) -> Vec<String> {
+    w.iter().map(|s| s.to_string()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn words(w: &[&str]) -> Vec<String> {
-        w.iter().map(|s| s.to_string()).collect()
-    }
 
     #[test]
     fn values_kernels_and_timeouts() {

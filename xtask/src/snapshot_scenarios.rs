@@ -191,10 +191,7 @@ pub fn run(repo: &Path, opts: &SnapshotOptions) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(a: &[&str]) -> Vec<String> {
-        a.iter().map(|s| s.to_string()).collect()
-    }
+    use crate::flags::words as args;
 
     #[test]
     fn options_default_to_both_kernels() {

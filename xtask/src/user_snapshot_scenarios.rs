@@ -397,10 +397,7 @@ fn power_chain(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(a: &[&str]) -> Vec<String> {
-        a.iter().map(|s| s.to_string()).collect()
-    }
+    use crate::flags::words as args;
 
     #[test]
     fn options_default_to_both_kernels_and_every_group() {
