@@ -13,12 +13,12 @@ use snapuserd::daemon::events::DaemonEvents;
 use snapuserd::daemon::handlers::{CowFileOpener, HandlerRegistry, TargetError};
 use snapuserd::dm_user::{
     MessageHeader, DM_USER_REQ_MAP_DISCARD, DM_USER_REQ_MAP_FLAG_FUA,
-    DM_USER_REQ_MAP_FLAG_PREFLUSH, DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE, DM_USER_RESP_ERROR,
-    DM_USER_RESP_SUCCESS, DM_USER_RESP_UNSUPPORTED, HEADER_SIZE,
+    DM_USER_REQ_MAP_FLAG_PREFLUSH, DM_USER_REQ_MAP_WRITE, DM_USER_RESP_ERROR, DM_USER_RESP_SUCCESS,
+    DM_USER_RESP_UNSUPPORTED, HEADER_SIZE,
 };
 
 mod common;
-use common::control::{ask, PairOpener, TestDaemon};
+use common::control::{ask, kernel_read, PairOpener, TestDaemon};
 use common::BLOCK;
 
 /// A legacy-mode daemon with `workers` worker threads per handler.
@@ -155,26 +155,6 @@ fn detach_turns_passive_and_waits_for_the_handlers() {
     let (_, kernel) = d.kernels.recv().unwrap();
     drop(kernel);
     assert_eq!(d.join(), ServerExit::Detached);
-}
-
-fn kernel_read(k: &mut UnixStream, seq: u64, sector: u64, len: u64) -> (MessageHeader, Vec<u8>) {
-    let req = MessageHeader {
-        seq,
-        msg_type: DM_USER_REQ_MAP_READ,
-        flags: 0,
-        sector,
-        len,
-    };
-    k.write_all(&req.to_bytes()).unwrap();
-    let mut raw = [0u8; HEADER_SIZE];
-    k.read_exact(&mut raw).unwrap();
-    let resp = MessageHeader::from_bytes(&raw);
-    let mut data = Vec::new();
-    if resp.msg_type == DM_USER_RESP_SUCCESS {
-        data.resize(len as usize, 0);
-        k.read_exact(&mut data).unwrap();
-    }
-    (resp, data)
 }
 
 /// Send a WRITE (an empty one is a flush: PREFLUSH, length 0) and return the response code.

@@ -10,13 +10,12 @@ use snapuserd::daemon::handlers::{CowFileOpener, HandlerRegistry};
 use snapuserd::daemon::update_verify::VerifyDevices;
 use snapuserd::daemon::user_snapshots::UserSnapshotOpener;
 use snapuserd::dm_user::{
-    MessageHeader, DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE, DM_USER_RESP_ERROR,
-    DM_USER_RESP_SUCCESS, HEADER_SIZE,
+    MessageHeader, DM_USER_REQ_MAP_WRITE, DM_USER_RESP_ERROR, DM_USER_RESP_SUCCESS, HEADER_SIZE,
 };
 use snapuserd::user_merge::UserSnapshotOptions;
 
 mod common;
-use common::control::{ask, TestDaemon};
+use common::control::{self, ask, TestDaemon};
 use common::{write_user_update, UserUpdate, BLOCK};
 
 /// A daemon with user-space-merge support over a real socket.
@@ -58,25 +57,10 @@ fn init_msg(misc: &str, u: &UserUpdate) -> String {
     )
 }
 
-/// Read `len` bytes at `sector` through a kernel end.
+/// Read `len` bytes at `sector` through a kernel end: the response code and the data.
 fn kernel_read(k: &mut UnixStream, seq: u64, sector: u64, len: u64) -> (u64, Vec<u8>) {
-    let req = MessageHeader {
-        seq,
-        msg_type: DM_USER_REQ_MAP_READ,
-        flags: 0,
-        sector,
-        len,
-    };
-    k.write_all(&req.to_bytes()).unwrap();
-    let mut raw = [0u8; HEADER_SIZE];
-    k.read_exact(&mut raw).unwrap();
-    let resp = MessageHeader::from_bytes(&raw);
+    let (resp, data) = control::kernel_read(k, seq, sector, len);
     assert_eq!(resp.seq, seq);
-    let mut data = Vec::new();
-    if resp.msg_type == DM_USER_RESP_SUCCESS {
-        data.resize(len as usize, 0);
-        k.read_exact(&mut data).unwrap();
-    }
     (resp.msg_type, data)
 }
 

@@ -15,7 +15,9 @@ use snapuserd::daemon::control_server::{bind_listener, ControlServer, ServerExit
 use snapuserd::daemon::events::DaemonEvents;
 use snapuserd::daemon::handlers::HandlerRegistry;
 use snapuserd::daemon::transport::ChannelOpener;
-use snapuserd::dm_user::{Channel, ChannelError};
+use snapuserd::dm_user::{
+    Channel, ChannelError, MessageHeader, DM_USER_REQ_MAP_READ, DM_USER_RESP_SUCCESS, HEADER_SIZE,
+};
 
 /// Hands each opened channel's "kernel" end to the test.
 pub struct PairOpener(pub Mutex<Sender<(String, UnixStream)>>);
@@ -100,4 +102,31 @@ pub fn ask(s: &mut UnixStream, msg: impl AsRef<[u8]>) -> String {
     let mut buf = [0u8; 512];
     let n = s.read(&mut buf).unwrap();
     String::from_utf8(buf[..n].to_vec()).unwrap()
+}
+
+/// Read `len` bytes at `sector` through a kernel end: the response header, and the data
+/// when it succeeded.
+pub fn kernel_read(
+    k: &mut UnixStream,
+    seq: u64,
+    sector: u64,
+    len: u64,
+) -> (MessageHeader, Vec<u8>) {
+    let req = MessageHeader {
+        seq,
+        msg_type: DM_USER_REQ_MAP_READ,
+        flags: 0,
+        sector,
+        len,
+    };
+    k.write_all(&req.to_bytes()).unwrap();
+    let mut raw = [0u8; HEADER_SIZE];
+    k.read_exact(&mut raw).unwrap();
+    let resp = MessageHeader::from_bytes(&raw);
+    let mut data = Vec::new();
+    if resp.msg_type == DM_USER_RESP_SUCCESS {
+        data.resize(len as usize, 0);
+        k.read_exact(&mut data).unwrap();
+    }
+    (resp, data)
 }
