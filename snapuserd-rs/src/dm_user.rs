@@ -1252,18 +1252,24 @@ mod tests {
         );
     }
 
+    /// A channel over an O_APPEND file at `path`: splice() into it fails with EINVAL before
+    /// taking a byte, as it does on a dm-user module without splice support.
+    fn refusing_splice(path: &Path) -> Channel {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        Channel::from_file(file)
+    }
+
     #[test]
     fn a_file_refusing_splice_gets_the_answer_written_once() {
         // splice() into an O_APPEND file fails with EINVAL before taking a byte, as it does
         // on a dm-user module without splice support.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("answers");
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .unwrap();
-        let mut chan = Channel::from_file(file);
+        let mut chan = refusing_splice(&path);
         let (req, data) = large_read(11, 256 << 10, 5);
         chan.respond(&req, DM_USER_RESP_SUCCESS, &data).unwrap();
         assert!(!chan.splices());
@@ -1338,12 +1344,7 @@ mod tests {
         let base = dir.path().join("base");
         std::fs::write(&base, vec![7u8; 65536]).unwrap();
         let answers = dir.path().join("answers");
-        let out = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&answers)
-            .unwrap();
-        let mut chan = Channel::from_file(out);
+        let mut chan = refusing_splice(&answers);
         let (req, _) = large_read(31, 65536, 0);
         let file = File::open(&base).unwrap();
         assert!(!chan.respond_from_file(&req, &file, 0).unwrap());
