@@ -204,6 +204,19 @@ fn same_whole_device(node: &Path, target: &[u8]) -> Result<(), String> {
     same("whole device before the merge", &whole, target)
 }
 
+/// The whole device reads as `target`; then a [`sequential_reader`] starts. Returns its
+/// time origin, its stop flag and its thread.
+fn check_then_read(
+    node: &Path,
+    target: &Arc<Vec<u8>>,
+) -> Result<(Instant, Arc<AtomicBool>, std::thread::JoinHandle<ReadLog>), String> {
+    same_whole_device(node, target)?;
+    let t0 = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = sequential_reader(node, target, t0, &stop);
+    Ok((t0, stop, reader))
+}
+
 /// A reader looping over the whole snapshot device in 128 KiB O_DIRECT reads, checking each
 /// against `target`, until `stop`.
 fn sequential_reader(
@@ -238,11 +251,8 @@ pub fn kill_merge() -> TestResult {
     let target = Arc::new(make_update()?);
     let mut helper = SnapHelper::spawn("serve")?;
     let node = helper.node.clone();
-    same_whole_device(&node, &target)?;
-    let t0 = Instant::now();
+    let (t0, stop, reader) = check_then_read(&node, &target)?;
     let ns = move || ns_since(t0);
-    let stop = Arc::new(AtomicBool::new(false));
-    let reader = sequential_reader(&node, &target, t0, &stop);
     let mut kills = Vec::new();
     let mut progress_at_restart = Vec::new();
     // During reads, then during the merge (twice, early), then let it finish.
@@ -340,11 +350,8 @@ pub fn daemon_kill_merge() -> TestResult {
     let reply = expect(&d, &format!("get_device_name,{MISC}"), "success,")?;
     let node = PathBuf::from(reply.trim_start_matches("success,"));
     check(node.exists(), format!("{} does not exist", node.display()))?;
-    same_whole_device(&node, &target)?;
-    let t0 = Instant::now();
+    let (t0, stop, reader) = check_then_read(&node, &target)?;
     let ns = move || ns_since(t0);
-    let stop = Arc::new(AtomicBool::new(false));
-    let reader = sequential_reader(&node, &target, t0, &stop);
     let mut kills = Vec::new();
     let mut percent_at_last_kill = String::new();
     // During reads (no merge yet), early in the merge, then once the merge has committed
