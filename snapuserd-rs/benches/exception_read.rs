@@ -36,7 +36,7 @@ use snapuserd::cow_backend::CowSnapshot;
 use snapuserd::dm_user::{Request, ResponseCode, DM_USER_REQ_MAP_READ};
 
 mod support;
-use support::{env_usize, random_blocks, Lz4Cow, BS, PASS};
+use support::{env_usize, ns_per_read, print_versus_bare, random_blocks, Lz4Cow, BS, PASS};
 
 struct Setup {
     snap: CowSnapshot,
@@ -168,22 +168,12 @@ fn summary(name: &str, s: &Setup, rounds: usize, breakdown: bool) {
             *total += t.elapsed();
         }
     }
-    let reads = (rounds * PASS) as f64;
-    let ns = |d: Duration| d.as_nanos() as f64 / reads;
-    let mbs = |d: Duration| reads * BS as f64 / d.as_secs_f64() / 1e6;
     let (t_srv, t_bare) = (sides[0].2, sides[1].2);
-    println!(
-        "{name}: exception path {:.0} ns/read ({:.0} MB/s), bare lz4_flex {:.0} ns/read ({:.0} MB/s): exception path = {:.1}% of bare",
-        ns(t_srv),
-        mbs(t_srv),
-        ns(t_bare),
-        mbs(t_bare),
-        100.0 * t_bare.as_secs_f64() / t_srv.as_secs_f64()
-    );
+    print_versus_bare(name, "exception path", rounds, t_srv, t_bare);
     for (label, _, t) in &sides[2..] {
         println!(
             "    breakdown: {label} {:.0} ns/read: bare = {:.1}% of it",
-            ns(*t),
+            ns_per_read(*t, rounds),
             100.0 * t_bare.as_secs_f64() / t.as_secs_f64()
         );
     }

@@ -30,7 +30,7 @@ use snapuserd::dm_user::{Request, ResponseCode, DM_USER_REQ_MAP_READ};
 use snapuserd::user_merge::{UserSnapshot, UserSnapshotOptions};
 
 mod support;
-use support::{env_usize, random_blocks, Lz4Cow, BS, PASS};
+use support::{env_usize, print_versus_bare, random_blocks, Lz4Cow, BS, PASS};
 
 struct Setup {
     snap: UserSnapshot,
@@ -87,17 +87,7 @@ fn summary(name: &str, s: &Setup, rounds: usize) {
             t_user += run_user();
         }
     }
-    let reads = (rounds * PASS) as f64;
-    let ns = |d: Duration| d.as_nanos() as f64 / reads;
-    let mbs = |d: Duration| reads * BS as f64 / d.as_secs_f64() / 1e6;
-    println!(
-        "{name}: user-space read path {:.0} ns/read ({:.0} MB/s), bare lz4_flex {:.0} ns/read ({:.0} MB/s): read path = {:.1}% of bare",
-        ns(t_user),
-        mbs(t_user),
-        ns(t_bare),
-        mbs(t_bare),
-        100.0 * t_bare.as_secs_f64() / t_user.as_secs_f64()
-    );
+    print_versus_bare(name, "user-space read path", rounds, t_user, t_bare);
 }
 
 fn bench(c: &mut Criterion) {

@@ -5,6 +5,7 @@
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use cow_format::WriterOptions;
 use cow_format::{Compression, CompressionAlgorithm, CowReader, CowVersion, CowWriter};
@@ -109,6 +110,31 @@ pub fn random_blocks(n: usize, blocks: usize, seed: u64) -> Vec<usize> {
             (x.wrapping_mul(0x2545_f491_4f6c_dd1d) % blocks as u64) as usize
         })
         .collect()
+}
+
+/// Nanoseconds per read of `d` over `rounds` summary passes.
+pub fn ns_per_read(d: Duration, rounds: usize) -> f64 {
+    d.as_nanos() as f64 / (rounds * PASS) as f64
+}
+
+/// Print the summary line of `name`: the read path `path` (took `t_path`) against bare
+/// lz4_flex (took `t_bare`) over `rounds` passes, with the bare time as a share of it.
+pub fn print_versus_bare(
+    name: &str,
+    path: &str,
+    rounds: usize,
+    t_path: Duration,
+    t_bare: Duration,
+) {
+    let mbs = |d: Duration| (rounds * PASS * BS) as f64 / d.as_secs_f64() / 1e6;
+    println!(
+        "{name}: {path} {:.0} ns/read ({:.0} MB/s), bare lz4_flex {:.0} ns/read ({:.0} MB/s): {path} = {:.1}% of bare",
+        ns_per_read(t_path, rounds),
+        mbs(t_path),
+        ns_per_read(t_bare, rounds),
+        mbs(t_bare),
+        100.0 * t_bare.as_secs_f64() / t_path.as_secs_f64()
+    );
 }
 
 /// The environment variable `name` as a number, or `default`.
