@@ -1229,14 +1229,7 @@ mod tests {
         // so the answer goes out in several splices.
         for (seq, len, seed) in [(7, (1 << 20) + 4096, 3u8), (8, SPLICE_MIN_PAYLOAD, 9)] {
             let (req, data) = large_read(seq, len, seed);
-            let reader = std::thread::spawn({
-                let mut peer = peer.try_clone().unwrap();
-                move || {
-                    let mut got = vec![0u8; HEADER_SIZE + len];
-                    peer.read_exact(&mut got).unwrap();
-                    got
-                }
-            });
+            let reader = read_answer(&peer, len);
             let unaligned = [&[0u8][..], &data].concat();
             chan.respond(&req, DM_USER_RESP_SUCCESS, &unaligned[1..])
                 .unwrap();
@@ -1250,6 +1243,16 @@ mod tests {
             peer.read(&mut extra).unwrap_err().kind(),
             std::io::ErrorKind::WouldBlock
         );
+    }
+
+    /// A thread reading one answer of `len` data bytes (and its header) from `peer`.
+    fn read_answer(peer: &UnixStream, len: usize) -> std::thread::JoinHandle<Vec<u8>> {
+        let mut peer = peer.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut got = vec![0u8; HEADER_SIZE + len];
+            peer.read_exact(&mut got).unwrap();
+            got
+        })
     }
 
     /// A channel over an O_APPEND file at `path`: splice() into it fails with EINVAL before
@@ -1292,14 +1295,7 @@ mod tests {
         // Until an answer was spliced into the channel, nothing comes from the file.
         let (first, data) = large_read(20, SPLICE_MIN_PAYLOAD, 1);
         assert!(!chan.respond_from_file(&first, &file, 0).unwrap());
-        let reader = std::thread::spawn({
-            let mut peer = peer.try_clone().unwrap();
-            move || {
-                let mut got = vec![0u8; HEADER_SIZE + SPLICE_MIN_PAYLOAD];
-                peer.read_exact(&mut got).unwrap();
-                got
-            }
-        });
+        let reader = read_answer(&peer, SPLICE_MIN_PAYLOAD);
         chan.respond(&first, DM_USER_RESP_SUCCESS, &data).unwrap();
         expect_answer(&reader.join().unwrap(), 20, &data);
         // A whole 1 MiB answer at a page-aligned offset, one at an unaligned (sector) offset
@@ -1310,14 +1306,7 @@ mod tests {
             (23, 8192, 4096),
         ] {
             let (req, _) = large_read(seq, len, 0);
-            let reader = std::thread::spawn({
-                let mut peer = peer.try_clone().unwrap();
-                move || {
-                    let mut got = vec![0u8; HEADER_SIZE + len];
-                    peer.read_exact(&mut got).unwrap();
-                    got
-                }
-            });
+            let reader = read_answer(&peer, len);
             assert!(chan.respond_from_file(&req, &file, offset as u64).unwrap());
             expect_answer(&reader.join().unwrap(), seq, &content[offset..offset + len]);
         }

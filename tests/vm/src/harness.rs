@@ -284,6 +284,16 @@ impl ReadLog {
     }
 }
 
+/// Stop a checking reader (`stop`, then a join bounded to 20 s) and return what it saw.
+pub fn stop_reader(
+    stop: &std::sync::atomic::AtomicBool,
+    reader: std::thread::JoinHandle<ReadLog>,
+) -> Result<ReadLog, String> {
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    bounded("reader", Duration::from_secs(20), move || reader.join())?
+        .map_err(|_| "reader panicked".to_string())
+}
+
 /// Spawn a thread that reads `chunk` bytes of `node` (O_DIRECT) at the offsets `next_off`
 /// gives, comparing each with the same bytes of `want`, until `stop` is set; it returns what
 /// it saw, with times in ns since `t0`.

@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -385,9 +385,7 @@ pub fn kill_recover() -> TestResult {
         outages.push((killed_at, ns_since(t0)));
     }
     std::thread::sleep(Duration::from_millis(400));
-    stop.store(true, Ordering::Release);
-    let log = bounded("reader", Duration::from_secs(20), move || reader.join())?
-        .map_err(|_| "reader panicked".to_string())?;
+    let log = stop_reader(&stop, reader)?;
     helper.stop()?;
     let _ = std::fs::remove_file(&img);
     let across = log.check_outages(&outages)?;

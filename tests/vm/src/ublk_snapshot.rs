@@ -7,7 +7,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -275,9 +275,7 @@ pub fn kill_merge() -> TestResult {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Release);
-    let reads = bounded("reader", Duration::from_secs(20), move || reader.join())?
-        .map_err(|_| "reader panicked".to_string())?;
+    let reads = stop_reader(&stop, reader)?;
     helper.stop()?;
     let across = reads.check_outages(&kills)?;
     let base = std::fs::read(path("base.img")).ctx("base")?;
@@ -399,9 +397,7 @@ pub fn daemon_kill_merge() -> TestResult {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Release);
-    let reads = bounded("reader", Duration::from_secs(20), move || reader.join())?
-        .map_err(|_| "reader panicked".to_string())?;
+    let reads = stop_reader(&stop, reader)?;
     expect(&d, &format!("delete,{MISC}"), "success")?;
     check(
         !node.exists(),
