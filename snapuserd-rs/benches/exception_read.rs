@@ -24,71 +24,35 @@
 
 use std::fs;
 use std::hint::black_box;
-use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 #[path = "../../cow-format/benches/support/real_data.rs"]
 mod real_data;
 use real_data::real_data;
 
-use cow_format::WriterOptions;
-use cow_format::{Compression, CompressionAlgorithm, CowReader, CowVersion, CowWriter};
+use cow_format::{CompressionAlgorithm, CowReader};
 use criterion::{criterion_group, Criterion, Throughput};
 use snapuserd::cow_backend::CowSnapshot;
 use snapuserd::dm_user::{Request, ResponseCode, DM_USER_REQ_MAP_READ};
 
-const BS: usize = 4096;
-/// Reads per criterion iteration and per summary pass.
-const PASS: usize = 256;
+mod support;
+use support::{env_usize, ns_per_read, print_versus_bare, random_blocks, Lz4Cow, BS, PASS};
 
 struct Setup {
     snap: CowSnapshot,
     /// Sector of the data chunk of each image block.
     sector_of_block: Vec<u64>,
-    /// Compressed payload (or raw block) of each COW op, and op index of each block.
-    payloads: Vec<(Vec<u8>, bool, usize)>,
-    op_of_block: Vec<usize>,
-    unit_bytes: Vec<usize>,
+    /// The COW and its in-memory payloads.
+    cow: Lz4Cow,
     /// The same COW opened through `cow_format` alone (mapped), for the breakdown groups.
     mapped: CowReader<cow_format::reader::MappedFile>,
-    _dir: tempfile::TempDir,
 }
 
 fn setup(data: &[u8], factor: u32) -> Setup {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cow = dir.path().join("bench.cow");
-    let base = dir.path().join("base.img");
-    let blocks = data.len() / BS;
-    fs::write(&base, vec![0u8; data.len()]).expect("base");
-    let opts = WriterOptions {
-        version: CowVersion::V3,
-        compression: Compression {
-            algorithm: CompressionAlgorithm::Lz4,
-            level: None,
-        },
-        compression_factor: factor,
-        op_count_max: Some(blocks as u64 + 16),
-        ..WriterOptions::default()
-    };
-    let mut w = CowWriter::create(fs::File::create(&cow).expect("cow"), opts).expect("writer");
-    w.add_replace(0, data).expect("replace");
-    w.finalize().expect("finalize");
-
-    let reader = CowReader::open(fs::File::open(&cow).expect("open")).expect("reader");
-    let file = fs::File::open(&cow).expect("open");
-    let mut payloads = Vec::new();
-    let mut unit_bytes = Vec::new();
-    let mut op_of_block = vec![usize::MAX; blocks];
-    for (i, op) in reader.ops().iter().enumerate() {
-        let mut p = vec![0u8; op.data_length as usize];
-        file.read_exact_at(&mut p, op.data_offset).expect("payload");
-        payloads.push((p, op.stored_raw, i));
-        unit_bytes.push(op.num_blocks as usize * BS);
-        for b in op.new_block..op.new_block + op.num_blocks {
-            op_of_block[b as usize] = i;
-        }
-    }
-    let snap = CowSnapshot::open(&cow, &base).expect("snapshot");
+    let lz4 = Lz4Cow::write(data, factor);
+    let blocks = lz4.blocks;
+    let (cow, base) = (&lz4.cow, &lz4.base);
+    let snap = CowSnapshot::open(cow, base).expect("snapshot");
     let ex = snap.server().exceptions();
     let plan = snap.server().plan();
     let mut sector_of_block = vec![0u64; blocks];
@@ -96,28 +60,13 @@ fn setup(data: &[u8], factor: u32) -> Setup {
         let e = ex.exception_of_op(op_index).expect("exception");
         sector_of_block[op.new_block as usize] = ex.new_chunk(e).expect("chunk") * 8;
     }
-    let mapped = CowReader::open_mapped(fs::File::open(&cow).expect("open")).expect("mapped");
+    let mapped = CowReader::open_mapped(fs::File::open(cow).expect("open")).expect("mapped");
     Setup {
         mapped,
         snap,
         sector_of_block,
-        payloads,
-        op_of_block,
-        unit_bytes,
-        _dir: dir,
+        cow: lz4,
     }
-}
-
-fn random_blocks(n: usize, blocks: usize, seed: u64) -> Vec<usize> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            (x.wrapping_mul(0x2545_f491_4f6c_dd1d) % blocks as u64) as usize
-        })
-        .collect()
 }
 
 fn read_via_server(s: &Setup, blocks: &[usize], out: &mut Vec<u8>) -> u64 {
@@ -136,30 +85,13 @@ fn read_via_server(s: &Setup, blocks: &[usize], out: &mut Vec<u8>) -> u64 {
     acc
 }
 
-fn read_bare(s: &Setup, blocks: &[usize], unit: &mut [u8]) -> u64 {
-    let mut acc = 0u64;
-    for &b in blocks {
-        let op = s.op_of_block[b];
-        let (p, raw, _) = &s.payloads[op];
-        let n = s.unit_bytes[op];
-        if *raw {
-            unit[..n].copy_from_slice(p);
-        } else {
-            let got = lz4_flex::block::decompress_into(p, &mut unit[..n]).expect("lz4");
-            assert_eq!(got, n);
-        }
-        acc = acc.wrapping_add(u64::from(unit[b % BS]));
-    }
-    acc
-}
-
 /// Breakdown: `cow_format`'s decompress on the in-memory payloads (no reader, no server).
 fn read_bare_cow_format(s: &Setup, blocks: &[usize], unit: &mut [u8]) -> u64 {
     let mut acc = 0u64;
     for &b in blocks {
-        let op = s.op_of_block[b];
-        let (p, raw, _) = &s.payloads[op];
-        let n = s.unit_bytes[op];
+        let op = s.cow.op_of_block[b];
+        let (p, raw) = &s.cow.payloads[op];
+        let n = s.cow.unit_bytes[op];
         let alg = if *raw {
             CompressionAlgorithm::None
         } else {
@@ -176,8 +108,8 @@ fn read_reader(s: &Setup, blocks: &[usize], unit: &mut [u8]) -> u64 {
     let mut acc = 0u64;
     let ops = s.mapped.ops();
     for &b in blocks {
-        let op = &ops[s.op_of_block[b]];
-        let n = s.unit_bytes[s.op_of_block[b]];
+        let op = &ops[s.cow.op_of_block[b]];
+        let n = s.cow.unit_bytes[s.cow.op_of_block[b]];
         s.mapped
             .read_op_data(op, &mut unit[..n])
             .expect("read_op_data");
@@ -194,7 +126,7 @@ fn side_server(s: &Setup, blocks: &[usize], out: &mut Vec<u8>, _: &mut [u8]) -> 
 }
 
 fn side_bare(s: &Setup, blocks: &[usize], _: &mut Vec<u8>, unit: &mut [u8]) -> u64 {
-    read_bare(s, blocks, unit)
+    s.cow.read_bare(blocks, unit)
 }
 
 fn side_cow_decompress(s: &Setup, blocks: &[usize], _: &mut Vec<u8>, unit: &mut [u8]) -> u64 {
@@ -236,32 +168,15 @@ fn summary(name: &str, s: &Setup, rounds: usize, breakdown: bool) {
             *total += t.elapsed();
         }
     }
-    let reads = (rounds * PASS) as f64;
-    let ns = |d: Duration| d.as_nanos() as f64 / reads;
-    let mbs = |d: Duration| reads * BS as f64 / d.as_secs_f64() / 1e6;
     let (t_srv, t_bare) = (sides[0].2, sides[1].2);
-    println!(
-        "{name}: exception path {:.0} ns/read ({:.0} MB/s), bare lz4_flex {:.0} ns/read ({:.0} MB/s): exception path = {:.1}% of bare",
-        ns(t_srv),
-        mbs(t_srv),
-        ns(t_bare),
-        mbs(t_bare),
-        100.0 * t_bare.as_secs_f64() / t_srv.as_secs_f64()
-    );
+    print_versus_bare(name, "exception path", rounds, t_srv, t_bare);
     for (label, _, t) in &sides[2..] {
         println!(
             "    breakdown: {label} {:.0} ns/read: bare = {:.1}% of it",
-            ns(*t),
+            ns_per_read(*t, rounds),
             100.0 * t_bare.as_secs_f64() / t.as_secs_f64()
         );
     }
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn bench(c: &mut Criterion) {
@@ -286,7 +201,7 @@ fn bench(c: &mut Criterion) {
         });
         let mut unit = vec![0u8; 1 << 20];
         g.bench_function("bare_lz4_flex", |b| {
-            b.iter(|| read_bare(&s, &blocks, &mut unit))
+            b.iter(|| s.cow.read_bare(&blocks, &mut unit))
         });
         if std::env::var_os("SNAPUSERD_BENCH_BREAKDOWN").is_some() {
             g.bench_function("breakdown_cow_format_decompress", |b| {

@@ -18,90 +18,35 @@
 //! `SNAPUSERD_BENCH_ONLY_SUMMARY=1` skips the criterion groups.
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
-use std::fs;
 use std::hint::black_box;
-use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 #[path = "../../cow-format/benches/support/real_data.rs"]
 mod real_data;
 use real_data::real_data;
 
-use cow_format::WriterOptions;
-use cow_format::{Compression, CompressionAlgorithm, CowReader, CowVersion, CowWriter};
 use criterion::{criterion_group, Criterion, Throughput};
 use snapuserd::dm_user::{Request, ResponseCode, DM_USER_REQ_MAP_READ};
 use snapuserd::user_merge::{UserSnapshot, UserSnapshotOptions};
 
-const BS: usize = 4096;
-/// Reads per criterion iteration and per summary pass.
-const PASS: usize = 256;
+mod support;
+use support::{env_usize, print_versus_bare, random_blocks, Lz4Cow, BS, PASS};
 
 struct Setup {
     snap: UserSnapshot,
-    blocks: usize,
-    /// Compressed payload and "stored raw" of each op.
-    payloads: Vec<(Vec<u8>, bool)>,
-    op_of_block: Vec<usize>,
-    unit_bytes: Vec<usize>,
-    _dir: tempfile::TempDir,
+    cow: Lz4Cow,
 }
 
 fn setup(data: &[u8], factor: u32) -> Setup {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cow = dir.path().join("bench.cow");
-    let base = dir.path().join("base.img");
-    let blocks = data.len() / BS;
-    fs::write(&base, vec![0u8; data.len()]).expect("base");
-    let opts = WriterOptions {
-        version: CowVersion::V3,
-        compression: Compression {
-            algorithm: CompressionAlgorithm::Lz4,
-            level: None,
-        },
-        compression_factor: factor,
-        op_count_max: Some(blocks as u64 + 16),
-        ..WriterOptions::default()
-    };
-    let mut w = CowWriter::create(fs::File::create(&cow).expect("cow"), opts).expect("writer");
-    w.add_replace(0, data).expect("replace");
-    w.finalize().expect("finalize");
-    let reader = CowReader::open(fs::File::open(&cow).expect("open")).expect("reader");
-    let file = fs::File::open(&cow).expect("open");
-    let mut payloads = Vec::new();
-    let mut unit_bytes = Vec::new();
-    let mut op_of_block = vec![usize::MAX; blocks];
-    for (i, op) in reader.ops().iter().enumerate() {
-        let mut p = vec![0u8; op.data_length as usize];
-        file.read_exact_at(&mut p, op.data_offset).expect("payload");
-        payloads.push((p, op.stored_raw));
-        unit_bytes.push(op.num_blocks as usize * BS);
-        for b in op.new_block..op.new_block + op.num_blocks {
-            op_of_block[b as usize] = i;
-        }
-    }
-    let snap =
-        UserSnapshot::open(&cow, &base, &base, &UserSnapshotOptions::default()).expect("snapshot");
-    Setup {
-        snap,
-        blocks,
-        payloads,
-        op_of_block,
-        unit_bytes,
-        _dir: dir,
-    }
-}
-
-fn random_blocks(n: usize, blocks: usize, seed: u64) -> Vec<usize> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            (x.wrapping_mul(0x2545_f491_4f6c_dd1d) % blocks as u64) as usize
-        })
-        .collect()
+    let cow = Lz4Cow::write(data, factor);
+    let snap = UserSnapshot::open(
+        &cow.cow,
+        &cow.base,
+        &cow.base,
+        &UserSnapshotOptions::default(),
+    )
+    .expect("snapshot");
+    Setup { snap, cow }
 }
 
 fn read_user(s: &Setup, blocks: &[usize], out: &mut Vec<u8>) -> u64 {
@@ -119,29 +64,12 @@ fn read_user(s: &Setup, blocks: &[usize], out: &mut Vec<u8>) -> u64 {
     acc
 }
 
-fn read_bare(s: &Setup, blocks: &[usize], unit: &mut [u8]) -> u64 {
-    let mut acc = 0u64;
-    for &b in blocks {
-        let op = s.op_of_block[b];
-        let (p, raw) = &s.payloads[op];
-        let n = s.unit_bytes[op];
-        if *raw {
-            unit[..n].copy_from_slice(p);
-        } else {
-            let got = lz4_flex::block::decompress_into(p, &mut unit[..n]).expect("lz4");
-            assert_eq!(got, n);
-        }
-        acc = acc.wrapping_add(u64::from(unit[b % BS]));
-    }
-    acc
-}
-
 fn summary(name: &str, s: &Setup, rounds: usize) {
     let mut out = Vec::with_capacity(BS);
     let mut unit = vec![0u8; 1 << 20];
     let (mut t_user, mut t_bare) = (Duration::ZERO, Duration::ZERO);
     for r in 0..rounds {
-        let blocks = random_blocks(PASS, s.blocks, r as u64 * 7919 + 1);
+        let blocks = random_blocks(PASS, s.cow.blocks, r as u64 * 7919 + 1);
         let mut run_user = || {
             let t = Instant::now();
             black_box(read_user(s, &blocks, &mut out));
@@ -150,33 +78,16 @@ fn summary(name: &str, s: &Setup, rounds: usize) {
         if r % 2 == 0 {
             t_user += run_user();
             let t = Instant::now();
-            black_box(read_bare(s, &blocks, &mut unit));
+            black_box(s.cow.read_bare(&blocks, &mut unit));
             t_bare += t.elapsed();
         } else {
             let t = Instant::now();
-            black_box(read_bare(s, &blocks, &mut unit));
+            black_box(s.cow.read_bare(&blocks, &mut unit));
             t_bare += t.elapsed();
             t_user += run_user();
         }
     }
-    let reads = (rounds * PASS) as f64;
-    let ns = |d: Duration| d.as_nanos() as f64 / reads;
-    let mbs = |d: Duration| reads * BS as f64 / d.as_secs_f64() / 1e6;
-    println!(
-        "{name}: user-space read path {:.0} ns/read ({:.0} MB/s), bare lz4_flex {:.0} ns/read ({:.0} MB/s): read path = {:.1}% of bare",
-        ns(t_user),
-        mbs(t_user),
-        ns(t_bare),
-        mbs(t_bare),
-        100.0 * t_bare.as_secs_f64() / t_user.as_secs_f64()
-    );
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    print_versus_bare(name, "user-space read path", rounds, t_user, t_bare);
 }
 
 fn bench(c: &mut Criterion) {
@@ -193,7 +104,7 @@ fn bench(c: &mut Criterion) {
         if std::env::var_os("SNAPUSERD_BENCH_ONLY_SUMMARY").is_some() {
             continue;
         }
-        let blocks = random_blocks(PASS, s.blocks, 42);
+        let blocks = random_blocks(PASS, s.cow.blocks, 42);
         let mut g = c.benchmark_group(format!("user_merge_random_4k_factor_{}k", factor / 1024));
         g.throughput(Throughput::Bytes((PASS * BS) as u64));
         let mut out = Vec::with_capacity(BS);
@@ -202,7 +113,7 @@ fn bench(c: &mut Criterion) {
         });
         let mut unit = vec![0u8; 1 << 20];
         g.bench_function("bare_lz4_flex", |b| {
-            b.iter(|| read_bare(&s, &blocks, &mut unit))
+            b.iter(|| s.cow.read_bare(&blocks, &mut unit))
         });
         g.finish();
     }

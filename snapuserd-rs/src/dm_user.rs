@@ -460,6 +460,16 @@ enum Spliced {
     NoPipe,
 }
 
+/// What one splice of a pipe's contents into the channel did.
+enum SpliceStep {
+    /// This many bytes moved.
+    Moved(usize),
+    /// Nothing moved (interrupted, or waited for room): try again.
+    Again,
+    /// The file refused `splice()` before taking any byte of the answer.
+    Refused,
+}
+
 /// One dm-user channel (one open file description of the misc node).
 #[derive(Debug)]
 pub struct Channel {
@@ -768,44 +778,60 @@ impl Channel {
         seq: u64,
         mut queued: usize,
     ) -> Result<Spliced, ChannelError> {
-        use nix::fcntl::{splice, SpliceFFlags};
         let mut first_splice = true;
         while queued > 0 {
-            match splice(
-                &pipe.read,
-                None,
-                &self.file,
-                None,
-                queued,
-                SpliceFFlags::empty(),
-            ) {
-                Ok(0) => {
-                    return Err(ChannelError::Io {
-                        op: "splice",
-                        source: Errno::EPIPE.into(),
-                    })
-                }
-                Ok(n) => {
+            match self.splice_once(pipe, seq, queued, first_splice)? {
+                SpliceStep::Moved(n) => {
                     queued = queued.saturating_sub(n);
                     first_splice = false;
-                    self.splice = SpliceSupport::Works;
                 }
-                Err(Errno::EINVAL) if first_splice && self.splice == SpliceSupport::Unknown => {
-                    return Ok(Spliced::Refused)
-                }
-                Err(Errno::ENOTBLK) => return Err(ChannelError::TargetGone),
-                Err(Errno::EINVAL) => return Err(ChannelError::Rejected { seq }),
-                Err(Errno::EINTR) => {}
-                Err(Errno::EAGAIN) => self.wait_for(PollFlags::POLLOUT)?,
-                Err(e) => {
-                    return Err(ChannelError::Io {
-                        op: "splice",
-                        source: e.into(),
-                    })
-                }
+                SpliceStep::Again => {}
+                SpliceStep::Refused => return Ok(Spliced::Refused),
             }
         }
         Ok(Spliced::Sent)
+    }
+
+    /// Splice up to `queued` bytes of `pipe` into the channel once; `first` says no byte of
+    /// this answer has been spliced yet.
+    fn splice_once(
+        &mut self,
+        pipe: &SplicePipe,
+        seq: u64,
+        queued: usize,
+        first: bool,
+    ) -> Result<SpliceStep, ChannelError> {
+        use nix::fcntl::{splice, SpliceFFlags};
+        let io = |e: Errno| ChannelError::Io {
+            op: "splice",
+            source: e.into(),
+        };
+        match splice(
+            &pipe.read,
+            None,
+            &self.file,
+            None,
+            queued,
+            SpliceFFlags::empty(),
+        ) {
+            Ok(0) => Err(io(Errno::EPIPE)),
+            Ok(n) => {
+                self.splice = SpliceSupport::Works;
+                Ok(SpliceStep::Moved(n))
+            }
+            // Refused before a byte was taken: the caller writes the answer instead.
+            Err(Errno::EINVAL) if first && self.splice == SpliceSupport::Unknown => {
+                Ok(SpliceStep::Refused)
+            }
+            Err(Errno::ENOTBLK) => Err(ChannelError::TargetGone),
+            Err(Errno::EINVAL) => Err(ChannelError::Rejected { seq }),
+            Err(Errno::EINTR) => Ok(SpliceStep::Again),
+            Err(Errno::EAGAIN) => {
+                self.wait_for(PollFlags::POLLOUT)?;
+                Ok(SpliceStep::Again)
+            }
+            Err(e) => Err(io(e)),
+        }
     }
 
     /// Send `header` and `data` through the channel's pipe: the header written into it,
@@ -819,7 +845,7 @@ impl Channel {
         header: &[u8],
         data: &[u8],
     ) -> Result<Spliced, ChannelError> {
-        use nix::fcntl::{splice, vmsplice, SpliceFFlags};
+        use nix::fcntl::{vmsplice, SpliceFFlags};
         let pipe = match self.pipe.take() {
             Some(pipe) => pipe,
             None => match SplicePipe::new() {
@@ -860,29 +886,14 @@ impl Channel {
                     Err(e) => return Err(io("vmsplice", e)),
                 }
             }
-            match splice(
-                &pipe.read,
-                None,
-                &self.file,
-                None,
-                queued,
-                SpliceFFlags::empty(),
-            ) {
-                Ok(0) => return Err(io("splice", Errno::EPIPE)),
-                Ok(n) => {
+            match self.splice_once(&pipe, seq, queued, first_splice)? {
+                SpliceStep::Moved(n) => {
                     queued = queued.saturating_sub(n);
                     first_splice = false;
-                    self.splice = SpliceSupport::Works;
                 }
+                SpliceStep::Again => {}
                 // Refused before a byte was taken: the pipe (and its references) go away.
-                Err(Errno::EINVAL) if first_splice && self.splice == SpliceSupport::Unknown => {
-                    return Ok(Spliced::Refused)
-                }
-                Err(Errno::ENOTBLK) => return Err(ChannelError::TargetGone),
-                Err(Errno::EINVAL) => return Err(ChannelError::Rejected { seq }),
-                Err(Errno::EINTR) => {}
-                Err(Errno::EAGAIN) => self.wait_for(PollFlags::POLLOUT)?,
-                Err(e) => return Err(io("splice", e)),
+                SpliceStep::Refused => return Ok(Spliced::Refused),
             }
         }
         self.pipe = Some(pipe);
@@ -1218,14 +1229,7 @@ mod tests {
         // so the answer goes out in several splices.
         for (seq, len, seed) in [(7, (1 << 20) + 4096, 3u8), (8, SPLICE_MIN_PAYLOAD, 9)] {
             let (req, data) = large_read(seq, len, seed);
-            let reader = std::thread::spawn({
-                let mut peer = peer.try_clone().unwrap();
-                move || {
-                    let mut got = vec![0u8; HEADER_SIZE + len];
-                    peer.read_exact(&mut got).unwrap();
-                    got
-                }
-            });
+            let reader = read_answer(&peer, len);
             let unaligned = [&[0u8][..], &data].concat();
             chan.respond(&req, DM_USER_RESP_SUCCESS, &unaligned[1..])
                 .unwrap();
@@ -1241,18 +1245,34 @@ mod tests {
         );
     }
 
+    /// A thread reading one answer of `len` data bytes (and its header) from `peer`.
+    fn read_answer(peer: &UnixStream, len: usize) -> std::thread::JoinHandle<Vec<u8>> {
+        let mut peer = peer.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut got = vec![0u8; HEADER_SIZE + len];
+            peer.read_exact(&mut got).unwrap();
+            got
+        })
+    }
+
+    /// A channel over an O_APPEND file at `path`: splice() into it fails with EINVAL before
+    /// taking a byte, as it does on a dm-user module without splice support.
+    fn refusing_splice(path: &Path) -> Channel {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        Channel::from_file(file)
+    }
+
     #[test]
     fn a_file_refusing_splice_gets_the_answer_written_once() {
         // splice() into an O_APPEND file fails with EINVAL before taking a byte, as it does
         // on a dm-user module without splice support.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("answers");
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .unwrap();
-        let mut chan = Channel::from_file(file);
+        let mut chan = refusing_splice(&path);
         let (req, data) = large_read(11, 256 << 10, 5);
         chan.respond(&req, DM_USER_RESP_SUCCESS, &data).unwrap();
         assert!(!chan.splices());
@@ -1275,14 +1295,7 @@ mod tests {
         // Until an answer was spliced into the channel, nothing comes from the file.
         let (first, data) = large_read(20, SPLICE_MIN_PAYLOAD, 1);
         assert!(!chan.respond_from_file(&first, &file, 0).unwrap());
-        let reader = std::thread::spawn({
-            let mut peer = peer.try_clone().unwrap();
-            move || {
-                let mut got = vec![0u8; HEADER_SIZE + SPLICE_MIN_PAYLOAD];
-                peer.read_exact(&mut got).unwrap();
-                got
-            }
-        });
+        let reader = read_answer(&peer, SPLICE_MIN_PAYLOAD);
         chan.respond(&first, DM_USER_RESP_SUCCESS, &data).unwrap();
         expect_answer(&reader.join().unwrap(), 20, &data);
         // A whole 1 MiB answer at a page-aligned offset, one at an unaligned (sector) offset
@@ -1293,14 +1306,7 @@ mod tests {
             (23, 8192, 4096),
         ] {
             let (req, _) = large_read(seq, len, 0);
-            let reader = std::thread::spawn({
-                let mut peer = peer.try_clone().unwrap();
-                move || {
-                    let mut got = vec![0u8; HEADER_SIZE + len];
-                    peer.read_exact(&mut got).unwrap();
-                    got
-                }
-            });
+            let reader = read_answer(&peer, len);
             assert!(chan.respond_from_file(&req, &file, offset as u64).unwrap());
             expect_answer(&reader.join().unwrap(), seq, &content[offset..offset + len]);
         }
@@ -1327,12 +1333,7 @@ mod tests {
         let base = dir.path().join("base");
         std::fs::write(&base, vec![7u8; 65536]).unwrap();
         let answers = dir.path().join("answers");
-        let out = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&answers)
-            .unwrap();
-        let mut chan = Channel::from_file(out);
+        let mut chan = refusing_splice(&answers);
         let (req, _) = large_read(31, 65536, 0);
         let file = File::open(&base).unwrap();
         assert!(!chan.respond_from_file(&req, &file, 0).unwrap());

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 
 mod common;
+use common::control::ask;
 
 const BIN: &str = env!("CARGO_BIN_EXE_snapuserd");
 
@@ -90,25 +91,11 @@ fn connect(path: &Path, child: &mut Child) -> UnixStream {
     panic!("snapuserd never listened on {}", path.display());
 }
 
-fn ask(s: &mut UnixStream, msg: &[u8]) -> String {
-    s.write_all(msg).unwrap();
-    let mut buf = [0u8; 512];
-    let n = s.read(&mut buf).unwrap();
-    String::from_utf8(buf[..n].to_vec()).unwrap()
-}
-
 #[test]
 fn socket_path_serves_query_and_stop_exits() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ctl");
-    let mut child = Command::new(BIN)
-        .arg(format!("-socket={}", path.display()))
-        .stderr(Stdio::null())
-        // A daemon left behind by a failed assertion must not hold the test's stdout
-        // (cargo would wait for it instead of reporting the failure).
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_quiet(Command::new(BIN).arg(format!("-socket={}", path.display())));
     let mut c = connect(&path, &mut child);
     assert_eq!(ask(&mut c, b"query"), "active");
     c.write_all(b"stop").unwrap();
@@ -120,14 +107,7 @@ fn socket_path_serves_query_and_stop_exits() {
 fn sigterm_stops_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ctl");
-    let mut child = Command::new(BIN)
-        .args(["--socket", path.to_str().unwrap()])
-        .stderr(Stdio::null())
-        // A daemon left behind by a failed assertion must not hold the test's stdout
-        // (cargo would wait for it instead of reporting the failure).
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_quiet(Command::new(BIN).args(["--socket", path.to_str().unwrap()]));
     let mut c = connect(&path, &mut child);
     assert_eq!(ask(&mut c, b"query"), "active");
     let killed = Command::new("kill")
@@ -149,14 +129,9 @@ fn inherited_init_socket_is_served() {
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
     )
     .unwrap();
-    let mut child = Command::new(BIN)
-        .env("ANDROID_SOCKET_snapuserd", listener.as_raw_fd().to_string())
-        .stderr(Stdio::null())
-        // A daemon left behind by a failed assertion must not hold the test's stdout
-        // (cargo would wait for it instead of reporting the failure).
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_quiet(
+        Command::new(BIN).env("ANDROID_SOCKET_snapuserd", listener.as_raw_fd().to_string()),
+    );
     drop(listener);
     let mut c = connect(&path, &mut child);
     assert_eq!(ask(&mut c, b"query"), "active");
@@ -283,34 +258,18 @@ fn no_socket_daemon_takes_the_control_socket_from_the_proxy() {
     let control = dir.path().join("snapuserd");
     let alive = dir.path().join("daemon-alive-indicator");
     let host = |name: &str, p: &Path| format!("-{name}={}", p.display());
-    let mut daemon = Command::new(BIN)
-        .args([
-            "-no_socket".to_string(),
-            "-worker_count=2".to_string(),
-            host("dm_user_dir", &dm_user),
-            host("proxy_socket", &proxy),
-            host("property_socket", &props),
-            host("daemon_alive_indicator", &alive),
-            format!("sys,{},{}", cow.display(), src.display()),
-        ])
-        .stderr(Stdio::null())
-        // A daemon left behind by a failed assertion must not hold the test's stdout
-        // (cargo would wait for it instead of reporting the failure).
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = spawn_quiet(Command::new(BIN).args([
+        "-no_socket".to_string(),
+        "-worker_count=2".to_string(),
+        host("dm_user_dir", &dm_user),
+        host("proxy_socket", &proxy),
+        host("property_socket", &props),
+        host("daemon_alive_indicator", &alive),
+        format!("sys,{},{}", cow.display(), src.display()),
+    ]));
     // Handlers first, then the indicator init waits for.
     wait_for_file(&alive, "1", &mut daemon);
-    let proxy_out = Command::new(BIN)
-        .args([
-            "-socket-handoff".to_string(),
-            host("proxy_socket", &proxy),
-            host("socket", &control),
-            host("property_socket", &props),
-        ])
-        .output()
-        .unwrap();
-    assert!(proxy_out.status.success(), "{proxy_out:?}");
+    socket_handoff(&proxy, &control, &[host("property_socket", &props)]);
     assert_eq!(set.recv().unwrap(), "snapuserd.proxy_ready=true");
     // The receiver serves the handed-over socket, then says so.
     assert_eq!(set.recv().unwrap(), "snapuserd.ready=true");
@@ -320,6 +279,29 @@ fn no_socket_daemon_takes_the_control_socket_from_the_proxy() {
     assert_eq!(ask(&mut c, b"update-verify"), "success");
     c.write_all(b"stop").unwrap();
     assert!(daemon.wait().unwrap().success());
+}
+
+/// Spawn the daemon as `cmd` says, its output discarded: a daemon left behind by a failed
+/// assertion must not hold the test's stdout (cargo would wait for it instead of reporting
+/// the failure).
+fn spawn_quiet(cmd: &mut Command) -> std::process::Child {
+    cmd.stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// The proxy side of the socket handoff: `-socket-handoff` from `proxy` to the control
+/// socket `control`, with `extra` flags; it must succeed.
+fn socket_handoff(proxy: &Path, control: &Path, extra: &[String]) {
+    let out = Command::new(BIN)
+        .arg("-socket-handoff")
+        .arg(format!("-proxy_socket={}", proxy.display()))
+        .arg(format!("-socket={}", control.display()))
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
 }
 
 /// A `-no_socket` daemon serving handler `sys` with no proxy to hand a socket over (its
@@ -332,19 +314,15 @@ fn spawn_no_socket(
     src: &Path,
     extra: &[&str],
 ) -> std::process::Child {
-    Command::new(BIN)
-        .arg("-no_socket")
-        .args(extra)
-        .arg(format!("-dm_user_dir={}", dm_user.display()))
-        .arg(format!("-proxy_socket={}", dir.join("none").display()))
-        .arg(format!("-daemon_alive_indicator={}", alive.display()))
-        .arg(format!("sys,{},{}", cow.display(), src.display()))
-        .stderr(Stdio::null())
-        // A daemon left behind by a failed assertion must not hold the test's stdout
-        // (cargo would wait for it instead of reporting the failure).
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap()
+    spawn_quiet(
+        Command::new(BIN)
+            .arg("-no_socket")
+            .args(extra)
+            .arg(format!("-dm_user_dir={}", dm_user.display()))
+            .arg(format!("-proxy_socket={}", dir.join("none").display()))
+            .arg(format!("-daemon_alive_indicator={}", alive.display()))
+            .arg(format!("sys,{},{}", cow.display(), src.display())),
+    )
 }
 
 #[test]
@@ -445,16 +423,12 @@ fn both_modes_open_worker_count_channels_per_handler() {
     let dm_user = fake_dm_user_dir(dir.path(), "sys");
     let node = dm_user.join("sys");
     let control = dir.path().join("ctl");
-    let mut daemon = Command::new(BIN)
-        .arg(format!("-socket={}", control.display()))
-        .arg("-worker_count=4")
-        .arg(format!("-dm_user_dir={}", dm_user.display()))
-        .stderr(Stdio::null())
-        // A daemon left behind by a failed assertion must not hold the test's stdout
-        // (cargo would wait for it instead of reporting the failure).
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = spawn_quiet(
+        Command::new(BIN)
+            .arg(format!("-socket={}", control.display()))
+            .arg("-worker_count=4")
+            .arg(format!("-dm_user_dir={}", dm_user.display())),
+    );
     let mut c = connect(&control, &mut daemon);
     let init = format!("init,sys,{},{}", cow.display(), src.display());
     assert!(ask(&mut c, init.as_bytes()).starts_with("success,"));
@@ -635,15 +609,13 @@ fn user_snapshot_init_start_merge_and_status_through_the_binary() {
     let u = common::write_user_update(dir.path(), "sys", 256);
     let dm_user = fake_dm_user_dir(dir.path(), "sys");
     let control = dir.path().join("snapuserd");
-    let mut daemon = Command::new(BIN)
-        .arg("-user_snapshot")
-        .arg(format!("-socket={}", control.display()))
-        .arg(format!("-dm_user_dir={}", dm_user.display()))
-        .arg("-num_merge_threads=1")
-        .stderr(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = spawn_quiet(
+        Command::new(BIN)
+            .arg("-user_snapshot")
+            .arg(format!("-socket={}", control.display()))
+            .arg(format!("-dm_user_dir={}", dm_user.display()))
+            .arg("-num_merge_threads=1"),
+    );
     let mut c = connect(&control, &mut daemon);
     let init = format!(
         "init,sys,{},{},{}",
@@ -681,35 +653,22 @@ fn no_socket_user_snapshot_handlers_verify_and_merge_after_the_handoff() {
     let control = dir.path().join("snapuserd");
     let alive = dir.path().join("alive");
     let host = |name: &str, p: &Path| format!("-{name}={}", p.display());
-    let mut daemon = Command::new(BIN)
-        .args([
-            "-no_socket".to_string(),
-            "-user_snapshot".to_string(),
-            host("dm_user_dir", &dm_user),
-            host("proxy_socket", &proxy),
-            host("daemon_alive_indicator", &alive),
-            host("verify_device_dir", &devices),
-            format!(
-                "sys,{},{},{}",
-                u.cow.display(),
-                u.source.display(),
-                u.base.display()
-            ),
-        ])
-        .stderr(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = spawn_quiet(Command::new(BIN).args([
+        "-no_socket".to_string(),
+        "-user_snapshot".to_string(),
+        host("dm_user_dir", &dm_user),
+        host("proxy_socket", &proxy),
+        host("daemon_alive_indicator", &alive),
+        host("verify_device_dir", &devices),
+        format!(
+            "sys,{},{},{}",
+            u.cow.display(),
+            u.source.display(),
+            u.base.display()
+        ),
+    ]));
     wait_for_file(&alive, "1", &mut daemon);
-    let proxy_out = Command::new(BIN)
-        .args([
-            "-socket-handoff".to_string(),
-            host("proxy_socket", &proxy),
-            host("socket", &control),
-        ])
-        .output()
-        .unwrap();
-    assert!(proxy_out.status.success(), "{proxy_out:?}");
+    socket_handoff(&proxy, &control, &[]);
     let mut c = connect(&control, &mut daemon);
     assert_eq!(ask(&mut c, b"update-verify"), "success");
     assert_eq!(ask(&mut c, b"getstatus,sys"), "snapshot");

@@ -7,105 +7,39 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use snapuserd::daemon::control_server::{bind_listener, ControlServer, ServerExit};
 use snapuserd::daemon::events::DaemonEvents;
 use snapuserd::daemon::handlers::{CowFileOpener, HandlerRegistry, TargetError};
-use snapuserd::daemon::transport::ChannelOpener;
 use snapuserd::dm_user::{
-    Channel, ChannelError, MessageHeader, DM_USER_REQ_MAP_DISCARD, DM_USER_REQ_MAP_FLAG_FUA,
-    DM_USER_REQ_MAP_FLAG_PREFLUSH, DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE, DM_USER_RESP_ERROR,
-    DM_USER_RESP_SUCCESS, DM_USER_RESP_UNSUPPORTED, HEADER_SIZE,
+    MessageHeader, DM_USER_REQ_MAP_DISCARD, DM_USER_REQ_MAP_FLAG_FUA,
+    DM_USER_REQ_MAP_FLAG_PREFLUSH, DM_USER_REQ_MAP_WRITE, DM_USER_RESP_ERROR, DM_USER_RESP_SUCCESS,
+    DM_USER_RESP_UNSUPPORTED, HEADER_SIZE,
 };
 
 mod common;
+use common::control::{ask, kernel_read, PairOpener, TestDaemon};
 use common::BLOCK;
 
-/// Hands each opened channel's "kernel" end to the test.
-struct PairOpener(Mutex<Sender<(String, UnixStream)>>);
-
-impl ChannelOpener for PairOpener {
-    fn open(&self, misc: &str) -> Result<Channel, ChannelError> {
-        let (kernel, daemon) = UnixStream::pair().map_err(|source| ChannelError::Io {
-            op: "socketpair",
-            source,
-        })?;
-        self.0
-            .lock()
-            .unwrap()
-            .send((misc.to_string(), kernel))
-            .unwrap();
-        Ok(Channel::from_fd(daemon.into()))
-    }
+/// A legacy-mode daemon with `workers` worker threads per handler.
+fn start(workers: u32) -> TestDaemon {
+    TestDaemon::start(|_, channels| {
+        HandlerRegistry::new(Box::new(CowFileOpener), channels, workers)
+    })
 }
 
-struct Daemon {
-    _dir: tempfile::TempDir,
-    dir: PathBuf,
-    socket: PathBuf,
-    kernels: Receiver<(String, UnixStream)>,
-    thread: Option<JoinHandle<ServerExit>>,
-}
-
-impl Daemon {
-    fn start(workers: u32) -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().to_path_buf();
-        let socket = dir.join("snapuserd");
-        let (tx, rx) = mpsc::channel();
-        let registry = Arc::new(HandlerRegistry::new(
-            Box::new(CowFileOpener),
-            Box::new(PairOpener(Mutex::new(tx))),
-            workers,
-        ));
-        let mut server = ControlServer::new(bind_listener(&socket).unwrap(), registry).unwrap();
-        let thread = std::thread::spawn(move || server.run(&DaemonEvents::new().unwrap()).unwrap());
-        Daemon {
-            _dir: tmp,
-            dir,
-            socket,
-            kernels: rx,
-            thread: Some(thread),
-        }
-    }
-
-    fn connect(&self) -> UnixStream {
-        UnixStream::connect(&self.socket).unwrap()
-    }
-
-    fn join(mut self) -> ServerExit {
-        self.thread.take().unwrap().join().unwrap()
-    }
-}
-
-fn ask(s: &mut UnixStream, msg: &[u8]) -> String {
-    s.write_all(msg).unwrap();
-    let mut buf = [0u8; 512];
-    let n = s.read(&mut buf).unwrap();
-    String::from_utf8(buf[..n].to_vec()).unwrap()
-}
-
-fn stop(d: Daemon) {
-    let mut c = d.connect();
-    c.write_all(b"stop").unwrap();
-    let mut buf = [0u8; 16];
-    assert_eq!(
-        c.read(&mut buf).unwrap(),
-        0,
-        "stop has no reply; the server closes"
-    );
-    assert_eq!(d.join(), ServerExit::StopCommand);
+fn stop(d: TestDaemon) {
+    d.stop()
 }
 
 #[test]
 fn query_malformed_oversized_and_unknown() {
-    let d = Daemon::start(1);
+    let d = start(1);
     let mut c = d.connect();
     assert_eq!(ask(&mut c, b"query"), "active");
     assert_eq!(ask(&mut c, b"init,a"), "fail");
     assert_eq!(ask(&mut c, b"query"), "active");
-    assert_eq!(ask(&mut c, &[b'q'; 600]), "fail");
+    assert_eq!(ask(&mut c, [b'q'; 600]), "fail");
     assert_eq!(ask(&mut c, b"query"), "active");
     assert_eq!(ask(&mut c, b"getstatus,\xff\xfe"), "fail");
     assert_eq!(
@@ -127,7 +61,7 @@ fn query_malformed_oversized_and_unknown() {
 
 #[test]
 fn many_concurrent_clients() {
-    let d = Daemon::start(1);
+    let d = start(1);
     let socket = d.socket.clone();
     let threads: Vec<_> = (0..24)
         .map(|_| {
@@ -148,7 +82,7 @@ fn many_concurrent_clients() {
 
 #[test]
 fn clients_beyond_the_limit_are_refused() {
-    let d = Daemon::start(1);
+    let d = start(1);
     let mut held: Vec<UnixStream> = (0..snapuserd::daemon::control_server::MAX_CLIENTS)
         .map(|_| d.connect())
         .collect();
@@ -167,7 +101,7 @@ fn clients_beyond_the_limit_are_refused() {
 
 #[test]
 fn a_client_that_never_reads_does_not_stall_the_others() {
-    let d = Daemon::start(1);
+    let d = start(1);
     let mut hog = d.connect();
     let hog_thread = std::thread::spawn(move || {
         // Keep sending without ever reading; the server must drop us eventually.
@@ -192,7 +126,7 @@ fn a_client_that_never_reads_does_not_stall_the_others() {
 
 #[test]
 fn detach_with_no_handlers_ends_the_server_at_once() {
-    let d = Daemon::start(1);
+    let d = start(1);
     let mut c = d.connect();
     c.write_all(b"detach").unwrap();
     let socket = d.socket.clone();
@@ -202,7 +136,7 @@ fn detach_with_no_handlers_ends_the_server_at_once() {
 
 #[test]
 fn detach_turns_passive_and_waits_for_the_handlers() {
-    let d = Daemon::start(1);
+    let d = start(1);
     let (cow, src, _) = common::write_small_update(&d.dir);
     let mut a = d.connect();
     let mut b = d.connect();
@@ -221,26 +155,6 @@ fn detach_turns_passive_and_waits_for_the_handlers() {
     let (_, kernel) = d.kernels.recv().unwrap();
     drop(kernel);
     assert_eq!(d.join(), ServerExit::Detached);
-}
-
-fn kernel_read(k: &mut UnixStream, seq: u64, sector: u64, len: u64) -> (MessageHeader, Vec<u8>) {
-    let req = MessageHeader {
-        seq,
-        msg_type: DM_USER_REQ_MAP_READ,
-        flags: 0,
-        sector,
-        len,
-    };
-    k.write_all(&req.to_bytes()).unwrap();
-    let mut raw = [0u8; HEADER_SIZE];
-    k.read_exact(&mut raw).unwrap();
-    let resp = MessageHeader::from_bytes(&raw);
-    let mut data = Vec::new();
-    if resp.msg_type == DM_USER_RESP_SUCCESS {
-        data.resize(len as usize, 0);
-        k.read_exact(&mut data).unwrap();
-    }
-    (resp, data)
 }
 
 /// Send a WRITE (an empty one is a flush: PREFLUSH, length 0) and return the response code.
@@ -271,7 +185,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 
 #[test]
 fn init_with_a_missing_cow_fails() {
-    let d = Daemon::start(1);
+    let d = start(1);
     let (_, src, _) = common::write_small_update(&d.dir);
     let mut c = d.connect();
     let missing = d.dir.join("absent.cow");
@@ -284,7 +198,7 @@ fn init_with_a_missing_cow_fails() {
 
 #[test]
 fn init_start_serve_status_delete_on_a_real_cow() {
-    let d = Daemon::start(2);
+    let d = start(2);
     let (cow, src, target) = common::write_small_update(&d.dir);
     let expected_sectors = snapuserd::cow_backend::CowSnapshot::open(&cow, &src)
         .unwrap()
@@ -476,7 +390,7 @@ fn a_slow_init_does_not_stall_other_clients() {
 
 #[test]
 fn update_verify_reads_every_block_and_fails_on_a_read_error() {
-    let d = Daemon::start(1);
+    let d = start(1);
     let (cow, src, _) = common::write_small_update(&d.dir);
     // A second snapshot whose COW loses its data after init. (Its COPY op is served from
     // the read-ahead window saved at open, so a damaged source would go unnoticed here:
@@ -514,7 +428,7 @@ fn update_verify_reads_every_block_and_fails_on_a_read_error() {
 
 #[test]
 fn pause_merge_holds_the_write_back_and_keeps_reads_going() {
-    let d = Daemon::start(1);
+    let d = start(1);
     let (cow, src, target) = common::write_small_update(&d.dir);
     let mut c = d.connect();
     let init = format!("init,sys,{},{}", cow.display(), src.display());

@@ -5,108 +5,47 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
-use snapuserd::daemon::control_server::{bind_listener, ControlServer, ServerExit};
-use snapuserd::daemon::events::DaemonEvents;
 use snapuserd::daemon::handlers::{CowFileOpener, HandlerRegistry};
-use snapuserd::daemon::transport::ChannelOpener;
 use snapuserd::daemon::update_verify::VerifyDevices;
 use snapuserd::daemon::user_snapshots::UserSnapshotOpener;
 use snapuserd::dm_user::{
-    Channel, ChannelError, MessageHeader, DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE,
-    DM_USER_RESP_ERROR, DM_USER_RESP_SUCCESS, HEADER_SIZE,
+    MessageHeader, DM_USER_REQ_MAP_WRITE, DM_USER_RESP_ERROR, DM_USER_RESP_SUCCESS, HEADER_SIZE,
 };
 use snapuserd::user_merge::UserSnapshotOptions;
 
 mod common;
+use common::control::{self, ask, TestDaemon};
 use common::{write_user_update, UserUpdate, BLOCK};
 
-/// Hands each opened channel's "kernel" end to the test.
-struct PairOpener(Mutex<Sender<(String, UnixStream)>>);
+/// A daemon with user-space-merge support over a real socket.
+struct Daemon(TestDaemon);
 
-impl ChannelOpener for PairOpener {
-    fn open(&self, misc: &str) -> Result<Channel, ChannelError> {
-        let (kernel, daemon) = UnixStream::pair().map_err(|source| ChannelError::Io {
-            op: "socketpair",
-            source,
-        })?;
-        self.0
-            .lock()
-            .unwrap()
-            .send((misc.to_string(), kernel))
-            .unwrap();
-        Ok(Channel::from_fd(daemon.into()))
+impl std::ops::Deref for Daemon {
+    type Target = TestDaemon;
+    fn deref(&self) -> &TestDaemon {
+        &self.0
     }
-}
-
-struct Daemon {
-    _dir: tempfile::TempDir,
-    dir: PathBuf,
-    socket: PathBuf,
-    registry: Arc<HandlerRegistry>,
-    kernels: Receiver<(String, UnixStream)>,
-    thread: Option<JoinHandle<ServerExit>>,
 }
 
 impl Daemon {
     fn start(merge_threads: u32, user_snapshot_only: bool, opts: UserSnapshotOptions) -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().to_path_buf();
-        let socket = dir.join("snapuserd");
-        let (tx, rx) = mpsc::channel();
-        let registry = Arc::new(
-            HandlerRegistry::new(
-                Box::new(CowFileOpener),
-                Box::new(PairOpener(Mutex::new(tx))),
-                1,
-            )
-            .with_user_snapshots(Box::new(UserSnapshotOpener::new(opts)))
-            .with_user_snapshot_only(user_snapshot_only)
-            .with_merge_threads(merge_threads, true)
-            .with_verify_devices(VerifyDevices::Dir(dir.join("no-devices"))),
-        );
-        let mut server =
-            ControlServer::new(bind_listener(&socket).unwrap(), Arc::clone(&registry)).unwrap();
-        let thread = std::thread::spawn(move || server.run(&DaemonEvents::new().unwrap()).unwrap());
-        Daemon {
-            _dir: tmp,
-            dir,
-            socket,
-            registry,
-            kernels: rx,
-            thread: Some(thread),
-        }
-    }
-
-    fn connect(&self) -> UnixStream {
-        UnixStream::connect(&self.socket).unwrap()
+        Self(TestDaemon::start(|dir, channels| {
+            HandlerRegistry::new(Box::new(CowFileOpener), channels, 1)
+                .with_user_snapshots(Box::new(UserSnapshotOpener::new(opts)))
+                .with_user_snapshot_only(user_snapshot_only)
+                .with_merge_threads(merge_threads, true)
+                .with_verify_devices(VerifyDevices::Dir(dir.join("no-devices")))
+        }))
     }
 
     fn update(&self, name: &str, blocks: usize) -> UserUpdate {
         write_user_update(&self.dir, name, blocks)
     }
 
-    fn stop(mut self) {
-        let mut c = self.connect();
-        c.write_all(b"stop").unwrap();
-        let mut buf = [0u8; 16];
-        assert_eq!(c.read(&mut buf).unwrap(), 0, "stop has no reply");
-        assert_eq!(
-            self.thread.take().unwrap().join().unwrap(),
-            ServerExit::StopCommand
-        );
+    fn stop(self) {
+        self.0.stop()
     }
-}
-
-fn ask(s: &mut UnixStream, msg: &str) -> String {
-    s.write_all(msg.as_bytes()).unwrap();
-    let mut buf = [0u8; 512];
-    let n = s.read(&mut buf).unwrap();
-    String::from_utf8(buf[..n].to_vec()).unwrap()
 }
 
 fn init_msg(misc: &str, u: &UserUpdate) -> String {
@@ -118,25 +57,10 @@ fn init_msg(misc: &str, u: &UserUpdate) -> String {
     )
 }
 
-/// Read `len` bytes at `sector` through a kernel end.
+/// Read `len` bytes at `sector` through a kernel end: the response code and the data.
 fn kernel_read(k: &mut UnixStream, seq: u64, sector: u64, len: u64) -> (u64, Vec<u8>) {
-    let req = MessageHeader {
-        seq,
-        msg_type: DM_USER_REQ_MAP_READ,
-        flags: 0,
-        sector,
-        len,
-    };
-    k.write_all(&req.to_bytes()).unwrap();
-    let mut raw = [0u8; HEADER_SIZE];
-    k.read_exact(&mut raw).unwrap();
-    let resp = MessageHeader::from_bytes(&raw);
+    let (resp, data) = control::kernel_read(k, seq, sector, len);
     assert_eq!(resp.seq, seq);
-    let mut data = Vec::new();
-    if resp.msg_type == DM_USER_RESP_SUCCESS {
-        data.resize(len as usize, 0);
-        k.read_exact(&mut data).unwrap();
-    }
     (resp.msg_type, data)
 }
 
@@ -170,7 +94,7 @@ fn wait_for_a_running_merge(d: &Daemon) {
 fn wait_merge_end(c: &mut UnixStream, misc: &str) -> String {
     // A minute is a hang, not a slow machine.
     for _ in 0..12_000 {
-        let s = ask(c, &format!("getstatus,{misc}"));
+        let s = ask(c, format!("getstatus,{misc}"));
         if s != "snapshot-merge" {
             return s;
         }
@@ -186,7 +110,7 @@ fn init_start_read_merge_and_status_walk_on_a_real_cow() {
     let mut c = d.connect();
     let sectors = (256 * BLOCK / 512) as u64;
     assert_eq!(
-        ask(&mut c, &init_msg("sys", &u)),
+        ask(&mut c, init_msg("sys", &u)),
         format!("success,{sectors}")
     );
     assert_eq!(ask(&mut c, "getstatus,sys"), "snapshot");
@@ -243,7 +167,7 @@ fn a_merge_started_while_paused_stands_still_until_resumed() {
     let d = Daemon::start(2, false, UserSnapshotOptions::default());
     let u = d.update("sys", 128);
     let mut c = d.connect();
-    ask(&mut c, &init_msg("sys", &u));
+    ask(&mut c, init_msg("sys", &u));
     assert_eq!(ask(&mut c, "start,sys"), "success");
     let (_, _k) = d.kernels.recv().unwrap();
     assert_eq!(ask(&mut c, "pause_merge"), "success");
@@ -269,8 +193,8 @@ fn with_one_merge_thread_the_second_partition_waits_its_turn() {
     let a = d.update("a", 128);
     let b = d.update("b", 96);
     let mut c = d.connect();
-    ask(&mut c, &init_msg("a", &a));
-    ask(&mut c, &init_msg("b", &b));
+    ask(&mut c, init_msg("a", &a));
+    ask(&mut c, init_msg("b", &b));
     assert_eq!(ask(&mut c, "start,a"), "success");
     assert_eq!(ask(&mut c, "start,b"), "success");
     let _kernels: Vec<_> = (0..2).map(|_| d.kernels.recv().unwrap()).collect();
@@ -300,7 +224,7 @@ fn a_merge_that_cannot_read_its_source_reports_failed() {
     let d = Daemon::start(2, false, opts);
     let u = d.update("sys", 128);
     let mut c = d.connect();
-    ask(&mut c, &init_msg("sys", &u));
+    ask(&mut c, init_msg("sys", &u));
     assert_eq!(ask(&mut c, "start,sys"), "success");
     let (_, _k) = d.kernels.recv().unwrap();
     // The source device loses its contents: the COPY ops cannot be read.
@@ -337,7 +261,7 @@ fn field_counts_choose_the_mode_and_mismatches_fail() {
     assert_eq!(ask(&mut c, &msg), "fail");
     assert_eq!(ask(&mut c, "query"), "active");
     assert_eq!(
-        ask(&mut c, &init_msg("sys", &u)),
+        ask(&mut c, init_msg("sys", &u)),
         format!("success,{}", 64 * BLOCK / 512)
     );
     d.stop();

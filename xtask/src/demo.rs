@@ -33,6 +33,7 @@ use crate::demo_svg::{self, ProgressPlot};
 use crate::deps::{self, KernelSeries};
 use crate::error::{io_err, Result, XtaskError};
 use crate::ext4_images;
+use crate::flags::Flags;
 use crate::guest::{self, GuestBinary};
 use crate::initramfs::{self, InitramfsSpec};
 use crate::kmod;
@@ -75,19 +76,14 @@ impl DemoOptions {
     /// Parse `[--legacy] [--rounds N] [--transport dm-user] [--source SRC.img --target TGT.img]`.
     pub fn parse(args: &[String]) -> Result<Self> {
         let mut o = Self::default();
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            let mut value = |flag: &str| {
-                it.next()
-                    .cloned()
-                    .ok_or_else(|| XtaskError::Usage(format!("{flag} needs a value")))
-            };
-            match a.as_str() {
-                "--source" => o.source = Some(value("--source")?.into()),
-                "--target" => o.target = Some(value("--target")?.into()),
+        let mut flags = Flags::new(args, "");
+        while let Some(a) = flags.next_flag() {
+            match a {
+                "--source" => o.source = Some(flags.value("--source")?.into()),
+                "--target" => o.target = Some(flags.value("--target")?.into()),
                 "--legacy" => o.legacy = true,
                 "--rounds" => {
-                    let v = value("--rounds")?;
+                    let v = flags.value("--rounds")?;
                     o.rounds =
                         v.parse()
                             .ok()
@@ -97,7 +93,7 @@ impl DemoOptions {
                             })?;
                 }
                 "--transport" => {
-                    let v = value("--transport")?;
+                    let v = flags.value("--transport")?;
                     if v != TRANSPORT {
                         return Err(XtaskError::Usage(format!(
                             "--transport {v:?}: this demo serves the snapshot over {TRANSPORT} only"
@@ -357,6 +353,29 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The verdict of a demo boot: its first failure (a failed result, else a base disk merged
+/// in the emulator that differs from `target` on the host), and whether base == target.
+fn run_verdict(
+    run: &crate::vm::VmRun,
+    results: &[report::TestResult],
+    base: &Path,
+    target: &Path,
+) -> Result<(Option<String>, bool)> {
+    let mut failure = results.iter().find(|r| !r.pass).map(|bad| {
+        format!(
+            "emulator: {} failed: {} (log: {})",
+            bad.name,
+            bad.detail,
+            run.log_path.display()
+        )
+    });
+    let host_base_ok = first_difference(base, target, file_len(target)?)?.is_none();
+    if !host_base_ok && failure.is_none() {
+        failure = Some("the base disk merged in the emulator differs from the target".into());
+    }
+    Ok((failure, host_base_ok))
 }
 
 fn first_difference(a: &Path, b: &Path, len: u64) -> Result<Option<u64>> {
@@ -767,19 +786,7 @@ fn legacy_device_stage(
     let expected = ["snap-read-demo".to_string(), "snap-merge-demo".to_string()];
     let results = report::evaluate(&run, &expected);
     let failed = |name: &str| results.iter().any(|r| r.name == name && !r.pass);
-    let mut failure = results.iter().find(|r| !r.pass).map(|bad| {
-        format!(
-            "emulator: {} failed: {} (log: {})",
-            bad.name,
-            bad.detail,
-            run.log_path.display()
-        )
-    });
-    let target_len = file_len(target)?;
-    let host_base_ok = first_difference(&base, target, target_len)?.is_none();
-    if !host_base_ok && failure.is_none() {
-        failure = Some("the base disk merged in the emulator differs from the target".into());
-    }
+    let (failure, host_base_ok) = run_verdict(&run, &results, &base, target)?;
     let lines = guest_lines(&run.log, "VMINFO snap-demo ");
     Ok(DeviceStage {
         mode: "legacy",
@@ -839,19 +846,7 @@ fn user_device_stage(
     expected.extend((0..rounds).map(|i| format!("demo-merge-round{i}")));
     let results = report::evaluate(&run, &expected);
     let passed = |name: &str| results.iter().any(|r| r.name == name && r.pass);
-    let mut failure = results.iter().find(|r| !r.pass).map(|bad| {
-        format!(
-            "emulator: {} failed: {} (log: {})",
-            bad.name,
-            bad.detail,
-            run.log_path.display()
-        )
-    });
-    let target_len = file_len(target)?;
-    let host_base_ok = first_difference(&base, target, target_len)?.is_none();
-    if !host_base_ok && failure.is_none() {
-        failure = Some("the base disk merged in the emulator differs from the target".into());
-    }
+    let (failure, host_base_ok) = run_verdict(&run, &results, &base, target)?;
     let guest = demo_figures::parse(&guest_lines(&run.log, "VMDEMO "));
     let medians = demo_figures::medians(&guest.rounds);
     let plot = repo.join("build/demo/merge-progress.svg");

@@ -28,6 +28,7 @@ mod demo_svg;
 mod deps;
 mod error;
 mod ext4_images;
+mod flags;
 mod guest;
 mod initramfs;
 mod kmod;
@@ -43,6 +44,7 @@ use std::time::Duration;
 
 use deps::KernelSeries;
 use error::{Result, XtaskError};
+use flags::{kernels_or_all, Flags};
 use guest::GuestBinary;
 use initramfs::InitramfsSpec;
 use report::TestResult;
@@ -65,26 +67,15 @@ struct Options {
 
 fn parse_options(args: &[String]) -> Result<Options> {
     let mut o = Options::default();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = |flag: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| XtaskError::Usage(format!("{flag} needs a value; {USAGE}")))
-        };
-        match a.as_str() {
-            "--kernel" => o.kernels.push(KernelSeries::parse(&value("--kernel")?)?),
-            "--filter" => o.filter = Some(value("--filter")?),
-            "--timeout" => {
-                let v = value("--timeout")?;
-                o.timeout = Some(
-                    v.parse()
-                        .map_err(|_| XtaskError::Usage(format!("bad --timeout {v}")))?,
-                );
-            }
-            "--disk" => o.disks.push(PathBuf::from(value("--disk")?)),
+    let mut flags = Flags::new(args, USAGE);
+    while let Some(a) = flags.next_flag() {
+        match a {
+            "--kernel" => o.kernels.push(flags.kernel()?),
+            "--filter" => o.filter = Some(flags.value("--filter")?),
+            "--timeout" => o.timeout = Some(flags.timeout()?),
+            "--disk" => o.disks.push(PathBuf::from(flags.value("--disk")?)),
             "--smp" => {
-                let v = value("--smp")?;
+                let v = flags.value("--smp")?;
                 o.cpus = Some(
                     v.parse()
                         .ok()
@@ -102,9 +93,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
             }
         }
     }
-    if o.kernels.is_empty() {
-        o.kernels = KernelSeries::ALL.to_vec();
-    }
+    o.kernels = kernels_or_all(std::mem::take(&mut o.kernels));
     Ok(o)
 }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use crate::deps::{Kernel, KernelSeries};
 use crate::error::{io_err, Result};
+use crate::guest::GuestBinary;
 use crate::initramfs::{self, InitramfsSpec};
 use crate::report::TestResult;
 use crate::vm::{BootEnd, VmRun, VmSpec};
@@ -159,6 +160,84 @@ pub fn synthetic_pair(repo: &Path, work: &Path, tool: &Path, mode: CowMergeMode)
         target,
         cow,
     })
+}
+
+/// What a scenario run sets up before its boots: the locked build folder, the host tools,
+/// its work folder, `ota-tools`, both image pairs (COWs in `mode`'s merge order) and the guest
+/// programs (`vmtest`, `snapuserd`).
+pub struct ScenarioSetup {
+    /// `build/` of the repository (locked while this lives).
+    pub build_root: PathBuf,
+    /// The run's own folder below `build/`.
+    pub work: PathBuf,
+    /// The host `ota-tools` binary.
+    pub tool: PathBuf,
+    /// The ext4 pair.
+    pub ext4: Pair,
+    /// The synthetic pair.
+    pub synthetic: Pair,
+    /// The guest programs.
+    pub binaries: Vec<PathBuf>,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl ScenarioSetup {
+    /// Lock `build/`, install the host tools, make `build/<work_name>`, build `ota-tools`,
+    /// both pairs for `mode` and the guest programs.
+    pub fn prepare(repo: &Path, work_name: &str, mode: CowMergeMode) -> Result<Self> {
+        let build_root = repo.join("build");
+        std::fs::create_dir_all(&build_root).map_err(io_err("create", &build_root))?;
+        let lock = crate::lock_build_dir(&build_root)?;
+        crate::deps::ensure_host_tools()?;
+        crate::deps::ensure_packages(&["e2fsprogs", "python3"])?;
+        let work = build_root.join(work_name);
+        std::fs::create_dir_all(&work).map_err(io_err("create", &work))?;
+
+        let tool = build_ota_tools(repo)?;
+        let ext4 = ext4_pair(repo, &work, &tool, mode)?;
+        let synthetic = synthetic_pair(repo, &work, &tool, mode)?;
+
+        let binaries = crate::guest::build(
+            repo,
+            &build_root,
+            &[
+                GuestBinary::new("vm-tests", "vmtest"),
+                GuestBinary::new("snapuserd", "snapuserd"),
+            ],
+        )?;
+        Ok(Self {
+            build_root,
+            work,
+            tool,
+            ext4,
+            synthetic,
+            binaries,
+            _lock: lock,
+        })
+    }
+
+    /// The boots on kernel `series` (labels `<prefix>-<series>-...`, with our dm-user module
+    /// when it builds) and the folder `run-<series>` for their disks.
+    pub fn kernel(
+        &self,
+        repo: &Path,
+        series: KernelSeries,
+        prefix: &str,
+    ) -> Result<(BootTemplate, PathBuf)> {
+        let kernel = crate::deps::ensure_kernel(series)?;
+        eprintln!("xtask: kernel {} -> {}", series.label(), kernel.abi);
+        let k = series.label();
+        let boots = BootTemplate {
+            prefix: format!("{prefix}-{k}"),
+            dm_user: crate::kmod::build_dm_user(repo, &self.build_root, &kernel).ok(),
+            kernel,
+            extra_stock_modules: Vec::new(),
+            binaries: self.binaries.clone(),
+        };
+        let disks = self.work.join(format!("run-{k}"));
+        std::fs::create_dir_all(&disks).map_err(io_err("create", &disks))?;
+        Ok((boots, disks))
+    }
 }
 
 /// A boot of the scenario guest: the stock modules plus `extra_modules`, dm-user when it was

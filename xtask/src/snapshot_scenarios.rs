@@ -19,13 +19,12 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::deps::{self, KernelSeries};
-use crate::error::{io_err, Result, XtaskError};
-use crate::guest::{self, GuestBinary};
-use crate::kmod;
+use crate::deps::KernelSeries;
+use crate::error::{Result, XtaskError};
+use crate::flags::{kernels_or_all, Flags};
 use crate::report::{self, TestResult};
 use crate::scenario_pairs::{
-    self, collect, fresh_copy, powered_off_verdict, BootTemplate, CowMergeMode, MARKER,
+    self, collect, fresh_copy, powered_off_verdict, CowMergeMode, ScenarioSetup, MARKER,
 };
 
 /// Power-off points of the power-off scenario: percentage of the exceptions merged.
@@ -44,22 +43,11 @@ impl SnapshotOptions {
     /// Parse `[--kernel 6.1|6.12]... [--timeout SECS]`.
     pub fn parse(args: &[String]) -> Result<Self> {
         let mut o = Self::default();
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            let mut value = |flag: &str| {
-                it.next()
-                    .cloned()
-                    .ok_or_else(|| XtaskError::Usage(format!("{flag} needs a value")))
-            };
-            match a.as_str() {
-                "--kernel" => o.kernels.push(KernelSeries::parse(&value("--kernel")?)?),
-                "--timeout" => {
-                    let v = value("--timeout")?;
-                    o.timeout = Some(
-                        v.parse()
-                            .map_err(|_| XtaskError::Usage(format!("bad --timeout {v}")))?,
-                    );
-                }
+        let mut flags = Flags::new(args, "");
+        while let Some(a) = flags.next_flag() {
+            match a {
+                "--kernel" => o.kernels.push(flags.kernel()?),
+                "--timeout" => o.timeout = Some(flags.timeout()?),
                 other => {
                     return Err(XtaskError::Usage(format!(
                         "unknown argument {other:?}; usage: cargo xtask vm-snapshot [--kernel 6.1|6.12] [--timeout SECS]"
@@ -67,49 +55,19 @@ impl SnapshotOptions {
                 }
             }
         }
-        if o.kernels.is_empty() {
-            o.kernels = KernelSeries::ALL.to_vec();
-        }
+        o.kernels = kernels_or_all(std::mem::take(&mut o.kernels));
         Ok(o)
     }
 }
 
 /// Run the scenarios on every selected kernel; fails if any result fails.
 pub fn run(repo: &Path, opts: &SnapshotOptions) -> Result<()> {
-    let build_root = repo.join("build");
-    std::fs::create_dir_all(&build_root).map_err(io_err("create", &build_root))?;
-    let _lock = crate::lock_build_dir(&build_root)?;
-    deps::ensure_host_tools()?;
-    deps::ensure_packages(&["e2fsprogs", "python3"])?;
-    let work = build_root.join("vmsnap");
-    std::fs::create_dir_all(&work).map_err(io_err("create", &work))?;
+    let setup = ScenarioSetup::prepare(repo, "vmsnap", CowMergeMode::Legacy)?;
+    let (build_root, ext4, synthetic) = (&setup.build_root, &setup.ext4, &setup.synthetic);
 
-    let tool = scenario_pairs::build_ota_tools(repo)?;
-    let ext4 = scenario_pairs::ext4_pair(repo, &work, &tool, CowMergeMode::Legacy)?;
-    let synthetic = scenario_pairs::synthetic_pair(repo, &work, &tool, CowMergeMode::Legacy)?;
-
-    let bins = guest::build(
-        repo,
-        &build_root,
-        &[
-            GuestBinary::new("vm-tests", "vmtest"),
-            GuestBinary::new("snapuserd", "snapuserd"),
-        ],
-    )?;
     let mut all: Vec<(KernelSeries, TestResult)> = Vec::new();
     for &series in &opts.kernels {
-        let kernel = deps::ensure_kernel(series)?;
-        eprintln!("xtask: kernel {} -> {}", series.label(), kernel.abi);
-        let k = series.label();
-        let boots = BootTemplate {
-            prefix: format!("snap-{k}"),
-            kernel: kernel.clone(),
-            extra_stock_modules: Vec::new(),
-            dm_user: kmod::build_dm_user(repo, &build_root, &kernel).ok(),
-            binaries: bins.clone(),
-        };
-        let disks = work.join(format!("run-{k}"));
-        std::fs::create_dir_all(&disks).map_err(io_err("create", &disks))?;
+        let (boots, disks) = setup.kernel(repo, series, "snap")?;
         let fresh = |name: &str, from: &Path| fresh_copy(&disks, name, from);
         let limit = opts.timeout.unwrap_or(1500);
         let spec = |label: &str, disks: Vec<PathBuf>, fragment: String, secs: u64| {
@@ -168,7 +126,7 @@ pub fn run(repo: &Path, opts: &SnapshotOptions) -> Result<()> {
         ] {
             expected_a.push(s.into());
         }
-        let run = spec("a", disks_a, fragment_a, limit).run(&build_root)?;
+        let run = spec("a", disks_a, fragment_a, limit).run(build_root)?;
         collect(&mut all, series, "a", report::evaluate(&run, &expected_a));
 
         // Boots p1/p2: power-off in the middle of the merge, then resume on the same images;
@@ -189,7 +147,7 @@ pub fn run(repo: &Path, opts: &SnapshotOptions) -> Result<()> {
                 ),
                 limit.min(900),
             )
-            .run(&build_root)?;
+            .run(build_root)?;
             let mut r1 = report::evaluate(&run1, &[format!("snap-poweroff-{tag}")]);
             // This boot must end by the power-off, before the init script's own VMDONE.
             powered_off_verdict(&run1, &mut r1);
@@ -202,7 +160,7 @@ pub fn run(repo: &Path, opts: &SnapshotOptions) -> Result<()> {
                     format!("/bin/vmtest snap resume-merge {args}\n"),
                     limit,
                 )
-                .run(&build_root)?;
+                .run(build_root)?;
                 collect(
                     &mut all,
                     series,
@@ -233,10 +191,7 @@ pub fn run(repo: &Path, opts: &SnapshotOptions) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(a: &[&str]) -> Vec<String> {
-        a.iter().map(|s| s.to_string()).collect()
-    }
+    use crate::flags::words as args;
 
     #[test]
     fn options_default_to_both_kernels() {

@@ -24,15 +24,15 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::deps::{self, KernelSeries};
-use crate::error::{io_err, Result, XtaskError};
-use crate::guest::{self, GuestBinary};
+use crate::cmd;
+use crate::deps::KernelSeries;
+use crate::error::{Result, XtaskError};
+use crate::flags::{kernels_or_all, Flags};
 use crate::report::{self, TestResult};
 use crate::scenario_pairs::{
     self, collect, fresh_copy, powered_off_verdict, run_boot, BootTemplate, CowMergeMode, Pair,
-    MARKER,
+    ScenarioSetup, MARKER,
 };
-use crate::{cmd, kmod};
 
 /// The scenario groups `--filter` selects from (by substring).
 pub const GROUPS: [&str; 6] = [
@@ -78,23 +78,12 @@ impl UsmOptions {
     /// Parse `[--kernel 6.1|6.12]... [--filter NAME] [--timeout SECS]`.
     pub fn parse(args: &[String]) -> Result<Self> {
         let mut o = Self::default();
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            let mut value = |flag: &str| {
-                it.next()
-                    .cloned()
-                    .ok_or_else(|| XtaskError::Usage(format!("{flag} needs a value")))
-            };
-            match a.as_str() {
-                "--kernel" => o.kernels.push(KernelSeries::parse(&value("--kernel")?)?),
-                "--filter" => o.filter = Some(value("--filter")?),
-                "--timeout" => {
-                    let v = value("--timeout")?;
-                    o.timeout = Some(
-                        v.parse()
-                            .map_err(|_| XtaskError::Usage(format!("bad --timeout {v}")))?,
-                    );
-                }
+        let mut flags = Flags::new(args, "");
+        while let Some(a) = flags.next_flag() {
+            match a {
+                "--kernel" => o.kernels.push(flags.kernel()?),
+                "--filter" => o.filter = Some(flags.value("--filter")?),
+                "--timeout" => o.timeout = Some(flags.timeout()?),
                 other => {
                     return Err(XtaskError::Usage(format!(
                         "unknown argument {other:?}; usage: cargo xtask vm-usm [--kernel 6.1|6.12] [--filter {}] [--timeout SECS]",
@@ -103,9 +92,7 @@ impl UsmOptions {
                 }
             }
         }
-        if o.kernels.is_empty() {
-            o.kernels = KernelSeries::ALL.to_vec();
-        }
+        o.kernels = kernels_or_all(std::mem::take(&mut o.kernels));
         if let Some(f) = &o.filter {
             if !GROUPS.iter().any(|g| g.contains(f.as_str())) {
                 return Err(XtaskError::Usage(format!(
@@ -180,18 +167,14 @@ fn inspect_shape(tool: &Path, cow: &Path) -> Result<MergeShape> {
 
 /// Run the scenarios on every selected kernel; fails if any result fails.
 pub fn run(repo: &Path, opts: &UsmOptions) -> Result<()> {
-    let build_root = repo.join("build");
-    std::fs::create_dir_all(&build_root).map_err(io_err("create", &build_root))?;
-    let _lock = crate::lock_build_dir(&build_root)?;
-    deps::ensure_host_tools()?;
-    deps::ensure_packages(&["e2fsprogs", "python3"])?;
-    let work = build_root.join("vmusm");
-    std::fs::create_dir_all(&work).map_err(io_err("create", &work))?;
-
-    let tool = scenario_pairs::build_ota_tools(repo)?;
-    let ext4 = scenario_pairs::ext4_pair(repo, &work, &tool, CowMergeMode::User)?;
-    let synthetic = scenario_pairs::synthetic_pair(repo, &work, &tool, CowMergeMode::User)?;
-    let shape = inspect_shape(&tool, &synthetic.cow)?;
+    let setup = ScenarioSetup::prepare(repo, "vmusm", CowMergeMode::User)?;
+    let (build_root, tool, ext4, synthetic) = (
+        &setup.build_root,
+        &setup.tool,
+        &setup.ext4,
+        &setup.synthetic,
+    );
+    let shape = inspect_shape(tool, &synthetic.cow)?;
     let kill_points = shape.points(&KILL_POINTS.0, &KILL_POINTS.1);
     let power_points = shape.points(&POWEROFF_POINTS.0, &POWEROFF_POINTS.1);
     eprintln!(
@@ -202,42 +185,24 @@ pub fn run(repo: &Path, opts: &UsmOptions) -> Result<()> {
         power_points.join(",")
     );
 
-    let bins = guest::build(
-        repo,
-        &build_root,
-        &[
-            GuestBinary::new("vm-tests", "vmtest"),
-            GuestBinary::new("snapuserd", "snapuserd"),
-        ],
-    )?;
     let mut all: Vec<(KernelSeries, TestResult)> = Vec::new();
     for &series in &opts.kernels {
-        let kernel = deps::ensure_kernel(series)?;
-        eprintln!("xtask: kernel {} -> {}", series.label(), kernel.abi);
+        let (boots, disks) = setup.kernel(repo, series, "usm")?;
         let k = series.label();
-        let boots = BootTemplate {
-            prefix: format!("usm-{k}"),
-            kernel: kernel.clone(),
-            extra_stock_modules: Vec::new(),
-            dm_user: kmod::build_dm_user(repo, &build_root, &kernel).ok(),
-            binaries: bins.clone(),
-        };
-        let disks = work.join(format!("run-{k}"));
-        std::fs::create_dir_all(&disks).map_err(io_err("create", &disks))?;
         let limit = opts.timeout.unwrap_or(900);
 
-        let a = boot_a(opts, &disks, &ext4, &synthetic, shape, &kill_points)?;
+        let a = boot_a(opts, &disks, ext4, synthetic, shape, &kill_points)?;
         if !a.expected.is_empty() {
             eprintln!("xtask: [{k}] boot a: {}", a.expected.join(" "));
-            let run = run_boot(&boots.spec("a", a.disks, a.fragment, limit), &build_root)?;
+            let run = run_boot(&boots.spec("a", a.disks, a.fragment, limit), build_root)?;
             collect(&mut all, series, "a", report::evaluate(&run, &a.expected));
         }
         if opts.wants("power-cycle") {
             power_chain(
                 &boots,
-                &build_root,
+                build_root,
                 &disks,
-                &synthetic,
+                synthetic,
                 shape,
                 &power_points,
                 limit.min(600),
@@ -432,10 +397,7 @@ fn power_chain(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(a: &[&str]) -> Vec<String> {
-        a.iter().map(|s| s.to_string()).collect()
-    }
+    use crate::flags::words as args;
 
     #[test]
     fn options_default_to_both_kernels_and_every_group() {

@@ -1161,6 +1161,7 @@ fn spawn_verification(misc: &str, target: Arc<dyn SnapshotTarget>, v: Arc<Verifi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::test_support::thread_nice;
     use crate::dm_user::{Channel, ChannelError, Request, ResponseCode};
     use std::os::unix::net::UnixStream;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -1212,22 +1213,6 @@ mod tests {
 
     /// Set once a "hang" verification runs (its priority is lowered by then).
     static HANG_ENTERED: AtomicBool = AtomicBool::new(false);
-
-    /// Nice value of this process's thread named `name`, if there is one.
-    fn thread_nice(name: &str) -> Option<i64> {
-        for task in std::fs::read_dir("/proc/self/task").ok()? {
-            let dir = task.ok()?.path();
-            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
-            if comm.trim_end() != name {
-                continue;
-            }
-            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-            let after = &stat[stat.rfind(')')? + 1..];
-            // Fields after the command: state is field 3, nice field 19.
-            return after.split_whitespace().nth(16)?.parse().ok();
-        }
-        None
-    }
 
     /// Opens "<n>" as a fake of n sectors at 0%, "<n>@<tenths>" at that progress, and
     /// "<n>!<verify>" with that verification behaviour.

@@ -261,3 +261,19 @@ pub fn wait_until(mut cond: impl FnMut() -> bool) {
 pub fn nowhere() -> PathBuf {
     PathBuf::from("/nonexistent/snapuserd-test")
 }
+
+/// Nice value of this process's thread named `name`, if there is one.
+pub fn thread_nice(name: &str) -> Option<i64> {
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = task.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        let after = &stat[stat.rfind(')')? + 1..];
+        // Fields after the command: state is field 3, nice field 19.
+        return after.split_whitespace().nth(16)?.parse().ok();
+    }
+    None
+}

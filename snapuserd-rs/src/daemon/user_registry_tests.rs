@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use super::control_protocol::Reply;
 use super::handlers::{CowFileOpener, HandlerRegistry};
-use super::test_support::{nowhere, wait_until, FakeUserOpener, PairChannels};
+use super::test_support::{
+    nowhere, thread_nice, wait_until, FakeUserOpener, FakeUserTarget, PairChannels,
+};
 use super::update_verify::VerifyDevices;
 
 struct Fixture {
@@ -26,6 +28,24 @@ fn fixture(merge_threads: u32) -> Fixture {
         registry,
         opener,
         channels,
+    }
+}
+
+impl Fixture {
+    /// `init` (5 fields) and `start` of handler `misc` over the fake COW `cow`; its target.
+    fn started(&self, misc: &str, cow: &str) -> Arc<FakeUserTarget> {
+        self.registry
+            .init_from_command(misc, cow, "src", Some("base"));
+        let target = self.opener.get(cow);
+        self.registry.start(misc);
+        target
+    }
+
+    /// [`Fixture::started`], then `initiate_merge`.
+    fn merging(&self, misc: &str, cow: &str) -> Arc<FakeUserTarget> {
+        let target = self.started(misc, cow);
+        self.registry.initiate_merge(misc);
+        target
     }
 }
 
@@ -141,12 +161,8 @@ fn merge_percent_counts_started_handlers_only() {
 fn one_slot_runs_merges_first_in_first_out() {
     let f = fixture(1);
     let r = &f.registry;
-    r.init_from_command("first", "64:0/2", "src", Some("base"));
-    r.init_from_command("second", "128:0/2", "src", Some("base"));
-    let first = f.opener.get("64:0/2");
-    let second = f.opener.get("128:0/2");
-    r.start("first");
-    r.start("second");
+    let first = f.started("first", "64:0/2");
+    let second = f.started("second", "128:0/2");
     assert_eq!(r.initiate_merge("first"), Reply::Success);
     assert_eq!(r.initiate_merge("second"), Reply::Success);
     wait_until(|| first.running());
@@ -169,12 +185,8 @@ fn one_slot_runs_merges_first_in_first_out() {
 fn pause_holds_running_and_later_merges_resume_releases_them() {
     let f = fixture(2);
     let r = &f.registry;
-    r.init_from_command("a", "64:0/10", "src", Some("base"));
-    r.init_from_command("b", "128:0/10", "src", Some("base"));
-    let a = f.opener.get("64:0/10");
-    let b = f.opener.get("128:0/10");
-    r.start("a");
-    r.start("b");
+    let a = f.started("a", "64:0/10");
+    let b = f.started("b", "128:0/10");
     r.initiate_merge("a");
     a.grant(3);
     wait_until(|| a.merged() == 3);
@@ -203,12 +215,8 @@ fn pause_holds_running_and_later_merges_resume_releases_them() {
 fn a_failed_merge_reports_failed_and_frees_its_slot() {
     let f = fixture(1);
     let r = &f.registry;
-    r.init_from_command("bad", "64:0/4!2", "src", Some("base"));
-    r.init_from_command("good", "64:0/1", "src", Some("base"));
-    let bad = f.opener.get("64:0/4!2");
-    let good = f.opener.get("64:0/1");
-    r.start("bad");
-    r.start("good");
+    let bad = f.started("bad", "64:0/4!2");
+    let good = f.started("good", "64:0/1");
     r.initiate_merge("bad");
     r.initiate_merge("good");
     bad.grant(4);
@@ -226,10 +234,7 @@ fn a_failed_merge_reports_failed_and_frees_its_slot() {
 fn the_end_of_the_workers_stops_the_merge_at_a_safe_point() {
     let f = fixture(2);
     let r = &f.registry;
-    r.init_from_command("sys", "64:0/10", "src", Some("base"));
-    let t = f.opener.get("64:0/10");
-    r.start("sys");
-    r.initiate_merge("sys");
+    let t = f.merging("sys", "64:0/10");
     t.grant(4);
     wait_until(|| t.merged() == 4);
     f.channels.remove_target("sys");
@@ -248,12 +253,8 @@ fn the_end_of_the_workers_stops_the_merge_at_a_safe_point() {
 fn delete_stops_a_running_merge_and_withdraws_a_queued_one() {
     let f = fixture(1);
     let r = &f.registry;
-    r.init_from_command("a", "64:0/10", "src", Some("base"));
-    r.init_from_command("b", "128:0/10", "src", Some("base"));
-    let a = f.opener.get("64:0/10");
-    let b = f.opener.get("128:0/10");
-    r.start("a");
-    r.start("b");
+    let a = f.started("a", "64:0/10");
+    let b = f.started("b", "128:0/10");
     r.initiate_merge("a");
     r.initiate_merge("b");
     wait_until(|| a.running());
@@ -307,10 +308,7 @@ fn legacy_and_user_handlers_live_side_by_side() {
 fn detach_stops_the_merges_and_the_workers_keep_serving() {
     let f = fixture(2);
     let r = &f.registry;
-    r.init_from_command("sys", "64:0/10", "src", Some("base"));
-    let t = f.opener.get("64:0/10");
-    r.start("sys");
-    r.initiate_merge("sys");
+    let t = f.merging("sys", "64:0/10");
     t.grant(3);
     wait_until(|| t.merged() == 3);
     r.request_stop_merges();
@@ -319,30 +317,11 @@ fn detach_stops_the_merges_and_the_workers_keep_serving() {
     assert!(!r.all_workers_finished(), "the workers still serve");
 }
 
-/// Nice value of this process's thread named `name`, if there is one.
-fn thread_nice(name: &str) -> Option<i64> {
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
-        let dir = task.ok()?.path();
-        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
-        if comm.trim_end() != name {
-            continue;
-        }
-        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-        let after = &stat[stat.rfind(')')? + 1..];
-        // Fields after the command: state is field 3, nice field 19.
-        return after.split_whitespace().nth(16)?.parse().ok();
-    }
-    None
-}
-
 #[test]
 fn merges_run_at_background_priority() {
     let f = fixture(2);
     let r = &f.registry;
-    r.init_from_command("nicety", "64:0/10", "src", Some("base"));
-    let t = f.opener.get("64:0/10");
-    r.start("nicety");
-    r.initiate_merge("nicety");
+    let t = f.merging("nicety", "64:0/10");
     t.grant(1);
     // After its first op the thread has lowered its priority.
     wait_until(|| t.merged() == 1);

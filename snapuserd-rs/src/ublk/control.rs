@@ -148,41 +148,21 @@ impl Control {
     /// The feature bits this kernel's ublk offers (`GET_FEATURES`).
     pub fn features(&mut self) -> Result<u64, ControlError> {
         let mut features = 0u64;
-        let cmd = CtrlCmd {
-            dev_id: u32::MAX,
-            queue_id: u16::MAX,
-            len: 8,
-            addr: std::ptr::from_mut(&mut features) as u64,
-            ..CtrlCmd::default()
-        };
-        self.command("GET_FEATURES", CMD_GET_FEATURES, cmd)?;
+        self.command_with("GET_FEATURES", CMD_GET_FEATURES, u32::MAX, &mut features)?;
         Ok(features)
     }
 
     /// Add a device shaped by `info` (`dev_id` `u32::MAX` lets the kernel choose); the
     /// kernel's view (the chosen id, the rounded I/O limit) is written back into `info`.
     pub fn add(&mut self, info: &mut DevInfo) -> Result<(), ControlError> {
-        let cmd = CtrlCmd {
-            dev_id: info.dev_id,
-            queue_id: u16::MAX,
-            len: std::mem::size_of::<DevInfo>() as u16,
-            addr: std::ptr::from_mut(info) as u64,
-            ..CtrlCmd::default()
-        };
-        self.command("ADD_DEV", CMD_ADD_DEV, cmd).map(drop)
+        self.command_with("ADD_DEV", CMD_ADD_DEV, info.dev_id, info)
+            .map(drop)
     }
 
     /// Read device `dev_id`'s shape and state.
     pub fn info(&mut self, dev_id: u32) -> Result<DevInfo, ControlError> {
         let mut info = DevInfo::default();
-        let cmd = CtrlCmd {
-            dev_id,
-            queue_id: u16::MAX,
-            len: std::mem::size_of::<DevInfo>() as u16,
-            addr: std::ptr::from_mut(&mut info) as u64,
-            ..CtrlCmd::default()
-        };
-        self.command("GET_DEV_INFO", CMD_GET_DEV_INFO, cmd)?;
+        self.command_with("GET_DEV_INFO", CMD_GET_DEV_INFO, dev_id, &mut info)?;
         Ok(info)
     }
 
@@ -190,14 +170,8 @@ impl Control {
     pub fn set_params(&mut self, dev_id: u32, params: &Params) -> Result<(), ControlError> {
         let mut params = *params;
         params.len = std::mem::size_of::<Params>() as u32;
-        let cmd = CtrlCmd {
-            dev_id,
-            queue_id: u16::MAX,
-            len: std::mem::size_of::<Params>() as u16,
-            addr: std::ptr::from_mut(&mut params) as u64,
-            ..CtrlCmd::default()
-        };
-        self.command("SET_PARAMS", CMD_SET_PARAMS, cmd).map(drop)
+        self.command_with("SET_PARAMS", CMD_SET_PARAMS, dev_id, &mut params)
+            .map(drop)
     }
 
     /// Read the parameters of device `dev_id`.
@@ -206,14 +180,7 @@ impl Control {
             len: std::mem::size_of::<Params>() as u32,
             ..Params::default()
         };
-        let cmd = CtrlCmd {
-            dev_id,
-            queue_id: u16::MAX,
-            len: std::mem::size_of::<Params>() as u16,
-            addr: std::ptr::from_mut(&mut params) as u64,
-            ..CtrlCmd::default()
-        };
-        self.command("GET_PARAMS", CMD_GET_PARAMS, cmd)?;
+        self.command_with("GET_PARAMS", CMD_GET_PARAMS, dev_id, &mut params)?;
         Ok(params)
     }
 
@@ -242,6 +209,26 @@ impl Control {
     /// to be fetched, then releases the waiting I/O).
     pub fn end_recovery(&mut self, dev_id: u32, pid: i32) -> Result<(), ControlError> {
         self.simple("END_USER_RECOVERY", CMD_END_USER_RECOVERY, dev_id, pid)
+    }
+
+    /// Send control command `op` of device `dev_id` whose payload is `buf` (the kernel reads
+    /// it, fills it, or both); `buf` stays borrowed until the completion is reaped.
+    fn command_with<T>(
+        &mut self,
+        command: &'static str,
+        op: u32,
+        dev_id: u32,
+        buf: &mut T,
+    ) -> Result<i32, ControlError> {
+        let cmd = CtrlCmd {
+            dev_id,
+            queue_id: u16::MAX,
+            // Never more than `buf` holds (the payloads here are a few dozen bytes).
+            len: u16::try_from(std::mem::size_of::<T>()).unwrap_or(0),
+            addr: std::ptr::from_mut(buf) as u64,
+            ..CtrlCmd::default()
+        };
+        self.command(command, op, cmd)
     }
 
     fn simple(

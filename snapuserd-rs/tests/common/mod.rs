@@ -1,5 +1,7 @@
 //! Fixtures shared by the integration tests.
 
+pub mod control;
+
 use std::path::{Path, PathBuf};
 
 use cow_format::{CowWriter, WriterOptions};

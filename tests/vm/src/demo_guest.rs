@@ -21,22 +21,17 @@
 //! pristine copies, and a new daemon serves a new device. Results are `VMTEST demo-*` lines
 //! and `VMDEMO` lines the host turns into `report.json` and the progress plot.
 
-use std::fs::File;
-use std::io::{Read, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::net::UnixStream;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use dm_ioctl::{DmControl, TableEntry};
 
 use crate::harness::AlignedBuf;
-
-type Res<T> = Result<T, String>;
-
-/// Read size of the sequential reads and copies.
-const IO_SIZE: usize = 1 << 20;
+use crate::scenario_support::{
+    compare_device, copy_direct, dev_bytes, open_direct, time_read, Daemon, Res, TmpfsLoop,
+};
 /// Random 4 KiB reads per device and round.
 const RANDOM_READS: u64 = 2_000;
 /// Longest wait for one merge.
@@ -86,87 +81,6 @@ impl Args {
     }
 }
 
-/// A running `snapuserd -user_snapshot` with its control socket.
-struct Daemon {
-    child: Child,
-    sock: PathBuf,
-}
-
-impl Daemon {
-    /// `snapuserd -user_snapshot`, with `-worker_count=N` when `workers` is given.
-    fn start(workers: Option<u32>) -> Res<Self> {
-        let sock = PathBuf::from("/run/snapuserd-demo.sock");
-        let _ = std::fs::create_dir_all("/run");
-        let _ = std::fs::remove_file(&sock);
-        let mut cmd = Command::new("/bin/snapuserd");
-        cmd.arg(format!("-socket={}", sock.display()))
-            .arg("-user_snapshot");
-        if let Some(n) = workers {
-            cmd.arg(format!("-worker_count={n}"));
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("spawn /bin/snapuserd: {e}"))?;
-        let d = Self { child, sock };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&d.sock).is_err() {
-            if Instant::now() > deadline {
-                return Err(format!("daemon socket {} never appeared", d.sock.display()));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(d)
-    }
-
-    /// Send one command on a new connection and read the reply (bounded).
-    fn command(&self, cmd: &str) -> Res<String> {
-        let mut s = UnixStream::connect(&self.sock).map_err(|e| format!("connect: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(|e| e.to_string())?;
-        s.write_all(cmd.as_bytes())
-            .map_err(|e| format!("send {cmd:?}: {e}"))?;
-        let mut buf = [0u8; 512];
-        let n = s
-            .read(&mut buf)
-            .map_err(|e| format!("reply to {cmd:?}: {e}"))?;
-        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
-    }
-
-    /// A `/proc/<pid>/status` figure in KiB (`VmRSS:`, `RssAnon:` ...).
-    fn status_kib(&self, field: &str) -> Option<u64> {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        s.lines()
-            .find(|l| l.starts_with(field))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    }
-
-    /// The daemon's threads (`Threads:` of its status).
-    fn threads(&self) -> u64 {
-        self.status_kib("Threads:").unwrap_or(0)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.try_wait();
-        }
-    }
-}
-
 /// The daemon and its dm-user device for one round.
 struct Device {
     dm: DmControl,
@@ -178,7 +92,11 @@ impl Device {
     /// dm-user device over the whole base, then `init` (5 fields) and `start`.
     fn bring_up(a: &Args, base_sectors: u64, workers: Option<u32>) -> Res<Self> {
         let dm = DmControl::open().map_err(|e| format!("open /dev/mapper/control: {e}"))?;
-        let daemon = Daemon::start(workers)?;
+        let flags = workers.map(|n| format!("-worker_count={n}"));
+        let flags: Vec<&str> = std::iter::once("-user_snapshot")
+            .chain(flags.as_deref())
+            .collect();
+        let daemon = Daemon::start_with(MISC, &flags)?;
         let info = dm
             .create_device(DM_NAME, &[TableEntry::dm_user(0, base_sectors, MISC)])
             .map_err(|e| format!("create {DM_NAME}: {e}"))?;
@@ -188,11 +106,7 @@ impl Device {
         let dev = Self { dm, path, daemon };
         let base = a.base.display();
         let init = format!("init,{MISC},{},{base},{base}", a.cow.display());
-        let reply = dev.daemon.command(&init)?;
-        let sectors = reply
-            .strip_prefix("success,")
-            .and_then(|n| n.trim().parse::<u64>().ok())
-            .ok_or_else(|| format!("{init} -> {reply:?}"))?;
+        let sectors = dev.daemon.init_sectors(&init)?;
         if sectors != base_sectors {
             return Err(format!(
                 "init replied {sectors} sectors, the base device has {base_sectors}"
@@ -222,92 +136,15 @@ impl Device {
     }
 }
 
-fn dev_bytes(path: &Path) -> Res<u64> {
-    let mut f = File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0))
-        .map_err(|e| format!("size of {}: {e}", path.display()))
-}
-
-fn open_direct(path: &Path, write: bool) -> Res<File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(nix::libc::O_DIRECT)
-        .open(path)
-        .map_err(|e| format!("open {} O_DIRECT: {e}", path.display()))
-}
-
-/// Compare `len` bytes of `dev` with `want` (both O_DIRECT, 1 MiB at a time).
-fn compare(what: &str, dev: &Path, want: &Path, len: u64) -> Res<()> {
-    let fd = open_direct(dev, false)?;
-    let fw = open_direct(want, false)?;
-    let mut a = AlignedBuf::new(IO_SIZE);
-    let mut b = AlignedBuf::new(IO_SIZE);
-    let mut off = 0u64;
-    while off < len {
-        let n = usize::try_from((len - off).min(IO_SIZE as u64)).unwrap_or(IO_SIZE);
-        fd.read_exact_at(&mut a.as_mut()[..n], off)
-            .map_err(|e| format!("{what}: read {} at {off}: {e}", dev.display()))?;
-        fw.read_exact_at(&mut b.as_mut()[..n], off)
-            .map_err(|e| format!("{what}: read {} at {off}: {e}", want.display()))?;
-        if let Some(i) = a.as_ref()[..n]
-            .iter()
-            .zip(&b.as_ref()[..n])
-            .position(|(x, y)| x != y)
-        {
-            let at = off + i as u64;
-            return Err(format!(
-                "{what}: {} differs from {} at byte {at} (block {})",
-                dev.display(),
-                want.display(),
-                at / 4096
-            ));
-        }
-        off += n as u64;
-    }
-    Ok(())
-}
-
-/// Copy `len` bytes (rounded down to whole sectors) of `from` onto `to` at the same offsets
-/// (O_DIRECT, 1 MiB), then fsync; returns the time taken.
-fn copy_direct(from: &Path, to: &Path, len: u64) -> Res<Duration> {
-    let src = open_direct(from, false)?;
-    let dst = open_direct(to, true)?;
-    let len = len / 512 * 512;
-    let mut a = AlignedBuf::new(IO_SIZE);
-    let t = Instant::now();
-    let mut off = 0u64;
-    while off < len {
-        let n = usize::try_from((len - off).min(IO_SIZE as u64)).unwrap_or(IO_SIZE);
-        src.read_exact_at(&mut a.as_mut()[..n], off)
-            .map_err(|e| format!("read {} at {off}: {e}", from.display()))?;
-        dst.write_all_at(&a.as_ref()[..n], off)
-            .map_err(|e| format!("write {} at {off}: {e}", to.display()))?;
-        off += n as u64;
-    }
-    dst.sync_all()
-        .map_err(|e| format!("fsync {}: {e}", to.display()))?;
-    Ok(t.elapsed())
-}
-
 /// Sequential O_DIRECT 1 MiB reads of `len` bytes of `dev`: MB/s.
 fn sequential_mb_s(dev: &Path, len: u64) -> Res<f64> {
-    let f = open_direct(dev, false)?;
-    let mut a = AlignedBuf::new(IO_SIZE);
-    let t = Instant::now();
-    let mut off = 0u64;
-    while off < len {
-        let n = usize::try_from((len - off).min(IO_SIZE as u64)).unwrap_or(IO_SIZE);
-        f.read_exact_at(&mut a.as_mut()[..n], off)
-            .map_err(|e| format!("read {} at {off}: {e}", dev.display()))?;
-        off += n as u64;
-    }
-    Ok(len as f64 / 1e6 / t.elapsed().as_secs_f64().max(1e-9))
+    let spent = time_read(dev, len)?;
+    Ok(len as f64 / 1e6 / spent.as_secs_f64().max(1e-9))
 }
 
 /// Random O_DIRECT 4 KiB reads within `len` bytes of `dev` (offsets from `seed`): reads/s.
 fn random_iops(dev: &Path, len: u64, seed: u64) -> Res<f64> {
-    let f = open_direct(dev, false)?;
+    let f = open_direct(dev)?;
     let mut a = AlignedBuf::new(4096);
     let blocks = (len / 4096).max(1);
     let mut x = seed | 1;
@@ -448,50 +285,6 @@ fn thread_cpu_delta(
     }
 }
 
-/// The target image on a loop device over a tmpfs copy; detached and removed on drop.
-struct TmpfsLoop {
-    dev: PathBuf,
-    img: PathBuf,
-}
-
-impl TmpfsLoop {
-    fn attach(target: &Path, len: u64) -> Res<Self> {
-        let img = PathBuf::from("/tmp/demo-target.img");
-        let src = File::open(target).map_err(|e| format!("open target: {e}"))?;
-        let mut dst = File::create(&img).map_err(|e| format!("create {}: {e}", img.display()))?;
-        std::io::copy(&mut Read::take(src, len), &mut dst)
-            .map_err(|e| format!("copy the target to tmpfs: {e}"))?;
-        drop(dst);
-        // busybox: `losetup -f` names a free device, `losetup DEV FILE` binds it.
-        let free = Command::new("losetup")
-            .arg("-f")
-            .output()
-            .map_err(|e| format!("losetup -f: {e}"))?;
-        let dev = String::from_utf8_lossy(&free.stdout).trim().to_string();
-        let bound = !dev.is_empty()
-            && Command::new("losetup")
-                .arg(&dev)
-                .arg(&img)
-                .status()
-                .is_ok_and(|s| s.success());
-        if !bound {
-            let _ = std::fs::remove_file(&img);
-            return Err(format!("losetup -f gave {dev:?}, binding it failed"));
-        }
-        Ok(Self {
-            dev: dev.into(),
-            img,
-        })
-    }
-}
-
-impl Drop for TmpfsLoop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-        let _ = std::fs::remove_file(&self.img);
-    }
-}
-
 /// What one round measured.
 struct Round {
     snapshot_read_mb_s: f64,
@@ -511,8 +304,8 @@ struct Round {
 fn merge(round: usize, a: &Args, dev: &Device) -> Res<(f64, u64)> {
     let base0 = DiskCounters::of(&a.base);
     let cow0 = DiskCounters::of(&a.cow);
-    let cpu0 = cpu_ticks(dev.daemon.child.id());
-    let threads0 = thread_ticks(dev.daemon.child.id());
+    let cpu0 = cpu_ticks(dev.daemon.pid());
+    let threads0 = thread_ticks(dev.daemon.pid());
     // Latest sample of every thread seen, so that threads ending during the merge (the
     // merge thread itself) still count up to their last sample.
     let mut threads_seen = threads0.clone();
@@ -529,7 +322,7 @@ fn merge(round: usize, a: &Args, dev: &Device) -> Res<(f64, u64)> {
         std::thread::sleep(SAMPLE_EVERY);
         let status = dev.daemon.command(&format!("getstatus,{MISC}"))?;
         let elapsed = t.elapsed();
-        for t in thread_ticks(dev.daemon.child.id()) {
+        for t in thread_ticks(dev.daemon.pid()) {
             match threads_seen.iter_mut().find(|s| s.0 == t.0) {
                 Some(seen) => *seen = t,
                 None => threads_seen.push(t),
@@ -555,14 +348,14 @@ fn merge(round: usize, a: &Args, dev: &Device) -> Res<(f64, u64)> {
                 println!(
                     "VMDEMO merge-io {round} seconds {:.3} daemon_cpu_s {:.2} {} {}",
                     elapsed.as_secs_f64(),
-                    cpu_ticks(dev.daemon.child.id()).saturating_sub(cpu0) as f64 / USER_HZ,
+                    cpu_ticks(dev.daemon.pid()).saturating_sub(cpu0) as f64 / USER_HZ,
                     base0.delta(&DiskCounters::of(&a.base), "base"),
                     cow0.delta(&DiskCounters::of(&a.cow), "cow"),
                 );
                 println!("VMDEMO merge-io {round} peak {peak_parts}");
                 // Which threads used the CPU, user/system seconds (a thread that ended
                 // during the merge counts up to its last sample, every 50 ms).
-                for t in thread_ticks(dev.daemon.child.id()) {
+                for t in thread_ticks(dev.daemon.pid()) {
                     match threads_seen.iter_mut().find(|s| s.0 == t.0) {
                         Some(seen) => *seen = t,
                         None => threads_seen.push(t),
@@ -594,7 +387,7 @@ fn merge(round: usize, a: &Args, dev: &Device) -> Res<(f64, u64)> {
 fn round(i: usize, a: &Args, lp: &TmpfsLoop, len: u64, base_sectors: u64) -> Res<Round> {
     let dev = Device::bring_up(a, base_sectors, None)?;
     if i == 0 {
-        let checked = compare("snapshot", &dev.path, &a.target, len);
+        let checked = compare_device("snapshot", &dev.path, &a.target, len).map(drop);
         println!(
             "VMTEST demo-snapshot-read {} {}",
             if checked.is_ok() { "PASS" } else { "FAIL" },
@@ -609,14 +402,14 @@ fn round(i: usize, a: &Args, lp: &TmpfsLoop, len: u64, base_sectors: u64) -> Res
     let seed = 0x2545_F491_4F6C_DD1D ^ i as u64;
     let (snapshot_read_mb_s, loop_read_mb_s, snapshot_rand_iops, loop_rand_iops) = if i % 2 == 0 {
         let s = sequential_mb_s(&dev.path, len)?;
-        let l = sequential_mb_s(&lp.dev, len)?;
+        let l = sequential_mb_s(lp.dev(), len)?;
         let sr = random_iops(&dev.path, len, seed)?;
-        let lr = random_iops(&lp.dev, len, seed)?;
+        let lr = random_iops(lp.dev(), len, seed)?;
         (s, l, sr, lr)
     } else {
-        let l = sequential_mb_s(&lp.dev, len)?;
+        let l = sequential_mb_s(lp.dev(), len)?;
         let s = sequential_mb_s(&dev.path, len)?;
-        let lr = random_iops(&lp.dev, len, seed)?;
+        let lr = random_iops(lp.dev(), len, seed)?;
         let sr = random_iops(&dev.path, len, seed)?;
         (s, l, sr, lr)
     };
@@ -627,7 +420,7 @@ fn round(i: usize, a: &Args, lp: &TmpfsLoop, len: u64, base_sectors: u64) -> Res
     let torn = dev.tear_down();
     let (merge_s, rss_peak_kib) = merged?;
     torn?;
-    let checked = compare("merged base", &a.base, &a.target, len);
+    let checked = compare_device("merged base", &a.base, &a.target, len).map(drop);
     println!(
         "VMTEST demo-merge-round{i} {} {}",
         if checked.is_ok() { "PASS" } else { "FAIL" },
@@ -666,7 +459,7 @@ fn run(a: &Args) -> Res<()> {
     }
     let base_sectors = base_bytes / 512;
     let cow_len = dev_bytes(&a.pristine_cow)?;
-    let lp = TmpfsLoop::attach(&a.target, len)?;
+    let lp = TmpfsLoop::attach(PathBuf::from("/tmp/demo-target.img"), &a.target, len)?;
     // What each worker costs in memory: a daemon with 1, 2 and 4 workers serving one
     // sequential and one random pass (before any merge), then RssAnon and VmRSS.
     for workers in [1u32, 2, 4] {

@@ -238,3 +238,133 @@ mod tests {
         }
     }
 }
+
+/// Nanoseconds since `t0` (saturating).
+pub fn ns_since(t0: Instant) -> u64 {
+    u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// What a checking reader saw while its server was killed and replaced.
+#[derive(Default)]
+pub struct ReadLog {
+    /// (start, end) of each read, in nanoseconds since the reader's `t0`.
+    pub spans: Vec<(u64, u64)>,
+    /// Each failed open or read, with its offset.
+    pub errors: Vec<String>,
+    /// Reads that returned other data than the reference.
+    pub wrong: u64,
+}
+
+impl ReadLog {
+    /// Check the log against the outages (`(killed, restored)` in ns since `t0`): no read
+    /// error, no wrong data, and at least one read in flight across each outage. Returns
+    /// the number of reads across each outage.
+    pub fn check_outages(&self, outages: &[(u64, u64)]) -> Result<Vec<usize>, String> {
+        let across: Vec<usize> = outages
+            .iter()
+            .map(|&(k, r)| self.spans.iter().filter(|&&(s, e)| s < r && e > k).count())
+            .collect();
+        check(
+            self.errors.is_empty(),
+            format!(
+                "{} read errors, first {:?}",
+                self.errors.len(),
+                self.errors.first()
+            ),
+        )?;
+        check(
+            self.wrong == 0,
+            format!("{} reads returned wrong data", self.wrong),
+        )?;
+        check(
+            across.iter().all(|&n| n > 0),
+            format!("an outage had no read across it: {across:?}"),
+        )?;
+        Ok(across)
+    }
+}
+
+/// Stop a checking reader (`stop`, then a join bounded to 20 s) and return what it saw.
+pub fn stop_reader(
+    stop: &std::sync::atomic::AtomicBool,
+    reader: std::thread::JoinHandle<ReadLog>,
+) -> Result<ReadLog, String> {
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    bounded("reader", Duration::from_secs(20), move || reader.join())?
+        .map_err(|_| "reader panicked".to_string())
+}
+
+/// Spawn a thread that reads `chunk` bytes of `node` (O_DIRECT) at the offsets `next_off`
+/// gives, comparing each with the same bytes of `want`, until `stop` is set; it returns what
+/// it saw, with times in ns since `t0`.
+pub fn spawn_checking_reader(
+    node: PathBuf,
+    want: std::sync::Arc<Vec<u8>>,
+    chunk: usize,
+    t0: Instant,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    mut next_off: impl FnMut() -> u64 + Send + 'static,
+) -> std::thread::JoinHandle<ReadLog> {
+    std::thread::spawn(move || {
+        let mut log = ReadLog::default();
+        let f = match OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_DIRECT)
+            .open(&node)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                log.errors.push(format!("open {}: {e}", node.display()));
+                return log;
+            }
+        };
+        let mut buf = AlignedBuf::new(chunk);
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            let off = next_off();
+            let start = ns_since(t0);
+            let res = f.read_exact_at(buf.as_mut(), off);
+            log.spans.push((start, ns_since(t0)));
+            match res {
+                Ok(()) => {
+                    let same = usize::try_from(off)
+                        .ok()
+                        .and_then(|o| want.get(o..o.checked_add(chunk)?))
+                        .is_some_and(|w| buf.as_ref() == w);
+                    if !same {
+                        log.wrong += 1;
+                    }
+                }
+                Err(e) => log.errors.push(format!("read at {off}: {e}")),
+            }
+        }
+        log
+    })
+}
+
+/// Wait at most `limit` for the line starting with `UBLK READY` on the stdout of a helper
+/// process spawned with a piped stdout; on failure the helper is killed and reaped.
+pub fn ublk_ready_line(
+    child: &mut std::process::Child,
+    what: &str,
+    limit: Duration,
+) -> Result<String, String> {
+    use std::io::{BufRead, BufReader};
+    let out = child
+        .stdout
+        .take()
+        .ok_or_else(|| format!("{what}: no stdout"))?;
+    let line = bounded(what, limit, move || {
+        BufReader::new(out)
+            .lines()
+            .find_map(|l| l.ok().filter(|l| l.starts_with("UBLK READY")))
+            .unwrap_or_default()
+    });
+    match line {
+        Ok(l) if !l.is_empty() => Ok(l),
+        other => {
+            let _ = child.kill();
+            let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+            Err(format!("{what} did not get ready ({other:?}, {status})"))
+        }
+    }
+}

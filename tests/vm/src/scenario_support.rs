@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use dm_ioctl::DmControl;
@@ -69,6 +69,15 @@ impl Daemon {
         Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
     }
 
+    /// Send an `init,...` command and return the sectors of its `success,N` reply.
+    pub fn init_sectors(&self, cmd: &str) -> Res<u64> {
+        let reply = self.command(cmd)?;
+        reply
+            .strip_prefix("success,")
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .ok_or_else(|| format!("{cmd} -> {reply:?}"))
+    }
+
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -88,6 +97,11 @@ impl Daemon {
             .nth(1)?
             .parse()
             .ok()
+    }
+
+    /// The daemon's threads (`Threads:` of its status; 0 if unreadable).
+    pub fn threads(&self) -> u64 {
+        self.status_kib("Threads:").unwrap_or(0)
     }
 
     /// Stop every thread of the daemon (SIGSTOP) where it stands.
@@ -128,6 +142,42 @@ impl Drop for Daemon {
     }
 }
 
+/// Print the scenario step's `VMTEST <prefix>-<step>-<tag> PASS <detail>` or `... FAIL
+/// <reason>` line and flush it (a power cut may follow); true when it passed.
+pub fn report(prefix: &str, step: &str, tag: &str, r: &Res<String>) -> bool {
+    match r {
+        Ok(d) => println!("VMTEST {prefix}-{step}-{tag} PASS {d}"),
+        Err(e) => println!("VMTEST {prefix}-{step}-{tag} FAIL {e}"),
+    }
+    let _ = std::io::stdout().flush();
+    r.is_ok()
+}
+
+/// The leading `SCENARIO TAG BASE COW TARGET` arguments of a snapshot scenario, if all five
+/// are there.
+pub fn scenario_args(args: &[String]) -> Option<[&String; 5]> {
+    match args {
+        [kind, tag, base, cow, target, ..] => Some([kind, tag, base, cow, target]),
+        _ => None,
+    }
+}
+
+/// The exit code of a scenario run.
+pub fn exit_code(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// After a merge: the whole `base` equals `target`.
+pub fn merged_base_check(base: &Path, target: &Path) -> Res<String> {
+    let len = dev_bytes(target)?;
+    compare_device("merged base", base, target, len)?;
+    Ok(format!("base == target ({} MiB)", len >> 20))
+}
+
 /// The device-mapper control device.
 pub fn dm() -> Res<DmControl> {
     DmControl::open().map_err(|e| {
@@ -153,6 +203,15 @@ pub fn open_direct(path: &Path) -> Res<File> {
         .custom_flags(nix::libc::O_DIRECT)
         .open(path)
         .map_err(|e| format!("open {} O_DIRECT: {e}", path.display()))
+}
+
+/// Open `path` write-only with O_DIRECT.
+pub fn open_direct_write(path: &Path) -> Res<File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| format!("open {} for writing: {e}", path.display()))
 }
 
 /// Read `len` bytes of `dev` with O_DIRECT and compare with `want` (buffered); returns the
@@ -206,48 +265,79 @@ pub fn time_read(dev: &Path, len: u64) -> Res<Duration> {
     Ok(t.elapsed())
 }
 
-/// Time an O_DIRECT read of the target image from a loop device over a tmpfs copy.
-pub fn loop_read_time(tag: &str, target: &Path, len: u64) -> Res<Duration> {
-    let img = PathBuf::from(format!("/tmp/loop-{tag}.img"));
-    let src = File::open(target).map_err(|e| format!("open target: {e}"))?;
-    let mut dst = File::create(&img).map_err(|e| format!("create {}: {e}", img.display()))?;
-    std::io::copy(&mut Read::take(src, len), &mut dst)
-        .map_err(|e| format!("copy the target to tmpfs: {e}"))?;
-    drop(dst);
-    // busybox: `losetup -f` names a free device, `losetup DEV FILE` binds it.
-    let free = Command::new("losetup")
-        .arg("-f")
-        .output()
-        .map_err(|e| format!("losetup -f: {e}"))?;
-    let dev = String::from_utf8_lossy(&free.stdout).trim().to_string();
-    let bound = !dev.is_empty()
-        && Command::new("losetup")
-            .arg(&dev)
-            .arg(&img)
-            .status()
-            .is_ok_and(|s| s.success());
-    if !bound {
-        let _ = std::fs::remove_file(&img);
-        return Err(format!(
-            "losetup -f gave {dev:?} ({}), binding failed",
-            String::from_utf8_lossy(&free.stderr).trim()
-        ));
-    }
-    let t = time_read(Path::new(&dev), len);
-    let _ = Command::new("losetup").arg("-d").arg(&dev).status();
-    let _ = std::fs::remove_file(&img);
-    t
+/// The first `len` bytes of a target image on a loop device over a tmpfs copy; detached
+/// and the copy removed on drop.
+pub struct TmpfsLoop {
+    dev: PathBuf,
+    img: PathBuf,
 }
 
-/// Time an O_DIRECT copy of the first `len` bytes of `from` onto `to` at the same offsets.
+impl TmpfsLoop {
+    /// Copy the first `len` bytes of `target` to `img` (on tmpfs) and bind a free loop
+    /// device to it.
+    pub fn attach(img: PathBuf, target: &Path, len: u64) -> Res<Self> {
+        let src = File::open(target).map_err(|e| format!("open target: {e}"))?;
+        let mut dst = File::create(&img).map_err(|e| format!("create {}: {e}", img.display()))?;
+        std::io::copy(&mut Read::take(src, len), &mut dst)
+            .map_err(|e| format!("copy the target to tmpfs: {e}"))?;
+        drop(dst);
+        // busybox: `losetup -f` names a free device, `losetup DEV FILE` binds it.
+        let free = Command::new("losetup")
+            .arg("-f")
+            .output()
+            .map_err(|e| format!("losetup -f: {e}"))?;
+        let dev = String::from_utf8_lossy(&free.stdout).trim().to_string();
+        let bound = !dev.is_empty()
+            && Command::new("losetup")
+                .arg(&dev)
+                .arg(&img)
+                .status()
+                .is_ok_and(|s| s.success());
+        if !bound {
+            let _ = std::fs::remove_file(&img);
+            return Err(format!(
+                "losetup -f gave {dev:?} ({}), binding failed",
+                String::from_utf8_lossy(&free.stderr).trim()
+            ));
+        }
+        Ok(Self {
+            dev: dev.into(),
+            img,
+        })
+    }
+
+    /// The loop device's node.
+    pub fn dev(&self) -> &Path {
+        &self.dev
+    }
+}
+
+impl Drop for TmpfsLoop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+        let _ = std::fs::remove_file(&self.img);
+    }
+}
+
+/// Time an O_DIRECT read of the target image from a loop device over a tmpfs copy.
+pub fn loop_read_time(tag: &str, target: &Path, len: u64) -> Res<Duration> {
+    let lp = TmpfsLoop::attach(PathBuf::from(format!("/tmp/loop-{tag}.img")), target, len)?;
+    time_read(lp.dev(), len)
+}
+
+/// Time an O_DIRECT copy of the first `len` bytes of `from` onto `to` at the same offsets
+/// (clamped to the size of `from`, rounded down to whole 4 KiB blocks).
 pub fn plain_copy_time(from: &Path, to: &Path, len: u64) -> Res<Duration> {
-    let src = open_direct(from)?;
-    let dst = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(nix::libc::O_DIRECT)
-        .open(to)
-        .map_err(|e| format!("open {} for writing: {e}", to.display()))?;
     let len = len.min(dev_bytes(from)?) / 4096 * 4096;
+    copy_direct(from, to, len)
+}
+
+/// Copy `len` bytes (rounded down to whole sectors) of `from` onto `to` at the same offsets
+/// (O_DIRECT, 1 MiB at a time), then fsync; returns the time taken.
+pub fn copy_direct(from: &Path, to: &Path, len: u64) -> Res<Duration> {
+    let src = open_direct(from)?;
+    let dst = open_direct_write(to)?;
+    let len = len / 512 * 512;
     let mut a = AlignedBuf::new(IO_SIZE);
     let t = Instant::now();
     let mut off = 0u64;

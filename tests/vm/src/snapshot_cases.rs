@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use dm_ioctl::{DmControl, SnapshotStatus, TableEntry};
 
 use crate::scenario_support::{
-    compare_device, dev_bytes, dm, loop_read_time, mbps, mount_and_check_file, plain_copy_time,
-    time_read, Daemon, Res,
+    compare_device, dev_bytes, dm, exit_code, loop_read_time, mbps, merged_base_check,
+    mount_and_check_file, plain_copy_time, report, scenario_args, time_read, Daemon, Res,
 };
 
 /// Chunk size of the snapshot, in sectors (4 KiB, as Android uses).
@@ -69,22 +69,12 @@ struct Scenario {
 }
 
 fn vmtest(step: &str, tag: &str, r: &Res<String>) -> bool {
-    match r {
-        Ok(d) => println!("VMTEST snap-{step}-{tag} PASS {d}"),
-        Err(e) => println!("VMTEST snap-{step}-{tag} FAIL {e}"),
-    }
-    r.is_ok()
+    report("snap", step, tag, r)
 }
 
 /// Entry point of `vmtest snap ...`.
 pub fn main(args: &[String]) -> ExitCode {
-    let (Some(kind), Some(tag), Some(base), Some(cow), Some(target)) = (
-        args.first(),
-        args.get(1),
-        args.get(2),
-        args.get(3),
-        args.get(4),
-    ) else {
+    let Some([kind, tag, base, cow, target]) = scenario_args(args) else {
         eprintln!("usage: vmtest snap SCENARIO TAG BASE COW TARGET [FILE=CONTENT]");
         return ExitCode::FAILURE;
     };
@@ -119,11 +109,7 @@ pub fn main(args: &[String]) -> ExitCode {
             false
         }
     };
-    if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    exit_code(ok)
 }
 
 /// The dm devices and daemon of one scenario.
@@ -232,12 +218,11 @@ impl Stack {
 
 fn init_handler(daemon: &Daemon, misc: &str, sc: &Scenario) -> Res<u64> {
     let cmd = format!("init,{misc},{},{}", sc.cow.display(), sc.base.display());
-    let reply = daemon.command(&cmd)?;
-    reply
-        .strip_prefix("success,")
-        .and_then(|n| n.trim().parse::<u64>().ok())
-        .filter(|&n| n > 0)
-        .ok_or_else(|| format!("{cmd} -> {reply:?}"))
+    let sectors = daemon.init_sectors(&cmd)?;
+    if sectors == 0 {
+        return Err(format!("{cmd} -> 0 sectors"));
+    }
+    Ok(sectors)
 }
 
 /// Step 1: the snapshot reads as the target.
@@ -325,12 +310,6 @@ fn wait_merge_done(st: &Stack, rss: &mut u64) -> Res<(Duration, u64)> {
 fn quarter_merged(s: &SnapshotStatus, alloc0: u64, metadata: u64) -> bool {
     matches!(s, SnapshotStatus::Active { allocated, .. }
         if *allocated < alloc0 && (alloc0 - *allocated) * 4 >= alloc0 - metadata)
-}
-
-fn merged_base_check(sc: &Scenario) -> Res<String> {
-    let len = dev_bytes(&sc.target)?;
-    compare_device("merged base", &sc.base, &sc.target, len)?;
-    Ok(format!("base == target ({} MiB)", len >> 20))
 }
 
 fn read_merge(sc: &Scenario, mode: MergeMode) -> bool {
@@ -513,7 +492,7 @@ fn run_merge(sc: &Scenario, mut st: Stack, mode: MergeMode) -> Res<String> {
     );
     let percent = st.daemon.command("merge_percent").unwrap_or_default();
     st.teardown()?;
-    let mut d = merged_base_check(sc)?;
+    let mut d = merged_base_check(&sc.base, &sc.target)?;
     d.push_str(&format!(", daemon merge_percent {percent}"));
     // Reference figure: a plain O_DIRECT copy of as many bytes (target -> base at the same
     // offsets; the base already equals the target, so its content does not change).
@@ -685,7 +664,7 @@ fn resume_merge(sc: &Scenario) -> bool {
             took.as_secs_f64()
         );
         st.teardown()?;
-        merged_base_check(sc).map(|d| format!("{d}, resumed from {s0:?}"))
+        merged_base_check(&sc.base, &sc.target).map(|d| format!("{d}, resumed from {s0:?}"))
     })();
     vmtest("resume-merge", &sc.tag, &r)
 }

@@ -7,12 +7,11 @@
 //! xtask does not run these cases there).
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -144,23 +143,11 @@ impl Helper {
             .stdout(Stdio::piped())
             .spawn()
             .ctx("spawn ublk helper")?;
-        let out = child.stdout.take().ok_or("helper stdout")?;
-        let line = bounded("ublk helper start", Duration::from_secs(30), move || {
-            let mut lines = BufReader::new(out).lines();
-            lines
-                .find_map(|l| l.ok().filter(|l| l.starts_with("UBLK READY")))
-                .unwrap_or_default()
-        });
-        let line = match line {
-            Ok(l) if !l.is_empty() => l,
-            other => {
-                let _ = child.kill();
-                let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
-                return Err(format!(
-                    "ublk helper {mode} did not get ready ({other:?}, {status})"
-                ));
-            }
-        };
+        let line = ublk_ready_line(
+            &mut child,
+            &format!("ublk helper {mode}"),
+            Duration::from_secs(30),
+        )?;
         let mut words = line.split_whitespace().skip(2);
         let node = PathBuf::from(words.next().unwrap_or(""));
         let user_copy = words.next() == Some("1");
@@ -366,19 +353,6 @@ pub fn ext4() -> TestResult {
     Ok(format!("{} files read back from ext4 on ublk", files.len()))
 }
 
-/// Reads recorded by the reader thread.
-#[derive(Default)]
-struct ReadLog {
-    /// (start, end) of each read, in nanoseconds since the test began.
-    spans: Vec<(u64, u64)>,
-    errors: Vec<String>,
-    mismatches: u64,
-}
-
-fn ns_since(t0: Instant) -> u64 {
-    u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX)
-}
-
 /// SIGKILL the serving helper three times in the middle of a reader's O_DIRECT reads; a new
 /// helper re-attaches each time. The reader must see zero errors and only the image's data.
 pub fn kill_recover() -> TestResult {
@@ -390,40 +364,14 @@ pub fn kill_recover() -> TestResult {
     let node = helper.node.clone();
     let t0 = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
-    let reader = {
-        let (stop, want) = (stop.clone(), want.clone());
-        std::thread::spawn(move || {
-            let mut log = ReadLog::default();
-            let f = match open_direct(&node) {
-                Ok(f) => f,
-                Err(e) => {
-                    log.errors.push(e);
-                    return log;
-                }
-            };
-            let mut buf = AlignedBuf::new(64 << 10);
-            let mut x = 0x9E37_79B9_7F4A_7C15u64;
-            while !stop.load(Ordering::Acquire) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let off = (x % (size / 4096 - 16)) * 4096;
-                let start = ns_since(t0);
-                let r = f.read_exact_at(buf.as_mut(), off);
-                log.spans.push((start, ns_since(t0)));
-                match r {
-                    Ok(()) => {
-                        let o = off as usize;
-                        if buf.as_ref() != &want[o..o + (64 << 10)] {
-                            log.mismatches += 1;
-                        }
-                    }
-                    Err(e) => log.errors.push(format!("read at {off}: {e}")),
-                }
-            }
-            log
-        })
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let next_off = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % (size / 4096 - 16)) * 4096
     };
+    let reader = spawn_checking_reader(node, want, 64 << 10, t0, stop.clone(), next_off);
     let mut outages = Vec::new();
     for _ in 0..KILLS {
         std::thread::sleep(Duration::from_millis(400));
@@ -437,31 +385,10 @@ pub fn kill_recover() -> TestResult {
         outages.push((killed_at, ns_since(t0)));
     }
     std::thread::sleep(Duration::from_millis(400));
-    stop.store(true, Ordering::Release);
-    let log = bounded("reader", Duration::from_secs(20), move || reader.join())?
-        .map_err(|_| "reader panicked".to_string())?;
+    let log = stop_reader(&stop, reader)?;
     helper.stop()?;
     let _ = std::fs::remove_file(&img);
-    let across: Vec<usize> = outages
-        .iter()
-        .map(|&(k, r)| log.spans.iter().filter(|&&(s, e)| s < r && e > k).count())
-        .collect();
-    check(
-        log.errors.is_empty(),
-        format!(
-            "{} read errors, first: {:?}",
-            log.errors.len(),
-            log.errors.first()
-        ),
-    )?;
-    check(
-        log.mismatches == 0,
-        format!("{} reads returned wrong data", log.mismatches),
-    )?;
-    check(
-        across.iter().all(|&n| n > 0),
-        format!("some kill had no read waiting across it: {across:?}"),
-    )?;
+    let across = log.check_outages(&outages)?;
     let longest = outages
         .iter()
         .map(|&(k, r)| (r - k) / 1_000_000)

@@ -4,11 +4,10 @@
 //! optionally merges. A reader loops over the device the whole time.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -149,27 +148,11 @@ impl SnapHelper {
             .stdout(Stdio::piped())
             .spawn()
             .ctx("spawn snapshot helper")?;
-        let out = child.stdout.take().ok_or("helper stdout")?;
-        let line = bounded(
-            "snapshot helper start",
+        let line = ublk_ready_line(
+            &mut child,
+            &format!("snapshot helper {mode}"),
             Duration::from_secs(40),
-            move || {
-                BufReader::new(out)
-                    .lines()
-                    .find_map(|l| l.ok().filter(|l| l.starts_with("UBLK READY")))
-                    .unwrap_or_default()
-            },
-        );
-        let line = match line {
-            Ok(l) if !l.is_empty() => l,
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "snapshot helper {mode} did not get ready: {other:?}"
-                ));
-            }
-        };
+        )?;
         let w: Vec<&str> = line.split_whitespace().collect();
         Ok(Self {
             node: PathBuf::from(w.get(2).copied().unwrap_or("")),
@@ -213,11 +196,51 @@ impl Drop for SnapHelper {
     }
 }
 
-#[derive(Default)]
-struct Reads {
-    spans: Vec<(u64, u64)>,
-    errors: Vec<String>,
-    wrong: u64,
+/// A whole-device buffered read of `node` equals `target` (before any merge).
+fn same_whole_device(node: &Path, target: &[u8]) -> Result<(), String> {
+    let f = File::open(node).ctx("open snapshot device")?;
+    let mut whole = vec![0u8; target.len()];
+    f.read_exact_at(&mut whole, 0).ctx("whole-device read")?;
+    same("whole device before the merge", &whole, target)
+}
+
+/// The whole device reads as `target`; then a [`sequential_reader`] starts. Returns its
+/// time origin, its stop flag and its thread.
+fn check_then_read(
+    node: &Path,
+    target: &Arc<Vec<u8>>,
+) -> Result<(Instant, Arc<AtomicBool>, std::thread::JoinHandle<ReadLog>), String> {
+    same_whole_device(node, target)?;
+    let t0 = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = sequential_reader(node, target, t0, &stop);
+    Ok((t0, stop, reader))
+}
+
+/// A reader looping over the whole snapshot device in 128 KiB O_DIRECT reads, checking each
+/// against `target`, until `stop`.
+fn sequential_reader(
+    node: &Path,
+    target: &Arc<Vec<u8>>,
+    t0: Instant,
+    stop: &Arc<AtomicBool>,
+) -> std::thread::JoinHandle<ReadLog> {
+    const CHUNK: usize = 128 << 10;
+    let size = target.len() as u64;
+    let mut off = 0u64;
+    let next_off = move || {
+        let at = off;
+        off = (off + CHUNK as u64) % size;
+        at
+    };
+    spawn_checking_reader(
+        node.to_path_buf(),
+        target.clone(),
+        CHUNK,
+        t0,
+        stop.clone(),
+        next_off,
+    )
 }
 
 /// The snapshot device over ublk: whole-device read == target; a reader loops over the
@@ -226,52 +249,10 @@ struct Reads {
 pub fn kill_merge() -> TestResult {
     let _ = std::fs::remove_dir_all(DIR);
     let target = Arc::new(make_update()?);
-    let size = target.len() as u64;
     let mut helper = SnapHelper::spawn("serve")?;
     let node = helper.node.clone();
-    let f = File::open(&node).ctx("open snapshot device")?;
-    let mut whole = vec![0u8; target.len()];
-    f.read_exact_at(&mut whole, 0).ctx("whole-device read")?;
-    same("whole device before the merge", &whole, &target)?;
-    drop((f, whole));
-    let t0 = Instant::now();
-    let ns = move || u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    let stop = Arc::new(AtomicBool::new(false));
-    let reader = {
-        let (stop, target, node) = (stop.clone(), target.clone(), node.clone());
-        std::thread::spawn(move || {
-            let mut r = Reads::default();
-            let f = match std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags_direct()
-                .open(&node)
-            {
-                Ok(f) => f,
-                Err(e) => {
-                    r.errors.push(format!("open: {e}"));
-                    return r;
-                }
-            };
-            let mut buf = AlignedBuf::new(128 << 10);
-            let mut off = 0u64;
-            while !stop.load(Ordering::Acquire) {
-                let start = ns();
-                let res = f.read_exact_at(buf.as_mut(), off);
-                r.spans.push((start, ns()));
-                match res {
-                    Ok(()) => {
-                        let o = off as usize;
-                        if buf.as_ref() != &target[o..o + (128 << 10)] {
-                            r.wrong += 1;
-                        }
-                    }
-                    Err(e) => r.errors.push(format!("read at {off}: {e}")),
-                }
-                off = (off + (128 << 10)) % size;
-            }
-            r
-        })
-    };
+    let (t0, stop, reader) = check_then_read(&node, &target)?;
+    let ns = move || ns_since(t0);
     let mut kills = Vec::new();
     let mut progress_at_restart = Vec::new();
     // During reads, then during the merge (twice, early), then let it finish.
@@ -294,30 +275,9 @@ pub fn kill_merge() -> TestResult {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Release);
-    let reads = bounded("reader", Duration::from_secs(20), move || reader.join())?
-        .map_err(|_| "reader panicked".to_string())?;
+    let reads = stop_reader(&stop, reader)?;
     helper.stop()?;
-    let across: Vec<usize> = kills
-        .iter()
-        .map(|&(k, r)| reads.spans.iter().filter(|&&(s, e)| s < r && e > k).count())
-        .collect();
-    check(
-        reads.errors.is_empty(),
-        format!(
-            "{} read errors, first {:?}",
-            reads.errors.len(),
-            reads.errors.first()
-        ),
-    )?;
-    check(
-        reads.wrong == 0,
-        format!("{} reads returned wrong data", reads.wrong),
-    )?;
-    check(
-        across.iter().all(|&n| n > 0),
-        format!("a kill had no read across it: {across:?}"),
-    )?;
+    let across = reads.check_outages(&kills)?;
     let base = std::fs::read(path("base.img")).ctx("base")?;
     same("base after the merge", &base, &target)?;
     let _ = std::fs::remove_dir_all(DIR);
@@ -388,49 +348,8 @@ pub fn daemon_kill_merge() -> TestResult {
     let reply = expect(&d, &format!("get_device_name,{MISC}"), "success,")?;
     let node = PathBuf::from(reply.trim_start_matches("success,"));
     check(node.exists(), format!("{} does not exist", node.display()))?;
-    let f = File::open(&node).ctx("open snapshot device")?;
-    let mut whole = vec![0u8; target.len()];
-    f.read_exact_at(&mut whole, 0).ctx("whole-device read")?;
-    same("whole device before the merge", &whole, &target)?;
-    drop((f, whole));
-    let t0 = Instant::now();
-    let ns = move || u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    let stop = Arc::new(AtomicBool::new(false));
-    let reader = {
-        let (stop, target, node) = (stop.clone(), target.clone(), node.clone());
-        std::thread::spawn(move || {
-            let mut r = Reads::default();
-            let f = match std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags_direct()
-                .open(&node)
-            {
-                Ok(f) => f,
-                Err(e) => {
-                    r.errors.push(format!("open: {e}"));
-                    return r;
-                }
-            };
-            let mut buf = AlignedBuf::new(128 << 10);
-            let mut off = 0u64;
-            while !stop.load(Ordering::Acquire) {
-                let start = ns();
-                let res = f.read_exact_at(buf.as_mut(), off);
-                r.spans.push((start, ns()));
-                match res {
-                    Ok(()) => {
-                        let o = off as usize;
-                        if buf.as_ref() != &target[o..o + (128 << 10)] {
-                            r.wrong += 1;
-                        }
-                    }
-                    Err(e) => r.errors.push(format!("read at {off}: {e}")),
-                }
-                off = (off + (128 << 10)) % size;
-            }
-            r
-        })
-    };
+    let (t0, stop, reader) = check_then_read(&node, &target)?;
+    let ns = move || ns_since(t0);
     let mut kills = Vec::new();
     let mut percent_at_last_kill = String::new();
     // During reads (no merge yet), early in the merge, then once the merge has committed
@@ -478,35 +397,14 @@ pub fn daemon_kill_merge() -> TestResult {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Release);
-    let reads = bounded("reader", Duration::from_secs(20), move || reader.join())?
-        .map_err(|_| "reader panicked".to_string())?;
+    let reads = stop_reader(&stop, reader)?;
     expect(&d, &format!("delete,{MISC}"), "success")?;
     check(
         !node.exists(),
         format!("{} still exists after delete", node.display()),
     )?;
     let _ = d.command("stop");
-    let across: Vec<usize> = kills
-        .iter()
-        .map(|&(k, r)| reads.spans.iter().filter(|&&(s, e)| s < r && e > k).count())
-        .collect();
-    check(
-        reads.errors.is_empty(),
-        format!(
-            "{} read errors, first {:?}",
-            reads.errors.len(),
-            reads.errors.first()
-        ),
-    )?;
-    check(
-        reads.wrong == 0,
-        format!("{} reads returned wrong data", reads.wrong),
-    )?;
-    check(
-        across.iter().all(|&n| n > 0),
-        format!("a kill had no read across it: {across:?}"),
-    )?;
+    let across = reads.check_outages(&kills)?;
     let base = std::fs::read(path("base.img")).ctx("base")?;
     same("base after the merge", &base, &target)?;
     let _ = std::fs::remove_dir_all(DIR);

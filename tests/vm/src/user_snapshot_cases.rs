@@ -27,7 +27,6 @@
 //! Each step prints `VMTEST usm-<step>-<tag> PASS|FAIL <detail>`, figures as `VMINFO`.
 
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -43,8 +42,9 @@ use dm_ioctl::{DmControl, TableEntry};
 
 use crate::harness::AlignedBuf;
 use crate::scenario_support::{
-    compare_device, dev_bytes, dm, loop_read_time, mbps, mount_and_check_file, open_direct,
-    plain_copy_time, Daemon, Res, IO_SIZE,
+    compare_device, dev_bytes, dm, exit_code, loop_read_time, mbps, merged_base_check,
+    mount_and_check_file, open_direct, plain_copy_time, report, scenario_args, Daemon, Res,
+    IO_SIZE,
 };
 
 /// Longest wait for a merge to finish in one boot.
@@ -154,23 +154,12 @@ impl std::fmt::Display for Point {
 }
 
 fn vmtest(step: &str, tag: &str, r: &Res<String>) -> bool {
-    match r {
-        Ok(d) => println!("VMTEST usm-{step}-{tag} PASS {d}"),
-        Err(e) => println!("VMTEST usm-{step}-{tag} FAIL {e}"),
-    }
-    let _ = std::io::stdout().flush();
-    r.is_ok()
+    report("usm", step, tag, r)
 }
 
 /// Entry point of `vmtest usm ...`.
 pub fn main(args: &[String]) -> ExitCode {
-    let (Some(kind), Some(tag), Some(base), Some(cow), Some(target)) = (
-        args.first(),
-        args.get(1),
-        args.get(2),
-        args.get(3),
-        args.get(4),
-    ) else {
+    let Some([kind, tag, base, cow, target]) = scenario_args(args) else {
         eprintln!("usage: vmtest usm SCENARIO TAG BASE COW TARGET [KEY=VALUE]...");
         return ExitCode::FAILURE;
     };
@@ -193,11 +182,7 @@ pub fn main(args: &[String]) -> ExitCode {
             false
         }
     };
-    if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    exit_code(ok)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -287,14 +272,10 @@ fn wait_misc_node(misc: &str) -> Res<()> {
 fn init_and_start(daemon: &Daemon, sc: &Scenario, misc: &str, sectors: u64) -> Res<()> {
     let base = sc.base.display();
     let cmd = format!("init,{misc},{},{base},{base}", sc.cow.display());
-    let reply = daemon.command(&cmd)?;
-    let got = reply
-        .strip_prefix("success,")
-        .and_then(|n| n.trim().parse::<u64>().ok())
-        .ok_or_else(|| format!("{cmd} -> {reply:?}"))?;
+    let got = daemon.init_sectors(&cmd)?;
     if got != sectors {
         return Err(format!(
-            "{cmd} -> {reply:?}: the base device has {sectors} sectors"
+            "{cmd} -> {got} sectors: the base device has {sectors} sectors"
         ));
     }
     expect_reply(daemon, &format!("start,{misc}"), "success")
@@ -474,9 +455,7 @@ fn wait_point(st: &Stack, point: Point, floor: f64) -> Res<(f64, Duration)> {
 }
 
 fn base_check(sc: &Scenario) -> Res<String> {
-    let len = dev_bytes(&sc.target)?;
-    compare_device("merged base", &sc.base, &sc.target, len)?;
-    Ok(format!("base == target ({} MiB)", len >> 20))
+    merged_base_check(&sc.base, &sc.target)
 }
 
 // ---------------------------------------------------------------------------------------------
