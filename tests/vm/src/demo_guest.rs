@@ -38,6 +38,9 @@ const RANDOM_READS: u64 = 2_000;
 const MERGE_LIMIT: Duration = Duration::from_secs(900);
 /// Interval between merge progress samples.
 const SAMPLE_EVERY: Duration = Duration::from_millis(50);
+/// Mappings of the daemon listed one by one at the merge's peak: those with this much
+/// resident (KiB); the others are summed in one line.
+const SMAPS_MIN_KIB: u64 = 64;
 /// Control name of the demo's handler.
 const MISC: &str = "demo";
 /// Device-mapper name of the demo's dm-user device.
@@ -317,6 +320,8 @@ fn merge(round: usize, a: &Args, dev: &Device) -> Res<(f64, u64)> {
     let mut peak = dev.daemon.status_kib("VmRSS:").unwrap_or(0);
     // What the peak is made of: anonymous memory, file pages, shared memory, threads.
     let mut peak_parts = String::new();
+    // The daemon's mappings at the peak (`smaps`, mappings of 64 KiB or more).
+    let mut peak_maps: Vec<String> = Vec::new();
     println!("VMDEMO progress {round} 0.000 0.0");
     loop {
         std::thread::sleep(SAMPLE_EVERY);
@@ -339,6 +344,7 @@ fn merge(round: usize, a: &Args, dev: &Device) -> Res<(f64, u64)> {
                 dev.daemon.threads(),
                 elapsed.as_secs_f64()
             );
+            peak_maps = crate::smaps::of_pid(dev.daemon.pid(), SMAPS_MIN_KIB);
         }
         match status.as_str() {
             "snapshot-merge-complete" => {
@@ -353,6 +359,9 @@ fn merge(round: usize, a: &Args, dev: &Device) -> Res<(f64, u64)> {
                     cow0.delta(&DiskCounters::of(&a.cow), "cow"),
                 );
                 println!("VMDEMO merge-io {round} peak {peak_parts}");
+                for m in &peak_maps {
+                    println!("VMDEMO merge-io {round} peak-smaps {m}");
+                }
                 // Which threads used the CPU, user/system seconds (a thread that ended
                 // during the merge counts up to its last sample, every 50 ms).
                 for t in thread_ticks(dev.daemon.pid()) {
@@ -376,6 +385,7 @@ fn merge(round: usize, a: &Args, dev: &Device) -> Res<(f64, u64)> {
                 "VMDEMO progress {round} {:.3} {p:.1}",
                 elapsed.as_secs_f64()
             );
+            peak_maps = crate::smaps::of_pid(dev.daemon.pid(), SMAPS_MIN_KIB);
         }
         if elapsed > MERGE_LIMIT {
             return Err(format!("merge not done after {MERGE_LIMIT:?} ({percent}%)"));
@@ -416,6 +426,10 @@ fn round(i: usize, a: &Args, lp: &TmpfsLoop, len: u64, base_sectors: u64) -> Res
     let rss_anon_kib = dev.daemon.status_kib("RssAnon:").unwrap_or(0);
     let rss_serving_kib = dev.daemon.status_kib("VmRSS:").unwrap_or(0);
     let threads = dev.daemon.threads();
+    // The same mappings while serving, before the merge: what the merge adds is the difference.
+    for m in crate::smaps::of_pid(dev.daemon.pid(), SMAPS_MIN_KIB) {
+        println!("VMDEMO merge-io {i} serving-smaps {m}");
+    }
     let merged = merge(i, a, &dev);
     let torn = dev.tear_down();
     let (merge_s, rss_peak_kib) = merged?;

@@ -16,6 +16,7 @@ mod demo_guest;
 mod harness;
 mod ramd;
 mod scenario_support;
+mod smaps;
 mod snapshot_cases;
 mod target_cases;
 mod ublk_cases;
