@@ -1,8 +1,8 @@
 //! Host benchmark of the user-space-merge read path: random 4 KiB READ requests through
-//! `UserSnapshot::handle` (block map lookup, op lookup, decompression of the payload from
-//! the mapped COW straight into the response buffer) over a real v3 lz4 COW that replaces
-//! every block, against bare `lz4_flex` decompression of the very same payloads held in
-//! memory, in the same run.
+//! `UserSnapshot::handle` (block map lookup, op lookup, decompression of the payload read
+//! with `pread` (the daemon's default) or straight from the mapped COW into the response
+//! buffer) over a real v3 lz4 COW that replaces every block, against bare `lz4_flex`
+//! decompression of the very same payloads held in memory, in the same run.
 //!
 //! The image is real file content (see `cow-format/benches/support/real_data.rs`). Two
 //! COWs: compression factor 4 KiB (one payload per block) and 64 KiB (each random read
@@ -37,13 +37,18 @@ struct Setup {
     cow: Lz4Cow,
 }
 
-fn setup(data: &[u8], factor: u32) -> Setup {
+/// The snapshot over a COW of `data`; `mmap_cow` picks the COW's storage (the daemon's
+/// default is `pread`, see `UserSnapshotOptions::mmap_cow`).
+fn setup(data: &[u8], factor: u32, mmap_cow: bool) -> Setup {
     let cow = Lz4Cow::write(data, factor);
     let snap = UserSnapshot::open(
         &cow.cow,
         &cow.base,
         &cow.base,
-        &UserSnapshotOptions::default(),
+        &UserSnapshotOptions {
+            mmap_cow,
+            ..UserSnapshotOptions::default()
+        },
     )
     .expect("snapshot");
     Setup { snap, cow }
@@ -95,9 +100,17 @@ fn bench(c: &mut Criterion) {
     let rounds = env_usize("SNAPUSERD_BENCH_ROUNDS", 400);
     let data = real_data(mib);
     for factor in [4096u32, 65536] {
-        let s = setup(&data, factor);
+        // The daemon's storage (pread) and the mapped COW, each against bare decompression.
+        let mapped = setup(&data, factor, true);
         summary(
-            &format!("v3 lz4 factor {}K, {mib} MiB", factor / 1024),
+            &format!("v3 lz4 factor {}K, {mib} MiB, COW mapped", factor / 1024),
+            &mapped,
+            rounds,
+        );
+        drop(mapped);
+        let s = setup(&data, factor, false);
+        summary(
+            &format!("v3 lz4 factor {}K, {mib} MiB, COW pread", factor / 1024),
             &s,
             rounds,
         );

@@ -25,6 +25,7 @@ pub use cow_format::error_chain;
 #[cfg(feature = "fuzz-harness")]
 pub mod fuzz_harness;
 pub mod log_limit;
+pub mod malloc_tuning;
 pub mod properties;
 pub mod snapshot;
 pub mod ublk;

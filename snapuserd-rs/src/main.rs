@@ -518,6 +518,10 @@ fn main() -> ExitCode {
         }
     };
     init_logging();
+    // Before any thread starts: freed buffers must not stay resident (and locked).
+    if let Err(e) = snapuserd::malloc_tuning::return_freed_memory() {
+        log::warn!("{e}");
+    }
     harden_process();
     let events = match install_signals() {
         Ok(f) => f,
