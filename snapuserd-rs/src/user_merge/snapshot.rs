@@ -42,7 +42,7 @@ pub struct UserSnapshotOptions {
     /// `ro.virtual_ab.cow_op_merge_size`); `None` or `Some(0)`: no cap beyond 1 MiB.
     pub cow_op_merge_size: Option<u32>,
     /// Map the COW file (no system call per payload); falls back to `pread` if mapping fails.
-    /// Off by default (as AOSP, payloads are read with `pread`): every mapped page a read
+    /// Off by default (payloads are read with `pread`): every mapped page a read
     /// or the merge touched counts in the daemon's RSS, so a mapping makes the daemon's
     /// resident memory grow with the COW (5.6 MiB of a 7.5 MiB COW in the emulator demo,
     /// `BENCHMARKS.md` "Daemon memory at the peak of the merge").
