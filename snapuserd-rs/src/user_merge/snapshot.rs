@@ -32,8 +32,9 @@ pub(crate) const BLOCK: usize = 4096;
 const BLOCK_U64: u64 = BLOCK as u64;
 const SECTOR: u64 = 512;
 
-/// How a [`UserSnapshot`] is opened and merged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a [`UserSnapshot`] is opened and merged. The default: buffered source reads, no cap on
+/// REPLACE/ZERO batches beyond 1 MiB, the COW read with `pread`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct UserSnapshotOptions {
     /// Read COPY/XOR sources on the read path with `O_DIRECT` (AOSP `-o_direct`), through
     /// an aligned bounce buffer, so they do not fill the page cache.
@@ -47,16 +48,6 @@ pub struct UserSnapshotOptions {
     /// resident memory grow with the COW (5.6 MiB of a 7.5 MiB COW in the emulator demo,
     /// `BENCHMARKS.md` "Daemon memory at the peak of the merge").
     pub mmap_cow: bool,
-}
-
-impl Default for UserSnapshotOptions {
-    fn default() -> Self {
-        Self {
-            o_direct: false,
-            cow_op_merge_size: None,
-            mmap_cow: false,
-        }
-    }
 }
 
 /// Where a merge stands.
