@@ -415,7 +415,7 @@ fn power_chain(
             series.label(),
             chain.transport,
             point
-                .map(|p| format!(", power cut at {p:.1}%"))
+                .map(|p| format!(", power cut at {p}%"))
                 .unwrap_or_default()
         );
         let run = run_boot(
