@@ -53,8 +53,14 @@ use crate::scenario_support::{
 
 /// Longest wait for a merge to finish in one boot.
 const MERGE_LIMIT: Duration = Duration::from_secs(300);
-/// The daemon flag of user-space-merge mode (libsnapshot passes it).
-const USER_FLAG: &str = "-user_snapshot";
+/// The flag every daemon of these scenarios runs with besides its transport's: REPLACE/ZERO
+/// batches of at most 16 ops (`ro.virtual_ab.cow_op_merge_size`, which libsnapshot passes as
+/// `-cow_op_merge_size`), so that phase commits its progress often enough for a kill or
+/// power-off point inside it to be reached before the merge ends, however late the loaded
+/// emulator schedules the poller.
+const MERGE_BATCH_FLAG: &str = "-cow_op_merge_size=16";
+/// The flags of a dm-user daemon of these scenarios.
+const DM_USER_FLAGS: [&str; 2] = ["-user_snapshot", MERGE_BATCH_FLAG];
 /// Random 4 KiB reads of the random-read step.
 const RANDOM_READS: usize = 2000;
 /// How often the merge's progress is polled while waiting for a kill or power-off point.
@@ -352,6 +358,7 @@ impl Stack {
     /// `init`, `start`; ublk: `init`, `start` (which creates the device), `get_device_name`.
     fn build(sc: &Scenario, misc: &str, flags: &[&str]) -> Res<Self> {
         let mut all = sc.transport.daemon_flags().to_vec();
+        all.push(MERGE_BATCH_FLAG);
         all.extend_from_slice(flags);
         let daemon = Daemon::start_with(misc, &all)?;
         let dev = match sc.transport {
@@ -389,7 +396,7 @@ impl Stack {
     /// the new table loaded (new misc device), the new daemon's `init` and `start`, then
     /// suspend/resume. The previous daemon is returned (stopped when dropped).
     fn reload_onto_new_daemon(&mut self, sc: &Scenario, misc: &str) -> Res<Daemon> {
-        let daemon = Daemon::start_with(misc, &[USER_FLAG])?;
+        let daemon = Daemon::start_with(misc, &DM_USER_FLAGS)?;
         self.dev.load(misc)?;
         init_and_start(&daemon, sc, misc, self.dev.sectors)?;
         self.dev.activate()?;
@@ -988,7 +995,7 @@ fn handoff(sc: &Scenario) -> bool {
             nix::sys::signal::Signal::SIGTERM,
         )
         .map_err(|e| format!("SIGTERM to the first-stage daemon {old_pid}: {e}"))?;
-        let daemon = Daemon::start_with(&misc, &[USER_FLAG])?;
+        let daemon = Daemon::start_with(&misc, &DM_USER_FLAGS)?;
         let old = std::mem::replace(&mut st.daemon, daemon);
         init_and_start(&st.daemon, sc, &misc, st.dev.sectors)?;
         let serving = swapped.elapsed();
@@ -1069,7 +1076,10 @@ fn two_merge(sc: &Scenario) -> bool {
         return vmtest("two-merge", &sc.tag, &Err("no second= partition".into()));
     };
     let r = (|| -> Res<String> {
-        let daemon = Daemon::start_with(&sc.tag, &[USER_FLAG, "-num_merge_threads=1"])?;
+        let daemon = Daemon::start_with(
+            &sc.tag,
+            &[DM_USER_FLAGS[0], DM_USER_FLAGS[1], "-num_merge_threads=1"],
+        )?;
         let dev1 = UserDevice::create(sc, &sc.tag)?;
         init_and_start(&daemon, sc, &sc.tag, dev1.sectors)?;
         let dev2 = UserDevice::create(sc2, &sc2.tag)?;
