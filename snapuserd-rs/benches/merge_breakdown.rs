@@ -350,8 +350,12 @@ fn one_merge(demo: &Demo, dir: &Path, engine: &str) -> (Duration, Seam) {
     let inner: Box<dyn MergeIo> = match engine {
         "sync" => snap.sync_io().expect("sync engine"),
         _ => Box::new(
-            UringMergeIo::new(snap.source_file(), snap.base_file(), &UringOptions::default())
-                .expect("io_uring engine"),
+            UringMergeIo::new(
+                snap.source_file(),
+                snap.base_file(),
+                &UringOptions::default(),
+            )
+            .expect("io_uring engine"),
         ),
     };
     let timed = Box::new(Timed {

@@ -134,7 +134,11 @@ impl UserSnapshot {
                 // A window already read ahead (saved in scratch before a restart, or read
                 // before an engine error) is merged alone; otherwise windows that read
                 // nothing they write skip the scratch and share one commit.
-                let loaded = self.view_read().window.as_ref().is_some_and(|w| w.contains(p));
+                let loaded = self
+                    .view_read()
+                    .window
+                    .as_ref()
+                    .is_some_and(|w| w.contains(p));
                 let end = if loaded {
                     p
                 } else {

@@ -131,6 +131,10 @@ impl MergePlan {
     }
 }
 
+/// Most destination blocks a run of windows merged without scratch plans for (8 full
+/// windows of single-block ops); only a run's first window may exceed it.
+const REPLAYABLE_RUN_BLOCKS: usize = 8 * WINDOW_WITHOUT_SCRATCH as usize;
+
 impl MergePlan {
     /// End of the longest run of whole scratch windows from ordered entry `start`, at most
     /// `max_windows` of them, in which no op reads a block that an op of the run writes
@@ -179,6 +183,11 @@ impl MergePlan {
             }
             // Sources against every write of the run so far and this window's own; this
             // window's writes against the sources of the windows before it.
+            // Bound the sets (multi-block ops may sit in the ordered part of a v3 COW): a
+            // run stops before a window that would take it past the limit.
+            if end > start && written.len() + dests.len() > REPLAYABLE_RUN_BLOCKS {
+                break;
+            }
             written.extend(dests.iter().copied());
             let clash = sources.iter().any(|b| written.contains(b))
                 || dests.iter().any(|b| read.contains(b));

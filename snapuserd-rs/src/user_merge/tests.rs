@@ -954,3 +954,33 @@ fn crash_at_every_step_of_replayable_windows_then_reads_and_merge_are_right() {
         assert!(steps >= 20, "{version:?}: only {steps} steps");
     }
 }
+
+#[test]
+fn replayable_runs_stop_at_a_window_that_reads_what_the_run_writes() {
+    let case = replayable_windows_case(101);
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V2, CompressionAlgorithm::Lz4, true),
+        false,
+    );
+    let snap = files.open();
+    let run = |p: u64, max: u64| snap.plan.replayable_windows(&snap.cow, p, max);
+    // Windows 0 and 1 together; at most one when asked for one.
+    assert_eq!(run(0, 8), 1020);
+    assert_eq!(run(0, 1), 510);
+    // The chain window reads what it writes: no run.
+    assert_eq!(run(1020, 8), 1020);
+    // Window 3 alone: window 4 writes blocks window 3 reads.
+    assert_eq!(run(1530, 8), 2040);
+    assert_eq!(run(2040, 8), 2100);
+    // Past the ordered part: nothing.
+    assert_eq!(run(2100, 8), 2100);
+    // Without scratch, windows are cut by `window_at` instead: no run.
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V2, CompressionAlgorithm::Lz4, false),
+        false,
+    );
+    let snap = files.open();
+    assert_eq!(snap.plan.replayable_windows(&snap.cow, 0, 8), 0);
+}
