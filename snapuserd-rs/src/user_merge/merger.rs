@@ -248,6 +248,11 @@ impl UserSnapshot {
             if last {
                 break;
             }
+            // Free this window's bytes before the next window's are read (one window in
+            // memory, as on the staged path): readers take its blocks from the source
+            // device, which the run does not write.
+            drop(window);
+            self.view_write().window = None;
         }
         self.commit_ordered(at)?;
         log::debug!(
