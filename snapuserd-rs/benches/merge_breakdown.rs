@@ -139,7 +139,7 @@ fn window_shape(cow_path: &Path) -> Shape {
                 OpKind::Copy => sources.push(op.source),
                 OpKind::Xor => {
                     let first = op.source / BLOCK as u64;
-                    let last = (op.source + BLOCK as u64 - 1) / BLOCK as u64;
+                    let last = op.source.div_ceil(BLOCK as u64);
                     sources.extend(first..=last);
                 }
                 _ => {}
