@@ -8,8 +8,9 @@
 //! qemu TCG, with our dm-user module).
 //!
 //! User-space-merge mode (the default, Android 13+): `snapuserd -user_snapshot` serves the whole
-//! partition as the dm-user device (`0 S user 0 S <misc>`), the device is compared with the
-//! target, then rounds alternate the figures with their references measured in the same boot
+//! partition as the dm-user device (`0 S user 0 S <misc>`), or with `--transport ublk` as the
+//! daemon's own ublk device (`snapuserd -user_snapshot -ublk`, `/dev/ublkb<N>`, the kernel's
+//! `ublk_drv` instead of our module); the device is compared with the target, then rounds alternate the figures with their references measured in the same boot
 //! (sequential and random reads against the target on a loop device over tmpfs, the merge
 //! against a plain O_DIRECT copy with fsync of the changed bytes, the daemon's memory), each
 //! round on freshly restored disks (see `tests/vm/src/demo_guest.rs`). The host writes
@@ -44,9 +45,39 @@ const BLOCK: usize = 4096;
 
 /// Default number of rounds in user-space-merge mode.
 const DEFAULT_ROUNDS: usize = 5;
-/// Transport the demo's snapshot device uses.
-const TRANSPORT: &str = "dm-user";
-const DEMO_USAGE: &str = "cargo xtask demo [--legacy] [--rounds N] [--transport dm-user] [--source SRC.img --target TGT.img]";
+const DEMO_USAGE: &str = "cargo xtask demo [--legacy] [--rounds N] [--transport dm-user|ublk] [--source SRC.img --target TGT.img]";
+/// The kernel the device stage boots.
+const DEMO_KERNEL: KernelSeries = KernelSeries::V6_12;
+
+/// How the daemon serves the demo's snapshot device to the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// Our dm-user module (`0 S user 0 S <misc>`); the only transport of the legacy mode.
+    #[default]
+    DmUser,
+    /// The kernel's ublk driver: the daemon's own `/dev/ublkb<N>` (`snapuserd -ublk`).
+    Ublk,
+}
+
+impl Transport {
+    /// `dm-user` or `ublk`: the `--transport` value and `report.json`'s `transport`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::DmUser => "dm-user",
+            Transport::Ublk => "ublk",
+        }
+    }
+
+    fn parse(value: &str) -> Result<Self> {
+        match value {
+            "dm-user" => Ok(Transport::DmUser),
+            "ublk" => Ok(Transport::Ublk),
+            other => Err(XtaskError::Usage(format!(
+                "--transport {other:?}: give dm-user or ublk"
+            ))),
+        }
+    }
+}
 
 /// Options of `cargo xtask demo`.
 #[derive(Debug)]
@@ -59,6 +90,8 @@ pub struct DemoOptions {
     pub legacy: bool,
     /// Rounds of the user-space-merge figures (each a fresh merge), 1-20.
     pub rounds: usize,
+    /// How the snapshot device reaches the kernel.
+    pub transport: Transport,
 }
 
 impl Default for DemoOptions {
@@ -68,12 +101,13 @@ impl Default for DemoOptions {
             target: None,
             legacy: false,
             rounds: DEFAULT_ROUNDS,
+            transport: Transport::DmUser,
         }
     }
 }
 
 impl DemoOptions {
-    /// Parse `[--legacy] [--rounds N] [--transport dm-user] [--source SRC.img --target TGT.img]`.
+    /// Parse `[--legacy] [--rounds N] [--transport dm-user|ublk] [--source SRC.img --target TGT.img]`.
     pub fn parse(args: &[String]) -> Result<Self> {
         let mut o = Self::default();
         let mut flags = Flags::new(args, "");
@@ -92,14 +126,7 @@ impl DemoOptions {
                                 XtaskError::Usage(format!("--rounds {v:?}: give 1 to 20"))
                             })?;
                 }
-                "--transport" => {
-                    let v = flags.value("--transport")?;
-                    if v != TRANSPORT {
-                        return Err(XtaskError::Usage(format!(
-                            "--transport {v:?}: this demo serves the snapshot over {TRANSPORT} only"
-                        )));
-                    }
-                }
+                "--transport" => o.transport = Transport::parse(&flags.value("--transport")?)?,
                 other => {
                     return Err(XtaskError::Usage(format!(
                         "unknown argument {other:?}; usage: {DEMO_USAGE}"
@@ -111,6 +138,13 @@ impl DemoOptions {
             return Err(XtaskError::Usage(
                 "give both --source and --target, or neither (a pair is then generated)".into(),
             ));
+        }
+        if o.legacy && o.transport != Transport::DmUser {
+            return Err(XtaskError::Usage(format!(
+                "--legacy with --transport {}: the legacy mode's dm-snapshot needs its COW device \
+                 over dm-user; ublk serves the user-space-merge mode only",
+                o.transport.name()
+            )));
         }
         Ok(o)
     }
@@ -126,6 +160,13 @@ pub fn run(repo: &Path, opts: &DemoOptions) -> Result<()> {
         _ => make_ext4_pair(repo, &work)?,
     };
     let merge_mode = if opts.legacy { "legacy" } else { "user" };
+    if opts.transport == Transport::Ublk && !DEMO_KERNEL.has_ublk() {
+        return Err(XtaskError::DemoCheck(format!(
+            "--transport ublk: the demo's kernel {} has no ublk (built without \
+             CONFIG_BLK_DEV_UBLK); use --transport dm-user",
+            DEMO_KERNEL.label()
+        )));
+    }
 
     step("building ota-tools (release)");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -201,12 +242,20 @@ pub fn run(repo: &Path, opts: &DemoOptions) -> Result<()> {
     let device = if opts.legacy {
         legacy_device_stage(repo, &source, &target, &cow)?
     } else {
-        user_device_stage(repo, &source, &target, &cow, changed_bytes, opts.rounds)?
+        user_device_stage(
+            repo,
+            &source,
+            &target,
+            &cow,
+            changed_bytes,
+            opts.rounds,
+            opts.transport,
+        )?
     };
 
     let cow_len = file_len(&cow)?;
     let report = format!(
-        "OTA demo report ({} mode, {TRANSPORT}, kernel {})\n\
+        "OTA demo report ({} mode, {}, kernel {})\n\
          source image      {}\n\
          target image      {} ({:.1} MiB)\n\
          changed blocks    {changed} ({:.1} MiB)\n\
@@ -216,6 +265,7 @@ pub fn run(repo: &Path, opts: &DemoOptions) -> Result<()> {
          in-place merge    {} (merged base == target, byte for byte)\n\
          device stage      {}\n{}",
         device.mode,
+        device.transport.name(),
         device.kernel,
         source.display(),
         target.display(),
@@ -253,7 +303,7 @@ fn report_json(device: &DeviceStage, changed_bytes: u64, cow_bytes: u64) -> Stri
     let f = &device.json;
     let value = serde_json::json!({
         "mode": device.mode,
-        "transport": TRANSPORT,
+        "transport": device.transport.name(),
         "kernel": device.kernel,
         "changed_bytes": changed_bytes,
         "cow_bytes": cow_bytes,
@@ -445,6 +495,8 @@ fn make_ext4_pair(repo: &Path, work: &Path) -> Result<(PathBuf, PathBuf)> {
 struct DeviceStage {
     /// `user-space-merge` or `legacy`.
     mode: &'static str,
+    /// How the snapshot device reached the kernel.
+    transport: Transport,
     /// The guest kernel's release.
     kernel: String,
     /// One line: what was checked.
@@ -542,13 +594,20 @@ impl JsonFigures {
 
 /// The guest's script: plain (uncoloured) logs, so the serial-console log file holds no
 /// terminal escape codes, then the OTA reboot scenario on the disks (legacy: base, COW,
-/// target; user-space merge: those and pristine copies of base and COW for later rounds).
-fn demo_init_fragment(legacy: bool, changed_bytes: u64, rounds: usize) -> String {
+/// target; user-space merge: those and pristine copies of base and COW for later rounds,
+/// served over `transport`).
+fn demo_init_fragment(
+    legacy: bool,
+    changed_bytes: u64,
+    rounds: usize,
+    transport: Transport,
+) -> String {
     let run = if legacy {
         "/bin/vmtest snap read-merge demo /dev/vda /dev/vdb /dev/vdc".to_string()
     } else {
         format!(
-            "/bin/vmtest demo-usm /dev/vda /dev/vdb /dev/vdc /dev/vdd /dev/vde changed={changed_bytes} rounds={rounds}"
+            "/bin/vmtest demo-usm /dev/vda /dev/vdb /dev/vdc /dev/vdd /dev/vde changed={changed_bytes} rounds={rounds} transport={}",
+            transport.name()
         )
     };
     format!("export RUST_LOG_STYLE=never\n{run}\n")
@@ -688,17 +747,26 @@ fn plain_figures(lines: &[&str]) -> String {
     out
 }
 
-/// Build the guest programs and dm-user for 6.12, boot it with `disks` and the demo's script,
-/// keep the log plain text. Returns the run and the kernel release.
+/// Build the guest programs (and dm-user, for that transport) for 6.12, boot it with `disks`
+/// and the demo's script (loading `ublk_drv` for the ublk transport), keep the log plain
+/// text. Returns the run and the kernel release.
 fn boot(
     repo: &Path,
     disks: Vec<PathBuf>,
     init_fragment: String,
     timeout: Duration,
+    transport: Transport,
 ) -> Result<(crate::vm::VmRun, String)> {
     let build_root = repo.join("build");
     let _lock = crate::lock_build_dir(&build_root)?;
-    step("device stage: building the guest programs and dm-user for the 6.12 kernel");
+    step(&format!(
+        "device stage: building the guest programs{} for the {} kernel",
+        match transport {
+            Transport::DmUser => " and dm-user",
+            Transport::Ublk => "",
+        },
+        DEMO_KERNEL.label()
+    ));
     deps::ensure_host_tools()?;
     let bins = guest::build(
         repo,
@@ -708,9 +776,12 @@ fn boot(
             GuestBinary::new("snapuserd", "snapuserd"),
         ],
     )?;
-    let kernel = deps::ensure_kernel(KernelSeries::V6_12)?;
+    let kernel = deps::ensure_kernel(DEMO_KERNEL)?;
     let release = kernel.abi.clone();
-    let ko = kmod::build_dm_user(repo, &build_root, &kernel)?;
+    let (extra_modules, stock_extra) = match transport {
+        Transport::DmUser => (vec![kmod::build_dm_user(repo, &build_root, &kernel)?], None),
+        Transport::Ublk => (Vec::new(), Some("ublk_drv".to_string())),
+    };
     step("device stage: booting the emulator");
     let spec = VmSpec {
         label: "demo".into(),
@@ -720,8 +791,9 @@ fn boot(
             modules: initramfs::BASE_MODULES
                 .iter()
                 .map(|s| s.to_string())
+                .chain(stock_extra)
                 .collect(),
-            extra_modules: vec![ko],
+            extra_modules,
             binaries: bins,
             init_fragment,
         },
@@ -780,8 +852,9 @@ fn legacy_device_stage(
     let (run, kernel) = boot(
         repo,
         all,
-        demo_init_fragment(true, 0, 1),
+        demo_init_fragment(true, 0, 1, Transport::DmUser),
         Duration::from_secs(1500),
+        Transport::DmUser,
     )?;
     let expected = ["snap-read-demo".to_string(), "snap-merge-demo".to_string()];
     let results = report::evaluate(&run, &expected);
@@ -790,6 +863,7 @@ fn legacy_device_stage(
     let lines = guest_lines(&run.log, "VMINFO snap-demo ");
     Ok(DeviceStage {
         mode: "legacy",
+        transport: Transport::DmUser,
         kernel,
         summary: format!(
             "snapshot read == target, merge done, base disk == target (guest and host); {:.0} s boot, log {}",
@@ -817,6 +891,7 @@ fn user_device_stage(
     cow: &Path,
     changed_bytes: u64,
     rounds: usize,
+    transport: Transport,
 ) -> Result<DeviceStage> {
     let disks = disk_copies(
         repo,
@@ -839,8 +914,9 @@ fn user_device_stage(
     let (run, kernel) = boot(
         repo,
         all,
-        demo_init_fragment(false, changed_bytes, rounds),
+        demo_init_fragment(false, changed_bytes, rounds, transport),
         limit,
+        transport,
     )?;
     let mut expected = vec!["demo-snapshot-read".to_string(), "demo-usm".to_string()];
     expected.extend((0..rounds).map(|i| format!("demo-merge-round{i}")));
@@ -887,9 +963,11 @@ fn user_device_stage(
     Ok(DeviceStage {
         by_workers,
         mode: "user-space-merge",
+        transport,
         kernel,
         summary: format!(
-            "dm-user device over the whole partition == target, {} merge rounds each leaving base == target (guest), final base disk {} the target (host); {:.0} s boot, log {}",
+            "{} device over the whole partition == target, {} merge rounds each leaving base == target (guest), final base disk {} the target (host); {:.0} s boot, log {}",
+            transport.name(),
             guest.rounds.len(),
             if host_base_ok { "==" } else { "!=" },
             run.elapsed.as_secs_f64(),
@@ -1053,8 +1131,9 @@ mod tests {
         let m = demo_figures::medians(&guest.rounds).unwrap();
         let mut json = JsonFigures::from_medians(&m);
         json.loop_rand_iops = f64::NAN;
-        let device = DeviceStage {
+        let mut device = DeviceStage {
             mode: "user-space-merge",
+            transport: Transport::DmUser,
             kernel: "6.12.0-test".into(),
             summary: String::new(),
             figures: String::new(),
@@ -1088,6 +1167,10 @@ mod tests {
         assert_eq!(v["merge_over_plain_copy"].as_f64(), Some(1.5));
         assert_eq!(v["daemon_rss_anon_kib"].as_u64(), Some(4000));
         assert!(v["loop_rand_4k_iops"].is_null(), "not measured is null");
+        device.transport = Transport::Ublk;
+        let v: serde_json::Value = serde_json::from_str(&report_json(&device, 4096, 1234)).unwrap();
+        assert_eq!(v["transport"], "ublk");
+        assert_eq!(v["changed_bytes"].as_u64(), Some(4096));
     }
 
     #[test]
@@ -1097,8 +1180,17 @@ mod tests {
         assert!(!o.legacy && o.rounds == DEFAULT_ROUNDS);
         let o = DemoOptions::parse(&args(&["--legacy", "--rounds", "7"])).unwrap();
         assert!(o.legacy && o.rounds == 7);
-        assert!(DemoOptions::parse(&args(&["--transport", "dm-user"])).is_ok());
+        assert_eq!(o.transport, Transport::DmUser);
+        let o = DemoOptions::parse(&args(&["--transport", "dm-user"])).unwrap();
+        assert_eq!(o.transport, Transport::DmUser);
+        let o = DemoOptions::parse(&args(&["--transport", "ublk", "--rounds", "3"])).unwrap();
+        assert!(o.transport == Transport::Ublk && o.rounds == 3 && !o.legacy);
         assert!(DemoOptions::parse(&args(&["--transport", "nbd"])).is_err());
+        assert!(DemoOptions::parse(&args(&["--transport"])).is_err());
+        // dm-snapshot's COW device is a dm-user device: no legacy mode over ublk.
+        let e = DemoOptions::parse(&args(&["--legacy", "--transport", "ublk"])).unwrap_err();
+        assert!(e.to_string().contains("user-space-merge mode only"), "{e}");
+        assert!(DemoOptions::parse(&args(&["--legacy", "--transport", "dm-user"])).is_ok());
         assert!(DemoOptions::parse(&args(&["--rounds", "0"])).is_err());
         assert!(DemoOptions::parse(&args(&["--source", "a.img"])).is_err());
     }
@@ -1118,12 +1210,16 @@ mod tests {
 
     #[test]
     fn the_guest_logs_without_colour_codes() {
-        let fragment = demo_init_fragment(false, 4096, 5);
+        let fragment = demo_init_fragment(false, 4096, 5, Transport::DmUser);
         assert!(
-            fragment.contains("demo-usm") && fragment.contains("rounds=5"),
+            fragment.contains("demo-usm")
+                && fragment.contains("rounds=5")
+                && fragment.contains("transport=dm-user"),
             "{fragment}"
         );
-        let fragment = demo_init_fragment(true, 0, 1);
+        let fragment = demo_init_fragment(false, 4096, 3, Transport::Ublk);
+        assert!(fragment.contains("transport=ublk"), "{fragment}");
+        let fragment = demo_init_fragment(true, 0, 1, Transport::DmUser);
         let style = fragment.find("RUST_LOG_STYLE=never").expect("plain logs");
         assert!(style < fragment.find("/bin/vmtest").unwrap(), "{fragment}");
     }

@@ -13,8 +13,9 @@
 //! * `cargo xtask vm-usm [--kernel 6.1|6.12] [--filter NAME] [--timeout SECS]` runs the
 //!   user-space-merge scenarios (see `user_snapshot_scenarios.rs`).
 //! * `cargo xtask kernel-check` runs `kernel/scripts/check-style.sh`.
-//! * `cargo xtask demo [--legacy] [--rounds N] [--source SRC.img --target TGT.img]` runs the OTA
-//!   demo (see `demo.rs`), user-space-merge mode unless `--legacy`.
+//! * `cargo xtask demo [--legacy] [--rounds N] [--transport dm-user|ublk] [--source SRC.img
+//!   --target TGT.img]` runs the OTA demo (see `demo.rs`), user-space-merge mode unless
+//!   `--legacy`, over dm-user unless `--transport ublk`.
 //! * `cargo xtask test [--only STAGE]...` runs everything: the workspace's tests, the kernel
 //!   style checks, the dm-user emulator tests and the snapuserd snapshot scenarios on both
 //!   kernels, each stage even after a failed one, and ends with one line `N passed, N failed`

@@ -18,6 +18,10 @@
 //! 2. boots `p1` .. `p6`: one power-off chain: each boot reads the device (== target) before
 //!    the merge resumes, then cuts the power at the next point; the last boot merges to the
 //!    end and checks base == target.
+//! 3. boots `u1` .. `u3` (kernels with ublk only; on the others one line says why not): the
+//!    same chain with the partition served over ublk (`snapuserd -user_snapshot -ublk`, a new
+//!    `/dev/ublkb<N>` each boot), cut once in the ordered phase and once in the REPLACE/ZERO
+//!    phase.
 //!
 //! The guest half is `tests/vm/src/user_snapshot_cases.rs` (`vmtest usm ...`).
 
@@ -35,13 +39,14 @@ use crate::scenario_pairs::{
 };
 
 /// The scenario groups `--filter` selects from (by substring).
-pub const GROUPS: [&str; 6] = [
+pub const GROUPS: [&str; 7] = [
     "read-merge",
     "kill-chain",
     "handoff",
     "pause",
     "two-merge",
     "power-cycle",
+    "ublk-power-cycle",
 ];
 
 /// A point inside a merge phase: (fraction of the phase, milliseconds to wait once
@@ -62,6 +67,30 @@ const KILL_POINTS: ([PhasePoint; 4], [PhasePoint; 2]) = (
 /// finish before the cut.
 const POWEROFF_POINTS: ([PhasePoint; 4], [PhasePoint; 1]) =
     ([(0.2, 0), (0.45, 100), (0.7, 0), (0.95, 0)], [(0.05, 10)]);
+/// Power-off points of the chain over ublk: one inside the ordered phase (after a window's
+/// commit, 100 ms into the next window), one early in the REPLACE/ZERO phase; three boots.
+const UBLK_POWEROFF_POINTS: ([PhasePoint; 1], [PhasePoint; 1]) = ([(0.45, 100)], [(0.05, 10)]);
+
+/// One power-off chain: its scenario tag (`synp`, `synu`), boot-label letter and transport.
+#[derive(Debug, Clone, Copy)]
+struct Chain {
+    tag: &'static str,
+    letter: char,
+    transport: &'static str,
+}
+
+/// The chain over our dm-user module (both kernels).
+const DM_USER_CHAIN: Chain = Chain {
+    tag: "synp",
+    letter: 'p',
+    transport: "dm-user",
+};
+/// The chain over ublk (kernels with `ublk_drv`).
+const UBLK_CHAIN: Chain = Chain {
+    tag: "synu",
+    letter: 'u',
+    transport: "ublk",
+};
 
 /// Options of `cargo xtask vm-usm`.
 #[derive(Debug, Default)]
@@ -104,6 +133,8 @@ impl UsmOptions {
         Ok(o)
     }
 
+    /// Whether `group` is selected: no filter, or the filter is part of its name (so
+    /// `power-cycle` selects both power-off chains).
     fn wants(&self, group: &str) -> bool {
         self.filter.as_deref().is_none_or(|f| group.contains(f))
     }
@@ -177,17 +208,22 @@ pub fn run(repo: &Path, opts: &UsmOptions) -> Result<()> {
     let shape = inspect_shape(tool, &synthetic.cow)?;
     let kill_points = shape.points(&KILL_POINTS.0, &KILL_POINTS.1);
     let power_points = shape.points(&POWEROFF_POINTS.0, &POWEROFF_POINTS.1);
+    let ublk_power_points = shape.points(&UBLK_POWEROFF_POINTS.0, &UBLK_POWEROFF_POINTS.1);
     eprintln!(
-        "xtask: synthetic COW: {} ops, {} ordered; kill points {} (merge_percent[+ms]), power-off points {}",
+        "xtask: synthetic COW: {} ops, {} ordered; kill points {} (merge_percent[+ms]), power-off points {} (over ublk: {})",
         shape.total,
         shape.ordered,
         kill_points.join(","),
-        power_points.join(",")
+        power_points.join(","),
+        ublk_power_points.join(",")
     );
 
     let mut all: Vec<(KernelSeries, TestResult)> = Vec::new();
     for &series in &opts.kernels {
-        let (boots, disks) = setup.kernel(repo, series, "usm")?;
+        let (mut boots, disks) = setup.kernel(repo, series, "usm")?;
+        if series.has_ublk() {
+            boots.extra_stock_modules.push("ublk_drv".into());
+        }
         let k = series.label();
         let limit = opts.timeout.unwrap_or(900);
 
@@ -197,18 +233,36 @@ pub fn run(repo: &Path, opts: &UsmOptions) -> Result<()> {
             let run = run_boot(&boots.spec("a", a.disks, a.fragment, limit), build_root)?;
             collect(&mut all, series, "a", report::evaluate(&run, &a.expected));
         }
+        // "power-cycle" alone selects both chains; "ublk" only the one over ublk.
         if opts.wants("power-cycle") {
             power_chain(
                 &boots,
                 build_root,
                 &disks,
-                synthetic,
-                shape,
-                &power_points,
+                (synthetic, shape),
+                (DM_USER_CHAIN, &power_points),
                 limit.min(600),
                 series,
                 &mut all,
             )?;
+        }
+        if opts.wants("ublk-power-cycle") {
+            if series.has_ublk() {
+                power_chain(
+                    &boots,
+                    build_root,
+                    &disks,
+                    (synthetic, shape),
+                    (UBLK_CHAIN, &ublk_power_points),
+                    limit.min(600),
+                    series,
+                    &mut all,
+                )?;
+            } else {
+                eprintln!(
+                    "xtask: [{k}] kernel {k} has no ublk (Debian builds it without CONFIG_BLK_DEV_UBLK): the power-off chain over ublk is not run"
+                );
+            }
         }
     }
     let failed = scenario_pairs::print_results("vm-usm", &all);
@@ -319,48 +373,49 @@ fn boot_a(
     Ok(b)
 }
 
-/// The power-off chain: boot `p<i>` reads, resumes and cuts the power at point i; the boot
-/// after the last point merges to the end.
+/// A power-off chain on fresh copies of the synthetic pair: boot `<letter><i>` reads,
+/// resumes and cuts the power at point i; the boot after the last point merges to the end.
 #[allow(clippy::too_many_arguments)]
 fn power_chain(
     boots: &BootTemplate,
     build_root: &Path,
     dir: &Path,
-    syn: &Pair,
-    shape: MergeShape,
-    points: &[String],
+    (syn, shape): (&Pair, MergeShape),
+    (chain, points): (Chain, &[String]),
     secs: u64,
     series: KernelSeries,
     all: &mut Vec<(KernelSeries, TestResult)>,
 ) -> Result<()> {
+    let tag = chain.tag;
     let disks = vec![
-        fresh_copy(dir, "synp-base.img", &syn.source)?,
-        fresh_copy(dir, "synp.cow", &syn.cow)?,
+        fresh_copy(dir, &format!("{tag}-base.img"), &syn.source)?,
+        fresh_copy(dir, &format!("{tag}.cow"), &syn.cow)?,
         syn.target.clone(),
     ];
-    let args = format!("synp /dev/vda /dev/vdb /dev/vdc ordered={}", shape.ordered);
+    let args = chain_args(chain, shape);
     let last = points.len() + 1;
     for boot in 1..=last {
-        let label = format!("p{boot}");
+        let label = format!("{}{boot}", chain.letter);
         let point = points.get(boot - 1);
-        let mut expected = vec![format!("usm-boot{boot}-read-synp")];
+        let mut expected = vec![format!("usm-boot{boot}-read-{tag}")];
         let fragment = match point {
             Some(p) => {
-                expected.push(format!("usm-poweroff{boot}-synp"));
+                expected.push(format!("usm-poweroff{boot}-{tag}"));
                 format!(
                     "/bin/vmtest usm power-cycle {args} boot={boot} at={p}\necho VMINFO poweroff did not happen\n"
                 )
             }
             None => {
-                expected.push("usm-power-merge-synp".into());
+                expected.push(format!("usm-power-merge-{tag}"));
                 format!("/bin/vmtest usm power-cycle {args} boot={boot}\n")
             }
         };
         eprintln!(
-            "xtask: [{}] power-off chain boot {boot}/{last}{}",
+            "xtask: [{}] power-off chain over {} boot {boot}/{last}{}",
             series.label(),
+            chain.transport,
             point
-                .map(|p| format!(", power cut at {p:.1}%"))
+                .map(|p| format!(", power cut at {p}%"))
                 .unwrap_or_default()
         );
         let run = run_boot(
@@ -380,7 +435,7 @@ fn power_chain(
                 all.push((
                     series,
                     TestResult {
-                        name: format!("p{later}/power-cycle"),
+                        name: format!("{}{later}/power-cycle", chain.letter),
                         pass: false,
                         detail: format!(
                             "boot {boot} of the chain failed: precondition not established"
@@ -392,6 +447,14 @@ fn power_chain(
         }
     }
     Ok(())
+}
+
+/// The guest's `vmtest usm power-cycle` arguments of `chain` before `boot=` and `at=`.
+fn chain_args(chain: Chain, shape: MergeShape) -> String {
+    format!(
+        "{} /dev/vda /dev/vdb /dev/vdc ordered={} transport={}",
+        chain.tag, shape.ordered, chain.transport
+    )
 }
 
 #[cfg(test)]
@@ -412,6 +475,10 @@ mod tests {
         assert!(o.wants("kill-chain"));
         assert!(!o.wants("power-cycle"));
         assert_eq!(o.kernels, vec![KernelSeries::parse("6.12").unwrap()]);
+        let o = UsmOptions::parse(&args(&["--filter", "power-cycle"])).unwrap();
+        assert!(o.wants("power-cycle") && o.wants("ublk-power-cycle"));
+        let o = UsmOptions::parse(&args(&["--filter", "ublk"])).unwrap();
+        assert!(o.wants("ublk-power-cycle") && !o.wants("power-cycle"));
         assert!(UsmOptions::parse(&args(&["--filter", "nothing"])).is_err());
         assert!(UsmOptions::parse(&args(&["--bogus"])).is_err());
         assert!(UsmOptions::parse(&args(&["--timeout", "x"])).is_err());
@@ -443,6 +510,29 @@ mod tests {
         assert!(pct.iter().all(|x| *x > 0.0 && *x < 100.0));
         assert!(MergeShape::parse_inspect("merge_ops_total: 0\nordered_ops_to_merge: 0").is_none());
         assert!(MergeShape::parse_inspect("nothing").is_none());
+    }
+
+    #[test]
+    fn ublk_chain_cuts_once_per_phase_and_names_its_transport() {
+        let s = MergeShape {
+            total: 3287,
+            ordered: 2400,
+        };
+        let p = s.points(&UBLK_POWEROFF_POINTS.0, &UBLK_POWEROFF_POINTS.1);
+        assert_eq!(p.len(), 2, "{p:?}");
+        let pct: Vec<f64> = p
+            .iter()
+            .map(|x| x.split('+').next().unwrap().parse().unwrap())
+            .collect();
+        let f = 2400.0 * 100.0 / 3287.0;
+        assert!(pct[0] < f && pct[1] > f, "{pct:?} around {f}");
+        let a = chain_args(UBLK_CHAIN, s);
+        assert!(
+            a.starts_with("synu ") && a.ends_with("transport=ublk"),
+            "{a}"
+        );
+        assert!(a.contains("ordered=2400"), "{a}");
+        assert!(chain_args(DM_USER_CHAIN, s).ends_with("transport=dm-user"));
     }
 
     #[test]

@@ -57,6 +57,12 @@ impl MergeControl {
         self.lock().stopped
     }
 
+    /// True if a pause or stop waits for the merge's next safe point (no waiting here).
+    pub(crate) fn safe_point_wanted(&self) -> bool {
+        let f = self.lock();
+        f.paused || f.stopped
+    }
+
     /// True if the merge should stop now; waits first while paused and not stopped.
     pub(crate) fn checkpoint(&self) -> bool {
         let mut f = self.lock();

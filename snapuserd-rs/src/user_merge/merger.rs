@@ -20,6 +20,9 @@ use super::window::{LoadedWindow, SavedSource};
 const BATCH_BYTES: usize = 1 << 20;
 /// Destination blocks produced before a window's writes are handed to the engine.
 const OUT_BLOCKS: usize = cow_format::layout::READ_AHEAD_WINDOW_BLOCKS;
+/// Most read-ahead windows merged under one commit when none of them reads a block any of
+/// them writes (`MergePlan::replayable_windows`): a crash replays at most this many.
+const MAX_REPLAYABLE_WINDOWS: u64 = 8;
 
 /// A failed step: an engine error (the step can be redone with the synchronous engine) or
 /// anything else (the merge fails).
@@ -128,7 +131,25 @@ impl UserSnapshot {
                 return Ok(MergeOutcome::Stopped);
             }
             let step = if p < self.plan.ordered() {
-                self.merge_window(p, io.as_mut(), &mut bufs)
+                // A window already read ahead (saved in scratch before a restart, or read
+                // before an engine error) is merged alone; otherwise windows that read
+                // nothing they write skip the scratch and share one commit.
+                let loaded = self
+                    .view_read()
+                    .window
+                    .as_ref()
+                    .is_some_and(|w| w.contains(p));
+                let end = if loaded {
+                    p
+                } else {
+                    self.plan
+                        .replayable_windows(&self.cow, p, MAX_REPLAYABLE_WINDOWS)
+                };
+                if end > p {
+                    self.merge_replayable(p..end, io.as_mut(), &mut bufs, control)
+                } else {
+                    self.merge_window(p, io.as_mut(), &mut bufs)
+                }
             } else {
                 self.merge_batch(p, io.as_mut(), &mut bufs)
             };
@@ -198,8 +219,52 @@ impl UserSnapshot {
             Some(w) => w,
             None => self.read_ahead(range.clone(), io)?,
         };
-        self.write_destinations(&window, io, bufs)?;
-        let end = range.end;
+        self.write_destinations(&window, io, bufs, true)?;
+        self.commit_ordered(range.end)?;
+        log::debug!("merged window {}..{}", range.start, range.end);
+        Ok(())
+    }
+
+    /// Windows `range` (whole windows, none reading a block any of them writes; see
+    /// `MergePlan::replayable_windows`): each read ahead into memory only and its
+    /// destinations written, the last batch durably, then one commit. A crash anywhere
+    /// before the commit replays them from the source device, which they have not touched;
+    /// readers take their blocks from the source (or the window in memory) meanwhile. A
+    /// pause or stop request ends the run early at a window boundary.
+    fn merge_replayable(
+        &self,
+        range: std::ops::Range<u64>,
+        io: &mut dyn MergeIo,
+        bufs: &mut Buffers,
+        control: &MergeControl,
+    ) -> Result<(), StepError> {
+        let mut at = range.start;
+        loop {
+            let window_range = self.plan.window_at(&self.cow, at);
+            let window = self.read_sources(window_range.clone(), io)?;
+            let last = window_range.end >= range.end || control.safe_point_wanted();
+            self.write_destinations(&window, io, bufs, last)?;
+            at = window_range.end;
+            if last {
+                break;
+            }
+            // Free this window's bytes before the next window's are read (one window in
+            // memory, as on the staged path): readers take its blocks from the source
+            // device, which the run does not write.
+            drop(window);
+            self.view_write().window = None;
+        }
+        self.commit_ordered(at)?;
+        log::debug!(
+            "merged windows {}..{} without scratch (none reads what they write)",
+            range.start,
+            at
+        );
+        Ok(())
+    }
+
+    /// Commit the ordered part up to `end` (merged and synced), then move the readers on.
+    fn commit_ordered(&self, end: u64) -> Result<(), StepError> {
         {
             let mut store = self.lock_store();
             let (operation, result) = if self.plan.has_scratch() {
@@ -219,8 +284,6 @@ impl UserSnapshot {
         view.merged = end;
         view.window = None;
         self.merged.store(end, Ordering::Release);
-        drop(view);
-        log::debug!("merged window {}..{}", range.start, range.end);
         Ok(())
     }
 
@@ -232,6 +295,74 @@ impl UserSnapshot {
         range: std::ops::Range<u64>,
         io: &mut dyn MergeIo,
     ) -> Result<Arc<LoadedWindow>, StepError> {
+        let (saved, has_slot) = self.read_window_sources(range.clone(), io)?;
+        if self.plan.has_scratch() {
+            let mut store = self.lock_store();
+            let progress = |operation| {
+                move |source| {
+                    StepError::Fatal(UserMergeError::Progress {
+                        operation,
+                        num_merge_ops: range.start,
+                        source,
+                    })
+                }
+            };
+            store
+                .stage_window(&saved)
+                .map_err(progress("save the read-ahead window in scratch"))?;
+            store
+                .mark_window_done()
+                .map_err(progress("mark the read-ahead window Done"))?;
+        }
+        Ok(self.install_window(range, has_slot, saved))
+    }
+
+    /// Read the sources of a window that needs no scratch copy into memory and make them
+    /// the window readers use (a window already in memory is reused).
+    fn read_sources(
+        &self,
+        range: std::ops::Range<u64>,
+        io: &mut dyn MergeIo,
+    ) -> Result<Arc<LoadedWindow>, StepError> {
+        let loaded = self
+            .view_read()
+            .window
+            .clone()
+            .filter(|w| w.entries == range);
+        if let Some(w) = loaded {
+            return Ok(w);
+        }
+        let (saved, has_slot) = self.read_window_sources(range.clone(), io)?;
+        Ok(self.install_window(range, has_slot, saved))
+    }
+
+    /// Publish a window's saved source bytes to readers.
+    fn install_window(
+        &self,
+        range: std::ops::Range<u64>,
+        has_slot: Vec<bool>,
+        saved: ScratchWindow,
+    ) -> Arc<LoadedWindow> {
+        let window = Arc::new(LoadedWindow::new(
+            range.clone(),
+            has_slot.into_iter(),
+            saved,
+            BLOCK,
+        ));
+        // From here readers take this window's blocks from the saved bytes; any reader
+        // still reading one of its sources holds the view and finishes first.
+        self.view_write().window = Some(Arc::clone(&window));
+        log::debug!("read ahead window {}..{}", range.start, range.end);
+        window
+    }
+
+    /// Read the sources of the window's ordered ops (contiguous ones coalesced) into
+    /// memory: the bytes, slot by slot, and which entries have a slot.
+    fn read_window_sources(
+        &self,
+        range: std::ops::Range<u64>,
+        io: &mut dyn MergeIo,
+    ) -> Result<(ScratchWindow, Vec<bool>), StepError> {
         let bs = BLOCK as u64;
         let mut saved = ScratchWindow::default();
         // (source offset, slots)
@@ -278,44 +409,17 @@ impl UserSnapshot {
                 })
             })?;
         }
-        if self.plan.has_scratch() {
-            let mut store = self.lock_store();
-            let progress = |operation| {
-                move |source| {
-                    StepError::Fatal(UserMergeError::Progress {
-                        operation,
-                        num_merge_ops: range.start,
-                        source,
-                    })
-                }
-            };
-            store
-                .stage_window(&saved)
-                .map_err(progress("save the read-ahead window in scratch"))?;
-            store
-                .mark_window_done()
-                .map_err(progress("mark the read-ahead window Done"))?;
-        }
-        let window = Arc::new(LoadedWindow::new(
-            range.clone(),
-            has_slot.into_iter(),
-            saved,
-            BLOCK,
-        ));
-        // From here readers take this window's blocks from the saved bytes; any reader
-        // still reading one of its sources holds the view and finishes first.
-        self.view_write().window = Some(Arc::clone(&window));
-        log::debug!("read ahead window {}..{}", range.start, range.end);
-        Ok(window)
+        Ok((saved, has_slot))
     }
 
     /// Produce every destination block of `window` and write them in runs of contiguous
-    /// blocks, the last batch durably (write, then sync the base device).
+    /// blocks; if `durable`, the last batch durably (write, then sync the base device).
     fn write_destinations(
         &self,
         window: &LoadedWindow,
         io: &mut dyn MergeIo,
         bufs: &mut Buffers,
+        durable: bool,
     ) -> Result<(), StepError> {
         let range = window.entries.clone();
         bufs.out.resize(OUT_BLOCKS * BLOCK, 0);
@@ -367,8 +471,13 @@ impl UserSnapshot {
                 used += BLOCK;
             }
         }
-        io.write_base_durably(&bufs.runs())
-            .map_err(|e| write_error(io, e))
+        let runs = bufs.runs();
+        let written = if durable {
+            io.write_base_durably(&runs)
+        } else {
+            io.write_base(&runs)
+        };
+        written.map_err(|e| write_error(io, e))
     }
 
     /// One batch of the REPLACE/ZERO part from entry `p`: up to 1 MiB of blocks (and at

@@ -5,6 +5,7 @@
 //! COPY/XOR ops) first, then the REPLACE/ZERO ops by ascending block. One entry per op (a
 //! multi-block v3 REPLACE is one entry, as AOSP counts `num_merge_ops`).
 
+use std::collections::HashSet;
 use std::ops::Range;
 
 use cow_format::{CowOp, CowReader, CowStorage, MergeMode, OpKind};
@@ -127,6 +128,76 @@ impl MergePlan {
             end += 1;
         }
         start..end
+    }
+}
+
+/// Most destination blocks a run of windows merged without scratch plans for (8 full
+/// windows of single-block ops); only a run's first window may exceed it.
+const REPLAYABLE_RUN_BLOCKS: usize = 8 * WINDOW_WITHOUT_SCRATCH as usize;
+
+impl MergePlan {
+    /// End of the longest run of whole scratch windows from ordered entry `start`, at most
+    /// `max_windows` of them, in which no op reads a block that an op of the run writes
+    /// (any op, before or after it in the run); `start` itself if the first window already
+    /// reads a block it writes, or without scratch.
+    ///
+    /// Such a run can be merged without saving its sources in scratch and committed once:
+    /// until its commit every source it reads still holds its original bytes (earlier
+    /// windows never write a later window's sources, the merge order being a topological
+    /// order of the reads), so a crash anywhere inside it replays it from the source
+    /// device, and readers may take its blocks from the source meanwhile.
+    pub(crate) fn replayable_windows<S: CowStorage>(
+        &self,
+        cow: &CowReader<S>,
+        start: u64,
+        max_windows: u64,
+    ) -> u64 {
+        if !self.has_scratch() || start >= self.ordered {
+            return start;
+        }
+        let bs = u64::from(cow.block_size());
+        let mut written: HashSet<u64> = HashSet::new();
+        let mut read: HashSet<u64> = HashSet::new();
+        let mut end = start;
+        for _ in 0..max_windows {
+            let window = self.window_at(cow, end);
+            if window.is_empty() {
+                break;
+            }
+            let mut dests: Vec<u64> = Vec::new();
+            let mut sources: Vec<u64> = Vec::new();
+            for entry in window.clone() {
+                let Some((_, op)) = self.op(cow, entry) else {
+                    return end;
+                };
+                if op.num_blocks > WINDOW_WITHOUT_SCRATCH {
+                    // Not a valid op of the ordered part; let the staged path report it.
+                    return end;
+                }
+                dests.extend(op.new_block..op.new_block.saturating_add(op.num_blocks));
+                match source_blocks(op, bs) {
+                    Some(s) => sources.extend(s),
+                    None if op.kind.is_ordered() => return end,
+                    None => {}
+                }
+            }
+            // Sources against every write of the run so far and this window's own; this
+            // window's writes against the sources of the windows before it.
+            // Bound the sets (multi-block ops may sit in the ordered part of a v3 COW): a
+            // run stops before a window that would take it past the limit.
+            if end > start && written.len() + dests.len() > REPLAYABLE_RUN_BLOCKS {
+                break;
+            }
+            written.extend(dests.iter().copied());
+            let clash = sources.iter().any(|b| written.contains(b))
+                || dests.iter().any(|b| read.contains(b));
+            if clash {
+                break;
+            }
+            read.extend(sources);
+            end = window.end;
+        }
+        end
     }
 }
 

@@ -853,3 +853,134 @@ fn ota_tools_apply_in_place_resumes_where_this_merge_left_off() {
         "no crash point inside the REPLACE/ZERO part"
     );
 }
+
+/// Read-ahead windows (510 entries each): windows 0 and 1 copy from blocks no op writes and
+/// form one replayable run; window 2 is a chain that reads what it writes (saved in
+/// scratch); window 3 copies independent blocks; window 4 writes blocks window 3 read, so
+/// it cannot share window 3's commit. Then REPLACE and ZERO blocks.
+fn replayable_windows_case(seed: u64) -> Case {
+    let w = 510u64;
+    let mut c = Case::new(3500, seed);
+    for b in 0..2 * w {
+        c.copy(b, b + 1620);
+    }
+    for b in 2 * w..3 * w {
+        c.copy(b, b + 1);
+    }
+    for i in 0..w {
+        c.copy(2700 + i, 2100 + i);
+    }
+    for i in 0..60 {
+        c.copy(2100 + i, 3300 + i);
+    }
+    c.replace(3400, 30, seed ^ 0x11);
+    c.zero(3450, 10);
+    c
+}
+
+#[test]
+fn windows_that_read_nothing_they_write_skip_scratch_and_share_a_commit() {
+    let case = replayable_windows_case(81);
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V2, CompressionAlgorithm::Lz4, true),
+        false,
+    );
+    // Steps: read window 0, write it, read window 1, write it, sync, commit both; then
+    // window 2: read, stage, Done, write, sync, commit. Crash while writing window 1:
+    // window 0's destinations are in the base device (not synced; they stay), nothing is
+    // durable, nothing was saved in scratch.
+    let clock = CrashClock::after(3);
+    let snap = files.open_crashing(&clock);
+    let (io, _unsynced) = VolatileDiskIo::boxed(&files, &clock);
+    assert!(snap.merge(io, &MergeControl::new()).is_err());
+    assert_reads_target(&snap, &case.target, "same process, crash inside the run");
+    drop(snap);
+    let durable = files.durable();
+    assert_eq!(durable.num_merge_ops, 0);
+    assert_eq!(
+        durable.state,
+        cow_format::layout::BufferState::NotStarted,
+        "a replayable window must not be saved in scratch"
+    );
+    recover_and_finish(&files, &case, "crash inside a replayable run");
+
+    // The run commits once, at its end, with state InProgress (what AOSP's daemon expects
+    // of a committed window); the chain window after it is saved in scratch and marked
+    // Done before any of its destinations is written.
+    fs::write(&files.base, &case.source).unwrap();
+    case.write_cow(
+        &files.cow,
+        writer_opts(CowVersion::V2, CompressionAlgorithm::Lz4, true),
+    );
+    let clock = CrashClock::after(6);
+    let snap = files.open_crashing(&clock);
+    let (io, _unsynced) = VolatileDiskIo::boxed(&files, &clock);
+    assert!(snap.merge(io, &MergeControl::new()).is_err());
+    drop(snap);
+    let durable = files.durable();
+    assert_eq!(durable.num_merge_ops, 1020);
+    assert_eq!(durable.state, cow_format::layout::BufferState::InProgress);
+
+    fs::write(&files.base, &case.source).unwrap();
+    case.write_cow(
+        &files.cow,
+        writer_opts(CowVersion::V2, CompressionAlgorithm::Lz4, true),
+    );
+    let clock = CrashClock::after(9);
+    let snap = files.open_crashing(&clock);
+    let (io, unsynced) = VolatileDiskIo::boxed(&files, &clock);
+    assert!(snap.merge(io, &MergeControl::new()).is_err());
+    drop(snap);
+    lose_unsynced(&files.base, &unsynced);
+    let durable = files.durable();
+    assert_eq!(durable.num_merge_ops, 1020);
+    assert_eq!(durable.state, cow_format::layout::BufferState::Done);
+    let saved = MergeState::open(fs::File::open(&files.cow).unwrap())
+        .unwrap()
+        .read_window()
+        .unwrap();
+    assert_eq!(saved.new_blocks, (1020..1530).collect::<Vec<u64>>());
+    recover_and_finish(&files, &case, "crash inside the chain window");
+}
+
+#[test]
+fn crash_at_every_step_of_replayable_windows_then_reads_and_merge_are_right() {
+    let case = replayable_windows_case(91);
+    for version in [CowVersion::V2, CowVersion::V3] {
+        let steps = crash_sweep(version, true, &case);
+        // Run 0-1: 6 steps; chain: 6; window 3: 4; window 4: 4; two REPLACE/ZERO batches
+        // or one: 3 each.
+        assert!(steps >= 20, "{version:?}: only {steps} steps");
+    }
+}
+
+#[test]
+fn replayable_runs_stop_at_a_window_that_reads_what_the_run_writes() {
+    let case = replayable_windows_case(101);
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V2, CompressionAlgorithm::Lz4, true),
+        false,
+    );
+    let snap = files.open();
+    let run = |p: u64, max: u64| snap.plan.replayable_windows(&snap.cow, p, max);
+    // Windows 0 and 1 together; at most one when asked for one.
+    assert_eq!(run(0, 8), 1020);
+    assert_eq!(run(0, 1), 510);
+    // The chain window reads what it writes: no run.
+    assert_eq!(run(1020, 8), 1020);
+    // Window 3 alone: window 4 writes blocks window 3 reads.
+    assert_eq!(run(1530, 8), 2040);
+    assert_eq!(run(2040, 8), 2100);
+    // Past the ordered part: nothing.
+    assert_eq!(run(2100, 8), 2100);
+    // Without scratch, windows are cut by `window_at` instead: no run.
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V2, CompressionAlgorithm::Lz4, false),
+        false,
+    );
+    let snap = files.open();
+    assert_eq!(snap.plan.replayable_windows(&snap.cow, 0, 8), 0);
+}

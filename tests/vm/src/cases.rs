@@ -186,6 +186,10 @@ pub const CASES: &[Case] = &[
         run: crate::ublk_snapshot::daemon_kill_merge,
     },
     Case {
+        name: "ublk-daemon-linear-handoff",
+        run: crate::ublk_snapshot::daemon_linear_handoff,
+    },
+    Case {
         name: "rmmod",
         run: rmmod,
     },

@@ -1,10 +1,12 @@
 //! The OTA demo in user-space-merge mode, run by `cargo xtask demo` inside the emulator.
 //!
-//! `vmtest demo-usm <base> <cow> <target> <pristine-base> <pristine-cow> changed=<bytes> [rounds=<n>]`
+//! `vmtest demo-usm <base> <cow> <target> <pristine-base> <pristine-cow> changed=<bytes> [rounds=<n>] [transport=dm-user|ublk]`
 //!
-//! The dm-user device is the whole partition (`0 S user 0 S <misc>`, S the base device's
-//! size): `snapuserd -user_snapshot`, 5-field `init` (source and base are the same device, as
-//! on a Virtual A/B device), `start`. Round 0 compares the whole device with the target. Each
+//! The snapshot device is the whole partition: with dm-user (the default) the table
+//! `0 S user 0 S <misc>` (S the base device's size) over `snapuserd -user_snapshot`; with ublk
+//! the daemon's own `/dev/ublkb<N>` (`snapuserd -user_snapshot -ublk`, found with
+//! `get_device_name`). Either way 5-field `init` (source and base are the same device, as on a
+//! Virtual A/B device) and `start`. Round 0 compares the whole device with the target. Each
 //! round then measures, alternating with the reference measured in the same boot:
 //!
 //! * sequential O_DIRECT 1 MiB reads of the whole device, against the target on a loop device
@@ -30,7 +32,8 @@ use dm_ioctl::{DmControl, TableEntry};
 
 use crate::harness::AlignedBuf;
 use crate::scenario_support::{
-    compare_device, copy_direct, dev_bytes, open_direct, time_read, Daemon, Res, TmpfsLoop,
+    compare_device, copy_direct, delete_ublk, dev_bytes, open_direct, time_read, ublk_node, Daemon,
+    Res, TmpfsLoop, Transport,
 };
 /// Random 4 KiB reads per device and round.
 const RANDOM_READS: u64 = 2_000;
@@ -55,6 +58,7 @@ struct Args {
     pristine_cow: PathBuf,
     changed: u64,
     rounds: usize,
+    transport: Transport,
 }
 
 impl Args {
@@ -62,7 +66,7 @@ impl Args {
         let path = |i: usize| -> Res<PathBuf> {
             args.get(i)
                 .map(PathBuf::from)
-                .ok_or_else(|| "usage: vmtest demo-usm BASE COW TARGET PRISTINE_BASE PRISTINE_COW changed=BYTES [rounds=N]".to_string())
+                .ok_or_else(|| "usage: vmtest demo-usm BASE COW TARGET PRISTINE_BASE PRISTINE_COW changed=BYTES [rounds=N] [transport=dm-user|ublk]".to_string())
         };
         let value = |key: &str| {
             args.iter()
@@ -80,57 +84,87 @@ impl Args {
                 .and_then(|r| usize::try_from(r).ok())
                 .filter(|r| (1..=20).contains(r))
                 .unwrap_or(5),
+            transport: match args
+                .iter()
+                .skip(5)
+                .find_map(|a| a.strip_prefix("transport="))
+            {
+                Some(name) => Transport::parse(name)?,
+                None => Transport::DmUser,
+            },
         })
     }
 }
 
-/// The daemon and its dm-user device for one round.
+/// The daemon and its snapshot device for one round.
 struct Device {
-    dm: DmControl,
+    /// The device-mapper control (dm-user transport only: the table is ours to remove).
+    dm: Option<DmControl>,
     path: PathBuf,
     daemon: Daemon,
 }
 
 impl Device {
-    /// dm-user device over the whole base, then `init` (5 fields) and `start`.
+    /// The daemon (`-user_snapshot`, plus `-ublk` over ublk), the dm-user table over the
+    /// whole base when the transport is dm-user, `init` (5 fields) and `start`; over ublk the
+    /// device is the one `start` created (`get_device_name`).
     fn bring_up(a: &Args, base_sectors: u64, workers: Option<u32>) -> Res<Self> {
-        let dm = DmControl::open().map_err(|e| format!("open /dev/mapper/control: {e}"))?;
-        let flags = workers.map(|n| format!("-worker_count={n}"));
-        let flags: Vec<&str> = std::iter::once("-user_snapshot")
-            .chain(flags.as_deref())
+        let workers = workers.map(|n| format!("-worker_count={n}"));
+        let flags: Vec<&str> = a
+            .transport
+            .daemon_flags()
+            .iter()
+            .copied()
+            .chain(workers.as_deref())
             .collect();
         let daemon = Daemon::start_with(MISC, &flags)?;
-        let info = dm
-            .create_device(DM_NAME, &[TableEntry::dm_user(0, base_sectors, MISC)])
-            .map_err(|e| format!("create {DM_NAME}: {e}"))?;
-        let path = dm
-            .ensure_node(&info)
-            .map_err(|e| format!("node of {DM_NAME}: {e}"))?;
-        let dev = Self { dm, path, daemon };
+        let table = match a.transport {
+            Transport::DmUser => {
+                let dm = DmControl::open().map_err(|e| format!("open /dev/mapper/control: {e}"))?;
+                let info = dm
+                    .create_device(DM_NAME, &[TableEntry::dm_user(0, base_sectors, MISC)])
+                    .map_err(|e| format!("create {DM_NAME}: {e}"))?;
+                let path = dm
+                    .ensure_node(&info)
+                    .map_err(|e| format!("node of {DM_NAME}: {e}"))?;
+                Some((dm, path))
+            }
+            Transport::Ublk => None,
+        };
         let base = a.base.display();
         let init = format!("init,{MISC},{},{base},{base}", a.cow.display());
-        let sectors = dev.daemon.init_sectors(&init)?;
+        let sectors = daemon.init_sectors(&init)?;
         if sectors != base_sectors {
             return Err(format!(
                 "init replied {sectors} sectors, the base device has {base_sectors}"
             ));
         }
-        let start = dev.daemon.command(&format!("start,{MISC}"))?;
+        let start = daemon.command(&format!("start,{MISC}"))?;
         if start != "success" {
             return Err(format!("start,{MISC} -> {start:?}"));
         }
-        Ok(dev)
+        let (dm, path) = match table {
+            Some((dm, path)) => (Some(dm), path),
+            None => (None, ublk_node(&daemon, MISC)?),
+        };
+        Ok(Self { dm, path, daemon })
     }
 
-    /// Remove the device, `delete` the handler, stop the daemon.
+    /// Remove the device (the dm-user table, or the ublk device through `delete`), `delete`
+    /// the handler, stop the daemon.
     fn tear_down(self) -> Res<()> {
-        let mut removed = self.dm.remove(DM_NAME);
+        let Some(dm) = &self.dm else {
+            delete_ublk(&self.daemon, MISC, &self.path)?;
+            drop(self.daemon);
+            return Ok(());
+        };
+        let mut removed = dm.remove(DM_NAME);
         for _ in 0..50 {
             if removed.is_ok() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
-            removed = self.dm.remove(DM_NAME);
+            removed = dm.remove(DM_NAME);
         }
         removed.map_err(|e| format!("remove {DM_NAME}: {e}"))?;
         let _ = self.daemon.command(&format!("delete,{MISC}"));
@@ -402,7 +436,12 @@ fn round(i: usize, a: &Args, lp: &TmpfsLoop, len: u64, base_sectors: u64) -> Res
             "VMTEST demo-snapshot-read {} {}",
             if checked.is_ok() { "PASS" } else { "FAIL" },
             match &checked {
-                Ok(()) => format!("{} MiB of the dm-user device equal the target", len >> 20),
+                Ok(()) => format!(
+                    "{} MiB of the {} device ({}) equal the target",
+                    len >> 20,
+                    a.transport.name(),
+                    dev.path.display()
+                ),
                 Err(e) => e.clone(),
             }
         );
@@ -511,8 +550,10 @@ fn run(a: &Args) -> Res<()> {
         );
     }
     println!(
-        "VMDEMO config rounds {} bytes {len} changed {} random_reads {RANDOM_READS}",
-        a.rounds, a.changed
+        "VMDEMO config rounds {} bytes {len} changed {} random_reads {RANDOM_READS} transport {}",
+        a.rounds,
+        a.changed,
+        a.transport.name()
     );
     Ok(())
 }

@@ -388,3 +388,95 @@ pub fn mount_and_check_file(dev: &Path, tag: &str, file: &str, content: &str) ->
         "ext4 mounted ro,noload, {file}={content}, {entries} top-level entries"
     ))
 }
+
+/// How a user-space-merge daemon serves the partition: a dm-user table the scenario creates
+/// (`0 S user 0 S <misc>`), or a ublk device the daemon itself creates on `start`
+/// (`snapuserd -user_snapshot -ublk`, the device named by `get_device_name`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Our dm-user module, a device-mapper table over the whole partition.
+    DmUser,
+    /// The kernel's ublk driver (`/dev/ublkb<N>`), Linux 6.0+ with `ublk_drv`.
+    Ublk,
+}
+
+impl Transport {
+    /// `dm-user` or `ublk` (the `transport=` argument of the guest programs).
+    pub fn parse(name: &str) -> Res<Self> {
+        match name {
+            "dm-user" => Ok(Self::DmUser),
+            "ublk" => Ok(Self::Ublk),
+            other => Err(format!("transport {other:?}: want dm-user or ublk")),
+        }
+    }
+
+    /// The name [`parse`](Self::parse) takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::DmUser => "dm-user",
+            Self::Ublk => "ublk",
+        }
+    }
+
+    /// The daemon's flags for this transport in user-space-merge mode.
+    pub fn daemon_flags(self) -> &'static [&'static str] {
+        match self {
+            Self::DmUser => &["-user_snapshot"],
+            Self::Ublk => &["-user_snapshot", "-ublk"],
+        }
+    }
+}
+
+/// The ublk block node a `-ublk` daemon serves `misc` on, after its `start`: asks
+/// `supports,ublk` first (so a kernel without ublk is named as the reason), then
+/// `get_device_name,<misc>`, and waits (bounded) for the node to appear.
+pub fn ublk_node(daemon: &Daemon, misc: &str) -> Res<PathBuf> {
+    require_ublk(daemon)?;
+    let reply = daemon.command(&format!("get_device_name,{misc}"))?;
+    let node = reply
+        .strip_prefix("success,")
+        .map(PathBuf::from)
+        .ok_or_else(|| format!("get_device_name,{misc} -> {reply:?}"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node.exists() {
+        if Instant::now() > deadline {
+            return Err(format!("{} never appeared", node.display()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(node)
+}
+
+/// `supports,ublk` must answer `success`; otherwise the kernel has no ublk, said plainly.
+pub fn require_ublk(daemon: &Daemon) -> Res<()> {
+    let reply = daemon.command("supports,ublk")?;
+    if reply == "success" {
+        Ok(())
+    } else {
+        Err(format!(
+            "this kernel offers no ublk (supports,ublk -> {reply:?}; /dev/ublk-control {}): \
+             use a kernel with ublk_drv (Debian's 6.12 cloud kernel) or the dm-user transport",
+            if Path::new("/dev/ublk-control").exists() {
+                "exists"
+            } else {
+                "is missing"
+            }
+        ))
+    }
+}
+
+/// `delete,<misc>` of a handler served over ublk: must succeed and remove `node`.
+pub fn delete_ublk(daemon: &Daemon, misc: &str, node: &Path) -> Res<()> {
+    let reply = daemon.command(&format!("delete,{misc}"))?;
+    if reply != "success" {
+        return Err(format!("delete,{misc} -> {reply:?}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.exists() {
+        if Instant::now() > deadline {
+            return Err(format!("{} still exists after delete", node.display()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}

@@ -28,6 +28,9 @@ use crate::harness::*;
 struct FileHandler {
     file: File,
     size: u64,
+    /// Answer READs with zeros instead of reading the file (the benchmark's transport-only
+    /// row: what is left is ublk's round trips, the zero fill and the copy to the kernel).
+    zeros: bool,
 }
 
 impl RequestHandler for FileHandler {
@@ -46,6 +49,9 @@ impl RequestHandler for FileHandler {
                     return ResponseCode::Error;
                 }
                 out.resize(len, 0);
+                if self.zeros {
+                    return ResponseCode::Success;
+                }
                 match self.file.read_exact_at(out, req.sector * 512) {
                     Ok(()) => ResponseCode::Success,
                     Err(_) => ResponseCode::Error,
@@ -58,8 +64,9 @@ impl RequestHandler for FileHandler {
     }
 }
 
-/// `vmtest helper-ublk create|recover IMAGE NAME auto|usercopy|buffer QUEUES [MAX_IO_BYTES]`:
-/// serve IMAGE until SIGTERM, then remove the device. Prints `UBLK READY <block node> <usercopy 0|1>`.
+/// `vmtest helper-ublk create|recover IMAGE NAME auto|usercopy|buffer|usercopy-zeros QUEUES
+/// [MAX_IO_BYTES]`: serve IMAGE until SIGTERM (`usercopy-zeros`: READs answered with zeros,
+/// the file not read), then remove the device. Prints `UBLK READY <block node> <usercopy 0|1>`.
 pub fn helper(args: &[String]) -> Result<(), String> {
     let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or("");
     let (mode, image, name, path) = (arg(0), arg(1), arg(2), arg(3));
@@ -68,7 +75,7 @@ pub fn helper(args: &[String]) -> Result<(), String> {
         .parse()
         .unwrap_or(snapuserd::ublk::device::DEFAULT_MAX_IO_BYTES);
     let user_copy = match path {
-        "usercopy" => UserCopy::Always,
+        "usercopy" | "usercopy-zeros" => UserCopy::Always,
         "buffer" => UserCopy::Never,
         _ => UserCopy::Auto,
     };
@@ -78,7 +85,11 @@ pub fn helper(args: &[String]) -> Result<(), String> {
     term.thread_block().ctx("block SIGTERM")?;
     let file = File::open(image).ctx(image)?;
     let size = file.metadata().ctx(image)?.len();
-    let handler = Arc::new(FileHandler { file, size });
+    let handler = Arc::new(FileHandler {
+        file,
+        size,
+        zeros: path == "usercopy-zeros",
+    });
     let opts = UblkOptions {
         queues,
         user_copy,
@@ -409,10 +420,13 @@ pub fn kill_recover() -> TestResult {
 pub fn bench() -> Result<(), String> {
     let size = crate::bench::SIZE;
     let img = image("ublk-bench", 1, size)?;
+    // The last row answers zeros without reading the image: the transport's own share.
     let configs = [
         ("usercopy-1MiB", "usercopy", 1u32 << 20),
         ("buffer-1MiB", "buffer", 1 << 20),
+        ("usercopy-256KiB", "usercopy", 256 << 10),
         ("usercopy-64KiB", "usercopy", 64 << 10),
+        ("usercopy-1MiB-zeros", "usercopy-zeros", 1 << 20),
     ];
     let mut helpers = Vec::new();
     for (name, path, max_io) in configs {
@@ -423,9 +437,15 @@ pub fn bench() -> Result<(), String> {
     paths.push(lp.path.clone());
     let mut seq: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     let mut rnd: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let zeros = vec![0u8; 1 << 20];
     for _ in 0..crate::bench::ROUNDS {
         for (i, p) in paths.iter().enumerate() {
-            let f = crate::bench::measure(p)?;
+            let answers_zeros = configs.get(i).is_some_and(|c| c.1 == "usercopy-zeros");
+            let f = if answers_zeros {
+                crate::bench::measure_expecting(p, &zeros)?
+            } else {
+                crate::bench::measure(p)?
+            };
             seq[i].push(f.seq_mbps);
             rnd[i].push(f.rand_iops);
         }

@@ -417,6 +417,152 @@ pub fn daemon_kill_merge() -> TestResult {
     ))
 }
 
+/// AOSP's layering over ublk, `<p>` = dm-linear on top of the daemon's `/dev/ublkbN`, across
+/// the first- to second-stage handoff and a daemon death: the first daemon (`-ublk`, no merge,
+/// as first-stage init runs it) serves the device; `<p>` is `0 S linear <ublkbN> 0`, its whole
+/// device == target, and a reader loops over `<p>` from here to the end. The first daemon is
+/// handed off with `detach` and exits; the second re-attaches through user recovery (`init` +
+/// `start`) and starts the merge; it is killed (`kill -9`) mid-merge and a third re-attaches
+/// and finishes. `<p>`'s table never changes and keeps naming the same ublk device; the reader
+/// sees no error and only target data, with reads in flight across both changes of daemon;
+/// base == target.
+pub fn daemon_linear_handoff() -> TestResult {
+    use crate::scenario_support::{dm, ublk_node, Daemon};
+    use dm_ioctl::TableEntry;
+    const MISC: &str = "system_b";
+    const LINEAR: &str = "ublk-linear-p";
+    let _ = std::fs::remove_dir_all(DIR);
+    let target = Arc::new(make_update()?);
+    let sectors = target.len() as u64 / 512;
+    let init = format!(
+        "init,{MISC},{},{},{}",
+        path("update.cow").display(),
+        path("source.img").display(),
+        path("base.img").display()
+    );
+    let flags = ["-user_snapshot", "-ublk", "-worker_count=2"];
+    let expect = |d: &Daemon, cmd: &str, want: &str| -> Result<(), String> {
+        let reply = d.command(cmd)?;
+        check(
+            reply == want,
+            format!("{cmd:?} answered {reply:?}, want {want:?}"),
+        )
+    };
+    // init + start: a new device the first time, a re-attach to the waiting one afterwards.
+    let serve = |merge: bool| -> Result<(Daemon, PathBuf), String> {
+        let d = Daemon::start_with("ublk", &flags)?;
+        expect(&d, &init, &format!("success,{sectors}"))?;
+        expect(&d, &format!("start,{MISC}"), "success")?;
+        if merge {
+            expect(&d, &format!("initiate_merge,{MISC}"), "success")?;
+        }
+        let node = ublk_node(&d, MISC)?;
+        Ok((d, node))
+    };
+    let (mut d, node) = serve(false)?;
+    let dmc = dm()?;
+    let rdev = nix::sys::stat::stat(&node)
+        .ctx("stat the ublk node")?
+        .st_rdev;
+    let ublk_dev = format!(
+        "{}:{}",
+        nix::sys::stat::major(rdev),
+        nix::sys::stat::minor(rdev)
+    );
+    let info = dmc
+        .create_device(LINEAR, &[TableEntry::linear(0, sectors, &ublk_dev, 0)])
+        .map_err(|e| format!("create dm-linear {LINEAR} over {ublk_dev}: {e}"))?;
+    let p = dmc
+        .ensure_node(&info)
+        .map_err(|e| format!("node of {LINEAR}: {e}"))?;
+    let table_line = |dmc: &dm_ioctl::DmControl| -> Result<String, String> {
+        let t = dmc
+            .table(LINEAR)
+            .map_err(|e| format!("table of {LINEAR}: {e}"))?;
+        Ok(t.iter()
+            .map(TableEntry::to_line)
+            .collect::<Vec<_>>()
+            .join("; "))
+    };
+    let table_before = table_line(&dmc)?;
+    let outcome = (|| -> TestResult {
+        let (t0, stop, reader) = check_then_read(&p, &target)?;
+        let ns = move || ns_since(t0);
+        let mut changes = Vec::new();
+        // First stage to second stage: `detach`, the first daemon exits, the second takes
+        // the device over and (second stage) starts the merge.
+        std::thread::sleep(Duration::from_millis(300));
+        let handed = ns();
+        detach_and_wait(&mut d)?;
+        let (d2, node2) = serve(true).map_err(|e| format!("second-stage daemon: {e}"))?;
+        changes.push((handed, ns()));
+        d = d2;
+        check(
+            node2 == node,
+            format!(
+                "second stage serves {}, not {}",
+                node2.display(),
+                node.display()
+            ),
+        )?;
+        // The second-stage daemon dies once the merge has committed progress.
+        let start = Instant::now();
+        let mut percent = String::new();
+        while start.elapsed() < Duration::from_secs(20) {
+            percent = d.command("merge_percent")?;
+            if percent.parse::<f64>().is_ok_and(|v| v > 0.0) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let killed = ns();
+        d.kill9()?;
+        std::thread::sleep(Duration::from_millis(150));
+        let (d3, _) = serve(true).map_err(|e| format!("daemon after kill -9: {e}"))?;
+        changes.push((killed, ns()));
+        d = d3;
+        let start = Instant::now();
+        loop {
+            let status = d.command(&format!("getstatus,{MISC}"))?;
+            if status == "snapshot-merge-complete" {
+                break;
+            }
+            check(
+                status == "snapshot-merge" && start.elapsed() < Duration::from_secs(40),
+                format!("merge status {status:?} after {:?}", start.elapsed()),
+            )?;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let reads = stop_reader(&stop, reader)?;
+        let across = reads.check_outages(&changes)?;
+        let table_after = table_line(&dmc)?;
+        check(
+            table_after == table_before,
+            format!("{LINEAR}'s table changed: {table_before:?} -> {table_after:?}"),
+        )?;
+        Ok(format!(
+            "<p> = dm-linear {table_before:?} over {}: detach handoff to a second-stage daemon, \
+             then kill -9 of it at merge_percent {percent} and a third re-attaching; {} reads of \
+             <p>, across the two changes {across:?}, errors 0, wrong data 0; table unchanged",
+            node.display(),
+            reads.spans.len()
+        ))
+    })();
+    let removed = dmc
+        .remove(LINEAR)
+        .map_err(|e| format!("remove {LINEAR}: {e}"));
+    let deleted = crate::scenario_support::delete_ublk(&d, MISC, &node);
+    let _ = d.command("stop");
+    let detail = outcome?;
+    removed?;
+    deleted?;
+    let base = std::fs::read(path("base.img")).ctx("base")?;
+    same("base after the merge", &base, &target)?;
+    let _ = std::fs::remove_dir_all(DIR);
+    Ok(format!("{detail}; merge complete, base == target"))
+}
+
 /// Sequential 1 MiB and random 4 KiB O_DIRECT reads of `node` (`size` bytes): (MB/s, IOPS).
 fn measure(node: &Path, size: u64) -> Result<(f64, f64), String> {
     let f = std::fs::OpenOptions::new()

@@ -7,7 +7,11 @@
 //! `vmtest usm <scenario> <tag> <base> <cow> <target> [key=value]...`, keys:
 //! `marker=FILE:CONTENT` (a file to check through a read-only ext4 mount), `at=P[,P...]`
 //! (merge_percent points), `ordered=N` (ordered COPY/XOR ops at the head of the merge order,
-//! to say in which phase a point fell), `boot=N`, `second=TAG:BASE:COW:TARGET`.
+//! to say in which phase a point fell), `boot=N`, `second=TAG:BASE:COW:TARGET`,
+//! `transport=dm-user|ublk` (default dm-user; over ublk the daemon runs with `-ublk` and
+//! serves the partition as its own `/dev/ublkb<N>`, named by `get_device_name`; the
+//! `read-merge`, `power-cycle` and `pause` scenarios take it, the others re-load dm-user
+//! tables and refuse it).
 //!
 //! * `read-merge`: writes refused, flush acknowledged, whole device == target (O_DIRECT
 //!   1 MiB), ext4 mount, random 4 KiB reads == target; `initiate_merge` with a reader looping
@@ -42,15 +46,21 @@ use dm_ioctl::{DmControl, TableEntry};
 
 use crate::harness::AlignedBuf;
 use crate::scenario_support::{
-    compare_device, dev_bytes, dm, exit_code, loop_read_time, mbps, merged_base_check,
-    mount_and_check_file, open_direct, plain_copy_time, report, scenario_args, Daemon, Res,
-    IO_SIZE,
+    compare_device, delete_ublk, dev_bytes, dm, exit_code, loop_read_time, mbps, merged_base_check,
+    mount_and_check_file, open_direct, plain_copy_time, report, scenario_args, ublk_node, Daemon,
+    Res, Transport, IO_SIZE,
 };
 
 /// Longest wait for a merge to finish in one boot.
 const MERGE_LIMIT: Duration = Duration::from_secs(300);
-/// The daemon flag of user-space-merge mode (libsnapshot passes it).
-const USER_FLAG: &str = "-user_snapshot";
+/// The flag every daemon of these scenarios runs with besides its transport's: REPLACE/ZERO
+/// batches of at most 16 ops (`ro.virtual_ab.cow_op_merge_size`, which libsnapshot passes as
+/// `-cow_op_merge_size`), so that phase commits its progress often enough for a kill or
+/// power-off point inside it to be reached before the merge ends, however late the loaded
+/// emulator schedules the poller.
+const MERGE_BATCH_FLAG: &str = "-cow_op_merge_size=16";
+/// The flags of a dm-user daemon of these scenarios.
+const DM_USER_FLAGS: [&str; 2] = ["-user_snapshot", MERGE_BATCH_FLAG];
 /// Random 4 KiB reads of the random-read step.
 const RANDOM_READS: usize = 2000;
 /// How often the merge's progress is polled while waiting for a kill or power-off point.
@@ -67,6 +77,7 @@ struct Scenario {
     ordered_ops: Option<u64>,
     boot: u32,
     second: Option<Box<Scenario>>,
+    transport: Transport,
 }
 
 impl Scenario {
@@ -81,6 +92,7 @@ impl Scenario {
             ordered_ops: None,
             boot: 1,
             second: None,
+            transport: Transport::DmUser,
         };
         for kv in keys {
             let (k, v) = kv
@@ -106,6 +118,7 @@ impl Scenario {
                     sc.ordered_ops = Some(v.parse().map_err(|_| format!("ordered={v}"))?);
                 }
                 "boot" => sc.boot = v.parse().map_err(|_| format!("boot={v}"))?,
+                "transport" => sc.transport = Transport::parse(v)?,
                 "second" => {
                     let f: Vec<&str> = v.split(':').collect();
                     let [t, b, c, g] = f[..] else {
@@ -170,6 +183,18 @@ pub fn main(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let dm_user_only = ["kill-chain", "handoff", "two-merge"];
+    if sc.transport != Transport::DmUser && dm_user_only.contains(&kind.as_str()) {
+        vmtest(
+            kind,
+            tag,
+            &Err(format!(
+                "{kind} reloads dm-user tables: it runs over dm-user only, not {}",
+                sc.transport.name()
+            )),
+        );
+        return ExitCode::FAILURE;
+    }
     let ok = match kind.as_str() {
         "read-merge" => read_merge(&sc),
         "kill-chain" => kill_chain(&sc),
@@ -186,15 +211,31 @@ pub fn main(args: &[String]) -> ExitCode {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The device: a dm-user table over the whole partition.
+// The device: a dm-user table over the whole partition, or the daemon's ublk device.
 
-/// The dm-user device of one partition and the misc name its table names now.
-struct UserDevice {
+/// A device-mapper device the scenario created, by name.
+struct DmTable {
     dm: DmControl,
     name: String,
+}
+
+/// The snapshot device of one partition and the misc name it is served under now.
+struct UserDevice {
+    /// The dm-user table (dm-user transport); `None` over ublk, where the daemon owns the
+    /// device and `delete` removes it.
+    table: Option<DmTable>,
     path: PathBuf,
     sectors: u64,
     misc: String,
+}
+
+/// The base device's size in sectors (whole, non-empty).
+fn base_sectors(sc: &Scenario) -> Res<u64> {
+    let bytes = dev_bytes(&sc.base)?;
+    if bytes % 512 != 0 || bytes == 0 {
+        return Err(format!("base {} is {bytes} bytes", sc.base.display()));
+    }
+    Ok(bytes / 512)
 }
 
 impl UserDevice {
@@ -202,11 +243,7 @@ impl UserDevice {
     /// libsnapshot does before `init`.
     fn create(sc: &Scenario, misc: &str) -> Res<Self> {
         let dm = dm()?;
-        let bytes = dev_bytes(&sc.base)?;
-        if bytes % 512 != 0 || bytes == 0 {
-            return Err(format!("base {} is {bytes} bytes", sc.base.display()));
-        }
-        let sectors = bytes / 512;
+        let sectors = base_sectors(sc)?;
         let name = format!("usm-{}", sc.tag);
         let info = dm
             .create_device(&name, &[TableEntry::dm_user(0, sectors, misc)])
@@ -216,19 +253,34 @@ impl UserDevice {
             .map_err(|e| format!("node of {name}: {e}"))?;
         wait_misc_node(misc)?;
         Ok(Self {
-            dm,
-            name,
+            table: Some(DmTable { dm, name }),
             path,
             sectors,
             misc: misc.into(),
         })
     }
 
+    /// The ublk device a `-ublk` daemon created for `misc` on `start`.
+    fn over_ublk(daemon: &Daemon, misc: &str, sectors: u64) -> Res<Self> {
+        Ok(Self {
+            table: None,
+            path: ublk_node(daemon, misc)?,
+            sectors,
+            misc: misc.into(),
+        })
+    }
+
+    fn table(&self) -> Res<&DmTable> {
+        self.table
+            .as_ref()
+            .ok_or_else(|| "the ublk device has no dm-user table to reload".to_string())
+    }
+
     /// Load `0 S user 0 S <misc>` as the inactive table (same length), creating the new
     /// misc device; [`activate`](Self::activate) makes it live.
     fn load(&mut self, misc: &str) -> Res<()> {
-        self.dm
-            .load_table(&self.name, &[TableEntry::dm_user(0, self.sectors, misc)])
+        let t = self.table()?;
+        t.dm.load_table(&t.name, &[TableEntry::dm_user(0, self.sectors, misc)])
             .map_err(|e| format!("load dm-user table for {misc}: {e}"))?;
         wait_misc_node(misc)?;
         self.misc = misc.into();
@@ -238,19 +290,24 @@ impl UserDevice {
     /// Suspend and resume: the loaded table goes live, the old target is destroyed once
     /// its in-flight I/O has been answered (its daemon's workers then see ENOTBLK).
     fn activate(&self) -> Res<()> {
-        self.dm
-            .suspend(&self.name, false)
-            .map_err(|e| format!("suspend {}: {e}", self.name))?;
-        self.dm
-            .resume(&self.name)
+        let t = self.table()?;
+        t.dm.suspend(&t.name, false)
+            .map_err(|e| format!("suspend {}: {e}", t.name))?;
+        t.dm.resume(&t.name)
             .map(drop)
-            .map_err(|e| format!("resume {}: {e}", self.name))
+            .map_err(|e| format!("resume {}: {e}", t.name))
     }
 
+    /// Remove the dm-user table (nothing to do over ublk: the handler's `delete` removes
+    /// that device).
     fn remove(&self) -> Res<()> {
-        self.dm
-            .remove(&self.name)
-            .map_err(|e| format!("remove {}: {e}", self.name))
+        match &self.table {
+            Some(t) => {
+                t.dm.remove(&t.name)
+                    .map_err(|e| format!("remove {}: {e}", t.name))
+            }
+            None => Ok(()),
+        }
     }
 }
 
@@ -297,13 +354,25 @@ struct Stack {
 }
 
 impl Stack {
-    /// Daemon `-user_snapshot` + `flags`, device, `init`, `start`.
+    /// Daemon `-user_snapshot` (and `-ublk` over ublk) + `flags`; dm-user: the table, then
+    /// `init`, `start`; ublk: `init`, `start` (which creates the device), `get_device_name`.
     fn build(sc: &Scenario, misc: &str, flags: &[&str]) -> Res<Self> {
-        let mut all = vec![USER_FLAG];
+        let mut all = sc.transport.daemon_flags().to_vec();
+        all.push(MERGE_BATCH_FLAG);
         all.extend_from_slice(flags);
         let daemon = Daemon::start_with(misc, &all)?;
-        let dev = UserDevice::create(sc, misc)?;
-        init_and_start(&daemon, sc, misc, dev.sectors)?;
+        let dev = match sc.transport {
+            Transport::DmUser => {
+                let dev = UserDevice::create(sc, misc)?;
+                init_and_start(&daemon, sc, misc, dev.sectors)?;
+                dev
+            }
+            Transport::Ublk => {
+                let sectors = base_sectors(sc)?;
+                init_and_start(&daemon, sc, misc, sectors)?;
+                UserDevice::over_ublk(&daemon, misc, sectors)?
+            }
+        };
         Ok(Self { dev, daemon })
     }
 
@@ -327,17 +396,22 @@ impl Stack {
     /// the new table loaded (new misc device), the new daemon's `init` and `start`, then
     /// suspend/resume. The previous daemon is returned (stopped when dropped).
     fn reload_onto_new_daemon(&mut self, sc: &Scenario, misc: &str) -> Res<Daemon> {
-        let daemon = Daemon::start_with(misc, &[USER_FLAG])?;
+        let daemon = Daemon::start_with(misc, &DM_USER_FLAGS)?;
         self.dev.load(misc)?;
         init_and_start(&daemon, sc, misc, self.dev.sectors)?;
         self.dev.activate()?;
         Ok(std::mem::replace(&mut self.daemon, daemon))
     }
 
-    /// Remove the device (the workers see ENOTBLK), `delete` the handler, stop the daemon.
+    /// dm-user: remove the device (the workers see ENOTBLK), `delete` the handler; ublk:
+    /// `delete` must succeed and remove the device. Then stop the daemon.
     fn teardown(self) -> Res<()> {
-        self.dev.remove()?;
-        let _ = self.daemon.command(&format!("delete,{}", self.dev.misc));
+        if self.dev.table.is_some() {
+            self.dev.remove()?;
+            let _ = self.daemon.command(&format!("delete,{}", self.dev.misc));
+        } else {
+            delete_ublk(&self.daemon, &self.dev.misc, &self.dev.path)?;
+        }
         drop(self.daemon);
         Ok(())
     }
@@ -921,7 +995,7 @@ fn handoff(sc: &Scenario) -> bool {
             nix::sys::signal::Signal::SIGTERM,
         )
         .map_err(|e| format!("SIGTERM to the first-stage daemon {old_pid}: {e}"))?;
-        let daemon = Daemon::start_with(&misc, &[USER_FLAG])?;
+        let daemon = Daemon::start_with(&misc, &DM_USER_FLAGS)?;
         let old = std::mem::replace(&mut st.daemon, daemon);
         init_and_start(&st.daemon, sc, &misc, st.dev.sectors)?;
         let serving = swapped.elapsed();
@@ -1002,7 +1076,10 @@ fn two_merge(sc: &Scenario) -> bool {
         return vmtest("two-merge", &sc.tag, &Err("no second= partition".into()));
     };
     let r = (|| -> Res<String> {
-        let daemon = Daemon::start_with(&sc.tag, &[USER_FLAG, "-num_merge_threads=1"])?;
+        let daemon = Daemon::start_with(
+            &sc.tag,
+            &[DM_USER_FLAGS[0], DM_USER_FLAGS[1], "-num_merge_threads=1"],
+        )?;
         let dev1 = UserDevice::create(sc, &sc.tag)?;
         init_and_start(&daemon, sc, &sc.tag, dev1.sectors)?;
         let dev2 = UserDevice::create(sc2, &sc2.tag)?;
@@ -1094,14 +1171,22 @@ mod tests {
                 "ordered=7",
                 "marker=F:v2",
                 "second=u:/b2:/c2:/g2",
+                "transport=ublk",
             ]),
         )
         .unwrap();
+        assert_eq!(sc.transport, Transport::Ublk);
         assert_eq!(sc.points.len(), 2);
         assert_eq!(sc.ordered_ops, Some(7));
         assert_eq!(sc.marker, Some(("F".into(), "v2".into())));
         assert_eq!(sc.second.map(|s| s.tag), Some("u".into()));
-        for bad in [&["at=0"][..], &["bogus=1"], &["second=a:b"], &["noequals"]] {
+        for bad in [
+            &["at=0"][..],
+            &["bogus=1"],
+            &["second=a:b"],
+            &["noequals"],
+            &["transport=nbd"],
+        ] {
             assert!(Scenario::parse("t", "/b", "/c", "/g", &keys(bad)).is_err());
         }
     }
