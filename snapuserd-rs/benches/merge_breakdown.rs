@@ -217,16 +217,8 @@ struct Shape {
 /// The floor of a merge with this layout: every source run read and every destination run
 /// written (taken from the target) with `O_DIRECT`, then one `fdatasync`.
 fn scattered_copy(shape: &Shape, target: &Path, base: &Path) -> Duration {
-    let open = |p: &Path, write: bool| {
-        OpenOptions::new()
-            .read(true)
-            .write(write)
-            .custom_flags(libc::O_DIRECT)
-            .open(p)
-            .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
-    };
-    let from = open(target, false);
-    let dest = open(base, true);
+    let from = open_direct(target, false);
+    let dest = open_direct(base, true);
     let longest = shape
         .source_runs
         .iter()
@@ -252,6 +244,16 @@ fn scattered_copy(shape: &Shape, target: &Path, base: &Path) -> Duration {
     }
     dest.sync_data().expect("fdatasync");
     start.elapsed()
+}
+
+/// `p` opened with `O_DIRECT`, for reading (and writing if `write`).
+fn open_direct(p: &Path, write: bool) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(p)
+        .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
 }
 
 fn fresh_copy(from: &Path, to: &Path) -> File {
@@ -285,16 +287,8 @@ fn changed_blocks(a: &Path, b: &Path) -> u64 {
 /// The demo's reference: `changed` bytes of the target copied with `O_DIRECT` in 1 MiB
 /// pieces onto `to`, then `fdatasync`.
 fn plain_copy(target: &Path, to: &Path, changed: u64) -> Duration {
-    let open = |p: &Path, write: bool| {
-        OpenOptions::new()
-            .read(true)
-            .write(write)
-            .custom_flags(libc::O_DIRECT)
-            .open(p)
-            .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
-    };
-    let from = open(target, false);
-    let dest = open(to, true);
+    let from = open_direct(target, false);
+    let dest = open_direct(to, true);
     let layout = std::alloc::Layout::from_size_align(1 << 20, 4096).expect("layout");
     let mut buf = AlignedBuf::new(layout);
     let start = Instant::now();

@@ -384,18 +384,7 @@ pub fn daemon_kill_merge() -> TestResult {
     std::thread::sleep(Duration::from_millis(100));
     d = start_daemon(true).map_err(|e| format!("daemon after detach failed: {e}"))?;
     kills.push((killed, ns()));
-    let start = Instant::now();
-    loop {
-        let status = d.command(&format!("getstatus,{MISC}"))?;
-        if status == "snapshot-merge-complete" {
-            break;
-        }
-        check(
-            status != "snapshot-merge-failed" && start.elapsed() < Duration::from_secs(40),
-            format!("merge status {status:?} after {:?}", start.elapsed()),
-        )?;
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_merge_complete(&d)?;
     std::thread::sleep(Duration::from_millis(300));
     let reads = stop_reader(&stop, reader)?;
     expect(&d, &format!("delete,{MISC}"), "success")?;
@@ -521,18 +510,7 @@ pub fn daemon_linear_handoff() -> TestResult {
         let (d3, _) = serve(true).map_err(|e| format!("daemon after kill -9: {e}"))?;
         changes.push((killed, ns()));
         d = d3;
-        let start = Instant::now();
-        loop {
-            let status = d.command(&format!("getstatus,{MISC}"))?;
-            if status == "snapshot-merge-complete" {
-                break;
-            }
-            check(
-                status == "snapshot-merge" && start.elapsed() < Duration::from_secs(40),
-                format!("merge status {status:?} after {:?}", start.elapsed()),
-            )?;
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_merge_complete(&d)?;
         std::thread::sleep(Duration::from_millis(300));
         let reads = stop_reader(&stop, reader)?;
         let across = reads.check_outages(&changes)?;
@@ -626,6 +604,23 @@ pub fn bench_snapshot() -> Result<(), String> {
 }
 
 /// Send `detach` (no reply) and wait for the daemon to exit by itself.
+/// Poll `getstatus` until the merge is complete; fails if it reports a failed merge or takes
+/// more than 40 s.
+fn wait_merge_complete(d: &crate::scenario_support::Daemon) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        let status = d.command(&format!("getstatus,{MISC}"))?;
+        if status == "snapshot-merge-complete" {
+            return Ok(());
+        }
+        check(
+            status != "snapshot-merge-failed" && start.elapsed() < Duration::from_secs(40),
+            format!("merge status {status:?} after {:?}", start.elapsed()),
+        )?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn detach_and_wait(d: &mut crate::scenario_support::Daemon) -> Result<(), String> {
     use std::io::Write;
     let sock = format!("/run/snapuserd-{}.sock", "ublk");
