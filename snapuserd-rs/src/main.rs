@@ -41,6 +41,7 @@ use snapuserd::daemon::handoff::{
     bind_seqpacket, default_proxy_path, receive_listener, run_proxy, HandoffError,
     PROXY_SOCKET_NAME,
 };
+use snapuserd::daemon::init_uevents::InitUeventChannel;
 use snapuserd::daemon::merge_monitor::DEFAULT_MERGE_THREADS;
 use snapuserd::daemon::transport::DevDmUser;
 use snapuserd::daemon::update_verify::VerifyDevices;
@@ -202,6 +203,9 @@ enum DaemonError {
         /// Its misc name.
         misc: String,
     },
+    /// `-fd_num` names no usable socket.
+    #[error("init's uevent socket")]
+    InitUevents(#[from] snapuserd::daemon::init_uevents::InitUeventError),
     /// A handler given on the command line could not be started.
     #[error("cannot start handler {misc} (the log says why)")]
     HandlerStart {
@@ -360,6 +364,15 @@ fn run(config: &DaemonConfig, paths: &HostPaths, events: &DaemonEvents) -> Resul
     if config.socket_handoff {
         return run_proxy_role(paths, events);
     }
+    // `-fd_num`: claimed before anything else so that a bad number fails at once.
+    let init_uevents = match config.fd_num {
+        Some(fd) => Some(Arc::new(InitUeventChannel::claim(fd)?)),
+        None => None,
+    };
+    let ublk_opts = config.ublk.then(|| snapuserd::ublk::UblkOptions {
+        node_requests: init_uevents.as_ref().map(InitUeventChannel::node_hook),
+        ..snapuserd::ublk::UblkOptions::default()
+    });
     let registry = Arc::new(
         HandlerRegistry::new(
             Box::new(CowFileOpener),
@@ -380,7 +393,7 @@ fn run(config: &DaemonConfig, paths: &HostPaths, events: &DaemonEvents) -> Resul
             ..UserSnapshotOptions::default()
         })))
         .with_user_snapshot_only(config.user_snapshot)
-        .with_ublk(config.ublk.then(snapuserd::ublk::UblkOptions::default))
+        .with_ublk(ublk_opts)
         .with_merge_threads(merge_threads(config), config.io_uring)
         .with_verify_devices(match &paths.verify_device_dir {
             Some(dir) => VerifyDevices::Dir(dir.clone()),
@@ -412,6 +425,15 @@ fn run(config: &DaemonConfig, paths: &HostPaths, events: &DaemonEvents) -> Resul
                 return Err(DaemonError::HandlerStart {
                     misc: h.misc_name.clone(),
                 });
+            }
+        }
+        if let Some(channel) = &init_uevents {
+            // As AOSP: a failed DONE is logged, and the handlers keep serving.
+            if let Err(e) = channel.finish() {
+                log::error!(
+                    "{chain}; init waits for DONE until its timeout (30 s)",
+                    chain = ErrorChain(&e)
+                );
             }
         }
         notify_alive(paths);
