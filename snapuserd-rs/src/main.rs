@@ -203,9 +203,6 @@ enum DaemonError {
         /// Its misc name.
         misc: String,
     },
-    /// `-fd_num` names no usable socket.
-    #[error("init's uevent socket")]
-    InitUevents(#[from] snapuserd::daemon::init_uevents::InitUeventError),
     /// A handler given on the command line could not be started.
     #[error("cannot start handler {misc} (the log says why)")]
     HandlerStart {
@@ -360,15 +357,18 @@ fn serve_socket(
     Ok(exit)
 }
 
-fn run(config: &DaemonConfig, paths: &HostPaths, events: &DaemonEvents) -> Result<(), DaemonError> {
+fn run(
+    config: &DaemonConfig,
+    paths: &HostPaths,
+    events: &DaemonEvents,
+    init_uevents: Option<Arc<InitUeventChannel>>,
+) -> Result<(), DaemonError> {
     if config.socket_handoff {
         return run_proxy_role(paths, events);
     }
-    // `-fd_num`: claimed before anything else so that a bad number fails at once.
-    let init_uevents = match config.fd_num {
-        Some(fd) => Some(Arc::new(InitUeventChannel::claim(fd)?)),
-        None => None,
-    };
+    if let Some(fd) = config.fd_num {
+        log::info!("init's uevent socket is fd {fd}: ublk node paths go there, then DONE");
+    }
     let ublk_opts = config.ublk.then(|| snapuserd::ublk::UblkOptions {
         node_requests: init_uevents.as_ref().map(InitUeventChannel::node_hook),
         ..snapuserd::ublk::UblkOptions::default()
@@ -539,6 +539,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // `-fd_num` is claimed before the daemon opens any descriptor of its own, so the number
+    // can only name what init passed (and a bad one fails at once).
+    let init_uevents = match config.fd_num.map(InitUeventChannel::claim).transpose() {
+        Ok(channel) => channel.map(Arc::new),
+        Err(e) => {
+            eprintln!("snapuserd: {chain}", chain = ErrorChain(&e));
+            return ExitCode::from(2);
+        }
+    };
     init_logging();
     harden_process();
     let events = match install_signals() {
@@ -551,7 +560,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match run(&config, &paths, &events) {
+    match run(&config, &paths, &events, init_uevents) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             #[cfg(target_os = "android")]

@@ -150,7 +150,6 @@ impl InitUeventChannel {
         // for this purpose only; no other object in the process owns it, so the channel may
         // close it.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        log::info!("init's uevent socket is fd {fd}: ublk node paths go there, then DONE");
         Ok(Self {
             fd: Mutex::new(Some(owned)),
             read_timeout: DEFAULT_READ_TIMEOUT,
