@@ -41,6 +41,7 @@ use snapuserd::daemon::handoff::{
     bind_seqpacket, default_proxy_path, receive_listener, run_proxy, HandoffError,
     PROXY_SOCKET_NAME,
 };
+use snapuserd::daemon::init_uevents::InitUeventChannel;
 use snapuserd::daemon::merge_monitor::DEFAULT_MERGE_THREADS;
 use snapuserd::daemon::transport::DevDmUser;
 use snapuserd::daemon::update_verify::VerifyDevices;
@@ -356,10 +357,22 @@ fn serve_socket(
     Ok(exit)
 }
 
-fn run(config: &DaemonConfig, paths: &HostPaths, events: &DaemonEvents) -> Result<(), DaemonError> {
+fn run(
+    config: &DaemonConfig,
+    paths: &HostPaths,
+    events: &DaemonEvents,
+    init_uevents: Option<Arc<InitUeventChannel>>,
+) -> Result<(), DaemonError> {
     if config.socket_handoff {
         return run_proxy_role(paths, events);
     }
+    if let Some(fd) = config.fd_num {
+        log::info!("init's uevent socket is fd {fd}: ublk node paths go there, then DONE");
+    }
+    let ublk_opts = config.ublk.then(|| snapuserd::ublk::UblkOptions {
+        node_requests: init_uevents.as_ref().map(InitUeventChannel::node_hook),
+        ..snapuserd::ublk::UblkOptions::default()
+    });
     let registry = Arc::new(
         HandlerRegistry::new(
             Box::new(CowFileOpener),
@@ -380,7 +393,7 @@ fn run(config: &DaemonConfig, paths: &HostPaths, events: &DaemonEvents) -> Resul
             ..UserSnapshotOptions::default()
         })))
         .with_user_snapshot_only(config.user_snapshot)
-        .with_ublk(config.ublk.then(snapuserd::ublk::UblkOptions::default))
+        .with_ublk(ublk_opts)
         .with_merge_threads(merge_threads(config), config.io_uring)
         .with_verify_devices(match &paths.verify_device_dir {
             Some(dir) => VerifyDevices::Dir(dir.clone()),
@@ -412,6 +425,15 @@ fn run(config: &DaemonConfig, paths: &HostPaths, events: &DaemonEvents) -> Resul
                 return Err(DaemonError::HandlerStart {
                     misc: h.misc_name.clone(),
                 });
+            }
+        }
+        if let Some(channel) = &init_uevents {
+            // As AOSP: a failed DONE is logged, and the handlers keep serving.
+            if let Err(e) = channel.finish() {
+                log::error!(
+                    "{chain}; init waits for DONE until its timeout (30 s)",
+                    chain = ErrorChain(&e)
+                );
             }
         }
         notify_alive(paths);
@@ -517,6 +539,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // `-fd_num` is claimed before the daemon opens any descriptor of its own, so the number
+    // can only name what init passed (and a bad one fails at once).
+    let init_uevents = match config.fd_num.map(InitUeventChannel::claim).transpose() {
+        Ok(channel) => channel.map(Arc::new),
+        Err(e) => {
+            eprintln!("snapuserd: {chain}", chain = ErrorChain(&e));
+            return ExitCode::from(2);
+        }
+    };
     init_logging();
     // Before any thread starts: freed buffers must not stay resident (and locked).
     if let Err(e) = snapuserd::malloc_tuning::return_freed_memory() {
@@ -533,7 +564,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match run(&config, &paths, &events) {
+    match run(&config, &paths, &events, init_uevents) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             #[cfg(target_os = "android")]

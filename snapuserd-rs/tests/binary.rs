@@ -689,3 +689,86 @@ fn a_legacy_handler_argument_for_a_user_snapshot_daemon_is_a_clear_error() {
         "{line}"
     );
 }
+
+/// `cmd` with `fd` inherited across exec (as init leaves its socketpair end to the daemon).
+fn inherit_fd(cmd: &mut Command, fd: std::os::fd::RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls fcntl, which
+    // is async-signal-safe; the parent's copy of `fd` keeps its close-on-exec flag.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn fd_num_daemon_sends_done_to_init_and_closes_once_its_handlers_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cow, src) = write_cow(dir.path());
+    let dm_user = fake_dm_user_dir(dir.path(), "sys");
+    let alive = dir.path().join("alive");
+    let (daemon_end, mut init_end) = UnixStream::pair().unwrap();
+    let fd_arg = format!("--fd_num={}", daemon_end.as_raw_fd());
+    let mut cmd = Command::new(BIN);
+    cmd.arg("-no_socket")
+        .arg(format!("-dm_user_dir={}", dm_user.display()))
+        .arg(format!(
+            "-proxy_socket={}",
+            dir.path().join("none").display()
+        ))
+        .arg(format!("-daemon_alive_indicator={}", alive.display()))
+        .arg(format!("sys,{},{}", cow.display(), src.display()))
+        .arg(&fd_arg)
+        .stderr(Stdio::null())
+        .stdout(Stdio::null());
+    inherit_fd(&mut cmd, daemon_end.as_raw_fd());
+    let mut daemon = cmd.spawn().unwrap();
+    drop(daemon_end);
+    init_end
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    // A dm-user handler needs no ublk node: init reads only DONE with its NUL, then the
+    // end of the stream (the daemon closed its end; the test's copy is gone).
+    let mut got = Vec::new();
+    init_end.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"DONE\0");
+    wait_for_file(&alive, "1", &mut daemon);
+    sigterm(&daemon);
+    assert!(daemon.wait().unwrap().success());
+}
+
+#[test]
+fn fd_num_that_is_not_a_socket_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cow, src) = write_cow(dir.path());
+    let dm_user = fake_dm_user_dir(dir.path(), "sys");
+    let file = std::fs::File::open("/dev/null").unwrap();
+    let handler = format!("sys,{},{}", cow.display(), src.display());
+    let dm_user_arg = format!("-dm_user_dir={}", dm_user.display());
+    // Inherited but not a socket.
+    let mut cmd = Command::new(BIN);
+    cmd.args(["-no_socket", &dm_user_arg, &handler])
+        .arg(format!("-fd_num={}", file.as_raw_fd()))
+        .stdin(Stdio::null());
+    inherit_fd(&mut cmd, file.as_raw_fd());
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(error_line(&out).contains("not a socket"), "{out:?}");
+    // Not open in the daemon (close-on-exec), or not a descriptor number at all.
+    for (arg, says) in [
+        (
+            format!("-fd_num={}", file.as_raw_fd()),
+            "no such open descriptor",
+        ),
+        ("-fd_num=2".to_string(), "not a descriptor number"),
+        ("-fd_num=-3".to_string(), "fd_num"),
+    ] {
+        let out = run(&["-no_socket", &dm_user_arg, &handler, &arg]);
+        assert!(!out.status.success(), "{arg}: {out:?}");
+        assert!(error_line(&out).contains(says), "{arg}: {out:?}");
+    }
+}

@@ -433,6 +433,10 @@ pub struct DaemonConfig {
     /// `-num_merge_threads=N`: most merges at once (`None`: the property
     /// `ro.virtual_ab.num_merge_threads`, else 2).
     pub num_merge_threads: Option<u32>,
+    /// `-fd_num=N` (`--fd_num=N` from init): the inherited socketpair end over which the
+    /// `-no_socket` daemon asks init for its ublk nodes, then sends `DONE` (`None`: not
+    /// given, or AOSP's default -1).
+    pub fd_num: Option<i32>,
     /// Positional handlers (`-no_socket` mode).
     pub handlers: Vec<HandlerSpec>,
 }
@@ -450,6 +454,7 @@ impl Default for DaemonConfig {
             cow_op_merge_size: 0,
             worker_count: DEFAULT_WORKER_COUNT,
             num_merge_threads: None,
+            fd_num: None,
             handlers: Vec::new(),
         }
     }
@@ -491,6 +496,10 @@ turns a boolean flag off; '-' and '_' inside names are the same; -- ends the fla
   -ublk                   serve user-space-merge handlers as ublk devices
                           (/dev/ublkbN, one queue per worker) instead of dm-user; a
                           new daemon re-attaches to the device a dead one left
+  -fd_num=N               with -no_socket: init's socketpair end (inherited fd N, a
+                          Unix stream socket); each ublk node path the daemon needs
+                          (/dev/ublkcN, /dev/block/ublkbN) is sent there for init
+                          to create, then DONE once every handler has started
   -cow_op_merge_size=N    most ops per merge batch (user-space merge; 0: no cap)
   -num_merge_threads=N    most merges running at once, 1-64, FIFO in the order of
                           initiate_merge (default: the property
@@ -527,11 +536,12 @@ const BOOL_FLAGS: [&str; 6] = [
     "o_direct",
     "ublk",
 ];
-const VALUE_FLAGS: [&str; 4] = [
+const VALUE_FLAGS: [&str; 5] = [
     "socket",
     "cow_op_merge_size",
     "worker_count",
     "num_merge_threads",
+    "fd_num",
 ];
 
 fn parse_bool(flag: &'static str, value: &str) -> Result<bool, ControlError> {
@@ -552,6 +562,19 @@ fn parse_u32(flag: &'static str, value: &str) -> Result<u32, ControlError> {
         value: value.to_string(),
         reason: "not an unsigned 32-bit number",
     })
+}
+
+/// `-fd_num`'s value: a descriptor number, or -1 (AOSP's default: none).
+fn parse_fd_num(value: &str) -> Result<Option<i32>, ControlError> {
+    match value.parse::<i32>() {
+        Ok(-1) => Ok(None),
+        Ok(n) if n >= 0 => Ok(Some(n)),
+        _ => Err(ControlError::BadValue {
+            flag: "fd_num",
+            value: value.to_string(),
+            reason: "not a descriptor number (0 or more, or -1 for none)",
+        }),
+    }
 }
 
 impl DaemonConfig {
@@ -622,6 +645,7 @@ impl DaemonConfig {
                         cfg.socket = value;
                     }
                     "cow_op_merge_size" => cfg.cow_op_merge_size = parse_u32(flag, &value)?,
+                    "fd_num" => cfg.fd_num = parse_fd_num(&value)?,
                     "num_merge_threads" => {
                         let n = parse_u32(flag, &value)?;
                         if n == 0 || n > MAX_MERGE_THREADS {
@@ -676,6 +700,11 @@ impl DaemonConfig {
         if !cfg.handlers.is_empty() && !cfg.no_socket {
             return Err(ControlError::Inconsistent(
                 "positional handlers need -no_socket",
+            ));
+        }
+        if cfg.fd_num.is_some() && !cfg.no_socket {
+            return Err(ControlError::Inconsistent(
+                "-fd_num is init's uevent socket for a -no_socket daemon; give -no_socket too",
             ));
         }
         if cfg.no_socket && cfg.handlers.is_empty() {
@@ -786,6 +815,48 @@ mod tests {
         let cfg = DaemonConfig::parse(["-user_snapshot", "-ublk"]).unwrap();
         assert!(cfg.ublk && cfg.user_snapshot);
         assert!(!DaemonConfig::parse(["-user_snapshot"]).unwrap().ublk);
+    }
+
+    #[test]
+    fn parses_fd_num_as_init_passes_it() {
+        // AOSP's init: `snapuserd -no_socket <handlers> -ublk ... --fd_num=<n>`.
+        let cfg = DaemonConfig::parse([
+            "-no_socket",
+            "-user_snapshot",
+            "-ublk",
+            "sys,c,s,b",
+            "--fd_num=7",
+        ])
+        .unwrap();
+        assert_eq!(cfg.fd_num, Some(7));
+        let cfg = DaemonConfig::parse(["-no_socket", "-fd_num", "12", "sys,c,s,b"]).unwrap();
+        assert_eq!(cfg.fd_num, Some(12));
+        // -1 is gflags' default: no socket.
+        let cfg = DaemonConfig::parse(["-no_socket", "-fd_num=-1", "sys,c,s,b"]).unwrap();
+        assert_eq!(cfg.fd_num, None);
+        assert_eq!(
+            DaemonConfig::parse(["-no_socket", "sys,c,s,b"])
+                .unwrap()
+                .fd_num,
+            None
+        );
+        for bad in ["-2", "x", "", "3.5", "99999999999"] {
+            let arg = format!("-fd_num={bad}");
+            let err = DaemonConfig::parse(["-no_socket", arg.as_str(), "sys,c,s,b"]).unwrap_err();
+            assert!(
+                matches!(err, ControlError::BadValue { flag: "fd_num", .. }),
+                "{bad:?}: {err:?}"
+            );
+        }
+        let err = DaemonConfig::parse(["-fd_num=5"]).unwrap_err();
+        assert!(
+            matches!(err, ControlError::Inconsistent(m) if m.contains("-no_socket")),
+            "{err:?}"
+        );
+        assert!(matches!(
+            DaemonConfig::parse(["-no_socket", "-fd_num"]).unwrap_err(),
+            ControlError::MissingValue { flag: "fd_num" }
+        ));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! * [`control_server`] — the control socket speaking AOSP's text protocol;
 //! * [`handoff`] — the second-stage socket handoff (proxy and receiving side);
 //! * [`sockets`] — checks on socket fds handed to the daemon;
+//! * [`init_uevents`] — `-fd_num`: asking init for ublk device nodes after the SELinux transition;
 //! * [`user_target`] — what the registry needs of a user-space-merge snapshot;
 //! * [`user_snapshots`] — that, on real files ([`crate::user_merge::UserSnapshot`]);
 //! * [`merge_monitor`] — the FIFO of requested merges and the merge threads;
@@ -18,6 +19,7 @@ pub mod control_server;
 pub mod events;
 pub mod handlers;
 pub mod handoff;
+pub mod init_uevents;
 pub mod merge_monitor;
 pub mod sockets;
 pub mod transport;

@@ -26,6 +26,7 @@ use super::abi::{
 };
 use super::control::{Control, ControlError};
 use super::descriptor::{QueueLimits, SECTOR};
+use super::node_request::{NodeKind, NodeRequestHook};
 use super::queue::{run_queue, DataPath, QueueError, QueueReport, QueueSetup};
 use crate::daemon::transport::RequestHandler;
 
@@ -115,6 +116,8 @@ pub struct UblkOptions {
     pub identity: u64,
     /// How long recovery waits for the dead server's resources to be released.
     pub recovery_timeout: Duration,
+    /// Told when a node of the device is due (`None`: the nodes appear by themselves).
+    pub node_requests: Option<NodeRequestHook>,
 }
 
 impl Default for UblkOptions {
@@ -126,6 +129,7 @@ impl Default for UblkOptions {
             user_copy: UserCopy::Auto,
             identity: 0,
             recovery_timeout: Duration::from_secs(30),
+            node_requests: None,
         }
     }
 }
@@ -250,6 +254,13 @@ fn open_char(dev_id: u32, timeout: Duration) -> Result<File, DeviceError> {
     }
 }
 
+/// Tell the options' hook (if any) that node `kind` of `dev_id` is due.
+fn request_node(opts: &UblkOptions, kind: NodeKind, dev_id: u32) {
+    if let Some(hook) = &opts.node_requests {
+        hook.request(kind, dev_id);
+    }
+}
+
 impl UblkDevice {
     /// Create and start a device of `dev_sectors` sectors served by `handler`.
     pub fn create(
@@ -302,12 +313,15 @@ impl UblkDevice {
             },
             queues: Vec::new(),
         };
+        // The character node is due now: the queues open it next.
+        request_node(opts, NodeKind::Char, dev_id);
         // From here on a failure deletes the half-made device.
         let result = device.set_up(handler, dev_sectors, opts.recovery_timeout);
         if let Err(e) = result {
             device.teardown();
             return Err(e);
         }
+        request_node(opts, NodeKind::Block, dev_id);
         log::info!(
             "ublk device {dev_id} started: {} sectors, {} queue(s) of depth {}, I/O limit {} \
              bytes, {:?} data path",
@@ -445,12 +459,14 @@ impl UblkDevice {
             },
             queues: Vec::new(),
         };
+        request_node(opts, NodeKind::Char, dev_id);
         device.spawn_queues(handler, params, opts.recovery_timeout)?;
         let pid = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
         device
             .control
             .end_recovery(dev_id, pid)
             .map_err(control_err(dev_id, "ending recovery"))?;
+        request_node(opts, NodeKind::Block, dev_id);
         log::info!(
             "ublk device {dev_id} recovered after {:?}: {} queue(s), {:?} data path",
             start.elapsed(),

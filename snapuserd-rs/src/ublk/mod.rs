@@ -12,13 +12,16 @@
 //! * [`control`] — `/dev/ublk-control` commands;
 //! * [`descriptor`] — deciding one request from its untrusted descriptor;
 //! * [`queue`] — one queue's serving thread;
-//! * [`device`] — creation, recovery and removal of a device.
+//! * [`device`] — creation, recovery and removal of a device;
+//! * [`node_request`] — asking init for a device's nodes (`-fd_num`).
 
 pub mod abi;
 pub mod control;
 pub mod descriptor;
 pub mod device;
+pub mod node_request;
 pub mod queue;
 
 pub use control::{available, Control, ControlError};
 pub use device::{identity_of, DeviceError, UblkDevice, UblkOptions, UserCopy};
+pub use node_request::{NodeKind, NodeRequestHook};

@@ -190,6 +190,10 @@ pub const CASES: &[Case] = &[
         run: crate::ublk_snapshot::daemon_linear_handoff,
     },
     Case {
+        name: "ublk-daemon-fd-num",
+        run: crate::ublk_snapshot::daemon_fd_num,
+    },
+    Case {
         name: "rmmod",
         run: rmmod,
     },

@@ -651,3 +651,112 @@ fn detach_and_wait(d: &mut crate::scenario_support::Daemon) -> Result<(), String
     // Reap it (a signal to a zombie is harmless).
     d.kill9()
 }
+
+/// AOSP init's second-stage launch over ublk: `snapuserd -no_socket -user_snapshot -ublk
+/// --fd_num=N misc,cow,source,base` with `N` one end of a stream socketpair. This process
+/// plays init: one `recv` (up to 4 KiB) per request until `DONE`; the daemon must name
+/// `/dev/ublkc<N>` then `/dev/block/ublkb<N>`, each alone in its read, then send `DONE\0`
+/// and close its end. The nodes exist (devtmpfs) and the device reads as the target.
+pub fn daemon_fd_num() -> TestResult {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    const MISC: &str = "fdnum_b";
+    let _ = std::fs::remove_dir_all(DIR);
+    let target = Arc::new(make_update()?);
+    let (daemon_end, mut init_end) = std::os::unix::net::UnixStream::pair().ctx("socketpair")?;
+    let fd = daemon_end.as_raw_fd();
+    let mut cmd = Command::new("/bin/snapuserd");
+    cmd.args(["-no_socket", "-user_snapshot", "-ublk", "-worker_count=1"])
+        .arg("-proxy_socket=/run/fdnum-no-proxy")
+        .arg(format!("-daemon_alive_indicator={DIR}/alive"))
+        .arg(format!(
+            "{MISC},{},{},{}",
+            path("update.cow").display(),
+            path("source.img").display(),
+            path("base.img").display()
+        ))
+        .arg(format!("--fd_num={fd}"))
+        .stdin(Stdio::null());
+    // SAFETY: runs in the forked child before exec and only calls fcntl (async-signal-safe):
+    // init leaves its end open across the exec in the same way.
+    unsafe {
+        cmd.pre_exec(move || {
+            if nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().ctx("spawn /bin/snapuserd")?;
+    drop(daemon_end);
+    init_end
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .ctx("timeout")?;
+    let mut messages = Vec::new();
+    let outcome = (|| -> Result<u32, String> {
+        loop {
+            let mut buf = [0u8; 4096];
+            let n = init_end.read(&mut buf).ctx("init's recv")?;
+            check(
+                n > 0,
+                format!("end of stream before DONE after {messages:?}"),
+            )?;
+            let m = String::from_utf8_lossy(&buf[..n]).to_string();
+            messages.push(m.clone());
+            if m.contains("DONE") {
+                break;
+            }
+            // As init: wait for the node before the next read (devtmpfs makes it here).
+            let local = m.replace("/dev/block/", "/dev/");
+            let start = Instant::now();
+            while !Path::new(&local).exists() {
+                check(
+                    start.elapsed() < Duration::from_secs(5),
+                    format!("{local} (asked as {m}) never appeared"),
+                )?;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let id = messages
+            .first()
+            .and_then(|m| m.strip_prefix("/dev/ublkc"))
+            .and_then(|n| n.parse::<u32>().ok())
+            .ok_or_else(|| format!("first request is not /dev/ublkcN: {messages:?}"))?;
+        let want = vec![
+            format!("/dev/ublkc{id}"),
+            format!("/dev/block/ublkb{id}"),
+            "DONE\0".to_string(),
+        ];
+        check(
+            messages == want,
+            format!("init read {messages:?}, want {want:?}"),
+        )?;
+        let mut rest = Vec::new();
+        init_end.read_to_end(&mut rest).ctx("after DONE")?;
+        check(rest.is_empty(), format!("bytes after DONE: {rest:?}"))?;
+        same_whole_device(&PathBuf::from(format!("/dev/ublkb{id}")), &target)?;
+        Ok(id)
+    })();
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+    let _ = child.wait();
+    // The device outlives its daemon (user recovery): remove it.
+    let ids = snapuserd::ublk::device::device_ids();
+    let mut control = snapuserd::ublk::Control::open().map_err(|e| e.to_string())?;
+    for id in ids {
+        if let Ok(info) = control.info(id) {
+            if info.ublksrv_flags == snapuserd::ublk::identity_of(MISC) {
+                let _ = control.stop(id);
+                control
+                    .delete(id)
+                    .map_err(|e| format!("delete ublk {id}: {e}"))?;
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(DIR);
+    let id = outcome?;
+    Ok(format!(
+        "snapuserd --fd_num: init read \"/dev/ublkc{id}\", \"/dev/block/ublkb{id}\", \"DONE\\0\" \
+         (one per recv), then end of stream; /dev/ublkb{id} reads as the target"
+    ))
+}
