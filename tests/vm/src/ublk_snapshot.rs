@@ -384,7 +384,7 @@ pub fn daemon_kill_merge() -> TestResult {
     std::thread::sleep(Duration::from_millis(100));
     d = start_daemon(true).map_err(|e| format!("daemon after detach failed: {e}"))?;
     kills.push((killed, ns()));
-    wait_merge_complete(&d)?;
+    wait_merge_complete(&d, MISC)?;
     std::thread::sleep(Duration::from_millis(300));
     let reads = stop_reader(&stop, reader)?;
     expect(&d, &format!("delete,{MISC}"), "success")?;
@@ -510,7 +510,7 @@ pub fn daemon_linear_handoff() -> TestResult {
         let (d3, _) = serve(true).map_err(|e| format!("daemon after kill -9: {e}"))?;
         changes.push((killed, ns()));
         d = d3;
-        wait_merge_complete(&d)?;
+        wait_merge_complete(&d, MISC)?;
         std::thread::sleep(Duration::from_millis(300));
         let reads = stop_reader(&stop, reader)?;
         let across = reads.check_outages(&changes)?;
@@ -604,12 +604,12 @@ pub fn bench_snapshot() -> Result<(), String> {
 }
 
 /// Send `detach` (no reply) and wait for the daemon to exit by itself.
-/// Poll `getstatus` until the merge is complete; fails if it reports a failed merge or takes
+/// Poll `getstatus,<misc>` until the merge is complete; fails if it reports a failed merge or takes
 /// more than 40 s.
-fn wait_merge_complete(d: &crate::scenario_support::Daemon) -> Result<(), String> {
+fn wait_merge_complete(d: &crate::scenario_support::Daemon, misc: &str) -> Result<(), String> {
     let start = Instant::now();
     loop {
-        let status = d.command(&format!("getstatus,{MISC}"))?;
+        let status = d.command(&format!("getstatus,{misc}"))?;
         if status == "snapshot-merge-complete" {
             return Ok(());
         }
