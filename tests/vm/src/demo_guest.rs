@@ -20,7 +20,9 @@
 //!   equals the target, so nothing changes): the merge's reference;
 //! * a second reference, a plain O_DIRECT copy with one fsync of the changed blocks to their
 //!   own places (the COW's destination runs, ascending, 1 MiB at most per I/O; see
-//!   `scattered_copy`), also onto the merged base, then checked: base == target on those runs.
+//!   `scattered_copy`), also onto the merged base; then, as a diagnostic only (a
+//!   `scatter-io` line), the same bytes in the merge's order and run sizes; then checked:
+//!   base == target on the changed runs.
 //!
 //! Before every round after the first, the base and COW disks are restored from their
 //! pristine copies, and a new daemon serves a new device. Results are `VMTEST demo-*` lines
@@ -428,7 +430,7 @@ fn round(
     a: &Args,
     lp: &TmpfsLoop,
     (len, base_sectors): (u64, u64),
-    pieces: &[ByteRun],
+    (pieces, merge_order_pieces): (&[ByteRun], &[ByteRun]),
 ) -> Res<Round> {
     let dev = Device::bring_up(a, base_sectors, None)?;
     if i == 0 {
@@ -494,6 +496,14 @@ fn round(
         "VMDEMO scatter-io {i} seconds {scattered_copy_s:.3} {}",
         base0.delta(&DiskCounters::of(&a.base), "base")
     );
+    // Diagnostic (not a report key): the same bytes in the merge's order and write sizes.
+    let base0 = DiskCounters::of(&a.base);
+    let in_order_s = copy_pieces_direct(&a.target, &a.base, merge_order_pieces)?.as_secs_f64();
+    println!(
+        "VMDEMO scatter-io {i} merge_order_copy_s {in_order_s:.3} pieces {} {}",
+        merge_order_pieces.len(),
+        base0.delta(&DiskCounters::of(&a.base), "base")
+    );
     let checked = compare_pieces(&a.base, &a.target, pieces);
     println!(
         "VMTEST demo-scattered-copy-round{i} {} {}",
@@ -538,6 +548,13 @@ fn run(a: &Args) -> Res<()> {
         pieces.len(),
         runs.iter().map(|r| r.len).sum::<u64>()
     );
+    let in_order = crate::scattered_copy::merge_order_runs_of_cow(&a.pristine_cow, len)?;
+    let in_order = crate::scattered_copy::io_pieces(&in_order, IO_SIZE as u64);
+    println!(
+        "VMDEMO scatter merge_order_pieces {} bytes {}",
+        in_order.len(),
+        in_order.iter().map(|r| r.len).sum::<u64>()
+    );
     let lp = TmpfsLoop::attach(PathBuf::from("/tmp/demo-target.img"), &a.target, len)?;
     // What each worker costs in memory: a daemon with 1, 2 and 4 workers serving one
     // sequential and one random pass (before any merge), then RssAnon and VmRSS.
@@ -560,7 +577,7 @@ fn run(a: &Args) -> Res<()> {
             copy_direct(&a.pristine_base, &a.base, base_bytes)?;
             copy_direct(&a.pristine_cow, &a.cow, cow_len)?;
         }
-        let r = round(i, a, &lp, (len, base_sectors), &pieces)?;
+        let r = round(i, a, &lp, (len, base_sectors), (&pieces, &in_order))?;
         println!(
             "VMDEMO round {i} snapshot_read_mb_s {:.1} loop_read_mb_s {:.1} snapshot_rand_iops {:.0} loop_rand_iops {:.0} merge_s {:.3} plain_copy_s {:.3} scattered_copy_s {:.3} rss_anon_kib {} rss_serving_kib {} rss_peak_kib {} threads {}",
             r.snapshot_read_mb_s,

@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cow_format::CowReader;
+use cow_format::{CowReader, MergeMode};
 
 use crate::harness::AlignedBuf;
 use crate::scenario_support::{open_direct, open_direct_write, Res, IO_SIZE};
@@ -72,6 +72,49 @@ pub fn destination_runs(
             }
         })
         .collect()
+}
+
+/// Runs of `extents` (first block, block count) taken in the order given, joining an extent
+/// to the previous run only when it continues it upwards; in bytes of `block_size`, each
+/// ending at or before `device_bytes`. Over the merge order this is the sequence of base
+/// writes an op-by-op merge makes (a diagnostic next to the ascending runs).
+pub fn runs_in_order(
+    extents: impl IntoIterator<Item = (u64, u64)>,
+    block_size: u64,
+    device_bytes: u64,
+) -> Res<Vec<ByteRun>> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (first, n) in extents.into_iter().filter(|&(_, n)| n > 0) {
+        let end = first
+            .checked_add(n)
+            .ok_or_else(|| format!("op at block {first} of {n} blocks overflows"))?;
+        match runs.last_mut() {
+            Some(last) if last.1 == first => last.1 = end,
+            _ => runs.push((first, end)),
+        }
+    }
+    // Each run on its own: `destination_runs` of one extent checks and converts it.
+    let mut out = Vec::with_capacity(runs.len());
+    for (first, end) in runs {
+        out.extend(destination_runs(
+            [(first, end - first)],
+            block_size,
+            device_bytes,
+        )?);
+    }
+    Ok(out)
+}
+
+/// The COW's destination runs in the user-space merge's order (see [`runs_in_order`]).
+pub fn merge_order_runs_of_cow(cow: &Path, device_bytes: u64) -> Res<Vec<ByteRun>> {
+    let file = File::open(cow).map_err(|e| format!("open {}: {e}", cow.display()))?;
+    let reader = CowReader::open(file).map_err(|e| format!("read {}: {e}", cow.display()))?;
+    let mut walk = reader.merge_order(MergeMode::User.order_options(false));
+    let mut extents = Vec::new();
+    while let Some((_, op)) = walk.next_indexed() {
+        extents.push((op.new_block, op.num_blocks));
+    }
+    runs_in_order(extents, u64::from(reader.block_size()), device_bytes)
 }
 
 /// `runs` cut into I/Os of at most `max` bytes each (`max` > 0), in order.
@@ -216,6 +259,22 @@ mod tests {
         assert!(destination_runs([(u64::MAX, 2)], 4096, u64::MAX).is_err());
         assert!(destination_runs([(u64::MAX / 2, 1)], 4096, u64::MAX).is_err());
         assert!(destination_runs([(0, 1)], 0, 4096).is_err());
+    }
+
+    #[test]
+    fn runs_in_order_join_only_upward_continuations() {
+        let runs =
+            runs_in_order([(5, 1), (6, 2), (4, 1), (8, 1), (8, 1)], 4096, 1 << 20).expect("runs");
+        assert_eq!(
+            runs,
+            vec![
+                run(5 * 4096, 3 * 4096),
+                run(4 * 4096, 4096),
+                run(8 * 4096, 4096),
+                run(8 * 4096, 4096),
+            ]
+        );
+        assert!(runs_in_order([(255, 2)], 4096, 1 << 20).is_err());
     }
 
     #[test]
