@@ -321,6 +321,8 @@ fn report_json(device: &DeviceStage, changed_bytes: u64, cow_bytes: u64) -> Stri
         "loop_rand_4k_iops": f.loop_rand_iops,
         "rand_4k_ratio": f.rand_ratio,
         "merge_over_plain_copy": f.merge_ratio,
+        "scattered_copy_s": f.scattered_copy_s,
+        "merge_over_scattered_copy": f.scattered_ratio,
         "per_round": device.per_round,
         "daemon_memory_by_workers": device.by_workers,
     });
@@ -530,6 +532,8 @@ struct JsonFigures {
     merge_s: f64,
     plain_copy_s: f64,
     merge_ratio: f64,
+    scattered_copy_s: f64,
+    scattered_ratio: f64,
     rss_peak_kib: Option<u64>,
     rss_anon_kib: Option<u64>,
 }
@@ -547,6 +551,8 @@ impl JsonFigures {
             merge_s: f64::NAN,
             plain_copy_s: f64::NAN,
             merge_ratio: f64::NAN,
+            scattered_copy_s: f64::NAN,
+            scattered_ratio: f64::NAN,
             rss_peak_kib: None,
             rss_anon_kib: None,
         }
@@ -564,6 +570,8 @@ impl JsonFigures {
             merge_s: m.merge_s,
             plain_copy_s: m.plain_copy_s,
             merge_ratio: m.merge_ratio,
+            scattered_copy_s: m.scattered_copy_s,
+            scattered_ratio: m.scattered_ratio,
             rss_peak_kib: Some(m.rss_peak_kib),
             rss_anon_kib: Some(m.rss_anon_kib),
         }
@@ -943,6 +951,7 @@ fn user_device_stage(
                     "loop_rand_4k_iops": r.loop_rand_iops,
                     "merge_s": r.merge_s,
                     "plain_copy_s": r.plain_copy_s,
+                    "scattered_copy_s": r.scattered_copy_s,
                     "daemon_rss_anon_kib": r.rss_anon_kib,
                     "daemon_rss_serving_kib": r.rss_serving_kib,
                     "daemon_rss_peak_kib": r.rss_peak_kib,
@@ -975,7 +984,11 @@ fn user_device_stage(
         ),
         figures,
         snapshot_equals_target: passed("demo-snapshot-read"),
-        base_equals_target: host_base_ok && (0..rounds).all(|i| passed(&format!("demo-merge-round{i}"))),
+        base_equals_target: host_base_ok
+            && (0..rounds).all(|i| {
+                passed(&format!("demo-merge-round{i}"))
+                    && passed(&format!("demo-scattered-copy-round{i}"))
+            }),
         failure,
         json: medians
             .as_ref()
@@ -997,14 +1010,15 @@ fn write_plot(path: &Path, guest: &GuestFigures, m: &Medians) -> Result<bool> {
         return Ok(false);
     };
     let title = format!(
-        "user-space merge, round {round} (median of {}): {:.2} s vs plain copy {:.2} s",
-        m.rounds, r.merge_s, r.plain_copy_s
+        "user-space merge, round {round} (median of {}): {:.2} s vs copies {:.2} / {:.2} s",
+        m.rounds, r.merge_s, r.plain_copy_s, r.scattered_copy_s
     );
     let svg = demo_svg::render(&ProgressPlot {
         title: &title,
         samples,
         merge_s: r.merge_s,
         plain_copy_s: r.plain_copy_s,
+        scattered_copy_s: r.scattered_copy_s,
     });
     std::fs::write(path, svg).map_err(io_err("write", path))?;
     Ok(true)
@@ -1020,6 +1034,7 @@ fn user_figures(guest: &GuestFigures, m: Option<&Medians>, plot: Option<&Path>) 
         "snapshot read     {:.1} MB/s, sequential O_DIRECT 1 MiB (target on a loop device over tmpfs: {:.1} MB/s; ratio {:.2}; medians of {} alternating rounds)\n\
          random 4 KiB      {:.0} reads/s (loop over tmpfs: {:.0} reads/s; ratio {:.2})\n\
          merge             {:.2} s (a plain O_DIRECT copy of the changed bytes with fsync: {:.2} s; ratio {:.2})\n\
+         merge vs scatter  {:.2} s (a plain O_DIRECT copy with one fsync of the changed blocks to their own places: {:.2} s; ratio {:.2})\n\
          daemon memory     at most {} anonymous while serving, at most {} resident during the merges\n",
         m.snapshot_read_mb_s,
         m.loop_read_mb_s,
@@ -1031,6 +1046,9 @@ fn user_figures(guest: &GuestFigures, m: Option<&Medians>, plot: Option<&Path>) 
         m.merge_s,
         m.plain_copy_s,
         m.merge_ratio,
+        m.merge_s,
+        m.scattered_copy_s,
+        m.scattered_ratio,
         mib_of_kib(m.rss_anon_kib as f64),
         mib_of_kib(m.rss_peak_kib as f64),
     );
@@ -1047,7 +1065,7 @@ fn user_figures(guest: &GuestFigures, m: Option<&Medians>, plot: Option<&Path>) 
     }
     for r in &guest.rounds {
         out.push_str(&format!(
-            "round {}           read {:.1} / loop {:.1} MB/s, random {:.0} / {:.0} reads/s, merge {:.2} s / copy {:.2} s, RssAnon {} KiB, VmRSS {} KiB serving, {} KiB peak, {} threads\n",
+            "round {}           read {:.1} / loop {:.1} MB/s, random {:.0} / {:.0} reads/s, merge {:.2} s / copy {:.2} s / scattered copy {:.2} s, RssAnon {} KiB, VmRSS {} KiB serving, {} KiB peak, {} threads\n",
             r.index,
             r.snapshot_read_mb_s,
             r.loop_read_mb_s,
@@ -1055,6 +1073,7 @@ fn user_figures(guest: &GuestFigures, m: Option<&Medians>, plot: Option<&Path>) 
             r.loop_rand_iops,
             r.merge_s,
             r.plain_copy_s,
+            r.scattered_copy_s,
             r.rss_anon_kib,
             r.rss_serving_kib,
             r.rss_peak_kib,
@@ -1126,7 +1145,7 @@ mod tests {
     #[test]
     fn report_json_has_the_named_keys_with_their_types() {
         let guest = demo_figures::parse(&[
-            "round 0 snapshot_read_mb_s 300 loop_read_mb_s 600 snapshot_rand_iops 900 loop_rand_iops 1000 merge_s 1.5 plain_copy_s 1.0 rss_anon_kib 4000 rss_serving_kib 9000 rss_peak_kib 12000 threads 7",
+            "round 0 snapshot_read_mb_s 300 loop_read_mb_s 600 snapshot_rand_iops 900 loop_rand_iops 1000 merge_s 1.5 plain_copy_s 1.0 scattered_copy_s 3.0 rss_anon_kib 4000 rss_serving_kib 9000 rss_peak_kib 12000 threads 7",
         ]);
         let m = demo_figures::medians(&guest.rounds).unwrap();
         let mut json = JsonFigures::from_medians(&m);
@@ -1155,6 +1174,8 @@ mod tests {
             "loop_read_mb_s",
             "merge_s",
             "plain_copy_s",
+            "scattered_copy_s",
+            "merge_over_scattered_copy",
             "daemon_rss_peak_kib",
             "daemon_rss_anon_kib",
         ] {
@@ -1165,6 +1186,8 @@ mod tests {
         assert_eq!(v["transport"], "dm-user");
         assert_eq!(v["snapshot_read_ratio"].as_f64(), Some(0.5));
         assert_eq!(v["merge_over_plain_copy"].as_f64(), Some(1.5));
+        assert_eq!(v["scattered_copy_s"].as_f64(), Some(3.0));
+        assert_eq!(v["merge_over_scattered_copy"].as_f64(), Some(0.5));
         assert_eq!(v["daemon_rss_anon_kib"].as_u64(), Some(4000));
         assert!(v["loop_rand_4k_iops"].is_null(), "not measured is null");
         device.transport = Transport::Ublk;

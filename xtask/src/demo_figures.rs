@@ -20,6 +20,9 @@ pub struct Round {
     pub merge_s: f64,
     /// Plain O_DIRECT copy with fsync of the changed bytes, seconds.
     pub plain_copy_s: f64,
+    /// Plain O_DIRECT copy with one fsync of the changed blocks to their own places (the
+    /// COW's destination runs, 1 MiB at most per I/O), seconds; NaN when not reported.
+    pub scattered_copy_s: f64,
     /// Daemon RssAnon while serving, KiB.
     pub rss_anon_kib: u64,
     /// Daemon VmRSS while serving, KiB.
@@ -44,6 +47,11 @@ impl Round {
     /// Merge time over plain-copy time.
     pub fn merge_ratio(&self) -> f64 {
         ratio(self.merge_s, self.plain_copy_s)
+    }
+
+    /// Merge time over scattered-copy time.
+    pub fn scattered_ratio(&self) -> f64 {
+        ratio(self.merge_s, self.scattered_copy_s)
     }
 }
 
@@ -95,7 +103,9 @@ pub fn parse(lines: &[&str]) -> GuestFigures {
                     figures.progress.entry(r).or_default().push((t, p));
                 }
             }
-            ["merge-io" | "copy-io", ..] => figures.io_lines.push(line.to_string()),
+            ["merge-io" | "copy-io" | "scatter-io" | "scatter", ..] => {
+                figures.io_lines.push(line.to_string())
+            }
             ["workers", n, rest @ ..] => {
                 let f = fields(rest);
                 if let (Ok(n), Some(anon), Some(rss)) =
@@ -120,6 +130,7 @@ pub fn parse(lines: &[&str]) -> GuestFigures {
                         loop_rand_iops: get("loop_rand_iops")?,
                         merge_s: get("merge_s")?,
                         plain_copy_s: get("plain_copy_s")?,
+                        scattered_copy_s: get("scattered_copy_s").unwrap_or(f64::NAN),
                         rss_anon_kib: kib("rss_anon_kib")?,
                         rss_serving_kib: kib("rss_serving_kib")?,
                         rss_peak_kib: kib("rss_peak_kib")?,
@@ -170,6 +181,10 @@ pub struct Medians {
     pub plain_copy_s: f64,
     /// Median of the per-round merge / plain-copy ratios.
     pub merge_ratio: f64,
+    /// Median scattered-copy time, s (NaN when no round reported one).
+    pub scattered_copy_s: f64,
+    /// Median of the per-round merge / scattered-copy ratios.
+    pub scattered_ratio: f64,
     /// Highest VmRSS sampled during any merge, KiB.
     pub rss_peak_kib: u64,
     /// Highest RssAnon seen while serving, KiB.
@@ -204,6 +219,8 @@ pub fn medians(rounds: &[Round]) -> Option<Medians> {
         merge_s,
         plain_copy_s: m(|r| r.plain_copy_s),
         merge_ratio: m(Round::merge_ratio),
+        scattered_copy_s: m(|r| r.scattered_copy_s),
+        scattered_ratio: m(Round::scattered_ratio),
         rss_peak_kib: rounds.iter().map(|r| r.rss_peak_kib).max().unwrap_or(0),
         rss_anon_kib: rounds.iter().map(|r| r.rss_anon_kib).max().unwrap_or(0),
         median_merge_round,
@@ -216,7 +233,8 @@ mod tests {
 
     fn round_line(i: usize, snap: f64, merge: f64) -> String {
         format!(
-            "round {i} snapshot_read_mb_s {snap} loop_read_mb_s 100.0 snapshot_rand_iops 500 loop_rand_iops 1000 merge_s {merge} plain_copy_s 0.5 rss_anon_kib 3000 rss_serving_kib 9000 rss_peak_kib {} threads 6",
+            "round {i} snapshot_read_mb_s {snap} loop_read_mb_s 100.0 snapshot_rand_iops 500 loop_rand_iops 1000 merge_s {merge} plain_copy_s 0.5 scattered_copy_s {} rss_anon_kib 3000 rss_serving_kib 9000 rss_peak_kib {} threads 6",
+            merge / 2.0 + i as f64,
             10000 + i
         )
     }
@@ -232,6 +250,8 @@ mod tests {
             "progress 1 0.100 10.0".into(),
             "workers 2 rss_anon_kib 2100 vm_rss_kib 9000 rss_file_kib 6000 threads 3".into(),
             "config rounds 3".into(),
+            "scatter runs 6000 pieces 6010 bytes 69206016".into(),
+            "scatter-io 1 seconds 1.500 base writes 6010".into(),
         ]
         .into();
         let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
@@ -246,6 +266,11 @@ mod tests {
         assert_eq!(m.merge_s, 2.0);
         assert!((m.merge_ratio - 4.0).abs() < 1e-9);
         assert_eq!(m.median_merge_round, Some(0));
+        // Scattered copies 1.0, 1.5, 4.0 s: ratios 2.0, 0.67, 1.0.
+        assert_eq!(g.rounds[1].scattered_copy_s, 1.5);
+        assert_eq!(m.scattered_copy_s, 1.5);
+        assert!((m.scattered_ratio - 1.0).abs() < 1e-9);
+        assert_eq!(g.io_lines.len(), 2, "{:?}", g.io_lines);
         assert_eq!(m.rss_peak_kib, 10002);
     }
 
@@ -258,6 +283,20 @@ mod tests {
         let g = parse(&lines);
         assert!(g.rounds.is_empty() && g.progress.is_empty());
         assert!(medians(&g.rounds).is_none());
+    }
+
+    #[test]
+    fn a_round_without_the_scattered_copy_still_counts_with_nan() {
+        let lines = [
+            "round 0 snapshot_read_mb_s 1 loop_read_mb_s 2 snapshot_rand_iops 3 loop_rand_iops 4 merge_s 2 plain_copy_s 1 rss_anon_kib 5 rss_serving_kib 6 rss_peak_kib 7",
+            "round 1 snapshot_read_mb_s 1 loop_read_mb_s 2 snapshot_rand_iops 3 loop_rand_iops 4 merge_s 2 plain_copy_s 1 scattered_copy_s oops rss_anon_kib 5 rss_serving_kib 6 rss_peak_kib 7",
+        ];
+        let g = parse(&lines);
+        assert_eq!(g.rounds.len(), 2);
+        assert!(g.rounds.iter().all(|r| r.scattered_copy_s.is_nan()));
+        let m = medians(&g.rounds).unwrap();
+        assert!(m.scattered_copy_s.is_nan() && m.scattered_ratio.is_nan());
+        assert_eq!(m.merge_ratio, 2.0);
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! A small hand-written SVG plot of the merge's progress over time next to the plain-copy
-//! reference (a copy of the same bytes progresses from 0 to 100 % in `plain_copy_s`).
+//! reference (a copy of the same bytes progresses from 0 to 100 % in `plain_copy_s`) and,
+//! when measured, the scattered-copy reference (the changed blocks copied to their own places,
+//! 0 to 100 % in `scattered_copy_s`).
 
 use std::fmt::Write;
 
@@ -20,6 +22,8 @@ pub struct ProgressPlot<'a> {
     pub merge_s: f64,
     /// Plain-copy time of the same bytes, s.
     pub plain_copy_s: f64,
+    /// Scattered-copy time of the changed blocks to their own places, s (NaN: not drawn).
+    pub scattered_copy_s: f64,
 }
 
 /// A "nice" tick step for a range of `span` (1, 2 or 5 times a power of ten, about 5 ticks).
@@ -47,7 +51,9 @@ fn escape(text: &str) -> String {
 pub fn render(plot: &ProgressPlot<'_>) -> String {
     let finite = |v: f64| if v.is_finite() { v.max(0.0) } else { 0.0 };
     let t_end = plot.samples.iter().map(|s| finite(s.0)).fold(
-        finite(plot.merge_s).max(finite(plot.plain_copy_s)),
+        finite(plot.merge_s)
+            .max(finite(plot.plain_copy_s))
+            .max(finite(plot.scattered_copy_s)),
         f64::max,
     );
     let t_max = if t_end > 0.0 { t_end * 1.05 } else { 1.0 };
@@ -115,6 +121,21 @@ pub fn render(plot: &ProgressPlot<'_>) -> String {
         x(copy_end),
         y(100.0)
     );
+    // The scattered copy's reference, when measured: 0 to 100 % in scattered_copy_s.
+    let scattered = plot
+        .scattered_copy_s
+        .is_finite()
+        .then(|| finite(plot.scattered_copy_s));
+    if let Some(end) = scattered {
+        let _ = writeln!(
+            s,
+            r##"<polyline fill="none" stroke="#d9822b" stroke-width="2" stroke-dasharray="2 3" points="{:.1},{:.1} {:.1},{:.1}"/>"##,
+            x(0.0),
+            y(0.0),
+            x(end),
+            y(100.0)
+        );
+    }
     // The merge: merge_percent samples, as a step line (the percent holds until the next).
     let mut points = String::new();
     let mut last: Option<(f64, f64)> = None;
@@ -132,12 +153,14 @@ pub fn render(plot: &ProgressPlot<'_>) -> String {
     );
     // Legend.
     let lx = LEFT + plot_w - 250.0;
-    let ly = TOP + plot_h - 44.0;
+    let rows = if scattered.is_some() { 3.0 } else { 2.0 };
+    let ly = TOP + plot_h - 8.0 - 18.0 * rows;
     let _ = writeln!(
         s,
-        r##"<rect x="{:.1}" y="{:.1}" width="244" height="40" fill="white" stroke="#ccc"/>"##,
+        r##"<rect x="{:.1}" y="{:.1}" width="244" height="{:.1}" fill="white" stroke="#ccc"/>"##,
         lx - 4.0,
-        ly - 14.0
+        ly - 14.0,
+        4.0 + 18.0 * rows
     );
     let _ = writeln!(
         s,
@@ -159,6 +182,18 @@ pub fn render(plot: &ProgressPlot<'_>) -> String {
         ly + 18.0,
         trim_number(copy_end)
     );
+    if let Some(end) = scattered {
+        let _ = writeln!(
+            s,
+            r##"<line x1="{lx:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#d9822b" stroke-width="2" stroke-dasharray="2 3"/><text x="{:.1}" y="{:.1}">scattered copy to own places ({} s)</text>"##,
+            ly + 32.0,
+            lx + 24.0,
+            ly + 32.0,
+            lx + 30.0,
+            ly + 36.0,
+            trim_number(end)
+        );
+    }
     s.push_str("</svg>\n");
     s
 }
@@ -186,11 +221,14 @@ mod tests {
             samples: &samples,
             merge_s: 1.4,
             plain_copy_s: 0.7,
+            scattered_copy_s: 2.1,
         });
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("merge &lt;demo&gt; &amp; copy"));
         assert!(svg.contains("merge_percent (1.4 s)"));
         assert!(svg.contains("copy + fsync (0.7 s)"));
+        assert!(svg.contains("scattered copy to own places (2.1 s)"));
+        assert_eq!(svg.matches("<polyline").count(), 3);
         // Every coordinate of every polyline lies inside the plot.
         for line in svg.lines().filter(|l| l.starts_with("<polyline")) {
             let points = line
@@ -222,8 +260,10 @@ mod tests {
             samples: &[],
             merge_s: f64::NAN,
             plain_copy_s: 0.0,
+            scattered_copy_s: f64::NAN,
         });
         assert!(svg.contains("</svg>") && !svg.contains("NaN") && !svg.contains("inf"));
+        assert!(!svg.contains("scattered copy"), "not measured, not drawn");
     }
 
     #[test]

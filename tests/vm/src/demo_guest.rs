@@ -17,7 +17,12 @@
 //!   for the progress plot), the daemon's peak VmRSS sampled, until
 //!   `snapshot-merge-complete`; then the base is compared with the target;
 //! * a plain O_DIRECT copy of `changed` bytes with fsync onto the merged base (which already
-//!   equals the target, so nothing changes): the merge's reference.
+//!   equals the target, so nothing changes): the merge's reference;
+//! * a second reference, a plain O_DIRECT copy with one fsync of the changed blocks to their
+//!   own places (the COW's destination runs, ascending, 1 MiB at most per I/O; see
+//!   `scattered_copy`), also onto the merged base; then, as a diagnostic only (a
+//!   `scatter-io` line), the same bytes in the merge's order and run sizes; then checked:
+//!   base == target on the changed runs.
 //!
 //! Before every round after the first, the base and COW disks are restored from their
 //! pristine copies, and a new daemon serves a new device. Results are `VMTEST demo-*` lines
@@ -31,9 +36,10 @@ use std::time::{Duration, Instant};
 use dm_ioctl::{DmControl, TableEntry};
 
 use crate::harness::AlignedBuf;
+use crate::scattered_copy::{compare_pieces, copy_pieces_direct, ByteRun};
 use crate::scenario_support::{
     compare_device, copy_direct, delete_ublk, dev_bytes, open_direct, time_read, ublk_node, Daemon,
-    Res, TmpfsLoop, Transport,
+    Res, TmpfsLoop, Transport, IO_SIZE,
 };
 /// Random 4 KiB reads per device and round.
 const RANDOM_READS: u64 = 2_000;
@@ -334,6 +340,7 @@ struct Round {
     merge_s: f64,
     rss_peak_kib: u64,
     plain_copy_s: f64,
+    scattered_copy_s: f64,
 }
 
 /// Run the merge to completion: `initiate_merge`, then sample `merge_percent` (printed as
@@ -428,7 +435,13 @@ fn merge(round: usize, a: &Args, dev: &Device) -> Res<(f64, u64)> {
 }
 
 /// One round on the current (fresh) base and COW disks.
-fn round(i: usize, a: &Args, lp: &TmpfsLoop, len: u64, base_sectors: u64) -> Res<Round> {
+fn round(
+    i: usize,
+    a: &Args,
+    lp: &TmpfsLoop,
+    (len, base_sectors): (u64, u64),
+    (pieces, merge_order_pieces): (&[ByteRun], &[ByteRun]),
+) -> Res<Round> {
     let dev = Device::bring_up(a, base_sectors, None)?;
     if i == 0 {
         let checked = compare_device("snapshot", &dev.path, &a.target, len).map(drop);
@@ -490,6 +503,34 @@ fn round(i: usize, a: &Args, lp: &TmpfsLoop, len: u64, base_sectors: u64) -> Res
         "VMDEMO copy-io {i} seconds {plain_copy_s:.3} {}",
         base0.delta(&DiskCounters::of(&a.base), "base")
     );
+    // The second reference: the changed blocks to their own places, onto the same base.
+    let base0 = DiskCounters::of(&a.base);
+    let scattered_copy_s = copy_pieces_direct(&a.target, &a.base, pieces)?.as_secs_f64();
+    println!(
+        "VMDEMO scatter-io {i} seconds {scattered_copy_s:.3} {}",
+        base0.delta(&DiskCounters::of(&a.base), "base")
+    );
+    // Diagnostic (not a report key): the same bytes in the merge's order and write sizes.
+    let base0 = DiskCounters::of(&a.base);
+    let in_order_s = copy_pieces_direct(&a.target, &a.base, merge_order_pieces)?.as_secs_f64();
+    println!(
+        "VMDEMO scatter-io {i} merge_order_copy_s {in_order_s:.3} pieces {} {}",
+        merge_order_pieces.len(),
+        base0.delta(&DiskCounters::of(&a.base), "base")
+    );
+    let checked = compare_pieces(&a.base, &a.target, pieces);
+    println!(
+        "VMTEST demo-scattered-copy-round{i} {} {}",
+        if checked.is_ok() { "PASS" } else { "FAIL" },
+        match &checked {
+            Ok(()) => format!(
+                "scattered copy {scattered_copy_s:.2} s, base == target on the {} pieces",
+                pieces.len()
+            ),
+            Err(e) => e.clone(),
+        }
+    );
+    checked?;
     Ok(Round {
         snapshot_read_mb_s,
         loop_read_mb_s,
@@ -501,6 +542,7 @@ fn round(i: usize, a: &Args, lp: &TmpfsLoop, len: u64, base_sectors: u64) -> Res
         merge_s,
         rss_peak_kib,
         plain_copy_s,
+        scattered_copy_s,
     })
 }
 
@@ -512,6 +554,21 @@ fn run(a: &Args) -> Res<()> {
     }
     let base_sectors = base_bytes / 512;
     let cow_len = dev_bytes(&a.pristine_cow)?;
+    let runs = crate::scattered_copy::runs_of_cow(&a.pristine_cow, len)?;
+    let pieces = crate::scattered_copy::io_pieces(&runs, IO_SIZE as u64);
+    println!(
+        "VMDEMO scatter runs {} pieces {} bytes {}",
+        runs.len(),
+        pieces.len(),
+        runs.iter().map(|r| r.len).sum::<u64>()
+    );
+    let in_order = crate::scattered_copy::merge_order_runs_of_cow(&a.pristine_cow, len)?;
+    let in_order = crate::scattered_copy::io_pieces(&in_order, IO_SIZE as u64);
+    println!(
+        "VMDEMO scatter merge_order_pieces {} bytes {}",
+        in_order.len(),
+        in_order.iter().map(|r| r.len).sum::<u64>()
+    );
     let lp = TmpfsLoop::attach(PathBuf::from("/tmp/demo-target.img"), &a.target, len)?;
     // What each worker costs in memory: a daemon with 1, 2 and 4 workers serving one
     // sequential and one random pass (before any merge), then RssAnon and VmRSS.
@@ -534,15 +591,16 @@ fn run(a: &Args) -> Res<()> {
             copy_direct(&a.pristine_base, &a.base, base_bytes)?;
             copy_direct(&a.pristine_cow, &a.cow, cow_len)?;
         }
-        let r = round(i, a, &lp, len, base_sectors)?;
+        let r = round(i, a, &lp, (len, base_sectors), (&pieces, &in_order))?;
         println!(
-            "VMDEMO round {i} snapshot_read_mb_s {:.1} loop_read_mb_s {:.1} snapshot_rand_iops {:.0} loop_rand_iops {:.0} merge_s {:.3} plain_copy_s {:.3} rss_anon_kib {} rss_serving_kib {} rss_peak_kib {} threads {}",
+            "VMDEMO round {i} snapshot_read_mb_s {:.1} loop_read_mb_s {:.1} snapshot_rand_iops {:.0} loop_rand_iops {:.0} merge_s {:.3} plain_copy_s {:.3} scattered_copy_s {:.3} rss_anon_kib {} rss_serving_kib {} rss_peak_kib {} threads {}",
             r.snapshot_read_mb_s,
             r.loop_read_mb_s,
             r.snapshot_rand_iops,
             r.loop_rand_iops,
             r.merge_s,
             r.plain_copy_s,
+            r.scattered_copy_s,
             r.rss_anon_kib,
             r.rss_serving_kib,
             r.rss_peak_kib,

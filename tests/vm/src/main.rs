@@ -15,6 +15,7 @@ mod cases;
 mod demo_guest;
 mod harness;
 mod ramd;
+mod scattered_copy;
 mod scenario_support;
 mod smaps;
 mod snapshot_cases;
