@@ -17,17 +17,21 @@
 //!
 //! # Algorithm
 //!
-//! Kahn's topological sort with a FIFO queue seeded in the block order that the chosen
-//! [`MergeMode`] batches best:
+//! Kahn's topological sort; which free op comes next depends on the [`MergeMode`]:
 //!
-//! - [`MergeMode::User`] (the default): **ascending**. snapuserd's user-space merge writes
-//!   a run of ops whose destinations step *up* by one along the merge order as one write,
-//!   so independent COPYs to adjacent blocks come out `10, 11, 12, ...`, and a run shifted
-//!   down (`n <- n+3`) unrolls bottom-up.
-//! - [`MergeMode::Legacy`]: **descending**. dm-snapshot-merge copies a run of exceptions
-//!   in one batch only when their destination blocks step *down* by one, so independent
-//!   COPYs come out `19, 18, 17, ...` and a shifted run (`n <- n-3`) unrolls as
-//!   `99, 98, 97, 96, ...`.
+//! - [`MergeMode::User`] (the default): **ascending and local**. snapuserd's user-space merge
+//!   reads a window of up to 510 ordered ops ahead and writes their destinations in runs of
+//!   contiguous blocks, so the next op is the block after the last one if it is free; else
+//!   the bottom of the nearest run of free blocks below the last one; else the lowest free
+//!   block. Independent COPYs to adjacent blocks come out `10, 11, 12, ...`, a run shifted
+//!   down (`n <- n+3`) unrolls bottom-up, a run shifted up (`n <- n-3`) top-down in
+//!   ascending groups of three, and one shifted file is finished before the next begins, so
+//!   a window covers one contiguous range (a first-in-first-out queue would interleave every
+//!   shifted file of the image and scatter each window over all of them).
+//! - [`MergeMode::Legacy`]: **descending**, first freed first emitted. dm-snapshot-merge
+//!   copies a run of exceptions in one batch only when their destination blocks step
+//!   *down* by one, so independent COPYs come out `19, 18, 17, ...` and a shifted run
+//!   (`n <- n-3`) unrolls as `99, 98, 97, 96, ...`.
 //!
 //! A run shifted against the mode's direction must still unroll the other way (each op
 //! reads a block a later one overwrites); the seed decides only among ops that are free.
@@ -48,7 +52,7 @@
 //! `u32` per ordered op plus one `u32` per target block) and one visit mark per target
 //! block.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 
 use cow_format::MergeMode;
 
@@ -144,6 +148,59 @@ impl Readers {
     }
 }
 
+/// The ordered blocks free to merge next (every block they must follow is emitted), and
+/// which of them comes next.
+enum FreeBlocks {
+    /// [`MergeMode::Legacy`]: first freed, first emitted (seeded descending).
+    Fifo(VecDeque<usize>),
+    /// [`MergeMode::User`]: the block after the last one emitted if it is free; else the
+    /// bottom of the run of free blocks nearest below the last one (a run shifted up by `k`
+    /// unrolls top-down in ascending groups of `k`, each group just below the previous);
+    /// else the lowest free block. So the merge order stays near one place of the device
+    /// until that place is done, and a read-ahead window of it covers one contiguous range
+    /// instead of a little of every shifted file.
+    Local {
+        free: BTreeSet<usize>,
+        last: Option<usize>,
+    },
+}
+
+impl FreeBlocks {
+    fn push(&mut self, n: usize) {
+        match self {
+            Self::Fifo(q) => q.push_back(n),
+            Self::Local { free, .. } => {
+                free.insert(n);
+            }
+        }
+    }
+
+    fn pop(&mut self) -> Option<usize> {
+        match self {
+            Self::Fifo(q) => q.pop_front(),
+            Self::Local { free, last } => {
+                let next = match *last {
+                    Some(l) if l.checked_add(1).is_some_and(|n| free.contains(&n)) => l + 1,
+                    Some(l) => match free.range(..l).next_back() {
+                        Some(&below) => {
+                            let mut bottom = below;
+                            while bottom > 0 && free.contains(&(bottom - 1)) {
+                                bottom -= 1;
+                            }
+                            bottom
+                        }
+                        None => *free.first()?,
+                    },
+                    None => *free.first()?,
+                };
+                free.remove(&next);
+                *last = Some(next);
+                Some(next)
+            }
+        }
+    }
+}
+
 /// Orders the ordered ops of `classes` (index = target block) and breaks cycles, changing
 /// the classes of the broken blocks in place.
 pub fn order_ops<B: CycleBreaker>(
@@ -160,9 +217,12 @@ pub fn order_ops<B: CycleBreaker>(
     }
     let readers = Readers::new(classes);
     let free = |n: &usize| classes[*n].is_ordered() && indeg[*n] == 0;
-    let mut queue: VecDeque<usize> = match mode {
-        MergeMode::User => (0..len).filter(free).collect(),
-        MergeMode::Legacy => (0..len).rev().filter(free).collect(),
+    let mut queue = match mode {
+        MergeMode::User => FreeBlocks::Local {
+            free: (0..len).filter(free).collect(),
+            last: None,
+        },
+        MergeMode::Legacy => FreeBlocks::Fifo((0..len).rev().filter(free).collect()),
     };
     let mut out = MergeOrder::default();
     let mut cursor = 0usize;
@@ -170,7 +230,7 @@ pub fn order_ops<B: CycleBreaker>(
     let mut mark = vec![0u32; len];
     let mut walk_no = 0u32;
     loop {
-        while let Some(n) = queue.pop_front() {
+        while let Some(n) = queue.pop() {
             indeg[n] = DONE;
             if classes[n].is_ordered() {
                 out.sequence.push(n as u32);
@@ -178,7 +238,7 @@ pub fn order_ops<B: CycleBreaker>(
             for w in edges(classes, n).into_iter().flatten() {
                 indeg[w] -= 1;
                 if indeg[w] == 0 {
-                    queue.push_back(w);
+                    queue.push(w);
                 }
             }
         }
@@ -237,7 +297,7 @@ pub fn order_ops<B: CycleBreaker>(
             if indeg[w] != DONE {
                 indeg[w] -= 1;
                 if indeg[w] == 0 {
-                    queue.push_back(w);
+                    queue.push(w);
                 }
             }
         }
@@ -314,6 +374,30 @@ mod tests {
         assert_eq!(pick(10, 20), (10..20).collect::<Vec<u32>>());
         assert_eq!(pick(40, 50), vec![47, 48, 49, 44, 45, 46, 41, 42, 43, 40]);
         assert_eq!(pick(60, 70), (60..70).collect::<Vec<u32>>());
+    }
+
+    /// Two files shifted up by two blocks each: in user mode the first is merged completely
+    /// before the second begins (a FIFO would alternate between them group by group).
+    #[test]
+    fn user_mode_finishes_one_shifted_file_before_the_next() {
+        let mut c = vec![BlockClass::Unchanged; 500];
+        for n in (102..200u32).chain(302..400) {
+            c[n as usize] = copy(n - 2);
+        }
+        let o = order_ops(&mut c, &mut ReplaceBreaker, MergeMode::User).unwrap();
+        assert!(o.broken.is_empty());
+        assert_eq!(o.sequence.len(), 196);
+        let (first, second) = o.sequence.split_at(98);
+        assert!(first.iter().all(|&b| (102..200).contains(&b)), "{first:?}");
+        assert!(
+            second.iter().all(|&b| (302..400).contains(&b)),
+            "{second:?}"
+        );
+        // Top-down in ascending pairs: 198, 199, 196, 197, ...
+        assert_eq!(&first[..4], &[198, 199, 196, 197]);
+        for n in 104..200u32 {
+            assert!(pos(&o.sequence, n) < pos(&o.sequence, n - 2));
+        }
     }
 
     #[test]

@@ -38,6 +38,8 @@ struct Buffers {
     /// `(first block, byte offset in the buffer, bytes)` of each run of contiguous
     /// destinations.
     spans: Vec<(u64, usize, usize)>,
+    /// `(first destination block, entry)` of a window's entries, sorted by block.
+    by_block: Vec<(u64, u64)>,
 }
 
 impl Buffers {
@@ -414,6 +416,12 @@ impl UserSnapshot {
 
     /// Produce every destination block of `window` and write them in runs of contiguous
     /// blocks; if `durable`, the last batch durably (write, then sync the base device).
+    ///
+    /// The entries are produced in ascending order of their destination, not in merge
+    /// order: every source of the window is in memory before the first write and nothing
+    /// here reads the base device, so the order of the writes inside a window changes no
+    /// byte, while a window whose ops step down in small groups (a file shifted up by a few
+    /// blocks) becomes one run per contiguous range instead of one per group.
     fn write_destinations(
         &self,
         window: &LoadedWindow,
@@ -433,7 +441,13 @@ impl UserSnapshot {
                 source,
             })
         };
+        let mut by_block = std::mem::take(&mut bufs.by_block);
+        by_block.clear();
         for entry in range.clone() {
+            by_block.push((self.op_at(entry)?.1.new_block, entry));
+        }
+        by_block.sort_unstable();
+        for &(_, entry) in &by_block {
             let (position, op) = self.op_at(entry)?;
             for block in op.new_block..op.new_block.saturating_add(op.num_blocks) {
                 if used + BLOCK > bufs.out.len() {
@@ -471,6 +485,7 @@ impl UserSnapshot {
                 used += BLOCK;
             }
         }
+        bufs.by_block = by_block;
         let runs = bufs.runs();
         let written = if durable {
             io.write_base_durably(&runs)
