@@ -233,41 +233,32 @@ impl InitUeventChannel {
 
 /// One `send` of the whole message (no SIGPIPE), retried on EINTR.
 fn send_all(fd: &OwnedFd, bytes: &[u8], what: &str) -> Result<(), InitUeventError> {
-    loop {
-        // SAFETY: send reads `bytes.len()` bytes from `bytes`, which is borrowed for the call;
-        // the fd is open.
-        let sent = unsafe {
-            libc::send(
-                fd.as_raw_fd(),
-                bytes.as_ptr().cast::<libc::c_void>(),
-                bytes.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        };
-        if sent < 0 {
-            let err = std::io::Error::last_os_error();
-            return match err.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN) => {
-                    Err(InitUeventError::PeerClosed { what: what.into() })
-                }
-                _ => Err(InitUeventError::Io {
+    use nix::errno::Errno;
+    use nix::sys::socket::{send, MsgFlags};
+    let sent = loop {
+        match send(fd.as_raw_fd(), bytes, MsgFlags::MSG_NOSIGNAL) {
+            Ok(sent) => break sent,
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EPIPE | Errno::ECONNRESET | Errno::ENOTCONN) => {
+                return Err(InitUeventError::PeerClosed { what: what.into() })
+            }
+            Err(e) => {
+                return Err(InitUeventError::Io {
                     op: "send",
                     what: what.into(),
-                    source: err,
-                }),
-            };
+                    source: e.into(),
+                })
+            }
         }
-        let sent = usize::try_from(sent).unwrap_or(0);
-        if sent != bytes.len() {
-            return Err(InitUeventError::Partial {
-                what: what.into(),
-                sent,
-                len: bytes.len(),
-            });
-        }
-        return Ok(());
+    };
+    if sent != bytes.len() {
+        return Err(InitUeventError::Partial {
+            what: what.into(),
+            sent,
+            len: bytes.len(),
+        });
     }
+    Ok(())
 }
 
 #[cfg(test)]
