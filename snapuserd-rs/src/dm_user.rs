@@ -470,6 +470,101 @@ enum SpliceStep {
     Refused,
 }
 
+/// One piece of a READ answer sent with [`Channel::respond_pieces`].
+#[derive(Debug, Clone, Copy)]
+pub enum AnswerPiece<'a> {
+    /// `len` bytes of `file` at byte `offset`, taken from its page cache.
+    File {
+        /// The file the bytes are in.
+        file: &'a File,
+        /// Byte offset in `file`.
+        offset: u64,
+        /// Number of bytes.
+        len: usize,
+    },
+    /// `len` bytes of the produced buffer from byte `start`.
+    Produced {
+        /// Start in the produced buffer.
+        start: usize,
+        /// Number of bytes.
+        len: usize,
+    },
+}
+
+/// Pipe slots (pages) `pieces` occupy once queued, if they add up to `total` bytes and
+/// every produced piece lies inside `produced`.
+fn pipe_slots(pieces: &[AnswerPiece<'_>], produced: &[u8], total: u64) -> Option<u64> {
+    let page = PAGE_BYTES as u64;
+    let mut bytes = 0u64;
+    let mut slots = 0u64;
+    for piece in pieces {
+        let (first, len) = match *piece {
+            AnswerPiece::File { offset, len, .. } => (offset, len),
+            AnswerPiece::Produced { start, len } => {
+                let bytes = produced.get(start..start.checked_add(len)?)?;
+                (bytes.as_ptr() as u64, len)
+            }
+        };
+        if len == 0 {
+            return None;
+        }
+        let len = u64::try_from(len).ok()?;
+        let end = first.checked_add(len)?;
+        slots = slots.checked_add(end.div_ceil(page) - first / page)?;
+        bytes = bytes.checked_add(len)?;
+    }
+    (bytes == total).then_some(slots)
+}
+
+/// Queue one piece whole into `pipe` (which has room for it); false if it could not be.
+fn fill_pipe(pipe: &SplicePipe, piece: &AnswerPiece<'_>, produced: &[u8]) -> bool {
+    use nix::fcntl::{splice, vmsplice, SpliceFFlags};
+    match *piece {
+        AnswerPiece::File { file, offset, len } => {
+            let Ok(mut position) = i64::try_from(offset) else {
+                return false;
+            };
+            let mut filled = 0usize;
+            while filled < len {
+                match splice(
+                    file,
+                    Some(&mut position),
+                    &pipe.write,
+                    None,
+                    len - filled,
+                    SpliceFFlags::SPLICE_F_NONBLOCK,
+                ) {
+                    Ok(n) if n > 0 => filled = filled.saturating_add(n),
+                    Err(Errno::EINTR) => {}
+                    // End of file, a read error, or a file without splice.
+                    _ => return false,
+                }
+            }
+            true
+        }
+        AnswerPiece::Produced { start, len } => {
+            let Some(mut rest) = start
+                .checked_add(len)
+                .and_then(|end| produced.get(start..end))
+            else {
+                return false;
+            };
+            while !rest.is_empty() {
+                match vmsplice(
+                    &pipe.write,
+                    &[IoSlice::new(rest)],
+                    SpliceFFlags::SPLICE_F_NONBLOCK,
+                ) {
+                    Ok(n) if n > 0 => rest = rest.get(n..).unwrap_or_default(),
+                    Err(Errno::EINTR) => {}
+                    _ => return false,
+                }
+            }
+            true
+        }
+    }
+}
+
 /// One dm-user channel (one open file description of the misc node).
 #[derive(Debug)]
 pub struct Channel {
@@ -697,67 +792,69 @@ impl Channel {
 
     /// Answer the READ `request` with SUCCESS and `request.len` bytes of `file` at byte
     /// `offset`, spliced: the file's page-cache pages go into the channel's pipe and the
-    /// kernel copies them into the bio, with no copy through user memory.
-    ///
-    /// Returns `Ok(false)`, with nothing sent, when the answer cannot go this way: no answer
-    /// has been spliced into this channel yet (so whether the module accepts splice is not
-    /// known), the pipe cannot hold the whole answer, or the file could not supply every
-    /// byte (a normal read of the file then reports the problem); the caller answers the
-    /// request as usual. The data is in the pipe before the header is written, so a failing
-    /// file never leaves a half-sent answer.
+    /// kernel copies them into the bio, with no copy through user memory. Returns as
+    /// [`Channel::respond_pieces`] does.
     pub fn respond_from_file(
         &mut self,
         request: &MessageHeader,
         file: &File,
         offset: u64,
     ) -> Result<bool, ChannelError> {
-        use nix::fcntl::{fcntl, splice, FcntlArg, SpliceFFlags};
         let Ok(len) = usize::try_from(request.len) else {
             return Ok(false);
         };
+        self.respond_pieces(request, &[AnswerPiece::File { file, offset, len }], &[])
+    }
+
+    /// Answer the READ `request` with SUCCESS and the concatenation of `pieces`, spliced:
+    /// file pieces go into the channel's pipe as the file's page-cache pages, produced
+    /// pieces as references to `produced` (vmsplice), and the kernel copies each into the
+    /// bio once. The caller keeps the bytes the pieces name unchanged until this returns.
+    ///
+    /// Returns `Ok(false)`, with nothing sent, when the answer cannot go this way: no answer
+    /// has been spliced into this channel yet (so whether the module accepts splice is not
+    /// known), the pieces do not add up to `request.len` or lie outside `produced`, the pipe
+    /// cannot hold the whole answer, or a file could not supply every byte (a normal read
+    /// then reports the problem); the caller answers the request as usual. The data is in
+    /// the pipe before the header is written, so a failing file never leaves a half-sent
+    /// answer.
+    pub fn respond_pieces(
+        &mut self,
+        request: &MessageHeader,
+        pieces: &[AnswerPiece<'_>],
+        produced: &[u8],
+    ) -> Result<bool, ChannelError> {
+        use nix::fcntl::{fcntl, FcntlArg};
         if request.msg_type != DM_USER_REQ_MAP_READ
-            || len == 0
+            || request.len == 0
             || self.splice != SpliceSupport::Works
         {
             return Ok(false);
         }
+        let Some(slots) = pipe_slots(pieces, produced, request.len) else {
+            return Ok(false);
+        };
         let Some(pipe) = self.pipe.take() else {
             return Ok(false);
         };
-        // One pipe slot per page the data touches.
-        let Some(end) = offset.checked_add(request.len) else {
-            return Ok(false);
-        };
-        let pages = end.div_ceil(PAGE_BYTES as u64) - offset / PAGE_BYTES as u64;
         let capacity = fcntl(&pipe.write, FcntlArg::F_GETPIPE_SZ)
             .ok()
             .and_then(|c| u64::try_from(c).ok())
             .unwrap_or(0);
-        let Ok(mut position) = i64::try_from(offset) else {
-            self.pipe = Some(pipe);
-            return Ok(false);
-        };
-        if pages.saturating_mul(PAGE_BYTES as u64) > capacity {
+        if slots.saturating_mul(PAGE_BYTES as u64) > capacity {
             self.pipe = Some(pipe);
             return Ok(false);
         }
-        let mut filled = 0usize;
-        while filled < len {
-            match splice(
-                file,
-                Some(&mut position),
-                &pipe.write,
-                None,
-                len - filled,
-                SpliceFFlags::SPLICE_F_NONBLOCK,
-            ) {
-                Ok(n) if n > 0 => filled = filled.saturating_add(n),
-                Err(Errno::EINTR) => {}
-                // End of file, a read error, or a file without splice: the pipe goes away
-                // with what it holds; nothing reached the kernel.
-                _ => return Ok(false),
+        for piece in pieces {
+            // A piece that cannot be queued whole drops the pipe with what it holds:
+            // nothing reached the kernel.
+            if !fill_pipe(&pipe, piece, produced) {
+                return Ok(false);
             }
         }
+        let Ok(len) = usize::try_from(request.len) else {
+            return Ok(false);
+        };
         let header = request.response(DM_USER_RESP_SUCCESS).to_bytes();
         self.write_parts(request.seq, &header, &[])?;
         match self.drain_pipe(&pipe, request.seq, len)? {
@@ -1325,6 +1422,88 @@ mod tests {
             std::io::ErrorKind::WouldBlock,
             "nothing else was sent"
         );
+    }
+
+    #[test]
+    fn answers_in_pieces_arrive_in_order_and_bad_plans_send_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("base");
+        let (_, content) = large_read(0, 1 << 20, 9);
+        std::fs::write(&path, &content).unwrap();
+        let file = File::open(&path).unwrap();
+        let (_, produced) = large_read(0, 256 << 10, 3);
+        let (mut chan, mut peer) = pair();
+        // Splice is proven on this channel first, as on a live one.
+        let (first, data) = large_read(40, SPLICE_MIN_PAYLOAD, 1);
+        let reader = read_answer(&peer, SPLICE_MIN_PAYLOAD);
+        chan.respond(&first, DM_USER_RESP_SUCCESS, &data).unwrap();
+        expect_answer(&reader.join().unwrap(), 40, &data);
+        // File runs (one unaligned), produced runs (one unaligned), interleaved.
+        let pieces = [
+            AnswerPiece::File {
+                file: &file,
+                offset: 8192,
+                len: 12288,
+            },
+            AnswerPiece::Produced {
+                start: 512,
+                len: 4096,
+            },
+            AnswerPiece::File {
+                file: &file,
+                offset: 100_352,
+                len: 1536,
+            },
+            AnswerPiece::Produced {
+                start: 65536,
+                len: 131_072,
+            },
+        ];
+        let mut want = Vec::new();
+        want.extend_from_slice(&content[8192..8192 + 12288]);
+        want.extend_from_slice(&produced[512..512 + 4096]);
+        want.extend_from_slice(&content[100_352..100_352 + 1536]);
+        want.extend_from_slice(&produced[65536..65536 + 131_072]);
+        let (req, _) = large_read(41, want.len(), 0);
+        let reader = read_answer(&peer, want.len());
+        assert!(chan.respond_pieces(&req, &pieces, &produced).unwrap());
+        expect_answer(&reader.join().unwrap(), 41, &want);
+        // Pieces that do not add up to the request, a produced piece outside the buffer,
+        // and a file piece past the end of the file: nothing is sent.
+        let (short, _) = large_read(42, want.len() + 512, 0);
+        assert!(!chan.respond_pieces(&short, &pieces, &produced).unwrap());
+        let outside = [AnswerPiece::Produced {
+            start: produced.len() - 4096,
+            len: 8192,
+        }];
+        let (req, _) = large_read(43, 8192, 0);
+        assert!(!chan.respond_pieces(&req, &outside, &produced).unwrap());
+        let past_end = [
+            AnswerPiece::Produced {
+                start: 0,
+                len: 4096,
+            },
+            AnswerPiece::File {
+                file: &file,
+                offset: (content.len() - 4096) as u64,
+                len: 8192,
+            },
+        ];
+        let (req, _) = large_read(44, 12288, 0);
+        assert!(!chan.respond_pieces(&req, &past_end, &produced).unwrap());
+        peer.set_nonblocking(true).unwrap();
+        let mut got = [0u8; HEADER_SIZE];
+        assert_eq!(
+            peer.read(&mut got).unwrap_err().kind(),
+            std::io::ErrorKind::WouldBlock,
+            "nothing was sent for the refused plans"
+        );
+        // The channel still answers afterwards (a fresh pipe if the old one was dropped).
+        peer.set_nonblocking(false).unwrap();
+        let (req, data) = large_read(45, SPLICE_MIN_PAYLOAD, 5);
+        let reader = read_answer(&peer, SPLICE_MIN_PAYLOAD);
+        chan.respond(&req, DM_USER_RESP_SUCCESS, &data).unwrap();
+        expect_answer(&reader.join().unwrap(), 45, &data);
     }
 
     #[test]

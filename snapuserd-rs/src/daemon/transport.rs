@@ -36,8 +36,8 @@ use thiserror::Error;
 
 use super::events::Notifier;
 use crate::dm_user::{
-    Channel, ChannelError, MessageHeader, Received, Request, ResponseCode, DM_USER_REQ_MAP_READ,
-    DM_USER_REQ_MAP_WRITE, DM_USER_RESP_ERROR,
+    AnswerPiece, Channel, ChannelError, MessageHeader, Received, Request, ResponseCode,
+    DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE, DM_USER_RESP_ERROR,
 };
 use crate::error_chain::ErrorChain;
 use crate::log_limit::LogLimit;
@@ -109,6 +109,23 @@ pub trait RequestHandler: Send + Sync {
     /// lives. The default names no file.
     fn read_from_file(&self, req: &Request) -> Option<(&std::fs::File, u64)> {
         let _ = req;
+        None
+    }
+
+    /// For a READ the handler can describe as pieces (runs of a file's bytes that stay put
+    /// while it holds its locks, and bytes it produces into `produced`): plan them and call
+    /// `send` once with the pieces and the produced bytes, while the bytes they name stay
+    /// what [`RequestHandler::handle`] would return. `send` returns whether the answer went
+    /// out; this returns that, or `None` when the handler does not answer this request in
+    /// pieces (the transport then calls [`RequestHandler::handle`]). The default plans
+    /// nothing.
+    fn read_in_pieces(
+        &self,
+        req: &Request,
+        produced: &mut Vec<u8>,
+        send: &mut dyn FnMut(&[AnswerPiece<'_>], &[u8]) -> bool,
+    ) -> Option<bool> {
+        let _ = (req, produced, send);
         None
     }
 }
@@ -479,6 +496,31 @@ fn answer(
                     );
                     return Err(WorkerExit::ChannelFailed);
                 }
+            }
+        }
+    }
+    if header.msg_type == DM_USER_REQ_MAP_READ && channel.splices() {
+        let mut failure = None;
+        let sent = handler.read_in_pieces(&request, data, &mut |pieces, produced| match channel
+            .respond_pieces(header, pieces, produced)
+        {
+            Ok(sent) => sent,
+            Err(e) => {
+                failure = Some(e);
+                true
+            }
+        });
+        match failure {
+            None if sent == Some(true) => return Ok(()),
+            None => {}
+            Some(ChannelError::TargetGone) => return Err(WorkerExit::TargetGone),
+            Some(e) => {
+                log::error!(
+                    "dm-user worker: answering seq {} in pieces: {}",
+                    header.seq,
+                    ErrorChain(&e)
+                );
+                return Err(WorkerExit::ChannelFailed);
             }
         }
     }

@@ -97,6 +97,16 @@ impl RequestHandler for ServedUserSnapshot {
         self.follow_handoff();
         self.snapshot.read_from_file(req)
     }
+
+    fn read_in_pieces(
+        &self,
+        req: &Request,
+        produced: &mut Vec<u8>,
+        send: &mut dyn FnMut(&[crate::dm_user::AnswerPiece<'_>], &[u8]) -> bool,
+    ) -> Option<bool> {
+        self.follow_handoff();
+        self.snapshot.read_in_pieces(req, produced, send)
+    }
 }
 
 impl UserMergeTarget for ServedUserSnapshot {

@@ -9,10 +9,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 use cow_format::layout::BufferState;
 use cow_format::merge_state::DurableProgress;
 use cow_format::reader::CowFileStorage;
-use cow_format::{CowReader, CowStorage, MergeState, OpKind};
+use cow_format::{CowOp, CowReader, CowStorage, MergeState, OpKind};
 
 use crate::dm_user::{
-    Request, ResponseCode, DM_USER_REQ_MAP_FLUSH, DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE,
+    AnswerPiece, Request, ResponseCode, DM_USER_REQ_MAP_FLUSH, DM_USER_REQ_MAP_READ,
+    DM_USER_REQ_MAP_WRITE,
 };
 use crate::error_chain::ErrorChain;
 use crate::log_limit::LogLimit;
@@ -645,28 +646,50 @@ impl UserSnapshot {
     /// Produce block `block` of unmerged entry `entry` into `out` (one block).
     fn produce(&self, entry: u64, block: u64, out: &mut [u8]) -> Result<(), UserReadError> {
         let Some((position, op)) = self.plan.op(&self.cow, entry) else {
-            return Err(UserReadError::Produce {
-                block,
-                op_index: entry,
-                source: cow_format::ReadError::NoSuchOp {
-                    position: entry as usize,
-                },
-            });
+            return Err(no_such_entry(entry, block));
         };
+        if !op.kind.is_ordered() {
+            return self.produce_unordered(position, op, block, out);
+        }
+        // Held (read mode) until the bytes are in, so the merge cannot write this
+        // window's destinations meanwhile.
+        let view = self.view_read();
+        self.produce_ordered(&view, (entry, position), op, block, out)
+    }
+
+    /// Produce block `block` of the REPLACE or ZERO op at `position` into `out`.
+    fn produce_unordered(
+        &self,
+        position: usize,
+        op: &CowOp,
+        block: u64,
+        out: &mut [u8],
+    ) -> Result<(), UserReadError> {
+        self.cow
+            .read_op_block(position, block, &self.source, out)
+            .map_err(|source| UserReadError::Produce {
+                block,
+                op_index: op.index,
+                source,
+            })
+    }
+
+    /// Produce block `block` of the ordered (COPY or XOR) op at `position` into `out`,
+    /// following the window state in `view`.
+    fn produce_ordered(
+        &self,
+        view: &ReadView,
+        (entry, position): (u64, usize),
+        op: &CowOp,
+        block: u64,
+        out: &mut [u8],
+    ) -> Result<(), UserReadError> {
         let wrap = |source| UserReadError::Produce {
             block,
             op_index: op.index,
             source,
         };
-        if !op.kind.is_ordered() {
-            return self
-                .cow
-                .read_op_block(position, block, &self.source, out)
-                .map_err(wrap);
-        }
-        let view = self.view_read();
         if entry < view.merged {
-            drop(view);
             return self.read_base(block * BLOCK_U64, out);
         }
         if let Some(window) = view.window.as_ref().filter(|w| w.contains(entry)) {
@@ -679,14 +702,161 @@ impl UserSnapshot {
                     .map_err(wrap);
             }
         }
-        // Not read ahead yet: the source device. `view` stays held (read mode) until the
-        // bytes are in, so the merge cannot write this window's destinations meanwhile.
-        let result = match &self.source_direct {
+        // Not read ahead yet: the source device.
+        match &self.source_direct {
             Some(direct) => self.cow.read_op_block(position, block, direct, out),
             None => self.cow.read_op_block(position, block, &self.source, out),
-        };
+        }
+        .map_err(wrap)
+    }
+
+    /// Plan a READ as pieces and hand them to `send` (see
+    /// [`crate::daemon::transport::RequestHandler::read_in_pieces`]): unchanged and merged
+    /// blocks as runs of the base device, COPY blocks not read ahead yet as runs of the
+    /// source device (unless the source is read with `O_DIRECT`), everything else produced
+    /// into `produced`. The view is held (read mode) from the plan until `send` returns: no
+    /// window is installed or committed meanwhile, so the merge writes none of the blocks
+    /// the file pieces name. `None` for what is not a READ inside the device, or when a
+    /// block cannot be produced (the normal read then reports it).
+    pub fn read_in_pieces(
+        &self,
+        req: &Request,
+        produced: &mut Vec<u8>,
+        send: &mut dyn FnMut(&[AnswerPiece<'_>], &[u8]) -> bool,
+    ) -> Option<bool> {
+        if req.kind != DM_USER_REQ_MAP_READ || req.len == 0 {
+            return None;
+        }
+        self.check_range(req.sector, req.len).ok()?;
+        let start = req.sector.checked_mul(SECTOR)?;
+        let len = usize::try_from(req.len).ok()?;
+        let view = self.view_read();
+        let mut pieces = AnswerPieces::default();
+        produced.clear();
+        let mut done = 0usize;
+        while done < len {
+            let pos = start + done as u64;
+            let block = pos / BLOCK_U64;
+            let in_block = (pos % BLOCK_U64) as usize;
+            let take = (BLOCK - in_block).min(len - done);
+            let entry = self.map.entry(block).filter(|&e| e >= view.merged);
+            let Some(entry) = entry else {
+                pieces.file(&self.base, pos, take);
+                done += take;
+                continue;
+            };
+            let (position, op) = self.plan.op(&self.cow, entry)?;
+            if op.kind == OpKind::Copy
+                && op.num_blocks == 1
+                && self.source_direct.is_none()
+                && !view.window.as_ref().is_some_and(|w| w.contains(entry))
+            {
+                let from =
+                    super::plan::source_offset(op, BLOCK_U64)?.checked_add(in_block as u64)?;
+                pieces.file(&self.source, from, take);
+                done += take;
+                continue;
+            }
+            let at = produced.len();
+            if in_block == 0 && op.kind == OpKind::Replace && op.num_blocks >= 2 {
+                if let Some(n) = self.produce_whole_op_into(op, block, len - done, produced) {
+                    pieces.produced(at, n);
+                    done += n;
+                    continue;
+                }
+            }
+            produced.resize(at + BLOCK, 0);
+            let out = produced.get_mut(at..at + BLOCK)?;
+            let made = if op.kind.is_ordered() {
+                self.produce_ordered(&view, (entry, position), op, block, out)
+            } else {
+                self.produce_unordered(position, op, block, out)
+            };
+            made.ok()?;
+            produced.truncate(at + in_block + take);
+            pieces.produced(at + in_block, take);
+            done += take;
+        }
+        let sent = send(&pieces.list, produced);
         drop(view);
-        result.map_err(wrap)
+        Some(sent)
+    }
+
+    /// [`Self::produce_whole_op`] appending to `produced`, for a multi-block REPLACE that
+    /// starts at `block` and fits in `room` bytes: the bytes appended.
+    fn produce_whole_op_into(
+        &self,
+        op: &CowOp,
+        block: u64,
+        room: usize,
+        produced: &mut Vec<u8>,
+    ) -> Option<usize> {
+        if op.new_block != block {
+            return None;
+        }
+        let n = usize::try_from(op.num_blocks)
+            .ok()?
+            .checked_mul(BLOCK)
+            .filter(|&n| n <= room)?;
+        let at = produced.len();
+        produced.resize(at.checked_add(n)?, 0);
+        match self.cow.read_op_data(op, produced.get_mut(at..)?) {
+            Ok(()) => Some(n),
+            Err(_) => {
+                produced.truncate(at);
+                None
+            }
+        }
+    }
+}
+
+/// The pieces of one answer, neighbours joined.
+#[derive(Default)]
+struct AnswerPieces<'a> {
+    list: Vec<AnswerPiece<'a>>,
+}
+
+impl<'a> AnswerPieces<'a> {
+    fn file(&mut self, file: &'a File, offset: u64, len: usize) {
+        if let Some(AnswerPiece::File {
+            file: last_file,
+            offset: last_offset,
+            len: last_len,
+        }) = self.list.last_mut()
+        {
+            if std::ptr::eq(*last_file, file)
+                && last_offset.checked_add(*last_len as u64) == Some(offset)
+            {
+                *last_len += len;
+                return;
+            }
+        }
+        self.list.push(AnswerPiece::File { file, offset, len });
+    }
+
+    fn produced(&mut self, start: usize, len: usize) {
+        if let Some(AnswerPiece::Produced {
+            start: last_start,
+            len: last_len,
+        }) = self.list.last_mut()
+        {
+            if *last_start + *last_len == start {
+                *last_len += len;
+                return;
+            }
+        }
+        self.list.push(AnswerPiece::Produced { start, len });
+    }
+}
+
+/// The error for an entry the plan does not know.
+fn no_such_entry(entry: u64, block: u64) -> UserReadError {
+    UserReadError::Produce {
+        block,
+        op_index: entry,
+        source: cow_format::ReadError::NoSuchOp {
+            position: entry as usize,
+        },
     }
 }
 
@@ -697,5 +867,14 @@ impl crate::daemon::transport::RequestHandler for UserSnapshot {
 
     fn read_from_file(&self, req: &Request) -> Option<(&File, u64)> {
         UserSnapshot::read_from_file(self, req)
+    }
+
+    fn read_in_pieces(
+        &self,
+        req: &Request,
+        produced: &mut Vec<u8>,
+        send: &mut dyn FnMut(&[AnswerPiece<'_>], &[u8]) -> bool,
+    ) -> Option<bool> {
+        UserSnapshot::read_in_pieces(self, req, produced, send)
     }
 }

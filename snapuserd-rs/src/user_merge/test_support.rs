@@ -20,6 +20,7 @@ use super::merge_io::{MergeIo, ReadRun, WriteRun};
 use super::progress_store::ProgressStore;
 use super::snapshot::BLOCK;
 use super::{UserSnapshot, UserSnapshotOptions};
+use crate::dm_user::AnswerPiece;
 use crate::snapshot::test_support::CrashClock;
 
 /// A deterministic byte generator.
@@ -311,6 +312,46 @@ pub(crate) fn read_all(snap: &UserSnapshot, chunk: usize) -> Vec<u8> {
     let mut out = vec![0u8; len];
     for (i, part) in out.chunks_mut(chunk).enumerate() {
         snap.read((i * chunk / 512) as u64, part).unwrap();
+    }
+    out
+}
+
+/// The whole device read in `chunk`-byte READ requests answered in pieces
+/// ([`UserSnapshot::read_in_pieces`]), each answer assembled as a transport would splice it:
+/// the file pieces read at the time of sending, while the handler holds its view.
+pub(crate) fn read_all_in_pieces(snap: &UserSnapshot, chunk: usize) -> Vec<u8> {
+    let len = snap.base_sectors() as usize * 512;
+    let mut out = vec![0u8; len];
+    let mut produced = Vec::new();
+    for (i, part) in out.chunks_mut(chunk).enumerate() {
+        let req = crate::dm_user::Request {
+            kind: crate::dm_user::DM_USER_REQ_MAP_READ,
+            flags: 0,
+            sector: (i * chunk / 512) as u64,
+            len: part.len() as u64,
+        };
+        let mut send = |pieces: &[AnswerPiece<'_>], bytes: &[u8]| {
+            let mut at = 0usize;
+            for piece in pieces {
+                match *piece {
+                    AnswerPiece::File { file, offset, len } => {
+                        file.read_exact_at(&mut part[at..at + len], offset).unwrap();
+                        at += len;
+                    }
+                    AnswerPiece::Produced { start, len } => {
+                        part[at..at + len].copy_from_slice(&bytes[start..start + len]);
+                        at += len;
+                    }
+                }
+            }
+            assert_eq!(at, part.len(), "the pieces add up to the request");
+            true
+        };
+        assert_eq!(
+            snap.read_in_pieces(&req, &mut produced, &mut send),
+            Some(true),
+            "a READ inside the device is answered in pieces"
+        );
     }
     out
 }

@@ -28,6 +28,12 @@ fn assert_reads_target(snap: &UserSnapshot, target: &[u8], what: &str) {
             "{what}: read in {chunk}-byte requests differs at block {:?}",
             first_diff(&got, target)
         );
+        let got = read_all_in_pieces(snap, chunk);
+        assert!(
+            got == target,
+            "{what}: read in {chunk}-byte requests answered in pieces differs at block {:?}",
+            first_diff(&got, target)
+        );
     }
 }
 
@@ -232,10 +238,17 @@ fn merge_while_reading(snap: &UserSnapshot, io: Box<dyn MergeIo>, target: &[u8])
     std::thread::scope(|s| {
         let reader = s.spawn(|| loop {
             let finished = done.load(Ordering::Acquire);
-            let got = read_all(snap, 64 << 10);
+            // Alternate the plain read path and answers in pieces (file runs read at the
+            // time of sending, as a splice takes them).
+            let in_pieces = passes.load(Ordering::Relaxed) % 2 == 1;
+            let got = if in_pieces {
+                read_all_in_pieces(snap, 64 << 10)
+            } else {
+                read_all(snap, 64 << 10)
+            };
             assert!(
                 got == target,
-                "read during merge differs at block {:?}",
+                "read during merge (in pieces: {in_pieces}) differs at block {:?}",
                 first_diff(&got, target)
             );
             passes.fetch_add(1, Ordering::Relaxed);
@@ -320,6 +333,12 @@ fn recover_and_finish(files: &Files, case: &Case, what: &str) {
     assert!(
         got == case.target,
         "{what}: after restart, read differs at block {:?}",
+        first_diff(&got, &case.target)
+    );
+    let got = read_all_in_pieces(&snap, 1 << 20);
+    assert!(
+        got == case.target,
+        "{what}: after restart, read in pieces differs at block {:?}",
         first_diff(&got, &case.target)
     );
     merge_while_reading(&snap, snap.sync_io().unwrap(), &case.target);
