@@ -37,7 +37,7 @@ use thiserror::Error;
 use super::events::Notifier;
 use crate::dm_user::{
     AnswerPiece, Channel, ChannelError, MessageHeader, Received, Request, ResponseCode,
-    DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE, DM_USER_RESP_ERROR,
+    DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE, DM_USER_RESP_ERROR, SPLICE_MIN_PAYLOAD,
 };
 use crate::error_chain::ErrorChain;
 use crate::log_limit::LogLimit;
@@ -499,7 +499,11 @@ fn answer(
             }
         }
     }
-    if header.msg_type == DM_USER_REQ_MAP_READ && channel.splices() {
+    // Below SPLICE_MIN_PAYLOAD the extra system calls cost more than the copy they save.
+    if header.msg_type == DM_USER_REQ_MAP_READ
+        && header.len >= SPLICE_MIN_PAYLOAD as u64
+        && channel.splices()
+    {
         let mut failure = None;
         let sent = handler.read_in_pieces(&request, data, &mut |pieces, produced| match channel
             .respond_pieces(header, pieces, produced)
