@@ -157,7 +157,14 @@ fn make_node(path: &Path, sysfs_dev: &Path, kind: SFlag, made: &mut MadeNodes) -
             .split_once(':')
             .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
         if let Some((major, minor)) = parsed {
-            if mknod(path, kind, Mode::from_bits_truncate(0o600), makedev(major, minor)).is_ok() {
+            if mknod(
+                path,
+                kind,
+                Mode::from_bits_truncate(0o600),
+                makedev(major, minor),
+            )
+            .is_ok()
+            {
                 made.files.push(path.to_path_buf());
             }
         }
@@ -239,29 +246,33 @@ fn serve_requests(
 /// number of tries and the data read.
 fn probe_ready(p: &Path) -> Result<(u32, Vec<u8>), String> {
     let p = p.to_path_buf();
-    bounded("readiness probe of <p>", Duration::from_secs(30), move || {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags_direct()
-            .open(&p)
-            .ctx(&format!("open {}", p.display()))?;
-        let mut buf = AlignedBuf::new(4096);
-        let mut last = String::new();
-        for tries in 1..=10u32 {
-            match f.read_at(buf.as_mut(), 0) {
-                Ok(4096) => return Ok((tries, buf.as_ref().to_vec())),
-                Ok(n) => last = format!("short read of {n} bytes"),
-                Err(e) => {
-                    last = e.to_string();
-                    std::thread::sleep(Duration::from_millis(100));
+    bounded(
+        "readiness probe of <p>",
+        Duration::from_secs(30),
+        move || {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags_direct()
+                .open(&p)
+                .ctx(&format!("open {}", p.display()))?;
+            let mut buf = AlignedBuf::new(4096);
+            let mut last = String::new();
+            for tries in 1..=10u32 {
+                match f.read_at(buf.as_mut(), 0) {
+                    Ok(4096) => return Ok((tries, buf.as_ref().to_vec())),
+                    Ok(n) => last = format!("short read of {n} bytes"),
+                    Err(e) => {
+                        last = e.to_string();
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
                 }
             }
-        }
-        Err(format!(
-            "snapuserd daemon failed to launch: 10 probe reads of {} failed, last: {last}",
-            p.display()
-        ))
-    })?
+            Err(format!(
+                "snapuserd daemon failed to launch: 10 probe reads of {} failed, last: {last}",
+                p.display()
+            ))
+        },
+    )?
 }
 
 /// `O_DIRECT` for `OpenOptions`.
@@ -283,7 +294,10 @@ fn relaunch(handler: &str, fd: i32) -> Result<std::process::Child, String> {
     cmd.env_clear()
         .args(["-no_socket", "-user_snapshot", "-io_uring", "-ublk"])
         .arg(format!("-proxy_socket={PROXY_SOCKET}"))
-        .arg(format!("-daemon_alive_indicator={}", path("alive").display()))
+        .arg(format!(
+            "-daemon_alive_indicator={}",
+            path("alive").display()
+        ))
         .arg(handler)
         .arg(format!("--fd_num={fd}"))
         .stdin(Stdio::null());
@@ -324,7 +338,10 @@ fn hand_socket_over(child: std::process::Child) -> Result<Daemon, String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    check(status.success(), format!("the handoff proxy exited {status}"))?;
+    check(
+        status.success(),
+        format!("the handoff proxy exited {status}"),
+    )?;
     Daemon::adopt(child, PathBuf::from(SECOND_STAGE_SOCKET))
 }
 
@@ -348,7 +365,11 @@ fn transition(merging: bool) -> TestResult {
     );
     // First stage: init starts the daemon on its socket; libsnapshot maps the partition.
     let mut first = Daemon::start_with(FIRST_STAGE, &["-user_snapshot", "-ublk"])?;
-    expect(&first, &format!("init,{handler}"), &format!("success,{sectors}"))?;
+    expect(
+        &first,
+        &format!("init,{handler}"),
+        &format!("success,{sectors}"),
+    )?;
     expect(&first, &format!("start,{MISC}"), "success")?;
     let node = ublk_node(&first, MISC)?;
     let rdev = nix::sys::stat::stat(&node)
@@ -359,7 +380,12 @@ fn transition(merging: bool) -> TestResult {
     let info = dmc
         .create_device(
             LINEAR,
-            &[TableEntry::linear(0, sectors, &format!("{major}:{minor}"), 0)],
+            &[TableEntry::linear(
+                0,
+                sectors,
+                &format!("{major}:{minor}"),
+                0,
+            )],
         )
         .map_err(|e| format!("create dm-linear {LINEAR} over {major}:{minor}: {e}"))?;
     let p = dmc
@@ -374,7 +400,12 @@ fn transition(merging: bool) -> TestResult {
         let dm_node = format!("/dev/block/dm-{}", info.minor);
         let dm_sysfs = format!("/sys/block/dm-{}/dev", info.minor);
         check(
-            make_node(Path::new(&dm_node), Path::new(&dm_sysfs), SFlag::S_IFBLK, &mut made),
+            make_node(
+                Path::new(&dm_node),
+                Path::new(&dm_sysfs),
+                SFlag::S_IFBLK,
+                &mut made,
+            ),
             format!("cannot make {dm_node}"),
         )?;
         let _ = std::fs::remove_file(path("alive"));
@@ -411,7 +442,10 @@ fn transition(merging: bool) -> TestResult {
         let requests = requests?;
         // 5. the indicator (10 s), then the probe reads.
         let start = Instant::now();
-        while std::fs::read(path("alive")).map(|c| c != b"1").unwrap_or(true) {
+        while std::fs::read(path("alive"))
+            .map(|c| c != b"1")
+            .unwrap_or(true)
+        {
             check(
                 start.elapsed() < Duration::from_secs(10),
                 "no daemon-alive indicator within 10 s",

@@ -606,7 +606,10 @@ pub fn bench_snapshot() -> Result<(), String> {
 /// Send `detach` (no reply) and wait for the daemon to exit by itself.
 /// Poll `getstatus,<misc>` until the merge is complete; fails if it reports a failed merge or takes
 /// more than 40 s.
-pub(crate) fn wait_merge_complete(d: &crate::scenario_support::Daemon, misc: &str) -> Result<(), String> {
+pub(crate) fn wait_merge_complete(
+    d: &crate::scenario_support::Daemon,
+    misc: &str,
+) -> Result<(), String> {
     let start = Instant::now();
     loop {
         let status = d.command(&format!("getstatus,{misc}"))?;
