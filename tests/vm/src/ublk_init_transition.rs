@@ -35,9 +35,11 @@ use crate::harness::*;
 use crate::scenario_support::{delete_ublk, dm, ublk_node, Daemon};
 use crate::ublk_snapshot::{check_then_read, make_update, path, wait_merge_complete, DIR};
 
-/// The partition's misc name: the same in both stages, as libsnapshot names a ublk
-/// snapshot after the partition (`GetSnapshotCowName`).
+/// The partition's misc name in the relaunch arguments (libsnapshot names a ublk snapshot
+/// after the partition, `GetSnapshotCowName`).
 const MISC: &str = "system_b";
+/// The dm-user era's first-stage misc name of the same partition (`<p>-init`).
+const MISC_FIRST_STAGE_INIT: &str = "system_b-init";
 /// `<p>`: the dm-linear device over the ublk block device (`/dev/block/mapper/system_b`).
 const LINEAR: &str = "system_b";
 /// The first-stage daemon's control socket: `/run/snapuserd-<name>.sock`.
@@ -50,16 +52,17 @@ const PROXY_SOCKET: &str = "/run/snapuserd-uinit-proxy";
 const REQUESTS_LIMIT: Duration = Duration::from_secs(30);
 const NODE_WAIT: Duration = Duration::from_millis(500);
 
-/// The transition with the partition only served (no merge before it); the merge runs in
-/// second stage.
+/// The transition with the partition only served (no merge before it), under the same misc
+/// name in both stages; the merge runs in second stage.
 pub fn init_transition() -> TestResult {
-    transition(false)
+    transition(false, MISC)
 }
 
-/// The transition with a merge in progress in the first-stage daemon; it resumes in second
-/// stage.
+/// The transition with a merge in progress in the first-stage daemon, which named the
+/// partition `<p>-init`; the second stage (`<p>`) takes that device over and the merge
+/// resumes.
 pub fn init_transition_merging() -> TestResult {
-    transition(true)
+    transition(true, MISC_FIRST_STAGE_INIT)
 }
 
 /// Milliseconds of a nanosecond span, for the report.
@@ -353,25 +356,26 @@ struct Timeline {
     ready: u64,
 }
 
-fn transition(merging: bool) -> TestResult {
+fn transition(merging: bool, first_misc: &str) -> TestResult {
     let _ = std::fs::remove_dir_all(DIR);
     let target = Arc::new(make_update()?);
     let sectors = target.len() as u64 / 512;
-    let handler = format!(
-        "{MISC},{},{},{}",
+    let files = format!(
+        "{},{},{}",
         path("update.cow").display(),
         path("source.img").display(),
         path("base.img").display()
     );
+    let handler = format!("{MISC},{files}");
     // First stage: init starts the daemon on its socket; libsnapshot maps the partition.
     let mut first = Daemon::start_with(FIRST_STAGE, &["-user_snapshot", "-ublk"])?;
     expect(
         &first,
-        &format!("init,{handler}"),
+        &format!("init,{first_misc},{files}"),
         &format!("success,{sectors}"),
     )?;
-    expect(&first, &format!("start,{MISC}"), "success")?;
-    let node = ublk_node(&first, MISC)?;
+    expect(&first, &format!("start,{first_misc}"), "success")?;
+    let node = ublk_node(&first, first_misc)?;
     let rdev = nix::sys::stat::stat(&node)
         .ctx("stat the ublk node")?
         .st_rdev;
@@ -413,7 +417,7 @@ fn transition(merging: bool) -> TestResult {
         std::thread::sleep(Duration::from_millis(300));
         // The merge (if any) is caught early, once it has committed progress.
         let percent_before = if merging {
-            expect(&first, &format!("initiate_merge,{MISC}"), "success")?;
+            expect(&first, &format!("initiate_merge,{first_misc}"), "success")?;
             Some(wait_merge_progress(&first)?)
         } else {
             None
@@ -523,7 +527,7 @@ fn transition(merging: bool) -> TestResult {
             d.get(d.len() / 2).copied().unwrap_or(0)
         };
         Ok(format!(
-            "{}detach + SIGTERM, relaunch -no_socket -ublk --fd_num: old daemon exited {} \
+            "first stage {first_misc}, second stage {MISC}; {}detach + SIGTERM, relaunch -no_socket -ublk --fd_num: old daemon exited {} \
              (SIGKILL after the probe found it {}), init read {:?} (nodes made), DONE at +{:.1} ms, \
              indicator, probe ok at try {tries} at +{:.1} ms; {} reads of <p>, {across:?} across \
              the transition, errors 0, wrong data 0; longest parked read {:.1} ms (median read \
@@ -576,12 +580,17 @@ fn transition(merging: bool) -> TestResult {
     Ok(format!("{detail}; base == target"))
 }
 
-/// Remove the ublk device named `misc` directly (after a failure, when no daemon serves it).
+/// Remove the ublk device of `misc` or its first-stage name directly (after a failure, when
+/// no daemon serves it).
 fn remove_by_name(misc: &str) -> Result<(), String> {
     let mut control = snapuserd::ublk::Control::open().map_err(|e| e.to_string())?;
+    let identities: Vec<u64> = snapuserd::ublk::device::takeover_names(misc)
+        .iter()
+        .map(|n| snapuserd::ublk::identity_of(n))
+        .collect();
     for id in snapuserd::ublk::device::device_ids() {
         if let Ok(info) = control.info(id) {
-            if info.ublksrv_flags == snapuserd::ublk::identity_of(misc) {
+            if identities.contains(&info.ublksrv_flags) {
                 let _ = control.stop(id);
                 control
                     .delete(id)
