@@ -186,6 +186,8 @@ fn make_node(path: &Path, sysfs_dev: &Path, kind: SFlag, made: &mut MadeNodes) -
 struct Requests {
     /// Each message, as read (one `recv` each).
     messages: Vec<String>,
+    /// ns since `t0` when each message was read.
+    read_at: Vec<u64>,
     /// Whether each node request's node existed within [`NODE_WAIT`].
     nodes_ready: Vec<bool>,
     /// ns since `t0` when `DONE` (or the end of stream) came.
@@ -204,6 +206,7 @@ fn serve_requests(
     let mut req = Requests {
         messages: Vec::new(),
         nodes_ready: Vec::new(),
+        read_at: Vec::new(),
         done_at: 0,
     };
     loop {
@@ -221,6 +224,7 @@ fn serve_requests(
         }
         let m = String::from_utf8_lossy(&buf[..n]).to_string();
         req.messages.push(m.clone());
+        req.read_at.push(ns_since(t0));
         if m.contains("DONE") {
             req.done_at = ns_since(t0);
             return Ok(req);
@@ -528,7 +532,7 @@ fn transition(merging: bool, first_misc: &str) -> TestResult {
         };
         Ok(format!(
             "first stage {first_misc}, second stage {MISC}; {}detach + SIGTERM, relaunch -no_socket -ublk --fd_num: old daemon exited {} \
-             (SIGKILL after the probe found it {}), init read {:?} (nodes made), DONE at +{:.1} ms, \
+             (SIGKILL after the probe found it {}), init read {:?} at {:?} ms (nodes made), DONE at +{:.1} ms, \
              indicator, probe ok at try {tries} at +{:.1} ms; {} reads of <p>, {across:?} across \
              the transition, errors 0, wrong data 0; longest parked read {:.1} ms (median read \
              {:.2} ms); old pid {old_pid} gone; second stage (proxy handoff): getstatus {status:?}, \
@@ -548,6 +552,11 @@ fn transition(merging: bool, first_misc: &str) -> TestResult {
                 "alive"
             },
             requests.messages,
+            requests
+                .read_at
+                .iter()
+                .map(|&t| format!("+{:.1}", ms(t.saturating_sub(times.detach))))
+                .collect::<Vec<_>>(),
             ms(times.done - times.detach),
             ms(times.ready - times.detach),
             reads.spans.len(),
