@@ -172,6 +172,20 @@ pub fn identity_of(name: &str) -> u64 {
     h.max(1)
 }
 
+/// The suffix first-stage libsnapshot gives a handler's misc name (`<p>-init`); after the
+/// SELinux transition the same partition's handler is named `<p>`.
+pub const FIRST_STAGE_SUFFIX: &str = "-init";
+
+/// The names whose device a handler named `name` takes over, in order: `name` itself, then
+/// (for a name without [`FIRST_STAGE_SUFFIX`]) the first-stage name `name-init`.
+pub fn takeover_names(name: &str) -> Vec<String> {
+    let mut names = vec![name.to_string()];
+    if !name.ends_with(FIRST_STAGE_SUFFIX) {
+        names.push(format!("{name}{FIRST_STAGE_SUFFIX}"));
+    }
+    names
+}
+
 /// Ids of the ublk devices present (from their `/dev/ublkc<N>` nodes).
 pub fn device_ids() -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/dev") else {
@@ -365,8 +379,9 @@ impl UblkDevice {
             .map_err(control_err(dev_id, "starting"))
     }
 
-    /// Serve `handler` as the device named `name`: re-attach to it if a dead server left it
-    /// waiting (its I/O parked), otherwise create it with `dev_sectors` sectors. A device of
+    /// Serve `handler` as the device named `name` (or, failing that, its first-stage name,
+    /// see [`takeover_names`]): re-attach to it if a dead server left it waiting (its I/O
+    /// parked), otherwise create it with `dev_sectors` sectors. A device of
     /// that name that is still served elsewhere, or has another size, is an error.
     pub fn serve(
         handler: Arc<dyn RequestHandler>,
@@ -378,8 +393,24 @@ impl UblkDevice {
             identity: identity_of(name),
             ..opts.clone()
         };
-        let found =
-            find_device(opts.identity).map_err(control_err(u32::MAX, "finding the device"))?;
+        // The first-stage daemon may have named the partition `<p>-init`: its device is the
+        // one `<p>`'s dm-linear table points at, so it is taken over rather than a new one made.
+        let mut found = None;
+        for candidate in takeover_names(name) {
+            let info = find_device(identity_of(&candidate))
+                .map_err(control_err(u32::MAX, "finding the device"))?;
+            if let Some(info) = info {
+                if candidate != name {
+                    log::info!(
+                        "ublk device {} was made for {candidate} (first stage): {name} takes it \
+                         over",
+                        info.dev_id
+                    );
+                }
+                found = Some(info);
+                break;
+            }
+        }
         let Some(info) = found else {
             return Self::create(handler, dev_sectors, &opts);
         };
@@ -664,6 +695,13 @@ mod tests {
         assert_ne!(identity_of("system_b"), identity_of("vendor_b"));
         assert_ne!(identity_of("system_b"), identity_of("system_b-init"));
         assert_ne!(identity_of(""), 0);
+    }
+
+    #[test]
+    fn a_second_stage_name_takes_over_its_first_stage_device() {
+        assert_eq!(takeover_names("system_b"), ["system_b", "system_b-init"]);
+        // A first-stage name is looked up as itself only.
+        assert_eq!(takeover_names("system_b-init"), ["system_b-init"]);
     }
 
     #[test]

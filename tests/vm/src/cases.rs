@@ -194,6 +194,14 @@ pub const CASES: &[Case] = &[
         run: crate::ublk_snapshot::daemon_fd_num,
     },
     Case {
+        name: "ublk-init-transition",
+        run: crate::ublk_init_transition::init_transition,
+    },
+    Case {
+        name: "ublk-init-transition-merging",
+        run: crate::ublk_init_transition::init_transition_merging,
+    },
+    Case {
         name: "rmmod",
         run: rmmod,
     },

@@ -21,6 +21,7 @@ mod smaps;
 mod snapshot_cases;
 mod target_cases;
 mod ublk_cases;
+mod ublk_init_transition;
 mod ublk_snapshot;
 mod user_snapshot_cases;
 

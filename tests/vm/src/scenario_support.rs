@@ -55,6 +55,25 @@ impl Daemon {
         Ok(d)
     }
 
+    /// Take over a `snapuserd` started elsewhere whose control socket is (or will be) `sock`,
+    /// and wait up to 20 s for that socket to accept.
+    pub fn adopt(child: Child, sock: PathBuf) -> Res<Self> {
+        let d = Self { child, sock };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&d.sock).is_err() {
+            if Instant::now() > deadline {
+                return Err(format!("daemon socket {} never appeared", d.sock.display()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(d)
+    }
+
+    /// Its control socket.
+    pub fn socket(&self) -> &Path {
+        &self.sock
+    }
+
     /// Send one command and read the reply (bounded).
     pub fn command(&self, cmd: &str) -> Res<String> {
         let mut s = UnixStream::connect(&self.sock).map_err(|e| format!("connect: {e}"))?;

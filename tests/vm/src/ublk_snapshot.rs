@@ -22,17 +22,17 @@ use crate::harness::*;
 const BLOCK: usize = 4096;
 /// Partition size in blocks (32 MiB).
 const BLOCKS: usize = 8192;
-const DIR: &str = "/tmp/ublk-snap";
+pub(crate) const DIR: &str = "/tmp/ublk-snap";
 const NAME: &str = "system_b";
 
-fn path(file: &str) -> PathBuf {
+pub(crate) fn path(file: &str) -> PathBuf {
     Path::new(DIR).join(file)
 }
 
 /// Source, base (= source) and a v3 COW turning it into the target: COPY of 512 blocks from
 /// the top of the partition to its start, REPLACE of 4000 blocks, ZERO of 500. Returns the
 /// target image.
-fn make_update() -> Result<Vec<u8>, String> {
+pub(crate) fn make_update() -> Result<Vec<u8>, String> {
     std::fs::create_dir_all(DIR).ctx("mkdir")?;
     let source = pattern(61, 0, BLOCKS * BLOCK);
     let fresh = pattern(62, 0, BLOCKS * BLOCK);
@@ -206,7 +206,7 @@ fn same_whole_device(node: &Path, target: &[u8]) -> Result<(), String> {
 
 /// The whole device reads as `target`; then a [`sequential_reader`] starts. Returns its
 /// time origin, its stop flag and its thread.
-fn check_then_read(
+pub(crate) fn check_then_read(
     node: &Path,
     target: &Arc<Vec<u8>>,
 ) -> Result<(Instant, Arc<AtomicBool>, std::thread::JoinHandle<ReadLog>), String> {
@@ -606,7 +606,10 @@ pub fn bench_snapshot() -> Result<(), String> {
 /// Send `detach` (no reply) and wait for the daemon to exit by itself.
 /// Poll `getstatus,<misc>` until the merge is complete; fails if it reports a failed merge or takes
 /// more than 40 s.
-fn wait_merge_complete(d: &crate::scenario_support::Daemon, misc: &str) -> Result<(), String> {
+pub(crate) fn wait_merge_complete(
+    d: &crate::scenario_support::Daemon,
+    misc: &str,
+) -> Result<(), String> {
     let start = Instant::now();
     loop {
         let status = d.command(&format!("getstatus,{misc}"))?;
