@@ -21,6 +21,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 
 use super::batch::{BatchPlan, Direction, Piece, PieceFailure};
 use super::probe::{check_opcodes, new_ring, UringUnavailable};
+use crate::user_merge::direct_io::direct_capable;
 use crate::user_merge::merge_io::{MergeIo, ReadRun, WriteRun};
 
 /// `user_data` of the barrier entry; pieces use their slot index.
@@ -238,6 +239,8 @@ pub struct UringMergeIo {
     base: File,
     queue_depth: u32,
     max_piece_bytes: u32,
+    /// `O_DIRECT` descriptor of the base device's file, for aligned write pieces.
+    direct_base: Option<File>,
     /// Set after an `io_uring_enter` failure that may have left entries unsubmitted in the
     /// ring: they point into buffers of a call that has returned, so the ring is never
     /// entered again.
@@ -251,6 +254,10 @@ impl std::fmt::Debug for UringMergeIo {
             .field("base_fd", &self.base.as_raw_fd())
             .field("queue_depth", &self.queue_depth)
             .field("max_piece_bytes", &self.max_piece_bytes)
+            .field(
+                "direct_base_fd",
+                &self.direct_base.as_ref().map(AsRawFd::as_raw_fd),
+            )
             .field("poisoned", &self.poisoned)
             .finish()
     }
@@ -296,8 +303,19 @@ impl UringMergeIo {
             base,
             queue_depth,
             max_piece_bytes,
+            direct_base: None,
             poisoned: false,
         })
+    }
+
+    /// Write pieces whose buffer, length and offset are page-aligned through `direct`, an
+    /// `O_DIRECT` descriptor of the base device's file (`None`: every write buffered). The
+    /// barrier stays on the buffered descriptor: it names the same inode. A refused direct
+    /// write fails the batch like any other error, and the merge redoes the step with the
+    /// synchronous engine, which goes on buffered.
+    pub fn with_direct_base(mut self, direct: Option<File>) -> Self {
+        self.direct_base = direct;
+        self
     }
 
     /// The queue depth in use.
@@ -324,6 +342,10 @@ impl UringMergeIo {
                 .collect(),
             self.max_piece_bytes,
         );
+        let direct_fd = match direction {
+            Direction::Write => self.direct_base.as_ref().map(AsRawFd::as_raw_fd),
+            Direction::Read => None,
+        };
         let depth = self.queue_depth as usize;
         let mut slots: Vec<Option<Piece>> = vec![None; depth];
         let mut free_slots: Vec<usize> = (0..depth).rev().collect();
@@ -347,6 +369,12 @@ impl UringMergeIo {
                     // run (`piece.start + piece.len <= buffer.len`), so the address stays
                     // inside the caller's buffer.
                     let addr = unsafe { buffer.addr.add(piece.start) };
+                    let fd = match direct_fd {
+                        Some(direct) if direct_capable(addr, piece.len as usize, piece.offset) => {
+                            direct
+                        }
+                        _ => fd,
+                    };
                     let entry = match direction {
                         Direction::Read => {
                             opcode::Read::new(types::Fd(fd), addr, piece.len).offset(piece.offset)
@@ -543,11 +571,12 @@ fn write_buffers(runs: &[WriteRun<'_>]) -> Vec<(u64, RunBuffer)> {
 pub fn uring_or_fallback(
     source: &File,
     base: &File,
+    direct_base: Option<File>,
     options: &UringOptions,
     fallback: impl FnOnce() -> io::Result<Box<dyn MergeIo>>,
 ) -> io::Result<Box<dyn MergeIo>> {
     match UringMergeIo::new(source, base, options) {
-        Ok(engine) => Ok(Box::new(engine)),
+        Ok(engine) => Ok(Box::new(engine.with_direct_base(direct_base))),
         Err(UringEngineError::Unavailable(why)) => {
             log::warn!(
                 "merge I/O: io_uring unavailable ({}); using the synchronous engine",

@@ -10,6 +10,7 @@ use cow_format::{CowOp, OpKind};
 use crate::error_chain::ErrorChain;
 
 use super::control::MergeControl;
+use super::direct_io::AlignedBuf;
 use super::error::{UserMergeError, UserSnapshotError};
 use super::merge_io::{MergeIo, ReadRun, WriteRun};
 use super::plan::source_offset;
@@ -34,7 +35,8 @@ enum StepError {
 /// Buffers reused across steps: at most one window of destinations and one batch.
 #[derive(Default)]
 struct Buffers {
-    out: Vec<u8>,
+    /// Produced destinations; page-aligned so that their writes can go `O_DIRECT`.
+    out: AlignedBuf,
     /// `(first block, byte offset in the buffer, bytes)` of each run of contiguous
     /// destinations.
     spans: Vec<(u64, usize, usize)>,
@@ -430,7 +432,7 @@ impl UserSnapshot {
         durable: bool,
     ) -> Result<(), StepError> {
         let range = window.entries.clone();
-        bufs.out.resize(OUT_BLOCKS * BLOCK, 0);
+        bufs.out.set_len(OUT_BLOCKS * BLOCK);
         bufs.spans.clear();
         let mut used = 0usize;
         let write_error = |io: &dyn MergeIo, source| {
@@ -510,7 +512,7 @@ impl UserSnapshot {
         };
         bufs.spans.clear();
         if bufs.out.len() < BATCH_BYTES {
-            bufs.out.resize(BATCH_BYTES, 0);
+            bufs.out.set_len(BATCH_BYTES);
         }
         let mut used = 0usize;
         let mut entry = p;
@@ -525,7 +527,7 @@ impl UserSnapshot {
                     break;
                 }
                 // One op larger than a batch (at most 256 KiB in any valid COW).
-                bufs.out.resize(len.min(64 << 20), 0);
+                bufs.out.set_len(len.min(64 << 20));
                 if len > bufs.out.len() {
                     return Err(StepError::Fatal(UserMergeError::Produce {
                         entry,

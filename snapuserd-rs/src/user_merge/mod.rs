@@ -12,6 +12,7 @@
 
 mod block_map;
 mod control;
+pub(crate) mod direct_io;
 mod direct_source;
 mod error;
 mod handoff;

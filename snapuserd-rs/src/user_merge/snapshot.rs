@@ -435,11 +435,22 @@ impl UserSnapshot {
     }
 
     /// The synchronous engine over this snapshot's source and base files.
+    /// Aligned writes go through an `O_DIRECT` descriptor of the base when it accepts one
+    /// ([`UserSnapshot::direct_base`]).
     pub fn sync_io(&self) -> std::io::Result<Box<dyn MergeIo>> {
-        Ok(Box::new(SyncMergeIo::new(
-            self.source.try_clone()?,
-            self.base.try_clone()?,
-        )))
+        Ok(Box::new(
+            SyncMergeIo::new(self.source.try_clone()?, self.base.try_clone()?)
+                .with_direct_base(self.direct_base()),
+        ))
+    }
+
+    /// A new `O_DIRECT` descriptor of the base device for a merge engine's aligned writes,
+    /// or `None` (logged) when the base refuses `O_DIRECT`. The read path keeps reading the
+    /// base buffered: a direct write drops the cached pages of its range once it completes,
+    /// before the merge commits those blocks, and until that commit no reader takes them
+    /// from the base (DESIGN.md, "Merge I/O").
+    pub fn direct_base(&self) -> Option<File> {
+        super::direct_io::reopen_direct(&self.base, "base")
     }
 
     /// The source device (read-only).
