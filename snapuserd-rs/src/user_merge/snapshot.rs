@@ -39,6 +39,10 @@ pub struct UserSnapshotOptions {
     /// Read COPY/XOR sources on the read path with `O_DIRECT` (AOSP `-o_direct`), through
     /// an aligned bounce buffer, so they do not fill the page cache.
     pub o_direct: bool,
+    /// Write the merge's destinations to the base device buffered. Off by default: they
+    /// go through an `O_DIRECT` descriptor of the base where it accepts one (no page-cache
+    /// copy and writeback of every destination; DESIGN.md, "Merge I/O").
+    pub buffered_merge_writes: bool,
     /// At most this many ops per REPLACE/ZERO merge batch (AOSP
     /// `ro.virtual_ab.cow_op_merge_size`); `None` or `Some(0)`: no cap beyond 1 MiB.
     pub cow_op_merge_size: Option<u32>,
@@ -445,11 +449,15 @@ impl UserSnapshot {
     }
 
     /// A new `O_DIRECT` descriptor of the base device for a merge engine's aligned writes,
-    /// or `None` (logged) when the base refuses `O_DIRECT`. The read path keeps reading the
+    /// or `None` when the options ask for buffered merge writes or (logged) when the base
+    /// refuses `O_DIRECT`. The read path keeps reading the
     /// base buffered: a direct write drops the cached pages of its range once it completes,
     /// before the merge commits those blocks, and until that commit no reader takes them
     /// from the base (DESIGN.md, "Merge I/O").
     pub fn direct_base(&self) -> Option<File> {
+        if self.opts.buffered_merge_writes {
+            return None;
+        }
         super::direct_io::reopen_direct(&self.base, "base")
     }
 
