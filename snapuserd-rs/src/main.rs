@@ -389,7 +389,7 @@ fn run(
         )
         .with_user_snapshots(Box::new(UserSnapshotOpener::new(UserSnapshotOptions {
             o_direct: config.o_direct,
-            buffered_merge_writes: !config.merge_o_direct,
+            merge_o_direct: config.merge_o_direct,
             cow_op_merge_size: (config.cow_op_merge_size != 0).then_some(config.cow_op_merge_size),
             ..UserSnapshotOptions::default()
         })))

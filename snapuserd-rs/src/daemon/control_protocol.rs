@@ -425,7 +425,7 @@ pub struct DaemonConfig {
     /// `-o_direct`.
     pub o_direct: bool,
     /// `-merge_o_direct`: the merge writes the base device with `O_DIRECT` where it accepts
-    /// it (default on; `-nomerge_o_direct` writes it buffered).
+    /// it (default off: buffered writes).
     pub merge_o_direct: bool,
     /// `-ublk`: serve user-space-merge handlers as ublk devices instead of dm-user.
     pub ublk: bool,
@@ -453,7 +453,7 @@ impl Default for DaemonConfig {
             user_snapshot: false,
             io_uring: true,
             o_direct: false,
-            merge_o_direct: true,
+            merge_o_direct: false,
             ublk: false,
             cow_op_merge_size: 0,
             worker_count: DEFAULT_WORKER_COUNT,
@@ -498,8 +498,8 @@ turns a boolean flag off; '-' and '_' inside names are the same; -- ends the fla
                           to the synchronous engine by itself
   -o_direct               O_DIRECT reads of the source device (user-space merge)
   -merge_o_direct         the merge writes the base device with O_DIRECT (default:
-                          on; -nomerge_o_direct for buffered writes). A device that
-                          refuses O_DIRECT is written buffered by itself
+                          off, buffered writes). A device that refuses O_DIRECT is
+                          written buffered by itself
   -ublk                   serve user-space-merge handlers as ublk devices
                           (/dev/ublkbN, one queue per worker) instead of dm-user; a
                           new daemon re-attaches to the device a dead one left

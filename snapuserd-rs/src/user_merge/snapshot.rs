@@ -39,10 +39,11 @@ pub struct UserSnapshotOptions {
     /// Read COPY/XOR sources on the read path with `O_DIRECT` (AOSP `-o_direct`), through
     /// an aligned bounce buffer, so they do not fill the page cache.
     pub o_direct: bool,
-    /// Write the merge's destinations to the base device buffered. Off by default: they
-    /// go through an `O_DIRECT` descriptor of the base where it accepts one (no page-cache
-    /// copy and writeback of every destination; DESIGN.md, "Merge I/O").
-    pub buffered_merge_writes: bool,
+    /// Write the merge's destinations through an `O_DIRECT` descriptor of the base device
+    /// where it accepts one (no page-cache copy and writeback of each destination; DESIGN.md,
+    /// "Merge I/O"). Off by default: in the emulator it cost more CPU than buffered writes
+    /// (`BENCHMARKS.md`, "Merge I/O with O_DIRECT").
+    pub merge_o_direct: bool,
     /// At most this many ops per REPLACE/ZERO merge batch (AOSP
     /// `ro.virtual_ab.cow_op_merge_size`); `None` or `Some(0)`: no cap beyond 1 MiB.
     pub cow_op_merge_size: Option<u32>,
@@ -449,13 +450,13 @@ impl UserSnapshot {
     }
 
     /// A new `O_DIRECT` descriptor of the base device for a merge engine's aligned writes,
-    /// or `None` when the options ask for buffered merge writes or (logged) when the base
-    /// refuses `O_DIRECT`. The read path keeps reading the
+    /// or `None` when the options do not ask for one
+    /// ([`UserSnapshotOptions::merge_o_direct`]) or (logged) when the base refuses it. The read path keeps reading the
     /// base buffered: a direct write drops the cached pages of its range once it completes,
     /// before the merge commits those blocks, and until that commit no reader takes them
     /// from the base (DESIGN.md, "Merge I/O").
     pub fn direct_base(&self) -> Option<File> {
-        if self.opts.buffered_merge_writes {
+        if !self.opts.merge_o_direct {
             return None;
         }
         super::direct_io::reopen_direct(&self.base, "base")
