@@ -425,8 +425,10 @@ pub struct DaemonConfig {
     /// `-o_direct`.
     pub o_direct: bool,
     /// `-merge_o_direct`: the merge writes the base device with `O_DIRECT` where it accepts
-    /// it (default off: buffered writes).
+    /// it (default on; `-nomerge_o_direct` for buffered writes).
     pub merge_o_direct: bool,
+    /// `-merge_direct_reads`: the merge reads window sources with `O_DIRECT` (default off).
+    pub merge_direct_reads: bool,
     /// `-ublk`: serve user-space-merge handlers as ublk devices instead of dm-user.
     pub ublk: bool,
     /// `-cow_op_merge_size=N` (0: default).
@@ -453,7 +455,8 @@ impl Default for DaemonConfig {
             user_snapshot: false,
             io_uring: true,
             o_direct: false,
-            merge_o_direct: false,
+            merge_o_direct: true,
+            merge_direct_reads: false,
             ublk: false,
             cow_op_merge_size: 0,
             worker_count: DEFAULT_WORKER_COUNT,
@@ -498,8 +501,9 @@ turns a boolean flag off; '-' and '_' inside names are the same; -- ends the fla
                           to the synchronous engine by itself
   -o_direct               O_DIRECT reads of the source device (user-space merge)
   -merge_o_direct         the merge writes the base device with O_DIRECT (default:
-                          off, buffered writes). A device that refuses O_DIRECT is
-                          written buffered by itself
+                          on; -nomerge_o_direct for buffered writes). A device that
+                          refuses O_DIRECT is written buffered by itself
+  -merge_direct_reads     the merge reads its sources with O_DIRECT (default: off)
   -ublk                   serve user-space-merge handlers as ublk devices
                           (/dev/ublkbN, one queue per worker) instead of dm-user; a
                           new daemon re-attaches to the device a dead one left
@@ -535,13 +539,14 @@ where
         .any(|a| matches!(a.as_str(), "-h" | "--h" | "-help" | "--help"))
 }
 
-const BOOL_FLAGS: [&str; 7] = [
+const BOOL_FLAGS: [&str; 8] = [
     "no_socket",
     "socket_handoff",
     "user_snapshot",
     "io_uring",
     "o_direct",
     "merge_o_direct",
+    "merge_direct_reads",
     "ublk",
 ];
 const VALUE_FLAGS: [&str; 5] = [
@@ -731,6 +736,7 @@ impl DaemonConfig {
             "io_uring" => self.io_uring = on,
             "ublk" => self.ublk = on,
             "merge_o_direct" => self.merge_o_direct = on,
+            "merge_direct_reads" => self.merge_direct_reads = on,
             _ => self.o_direct = on,
         }
     }
@@ -1015,10 +1021,11 @@ mod tests {
             "O_DIRECT merge writes are on by default"
         );
         assert!(
-            !DaemonConfig::parse(["-nomerge_o_direct"])
-                .unwrap()
-                .merge_o_direct
+            !cfg.merge_direct_reads,
+            "merge source reads are buffered by default"
         );
+        let cfg2 = DaemonConfig::parse(["-nomerge_o_direct", "-merge_direct_reads"]).unwrap();
+        assert!(!cfg2.merge_o_direct && cfg2.merge_direct_reads);
         assert_eq!(cfg.num_merge_threads, None);
         let cfg = DaemonConfig::parse(["-noio_uring", "-num_merge_threads=1"]).unwrap();
         assert!(!cfg.io_uring);

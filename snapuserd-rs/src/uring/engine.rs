@@ -21,7 +21,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 
 use super::batch::{BatchPlan, Direction, Piece, PieceFailure};
 use super::probe::{check_opcodes, new_ring, UringUnavailable};
-use crate::user_merge::direct_io::direct_capable;
+use crate::user_merge::direct_io::{direct_capable, DirectDescriptors};
 use crate::user_merge::merge_io::{MergeIo, ReadRun, WriteRun};
 
 /// `user_data` of the barrier entry; pieces use their slot index.
@@ -239,8 +239,8 @@ pub struct UringMergeIo {
     base: File,
     queue_depth: u32,
     max_piece_bytes: u32,
-    /// `O_DIRECT` descriptor of the base device's file, for aligned write pieces.
-    direct_base: Option<File>,
+    /// `O_DIRECT` descriptors of the source and base files, for aligned pieces.
+    direct: DirectDescriptors,
     /// Set after an `io_uring_enter` failure that may have left entries unsubmitted in the
     /// ring: they point into buffers of a call that has returned, so the ring is never
     /// entered again.
@@ -255,8 +255,12 @@ impl std::fmt::Debug for UringMergeIo {
             .field("queue_depth", &self.queue_depth)
             .field("max_piece_bytes", &self.max_piece_bytes)
             .field(
+                "direct_source_fd",
+                &self.direct.source.as_ref().map(AsRawFd::as_raw_fd),
+            )
+            .field(
                 "direct_base_fd",
-                &self.direct_base.as_ref().map(AsRawFd::as_raw_fd),
+                &self.direct.base.as_ref().map(AsRawFd::as_raw_fd),
             )
             .field("poisoned", &self.poisoned)
             .finish()
@@ -303,18 +307,18 @@ impl UringMergeIo {
             base,
             queue_depth,
             max_piece_bytes,
-            direct_base: None,
+            direct: DirectDescriptors::default(),
             poisoned: false,
         })
     }
 
-    /// Write pieces whose buffer, length and offset are page-aligned through `direct`, an
-    /// `O_DIRECT` descriptor of the base device's file (`None`: every write buffered). The
-    /// barrier stays on the buffered descriptor: it names the same inode. A refused direct
-    /// write fails the batch like any other error, and the merge redoes the step with the
-    /// synchronous engine, which goes on buffered.
-    pub fn with_direct_base(mut self, direct: Option<File>) -> Self {
-        self.direct_base = direct;
+    /// Move pieces whose buffer, length and offset are page-aligned through `direct`,
+    /// `O_DIRECT` descriptors of the source and base files (`None`: that device buffered).
+    /// The barrier stays on the buffered descriptor: it names the same inode. A refused
+    /// direct transfer fails the batch like any other error, and the merge redoes the step
+    /// with the synchronous engine, which goes on buffered.
+    pub fn with_direct(mut self, direct: DirectDescriptors) -> Self {
+        self.direct = direct;
         self
     }
 
@@ -343,8 +347,8 @@ impl UringMergeIo {
             self.max_piece_bytes,
         );
         let direct_fd = match direction {
-            Direction::Write => self.direct_base.as_ref().map(AsRawFd::as_raw_fd),
-            Direction::Read => None,
+            Direction::Write => self.direct.base.as_ref().map(AsRawFd::as_raw_fd),
+            Direction::Read => self.direct.source.as_ref().map(AsRawFd::as_raw_fd),
         };
         let depth = self.queue_depth as usize;
         let mut slots: Vec<Option<Piece>> = vec![None; depth];
@@ -571,12 +575,12 @@ fn write_buffers(runs: &[WriteRun<'_>]) -> Vec<(u64, RunBuffer)> {
 pub fn uring_or_fallback(
     source: &File,
     base: &File,
-    direct_base: Option<File>,
+    direct: DirectDescriptors,
     options: &UringOptions,
     fallback: impl FnOnce() -> io::Result<Box<dyn MergeIo>>,
 ) -> io::Result<Box<dyn MergeIo>> {
     match UringMergeIo::new(source, base, options) {
-        Ok(engine) => Ok(Box::new(engine.with_direct_base(direct_base))),
+        Ok(engine) => Ok(Box::new(engine.with_direct(direct))),
         Err(UringEngineError::Unavailable(why)) => {
             log::warn!(
                 "merge I/O: io_uring unavailable ({}); using the synchronous engine",

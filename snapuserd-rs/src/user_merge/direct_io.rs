@@ -29,22 +29,22 @@ pub fn direct_capable(addr: *const u8, len: usize, offset: u64) -> bool {
         && offset % DIRECT_ALIGN as u64 == 0
 }
 
-/// A second, read-write descriptor of `file` opened with `O_DIRECT` (through
-/// `/proc/self/fd`, so it names the same inode). `None`, with a log line naming `role`, when
-/// the file or the system refuses it: the merge then writes buffered, which is correct but
-/// costs a page-cache copy and a writeback of every destination.
-pub fn reopen_direct(file: &File, role: &str) -> Option<File> {
+/// A second descriptor of `file` opened with `O_DIRECT` (through `/proc/self/fd`, so it
+/// names the same inode), read-write if `write`. `None`, with a log line naming `role`, when
+/// the file or the system refuses it: the merge then uses the buffered descriptor, which is
+/// correct but goes through the page cache.
+pub fn reopen_direct(file: &File, role: &str, write: bool) -> Option<File> {
     let path = format!("/proc/self/fd/{}", file.as_raw_fd());
     match OpenOptions::new()
         .read(true)
-        .write(true)
+        .write(write)
         .custom_flags(libc::O_DIRECT)
         .open(&path)
     {
         Ok(direct) => Some(direct),
         Err(e) => {
             log::info!(
-                "merge I/O: the {role} device refuses O_DIRECT ({e}); the merge writes it \
+                "merge I/O: the {role} device refuses O_DIRECT ({e}); the merge uses it \
                  buffered (correct, slower)"
             );
             None
@@ -83,7 +83,25 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
+/// `O_DIRECT` descriptors a merge engine uses for aligned transfers, beside the buffered
+/// descriptors it always has; `None`: that device is used buffered only.
+#[derive(Debug, Default)]
+pub struct DirectDescriptors {
+    /// Read-only `O_DIRECT` descriptor of the source device, for window source reads.
+    pub source: Option<File>,
+    /// Read-write `O_DIRECT` descriptor of the base device, for destination writes.
+    pub base: Option<File>,
+}
+
 impl AlignedBuf {
+    /// A buffer holding a copy of `bytes`.
+    pub fn from_slice(bytes: &[u8]) -> Self {
+        let mut buf = Self::default();
+        buf.set_len(bytes.len());
+        buf.copy_from_slice(bytes);
+        buf
+    }
+
     /// Make the buffer `len` bytes long. Bytes from an earlier use are kept; new pages are
     /// zero.
     pub fn set_len(&mut self, len: usize) {
@@ -162,7 +180,7 @@ mod tests {
         file.read_exact_at(&mut before, DIRECT_ALIGN as u64)
             .expect("read");
         assert!(before.iter().all(|&b| b == 0x11));
-        let Some(direct) = reopen_direct(&file, "test") else {
+        let Some(direct) = reopen_direct(&file, "test", true) else {
             // This filesystem has no O_DIRECT: nothing to check here.
             return;
         };

@@ -41,9 +41,12 @@ pub struct UserSnapshotOptions {
     pub o_direct: bool,
     /// Write the merge's destinations through an `O_DIRECT` descriptor of the base device
     /// where it accepts one (no page-cache copy and writeback of each destination; DESIGN.md,
-    /// "Merge I/O"). Off by default: in the emulator it cost more CPU than buffered writes
-    /// (`BENCHMARKS.md`, "Merge I/O with O_DIRECT").
+    /// "Merge I/O"); the daemon turns it on by default (`-merge_o_direct`).
     pub merge_o_direct: bool,
+    /// Read the windows' sources through an `O_DIRECT` descriptor of the source device into
+    /// page-aligned buffers (runs at block offsets; XOR sources at other offsets stay
+    /// buffered). Off by default (daemon flag `-merge_direct_reads`).
+    pub merge_direct_reads: bool,
     /// At most this many ops per REPLACE/ZERO merge batch (AOSP
     /// `ro.virtual_ab.cow_op_merge_size`); `None` or `Some(0)`: no cap beyond 1 MiB.
     pub cow_op_merge_size: Option<u32>,
@@ -346,10 +349,11 @@ impl UserSnapshot {
                 range.start,
                 range.end
             );
+            let data = super::direct_io::AlignedBuf::from_slice(&saved.data);
             window = Some(Arc::new(LoadedWindow::new(
                 range,
                 has_slot.into_iter(),
-                saved,
+                data,
                 BLOCK,
             )));
         }
@@ -440,26 +444,36 @@ impl UserSnapshot {
     }
 
     /// The synchronous engine over this snapshot's source and base files.
-    /// Aligned writes go through an `O_DIRECT` descriptor of the base when it accepts one
-    /// ([`UserSnapshot::direct_base`]).
+    /// Aligned transfers go through `O_DIRECT` descriptors where the options ask for them
+    /// ([`UserSnapshot::direct_descriptors`]).
     pub fn sync_io(&self) -> std::io::Result<Box<dyn MergeIo>> {
         Ok(Box::new(
             SyncMergeIo::new(self.source.try_clone()?, self.base.try_clone()?)
-                .with_direct_base(self.direct_base()),
+                .with_direct(self.direct_descriptors()),
         ))
     }
 
-    /// A new `O_DIRECT` descriptor of the base device for a merge engine's aligned writes,
-    /// or `None` when the options do not ask for one
-    /// ([`UserSnapshotOptions::merge_o_direct`]) or (logged) when the base refuses it. The read path keeps reading the
-    /// base buffered: a direct write drops the cached pages of its range once it completes,
-    /// before the merge commits those blocks, and until that commit no reader takes them
-    /// from the base (DESIGN.md, "Merge I/O").
-    pub fn direct_base(&self) -> Option<File> {
-        if !self.opts.merge_o_direct {
-            return None;
+    /// New `O_DIRECT` descriptors for a merge engine's aligned transfers: of the base
+    /// device for destination writes if [`UserSnapshotOptions::merge_o_direct`], of the
+    /// source device for window source reads if [`UserSnapshotOptions::merge_direct_reads`];
+    /// `None` where not asked for or (logged) where the device refuses `O_DIRECT`. The read
+    /// path keeps reading the base buffered: a direct write drops the cached pages of its
+    /// range once it completes, before the merge commits those blocks, and until that commit
+    /// no reader takes them from the base (DESIGN.md, "Merge I/O").
+    pub fn direct_descriptors(&self) -> super::direct_io::DirectDescriptors {
+        use super::direct_io::reopen_direct;
+        super::direct_io::DirectDescriptors {
+            source: self
+                .opts
+                .merge_direct_reads
+                .then(|| reopen_direct(&self.source, "source", false))
+                .flatten(),
+            base: self
+                .opts
+                .merge_o_direct
+                .then(|| reopen_direct(&self.base, "base", true))
+                .flatten(),
         }
-        super::direct_io::reopen_direct(&self.base, "base")
     }
 
     /// The source device (read-only).

@@ -1,16 +1,16 @@
 //! The synchronous merge engine: `pread`, `pwrite` and `fdatasync`, one run at a time. It
 //! is the fallback of every other engine: when one fails mid-step, the step is redone here.
 //!
-//! Base writes whose buffer, length and offset are page-aligned go through an `O_DIRECT`
-//! descriptor of the base device when the engine has one ([`SyncMergeIo::with_direct_base`]);
-//! if the kernel refuses an `O_DIRECT` write, the engine logs it, drops that descriptor and
-//! redoes the run buffered.
+//! Runs whose buffer, length and offset are page-aligned go through the `O_DIRECT`
+//! descriptors the engine was given ([`SyncMergeIo::with_direct`]); if the kernel refuses an
+//! `O_DIRECT` transfer, the engine logs it, drops that descriptor and redoes the run
+//! buffered.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use super::direct_io::{direct_capable, direct_refused};
+use super::direct_io::{direct_capable, direct_refused, DirectDescriptors};
 use super::merge_io::{MergeIo, ReadRun, WriteRun};
 
 /// [`MergeIo`] with plain positioned system calls.
@@ -18,8 +18,7 @@ use super::merge_io::{MergeIo, ReadRun, WriteRun};
 pub struct SyncMergeIo {
     source: File,
     base: File,
-    /// `O_DIRECT` descriptor of the base device, for aligned writes.
-    direct_base: Option<File>,
+    direct: DirectDescriptors,
 }
 
 impl SyncMergeIo {
@@ -28,16 +27,23 @@ impl SyncMergeIo {
         Self {
             source,
             base,
-            direct_base: None,
+            direct: DirectDescriptors::default(),
         }
     }
 
-    /// Write aligned runs through `direct`, an `O_DIRECT` descriptor of the base device's
-    /// file (`None` keeps every write buffered).
-    pub fn with_direct_base(mut self, direct: Option<File>) -> Self {
-        self.direct_base = direct;
+    /// Move aligned runs through `direct`, `O_DIRECT` descriptors of the same files.
+    pub fn with_direct(mut self, direct: DirectDescriptors) -> Self {
+        self.direct = direct;
         self
     }
+}
+
+/// Log a refused `O_DIRECT` transfer; the caller drops the descriptor and goes on buffered.
+fn log_refused(device: &str, len: usize, offset: u64, error: &io::Error) {
+    log::warn!(
+        "merge I/O: the {device} device refused an O_DIRECT transfer of {len} bytes at byte \
+         {offset} ({error}); going on with buffered I/O on it"
+    );
 }
 
 impl MergeIo for SyncMergeIo {
@@ -47,6 +53,21 @@ impl MergeIo for SyncMergeIo {
 
     fn read_source(&mut self, runs: &mut [ReadRun<'_>]) -> io::Result<()> {
         for run in runs.iter_mut() {
+            let direct = self
+                .direct
+                .source
+                .as_ref()
+                .filter(|_| direct_capable(run.buf.as_ptr(), run.buf.len(), run.offset));
+            if let Some(direct) = direct {
+                match direct.read_exact_at(run.buf, run.offset) {
+                    Ok(()) => continue,
+                    Err(e) if direct_refused(&e) => {
+                        log_refused("source", run.buf.len(), run.offset, &e);
+                        self.direct.source = None;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             self.source.read_exact_at(run.buf, run.offset)?;
         }
         Ok(())
@@ -55,20 +76,16 @@ impl MergeIo for SyncMergeIo {
     fn write_base(&mut self, runs: &[WriteRun<'_>]) -> io::Result<()> {
         for run in runs {
             let direct = self
-                .direct_base
+                .direct
+                .base
                 .as_ref()
                 .filter(|_| direct_capable(run.buf.as_ptr(), run.buf.len(), run.offset));
             if let Some(direct) = direct {
                 match direct.write_all_at(run.buf, run.offset) {
                     Ok(()) => continue,
                     Err(e) if direct_refused(&e) => {
-                        log::warn!(
-                            "merge I/O: the base device refused an O_DIRECT write of {} bytes at \
-                             byte {} ({e}); going on with buffered writes",
-                            run.buf.len(),
-                            run.offset
-                        );
-                        self.direct_base = None;
+                        log_refused("base", run.buf.len(), run.offset, &e);
+                        self.direct.base = None;
                     }
                     Err(e) => return Err(e),
                 }
