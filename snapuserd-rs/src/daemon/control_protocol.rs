@@ -427,7 +427,8 @@ pub struct DaemonConfig {
     /// `-merge_o_direct`: the merge writes the base device with `O_DIRECT` where it accepts
     /// it (default on; `-nomerge_o_direct` for buffered writes).
     pub merge_o_direct: bool,
-    /// `-merge_direct_reads`: the merge reads window sources with `O_DIRECT` (default off).
+    /// `-merge_direct_reads`: the merge reads window sources with `O_DIRECT` where the
+    /// source accepts it (default on; `-nomerge_direct_reads` for buffered reads).
     pub merge_direct_reads: bool,
     /// `-ublk`: serve user-space-merge handlers as ublk devices instead of dm-user.
     pub ublk: bool,
@@ -456,7 +457,7 @@ impl Default for DaemonConfig {
             io_uring: true,
             o_direct: false,
             merge_o_direct: true,
-            merge_direct_reads: false,
+            merge_direct_reads: true,
             ublk: false,
             cow_op_merge_size: 0,
             worker_count: DEFAULT_WORKER_COUNT,
@@ -503,7 +504,8 @@ turns a boolean flag off; '-' and '_' inside names are the same; -- ends the fla
   -merge_o_direct         the merge writes the base device with O_DIRECT (default:
                           on; -nomerge_o_direct for buffered writes). A device that
                           refuses O_DIRECT is written buffered by itself
-  -merge_direct_reads     the merge reads its sources with O_DIRECT (default: off)
+  -merge_direct_reads     the merge reads its sources with O_DIRECT (default: on;
+                          -nomerge_direct_reads for buffered reads)
   -ublk                   serve user-space-merge handlers as ublk devices
                           (/dev/ublkbN, one queue per worker) instead of dm-user; a
                           new daemon re-attaches to the device a dead one left
@@ -1021,11 +1023,11 @@ mod tests {
             "O_DIRECT merge writes are on by default"
         );
         assert!(
-            !cfg.merge_direct_reads,
-            "merge source reads are buffered by default"
+            cfg.merge_direct_reads,
+            "O_DIRECT merge source reads are on by default"
         );
-        let cfg2 = DaemonConfig::parse(["-nomerge_o_direct", "-merge_direct_reads"]).unwrap();
-        assert!(!cfg2.merge_o_direct && cfg2.merge_direct_reads);
+        let cfg2 = DaemonConfig::parse(["-nomerge_o_direct", "-nomerge_direct_reads"]).unwrap();
+        assert!(!cfg2.merge_o_direct && !cfg2.merge_direct_reads);
         assert_eq!(cfg.num_merge_threads, None);
         let cfg = DaemonConfig::parse(["-noio_uring", "-num_merge_threads=1"]).unwrap();
         assert!(!cfg.io_uring);

@@ -45,7 +45,7 @@ pub struct UserSnapshotOptions {
     pub merge_o_direct: bool,
     /// Read the windows' sources through an `O_DIRECT` descriptor of the source device into
     /// page-aligned buffers (runs at block offsets; XOR sources at other offsets stay
-    /// buffered). Off by default (daemon flag `-merge_direct_reads`).
+    /// buffered). The daemon turns it on by default (`-merge_direct_reads`).
     pub merge_direct_reads: bool,
     /// At most this many ops per REPLACE/ZERO merge batch (AOSP
     /// `ro.virtual_ab.cow_op_merge_size`); `None` or `Some(0)`: no cap beyond 1 MiB.
