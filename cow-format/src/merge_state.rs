@@ -342,25 +342,35 @@ impl MergeState {
     /// consecutive slots and its metadata list (zero-terminated), then sync once. The state
     /// byte is not touched, so a crash here leaves the previous state.
     pub fn stage_window(&mut self, window: &ScratchWindow) -> Result<(), MergeStateError> {
+        self.stage_window_parts(&window.new_blocks, &window.data)
+    }
+
+    /// [`stage_window`](Self::stage_window) from the window's parts: `new_blocks` (one per
+    /// saved slot, in merge order) and `data` (one block per slot, concatenated), so a
+    /// caller keeping the bytes in its own buffer needs no copy.
+    pub fn stage_window_parts(
+        &mut self,
+        new_blocks: &[u64],
+        data: &[u8],
+    ) -> Result<(), MergeStateError> {
         let s = self.scratch_or_err()?;
         let capacity = s.window_capacity(self.header.block_size());
-        let blocks = window.new_blocks.len();
+        let blocks = new_blocks.len();
         if blocks as u64 > capacity {
             return Err(MergeStateError::WindowTooLarge { blocks, capacity });
         }
         let expected = blocks as u64 * self.block_size();
-        if window.data.len() as u64 != expected {
+        if data.len() as u64 != expected {
             return Err(MergeStateError::WindowDataSize {
                 blocks,
-                got: window.data.len(),
+                got: data.len(),
                 expected,
             });
         }
         // The whole list area of a full window (capacity entries plus the terminator, inside
         // the metadata area): the entries, then zeroes, so no stale entry survives.
         let mut meta = vec![0u8; (capacity as usize + 1) * SCRATCH_METADATA_SIZE];
-        for ((slot, &new_block), raw) in window
-            .new_blocks
+        for ((slot, &new_block), raw) in new_blocks
             .iter()
             .enumerate()
             .zip(meta.chunks_exact_mut(SCRATCH_METADATA_SIZE))
@@ -374,7 +384,7 @@ impl MergeState {
                 .encode(),
             );
         }
-        self.write(&window.data, s.data_offset)?;
+        self.write(data, s.data_offset)?;
         self.write(&meta, s.metadata_offset)?;
         self.sync(s.metadata_offset, s.end - s.metadata_offset)
     }

@@ -129,6 +129,8 @@ fn window_shape(cow_path: &Path) -> Shape {
     let mut shape = Shape::default();
     let (mut sorted_dest_runs, mut sorted_source_runs) = (0usize, 0usize);
     let (mut gap_blocks, mut joined) = (0u64, 0usize);
+    // Runs joinable across gaps of up to 1, 2, 4, ... 64 blocks filled from saved sources.
+    let mut fillable = [0usize; 7];
     for window in ordered_part.chunks(WINDOW) {
         windows += 1;
         let mut dests: Vec<u64> = Vec::new();
@@ -167,6 +169,33 @@ fn window_shape(cow_path: &Path) -> Shape {
                 joined += 1;
             }
         }
+        // Gaps the merge could fill from the window's own saved sources (blocks a COPY of
+        // the window reads at a block boundary and no op of the window writes: the base
+        // still holds those bytes), joining the runs around them.
+        let aligned: Vec<u64> = {
+            let mut v: Vec<u64> = window
+                .iter()
+                .filter_map(|op| match op.kind {
+                    OpKind::Copy => Some(op.source),
+                    OpKind::Xor if op.source % BLOCK as u64 == 0 => Some(op.source / BLOCK as u64),
+                    _ => None,
+                })
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        for (g, count) in fillable.iter_mut().enumerate() {
+            let max_gap = 1u64 << g;
+            for pair in dests.windows(2) {
+                let gap = pair[1] - pair[0] - 1;
+                if (1..=max_gap).contains(&gap)
+                    && (pair[0] + 1..pair[1]).all(|b| aligned.binary_search(&b).is_ok())
+                {
+                    *count += 1;
+                }
+            }
+        }
         if sources.iter().any(|s| dests.binary_search(s).is_ok()) {
             overlapping += 1;
         }
@@ -190,6 +219,10 @@ fn window_shape(cow_path: &Path) -> Shape {
         "per window in block order: {sorted_dest_runs} destination runs, {sorted_source_runs} \
          distinct source runs; joining destination gaps of 1-4 blocks would remove {joined} \
          runs and rewrite {gap_blocks} unchanged blocks"
+    );
+    println!(
+        "destination runs joinable across gaps filled from the window's own saved sources, \
+         for gaps of up to 1, 2, 4, 8, 16, 32, 64 blocks: {fillable:?}"
     );
     shape
 }

@@ -467,10 +467,16 @@ fn io_uring_refused_by_seccomp_falls_back_to_the_synchronous_engine() {
                 assert!(error.is_unavailable());
 
                 let mut fallback_called = false;
-                let chosen = uring_or_fallback(&source, &base, &UringOptions::default(), || {
-                    fallback_called = true;
-                    Ok(Box::new(MarkerEngine))
-                })
+                let chosen = uring_or_fallback(
+                    &source,
+                    &base,
+                    Default::default(),
+                    &UringOptions::default(),
+                    || {
+                        fallback_called = true;
+                        Ok(Box::new(MarkerEngine))
+                    },
+                )
                 .expect("the fallback engine");
                 assert!(fallback_called);
                 assert_eq!(chosen.name(), "marker");
@@ -480,9 +486,13 @@ fn io_uring_refused_by_seccomp_falls_back_to_the_synchronous_engine() {
     });
 
     // Outside the filtered thread io_uring works, and the fallback is not used.
-    let chosen = uring_or_fallback(&source, &base, &UringOptions::default(), || {
-        Ok(Box::new(MarkerEngine))
-    })
+    let chosen = uring_or_fallback(
+        &source,
+        &base,
+        Default::default(),
+        &UringOptions::default(),
+        || Ok(Box::new(MarkerEngine)),
+    )
     .expect("an engine");
     assert_eq!(chosen.name(), "io_uring");
 }

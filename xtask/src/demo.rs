@@ -614,11 +614,24 @@ fn demo_init_fragment(
         "/bin/vmtest snap read-merge demo /dev/vda /dev/vdb /dev/vdc".to_string()
     } else {
         format!(
-            "/bin/vmtest demo-usm /dev/vda /dev/vdb /dev/vdc /dev/vdd /dev/vde changed={changed_bytes} rounds={rounds} transport={}",
-            transport.name()
+            "/bin/vmtest demo-usm /dev/vda /dev/vdb /dev/vdc /dev/vdd /dev/vde changed={changed_bytes} rounds={rounds} transport={}{}",
+            transport.name(),
+            ab_flag_arg()
         )
     };
     format!("export RUST_LOG_STYLE=never\n{run}\n")
+}
+
+/// ` ab_flag=FLAG` when the environment sets `DEMO_AB_DAEMON_FLAG` to a daemon flag (it
+/// starts with `-` and holds no space): the guest gives it to the daemon on odd rounds only,
+/// for an A/B comparison of two daemon configurations in one boot. Empty otherwise.
+fn ab_flag_arg() -> String {
+    match std::env::var("DEMO_AB_DAEMON_FLAG") {
+        Ok(flag) if flag.starts_with('-') && !flag.contains(char::is_whitespace) => {
+            format!(" ab_flag={flag}")
+        }
+        _ => String::new(),
+    }
 }
 
 /// `text` without terminal escape sequences: `ESC [ ... final` (colours, cursor and screen

@@ -424,6 +424,12 @@ pub struct DaemonConfig {
     pub io_uring: bool,
     /// `-o_direct`.
     pub o_direct: bool,
+    /// `-merge_o_direct`: the merge writes the base device with `O_DIRECT` where it accepts
+    /// it (default on; `-nomerge_o_direct` for buffered writes).
+    pub merge_o_direct: bool,
+    /// `-merge_direct_reads`: the merge reads window sources with `O_DIRECT` where the
+    /// source accepts it (default on; `-nomerge_direct_reads` for buffered reads).
+    pub merge_direct_reads: bool,
     /// `-ublk`: serve user-space-merge handlers as ublk devices instead of dm-user.
     pub ublk: bool,
     /// `-cow_op_merge_size=N` (0: default).
@@ -450,6 +456,8 @@ impl Default for DaemonConfig {
             user_snapshot: false,
             io_uring: true,
             o_direct: false,
+            merge_o_direct: true,
+            merge_direct_reads: true,
             ublk: false,
             cow_op_merge_size: 0,
             worker_count: DEFAULT_WORKER_COUNT,
@@ -493,6 +501,11 @@ turns a boolean flag off; '-' and '_' inside names are the same; -- ends the fla
                           cannot be built (old kernel, seccomp) the merge falls back
                           to the synchronous engine by itself
   -o_direct               O_DIRECT reads of the source device (user-space merge)
+  -merge_o_direct         the merge writes the base device with O_DIRECT (default:
+                          on; -nomerge_o_direct for buffered writes). A device that
+                          refuses O_DIRECT is written buffered by itself
+  -merge_direct_reads     the merge reads its sources with O_DIRECT (default: on;
+                          -nomerge_direct_reads for buffered reads)
   -ublk                   serve user-space-merge handlers as ublk devices
                           (/dev/ublkbN, one queue per worker) instead of dm-user; a
                           new daemon re-attaches to the device a dead one left
@@ -528,12 +541,14 @@ where
         .any(|a| matches!(a.as_str(), "-h" | "--h" | "-help" | "--help"))
 }
 
-const BOOL_FLAGS: [&str; 6] = [
+const BOOL_FLAGS: [&str; 8] = [
     "no_socket",
     "socket_handoff",
     "user_snapshot",
     "io_uring",
     "o_direct",
+    "merge_o_direct",
+    "merge_direct_reads",
     "ublk",
 ];
 const VALUE_FLAGS: [&str; 5] = [
@@ -722,6 +737,8 @@ impl DaemonConfig {
             "user_snapshot" => self.user_snapshot = on,
             "io_uring" => self.io_uring = on,
             "ublk" => self.ublk = on,
+            "merge_o_direct" => self.merge_o_direct = on,
+            "merge_direct_reads" => self.merge_direct_reads = on,
             _ => self.o_direct = on,
         }
     }
@@ -1001,6 +1018,16 @@ mod tests {
     fn merge_flags_and_handler_modes() {
         let cfg = DaemonConfig::parse(Vec::<String>::new()).unwrap();
         assert!(cfg.io_uring, "io_uring is on by default");
+        assert!(
+            cfg.merge_o_direct,
+            "O_DIRECT merge writes are on by default"
+        );
+        assert!(
+            cfg.merge_direct_reads,
+            "O_DIRECT merge source reads are on by default"
+        );
+        let cfg2 = DaemonConfig::parse(["-nomerge_o_direct", "-nomerge_direct_reads"]).unwrap();
+        assert!(!cfg2.merge_o_direct && !cfg2.merge_direct_reads);
         assert_eq!(cfg.num_merge_threads, None);
         let cfg = DaemonConfig::parse(["-noio_uring", "-num_merge_threads=1"]).unwrap();
         assert!(!cfg.io_uring);

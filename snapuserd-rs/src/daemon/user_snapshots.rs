@@ -81,6 +81,7 @@ impl ServedUserSnapshot {
         uring_or_fallback(
             self.snapshot.source_file(),
             self.snapshot.base_file(),
+            self.snapshot.direct_descriptors(),
             &UringOptions::default(),
             || self.snapshot.sync_io(),
         )

@@ -21,6 +21,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 
 use super::batch::{BatchPlan, Direction, Piece, PieceFailure};
 use super::probe::{check_opcodes, new_ring, UringUnavailable};
+use crate::user_merge::direct_io::{direct_capable, DirectDescriptors};
 use crate::user_merge::merge_io::{MergeIo, ReadRun, WriteRun};
 
 /// `user_data` of the barrier entry; pieces use their slot index.
@@ -238,6 +239,8 @@ pub struct UringMergeIo {
     base: File,
     queue_depth: u32,
     max_piece_bytes: u32,
+    /// `O_DIRECT` descriptors of the source and base files, for aligned pieces.
+    direct: DirectDescriptors,
     /// Set after an `io_uring_enter` failure that may have left entries unsubmitted in the
     /// ring: they point into buffers of a call that has returned, so the ring is never
     /// entered again.
@@ -251,6 +254,14 @@ impl std::fmt::Debug for UringMergeIo {
             .field("base_fd", &self.base.as_raw_fd())
             .field("queue_depth", &self.queue_depth)
             .field("max_piece_bytes", &self.max_piece_bytes)
+            .field(
+                "direct_source_fd",
+                &self.direct.source.as_ref().map(AsRawFd::as_raw_fd),
+            )
+            .field(
+                "direct_base_fd",
+                &self.direct.base.as_ref().map(AsRawFd::as_raw_fd),
+            )
             .field("poisoned", &self.poisoned)
             .finish()
     }
@@ -296,8 +307,19 @@ impl UringMergeIo {
             base,
             queue_depth,
             max_piece_bytes,
+            direct: DirectDescriptors::default(),
             poisoned: false,
         })
+    }
+
+    /// Move pieces whose buffer, length and offset are page-aligned through `direct`,
+    /// `O_DIRECT` descriptors of the source and base files (`None`: that device buffered).
+    /// The barrier stays on the buffered descriptor: it names the same inode. A refused
+    /// direct transfer fails the batch like any other error, and the merge redoes the step
+    /// with the synchronous engine, which goes on buffered.
+    pub fn with_direct(mut self, direct: DirectDescriptors) -> Self {
+        self.direct = direct;
+        self
     }
 
     /// The queue depth in use.
@@ -324,6 +346,10 @@ impl UringMergeIo {
                 .collect(),
             self.max_piece_bytes,
         );
+        let direct_fd = match direction {
+            Direction::Write => self.direct.base.as_ref().map(AsRawFd::as_raw_fd),
+            Direction::Read => self.direct.source.as_ref().map(AsRawFd::as_raw_fd),
+        };
         let depth = self.queue_depth as usize;
         let mut slots: Vec<Option<Piece>> = vec![None; depth];
         let mut free_slots: Vec<usize> = (0..depth).rev().collect();
@@ -347,6 +373,12 @@ impl UringMergeIo {
                     // run (`piece.start + piece.len <= buffer.len`), so the address stays
                     // inside the caller's buffer.
                     let addr = unsafe { buffer.addr.add(piece.start) };
+                    let fd = match direct_fd {
+                        Some(direct) if direct_capable(addr, piece.len as usize, piece.offset) => {
+                            direct
+                        }
+                        _ => fd,
+                    };
                     let entry = match direction {
                         Direction::Read => {
                             opcode::Read::new(types::Fd(fd), addr, piece.len).offset(piece.offset)
@@ -543,11 +575,12 @@ fn write_buffers(runs: &[WriteRun<'_>]) -> Vec<(u64, RunBuffer)> {
 pub fn uring_or_fallback(
     source: &File,
     base: &File,
+    direct: DirectDescriptors,
     options: &UringOptions,
     fallback: impl FnOnce() -> io::Result<Box<dyn MergeIo>>,
 ) -> io::Result<Box<dyn MergeIo>> {
     match UringMergeIo::new(source, base, options) {
-        Ok(engine) => Ok(Box::new(engine)),
+        Ok(engine) => Ok(Box::new(engine.with_direct(direct))),
         Err(UringEngineError::Unavailable(why)) => {
             log::warn!(
                 "merge I/O: io_uring unavailable ({}); using the synchronous engine",

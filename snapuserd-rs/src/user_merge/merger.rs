@@ -4,12 +4,12 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use cow_format::merge_state::ScratchWindow;
 use cow_format::{CowOp, OpKind};
 
 use crate::error_chain::ErrorChain;
 
 use super::control::MergeControl;
+use super::direct_io::AlignedBuf;
 use super::error::{UserMergeError, UserSnapshotError};
 use super::merge_io::{MergeIo, ReadRun, WriteRun};
 use super::plan::source_offset;
@@ -34,12 +34,26 @@ enum StepError {
 /// Buffers reused across steps: at most one window of destinations and one batch.
 #[derive(Default)]
 struct Buffers {
-    out: Vec<u8>,
+    /// Produced destinations; page-aligned so that their writes can go `O_DIRECT`.
+    out: AlignedBuf,
     /// `(first block, byte offset in the buffer, bytes)` of each run of contiguous
     /// destinations.
     spans: Vec<(u64, usize, usize)>,
     /// `(first destination block, entry)` of a window's entries, sorted by block.
     by_block: Vec<(u64, u64)>,
+    /// A committed window's saved-bytes buffer, for the next window's sources (taken back
+    /// when no reader holds that window any more), so the merge does not allocate and
+    /// fault in 2 MiB per window.
+    spare: Option<AlignedBuf>,
+}
+
+impl Buffers {
+    /// Keep the buffer of `window` for the next one, if no reader still holds the window.
+    fn recycle(&mut self, window: Arc<LoadedWindow>) {
+        if let Ok(window) = Arc::try_unwrap(window) {
+            self.spare = Some(window.into_data());
+        }
+    }
 }
 
 impl Buffers {
@@ -219,10 +233,11 @@ impl UserSnapshot {
             .filter(|w| w.entries == range);
         let window = match loaded {
             Some(w) => w,
-            None => self.read_ahead(range.clone(), io)?,
+            None => self.read_ahead(range.clone(), io, bufs)?,
         };
         self.write_destinations(&window, io, bufs, true)?;
         self.commit_ordered(range.end)?;
+        bufs.recycle(window);
         log::debug!("merged window {}..{}", range.start, range.end);
         Ok(())
     }
@@ -243,7 +258,7 @@ impl UserSnapshot {
         let mut at = range.start;
         loop {
             let window_range = self.plan.window_at(&self.cow, at);
-            let window = self.read_sources(window_range.clone(), io)?;
+            let window = self.read_sources(window_range.clone(), io, bufs)?;
             let last = window_range.end >= range.end || control.safe_point_wanted();
             self.write_destinations(&window, io, bufs, last)?;
             at = window_range.end;
@@ -253,8 +268,8 @@ impl UserSnapshot {
             // Free this window's bytes before the next window's are read (one window in
             // memory, as on the staged path): readers take its blocks from the source
             // device, which the run does not write.
-            drop(window);
             self.view_write().window = None;
+            bufs.recycle(window);
         }
         self.commit_ordered(at)?;
         log::debug!(
@@ -296,8 +311,9 @@ impl UserSnapshot {
         &self,
         range: std::ops::Range<u64>,
         io: &mut dyn MergeIo,
+        bufs: &mut Buffers,
     ) -> Result<Arc<LoadedWindow>, StepError> {
-        let (saved, has_slot) = self.read_window_sources(range.clone(), io)?;
+        let (saved, has_slot) = self.read_window_sources(range.clone(), io, bufs)?;
         if self.plan.has_scratch() {
             let mut store = self.lock_store();
             let progress = |operation| {
@@ -310,7 +326,7 @@ impl UserSnapshot {
                 }
             };
             store
-                .stage_window(&saved)
+                .stage_window(&saved.0, &saved.1)
                 .map_err(progress("save the read-ahead window in scratch"))?;
             store
                 .mark_window_done()
@@ -325,6 +341,7 @@ impl UserSnapshot {
         &self,
         range: std::ops::Range<u64>,
         io: &mut dyn MergeIo,
+        bufs: &mut Buffers,
     ) -> Result<Arc<LoadedWindow>, StepError> {
         let loaded = self
             .view_read()
@@ -334,7 +351,7 @@ impl UserSnapshot {
         if let Some(w) = loaded {
             return Ok(w);
         }
-        let (saved, has_slot) = self.read_window_sources(range.clone(), io)?;
+        let (saved, has_slot) = self.read_window_sources(range.clone(), io, bufs)?;
         Ok(self.install_window(range, has_slot, saved))
     }
 
@@ -343,12 +360,12 @@ impl UserSnapshot {
         &self,
         range: std::ops::Range<u64>,
         has_slot: Vec<bool>,
-        saved: ScratchWindow,
+        saved: (Vec<u64>, AlignedBuf),
     ) -> Arc<LoadedWindow> {
         let window = Arc::new(LoadedWindow::new(
             range.clone(),
             has_slot.into_iter(),
-            saved,
+            saved.1,
             BLOCK,
         ));
         // From here readers take this window's blocks from the saved bytes; any reader
@@ -359,14 +376,17 @@ impl UserSnapshot {
     }
 
     /// Read the sources of the window's ordered ops (contiguous ones coalesced) into
-    /// memory: the bytes, slot by slot, and which entries have a slot.
+    /// memory: the destination block of each slot, the bytes slot by slot (in a page-aligned
+    /// buffer, the spare one if there is one), and which entries have a slot.
+    #[allow(clippy::type_complexity)]
     fn read_window_sources(
         &self,
         range: std::ops::Range<u64>,
         io: &mut dyn MergeIo,
-    ) -> Result<(ScratchWindow, Vec<bool>), StepError> {
+        bufs: &mut Buffers,
+    ) -> Result<((Vec<u64>, AlignedBuf), Vec<bool>), StepError> {
         let bs = BLOCK as u64;
-        let mut saved = ScratchWindow::default();
+        let mut new_blocks: Vec<u64> = Vec::new();
         // (source offset, slots)
         let mut spans: Vec<(u64, usize)> = Vec::new();
         let mut has_slot = Vec::with_capacity((range.end - range.start) as usize);
@@ -387,16 +407,19 @@ impl UserSnapshot {
                     },
                 })
             })?;
-            saved.new_blocks.push(op.new_block);
+            new_blocks.push(op.new_block);
             match spans.last_mut() {
                 Some(last) if last.0.checked_add(last.1 as u64 * bs) == Some(offset) => last.1 += 1,
                 _ => spans.push((offset, 1)),
             }
         }
-        saved.data = vec![0u8; saved.new_blocks.len() * BLOCK];
+        let mut data = bufs.spare.take().unwrap_or_default();
+        // Every slot is covered by exactly one run below, so no byte of an earlier window
+        // survives.
+        data.set_len(new_blocks.len() * BLOCK);
         {
             let mut runs = Vec::with_capacity(spans.len());
-            let mut rest: &mut [u8] = &mut saved.data;
+            let mut rest: &mut [u8] = &mut data;
             for &(offset, slots) in &spans {
                 let (head, tail) = rest.split_at_mut(slots * BLOCK);
                 runs.push(ReadRun { offset, buf: head });
@@ -411,7 +434,7 @@ impl UserSnapshot {
                 })
             })?;
         }
-        Ok((saved, has_slot))
+        Ok(((new_blocks, data), has_slot))
     }
 
     /// Produce every destination block of `window` and write them in runs of contiguous
@@ -430,7 +453,7 @@ impl UserSnapshot {
         durable: bool,
     ) -> Result<(), StepError> {
         let range = window.entries.clone();
-        bufs.out.resize(OUT_BLOCKS * BLOCK, 0);
+        bufs.out.set_len(OUT_BLOCKS * BLOCK);
         bufs.spans.clear();
         let mut used = 0usize;
         let write_error = |io: &dyn MergeIo, source| {
@@ -510,7 +533,7 @@ impl UserSnapshot {
         };
         bufs.spans.clear();
         if bufs.out.len() < BATCH_BYTES {
-            bufs.out.resize(BATCH_BYTES, 0);
+            bufs.out.set_len(BATCH_BYTES);
         }
         let mut used = 0usize;
         let mut entry = p;
@@ -525,7 +548,7 @@ impl UserSnapshot {
                     break;
                 }
                 // One op larger than a batch (at most 256 KiB in any valid COW).
-                bufs.out.resize(len.min(64 << 20), 0);
+                bufs.out.set_len(len.min(64 << 20));
                 if len > bufs.out.len() {
                     return Err(StepError::Fatal(UserMergeError::Produce {
                         entry,

@@ -12,6 +12,7 @@
 
 mod block_map;
 mod control;
+pub mod direct_io;
 mod direct_source;
 mod error;
 mod handoff;
@@ -28,6 +29,7 @@ mod tests;
 mod window;
 
 pub use control::MergeControl;
+pub use direct_io::DirectDescriptors;
 pub use error::{UserMergeError, UserReadError, UserSnapshotError};
 pub use merge_io::{MergeIo, ReadRun, WriteRun};
 pub use snapshot::{MergeOutcome, MergePhase, MergeProgress, UserSnapshot, UserSnapshotOptions};

@@ -11,8 +11,9 @@ pub(crate) trait ProgressStore: Send {
     fn progress(&self) -> Result<DurableProgress, MergeStateError>;
     /// Blocks a scratch window holds; 0 without scratch.
     fn window_capacity(&self) -> usize;
-    /// Write the window's data and metadata and sync (state untouched).
-    fn stage_window(&mut self, window: &ScratchWindow) -> Result<(), MergeStateError>;
+    /// Write the window's data (one block per entry of `new_blocks`) and metadata and sync
+    /// (state untouched).
+    fn stage_window(&mut self, new_blocks: &[u64], data: &[u8]) -> Result<(), MergeStateError>;
     /// Set state Done and sync.
     fn mark_window_done(&mut self) -> Result<(), MergeStateError>;
     /// The saved window.
@@ -30,8 +31,8 @@ impl ProgressStore for MergeState {
     fn window_capacity(&self) -> usize {
         MergeState::window_capacity(self)
     }
-    fn stage_window(&mut self, window: &ScratchWindow) -> Result<(), MergeStateError> {
-        MergeState::stage_window(self, window)
+    fn stage_window(&mut self, new_blocks: &[u64], data: &[u8]) -> Result<(), MergeStateError> {
+        MergeState::stage_window_parts(self, new_blocks, data)
     }
     fn mark_window_done(&mut self) -> Result<(), MergeStateError> {
         MergeState::mark_window_done(self)

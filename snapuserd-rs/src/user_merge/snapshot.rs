@@ -40,6 +40,14 @@ pub struct UserSnapshotOptions {
     /// Read COPY/XOR sources on the read path with `O_DIRECT` (AOSP `-o_direct`), through
     /// an aligned bounce buffer, so they do not fill the page cache.
     pub o_direct: bool,
+    /// Write the merge's destinations through an `O_DIRECT` descriptor of the base device
+    /// where it accepts one (no page-cache copy and writeback of each destination; DESIGN.md,
+    /// "Merge I/O"); the daemon turns it on by default (`-merge_o_direct`).
+    pub merge_o_direct: bool,
+    /// Read the windows' sources through an `O_DIRECT` descriptor of the source device into
+    /// page-aligned buffers (runs at block offsets; XOR sources at other offsets stay
+    /// buffered). The daemon turns it on by default (`-merge_direct_reads`).
+    pub merge_direct_reads: bool,
     /// At most this many ops per REPLACE/ZERO merge batch (AOSP
     /// `ro.virtual_ab.cow_op_merge_size`); `None` or `Some(0)`: no cap beyond 1 MiB.
     pub cow_op_merge_size: Option<u32>,
@@ -342,10 +350,11 @@ impl UserSnapshot {
                 range.start,
                 range.end
             );
+            let data = super::direct_io::AlignedBuf::from_slice(&saved.data);
             window = Some(Arc::new(LoadedWindow::new(
                 range,
                 has_slot.into_iter(),
-                saved,
+                data,
                 BLOCK,
             )));
         }
@@ -436,11 +445,36 @@ impl UserSnapshot {
     }
 
     /// The synchronous engine over this snapshot's source and base files.
+    /// Aligned transfers go through `O_DIRECT` descriptors where the options ask for them
+    /// ([`UserSnapshot::direct_descriptors`]).
     pub fn sync_io(&self) -> std::io::Result<Box<dyn MergeIo>> {
-        Ok(Box::new(SyncMergeIo::new(
-            self.source.try_clone()?,
-            self.base.try_clone()?,
-        )))
+        Ok(Box::new(
+            SyncMergeIo::new(self.source.try_clone()?, self.base.try_clone()?)
+                .with_direct(self.direct_descriptors()),
+        ))
+    }
+
+    /// New `O_DIRECT` descriptors for a merge engine's aligned transfers: of the base
+    /// device for destination writes if [`UserSnapshotOptions::merge_o_direct`], of the
+    /// source device for window source reads if [`UserSnapshotOptions::merge_direct_reads`];
+    /// `None` where not asked for or (logged) where the device refuses `O_DIRECT`. The read
+    /// path keeps reading the base buffered: a direct write drops the cached pages of its
+    /// range once it completes, before the merge commits those blocks, and until that commit
+    /// no reader takes them from the base (DESIGN.md, "Merge I/O").
+    pub fn direct_descriptors(&self) -> super::direct_io::DirectDescriptors {
+        use super::direct_io::reopen_direct;
+        super::direct_io::DirectDescriptors {
+            source: self
+                .opts
+                .merge_direct_reads
+                .then(|| reopen_direct(&self.source, "source", false))
+                .flatten(),
+            base: self
+                .opts
+                .merge_o_direct
+                .then(|| reopen_direct(&self.base, "base", true))
+                .flatten(),
+        }
     }
 
     /// The source device (read-only).

@@ -461,16 +461,13 @@ impl ProgressStore for CrashingStore {
     fn window_capacity(&self) -> usize {
         self.inner.window_capacity()
     }
-    fn stage_window(&mut self, window: &ScratchWindow) -> Result<(), MergeStateError> {
+    fn stage_window(&mut self, new_blocks: &[u64], data: &[u8]) -> Result<(), MergeStateError> {
         if let Err(e) = self.clock.step("stage scratch window") {
-            let torn = ScratchWindow {
-                new_blocks: window.new_blocks.clone(),
-                data: vec![0xEE; window.data.len()],
-            };
-            self.inner.stage_window(&torn)?;
+            let torn = vec![0xEE; data.len()];
+            self.inner.stage_window_parts(new_blocks, &torn)?;
             return Err(crashed(e));
         }
-        self.inner.stage_window(window)
+        self.inner.stage_window_parts(new_blocks, data)
     }
     fn mark_window_done(&mut self) -> Result<(), MergeStateError> {
         self.clock.step("mark window Done").map_err(crashed)?;

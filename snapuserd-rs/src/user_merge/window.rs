@@ -4,8 +4,9 @@
 use std::io;
 use std::ops::Range;
 
-use cow_format::merge_state::ScratchWindow;
 use cow_format::SourceImage;
+
+use super::direct_io::AlignedBuf;
 
 /// Marks an entry of the window that saved no source bytes (a REPLACE/ZERO entry inside
 /// the ordered part).
@@ -18,18 +19,20 @@ pub(crate) struct LoadedWindow {
     pub(crate) entries: Range<u64>,
     /// Slot of each entry (`NO_SLOT` if none), indexed by `entry - entries.start`.
     slots: Vec<u16>,
-    /// What the scratch region holds (or would hold): blocks and bytes, slot by slot.
-    pub(crate) saved: ScratchWindow,
+    /// What the scratch region's data area holds (or would hold): one block of saved source
+    /// bytes per slot, page-aligned (the merge reads the sources into it, with `O_DIRECT`
+    /// when asked).
+    data: AlignedBuf,
     block_size: usize,
 }
 
 impl LoadedWindow {
-    /// A window over `entries` whose entries with `Some(..)` in `has_slot` took the
-    /// consecutive slots of `saved`.
+    /// A window over `entries` whose entries with `true` in `has_slot` took the consecutive
+    /// slots of `data`.
     pub(crate) fn new(
         entries: Range<u64>,
         has_slot: impl Iterator<Item = bool>,
-        saved: ScratchWindow,
+        data: AlignedBuf,
         block_size: usize,
     ) -> Self {
         let mut next = 0u16;
@@ -46,9 +49,14 @@ impl LoadedWindow {
         Self {
             entries,
             slots,
-            saved,
+            data,
             block_size,
         }
+    }
+
+    /// The saved bytes' buffer, for the next window to reuse.
+    pub(crate) fn into_data(self) -> AlignedBuf {
+        self.data
     }
 
     /// True if `entry` is one of this window's.
@@ -64,7 +72,7 @@ impl LoadedWindow {
             return None;
         }
         let at = usize::from(slot) * self.block_size;
-        self.saved.data.get(at..at + self.block_size)
+        self.data.get(at..at + self.block_size)
     }
 }
 

@@ -1,6 +1,6 @@
 //! The OTA demo in user-space-merge mode, run by `cargo xtask demo` inside the emulator.
 //!
-//! `vmtest demo-usm <base> <cow> <target> <pristine-base> <pristine-cow> changed=<bytes> [rounds=<n>] [transport=dm-user|ublk]`
+//! `vmtest demo-usm <base> <cow> <target> <pristine-base> <pristine-cow> changed=<bytes> [rounds=<n>] [transport=dm-user|ublk] [ab_flag=<daemon flag for odd rounds>]`
 //!
 //! The snapshot device is the whole partition: with dm-user (the default) the table
 //! `0 S user 0 S <misc>` (S the base device's size) over `snapuserd -user_snapshot`; with ublk
@@ -65,6 +65,9 @@ struct Args {
     changed: u64,
     rounds: usize,
     transport: Transport,
+    /// `ab_flag=FLAG`: a daemon flag given on odd rounds only, so that one boot alternates
+    /// two daemon configurations (an A/B comparison; the report's medians then mix both).
+    ab_flag: Option<String>,
 }
 
 impl Args {
@@ -98,6 +101,12 @@ impl Args {
                 Some(name) => Transport::parse(name)?,
                 None => Transport::DmUser,
             },
+            ab_flag: args
+                .iter()
+                .skip(5)
+                .find_map(|a| a.strip_prefix("ab_flag="))
+                .filter(|f| f.starts_with('-'))
+                .map(str::to_string),
         })
     }
 }
@@ -114,7 +123,12 @@ impl Device {
     /// The daemon (`-user_snapshot`, plus `-ublk` over ublk), the dm-user table over the
     /// whole base when the transport is dm-user, `init` (5 fields) and `start`; over ublk the
     /// device is the one `start` created (`get_device_name`).
-    fn bring_up(a: &Args, base_sectors: u64, workers: Option<u32>) -> Res<Self> {
+    fn bring_up(
+        a: &Args,
+        base_sectors: u64,
+        workers: Option<u32>,
+        extra_flag: Option<&str>,
+    ) -> Res<Self> {
         let workers = workers.map(|n| format!("-worker_count={n}"));
         let flags: Vec<&str> = a
             .transport
@@ -122,6 +136,7 @@ impl Device {
             .iter()
             .copied()
             .chain(workers.as_deref())
+            .chain(extra_flag)
             .collect();
         let daemon = Daemon::start_with(MISC, &flags)?;
         let table = match a.transport {
@@ -442,7 +457,12 @@ fn round(
     (len, base_sectors): (u64, u64),
     (pieces, merge_order_pieces): (&[ByteRun], &[ByteRun]),
 ) -> Res<Round> {
-    let dev = Device::bring_up(a, base_sectors, None)?;
+    let extra_flag = a.ab_flag.as_deref().filter(|_| i % 2 == 1);
+    println!(
+        "VMDEMO ab {i} daemon_flag {}",
+        extra_flag.unwrap_or("(none)")
+    );
+    let dev = Device::bring_up(a, base_sectors, None, extra_flag)?;
     if i == 0 {
         let checked = compare_device("snapshot", &dev.path, &a.target, len).map(drop);
         println!(
@@ -573,7 +593,7 @@ fn run(a: &Args) -> Res<()> {
     // What each worker costs in memory: a daemon with 1, 2 and 4 workers serving one
     // sequential and one random pass (before any merge), then RssAnon and VmRSS.
     for workers in [1u32, 2, 4] {
-        let dev = Device::bring_up(a, base_sectors, Some(workers))?;
+        let dev = Device::bring_up(a, base_sectors, Some(workers), None)?;
         let read = sequential_mb_s(&dev.path, len).and_then(|_| random_iops(&dev.path, len, 7));
         println!(
             "VMDEMO workers {workers} rss_anon_kib {} vm_rss_kib {} rss_file_kib {} threads {}",
