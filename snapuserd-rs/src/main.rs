@@ -391,6 +391,7 @@ fn run(
             o_direct: config.o_direct,
             merge_o_direct: config.merge_o_direct,
             merge_direct_reads: config.merge_direct_reads,
+            whole_reads: !config.splice_reads,
             cow_op_merge_size: (config.cow_op_merge_size != 0).then_some(config.cow_op_merge_size),
             ..UserSnapshotOptions::default()
         })))

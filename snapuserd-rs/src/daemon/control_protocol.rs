@@ -430,6 +430,10 @@ pub struct DaemonConfig {
     /// `-merge_direct_reads`: the merge reads window sources with `O_DIRECT` where the
     /// source accepts it (default on; `-nomerge_direct_reads` for buffered reads).
     pub merge_direct_reads: bool,
+    /// `-splice_reads`: large dm-user READs in user-space-merge mode are answered in pieces
+    /// spliced from the page cache (default on; `-nosplice_reads`: produced in the daemon's
+    /// buffer and sent whole).
+    pub splice_reads: bool,
     /// `-ublk`: serve user-space-merge handlers as ublk devices instead of dm-user.
     pub ublk: bool,
     /// `-cow_op_merge_size=N` (0: default).
@@ -458,6 +462,7 @@ impl Default for DaemonConfig {
             o_direct: false,
             merge_o_direct: true,
             merge_direct_reads: true,
+            splice_reads: true,
             ublk: false,
             cow_op_merge_size: 0,
             worker_count: DEFAULT_WORKER_COUNT,
@@ -506,6 +511,10 @@ turns a boolean flag off; '-' and '_' inside names are the same; -- ends the fla
                           refuses O_DIRECT is written buffered by itself
   -merge_direct_reads     the merge reads its sources with O_DIRECT (default: on;
                           -nomerge_direct_reads for buffered reads)
+  -splice_reads           large dm-user READs (user-space merge) go out in pieces:
+                          unchanged and pending COPY runs spliced from the page cache,
+                          the rest produced (default: on; -nosplice_reads to produce
+                          every answer whole in the daemon's buffer)
   -ublk                   serve user-space-merge handlers as ublk devices
                           (/dev/ublkbN, one queue per worker) instead of dm-user; a
                           new daemon re-attaches to the device a dead one left
@@ -541,7 +550,7 @@ where
         .any(|a| matches!(a.as_str(), "-h" | "--h" | "-help" | "--help"))
 }
 
-const BOOL_FLAGS: [&str; 8] = [
+const BOOL_FLAGS: [&str; 9] = [
     "no_socket",
     "socket_handoff",
     "user_snapshot",
@@ -549,6 +558,7 @@ const BOOL_FLAGS: [&str; 8] = [
     "o_direct",
     "merge_o_direct",
     "merge_direct_reads",
+    "splice_reads",
     "ublk",
 ];
 const VALUE_FLAGS: [&str; 5] = [
@@ -739,6 +749,7 @@ impl DaemonConfig {
             "ublk" => self.ublk = on,
             "merge_o_direct" => self.merge_o_direct = on,
             "merge_direct_reads" => self.merge_direct_reads = on,
+            "splice_reads" => self.splice_reads = on,
             _ => self.o_direct = on,
         }
     }
@@ -1026,8 +1037,14 @@ mod tests {
             cfg.merge_direct_reads,
             "O_DIRECT merge source reads are on by default"
         );
-        let cfg2 = DaemonConfig::parse(["-nomerge_o_direct", "-nomerge_direct_reads"]).unwrap();
-        assert!(!cfg2.merge_o_direct && !cfg2.merge_direct_reads);
+        assert!(cfg.splice_reads, "answers in pieces are on by default");
+        let cfg2 = DaemonConfig::parse([
+            "-nomerge_o_direct",
+            "-nomerge_direct_reads",
+            "-nosplice_reads",
+        ])
+        .unwrap();
+        assert!(!cfg2.merge_o_direct && !cfg2.merge_direct_reads && !cfg2.splice_reads);
         assert_eq!(cfg.num_merge_threads, None);
         let cfg = DaemonConfig::parse(["-noio_uring", "-num_merge_threads=1"]).unwrap();
         assert!(!cfg.io_uring);

@@ -57,6 +57,11 @@ pub struct UserSnapshotOptions {
     /// resident memory grow with the COW (5.6 MiB of a 7.5 MiB COW in the emulator demo,
     /// `BENCHMARKS.md` "Daemon memory at the peak of the merge").
     pub mmap_cow: bool,
+    /// Never answer in pieces ([`UserSnapshot::read_in_pieces`] plans nothing): every READ
+    /// is produced whole in the daemon's buffer. Off by default, so a transport that can
+    /// splice (dm-user) takes base and pending COPY runs from the page cache; the daemon's
+    /// `-nosplice_reads` turns it on.
+    pub whole_reads: bool,
 }
 
 /// Where a merge stands.
@@ -758,7 +763,7 @@ impl UserSnapshot {
         produced: &mut Vec<u8>,
         send: &mut dyn FnMut(&[AnswerPiece<'_>], &[u8]) -> bool,
     ) -> Option<bool> {
-        if req.kind != DM_USER_REQ_MAP_READ || req.len == 0 {
+        if self.opts.whole_reads || req.kind != DM_USER_REQ_MAP_READ || req.len == 0 {
             return None;
         }
         self.check_range(req.sector, req.len).ok()?;

@@ -750,6 +750,7 @@ const DIRECT_WRITES: UserSnapshotOptions = UserSnapshotOptions {
     o_direct: false,
     cow_op_merge_size: None,
     mmap_cow: false,
+    whole_reads: false,
 };
 
 const DIRECT_READS_AND_WRITES: UserSnapshotOptions = UserSnapshotOptions {
@@ -775,6 +776,36 @@ fn merge_with_direct_source_reads_sync_engine() {
 #[test]
 fn merge_with_direct_source_reads_io_uring_engine() {
     merge_with_direct_io(DIRECT_READS_AND_WRITES, "io_uring");
+}
+
+#[test]
+fn whole_reads_plan_no_pieces_and_read_the_same() {
+    let case = Case::rich(60, 29);
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V3, CompressionAlgorithm::Lz4, true),
+        false,
+    );
+    let opts = UserSnapshotOptions {
+        whole_reads: true,
+        ..Default::default()
+    };
+    let snap = UserSnapshot::open(&files.cow, &files.source, &files.base, &opts).unwrap();
+    let req = Request {
+        kind: DM_USER_REQ_MAP_READ,
+        flags: 0,
+        sector: 0,
+        len: 1 << 20,
+    };
+    let mut produced = Vec::new();
+    let mut called = false;
+    let planned = snap.read_in_pieces(&req, &mut produced, &mut |_, _| {
+        called = true;
+        true
+    });
+    assert_eq!(planned, None);
+    assert!(!called, "nothing is sent in pieces");
+    assert!(read_all(&snap, 1 << 20) == case.target);
 }
 
 #[test]
