@@ -6,7 +6,9 @@
 //! * `cargo xtask vm-bench [--kernel ...] [--smp N] [--ublk]` runs only the dm-user vs loop
 //!   benchmark (`--smp 1` keeps TCG's cross-vCPU wake-up latency out of the figures);
 //!   `--ublk` adds the ublk (USER_COPY, buffer path) vs loop benchmark in the same boot, on
-//!   kernels with ublk. The ublk cases (`ublk-*`) run only on kernels whose cloud build has
+//!   kernels with ublk. `--wake` runs the guest's wake-up latency benchmark (`vmtest
+//!   wake-bench`; alone, instead of the dm-user one). `--append ARGS` adds words to the guest
+//!   kernel's command line (to locate costs, e.g. `idle=poll`; not for published figures). The ublk cases (`ublk-*`) run only on kernels whose cloud build has
 //!   `ublk_drv` (6.12); on 6.1 the guest log says why they are not run.
 //! * `cargo xtask vm-snapshot [--kernel 6.1|6.12] [--timeout SECS]` runs the snapshot scenarios
 //!   with the real `snapuserd` daemon (see `snapshot_scenarios.rs`).
@@ -51,7 +53,7 @@ use initramfs::InitramfsSpec;
 use report::TestResult;
 use vm::VmSpec;
 
-const USAGE: &str = "cargo xtask <demo|test|vm-test|vm-bench|vm-snapshot|vm-usm|kernel-check> [--only STAGE] [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--ublk] [--timeout SECS] [--disk RAW.img]... [--smp N]";
+const USAGE: &str = "cargo xtask <demo|test|vm-test|vm-bench|vm-snapshot|vm-usm|kernel-check> [--only STAGE] [--kernel 6.1|6.12] [--filter NAME] [--keep] [--bench] [--ublk] [--timeout SECS] [--disk RAW.img]... [--smp N] [--wake] [--append KERNEL-ARGS]";
 
 /// Parsed command-line options.
 #[derive(Debug, Default)]
@@ -64,6 +66,8 @@ struct Options {
     timeout: Option<u64>,
     disks: Vec<PathBuf>,
     cpus: Option<u32>,
+    wake_bench: bool,
+    append: String,
 }
 
 fn parse_options(args: &[String]) -> Result<Options> {
@@ -87,6 +91,11 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--keep" => o.keep = true,
             "--bench" => o.bench = true,
             "--ublk" => o.ublk_bench = true,
+            "--wake" => o.wake_bench = true,
+            "--append" => {
+                o.append.push(' ');
+                o.append.push_str(&flags.value("--append")?);
+            }
             other => {
                 return Err(XtaskError::Usage(format!(
                     "unknown argument {other:?}; {USAGE}"
@@ -148,6 +157,9 @@ fn test_fragment(opts: &Options, run_tests: bool, series: KernelSeries) -> Strin
     }
     if opts.bench {
         s.push_str("/bin/vmtest bench\n");
+    }
+    if opts.wake_bench {
+        s.push_str("/bin/vmtest wake-bench\n");
     }
     if opts.ublk_bench && series.has_ublk() {
         s.push_str("/bin/vmtest ublk-bench\n");
@@ -277,7 +289,7 @@ fn vm_test(opts: &Options, run_tests: bool) -> Result<()> {
             )),
             memory_mib: 1024,
             cpus: opts.cpus.unwrap_or(2),
-            cmdline_extra: String::new(),
+            cmdline_extra: opts.append.trim().to_string(),
         };
         let run = spec.run(&build_root)?;
         timings.push((series, run.elapsed, run.log_path.clone()));
@@ -502,7 +514,8 @@ fn real_main() -> Result<()> {
         "vm-test" => vm_test(&parse_options(rest)?, true),
         "vm-bench" => {
             let mut o = parse_options(rest)?;
-            o.bench = true;
+            // `--wake` alone runs only the wake-up benchmark; with `--bench` both.
+            o.bench |= !o.wake_bench;
             vm_test(&o, false)
         }
         "kernel-check" => kernel_check(),

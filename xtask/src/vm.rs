@@ -9,6 +9,24 @@ use crate::deps::Kernel;
 use crate::error::{io_err, Result, XtaskError};
 use crate::initramfs::{self, InitramfsSpec};
 
+/// The guest CPU model: everything TCG offers, except MONITOR/MWAIT.
+///
+/// With MONITOR/MWAIT advertised the guest kernel idles in MWAIT, and a CPU that idles that
+/// way is woken by a write to its monitored flags instead of an interrupt. TCG's MONITOR
+/// records no address, so the write wakes nothing and the sleeping vCPU sees its work only at
+/// its next interrupt (the 4 ms tick of HZ=250, or later): every wake-up of a thread on the
+/// other vCPU cost 3.6-7 ms instead of ~0.15 ms (`cargo xtask vm-bench --wake`,
+/// BENCHMARKS.md "Wake-ups across vCPUs"). Real hardware wakes from MWAIT on that write, so
+/// without the feature (the guest idles in HLT and is woken by an IPI) the emulator is closer
+/// to hardware, for the loop reference and our devices alike.
+pub const QEMU_CPU_MODEL: &str = "max,-monitor";
+
+/// The CPU model to boot with: [`QEMU_CPU_MODEL`], or `XTASK_QEMU_CPU` when set (to reproduce
+/// earlier measurements, e.g. `XTASK_QEMU_CPU=max` for the model used before 2026-12-03).
+pub fn qemu_cpu_model() -> String {
+    std::env::var("XTASK_QEMU_CPU").unwrap_or_else(|_| QEMU_CPU_MODEL.to_string())
+}
+
 /// Everything needed to boot one guest.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -61,11 +79,12 @@ impl VmSpec {
         let log_file = std::fs::File::create(&log_path).map_err(io_err("create", &log_path))?;
         let log_err = log_file.try_clone().map_err(io_err("dup", &log_path))?;
         let mut c = Command::new("qemu-system-x86_64");
+        let cpu_model = qemu_cpu_model();
         c.args([
             "-accel",
             "tcg",
             "-cpu",
-            "max",
+            &cpu_model,
             "-smp",
             &self.cpus.to_string(),
         ])

@@ -23,6 +23,7 @@ mod target_cases;
 mod ublk_cases;
 mod ublk_snapshot;
 mod user_snapshot_cases;
+mod wake_bench;
 
 use std::io::Read;
 use std::process::{Command, ExitCode, Stdio};
@@ -155,6 +156,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        "wake-bench" => match wake_bench::run() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                println!("VMBENCH wake error {e}");
+                ExitCode::FAILURE
+            }
+        },
         "snap" => snapshot_cases::main(&args[1..]),
         "demo-usm" => demo_guest::main(&args[1..]),
         "ublk-bench" => match ublk_cases::bench().and_then(|()| ublk_snapshot::bench_snapshot()) {
