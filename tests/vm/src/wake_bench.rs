@@ -64,17 +64,18 @@ fn read_first_line(path: &str) -> String {
 /// Median and 90th percentile of `v` in microseconds.
 fn summary(v: &mut [Duration]) -> (f64, f64) {
     v.sort();
-    let at = |q: usize| v.get(v.len() * q / 100).map_or(0.0, |d| d.as_secs_f64() * 1e6);
+    let at = |q: usize| {
+        v.get(v.len() * q / 100)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
     (at(50), at(90))
 }
 
 fn ping_pong(place: Placement) -> Result<Vec<Duration>, String> {
-    let to_b = Arc::new(
-        EventFd::from_flags(EfdFlags::EFD_CLOEXEC).map_err(|e| format!("eventfd: {e}"))?,
-    );
-    let to_a = Arc::new(
-        EventFd::from_flags(EfdFlags::EFD_CLOEXEC).map_err(|e| format!("eventfd: {e}"))?,
-    );
+    let to_b =
+        Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).map_err(|e| format!("eventfd: {e}"))?);
+    let to_a =
+        Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).map_err(|e| format!("eventfd: {e}"))?);
     let b_in = Arc::clone(&to_b);
     let b_out = Arc::clone(&to_a);
     let (cpu_a, cpu_b) = place.cpus();
@@ -118,10 +119,7 @@ fn ping_pong(place: Placement) -> Result<Vec<Duration>, String> {
 /// Run the wake-up benchmark and print its lines.
 pub(crate) fn run() -> Result<(), String> {
     let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let flag_line = flags
-        .lines()
-        .find(|l| l.starts_with("flags"))
-        .unwrap_or("");
+    let flag_line = flags.lines().find(|l| l.starts_with("flags")).unwrap_or("");
     let has = |f: &str| flag_line.split_whitespace().any(|w| w == f);
     println!(
         "VMBENCH wake env cmdline={:?} cpuidle_driver={} governor={} clocksource={} monitor={} nr_cpus={}",
