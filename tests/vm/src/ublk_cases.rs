@@ -64,9 +64,11 @@ impl RequestHandler for FileHandler {
     }
 }
 
-/// `vmtest helper-ublk create|recover IMAGE NAME auto|usercopy|buffer|usercopy-zeros QUEUES
-/// [MAX_IO_BYTES]`: serve IMAGE until SIGTERM (`usercopy-zeros`: READs answered with zeros,
-/// the file not read), then remove the device. Prints `UBLK READY <block node> <usercopy 0|1>`.
+/// `vmtest helper-ublk create|recover IMAGE NAME
+/// auto|usercopy|buffer|usercopy-zeros|usercopy-unpinned QUEUES [MAX_IO_BYTES]`: serve IMAGE
+/// until SIGTERM (`usercopy-zeros`: READs answered with zeros, the file not read;
+/// `usercopy-unpinned`: queue threads not pinned to their queues' CPUs), then remove the
+/// device. Prints `UBLK READY <block node> <usercopy 0|1>`.
 pub fn helper(args: &[String]) -> Result<(), String> {
     let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or("");
     let (mode, image, name, path) = (arg(0), arg(1), arg(2), arg(3));
@@ -75,7 +77,7 @@ pub fn helper(args: &[String]) -> Result<(), String> {
         .parse()
         .unwrap_or(snapuserd::ublk::device::DEFAULT_MAX_IO_BYTES);
     let user_copy = match path {
-        "usercopy" | "usercopy-zeros" => UserCopy::Always,
+        "usercopy" | "usercopy-zeros" | "usercopy-unpinned" => UserCopy::Always,
         "buffer" => UserCopy::Never,
         _ => UserCopy::Auto,
     };
@@ -95,6 +97,7 @@ pub fn helper(args: &[String]) -> Result<(), String> {
         user_copy,
         max_io_bytes,
         identity: identity_of(name),
+        pin_queues: path != "usercopy-unpinned",
         ..UblkOptions::default()
     };
     let device = match mode {
@@ -420,17 +423,21 @@ pub fn kill_recover() -> TestResult {
 pub fn bench() -> Result<(), String> {
     let size = crate::bench::SIZE;
     let img = image("ublk-bench", 1, size)?;
-    // The last row answers zeros without reading the image: the transport's own share.
+    // The zeros row answers without reading the image: the transport's own share. The two
+    // rows of 2 queues (one per vCPU) compare queue threads pinned to their queue's CPU (the
+    // default) with threads that run anywhere.
     let configs = [
-        ("usercopy-1MiB", "usercopy", 1u32 << 20),
-        ("buffer-1MiB", "buffer", 1 << 20),
-        ("usercopy-256KiB", "usercopy", 256 << 10),
-        ("usercopy-64KiB", "usercopy", 64 << 10),
-        ("usercopy-1MiB-zeros", "usercopy-zeros", 1 << 20),
+        ("usercopy-1MiB", "usercopy", 1u32 << 20, 1u16),
+        ("buffer-1MiB", "buffer", 1 << 20, 1),
+        ("usercopy-1MiB-zeros", "usercopy-zeros", 1 << 20, 1),
+        ("usercopy-1MiB-2q-pinned", "usercopy", 1 << 20, 2),
+        ("usercopy-1MiB-2q-unpinned", "usercopy-unpinned", 1 << 20, 2),
     ];
     let mut helpers = Vec::new();
-    for (name, path, max_io) in configs {
-        helpers.push(Helper::spawn_sized("create", &img, name, path, 1, max_io)?);
+    for (name, path, max_io, queues) in configs {
+        helpers.push(Helper::spawn_sized(
+            "create", &img, name, path, queues, max_io,
+        )?);
     }
     let lp = crate::bench::LoopDevice::attach(&img)?;
     let mut paths: Vec<PathBuf> = helpers.iter().map(|h| h.node.clone()).collect();
@@ -462,7 +469,7 @@ pub fn bench() -> Result<(), String> {
         let m: Vec<f64> = v.iter().map(|x| crate::bench::median(x.clone())).collect();
         let loop_median = m.last().copied().unwrap_or(0.0);
         let mut line = format!("VMBENCH ublk {what} median:");
-        for ((name, _, _), value) in configs.iter().zip(&m) {
+        for ((name, _, _, _), value) in configs.iter().zip(&m) {
             line.push_str(&format!(
                 " {name} {value:.0} {unit} ({:.2} of loop);",
                 value / loop_median
@@ -472,7 +479,7 @@ pub fn bench() -> Result<(), String> {
         println!("{line}");
     }
     println!(
-        "VMBENCH ublk config {} MiB image on tmpfs, {} alternating rounds, 1 queue of depth 32, O_DIRECT, one reader (queue depth 1), TCG guest",
+        "VMBENCH ublk config {} MiB image on tmpfs, {} alternating rounds, queues of depth 32 (1 unless the name says 2q), O_DIRECT, one reader (queue depth 1), TCG guest",
         size >> 20,
         crate::bench::ROUNDS
     );
