@@ -485,3 +485,92 @@ pub fn bench() -> Result<(), String> {
     );
     Ok(())
 }
+
+/// CPU numbers of a kernel CPU list (`0-1`, `0, 2`, `0-3,5`).
+fn cpu_set_of(list: &str) -> Result<std::collections::BTreeSet<usize>, String> {
+    let mut set = std::collections::BTreeSet::new();
+    for part in list.split([',', ' ']).filter(|p| !p.is_empty()) {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let lo: usize = lo.trim().parse().ctx(&format!("cpu list {list:?}"))?;
+        let hi: usize = hi.trim().parse().ctx(&format!("cpu list {list:?}"))?;
+        set.extend(lo..=hi);
+    }
+    Ok(set)
+}
+
+/// The allowed CPUs of each queue thread (`ublk<N>q<Q>`) of process `pid`, by queue.
+fn queue_thread_cpus(
+    pid: u32,
+    dev_id: &str,
+) -> Result<std::collections::BTreeMap<String, std::collections::BTreeSet<usize>>, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let prefix = format!("ublk{dev_id}q");
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ctx("helper tasks")? {
+        let dir = task.ctx("helper task")?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let Some(q) = comm.trim().strip_prefix(&prefix) else {
+            continue;
+        };
+        let status = std::fs::read_to_string(dir.join("status")).ctx("task status")?;
+        let list = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .ok_or("no Cpus_allowed_list in task status")?;
+        out.insert(q.to_string(), cpu_set_of(list.trim())?);
+    }
+    Ok(out)
+}
+
+/// Queue threads run on their queue's CPUs: with 2 queues, each thread's allowed CPUs are
+/// exactly the CPUs blk-mq maps to its queue (`/sys/block/ublkbN/mq/<q>/cpu_list`); with
+/// `pin_queues` off they are every online CPU.
+pub fn queue_affinity() -> TestResult {
+    let img = image("ublk-affinity", 3, 4 * MIB)?;
+    let online = cpu_set_of(
+        std::fs::read_to_string("/sys/devices/system/cpu/online")
+            .ctx("online CPUs")?
+            .trim(),
+    )?;
+    let mut seen = Vec::new();
+    for (path, pinned) in [("usercopy", true), ("usercopy-unpinned", false)] {
+        let helper = Helper::spawn("create", &img, &format!("affinity-{path}"), path, 2)?;
+        let dev = helper
+            .node
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let dev_id = dev.trim_start_matches("ublkb").to_string();
+        let threads = queue_thread_cpus(helper.child.id(), &dev_id);
+        let checked = threads.and_then(|threads| {
+            check(
+                threads.len() == 2,
+                format!(
+                    "{} queue threads named ublk{dev_id}q*, expected 2",
+                    threads.len()
+                ),
+            )?;
+            for (q, cpus) in &threads {
+                let mapped = cpu_set_of(
+                    std::fs::read_to_string(format!("/sys/block/{dev}/mq/{q}/cpu_list"))
+                        .ctx("queue cpu_list")?
+                        .trim(),
+                )?;
+                let expected = if pinned && !mapped.is_empty() {
+                    mapped
+                } else {
+                    online.clone()
+                };
+                check(
+                    cpus.is_superset(&expected) && expected.is_superset(cpus),
+                    format!("queue {q} thread ({path}) may run on {cpus:?}, expected {expected:?}"),
+                )?;
+                seen.push(format!("{path} q{q} {cpus:?}"));
+            }
+            Ok(())
+        });
+        helper.stop()?;
+        checked?;
+    }
+    let _ = std::fs::remove_file(&img);
+    Ok(format!("queue threads' CPUs: {}", seen.join(", ")))
+}
