@@ -11,14 +11,13 @@ use crate::initramfs::{self, InitramfsSpec};
 
 /// The guest CPU model: everything TCG offers, except MONITOR/MWAIT.
 ///
-/// With MONITOR/MWAIT advertised the guest kernel idles in MWAIT, and a CPU that idles that
-/// way is woken by a write to its monitored flags instead of an interrupt. TCG's MONITOR
-/// records no address, so the write wakes nothing and the sleeping vCPU sees its work only at
-/// its next interrupt (the 4 ms tick of HZ=250, or later): every wake-up of a thread on the
-/// other vCPU cost 3.6-7 ms instead of ~0.15 ms (`cargo xtask vm-bench --wake`,
-/// BENCHMARKS.md "Wake-ups across vCPUs"). Real hardware wakes from MWAIT on that write, so
-/// without the feature (the guest idles in HLT and is woken by an IPI) the emulator is closer
-/// to hardware, for the loop reference and our devices alike.
+/// TCG's MONITOR/MWAIT is incomplete (MONITOR records no address, so a write to the monitored
+/// line cannot end an MWAIT), while a guest idling in MWAIT expects exactly that write to wake
+/// it instead of an interrupt. Without the feature the guest idles in HLT, which TCG emulates
+/// faithfully, and is woken by IPIs. In the boots of BENCHMARKS.md "Wake-ups across vCPUs"
+/// cross-vCPU wake-ups took a tick (3.6-7 ms) in most boots with `max` and 0.11-0.3 ms in
+/// most without, but not in every boot (host load matters as much). It applies to the loop
+/// reference and our devices alike.
 pub const QEMU_CPU_MODEL: &str = "max,-monitor";
 
 /// The CPU model to boot with: [`QEMU_CPU_MODEL`], or `XTASK_QEMU_CPU` when set (to reproduce
