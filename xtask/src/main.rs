@@ -159,7 +159,7 @@ fn test_fragment(opts: &Options, run_tests: bool, series: KernelSeries) -> Strin
         s.push_str("/bin/vmtest bench\n");
     }
     if opts.wake_bench {
-        s.push_str("/bin/vmtest wake-bench\n");
+        s.push_str("/bin/vmtest wake-bench\n/bin/vmtest wake-trace\n");
     }
     if opts.ublk_bench && series.has_ublk() {
         s.push_str("/bin/vmtest ublk-bench\n");

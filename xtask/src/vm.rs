@@ -11,14 +11,13 @@ use crate::initramfs::{self, InitramfsSpec};
 
 /// The guest CPU model: everything TCG offers, except MONITOR/MWAIT.
 ///
-/// With MONITOR/MWAIT advertised the guest kernel idles in MWAIT, and a CPU that idles that
-/// way is woken by a write to its monitored flags instead of an interrupt. TCG's MONITOR
-/// records no address, so the write wakes nothing and the sleeping vCPU sees its work only at
-/// its next interrupt (the 4 ms tick of HZ=250, or later): every wake-up of a thread on the
-/// other vCPU cost 3.6-7 ms instead of ~0.15 ms (`cargo xtask vm-bench --wake`,
-/// BENCHMARKS.md "Wake-ups across vCPUs"). Real hardware wakes from MWAIT on that write, so
-/// without the feature (the guest idles in HLT and is woken by an IPI) the emulator is closer
-/// to hardware, for the loop reference and our devices alike.
+/// TCG's MONITOR/MWAIT is incomplete (MONITOR records no address, so a write to the monitored
+/// line cannot end an MWAIT), while a guest idling in MWAIT expects exactly that write to wake
+/// it instead of an interrupt. Without the feature the guest idles in HLT, which TCG emulates
+/// faithfully, and is woken by IPIs. In the boots of BENCHMARKS.md "Wake-ups across vCPUs"
+/// cross-vCPU wake-ups took a tick (3.6-7 ms) in most boots with `max` and 0.11-0.3 ms in
+/// most without, but not in every boot (host load matters as much). It applies to the loop
+/// reference and our devices alike.
 pub const QEMU_CPU_MODEL: &str = "max,-monitor";
 
 /// The CPU model to boot with: [`QEMU_CPU_MODEL`], or `XTASK_QEMU_CPU` when set (to reproduce
@@ -80,6 +79,7 @@ impl VmSpec {
         let log_err = log_file.try_clone().map_err(io_err("dup", &log_path))?;
         let mut c = Command::new("qemu-system-x86_64");
         let cpu_model = qemu_cpu_model();
+        c.args(["-name", &format!("{},debug-threads=on", self.label)]);
         c.args([
             "-accel",
             "tcg",
@@ -125,7 +125,9 @@ impl VmSpec {
         let mut log = Vec::new();
         let mut printed = 0usize;
         let progress = spinner(&self.label);
+        let mut vcpu_time = VcpuTime::default();
         let end = loop {
+            vcpu_time.sample(child.id());
             let exited = child
                 .try_wait()
                 .map_err(io_err("wait", "qemu-system-x86_64"))?
@@ -158,12 +160,70 @@ impl VmSpec {
         if let Some(p) = progress {
             p.finish_and_clear();
         }
+        eprintln!(
+            "xtask: [{}] {}",
+            self.label,
+            vcpu_time.summary(start.elapsed())
+        );
         Ok(VmRun {
             log_path,
             log: String::from_utf8_lossy(&log).into_owned(),
             end,
             elapsed: start.elapsed(),
         })
+    }
+}
+
+/// What the host scheduler gave qemu's vCPU threads: time on a host CPU and time runnable but
+/// waiting for one (`/proc/<pid>/task/<tid>/schedstat`), the latest sample per thread. A vCPU
+/// thread that waits for a host CPU stalls the guest as a whole (its timers fire late, the
+/// other vCPU waits for its answers): on a loaded host this is what the guest's wake-ups cost.
+#[derive(Debug, Default)]
+struct VcpuTime {
+    /// Per thread id: (ran ns, waited ns).
+    threads: std::collections::BTreeMap<u32, (u64, u64)>,
+}
+
+impl VcpuTime {
+    /// Record the vCPU threads of process `pid` (named `CPU <n>/TCG` by `debug-threads`).
+    fn sample(&mut self, pid: u32) {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return;
+        };
+        for task in tasks.flatten() {
+            let dir = task.path();
+            let is_vcpu = std::fs::read_to_string(dir.join("comm"))
+                .is_ok_and(|c| c.starts_with("CPU ") && c.trim_end().ends_with("/TCG"));
+            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            if !is_vcpu {
+                continue;
+            }
+            let stat = std::fs::read_to_string(dir.join("schedstat")).unwrap_or_default();
+            let mut f = stat
+                .split_whitespace()
+                .map(|v| v.parse::<u64>().unwrap_or(0));
+            let (ran, waited) = (f.next().unwrap_or(0), f.next().unwrap_or(0));
+            self.threads.insert(tid, (ran, waited));
+        }
+    }
+
+    /// One line: the vCPU threads' run and wait time over the boot's wall time.
+    fn summary(&self, wall: Duration) -> String {
+        let (ran, waited) = self
+            .threads
+            .values()
+            .fold((0u64, 0u64), |(r, w), &(a, b)| (r + a, w + b));
+        let s = |ns: u64| ns as f64 / 1e9;
+        format!(
+            "host time of {} vCPU threads over {:.1} s of wall time: on a host CPU {:.1} s, \
+             runnable but waiting for a host CPU {:.1} s (sampled every 200 ms until qemu exited)",
+            self.threads.len(),
+            wall.as_secs_f64(),
+            s(ran),
+            s(waited)
+        )
     }
 }
 

@@ -29,6 +29,8 @@ const CTRL_SIZE: usize = std::mem::size_of::<CtrlCmd>();
 /// Size of [`IoCmd`], the payload of every I/O command.
 const IO_SIZE: usize = std::mem::size_of::<IoCmd>();
 
+/// `UBLK_U_CMD_GET_QUEUE_AFFINITY`: the CPUs whose requests a queue receives.
+pub const CMD_GET_QUEUE_AFFINITY: u32 = ioc(IOC_READ, 0x01, CTRL_SIZE);
 /// `UBLK_U_CMD_GET_DEV_INFO`.
 pub const CMD_GET_DEV_INFO: u32 = ioc(IOC_READ, 0x02, CTRL_SIZE);
 /// `UBLK_U_CMD_ADD_DEV`.
@@ -391,6 +393,7 @@ mod tests {
         // the C preprocessor computes them on x86_64.
         assert_eq!(CMD_ADD_DEV, 0xc020_7504);
         assert_eq!(CMD_GET_DEV_INFO, 0x8020_7502);
+        assert_eq!(CMD_GET_QUEUE_AFFINITY, 0x8020_7501);
         assert_eq!(CMD_END_USER_RECOVERY, 0xc020_7511);
         assert_eq!(IO_FETCH_REQ, 0xc010_7520);
         assert_eq!(IO_COMMIT_AND_FETCH_REQ, 0xc010_7521);

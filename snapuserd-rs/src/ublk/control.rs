@@ -13,8 +13,8 @@ use thiserror::Error;
 
 use super::abi::{
     CtrlCmd, DevInfo, Params, CMD_ADD_DEV, CMD_DEL_DEV, CMD_END_USER_RECOVERY, CMD_GET_DEV_INFO,
-    CMD_GET_FEATURES, CMD_GET_PARAMS, CMD_SET_PARAMS, CMD_START_DEV, CMD_START_USER_RECOVERY,
-    CMD_STOP_DEV, CONTROL_PATH,
+    CMD_GET_FEATURES, CMD_GET_PARAMS, CMD_GET_QUEUE_AFFINITY, CMD_SET_PARAMS, CMD_START_DEV,
+    CMD_START_USER_RECOVERY, CMD_STOP_DEV, CONTROL_PATH,
 };
 
 /// Errors of the control node.
@@ -66,6 +66,23 @@ impl ControlError {
             _ => None,
         }
     }
+}
+
+/// CPUs a queue affinity answer can name (a 1024-bit mask, the kernel's usual `NR_CPUS`
+/// bound for the machines this runs on; CPUs beyond it are not reported).
+pub const AFFINITY_CPUS: usize = 1024;
+
+/// The CPU numbers set in a kernel CPU mask of 64-bit words (bit `i` of word `w` is CPU
+/// `64 * w + i`).
+fn cpus_of_mask(mask: &[u64]) -> Vec<usize> {
+    mask.iter()
+        .enumerate()
+        .flat_map(|(w, bits)| {
+            (0..64usize)
+                .filter(move |i| bits & (1u64 << i) != 0)
+                .map(move |i| w * 64 + i)
+        })
+        .collect()
 }
 
 /// An open `/dev/ublk-control` with its command ring.
@@ -184,6 +201,24 @@ impl Control {
         Ok(params)
     }
 
+    /// The CPUs whose requests queue `q_id` of device `dev_id` receives (the blk-mq mapping),
+    /// as CPU numbers below [`AFFINITY_CPUS`].
+    pub fn queue_affinity(&mut self, dev_id: u32, q_id: u16) -> Result<Vec<usize>, ControlError> {
+        let mut mask = [0u64; AFFINITY_CPUS / 64];
+        let cmd = CtrlCmd {
+            dev_id,
+            queue_id: u16::MAX,
+            // 128 bytes: a multiple of the kernel's word, as it requires.
+            len: u16::try_from(std::mem::size_of_val(&mask)).unwrap_or(0),
+            addr: mask.as_mut_ptr() as u64,
+            // The kernel takes the queue from the inline argument.
+            data: u64::from(q_id),
+            ..CtrlCmd::default()
+        };
+        self.command("GET_QUEUE_AFFINITY", CMD_GET_QUEUE_AFFINITY, cmd)?;
+        Ok(cpus_of_mask(&mask))
+    }
+
     /// Start device `dev_id` served by process `pid` (waits for every tag to be fetched).
     pub fn start(&mut self, dev_id: u32, pid: i32) -> Result<(), ControlError> {
         self.simple("START_DEV", CMD_START_DEV, dev_id, pid)
@@ -245,5 +280,17 @@ impl Control {
             ..CtrlCmd::default()
         };
         self.command(command, op, cmd).map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_masks_read_as_cpu_numbers() {
+        assert_eq!(cpus_of_mask(&[0, 0]), Vec::<usize>::new());
+        assert_eq!(cpus_of_mask(&[0b1011]), vec![0, 1, 3]);
+        assert_eq!(cpus_of_mask(&[1 << 63, 1, 1 << 5]), vec![63, 64, 133]);
     }
 }

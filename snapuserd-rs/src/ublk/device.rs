@@ -118,6 +118,10 @@ pub struct UblkOptions {
     pub recovery_timeout: Duration,
     /// Told when a node of the device is due (`None`: the nodes appear by themselves).
     pub node_requests: Option<NodeRequestHook>,
+    /// Run each queue's thread on the CPUs whose requests that queue receives (the kernel's
+    /// queue affinity), so that a request wakes the serving thread on the submitter's CPU
+    /// instead of another one. With one queue the set is every CPU and nothing changes.
+    pub pin_queues: bool,
 }
 
 impl Default for UblkOptions {
@@ -130,6 +134,7 @@ impl Default for UblkOptions {
             identity: 0,
             recovery_timeout: Duration::from_secs(30),
             node_requests: None,
+            pin_queues: true,
         }
     }
 }
@@ -330,7 +335,7 @@ impl UblkDevice {
         // The character node is due now: the queues open it next.
         request_node(opts, NodeKind::Char, dev_id);
         // From here on a failure deletes the half-made device.
-        let result = device.set_up(handler, dev_sectors, opts.recovery_timeout);
+        let result = device.set_up(handler, dev_sectors, opts);
         if let Err(e) = result {
             device.teardown();
             return Err(e);
@@ -352,7 +357,7 @@ impl UblkDevice {
         &mut self,
         handler: Arc<dyn RequestHandler>,
         dev_sectors: u64,
-        timeout: Duration,
+        opts: &UblkOptions,
     ) -> Result<(), DeviceError> {
         let dev_id = self.info.dev_id;
         let max_sectors = self.info.max_io_buf_bytes / SECTOR as u32;
@@ -372,7 +377,7 @@ impl UblkDevice {
         self.control
             .set_params(dev_id, &params)
             .map_err(control_err(dev_id, "setting parameters"))?;
-        self.spawn_queues(handler, dev_sectors, timeout)?;
+        self.spawn_queues(handler, dev_sectors, opts)?;
         let pid = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
         self.control
             .start(dev_id, pid)
@@ -491,7 +496,7 @@ impl UblkDevice {
             queues: Vec::new(),
         };
         request_node(opts, NodeKind::Char, dev_id);
-        device.spawn_queues(handler, params, opts.recovery_timeout)?;
+        device.spawn_queues(handler, params, opts)?;
         let pid = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
         device
             .control
@@ -518,18 +523,24 @@ impl UblkDevice {
         &mut self,
         handler: Arc<dyn RequestHandler>,
         dev_sectors: u64,
-        timeout: Duration,
+        opts: &UblkOptions,
     ) -> Result<(), DeviceError> {
         let dev_id = self.info.dev_id;
-        let char_file = Arc::new(open_char(dev_id, timeout)?);
+        let char_file = Arc::new(open_char(dev_id, opts.recovery_timeout)?);
         let limits = QueueLimits {
             dev_sectors,
             max_io_bytes: self.info.max_io_buf_bytes,
             depth: self.info.queue_depth,
         };
         for q_id in 0..self.info.nr_hw_queues {
+            let cpus = if opts.pin_queues {
+                self.queue_cpus(q_id)
+            } else {
+                Vec::new()
+            };
             let setup = QueueSetup {
                 q_id,
+                cpus,
                 limits,
                 data_path: self.data_path,
                 char_file: char_file.clone(),
@@ -558,6 +569,24 @@ impl UblkDevice {
             }
         }
         Ok(())
+    }
+
+    /// The CPUs queue `q_id` serves, or none (the thread then runs anywhere) when the kernel
+    /// does not say.
+    fn queue_cpus(&mut self, q_id: u16) -> Vec<usize> {
+        let dev_id = self.info.dev_id;
+        match self.control.queue_affinity(dev_id, q_id) {
+            Ok(cpus) => cpus,
+            Err(e) => {
+                log::warn!(
+                    "ublk device {dev_id} queue {q_id}: reading its CPU affinity failed ({}); \
+                     its thread runs on any CPU (requests may then wake it on another CPU, \
+                     which is slower but correct)",
+                    crate::error_chain::ErrorChain(&e)
+                );
+                Vec::new()
+            }
+        }
     }
 
     /// Device id (`N` of `/dev/ublkbN`).

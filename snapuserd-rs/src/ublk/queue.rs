@@ -21,6 +21,8 @@ use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
+use nix::sched::{sched_setaffinity, CpuSet};
+use nix::unistd::Pid;
 use thiserror::Error;
 
 use super::abi::{
@@ -76,6 +78,9 @@ pub enum DataPath {
 pub struct QueueSetup {
     /// Queue id.
     pub q_id: u16,
+    /// CPUs to run the queue's thread on (the CPUs whose requests the queue receives); empty:
+    /// anywhere.
+    pub cpus: Vec<usize>,
     /// The descriptor ranges (depth, I/O limit, device size).
     pub limits: QueueLimits,
     /// How READ data goes to the kernel.
@@ -179,6 +184,7 @@ pub fn run_queue(
         let _ = fetched.send(Err(crate::error_chain::ErrorChain(&e).to_string()));
         e
     };
+    pin_to(q_id, &setup.cpus);
     let descs = Descriptors::map(&setup.char_file, q_id, limits.depth).map_err(fail_setup)?;
     let io_bytes = usize::try_from(limits.max_io_bytes).unwrap_or(usize::MAX);
     // Buffer path: one buffer per tag, as large as the largest request (the kernel copies
@@ -295,6 +301,32 @@ pub fn run_queue(
         report.failed
     );
     Ok(report)
+}
+
+/// Run the calling (queue) thread on `cpus` (nothing to do when empty). A failure costs only
+/// speed, so it is logged and serving goes on.
+fn pin_to(q_id: u16, cpus: &[usize]) {
+    if cpus.is_empty() {
+        return;
+    }
+    let mut set = CpuSet::new();
+    let mut named = 0usize;
+    for &cpu in cpus {
+        if set.set(cpu).is_ok() {
+            named += 1;
+        }
+    }
+    if named == 0 {
+        log::warn!("ublk queue {q_id}: none of its CPUs {cpus:?} fits a CPU set; not pinned");
+        return;
+    }
+    match sched_setaffinity(Pid::from_raw(0), &set) {
+        Ok(()) => log::debug!("ublk queue {q_id}: thread runs on CPUs {cpus:?}"),
+        Err(e) => log::warn!(
+            "ublk queue {q_id}: pinning its thread to CPUs {cpus:?} failed ({e}); it runs on \
+             any CPU (requests may then wake it on another CPU, which is slower but correct)"
+        ),
+    }
 }
 
 /// Hand a READ's `result` bytes in `data` to the kernel; the result to commit.

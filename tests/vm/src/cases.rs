@@ -174,6 +174,10 @@ pub const CASES: &[Case] = &[
         run: crate::ublk_cases::ext4,
     },
     Case {
+        name: "ublk-queue-affinity",
+        run: crate::ublk_cases::queue_affinity,
+    },
+    Case {
         name: "ublk-kill-recover",
         run: crate::ublk_cases::kill_recover,
     },

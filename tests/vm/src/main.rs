@@ -164,6 +164,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        "wake-trace" => match wake_bench::trace() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                println!("VMBENCH wake-trace error {e}");
+                ExitCode::FAILURE
+            }
+        },
         "snap" => snapshot_cases::main(&args[1..]),
         "demo-usm" => demo_guest::main(&args[1..]),
         "ublk-bench" => match ublk_cases::bench().and_then(|()| ublk_snapshot::bench_snapshot()) {

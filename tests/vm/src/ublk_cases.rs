@@ -64,9 +64,11 @@ impl RequestHandler for FileHandler {
     }
 }
 
-/// `vmtest helper-ublk create|recover IMAGE NAME auto|usercopy|buffer|usercopy-zeros QUEUES
-/// [MAX_IO_BYTES]`: serve IMAGE until SIGTERM (`usercopy-zeros`: READs answered with zeros,
-/// the file not read), then remove the device. Prints `UBLK READY <block node> <usercopy 0|1>`.
+/// `vmtest helper-ublk create|recover IMAGE NAME
+/// auto|usercopy|buffer|usercopy-zeros|usercopy-unpinned QUEUES [MAX_IO_BYTES]`: serve IMAGE
+/// until SIGTERM (`usercopy-zeros`: READs answered with zeros, the file not read;
+/// `usercopy-unpinned`: queue threads not pinned to their queues' CPUs), then remove the
+/// device. Prints `UBLK READY <block node> <usercopy 0|1>`.
 pub fn helper(args: &[String]) -> Result<(), String> {
     let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or("");
     let (mode, image, name, path) = (arg(0), arg(1), arg(2), arg(3));
@@ -75,7 +77,7 @@ pub fn helper(args: &[String]) -> Result<(), String> {
         .parse()
         .unwrap_or(snapuserd::ublk::device::DEFAULT_MAX_IO_BYTES);
     let user_copy = match path {
-        "usercopy" | "usercopy-zeros" => UserCopy::Always,
+        "usercopy" | "usercopy-zeros" | "usercopy-unpinned" => UserCopy::Always,
         "buffer" => UserCopy::Never,
         _ => UserCopy::Auto,
     };
@@ -95,6 +97,7 @@ pub fn helper(args: &[String]) -> Result<(), String> {
         user_copy,
         max_io_bytes,
         identity: identity_of(name),
+        pin_queues: path != "usercopy-unpinned",
         ..UblkOptions::default()
     };
     let device = match mode {
@@ -420,17 +423,21 @@ pub fn kill_recover() -> TestResult {
 pub fn bench() -> Result<(), String> {
     let size = crate::bench::SIZE;
     let img = image("ublk-bench", 1, size)?;
-    // The last row answers zeros without reading the image: the transport's own share.
+    // The zeros row answers without reading the image: the transport's own share. The two
+    // rows of 2 queues (one per vCPU) compare queue threads pinned to their queue's CPU (the
+    // default) with threads that run anywhere.
     let configs = [
-        ("usercopy-1MiB", "usercopy", 1u32 << 20),
-        ("buffer-1MiB", "buffer", 1 << 20),
-        ("usercopy-256KiB", "usercopy", 256 << 10),
-        ("usercopy-64KiB", "usercopy", 64 << 10),
-        ("usercopy-1MiB-zeros", "usercopy-zeros", 1 << 20),
+        ("usercopy-1MiB", "usercopy", 1u32 << 20, 1u16),
+        ("buffer-1MiB", "buffer", 1 << 20, 1),
+        ("usercopy-1MiB-zeros", "usercopy-zeros", 1 << 20, 1),
+        ("usercopy-1MiB-2q-pinned", "usercopy", 1 << 20, 2),
+        ("usercopy-1MiB-2q-unpinned", "usercopy-unpinned", 1 << 20, 2),
     ];
     let mut helpers = Vec::new();
-    for (name, path, max_io) in configs {
-        helpers.push(Helper::spawn_sized("create", &img, name, path, 1, max_io)?);
+    for (name, path, max_io, queues) in configs {
+        helpers.push(Helper::spawn_sized(
+            "create", &img, name, path, queues, max_io,
+        )?);
     }
     let lp = crate::bench::LoopDevice::attach(&img)?;
     let mut paths: Vec<PathBuf> = helpers.iter().map(|h| h.node.clone()).collect();
@@ -462,7 +469,7 @@ pub fn bench() -> Result<(), String> {
         let m: Vec<f64> = v.iter().map(|x| crate::bench::median(x.clone())).collect();
         let loop_median = m.last().copied().unwrap_or(0.0);
         let mut line = format!("VMBENCH ublk {what} median:");
-        for ((name, _, _), value) in configs.iter().zip(&m) {
+        for ((name, _, _, _), value) in configs.iter().zip(&m) {
             line.push_str(&format!(
                 " {name} {value:.0} {unit} ({:.2} of loop);",
                 value / loop_median
@@ -472,9 +479,98 @@ pub fn bench() -> Result<(), String> {
         println!("{line}");
     }
     println!(
-        "VMBENCH ublk config {} MiB image on tmpfs, {} alternating rounds, 1 queue of depth 32, O_DIRECT, one reader (queue depth 1), TCG guest",
+        "VMBENCH ublk config {} MiB image on tmpfs, {} alternating rounds, queues of depth 32 (1 unless the name says 2q), O_DIRECT, one reader (queue depth 1), TCG guest",
         size >> 20,
         crate::bench::ROUNDS
     );
     Ok(())
+}
+
+/// CPU numbers of a kernel CPU list (`0-1`, `0, 2`, `0-3,5`).
+fn cpu_set_of(list: &str) -> Result<std::collections::BTreeSet<usize>, String> {
+    let mut set = std::collections::BTreeSet::new();
+    for part in list.split([',', ' ']).filter(|p| !p.is_empty()) {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let lo: usize = lo.trim().parse().ctx(&format!("cpu list {list:?}"))?;
+        let hi: usize = hi.trim().parse().ctx(&format!("cpu list {list:?}"))?;
+        set.extend(lo..=hi);
+    }
+    Ok(set)
+}
+
+/// The allowed CPUs of each queue thread (`ublk<N>q<Q>`) of process `pid`, by queue.
+fn queue_thread_cpus(
+    pid: u32,
+    dev_id: &str,
+) -> Result<std::collections::BTreeMap<String, std::collections::BTreeSet<usize>>, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let prefix = format!("ublk{dev_id}q");
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ctx("helper tasks")? {
+        let dir = task.ctx("helper task")?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let Some(q) = comm.trim().strip_prefix(&prefix) else {
+            continue;
+        };
+        let status = std::fs::read_to_string(dir.join("status")).ctx("task status")?;
+        let list = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .ok_or("no Cpus_allowed_list in task status")?;
+        out.insert(q.to_string(), cpu_set_of(list.trim())?);
+    }
+    Ok(out)
+}
+
+/// Queue threads run on their queue's CPUs: with 2 queues, each thread's allowed CPUs are
+/// exactly the CPUs blk-mq maps to its queue (`/sys/block/ublkbN/mq/<q>/cpu_list`); with
+/// `pin_queues` off they are every online CPU.
+pub fn queue_affinity() -> TestResult {
+    let img = image("ublk-affinity", 3, 4 * MIB)?;
+    let online = cpu_set_of(
+        std::fs::read_to_string("/sys/devices/system/cpu/online")
+            .ctx("online CPUs")?
+            .trim(),
+    )?;
+    let mut seen = Vec::new();
+    for (path, pinned) in [("usercopy", true), ("usercopy-unpinned", false)] {
+        let helper = Helper::spawn("create", &img, &format!("affinity-{path}"), path, 2)?;
+        let dev = helper
+            .node
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let dev_id = dev.trim_start_matches("ublkb").to_string();
+        let threads = queue_thread_cpus(helper.child.id(), &dev_id);
+        let checked = threads.and_then(|threads| {
+            check(
+                threads.len() == 2,
+                format!(
+                    "{} queue threads named ublk{dev_id}q*, expected 2",
+                    threads.len()
+                ),
+            )?;
+            for (q, cpus) in &threads {
+                let mapped = cpu_set_of(
+                    std::fs::read_to_string(format!("/sys/block/{dev}/mq/{q}/cpu_list"))
+                        .ctx("queue cpu_list")?
+                        .trim(),
+                )?;
+                let expected = if pinned && !mapped.is_empty() {
+                    mapped
+                } else {
+                    online.clone()
+                };
+                check(
+                    cpus.is_superset(&expected) && expected.is_superset(cpus),
+                    format!("queue {q} thread ({path}) may run on {cpus:?}, expected {expected:?}"),
+                )?;
+                seen.push(format!("{path} q{q} {cpus:?}"));
+            }
+            Ok(())
+        });
+        helper.stop()?;
+        checked?;
+    }
+    let _ = std::fs::remove_file(&img);
+    Ok(format!("queue threads' CPUs: {}", seen.join(", ")))
 }

@@ -154,3 +154,92 @@ pub(crate) fn run() -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Tracefs mount point in the guest.
+const TRACING: &str = "/sys/kernel/tracing";
+/// Random 4 KiB reads traced per device.
+const TRACED_READS: usize = 6;
+
+fn trace_write(file: &str, what: &str) -> Result<(), String> {
+    std::fs::write(format!("{TRACING}/{file}"), what).map_err(|e| format!("{TRACING}/{file}: {e}"))
+}
+
+/// `vmtest wake-trace`: a few random O_DIRECT 4 KiB reads of a dm-user device (RAM daemon,
+/// one thread) and of a loop device over tmpfs, with the scheduler's wake-ups, context
+/// switches and the interrupt vectors traced (ftrace), printed as `VMTRACE` lines: where the
+/// milliseconds of one request go.
+pub(crate) fn trace() -> Result<(), String> {
+    use crate::harness::{AlignedBuf, UserDevice};
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    const SIZE: u64 = 16 << 20;
+    if !std::path::Path::new(&format!("{TRACING}/trace")).exists() {
+        nix::mount::mount(
+            Some("tracefs"),
+            TRACING,
+            Some("tracefs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| format!("mount tracefs: {e}"))?;
+    }
+    let disk = crate::ramd::RamDisk::new(SIZE as usize);
+    let mut dev = UserDevice::create("vt-trace", "vt-trace-c", SIZE)?;
+    let daemon = crate::ramd::Daemon::start_with(&dev.control, disk, 1, true)
+        .map_err(|e| format!("daemon: {e}"))?;
+    let img = std::path::Path::new("/tmp/trace.img");
+    std::fs::write(img, vec![7u8; SIZE as usize]).map_err(|e| format!("image: {e}"))?;
+    let lp = crate::bench::LoopDevice::attach(img)?;
+    trace_write("trace", "")?;
+    trace_write("buffer_size_kb", "4096")?;
+    for ev in [
+        "sched/sched_waking",
+        "sched/sched_wakeup",
+        "sched/sched_switch",
+        "irq_vectors/reschedule_entry",
+        "irq_vectors/call_function_single_entry",
+        "irq_vectors/local_timer_entry",
+        "workqueue/workqueue_execute_start",
+        "block/block_rq_issue",
+        "block/block_rq_complete",
+    ] {
+        // Not every kernel has every event: trace what exists.
+        let _ = trace_write(&format!("events/{ev}/enable"), "1");
+    }
+    trace_write("tracing_on", "1")?;
+    let mut buf = AlignedBuf::new(4096);
+    for (label, path) in [("dm-user", dev.path.clone()), ("loop", lp.path.clone())] {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_DIRECT)
+            .open(&path)
+            .map_err(|e| format!("open {}: {e}", path.display()))?;
+        for i in 0..TRACED_READS {
+            std::thread::sleep(Duration::from_millis(20));
+            let _ = trace_write("trace_marker", &format!("{label} read {i} begin"));
+            let t = Instant::now();
+            f.read_exact_at(buf.as_mut(), (i as u64 * 7919 % (SIZE / 4096)) * 4096)
+                .map_err(|e| format!("read {}: {e}", path.display()))?;
+            let us = t.elapsed().as_micros();
+            let _ = trace_write("trace_marker", &format!("{label} read {i} end {us} us"));
+        }
+    }
+    trace_write("tracing_on", "0")?;
+    let text = std::fs::read_to_string(format!("{TRACING}/trace")).unwrap_or_default();
+    let mut inside = false;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        if line.contains(" begin") && line.contains("tracing_mark_write") {
+            inside = true;
+        }
+        if inside {
+            println!("VMTRACE {}", line.trim());
+        }
+        if line.contains(" us") && line.contains("tracing_mark_write") {
+            inside = false;
+        }
+    }
+    drop(lp);
+    let _ = std::fs::remove_file(img);
+    dev.remove()?;
+    daemon.join()?;
+    Ok(())
+}
