@@ -44,15 +44,7 @@ impl Daemon {
             .stdin(Stdio::null())
             .spawn()
             .map_err(|e| format!("spawn /bin/snapuserd: {e}"))?;
-        let d = Self { child, sock };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&d.sock).is_err() {
-            if Instant::now() > deadline {
-                return Err(format!("daemon socket {} never appeared", d.sock.display()));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(d)
+        Self::adopt(child, sock)
     }
 
     /// Take over a `snapuserd` started elsewhere whose control socket is (or will be) `sock`,

@@ -19,7 +19,6 @@
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,7 +32,10 @@ use nix::unistd::Pid;
 
 use crate::harness::*;
 use crate::scenario_support::{delete_ublk, dm, ublk_node, Daemon};
-use crate::ublk_snapshot::{check_then_read, make_update, path, wait_merge_complete, DIR};
+use crate::ublk_snapshot::{
+    check_then_read, handler_files, keep_open_across_exec, make_update, path, wait_merge_complete,
+    DIR,
+};
 
 /// The partition's misc name in the relaunch arguments (libsnapshot names a ublk snapshot
 /// after the partition, `GetSnapshotCowName`).
@@ -308,16 +310,7 @@ fn relaunch(handler: &str, fd: i32) -> Result<std::process::Child, String> {
         .arg(handler)
         .arg(format!("--fd_num={fd}"))
         .stdin(Stdio::null());
-    // SAFETY: runs in the forked child before exec and only calls fcntl (async-signal-safe),
-    // clearing close-on-exec on the child's end as init leaves it open.
-    unsafe {
-        cmd.pre_exec(move || {
-            if nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    keep_open_across_exec(&mut cmd, fd);
     cmd.spawn().ctx("relaunch /bin/snapuserd")
 }
 
@@ -364,12 +357,7 @@ fn transition(merging: bool, first_misc: &str) -> TestResult {
     let _ = std::fs::remove_dir_all(DIR);
     let target = Arc::new(make_update()?);
     let sectors = target.len() as u64 / 512;
-    let files = format!(
-        "{},{},{}",
-        path("update.cow").display(),
-        path("source.img").display(),
-        path("base.img").display()
-    );
+    let files = handler_files();
     let handler = format!("{MISC},{files}");
     // First stage: init starts the daemon on its socket; libsnapshot maps the partition.
     let mut first = Daemon::start_with(FIRST_STAGE, &["-user_snapshot", "-ublk"])?;

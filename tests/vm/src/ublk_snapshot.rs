@@ -25,6 +25,32 @@ const BLOCKS: usize = 8192;
 pub(crate) const DIR: &str = "/tmp/ublk-snap";
 const NAME: &str = "system_b";
 
+/// Leave descriptor `fd` open across `cmd`'s exec (clear its close-on-exec flag in the child),
+/// as init leaves its end of the node socketpair open for the relaunched daemon.
+pub(crate) fn keep_open_across_exec(cmd: &mut Command, fd: i32) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: runs in the forked child before exec and only calls fcntl, which is
+    // async-signal-safe; nothing is allocated or locked.
+    unsafe {
+        cmd.pre_exec(move || {
+            if nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The COW, source and base paths of a handler's arguments (`<cow>,<source>,<base>`).
+pub(crate) fn handler_files() -> String {
+    format!(
+        "{},{},{}",
+        path("update.cow").display(),
+        path("source.img").display(),
+        path("base.img").display()
+    )
+}
+
 pub(crate) fn path(file: &str) -> PathBuf {
     Path::new(DIR).join(file)
 }
@@ -312,12 +338,7 @@ pub fn daemon_kill_merge() -> TestResult {
     let _ = std::fs::remove_dir_all(DIR);
     let target = Arc::new(make_update()?);
     let size = target.len() as u64;
-    let init = format!(
-        "init,{MISC},{},{},{}",
-        path("update.cow").display(),
-        path("source.img").display(),
-        path("base.img").display()
-    );
+    let init = format!("init,{MISC},{}", handler_files());
     let expect = |d: &Daemon, cmd: &str, want: &str| -> Result<String, String> {
         let reply = d.command(cmd)?;
         check(
@@ -423,12 +444,7 @@ pub fn daemon_linear_handoff() -> TestResult {
     let _ = std::fs::remove_dir_all(DIR);
     let target = Arc::new(make_update()?);
     let sectors = target.len() as u64 / 512;
-    let init = format!(
-        "init,{MISC},{},{},{}",
-        path("update.cow").display(),
-        path("source.img").display(),
-        path("base.img").display()
-    );
+    let init = format!("init,{MISC},{}", handler_files());
     let flags = ["-user_snapshot", "-ublk", "-worker_count=2"];
     let expect = |d: &Daemon, cmd: &str, want: &str| -> Result<(), String> {
         let reply = d.command(cmd)?;
@@ -663,7 +679,6 @@ fn detach_and_wait(d: &mut crate::scenario_support::Daemon) -> Result<(), String
 pub fn daemon_fd_num() -> TestResult {
     use std::io::Read;
     use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
     const MISC: &str = "fdnum_b";
     let _ = std::fs::remove_dir_all(DIR);
     let target = Arc::new(make_update()?);
@@ -673,24 +688,10 @@ pub fn daemon_fd_num() -> TestResult {
     cmd.args(["-no_socket", "-user_snapshot", "-ublk", "-worker_count=1"])
         .arg("-proxy_socket=/run/fdnum-no-proxy")
         .arg(format!("-daemon_alive_indicator={DIR}/alive"))
-        .arg(format!(
-            "{MISC},{},{},{}",
-            path("update.cow").display(),
-            path("source.img").display(),
-            path("base.img").display()
-        ))
+        .arg(format!("{MISC},{}", handler_files()))
         .arg(format!("--fd_num={fd}"))
         .stdin(Stdio::null());
-    // SAFETY: runs in the forked child before exec and only calls fcntl (async-signal-safe):
-    // init leaves its end open across the exec in the same way.
-    unsafe {
-        cmd.pre_exec(move || {
-            if nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    keep_open_across_exec(&mut cmd, fd);
     let mut child = cmd.spawn().ctx("spawn /bin/snapuserd")?;
     drop(daemon_end);
     init_end
