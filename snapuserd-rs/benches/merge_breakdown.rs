@@ -64,6 +64,21 @@ struct Seam {
     syncs: Tally,
 }
 
+/// Run `call`, then add its time, `runs` and `bytes` to the tally `pick` chooses.
+fn timed(
+    seam: &Mutex<Seam>,
+    pick: fn(&mut Seam) -> &mut Tally,
+    runs: usize,
+    bytes: usize,
+    call: impl FnOnce() -> io::Result<()>,
+) -> io::Result<()> {
+    let start = Instant::now();
+    let r = call();
+    let mut seam = seam.lock().expect("tally lock");
+    pick(&mut seam).add(runs, bytes, start.elapsed());
+    r
+}
+
 /// A [`MergeIo`] that times and counts the calls of the engine it wraps.
 struct Timed {
     inner: Box<dyn MergeIo>,
@@ -77,37 +92,46 @@ impl MergeIo for Timed {
 
     fn read_source(&mut self, runs: &mut [ReadRun<'_>]) -> io::Result<()> {
         let bytes = runs.iter().map(|r| r.buf.len()).sum();
-        let start = Instant::now();
-        let r = self.inner.read_source(runs);
-        let mut seam = self.seam.lock().expect("tally lock");
-        seam.reads.add(runs.len(), bytes, start.elapsed());
-        r
+        let count = runs.len();
+        timed(
+            &self.seam,
+            |s| &mut s.reads,
+            count,
+            bytes,
+            || self.inner.read_source(runs),
+        )
     }
 
     fn write_base(&mut self, runs: &[WriteRun<'_>]) -> io::Result<()> {
         let bytes = runs.iter().map(|r| r.buf.len()).sum();
-        let start = Instant::now();
-        let r = self.inner.write_base(runs);
-        let mut seam = self.seam.lock().expect("tally lock");
-        seam.writes.add(runs.len(), bytes, start.elapsed());
-        r
+        timed(
+            &self.seam,
+            |s| &mut s.writes,
+            runs.len(),
+            bytes,
+            || self.inner.write_base(runs),
+        )
     }
 
     fn sync_base(&mut self) -> io::Result<()> {
-        let start = Instant::now();
-        let r = self.inner.sync_base();
-        let mut seam = self.seam.lock().expect("tally lock");
-        seam.syncs.add(0, 0, start.elapsed());
-        r
+        timed(
+            &self.seam,
+            |s| &mut s.syncs,
+            0,
+            0,
+            || self.inner.sync_base(),
+        )
     }
 
     fn write_base_durably(&mut self, runs: &[WriteRun<'_>]) -> io::Result<()> {
         let bytes = runs.iter().map(|r| r.buf.len()).sum();
-        let start = Instant::now();
-        let r = self.inner.write_base_durably(runs);
-        let mut seam = self.seam.lock().expect("tally lock");
-        seam.durable.add(runs.len(), bytes, start.elapsed());
-        r
+        timed(
+            &self.seam,
+            |s| &mut s.durable,
+            runs.len(),
+            bytes,
+            || self.inner.write_base_durably(runs),
+        )
     }
 }
 

@@ -483,44 +483,13 @@ fn answer(
 ) -> Result<(), WorkerExit> {
     let request = header.request();
     if header.msg_type == DM_USER_REQ_MAP_READ {
-        if let Some((file, offset)) = handler.read_from_file(&request) {
-            match channel.respond_from_file(header, file, offset) {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(ChannelError::TargetGone) => return Err(WorkerExit::TargetGone),
-                Err(e) => {
-                    log::error!(
-                        "dm-user worker: answering seq {} from the file: {}",
-                        header.seq,
-                        ErrorChain(&e)
-                    );
-                    return Err(WorkerExit::ChannelFailed);
-                }
-            }
-        }
-    }
-    // Below SPLICE_MIN_PAYLOAD the extra system calls cost more than the copy they save.
-    if header.msg_type == DM_USER_REQ_MAP_READ
-        && header.len >= SPLICE_MIN_PAYLOAD as u64
-        && channel.splices()
-    {
-        let mut failure = None;
-        let sent = handler.read_in_pieces(&request, data, &mut |pieces, produced| match channel
-            .respond_pieces(header, pieces, produced)
-        {
-            Ok(sent) => sent,
+        match splice_answer(channel, handler, header, &request, data) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(ChannelError::TargetGone) => return Err(WorkerExit::TargetGone),
             Err(e) => {
-                failure = Some(e);
-                true
-            }
-        });
-        match failure {
-            None if sent == Some(true) => return Ok(()),
-            None => {}
-            Some(ChannelError::TargetGone) => return Err(WorkerExit::TargetGone),
-            Some(e) => {
                 log::error!(
-                    "dm-user worker: answering seq {} in pieces: {}",
+                    "dm-user worker: splicing the answer to seq {}: {}",
                     header.seq,
                     ErrorChain(&e)
                 );
@@ -536,6 +505,41 @@ fn answer(
         &[]
     };
     respond(channel, header, status.to_wire(), body)
+}
+
+/// Answer the READ `header` without producing it whole, if the handler and the channel allow:
+/// in pieces (a large READ on a channel that splices; it covers a READ wholly in one file too),
+/// else straight from one file. `Ok(false)`: nothing was sent, produce the answer instead.
+fn splice_answer(
+    channel: &mut Channel,
+    handler: &dyn RequestHandler,
+    header: &MessageHeader,
+    request: &Request,
+    data: &mut Vec<u8>,
+) -> Result<bool, ChannelError> {
+    // Below SPLICE_MIN_PAYLOAD the extra system calls cost more than the copy they save.
+    if header.len >= SPLICE_MIN_PAYLOAD as u64 && channel.splices() {
+        let mut failure = None;
+        let sent = handler.read_in_pieces(request, data, &mut |pieces, produced| match channel
+            .respond_pieces(header, pieces, produced)
+        {
+            Ok(sent) => sent,
+            Err(e) => {
+                failure = Some(e);
+                true
+            }
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if let Some(sent) = sent {
+            return Ok(sent);
+        }
+    }
+    match handler.read_from_file(request) {
+        Some((file, offset)) => channel.respond_from_file(header, file, offset),
+        None => Ok(false),
+    }
 }
 
 /// Send one response; the exit it forces if the channel cannot carry it.
