@@ -572,6 +572,8 @@ pub struct Channel {
     max_payload: usize,
     splice: SpliceSupport,
     pipe: Option<SplicePipe>,
+    /// Time spent splicing answers in pieces into the channel (after the pipe was filled).
+    drain_time: Duration,
 }
 
 impl Channel {
@@ -617,7 +619,14 @@ impl Channel {
             max_payload: DEFAULT_MAX_PAYLOAD,
             splice: SpliceSupport::Unknown,
             pipe: None,
+            drain_time: Duration::ZERO,
         }
+    }
+
+    /// Time [`Channel::respond_pieces`] has spent splicing filled pipes into the channel
+    /// (header write and drain; the kernel's copy into the bio happens there).
+    pub fn drain_time(&self) -> Duration {
+        self.drain_time
     }
 
     /// Wrap an owned fd.
@@ -856,8 +865,11 @@ impl Channel {
             return Ok(false);
         };
         let header = request.response(DM_USER_RESP_SUCCESS).to_bytes();
+        let t = Instant::now();
         self.write_parts(request.seq, &header, &[])?;
-        match self.drain_pipe(&pipe, request.seq, len)? {
+        let drained = self.drain_pipe(&pipe, request.seq, len);
+        self.drain_time += t.elapsed();
+        match drained? {
             Spliced::Sent => {
                 self.pipe = Some(pipe);
                 Ok(true)

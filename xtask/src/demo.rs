@@ -600,7 +600,7 @@ impl JsonFigures {
     }
 }
 
-/// The guest's script: plain (uncoloured) logs, so the serial-console log file holds no
+/// The guest's script: plain (uncoloured) logs, with the dm-user workers' stage times, so the serial-console log file holds no
 /// terminal escape codes, then the OTA reboot scenario on the disks (legacy: base, COW,
 /// target; user-space merge: those and pristine copies of base and COW for later rounds,
 /// served over `transport`).
@@ -619,7 +619,10 @@ fn demo_init_fragment(
             ab_flag_arg()
         )
     };
-    format!("export RUST_LOG_STYLE=never\n{run}\n")
+    // The dm-user workers' time per stage (waiting, receiving, answering) at debug level.
+    format!(
+        "export RUST_LOG_STYLE=never\nexport RUST_LOG=info,snapuserd::daemon::transport=debug\n{run}\n"
+    )
 }
 
 /// ` ab_flag=FLAG` when the environment sets `DEMO_AB_DAEMON_FLAG` to a daemon flag (it

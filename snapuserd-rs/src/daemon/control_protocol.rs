@@ -435,6 +435,10 @@ pub struct DaemonConfig {
     /// spliced from the page cache (default on; `-nosplice_reads`: produced in the daemon's
     /// buffer and sent whole).
     pub splice_reads: bool,
+    /// `-read_prefetch`: a reader going through the device in order gets the base device
+    /// read a few MiB ahead of it (default on; `-noread_prefetch` to leave it to the
+    /// kernel's own read-ahead).
+    pub read_prefetch: bool,
     /// `-ublk`: serve user-space-merge handlers as ublk devices instead of dm-user.
     pub ublk: bool,
     /// `-cow_op_merge_size=N` (0: default).
@@ -464,6 +468,7 @@ impl Default for DaemonConfig {
             merge_o_direct: false,
             merge_direct_reads: true,
             splice_reads: true,
+            read_prefetch: true,
             ublk: false,
             cow_op_merge_size: 0,
             worker_count: DEFAULT_WORKER_COUNT,
@@ -517,6 +522,9 @@ turns a boolean flag off; '-' and '_' inside names are the same; -- ends the fla
                           unchanged and pending COPY runs spliced from the page cache,
                           the rest produced (default: on; -nosplice_reads to produce
                           every answer whole in the daemon's buffer)
+  -read_prefetch          user-space merge: a reader going through the device in
+                          order gets the base device read 4 MiB ahead of it
+                          (default: on; -noread_prefetch to leave it to the kernel)
   -ublk                   serve user-space-merge handlers as ublk devices
                           (/dev/ublkbN, one queue per worker) instead of dm-user; a
                           new daemon re-attaches to the device a dead one left
@@ -552,7 +560,7 @@ where
         .any(|a| matches!(a.as_str(), "-h" | "--h" | "-help" | "--help"))
 }
 
-const BOOL_FLAGS: [&str; 9] = [
+const BOOL_FLAGS: [&str; 10] = [
     "no_socket",
     "socket_handoff",
     "user_snapshot",
@@ -561,6 +569,7 @@ const BOOL_FLAGS: [&str; 9] = [
     "merge_o_direct",
     "merge_direct_reads",
     "splice_reads",
+    "read_prefetch",
     "ublk",
 ];
 const VALUE_FLAGS: [&str; 5] = [
@@ -752,6 +761,7 @@ impl DaemonConfig {
             "merge_o_direct" => self.merge_o_direct = on,
             "merge_direct_reads" => self.merge_direct_reads = on,
             "splice_reads" => self.splice_reads = on,
+            "read_prefetch" => self.read_prefetch = on,
             _ => self.o_direct = on,
         }
     }

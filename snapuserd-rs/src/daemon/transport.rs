@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
@@ -378,6 +378,7 @@ pub fn serve_channel(
     let mut data = Vec::new();
     let mut held: Vec<Held> = Vec::new();
     let request_log = LogLimit::new();
+    let mut times = StageTimes::default();
     let exit = 'serve: loop {
         let stopping = control.stopping();
         if !held.is_empty() {
@@ -388,7 +389,14 @@ pub fn serve_channel(
                     continue;
                 }
                 let h = held.remove(index);
-                match answer(&mut channel, handler, &h.header, &h.payload, &mut data) {
+                match answer(
+                    &mut channel,
+                    handler,
+                    &h.header,
+                    &h.payload,
+                    &mut data,
+                    &mut times,
+                ) {
                     Ok(()) => answered = answered.saturating_add(1),
                     Err(exit) => break 'serve exit,
                 }
@@ -397,10 +405,12 @@ pub fn serve_channel(
         if stopping {
             break WorkerExit::Stopped;
         }
+        let t = Instant::now();
         let woken = match &sleeper {
             Some(sleeper) => sleeper.wait(),
             None => wait(&channel, control),
         };
+        times.waiting += t.elapsed();
         match woken {
             Ok(Event::Control) => {
                 control.clear();
@@ -412,7 +422,10 @@ pub fn serve_channel(
                 break WorkerExit::ChannelFailed;
             }
         }
-        let header = match channel.receive(&mut payload) {
+        let t = Instant::now();
+        let received = channel.receive(&mut payload);
+        times.receiving += t.elapsed();
+        let header = match received {
             Ok(Received::Request(h)) => h,
             Ok(Received::TargetGone) => break WorkerExit::TargetGone,
             // Another channel took the message, or a signal came first: wait again.
@@ -454,7 +467,17 @@ pub fn serve_channel(
                 header.seq
             );
         }
-        match answer(&mut channel, handler, &header, &payload, &mut data) {
+        let t = Instant::now();
+        let answered_now = answer(
+            &mut channel,
+            handler,
+            &header,
+            &payload,
+            &mut data,
+            &mut times,
+        );
+        times.answering += t.elapsed();
+        match answered_now {
             Ok(()) => answered = answered.saturating_add(1),
             Err(exit) => break exit,
         }
@@ -468,9 +491,40 @@ pub fn serve_channel(
     }
     match exit {
         WorkerExit::ChannelFailed => log::warn!("dm-user worker ended after {answered} requests"),
-        _ => log::debug!("dm-user worker ended ({exit:?}) after {answered} requests"),
+        _ => log::debug!(
+            "dm-user worker ended ({exit:?}) after {answered} requests; {times}, draining pipes {:.1} ms",
+            channel.drain_time().as_secs_f64() * 1e3
+        ),
     }
     WorkerReport { exit, answered }
+}
+
+/// Where a worker's time went, for the log line it writes when it ends.
+#[derive(Debug, Default)]
+struct StageTimes {
+    /// Asleep until a request (or a control event) came.
+    waiting: Duration,
+    /// Reading request headers (and WRITE payloads) from the channel.
+    receiving: Duration,
+    /// Producing answers and sending them.
+    answering: Duration,
+    /// The part of `answering` spent sending answers in pieces (filling the pipe and
+    /// splicing it into the channel); the rest of it is producing them.
+    sending_pieces: Duration,
+}
+
+impl std::fmt::Display for StageTimes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "time waiting {:.1} ms, receiving {:.1} ms, answering {:.1} ms (of which sending \
+             pieces {:.1} ms)",
+            self.waiting.as_secs_f64() * 1e3,
+            self.receiving.as_secs_f64() * 1e3,
+            self.answering.as_secs_f64() * 1e3,
+            self.sending_pieces.as_secs_f64() * 1e3
+        )
+    }
 }
 
 /// Decide the status of one request with `handler` and send the response.
@@ -480,10 +534,11 @@ fn answer(
     header: &MessageHeader,
     payload: &[u8],
     data: &mut Vec<u8>,
+    times: &mut StageTimes,
 ) -> Result<(), WorkerExit> {
     let request = header.request();
     if header.msg_type == DM_USER_REQ_MAP_READ {
-        match splice_answer(channel, handler, header, &request, data) {
+        match splice_answer(channel, handler, header, &request, data, times) {
             Ok(true) => return Ok(()),
             Ok(false) => {}
             Err(ChannelError::TargetGone) => return Err(WorkerExit::TargetGone),
@@ -516,17 +571,21 @@ fn splice_answer(
     header: &MessageHeader,
     request: &Request,
     data: &mut Vec<u8>,
+    times: &mut StageTimes,
 ) -> Result<bool, ChannelError> {
     // Below SPLICE_MIN_PAYLOAD the extra system calls cost more than the copy they save.
     if header.len >= SPLICE_MIN_PAYLOAD as u64 && channel.splices() {
         let mut failure = None;
-        let sent = handler.read_in_pieces(request, data, &mut |pieces, produced| match channel
-            .respond_pieces(header, pieces, produced)
-        {
-            Ok(sent) => sent,
-            Err(e) => {
-                failure = Some(e);
-                true
+        let sent = handler.read_in_pieces(request, data, &mut |pieces, produced| {
+            let t = Instant::now();
+            let outcome = channel.respond_pieces(header, pieces, produced);
+            times.sending_pieces += t.elapsed();
+            match outcome {
+                Ok(sent) => sent,
+                Err(e) => {
+                    failure = Some(e);
+                    true
+                }
             }
         });
         if let Some(e) = failure {

@@ -19,6 +19,7 @@ mod handoff;
 pub mod merge_io;
 mod merger;
 mod plan;
+mod prefetch;
 mod progress_store;
 mod snapshot;
 mod sync_io;

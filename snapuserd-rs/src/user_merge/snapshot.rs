@@ -24,6 +24,7 @@ use super::direct_source::DirectSource;
 use super::error::{UserReadError, UserSnapshotError};
 use super::merge_io::MergeIo;
 use super::plan::{source_blocks, MergePlan};
+use super::prefetch::{self, SequentialPrefetch};
 use super::progress_store::ProgressStore;
 use super::sync_io::SyncMergeIo;
 use super::window::{LoadedWindow, SavedSource};
@@ -62,6 +63,10 @@ pub struct UserSnapshotOptions {
     /// splice (dm-user) takes base and pending COPY runs from the page cache; the daemon's
     /// `-nosplice_reads` turns it on.
     pub whole_reads: bool,
+    /// Keep the base device's page cache a few MiB ahead of a reader that reads the device
+    /// in order (`POSIX_FADV_WILLNEED`; DESIGN.md, "Sequential read-ahead of the base"). The
+    /// daemon turns it on by default (`-read_prefetch`).
+    pub read_prefetch: bool,
 }
 
 /// Where a merge stands.
@@ -147,6 +152,9 @@ pub struct UserSnapshot {
     pub(crate) merging: AtomicBool,
     pub(crate) opts: UserSnapshotOptions,
     request_log: LogLimit,
+    prefetch: SequentialPrefetch,
+    /// The COW file, for read-ahead advice on its payloads (`None`: no advice).
+    cow_advice: Option<File>,
 }
 
 impl std::fmt::Debug for UserSnapshot {
@@ -181,6 +189,8 @@ impl UserSnapshot {
         opts: &UserSnapshotOptions,
     ) -> Result<Self, UserSnapshotError> {
         let cow_file = open_file("COW", cow, true)?;
+        // Only advice goes through this one; refused, reads go on without it.
+        let cow_advice = cow_file.try_clone().ok();
         let state_file = cow_file
             .try_clone()
             .map_err(|source| UserSnapshotError::Open {
@@ -219,6 +229,7 @@ impl UserSnapshot {
         let base_file = open_file("base", base, true)?;
         let mut snap = Self::from_parts(reader, source_file, base_file, Box::new(state), *opts)?;
         snap.source_direct = source_direct;
+        snap.cow_advice = cow_advice;
         Ok(snap)
     }
 
@@ -283,6 +294,8 @@ impl UserSnapshot {
             merging: AtomicBool::new(false),
             opts,
             request_log: LogLimit::new(),
+            prefetch: SequentialPrefetch::default(),
+            cow_advice: None,
         };
         let durable =
             snap.lock_store()
@@ -511,7 +524,10 @@ impl UserSnapshot {
                     self.read_checked(req.sector * SECTOR, read_out)
                 });
                 match result {
-                    Ok(()) => ResponseCode::Success,
+                    Ok(()) => {
+                        self.prefetch_after(req.sector, req.len);
+                        ResponseCode::Success
+                    }
                     Err(e) => {
                         crate::log_limited!(
                             self.request_log,
@@ -550,6 +566,45 @@ impl UserSnapshot {
                 ResponseCode::Unsupported
             }
         }
+    }
+
+    /// After a READ of `len` bytes at `sector` (inside the device) was answered: keep the
+    /// base's page cache, and the COW payloads of the same blocks, ahead of a sequential
+    /// reader (see `prefetch.rs`).
+    fn prefetch_after(&self, sector: u64, len: u64) {
+        if !self.opts.read_prefetch {
+            return;
+        }
+        let start = sector.saturating_mul(SECTOR);
+        let size = self.device_sectors.saturating_mul(SECTOR);
+        let Some((offset, len)) = self
+            .prefetch
+            .after_read(start, start.saturating_add(len), size)
+        else {
+            return;
+        };
+        prefetch::will_need(&self.base, [(offset, len)]);
+        let Some(cow_file) = &self.cow_advice else {
+            return;
+        };
+        let merged = self.merged.load(Ordering::Acquire);
+        let mut extents = Vec::new();
+        let mut last = None;
+        for block in offset / BLOCK_U64..offset.saturating_add(len).div_ceil(BLOCK_U64) {
+            let Some(entry) = self.map.entry(block).filter(|&e| e >= merged) else {
+                continue;
+            };
+            if last == Some(entry) {
+                continue;
+            }
+            last = Some(entry);
+            if let Some((_, op)) = self.plan.op(&self.cow, entry) {
+                if op.data_length > 0 {
+                    extents.push((op.data_offset, u64::from(op.data_length)));
+                }
+            }
+        }
+        prefetch::will_need(cow_file, prefetch::payload_ranges(extents));
     }
 
     fn check_range(&self, sector: u64, len: u64) -> Result<(), UserReadError> {
@@ -818,6 +873,7 @@ impl UserSnapshot {
         }
         let sent = send(&pieces.list, produced);
         drop(view);
+        self.prefetch_after(req.sector, req.len);
         Some(sent)
     }
 

@@ -751,6 +751,7 @@ const DIRECT_WRITES: UserSnapshotOptions = UserSnapshotOptions {
     cow_op_merge_size: None,
     mmap_cow: false,
     whole_reads: false,
+    read_prefetch: true,
 };
 
 const DIRECT_READS_AND_WRITES: UserSnapshotOptions = UserSnapshotOptions {

@@ -495,6 +495,16 @@ fn round(
         let sr = random_iops(&dev.path, len, seed)?;
         (s, l, sr, lr)
     };
+    // Diagnostic (not a report key): a second sequential pass, with the base and COW pages
+    // the first pass brought into the page cache (each round starts with the base and COW
+    // restored with O_DIRECT, which leaves nothing of them cached).
+    let warm = sequential_mb_s(&dev.path, len)?;
+    println!("VMDEMO warm {i} snapshot_read_mb_s {warm:.1}");
+    if let Err(e) =
+        crate::read_profile::device_groups(&format!("round{i}"), &dev.path, lp.dev(), &a.cow, len)
+    {
+        println!("VMPROFILE error {e}");
+    }
     let rss_anon_kib = dev.daemon.status_kib("RssAnon:").unwrap_or(0);
     let rss_serving_kib = dev.daemon.status_kib("VmRSS:").unwrap_or(0);
     let threads = dev.daemon.threads();
@@ -594,7 +604,14 @@ fn run(a: &Args) -> Res<()> {
     // sequential and one random pass (before any merge), then RssAnon and VmRSS.
     for workers in [1u32, 2, 4] {
         let dev = Device::bring_up(a, base_sectors, Some(workers), None)?;
-        let read = sequential_mb_s(&dev.path, len).and_then(|_| random_iops(&dev.path, len, 7));
+        let read = sequential_mb_s(&dev.path, len)
+            .and_then(|seq| Ok((seq, sequential_mb_s(&dev.path, len)?)))
+            .and_then(|seq| Ok((seq, random_iops(&dev.path, len, 7)?)));
+        if let Ok(((first, second), random)) = &read {
+            println!(
+                "VMDEMO workers {workers} seq_mb_s first {first:.1} second {second:.1} rand_iops {random:.0}"
+            );
+        }
         println!(
             "VMDEMO workers {workers} rss_anon_kib {} vm_rss_kib {} rss_file_kib {} threads {}",
             dev.daemon.status_kib("RssAnon:").unwrap_or(0),
@@ -605,6 +622,15 @@ fn run(a: &Args) -> Res<()> {
         let torn = dev.tear_down();
         read?;
         torn?;
+    }
+    // Where a sequential read's time goes without a transport (diagnostic lines only).
+    for (tag, file) in [("base", &a.base), ("target", &a.target)] {
+        if let Err(e) = crate::read_profile::splice_probe(tag, file) {
+            println!("VMPROFILE error {e}");
+        }
+    }
+    if let Err(e) = crate::read_profile::run(&a.cow, &a.base, &a.base, &a.target) {
+        println!("VMPROFILE error {e}");
     }
     for i in 0..a.rounds {
         if i > 0 {

@@ -15,6 +15,7 @@ mod cases;
 mod demo_guest;
 mod harness;
 mod ramd;
+mod read_profile;
 mod scattered_copy;
 mod scenario_support;
 mod smaps;
@@ -173,6 +174,23 @@ fn main() -> ExitCode {
         },
         "snap" => snapshot_cases::main(&args[1..]),
         "demo-usm" => demo_guest::main(&args[1..]),
+        "splice-probe" => match read_profile::splice_probe(
+            "file",
+            std::path::Path::new(args.get(1).map(String::as_str).unwrap_or("")),
+        ) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                println!("VMPROFILE error {e}");
+                ExitCode::FAILURE
+            }
+        },
+        "read-profile" => match read_profile::main(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                println!("VMPROFILE error {e}");
+                ExitCode::FAILURE
+            }
+        },
         "ublk-bench" => match ublk_cases::bench().and_then(|()| ublk_snapshot::bench_snapshot()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
