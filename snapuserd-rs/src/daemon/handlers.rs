@@ -278,6 +278,19 @@ impl RequestHandler for PausableTarget {
     fn hold(&self, req: &Request) -> bool {
         self.pause.holds(req)
     }
+
+    fn read_from_file(&self, req: &Request) -> Option<(&std::fs::File, u64)> {
+        self.target.read_from_file(req)
+    }
+
+    fn read_in_pieces(
+        &self,
+        req: &Request,
+        produced: &mut Vec<u8>,
+        send: &mut dyn FnMut(&[crate::dm_user::AnswerPiece<'_>], &[u8]) -> bool,
+    ) -> Option<bool> {
+        self.target.read_in_pieces(req, produced, send)
+    }
 }
 
 /// Result of a handler's verification pass.
@@ -1104,6 +1117,15 @@ impl RequestHandler for UserServing {
     fn read_from_file(&self, req: &Request) -> Option<(&std::fs::File, u64)> {
         self.target.read_from_file(req)
     }
+
+    fn read_in_pieces(
+        &self,
+        req: &Request,
+        produced: &mut Vec<u8>,
+        send: &mut dyn FnMut(&[crate::dm_user::AnswerPiece<'_>], &[u8]) -> bool,
+    ) -> Option<bool> {
+        self.target.read_in_pieces(req, produced, send)
+    }
 }
 
 impl SnapshotTarget for UserServing {
@@ -1161,7 +1183,7 @@ fn spawn_verification(misc: &str, target: Arc<dyn SnapshotTarget>, v: Arc<Verifi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::test_support::thread_nice;
+    use crate::daemon::test_support::{thread_nice, FakeUserTarget};
     use crate::dm_user::{Channel, ChannelError, Request, ResponseCode};
     use std::os::unix::net::UnixStream;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -1411,5 +1433,33 @@ mod tests {
         assert_eq!(r.start("second"), Reply::Success);
         assert_eq!(pairs.0.lock().unwrap().len(), 5);
         r.stop_all();
+    }
+
+    /// The handler the workers of a user-space-merge snapshot get forwards the answer in
+    /// pieces (a wrapper that forgot it made every READ a whole produced copy).
+    #[test]
+    fn the_workers_handler_of_a_user_snapshot_answers_in_pieces() {
+        let user: Arc<dyn UserMergeTarget> = Arc::new(FakeUserTarget::new(64, 0, 1, None));
+        let serving = PausableTarget {
+            target: Arc::new(UserServing {
+                misc: "system_a".into(),
+                target: user,
+                devices: VerifyDevices::default(),
+            }),
+            pause: Arc::default(),
+        };
+        let req = Request {
+            kind: crate::dm_user::DM_USER_REQ_MAP_READ,
+            flags: 0,
+            sector: 8,
+            len: 65536,
+        };
+        let mut sent = 0usize;
+        let answered = serving.read_in_pieces(&req, &mut Vec::new(), &mut |pieces, produced| {
+            sent = pieces.len() + produced.len();
+            true
+        });
+        assert_eq!(answered, Some(true));
+        assert_eq!(sent, 1 + 65536);
     }
 }

@@ -86,6 +86,22 @@ impl RequestHandler for FakeUserTarget {
     fn handle(&self, _: &Request, _: &[u8], _: &mut Vec<u8>) -> ResponseCode {
         ResponseCode::Unsupported
     }
+
+    /// Every request is one produced piece of `req.len` zero bytes.
+    fn read_in_pieces(
+        &self,
+        req: &Request,
+        produced: &mut Vec<u8>,
+        send: &mut dyn FnMut(&[crate::dm_user::AnswerPiece<'_>], &[u8]) -> bool,
+    ) -> Option<bool> {
+        let len = usize::try_from(req.len).ok()?;
+        produced.clear();
+        produced.resize(len, 0);
+        Some(send(
+            &[crate::dm_user::AnswerPiece::Produced { start: 0, len }],
+            produced,
+        ))
+    }
 }
 
 struct FakeSwitch(Arc<(Mutex<Gate>, Condvar)>);
