@@ -827,6 +827,9 @@ impl UserSnapshot {
         let view = self.view_read();
         let mut pieces = AnswerPieces::default();
         produced.clear();
+        // One allocation for the largest answer, not a growing series of them (each freed
+        // step would stay in the worker's malloc arena); untouched capacity costs no memory.
+        produced.reserve(len);
         let mut done = 0usize;
         while done < len {
             let pos = start + done as u64;

@@ -1113,3 +1113,21 @@ fn replayable_runs_stop_at_a_window_that_reads_what_the_run_writes() {
     let snap = files.open();
     assert_eq!(snap.plan.replayable_windows(&snap.cow, 0, 8), 0);
 }
+
+/// READs carrying many multi-block REPLACE ops, each decoded once in place, read the
+/// target, whole and in pieces, for every compression, before and after the merge.
+#[test]
+fn reads_of_many_whole_replace_ops_read_the_target() {
+    for algorithm in ALGOS {
+        let mut case = Case::new(700, 0x5EED_0042);
+        case.replace(3, 400, 11);
+        case.copy(450, 2);
+        case.replace(451, 200, 12);
+        case.zero(660, 8);
+        let files = Files::create(&case, writer_opts(CowVersion::V3, algorithm, true), false);
+        let snap = files.open();
+        assert_reads_target(&snap, &case.target, "before the merge");
+        assert_eq!(merge_sync(&snap), MergeOutcome::Complete);
+        assert_reads_target(&snap, &case.target, "after the merge");
+    }
+}
