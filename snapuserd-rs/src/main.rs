@@ -371,6 +371,8 @@ fn run(
     }
     let ublk_opts = config.ublk.then(|| snapuserd::ublk::UblkOptions {
         node_requests: init_uevents.as_ref().map(InitUeventChannel::node_hook),
+        stale_server_grace: (config.ublk_stale_server_ms > 0)
+            .then(|| Duration::from_millis(u64::from(config.ublk_stale_server_ms))),
         ..snapuserd::ublk::UblkOptions::default()
     });
     let registry = Arc::new(

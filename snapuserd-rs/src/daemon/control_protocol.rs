@@ -441,6 +441,9 @@ pub struct DaemonConfig {
     pub read_prefetch: bool,
     /// `-ublk`: serve user-space-merge handlers as ublk devices instead of dm-user.
     pub ublk: bool,
+    /// `-ublk_stale_server_ms=N`: how long a re-attach waits for the old server to let its
+    /// ublk device go before stopping it with `SIGKILL` (0: never stop it).
+    pub ublk_stale_server_ms: u32,
     /// `-cow_op_merge_size=N` (0: default).
     pub cow_op_merge_size: u32,
     /// `-worker_count=N`.
@@ -470,6 +473,7 @@ impl Default for DaemonConfig {
             splice_reads: true,
             read_prefetch: true,
             ublk: false,
+            ublk_stale_server_ms: DEFAULT_UBLK_STALE_SERVER_MS,
             cow_op_merge_size: 0,
             worker_count: DEFAULT_WORKER_COUNT,
             num_merge_threads: None,
@@ -528,6 +532,10 @@ turns a boolean flag off; '-' and '_' inside names are the same; -- ends the fla
   -ublk                   serve user-space-merge handlers as ublk devices
                           (/dev/ublkbN, one queue per worker) instead of dm-user; a
                           new daemon re-attaches to the device a dead one left
+  -ublk_stale_server_ms=N with -ublk: an old daemon still holding a device N ms
+                          after the re-attach began (stopped, stuck) gets SIGKILL,
+                          if it holds that device's /dev/ublkcN (default: 2000;
+                          0: never, the re-attach gives up after 30 s)
   -fd_num=N               with -no_socket: init's socketpair end (inherited fd N, a
                           Unix stream socket); each ublk node path the daemon needs
                           (/dev/ublkcN, /dev/block/ublkbN) is sent there for init
@@ -572,13 +580,18 @@ const BOOL_FLAGS: [&str; 10] = [
     "read_prefetch",
     "ublk",
 ];
-const VALUE_FLAGS: [&str; 5] = [
+const VALUE_FLAGS: [&str; 6] = [
     "socket",
     "cow_op_merge_size",
     "worker_count",
     "num_merge_threads",
     "fd_num",
+    "ublk_stale_server_ms",
 ];
+
+/// Default of `-ublk_stale_server_ms`: [`crate::ublk::device::DEFAULT_STALE_SERVER_GRACE`].
+pub const DEFAULT_UBLK_STALE_SERVER_MS: u32 =
+    crate::ublk::device::DEFAULT_STALE_SERVER_GRACE.as_millis() as u32;
 
 fn parse_bool(flag: &'static str, value: &str) -> Result<bool, ControlError> {
     match value {
@@ -681,6 +694,7 @@ impl DaemonConfig {
                         cfg.socket = value;
                     }
                     "cow_op_merge_size" => cfg.cow_op_merge_size = parse_u32(flag, &value)?,
+                    "ublk_stale_server_ms" => cfg.ublk_stale_server_ms = parse_u32(flag, &value)?,
                     "fd_num" => cfg.fd_num = parse_fd_num(&value)?,
                     "num_merge_threads" => {
                         let n = parse_u32(flag, &value)?;
@@ -854,6 +868,13 @@ mod tests {
         );
         let cfg = DaemonConfig::parse(["-user_snapshot", "-ublk"]).unwrap();
         assert!(cfg.ublk && cfg.user_snapshot);
+        assert_eq!(cfg.ublk_stale_server_ms, 2000);
+        let cfg = DaemonConfig::parse(["-ublk", "-ublk_stale_server_ms=0"]).unwrap();
+        assert_eq!(cfg.ublk_stale_server_ms, 0);
+        let cfg = DaemonConfig::parse(["-ublk", "-ublk-stale-server-ms", "500"]).unwrap();
+        assert_eq!(cfg.ublk_stale_server_ms, 500);
+        assert!(DaemonConfig::parse(["-ublk_stale_server_ms=-1"]).is_err());
+        assert!(DaemonConfig::parse(["-ublk_stale_server_ms=soon"]).is_err());
         assert!(!DaemonConfig::parse(["-user_snapshot"]).unwrap().ublk);
     }
 

@@ -28,6 +28,7 @@ use super::control::{Control, ControlError};
 use super::descriptor::{QueueLimits, SECTOR};
 use super::node_request::{NodeKind, NodeRequestHook};
 use super::queue::{run_queue, DataPath, QueueError, QueueReport, QueueSetup};
+use super::stale_server::{stop_stale_server, StaleServer};
 use crate::daemon::transport::RequestHandler;
 
 /// Smallest queue depth accepted.
@@ -36,6 +37,9 @@ pub const MIN_QUEUE_DEPTH: u16 = 32;
 pub const DEFAULT_MAX_IO_BYTES: u32 = 1 << 20;
 /// Largest request accepted (the dm-user path's limit).
 pub const MAX_IO_BYTES: u32 = 4 << 20;
+/// Default [`UblkOptions::stale_server_grace`]: an old daemon that exits by itself on
+/// `detach` does so within a few hundred milliseconds, even while merging.
+pub const DEFAULT_STALE_SERVER_GRACE: Duration = Duration::from_secs(2);
 
 /// Errors of a ublk device.
 #[derive(Debug, Error)]
@@ -116,6 +120,11 @@ pub struct UblkOptions {
     pub identity: u64,
     /// How long recovery waits for the dead server's resources to be released.
     pub recovery_timeout: Duration,
+    /// How long recovery waits for the old server to let the device go before it sends
+    /// `SIGKILL` to the process that still holds the device's character node (a stopped or
+    /// stuck daemon; see [`super::stale_server`]). `None`: never; wait up to
+    /// `recovery_timeout` and give up.
+    pub stale_server_grace: Option<Duration>,
     /// Told when a node of the device is due (`None`: the nodes appear by themselves).
     pub node_requests: Option<NodeRequestHook>,
     /// Run each queue's thread on the CPUs whose requests that queue receives (the kernel's
@@ -133,6 +142,7 @@ impl Default for UblkOptions {
             user_copy: UserCopy::Auto,
             identity: 0,
             recovery_timeout: Duration::from_secs(30),
+            stale_server_grace: Some(DEFAULT_STALE_SERVER_GRACE),
             node_requests: None,
             pin_queues: true,
         }
@@ -270,6 +280,28 @@ fn open_char(dev_id: u32, timeout: Duration) -> Result<File, DeviceError> {
             }
             Err(source) => return Err(DeviceError::CharNode { path, source }),
         }
+    }
+}
+
+/// The old server of `dev_id` still holds it after `grace`: stop it if it really is the
+/// device's server, and say what was done.
+fn report_stale_server(dev_id: u32, state: u16, grace: Duration, pid: i32) {
+    match stop_stale_server(dev_id, pid) {
+        StaleServer::Killed { pid } => log::warn!(
+            "ublk device {dev_id}: its old server (pid {pid}) still held {CHAR_PREFIX}{dev_id} \
+             {grace:?} after the re-attach began (state {state}; stopped or stuck): sent it \
+             SIGKILL; its requests go to this daemon once it is gone"
+        ),
+        StaleServer::Gone | StaleServer::Ourselves => {}
+        StaleServer::NotHolding { pid } => log::warn!(
+            "ublk device {dev_id}: not released after {grace:?} (state {state}), and its \
+             recorded server pid {pid} does not hold {CHAR_PREFIX}{dev_id}: left alone; find \
+             the process holding the node and stop it, or the re-attach gives up"
+        ),
+        StaleServer::Failed { pid, why } => log::warn!(
+            "ublk device {dev_id}: could not stop its old server (pid {pid}) after {grace:?}: \
+             {why}; stop it by hand, or the re-attach gives up"
+        ),
     }
 }
 
@@ -458,6 +490,7 @@ impl UblkDevice {
     ) -> Result<Self, DeviceError> {
         let mut control = Control::open().map_err(control_err(dev_id, "opening control"))?;
         let start = Instant::now();
+        let mut stale_server_handled = false;
         // The dead server's queues are torn down asynchronously: wait for the quiesced state
         // and for its node to be released (EBUSY until then).
         let info = loop {
@@ -476,6 +509,14 @@ impl UblkDevice {
             } else {
                 true
             };
+            if busy && !stale_server_handled {
+                if let Some(grace) = opts.stale_server_grace {
+                    if start.elapsed() >= grace {
+                        stale_server_handled = true;
+                        report_stale_server(dev_id, info.state, grace, info.ublksrv_pid);
+                    }
+                }
+            }
             if busy && start.elapsed() >= opts.recovery_timeout {
                 return Err(DeviceError::NotQuiesced {
                     dev_id,

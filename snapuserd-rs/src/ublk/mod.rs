@@ -13,7 +13,8 @@
 //! * [`descriptor`] — deciding one request from its untrusted descriptor;
 //! * [`queue`] — one queue's serving thread;
 //! * [`device`] — creation, recovery and removal of a device;
-//! * [`node_request`] — asking init for a device's nodes (`-fd_num`).
+//! * [`node_request`] — asking init for a device's nodes (`-fd_num`);
+//! * [`stale_server`] — stopping an old server that holds a device it no longer serves.
 
 pub mod abi;
 pub mod control;
@@ -21,6 +22,7 @@ pub mod descriptor;
 pub mod device;
 pub mod node_request;
 pub mod queue;
+pub mod stale_server;
 
 pub use control::{available, Control, ControlError};
 pub use device::{identity_of, DeviceError, UblkDevice, UblkOptions, UserCopy};

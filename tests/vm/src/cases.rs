@@ -182,6 +182,10 @@ pub const CASES: &[Case] = &[
         run: crate::ublk_cases::kill_recover,
     },
     Case {
+        name: "ublk-recover-stopped-server",
+        run: crate::ublk_cases::recover_stopped_server,
+    },
+    Case {
         name: "ublk-snapshot-kill-merge",
         run: crate::ublk_snapshot::kill_merge,
     },

@@ -21,7 +21,7 @@ use snapuserd::daemon::transport::RequestHandler;
 use snapuserd::dm_user::{Request, ResponseCode, DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE};
 use snapuserd::ublk::{identity_of, UblkDevice, UblkOptions, UserCopy};
 
-use crate::cases::{sh, MIB};
+use crate::cases::{sh, HANG, MIB};
 use crate::harness::*;
 
 /// Serves READs from a file (the test's stand-in for the snapshot handler).
@@ -411,6 +411,56 @@ pub fn kill_recover() -> TestResult {
     Ok(format!(
         "{KILLS} kill -9 + recovery: {} reads, {} of them across a kill ({across:?}), errors 0, \
          wrong data 0; longest outage {longest} ms",
+        log.spans.len(),
+        across.iter().sum::<usize>()
+    ))
+}
+
+/// A server that is stopped (SIGSTOP) keeps its device: the new helper's re-attach waits
+/// the grace period, sends the old one SIGKILL (it holds `/dev/ublkc<N>`), and recovers;
+/// a reader running across it sees no error and only the image's data.
+pub fn recover_stopped_server() -> TestResult {
+    let size = 16 * MIB;
+    let img = image("ublk-stopped", 35, size)?;
+    let want = Arc::new(std::fs::read(&img).ctx("image")?);
+    let mut old = Helper::spawn("create", &img, "stopped", "auto", 2)?;
+    let node = old.node.clone();
+    let t0 = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let next_off = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % (size / 4096 - 16)) * 4096
+    };
+    let reader = spawn_checking_reader(node, want, 64 << 10, t0, stop.clone(), next_off);
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped_at = ns_since(t0);
+    kill(old.pid(), Signal::SIGSTOP).ctx("SIGSTOP helper")?;
+    // On failure the reader is stuck without a server; the test process ends anyway.
+    let new = Helper::spawn("recover", &img, "stopped", "auto", 2)
+        .map_err(|e| format!("re-attach past a stopped server failed: {e}"))?;
+    let recovered_at = ns_since(t0);
+    let status = bounded("old helper's end", HANG, move || old.child.wait())?.ctx("reap")?;
+    use std::os::unix::process::ExitStatusExt;
+    check(
+        status.signal() == Some(nix::libc::SIGKILL),
+        format!("the stopped helper ended with {status}, not by SIGKILL"),
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let log = stop_reader(&stop, reader)?;
+    new.stop()?;
+    let _ = std::fs::remove_file(&img);
+    let across = log.check_outages(&[(stopped_at, recovered_at)])?;
+    let waited_ms = (recovered_at - stopped_at) / 1_000_000;
+    check(
+        waited_ms >= snapuserd::ublk::device::DEFAULT_STALE_SERVER_GRACE.as_millis() as u64,
+        format!("recovered {waited_ms} ms after the stop, before the grace period ended"),
+    )?;
+    Ok(format!(
+        "stopped server killed after the grace period, recovered {waited_ms} ms after the stop: \
+         {} reads, {} across it, errors 0, wrong data 0",
         log.spans.len(),
         across.iter().sum::<usize>()
     ))
