@@ -374,7 +374,12 @@ impl DmUserFixture {
             });
             let reader = scope.spawn(|| read_responses(&mut kernel_reader, &requests));
             let control = WorkerControl::new().expect("worker eventfd");
-            let report = serve_channel(Channel::from_fd(daemon.into()), &snapshot, &control);
+            let report = serve_channel(
+                Channel::from_fd(daemon.into()),
+                &snapshot,
+                &control,
+                &crate::daemon::answer_buffers::AnswerBuffers::default(),
+            );
             let responses = reader.join().expect("response reader");
             assert_eq!(
                 report.answered,

@@ -2,6 +2,7 @@
 //! control socket.
 //!
 //! * [`transport`] — worker threads answering dm-user requests through the block server;
+//! * [`answer_buffers`] — the buffers a handler's workers produce READ answers into;
 //! * [`handlers`] — the registry behind the control commands (`init`, `start`, `delete`, …);
 //! * [`events`] — the stop request and wake-ups the daemon's waiting loops sleep on;
 //! * [`control_protocol`] — the control socket's commands and replies, and the daemon's command line;
@@ -14,6 +15,7 @@
 //! * [`merge_monitor`] — the FIFO of requested merges and the merge threads;
 //! * [`update_verify`] — reading the whole snapshot device once after the handoff.
 
+pub mod answer_buffers;
 pub mod control_protocol;
 pub mod control_server;
 pub mod events;

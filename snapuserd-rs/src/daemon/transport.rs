@@ -34,6 +34,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use thiserror::Error;
 
+use super::answer_buffers::AnswerBuffers;
 use super::events::Notifier;
 use crate::dm_user::{
     AnswerPiece, Channel, ChannelError, MessageHeader, Received, Request, ResponseCode,
@@ -348,11 +349,13 @@ struct Held {
 ///
 /// Requests the handler holds ([`RequestHandler::hold`]) are kept, up to
 /// [`MAX_HELD_REQUESTS`], and offered again in arrival order at each wake-up; a stopped
-/// worker processes and answers them before it ends.
+/// worker processes and answers them before it ends. READ answers are produced into a
+/// buffer taken from `buffers` for the time of one answer (shared by a handler's workers).
 pub fn serve_channel(
     mut channel: Channel,
     handler: &dyn RequestHandler,
     control: &WorkerControl,
+    buffers: &AnswerBuffers,
 ) -> WorkerReport {
     let mut answered = 0u64;
     let max_payload = usize::try_from(MAX_REQUEST_BYTES).unwrap_or(usize::MAX);
@@ -375,7 +378,6 @@ pub fn serve_channel(
         }
     };
     let mut payload = Vec::new();
-    let mut data = Vec::new();
     let mut held: Vec<Held> = Vec::new();
     let request_log = LogLimit::new();
     let mut times = StageTimes::default();
@@ -394,7 +396,7 @@ pub fn serve_channel(
                     handler,
                     &h.header,
                     &h.payload,
-                    &mut data,
+                    buffers,
                     &mut times,
                 ) {
                     Ok(()) => answered = answered.saturating_add(1),
@@ -473,7 +475,7 @@ pub fn serve_channel(
             handler,
             &header,
             &payload,
-            &mut data,
+            buffers,
             &mut times,
         );
         times.answering += t.elapsed();
@@ -527,8 +529,24 @@ impl std::fmt::Display for StageTimes {
     }
 }
 
-/// Decide the status of one request with `handler` and send the response.
+/// Decide the status of one request with `handler` and send the response; a READ's
+/// answer is produced into a buffer of `buffers`, given back once it is sent.
 fn answer(
+    channel: &mut Channel,
+    handler: &dyn RequestHandler,
+    header: &MessageHeader,
+    payload: &[u8],
+    buffers: &AnswerBuffers,
+    times: &mut StageTimes,
+) -> Result<(), WorkerExit> {
+    let mut data = buffers.take();
+    let answered = answer_into(channel, handler, header, payload, &mut data, times);
+    buffers.give_back(data);
+    answered
+}
+
+/// [`answer`], producing into `data`.
+fn answer_into(
     channel: &mut Channel,
     handler: &dyn RequestHandler,
     header: &MessageHeader,
@@ -734,6 +752,7 @@ impl Workers {
             })?;
             controls.push(Arc::new(control));
         }
+        let buffers = Arc::new(AnswerBuffers::default());
         let mut workers = Workers {
             group: Arc::new(WorkerGroup {
                 controls: controls.clone(),
@@ -743,6 +762,7 @@ impl Workers {
         };
         for ((index, channel), control) in (0u32..).zip(channels).zip(controls) {
             let handler = Arc::clone(&handler);
+            let buffers = Arc::clone(&buffers);
             let on_exit = on_exit.clone();
             let on_all_ended = on_all_ended.clone();
             let serving = Arc::clone(&workers.serving);
@@ -750,7 +770,7 @@ impl Workers {
             let spawned = std::thread::Builder::new()
                 .name(format!("snapuserd-{index}"))
                 .spawn(move || {
-                    let report = serve_channel(channel, handler.as_ref(), &control);
+                    let report = serve_channel(channel, handler.as_ref(), &control, &buffers);
                     if serving.fetch_sub(1, Ordering::AcqRel) == 1 {
                         if let Some(hook) = on_all_ended {
                             hook();
@@ -870,7 +890,12 @@ mod tests {
         let channel = Channel::from_fd(daemon.into());
         let t = std::thread::spawn(move || {
             let control = WorkerControl::new().unwrap();
-            serve_channel(channel, handler.as_ref(), &control)
+            serve_channel(
+                channel,
+                handler.as_ref(),
+                &control,
+                &AnswerBuffers::default(),
+            )
         });
         (kernel, t)
     }
@@ -911,6 +936,45 @@ mod tests {
         let report = t.join().unwrap();
         assert_eq!(report.exit, WorkerExit::TargetGone);
         assert_eq!(report.answered, 5);
+    }
+
+    #[test]
+    fn workers_taking_turns_at_large_reads_share_one_answer_buffer() {
+        let buffers = Arc::new(AnswerBuffers::default());
+        let fake: Arc<dyn RequestHandler> = Arc::new(Fake::default());
+        let mut kernels = Vec::new();
+        let mut threads = Vec::new();
+        for _ in 0..2 {
+            let (kernel, daemon) = UnixStream::pair().unwrap();
+            let channel = Channel::from_fd(daemon.into());
+            let (handler, buffers) = (Arc::clone(&fake), Arc::clone(&buffers));
+            threads.push(std::thread::spawn(move || {
+                let control = WorkerControl::new().unwrap();
+                serve_channel(channel, handler.as_ref(), &control, &buffers)
+            }));
+            kernels.push(kernel);
+        }
+        // One READ of 1 MiB at a time, alternating between the workers (queue depth 1).
+        for seq in 0..6u64 {
+            let kernel = &mut kernels[(seq % 2) as usize];
+            kernel.write_all(&header(seq, 0, seq, 1 << 20)).unwrap();
+            let h = read_response(kernel);
+            assert_eq!((h.seq, h.msg_type), (seq, DM_USER_RESP_SUCCESS));
+            let mut data = vec![0u8; 1 << 20];
+            kernel.read_exact(&mut data).unwrap();
+            assert!(data.iter().all(|&b| b == seq as u8));
+            // The worker gives its buffer back just after the answer's last byte is sent.
+            let given_back = Instant::now();
+            while buffers.idle() == 0 {
+                assert!(given_back.elapsed() < Duration::from_secs(10), "buffer kept");
+                std::thread::yield_now();
+            }
+        }
+        drop(kernels);
+        for t in threads {
+            assert_eq!(t.join().unwrap().exit, WorkerExit::TargetGone);
+        }
+        assert_eq!(buffers.idle(), 1, "both workers answered from the same buffer");
     }
 
     #[test]
@@ -1019,7 +1083,14 @@ mod tests {
         let channel = Channel::from_fd(daemon.into());
         let t = {
             let (handler, control) = (handler.clone(), control.clone());
-            std::thread::spawn(move || serve_channel(channel, handler.as_ref(), &control))
+            std::thread::spawn(move || {
+                serve_channel(
+                    channel,
+                    handler.as_ref(),
+                    &control,
+                    &AnswerBuffers::default(),
+                )
+            })
         };
         let fake = &handler.inner;
         let paused = &handler.paused;
@@ -1099,7 +1170,12 @@ mod tests {
             std::thread::spawn(move || {
                 // SAFETY: pthread_self has no preconditions.
                 tid_tx.send(unsafe { libc::pthread_self() }).unwrap();
-                serve_channel(channel, &Fake::default(), &control)
+                serve_channel(
+                    channel,
+                    &Fake::default(),
+                    &control,
+                    &AnswerBuffers::default(),
+                )
             })
         };
         let thread = tid_rx.recv().unwrap();
