@@ -966,7 +966,10 @@ mod tests {
             // The worker gives its buffer back just after the answer's last byte is sent.
             let given_back = Instant::now();
             while buffers.idle() == 0 {
-                assert!(given_back.elapsed() < Duration::from_secs(10), "buffer kept");
+                assert!(
+                    given_back.elapsed() < Duration::from_secs(10),
+                    "buffer kept"
+                );
                 std::thread::yield_now();
             }
         }
@@ -974,7 +977,11 @@ mod tests {
         for t in threads {
             assert_eq!(t.join().unwrap().exit, WorkerExit::TargetGone);
         }
-        assert_eq!(buffers.idle(), 1, "both workers answered from the same buffer");
+        assert_eq!(
+            buffers.idle(),
+            1,
+            "both workers answered from the same buffer"
+        );
     }
 
     #[test]
