@@ -52,13 +52,10 @@ pub(crate) fn measure_expecting(path: &Path, first_mib: &[u8]) -> Result<Figures
     }
     let seq = (SEQ_PASSES * SIZE) as f64 / t.elapsed().as_secs_f64() / 1e6;
     let mut small = AlignedBuf::new(4096);
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut rng = crate::harness::XorShift::new(0x2545_F491_4F6C_DD1D);
     let t = Instant::now();
     for _ in 0..RAND_OPS {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let off = (x % (SIZE / 4096)) * 4096;
+        let off = rng.below(SIZE / 4096) * 4096;
         f.read_exact_at(small.as_mut(), off).ctx("random read")?;
     }
     let iops = RAND_OPS as f64 / t.elapsed().as_secs_f64();

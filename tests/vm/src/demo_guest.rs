@@ -205,13 +205,10 @@ fn random_iops(dev: &Path, len: u64, seed: u64) -> Res<f64> {
     let f = open_direct(dev)?;
     let mut a = AlignedBuf::new(4096);
     let blocks = (len / 4096).max(1);
-    let mut x = seed | 1;
+    let mut rng = crate::harness::XorShift::new(seed | 1);
     let t = Instant::now();
     for _ in 0..RANDOM_READS {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let off = (x % blocks) * 4096;
+        let off = rng.below(blocks) * 4096;
         f.read_exact_at(a.as_mut(), off)
             .map_err(|e| format!("random read {} at {off}: {e}", dev.display()))?;
     }

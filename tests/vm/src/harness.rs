@@ -138,6 +138,31 @@ impl AlignedBuf {
     }
 }
 
+/// The reproducible random numbers of the read tests (xorshift64): block numbers for
+/// random reads, the same sequence for the same seed on every run.
+pub struct XorShift(u64);
+
+impl XorShift {
+    /// A generator started at `seed` (0 is replaced, it would stay 0).
+    pub fn new(seed: u64) -> Self {
+        Self(if seed == 0 {
+            0x9E37_79B9_7F4A_7C15
+        } else {
+            seed
+        })
+    }
+
+    /// The next number below `n` (`n` at least 1).
+    pub fn below(&mut self, n: u64) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x % n.max(1)
+    }
+}
+
 /// Deterministic pattern: each aligned 8-byte word encodes (seed, its absolute offset).
 pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
     let word =

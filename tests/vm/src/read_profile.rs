@@ -254,8 +254,7 @@ pub fn run(cow: &Path, source: &Path, base: &Path, target: &Path) -> Res<()> {
 /// whose first 16 MiB get read once first), `vmsplice` of a buffer, and a `pread` of the same
 /// bytes for comparison.
 pub fn splice_probe(tag: &str, file: &Path) -> Res<()> {
-    use nix::fcntl::{fcntl, splice, vmsplice, FcntlArg, OFlag, SpliceFFlags};
-    use std::io::IoSlice;
+    use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
     const SPAN: u64 = 16 << 20;
     let f = File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let null = File::options()
@@ -290,32 +289,11 @@ pub fn splice_probe(tag: &str, file: &Path) -> Res<()> {
     for i in 0..rounds {
         let at = u64::from(i) * REQUEST as u64;
         let t = Instant::now();
-        let mut pos = at as i64;
-        let mut filled = 0;
-        while filled < REQUEST {
-            let n = splice(
-                &f,
-                Some(&mut pos),
-                &w,
-                None,
-                REQUEST - filled,
-                SpliceFFlags::empty(),
-            )
-            .map_err(|e| format!("splice from {}: {e}", file.display()))?;
-            if n == 0 {
-                return Err("end of file".into());
-            }
-            filled += n;
-        }
+        splice_request(&f, file, at, &w)?;
         drain(REQUEST)?;
         t_splice += t.elapsed();
         let t = Instant::now();
-        let mut rest: &[u8] = buf;
-        while !rest.is_empty() {
-            let n = vmsplice(&w, &[IoSlice::new(rest)], SpliceFFlags::empty())
-                .map_err(|e| format!("vmsplice: {e}"))?;
-            rest = &rest[n..];
-        }
+        vmsplice_all(&w, buf)?;
         drain(REQUEST)?;
         t_vmsplice += t.elapsed();
         let t = Instant::now();
@@ -330,6 +308,42 @@ pub fn splice_probe(tag: &str, file: &Path) -> Res<()> {
         us_per_mib(t_pread, u64::from(rounds)),
     );
     cold_probe(tag, file, &f, &w, buf, &drain)
+}
+
+/// Splice `REQUEST` bytes of `f` at `at` into the pipe `w` (the page cache filled on the way).
+fn splice_request(f: &File, file: &Path, at: u64, w: &std::os::fd::OwnedFd) -> Res<()> {
+    use nix::fcntl::{splice, SpliceFFlags};
+    let mut pos = i64::try_from(at).map_err(|_| format!("offset {at} out of range"))?;
+    let mut filled = 0;
+    while filled < REQUEST {
+        let n = splice(
+            f,
+            Some(&mut pos),
+            w,
+            None,
+            REQUEST - filled,
+            SpliceFFlags::empty(),
+        )
+        .map_err(|e| format!("splice from {}: {e}", file.display()))?;
+        if n == 0 {
+            return Err("end of file".into());
+        }
+        filled += n;
+    }
+    Ok(())
+}
+
+/// Vmsplice all of `buf` into the pipe `w`.
+fn vmsplice_all(w: &std::os::fd::OwnedFd, buf: &[u8]) -> Res<()> {
+    use nix::fcntl::{vmsplice, SpliceFFlags};
+    use std::io::IoSlice;
+    let mut rest = buf;
+    while !rest.is_empty() {
+        let n = vmsplice(w, &[IoSlice::new(rest)], SpliceFFlags::empty())
+            .map_err(|e| format!("vmsplice: {e}"))?;
+        rest = &rest[n..];
+    }
+    Ok(())
 }
 
 /// Drop the guest's clean page cache (the probe runs as root in the emulator).
@@ -349,8 +363,6 @@ fn cold_probe(
     buf: &mut [u8],
     drain: &dyn Fn(usize) -> Res<()>,
 ) -> Res<()> {
-    use nix::fcntl::{splice, vmsplice, SpliceFFlags};
-    use std::io::IoSlice;
     use std::os::unix::fs::OpenOptionsExt;
     const SPAN: u64 = 16 << 20;
     let rounds = (SPAN / REQUEST as u64) as u32;
@@ -362,23 +374,7 @@ fn cold_probe(
     drop_page_cache()?;
     let t = Instant::now();
     for i in 0..rounds {
-        let mut pos = i64::from(i) * REQUEST as i64;
-        let mut filled = 0;
-        while filled < REQUEST {
-            let n = splice(
-                f,
-                Some(&mut pos),
-                w,
-                None,
-                REQUEST - filled,
-                SpliceFFlags::empty(),
-            )
-            .map_err(|e| format!("splice from {}: {e}", file.display()))?;
-            if n == 0 {
-                return Err("end of file".into());
-            }
-            filled += n;
-        }
+        splice_request(f, file, u64::from(i) * REQUEST as u64, w)?;
         drain(REQUEST)?;
     }
     let t_splice = t.elapsed();
@@ -389,12 +385,7 @@ fn cold_probe(
         direct
             .read_exact_at(buf, at)
             .map_err(|e| format!("{} O_DIRECT at {at}: {e}", file.display()))?;
-        let mut rest: &[u8] = buf;
-        while !rest.is_empty() {
-            let n = vmsplice(w, &[IoSlice::new(rest)], SpliceFFlags::empty())
-                .map_err(|e| format!("vmsplice: {e}"))?;
-            rest = &rest[n..];
-        }
+        vmsplice_all(w, buf)?;
         drain(REQUEST)?;
     }
     let t_direct = t.elapsed();

@@ -378,13 +378,8 @@ pub fn kill_recover() -> TestResult {
     let node = helper.node.clone();
     let t0 = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let next_off = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x % (size / 4096 - 16)) * 4096
-    };
+    let mut rng = XorShift::new(0x9E37_79B9_7F4A_7C15);
+    let next_off = move || rng.below(size / 4096 - 16) * 4096;
     let reader = spawn_checking_reader(node, want, 64 << 10, t0, stop.clone(), next_off);
     let mut outages = Vec::new();
     for _ in 0..KILLS {
@@ -427,13 +422,8 @@ pub fn recover_stopped_server() -> TestResult {
     let node = old.node.clone();
     let t0 = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
-    let next_off = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x % (size / 4096 - 16)) * 4096
-    };
+    let mut rng = XorShift::new(0x2545_F491_4F6C_DD1D);
+    let next_off = move || rng.below(size / 4096 - 16) * 4096;
     let reader = spawn_checking_reader(node, want, 64 << 10, t0, stop.clone(), next_off);
     std::thread::sleep(Duration::from_millis(300));
     let stopped_at = ns_since(t0);

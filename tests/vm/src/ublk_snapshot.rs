@@ -571,14 +571,11 @@ fn measure(node: &Path, size: u64) -> Result<(f64, f64), String> {
     }
     let seq = size as f64 / t.elapsed().as_secs_f64() / 1e6;
     let mut small = AlignedBuf::new(4096);
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut rng = crate::harness::XorShift::new(0x2545_F491_4F6C_DD1D);
     const OPS: u64 = 1500;
     let t = Instant::now();
     for _ in 0..OPS {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        f.read_exact_at(small.as_mut(), (x % (size / 4096)) * 4096)
+        f.read_exact_at(small.as_mut(), rng.below(size / 4096) * 4096)
             .ctx("random read")?;
     }
     Ok((seq, OPS as f64 / t.elapsed().as_secs_f64()))

@@ -701,14 +701,11 @@ fn random_step(sc: &Scenario, st: &Stack) -> Res<String> {
     let want = File::open(&sc.target).map_err(|e| format!("open target: {e}"))?;
     let mut a = AlignedBuf::new(4096);
     let mut b = [0u8; 4096];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut rng = crate::harness::XorShift::new(0x9e37_79b9_7f4a_7c15);
     let t = Instant::now();
     let mut spent = Duration::ZERO;
     for i in 0..RANDOM_READS {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let off = (x % blocks) * 4096;
+        let off = rng.below(blocks) * 4096;
         let t1 = Instant::now();
         dev.read_exact_at(a.as_mut(), off)
             .map_err(|e| format!("random read {i} at {off}: {e}"))?;
