@@ -439,6 +439,10 @@ pub struct DaemonConfig {
     /// read a few MiB ahead of it (default on; `-noread_prefetch` to leave it to the
     /// kernel's own read-ahead).
     pub read_prefetch: bool,
+    /// `-direct_reads`: user-space merge: runs of 16 KiB or more of the base and source
+    /// devices that a READ needs are read with `O_DIRECT` into the answer, not through the
+    /// page cache (default off).
+    pub direct_reads: bool,
     /// `-ublk`: serve user-space-merge handlers as ublk devices instead of dm-user.
     pub ublk: bool,
     /// `-ublk_stale_server_ms=N`: how long a re-attach waits for the old server to let its
@@ -472,6 +476,7 @@ impl Default for DaemonConfig {
             merge_direct_reads: true,
             splice_reads: true,
             read_prefetch: true,
+            direct_reads: false,
             ublk: false,
             ublk_stale_server_ms: DEFAULT_UBLK_STALE_SERVER_MS,
             cow_op_merge_size: 0,
@@ -529,6 +534,9 @@ turns a boolean flag off; '-' and '_' inside names are the same; -- ends the fla
   -read_prefetch          user-space merge: a reader going through the device in
                           order gets the base device read 4 MiB ahead of it
                           (default: on; -noread_prefetch to leave it to the kernel)
+  -direct_reads           user-space merge: runs of 16 KiB or more of the base and
+                          source devices that a READ needs are read with O_DIRECT
+                          into the answer, bypassing the page cache (default: off)
   -ublk                   serve user-space-merge handlers as ublk devices
                           (/dev/ublkbN, one queue per worker) instead of dm-user; a
                           new daemon re-attaches to the device a dead one left
@@ -568,7 +576,7 @@ where
         .any(|a| matches!(a.as_str(), "-h" | "--h" | "-help" | "--help"))
 }
 
-const BOOL_FLAGS: [&str; 10] = [
+const BOOL_FLAGS: [&str; 11] = [
     "no_socket",
     "socket_handoff",
     "user_snapshot",
@@ -578,6 +586,7 @@ const BOOL_FLAGS: [&str; 10] = [
     "merge_direct_reads",
     "splice_reads",
     "read_prefetch",
+    "direct_reads",
     "ublk",
 ];
 const VALUE_FLAGS: [&str; 6] = [
@@ -776,6 +785,7 @@ impl DaemonConfig {
             "merge_direct_reads" => self.merge_direct_reads = on,
             "splice_reads" => self.splice_reads = on,
             "read_prefetch" => self.read_prefetch = on,
+            "direct_reads" => self.direct_reads = on,
             _ => self.o_direct = on,
         }
     }

@@ -30,10 +30,10 @@ pub fn direct_capable(addr: *const u8, len: usize, offset: u64) -> bool {
 }
 
 /// A second descriptor of `file` opened with `O_DIRECT` (through `/proc/self/fd`, so it
-/// names the same inode), read-write if `write`. `None`, with a log line naming `role`, when
-/// the file or the system refuses it: the merge then uses the buffered descriptor, which is
-/// correct but goes through the page cache.
-pub fn reopen_direct(file: &File, role: &str, write: bool) -> Option<File> {
+/// names the same inode), read-write if `write`. `None`, with a log line naming `role` and
+/// `user` (what would have used it), when the file or the system refuses it: `user` then
+/// uses the buffered descriptor, which is correct but goes through the page cache.
+pub fn reopen_direct(file: &File, role: &str, write: bool, user: &str) -> Option<File> {
     let path = format!("/proc/self/fd/{}", file.as_raw_fd());
     match OpenOptions::new()
         .read(true)
@@ -44,8 +44,8 @@ pub fn reopen_direct(file: &File, role: &str, write: bool) -> Option<File> {
         Ok(direct) => Some(direct),
         Err(e) => {
             log::info!(
-                "merge I/O: the {role} device refuses O_DIRECT ({e}); the merge uses it \
-                 buffered (correct, slower)"
+                "{user}: the {role} device refuses O_DIRECT ({e}); it is used buffered \
+                 (correct, slower)"
             );
             None
         }
@@ -180,7 +180,7 @@ mod tests {
         file.read_exact_at(&mut before, DIRECT_ALIGN as u64)
             .expect("read");
         assert!(before.iter().all(|&b| b == 0x11));
-        let Some(direct) = reopen_direct(&file, "test", true) else {
+        let Some(direct) = reopen_direct(&file, "test", true, "test") else {
             // This filesystem has no O_DIRECT: nothing to check here.
             return;
         };

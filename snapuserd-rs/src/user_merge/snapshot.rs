@@ -20,6 +20,7 @@ use crate::log_limit::LogLimit;
 use crate::snapshot::block_server::MAX_REQUEST_BYTES;
 
 use super::block_map::BlockMap;
+use super::direct_runs::{DirectRuns, RunDevice};
 use super::direct_source::DirectSource;
 use super::error::{UserReadError, UserSnapshotError};
 use super::merge_io::MergeIo;
@@ -67,6 +68,11 @@ pub struct UserSnapshotOptions {
     /// in order (`POSIX_FADV_WILLNEED`; DESIGN.md, "Sequential read-ahead of the base"). The
     /// daemon turns it on by default (`-read_prefetch`).
     pub read_prefetch: bool,
+    /// Read runs of the base and source devices of at least
+    /// [`DIRECT_RUN_MIN`](super::direct_runs::DIRECT_RUN_MIN) bytes with `O_DIRECT` straight
+    /// into the answer (`direct_runs.rs`): they do not pass through the page cache, and the
+    /// base is not read ahead of a sequential reader. The daemon's `-direct_reads`.
+    pub direct_reads: bool,
 }
 
 /// Where a merge stands.
@@ -155,6 +161,8 @@ pub struct UserSnapshot {
     prefetch: SequentialPrefetch,
     /// The COW file, for read-ahead advice on its payloads (`None`: no advice).
     cow_advice: Option<File>,
+    /// `O_DIRECT` twins of `base` and `source` for the read path's runs, when asked for.
+    direct_runs: Option<DirectRuns>,
 }
 
 impl std::fmt::Debug for UserSnapshot {
@@ -279,6 +287,7 @@ impl UserSnapshot {
             plan.ordered(),
             map.heap_bytes() / 1024
         );
+        let direct_runs = opts.direct_reads.then(|| DirectRuns::open(&base, &source));
         let snap = Self {
             cow,
             source,
@@ -296,6 +305,7 @@ impl UserSnapshot {
             request_log: LogLimit::new(),
             prefetch: SequentialPrefetch::default(),
             cow_advice: None,
+            direct_runs,
         };
         let durable =
             snap.lock_store()
@@ -485,12 +495,12 @@ impl UserSnapshot {
             source: self
                 .opts
                 .merge_direct_reads
-                .then(|| reopen_direct(&self.source, "source", false))
+                .then(|| reopen_direct(&self.source, "source", false, "merge I/O"))
                 .flatten(),
             base: self
                 .opts
                 .merge_o_direct
-                .then(|| reopen_direct(&self.base, "base", true))
+                .then(|| reopen_direct(&self.base, "base", true, "merge I/O"))
                 .flatten(),
         }
     }
@@ -583,7 +593,10 @@ impl UserSnapshot {
         else {
             return;
         };
-        prefetch::will_need(&self.base, [(offset, len)]);
+        // Runs read with O_DIRECT do not use the base's page cache.
+        if self.direct_runs.is_none() {
+            prefetch::will_need(&self.base, [(offset, len)]);
+        }
         let Some(cow_file) = &self.cow_advice else {
             return;
         };
@@ -649,14 +662,25 @@ impl UserSnapshot {
         from_base.then_some((&self.base, start))
     }
 
+    /// Fill `out` from byte `offset` of the base device: with `O_DIRECT` where
+    /// [`UserSnapshotOptions::direct_reads`] asks for it and the run qualifies, else through
+    /// the page cache.
     pub(crate) fn read_base(&self, offset: u64, out: &mut [u8]) -> Result<(), UserReadError> {
-        std::os::unix::fs::FileExt::read_exact_at(&self.base, out, offset).map_err(|source| {
-            UserReadError::Base {
-                offset,
-                len: out.len() as u64,
-                source,
+        let len = out.len() as u64;
+        let wrap = |source| UserReadError::Base {
+            offset,
+            len,
+            source,
+        };
+        if let Some(direct) = &self.direct_runs {
+            if direct
+                .read_into(RunDevice::Base, out, offset)
+                .map_err(wrap)?
+            {
+                return Ok(());
             }
-        })
+        }
+        std::os::unix::fs::FileExt::read_exact_at(&self.base, out, offset).map_err(wrap)
     }
 
     /// The read path over a range known to lie inside the device: runs of unchanged and
@@ -874,10 +898,44 @@ impl UserSnapshot {
             pieces.produced(at + in_block, take);
             done += take;
         }
+        if let Some(direct) = &self.direct_runs {
+            pieces = self.read_runs_direct(direct, pieces, produced)?;
+        }
         let sent = send(&pieces.list, produced);
         drop(view);
         self.prefetch_after(req.sector, req.len);
         Some(sent)
+    }
+
+    /// The file pieces of `pieces` that [`DirectRuns`] takes, read with `O_DIRECT` and
+    /// appended to `produced` (each becomes a produced piece); the others as they were.
+    /// `None` when a direct read fails (the normal read then reports the error).
+    fn read_runs_direct<'a>(
+        &'a self,
+        direct: &DirectRuns,
+        pieces: AnswerPieces<'a>,
+        produced: &mut Vec<u8>,
+    ) -> Option<AnswerPieces<'a>> {
+        let mut out = AnswerPieces::default();
+        for piece in pieces.list {
+            if let AnswerPiece::File { file, offset, len } = piece {
+                let device = if std::ptr::eq(file, &self.base) {
+                    Some(RunDevice::Base)
+                } else if std::ptr::eq(file, &self.source) {
+                    Some(RunDevice::Source)
+                } else {
+                    None
+                };
+                if let Some(device) = device {
+                    if let Some(start) = direct.append(device, produced, offset, len).ok()? {
+                        out.produced(start, len);
+                        continue;
+                    }
+                }
+            }
+            out.list.push(piece);
+        }
+        Some(out)
     }
 
     /// [`Self::produce_whole_op`] appending to `produced`, for a multi-block REPLACE that

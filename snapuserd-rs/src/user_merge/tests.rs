@@ -8,8 +8,8 @@ use cow_format::{CompressionAlgorithm, CowVersion, MergeState};
 
 use super::test_support::*;
 use super::*;
+use crate::dm_user::{AnswerPiece, DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE};
 use crate::dm_user::{Request, ResponseCode, DM_USER_REQ_MAP_DISCARD, DM_USER_REQ_MAP_FLUSH};
-use crate::dm_user::{DM_USER_REQ_MAP_READ, DM_USER_REQ_MAP_WRITE};
 use crate::snapshot::test_support::CrashClock;
 
 const ALGOS: [CompressionAlgorithm; 5] = [
@@ -752,6 +752,7 @@ const DIRECT_WRITES: UserSnapshotOptions = UserSnapshotOptions {
     mmap_cow: false,
     whole_reads: false,
     read_prefetch: true,
+    direct_reads: false,
 };
 
 const DIRECT_READS_AND_WRITES: UserSnapshotOptions = UserSnapshotOptions {
@@ -1129,5 +1130,75 @@ fn reads_of_many_whole_replace_ops_read_the_target() {
         assert_reads_target(&snap, &case.target, "before the merge");
         assert_eq!(merge_sync(&snap), MergeOutcome::Complete);
         assert_reads_target(&snap, &case.target, "after the merge");
+    }
+}
+
+/// With `direct_reads`, the long aligned runs of the base and of the source are read with
+/// `O_DIRECT` into the answer (no such run is left as a file piece to splice), and every read,
+/// whole or in pieces, sees the target before, during and after a merge that writes the base
+/// buffered (so direct reads must see writes not yet synced); the source is the base or a
+/// separate device.
+#[test]
+fn direct_reads_serve_the_target_before_during_and_after_the_merge() {
+    use super::direct_runs::DIRECT_RUN_MIN;
+    for separate_source in [false, true] {
+        let case = Case::rich(400, 37);
+        let files = Files::create(
+            &case,
+            writer_opts(CowVersion::V3, CompressionAlgorithm::Lz4, true),
+            separate_source,
+        );
+        let probe = fs::File::open(&files.base).unwrap();
+        if super::direct_io::reopen_direct(&probe, "base", false, "test").is_none() {
+            return; // a filesystem without O_DIRECT
+        }
+        let opts = UserSnapshotOptions {
+            direct_reads: true,
+            ..UserSnapshotOptions::default()
+        };
+        let snap = UserSnapshot::open(&files.cow, &files.source, &files.base, &opts).unwrap();
+        assert_reads_target(&snap, &case.target, "direct reads before the merge");
+        // What the pieces of 1 MiB READs are made of.
+        let (mut produced_bytes, mut short_file_bytes, mut long_file_runs) = (0, 0, 0);
+        let mut produced = Vec::new();
+        let device = snap.base_sectors() * 512;
+        for sector in (0..device).step_by(1 << 20).map(|b| b / 512) {
+            let len = (device - sector * 512).min(1 << 20);
+            let req = crate::dm_user::Request {
+                kind: crate::dm_user::DM_USER_REQ_MAP_READ,
+                flags: 0,
+                sector,
+                len,
+            };
+            snap.read_in_pieces(&req, &mut produced, &mut |pieces, _| {
+                for piece in pieces {
+                    match *piece {
+                        AnswerPiece::File { offset, len, .. } => {
+                            if len >= DIRECT_RUN_MIN && len % 4096 == 0 && offset % 4096 == 0 {
+                                long_file_runs += 1;
+                            } else {
+                                short_file_bytes += len;
+                            }
+                        }
+                        AnswerPiece::Produced { len, .. } => produced_bytes += len,
+                    }
+                }
+                true
+            })
+            .expect("answered in pieces");
+        }
+        assert_eq!(
+            long_file_runs, 0,
+            "long runs are read directly, not spliced"
+        );
+        assert_eq!((produced_bytes + short_file_bytes) as u64, device);
+        assert!(
+            short_file_bytes < DIRECT_RUN_MIN * 4,
+            "only a few short runs are left to splice: {short_file_bytes} bytes"
+        );
+        let passes = merge_while_reading(&snap, snap.sync_io().unwrap(), &case.target);
+        assert!(passes >= 1);
+        assert!(files.base_image() == case.target);
+        assert_reads_target(&snap, &case.target, "direct reads after the merge");
     }
 }
