@@ -597,11 +597,8 @@ impl UserSnapshot {
         if self.direct_runs.is_none() {
             prefetch::will_need(&self.base, [(offset, len)]);
         }
-        let Some(cow_file) = &self.cow_advice else {
-            return;
-        };
         let merged = self.merged.load(Ordering::Acquire);
-        let mut extents = Vec::new();
+        let (mut payloads, mut sources) = (Vec::new(), Vec::new());
         let mut last = None;
         for block in offset / BLOCK_U64..offset.saturating_add(len).div_ceil(BLOCK_U64) {
             let Some(entry) = self.map.entry(block).filter(|&e| e >= merged) else {
@@ -613,11 +610,28 @@ impl UserSnapshot {
             last = Some(entry);
             if let Some((_, op)) = self.plan.op(&self.cow, entry) {
                 if op.data_length > 0 {
-                    extents.push((op.data_offset, u64::from(op.data_length)));
+                    payloads.push((op.data_offset, u64::from(op.data_length)));
+                }
+                // COPY and XOR blocks read their source (wherever it lies) unless a window
+                // holds it; an extra advice for those is harmless.
+                if op.kind.is_ordered() {
+                    if let Some(from) = super::plan::source_offset(op, BLOCK_U64) {
+                        let span = op
+                            .num_blocks
+                            .max(1)
+                            .saturating_add(1)
+                            .saturating_mul(BLOCK_U64);
+                        sources.push((from, span));
+                    }
                 }
             }
         }
-        prefetch::will_need(cow_file, prefetch::payload_ranges(extents));
+        if self.direct_runs.is_none() {
+            prefetch::will_need(&self.source, prefetch::payload_ranges(sources));
+        }
+        if let Some(cow_file) = &self.cow_advice {
+            prefetch::will_need(cow_file, prefetch::payload_ranges(payloads));
+        }
     }
 
     fn check_range(&self, sector: u64, len: u64) -> Result<(), UserReadError> {
