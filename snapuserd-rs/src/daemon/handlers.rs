@@ -291,6 +291,10 @@ impl RequestHandler for PausableTarget {
     ) -> Option<bool> {
         self.target.read_in_pieces(req, produced, send)
     }
+
+    fn answered(&self, req: &Request) {
+        self.target.answered(req);
+    }
 }
 
 /// Result of a handler's verification pass.
@@ -1126,6 +1130,10 @@ impl RequestHandler for UserServing {
     ) -> Option<bool> {
         self.target.read_in_pieces(req, produced, send)
     }
+
+    fn answered(&self, req: &Request) {
+        self.target.answered(req);
+    }
 }
 
 impl SnapshotTarget for UserServing {
@@ -1436,10 +1444,12 @@ mod tests {
     }
 
     /// The handler the workers of a user-space-merge snapshot get forwards the answer in
-    /// pieces (a wrapper that forgot it made every READ a whole produced copy).
+    /// pieces (a wrapper that forgot it made every READ a whole produced copy) and the
+    /// after-answer call (which drives the read-ahead advice).
     #[test]
     fn the_workers_handler_of_a_user_snapshot_answers_in_pieces() {
-        let user: Arc<dyn UserMergeTarget> = Arc::new(FakeUserTarget::new(64, 0, 1, None));
+        let fake = Arc::new(FakeUserTarget::new(64, 0, 1, None));
+        let user: Arc<dyn UserMergeTarget> = fake.clone();
         let serving = PausableTarget {
             target: Arc::new(UserServing {
                 misc: "system_a".into(),
@@ -1461,5 +1471,7 @@ mod tests {
         });
         assert_eq!(answered, Some(true));
         assert_eq!(sent, 1 + 65536);
+        serving.answered(&req);
+        assert_eq!(fake.answered_calls(), 1);
     }
 }

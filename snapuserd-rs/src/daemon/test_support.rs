@@ -31,6 +31,7 @@ pub struct FakeUserTarget {
     total: u64,
     fail_at: Option<u64>,
     gate: Arc<(Mutex<Gate>, Condvar)>,
+    answered: std::sync::atomic::AtomicUsize,
 }
 
 impl FakeUserTarget {
@@ -45,7 +46,13 @@ impl FakeUserTarget {
             total,
             fail_at,
             gate: Arc::new((Mutex::new(gate), Condvar::new())),
+            answered: Default::default(),
         }
+    }
+
+    /// How many times [`RequestHandler::answered`] reached this target.
+    pub fn answered_calls(&self) -> usize {
+        self.answered.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Let the merge take `n` more ops.
@@ -101,6 +108,11 @@ impl RequestHandler for FakeUserTarget {
             &[crate::dm_user::AnswerPiece::Produced { start: 0, len }],
             produced,
         ))
+    }
+
+    fn answered(&self, _: &Request) {
+        self.answered
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -129,6 +129,13 @@ pub trait RequestHandler: Send + Sync {
         let _ = (req, produced, send);
         None
     }
+
+    /// Called after the answer to `req` went out and the buffer it was produced in was
+    /// released: work that must not delay an answer nor keep its buffer (read-ahead advice
+    /// for the requests to come). The default does nothing.
+    fn answered(&self, req: &Request) {
+        let _ = req;
+    }
 }
 
 /// Runs once every worker of a handler has stopped serving.
@@ -542,6 +549,9 @@ fn answer(
     let mut data = buffers.take();
     let answered = answer_into(channel, handler, header, payload, &mut data, times);
     buffers.give_back(data);
+    if answered.is_ok() {
+        handler.answered(&header.request());
+    }
     answered
 }
 

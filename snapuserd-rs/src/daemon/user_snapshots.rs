@@ -108,6 +108,10 @@ impl RequestHandler for ServedUserSnapshot {
         self.follow_handoff();
         self.snapshot.read_in_pieces(req, produced, send)
     }
+
+    fn answered(&self, req: &Request) {
+        self.snapshot.answered(req);
+    }
 }
 
 impl UserMergeTarget for ServedUserSnapshot {

@@ -84,6 +84,20 @@ pub fn decide(desc: &IoDesc, limits: &QueueLimits) -> Action {
     }
 }
 
+/// The READ request `desc` is (what [`serve`] asks the handler for), or the completion
+/// result of a descriptor that is not a valid READ.
+pub fn read_request(desc: &IoDesc, limits: &QueueLimits) -> Result<Request, i32> {
+    match decide(desc, limits) {
+        Action::Read { sector, len } => Ok(Request {
+            kind: DM_USER_REQ_MAP_READ,
+            flags: 0,
+            sector,
+            len: u64::from(len),
+        }),
+        Action::Complete(result) => Err(result),
+    }
+}
+
 /// Serve `desc`: decide it, and for a READ ask `handler` for the data into `out`. Returns
 /// the completion result; on a positive result `out` holds exactly that many bytes.
 ///
@@ -96,18 +110,13 @@ pub fn serve(
     out: &mut Vec<u8>,
 ) -> i32 {
     out.clear();
-    let (sector, len) = match decide(desc, limits) {
-        Action::Read { sector, len } => (sector, len),
-        Action::Complete(result) => return result,
+    let req = match read_request(desc, limits) {
+        Ok(req) => req,
+        Err(result) => return result,
     };
-    let req = Request {
-        kind: DM_USER_REQ_MAP_READ,
-        flags: 0,
-        sector,
-        len: u64::from(len),
-    };
+    let (sector, len) = (req.sector, req.len);
     match handler.handle(&req, &[], out) {
-        ResponseCode::Success if out.len() as u64 == u64::from(len) => {
+        ResponseCode::Success if out.len() as u64 == len => {
             i32::try_from(len).unwrap_or(-libc::EIO)
         }
         ResponseCode::Success => {

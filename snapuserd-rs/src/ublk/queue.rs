@@ -29,8 +29,9 @@ use super::abi::{
     desc_mmap_len, desc_mmap_offset, user_copy_pos, IoCmd, IoDesc, IO_COMMIT_AND_FETCH_REQ,
     IO_FETCH_REQ, IO_RES_ABORT, IO_RES_OK,
 };
-use super::descriptor::{serve, tag_of, QueueLimits};
+use super::descriptor::{read_request, serve, tag_of, QueueLimits};
 use crate::daemon::transport::RequestHandler;
+use crate::dm_user::Request;
 
 /// Errors of a queue thread.
 #[derive(Debug, Error)]
@@ -230,6 +231,7 @@ pub fn run_queue(
     let mut live = usize::from(limits.depth);
     let mut out = Vec::with_capacity(io_bytes.min(1 << 20));
     let mut done: Vec<(u16, i32)> = Vec::new();
+    let mut answered: Vec<Request> = Vec::new();
     while live > 0 {
         match ring.submit_and_wait(1) {
             Ok(_) => {}
@@ -262,10 +264,16 @@ pub fn run_queue(
                 }
                 continue;
             }
-            let result = match descs.read(tag) {
-                Some(desc) => serve(setup.handler.as_ref(), &desc, &limits, &mut out),
+            let desc = descs.read(tag);
+            let result = match &desc {
+                Some(desc) => serve(setup.handler.as_ref(), desc, &limits, &mut out),
                 None => -libc::EINVAL,
             };
+            if result > 0 {
+                if let Some(Ok(req)) = desc.as_ref().map(|d| read_request(d, &limits)) {
+                    answered.push(req);
+                }
+            }
             let result = if result > 0 {
                 deliver(&setup, &mut buffers, tag, &out, result)
             } else {
@@ -292,6 +300,15 @@ pub fn run_queue(
                     q_id,
                     source: std::io::Error::from_raw_os_error(libc::EOVERFLOW),
                 })?;
+            }
+        }
+        if !answered.is_empty() {
+            // The answers go to the kernel first, then the handler's after-answer work
+            // (read-ahead advice) runs. A failed submit here is only early: the commands stay
+            // queued and the next `submit_and_wait` submits them or reports the error.
+            let _ = ring.submit();
+            for req in answered.drain(..) {
+                setup.handler.answered(&req);
             }
         }
     }

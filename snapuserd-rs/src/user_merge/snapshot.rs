@@ -534,10 +534,7 @@ impl UserSnapshot {
                     self.read_checked(req.sector * SECTOR, read_out)
                 });
                 match result {
-                    Ok(()) => {
-                        self.prefetch_after(req.sector, req.len);
-                        ResponseCode::Success
-                    }
+                    Ok(()) => ResponseCode::Success,
                     Err(e) => {
                         crate::log_limited!(
                             self.request_log,
@@ -578,9 +575,18 @@ impl UserSnapshot {
         }
     }
 
-    /// After a READ of `len` bytes at `sector` (inside the device) was answered: keep the
-    /// base's page cache, and the COW payloads of the same blocks, ahead of a sequential
-    /// reader (see `prefetch.rs`).
+    /// After the answer to `req` went out (its buffer released): for a READ inside the
+    /// device, keep the base's page cache, the COW payloads and the COPY/XOR sources of the
+    /// blocks ahead of a sequential reader (see `prefetch.rs`). Transports call it through
+    /// [`crate::daemon::transport::RequestHandler::answered`], so the advice neither delays
+    /// the answer nor keeps its buffer out of reach of the next request.
+    pub fn answered(&self, req: &Request) {
+        if req.kind == DM_USER_REQ_MAP_READ && self.check_range(req.sector, req.len).is_ok() {
+            self.prefetch_after(req.sector, req.len);
+        }
+    }
+
+    /// Advise what a sequential reader needs next after a READ of `len` bytes at `sector`.
     fn prefetch_after(&self, sector: u64, len: u64) {
         if !self.opts.read_prefetch {
             return;
@@ -917,7 +923,6 @@ impl UserSnapshot {
         }
         let sent = send(&pieces.list, produced);
         drop(view);
-        self.prefetch_after(req.sector, req.len);
         Some(sent)
     }
 
@@ -1046,5 +1051,9 @@ impl crate::daemon::transport::RequestHandler for UserSnapshot {
         send: &mut dyn FnMut(&[AnswerPiece<'_>], &[u8]) -> bool,
     ) -> Option<bool> {
         UserSnapshot::read_in_pieces(self, req, produced, send)
+    }
+
+    fn answered(&self, req: &Request) {
+        UserSnapshot::answered(self, req);
     }
 }
