@@ -8,8 +8,9 @@
 //! reader with `POSIX_FADV_WILLNEED`, which starts the disk reads and returns without
 //! waiting for them, so they overlap the requests answered meanwhile. It is a hint: a race
 //! between workers, a refused advice or a wrong guess costs at most page-cache pages.
-//! The COW file's payloads of the same blocks are advised too ([`payload_ranges`]): they
-//! are small reads scattered over the data area, each a disk round trip when not cached.
+//! The COW file's payloads of the same blocks, and the source ranges of their COPY and XOR
+//! ops, are advised too ([`scattered_ranges`]): they are small reads scattered over the COW's
+//! data area and over the source device, each a disk round trip when not cached.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,25 +20,25 @@ pub(crate) const PREFETCH_AHEAD: u64 = 4 << 20;
 /// The least new range worth one advice (fewer system calls for small requests).
 const PREFETCH_STEP: u64 = 512 << 10;
 
-/// Payloads closer than this are advised as one range.
-const PAYLOAD_GAP: u64 = 128 << 10;
-/// Most ranges advised in the COW per step.
-const MAX_PAYLOAD_RANGES: usize = 16;
+/// Scattered extents closer than this are advised as one range.
+const SCATTER_GAP: u64 = 128 << 10;
+/// Most scattered ranges advised per file and step.
+const MAX_SCATTERED_RANGES: usize = 16;
 
-/// Coalesce payload extents `(offset, len)` (any order) into at most [`MAX_PAYLOAD_RANGES`]
-/// ranges, joining extents less than [`PAYLOAD_GAP`] apart; the ranges past that count are
-/// left out (the reads find them uncached, as without advice).
-pub(crate) fn payload_ranges(mut extents: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+/// Coalesce scattered extents `(offset, len)` (payloads, sources; any order) into at most
+/// [`MAX_SCATTERED_RANGES`] ranges, joining extents less than [`SCATTER_GAP`] apart; the
+/// ranges past that count are left out (the reads find them uncached, as without advice).
+pub(crate) fn scattered_ranges(mut extents: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     extents.sort_unstable();
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     for (offset, len) in extents {
         let end = offset.saturating_add(len);
         match ranges.last_mut() {
-            Some((_, last_end)) if offset <= last_end.saturating_add(PAYLOAD_GAP) => {
+            Some((_, last_end)) if offset <= last_end.saturating_add(SCATTER_GAP) => {
                 *last_end = (*last_end).max(end);
             }
             _ => {
-                if ranges.len() == MAX_PAYLOAD_RANGES {
+                if ranges.len() == MAX_SCATTERED_RANGES {
                     break;
                 }
                 ranges.push((offset, end));
@@ -133,23 +134,23 @@ mod tests {
 
     #[test]
     fn payloads_are_joined_across_small_gaps_and_capped() {
-        assert_eq!(payload_ranges(Vec::new()), Vec::new());
+        assert_eq!(scattered_ranges(Vec::new()), Vec::new());
         // Out of order, overlapping (a multi-block op seen twice) and close: one range.
         assert_eq!(
-            payload_ranges(vec![
+            scattered_ranges(vec![
                 (10_000, 500),
                 (0, 4000),
                 (0, 4000),
-                (4000 + PAYLOAD_GAP, 1)
+                (4000 + SCATTER_GAP, 1)
             ]),
-            vec![(0, 4001 + PAYLOAD_GAP)]
+            vec![(0, 4001 + SCATTER_GAP)]
         );
-        // Far apart: separate ranges, at most MAX_PAYLOAD_RANGES of them, the lowest kept.
-        let far: Vec<(u64, u64)> = (0..40).rev().map(|i| (i * 10 * PAYLOAD_GAP, 100)).collect();
-        let ranges = payload_ranges(far);
-        assert_eq!(ranges.len(), MAX_PAYLOAD_RANGES);
+        // Far apart: separate ranges, at most MAX_SCATTERED_RANGES of them, the lowest kept.
+        let far: Vec<(u64, u64)> = (0..40).rev().map(|i| (i * 10 * SCATTER_GAP, 100)).collect();
+        let ranges = scattered_ranges(far);
+        assert_eq!(ranges.len(), MAX_SCATTERED_RANGES);
         assert_eq!(ranges[0], (0, 100));
-        assert_eq!(ranges[1], (10 * PAYLOAD_GAP, 100));
+        assert_eq!(ranges[1], (10 * SCATTER_GAP, 100));
     }
 
     #[test]

@@ -633,10 +633,10 @@ impl UserSnapshot {
             }
         }
         if self.direct_runs.is_none() {
-            prefetch::will_need(&self.source, prefetch::payload_ranges(sources));
+            prefetch::will_need(&self.source, prefetch::scattered_ranges(sources));
         }
         if let Some(cow_file) = &self.cow_advice {
-            prefetch::will_need(cow_file, prefetch::payload_ranges(payloads));
+            prefetch::will_need(cow_file, prefetch::scattered_ranges(payloads));
         }
     }
 
