@@ -588,7 +588,7 @@ pub fn ublk_descriptors(data: &[u8]) {
         max_io_bytes: 4096u32 << (head[5] % 11),
         depth: 32 + u16::from(head[6]),
     };
-    let mut out = Vec::new();
+    let mut out = crate::user_merge::direct_io::AlignedBuf::default();
     for record in records.chunks_exact(UBLK_RECORD) {
         let mut user_data = [0u8; 8];
         user_data.copy_from_slice(&record[..8]);

@@ -292,6 +292,10 @@ impl RequestHandler for PausableTarget {
         self.target.read_in_pieces(req, produced, send)
     }
 
+    fn read_into(&self, req: &Request, out: &mut [u8]) -> ResponseCode {
+        self.target.read_into(req, out)
+    }
+
     fn answered(&self, req: &Request) {
         self.target.answered(req);
     }
@@ -1131,6 +1135,10 @@ impl RequestHandler for UserServing {
         self.target.read_in_pieces(req, produced, send)
     }
 
+    fn read_into(&self, req: &Request, out: &mut [u8]) -> ResponseCode {
+        self.target.read_into(req, out)
+    }
+
     fn answered(&self, req: &Request) {
         self.target.answered(req);
     }
@@ -1471,6 +1479,12 @@ mod tests {
         });
         assert_eq!(answered, Some(true));
         assert_eq!(sent, 1 + 65536);
+        let mut out = vec![0u8; 65536];
+        assert_eq!(serving.read_into(&req, &mut out), ResponseCode::Success);
+        assert!(
+            out.iter().all(|&b| b == 0xAB),
+            "read in place, not through handle"
+        );
         serving.answered(&req);
         assert_eq!(fake.answered_calls(), 1);
     }

@@ -110,6 +110,12 @@ impl RequestHandler for FakeUserTarget {
         ))
     }
 
+    /// Every READ in place is 0xAB bytes.
+    fn read_into(&self, _: &Request, out: &mut [u8]) -> ResponseCode {
+        out.fill(0xAB);
+        ResponseCode::Success
+    }
+
     fn answered(&self, _: &Request) {
         self.answered
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -130,6 +130,32 @@ pub trait RequestHandler: Send + Sync {
         None
     }
 
+    /// Fill `out`, exactly the length of the READ `req`, with its bytes: for transports that
+    /// give the handler the memory the answer must end up in (ublk, whose buffer is
+    /// page-aligned so that runs can be read into it with `O_DIRECT`). The default produces
+    /// the answer with [`RequestHandler::handle`] and copies it; an answer of another length
+    /// is an error.
+    fn read_into(&self, req: &Request, out: &mut [u8]) -> ResponseCode {
+        let mut data = Vec::new();
+        match self.handle(req, &[], &mut data) {
+            ResponseCode::Success if data.len() == out.len() => {
+                out.copy_from_slice(&data);
+                ResponseCode::Success
+            }
+            ResponseCode::Success => {
+                log::error!(
+                    "READ at sector {}: the handler returned {} bytes for a {}-byte request; \
+                     failing it (a handler bug: report it)",
+                    req.sector,
+                    data.len(),
+                    out.len()
+                );
+                ResponseCode::Error
+            }
+            other => other,
+        }
+    }
+
     /// Called after the answer to `req` went out and the buffer it was produced in was
     /// released: work that must not delay an answer nor keep its buffer (read-ahead advice
     /// for the requests to come). The default does nothing.

@@ -109,6 +109,11 @@ impl RequestHandler for ServedUserSnapshot {
         self.snapshot.read_in_pieces(req, produced, send)
     }
 
+    fn read_into(&self, req: &Request, out: &mut [u8]) -> ResponseCode {
+        self.follow_handoff();
+        self.snapshot.read_into(req, out)
+    }
+
     fn answered(&self, req: &Request) {
         self.snapshot.answered(req);
     }

@@ -9,6 +9,7 @@
 
 use crate::daemon::transport::RequestHandler;
 use crate::dm_user::{Request, ResponseCode, DM_USER_REQ_MAP_READ};
+use crate::user_merge::direct_io::AlignedBuf;
 
 use super::abi::{
     IoDesc, IO_OP_DISCARD, IO_OP_FLUSH, IO_OP_READ, IO_OP_WRITE, IO_OP_WRITE_SAME,
@@ -98,45 +99,34 @@ pub fn read_request(desc: &IoDesc, limits: &QueueLimits) -> Result<Request, i32>
     }
 }
 
-/// Serve `desc`: decide it, and for a READ ask `handler` for the data into `out`. Returns
-/// the completion result; on a positive result `out` holds exactly that many bytes.
-///
-/// A handler that answers success with the wrong number of bytes fails the request with
-/// `EIO` rather than handing the kernel short or excess data.
+/// Serve `desc`: decide it, and for a READ have `handler` fill `out` (page-aligned, set to
+/// the request's length) through [`RequestHandler::read_into`]. Returns the completion
+/// result; on a positive result `out` holds exactly that many bytes, otherwise none.
 pub fn serve(
     handler: &dyn RequestHandler,
     desc: &IoDesc,
     limits: &QueueLimits,
-    out: &mut Vec<u8>,
+    out: &mut AlignedBuf,
 ) -> i32 {
-    out.clear();
+    out.set_len(0);
     let req = match read_request(desc, limits) {
         Ok(req) => req,
         Err(result) => return result,
     };
-    let (sector, len) = (req.sector, req.len);
-    match handler.handle(&req, &[], out) {
-        ResponseCode::Success if out.len() as u64 == len => {
-            i32::try_from(len).unwrap_or(-libc::EIO)
-        }
-        ResponseCode::Success => {
-            log::error!(
-                "ublk READ at sector {sector}: the handler returned {} bytes for a {len}-byte \
-                 request; failing it with EIO (a handler bug: report it)",
-                out.len()
-            );
-            out.clear();
-            -libc::EIO
-        }
-        ResponseCode::Error => {
-            out.clear();
-            -libc::EIO
-        }
-        ResponseCode::Unsupported => {
-            out.clear();
-            -libc::EOPNOTSUPP
-        }
+    // `decide` bounded the length by the queue's I/O size.
+    let Ok(len) = usize::try_from(req.len) else {
+        return -libc::EINVAL;
+    };
+    out.set_len(len);
+    let result = match handler.read_into(&req, out) {
+        ResponseCode::Success => i32::try_from(len).unwrap_or(-libc::EIO),
+        ResponseCode::Error => -libc::EIO,
+        ResponseCode::Unsupported => -libc::EOPNOTSUPP,
+    };
+    if result < 0 {
+        out.set_len(0);
     }
+    result
 }
 
 #[cfg(test)]
@@ -182,7 +172,7 @@ mod tests {
 
     #[test]
     fn reads_inside_the_device_are_served() {
-        let mut out = Vec::new();
+        let mut out = AlignedBuf::default();
         assert_eq!(
             serve(&Pattern, &desc(IO_OP_READ, 2040, 8), &LIMITS, &mut out),
             4096
@@ -197,7 +187,7 @@ mod tests {
 
     #[test]
     fn out_of_range_descriptors_fail_with_einval() {
-        let mut out = vec![1, 2, 3];
+        let mut out = AlignedBuf::from_slice(&[1, 2, 3]);
         for d in [
             desc(IO_OP_READ, 2041, 8),
             desc(IO_OP_READ, 0, 0),
@@ -216,7 +206,7 @@ mod tests {
 
     #[test]
     fn ops_other_than_read_complete_without_the_handler() {
-        let mut out = Vec::new();
+        let mut out = AlignedBuf::default();
         assert_eq!(
             serve(&Short, &desc(IO_OP_FLUSH, 0, 0), &LIMITS, &mut out),
             0
@@ -239,9 +229,40 @@ mod tests {
         );
     }
 
+    /// Fills its answer in place and checks the memory it was given.
+    struct InPlace;
+
+    impl RequestHandler for InPlace {
+        fn handle(&self, _: &Request, _: &[u8], _: &mut Vec<u8>) -> ResponseCode {
+            ResponseCode::Unsupported
+        }
+
+        fn read_into(&self, req: &Request, out: &mut [u8]) -> ResponseCode {
+            assert_eq!(
+                out.as_ptr() as usize % 4096,
+                0,
+                "page-aligned answer memory"
+            );
+            assert_eq!(out.len() as u64, req.len);
+            out.fill(0x3C);
+            ResponseCode::Success
+        }
+    }
+
+    #[test]
+    fn a_handler_fills_page_aligned_memory_in_place() {
+        let mut out = AlignedBuf::default();
+        assert_eq!(
+            serve(&InPlace, &desc(IO_OP_READ, 8, 16), &LIMITS, &mut out),
+            8192
+        );
+        assert_eq!(out.len(), 8192);
+        assert!(out.iter().all(|&b| b == 0x3C));
+    }
+
     #[test]
     fn a_short_answer_from_the_handler_fails_the_request() {
-        let mut out = Vec::new();
+        let mut out = AlignedBuf::default();
         assert_eq!(
             serve(&Short, &desc(IO_OP_READ, 0, 8), &LIMITS, &mut out),
             -libc::EIO

@@ -32,6 +32,7 @@ use super::abi::{
 use super::descriptor::{read_request, serve, tag_of, QueueLimits};
 use crate::daemon::transport::RequestHandler;
 use crate::dm_user::Request;
+use crate::user_merge::direct_io::AlignedBuf;
 
 /// Errors of a queue thread.
 #[derive(Debug, Error)]
@@ -229,7 +230,7 @@ pub fn run_queue(
 
     let mut report = QueueReport::default();
     let mut live = usize::from(limits.depth);
-    let mut out = Vec::with_capacity(io_bytes.min(1 << 20));
+    let mut out = AlignedBuf::default();
     let mut done: Vec<(u16, i32)> = Vec::new();
     let mut answered: Vec<Request> = Vec::new();
     while live > 0 {

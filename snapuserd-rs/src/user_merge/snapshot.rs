@@ -533,21 +533,11 @@ impl UserSnapshot {
                     read_out.resize(req.len as usize, 0);
                     self.read_checked(req.sector * SECTOR, read_out)
                 });
-                match result {
-                    Ok(()) => ResponseCode::Success,
-                    Err(e) => {
-                        crate::log_limited!(
-                            self.request_log,
-                            log::Level::Error,
-                            "read of {} bytes at sector {} failed: {}",
-                            req.len,
-                            req.sector,
-                            ErrorChain(&e)
-                        );
-                        read_out.clear();
-                        ResponseCode::Error
-                    }
+                let code = self.read_outcome(req, result);
+                if code != ResponseCode::Success {
+                    read_out.clear();
                 }
+                code
             }
             DM_USER_REQ_MAP_WRITE if req.len == 0 && write_payload.is_empty() => {
                 ResponseCode::Success
@@ -571,6 +561,44 @@ impl UserSnapshot {
                     req.sector
                 );
                 ResponseCode::Unsupported
+            }
+        }
+    }
+
+    /// Fill `out` with the READ `req` (`out` exactly its length) through the read path, in
+    /// place: runs of the base are read straight into `out` (with `O_DIRECT` where
+    /// [`UserSnapshotOptions::direct_reads`] asks for it and `out` is page-aligned).
+    pub fn read_into(&self, req: &Request, out: &mut [u8]) -> ResponseCode {
+        if req.kind != DM_USER_REQ_MAP_READ || req.len != out.len() as u64 {
+            crate::log_limited!(
+                self.request_log,
+                log::Level::Error,
+                "request type {} of {} bytes at sector {} given {} bytes to read into; failed",
+                req.kind,
+                req.len,
+                req.sector,
+                out.len()
+            );
+            return ResponseCode::Error;
+        }
+        let result = self.read(req.sector, out);
+        self.read_outcome(req, result)
+    }
+
+    /// The answer to the READ `req` whose read ended in `result` (a failure is logged).
+    fn read_outcome(&self, req: &Request, result: Result<(), UserReadError>) -> ResponseCode {
+        match result {
+            Ok(()) => ResponseCode::Success,
+            Err(e) => {
+                crate::log_limited!(
+                    self.request_log,
+                    log::Level::Error,
+                    "read of {} bytes at sector {} failed: {}",
+                    req.len,
+                    req.sector,
+                    ErrorChain(&e)
+                );
+                ResponseCode::Error
             }
         }
     }
@@ -1051,6 +1079,10 @@ impl crate::daemon::transport::RequestHandler for UserSnapshot {
         send: &mut dyn FnMut(&[AnswerPiece<'_>], &[u8]) -> bool,
     ) -> Option<bool> {
         UserSnapshot::read_in_pieces(self, req, produced, send)
+    }
+
+    fn read_into(&self, req: &Request, out: &mut [u8]) -> ResponseCode {
+        UserSnapshot::read_into(self, req, out)
     }
 
     fn answered(&self, req: &Request) {
