@@ -164,17 +164,7 @@ mod tests {
 
     #[test]
     fn a_direct_write_is_seen_by_a_buffered_read_of_a_cached_range() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("base");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .expect("create");
-        file.write_all_at(&[0x11; 4 * DIRECT_ALIGN], 0)
-            .expect("fill");
+        let (_dir, file) = super::super::test_support::device_file(&[0x11; 4 * DIRECT_ALIGN]);
         // Cache the range through the buffered descriptor first.
         let mut before = vec![0u8; DIRECT_ALIGN];
         file.read_exact_at(&mut before, DIRECT_ALIGN as u64)

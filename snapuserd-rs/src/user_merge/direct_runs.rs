@@ -174,23 +174,8 @@ fn read_spare(file: &File, buf: &mut Vec<u8>, len: usize, offset: u64) -> io::Re
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::device_file as device;
     use super::*;
-    use std::fs::OpenOptions;
-
-    fn device(bytes: &[u8]) -> (tempfile::TempDir, File) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("dev");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .expect("create");
-        file.write_all_at(bytes, 0).expect("fill");
-        file.sync_all().expect("sync");
-        (dir, file)
-    }
 
     fn bytes(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 + i / 4096) as u8).collect()

@@ -485,3 +485,19 @@ impl ProgressStore for CrashingStore {
         self.inner.commit_merged(n)
     }
 }
+
+/// A file holding `bytes` (synced) in a new temporary directory, opened read-write: a
+/// stand-in device for `O_DIRECT` tests. The directory goes when the first value is dropped.
+pub(crate) fn device_file(bytes: &[u8]) -> (tempfile::TempDir, File) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("dev"))
+        .expect("create");
+    file.write_all_at(bytes, 0).expect("fill");
+    file.sync_all().expect("sync");
+    (dir, file)
+}
