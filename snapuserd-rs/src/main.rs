@@ -395,6 +395,7 @@ fn run(
             merge_direct_reads: config.merge_direct_reads,
             whole_reads: !config.splice_reads,
             read_prefetch: config.read_prefetch,
+            read_prefetch_ahead: Some(u64::from(config.read_prefetch_kib) * 1024),
             direct_reads: config.direct_reads,
             cow_op_merge_size: (config.cow_op_merge_size != 0).then_some(config.cow_op_merge_size),
             ..UserSnapshotOptions::default()

@@ -439,6 +439,9 @@ pub struct DaemonConfig {
     /// read a few MiB ahead of it (default on; `-noread_prefetch` to leave it to the
     /// kernel's own read-ahead).
     pub read_prefetch: bool,
+    /// `-read_prefetch_kib=N`: how far ahead of a sequential reader the base is advised,
+    /// 512-262144 KiB (default 4096).
+    pub read_prefetch_kib: u32,
     /// `-direct_reads`: user-space merge: runs of 16 KiB or more of the base and source
     /// devices that a READ needs are read with `O_DIRECT` into the answer, not through the
     /// page cache (default off).
@@ -476,6 +479,7 @@ impl Default for DaemonConfig {
             merge_direct_reads: true,
             splice_reads: true,
             read_prefetch: true,
+            read_prefetch_kib: DEFAULT_READ_PREFETCH_KIB,
             direct_reads: false,
             ublk: false,
             ublk_stale_server_ms: DEFAULT_UBLK_STALE_SERVER_MS,
@@ -534,6 +538,8 @@ turns a boolean flag off; '-' and '_' inside names are the same; -- ends the fla
   -read_prefetch          user-space merge: a reader going through the device in
                           order gets the base device read 4 MiB ahead of it
                           (default: on; -noread_prefetch to leave it to the kernel)
+  -read_prefetch_kib=N    how far ahead of such a reader, 512-262144 KiB (default:
+                          4096)
   -direct_reads           user-space merge: runs of 16 KiB or more of the base and
                           source devices that a READ needs are read with O_DIRECT
                           into the answer, bypassing the page cache (default: off)
@@ -589,14 +595,18 @@ const BOOL_FLAGS: [&str; 11] = [
     "direct_reads",
     "ublk",
 ];
-const VALUE_FLAGS: [&str; 6] = [
+const VALUE_FLAGS: [&str; 7] = [
     "socket",
     "cow_op_merge_size",
     "worker_count",
     "num_merge_threads",
     "fd_num",
     "ublk_stale_server_ms",
+    "read_prefetch_kib",
 ];
+
+/// Default of `-read_prefetch_kib`.
+pub const DEFAULT_READ_PREFETCH_KIB: u32 = 4096;
 
 /// Default of `-ublk_stale_server_ms`: [`crate::ublk::device::DEFAULT_STALE_SERVER_GRACE`].
 pub const DEFAULT_UBLK_STALE_SERVER_MS: u32 =
@@ -705,6 +715,17 @@ impl DaemonConfig {
                     "cow_op_merge_size" => cfg.cow_op_merge_size = parse_u32(flag, &value)?,
                     "ublk_stale_server_ms" => cfg.ublk_stale_server_ms = parse_u32(flag, &value)?,
                     "fd_num" => cfg.fd_num = parse_fd_num(&value)?,
+                    "read_prefetch_kib" => {
+                        let n = parse_u32(flag, &value)?;
+                        if !(512..=262_144).contains(&n) {
+                            return Err(ControlError::BadValue {
+                                flag,
+                                value,
+                                reason: "must be 512..=262144",
+                            });
+                        }
+                        cfg.read_prefetch_kib = n;
+                    }
                     "num_merge_threads" => {
                         let n = parse_u32(flag, &value)?;
                         if n == 0 || n > MAX_MERGE_THREADS {
@@ -886,6 +907,25 @@ mod tests {
         assert!(DaemonConfig::parse(["-ublk_stale_server_ms=-1"]).is_err());
         assert!(DaemonConfig::parse(["-ublk_stale_server_ms=soon"]).is_err());
         assert!(!DaemonConfig::parse(["-user_snapshot"]).unwrap().ublk);
+    }
+
+    #[test]
+    fn read_prefetch_distance_is_bounded() {
+        assert_eq!(
+            DaemonConfig::parse(["-user_snapshot"])
+                .unwrap()
+                .read_prefetch_kib,
+            4096
+        );
+        let cfg = DaemonConfig::parse(["-read_prefetch_kib=16384"]).unwrap();
+        assert_eq!(cfg.read_prefetch_kib, 16384);
+        for bad in [
+            "-read_prefetch_kib=0",
+            "-read_prefetch_kib=511",
+            "-read_prefetch_kib=262145",
+        ] {
+            assert!(DaemonConfig::parse([bad]).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// How far ahead of a sequential reader the base is read.
+/// How far ahead of a sequential reader the base is read, unless told otherwise.
 pub(crate) const PREFETCH_AHEAD: u64 = 4 << 20;
 /// The least new range worth one advice (fewer system calls for small requests).
 const PREFETCH_STEP: u64 = 512 << 10;
@@ -75,18 +75,27 @@ pub(crate) struct SequentialPrefetch {
     next: AtomicU64,
     /// End of the range already advised for the current sequential run.
     ahead_to: AtomicU64,
+    /// How far ahead of the reader the base is advised.
+    ahead: u64,
 }
 
 impl Default for SequentialPrefetch {
     fn default() -> Self {
-        Self {
-            next: AtomicU64::new(u64::MAX),
-            ahead_to: AtomicU64::new(0),
-        }
+        Self::new(None)
     }
 }
 
 impl SequentialPrefetch {
+    /// A tracker advising `ahead` bytes ahead of the reader ([`PREFETCH_AHEAD`] if `None`;
+    /// at least [`PREFETCH_STEP`]).
+    pub(crate) fn new(ahead: Option<u64>) -> Self {
+        Self {
+            next: AtomicU64::new(u64::MAX),
+            ahead_to: AtomicU64::new(0),
+            ahead: ahead.unwrap_or(PREFETCH_AHEAD).max(PREFETCH_STEP),
+        }
+    }
+
     /// The range to advise after a read of `start..end` (bytes) of a device of `size`
     /// bytes: `Some((offset, len))` when the read continued the previous one and the base is
     /// not yet advised far enough ahead of it.
@@ -96,7 +105,7 @@ impl SequentialPrefetch {
             self.ahead_to.store(0, Ordering::Release);
             return None;
         }
-        let want = end.saturating_add(PREFETCH_AHEAD).min(size);
+        let want = end.saturating_add(self.ahead).min(size);
         let from = self.ahead_to.load(Ordering::Acquire).max(end);
         if want <= from || want - from < PREFETCH_STEP.min(size - from) {
             return None;
@@ -111,6 +120,20 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn the_distance_ahead_is_the_one_asked_for_and_at_least_one_step() {
+        let size = 256 * MIB;
+        let p = SequentialPrefetch::new(Some(16 * MIB));
+        assert_eq!(p.after_read(0, MIB, size), None);
+        assert_eq!(p.after_read(MIB, 2 * MIB, size), Some((2 * MIB, 16 * MIB)));
+        let tiny = SequentialPrefetch::new(Some(1));
+        assert_eq!(tiny.after_read(0, MIB, size), None);
+        assert_eq!(
+            tiny.after_read(MIB, 2 * MIB, size),
+            Some((2 * MIB, PREFETCH_STEP))
+        );
+    }
 
     #[test]
     fn a_sequential_run_is_advised_ahead_once_per_step() {

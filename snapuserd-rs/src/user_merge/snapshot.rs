@@ -68,6 +68,9 @@ pub struct UserSnapshotOptions {
     /// in order (`POSIX_FADV_WILLNEED`; DESIGN.md, "Sequential read-ahead of the base"). The
     /// daemon turns it on by default (`-read_prefetch`).
     pub read_prefetch: bool,
+    /// How many bytes ahead of a sequential reader the base is advised (`None`: 4 MiB;
+    /// the daemon's `-read_prefetch_kib`).
+    pub read_prefetch_ahead: Option<u64>,
     /// Read runs of the base and source devices of at least
     /// [`DIRECT_RUN_MIN`](super::direct_runs::DIRECT_RUN_MIN) bytes with `O_DIRECT` straight
     /// into the answer (`direct_runs.rs`): they do not pass through the page cache, and the
@@ -303,7 +306,7 @@ impl UserSnapshot {
             merging: AtomicBool::new(false),
             opts,
             request_log: LogLimit::new(),
-            prefetch: SequentialPrefetch::default(),
+            prefetch: SequentialPrefetch::new(opts.read_prefetch_ahead),
             cow_advice: None,
             direct_runs,
         };

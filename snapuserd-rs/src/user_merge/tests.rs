@@ -752,6 +752,7 @@ const DIRECT_WRITES: UserSnapshotOptions = UserSnapshotOptions {
     mmap_cow: false,
     whole_reads: false,
     read_prefetch: true,
+    read_prefetch_ahead: None,
     direct_reads: false,
 };
 
