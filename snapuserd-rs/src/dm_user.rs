@@ -482,6 +482,11 @@ pub enum AnswerPiece<'a> {
         /// Number of bytes.
         len: usize,
     },
+    /// Bytes in memory the handler keeps unchanged until the answer is out.
+    Memory {
+        /// The bytes.
+        bytes: &'a [u8],
+    },
     /// `len` bytes of the produced buffer from byte `start`.
     Produced {
         /// Start in the produced buffer.
@@ -504,6 +509,7 @@ fn pipe_slots(pieces: &[AnswerPiece<'_>], produced: &[u8], total: u64) -> Option
                 let bytes = produced.get(start..start.checked_add(len)?)?;
                 (bytes.as_ptr() as u64, len)
             }
+            AnswerPiece::Memory { bytes } => (bytes.as_ptr() as u64, bytes.len()),
         };
         if len == 0 {
             return None;
@@ -518,7 +524,7 @@ fn pipe_slots(pieces: &[AnswerPiece<'_>], produced: &[u8], total: u64) -> Option
 
 /// Queue one piece whole into `pipe` (which has room for it); false if it could not be.
 fn fill_pipe(pipe: &SplicePipe, piece: &AnswerPiece<'_>, produced: &[u8]) -> bool {
-    use nix::fcntl::{splice, vmsplice, SpliceFFlags};
+    use nix::fcntl::{splice, SpliceFFlags};
     match *piece {
         AnswerPiece::File { file, offset, len } => {
             let Ok(mut position) = i64::try_from(offset) else {
@@ -542,27 +548,31 @@ fn fill_pipe(pipe: &SplicePipe, piece: &AnswerPiece<'_>, produced: &[u8]) -> boo
             }
             true
         }
-        AnswerPiece::Produced { start, len } => {
-            let Some(mut rest) = start
-                .checked_add(len)
-                .and_then(|end| produced.get(start..end))
-            else {
-                return false;
-            };
-            while !rest.is_empty() {
-                match vmsplice(
-                    &pipe.write,
-                    &[IoSlice::new(rest)],
-                    SpliceFFlags::SPLICE_F_NONBLOCK,
-                ) {
-                    Ok(n) if n > 0 => rest = rest.get(n..).unwrap_or_default(),
-                    Err(Errno::EINTR) => {}
-                    _ => return false,
-                }
-            }
-            true
+        AnswerPiece::Produced { start, len } => start
+            .checked_add(len)
+            .and_then(|end| produced.get(start..end))
+            .is_some_and(|bytes| vmsplice_whole(pipe, bytes)),
+        AnswerPiece::Memory { bytes } => vmsplice_whole(pipe, bytes),
+    }
+}
+
+/// Queue all of `bytes` into `pipe` (which has room for them) as references to their pages;
+/// false if it could not be.
+fn vmsplice_whole(pipe: &SplicePipe, bytes: &[u8]) -> bool {
+    use nix::fcntl::{vmsplice, SpliceFFlags};
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        match vmsplice(
+            &pipe.write,
+            &[IoSlice::new(rest)],
+            SpliceFFlags::SPLICE_F_NONBLOCK,
+        ) {
+            Ok(n) if n > 0 => rest = rest.get(n..).unwrap_or_default(),
+            Err(Errno::EINTR) => {}
+            _ => return false,
         }
     }
+    true
 }
 
 /// One dm-user channel (one open file description of the misc node).

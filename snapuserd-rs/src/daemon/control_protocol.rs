@@ -442,6 +442,10 @@ pub struct DaemonConfig {
     /// `-read_prefetch_kib=N`: how far ahead of a sequential reader the base is advised,
     /// 512-262144 KiB (default 4096).
     pub read_prefetch_kib: u32,
+    /// `-direct_read_ahead_kib=N`: how many KiB of the base the daemon itself reads ahead
+    /// of a sequential reader, with `O_DIRECT`, into its own memory (user-space merge,
+    /// before any merge; 0 turns it off, else 1024-16384; default 2048).
+    pub direct_read_ahead_kib: u32,
     /// `-direct_reads`: user-space merge: runs of 16 KiB or more of the base and source
     /// devices that a READ needs are read with `O_DIRECT` into the answer, not through the
     /// page cache (default off).
@@ -480,6 +484,7 @@ impl Default for DaemonConfig {
             splice_reads: true,
             read_prefetch: true,
             read_prefetch_kib: DEFAULT_READ_PREFETCH_KIB,
+            direct_read_ahead_kib: DEFAULT_DIRECT_READ_AHEAD_KIB,
             direct_reads: false,
             ublk: false,
             ublk_stale_server_ms: DEFAULT_UBLK_STALE_SERVER_MS,
@@ -540,6 +545,10 @@ turns a boolean flag off; '-' and '_' inside names are the same; -- ends the fla
                           (default: on; -noread_prefetch to leave it to the kernel)
   -read_prefetch_kib=N    how far ahead of such a reader, 512-262144 KiB (default:
                           4096)
+  -direct_read_ahead_kib=N
+                          of that, how much the daemon reads itself with O_DIRECT
+                          into its own memory instead of the page cache, before
+                          any merge: 0 (off) or 1024-16384 KiB (default: 2048)
   -direct_reads           user-space merge: runs of 16 KiB or more of the base and
                           source devices that a READ needs are read with O_DIRECT
                           into the answer, bypassing the page cache (default: off)
@@ -595,7 +604,7 @@ const BOOL_FLAGS: [&str; 11] = [
     "direct_reads",
     "ublk",
 ];
-const VALUE_FLAGS: [&str; 7] = [
+const VALUE_FLAGS: [&str; 8] = [
     "socket",
     "cow_op_merge_size",
     "worker_count",
@@ -603,7 +612,11 @@ const VALUE_FLAGS: [&str; 7] = [
     "fd_num",
     "ublk_stale_server_ms",
     "read_prefetch_kib",
+    "direct_read_ahead_kib",
 ];
+
+/// Default of `-direct_read_ahead_kib`.
+pub const DEFAULT_DIRECT_READ_AHEAD_KIB: u32 = 2048;
 
 /// Default of `-read_prefetch_kib`.
 pub const DEFAULT_READ_PREFETCH_KIB: u32 = 4096;
@@ -725,6 +738,17 @@ impl DaemonConfig {
                             });
                         }
                         cfg.read_prefetch_kib = n;
+                    }
+                    "direct_read_ahead_kib" => {
+                        let n = parse_u32(flag, &value)?;
+                        if n != 0 && !(1024..=16_384).contains(&n) {
+                            return Err(ControlError::BadValue {
+                                flag,
+                                value,
+                                reason: "must be 0 or 1024..=16384",
+                            });
+                        }
+                        cfg.direct_read_ahead_kib = n;
                     }
                     "num_merge_threads" => {
                         let n = parse_u32(flag, &value)?;
@@ -919,6 +943,24 @@ mod tests {
         );
         let cfg = DaemonConfig::parse(["-read_prefetch_kib=16384"]).unwrap();
         assert_eq!(cfg.read_prefetch_kib, 16384);
+        let cfg = DaemonConfig::parse(["-user_snapshot"]).unwrap();
+        assert_eq!(cfg.direct_read_ahead_kib, 2048);
+        for (arg, kib) in [
+            ("-direct_read_ahead_kib=0", 0),
+            ("-direct_read_ahead_kib=4096", 4096),
+        ] {
+            assert_eq!(
+                DaemonConfig::parse([arg]).unwrap().direct_read_ahead_kib,
+                kib
+            );
+        }
+        for bad in [
+            "-direct_read_ahead_kib=512",
+            "-direct_read_ahead_kib=16385",
+            "-direct_read_ahead_kib=x",
+        ] {
+            assert!(DaemonConfig::parse([bad]).is_err(), "{bad}");
+        }
         for bad in [
             "-read_prefetch_kib=0",
             "-read_prefetch_kib=511",

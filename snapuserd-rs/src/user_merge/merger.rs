@@ -105,6 +105,8 @@ impl UserSnapshot {
             return Err(UserMergeError::AlreadyRunning);
         }
         let _running = Running(&self.merging);
+        // The base changes from here on: no answer may come from its read-ahead chunks.
+        self.stop_direct_prefetch();
         self.set_phase(MergePhase::Merging);
         let result = self.run_merge(io, control);
         match &result {

@@ -13,6 +13,7 @@
 mod block_map;
 mod control;
 pub mod direct_io;
+mod direct_prefetch;
 mod direct_runs;
 mod direct_source;
 mod error;

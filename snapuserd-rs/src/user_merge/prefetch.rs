@@ -99,19 +99,27 @@ impl SequentialPrefetch {
     /// The range to advise after a read of `start..end` (bytes) of a device of `size`
     /// bytes: `Some((offset, len))` when the read continued the previous one and the base is
     /// not yet advised far enough ahead of it.
+    #[cfg(test)]
     pub(crate) fn after_read(&self, start: u64, end: u64, size: u64) -> Option<(u64, u64)> {
+        self.follow(start, end, size).1
+    }
+
+    /// After a read of `start..end` (bytes) of a device of `size` bytes: whether it
+    /// continued the previous one (a sequential run goes on), and the range to advise, as
+    /// in [`Self::after_read`].
+    pub(crate) fn follow(&self, start: u64, end: u64, size: u64) -> (bool, Option<(u64, u64)>) {
         if self.next.swap(end, Ordering::AcqRel) != start {
             // A new run (or random reads): nothing advised for it yet.
             self.ahead_to.store(0, Ordering::Release);
-            return None;
+            return (false, None);
         }
         let want = end.saturating_add(self.ahead).min(size);
         let from = self.ahead_to.load(Ordering::Acquire).max(end);
         if want <= from || want - from < PREFETCH_STEP.min(size - from) {
-            return None;
+            return (true, None);
         }
         self.ahead_to.store(want, Ordering::Release);
-        Some((from, want - from))
+        (true, Some((from, want - from)))
     }
 }
 
@@ -151,8 +159,9 @@ mod tests {
             p.after_read(2 * MIB, 3 * MIB, size),
             Some((2 * MIB + PREFETCH_AHEAD, MIB))
         );
-        // Small steps wait until PREFETCH_STEP bytes are new.
-        assert_eq!(p.after_read(3 * MIB, 3 * MIB + 4096, size), None);
+        // Small steps wait until PREFETCH_STEP bytes are new, but still continue the run.
+        assert_eq!(p.follow(3 * MIB, 3 * MIB + 4096, size), (true, None));
+        assert_eq!(p.follow(0, 4096, size), (false, None));
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::log_limit::LogLimit;
 use crate::snapshot::block_server::MAX_REQUEST_BYTES;
 
 use super::block_map::BlockMap;
+use super::direct_prefetch::{DirectPrefetch, Lending, Lent, ThroughChunks};
 use super::direct_runs::{DirectRuns, RunDevice};
 use super::direct_source::DirectSource;
 use super::error::{UserReadError, UserSnapshotError};
@@ -76,6 +77,12 @@ pub struct UserSnapshotOptions {
     /// into the answer (`direct_runs.rs`): they do not pass through the page cache, and the
     /// base is not read ahead of a sequential reader. The daemon's `-direct_reads`.
     pub direct_reads: bool,
+    /// Bytes of the base read ahead of a sequential reader with `O_DIRECT` into the
+    /// daemon's own memory, by a thread of the snapshot, instead of advising the page cache
+    /// (`direct_prefetch.rs`): used only before any merge, and only with
+    /// [`read_prefetch`](Self::read_prefetch). 0 (the default here) turns it off; the
+    /// daemon's `-direct_read_ahead_kib` (default 2 MiB).
+    pub direct_read_ahead: usize,
 }
 
 /// Where a merge stands.
@@ -166,6 +173,12 @@ pub struct UserSnapshot {
     cow_advice: Option<File>,
     /// `O_DIRECT` twins of `base` and `source` for the read path's runs, when asked for.
     direct_runs: Option<DirectRuns>,
+    /// `O_DIRECT` read-ahead of the base for a sequential reader, when asked for and no
+    /// merge had begun at open (disabled when one starts).
+    direct_prefetch: Option<DirectPrefetch>,
+    /// The source and the base are the same device (a Virtual A/B device): before any
+    /// merge, source reads may come from the base's read-ahead too.
+    source_is_base: bool,
 }
 
 impl std::fmt::Debug for UserSnapshot {
@@ -291,7 +304,8 @@ impl UserSnapshot {
             map.heap_bytes() / 1024
         );
         let direct_runs = opts.direct_reads.then(|| DirectRuns::open(&base, &source));
-        let snap = Self {
+        let source_is_base = same_device(&source, &base);
+        let mut snap = Self {
             cow,
             source,
             source_direct: None,
@@ -309,6 +323,8 @@ impl UserSnapshot {
             prefetch: SequentialPrefetch::new(opts.read_prefetch_ahead),
             cow_advice: None,
             direct_runs,
+            direct_prefetch: None,
+            source_is_base,
         };
         let durable =
             snap.lock_store()
@@ -319,7 +335,27 @@ impl UserSnapshot {
                 })?;
         snap.adopt(durable)?;
         snap.check_mode(durable.num_merge_ops)?;
+        // Chunks of the base hold its bytes as they were when read: only while nothing
+        // merges (see direct_prefetch.rs).
+        let untouched = durable.num_merge_ops == 0 && durable.state == BufferState::NotStarted;
+        if opts.read_prefetch && opts.direct_read_ahead > 0 && untouched {
+            snap.direct_prefetch = DirectPrefetch::new(&snap.base, bytes, opts.direct_read_ahead);
+        }
         Ok(snap)
+    }
+
+    /// Permission to use the base's read-ahead chunks for one answer (none when there is no
+    /// read-ahead or it was disabled).
+    fn lending(&self) -> Option<Lending<'_>> {
+        self.direct_prefetch.as_ref()?.lending()
+    }
+
+    /// Stop using the base's read-ahead for good (the merge is about to write the base);
+    /// returns once no answer made of its bytes is in flight.
+    pub(crate) fn stop_direct_prefetch(&self) {
+        if let Some(direct) = &self.direct_prefetch {
+            direct.disable();
+        }
     }
 
     pub(crate) fn lock_store(&self) -> MutexGuard<'_, Box<dyn ProgressStore>> {
@@ -623,16 +659,33 @@ impl UserSnapshot {
             return;
         }
         let start = sector.saturating_mul(SECTOR);
+        let end = start.saturating_add(len);
         let size = self.device_sectors.saturating_mul(SECTOR);
-        let Some((offset, len)) = self
-            .prefetch
-            .after_read(start, start.saturating_add(len), size)
-        else {
+        let (in_order, advice) = self.prefetch.follow(start, end, size);
+        // The base's own read-ahead, when it runs, covers the range right ahead.
+        let mut direct_ahead = None;
+        if let Some(direct) = self.direct_prefetch.as_ref().filter(|d| d.enabled()) {
+            if in_order {
+                direct_ahead = direct.advance(end);
+            } else {
+                direct.stop();
+            }
+        }
+        let Some((offset, len)) = advice else {
             return;
+        };
+        let outside_direct = |&(from, n): &(u64, u64)| {
+            direct_ahead.is_none_or(|(lo, hi)| from < lo || from.saturating_add(n) > hi)
         };
         // Runs read with O_DIRECT do not use the base's page cache.
         if self.direct_runs.is_none() {
-            prefetch::will_need(&self.base, [(offset, len)]);
+            let base_rest = match direct_ahead {
+                Some((_, hi)) if hi > offset => (hi, offset.saturating_add(len).saturating_sub(hi)),
+                _ => (offset, len),
+            };
+            if base_rest.1 > 0 {
+                prefetch::will_need(&self.base, [base_rest]);
+            }
         }
         let merged = self.merged.load(Ordering::Acquire);
         let (mut payloads, mut sources) = (Vec::new(), Vec::new());
@@ -664,6 +717,9 @@ impl UserSnapshot {
             }
         }
         if self.direct_runs.is_none() {
+            if self.source_is_base {
+                sources.retain(outside_direct);
+            }
             prefetch::will_need(&self.source, prefetch::scattered_ranges(sources));
         }
         if let Some(cow_file) = &self.cow_advice {
@@ -717,6 +773,48 @@ impl UserSnapshot {
     /// [`UserSnapshotOptions::direct_reads`] asks for it and the run qualifies, else through
     /// the page cache.
     pub(crate) fn read_base(&self, offset: u64, out: &mut [u8]) -> Result<(), UserReadError> {
+        self.read_base_lent(None, offset, out)
+    }
+
+    /// [`Self::read_base`], taking the bytes that loaded read-ahead chunks hold from there
+    /// (`lending`: see `direct_prefetch.rs`).
+    fn read_base_lent(
+        &self,
+        lending: Option<&Lending<'_>>,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<(), UserReadError> {
+        let Some(lending) = lending else {
+            return self.read_base_device(offset, out);
+        };
+        let end = offset.saturating_add(out.len() as u64);
+        let mut at = offset;
+        // Bytes no chunk holds, read together: (device offset, start in `out`).
+        let mut missed: Option<(u64, usize)> = None;
+        while at < end {
+            let part_end = lending.chunk_end(at).min(end);
+            let (from, to) = ((at - offset) as usize, (part_end - offset) as usize);
+            match lending.lend(at, to - from) {
+                Some(lent) => {
+                    if let Some((m_at, m_from)) = missed.take() {
+                        self.read_base_device(m_at, &mut out[m_from..from])?;
+                    }
+                    out[from..to].copy_from_slice(lent.bytes());
+                }
+                None => {
+                    missed.get_or_insert((at, from));
+                }
+            }
+            at = part_end;
+        }
+        if let Some((m_at, m_from)) = missed {
+            self.read_base_device(m_at, &mut out[m_from..])?;
+        }
+        Ok(())
+    }
+
+    /// Fill `out` from byte `offset` of the base device itself (see [`Self::read_base`]).
+    fn read_base_device(&self, offset: u64, out: &mut [u8]) -> Result<(), UserReadError> {
         let len = out.len() as u64;
         let wrap = |source| UserReadError::Base {
             offset,
@@ -738,6 +836,9 @@ impl UserSnapshot {
     /// merged blocks with one `pread` each, other blocks produced in place (whole aligned
     /// blocks) or through one bounce block (the partial blocks at the ends).
     fn read_checked(&self, start: u64, out: &mut [u8]) -> Result<(), UserReadError> {
+        // Taken before the view (the order everywhere), held until the bytes are in.
+        let lending = self.lending();
+        let lending = lending.as_ref();
         let mut bounce: Option<[u8; BLOCK]> = None;
         // Pending run of base bytes: (device offset, start in `out`).
         let mut base_run: Option<(u64, usize)> = None;
@@ -757,7 +858,7 @@ impl UserSnapshot {
                 continue;
             };
             if let Some((offset, from)) = base_run.take() {
-                self.read_base(offset, &mut out[from..done])?;
+                self.read_base_lent(lending, offset, &mut out[from..done])?;
             }
             if in_block == 0 {
                 if let Some(n) = self.produce_whole_op(entry, block, &mut out[done..])? {
@@ -766,16 +867,16 @@ impl UserSnapshot {
                 }
             }
             if in_block == 0 && take == BLOCK {
-                self.produce(entry, block, &mut out[done..done + BLOCK])?;
+                self.produce(lending, entry, block, &mut out[done..done + BLOCK])?;
             } else {
                 let b = bounce.get_or_insert([0u8; BLOCK]);
-                self.produce(entry, block, b)?;
+                self.produce(lending, entry, block, b)?;
                 out[done..done + take].copy_from_slice(&b[in_block..in_block + take]);
             }
             done += take;
         }
         if let Some((offset, from)) = base_run {
-            self.read_base(offset, &mut out[from..])?;
+            self.read_base_lent(lending, offset, &mut out[from..])?;
         }
         Ok(())
     }
@@ -813,7 +914,13 @@ impl UserSnapshot {
     }
 
     /// Produce block `block` of unmerged entry `entry` into `out` (one block).
-    fn produce(&self, entry: u64, block: u64, out: &mut [u8]) -> Result<(), UserReadError> {
+    fn produce(
+        &self,
+        lending: Option<&Lending<'_>>,
+        entry: u64,
+        block: u64,
+        out: &mut [u8],
+    ) -> Result<(), UserReadError> {
         let Some((position, op)) = self.plan.op(&self.cow, entry) else {
             return Err(no_such_entry(entry, block));
         };
@@ -823,7 +930,7 @@ impl UserSnapshot {
         // Held (read mode) until the bytes are in, so the merge cannot write this
         // window's destinations meanwhile.
         let view = self.view_read();
-        self.produce_ordered(&view, (entry, position), op, block, out)
+        self.produce_ordered(&view, lending, (entry, position), op, block, out)
     }
 
     /// Produce block `block` of the REPLACE or ZERO op at `position` into `out`.
@@ -848,6 +955,7 @@ impl UserSnapshot {
     fn produce_ordered(
         &self,
         view: &ReadView,
+        lending: Option<&Lending<'_>>,
         (entry, position): (u64, usize),
         op: &CowOp,
         block: u64,
@@ -871,10 +979,18 @@ impl UserSnapshot {
                     .map_err(wrap);
             }
         }
-        // Not read ahead yet: the source device.
-        match &self.source_direct {
-            Some(direct) => self.cow.read_op_block(position, block, direct, out),
-            None => self.cow.read_op_block(position, block, &self.source, out),
+        // Not read ahead yet: the source device (through the base's read-ahead chunks when
+        // they are the same device).
+        match (&self.source_direct, lending.filter(|_| self.source_is_base)) {
+            (Some(direct), _) => self.cow.read_op_block(position, block, direct, out),
+            (None, Some(lending)) => {
+                let through = ThroughChunks {
+                    lending,
+                    file: &self.source,
+                };
+                self.cow.read_op_block(position, block, &through, out)
+            }
+            (None, None) => self.cow.read_op_block(position, block, &self.source, out),
         }
         .map_err(wrap)
     }
@@ -899,6 +1015,8 @@ impl UserSnapshot {
         self.check_range(req.sector, req.len).ok()?;
         let start = req.sector.checked_mul(SECTOR)?;
         let len = usize::try_from(req.len).ok()?;
+        // Taken before the view (the order everywhere), held until the answer is out.
+        let lending = self.lending();
         let view = self.view_read();
         let mut pieces = AnswerPieces::default();
         produced.clear();
@@ -940,7 +1058,7 @@ impl UserSnapshot {
             produced.resize(at + BLOCK, 0);
             let out = produced.get_mut(at..at + BLOCK)?;
             let made = if op.kind.is_ordered() {
-                self.produce_ordered(&view, (entry, position), op, block, out)
+                self.produce_ordered(&view, lending.as_ref(), (entry, position), op, block, out)
             } else {
                 self.produce_unordered(position, op, block, out)
             };
@@ -949,19 +1067,60 @@ impl UserSnapshot {
             pieces.produced(at + in_block, take);
             done += take;
         }
+        // Runs the base's read-ahead holds go out from its chunks.
+        let lent = match &lending {
+            Some(lending) => self.lend_runs(lending, &pieces.list),
+            None => Vec::new(),
+        };
+        if !lent.is_empty() {
+            pieces = with_lent_runs(pieces, &lent);
+        }
         if let Some(direct) = &self.direct_runs {
             pieces = self.read_runs_direct(direct, pieces, produced)?;
         }
         let sent = send(&pieces.list, produced);
         drop(view);
+        drop(lent);
+        drop(lending);
         Some(sent)
+    }
+
+    /// For each file piece of `pieces` on the base (or on the source when it is the base),
+    /// split where the read-ahead's chunks end: the parts the chunks hold, lent, with the
+    /// index of their piece (ascending).
+    fn lend_runs(
+        &self,
+        lending: &Lending<'_>,
+        pieces: &[AnswerPiece<'_>],
+    ) -> Vec<(usize, u64, Lent)> {
+        let mut lent = Vec::new();
+        for (i, piece) in pieces.iter().enumerate() {
+            let AnswerPiece::File { file, offset, len } = *piece else {
+                continue;
+            };
+            let on_base = std::ptr::eq(file, &self.base)
+                || (self.source_is_base && std::ptr::eq(file, &self.source));
+            if !on_base {
+                continue;
+            }
+            let end = offset.saturating_add(len as u64);
+            let mut at = offset;
+            while at < end {
+                let part_end = lending.chunk_end(at).min(end);
+                if let Some(l) = lending.lend(at, (part_end - at) as usize) {
+                    lent.push((i, at, l));
+                }
+                at = part_end;
+            }
+        }
+        lent
     }
 
     /// The file pieces of `pieces` that [`DirectRuns`] takes, read with `O_DIRECT` and
     /// appended to `produced` (each becomes a produced piece); the others as they were.
     /// `None` when a direct read fails (the normal read then reports the error).
     fn read_runs_direct<'a>(
-        &'a self,
+        &self,
         direct: &DirectRuns,
         pieces: AnswerPieces<'a>,
         produced: &mut Vec<u8>,
@@ -1016,6 +1175,35 @@ impl UserSnapshot {
     }
 }
 
+/// `pieces` with the parts in `lent` (from [`UserSnapshot::lend_runs`]: piece index, device
+/// offset, bytes; ascending) as memory pieces, the rest of each file piece as it was.
+fn with_lent_runs<'a>(
+    pieces: AnswerPieces<'a>,
+    lent: &'a [(usize, u64, Lent)],
+) -> AnswerPieces<'a> {
+    let mut out = AnswerPieces::default();
+    let mut next = lent.iter().peekable();
+    for (i, piece) in pieces.list.into_iter().enumerate() {
+        let AnswerPiece::File { file, offset, len } = piece else {
+            out.list.push(piece);
+            continue;
+        };
+        let end = offset.saturating_add(len as u64);
+        let mut at = offset;
+        while let Some((_, from, l)) = next.next_if(|(j, _, _)| *j == i) {
+            if *from > at {
+                out.file(file, at, (*from - at) as usize);
+            }
+            out.list.push(AnswerPiece::Memory { bytes: l.bytes() });
+            at = from.saturating_add(l.bytes().len() as u64);
+        }
+        if at < end {
+            out.file(file, at, (end - at) as usize);
+        }
+    }
+    out
+}
+
 /// The pieces of one answer, neighbours joined.
 #[derive(Default)]
 struct AnswerPieces<'a> {
@@ -1052,6 +1240,21 @@ impl<'a> AnswerPieces<'a> {
             }
         }
         self.list.push(AnswerPiece::Produced { start, len });
+    }
+}
+
+/// Whether `a` and `b` are the same device (or the same file).
+fn same_device(a: &File, b: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (a.metadata(), b.metadata()) {
+        (Ok(a), Ok(b)) => {
+            if a.file_type().is_file() {
+                (a.dev(), a.ino()) == (b.dev(), b.ino())
+            } else {
+                a.rdev() != 0 && a.rdev() == b.rdev()
+            }
+        }
+        _ => false,
     }
 }
 

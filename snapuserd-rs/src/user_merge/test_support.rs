@@ -342,6 +342,10 @@ pub(crate) fn read_all_in_pieces(snap: &UserSnapshot, chunk: usize) -> Vec<u8> {
                         part[at..at + len].copy_from_slice(&bytes[start..start + len]);
                         at += len;
                     }
+                    AnswerPiece::Memory { bytes } => {
+                        part[at..at + bytes.len()].copy_from_slice(bytes);
+                        at += bytes.len();
+                    }
                 }
             }
             assert_eq!(at, part.len(), "the pieces add up to the request");

@@ -754,6 +754,7 @@ const DIRECT_WRITES: UserSnapshotOptions = UserSnapshotOptions {
     read_prefetch: true,
     read_prefetch_ahead: None,
     direct_reads: false,
+    direct_read_ahead: 0,
 };
 
 const DIRECT_READS_AND_WRITES: UserSnapshotOptions = UserSnapshotOptions {
@@ -1182,6 +1183,7 @@ fn direct_reads_serve_the_target_before_during_and_after_the_merge() {
                             }
                         }
                         AnswerPiece::Produced { len, .. } => produced_bytes += len,
+                        AnswerPiece::Memory { bytes } => produced_bytes += bytes.len(),
                     }
                 }
                 true
@@ -1201,5 +1203,114 @@ fn direct_reads_serve_the_target_before_during_and_after_the_merge() {
         assert!(passes >= 1);
         assert!(files.base_image() == case.target);
         assert_reads_target(&snap, &case.target, "direct reads after the merge");
+    }
+}
+
+/// One READ of `len` bytes at byte `at`, answered in pieces and followed by the transport's
+/// `answered` call: the bytes, and how many of them went out as memory pieces (chunks of
+/// the base's direct read-ahead).
+fn read_in_order_step(snap: &UserSnapshot, at: u64, len: usize) -> (Vec<u8>, usize) {
+    let req = crate::dm_user::Request {
+        kind: crate::dm_user::DM_USER_REQ_MAP_READ,
+        flags: 0,
+        sector: at / 512,
+        len: len as u64,
+    };
+    let mut got = vec![0u8; len];
+    let mut from_memory = 0usize;
+    let mut produced = Vec::new();
+    let sent = snap.read_in_pieces(&req, &mut produced, &mut |pieces, bytes| {
+        let mut pos = 0usize;
+        for piece in pieces {
+            let n = match *piece {
+                AnswerPiece::File { file, offset, len } => {
+                    std::os::unix::fs::FileExt::read_exact_at(
+                        file,
+                        &mut got[pos..pos + len],
+                        offset,
+                    )
+                    .unwrap();
+                    len
+                }
+                AnswerPiece::Produced { start, len } => {
+                    got[pos..pos + len].copy_from_slice(&bytes[start..start + len]);
+                    len
+                }
+                AnswerPiece::Memory { bytes } => {
+                    got[pos..pos + bytes.len()].copy_from_slice(bytes);
+                    from_memory += bytes.len();
+                    bytes.len()
+                }
+            };
+            pos += n;
+        }
+        assert_eq!(pos, len, "the pieces add up to the request");
+        true
+    });
+    assert_eq!(sent, Some(true));
+    snap.answered(&req);
+    (got, from_memory)
+}
+
+/// With the base's `O_DIRECT` read-ahead, a reader going through the device in order gets
+/// most of its base bytes (unchanged blocks, COPY sources: the source is the base) from the
+/// read-ahead's chunks, and every read, in pieces or whole, sees the target. Chunks loaded
+/// before a merge are never used once it starts: reads during and after it see the target
+/// (a merged block read from a chunk would be the old data).
+#[test]
+fn direct_read_ahead_serves_an_in_order_reader_until_the_merge_starts() {
+    let case = Case::rich(400, 43);
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V3, CompressionAlgorithm::Lz4, true),
+        false,
+    );
+    let probe = fs::File::open(&files.base).unwrap();
+    if super::direct_io::reopen_direct(&probe, "base", false, "test").is_none() {
+        return; // a filesystem without O_DIRECT
+    }
+    let opts = UserSnapshotOptions {
+        read_prefetch: true,
+        direct_read_ahead: 2 << 20,
+        ..UserSnapshotOptions::default()
+    };
+    let snap = UserSnapshot::open(&files.cow, &files.source, &files.base, &opts).unwrap();
+    let device = snap.base_sectors() * 512;
+    let step = 256 << 10;
+    let mut from_memory = 0usize;
+    for at in (0..device).step_by(step) {
+        let len = (device - at).min(step as u64) as usize;
+        let (got, memory) = read_in_order_step(&snap, at, len);
+        assert!(
+            got[..] == case.target[at as usize..at as usize + len],
+            "in-order read at {at} differs at block {:?}",
+            first_diff(&got, &case.target[at as usize..at as usize + len])
+        );
+        from_memory += memory;
+    }
+    // The first two requests start the run; from then on the base's bytes are in chunks.
+    assert!(
+        from_memory as u64 > device / 4,
+        "only {from_memory} of {device} bytes came from the read-ahead"
+    );
+    // The whole-answer path (ublk, dm-user without splice) reads through the chunks too.
+    assert_reads_target(
+        &snap,
+        &case.target,
+        "with direct read-ahead, before the merge",
+    );
+    // Load the chunks of the first half again, then merge while reading without moving
+    // them on: blocks merged there must come from the base, not from the chunks.
+    for at in (0..device / 2).step_by(step) {
+        read_in_order_step(&snap, at, step);
+    }
+    let passes = merge_while_reading(&snap, snap.sync_io().unwrap(), &case.target);
+    assert!(passes >= 1);
+    assert!(files.base_image() == case.target);
+    for at in (0..device).step_by(step) {
+        let len = (device - at).min(step as u64) as usize;
+        let (got, memory) = read_in_order_step(&snap, at, len);
+        assert_eq!(memory, 0, "no chunk is used once a merge ran");
+        assert!(got[..] == case.target[at as usize..at as usize + len]);
     }
 }
