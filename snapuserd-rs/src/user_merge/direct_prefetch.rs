@@ -39,6 +39,10 @@ pub const LOAD_WAIT: Duration = Duration::from_millis(500);
 /// Bytes read per chunk (one `O_DIRECT` read).
 pub const CHUNK_BYTES: usize = 512 << 10;
 
+/// Buffers of evicted chunks kept for the next loads (the loading thread takes one as soon
+/// as the reader moves on, so more would only hold memory).
+const SPARE_BUFFERS: usize = 2;
+
 /// One chunk of the base: queued or loading (no data yet), loaded, or failed.
 #[derive(Debug)]
 struct Chunk {
@@ -64,7 +68,7 @@ impl Chunk {
 struct State {
     /// Chunks held (queued ones included), ascending by offset.
     chunks: VecDeque<Chunk>,
-    /// Buffers of evicted chunks, for the next loads (at most `slots`).
+    /// Buffers of evicted chunks, for the next loads (at most [`SPARE_BUFFERS`]).
     spare: Vec<AlignedBuf>,
     /// Whether the loading thread runs.
     loader: bool,
@@ -187,7 +191,7 @@ impl DirectPrefetch {
             // Chunks wholly behind the reader are done with.
             while st.chunks.front().is_some_and(|c| c.end(sh.chunk) <= from) {
                 if let Some(c) = st.chunks.pop_front() {
-                    recycle(&mut st, c, sh.slots);
+                    recycle(&mut st, c);
                 }
             }
             // Queue the missing ones now, so a reader arriving before the loading thread
@@ -220,7 +224,10 @@ impl DirectPrefetch {
                 log::warn!(
                     "direct read-ahead: cannot start its thread ({e}); the base is read through the page cache"
                 );
-                sh.lock().loader = false;
+                let mut st = sh.lock();
+                st.loader = false;
+                st.closed = true;
+                st.chunks.clear();
                 return None;
             }
         }
@@ -341,10 +348,10 @@ impl Drop for DirectPrefetch {
 }
 
 /// Keep `c`'s buffer for a later load if nobody borrows it and there is room.
-fn recycle(st: &mut State, c: Chunk, slots: usize) {
+fn recycle(st: &mut State, c: Chunk) {
     if let ChunkData::Loaded(data) = c.data {
         if let Ok(buf) = Arc::try_unwrap(data) {
-            if st.spare.len() < slots {
+            if st.spare.len() < SPARE_BUFFERS {
                 st.spare.push(buf);
             }
         }
