@@ -27,7 +27,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cow_format::SourceImage;
 
@@ -280,7 +280,7 @@ impl Lending<'_> {
         let sh = &self.owner.shared;
         let end = offset.checked_add(len as u64)?;
         let mut st = sh.lock();
-        let mut waited = Duration::ZERO;
+        let deadline = Instant::now() + LOAD_WAIT;
         loop {
             let c = st
                 .chunks
@@ -300,16 +300,15 @@ impl Lending<'_> {
                     });
                 }
                 ChunkData::Queued | ChunkData::Loading => {
-                    if waited >= LOAD_WAIT {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
                         return None;
                     }
-                    let step = Duration::from_millis(50);
                     st = sh
                         .loaded
-                        .wait_timeout(st, step)
+                        .wait_timeout(st, left)
                         .unwrap_or_else(PoisonError::into_inner)
                         .0;
-                    waited += step;
                 }
             }
         }
