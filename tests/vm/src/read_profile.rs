@@ -162,7 +162,7 @@ fn profile(cow: &Path, source: &Path, base: &Path, target: &Path, mmap_cow: bool
                 for p in list {
                     match p {
                         AnswerPiece::File { .. } => files += 1,
-                        AnswerPiece::Produced { .. } => made += 1,
+                        AnswerPiece::Produced { .. } | AnswerPiece::Memory { .. } => made += 1,
                     }
                 }
                 true
