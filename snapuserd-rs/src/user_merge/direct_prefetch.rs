@@ -39,6 +39,9 @@ pub const LOAD_WAIT: Duration = Duration::from_millis(500);
 /// Bytes read per chunk (one `O_DIRECT` read).
 pub const CHUNK_BYTES: usize = 512 << 10;
 
+/// A reader that has not moved on for this long is done: its chunks are freed.
+pub const IDLE_RELEASE: Duration = Duration::from_secs(1);
+
 /// Buffers of evicted chunks kept for the next loads (the loading thread takes one as soon
 /// as the reader moves on, so more would only hold memory).
 const SPARE_BUFFERS: usize = 2;
@@ -72,6 +75,9 @@ struct State {
     spare: Vec<AlignedBuf>,
     /// Whether the loading thread runs.
     loader: bool,
+    /// Counts `advance` calls: the loading thread frees the chunks of a reader that has not
+    /// moved on for [`IDLE_RELEASE`].
+    advances: u64,
     /// Set by `disable` and on drop: the loading thread ends.
     closed: bool,
 }
@@ -210,6 +216,7 @@ impl DirectPrefetch {
                 }
                 at = at.saturating_add(chunk);
             }
+            st.advances = st.advances.wrapping_add(1);
             let spawn = !st.loader;
             st.loader = true;
             spawn
@@ -375,7 +382,17 @@ fn load_loop(sh: &Shared) {
                     c.data = ChunkData::Loading;
                     break c.offset;
                 }
-                st = sh.work.wait(st).unwrap_or_else(PoisonError::into_inner);
+                let advances = st.advances;
+                let (next, waited) = sh
+                    .work
+                    .wait_timeout(st, IDLE_RELEASE)
+                    .unwrap_or_else(PoisonError::into_inner);
+                st = next;
+                if waited.timed_out() && st.advances == advances {
+                    // The reader is gone or paused: its chunks only hold memory.
+                    st.chunks.clear();
+                    st.spare.clear();
+                }
             };
             (at, st.spare.pop().unwrap_or_default())
         };
@@ -478,6 +495,13 @@ mod tests {
         p.stop();
         assert_eq!(p.held_bytes(), 0);
         assert!(lend(&p, 0, 4096).is_none());
+        p.advance(0);
+        assert!(lend_eventually(&p, 0, 4096).is_some());
+        // A reader that does not move on loses its chunks after IDLE_RELEASE.
+        p.advance(0);
+        assert!(lend_eventually(&p, 0, 4096).is_some());
+        std::thread::sleep(IDLE_RELEASE * 2 + Duration::from_millis(200));
+        assert_eq!(p.held_bytes(), 0, "idle chunks freed");
         p.advance(0);
         assert!(lend_eventually(&p, 0, 4096).is_some());
         p.disable();

@@ -20,7 +20,7 @@ use crate::log_limit::LogLimit;
 use crate::snapshot::block_server::MAX_REQUEST_BYTES;
 
 use super::block_map::BlockMap;
-use super::direct_prefetch::{DirectPrefetch, Lending, Lent, ThroughChunks};
+use super::direct_prefetch::{DirectPrefetch, Lending, Lent, ThroughChunks, CHUNK_BYTES};
 use super::direct_runs::{DirectRuns, RunDevice};
 use super::direct_source::DirectSource;
 use super::error::{UserReadError, UserSnapshotError};
@@ -674,19 +674,21 @@ impl UserSnapshot {
         let Some((offset, len)) = advice else {
             return;
         };
-        let outside_direct = |&(from, n): &(u64, u64)| {
-            direct_ahead.is_none_or(|(lo, hi)| from < lo || from.saturating_add(n) > hi)
-        };
-        // Runs read with O_DIRECT do not use the base's page cache.
-        if self.direct_runs.is_none() {
-            let base_rest = match direct_ahead {
-                Some((_, hi)) if hi > offset => (hi, offset.saturating_add(len).saturating_sub(hi)),
-                _ => (offset, len),
-            };
-            if base_rest.1 > 0 {
-                prefetch::will_need(&self.base, [base_rest]);
-            }
+        // Runs read with O_DIRECT do not use the base's page cache, and the base's own
+        // read-ahead reads the whole range as the reader gets there: advising it too would
+        // read the disk twice.
+        if self.direct_runs.is_none() && direct_ahead.is_none() {
+            prefetch::will_need(&self.base, [(offset, len)]);
         }
+        // The span of the base's read-ahead when the reader reaches block `b`.
+        let span = direct_ahead.map_or(0, |(lo, hi)| hi - lo);
+        let served_by_chunks = |b: u64, from: u64, n: u64| {
+            let lo = (b * BLOCK_U64) / CHUNK_BYTES as u64 * CHUNK_BYTES as u64;
+            direct_ahead.is_some()
+                && self.source_is_base
+                && from >= lo
+                && from.saturating_add(n) <= lo.saturating_add(span)
+        };
         let merged = self.merged.load(Ordering::Acquire);
         let (mut payloads, mut sources) = (Vec::new(), Vec::new());
         let mut last = None;
@@ -706,20 +708,19 @@ impl UserSnapshot {
                 // holds it; an extra advice for those is harmless.
                 if op.kind.is_ordered() {
                     if let Some(from) = super::plan::source_offset(op, BLOCK_U64) {
-                        let span = op
+                        let n = op
                             .num_blocks
                             .max(1)
                             .saturating_add(1)
                             .saturating_mul(BLOCK_U64);
-                        sources.push((from, span));
+                        if !served_by_chunks(block, from, n) {
+                            sources.push((from, n));
+                        }
                     }
                 }
             }
         }
         if self.direct_runs.is_none() {
-            if self.source_is_base {
-                sources.retain(outside_direct);
-            }
             prefetch::will_need(&self.source, prefetch::scattered_ranges(sources));
         }
         if let Some(cow_file) = &self.cow_advice {
