@@ -4,7 +4,7 @@
 //! ahead of a reader that goes through the snapshot in order. Filling the page cache is
 //! itself a large part of a cold read (allocating and inserting every page, then copying it
 //! out), and a device read once at boot gains nothing from the cached copy. [`DirectPrefetch`]
-//! reads the next few chunks of the base with `O_DIRECT` on a thread of its own, into a
+//! reads the next few chunks of the base with `O_DIRECT` on two threads of its own, into a
 //! small set of page-aligned buffers, while the workers answer the requests before them;
 //! a READ whose base bytes (unchanged blocks, or COPY sources on the same device) lie in a
 //! loaded chunk takes them from there ([`DirectPrefetch::lend`]), anything else reads the
@@ -39,10 +39,13 @@ pub const LOAD_WAIT: Duration = Duration::from_millis(500);
 /// Bytes read per chunk (one `O_DIRECT` read).
 pub const CHUNK_BYTES: usize = 512 << 10;
 
+/// Threads loading chunks: two reads in flight keep the disk busy while one completes.
+const LOADERS: usize = 2;
+
 /// A reader that has not moved on for this long is done: its chunks are freed.
 pub const IDLE_RELEASE: Duration = Duration::from_secs(1);
 
-/// Buffers of evicted chunks kept for the next loads (the loading thread takes one as soon
+/// Buffers of evicted chunks kept for the next loads (a loading thread takes one as soon
 /// as the reader moves on, so more would only hold memory).
 const SPARE_BUFFERS: usize = 2;
 
@@ -73,16 +76,16 @@ struct State {
     chunks: VecDeque<Chunk>,
     /// Buffers of evicted chunks, for the next loads (at most [`SPARE_BUFFERS`]).
     spare: Vec<AlignedBuf>,
-    /// Whether the loading thread runs.
-    loader: bool,
-    /// Counts `advance` calls: the loading thread frees the chunks of a reader that has not
+    /// Loading threads running.
+    loaders: usize,
+    /// Counts `advance` calls: the loading threads free the chunks of a reader that has not
     /// moved on for [`IDLE_RELEASE`].
     advances: u64,
-    /// Set by `disable` and on drop: the loading thread ends.
+    /// Set by `disable` and on drop: the loading threads end.
     closed: bool,
 }
 
-/// The shared part, owned by the snapshot and by the loading thread.
+/// The shared part, owned by the snapshot and by the loading threads.
 #[derive(Debug)]
 struct Shared {
     direct: File,
@@ -92,7 +95,7 @@ struct Shared {
     state: Mutex<State>,
     /// Signalled when a chunk finishes loading (readers wait on it).
     loaded: Condvar,
-    /// Signalled when there is work for the loading thread.
+    /// Signalled when there is work for the loading threads.
     work: Condvar,
 }
 
@@ -200,7 +203,7 @@ impl DirectPrefetch {
                     recycle(&mut st, c);
                 }
             }
-            // Queue the missing ones now, so a reader arriving before the loading thread
+            // Queue the missing ones now, so a reader arriving before a loading thread
             // got to them waits for them rather than reading the base twice.
             let mut at = from;
             while at < to && st.chunks.len() < sh.slots {
@@ -217,12 +220,12 @@ impl DirectPrefetch {
                 at = at.saturating_add(chunk);
             }
             st.advances = st.advances.wrapping_add(1);
-            let spawn = !st.loader;
-            st.loader = true;
+            let spawn = LOADERS.saturating_sub(st.loaders);
+            st.loaders = LOADERS;
             spawn
         };
-        sh.work.notify_one();
-        if spawn {
+        sh.work.notify_all();
+        for _ in 0..spawn {
             let shared = Arc::clone(sh);
             let started = std::thread::Builder::new()
                 .name("snapuserd-ahead".into())
@@ -232,7 +235,6 @@ impl DirectPrefetch {
                     "direct read-ahead: cannot start its thread ({e}); the base is read through the page cache"
                 );
                 let mut st = sh.lock();
-                st.loader = false;
                 st.closed = true;
                 st.chunks.clear();
                 return None;
@@ -364,14 +366,14 @@ fn recycle(st: &mut State, c: Chunk) {
     }
 }
 
-/// The loading thread: load the queued chunks in order, one at a time, until closed.
+/// A loading thread: load the first queued chunk, one at a time, until closed.
 fn load_loop(sh: &Shared) {
     loop {
         let (offset, mut buf) = {
             let mut st = sh.lock();
             let at = loop {
                 if st.closed {
-                    st.loader = false;
+                    st.loaders = st.loaders.saturating_sub(1);
                     return;
                 }
                 if let Some(c) = st
