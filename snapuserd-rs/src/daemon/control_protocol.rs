@@ -444,7 +444,8 @@ pub struct DaemonConfig {
     pub read_prefetch_kib: u32,
     /// `-direct_read_ahead_kib=N`: how many KiB of the base the daemon itself reads ahead
     /// of a sequential reader, with `O_DIRECT`, into its own memory (user-space merge,
-    /// before any merge; 0 turns it off, else 1024-16384; default 2048).
+    /// before any merge; 0, the default, turns it off, else 1024-16384; BENCHMARKS.md "Session 10"
+    /// says why it is off).
     pub direct_read_ahead_kib: u32,
     /// `-direct_reads`: user-space merge: runs of 16 KiB or more of the base and source
     /// devices that a READ needs are read with `O_DIRECT` into the answer, not through the
@@ -548,7 +549,8 @@ turns a boolean flag off; '-' and '_' inside names are the same; -- ends the fla
   -direct_read_ahead_kib=N
                           of that, how much the daemon reads itself with O_DIRECT
                           into its own memory instead of the page cache, before
-                          any merge: 0 (off) or 1024-16384 KiB (default: 2048)
+                          any merge: 0 (off) or 1024-16384 KiB (default: 0; faster
+                          first pass, slower reads of what a pass read before)
   -direct_reads           user-space merge: runs of 16 KiB or more of the base and
                           source devices that a READ needs are read with O_DIRECT
                           into the answer, bypassing the page cache (default: off)
@@ -616,7 +618,7 @@ const VALUE_FLAGS: [&str; 8] = [
 ];
 
 /// Default of `-direct_read_ahead_kib`.
-pub const DEFAULT_DIRECT_READ_AHEAD_KIB: u32 = 2048;
+pub const DEFAULT_DIRECT_READ_AHEAD_KIB: u32 = 0;
 
 /// Default of `-read_prefetch_kib`.
 pub const DEFAULT_READ_PREFETCH_KIB: u32 = 4096;
@@ -944,7 +946,7 @@ mod tests {
         let cfg = DaemonConfig::parse(["-read_prefetch_kib=16384"]).unwrap();
         assert_eq!(cfg.read_prefetch_kib, 16384);
         let cfg = DaemonConfig::parse(["-user_snapshot"]).unwrap();
-        assert_eq!(cfg.direct_read_ahead_kib, 2048);
+        assert_eq!(cfg.direct_read_ahead_kib, 0);
         for (arg, kib) in [
             ("-direct_read_ahead_kib=0", 0),
             ("-direct_read_ahead_kib=4096", 4096),

@@ -81,7 +81,7 @@ pub struct UserSnapshotOptions {
     /// daemon's own memory, by a thread of the snapshot, instead of advising the page cache
     /// (`direct_prefetch.rs`): used only before any merge, and only with
     /// [`read_prefetch`](Self::read_prefetch). 0 (the default here) turns it off; the
-    /// daemon's `-direct_read_ahead_kib` (default 2 MiB).
+    /// daemon's `-direct_read_ahead_kib` (off by default).
     pub direct_read_ahead: usize,
 }
 
