@@ -397,7 +397,7 @@ fn run(
             read_prefetch: config.read_prefetch,
             read_prefetch_ahead: Some(u64::from(config.read_prefetch_kib) * 1024),
             direct_reads: config.direct_reads,
-            direct_read_ahead: usize::try_from(config.direct_read_ahead_kib)
+            direct_read_ahead: usize::try_from(config.direct_read_ahead_kib())
                 .unwrap_or(0)
                 .saturating_mul(1024),
             cow_op_merge_size: (config.cow_op_merge_size != 0).then_some(config.cow_op_merge_size),

@@ -103,7 +103,7 @@ pub fn parse(lines: &[&str]) -> GuestFigures {
                     figures.progress.entry(r).or_default().push((t, p));
                 }
             }
-            ["merge-io" | "copy-io" | "scatter-io" | "scatter", ..] => {
+            ["merge-io" | "copy-io" | "scatter-io" | "scatter" | "read-io", ..] => {
                 figures.io_lines.push(line.to_string())
             }
             ["workers", n, rest @ ..] => {
@@ -252,6 +252,7 @@ mod tests {
             "config rounds 3".into(),
             "scatter runs 6000 pieces 6010 bytes 69206016".into(),
             "scatter-io 1 seconds 1.500 base writes 6010".into(),
+            "read-io 1 warm_snapshot_read_mb_s 500.0 base_disk_read_mb_s 700.0".into(),
         ]
         .into();
         let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
@@ -270,7 +271,7 @@ mod tests {
         assert_eq!(g.rounds[1].scattered_copy_s, 1.5);
         assert_eq!(m.scattered_copy_s, 1.5);
         assert!((m.scattered_ratio - 1.0).abs() < 1e-9);
-        assert_eq!(g.io_lines.len(), 2, "{:?}", g.io_lines);
+        assert_eq!(g.io_lines.len(), 3, "{:?}", g.io_lines);
         assert_eq!(m.rss_peak_kib, 10002);
     }
 

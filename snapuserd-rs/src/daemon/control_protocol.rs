@@ -444,9 +444,9 @@ pub struct DaemonConfig {
     pub read_prefetch_kib: u32,
     /// `-direct_read_ahead_kib=N`: how many KiB of the base the daemon itself reads ahead
     /// of a sequential reader, with `O_DIRECT`, into its own memory (user-space merge,
-    /// before any merge; 0, the default, turns it off, else 1024-16384; BENCHMARKS.md "Session 10"
-    /// says why it is off).
-    pub direct_read_ahead_kib: u32,
+    /// before any merge; 0 turns it off, else 1024-16384). `None`: the transport's default,
+    /// see [`DaemonConfig::direct_read_ahead_kib`].
+    pub direct_read_ahead_kib: Option<u32>,
     /// `-direct_reads`: user-space merge: runs of 16 KiB or more of the base and source
     /// devices that a READ needs are read with `O_DIRECT` into the answer, not through the
     /// page cache (default off).
@@ -485,7 +485,7 @@ impl Default for DaemonConfig {
             splice_reads: true,
             read_prefetch: true,
             read_prefetch_kib: DEFAULT_READ_PREFETCH_KIB,
-            direct_read_ahead_kib: DEFAULT_DIRECT_READ_AHEAD_KIB,
+            direct_read_ahead_kib: None,
             direct_reads: false,
             ublk: false,
             ublk_stale_server_ms: DEFAULT_UBLK_STALE_SERVER_MS,
@@ -549,8 +549,9 @@ turns a boolean flag off; '-' and '_' inside names are the same; -- ends the fla
   -direct_read_ahead_kib=N
                           of that, how much the daemon reads itself with O_DIRECT
                           into its own memory instead of the page cache, before
-                          any merge: 0 (off) or 1024-16384 KiB (default: 0; faster
-                          first pass, slower reads of what a pass read before)
+                          any merge: 0 (off) or 1024-16384 KiB (default: 2048
+                          with -ublk, else 0; a faster first pass, slower reads
+                          of what a pass read before)
   -direct_reads           user-space merge: runs of 16 KiB or more of the base and
                           source devices that a READ needs are read with O_DIRECT
                           into the answer, bypassing the page cache (default: off)
@@ -617,8 +618,12 @@ const VALUE_FLAGS: [&str; 8] = [
     "direct_read_ahead_kib",
 ];
 
-/// Default of `-direct_read_ahead_kib`.
-pub const DEFAULT_DIRECT_READ_AHEAD_KIB: u32 = 0;
+/// Default of `-direct_read_ahead_kib` with `-ublk`: there a first pass over the device
+/// gains much more than it costs (BENCHMARKS.md, "Session 10").
+pub const DEFAULT_DIRECT_READ_AHEAD_KIB_UBLK: u32 = 2048;
+/// Default of `-direct_read_ahead_kib` over dm-user: off (a first pass gains a few percent,
+/// a second one loses a fifth; BENCHMARKS.md, "Session 10").
+pub const DEFAULT_DIRECT_READ_AHEAD_KIB_DM_USER: u32 = 0;
 
 /// Default of `-read_prefetch_kib`.
 pub const DEFAULT_READ_PREFETCH_KIB: u32 = 4096;
@@ -661,6 +666,17 @@ fn parse_fd_num(value: &str) -> Result<Option<i32>, ControlError> {
 }
 
 impl DaemonConfig {
+    /// KiB of the base read ahead into the daemon's memory: `-direct_read_ahead_kib` if
+    /// given, else the transport's default ([`DEFAULT_DIRECT_READ_AHEAD_KIB_UBLK`] with
+    /// `-ublk`, [`DEFAULT_DIRECT_READ_AHEAD_KIB_DM_USER`] otherwise).
+    pub fn direct_read_ahead_kib(&self) -> u32 {
+        self.direct_read_ahead_kib.unwrap_or(if self.ublk {
+            DEFAULT_DIRECT_READ_AHEAD_KIB_UBLK
+        } else {
+            DEFAULT_DIRECT_READ_AHEAD_KIB_DM_USER
+        })
+    }
+
     /// Parse the arguments after the program name, accepting gflags spellings: `-flag`,
     /// `--flag`, `-flag=value`, `-flag value` (non-boolean flags), `-noflag` (boolean false),
     /// and `-` or `_` inside names; `--` ends the flags.
@@ -750,7 +766,7 @@ impl DaemonConfig {
                                 reason: "must be 0 or 1024..=16384",
                             });
                         }
-                        cfg.direct_read_ahead_kib = n;
+                        cfg.direct_read_ahead_kib = Some(n);
                     }
                     "num_merge_threads" => {
                         let n = parse_u32(flag, &value)?;
@@ -946,13 +962,17 @@ mod tests {
         let cfg = DaemonConfig::parse(["-read_prefetch_kib=16384"]).unwrap();
         assert_eq!(cfg.read_prefetch_kib, 16384);
         let cfg = DaemonConfig::parse(["-user_snapshot"]).unwrap();
-        assert_eq!(cfg.direct_read_ahead_kib, 0);
-        for (arg, kib) in [
-            ("-direct_read_ahead_kib=0", 0),
-            ("-direct_read_ahead_kib=4096", 4096),
+        assert_eq!(cfg.direct_read_ahead_kib(), 0, "off over dm-user");
+        let cfg = DaemonConfig::parse(["-user_snapshot", "-ublk"]).unwrap();
+        assert_eq!(cfg.direct_read_ahead_kib(), 2048, "on over ublk");
+        for (args, kib) in [
+            (&["-direct_read_ahead_kib=0", "-ublk"][..], 0),
+            (&["-direct_read_ahead_kib=4096"][..], 4096),
         ] {
             assert_eq!(
-                DaemonConfig::parse([arg]).unwrap().direct_read_ahead_kib,
+                DaemonConfig::parse(args.iter().copied())
+                    .unwrap()
+                    .direct_read_ahead_kib(),
                 kib
             );
         }

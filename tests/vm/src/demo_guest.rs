@@ -496,7 +496,12 @@ fn round(
     // the first pass brought into the page cache (each round starts with the base and COW
     // restored with O_DIRECT, which leaves nothing of them cached).
     let warm = sequential_mb_s(&dev.path, len)?;
-    println!("VMDEMO warm {i} snapshot_read_mb_s {warm:.1}");
+    // Diagnostic too: the base disk itself, read the same way (O_DIRECT, so never from the
+    // guest's page cache): what the emulated disk alone costs a cold pass.
+    let base_disk = sequential_mb_s(&a.pristine_base, len)?;
+    println!(
+        "VMDEMO read-io {i} warm_snapshot_read_mb_s {warm:.1} base_disk_read_mb_s {base_disk:.1}"
+    );
     if let Err(e) =
         crate::read_profile::device_groups(&format!("round{i}"), &dev.path, lp.dev(), &a.cow, len)
     {
