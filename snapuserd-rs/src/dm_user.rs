@@ -522,57 +522,111 @@ fn pipe_slots(pieces: &[AnswerPiece<'_>], produced: &[u8], total: u64) -> Option
     (bytes == total).then_some(slots)
 }
 
-/// Queue one piece whole into `pipe` (which has room for it); false if it could not be.
-fn fill_pipe(pipe: &SplicePipe, piece: &AnswerPiece<'_>, produced: &[u8]) -> bool {
-    use nix::fcntl::{splice, SpliceFFlags};
-    match *piece {
-        AnswerPiece::File { file, offset, len } => {
-            let Ok(mut position) = i64::try_from(offset) else {
-                return false;
-            };
-            let mut filled = 0usize;
-            while filled < len {
-                match splice(
-                    file,
-                    Some(&mut position),
-                    &pipe.write,
-                    None,
-                    len - filled,
-                    SpliceFFlags::SPLICE_F_NONBLOCK,
-                ) {
-                    Ok(n) if n > 0 => filled = filled.saturating_add(n),
-                    Err(Errno::EINTR) => {}
-                    // End of file, a read error, or a file without splice.
-                    _ => return false,
+/// Queue `pieces` whole into `pipe` (which has room for them), in order: each file piece
+/// with `splice`, each run of pieces in memory (produced or lent) with one `vmsplice` of
+/// all of them; false if they could not be.
+fn fill_pipe(pipe: &SplicePipe, pieces: &[AnswerPiece<'_>], produced: &[u8]) -> bool {
+    let mut in_memory: Vec<&[u8]> = Vec::new();
+    for piece in pieces {
+        match *piece {
+            AnswerPiece::File { file, offset, len } => {
+                if !vmsplice_all(pipe, &in_memory) || !splice_file(pipe, file, offset, len) {
+                    return false;
+                }
+                in_memory.clear();
+            }
+            AnswerPiece::Produced { start, len } => {
+                match start
+                    .checked_add(len)
+                    .and_then(|end| produced.get(start..end))
+                {
+                    Some(bytes) => in_memory.push(bytes),
+                    None => return false,
                 }
             }
-            true
+            AnswerPiece::Memory { bytes } => in_memory.push(bytes),
         }
-        AnswerPiece::Produced { start, len } => start
-            .checked_add(len)
-            .and_then(|end| produced.get(start..end))
-            .is_some_and(|bytes| vmsplice_whole(pipe, bytes)),
-        AnswerPiece::Memory { bytes } => vmsplice_whole(pipe, bytes),
     }
+    vmsplice_all(pipe, &in_memory)
 }
 
-/// Queue all of `bytes` into `pipe` (which has room for them) as references to their pages;
-/// false if it could not be.
-fn vmsplice_whole(pipe: &SplicePipe, bytes: &[u8]) -> bool {
-    use nix::fcntl::{vmsplice, SpliceFFlags};
-    let mut rest = bytes;
-    while !rest.is_empty() {
-        match vmsplice(
+/// Queue `len` bytes of `file` at `offset` into `pipe` from its page cache.
+fn splice_file(pipe: &SplicePipe, file: &File, offset: u64, len: usize) -> bool {
+    use nix::fcntl::{splice, SpliceFFlags};
+    let Ok(mut position) = i64::try_from(offset) else {
+        return false;
+    };
+    let mut filled = 0usize;
+    while filled < len {
+        match splice(
+            file,
+            Some(&mut position),
             &pipe.write,
-            &[IoSlice::new(rest)],
+            None,
+            len - filled,
             SpliceFFlags::SPLICE_F_NONBLOCK,
         ) {
-            Ok(n) if n > 0 => rest = rest.get(n..).unwrap_or_default(),
+            Ok(n) if n > 0 => filled = filled.saturating_add(n),
             Err(Errno::EINTR) => {}
+            // End of file, a read error, or a file without splice.
             _ => return false,
         }
     }
     true
+}
+
+/// Most buffers one `vmsplice` takes (the kernel's `UIO_MAXIOV`).
+const VMSPLICE_MAX_PARTS: usize = 1024;
+
+/// Queue all of `parts`, in order, into `pipe` (which has room for them) as references to
+/// their pages, as few `vmsplice` calls as the kernel allows; false if it could not be.
+fn vmsplice_all(pipe: &SplicePipe, parts: &[&[u8]]) -> bool {
+    use nix::fcntl::{vmsplice, SpliceFFlags};
+    // Position: part `i`, byte `at` of it.
+    let (mut i, mut at) = (0usize, 0usize);
+    loop {
+        let iov: Vec<IoSlice<'_>> = parts
+            .get(i..)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(k, p)| {
+                if k == 0 {
+                    p.get(at..).unwrap_or_default()
+                } else {
+                    p
+                }
+            })
+            .filter(|p| !p.is_empty())
+            .take(VMSPLICE_MAX_PARTS)
+            .map(IoSlice::new)
+            .collect();
+        if iov.is_empty() {
+            return true;
+        }
+        match vmsplice(&pipe.write, &iov, SpliceFFlags::SPLICE_F_NONBLOCK) {
+            Ok(n) if n > 0 => {
+                // Step over the `n` bytes taken.
+                let mut left = n;
+                while left > 0 {
+                    let Some(part) = parts.get(i) else {
+                        return false;
+                    };
+                    let rest = part.len().saturating_sub(at);
+                    if left < rest {
+                        at += left;
+                        left = 0;
+                    } else {
+                        left -= rest;
+                        i += 1;
+                        at = 0;
+                    }
+                }
+            }
+            Err(Errno::EINTR) => {}
+            _ => return false,
+        }
+    }
 }
 
 /// One dm-user channel (one open file description of the misc node).
@@ -864,12 +918,10 @@ impl Channel {
             self.pipe = Some(pipe);
             return Ok(false);
         }
-        for piece in pieces {
-            // A piece that cannot be queued whole drops the pipe with what it holds:
-            // nothing reached the kernel.
-            if !fill_pipe(&pipe, piece, produced) {
-                return Ok(false);
-            }
+        // Pieces that cannot be queued whole drop the pipe with what it holds: nothing
+        // reached the kernel.
+        if !fill_pipe(&pipe, pieces, produced) {
+            return Ok(false);
         }
         let Ok(len) = usize::try_from(request.len) else {
             return Ok(false);
@@ -1490,6 +1542,35 @@ mod tests {
         let reader = read_answer(&peer, want.len());
         assert!(chan.respond_pieces(&req, &pieces, &produced).unwrap());
         expect_answer(&reader.join().unwrap(), 41, &want);
+        // Many small pieces, runs of memory pieces (produced and lent) between file pieces,
+        // one unaligned: each run goes in one vmsplice, in order.
+        let lent = &content[300_000..400_000];
+        let mut many = Vec::new();
+        let mut want_many = Vec::new();
+        for k in 0..60usize {
+            let at = k * 1024;
+            many.push(AnswerPiece::Memory {
+                bytes: &lent[at..at + 1024],
+            });
+            want_many.extend_from_slice(&lent[at..at + 1024]);
+            many.push(AnswerPiece::Produced {
+                start: at + 7,
+                len: 512,
+            });
+            want_many.extend_from_slice(&produced[at + 7..at + 7 + 512]);
+            if k % 10 == 9 {
+                many.push(AnswerPiece::File {
+                    file: &file,
+                    offset: (k * 4096) as u64,
+                    len: 4096,
+                });
+                want_many.extend_from_slice(&content[k * 4096..k * 4096 + 4096]);
+            }
+        }
+        let (req, _) = large_read(45, want_many.len(), 0);
+        let reader = read_answer(&peer, want_many.len());
+        assert!(chan.respond_pieces(&req, &many, &produced).unwrap());
+        expect_answer(&reader.join().unwrap(), 45, &want_many);
         // Pieces that do not add up to the request, a produced piece outside the buffer,
         // and a file piece past the end of the file: nothing is sent.
         let (short, _) = large_read(42, want.len() + 512, 0);
