@@ -195,6 +195,12 @@ impl UserSnapshot {
                     path: "(COW)".into(),
                     source,
                 })?;
+        // Another daemon has begun merging: the base changes from here on, so the base's
+        // read-ahead chunks may no longer be used (taken before any lock of the view).
+        if durable.num_merge_ops > 0 || durable.state != cow_format::layout::BufferState::NotStarted
+        {
+            self.stop_direct_prefetch();
+        }
         if durable.num_merge_ops != self.merged.load(Ordering::Acquire) {
             log::info!(
                 "durable merge progress is {} entries, this daemon had {}; following it",

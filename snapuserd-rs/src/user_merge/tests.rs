@@ -1314,3 +1314,47 @@ fn direct_read_ahead_serves_an_in_order_reader_until_the_merge_starts() {
         assert!(got[..] == case.target[at as usize..at as usize + len]);
     }
 }
+
+/// A daemon whose base read-ahead holds chunks, when another daemon has merged meanwhile
+/// (the handoff) and it follows the durable progress: it stops using the chunks (they hold
+/// the base from before the merge) and reads the target.
+#[test]
+fn following_another_daemons_merge_stops_the_direct_read_ahead() {
+    let case = Case::rich(400, 47);
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V3, CompressionAlgorithm::Lz4, true),
+        false,
+    );
+    let probe = fs::File::open(&files.base).unwrap();
+    if super::direct_io::reopen_direct(&probe, "base", false, "test").is_none() {
+        return; // a filesystem without O_DIRECT
+    }
+    let opts = UserSnapshotOptions {
+        read_prefetch: true,
+        direct_read_ahead: 2 << 20,
+        ..UserSnapshotOptions::default()
+    };
+    let first = UserSnapshot::open(&files.cow, &files.source, &files.base, &opts).unwrap();
+    let step = 256 << 10;
+    let mut from_memory = 0;
+    for at in (0..4 * step as u64).step_by(step) {
+        from_memory += read_in_order_step(&first, at, step).1;
+    }
+    assert!(from_memory > 0, "the chunks were in use");
+    // The other daemon merges everything.
+    let second = files.open();
+    assert_eq!(merge_sync(&second), MergeOutcome::Complete);
+    drop(second);
+    first.follow_durable_progress().unwrap();
+    for at in (0..4 * step as u64).step_by(step) {
+        let (got, memory) = read_in_order_step(&first, at, step);
+        assert_eq!(memory, 0, "no chunk used after another daemon's merge");
+        assert!(
+            got[..] == case.target[at as usize..at as usize + step],
+            "read at {at} after the handoff differs at block {:?}",
+            first_diff(&got, &case.target[at as usize..at as usize + step])
+        );
+    }
+    assert_reads_target(&first, &case.target, "after following the other daemon's merge");
+}
