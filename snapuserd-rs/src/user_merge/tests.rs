@@ -1356,5 +1356,9 @@ fn following_another_daemons_merge_stops_the_direct_read_ahead() {
             first_diff(&got, &case.target[at as usize..at as usize + step])
         );
     }
-    assert_reads_target(&first, &case.target, "after following the other daemon's merge");
+    assert_reads_target(
+        &first,
+        &case.target,
+        "after following the other daemon's merge",
+    );
 }
