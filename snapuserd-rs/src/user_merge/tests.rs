@@ -1252,6 +1252,25 @@ fn read_in_order_step(snap: &UserSnapshot, at: u64, len: usize) -> (Vec<u8>, usi
     (got, from_memory)
 }
 
+/// `case` as files (the source is the base) and a snapshot of them with 2 MiB of direct
+/// read-ahead; `None` on a filesystem without `O_DIRECT`.
+fn with_direct_read_ahead(case: &Case) -> Option<(Files, UserSnapshot)> {
+    let files = Files::create(
+        case,
+        writer_opts(CowVersion::V3, CompressionAlgorithm::Lz4, true),
+        false,
+    );
+    let probe = fs::File::open(&files.base).unwrap();
+    super::direct_io::reopen_direct(&probe, "base", false, "test")?;
+    let opts = UserSnapshotOptions {
+        read_prefetch: true,
+        direct_read_ahead: 2 << 20,
+        ..UserSnapshotOptions::default()
+    };
+    let snap = UserSnapshot::open(&files.cow, &files.source, &files.base, &opts).unwrap();
+    Some((files, snap))
+}
+
 /// With the base's `O_DIRECT` read-ahead, a reader going through the device in order gets
 /// most of its base bytes (unchanged blocks, COPY sources: the source is the base) from the
 /// read-ahead's chunks, and every read, in pieces or whole, sees the target. Chunks loaded
@@ -1260,21 +1279,9 @@ fn read_in_order_step(snap: &UserSnapshot, at: u64, len: usize) -> (Vec<u8>, usi
 #[test]
 fn direct_read_ahead_serves_an_in_order_reader_until_the_merge_starts() {
     let case = Case::rich(400, 43);
-    let files = Files::create(
-        &case,
-        writer_opts(CowVersion::V3, CompressionAlgorithm::Lz4, true),
-        false,
-    );
-    let probe = fs::File::open(&files.base).unwrap();
-    if super::direct_io::reopen_direct(&probe, "base", false, "test").is_none() {
+    let Some((files, snap)) = with_direct_read_ahead(&case) else {
         return; // a filesystem without O_DIRECT
-    }
-    let opts = UserSnapshotOptions {
-        read_prefetch: true,
-        direct_read_ahead: 2 << 20,
-        ..UserSnapshotOptions::default()
     };
-    let snap = UserSnapshot::open(&files.cow, &files.source, &files.base, &opts).unwrap();
     let device = snap.base_sectors() * 512;
     let step = 256 << 10;
     let mut from_memory = 0usize;
@@ -1321,21 +1328,9 @@ fn direct_read_ahead_serves_an_in_order_reader_until_the_merge_starts() {
 #[test]
 fn following_another_daemons_merge_stops_the_direct_read_ahead() {
     let case = Case::rich(400, 47);
-    let files = Files::create(
-        &case,
-        writer_opts(CowVersion::V3, CompressionAlgorithm::Lz4, true),
-        false,
-    );
-    let probe = fs::File::open(&files.base).unwrap();
-    if super::direct_io::reopen_direct(&probe, "base", false, "test").is_none() {
+    let Some((files, first)) = with_direct_read_ahead(&case) else {
         return; // a filesystem without O_DIRECT
-    }
-    let opts = UserSnapshotOptions {
-        read_prefetch: true,
-        direct_read_ahead: 2 << 20,
-        ..UserSnapshotOptions::default()
     };
-    let first = UserSnapshot::open(&files.cow, &files.source, &files.base, &opts).unwrap();
     let step = 256 << 10;
     let mut from_memory = 0;
     for at in (0..4 * step as u64).step_by(step) {
