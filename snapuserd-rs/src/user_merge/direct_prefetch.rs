@@ -243,6 +243,22 @@ impl DirectPrefetch {
         Some((from, to))
     }
 
+    /// Whether a read at byte `offset` is close to the chunks held: inside them, or within
+    /// the read-ahead's span before or after them. Requests of an in-order reader that are
+    /// answered out of order (several in flight) land there; a real jump does not.
+    pub(crate) fn near(&self, offset: u64) -> bool {
+        let sh = &self.shared;
+        let span = (sh.chunk as u64).saturating_mul(sh.slots as u64);
+        let st = sh.lock();
+        match (st.chunks.front(), st.chunks.back()) {
+            (Some(first), Some(last)) => {
+                offset >= first.offset.saturating_sub(span)
+                    && offset < last.end(sh.chunk).saturating_add(span)
+            }
+            _ => false,
+        }
+    }
+
     /// The reader stopped going in order: drop every chunk (and its memory).
     pub(crate) fn stop(&self) {
         let mut st = self.shared.lock();
@@ -494,7 +510,11 @@ mod tests {
         };
         p.advance(0);
         assert!(lend_eventually(&p, 0, 4096).is_some());
+        // Close to the chunks (2 MiB held from 0, span 2 MiB): near; far away: not.
+        assert!(p.near(0) && p.near(3 << 20));
+        assert!(!p.near(4 << 20) && !p.near(64 << 20));
         p.stop();
+        assert!(!p.near(0), "nothing held, nothing near");
         assert_eq!(p.held_bytes(), 0);
         assert!(lend(&p, 0, 4096).is_none());
         p.advance(0);

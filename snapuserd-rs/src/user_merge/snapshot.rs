@@ -665,7 +665,9 @@ impl UserSnapshot {
         // The base's own read-ahead, when it runs, covers the range right ahead.
         let mut direct_ahead = None;
         if let Some(direct) = self.direct_prefetch.as_ref().filter(|d| d.enabled()) {
-            if in_order {
+            // A request of an in-order reader answered out of order (several in flight)
+            // lands near the chunks: keep them.
+            if in_order || direct.near(start) {
                 direct_ahead = direct.advance(end);
             } else {
                 direct.stop();

@@ -1357,3 +1357,30 @@ fn following_another_daemons_merge_stops_the_direct_read_ahead() {
         "after following the other daemon's merge",
     );
 }
+
+/// Requests of an in-order reader answered out of order (several in flight) keep the base's
+/// read-ahead going (a jump far away drops it: `DirectPrefetch::near`), and every read sees
+/// the target.
+#[test]
+fn direct_read_ahead_survives_requests_answered_out_of_order() {
+    let case = Case::rich(400, 53);
+    let Some((_files, snap)) = with_direct_read_ahead(&case) else {
+        return; // a filesystem without O_DIRECT
+    };
+    let step = 64usize << 10;
+    // Pairs swapped: 0, 1, 3, 2, 5, 4, ... (in steps of 64 KiB).
+    let mut order: Vec<u64> = (0..40u64).collect();
+    for pair in order[2..].chunks_mut(2) {
+        pair.reverse();
+    }
+    let mut late_memory = 0usize;
+    for (n, k) in order.into_iter().enumerate() {
+        let at = k * step as u64;
+        let (got, memory) = read_in_order_step(&snap, at, step);
+        assert!(got[..] == case.target[at as usize..at as usize + step]);
+        if n >= 20 {
+            late_memory += memory;
+        }
+    }
+    assert!(late_memory > 0, "the chunks survived the reordering");
+}
