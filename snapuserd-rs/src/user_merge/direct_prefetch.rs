@@ -2,24 +2,26 @@
 //!
 //! [`SequentialPrefetch`](super::prefetch::SequentialPrefetch) keeps the base's page cache
 //! ahead of a reader that goes through the snapshot in order. Filling the page cache is
-//! itself a large part of a cold read (allocating and inserting every page, then copying it
-//! out), and a device read once at boot gains nothing from the cached copy. [`DirectPrefetch`]
+//! itself part of the cost of a cold read (allocating and inserting every page, then copying
+//! it out: most of it where the answer is copied anyway, as over ublk), and a device read
+//! once at boot gains nothing from the cached copy. [`DirectPrefetch`]
 //! reads the next few chunks of the base with `O_DIRECT` on two threads of its own, into a
 //! small set of page-aligned buffers, while the workers answer the requests before them;
 //! a READ whose base bytes (unchanged blocks, or COPY sources on the same device) lie in a
-//! loaded chunk takes them from there ([`DirectPrefetch::lend`]), anything else reads the
-//! base as before.
+//! loaded chunk takes them from there ([`Lending::lend`]), anything else reads the base as
+//! before.
 //!
 //! Invariants:
 //! * A chunk holds the base's bytes as they were when it was read. It is used only while no
 //!   merge has run in this process and none had begun before it opened (the base then
 //!   changes nowhere the read path looks): the snapshot enables it only in that state, and
-//!   the merge calls [`DirectPrefetch::disable`] before it writes anything. Readers hold the
+//!   calls [`DirectPrefetch::disable`] before its merge writes anything and when it follows
+//!   another daemon's merge (the handoff). Readers hold the
 //!   gate (read mode) from the lookup until their answer is out, and `disable` takes it in
 //!   write mode, so no answer made of chunk bytes is in flight once the merge starts.
 //! * Memory is bounded: at most `slots` chunks of `chunk` bytes are held by the cache, plus
-//!   the ones workers borrowed for the answer they are sending. A reader that stops going in
-//!   order ([`DirectPrefetch::stop`]) frees them all.
+//!   the ones workers borrowed for the answer they are sending. A reader that jumps away
+//!   ([`DirectPrefetch::stop`]) or stays idle for [`IDLE_RELEASE`] frees them all.
 //! * It is a cache: a chunk that failed to load, or one still loading after
 //!   [`LOAD_WAIT`], is read from the base instead, so an error here costs speed, never a
 //!   wrong or failed answer.
