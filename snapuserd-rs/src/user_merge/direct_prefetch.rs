@@ -298,6 +298,26 @@ impl Lending<'_> {
         self.owner.chunk_end(offset)
     }
 
+    /// `len` bytes at base byte `offset` split where chunks end: each part's offset, length
+    /// and, when a chunk holds it, its bytes ([`Self::lend`]).
+    pub(crate) fn parts(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> impl Iterator<Item = (u64, usize, Option<Lent>)> + '_ {
+        let end = offset.saturating_add(len as u64);
+        let mut at = offset;
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let here = at;
+            at = self.chunk_end(here).min(end);
+            let n = (at - here) as usize;
+            Some((here, n, self.lend(here, n)))
+        })
+    }
+
     /// The `len` bytes at base byte `offset`, if they lie in one chunk that is loaded (or
     /// loads within [`LOAD_WAIT`]); `None`: read the base.
     pub(crate) fn lend(&self, offset: u64, len: usize) -> Option<Lent> {

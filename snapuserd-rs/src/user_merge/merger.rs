@@ -197,8 +197,7 @@ impl UserSnapshot {
                 })?;
         // Another daemon has begun merging: the base changes from here on, so the base's
         // read-ahead chunks may no longer be used (taken before any lock of the view).
-        if durable.num_merge_ops > 0 || durable.state != cow_format::layout::BufferState::NotStarted
-        {
+        if super::snapshot::merge_begun(&durable) {
             self.stop_direct_prefetch();
         }
         if durable.num_merge_ops != self.merged.load(Ordering::Acquire) {

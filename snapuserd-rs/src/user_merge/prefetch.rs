@@ -96,17 +96,10 @@ impl SequentialPrefetch {
         }
     }
 
-    /// The range to advise after a read of `start..end` (bytes) of a device of `size`
-    /// bytes: `Some((offset, len))` when the read continued the previous one and the base is
-    /// not yet advised far enough ahead of it.
-    #[cfg(test)]
-    pub(crate) fn after_read(&self, start: u64, end: u64, size: u64) -> Option<(u64, u64)> {
-        self.follow(start, end, size).1
-    }
-
     /// After a read of `start..end` (bytes) of a device of `size` bytes: whether it
-    /// continued the previous one (a sequential run goes on), and the range to advise, as
-    /// in [`Self::after_read`].
+    /// continued the previous one (a sequential run goes on), and the range to advise:
+    /// `Some((offset, len))` when it continued it and the base is not yet advised far enough
+    /// ahead of it.
     pub(crate) fn follow(&self, start: u64, end: u64, size: u64) -> (bool, Option<(u64, u64)>) {
         if self.next.swap(end, Ordering::AcqRel) != start {
             // A new run (or random reads): nothing advised for it yet.
@@ -133,12 +126,12 @@ mod tests {
     fn the_distance_ahead_is_the_one_asked_for_and_at_least_one_step() {
         let size = 256 * MIB;
         let p = SequentialPrefetch::new(Some(16 * MIB));
-        assert_eq!(p.after_read(0, MIB, size), None);
-        assert_eq!(p.after_read(MIB, 2 * MIB, size), Some((2 * MIB, 16 * MIB)));
+        assert_eq!(p.follow(0, MIB, size).1, None);
+        assert_eq!(p.follow(MIB, 2 * MIB, size).1, Some((2 * MIB, 16 * MIB)));
         let tiny = SequentialPrefetch::new(Some(1));
-        assert_eq!(tiny.after_read(0, MIB, size), None);
+        assert_eq!(tiny.follow(0, MIB, size).1, None);
         assert_eq!(
-            tiny.after_read(MIB, 2 * MIB, size),
+            tiny.follow(MIB, 2 * MIB, size).1,
             Some((2 * MIB, PREFETCH_STEP))
         );
     }
@@ -148,15 +141,15 @@ mod tests {
         let p = SequentialPrefetch::default();
         let size = 64 * MIB;
         // The first request of a run only starts it.
-        assert_eq!(p.after_read(0, MIB, size), None);
+        assert_eq!(p.follow(0, MIB, size).1, None);
         // The second continues it: the next PREFETCH_AHEAD bytes.
         assert_eq!(
-            p.after_read(MIB, 2 * MIB, size),
+            p.follow(MIB, 2 * MIB, size).1,
             Some((2 * MIB, PREFETCH_AHEAD))
         );
         // The third: only what is new beyond the advised range.
         assert_eq!(
-            p.after_read(2 * MIB, 3 * MIB, size),
+            p.follow(2 * MIB, 3 * MIB, size).1,
             Some((2 * MIB + PREFETCH_AHEAD, MIB))
         );
         // Small steps wait until PREFETCH_STEP bytes are new, but still continue the run.
@@ -189,15 +182,15 @@ mod tests {
     fn a_jump_starts_a_new_run_and_the_end_of_the_device_bounds_the_advice() {
         let p = SequentialPrefetch::default();
         let size = 8 * MIB;
-        assert_eq!(p.after_read(0, MIB, size), None);
-        assert_eq!(p.after_read(MIB, 2 * MIB, size), Some((2 * MIB, 4 * MIB)));
+        assert_eq!(p.follow(0, MIB, size).1, None);
+        assert_eq!(p.follow(MIB, 2 * MIB, size).1, Some((2 * MIB, 4 * MIB)));
         // Back to the start: a new run, nothing advised by the jump itself.
-        assert_eq!(p.after_read(0, MIB, size), None);
-        assert_eq!(p.after_read(MIB, 2 * MIB, size), Some((2 * MIB, 4 * MIB)));
-        assert_eq!(p.after_read(2 * MIB, 3 * MIB, size), Some((6 * MIB, MIB)));
-        assert_eq!(p.after_read(3 * MIB, 4 * MIB, size), Some((7 * MIB, MIB)));
+        assert_eq!(p.follow(0, MIB, size).1, None);
+        assert_eq!(p.follow(MIB, 2 * MIB, size).1, Some((2 * MIB, 4 * MIB)));
+        assert_eq!(p.follow(2 * MIB, 3 * MIB, size).1, Some((6 * MIB, MIB)));
+        assert_eq!(p.follow(3 * MIB, 4 * MIB, size).1, Some((7 * MIB, MIB)));
         // At the end of the device there is nothing more to advise.
-        assert_eq!(p.after_read(4 * MIB, 5 * MIB, size), None);
-        assert_eq!(p.after_read(5 * MIB, 6 * MIB, size), None);
+        assert_eq!(p.follow(4 * MIB, 5 * MIB, size).1, None);
+        assert_eq!(p.follow(5 * MIB, 6 * MIB, size).1, None);
     }
 }

@@ -337,8 +337,7 @@ impl UserSnapshot {
         snap.check_mode(durable.num_merge_ops)?;
         // Chunks of the base hold its bytes as they were when read: only while nothing
         // merges (see direct_prefetch.rs).
-        let untouched = durable.num_merge_ops == 0 && durable.state == BufferState::NotStarted;
-        if opts.read_prefetch && opts.direct_read_ahead > 0 && untouched {
+        if opts.read_prefetch && opts.direct_read_ahead > 0 && !merge_begun(&durable) {
             snap.direct_prefetch = DirectPrefetch::new(&snap.base, bytes, opts.direct_read_ahead);
         }
         Ok(snap)
@@ -790,25 +789,21 @@ impl UserSnapshot {
         let Some(lending) = lending else {
             return self.read_base_device(offset, out);
         };
-        let end = offset.saturating_add(out.len() as u64);
-        let mut at = offset;
         // Bytes no chunk holds, read together: (device offset, start in `out`).
         let mut missed: Option<(u64, usize)> = None;
-        while at < end {
-            let part_end = lending.chunk_end(at).min(end);
-            let (from, to) = ((at - offset) as usize, (part_end - offset) as usize);
-            match lending.lend(at, to - from) {
+        for (at, n, lent) in lending.parts(offset, out.len()) {
+            let from = (at - offset) as usize;
+            match lent {
                 Some(lent) => {
                     if let Some((m_at, m_from)) = missed.take() {
                         self.read_base_device(m_at, &mut out[m_from..from])?;
                     }
-                    out[from..to].copy_from_slice(lent.bytes());
+                    out[from..from + n].copy_from_slice(lent.bytes());
                 }
                 None => {
                     missed.get_or_insert((at, from));
                 }
             }
-            at = part_end;
         }
         if let Some((m_at, m_from)) = missed {
             self.read_base_device(m_at, &mut out[m_from..])?;
@@ -1106,15 +1101,11 @@ impl UserSnapshot {
             if !on_base {
                 continue;
             }
-            let end = offset.saturating_add(len as u64);
-            let mut at = offset;
-            while at < end {
-                let part_end = lending.chunk_end(at).min(end);
-                if let Some(l) = lending.lend(at, (part_end - at) as usize) {
-                    lent.push((i, at, l));
-                }
-                at = part_end;
-            }
+            lent.extend(
+                lending
+                    .parts(offset, len)
+                    .filter_map(|(at, _, l)| Some((i, at, l?))),
+            );
         }
         lent
     }
@@ -1244,6 +1235,12 @@ impl<'a> AnswerPieces<'a> {
         }
         self.list.push(AnswerPiece::Produced { start, len });
     }
+}
+
+/// Whether `durable` shows a merge begun (by any daemon): entries merged, or a read-ahead
+/// window saved in scratch.
+pub(crate) fn merge_begun(durable: &DurableProgress) -> bool {
+    durable.num_merge_ops > 0 || durable.state != BufferState::NotStarted
 }
 
 /// Whether `a` and `b` are the same device (or the same file).
