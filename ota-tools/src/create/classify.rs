@@ -4,7 +4,8 @@
 //! 1. **unchanged** when the source holds the same bytes at the same position (no op);
 //! 2. **ZERO** when it is all zeroes;
 //! 3. **COPY** when some source block is byte-for-byte equal (found through the hash index
-//!    and confirmed by comparison; the lowest matching block number wins);
+//!    and confirmed by comparison; the lowest matching block number wins here, and
+//!    [`near_bases`](super::near_bases) later moves it to the nearest equal block);
 //! 4. **XOR** against the most similar candidate (the same position, or, when enabled, a block
 //!    that shares sampled windows) when the XOR delta compresses far better than the block itself;
 //! 5. **REPLACE** otherwise.

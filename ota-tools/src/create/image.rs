@@ -66,7 +66,12 @@ pub trait BlockImage: Sync {
 
     /// Reads `buf.len() / BLOCK_SIZE` whole blocks starting at block `first`.
     fn read_blocks(&self, first: u64, buf: &mut [u8]) -> Result<(), ImageError> {
-        let offset = first.saturating_mul(BLOCK_SIZE as u64);
+        self.read_bytes(first.saturating_mul(BLOCK_SIZE as u64), buf)
+    }
+
+    /// Fills `buf` from byte `offset` (any alignment), naming the image and the range in
+    /// the error.
+    fn read_bytes(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
         self.read_exact_at(buf, offset)
             .map_err(|source| ImageError::Read {
                 name: self.name(),

@@ -9,6 +9,7 @@
 //! * [`anchors`]: content-defined anchors that find moved content at any byte offset;
 //! * [`block_index`]: the memory-bounded content index of the source blocks;
 //! * [`classify`]: the per-target-block decision (unchanged, ZERO, COPY, XOR, REPLACE);
+//! * [`near_bases`]: moves each COPY/XOR onto the nearest source block holding its base's bytes;
 //! * [`order`]: the merge-order engine (dependency graph, topological order, cycle breaking);
 //! * [`plan`]: the resulting op plan and its sequence data;
 //! * [`shifted`]: XOR bases at byte offsets for REPLACE blocks whose content moved;
@@ -22,6 +23,7 @@ pub mod command;
 pub mod hash;
 pub mod image;
 pub mod merge_check;
+pub mod near_bases;
 pub mod order;
 pub mod plan;
 pub mod shifted;

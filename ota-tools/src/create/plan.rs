@@ -2,8 +2,9 @@
 //!
 //! [`build_plan`] runs the whole pipeline: index the source, classify every target
 //! block, give REPLACE blocks a second chance as XOR against source content at any byte
-//! offset ([`super::shifted`]), drop the index, then order the COPY/XOR ops and break
-//! cycles ([`super::order`]). The plan holds one [`BlockClass`] (8 bytes) per target block
+//! offset ([`super::shifted`]), move every COPY/XOR onto the nearest source block holding
+//! its base's bytes ([`super::near_bases`]), drop the index, then order the COPY/XOR ops
+//! and break cycles ([`super::order`]). The plan holds one [`BlockClass`] (8 bytes) per target block
 //! plus one `u32` per ordered op; the search and the ordering hold their temporaries
 //! (CREATE.md §5) one after the other.
 //!
@@ -18,6 +19,7 @@ use super::classify::{
 };
 use super::image::{BlockImage, ImageError};
 use super::merge_check::MergeStep;
+use super::near_bases::move_to_near_bases;
 use super::order::{order_ops, CycleBreaker};
 use super::shifted::add_shifted_xors;
 use super::BLOCK_SIZE;
@@ -327,6 +329,8 @@ pub fn build_plan(
             &|n| progress(Stage::Shifted, n),
         )?;
     }
+    let moved = move_to_near_bases(&mut classes, source, &index)?;
+    log::debug!("{moved} ordered ops moved onto a nearer equal source block");
     drop(index);
     let order = order_ops(&mut classes, &mut breaker, opts.merge_mode)?;
     Ok(Plan {

@@ -111,7 +111,7 @@ impl SearchContext<'_> {
                 continue;
             }
             tried += 1;
-            read_at(self.source, buf, off)?;
+            self.source.read_bytes(off, buf)?;
             let eq = equal_bytes(t, buf);
             if best.is_none_or(|(e, o)| eq > e || (eq == e && off < o)) {
                 best = Some((eq, off));
@@ -130,21 +130,12 @@ impl SearchContext<'_> {
             return Ok(None);
         }
         let mut x = vec![0u8; BLOCK_SIZE];
-        read_at(self.source, &mut x, off)?;
+        self.source.read_bytes(off, &mut x)?;
         for (b, y) in x.iter_mut().zip(t) {
             *b ^= y;
         }
         Ok(self.estimator.xor_pays_off(&x, t).then_some(off))
     }
-}
-
-fn read_at(img: &dyn BlockImage, buf: &mut [u8], off: u64) -> Result<(), ImageError> {
-    img.read_exact_at(buf, off).map_err(|e| ImageError::Read {
-        name: img.name(),
-        offset: off,
-        len: buf.len(),
-        source: e,
-    })
 }
 
 /// Finds the best byte-shifted XOR base for target block `t` from its anchors alone, if
