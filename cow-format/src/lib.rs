@@ -11,6 +11,7 @@
 #![deny(unsafe_code)]
 
 pub mod compression;
+mod direct_scratch;
 pub mod error_chain;
 #[doc(hidden)]
 pub mod fuzz_harness;

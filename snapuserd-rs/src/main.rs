@@ -393,6 +393,7 @@ fn run(
             o_direct: config.o_direct,
             merge_o_direct: config.merge_o_direct,
             merge_direct_reads: config.merge_direct_reads,
+            merge_direct_scratch: config.merge_direct_scratch,
             whole_reads: !config.splice_reads,
             read_prefetch: config.read_prefetch,
             read_prefetch_ahead: Some(u64::from(config.read_prefetch_kib) * 1024),

@@ -431,6 +431,10 @@ pub struct DaemonConfig {
     /// `-merge_direct_reads`: the merge reads window sources with `O_DIRECT` where the
     /// source accepts it (default on; `-nomerge_direct_reads` for buffered reads).
     pub merge_direct_reads: bool,
+    /// `-merge_direct_scratch`: the merge saves read-ahead windows in the COW's scratch
+    /// region with `O_DIRECT` where the COW file accepts it (default on;
+    /// `-nomerge_direct_scratch` for buffered saves).
+    pub merge_direct_scratch: bool,
     /// `-splice_reads`: large dm-user READs in user-space-merge mode are answered in pieces
     /// spliced from the page cache (default on; `-nosplice_reads`: produced in the daemon's
     /// buffer and sent whole).
@@ -482,6 +486,7 @@ impl Default for DaemonConfig {
             o_direct: false,
             merge_o_direct: false,
             merge_direct_reads: true,
+            merge_direct_scratch: true,
             splice_reads: true,
             read_prefetch: true,
             read_prefetch_kib: DEFAULT_READ_PREFETCH_KIB,
@@ -537,6 +542,9 @@ turns a boolean flag off; '-' and '_' inside names are the same; -- ends the fla
                           refuses O_DIRECT is written buffered by itself
   -merge_direct_reads     the merge reads its sources with O_DIRECT (default: on;
                           -nomerge_direct_reads for buffered reads)
+  -merge_direct_scratch   the merge saves its read-ahead windows in the COW's
+                          scratch region with O_DIRECT (default: on;
+                          -nomerge_direct_scratch for buffered saves)
   -splice_reads           large dm-user READs (user-space merge) go out in pieces:
                           unchanged and pending COPY runs spliced from the page cache,
                           the rest produced (default: on; -nosplice_reads to produce
@@ -594,7 +602,7 @@ where
         .any(|a| matches!(a.as_str(), "-h" | "--h" | "-help" | "--help"))
 }
 
-const BOOL_FLAGS: [&str; 11] = [
+const BOOL_FLAGS: [&str; 12] = [
     "no_socket",
     "socket_handoff",
     "user_snapshot",
@@ -602,6 +610,7 @@ const BOOL_FLAGS: [&str; 11] = [
     "o_direct",
     "merge_o_direct",
     "merge_direct_reads",
+    "merge_direct_scratch",
     "splice_reads",
     "read_prefetch",
     "direct_reads",
@@ -846,6 +855,7 @@ impl DaemonConfig {
             "ublk" => self.ublk = on,
             "merge_o_direct" => self.merge_o_direct = on,
             "merge_direct_reads" => self.merge_direct_reads = on,
+            "merge_direct_scratch" => self.merge_direct_scratch = on,
             "splice_reads" => self.splice_reads = on,
             "read_prefetch" => self.read_prefetch = on,
             "direct_reads" => self.direct_reads = on,
@@ -1185,13 +1195,19 @@ mod tests {
             "O_DIRECT merge source reads are on by default"
         );
         assert!(cfg.splice_reads, "answers in pieces are on by default");
+        assert!(
+            cfg.merge_direct_scratch,
+            "O_DIRECT window saves are on by default"
+        );
         let cfg2 = DaemonConfig::parse([
             "-merge_o_direct",
             "-nomerge_direct_reads",
             "-nosplice_reads",
+            "-nomerge_direct_scratch",
         ])
         .unwrap();
         assert!(cfg2.merge_o_direct && !cfg2.merge_direct_reads && !cfg2.splice_reads);
+        assert!(!cfg2.merge_direct_scratch);
         assert_eq!(cfg.num_merge_threads, None);
         let cfg = DaemonConfig::parse(["-noio_uring", "-num_merge_threads=1"]).unwrap();
         assert!(!cfg.io_uring);

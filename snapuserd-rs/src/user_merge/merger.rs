@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use cow_format::{CowOp, OpKind};
 
@@ -12,6 +13,7 @@ use super::control::MergeControl;
 use super::direct_io::AlignedBuf;
 use super::error::{UserMergeError, UserSnapshotError};
 use super::merge_io::{MergeIo, ReadRun, WriteRun};
+use super::phase_times::{MergeStep, PhaseTimes};
 use super::plan::source_offset;
 use super::snapshot::{MergeOutcome, MergePhase, UserSnapshot, BLOCK};
 use super::window::{LoadedWindow, SavedSource};
@@ -31,9 +33,12 @@ enum StepError {
     Fatal(UserMergeError),
 }
 
-/// Buffers reused across steps: at most one window of destinations and one batch.
+/// Working state of one merge call: buffers reused across steps (at most one window of
+/// destinations and one batch), and the time each kind of step took.
 #[derive(Default)]
 struct Buffers {
+    /// Time per kind of step, logged when the call ends.
+    times: PhaseTimes,
     /// Produced destinations; page-aligned so that their writes can go `O_DIRECT`.
     out: AlignedBuf,
     /// `(first block, byte offset in the buffer, bytes)` of each run of contiguous
@@ -143,9 +148,11 @@ impl UserSnapshot {
         loop {
             let p = self.merged.load(Ordering::Acquire);
             if p >= self.plan.total() {
+                log::info!("merge time {}", bufs.times);
                 return Ok(MergeOutcome::Complete);
             }
             if control.checkpoint() {
+                log::info!("merge time until the stop {}", bufs.times);
                 return Ok(MergeOutcome::Stopped);
             }
             let step = if p < self.plan.ordered() {
@@ -243,7 +250,8 @@ impl UserSnapshot {
             None => self.read_ahead(range.clone(), io, bufs)?,
         };
         self.write_destinations(&window, io, bufs, true)?;
-        self.commit_ordered(range.end)?;
+        bufs.times
+            .time(MergeStep::Commit, || self.commit_ordered(range.end))?;
         bufs.recycle(window);
         log::debug!("merged window {}..{}", range.start, range.end);
         Ok(())
@@ -278,7 +286,8 @@ impl UserSnapshot {
             self.view_write().window = None;
             bufs.recycle(window);
         }
-        self.commit_ordered(at)?;
+        bufs.times
+            .time(MergeStep::Commit, || self.commit_ordered(at))?;
         log::debug!(
             "merged windows {}..{} without scratch (none reads what they write)",
             range.start,
@@ -332,12 +341,14 @@ impl UserSnapshot {
                     })
                 }
             };
+            let at = Instant::now();
             store
                 .stage_window(&saved.0, &saved.1)
                 .map_err(progress("save the read-ahead window in scratch"))?;
             store
                 .mark_window_done()
                 .map_err(progress("mark the read-ahead window Done"))?;
+            bufs.times.add(MergeStep::ScratchSave, at.elapsed());
         }
         Ok(self.install_window(range, has_slot, saved))
     }
@@ -432,7 +443,10 @@ impl UserSnapshot {
                 runs.push(ReadRun { offset, buf: head });
                 rest = tail;
             }
-            io.read_source(&mut runs).map_err(|source| {
+            let at = Instant::now();
+            let read = io.read_source(&mut runs);
+            bufs.times.add(MergeStep::SourceRead, at.elapsed());
+            read.map_err(|source| {
                 StepError::Engine(UserMergeError::SourceRead {
                     start: range.start,
                     end: range.end,
@@ -459,6 +473,8 @@ impl UserSnapshot {
         bufs: &mut Buffers,
         durable: bool,
     ) -> Result<(), StepError> {
+        let started = Instant::now();
+        let mut writing = std::time::Duration::ZERO;
         let range = window.entries.clone();
         bufs.out.set_len(OUT_BLOCKS * BLOCK);
         bufs.spans.clear();
@@ -481,8 +497,10 @@ impl UserSnapshot {
             let (position, op) = self.op_at(entry)?;
             for block in op.new_block..op.new_block.saturating_add(op.num_blocks) {
                 if used + BLOCK > bufs.out.len() {
-                    io.write_base(&bufs.runs())
-                        .map_err(|e| write_error(io, e))?;
+                    let at = Instant::now();
+                    let written = io.write_base(&bufs.runs());
+                    writing += at.elapsed();
+                    written.map_err(|e| write_error(io, e))?;
                     bufs.spans.clear();
                     used = 0;
                 }
@@ -516,12 +534,19 @@ impl UserSnapshot {
             }
         }
         bufs.by_block = by_block;
+        let at = Instant::now();
         let runs = bufs.runs();
         let written = if durable {
             io.write_base_durably(&runs)
         } else {
             io.write_base(&runs)
         };
+        writing += at.elapsed();
+        bufs.times.add(MergeStep::BaseWrite, writing);
+        bufs.times.add(
+            MergeStep::Produce,
+            started.elapsed().saturating_sub(writing),
+        );
         written.map_err(|e| write_error(io, e))
     }
 
@@ -542,6 +567,7 @@ impl UserSnapshot {
         if bufs.out.len() < BATCH_BYTES {
             bufs.out.set_len(BATCH_BYTES);
         }
+        let started = Instant::now();
         let mut used = 0usize;
         let mut entry = p;
         while entry < self.plan.total() && entry - p < max_ops {
@@ -590,7 +616,11 @@ impl UserSnapshot {
             used += len;
             entry += 1;
         }
-        io.write_base_durably(&bufs.runs()).map_err(|source| {
+        let at = Instant::now();
+        bufs.times.add(MergeStep::Produce, at - started);
+        let written = io.write_base_durably(&bufs.runs());
+        bufs.times.add(MergeStep::BaseWrite, at.elapsed());
+        written.map_err(|source| {
             StepError::Engine(UserMergeError::BaseWrite {
                 start: p,
                 end: entry,
@@ -598,7 +628,10 @@ impl UserSnapshot {
                 source,
             })
         })?;
-        self.lock_store().commit_merged(entry).map_err(|source| {
+        let at = Instant::now();
+        let committed = self.lock_store().commit_merged(entry);
+        bufs.times.add(MergeStep::Commit, at.elapsed());
+        committed.map_err(|source| {
             StepError::Fatal(UserMergeError::Progress {
                 operation: "commit merged REPLACE/ZERO entries",
                 num_merge_ops: entry,

@@ -20,6 +20,7 @@ mod error;
 mod handoff;
 pub mod merge_io;
 mod merger;
+mod phase_times;
 mod plan;
 mod prefetch;
 mod progress_store;

@@ -20,6 +20,7 @@ use crate::log_limit::LogLimit;
 use crate::snapshot::block_server::MAX_REQUEST_BYTES;
 
 use super::block_map::BlockMap;
+use super::direct_io::reopen_direct;
 use super::direct_prefetch::{DirectPrefetch, Lending, Lent, ThroughChunks, CHUNK_BYTES};
 use super::direct_runs::{DirectRuns, RunDevice};
 use super::direct_source::DirectSource;
@@ -51,6 +52,11 @@ pub struct UserSnapshotOptions {
     /// page-aligned buffers (runs at block offsets; XOR sources at other offsets stay
     /// buffered). The daemon turns it on by default (`-merge_direct_reads`).
     pub merge_direct_reads: bool,
+    /// Save read-ahead windows in the COW's scratch region through an `O_DIRECT` descriptor
+    /// of the COW file where it accepts one (the page-aligned 2 MiB of each save skip the
+    /// page cache; DESIGN.md, "Merge I/O"). The daemon turns it on by default
+    /// (`-merge_direct_scratch`).
+    pub merge_direct_scratch: bool,
     /// At most this many ops per REPLACE/ZERO merge batch (AOSP
     /// `ro.virtual_ab.cow_op_merge_size`); `None` or `Some(0)`: no cap beyond 1 MiB.
     pub cow_op_merge_size: Option<u32>,
@@ -222,11 +228,18 @@ impl UserSnapshot {
                 path: cow.to_path_buf(),
                 source,
             })?;
-        let state =
+        let direct_scratch = opts
+            .merge_direct_scratch
+            .then(|| reopen_direct(&state_file, "COW", true, "window saves in scratch"))
+            .flatten();
+        let mut state =
             MergeState::open(state_file).map_err(|source| UserSnapshotError::MergeState {
                 path: cow.to_path_buf(),
                 source,
             })?;
+        if let Some(direct) = direct_scratch {
+            state.set_direct_writes(direct);
+        }
         let storage = CowFileStorage::open(cow_file, opts.mmap_cow).map_err(|source| {
             UserSnapshotError::Open {
                 role: "COW",
@@ -528,7 +541,6 @@ impl UserSnapshot {
     /// range once it completes, before the merge commits those blocks, and until that commit
     /// no reader takes them from the base (DESIGN.md, "Merge I/O").
     pub fn direct_descriptors(&self) -> super::direct_io::DirectDescriptors {
-        use super::direct_io::reopen_direct;
         super::direct_io::DirectDescriptors {
             source: self
                 .opts

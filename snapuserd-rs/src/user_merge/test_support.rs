@@ -263,7 +263,9 @@ impl Files {
         .unwrap()
     }
 
-    /// Open with a progress store that crashes on `clock`.
+    /// Open with a progress store that crashes on `clock`, saving windows through an
+    /// `O_DIRECT` descriptor of the COW where the filesystem has one (the crash sweeps cover
+    /// direct saves; [`open`](Self::open)'s default options cover buffered ones).
     pub(crate) fn open_crashing(&self, clock: &CrashClock) -> UserSnapshot {
         let rw = || {
             OpenOptions::new()
@@ -272,7 +274,12 @@ impl Files {
                 .open(&self.cow)
                 .unwrap()
         };
-        let state = MergeState::open(rw()).unwrap();
+        let state_file = rw();
+        let direct = super::direct_io::reopen_direct(&state_file, "COW", true, "crash test");
+        let mut state = MergeState::open(state_file).unwrap();
+        if let Some(direct) = direct {
+            state.set_direct_writes(direct);
+        }
         let cow = CowReader::from_storage(CowFileStorage::open(rw(), true).unwrap()).unwrap();
         let source = File::open(&self.source).unwrap();
         let base = OpenOptions::new()

@@ -747,6 +747,7 @@ fn merge_with_direct_io(opts: UserSnapshotOptions, engine: &str) {
 const DIRECT_WRITES: UserSnapshotOptions = UserSnapshotOptions {
     merge_o_direct: true,
     merge_direct_reads: false,
+    merge_direct_scratch: false,
     o_direct: false,
     cow_op_merge_size: None,
     mmap_cow: false,
@@ -761,6 +762,22 @@ const DIRECT_READS_AND_WRITES: UserSnapshotOptions = UserSnapshotOptions {
     merge_direct_reads: true,
     ..DIRECT_WRITES
 };
+
+/// Every merge transfer `O_DIRECT` where it can be: source reads, base writes, window saves.
+const DIRECT_EVERYWHERE: UserSnapshotOptions = UserSnapshotOptions {
+    merge_direct_scratch: true,
+    ..DIRECT_READS_AND_WRITES
+};
+
+#[test]
+fn merge_with_direct_window_saves_sync_engine() {
+    merge_with_direct_io(DIRECT_EVERYWHERE, "sync");
+}
+
+#[test]
+fn merge_with_direct_window_saves_io_uring_engine() {
+    merge_with_direct_io(DIRECT_EVERYWHERE, "io_uring");
+}
 
 #[test]
 fn merge_with_direct_base_writes_sync_engine() {
