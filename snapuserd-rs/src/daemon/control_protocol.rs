@@ -425,8 +425,8 @@ pub struct DaemonConfig {
     /// `-o_direct`.
     pub o_direct: bool,
     /// `-merge_o_direct`: the merge writes the base device with `O_DIRECT` where it accepts
-    /// it (default off: not coherent with the read path's buffered reads on every kernel,
-    /// see user_merge/DESIGN.md "Merge I/O").
+    /// it, synchronously (default on; `-nomerge_o_direct` for buffered writes; see
+    /// user_merge/DESIGN.md "Merge I/O").
     pub merge_o_direct: bool,
     /// `-merge_direct_reads`: the merge reads window sources with `O_DIRECT` where the
     /// source accepts it (default on; `-nomerge_direct_reads` for buffered reads).
@@ -484,7 +484,7 @@ impl Default for DaemonConfig {
             user_snapshot: false,
             io_uring: true,
             o_direct: false,
-            merge_o_direct: false,
+            merge_o_direct: true,
             merge_direct_reads: true,
             merge_direct_scratch: true,
             splice_reads: true,
@@ -536,10 +536,10 @@ turns a boolean flag off; '-' and '_' inside names are the same; -- ends the fla
                           cannot be built (old kernel, seccomp) the merge falls back
                           to the synchronous engine by itself
   -o_direct               O_DIRECT reads of the source device (user-space merge)
-  -merge_o_direct         the merge writes the base device with O_DIRECT (default:
-                          off; for measurements only: with readers running, a 6.1
-                          kernel can keep stale cached pages). A device that
-                          refuses O_DIRECT is written buffered by itself
+  -merge_o_direct         the merge writes the base device with O_DIRECT, one
+                          synchronous write per run (default: on; -nomerge_o_direct
+                          for buffered writes). A device that refuses O_DIRECT is
+                          written buffered by itself
   -merge_direct_reads     the merge reads its sources with O_DIRECT (default: on;
                           -nomerge_direct_reads for buffered reads)
   -merge_direct_scratch   the merge saves its read-ahead windows in the COW's
@@ -1186,10 +1186,7 @@ mod tests {
     fn merge_flags_and_handler_modes() {
         let cfg = DaemonConfig::parse(Vec::<String>::new()).unwrap();
         assert!(cfg.io_uring, "io_uring is on by default");
-        assert!(
-            !cfg.merge_o_direct,
-            "O_DIRECT merge writes are off by default (page-cache coherence)"
-        );
+        assert!(cfg.merge_o_direct, "O_DIRECT merge writes are on by default");
         assert!(
             cfg.merge_direct_reads,
             "O_DIRECT merge source reads are on by default"
@@ -1200,13 +1197,13 @@ mod tests {
             "O_DIRECT window saves are on by default"
         );
         let cfg2 = DaemonConfig::parse([
-            "-merge_o_direct",
+            "-nomerge_o_direct",
             "-nomerge_direct_reads",
             "-nosplice_reads",
             "-nomerge_direct_scratch",
         ])
         .unwrap();
-        assert!(cfg2.merge_o_direct && !cfg2.merge_direct_reads && !cfg2.splice_reads);
+        assert!(!cfg2.merge_o_direct && !cfg2.merge_direct_reads && !cfg2.splice_reads);
         assert!(!cfg2.merge_direct_scratch);
         assert_eq!(cfg.num_merge_threads, None);
         let cfg = DaemonConfig::parse(["-noio_uring", "-num_merge_threads=1"]).unwrap();

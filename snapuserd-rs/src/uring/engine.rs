@@ -21,7 +21,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 
 use super::batch::{BatchPlan, Direction, Piece, PieceFailure};
 use super::probe::{check_opcodes, new_ring, UringUnavailable};
-use crate::user_merge::direct_io::{direct_capable, DirectDescriptors};
+use crate::user_merge::direct_io::{direct_capable, write_direct, DirectDescriptors};
 use crate::user_merge::merge_io::{MergeIo, ReadRun, WriteRun};
 
 /// `user_data` of the barrier entry; pieces use their slot index.
@@ -314,9 +314,12 @@ impl UringMergeIo {
 
     /// Move pieces whose buffer, length and offset are page-aligned through `direct`,
     /// `O_DIRECT` descriptors of the source and base files (`None`: that device buffered).
-    /// The barrier stays on the buffered descriptor: it names the same inode. A refused
-    /// direct transfer fails the batch like any other error, and the merge redoes the step
-    /// with the synchronous engine, which goes on buffered.
+    /// Source reads go through the ring (a refused one fails the batch like any other
+    /// error, and the merge redoes the step with the synchronous engine, which goes on
+    /// buffered). Base writes are issued synchronously with
+    /// [`write_direct`](crate::user_merge::direct_io::write_direct) before the ring takes the
+    /// rest and the barrier: only a synchronous direct write leaves the page cache coherent
+    /// (`direct_io`). The barrier stays on the buffered descriptor: it names the same inode.
     pub fn with_direct(mut self, direct: DirectDescriptors) -> Self {
         self.direct = direct;
         self
@@ -346,8 +349,9 @@ impl UringMergeIo {
                 .collect(),
             self.max_piece_bytes,
         );
+        // Direct writes never go through the ring (`write_buffered_rest`).
         let direct_fd = match direction {
-            Direction::Write => self.direct.base.as_ref().map(AsRawFd::as_raw_fd),
+            Direction::Write => None,
             Direction::Read => self.direct.source.as_ref().map(AsRawFd::as_raw_fd),
         };
         let depth = self.queue_depth as usize;
@@ -537,8 +541,9 @@ impl MergeIo for UringMergeIo {
     }
 
     fn write_base(&mut self, runs: &[WriteRun<'_>]) -> io::Result<()> {
+        let rest = self.write_direct_runs(runs)?;
         let fd = self.base.as_raw_fd();
-        Ok(self.run_batch(Direction::Write, fd, &write_buffers(runs), false)?)
+        Ok(self.run_batch(Direction::Write, fd, &rest, false)?)
     }
 
     fn sync_base(&mut self) -> io::Result<()> {
@@ -547,8 +552,23 @@ impl MergeIo for UringMergeIo {
     }
 
     fn write_base_durably(&mut self, runs: &[WriteRun<'_>]) -> io::Result<()> {
+        let rest = self.write_direct_runs(runs)?;
         let fd = self.base.as_raw_fd();
-        Ok(self.run_batch(Direction::Write, fd, &write_buffers(runs), true)?)
+        Ok(self.run_batch(Direction::Write, fd, &rest, true)?)
+    }
+}
+
+impl UringMergeIo {
+    /// Write the runs the base's `O_DIRECT` descriptor takes, synchronously, and return the
+    /// ring's view of the others (written buffered through the ring).
+    fn write_direct_runs(&mut self, runs: &[WriteRun<'_>]) -> io::Result<Vec<(u64, RunBuffer)>> {
+        let mut rest = Vec::new();
+        for run in runs {
+            if !write_direct(&mut self.direct.base, run.offset, run.buf)? {
+                rest.extend(write_buffers(std::slice::from_ref(run)));
+            }
+        }
+        Ok(rest)
     }
 }
 

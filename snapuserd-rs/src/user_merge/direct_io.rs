@@ -5,10 +5,15 @@
 //! A transfer goes through the `O_DIRECT` descriptor only when its memory address, its
 //! length and its device offset are all multiples of [`DIRECT_ALIGN`]; anything else goes
 //! through the buffered descriptor of the same file. Both descriptors name the same inode,
-//! so one `fdatasync` of either makes both kinds of writes durable, and the kernel keeps the
-//! page cache coherent: an `O_DIRECT` write first writes back cached dirty pages of its
-//! range and, once complete, drops the cached pages of that range, so a later buffered read
-//! (the read path) loads the new bytes (DESIGN.md, "Merge I/O").
+//! so one `fdatasync` of either makes both kinds of writes durable.
+//!
+//! Direct writes are always issued synchronously ([`write_direct`], from every engine): the
+//! kernel keeps the page cache coherent only for those. An `O_DIRECT` write first writes
+//! back and drops cached pages of its range; a *synchronous* one drops them again once it
+//! is complete (waiting for pages still being read in), so a page read ahead in the
+//! meantime with the old bytes cannot survive it, and a later buffered read (the read path)
+//! loads the new bytes. An asynchronous one (io_uring) skips that second drop on the 6.1 and
+//! 6.12 kernels (DESIGN.md, "Merge I/O").
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -49,6 +54,33 @@ pub fn reopen_direct(file: &File, role: &str, write: bool, user: &str) -> Option
             );
             None
         }
+    }
+}
+
+/// Write `run` synchronously through `direct` (an `O_DIRECT` descriptor of the base device)
+/// if it has one and the run is page-aligned: `Ok(true)` when written. `Ok(false)`: the
+/// caller writes the run buffered, because there is no descriptor, the run is not aligned,
+/// or the device refused the transfer (logged once; `direct` is dropped, so later runs go
+/// buffered without trying).
+pub fn write_direct(direct: &mut Option<File>, offset: u64, buf: &[u8]) -> io::Result<bool> {
+    let Some(file) = direct
+        .as_ref()
+        .filter(|_| direct_capable(buf.as_ptr(), buf.len(), offset))
+    else {
+        return Ok(false);
+    };
+    match std::os::unix::fs::FileExt::write_all_at(file, buf, offset) {
+        Ok(()) => Ok(true),
+        Err(e) if direct_refused(&e) => {
+            log::warn!(
+                "merge I/O: the base device refused an O_DIRECT write of {} bytes at byte \
+                 {offset} ({e}); going on with buffered writes on it",
+                buf.len()
+            );
+            *direct = None;
+            Ok(false)
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -2,15 +2,15 @@
 //! is the fallback of every other engine: when one fails mid-step, the step is redone here.
 //!
 //! Runs whose buffer, length and offset are page-aligned go through the `O_DIRECT`
-//! descriptors the engine was given ([`SyncMergeIo::with_direct`]); if the kernel refuses an
-//! `O_DIRECT` transfer, the engine logs it, drops that descriptor and redoes the run
-//! buffered.
+//! descriptors the engine was given ([`SyncMergeIo::with_direct`]; writes through
+//! [`write_direct`], as every engine's); if the kernel refuses an `O_DIRECT` transfer, the
+//! engine logs it, drops that descriptor and redoes the run buffered.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use super::direct_io::{direct_capable, direct_refused, DirectDescriptors};
+use super::direct_io::{direct_capable, direct_refused, write_direct, DirectDescriptors};
 use super::merge_io::{MergeIo, ReadRun, WriteRun};
 
 /// [`MergeIo`] with plain positioned system calls.
@@ -38,11 +38,11 @@ impl SyncMergeIo {
     }
 }
 
-/// Log a refused `O_DIRECT` transfer; the caller drops the descriptor and goes on buffered.
-fn log_refused(device: &str, len: usize, offset: u64, error: &io::Error) {
+/// Log a refused `O_DIRECT` read; the caller drops the descriptor and goes on buffered.
+fn log_refused(len: usize, offset: u64, error: &io::Error) {
     log::warn!(
-        "merge I/O: the {device} device refused an O_DIRECT transfer of {len} bytes at byte \
-         {offset} ({error}); going on with buffered I/O on it"
+        "merge I/O: the source device refused an O_DIRECT read of {len} bytes at byte \
+         {offset} ({error}); going on with buffered reads of it"
     );
 }
 
@@ -62,7 +62,7 @@ impl MergeIo for SyncMergeIo {
                 match direct.read_exact_at(run.buf, run.offset) {
                     Ok(()) => continue,
                     Err(e) if direct_refused(&e) => {
-                        log_refused("source", run.buf.len(), run.offset, &e);
+                        log_refused(run.buf.len(), run.offset, &e);
                         self.direct.source = None;
                     }
                     Err(e) => return Err(e),
@@ -75,22 +75,9 @@ impl MergeIo for SyncMergeIo {
 
     fn write_base(&mut self, runs: &[WriteRun<'_>]) -> io::Result<()> {
         for run in runs {
-            let direct = self
-                .direct
-                .base
-                .as_ref()
-                .filter(|_| direct_capable(run.buf.as_ptr(), run.buf.len(), run.offset));
-            if let Some(direct) = direct {
-                match direct.write_all_at(run.buf, run.offset) {
-                    Ok(()) => continue,
-                    Err(e) if direct_refused(&e) => {
-                        log_refused("base", run.buf.len(), run.offset, &e);
-                        self.direct.base = None;
-                    }
-                    Err(e) => return Err(e),
-                }
+            if !write_direct(&mut self.direct.base, run.offset, run.buf)? {
+                self.base.write_all_at(run.buf, run.offset)?;
             }
-            self.base.write_all_at(run.buf, run.offset)?;
         }
         Ok(())
     }
