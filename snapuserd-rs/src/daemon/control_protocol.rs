@@ -1186,7 +1186,10 @@ mod tests {
     fn merge_flags_and_handler_modes() {
         let cfg = DaemonConfig::parse(Vec::<String>::new()).unwrap();
         assert!(cfg.io_uring, "io_uring is on by default");
-        assert!(cfg.merge_o_direct, "O_DIRECT merge writes are on by default");
+        assert!(
+            cfg.merge_o_direct,
+            "O_DIRECT merge writes are on by default"
+        );
         assert!(
             cfg.merge_direct_reads,
             "O_DIRECT merge source reads are on by default"

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cow_format::{CowOp, OpKind};
+use cow_format::{CowOp, MergeStateError, OpKind};
 
 use crate::error_chain::ErrorChain;
 
@@ -233,6 +233,11 @@ impl UserSnapshot {
 
     /// One window of the ordered part: read ahead (unless its saved copy is loaded), write
     /// its destinations durably, commit.
+    ///
+    /// A window read ahead here is saved in scratch by a second thread while this one
+    /// produces its destinations; the first destination write waits for the save (data,
+    /// then state Done, both durable), so the commit protocol is unchanged and only the
+    /// producing overlaps the save's I/O.
     fn merge_window(
         &self,
         p: u64,
@@ -246,10 +251,20 @@ impl UserSnapshot {
             .clone()
             .filter(|w| w.entries == range);
         let window = match loaded {
-            Some(w) => w,
-            None => self.read_ahead(range.clone(), io, bufs)?,
+            Some(w) => {
+                self.write_destinations(&w, io, bufs, true, &mut || Ok(()))?;
+                w
+            }
+            None => {
+                let (window, new_blocks) = self.read_ahead(range.clone(), io, bufs)?;
+                if self.plan.has_scratch() {
+                    self.save_while_producing(&window, &new_blocks, io, bufs)?;
+                } else {
+                    self.write_destinations(&window, io, bufs, true, &mut || Ok(()))?;
+                }
+                window
+            }
         };
-        self.write_destinations(&window, io, bufs, true)?;
         bufs.times
             .time(MergeStep::Commit, || self.commit_ordered(range.end))?;
         bufs.recycle(window);
@@ -275,7 +290,7 @@ impl UserSnapshot {
             let window_range = self.plan.window_at(&self.cow, at);
             let window = self.read_sources(window_range.clone(), io, bufs)?;
             let last = window_range.end >= range.end || control.safe_point_wanted();
-            self.write_destinations(&window, io, bufs, last)?;
+            self.write_destinations(&window, io, bufs, last, &mut || Ok(()))?;
             at = window_range.end;
             if last {
                 break;
@@ -320,37 +335,87 @@ impl UserSnapshot {
         Ok(())
     }
 
-    /// Read the sources of the window's ordered ops (contiguous ones coalesced), save them
-    /// durably in scratch (data and metadata synced, then state Done synced), and make them
-    /// the window readers use.
+    /// Read the sources of the window's ordered ops (contiguous ones coalesced) and make
+    /// them the window readers use (the source device still holds the same bytes: no
+    /// destination of the window is written before its save); returns the window and the
+    /// destination block of each slot, for the save.
     fn read_ahead(
         &self,
         range: std::ops::Range<u64>,
         io: &mut dyn MergeIo,
         bufs: &mut Buffers,
-    ) -> Result<Arc<LoadedWindow>, StepError> {
-        let (saved, has_slot) = self.read_window_sources(range.clone(), io, bufs)?;
-        if self.plan.has_scratch() {
-            let mut store = self.lock_store();
-            let progress = |operation| {
-                move |source| {
-                    StepError::Fatal(UserMergeError::Progress {
-                        operation,
-                        num_merge_ops: range.start,
-                        source,
-                    })
-                }
+    ) -> Result<(Arc<LoadedWindow>, Vec<u64>), StepError> {
+        let ((new_blocks, data), has_slot) = self.read_window_sources(range.clone(), io, bufs)?;
+        let window = self.install_window(range, has_slot, data);
+        Ok((window, new_blocks))
+    }
+
+    /// Save `window` durably in scratch (data and metadata synced, then state Done synced)
+    /// on a second thread while this one produces its destinations, then write them. If the
+    /// save fails, the window is taken back from the readers (they read its sources from
+    /// the source device, unchanged), so that a later merge reads it ahead and saves it
+    /// again instead of writing destinations that a crash could not replay.
+    fn save_while_producing(
+        &self,
+        window: &Arc<LoadedWindow>,
+        new_blocks: &[u64],
+        io: &mut dyn MergeIo,
+        bufs: &mut Buffers,
+    ) -> Result<(), StepError> {
+        let start = window.entries.start;
+        let mut saved_ok = false;
+        let written = std::thread::scope(|scope| {
+            let saving = scope.spawn(|| self.save_window(start, new_blocks, window.data()));
+            let mut saving = Some(saving);
+            let mut wait = || -> Result<(), StepError> {
+                let Some(handle) = saving.take() else {
+                    return Ok(());
+                };
+                let result = handle.join().unwrap_or_else(|_| {
+                    Err(StepError::Fatal(UserMergeError::Progress {
+                        operation: "save the read-ahead window in scratch",
+                        num_merge_ops: start,
+                        source: MergeStateError::Io {
+                            op: "write",
+                            offset: 0,
+                            len: 0,
+                            source: std::io::Error::other("the saving thread panicked"),
+                        },
+                    }))
+                });
+                saved_ok = result.is_ok();
+                result
             };
-            let at = Instant::now();
-            store
-                .stage_window(&saved.0, &saved.1)
-                .map_err(progress("save the read-ahead window in scratch"))?;
-            store
-                .mark_window_done()
-                .map_err(progress("mark the read-ahead window Done"))?;
-            bufs.times.add(MergeStep::ScratchSave, at.elapsed());
+            let written = self.write_destinations(window, io, bufs, true, &mut wait);
+            // Producing failed before the first write: still learn how the save ended.
+            let waited = wait();
+            written.and(waited)
+        });
+        if !saved_ok {
+            self.view_write().window = None;
         }
-        Ok(self.install_window(range, has_slot, saved))
+        written
+    }
+
+    /// The durable half of a read-ahead: stage the window's slots and list, then mark it
+    /// Done (each synced).
+    fn save_window(&self, start: u64, new_blocks: &[u64], data: &[u8]) -> Result<(), StepError> {
+        let progress = |operation| {
+            move |source| {
+                StepError::Fatal(UserMergeError::Progress {
+                    operation,
+                    num_merge_ops: start,
+                    source,
+                })
+            }
+        };
+        let mut store = self.lock_store();
+        store
+            .stage_window(new_blocks, data)
+            .map_err(progress("save the read-ahead window in scratch"))?;
+        store
+            .mark_window_done()
+            .map_err(progress("mark the read-ahead window Done"))
     }
 
     /// Read the sources of a window that needs no scratch copy into memory and make them
@@ -370,7 +435,7 @@ impl UserSnapshot {
             return Ok(w);
         }
         let (saved, has_slot) = self.read_window_sources(range.clone(), io, bufs)?;
-        Ok(self.install_window(range, has_slot, saved))
+        Ok(self.install_window(range, has_slot, saved.1))
     }
 
     /// Publish a window's saved source bytes to readers.
@@ -378,12 +443,12 @@ impl UserSnapshot {
         &self,
         range: std::ops::Range<u64>,
         has_slot: Vec<bool>,
-        saved: (Vec<u64>, AlignedBuf),
+        data: AlignedBuf,
     ) -> Arc<LoadedWindow> {
         let window = Arc::new(LoadedWindow::new(
             range.clone(),
             has_slot.into_iter(),
-            saved.1,
+            data,
             BLOCK,
         ));
         // From here readers take this window's blocks from the saved bytes; any reader
@@ -460,6 +525,7 @@ impl UserSnapshot {
 
     /// Produce every destination block of `window` and write them in runs of contiguous
     /// blocks; if `durable`, the last batch durably (write, then sync the base device).
+    /// `before_writing` is called before the first write (and its error returned).
     ///
     /// The entries are produced in ascending order of their destination, not in merge
     /// order: every source of the window is in memory before the first write and nothing
@@ -472,9 +538,17 @@ impl UserSnapshot {
         io: &mut dyn MergeIo,
         bufs: &mut Buffers,
         durable: bool,
+        before_writing: &mut dyn FnMut() -> Result<(), StepError>,
     ) -> Result<(), StepError> {
         let started = Instant::now();
         let mut writing = std::time::Duration::ZERO;
+        let mut waiting = std::time::Duration::ZERO;
+        let mut wait = |waiting: &mut std::time::Duration| {
+            let at = Instant::now();
+            let result = before_writing();
+            *waiting += at.elapsed();
+            result
+        };
         let range = window.entries.clone();
         bufs.out.set_len(OUT_BLOCKS * BLOCK);
         bufs.spans.clear();
@@ -497,6 +571,7 @@ impl UserSnapshot {
             let (position, op) = self.op_at(entry)?;
             for block in op.new_block..op.new_block.saturating_add(op.num_blocks) {
                 if used + BLOCK > bufs.out.len() {
+                    wait(&mut waiting)?;
                     let at = Instant::now();
                     let written = io.write_base(&bufs.runs());
                     writing += at.elapsed();
@@ -534,6 +609,7 @@ impl UserSnapshot {
             }
         }
         bufs.by_block = by_block;
+        wait(&mut waiting)?;
         let at = Instant::now();
         let runs = bufs.runs();
         let written = if durable {
@@ -543,9 +619,10 @@ impl UserSnapshot {
         };
         writing += at.elapsed();
         bufs.times.add(MergeStep::BaseWrite, writing);
+        bufs.times.add(MergeStep::ScratchSave, waiting);
         bufs.times.add(
             MergeStep::Produce,
-            started.elapsed().saturating_sub(writing),
+            started.elapsed().saturating_sub(writing + waiting),
         );
         written.map_err(|e| write_error(io, e))
     }

@@ -267,6 +267,20 @@ impl Files {
     /// `O_DIRECT` descriptor of the COW where the filesystem has one (the crash sweeps cover
     /// direct saves; [`open`](Self::open)'s default options cover buffered ones).
     pub(crate) fn open_crashing(&self, clock: &CrashClock) -> UserSnapshot {
+        self.open_with_store(|state| {
+            Box::new(CrashingStore {
+                inner: state,
+                clock: clock.clone(),
+            })
+        })
+    }
+
+    /// Open with the progress store `wrap` makes of the COW's [`MergeState`] (which saves
+    /// windows with `O_DIRECT` where the filesystem allows).
+    pub(crate) fn open_with_store(
+        &self,
+        wrap: impl FnOnce(MergeState) -> Box<dyn ProgressStore>,
+    ) -> UserSnapshot {
         let rw = || {
             OpenOptions::new()
                 .read(true)
@@ -291,10 +305,7 @@ impl Files {
             cow,
             source,
             base,
-            Box::new(CrashingStore {
-                inner: state,
-                clock: clock.clone(),
-            }),
+            wrap(state),
             UserSnapshotOptions::default(),
         )
         .unwrap()

@@ -1401,3 +1401,89 @@ fn direct_read_ahead_survives_requests_answered_out_of_order() {
     }
     assert!(late_memory > 0, "the chunks survived the reordering");
 }
+
+/// A progress store whose first `mark_window_done` fails (an I/O error, not a crash: the
+/// process goes on), recording the blocks of each window staged.
+struct DoneFailsOnce {
+    inner: MergeState,
+    failed: bool,
+    stages: std::sync::Arc<std::sync::Mutex<Vec<Vec<u64>>>>,
+}
+
+impl progress_store::ProgressStore for DoneFailsOnce {
+    fn progress(
+        &self,
+    ) -> Result<cow_format::merge_state::DurableProgress, cow_format::MergeStateError> {
+        self.inner.progress()
+    }
+    fn window_capacity(&self) -> usize {
+        self.inner.window_capacity()
+    }
+    fn stage_window(&mut self, b: &[u64], d: &[u8]) -> Result<(), cow_format::MergeStateError> {
+        self.stages.lock().unwrap().push(b.to_vec());
+        self.inner.stage_window_parts(b, d)
+    }
+    fn mark_window_done(&mut self) -> Result<(), cow_format::MergeStateError> {
+        if !self.failed {
+            self.failed = true;
+            return Err(cow_format::MergeStateError::Io {
+                op: "write",
+                offset: 0,
+                len: 1,
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
+        self.inner.mark_window_done()
+    }
+    fn read_window(
+        &self,
+    ) -> Result<cow_format::merge_state::ScratchWindow, cow_format::MergeStateError> {
+        self.inner.read_window()
+    }
+    fn commit_window(&mut self, n: u64) -> Result<(), cow_format::MergeStateError> {
+        self.inner.commit_window(n)
+    }
+    fn commit_merged(&mut self, n: u64) -> Result<(), cow_format::MergeStateError> {
+        self.inner.commit_merged(n)
+    }
+}
+
+#[test]
+fn a_window_whose_save_failed_is_saved_again_before_its_destinations_are_written() {
+    // The window is installed for readers before its save (which runs beside the
+    // producing); a failed save must take it back, or the next merge call in this process
+    // would find it loaded and write its destinations with no durable copy to replay.
+    let case = Case::rich(260, 51);
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V3, CompressionAlgorithm::Lz4, true),
+        false,
+    );
+    let stages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let counter = stages.clone();
+    let snap = files.open_with_store(|inner| {
+        Box::new(DoneFailsOnce {
+            inner,
+            failed: false,
+            stages: counter,
+        })
+    });
+    let err = snap
+        .merge(snap.sync_io().unwrap(), &MergeControl::new())
+        .unwrap_err();
+    assert!(err.to_string().contains("Done"), "{err}");
+    assert_eq!(stages.lock().unwrap().len(), 1);
+    assert!(
+        files.base_image() == case.source,
+        "a destination was written"
+    );
+    assert_reads_target(&snap, &case.target, "after the failed save");
+    merge_while_reading(&snap, snap.sync_io().unwrap(), &case.target);
+    assert!(files.base_image() == case.target);
+    let stages = stages.lock().unwrap();
+    assert!(stages.len() >= 2, "{} saves", stages.len());
+    assert_eq!(
+        stages[1], stages[0],
+        "the failed window was not saved again first"
+    );
+}

@@ -54,6 +54,11 @@ impl LoadedWindow {
         }
     }
 
+    /// The saved bytes, slot by slot.
+    pub(crate) fn data(&self) -> &[u8] {
+        &self.data
+    }
+
     /// The saved bytes' buffer, for the next window to reuse.
     pub(crate) fn into_data(self) -> AlignedBuf {
         self.data
