@@ -25,6 +25,11 @@ const OUT_BLOCKS: usize = cow_format::layout::READ_AHEAD_WINDOW_BLOCKS;
 /// Most read-ahead windows merged under one commit when none of them reads a block any of
 /// them writes (`MergePlan::replayable_windows`): a crash replays at most this many.
 const MAX_REPLAYABLE_WINDOWS: u64 = 8;
+/// Threads producing a window's destinations (this one included): decompression and XOR
+/// are the merge's CPU work, and the window's blocks are independent of each other.
+const PRODUCER_THREADS: usize = 2;
+/// Fewest blocks worth a second producing thread.
+const PARALLEL_PRODUCE_MIN_BLOCKS: usize = 64;
 
 /// A failed step: an engine error (the step can be redone with the synchronous engine) or
 /// anything else (the merge fails).
@@ -552,7 +557,6 @@ impl UserSnapshot {
         let range = window.entries.clone();
         bufs.out.set_len(OUT_BLOCKS * BLOCK);
         bufs.spans.clear();
-        let mut used = 0usize;
         let write_error = |io: &dyn MergeIo, source| {
             StepError::Engine(UserMergeError::BaseWrite {
                 start: range.start,
@@ -567,46 +571,33 @@ impl UserSnapshot {
             by_block.push((self.op_at(entry)?.1.new_block, entry));
         }
         by_block.sort_unstable();
+        // `(entry, destination block)` of each block of the buffer, filled and produced a
+        // bufferful at a time.
+        let capacity = bufs.out.len() / BLOCK;
+        let mut jobs: Vec<(u64, u64)> = Vec::with_capacity(capacity);
         for &(_, entry) in &by_block {
-            let (position, op) = self.op_at(entry)?;
+            let op = self.op_at(entry)?.1;
             for block in op.new_block..op.new_block.saturating_add(op.num_blocks) {
-                if used + BLOCK > bufs.out.len() {
+                if jobs.len() == capacity {
+                    self.produce_destinations(window, &jobs, &mut bufs.out[..jobs.len() * BLOCK])?;
+                    bufs.spans.clear();
+                    for (i, &(_, b)) in jobs.iter().enumerate() {
+                        bufs.push_span(b, i * BLOCK, BLOCK);
+                    }
+                    jobs.clear();
                     wait(&mut waiting)?;
                     let at = Instant::now();
                     let written = io.write_base(&bufs.runs());
                     writing += at.elapsed();
                     written.map_err(|e| write_error(io, e))?;
-                    bufs.spans.clear();
-                    used = 0;
                 }
-                let out = &mut bufs.out[used..used + BLOCK];
-                let produced = if op.kind.is_ordered() {
-                    match window.saved_source(entry) {
-                        Some(bytes) => {
-                            let saved = SavedSource {
-                                offset: source_offset(op, BLOCK as u64).unwrap_or(u64::MAX),
-                                bytes,
-                            };
-                            self.cow.read_op_block(position, block, &saved, out)
-                        }
-                        None => Err(cow_format::ReadError::NoSuchOp {
-                            position: entry as usize,
-                        }),
-                    }
-                } else {
-                    self.cow.read_op_block(position, block, &self.source, out)
-                };
-                produced.map_err(|source| {
-                    StepError::Fatal(UserMergeError::Produce {
-                        entry,
-                        op_index: op.index,
-                        block,
-                        source,
-                    })
-                })?;
-                bufs.push_span(block, used, BLOCK);
-                used += BLOCK;
+                jobs.push((entry, block));
             }
+        }
+        self.produce_destinations(window, &jobs, &mut bufs.out[..jobs.len() * BLOCK])?;
+        bufs.spans.clear();
+        for (i, &(_, b)) in jobs.iter().enumerate() {
+            bufs.push_span(b, i * BLOCK, BLOCK);
         }
         bufs.by_block = by_block;
         wait(&mut waiting)?;
@@ -625,6 +616,76 @@ impl UserSnapshot {
             started.elapsed().saturating_sub(writing + waiting),
         );
         written.map_err(|e| write_error(io, e))
+    }
+
+    /// Produce the destination block of each `(entry, block)` of `jobs` into consecutive
+    /// blocks of `out`, split between this thread and [`PRODUCER_THREADS`]` - 1` others
+    /// when there are enough of them (each block depends only on the window's saved bytes,
+    /// the COW and the source device, none of which this writes). The error of the first
+    /// failing block in `jobs` order is returned.
+    fn produce_destinations(
+        &self,
+        window: &LoadedWindow,
+        jobs: &[(u64, u64)],
+        out: &mut [u8],
+    ) -> Result<(), StepError> {
+        if jobs.len() < PARALLEL_PRODUCE_MIN_BLOCKS || PRODUCER_THREADS < 2 {
+            return self.produce_blocks(window, jobs, out);
+        }
+        let share = jobs.len().div_ceil(PRODUCER_THREADS);
+        std::thread::scope(|scope| {
+            let mut parts = jobs.chunks(share).zip(out.chunks_mut(share * BLOCK));
+            let first = parts.next();
+            let others: Vec<_> = parts
+                .map(|(jobs, out)| scope.spawn(move || self.produce_blocks(window, jobs, out)))
+                .collect();
+            let mut result =
+                first.map_or(Ok(()), |(jobs, out)| self.produce_blocks(window, jobs, out));
+            for handle in others {
+                let produced = handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                result = result.and(produced);
+            }
+            result
+        })
+    }
+
+    /// [`produce_destinations`](Self::produce_destinations) on this thread.
+    fn produce_blocks(
+        &self,
+        window: &LoadedWindow,
+        jobs: &[(u64, u64)],
+        out: &mut [u8],
+    ) -> Result<(), StepError> {
+        for (&(entry, block), out) in jobs.iter().zip(out.chunks_exact_mut(BLOCK)) {
+            let (position, op) = self.op_at(entry)?;
+            let produced = if op.kind.is_ordered() {
+                match window.saved_source(entry) {
+                    Some(bytes) => {
+                        let saved = SavedSource {
+                            offset: source_offset(op, BLOCK as u64).unwrap_or(u64::MAX),
+                            bytes,
+                        };
+                        self.cow.read_op_block(position, block, &saved, out)
+                    }
+                    None => Err(cow_format::ReadError::NoSuchOp {
+                        position: entry as usize,
+                    }),
+                }
+            } else {
+                self.cow.read_op_block(position, block, &self.source, out)
+            };
+            produced.map_err(|source| {
+                StepError::Fatal(UserMergeError::Produce {
+                    entry,
+                    op_index: op.index,
+                    block,
+                    source,
+                })
+            })?;
+        }
+        Ok(())
     }
 
     /// One batch of the REPLACE/ZERO part from entry `p`: up to 1 MiB of blocks (and at

@@ -1487,3 +1487,57 @@ fn a_window_whose_save_failed_is_saved_again_before_its_destinations_are_written
         "the failed window was not saved again first"
     );
 }
+
+#[test]
+fn a_block_that_cannot_be_produced_fails_the_merge_before_its_window_writes() {
+    // The XOR op with the highest destination is produced late in its window (by the
+    // second producing thread): its garbled payload must fail the merge with an error that
+    // names it, before any destination of the window reaches the base.
+    let case = Case::rich(260, 51);
+    let files = Files::create(
+        &case,
+        writer_opts(CowVersion::V3, CompressionAlgorithm::Lz4, true),
+        false,
+    );
+    let op = {
+        let snap = files.open();
+        *snap
+            .cow
+            .ops()
+            .iter()
+            .filter(|op| op.kind == cow_format::OpKind::Xor)
+            .max_by_key(|op| op.new_block)
+            .unwrap()
+    };
+    let mut cow = fs::read(&files.cow).unwrap();
+    let at = op.data_offset as usize;
+    cow[at..at + op.data_length as usize].fill(0xFF);
+    fs::write(&files.cow, &cow).unwrap();
+    let snap = files.open();
+    let err = merge_err(&snap);
+    let text = crate::error_chain::ErrorChain(&err).to_string();
+    assert!(
+        text.contains(&format!("producing block {}", op.new_block)),
+        "{text}"
+    );
+    assert_eq!(snap.progress().state, MergePhase::Failed);
+    let base = files.base_image();
+    let block =
+        |image: &[u8], b: u64| image[b as usize * snapshot::BLOCK..][..snapshot::BLOCK].to_vec();
+    // Every op of the failing window is unwritten; the windows before it are merged.
+    let durable = files.durable().num_merge_ops;
+    let failing = snap.plan.window_at(&snap.cow, durable);
+    for entry in failing {
+        let (_, o) = snap.plan.op(&snap.cow, entry).unwrap();
+        assert!(
+            block(&base, o.new_block) == block(&case.source, o.new_block),
+            "block {} of the failing window was written",
+            o.new_block
+        );
+    }
+}
+
+fn merge_err(snap: &UserSnapshot) -> UserMergeError {
+    snap.merge(snap.sync_io().unwrap(), &MergeControl::new())
+        .unwrap_err()
+}
