@@ -20,7 +20,7 @@ struct Window {
     suppressed: u64,
 }
 
-/// A budget of [`BURST`] log lines per [`INTERVAL`].
+/// A budget of `BURST` log lines per `INTERVAL`.
 #[derive(Debug, Default)]
 pub struct LogLimit {
     window: Mutex<Window>,

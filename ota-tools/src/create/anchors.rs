@@ -139,7 +139,7 @@ const DIRECTORY_BITS: u32 = 16;
 pub const DIRECTORY_BYTES: usize = ((1 << DIRECTORY_BITS) + 1) * std::mem::size_of::<u32>();
 
 /// The anchor index of a source image: sorted `u64` entries, `key << 40 | position`, and
-/// a directory of where each bucket of keys (top [`DIRECTORY_BITS`] bits) starts, so a
+/// a directory of where each bucket of keys (top `DIRECTORY_BITS` bits) starts, so a
 /// lookup scans a few entries instead of binary-searching millions (256 KiB).
 #[derive(Debug, Default)]
 pub struct AnchorIndex {

@@ -1,4 +1,8 @@
 //! The `ota-tools payload ...` subcommands: argument parsing and dispatch.
+//!
+//! The argument docs here are `--help` text (clap prints them as written), so their
+//! `<partition>` placeholders and `[,LEVEL]` options are not rustdoc markup.
+#![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
 
 use std::io::Write;
 use std::path::PathBuf;

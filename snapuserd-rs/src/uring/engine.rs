@@ -317,7 +317,7 @@ impl UringMergeIo {
     /// Source reads go through the ring (a refused one fails the batch like any other
     /// error, and the merge redoes the step with the synchronous engine, which goes on
     /// buffered). Base writes are issued synchronously with
-    /// [`write_direct`](crate::user_merge::direct_io::write_direct) before the ring takes the
+    /// [`crate::user_merge::direct_io::write_direct`] before the ring takes the
     /// rest and the barrier: only a synchronous direct write leaves the page cache coherent
     /// (`direct_io`). The barrier stays on the buffered descriptor: it names the same inode.
     pub fn with_direct(mut self, direct: DirectDescriptors) -> Self {

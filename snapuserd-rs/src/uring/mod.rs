@@ -1,7 +1,7 @@
 //! io_uring I/O: the merge's [`MergeIo`](crate::user_merge::merge_io::MergeIo) engine and the
 //! `O_DIRECT` device verifier of `update-verify`.
 //!
-//! * [`probe`] — whether io_uring can be used here, and why not ([`UringUnavailable`]);
+//! * [`probe`](mod@probe) — whether io_uring can be used here, and why not ([`UringUnavailable`]);
 //! * [`engine`] — [`UringMergeIo`]: batched source reads, base writes and the base device's
 //!   barrier, with short I/O resubmitted; [`uring_or_fallback`] picks the synchronous engine
 //!   when io_uring is unavailable;

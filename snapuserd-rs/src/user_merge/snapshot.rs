@@ -79,7 +79,7 @@ pub struct UserSnapshotOptions {
     /// the daemon's `-read_prefetch_kib`).
     pub read_prefetch_ahead: Option<u64>,
     /// Read runs of the base and source devices of at least
-    /// [`DIRECT_RUN_MIN`](super::direct_runs::DIRECT_RUN_MIN) bytes with `O_DIRECT` straight
+    /// `direct_runs::DIRECT_RUN_MIN` bytes with `O_DIRECT` straight
     /// into the answer (`direct_runs.rs`): they do not pass through the page cache, and the
     /// base is not read ahead of a sequential reader. The daemon's `-direct_reads`.
     pub direct_reads: bool,
