@@ -25,11 +25,6 @@ const OUT_BLOCKS: usize = cow_format::layout::READ_AHEAD_WINDOW_BLOCKS;
 /// Most read-ahead windows merged under one commit when none of them reads a block any of
 /// them writes (`MergePlan::replayable_windows`): a crash replays at most this many.
 const MAX_REPLAYABLE_WINDOWS: u64 = 8;
-/// Threads producing a window's destinations (this one included): decompression and XOR
-/// are the merge's CPU work, and the window's blocks are independent of each other.
-const PRODUCER_THREADS: usize = 2;
-/// Fewest blocks worth a second producing thread.
-const PARALLEL_PRODUCE_MIN_BLOCKS: usize = 64;
 
 /// A failed step: an engine error (the step can be redone with the synchronous engine) or
 /// anything else (the merge fails).
@@ -53,8 +48,11 @@ struct Buffers {
     by_block: Vec<(u64, u64)>,
     /// A committed window's saved-bytes buffer, for the next window's sources (taken back
     /// when no reader holds that window any more), so the merge does not allocate and
-    /// fault in 2 MiB per window.
+    /// fault in 2 MiB per window; in the REPLACE/ZERO part, the buffer the next batch is
+    /// produced in.
     spare: Option<AlignedBuf>,
+    /// The REPLACE/ZERO batch produced while the previous one was written.
+    next_batch: Option<ProducedBatch>,
 }
 
 impl Buffers {
@@ -69,25 +67,45 @@ impl Buffers {
 impl Buffers {
     /// Add one produced destination block at `at` in the buffer.
     fn push_span(&mut self, block: u64, at: usize, len: usize) {
-        if let Some(last) = self.spans.last_mut() {
-            let blocks = (last.2 / BLOCK) as u64;
-            if last.0.checked_add(blocks) == Some(block) && last.1 + last.2 == at {
-                last.2 += len;
-                return;
-            }
-        }
-        self.spans.push((block, at, len));
+        push_span(&mut self.spans, block, at, len);
     }
 
     fn runs(&self) -> Vec<WriteRun<'_>> {
-        self.spans
-            .iter()
-            .map(|&(block, at, len)| WriteRun {
-                offset: block * BLOCK as u64,
-                buf: &self.out[at..at + len],
-            })
-            .collect()
+        write_runs(&self.spans, &self.out)
     }
+}
+
+/// Add `len` bytes of destination blocks from `block` on, held from byte `at` of a buffer,
+/// to `spans` (`(first block, byte offset, bytes)` of each run of contiguous destinations).
+fn push_span(spans: &mut Vec<(u64, usize, usize)>, block: u64, at: usize, len: usize) {
+    if let Some(last) = spans.last_mut() {
+        let blocks = (last.2 / BLOCK) as u64;
+        if last.0.checked_add(blocks) == Some(block) && last.1 + last.2 == at {
+            last.2 += len;
+            return;
+        }
+    }
+    spans.push((block, at, len));
+}
+
+/// The write runs of `spans` (see [`push_span`]) over `buf`.
+fn write_runs<'a>(spans: &[(u64, usize, usize)], buf: &'a [u8]) -> Vec<WriteRun<'a>> {
+    spans
+        .iter()
+        .map(|&(block, at, len)| WriteRun {
+            offset: block * BLOCK as u64,
+            buf: &buf[at..at + len],
+        })
+        .collect()
+}
+
+/// A REPLACE/ZERO batch produced in memory, not yet written: entries `start..end`, their
+/// bytes in `buf` at `spans` (see [`push_span`]).
+struct ProducedBatch {
+    start: u64,
+    end: u64,
+    buf: AlignedBuf,
+    spans: Vec<(u64, usize, usize)>,
 }
 
 /// Clears the running flag when the merge returns.
@@ -150,8 +168,13 @@ impl UserSnapshot {
         self.follow_durable()
             .map_err(|e| UserMergeError::Reload(Box::new(e)))?;
         let mut bufs = Buffers::default();
+        let mut ordered_done = self.merged.load(Ordering::Acquire) >= self.plan.ordered();
         loop {
             let p = self.merged.load(Ordering::Acquire);
+            if !ordered_done && p >= self.plan.ordered() {
+                ordered_done = true;
+                log::info!("merge time of the ordered part {}", bufs.times);
+            }
             if p >= self.plan.total() {
                 log::info!("merge time {}", bufs.times);
                 return Ok(MergeOutcome::Complete);
@@ -579,7 +602,7 @@ impl UserSnapshot {
             let op = self.op_at(entry)?.1;
             for block in op.new_block..op.new_block.saturating_add(op.num_blocks) {
                 if jobs.len() == capacity {
-                    self.produce_destinations(window, &jobs, &mut bufs.out[..jobs.len() * BLOCK])?;
+                    self.produce_blocks(window, &jobs, &mut bufs.out[..jobs.len() * BLOCK])?;
                     bufs.spans.clear();
                     for (i, &(_, b)) in jobs.iter().enumerate() {
                         bufs.push_span(b, i * BLOCK, BLOCK);
@@ -594,7 +617,7 @@ impl UserSnapshot {
                 jobs.push((entry, block));
             }
         }
-        self.produce_destinations(window, &jobs, &mut bufs.out[..jobs.len() * BLOCK])?;
+        self.produce_blocks(window, &jobs, &mut bufs.out[..jobs.len() * BLOCK])?;
         bufs.spans.clear();
         for (i, &(_, b)) in jobs.iter().enumerate() {
             bufs.push_span(b, i * BLOCK, BLOCK);
@@ -619,39 +642,7 @@ impl UserSnapshot {
     }
 
     /// Produce the destination block of each `(entry, block)` of `jobs` into consecutive
-    /// blocks of `out`, split between this thread and [`PRODUCER_THREADS`]` - 1` others
-    /// when there are enough of them (each block depends only on the window's saved bytes,
-    /// the COW and the source device, none of which this writes). The error of the first
-    /// failing block in `jobs` order is returned.
-    fn produce_destinations(
-        &self,
-        window: &LoadedWindow,
-        jobs: &[(u64, u64)],
-        out: &mut [u8],
-    ) -> Result<(), StepError> {
-        if jobs.len() < PARALLEL_PRODUCE_MIN_BLOCKS || PRODUCER_THREADS < 2 {
-            return self.produce_blocks(window, jobs, out);
-        }
-        let share = jobs.len().div_ceil(PRODUCER_THREADS);
-        std::thread::scope(|scope| {
-            let mut parts = jobs.chunks(share).zip(out.chunks_mut(share * BLOCK));
-            let first = parts.next();
-            let others: Vec<_> = parts
-                .map(|(jobs, out)| scope.spawn(move || self.produce_blocks(window, jobs, out)))
-                .collect();
-            let mut result =
-                first.map_or(Ok(()), |(jobs, out)| self.produce_blocks(window, jobs, out));
-            for handle in others {
-                let produced = handle
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                result = result.and(produced);
-            }
-            result
-        })
-    }
-
-    /// [`produce_destinations`](Self::produce_destinations) on this thread.
+    /// blocks of `out`; the first block that cannot be produced fails the call.
     fn produce_blocks(
         &self,
         window: &LoadedWindow,
@@ -691,36 +682,129 @@ impl UserSnapshot {
     /// One batch of the REPLACE/ZERO part from entry `p`: up to 1 MiB of blocks (and at
     /// most `cow_op_merge_size` ops), written in runs of contiguous blocks, synced, then
     /// `num_merge_ops` committed. A crash anywhere replays the batch, which is idempotent.
+    ///
+    /// While the batch is written, synced and committed, a second thread produces the next
+    /// one (decompression is this phase's CPU work and the write mostly waits for the disk);
+    /// the next call writes it if it starts where this batch ends. Only batches of REPLACE
+    /// and ZERO ops are produced ahead: their bytes come from the COW alone, while an ordered
+    /// op outside the sequence reads the device this batch writes.
     fn merge_batch(
         &self,
         p: u64,
         io: &mut dyn MergeIo,
         bufs: &mut Buffers,
     ) -> Result<(), StepError> {
+        let started = Instant::now();
+        let batch = match bufs.next_batch.take() {
+            Some(batch) if batch.start == p => batch,
+            other => {
+                let buf = other
+                    .map(|b| b.buf)
+                    .unwrap_or_else(|| std::mem::take(&mut bufs.out));
+                self.produce_batch(p, buf, false)?
+            }
+        };
+        bufs.times.add(MergeStep::Produce, started.elapsed());
+        let ahead = (batch.end < self.plan.total()).then(|| {
+            bufs.spare
+                .take()
+                .unwrap_or_else(|| std::mem::take(&mut bufs.out))
+        });
+        let mut writing = std::time::Duration::ZERO;
+        let mut joining = std::time::Duration::ZERO;
+        let (written, next) = std::thread::scope(|scope| {
+            let producing =
+                ahead.map(|buf| scope.spawn(move || self.produce_batch(batch.end, buf, true)));
+            let at = Instant::now();
+            let written = io.write_base_durably(&write_runs(&batch.spans, &batch.buf));
+            writing = at.elapsed();
+            let written = written
+                .map_err(|source| {
+                    StepError::Engine(UserMergeError::BaseWrite {
+                        start: p,
+                        end: batch.end,
+                        engine: io.name(),
+                        source,
+                    })
+                })
+                .and_then(|()| {
+                    bufs.times
+                        .time(MergeStep::Commit, || self.commit_batch(batch.end))
+                });
+            let at = Instant::now();
+            // A batch that could not be produced ahead is produced again by the next call,
+            // which reports its error.
+            let next = producing.and_then(|handle| {
+                handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                    .ok()
+            });
+            joining = at.elapsed();
+            (written, next)
+        });
+        bufs.times.add(MergeStep::BaseWrite, writing);
+        bufs.times.add(MergeStep::Produce, joining);
+        bufs.spare = Some(batch.buf);
+        match next {
+            Some(next) if next.end > next.start => bufs.next_batch = Some(next),
+            Some(empty) => bufs.out = empty.buf,
+            None => {}
+        }
+        written
+    }
+
+    /// Commit the REPLACE/ZERO part up to `end` (written and synced), then move the readers
+    /// on.
+    fn commit_batch(&self, end: u64) -> Result<(), StepError> {
+        self.lock_store().commit_merged(end).map_err(|source| {
+            StepError::Fatal(UserMergeError::Progress {
+                operation: "commit merged REPLACE/ZERO entries",
+                num_merge_ops: end,
+                source,
+            })
+        })?;
+        let mut view = self.view_write();
+        view.merged = end;
+        self.merged.store(end, Ordering::Release);
+        Ok(())
+    }
+
+    /// Produce the REPLACE/ZERO batch from entry `p` into `buf` (see
+    /// [`merge_batch`](Self::merge_batch)). `ahead`: stop before the first op that reads
+    /// the source device (the batch may then be empty).
+    fn produce_batch(
+        &self,
+        p: u64,
+        mut buf: AlignedBuf,
+        ahead: bool,
+    ) -> Result<ProducedBatch, StepError> {
         let max_ops = match self.opts.cow_op_merge_size {
             Some(n) if n > 0 => u64::from(n),
             _ => u64::MAX,
         };
-        bufs.spans.clear();
-        if bufs.out.len() < BATCH_BYTES {
-            bufs.out.set_len(BATCH_BYTES);
+        if buf.len() < BATCH_BYTES {
+            buf.set_len(BATCH_BYTES);
         }
-        let started = Instant::now();
+        let mut spans = Vec::new();
         let mut used = 0usize;
         let mut entry = p;
         while entry < self.plan.total() && entry - p < max_ops {
             let (position, op) = self.op_at(entry)?;
+            if ahead && op.kind.is_ordered() {
+                break;
+            }
             let len = usize::try_from(op.num_blocks)
                 .ok()
                 .and_then(|n| n.checked_mul(BLOCK))
                 .unwrap_or(usize::MAX);
-            if used.saturating_add(len) > BATCH_BYTES.max(bufs.out.len()) {
+            if used.saturating_add(len) > BATCH_BYTES.max(buf.len()) {
                 if used > 0 {
                     break;
                 }
                 // One op larger than a batch (at most 256 KiB in any valid COW).
-                bufs.out.set_len(len.min(64 << 20));
-                if len > bufs.out.len() {
+                buf.set_len(len.min(64 << 20));
+                if len > buf.len() {
                     return Err(StepError::Fatal(UserMergeError::Produce {
                         entry,
                         op_index: op.index,
@@ -729,7 +813,7 @@ impl UserSnapshot {
                     }));
                 }
             }
-            let out = &mut bufs.out[used..used + len];
+            let out = &mut buf[used..used + len];
             let produced = match op.kind {
                 OpKind::Zero => {
                     out.fill(0);
@@ -750,35 +834,15 @@ impl UserSnapshot {
                     source,
                 })
             })?;
-            bufs.push_span(op.new_block, used, len);
+            push_span(&mut spans, op.new_block, used, len);
             used += len;
             entry += 1;
         }
-        let at = Instant::now();
-        bufs.times.add(MergeStep::Produce, at - started);
-        let written = io.write_base_durably(&bufs.runs());
-        bufs.times.add(MergeStep::BaseWrite, at.elapsed());
-        written.map_err(|source| {
-            StepError::Engine(UserMergeError::BaseWrite {
-                start: p,
-                end: entry,
-                engine: io.name(),
-                source,
-            })
-        })?;
-        let at = Instant::now();
-        let committed = self.lock_store().commit_merged(entry);
-        bufs.times.add(MergeStep::Commit, at.elapsed());
-        committed.map_err(|source| {
-            StepError::Fatal(UserMergeError::Progress {
-                operation: "commit merged REPLACE/ZERO entries",
-                num_merge_ops: entry,
-                source,
-            })
-        })?;
-        let mut view = self.view_write();
-        view.merged = entry;
-        self.merged.store(entry, Ordering::Release);
-        Ok(())
+        Ok(ProducedBatch {
+            start: p,
+            end: entry,
+            buf,
+            spans,
+        })
     }
 }

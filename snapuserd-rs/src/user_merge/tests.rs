@@ -425,6 +425,54 @@ fn crash_at_every_durable_step_then_reads_and_merge_are_right() {
     assert!(steps >= 10, "no scratch: {steps} steps");
 }
 
+/// The REPLACE/ZERO part in several 1 MiB batches, each produced while the previous one is
+/// written: a crash at any step of any batch, then reads and the resumed merge are right.
+#[test]
+fn crash_at_every_step_of_a_replace_part_of_several_batches() {
+    let mut case = Case::new(900, 23);
+    for b in (40..60).rev() {
+        case.copy(b, b - 1);
+    }
+    case.replace(100, 300, 5);
+    case.zero(420, 100);
+    case.replace(560, 330, 6);
+    let steps = crash_sweep(CowVersion::V3, true, &case);
+    // One window (read, stage, done, write, sync, commit), then 730 blocks in 3 batches of
+    // write, sync, commit.
+    assert!(steps >= 12, "only {steps} steps");
+}
+
+/// An engine error in any call of a REPLACE/ZERO part of several batches: the batch is redone
+/// with the synchronous engine (not the one produced ahead of it) and the merge carries on.
+#[test]
+fn an_engine_error_in_a_replace_batch_is_redone_then_the_merge_carries_on() {
+    let mut case = Case::new(900, 29);
+    case.copy(5, 6);
+    case.replace(100, 300, 7);
+    case.zero(420, 100);
+    case.replace(560, 330, 8);
+    // One window (a read, a write and a sync), then 3 batches (a write and a sync each).
+    for fail_at in 1..=9 {
+        let files = Files::create(
+            &case,
+            writer_opts(CowVersion::V3, CompressionAlgorithm::Lz4, true),
+            false,
+        );
+        let snap = files.open();
+        let io = Box::new(FlakyIo {
+            inner: snap.sync_io().unwrap(),
+            calls: 0,
+            fail_at,
+        });
+        merge_while_reading(&snap, io, &case.target);
+        assert!(
+            files.base_image() == case.target,
+            "fail at call {fail_at}: base differs at block {:?}",
+            first_diff(&files.base_image(), &case.target)
+        );
+    }
+}
+
 #[test]
 fn resume_after_restarts_at_many_points() {
     // Snapshot_Merge_Resume / Crash_Fixed: restart repeatedly, each time a few steps on.
