@@ -393,24 +393,34 @@ impl UserSnapshot {
         let start = window.entries.start;
         let mut saved_ok = false;
         let written = std::thread::scope(|scope| {
-            let saving = scope.spawn(|| self.save_window(start, new_blocks, window.data()));
-            let mut saving = Some(saving);
+            let spawned = std::thread::Builder::new()
+                .name("merge-save".into())
+                .spawn_scoped(scope, || self.save_window(start, new_blocks, window.data()));
+            // Without a second thread (none could be started) the save is done here first.
+            let mut saving = Some(spawned.map_err(|e| {
+                log::warn!(
+                    "merge: no thread for the window save ({e}); saving before producing instead \
+                     (correct, slower)"
+                );
+                self.save_window(start, new_blocks, window.data())
+            }));
             let mut wait = || -> Result<(), StepError> {
-                let Some(handle) = saving.take() else {
-                    return Ok(());
+                let result = match saving.take() {
+                    None => return Ok(()),
+                    Some(Err(saved)) => saved,
+                    Some(Ok(handle)) => handle.join().unwrap_or_else(|_| {
+                        Err(StepError::Fatal(UserMergeError::Progress {
+                            operation: "save the read-ahead window in scratch",
+                            num_merge_ops: start,
+                            source: MergeStateError::Io {
+                                op: "write",
+                                offset: 0,
+                                len: 0,
+                                source: std::io::Error::other("the saving thread panicked"),
+                            },
+                        }))
+                    }),
                 };
-                let result = handle.join().unwrap_or_else(|_| {
-                    Err(StepError::Fatal(UserMergeError::Progress {
-                        operation: "save the read-ahead window in scratch",
-                        num_merge_ops: start,
-                        source: MergeStateError::Io {
-                            op: "write",
-                            offset: 0,
-                            len: 0,
-                            source: std::io::Error::other("the saving thread panicked"),
-                        },
-                    }))
-                });
                 saved_ok = result.is_ok();
                 result
             };
@@ -713,8 +723,13 @@ impl UserSnapshot {
         let mut writing = std::time::Duration::ZERO;
         let mut joining = std::time::Duration::ZERO;
         let (written, next) = std::thread::scope(|scope| {
-            let producing =
-                ahead.map(|buf| scope.spawn(move || self.produce_batch(batch.end, buf, true)));
+            // No thread (none could be started): the next call produces its batch itself.
+            let producing = ahead.and_then(|buf| {
+                std::thread::Builder::new()
+                    .name("merge-decode".into())
+                    .spawn_scoped(scope, move || self.produce_batch(batch.end, buf, true))
+                    .ok()
+            });
             let at = Instant::now();
             let written = io.write_base_durably(&write_runs(&batch.spans, &batch.buf));
             writing = at.elapsed();
