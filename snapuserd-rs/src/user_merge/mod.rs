@@ -24,6 +24,7 @@ mod phase_times;
 mod plan;
 mod prefetch;
 mod progress_store;
+mod replace_batches;
 mod snapshot;
 mod sync_io;
 #[cfg(test)]
