@@ -425,20 +425,27 @@ fn crash_at_every_durable_step_then_reads_and_merge_are_right() {
     assert!(steps >= 10, "no scratch: {steps} steps");
 }
 
-/// The REPLACE/ZERO part in several 1 MiB batches, each produced while the previous one is
-/// written: a crash at any step of any batch, then reads and the resumed merge are right.
-#[test]
-fn crash_at_every_step_of_a_replace_part_of_several_batches() {
-    let mut case = Case::new(900, 23);
+/// A short chain of COPYs (one window), then a REPLACE/ZERO part of 730 blocks: three 1 MiB
+/// batches, each produced while the previous one is written.
+fn several_replace_batches(seed: u64) -> Case {
+    let mut case = Case::new(900, seed);
     for b in (40..60).rev() {
         case.copy(b, b - 1);
     }
-    case.replace(100, 300, 5);
+    case.replace(100, 300, seed ^ 5);
     case.zero(420, 100);
-    case.replace(560, 330, 6);
+    case.replace(560, 330, seed ^ 6);
+    case
+}
+
+/// A crash at any step of any batch of a REPLACE/ZERO part: reads and the resumed merge are
+/// right.
+#[test]
+fn crash_at_every_step_of_a_replace_part_of_several_batches() {
+    let case = several_replace_batches(23);
     let steps = crash_sweep(CowVersion::V3, true, &case);
-    // One window (read, stage, done, write, sync, commit), then 730 blocks in 3 batches of
-    // write, sync, commit.
+    // One window (read, stage, done, write, sync, commit), then 3 batches of write, sync,
+    // commit.
     assert!(steps >= 12, "only {steps} steps");
 }
 
@@ -446,29 +453,14 @@ fn crash_at_every_step_of_a_replace_part_of_several_batches() {
 /// with the synchronous engine (not the one produced ahead of it) and the merge carries on.
 #[test]
 fn an_engine_error_in_a_replace_batch_is_redone_then_the_merge_carries_on() {
-    let mut case = Case::new(900, 29);
-    case.copy(5, 6);
-    case.replace(100, 300, 7);
-    case.zero(420, 100);
-    case.replace(560, 330, 8);
+    let case = several_replace_batches(29);
     // One window (a read, a write and a sync), then 3 batches (a write and a sync each).
     for fail_at in 1..=9 {
-        let files = Files::create(
-            &case,
-            writer_opts(CowVersion::V3, CompressionAlgorithm::Lz4, true),
-            false,
-        );
-        let snap = files.open();
-        let io = Box::new(FlakyIo {
-            inner: snap.sync_io().unwrap(),
-            calls: 0,
-            fail_at,
-        });
-        merge_while_reading(&snap, io, &case.target);
+        let (_, base) = merge_through_engine_failing_at(&case, fail_at);
         assert!(
-            files.base_image() == case.target,
+            base == case.target,
             "fail at call {fail_at}: base differs at block {:?}",
-            first_diff(&files.base_image(), &case.target)
+            first_diff(&base, &case.target)
         );
     }
 }
@@ -575,21 +567,28 @@ impl MergeIo for FlakyIo {
 fn an_engine_error_mid_step_is_redone_with_the_sync_engine() {
     let case = Case::rich(300, 81);
     for fail_at in 1..=8 {
-        let files = Files::create(
-            &case,
-            writer_opts(CowVersion::V3, CompressionAlgorithm::Lz4, true),
-            false,
-        );
-        let snap = files.open();
-        let io = Box::new(FlakyIo {
-            inner: snap.sync_io().unwrap(),
-            calls: 0,
-            fail_at,
-        });
-        let passes = merge_while_reading(&snap, io, &case.target);
+        let (passes, base) = merge_through_engine_failing_at(&case, fail_at);
         assert!(passes >= 1);
-        assert!(files.base_image() == case.target, "fail at call {fail_at}");
+        assert!(base == case.target, "fail at call {fail_at}");
     }
+}
+
+/// Merge `case` (v3, lz4, with scratch) through an engine whose `fail_at`-th call fails, a
+/// reader looping over the device meanwhile: the reader's passes and the base image after.
+fn merge_through_engine_failing_at(case: &Case, fail_at: u64) -> (u64, Vec<u8>) {
+    let files = Files::create(
+        case,
+        writer_opts(CowVersion::V3, CompressionAlgorithm::Lz4, true),
+        false,
+    );
+    let snap = files.open();
+    let io = Box::new(FlakyIo {
+        inner: snap.sync_io().unwrap(),
+        calls: 0,
+        fail_at,
+    });
+    let passes = merge_while_reading(&snap, io, &case.target);
+    (passes, files.base_image())
 }
 
 /// An engine whose source reads fail: the merge fails, reads go on.
